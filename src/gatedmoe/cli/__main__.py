@@ -1,0 +1,5 @@
+import sys
+
+from gatedmoe.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""Dispatch: execute a `Routing` over an `ExpertBank`.
+
+Backends share one signature ``fn(x_TD, routing, experts) -> y_TD``. Users choose by
+name ("grouped", "auto"); `reference.reference_dispatch` is the test oracle, not a backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from gatedmoe.dispatch.grouped import grouped_dispatch, grouped_mm
+from gatedmoe.dispatch.reference import reference_dispatch, reference_moe
+from gatedmoe.experts.bank import ExpertBank
+from gatedmoe.routing import Routing
+
+__all__ = [
+    "DispatchFn",
+    "backend_names",
+    "get_backend",
+    "grouped_dispatch",
+    "grouped_mm",
+    "reference_dispatch",
+    "reference_moe",
+]
+
+DispatchFn = Callable[[Tensor, Routing, ExpertBank], Tensor]
+log = logging.getLogger(__name__)
+
+_BACKENDS: dict[str, DispatchFn] = {"grouped": grouped_dispatch}
+
+
+def backend_names() -> list[str]:
+    """Names a user may pass as ``backend`` (plus "auto")."""
+    return ["auto", *sorted(_BACKENDS)]
+
+
+def register_backend(name: str, fn: DispatchFn) -> None:
+    """Add a dispatch backend (used by optional fast paths such as Triton)."""
+    _BACKENDS[name] = fn
+
+
+def check_backend_name(name: str) -> str:
+    """ValueError listing the known backends if ``name`` is not one of them."""
+    if name not in backend_names():
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(backend_names())}")
+    return name
+
+
+def get_backend(name: str, device: torch.device | str = "cpu") -> DispatchFn:
+    """The dispatch function for ``name`` on ``device``; "auto" picks the fastest available."""
+    check_backend_name(name)
+    if name == "auto":
+        if torch.device(device).type == "cuda" and "triton" in _BACKENDS:
+            return _BACKENDS["triton"]
+        return _BACKENDS["grouped"]
+    return _BACKENDS[name]

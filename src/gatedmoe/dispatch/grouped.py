@@ -1,0 +1,89 @@
+"""Grouped-GEMM dispatch: gather rows in expert order, one ``torch._grouped_mm`` per weight,
+weighted scatter-add. Portable (CPU and CUDA); `reference.py` is its oracle.
+
+Shape legend: T tokens, D model dim, H expert hidden (H' = 2H for GLU), E experts,
+N routed assignments.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from gatedmoe.experts.bank import ExpertBank
+from gatedmoe.routing import Routing
+
+__all__ = ["grouped_dispatch", "grouped_mm"]
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("grouped dispatch: %s; falling back to a per-expert matmul loop", reason)
+
+
+def _grouped_mm_unsupported(a_ND: Tensor, b_EKM: Tensor) -> str | None:
+    """Why ``torch._grouped_mm`` cannot run on these operands, or None if it can."""
+    if not hasattr(torch, "_grouped_mm"):
+        return "this torch has no torch._grouped_mm"
+    if a_ND.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"torch._grouped_mm does not take {a_ND.dtype}"
+    if a_ND.device.type == "cuda":
+        if a_ND.dtype != torch.bfloat16:
+            return f"torch._grouped_mm on CUDA takes bfloat16 only, got {a_ND.dtype}"
+        if torch.cuda.get_device_capability(a_ND.device) < (9, 0):
+            return "torch._grouped_mm on CUDA needs compute capability >= 9.0"
+    elif a_ND.device.type != "cpu":
+        return f"torch._grouped_mm is not known to support device {a_ND.device.type}"
+    size = a_ND.element_size()
+    # Row strides of both operands must be multiples of 16 bytes.
+    if (a_ND.shape[-1] * size) % 16 or (b_EKM.shape[-1] * size) % 16 or (b_EKM.shape[-2] * size) % 16:
+        return f"widths {a_ND.shape[-1]}x{b_EKM.shape[-1]} are not 16-byte aligned for {a_ND.dtype}"
+    return None
+
+
+def grouped_mm(a_ND: Tensor, b_EKM: Tensor, offsets_E: Tensor) -> Tensor:
+    """``out[rows of group e] = a[rows of group e] @ b[e]`` for contiguous row groups.
+
+    ``offsets_E`` holds each group's running end (int). Uses ``torch._grouped_mm`` where it
+    supports the dtype, device and alignment, else a per-group loop (logged once).
+    """
+    reason = _grouped_mm_unsupported(a_ND, b_EKM)
+    if reason is None:
+        return torch._grouped_mm(a_ND, b_EKM, offs=offsets_E.to(torch.int32))
+    _warn_once(reason)
+    out = a_ND.new_empty(a_ND.shape[0], b_EKM.shape[-1])
+    start = 0
+    pieces = []
+    for e, end in enumerate(offsets_E.tolist()):
+        if end > start:
+            pieces.append(a_ND[start:end] @ b_EKM[e])
+        start = end
+    if not pieces:
+        return out.zero_()
+    return torch.cat(pieces, 0)
+
+
+def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
+    """Execute ``routing`` over ``experts`` with grouped GEMMs; same contract as
+    `gatedmoe.dispatch.reference.reference_dispatch`.
+
+    Output dtype is ``x_TD.dtype``; expert weights are cast to it if they differ.
+    """
+    dtype = x_TD.dtype
+    offsets_E = routing.offsets
+    xs_ND = x_TD.index_select(0, routing.token)
+    h_NH = grouped_mm(xs_ND, experts.w_in.to(dtype).transpose(-2, -1), offsets_E)
+    if experts.b_in is not None:
+        h_NH = h_NH + experts.b_in.to(dtype).index_select(0, routing.expert)
+    a_NH = experts.act(h_NH)
+    o_ND = grouped_mm(a_NH, experts.w_out.to(dtype).transpose(-2, -1), offsets_E)
+    if experts.b_out is not None:
+        o_ND = o_ND + experts.b_out.to(dtype).index_select(0, routing.expert)
+    o_ND = o_ND * routing.weight.to(dtype).unsqueeze(-1)
+    return torch.zeros_like(x_TD).index_add(0, routing.token, o_ND)

@@ -1,0 +1,70 @@
+"""DeepSeek-V3 sigmoid gate with auxiliary-loss-free bias balancing."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from gatedmoe.gates.balancing import BiasBalancer
+from gatedmoe.gates.base import Gate, check_k
+from gatedmoe.gates.functional import sigmoid_topk
+from gatedmoe.gates.registry import register
+from gatedmoe.routing import Routing
+
+__all__ = ["SigmoidGate"]
+
+
+@register("sigmoid")
+class SigmoidGate(Gate):
+    """Sigmoid gate of DeepSeek-V3 (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report",
+    eqs. 13-16) with the bias balancing of Wang et al. 2024.
+
+    Formula: ``s_e = sigmoid(u . e_e)``; select the top k of ``s_e + b_e``; weight
+    ``g_e = scale * s_e / sum_{j kept} s_j`` (``normalize=True``) or ``scale * s_e``.
+    With ``bias_update_rate > 0`` the selection bias b is updated after each training
+    forward by ``b_e <- b_e + u * sign(mean(c) - c_e)`` (see `BiasBalancer`).
+    ``Routing.probs`` holds ``s / sum_j s_j`` so the usual balance losses apply.
+
+    Sparse; selection not differentiable (weights are); balancing by bias, optionally
+    by auxiliary losses too.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = SigmoidGate(8, 4, k=2, bias_update_rate=1e-3)
+    >>> g(torch.randn(5, 8)).n_assignments
+    10
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        *,
+        k: int = 2,
+        normalize: bool = True,
+        scale: float = 1.0,
+        bias_update_rate: float = 0.0,
+    ) -> None:
+        super().__init__(d_model, n_experts)
+        self.k = check_k(k, n_experts)
+        self.normalize = bool(normalize)
+        self.scale = float(scale)
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        nn.init.normal_(self.weight, std=d_model**-0.5)
+        self.balancer = BiasBalancer(n_experts, bias_update_rate) if bias_update_rate > 0 else None
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        logits_TE = self.router_logits(x_TD)
+        bias_E = None if self.balancer is None else self.balancer.bias
+        weights_TK, experts_TK, scores_TE = sigmoid_topk(logits_TE, self.k, bias_E, self.normalize, self.scale)
+        routing = Routing.from_topk(
+            weights_TK,
+            experts_TK,
+            self.n_experts,
+            probs=scores_TE / scores_TE.sum(-1, keepdim=True),
+            logits=logits_TE,
+        )
+        if self.balancer is not None and self.training and torch.is_grad_enabled():
+            self.balancer.update(routing.counts)
+        return routing

@@ -1,0 +1,107 @@
+"""Top-k softmax gate, with the optional noisy top-k of Shazeer et al. 2017."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gatedmoe.gates.base import Gate, check_k
+from gatedmoe.gates.functional import topk_softmax
+from gatedmoe.gates.registry import register
+from gatedmoe.routing import Routing
+
+__all__ = ["TopKSoftmaxGate", "cv_squared", "noisy_topk_load"]
+
+
+def cv_squared(v_E: Tensor) -> Tensor:
+    """Squared coefficient of variation ``Var(v) / Mean(v)^2`` (0 for fewer than 2 values)."""
+    v = v_E.float()
+    if v.numel() < 2:
+        return v.new_zeros(())
+    return v.var(unbiased=False) / (v.mean() ** 2 + 1e-10)
+
+
+def noisy_topk_load(clean_TE: Tensor, noisy_TE: Tensor, noise_std_TE: Tensor, k: int) -> Tensor:
+    """Smooth load estimator of Shazeer et al. 2017 (Appendix A), ``[E]``.
+
+    ``P(x, i) = Phi((clean_i - kth_excluding(H, k, i)) / noise_std_i)``: the probability
+    that expert i stays in the top k under a fresh draw of its own noise, all other noisy
+    scores held fixed. The threshold is the k-th largest noisy score among the others: the
+    (k+1)-th largest of H when i is in the top k, else the k-th. ``Load_i = sum_x P(x, i)``.
+    """
+    E = noisy_TE.shape[-1]
+    top_vals = torch.topk(noisy_TE, min(k + 1, E), dim=-1).values
+    kth = top_vals[:, k - 1 : k]
+    kplus1 = top_vals[:, k : k + 1] if k < E else torch.full_like(kth, -float("inf"))
+    in_top = noisy_TE >= kth
+    threshold = torch.where(in_top, kplus1, kth)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    return normal.cdf((clean_TE - threshold) / noise_std_TE).sum(0)
+
+
+@register("topk_softmax")
+class TopKSoftmaxGate(Gate):
+    """Softmax then top-k (Shazeer et al. 2017, "Outrageously Large Neural Networks";
+    GShard; Mixtral).
+
+    Formula: ``p = softmax(W x)``; keep the k largest ``p_e``; weight
+    ``p_e / sum_{j in topk} p_j`` with ``renormalize`` (equal to softmax over the kept
+    logits), else ``p_e``. Default ``renormalize`` is True for k > 1 and False for k = 1
+    (renormalising a single expert would fix its weight at 1 and cut the router's gradient).
+
+    With ``noisy=True`` (training only), Shazeer et al.'s noisy top-k:
+    ``H(x)_i = (W x)_i + eps_i * softplus((W_noise x)_i)``, ``eps ~ N(0, 1)``; selection and
+    softmax use H. Its losses are left in ``gate_losses``:
+    ``importance = w_importance * CV(sum_x G(x))^2`` and
+    ``load = w_load * CV(sum_x P(x, .))^2`` (see `noisy_topk_load`).
+
+    Sparse, selection not differentiable (weights are), balancing by auxiliary losses.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = TopKSoftmaxGate(8, 4, k=2)
+    >>> g(torch.randn(5, 8)).counts.sum().item()
+    10
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        *,
+        k: int = 2,
+        renormalize: bool | None = None,
+        noisy: bool = False,
+        w_importance: float = 0.01,
+        w_load: float = 0.01,
+    ) -> None:
+        super().__init__(d_model, n_experts)
+        self.k = check_k(k, n_experts)
+        self.renormalize = (k > 1) if renormalize is None else bool(renormalize)
+        self.noisy = bool(noisy)
+        self.w_importance = float(w_importance)
+        self.w_load = float(w_load)
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        nn.init.normal_(self.weight, std=d_model**-0.5)
+        if self.noisy:
+            # Zero init: the noise starts at softplus(0) = 0.69 and is learned from there.
+            self.noise_weight = nn.Parameter(torch.zeros(n_experts, d_model))
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        clean_TE = self.router_logits(x_TD)
+        self.gate_losses = {}
+        if not (self.noisy and self.training):
+            weights_TK, experts_TK, probs_TE = topk_softmax(clean_TE, self.k, self.renormalize)
+            return Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=clean_TE)
+        noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float())) + 1e-2
+        noisy_TE = clean_TE + torch.randn_like(clean_TE) * noise_std_TE
+        weights_TK, experts_TK, probs_TE = topk_softmax(noisy_TE, self.k, self.renormalize)
+        gates_TE = torch.zeros_like(probs_TE).scatter(-1, experts_TK, weights_TK)
+        load_E = noisy_topk_load(clean_TE, noisy_TE, noise_std_TE, self.k)
+        self.gate_losses = {
+            "importance": self.w_importance * cv_squared(gates_TE.sum(0)),
+            "load": self.w_load * cv_squared(load_E),
+        }
+        return Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=noisy_TE)

@@ -1,0 +1,266 @@
+"""`Routing`: the one data type between gates, losses, analysis and dispatch.
+
+A routing is a list of assignments ``(token, expert, weight)`` sorted by expert, plus the
+per-expert counts a grouped GEMM needs and, optionally, the gate's full distribution.
+
+Shape legend: T tokens, E experts, K assignments per token, N routed assignments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+__all__ = ["Routing"]
+
+
+@dataclass(frozen=True, eq=False)
+class Routing:
+    """Assignments of tokens to experts, sorted by expert.
+
+    Attributes
+    ----------
+    token : Tensor, int64 ``[N]``
+        Input row read by each assignment.
+    expert : Tensor, int64 ``[N]``, non-decreasing
+        Expert of each assignment.
+    weight : Tensor, float ``[N]``
+        Combine weight of each assignment (carries the gate's gradient).
+    counts : Tensor, int64 ``[E]``
+        Assignments per expert; ``counts.sum() == N``.
+    n_tokens : int
+        T, the number of input rows.
+    probs : Tensor ``[T, E]`` or None
+        The gate's full distribution over experts, for losses and analysis.
+    logits : Tensor ``[T, E]`` or None
+        The gate's raw scores, for the router z-loss.
+    n_dropped : int
+        Assignments removed by :meth:`drop_over_capacity` (0 if none was applied).
+
+    Build one with :meth:`from_topk` (token choice) or :meth:`from_assignments` (any list
+    of pairs, e.g. expert choice or a variable number of experts per token).
+
+    Examples
+    --------
+    >>> import torch
+    >>> r = Routing.from_topk(torch.tensor([[0.7, 0.3]]), torch.tensor([[2, 0]]), n_experts=3)
+    >>> r.expert.tolist(), r.weight.tolist(), r.counts.tolist()
+    ([0, 2], [0.30000001192092896, 0.699999988079071], [1, 0, 1])
+    """
+
+    token: Tensor
+    expert: Tensor
+    weight: Tensor
+    counts: Tensor
+    n_tokens: int
+    probs: Tensor | None = None
+    logits: Tensor | None = None
+    n_dropped: int = 0
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_topk(
+        cls,
+        weights_TK: Tensor,
+        experts_TK: Tensor,
+        n_experts: int,
+        probs: Tensor | None = None,
+        logits: Tensor | None = None,
+    ) -> Routing:
+        """Routing from token-choice top-k: ``weights_TK[t, j]`` for expert ``experts_TK[t, j]``.
+
+        Within one expert, assignments keep token order (stable sort), which is the
+        "position" priority of :meth:`drop_over_capacity`.
+        """
+        if weights_TK.dim() != 2 or experts_TK.shape != weights_TK.shape:
+            raise ValueError(
+                "weights_TK and experts_TK must both have shape [T, K]; got "
+                f"{tuple(weights_TK.shape)} and {tuple(experts_TK.shape)}"
+            )
+        T, K = weights_TK.shape
+        token_TK = torch.arange(T, device=experts_TK.device).unsqueeze(1).expand(T, K)
+        return cls.from_assignments(
+            token_TK.reshape(-1),
+            experts_TK.reshape(-1),
+            weights_TK.reshape(-1),
+            n_experts=n_experts,
+            n_tokens=T,
+            probs=probs,
+            logits=logits,
+        )
+
+    @classmethod
+    def from_assignments(
+        cls,
+        token: Tensor,
+        expert: Tensor,
+        weight: Tensor,
+        n_experts: int,
+        n_tokens: int,
+        probs: Tensor | None = None,
+        logits: Tensor | None = None,
+    ) -> Routing:
+        """Routing from unsorted assignment triples ``[N]``; sorts them stably by expert."""
+        if not (token.shape == expert.shape == weight.shape) or token.dim() != 1:
+            raise ValueError(
+                "token, expert and weight must be 1-D of equal length; got "
+                f"{tuple(token.shape)}, {tuple(expert.shape)}, {tuple(weight.shape)}"
+            )
+        if n_experts < 1:
+            raise ValueError(f"n_experts must be >= 1, got {n_experts}")
+        expert = expert.long()
+        if expert.numel() and (int(expert.min()) < 0 or int(expert.max()) >= n_experts):
+            raise ValueError(f"expert ids must lie in [0, {n_experts}); got {expert.min()}..{expert.max()}")
+        order = torch.argsort(expert, stable=True)
+        expert_sorted = expert[order]
+        counts = torch.bincount(expert_sorted, minlength=n_experts)
+        return cls(
+            token=token.long()[order],
+            expert=expert_sorted,
+            weight=weight[order],
+            counts=counts,
+            n_tokens=int(n_tokens),
+            probs=probs,
+            logits=logits,
+        )
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def n_experts(self) -> int:
+        """E, the number of experts."""
+        return int(self.counts.numel())
+
+    @property
+    def n_assignments(self) -> int:
+        """N, the number of routed assignments."""
+        return int(self.token.numel())
+
+    @property
+    def offsets(self) -> Tensor:
+        """Running end of each expert's block, ``[E]`` (what a grouped GEMM takes)."""
+        return torch.cumsum(self.counts, 0)
+
+    def combine_matrix(self) -> Tensor:
+        """Dense ``[T, E]`` matrix of combine weights (zeros where not routed)."""
+        out = torch.zeros(self.n_tokens, self.n_experts, dtype=self.weight.dtype, device=self.weight.device)
+        return out.index_put((self.token, self.expert), self.weight, accumulate=True)
+
+    def experts_per_token(self) -> Tensor:
+        """Number of assignments each token received, ``[T]`` int64 (0 for dropped tokens)."""
+        return torch.bincount(self.token, minlength=self.n_tokens)
+
+    # ------------------------------------------------------------------ transforms
+    def drop_over_capacity(self, capacity: int, priority: str = "position") -> Routing:
+        """Keep at most ``capacity`` assignments per expert (Switch Transformer semantics).
+
+        Assignments over an expert's capacity are dropped: they contribute nothing, so in a
+        residual block the token passes through unchanged. Kept weights are not renormalised.
+
+        Parameters
+        ----------
+        capacity : int
+            Slots per expert, >= 1. Switch Transformers use
+            ``ceil(capacity_factor * T * K / E)``.
+        priority : {"position", "score"}
+            "position": earlier tokens first (Fedus et al. 2021). "score": higher combine
+            weight first (batch prioritized routing, Riquelme et al. 2021).
+
+        Returns
+        -------
+        Routing
+            With ``n_dropped`` increased by the number of assignments removed.
+        """
+        if isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise TypeError(f"capacity must be an int, got {type(capacity).__name__}")
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if priority not in ("position", "score"):
+            raise ValueError(f"priority must be 'position' or 'score', got {priority!r}")
+        N = self.n_assignments
+        if N == 0:
+            return self
+        device = self.token.device
+        if priority == "position":
+            # Sort key expert-major, token-minor; ties (same token twice) keep order.
+            key = self.expert * (self.n_tokens + 1) + self.token
+        else:
+            # Rank of each weight within the whole list, descending, as the minor key.
+            rank = torch.empty(N, dtype=torch.long, device=device)
+            rank[torch.argsort(self.weight.detach(), descending=True, stable=True)] = torch.arange(N, device=device)
+            key = self.expert * (N + 1) + rank
+        order = torch.argsort(key, stable=True)
+        starts = self.offsets - self.counts
+        slot = torch.arange(N, device=device) - starts[self.expert]
+        keep = slot < capacity
+        idx = order[keep]
+        kept = replace(
+            self,
+            token=self.token[idx],
+            expert=self.expert[idx],
+            weight=self.weight[idx],
+            counts=torch.clamp(self.counts, max=capacity),
+            n_dropped=self.n_dropped + int(N - int(keep.sum())),
+        )
+        return kept
+
+    def to(self, device: torch.device | str) -> Routing:
+        """Copy every tensor to ``device``."""
+
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            token=self.token.to(device),
+            expert=self.expert.to(device),
+            weight=self.weight.to(device),
+            counts=self.counts.to(device),
+            probs=mv(self.probs),
+            logits=mv(self.logits),
+        )
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> Routing:
+        """Check every invariant; raise ``ValueError`` naming the first broken one.
+
+        Returns ``self`` so it can be chained.
+        """
+        N = self.token.numel()
+        for name in ("token", "expert", "weight"):
+            t = getattr(self, name)
+            if t.dim() != 1 or t.numel() != N:
+                raise ValueError(f"Routing.{name} must be 1-D of length N={N}, got {tuple(t.shape)}")
+        if self.token.dtype != torch.int64 or self.expert.dtype != torch.int64:
+            raise ValueError("Routing.token and Routing.expert must be int64")
+        if not self.weight.is_floating_point():
+            raise ValueError(f"Routing.weight must be floating point, got {self.weight.dtype}")
+        if self.counts.dim() != 1 or self.counts.numel() < 1:
+            raise ValueError(f"Routing.counts must be 1-D [E] with E >= 1, got {tuple(self.counts.shape)}")
+        E = self.counts.numel()
+        if int(self.counts.sum()) != N:
+            raise ValueError(f"Routing.counts sums to {int(self.counts.sum())}, expected N={N}")
+        if N:
+            if bool((self.expert[1:] < self.expert[:-1]).any()):
+                raise ValueError("Routing.expert must be non-decreasing (sorted by expert)")
+            if not torch.equal(torch.bincount(self.expert, minlength=E), self.counts):
+                raise ValueError("Routing.counts disagrees with Routing.expert")
+            if int(self.token.min()) < 0 or int(self.token.max()) >= self.n_tokens:
+                raise ValueError(f"Routing.token must lie in [0, n_tokens={self.n_tokens})")
+            if not bool(torch.isfinite(self.weight).all()):
+                raise ValueError("Routing.weight has NaN or inf")
+        for name in ("probs", "logits"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != (self.n_tokens, E):
+                raise ValueError(f"Routing.{name} must have shape [T, E]=({self.n_tokens}, {E}), got {tuple(t.shape)}")
+        if self.n_dropped < 0:
+            raise ValueError(f"Routing.n_dropped must be >= 0, got {self.n_dropped}")
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"Routing(n_tokens={self.n_tokens}, n_experts={self.n_experts}, "
+            f"n_assignments={self.n_assignments}, n_dropped={self.n_dropped}, "
+            f"counts={self.counts.tolist() if self.n_experts <= 16 else '...'})"
+        )
