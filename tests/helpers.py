@@ -1,0 +1,35 @@
+"""Shared test helpers: one tolerance table, one comparison, poisoned allocations."""
+
+from __future__ import annotations
+
+import torch
+
+# Tolerances for comparing a fast path against the float32/float64 reference.
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: {"atol": 1e-10, "rtol": 1e-8},
+    torch.float32: {"atol": 2e-5, "rtol": 2e-4},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
+    torch.float16: {"atol": 5e-3, "rtol": 5e-3},
+}
+
+
+def assert_close(name: str, ref: torch.Tensor, fast: torch.Tensor, dtype: torch.dtype | None = None, scale: float = 1.0) -> None:
+    """Compare ``fast`` with ``ref`` under the tolerance of ``dtype`` (default: fast's dtype).
+
+    Integer tensors (gathers, permutations, counts) are compared exactly. ``scale`` widens
+    the tolerance for quantities that sum many rounded terms; callers say why on the line.
+    """
+    assert ref.shape == fast.shape, f"{name}: shape {tuple(fast.shape)} != reference {tuple(ref.shape)}"
+    if not ref.is_floating_point():
+        assert torch.equal(ref, fast), f"{name}: integer tensors differ"
+        return
+    assert not torch.isnan(fast).any(), f"{name}: NaN in fast result"
+    tol = TOLERANCES[dtype or fast.dtype]
+    torch.testing.assert_close(
+        fast.double(), ref.double(), atol=tol["atol"] * scale, rtol=tol["rtol"] * scale, msg=lambda m: f"{name}: {m}"
+    )
+
+
+def poisoned_empty(*shape: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
+    """``torch.empty`` filled with NaN, so an unwritten element fails loudly."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
