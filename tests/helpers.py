@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import torch
 
-# Tolerances for comparing a fast path against the float32/float64 reference.
+# Exact-ish dtypes are compared elementwise. Low-precision dtypes are compared by relative
+# error norm ||fast - ref|| / ||ref|| (the flash-linear-attention convention): elementwise
+# bounds are meaningless there, because a bf16 pre-activation that rounds across 0 flips
+# relu's derivative for that element while the tensor as a whole is right.
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float64: {"atol": 1e-10, "rtol": 1e-8},
     torch.float32: {"atol": 2e-5, "rtol": 2e-4},
-    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
-    torch.float16: {"atol": 5e-3, "rtol": 5e-3},
+    torch.bfloat16: {"rel_norm": 1.5e-2},
+    torch.float16: {"rel_norm": 2e-3},
 }
 
 
@@ -17,7 +20,7 @@ def assert_close(name: str, ref: torch.Tensor, fast: torch.Tensor, dtype: torch.
     """Compare ``fast`` with ``ref`` under the tolerance of ``dtype`` (default: fast's dtype).
 
     Integer tensors (gathers, permutations, counts) are compared exactly. ``scale`` widens
-    the tolerance for quantities that sum many rounded terms; callers say why on the line.
+    the tolerance; callers say why on the same line.
     """
     assert ref.shape == fast.shape, f"{name}: shape {tuple(fast.shape)} != reference {tuple(ref.shape)}"
     if not ref.is_floating_point():
@@ -25,6 +28,11 @@ def assert_close(name: str, ref: torch.Tensor, fast: torch.Tensor, dtype: torch.
         return
     assert not torch.isnan(fast).any(), f"{name}: NaN in fast result"
     tol = TOLERANCES[dtype or fast.dtype]
+    if "rel_norm" in tol:
+        ref64, fast64 = ref.double(), fast.double()
+        err = (fast64 - ref64).norm() / ref64.norm().clamp_min(1e-12)
+        assert err <= tol["rel_norm"] * scale, f"{name}: relative error {err:.2e} > {tol['rel_norm'] * scale:.1e}"
+        return
     torch.testing.assert_close(
         fast.double(), ref.double(), atol=tol["atol"] * scale, rtol=tol["rtol"] * scale, msg=lambda m: f"{name}: {m}"
     )

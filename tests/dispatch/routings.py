@@ -1,0 +1,30 @@
+"""Random and adversarial routings for dispatch tests."""
+
+from __future__ import annotations
+
+import torch
+
+from gatedmoe import Routing
+
+
+def make_routing(T: int, E: int, K: int, mode: str, logits_TE: torch.Tensor) -> Routing:
+    """A top-K routing whose weights are differentiable functions of ``logits_TE``.
+
+    mode: "random" (random experts), "one_expert" (every token's first choice is the last
+    expert), "skip_experts" (only even experts used, so odd ones get no tokens), "all"
+    (K = E, every expert).
+    """
+    probs = torch.softmax(logits_TE, -1)
+    if mode == "random":
+        experts = torch.stack([torch.randperm(E)[:K] for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.long)
+    elif mode == "one_expert":
+        experts = torch.stack([torch.cat([torch.tensor([E - 1]), torch.randperm(E - 1)[: K - 1]]) for _ in range(T)])
+    elif mode == "skip_experts":
+        even = torch.arange(0, E, 2)
+        experts = torch.stack([even[torch.randperm(len(even))[:K]] for _ in range(T)])
+    elif mode == "all":
+        experts = torch.arange(E).expand(T, E).clone()
+    else:
+        raise ValueError(mode)
+    weights = probs.gather(-1, experts)
+    return Routing.from_topk(weights, experts, E, probs=probs, logits=logits_TE).validate()

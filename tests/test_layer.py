@@ -1,0 +1,129 @@
+import pytest
+import torch
+
+import gatedmoe
+from gatedmoe import MoE, aux_loss
+from gatedmoe.dispatch import reference_dispatch
+from helpers import assert_close
+
+
+def test_shapes_and_state_after_forward():
+    moe = MoE(16, 4, 32, k=2)
+    x = torch.randn(3, 5, 16)
+    y = moe(x)
+    assert y.shape == x.shape
+    assert moe.last_routing.n_tokens == 15 and moe.last_routing.n_assignments == 30
+    assert set(moe.aux_losses) == {"load_balance", "router_z"}
+
+
+def test_layer_equals_reference_dispatch_of_its_routing_with_shared_experts():
+    moe = MoE(16, 4, 24, k=3, n_shared_experts=2, d_shared_hidden=8)
+    x = torch.randn(10, 16)
+    y = moe(x)
+    expected = reference_dispatch(x, moe.last_routing, moe.experts) + moe.shared(x)
+    assert_close("y", expected, y)
+    assert moe.shared.w_out.in_features == 16
+
+
+def test_capacity_drops_and_gradients_flow():
+    moe = MoE(8, 4, 16, k=1, capacity_factor=0.5)
+    with torch.no_grad():  # send every token to expert 0
+        moe.gate.weight.zero_()
+        moe.gate.weight[0, 0] = 10.0
+    x = torch.randn(16, 8).abs()
+    y = moe(x)
+    r = moe.last_routing
+    assert r.counts.tolist() == [2, 0, 0, 0]  # ceil(0.5 * 16 / 4) = 2 slots
+    assert r.n_dropped == 14
+    assert torch.all(y[2:] == 0)  # later tokens dropped (position priority)
+    (y.sum() + aux_loss(moe)).backward()
+    assert moe.gate.weight.grad.abs().sum() > 0
+
+
+def test_aux_loss_sums_layers_and_weights():
+    model = torch.nn.Sequential(MoE(8, 4, 16, load_balance_weight=0.5), MoE(8, 4, 16, router_z_weight=0))
+    model(torch.randn(7, 8))
+    expected = sum(v for m in model for v in m.aux_losses.values())
+    assert "router_z" not in model[1].aux_losses
+    assert_close("aux", expected, aux_loss(model))
+    assert aux_loss(torch.nn.Linear(2, 2)).item() == 0.0
+
+
+def test_k_equals_n_experts_and_dense_gate():
+    moe = MoE(8, 3, 8, k=3)
+    y = moe(torch.randn(5, 8))
+    assert moe.last_routing.n_assignments == 15 and y.shape == (5, 8)
+    dense = MoE(8, 3, 8, gate="softmax")
+    dense(torch.randn(5, 8))
+    assert dense.last_routing.n_assignments == 15
+
+
+@pytest.mark.parametrize("gate", ["topk_softmax", "sigmoid", "softmax"])
+def test_backward_reaches_every_parameter(gate):
+    moe = MoE(8, 4, 16, gate=gate, k=2, bias=True, n_shared_experts=1)
+    y = moe(torch.randn(20, 8))
+    (y.pow(2).mean() + aux_loss(moe)).backward()
+    for name, p in moe.named_parameters():
+        assert p.grad is not None, name
+
+
+def test_bfloat16_layer_runs():
+    moe = MoE(16, 4, 32).bfloat16()
+    y = moe(torch.randn(9, 16, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"k": 5}, ValueError, "k must"),
+        ({"k": 0}, ValueError, "k must"),
+        ({"capacity_factor": 0.0}, ValueError, "capacity_factor"),
+        ({"capacity_factor": -1.0}, ValueError, "capacity_factor"),
+        ({"gate": "bogus"}, ValueError, "known gates: .*sigmoid"),
+        ({"activation": "bogus"}, ValueError, "known activations: .*swiglu"),
+        ({"backend": "bogus"}, ValueError, "known backends: .*grouped"),
+        ({"n_shared_experts": -1}, ValueError, "n_shared_experts"),
+        ({"capacity_priority": "x"}, ValueError, "capacity_priority"),
+    ],
+)
+def test_bad_construction(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        MoE(8, 4, 16, **kwargs)
+
+
+def test_bad_input():
+    moe = MoE(8, 4, 16)
+    with pytest.raises(ValueError, match="d_model=8"):
+        moe(torch.randn(3, 7))
+    with pytest.raises(TypeError, match="floating"):
+        moe(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        moe([[0.0] * 8])
+    with pytest.raises(ValueError, match="NaN"):
+        moe(torch.full((2, 8), float("nan")))
+
+
+def test_bad_sizes():
+    with pytest.raises(ValueError, match="d_hidden"):
+        MoE(8, 4, 0)
+    with pytest.raises(ValueError, match="n_experts"):
+        MoE(8, 0, 4)
+
+
+def test_public_names():
+    assert gatedmoe.Routing is not None and callable(gatedmoe.aux_loss)
+
+
+def test_state_dict_round_trip_keeps_bias_buffer(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    moe = MoE(8, 4, 16, gate="sigmoid", gate_kwargs={"bias_update_rate": 0.1})
+    moe.train()
+    moe(torch.randn(12, 8))
+    path = tmp_path / "m.safetensors"
+    save_file(moe.state_dict(), str(path))
+    other = MoE(8, 4, 16, gate="sigmoid", gate_kwargs={"bias_update_rate": 0.1})
+    other.load_state_dict(load_file(str(path)))
+    assert torch.equal(other.gate.balancer.bias, moe.gate.balancer.bias)
+    assert moe.gate.balancer.bias.abs().sum() > 0
