@@ -1,0 +1,149 @@
+"""`RoutingStats`: routing statistics accumulated over batches and layers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gatedmoe.routing import Routing
+
+__all__ = ["RoutingStats"]
+
+
+@dataclass
+class _LayerTotals:
+    counts: torch.Tensor  # [E] float64, assignments per expert
+    n_tokens: int = 0
+    n_assignments: int = 0
+    n_dropped: int = 0
+    entropy_sum: float = 0.0  # sum over tokens of the entropy of the gate distribution
+    n_entropy_tokens: int = 0
+    n_batches: int = field(default=0)
+
+
+class RoutingStats:
+    """Accumulate load per expert and routing quality over batches and layers.
+
+    Per layer: ``load`` (fraction of assignments per expert), ``cv`` (coefficient of
+    variation of the load), ``max_violation`` (max load / mean load - 1, as in
+    "Auxiliary-Loss-Free Load Balancing"), ``entropy`` (mean per-token entropy of the gate
+    distribution, nats; ``entropy_normalized`` divides by log E), ``dropped_fraction``
+    (assignments removed by capacity / assignments proposed).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gatedmoe import MoE
+    >>> moe = MoE(8, 4, 16)
+    >>> stats = RoutingStats()
+    >>> _ = moe(torch.randn(10, 8)); stats.update_model(moe)
+    >>> sorted(stats.summary()["layers"])
+    ['moe']
+    """
+
+    def __init__(self) -> None:
+        self._layers: dict[str, _LayerTotals] = {}
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._layers)
+
+    def reset(self) -> None:
+        self._layers.clear()
+
+    @torch.no_grad()
+    def update(self, routing: Routing, layer: str = "moe") -> None:
+        """Add one batch's routing for ``layer``."""
+        if not isinstance(routing, Routing):
+            raise TypeError(f"routing must be a Routing, got {type(routing).__name__}")
+        acc = self._layers.get(layer)
+        if acc is None:
+            acc = self._layers[layer] = _LayerTotals(counts=torch.zeros(routing.n_experts, dtype=torch.float64))
+        elif acc.counts.numel() != routing.n_experts:
+            raise ValueError(f"layer {layer!r} had {acc.counts.numel()} experts, this routing has {routing.n_experts}")
+        acc.counts += routing.counts.detach().to("cpu", torch.float64)
+        acc.n_tokens += routing.n_tokens
+        acc.n_assignments += routing.n_assignments
+        acc.n_dropped += routing.n_dropped
+        acc.n_batches += 1
+        if routing.probs is not None and routing.n_tokens:
+            p = routing.probs.detach().double().clamp_min(1e-30)
+            acc.entropy_sum += float(-(p * p.log()).sum())
+            acc.n_entropy_tokens += routing.n_tokens
+
+    def update_model(self, model: nn.Module) -> None:
+        """Add the ``last_routing`` of every MoE layer in ``model`` (named by module path)."""
+        found = False
+        for name, m in model.named_modules():
+            routing = getattr(m, "last_routing", None)
+            if isinstance(routing, Routing):
+                self.update(routing, name or "moe")
+                found = True
+        if not found:
+            raise ValueError("model has no MoE layer with a last_routing; run a forward first")
+
+    def summary(self) -> dict:
+        """Statistics per layer and averaged over layers, as plain Python numbers."""
+        layers = {}
+        for name, acc in self._layers.items():
+            E = acc.counts.numel()
+            total = acc.counts.sum().item()
+            load = (acc.counts / total) if total else torch.zeros(E, dtype=torch.float64)
+            mean = load.mean().item()
+            proposed = acc.n_assignments + acc.n_dropped
+            layers[name] = {
+                "n_experts": E,
+                "n_tokens": acc.n_tokens,
+                "load": load.tolist(),
+                "cv": (load.std(unbiased=False).item() / mean) if mean else 0.0,
+                "max_violation": (load.max().item() / mean - 1.0) if mean else 0.0,
+                "entropy": acc.entropy_sum / acc.n_entropy_tokens if acc.n_entropy_tokens else float("nan"),
+                "entropy_normalized": (
+                    acc.entropy_sum / acc.n_entropy_tokens / math.log(E) if acc.n_entropy_tokens and E > 1 else float("nan")
+                ),
+                "dropped_fraction": acc.n_dropped / proposed if proposed else 0.0,
+            }
+        keys = ["cv", "max_violation", "entropy", "entropy_normalized", "dropped_fraction"]
+        overall = {k: sum(v[k] for v in layers.values()) / len(layers) for k in keys} if layers else {}
+        return {"layers": layers, "mean": overall}
+
+    def format(self) -> str:
+        """A plain-text table of `summary`, one row per layer."""
+        s = self.summary()
+        rows = [f"{'layer':<24} {'cv':>7} {'max_viol':>9} {'entropy':>8} {'dropped%':>9}"]
+        for name, v in {**s["layers"], **({"mean": s["mean"]} if s["mean"] else {})}.items():
+            rows.append(
+                f"{name[-24:]:<24} {v['cv']:7.3f} {v['max_violation']:9.3f} {v['entropy']:8.3f} {100 * v['dropped_fraction']:9.2f}"
+            )
+        return "\n".join(rows)
+
+    def plot(self, path: str | Path, title: str = "Expert load (1 = uniform)") -> Path:
+        """Save a PNG heatmap, layers x experts, of load relative to uniform."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if not self._layers:
+            raise ValueError("no routing recorded yet; call update() first")
+        s = self.summary()["layers"]
+        E = max(v["n_experts"] for v in s.values())
+        grid = torch.full((len(s), E), float("nan"))
+        for i, v in enumerate(s.values()):
+            grid[i, : v["n_experts"]] = torch.tensor(v["load"]) * v["n_experts"]
+        fig, ax = plt.subplots(figsize=(max(4, 0.35 * E + 2), max(2, 0.4 * len(s) + 1.2)))
+        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(len(s)), [n[-20:] for n in s])
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax, label="load / uniform")
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path

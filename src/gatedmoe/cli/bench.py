@@ -1,0 +1,75 @@
+"""`gatedmoe bench`: time dispatch backends against the reference and a dense GEMM ceiling."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from gatedmoe.bench import SHAPES
+
+    p = sub.add_parser("bench", help="benchmark MoE dispatch backends", description=__doc__)
+    p.add_argument("--shape", default=None, help=f"preset: {', '.join(SHAPES)}, or 'gpu' for the four GPU presets "
+                   "(default: 'cpu' on CPU, 'gpu' on CUDA)")
+    p.add_argument("--tokens", type=int, help="T (overrides the preset)")
+    p.add_argument("--d-model", type=int, help="D")
+    p.add_argument("--d-hidden", type=int, help="H")
+    p.add_argument("--experts", type=int, help="E")
+    p.add_argument("--k", type=int, help="experts per token")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="default bf16 on CUDA, fp32 on CPU (CPU bf16 GEMMs are emulated and slow)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--backend", default="all", help="comma-separated: reference, bare_grouped_mm, grouped, triton; or 'all'")
+    p.add_argument("--routing", choices=["balanced", "random"], default="balanced",
+                   help="forced-balanced (kernel timing independent of a router) or a random router")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (median reported)")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from gatedmoe.bench import SHAPES, bench_dispatch, dense_ceiling, format_rows, machine_info
+    from gatedmoe.dispatch import backend_names
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = DTYPES[args.dtype]
+    shape_name = args.shape or ("gpu" if device.type == "cuda" else "cpu")
+    if shape_name == "gpu":
+        shapes = [SHAPES[n] for n in ("mixtral", "deepseek", "small", "finegrained")]
+    elif shape_name in SHAPES:
+        shapes = [SHAPES[shape_name]]
+    else:
+        raise SystemExit(f"unknown --shape {shape_name!r}; known: gpu, {', '.join(SHAPES)}")
+    overrides = {k: v for k, v in (("tokens", args.tokens), ("d_model", args.d_model), ("d_hidden", args.d_hidden),
+                                   ("n_experts", args.experts), ("k", args.k)) if v is not None}
+    shapes = [replace(s, **overrides) for s in shapes]
+    dispatch = [b for b in backend_names() if b != "auto"]
+    known = ["reference", "bare_grouped_mm", *dispatch]
+    backends = known if args.backend == "all" else [b.strip() for b in args.backend.split(",")]
+    for b in backends:
+        if b not in known:
+            raise SystemExit(f"unknown backend {b!r}; known: {', '.join(known)}")
+    reps = args.reps or (20 if device.type == "cuda" else 5)
+    info = machine_info(device)
+    print("machine:", ", ".join(f"{k}={v}" for k, v in info.items()))
+    ceiling = dense_ceiling(device, dtype)
+    print(f"dense {args.dtype} GEMM ceiling: {ceiling:.2f} TFLOP/s")
+    rows = []
+    for s in shapes:
+        rows += bench_dispatch(s, backends=backends, dtype=dtype, device=device, routing=args.routing,
+                               reps=reps, check=not args.no_check, ceiling=ceiling)
+    print(format_rows(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": info, "ceiling_tflops": ceiling, "rows": rows}, indent=1))
+    return 0

@@ -1,0 +1,164 @@
+"""A small decoder-only transformer language model with MoE feed-forward layers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gatedmoe.layer import MoE
+
+__all__ = ["LMConfig", "MoETransformerLM"]
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """Hyper-parameters of `MoETransformerLM` (defaults: a char-level model that trains in
+    minutes on two CPU cores)."""
+
+    vocab_size: int
+    seq_len: int = 128
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_experts: int = 8
+    k: int = 2
+    d_hidden: int = 128
+    gate: str = "topk_softmax"
+    moe_every: int = 1
+    n_shared_experts: int = 0
+    capacity_factor: float | None = None
+    activation: str = "swiglu"
+    backend: str = "auto"
+    dropout: float = 0.0
+    gate_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.moe_every < 1:
+            raise ValueError(f"moe_every must be >= 1, got {self.moe_every}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(d_model, 2 * d_hidden, bias=False)
+        self.w_out = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.w_in(x).chunk(2, -1)
+        return self.w_out(F.silu(a) * b)
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))`` (MoE or dense)."""
+
+    def __init__(self, cfg: LMConfig, use_moe: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = nn.RMSNorm(cfg.d_model)
+        self.ffn: nn.Module
+        if use_moe:
+            self.ffn = MoE(
+                cfg.d_model, cfg.n_experts, cfg.d_hidden, gate=cfg.gate, k=cfg.k, activation=cfg.activation,
+                n_shared_experts=cfg.n_shared_experts, capacity_factor=cfg.capacity_factor,
+                backend=cfg.backend, gate_kwargs=dict(cfg.gate_kwargs), check_inputs=False,
+            )
+        else:
+            self.ffn = DenseFFN(cfg.d_model, cfg.d_hidden * cfg.k)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class MoETransformerLM(nn.Module):
+    """Decoder-only LM; every ``moe_every``-th block has an MoE feed-forward layer
+    (the others a dense SwiGLU of the same active width).
+
+    ``forward(idx [B, S]) -> logits [B, S, vocab]``; `loss` adds the cross-entropy.
+
+    Examples
+    --------
+    >>> import torch
+    >>> lm = MoETransformerLM(LMConfig(vocab_size=20, seq_len=16, d_model=32, n_layers=2, n_heads=2))
+    >>> lm(torch.randint(0, 20, (2, 16))).shape
+    torch.Size([2, 16, 20])
+    """
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, use_moe=(i % cfg.moe_every == cfg.moe_every - 1)) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        B, S = idx.shape
+        if S > self.cfg.seq_len:
+            raise ValueError(f"sequence length {S} exceeds seq_len={self.cfg.seq_len}")
+        x = self.embed(idx) + self.pos(torch.arange(S, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def loss(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``(cross_entropy, logits)``."""
+        logits = self(idx)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)), logits
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def n_params(self) -> tuple[int, int]:
+        """``(total, active per token)`` parameter counts (embeddings included)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for m in self.moe_layers():
+            per_expert = sum(p.numel() for p in m.experts.parameters()) // m.n_experts
+            active = m.n_experts if not m.gate.uses_k else m.k
+            inactive += per_expert * (m.n_experts - active)
+        return total, total - inactive
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, n_new: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """Sample ``n_new`` tokens after ``idx [B, S0]``."""
+        for _ in range(n_new):
+            logits = self(idx[:, -self.cfg.seq_len :])[:, -1] / temperature
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], 1)
+        return idx
