@@ -37,9 +37,21 @@ def _run(fn, x, routing_args, bank, gy):
     return y.detach(), grads
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("T,D,H,E,K,mode,activation,bias", CASES)
-def test_grouped_matches_reference(T, D, H, E, K, mode, activation, bias, dtype):
+def test_grouped_matches_reference(T, D, H, E, K, mode, activation, bias, dtype, device):
+    torch.set_default_device(device)
+    try:
+        _check_case(T, D, H, E, K, mode, activation, bias, dtype)
+    finally:
+        torch.set_default_device("cpu")
+
+
+def _check_case(T, D, H, E, K, mode, activation, bias, dtype):
     bank = ExpertBank(E, D, H, activation=activation, bias=bias).to(dtype)
     if bias:  # zero-initialised biases would hide bias bugs
         with torch.no_grad():
