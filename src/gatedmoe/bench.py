@@ -124,6 +124,20 @@ def _bare_grouped(x_sorted_ND: Tensor, routing: Routing, bank: ExpertBank) -> Te
     return grouped_mm(bank.act(h), bank.w_out.transpose(-2, -1), routing.offsets)
 
 
+def _passes(fn: Callable[[Tensor], Tensor], inp: Tensor, xg: Tensor, gy: Tensor, bank: ExpertBank) -> list:
+    """``(name, closure, flop multiplier)`` for the forward and forward+backward timings."""
+
+    def fwd() -> None:
+        with torch.no_grad():
+            fn(inp)
+
+    def fwd_bwd() -> None:
+        bank.zero_grad(set_to_none=True)
+        fn(xg).backward(gy)
+
+    return [("fwd", fwd, 1), ("fwd+bwd", fwd_bwd, 3)]
+
+
 def bench_dispatch(
     shape: BenchShape,
     *,
@@ -178,15 +192,7 @@ def bench_dispatch(
         xg = inp.detach().clone().requires_grad_()
         gyy = gy if name != "bare_grouped_mm" else torch.randn(r.n_assignments, D, device=device, dtype=dtype, generator=gen)
 
-        def fwd() -> None:
-            with torch.no_grad():
-                fn(inp)
-
-        def fwd_bwd() -> None:
-            bank.zero_grad(set_to_none=True)
-            fn(xg).backward(gyy)
-
-        for pass_name, f, mult in (("fwd", fwd, 1), ("fwd+bwd", fwd_bwd, 3)):
+        for pass_name, f, mult in _passes(fn, inp, xg, gyy, bank):
             ms = _time(f, device, warmup, reps)
             tflops = mult * flops_fwd / (ms * 1e-3) / 1e12
             rows.append({

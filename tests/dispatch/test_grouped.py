@@ -90,7 +90,7 @@ def test_float64_gradcheck_tiny():
     def f(x, logits, *params):
         weights = torch.softmax(logits, -1).gather(-1, experts)
         routing = Routing.from_topk(weights, experts, 3)
-        return torch.func.functional_call(bank, dict(zip(names, params)), (x, routing))
+        return torch.func.functional_call(bank, dict(zip(names, params, strict=True)), (x, routing))
 
     bank.forward = lambda x, routing: grouped_dispatch(x, routing, bank)
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)

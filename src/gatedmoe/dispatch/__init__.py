@@ -6,6 +6,7 @@ name ("grouped", "auto"); `reference.reference_dispatch` is the test oracle, not
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable
 
@@ -30,7 +31,18 @@ __all__ = [
 DispatchFn = Callable[[Tensor, Routing, ExpertBank], Tensor]
 log = logging.getLogger(__name__)
 
+
+
+def _triton_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
+    # Imported on first use: importing Triton costs time and is only useful on CUDA.
+    from gatedmoe.dispatch.triton import triton_dispatch
+
+    return triton_dispatch(x_TD, routing, experts)
+
+
 _BACKENDS: dict[str, DispatchFn] = {"grouped": grouped_dispatch}
+if importlib.util.find_spec("triton") is not None:
+    _BACKENDS["triton"] = _triton_dispatch
 
 
 def backend_names() -> list[str]:

@@ -1,0 +1,55 @@
+"""Fused Triton backend ("triton"): gather inside the first GEMM's loads, SwiGLU in its
+epilogue, routing weight and scatter-add in the second GEMM's epilogue; backward fuses the
+SwiGLU derivative and the routing-weight gradient into the first backward GEMM.
+
+Covers SwiGLU experts without biases in bf16/fp16/fp32; anything else falls back to the
+grouped backend (logged once). `gatedmoe.dispatch.reference.reference_dispatch` is its oracle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import Tensor
+
+from gatedmoe.dispatch.grouped import grouped_dispatch
+from gatedmoe.dispatch.triton import interpret_compat
+from gatedmoe.dispatch.triton.ops import moe_glu_forward, tile_schedule
+from gatedmoe.experts.bank import ExpertBank
+from gatedmoe.routing import Routing
+
+interpret_compat.apply()
+
+__all__ = ["triton_dispatch", "moe_glu_forward", "tile_schedule"]
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _unsupported(x_TD: Tensor, experts: ExpertBank) -> str | None:
+    if x_TD.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"device {x_TD.device.type} (Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
+    if experts.act.name != "swiglu":
+        return f"activation {experts.act.name!r} (the Triton backend fuses swiglu only)"
+    if experts.has_bias:
+        return "expert biases"
+    if x_TD.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"dtype {x_TD.dtype}"
+    return None
+
+
+def triton_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
+    """Same contract as `gatedmoe.dispatch.reference.reference_dispatch`, fused kernels."""
+    reason = _unsupported(x_TD, experts)
+    if reason is not None:
+        if reason not in _warned:
+            _warned.add(reason)
+            log.warning("triton dispatch: %s not supported; using the grouped backend", reason)
+        return grouped_dispatch(x_TD, routing, experts)
+    dtype = x_TD.dtype
+    y, _ = moe_glu_forward(
+        x_TD, routing.token, routing.weight, routing.counts, experts.w_in.to(dtype), experts.w_out.to(dtype)
+    )
+    return y

@@ -1,0 +1,153 @@
+"""Triton kernels of the fused MoE backend (SwiGLU experts, no biases).
+
+Three kernels over the expert-sorted assignment list, each tiled as (row tile of one
+expert) x (column block):
+
+* `glu_fwd_kernel`   h = x[token] @ W_in[e]^T with the row gather inside the A loads;
+                     epilogue writes h (kept for backward) and a = silu(h_gate) * h_up.
+* `gemm_kernel`      C = A[rows] @ B[e], optionally gathering A rows by token, scaling
+                     rows by the routing weight, and scatter-adding rows into C[token]
+                     with fp32 atomics (forward combine; input gradient).
+* `glu_bwd_kernel`   g = gy[token] @ W_out[e] with the gather inside the loads; epilogue
+                     recomputes a from h, accumulates dL/dweight = <g, a> per row, and
+                     writes dL/dh (SwiGLU backward) and a (for the W_out gradient).
+
+Row tiles never straddle two experts: `tile_expert[t]` and `tile_row[t]` say which expert
+and which first row tile t covers (tiles past the last are marked -1 and exit at once).
+
+Shape legend: T tokens, D model dim, H expert hidden, E experts, N routed assignments.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_rows(tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM: tl.constexpr):
+    t = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + t)
+    row0 = tl.load(tile_row_ptr + t)
+    end = tl.load(expert_end_ptr + tl.maximum(e, 0))
+    rows = row0 + tl.arange(0, BM)
+    return e, rows, rows < end
+
+
+@triton.jit
+def glu_fwd_kernel(
+    x_ptr, token_ptr, w_ptr, h_ptr, a_ptr,
+    tile_expert_ptr, tile_row_ptr, expert_end_ptr,
+    D, H,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    e, rows, row_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM)
+    if e < 0:
+        return
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    col_mask = cols < H
+    tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    ks = tl.arange(0, BK)
+    w_e = w_ptr + e.to(tl.int64) * (2 * H) * D
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        k = k0 + ks
+        k_mask = k < D
+        a = tl.load(x_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        bg = tl.load(w_e + cols[None, :].to(tl.int64) * D + k[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        bu = tl.load(w_e + (cols[None, :] + H).to(tl.int64) * D + k[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    h_row = h_ptr + rows64[:, None] * (2 * H)
+    g = acc_g.to(h_ptr.dtype.element_ty)
+    u = acc_u.to(h_ptr.dtype.element_ty)
+    tl.store(h_row + cols[None, :], g, mask=out_mask)
+    tl.store(h_row + H + cols[None, :], u, mask=out_mask)
+    # The activation reads the rounded h, exactly what backward will recompute from.
+    gf = g.to(tl.float32)
+    act = gf * tl.sigmoid(gf) * u.to(tl.float32)
+    tl.store(a_ptr + rows64[:, None] * H + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def gemm_kernel(
+    a_ptr, b_ptr, c_ptr, token_ptr, weight_ptr,
+    tile_expert_ptr, tile_row_ptr, expert_end_ptr,
+    K, N_COLS,
+    stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+    GATHER_A: tl.constexpr, SCALE: tl.constexpr, SCATTER_C: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    e, rows, row_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM)
+    if e < 0:
+        return
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    col_mask = cols < N_COLS
+    rows64 = rows.to(tl.int64)
+    tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    a_rows = tok if GATHER_A else rows64
+    ks = tl.arange(0, BK)
+    b_e = b_ptr + e.to(tl.int64) * stride_be
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + ks
+        k_mask = k < K
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_e + k[:, None].to(tl.int64) * stride_bk + cols[None, :].to(tl.int64) * stride_bn,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    if SCALE:
+        w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        acc = acc * w[:, None]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if SCATTER_C:
+        tl.atomic_add(c_ptr + tok[:, None] * stride_cm + cols[None, :], acc, mask=out_mask, sem="relaxed")
+    else:
+        tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def glu_bwd_kernel(
+    gy_ptr, token_ptr, weight_ptr, w_out_ptr, h_ptr,
+    gh_ptr, a_ptr, gweight_ptr,
+    tile_expert_ptr, tile_row_ptr, expert_end_ptr,
+    D, H,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    e, rows, row_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM)
+    if e < 0:
+        return
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    col_mask = cols < H
+    tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    ks = tl.arange(0, BK)
+    w_e = w_out_ptr + e.to(tl.int64) * D * H
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # g_a (before the routing weight) = gy[token] @ W_out[e]   ([BM, D] @ [D, BN])
+    for k0 in range(0, D, BK):
+        k = k0 + ks
+        k_mask = k < D
+        g = tl.load(gy_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_e + k[:, None].to(tl.int64) * H + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(g, b, acc, input_precision=PREC)
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    h_row = h_ptr + rows64[:, None] * (2 * H)
+    hg = tl.load(h_row + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    hu = tl.load(h_row + H + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(hg)
+    silu = hg * sig
+    act = silu * hu
+    # dL/dweight[n] = <gy[token[n]], o[n]> = <g_a[n], a[n]>; summed over column blocks.
+    tl.atomic_add(gweight_ptr + rows, tl.sum(acc * act, axis=1), mask=row_mask, sem="relaxed")
+    w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    ga = acc * w[:, None]
+    g_up = ga * silu
+    g_gate = ga * hu * (sig + silu * (1.0 - sig))
+    gh_row = gh_ptr + rows64[:, None] * (2 * H)
+    tl.store(gh_row + cols[None, :], g_gate.to(gh_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(gh_row + H + cols[None, :], g_up.to(gh_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(a_ptr + rows64[:, None] * H + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=out_mask)

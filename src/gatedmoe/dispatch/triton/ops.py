@@ -1,0 +1,180 @@
+"""The fused MoE forward and backward as `torch.library` custom ops (with fake and
+autograd registrations), launching the kernels of `kernels.py`.
+
+Weight gradients use `torch._grouped_mm` in its "reduce over rows" form where available
+(CUDA bf16); elsewhere a per-expert loop.
+
+Shape legend: T tokens, D model dim, H expert hidden, E experts, N routed assignments.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from gatedmoe.dispatch.triton.kernels import gemm_kernel, glu_bwd_kernel, glu_fwd_kernel
+
+__all__ = ["moe_glu_forward", "tile_schedule"]
+
+
+def _blocks(dtype: torch.dtype, device: torch.device, N: int) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, num_warps, num_stages) for this problem."""
+    if device.type != "cuda":
+        return 16, 16, 16, 4, 1  # interpreter: smallest legal dot
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 2
+    if N <= 4096:
+        return 64, 128, 64, 4, 3
+    return 128, 128, 64, 8, 3
+
+
+def tile_schedule(counts_E: Tensor, N: int, BM: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Row tiles that never straddle experts, computed on device without a host sync.
+
+    Returns ``(tile_expert [MT], tile_row [MT], expert_end [E])`` with
+    ``MT = ceil(N / BM) + E`` (an upper bound); unused tiles have ``tile_expert == -1``.
+    """
+    E = counts_E.numel()
+    counts = counts_E.to(torch.int64)
+    expert_end = torch.cumsum(counts, 0)
+    tiles = (counts + BM - 1) // BM
+    tile_end = torch.cumsum(tiles, 0)
+    MT = triton.cdiv(N, BM) + E
+    t = torch.arange(MT, device=counts.device)
+    e = torch.searchsorted(tile_end, t, right=True)
+    valid = e < E
+    ec = e.clamp(max=E - 1)
+    first_tile = tile_end[ec] - tiles[ec]
+    tile_row = (expert_end[ec] - counts[ec]) + (t - first_tile) * BM
+    tile_expert = torch.where(valid, e, torch.full_like(e, -1))
+    return tile_expert.to(torch.int32), tile_row.to(torch.int32), expert_end.to(torch.int32)
+
+
+def _alloc(*shape: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Uninitialised buffer for a kernel to fill (tests swap in a NaN-poisoned one)."""
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _gemm(a, b_strides, b, c, token, weight, sched, K, n_cols, *, gather, scale, scatter, cfg, prec):
+    BM, BN, BK, warps, stages = cfg
+    tile_expert, tile_row, expert_end = sched
+    stride_be, stride_bk, stride_bn = b_strides
+    grid = (triton.cdiv(n_cols, BN), tile_expert.numel())
+    gemm_kernel[grid](
+        a, b, c, token, weight, tile_expert, tile_row, expert_end, K, n_cols,
+        a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0),
+        GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, BM=BM, BN=BN, BK=BK, PREC=prec,
+        num_warps=warps, num_stages=stages,
+    )
+
+
+@torch.library.custom_op("gatedmoe::moe_glu_forward", mutates_args=())
+def moe_glu_forward(
+    x_TD: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Tensor, w_in_EHD: Tensor, w_out_EDH: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(y_TD, h_N2H)``: the SwiGLU MoE output and the first GEMM's output (for backward)."""
+    x = x_TD.contiguous()
+    T, D = x.shape
+    N = token_N.numel()
+    H = w_out_EDH.shape[-1]
+    cfg = _blocks(x.dtype, x.device, N)
+    BM, BN, BK, warps, stages = cfg
+    sched = tile_schedule(counts_E, N, BM)
+    h = _alloc(N, 2 * H, device=x.device, dtype=x.dtype)
+    a = _alloc(N, H, device=x.device, dtype=x.dtype)
+    y32 = torch.zeros(T, D, device=x.device, dtype=torch.float32)
+    if N:
+        w_in = w_in_EHD.contiguous()
+        w_out = w_out_EDH.contiguous()
+        prec = _prec(x.dtype)
+        glu_fwd_kernel[(triton.cdiv(H, BN), sched[0].numel())](
+            x, token_N, w_in, h, a, *sched, D, H, BM=BM, BN=BN, BK=BK, PREC=prec, num_warps=warps, num_stages=stages
+        )
+        # y[token] += weight * (a @ W_out[e]^T): B[k=h, n=d] = w_out[e, d, h]
+        _gemm(a, (D * H, 1, H), w_out, y32, token_N, weight_N, sched, H, D,
+              gather=False, scale=True, scatter=True, cfg=cfg, prec=prec)
+    return y32.to(x.dtype), h
+
+
+@moe_glu_forward.register_fake
+def _(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH):
+    N = token_N.shape[0]
+    H = w_out_EDH.shape[-1]
+    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(N, 2 * H)
+
+
+def _wgrad(lhs_NP: Tensor, rhs_NQ: Tensor, counts_E: Tensor) -> Tensor:
+    """``out[e] = lhs[rows_e]^T @ rhs[rows_e]``, ``[E, P, Q]`` (fp32 accumulate)."""
+    E = counts_E.numel()
+    if lhs_NP.is_cuda and lhs_NP.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        return torch._grouped_mm(lhs_NP.t(), rhs_NQ, offs=offs)
+    out = lhs_NP.new_zeros(E, lhs_NP.shape[1], rhs_NQ.shape[1])
+    start = 0
+    for e, c in enumerate(counts_E.tolist()):
+        if c:
+            out[e] = (lhs_NP[start : start + c].float().t() @ rhs_NQ[start : start + c].float()).to(out.dtype)
+        start += c
+    return out
+
+
+@torch.library.custom_op("gatedmoe::moe_glu_backward", mutates_args=())
+def moe_glu_backward(
+    gy_TD: Tensor, x_TD: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Tensor,
+    w_in_EHD: Tensor, w_out_EDH: Tensor, h_N2H: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_weight, grad_w_in, grad_w_out)`` of `moe_glu_forward`."""
+    gy = gy_TD.contiguous()
+    x = x_TD.contiguous()
+    T, D = x.shape
+    N = token_N.numel()
+    H = w_out_EDH.shape[-1]
+    cfg = _blocks(x.dtype, x.device, N)
+    BM, BN, BK, warps, stages = cfg
+    sched = tile_schedule(counts_E, N, BM)
+    gx32 = torch.zeros(T, D, device=x.device, dtype=torch.float32)
+    gweight = torch.zeros(N, device=x.device, dtype=torch.float32)
+    if N == 0:
+        return gx32.to(x.dtype), gweight.to(weight_N.dtype), torch.zeros_like(w_in_EHD), torch.zeros_like(w_out_EDH)
+    w_in = w_in_EHD.contiguous()
+    w_out = w_out_EDH.contiguous()
+    prec = _prec(x.dtype)
+    gh = _alloc(N, 2 * H, device=x.device, dtype=x.dtype)
+    a = _alloc(N, H, device=x.device, dtype=x.dtype)
+    glu_bwd_kernel[(triton.cdiv(H, BN), sched[0].numel())](
+        gy, token_N, weight_N, w_out, h_N2H, gh, a, gweight, *sched, D, H,
+        BM=BM, BN=BN, BK=BK, PREC=prec, num_warps=warps, num_stages=stages,
+    )
+    # grad_x[token] += gh @ W_in[e]: B[k=j, n=d] = w_in[e, j, d]
+    _gemm(gh, (2 * H * D, D, 1), w_in, gx32, token_N, weight_N, sched, 2 * H, D,
+          gather=False, scale=False, scatter=True, cfg=cfg, prec=prec)
+    xs = x.index_select(0, token_N)
+    g_out = gy.index_select(0, token_N) * weight_N.to(gy.dtype).unsqueeze(1)
+    grad_w_in = _wgrad(gh, xs, counts_E)  # [E, 2H, D]
+    grad_w_out = _wgrad(g_out, a, counts_E)  # [E, D, H]
+    return gx32.to(x.dtype), gweight.to(weight_N.dtype), grad_w_in.to(w_in_EHD.dtype), grad_w_out.to(w_out_EDH.dtype)
+
+
+@moe_glu_backward.register_fake
+def _(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, h_N2H):
+    return x_TD.new_empty(x_TD.shape), weight_N.new_empty(weight_N.shape), w_in_EHD.new_empty(w_in_EHD.shape), \
+        w_out_EDH.new_empty(w_out_EDH.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, token, weight, counts, w_in, w_out = inputs
+    ctx.save_for_backward(x, token, weight, counts, w_in, w_out, output[1])
+
+
+def _backward(ctx, gy, _gh_unused):
+    x, token, weight, counts, w_in, w_out, h = ctx.saved_tensors
+    gx, gw, gwi, gwo = moe_glu_backward(gy, x, token, weight, counts, w_in, w_out, h)
+    return gx, None, gw, None, gwi, gwo
+
+
+moe_glu_forward.register_autograd(_backward, setup_context=_setup_context)

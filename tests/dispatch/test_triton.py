@@ -1,0 +1,132 @@
+"""Fused Triton backend against the reference: outputs and every gradient.
+
+On CUDA this runs the compiled kernels; on CPU it runs them in Triton's interpreter
+(TRITON_INTERPRET=1, set by conftest.py) at tiny sizes in float32.
+"""
+
+import pytest
+import torch
+from routings import make_routing
+
+from gatedmoe.dispatch import get_backend, reference_dispatch
+from gatedmoe.experts import ExpertBank
+from helpers import assert_close, poisoned_empty
+
+pytest.importorskip("triton")
+from gatedmoe.dispatch.triton import moe_glu_forward, tile_schedule, triton_dispatch  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_buffers(monkeypatch):
+    """Every buffer a kernel must fill starts as NaN, so an unwritten element fails loudly."""
+    from gatedmoe.dispatch.triton import ops
+
+    monkeypatch.setattr(ops, "_alloc", lambda *shape, device, dtype: poisoned_empty(*shape, dtype=dtype, device=device))
+
+DEVICE = "cuda" if CUDA else "cpu"
+# (T, D, H, E, K, mode): T=1, T=63, widths that are not powers of two, empty experts,
+# everything on one expert, k = E.
+CASES = [
+    (1, 16, 16, 3, 1, "random"),
+    (63, 24, 40, 5, 2, "random"),
+    (33, 16, 24, 6, 3, "skip_experts"),
+    (40, 32, 16, 4, 2, "one_expert"),
+    (17, 16, 16, 3, 3, "all"),
+]
+if CUDA:
+    CASES += [(1000, 264, 328, 8, 2, "random"), (517, 128, 96, 16, 6, "skip_experts")]
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+
+
+def _grads(fn, x, logits, T, E, K, mode, bank, gy):
+    x = x.detach().clone().requires_grad_()
+    logits = logits.detach().clone().requires_grad_()
+    torch.manual_seed(7)
+    routing = make_routing(T, E, K, mode, logits)
+    bank.zero_grad(set_to_none=True)
+    y = fn(x, routing, bank)
+    y.backward(gy)
+    return y.detach(), {"x": x.grad, "logits": logits.grad, "w_in": bank.w_in.grad, "w_out": bank.w_out.grad}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,D,H,E,K,mode", CASES)
+def test_triton_matches_reference(T, D, H, E, K, mode, dtype):
+    torch.set_default_device(DEVICE)
+    try:
+        bank = ExpertBank(E, D, H).to(dtype)
+        x = torch.randn(T, D, dtype=dtype)
+        logits = torch.randn(T, E)
+        gy = torch.randn(T, D, dtype=dtype)
+        ref_y, ref_g = _grads(reference_dispatch, x, logits, T, E, K, mode, bank, gy)
+        fast_y, fast_g = _grads(triton_dispatch, x, logits, T, E, K, mode, bank, gy)
+    finally:
+        torch.set_default_device("cpu")
+    assert_close("y", ref_y, fast_y, dtype)
+    for name in ref_g:
+        assert_close(f"grad {name}", ref_g[name], fast_g[name], dtype)
+
+
+def test_tile_schedule_covers_every_row_once():
+    counts = torch.tensor([5, 0, 17, 1, 0, 16])
+    BM = 8
+    tile_expert, tile_row, expert_end = tile_schedule(counts, int(counts.sum()), BM)
+    covered = []
+    for e, r in zip(tile_expert.tolist(), tile_row.tolist(), strict=True):
+        if e < 0:
+            continue
+        end = int(expert_end[e])
+        assert end - int(counts[e]) <= r < end  # the tile starts inside its expert
+        covered += list(range(r, min(r + BM, end)))
+    assert covered == list(range(int(counts.sum())))
+    assert tile_expert.numel() == -(-39 // BM) + 6
+
+
+def test_h_is_x_times_w_in_in_expert_order():
+    bank = ExpertBank(3, 16, 16).to(DEVICE)
+    x = torch.randn(10, 16, device=DEVICE)
+    r = make_routing(10, 3, 2, "random", torch.randn(10, 3)).to(DEVICE)
+    _, h = moe_glu_forward(x, r.token, r.weight, r.counts, bank.w_in.detach(), bank.w_out.detach())
+    starts, ends = (r.offsets - r.counts).tolist(), r.offsets.tolist()
+    expected = torch.cat([x[r.token[s:e]] @ bank.w_in[i].detach().T for i, (s, e) in enumerate(zip(starts, ends, strict=True))])
+    assert_close("h", expected, h)
+
+
+def test_opcheck():
+    bank = ExpertBank(3, 16, 16).to(DEVICE)
+    x = torch.randn(6, 16, device=DEVICE, requires_grad=True)
+    logits = torch.randn(6, 3, device=DEVICE, requires_grad=True)
+    r = make_routing(6, 3, 2, "random", logits)
+    args = (x, r.token, r.weight, r.counts, bank.w_in, bank.w_out)
+    torch.library.opcheck(moe_glu_forward, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_fallbacks_are_correct():
+    # Unsupported configurations (biases, other activations) go to the grouped backend.
+    bank = ExpertBank(3, 16, 16, activation="geglu", bias=True)
+    r = make_routing(8, 3, 2, "random", torch.randn(8, 3))
+    x = torch.randn(8, 16)
+    assert_close("y", reference_dispatch(x, r, bank), triton_dispatch(x, r, bank))
+
+
+@pytest.mark.skipif(not CUDA, reason="torch.compile of Triton kernels needs CUDA")
+def test_torch_compile():
+    bank = ExpertBank(4, 64, 64).to("cuda", torch.bfloat16)
+    x = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16)
+    r = make_routing(128, 4, 2, "random", torch.randn(128, 4, device="cuda"))
+
+    def f(x, token, weight, counts, w_in, w_out):
+        return moe_glu_forward(x, token, weight, counts, w_in, w_out)[0]
+
+    args = (x, r.token, r.weight, r.counts, bank.w_in.detach(), bank.w_out.detach())
+    assert_close("compiled", f(*args), torch.compile(f, fullgraph=True)(*args))
+
+
+def test_auto_picks_triton_on_cuda_only():
+    from gatedmoe.dispatch import grouped_dispatch
+
+    assert get_backend("auto", "cpu") is grouped_dispatch
+    if CUDA:
+        assert get_backend("auto", "cuda") is not grouped_dispatch
