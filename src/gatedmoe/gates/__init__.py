@@ -5,9 +5,15 @@
 True
 """
 
-from gatedmoe.gates import sigmoid, softmax, topk  # noqa: F401  (registers the gates)
+from gatedmoe.gates import (  # noqa: F401  (registers the gates)
+    group_limited,
+    sigmoid,
+    softmax,
+    topk,
+)
 from gatedmoe.gates.balancing import BiasBalancer
 from gatedmoe.gates.base import Gate
+from gatedmoe.gates.group_limited import GroupLimitedGate
 from gatedmoe.gates.registry import build, get, names, register
 from gatedmoe.gates.sigmoid import SigmoidGate
 from gatedmoe.gates.softmax import SoftmaxGate
@@ -19,6 +25,7 @@ __all__ = [
     "SoftmaxGate",
     "TopKSoftmaxGate",
     "SigmoidGate",
+    "GroupLimitedGate",
     "build",
     "get",
     "names",
