@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from gatedmoe.gates.balancing import BiasBalancer
 from gatedmoe.routing import Routing
 
-__all__ = ["Gate", "check_k"]
+__all__ = ["Gate", "check_k", "routing_from_dense"]
 
 
 def check_k(k: int, n_experts: int) -> int:
@@ -84,3 +84,25 @@ class Gate(nn.Module):
 
     def forward(self, x_TD: Tensor) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def routing_from_dense(
+    weights_TE: Tensor,
+    mask_TE: Tensor | None = None,
+    probs: Tensor | None = None,
+    logits: Tensor | None = None,
+) -> Routing:
+    """Routing of the entries of a dense ``[T, E]`` weight matrix where ``mask_TE`` is True
+    (every entry if None): one assignment per kept ``(t, e)``, weight ``weights_TE[t, e]``.
+
+    Used by gates that keep a variable number of experts per token (thresholds, top-p,
+    DSelect-k's exact zeros) or route densely.
+    """
+    T, E = weights_TE.shape
+    if mask_TE is None:
+        experts_TE = torch.arange(E, device=weights_TE.device).expand(T, E)
+        return Routing.from_topk(weights_TE, experts_TE, E, probs=probs, logits=logits)
+    token_N, expert_N = mask_TE.nonzero(as_tuple=True)
+    return Routing.from_assignments(
+        token_N, expert_N, weights_TE[token_N, expert_N], n_experts=E, n_tokens=T, probs=probs, logits=logits
+    )
