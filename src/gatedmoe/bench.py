@@ -193,25 +193,31 @@ def bench_dispatch(
         gyy = gy if name != "bare_grouped_mm" else torch.randn(r.n_assignments, D, device=device, dtype=dtype, generator=gen)
 
         for pass_name, f, mult in _passes(fn, inp, xg, gyy, bank):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
             ms = _time(f, device, warmup, reps)
+            # Peak memory above what was allocated before the pass (inputs, weights).
+            extra_gb = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else float("nan")
             tflops = mult * flops_fwd / (ms * 1e-3) / 1e12
             rows.append({
                 "shape": shape.label(), **asdict(shape), "backend": name, "pass": pass_name,
                 "dtype": str(dtype).removeprefix("torch."), "device": device.type, "routing": routing,
                 "ms": ms, "tokens_per_s": T / (ms * 1e-3), "tflops": tflops,
-                "ceiling_tflops": ceiling, "fraction_of_ceiling": tflops / ceiling,
+                "ceiling_tflops": ceiling, "fraction_of_ceiling": tflops / ceiling, "extra_mem_gb": extra_gb,
             })
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
     """Plain-text table of `bench_dispatch` rows."""
-    head = f"{'shape':<40} {'backend':<16} {'pass':<8} {'ms':>9} {'tokens/s':>11} {'TFLOP/s':>8} {'of ceil':>8}"
+    head = f"{'shape':<40} {'backend':<16} {'pass':<8} {'ms':>9} {'tokens/s':>11} {'TFLOP/s':>8} {'of ceil':>8} {'+mem GB':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['shape']:<40} {r['backend']:<16} {r['pass']:<8} {r['ms']:9.3f} {r['tokens_per_s']:11.0f} "
-            f"{r['tflops']:8.2f} {100 * r['fraction_of_ceiling']:7.1f}%"
+            f"{r['tflops']:8.2f} {100 * r['fraction_of_ceiling']:7.1f}% {r['extra_mem_gb']:8.2f}"
         )
     return "\n".join(lines)
 
