@@ -66,7 +66,7 @@ def _check_case(T, D, H, E, K, mode, activation, bias, dtype):
     low = dtype in (torch.bfloat16, torch.float16)
     # relu's derivative jumps at 0: a low-precision bias add that rounds h across 0 flips a
     # whole gradient term, so input-side gradients of relu-family experts get more room.
-    scale = 6.0 if low and activation in ("relu", "reglu") else 1.0
+    scale = 15.0 if low and activation in ("relu", "reglu") else 1.0
     assert_close("y", ref_y, fast_y, dtype)
     for name in ref_g:
         assert_close(f"grad {name}", ref_g[name], fast_g[name], dtype, scale=scale)

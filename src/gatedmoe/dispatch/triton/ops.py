@@ -9,6 +9,8 @@ Shape legend: T tokens, D model dim, H expert hidden, E experts, N routed assign
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 from torch import Tensor
@@ -18,15 +20,36 @@ from gatedmoe.dispatch.triton.kernels import gemm_kernel, glu_bwd_kernel, glu_fw
 __all__ = ["moe_glu_forward", "tile_schedule"]
 
 
-def _blocks(dtype: torch.dtype, device: torch.device, N: int) -> tuple[int, int, int, int, int]:
-    """(BM, BN, BK, num_warps, num_stages) for this problem."""
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of one kernel."""
+
+    BM: int
+    BN: int
+    BK: int
+    warps: int
+    stages: int
+
+
+# Per-kernel configs; `benchmarks/triton_tune.py` measures the alternatives on a GPU.
+_INTERPRETER = KernelConfig(16, 16, 16, 4, 1)  # smallest legal tl.dot
+
+
+def kernel_configs(dtype: torch.dtype, device: torch.device, N: int) -> dict[str, KernelConfig]:
+    """Configs for the kernels "glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd" on this problem."""
     if device.type != "cuda":
-        return 16, 16, 16, 4, 1  # interpreter: smallest legal dot
+        return dict.fromkeys(("glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd"), _INTERPRETER)
     if dtype == torch.float32:
-        return 64, 64, 32, 4, 2
-    if N <= 4096:
-        return 64, 128, 64, 4, 3
-    return 128, 128, 64, 8, 3
+        return dict.fromkeys(("glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd"), KernelConfig(64, 64, 32, 4, 2))
+    return dict(CONFIGS_BF16)
+
+
+CONFIGS_BF16: dict[str, KernelConfig] = {
+    "glu_fwd": KernelConfig(128, 64, 64, 8, 3),
+    "gemm_fwd": KernelConfig(128, 128, 64, 8, 3),
+    "glu_bwd": KernelConfig(128, 64, 64, 8, 3),
+    "gemm_bwd": KernelConfig(128, 128, 64, 8, 3),
+}
 
 
 def tile_schedule(counts_E: Tensor, N: int, BM: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -60,16 +83,44 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _gemm(a, b_strides, b, c, token, weight, sched, K, n_cols, *, gather, scale, scatter, cfg, prec):
-    BM, BN, BK, warps, stages = cfg
-    tile_expert, tile_row, expert_end = sched
+class _Schedules:
+    """Tile schedules of one call, one per row-tile height (kernels may differ in BM)."""
+
+    def __init__(self, counts_E: Tensor, N: int) -> None:
+        self.counts, self.N, self._by_bm = counts_E, N, {}
+
+    def __call__(self, BM: int) -> tuple[Tensor, Tensor, Tensor]:
+        if BM not in self._by_bm:
+            self._by_bm[BM] = tile_schedule(self.counts, self.N, BM)
+        return self._by_bm[BM]
+
+
+def launch_glu_fwd(x, token, w_in, h, a, sched: _Schedules, D: int, H: int, cfg: KernelConfig, prec: str) -> None:
+    tiles = sched(cfg.BM)
+    glu_fwd_kernel[(triton.cdiv(H, cfg.BN), tiles[0].numel())](
+        x, token, w_in, h, a, *tiles, D, H,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+
+
+def launch_glu_bwd(gy, token, weight, w_out, h, gh, a, gweight, sched: _Schedules, D: int, H: int,
+                   cfg: KernelConfig, prec: str) -> None:
+    tiles = sched(cfg.BM)
+    glu_bwd_kernel[(triton.cdiv(H, cfg.BN), tiles[0].numel())](
+        gy, token, weight, w_out, h, gh, a, gweight, *tiles, D, H,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+
+
+def launch_gemm(a, b, b_strides, c, token, weight, sched: _Schedules, K: int, n_cols: int, *,
+                gather: bool, scale: bool, scatter: bool, cfg: KernelConfig, prec: str) -> None:
+    tiles = sched(cfg.BM)
     stride_be, stride_bk, stride_bn = b_strides
-    grid = (triton.cdiv(n_cols, BN), tile_expert.numel())
-    gemm_kernel[grid](
-        a, b, c, token, weight, tile_expert, tile_row, expert_end, K, n_cols,
+    gemm_kernel[(triton.cdiv(n_cols, cfg.BN), tiles[0].numel())](
+        a, b, c, token, weight, *tiles, K, n_cols,
         a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0),
-        GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, BM=BM, BN=BN, BK=BK, PREC=prec,
-        num_warps=warps, num_stages=stages,
+        GATHER_A=gather, SCALE=scale, SCATTER_C=scatter,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
@@ -82,9 +133,8 @@ def moe_glu_forward(
     T, D = x.shape
     N = token_N.numel()
     H = w_out_EDH.shape[-1]
-    cfg = _blocks(x.dtype, x.device, N)
-    BM, BN, BK, warps, stages = cfg
-    sched = tile_schedule(counts_E, N, BM)
+    cfgs = kernel_configs(x.dtype, x.device, N)
+    sched = _Schedules(counts_E, N)
     h = _alloc(N, 2 * H, device=x.device, dtype=x.dtype)
     a = _alloc(N, H, device=x.device, dtype=x.dtype)
     y32 = torch.zeros(T, D, device=x.device, dtype=torch.float32)
@@ -92,12 +142,10 @@ def moe_glu_forward(
         w_in = w_in_EHD.contiguous()
         w_out = w_out_EDH.contiguous()
         prec = _prec(x.dtype)
-        glu_fwd_kernel[(triton.cdiv(H, BN), sched[0].numel())](
-            x, token_N, w_in, h, a, *sched, D, H, BM=BM, BN=BN, BK=BK, PREC=prec, num_warps=warps, num_stages=stages
-        )
+        launch_glu_fwd(x, token_N, w_in, h, a, sched, D, H, cfgs["glu_fwd"], prec)
         # y[token] += weight * (a @ W_out[e]^T): B[k=h, n=d] = w_out[e, d, h]
-        _gemm(a, (D * H, 1, H), w_out, y32, token_N, weight_N, sched, H, D,
-              gather=False, scale=True, scatter=True, cfg=cfg, prec=prec)
+        launch_gemm(a, w_out, (D * H, 1, H), y32, token_N, weight_N, sched, H, D,
+                    gather=False, scale=True, scatter=True, cfg=cfgs["gemm_fwd"], prec=prec)
     return y32.to(x.dtype), h
 
 
@@ -134,9 +182,8 @@ def moe_glu_backward(
     T, D = x.shape
     N = token_N.numel()
     H = w_out_EDH.shape[-1]
-    cfg = _blocks(x.dtype, x.device, N)
-    BM, BN, BK, warps, stages = cfg
-    sched = tile_schedule(counts_E, N, BM)
+    cfgs = kernel_configs(x.dtype, x.device, N)
+    sched = _Schedules(counts_E, N)
     gx32 = torch.zeros(T, D, device=x.device, dtype=torch.float32)
     gweight = torch.zeros(N, device=x.device, dtype=torch.float32)
     if N == 0:
@@ -146,13 +193,10 @@ def moe_glu_backward(
     prec = _prec(x.dtype)
     gh = _alloc(N, 2 * H, device=x.device, dtype=x.dtype)
     a = _alloc(N, H, device=x.device, dtype=x.dtype)
-    glu_bwd_kernel[(triton.cdiv(H, BN), sched[0].numel())](
-        gy, token_N, weight_N, w_out, h_N2H, gh, a, gweight, *sched, D, H,
-        BM=BM, BN=BN, BK=BK, PREC=prec, num_warps=warps, num_stages=stages,
-    )
+    launch_glu_bwd(gy, token_N, weight_N, w_out, h_N2H, gh, a, gweight, sched, D, H, cfgs["glu_bwd"], prec)
     # grad_x[token] += gh @ W_in[e]: B[k=j, n=d] = w_in[e, j, d]
-    _gemm(gh, (2 * H * D, D, 1), w_in, gx32, token_N, weight_N, sched, 2 * H, D,
-          gather=False, scale=False, scatter=True, cfg=cfg, prec=prec)
+    launch_gemm(gh, w_in, (2 * H * D, D, 1), gx32, token_N, weight_N, sched, 2 * H, D,
+                gather=False, scale=False, scatter=True, cfg=cfgs["gemm_bwd"], prec=prec)
     xs = x.index_select(0, token_N)
     g_out = gy.index_select(0, token_N) * weight_N.to(gy.dtype).unsqueeze(1)
     grad_w_in = _wgrad(gh, xs, counts_E)  # [E, 2H, D]
