@@ -44,22 +44,26 @@ def glu_fwd_kernel(
     e, rows, row_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM)
     if e < 0:
         return
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    col_mask = cols < H
+    # One product for both halves: B's columns interleave gate and up rows of W_in
+    # (column 2j is gate j, column 2j+1 is up j), so a single [BM, 2BN] accumulator holds
+    # both and the epilogue splits it. Two separate dots pipeline worse.
+    j2 = tl.arange(0, 2 * BN)
+    cols2 = tl.program_id(0) * BN + j2 // 2
+    w_rows = cols2 + (j2 % 2) * H
+    col2_mask = cols2 < H
     tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     ks = tl.arange(0, BK)
     w_e = w_ptr + e.to(tl.int64) * (2 * H) * D
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
     for k0 in range(0, D, BK):
         k = k0 + ks
         k_mask = k < D
         a = tl.load(x_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        bg = tl.load(w_e + cols[None, :].to(tl.int64) * D + k[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        bu = tl.load(w_e + (cols[None, :] + H).to(tl.int64) * D + k[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
-    out_mask = row_mask[:, None] & col_mask[None, :]
+        b = tl.load(w_e + w_rows[None, :].to(tl.int64) * D + k[:, None], mask=k_mask[:, None] & col2_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    acc_g, acc_u = tl.split(tl.reshape(acc, (BM, BN, 2)))
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    out_mask = row_mask[:, None] & (cols < H)[None, :]
     rows64 = rows.to(tl.int64)
     h_row = h_ptr + rows64[:, None] * (2 * H)
     g = acc_g.to(h_ptr.dtype.element_ty)

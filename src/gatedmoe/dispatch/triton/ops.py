@@ -35,20 +35,29 @@ class KernelConfig:
 _INTERPRETER = KernelConfig(16, 16, 16, 4, 1)  # smallest legal tl.dot
 
 
-def kernel_configs(dtype: torch.dtype, device: torch.device, N: int) -> dict[str, KernelConfig]:
-    """Configs for the kernels "glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd" on this problem."""
+def kernel_configs(dtype: torch.dtype, device: torch.device, N: int, H: int = 0) -> dict[str, KernelConfig]:
+    """Configs for the kernels "glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd" on this problem.
+
+    bf16 choices are the fastest of `benchmarks/triton_tune.py` on an H100 (BENCHMARKS.md).
+    """
     if device.type != "cuda":
         return dict.fromkeys(("glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd"), _INTERPRETER)
     if dtype == torch.float32:
         return dict.fromkeys(("glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd"), KernelConfig(64, 64, 32, 4, 2))
-    return dict(CONFIGS_BF16)
+    cfgs = dict(CONFIGS_BF16)
+    if H < 8192:  # narrow experts: small tiles for the heavy SwiGLU-backward epilogue
+        cfgs["glu_bwd"] = KernelConfig(64, 64, 64, 4, 4)
+    if H <= 512:
+        cfgs["gemm_fwd"] = cfgs["gemm_bwd"] = KernelConfig(128, 128, 64, 4, 3)
+    return cfgs
 
 
+# glu_fwd's BN counts gate/up column pairs: its accumulator is [BM, 2 BN].
 CONFIGS_BF16: dict[str, KernelConfig] = {
     "glu_fwd": KernelConfig(128, 64, 64, 8, 3),
-    "gemm_fwd": KernelConfig(128, 128, 64, 8, 3),
-    "glu_bwd": KernelConfig(128, 64, 64, 8, 3),
-    "gemm_bwd": KernelConfig(128, 128, 64, 8, 3),
+    "gemm_fwd": KernelConfig(128, 256, 64, 8, 3),
+    "glu_bwd": KernelConfig(128, 128, 64, 8, 3),
+    "gemm_bwd": KernelConfig(128, 128, 64, 8, 4),
 }
 
 
@@ -133,7 +142,7 @@ def moe_glu_forward(
     T, D = x.shape
     N = token_N.numel()
     H = w_out_EDH.shape[-1]
-    cfgs = kernel_configs(x.dtype, x.device, N)
+    cfgs = kernel_configs(x.dtype, x.device, N, H)
     sched = _Schedules(counts_E, N)
     h = _alloc(N, 2 * H, device=x.device, dtype=x.dtype)
     a = _alloc(N, H, device=x.device, dtype=x.dtype)
@@ -182,7 +191,7 @@ def moe_glu_backward(
     T, D = x.shape
     N = token_N.numel()
     H = w_out_EDH.shape[-1]
-    cfgs = kernel_configs(x.dtype, x.device, N)
+    cfgs = kernel_configs(x.dtype, x.device, N, H)
     sched = _Schedules(counts_E, N)
     gx32 = torch.zeros(T, D, device=x.device, dtype=torch.float32)
     gweight = torch.zeros(N, device=x.device, dtype=torch.float32)
