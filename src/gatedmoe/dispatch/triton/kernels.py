@@ -25,8 +25,26 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile_rows(tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM: tl.constexpr):
-    t = tl.program_id(1)
+def _program_tile(n_tiles, n_cols, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Map the 1-D program id to (row tile, column block), GROUP_M row tiles at a time.
+
+    Consecutive programs sweep the column blocks of a group of row tiles, so the weight
+    blocks they read stay in L2 while the group's rows reuse them (the grouped ordering of
+    Triton's matmul tutorial). Row-tile-major order re-read the whole expert weight for
+    every row tile when the columns outnumber the SMs.
+    """
+    pid = tl.program_id(0)
+    n_pid_n = tl.cdiv(n_cols, BN)
+    per_group = GROUP_M * n_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(n_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _tile_rows(t, tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM: tl.constexpr):
     e = tl.load(tile_expert_ptr + t)
     row0 = tl.load(tile_row_ptr + t)
     end = tl.load(expert_end_ptr + tl.maximum(e, 0))
@@ -37,18 +55,19 @@ def _tile_rows(tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM: tl.constexpr):
 @triton.jit
 def glu_fwd_kernel(
     x_ptr, token_ptr, w_ptr, h_ptr, a_ptr,
-    tile_expert_ptr, tile_row_ptr, expert_end_ptr,
+    tile_expert_ptr, tile_row_ptr, expert_end_ptr, n_tiles,
     D, H,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    e, rows, row_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM)
+    pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
+    e, rows, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM)
     if e < 0:
         return
     # One product for both halves: B's columns interleave gate and up rows of W_in
     # (column 2j is gate j, column 2j+1 is up j), so a single [BM, 2BN] accumulator holds
     # both and the epilogue splits it. Two separate dots pipeline worse.
     j2 = tl.arange(0, 2 * BN)
-    cols2 = tl.program_id(0) * BN + j2 // 2
+    cols2 = pid_n * BN + j2 // 2
     w_rows = cols2 + (j2 % 2) * H
     col2_mask = cols2 < H
     tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
@@ -62,7 +81,7 @@ def glu_fwd_kernel(
         b = tl.load(w_e + w_rows[None, :].to(tl.int64) * D + k[:, None], mask=k_mask[:, None] & col2_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     acc_g, acc_u = tl.split(tl.reshape(acc, (BM, BN, 2)))
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cols = pid_n * BN + tl.arange(0, BN)
     out_mask = row_mask[:, None] & (cols < H)[None, :]
     rows64 = rows.to(tl.int64)
     h_row = h_ptr + rows64[:, None] * (2 * H)
@@ -79,16 +98,17 @@ def glu_fwd_kernel(
 @triton.jit
 def gemm_kernel(
     a_ptr, b_ptr, c_ptr, token_ptr, weight_ptr,
-    tile_expert_ptr, tile_row_ptr, expert_end_ptr,
+    tile_expert_ptr, tile_row_ptr, expert_end_ptr, n_tiles,
     K, N_COLS,
     stride_am, stride_be, stride_bk, stride_bn, stride_cm,
     GATHER_A: tl.constexpr, SCALE: tl.constexpr, SCATTER_C: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    e, rows, row_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM)
+    pid_m, pid_n = _program_tile(n_tiles, N_COLS, BN, GROUP_M)
+    e, rows, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM)
     if e < 0:
         return
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cols = pid_n * BN + tl.arange(0, BN)
     col_mask = cols < N_COLS
     rows64 = rows.to(tl.int64)
     tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
@@ -117,14 +137,15 @@ def gemm_kernel(
 def glu_bwd_kernel(
     gy_ptr, token_ptr, weight_ptr, w_out_ptr, h_ptr,
     gh_ptr, a_ptr, gweight_ptr,
-    tile_expert_ptr, tile_row_ptr, expert_end_ptr,
+    tile_expert_ptr, tile_row_ptr, expert_end_ptr, n_tiles,
     D, H,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    e, rows, row_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM)
+    pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
+    e, rows, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM)
     if e < 0:
         return
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cols = pid_n * BN + tl.arange(0, BN)
     col_mask = cols < H
     tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     ks = tl.arange(0, BK)

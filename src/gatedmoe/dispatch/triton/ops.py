@@ -29,6 +29,7 @@ class KernelConfig:
     BK: int
     warps: int
     stages: int
+    group_m: int = 8
 
 
 # Per-kernel configs; `benchmarks/triton_tune.py` measures the alternatives on a GPU.
@@ -106,18 +107,18 @@ class _Schedules:
 
 def launch_glu_fwd(x, token, w_in, h, a, sched: _Schedules, D: int, H: int, cfg: KernelConfig, prec: str) -> None:
     tiles = sched(cfg.BM)
-    glu_fwd_kernel[(triton.cdiv(H, cfg.BN), tiles[0].numel())](
-        x, token, w_in, h, a, *tiles, D, H,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages,
+    glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * tiles[0].numel(),)](
+        x, token, w_in, h, a, *tiles, tiles[0].numel(), D, H,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
 def launch_glu_bwd(gy, token, weight, w_out, h, gh, a, gweight, sched: _Schedules, D: int, H: int,
                    cfg: KernelConfig, prec: str) -> None:
     tiles = sched(cfg.BM)
-    glu_bwd_kernel[(triton.cdiv(H, cfg.BN), tiles[0].numel())](
-        gy, token, weight, w_out, h, gh, a, gweight, *tiles, D, H,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages,
+    glu_bwd_kernel[(triton.cdiv(H, cfg.BN) * tiles[0].numel(),)](
+        gy, token, weight, w_out, h, gh, a, gweight, *tiles, tiles[0].numel(), D, H,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
@@ -125,11 +126,12 @@ def launch_gemm(a, b, b_strides, c, token, weight, sched: _Schedules, K: int, n_
                 gather: bool, scale: bool, scatter: bool, cfg: KernelConfig, prec: str) -> None:
     tiles = sched(cfg.BM)
     stride_be, stride_bk, stride_bn = b_strides
-    gemm_kernel[(triton.cdiv(n_cols, cfg.BN), tiles[0].numel())](
-        a, b, c, token, weight, *tiles, K, n_cols,
+    gemm_kernel[(triton.cdiv(n_cols, cfg.BN) * tiles[0].numel(),)](
+        a, b, c, token, weight, *tiles, tiles[0].numel(), K, n_cols,
         a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0),
         GATHER_A=gather, SCALE=scale, SCATTER_C=scatter,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m,
+        num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
