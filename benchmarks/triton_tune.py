@@ -18,7 +18,7 @@ from triton.testing import do_bench
 
 from gatedmoe.bench import SHAPES, balanced_routing, bench_dispatch, dense_ceiling, format_rows
 from gatedmoe.dispatch.triton import ops
-from gatedmoe.dispatch.triton.ops import KernelConfig, _Schedules, launch_gemm, launch_glu_bwd, launch_glu_fwd
+from gatedmoe.dispatch.triton.ops import KernelConfig, _Schedules, launch_gemm, launch_glu_fwd, launch_swiglu_bwd
 from gatedmoe.experts import ExpertBank
 
 K_CONFIGS = {
@@ -51,6 +51,7 @@ def main() -> None:
         h = torch.empty(N, 2 * H, device=dev, dtype=dtype)
         a = torch.randn(N, H, device=dev, dtype=dtype)
         gh = torch.randn(N, 2 * H, device=dev, dtype=dtype)
+        a2 = torch.empty_like(a)
         y32 = torch.zeros(T, D, device=dev)
         gw = torch.zeros(N, device=dev)
         sched = _Schedules(r.counts, N)
@@ -61,7 +62,8 @@ def main() -> None:
             "glu_fwd": lambda c: launch_glu_fwd(x, r.token, w_in, h, a, sched, D, H, c, "tf32"),
             "gemm_fwd": lambda c: launch_gemm(a, w_out, (D * H, 1, H), y32, r.token, r.weight, sched, H, D,
                                               gather=False, scale=True, scatter=True, cfg=c, prec="tf32"),
-            "glu_bwd": lambda c: launch_glu_bwd(gy, r.token, r.weight, w_out, h, gh, a, gw, sched, D, H, c, "tf32"),
+            "glu_bwd": lambda c: launch_gemm(gy, w_out, (D * H, H, 1), a, r.token, r.weight, sched, D, H,
+                                             gather=True, scale=False, scatter=False, cfg=c, prec="tf32"),
             "gemm_bwd": lambda c: launch_gemm(gh, w_in, (2 * H * D, D, 1), y32, r.token, r.weight, sched, 2 * H, D,
                                               gather=False, scale=False, scatter=True, cfg=c, prec="tf32"),
         }
@@ -73,6 +75,7 @@ def main() -> None:
             "wgrad_in": lambda: torch._grouped_mm(gh.t(), xs, offs=offs),
             "wgrad_out": lambda: torch._grouped_mm(xs.t(), a, offs=offs),
             "gather_x": lambda: x.index_select(0, r.token),
+            "swiglu_bwd_triton": lambda: launch_swiglu_bwd(a, h, r.weight, gh, a2, gw, N, H),
             "scatter_y": lambda: torch.zeros(T, D, device=dev, dtype=dtype).index_add_(0, r.token, xs),
         }
         row = {"label": s.label(), "kernels": {}, "peers_ms": {}}
@@ -81,7 +84,7 @@ def main() -> None:
         best = {}
         for kname, fn in kern.items():
             timings = []
-            for c in K_CONFIGS["glu" if kname.startswith("glu") else "gemm"]:
+            for c in K_CONFIGS["glu" if kname == "glu_fwd" else "gemm"]:
                 try:
                     ms = do_bench(lambda c=c: fn(c), warmup=5, rep=50, return_mode="median")
                 except Exception as e:  # e.g. out of shared memory for this config

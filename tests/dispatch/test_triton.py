@@ -97,8 +97,8 @@ def test_h_is_x_times_w_in_in_expert_order():
 def test_opcheck():
     bank = ExpertBank(3, 16, 16).to(DEVICE)
     x = torch.randn(6, 16, device=DEVICE, requires_grad=True)
-    logits = torch.randn(6, 3, device=DEVICE, requires_grad=True)
-    r = make_routing(6, 3, 2, "random", logits)
+    logits = torch.randn(6, 3, requires_grad=True)
+    r = make_routing(6, 3, 2, "random", logits).to(DEVICE)
     args = (x, r.token, r.weight, r.counts, bank.w_in, bank.w_out)
     torch.library.opcheck(moe_glu_forward, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -115,7 +115,7 @@ def test_fallbacks_are_correct():
 def test_torch_compile():
     bank = ExpertBank(4, 64, 64).to("cuda", torch.bfloat16)
     x = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16)
-    r = make_routing(128, 4, 2, "random", torch.randn(128, 4, device="cuda"))
+    r = make_routing(128, 4, 2, "random", torch.randn(128, 4)).to("cuda")
 
     def f(x, token, weight, counts, w_in, w_out):
         return moe_glu_forward(x, token, weight, counts, w_in, w_out)[0]

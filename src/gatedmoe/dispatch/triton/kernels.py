@@ -8,9 +8,11 @@ expert) x (column block):
 * `gemm_kernel`      C = A[rows] @ B[e], optionally gathering A rows by token, scaling
                      rows by the routing weight, and scatter-adding rows into C[token]
                      with fp32 atomics (forward combine; input gradient).
-* `glu_bwd_kernel`   g = gy[token] @ W_out[e] with the gather inside the loads; epilogue
-                     recomputes a from h, accumulates dL/dweight = <g, a> per row, and
-                     writes dL/dh (SwiGLU backward) and a (for the W_out gradient).
+* `swiglu_bwd_kernel` elementwise, after ``ga = gy[token] @ W_out[e]`` (a `gemm_kernel`
+                     with the gather in its loads): recomputes a from h, computes
+                     dL/dweight = <ga, a> per row, writes dL/dh and a (for the W_out
+                     gradient). Fusing it into the GEMM epilogue measured 2x slower
+                     (register pressure of eight live [BM, BN] fp32 tiles).
 
 Row tiles never straddle two experts: `tile_expert[t]` and `tile_row[t]` say which expert
 and which first row tile t covers (tiles past the last are marked -1 and exit at once).
@@ -134,45 +136,36 @@ def gemm_kernel(
 
 
 @triton.jit
-def glu_bwd_kernel(
-    gy_ptr, token_ptr, weight_ptr, w_out_ptr, h_ptr,
-    gh_ptr, a_ptr, gweight_ptr,
-    tile_expert_ptr, tile_row_ptr, expert_end_ptr, n_tiles,
-    D, H,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
+def swiglu_bwd_kernel(
+    ga_ptr, h_ptr, weight_ptr, gh_ptr, a_ptr, gweight_ptr,
+    N, H,
+    BM: tl.constexpr, BH: tl.constexpr,
 ):
-    pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
-    e, rows, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM)
-    if e < 0:
-        return
-    cols = pid_n * BN + tl.arange(0, BN)
-    col_mask = cols < H
-    tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    ks = tl.arange(0, BK)
-    w_e = w_out_ptr + e.to(tl.int64) * D * H
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    # g_a (before the routing weight) = gy[token] @ W_out[e]   ([BM, D] @ [D, BN])
-    for k0 in range(0, D, BK):
-        k = k0 + ks
-        k_mask = k < D
-        g = tl.load(gy_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(w_e + k[:, None].to(tl.int64) * H + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(g, b, acc, input_precision=PREC)
-    out_mask = row_mask[:, None] & col_mask[None, :]
+    """Elementwise SwiGLU backward with the routing weight, row-blocked.
+
+    ``ga`` = gy[token] @ W_out[e] (before the weight). Writes
+    ``dL/dweight[n] = <ga[n], a[n]>``, ``a = silu(h_gate) * h_up`` (for the W_out
+    gradient), and ``dL/dh = weight * ga * (dsilu(h_gate) * h_up, silu(h_gate))``.
+    """
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_mask = rows < N
     rows64 = rows.to(tl.int64)
-    h_row = h_ptr + rows64[:, None] * (2 * H)
-    hg = tl.load(h_row + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    hu = tl.load(h_row + H + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(hg)
-    silu = hg * sig
-    act = silu * hu
-    # dL/dweight[n] = <gy[token[n]], o[n]> = <g_a[n], a[n]>; summed over column blocks.
-    tl.atomic_add(gweight_ptr + rows, tl.sum(acc * act, axis=1), mask=row_mask, sem="relaxed")
     w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    ga = acc * w[:, None]
-    g_up = ga * silu
-    g_gate = ga * hu * (sig + silu * (1.0 - sig))
-    gh_row = gh_ptr + rows64[:, None] * (2 * H)
-    tl.store(gh_row + cols[None, :], g_gate.to(gh_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(gh_row + H + cols[None, :], g_up.to(gh_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(a_ptr + rows64[:, None] * H + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=out_mask)
+    gw = tl.zeros((BM,), dtype=tl.float32)
+    for c0 in range(0, H, BH):
+        cols = c0 + tl.arange(0, BH)
+        mask = row_mask[:, None] & (cols < H)[None, :]
+        ga = tl.load(ga_ptr + rows64[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h_row = h_ptr + rows64[:, None] * (2 * H)
+        hg = tl.load(h_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        hu = tl.load(h_row + H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(hg)
+        silu = hg * sig
+        act = silu * hu
+        gw += tl.sum(ga * act, axis=1)
+        ga = ga * w[:, None]
+        gh_row = gh_ptr + rows64[:, None] * (2 * H)
+        tl.store(gh_row + cols[None, :], (ga * hu * (sig + silu * (1.0 - sig))).to(gh_ptr.dtype.element_ty), mask=mask)
+        tl.store(gh_row + H + cols[None, :], (ga * silu).to(gh_ptr.dtype.element_ty), mask=mask)
+        tl.store(a_ptr + rows64[:, None] * H + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=mask)
+    tl.store(gweight_ptr + rows, gw, mask=row_mask)

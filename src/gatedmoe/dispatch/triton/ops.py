@@ -15,7 +15,7 @@ import torch
 import triton
 from torch import Tensor
 
-from gatedmoe.dispatch.triton.kernels import gemm_kernel, glu_bwd_kernel, glu_fwd_kernel
+from gatedmoe.dispatch.triton.kernels import gemm_kernel, glu_fwd_kernel, swiglu_bwd_kernel
 
 __all__ = ["moe_glu_forward", "tile_schedule"]
 
@@ -46,19 +46,18 @@ def kernel_configs(dtype: torch.dtype, device: torch.device, N: int, H: int = 0)
     if dtype == torch.float32:
         return dict.fromkeys(("glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd"), KernelConfig(64, 64, 32, 4, 2))
     cfgs = dict(CONFIGS_BF16)
-    if H < 8192:  # narrow experts: small tiles for the heavy SwiGLU-backward epilogue
-        cfgs["glu_bwd"] = KernelConfig(64, 64, 64, 4, 4)
     if H <= 512:
-        cfgs["gemm_fwd"] = cfgs["gemm_bwd"] = KernelConfig(128, 128, 64, 4, 3)
+        cfgs["gemm_fwd"] = cfgs["glu_bwd"] = KernelConfig(128, 128, 64, 4, 3)
     return cfgs
 
 
 # glu_fwd's BN counts gate/up column pairs: its accumulator is [BM, 2 BN].
+# "glu_bwd" is the gathered gy @ W_out product feeding the SwiGLU backward.
 CONFIGS_BF16: dict[str, KernelConfig] = {
-    "glu_fwd": KernelConfig(128, 64, 64, 8, 3),
+    "glu_fwd": KernelConfig(128, 128, 64, 8, 3),
     "gemm_fwd": KernelConfig(128, 256, 64, 8, 3),
-    "glu_bwd": KernelConfig(128, 128, 64, 8, 3),
-    "gemm_bwd": KernelConfig(128, 128, 64, 8, 4),
+    "glu_bwd": KernelConfig(128, 256, 64, 8, 3),
+    "gemm_bwd": KernelConfig(128, 256, 64, 8, 3),
 }
 
 
@@ -113,13 +112,10 @@ def launch_glu_fwd(x, token, w_in, h, a, sched: _Schedules, D: int, H: int, cfg:
     )
 
 
-def launch_glu_bwd(gy, token, weight, w_out, h, gh, a, gweight, sched: _Schedules, D: int, H: int,
-                   cfg: KernelConfig, prec: str) -> None:
-    tiles = sched(cfg.BM)
-    glu_bwd_kernel[(triton.cdiv(H, cfg.BN) * tiles[0].numel(),)](
-        gy, token, weight, w_out, h, gh, a, gweight, *tiles, tiles[0].numel(), D, H,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages,
-    )
+def launch_swiglu_bwd(ga, h, weight, gh, a, gweight, N: int, H: int) -> None:
+    BM, BH = (16, 16) if ga.device.type != "cuda" else (8, 256)
+    swiglu_bwd_kernel[(triton.cdiv(N, BM),)](ga, h, weight, gh, a, gweight, N, H, BM=BM, BH=BH,
+                                              num_warps=1 if ga.device.type != "cuda" else 4)
 
 
 def launch_gemm(a, b, b_strides, c, token, weight, sched: _Schedules, K: int, n_cols: int, *,
@@ -196,15 +192,20 @@ def moe_glu_backward(
     cfgs = kernel_configs(x.dtype, x.device, N, H)
     sched = _Schedules(counts_E, N)
     gx32 = torch.zeros(T, D, device=x.device, dtype=torch.float32)
-    gweight = torch.zeros(N, device=x.device, dtype=torch.float32)
+    gweight = _alloc(N, device=x.device, dtype=torch.float32)
     if N == 0:
-        return gx32.to(x.dtype), gweight.to(weight_N.dtype), torch.zeros_like(w_in_EHD), torch.zeros_like(w_out_EDH)
+        return gx32.to(x.dtype), weight_N.new_zeros(0), torch.zeros_like(w_in_EHD), torch.zeros_like(w_out_EDH)
     w_in = w_in_EHD.contiguous()
     w_out = w_out_EDH.contiguous()
     prec = _prec(x.dtype)
     gh = _alloc(N, 2 * H, device=x.device, dtype=x.dtype)
     a = _alloc(N, H, device=x.device, dtype=x.dtype)
-    launch_glu_bwd(gy, token_N, weight_N, w_out, h_N2H, gh, a, gweight, sched, D, H, cfgs["glu_bwd"], prec)
+    # ga = gy[token] @ W_out[e]: B[k=d, n=h] = w_out[e, d, h]
+    ga = _alloc(N, H, device=x.device, dtype=x.dtype)
+    launch_gemm(gy, w_out, (D * H, H, 1), ga, token_N, weight_N, sched, D, H,
+                gather=True, scale=False, scatter=False, cfg=cfgs["glu_bwd"], prec=prec)
+    launch_swiglu_bwd(ga, h_N2H, weight_N, gh, a, gweight, N, H)
+    del ga
     # grad_x[token] += gh @ W_in[e]: B[k=j, n=d] = w_in[e, j, d]
     launch_gemm(gh, w_in, (2 * H * D, D, 1), gx32, token_N, weight_N, sched, 2 * H, D,
                 gather=False, scale=False, scatter=True, cfg=cfgs["gemm_bwd"], prec=prec)
