@@ -18,7 +18,13 @@ from triton.testing import do_bench
 
 from gatedmoe.bench import SHAPES, balanced_routing, bench_dispatch, dense_ceiling, format_rows
 from gatedmoe.dispatch.triton import ops
-from gatedmoe.dispatch.triton.ops import KernelConfig, _Schedules, launch_gemm, launch_glu_fwd, launch_swiglu_bwd
+from gatedmoe.dispatch.triton.ops import (
+    KernelConfig,
+    _Schedules,
+    launch_gemm,
+    launch_glu_fwd,
+    launch_swiglu_bwd,
+)
 from gatedmoe.experts import ExpertBank
 
 K_CONFIGS = {
@@ -31,80 +37,87 @@ K_CONFIGS = {
 }
 
 
+def _best(fn, configs: list[KernelConfig]) -> tuple[float, KernelConfig, list]:
+    timings = []
+    for c in configs:
+        try:
+            ms = do_bench(lambda c=c: fn(c), warmup=5, rep=50, return_mode="median")
+        except Exception as e:  # e.g. out of shared memory for this config
+            print(f"  {c}: failed {type(e).__name__}", flush=True)
+            continue
+        timings.append((ms, c))
+    ms, c = min(timings, key=lambda t: t[0])
+    return ms, c, timings
+
+
+def tune_shape(name: str, ceiling: float) -> dict:
+    """Time every kernel config and the grouped_mm peers on one shape; end to end with the best."""
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    s = SHAPES[name]
+    T, D, H, E, K = s.tokens, s.d_model, s.d_hidden, s.n_experts, s.k
+    r = balanced_routing(T, E, K, dev, torch.Generator(device=dev).manual_seed(0))
+    N = r.n_assignments
+    bank = ExpertBank(E, D, H).to(dev, dtype)
+    w_in, w_out = bank.w_in.detach(), bank.w_out.detach()
+    x = torch.randn(T, D, device=dev, dtype=dtype)
+    gy = torch.randn(T, D, device=dev, dtype=dtype)
+    h = torch.empty(N, 2 * H, device=dev, dtype=dtype)
+    a = torch.randn(N, H, device=dev, dtype=dtype)
+    a2 = torch.empty_like(a)
+    gh = torch.randn(N, 2 * H, device=dev, dtype=dtype)
+    y32 = torch.zeros(T, D, device=dev)
+    gw = torch.zeros(N, device=dev)
+    sched = _Schedules(r.counts, N)
+    offs = r.offsets.to(torch.int32)
+    xs = x.index_select(0, r.token)
+    flops = {"glu_fwd": 4 * N * D * H, "gemm_fwd": 2 * N * H * D, "glu_bwd": 2 * N * D * H, "gemm_bwd": 4 * N * H * D}
+    kernels = {
+        "glu_fwd": lambda c: launch_glu_fwd(x, r.token, w_in, h, a, sched, D, H, c, "tf32"),
+        "gemm_fwd": lambda c: launch_gemm(a, w_out, (D * H, 1, H), y32, r.token, r.weight, sched, H, D,
+                                          gather=False, scale=True, scatter=True, cfg=c, prec="tf32"),
+        "glu_bwd": lambda c: launch_gemm(gy, w_out, (D * H, H, 1), a, r.token, r.weight, sched, D, H,
+                                         gather=True, scale=False, scatter=False, cfg=c, prec="tf32"),
+        "gemm_bwd": lambda c: launch_gemm(gh, w_in, (2 * H * D, D, 1), y32, r.token, r.weight, sched, 2 * H, D,
+                                          gather=False, scale=False, scatter=True, cfg=c, prec="tf32"),
+    }
+    peers = {
+        "glu_fwd": lambda: torch._grouped_mm(xs, w_in.transpose(-2, -1), offs=offs),
+        "gemm_fwd": lambda: torch._grouped_mm(a, w_out.transpose(-2, -1), offs=offs),
+        "glu_bwd": lambda: torch._grouped_mm(xs, w_out, offs=offs),
+        "gemm_bwd": lambda: torch._grouped_mm(gh, w_in, offs=offs),
+        "wgrad_in": lambda: torch._grouped_mm(gh.t(), xs, offs=offs),
+        "wgrad_out": lambda: torch._grouped_mm(xs.t(), a, offs=offs),
+        "gather_x": lambda: x.index_select(0, r.token),
+        "scatter_y": lambda: torch.zeros(T, D, device=dev, dtype=dtype).index_add_(0, r.token, xs),
+        "swiglu_bwd_triton": lambda: launch_swiglu_bwd(a, h, r.weight, gh, a2, gw, N, H),
+    }
+    row = {"label": s.label(), "kernels": {}, "peers_ms": {}}
+    for key, fn in peers.items():
+        row["peers_ms"][key] = do_bench(fn, warmup=5, rep=50, return_mode="median")
+    best = {}
+    for key, fn in kernels.items():
+        ms, c, timings = _best(fn, K_CONFIGS["glu" if key == "glu_fwd" else "gemm"])
+        best[key] = c
+        peer = row["peers_ms"][key]
+        row["kernels"][key] = {"best": c.__dict__, "ms": ms, "tflops": flops[key] / ms / 1e9, "peer_ms": peer,
+                               "all": [(t, cc.__dict__) for t, cc in timings]}
+        print(f"{name:12s} {key:9s} best {c} {ms:.3f} ms {flops[key] / ms / 1e9:.0f} TFLOP/s | grouped_mm {peer:.3f} ms",
+              flush=True)
+    print(f"{name:12s} peers: " + ", ".join(f"{k} {v:.3f}" for k, v in row["peers_ms"].items()), flush=True)
+    ops.CONFIGS_BF16.update(best)
+    rows = bench_dispatch(s, backends=["grouped", "triton"], dtype=dtype, device=dev, reps=20, ceiling=ceiling)
+    print(format_rows(rows), flush=True)
+    row["end_to_end"] = rows
+    return row
+
+
 def main() -> None:
     out = os.environ.get("OUT", "/tmp/out")
-    dev = torch.device("cuda")
-    dtype = torch.bfloat16
-    ceiling = dense_ceiling(dev, dtype)
+    ceiling = dense_ceiling(torch.device("cuda"), torch.bfloat16)
     print(f"{torch.cuda.get_device_name()} ceiling {ceiling:.1f} TFLOP/s", flush=True)
     results = {"ceiling": ceiling, "shapes": {}}
     for name in ("mixtral", "deepseek", "small", "finegrained"):
-        s = SHAPES[name]
-        T, D, H, E, K = s.tokens, s.d_model, s.d_hidden, s.n_experts, s.k
-        g = torch.Generator(device=dev).manual_seed(0)
-        r = balanced_routing(T, E, K, dev, g)
-        N = r.n_assignments
-        bank = ExpertBank(E, D, H).to(dev, dtype)
-        w_in, w_out = bank.w_in.detach(), bank.w_out.detach()
-        x = torch.randn(T, D, device=dev, dtype=dtype)
-        gy = torch.randn(T, D, device=dev, dtype=dtype)
-        h = torch.empty(N, 2 * H, device=dev, dtype=dtype)
-        a = torch.randn(N, H, device=dev, dtype=dtype)
-        gh = torch.randn(N, 2 * H, device=dev, dtype=dtype)
-        a2 = torch.empty_like(a)
-        y32 = torch.zeros(T, D, device=dev)
-        gw = torch.zeros(N, device=dev)
-        sched = _Schedules(r.counts, N)
-        offs = r.offsets.to(torch.int32)
-        xs = x.index_select(0, r.token)
-        fl = {"glu_fwd": 2 * N * D * 2 * H, "gemm_fwd": 2 * N * H * D, "glu_bwd": 2 * N * D * H, "gemm_bwd": 2 * N * 2 * H * D}
-        kern = {
-            "glu_fwd": lambda c: launch_glu_fwd(x, r.token, w_in, h, a, sched, D, H, c, "tf32"),
-            "gemm_fwd": lambda c: launch_gemm(a, w_out, (D * H, 1, H), y32, r.token, r.weight, sched, H, D,
-                                              gather=False, scale=True, scatter=True, cfg=c, prec="tf32"),
-            "glu_bwd": lambda c: launch_gemm(gy, w_out, (D * H, H, 1), a, r.token, r.weight, sched, D, H,
-                                             gather=True, scale=False, scatter=False, cfg=c, prec="tf32"),
-            "gemm_bwd": lambda c: launch_gemm(gh, w_in, (2 * H * D, D, 1), y32, r.token, r.weight, sched, 2 * H, D,
-                                              gather=False, scale=False, scatter=True, cfg=c, prec="tf32"),
-        }
-        peers = {
-            "glu_fwd": lambda: torch._grouped_mm(xs, w_in.transpose(-2, -1), offs=offs),
-            "gemm_fwd": lambda: torch._grouped_mm(a, w_out.transpose(-2, -1), offs=offs),
-            "glu_bwd": lambda: torch._grouped_mm(xs, w_out, offs=offs),
-            "gemm_bwd": lambda: torch._grouped_mm(gh, w_in, offs=offs),
-            "wgrad_in": lambda: torch._grouped_mm(gh.t(), xs, offs=offs),
-            "wgrad_out": lambda: torch._grouped_mm(xs.t(), a, offs=offs),
-            "gather_x": lambda: x.index_select(0, r.token),
-            "swiglu_bwd_triton": lambda: launch_swiglu_bwd(a, h, r.weight, gh, a2, gw, N, H),
-            "scatter_y": lambda: torch.zeros(T, D, device=dev, dtype=dtype).index_add_(0, r.token, xs),
-        }
-        row = {"label": s.label(), "kernels": {}, "peers_ms": {}}
-        for pk, fn in peers.items():
-            row["peers_ms"][pk] = do_bench(fn, warmup=5, rep=50, return_mode="median")
-        best = {}
-        for kname, fn in kern.items():
-            timings = []
-            for c in K_CONFIGS["glu" if kname == "glu_fwd" else "gemm"]:
-                try:
-                    ms = do_bench(lambda c=c: fn(c), warmup=5, rep=50, return_mode="median")
-                except Exception as e:  # e.g. out of shared memory for this config
-                    print(f"  {kname} {c}: failed {type(e).__name__}", flush=True)
-                    continue
-                timings.append((ms, c))
-            ms, c = min(timings, key=lambda t: t[0])
-            best[kname] = c
-            tf = fl[kname] / ms / 1e9
-            peer = row["peers_ms"][kname]
-            row["kernels"][kname] = {"best": c.__dict__, "ms": ms, "tflops": tf, "peer_ms": peer,
-                                     "all": [(t, cc.__dict__) for t, cc in timings]}
-            print(f"{name:12s} {kname:9s} best {c} {ms:.3f} ms {tf:.0f} TFLOP/s | grouped_mm {peer:.3f} ms", flush=True)
-        print(f"{name:12s} peers: " + ", ".join(f"{k} {v:.3f}" for k, v in row["peers_ms"].items()), flush=True)
-        ops.CONFIGS_BF16.update(best)
-        rows = bench_dispatch(s, backends=["grouped", "triton"], dtype=dtype, device=dev, reps=20, ceiling=ceiling)
-        print(format_rows(rows), flush=True)
-        row["end_to_end"] = rows
-        results["shapes"][name] = row
-        del bank, x, gy, h, a, gh, y32, xs
+        results["shapes"][name] = tune_shape(name, ceiling)
         torch.cuda.empty_cache()
     with open(os.path.join(out, "triton_tune.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
