@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from ep_cases import CASES, E, ddp_reference, reference, spawn
+
 from helpers import assert_close
 
 WORLD_SIZES = [2, 4]
