@@ -157,6 +157,53 @@ def run_case_on_rank(case: Case, world_size: int, rank: int) -> dict[str, Any]:
     }
 
 
+# ----------------------------------------------------------------------------- comm
+def comm_send_splits(world_size: int, rank: int) -> list[int]:
+    """Rows rank ``rank`` sends to each rank: uneven, zero for some pairs."""
+    return [(rank + 2 * j) % 3 for j in range(world_size)]
+
+
+def comm_check(world_size: int, rank: int) -> dict[str, Any]:
+    """`all_to_all` of rows labelled ``[src, dst, i]``; upstream gradient ``y + 1``."""
+    from gatedmoe.parallel import ExchangeStats, all_to_all
+
+    send = comm_send_splits(world_size, rank)
+    recv = [comm_send_splits(world_size, src)[rank] for src in range(world_size)]
+    rows = [[rank, j, i] for j in range(world_size) for i in range(send[j])]
+    x = torch.tensor(rows, dtype=torch.float64).reshape(-1, 3).requires_grad_()
+    stats = ExchangeStats(timed=True)
+    y = all_to_all(x, recv, send, stats=stats)
+    (y * (y.detach() + 1)).sum().backward()
+    return {
+        "x": x.detach(),
+        "y": y.detach(),
+        "x_grad": x.grad,
+        "calls": stats.calls,
+        "bytes_sent": stats.bytes_sent,
+        "timed": stats.seconds > 0,
+    }
+
+
+def error_checks(world_size: int, rank: int) -> dict[str, str]:
+    """Messages of the errors raised (before any collective) for bad arguments."""
+    from gatedmoe.parallel import all_to_all, shard_experts
+
+    out = {}
+    try:
+        shard_experts(MoE(D, 5, H))
+    except ValueError as e:
+        out["n_experts"] = str(e)
+    try:
+        all_to_all(torch.zeros(3, 2), [1] * world_size, [1] * world_size)
+    except ValueError as e:
+        out["splits"] = str(e)
+    try:
+        shard_experts(MoE(D, E, H), expert_grad_scale=0.0)
+    except ValueError as e:
+        out["expert_grad_scale"] = str(e)
+    return out
+
+
 # ----------------------------------------------------------------------------- DDP
 DDP_CASE = Case("ddp", (6, 10), {"k": 2, "load_balance_weight": 0.0, "router_z_weight": 0.0}, seed=6)
 
@@ -228,6 +275,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, job: str, names
         if job == "cases":
             for name in names:
                 results[name] = run_case_on_rank(CASES[name], world_size, rank)
+            results["comm"] = comm_check(world_size, rank)
+            results["errors"] = error_checks(world_size, rank)
         else:
             results = JOBS[job](world_size, rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

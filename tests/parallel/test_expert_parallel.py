@@ -11,16 +11,9 @@ import pytest
 import torch
 from ep_cases import CASES, E, ddp_reference, reference, spawn
 
+from gatedmoe import MoE
+from gatedmoe.parallel import shard_experts
 from helpers import assert_close
-
-WORLD_SIZES = [2, 4]
-
-
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"W{w}")
-def runs(request, tmp_path_factory):
-    W = request.param
-    out = tmp_path_factory.mktemp(f"ep_w{W}")
-    return W, spawn(W, str(out), names=list(CASES))
 
 
 @pytest.mark.parametrize("case_name", list(CASES))
@@ -75,6 +68,19 @@ def test_idle_ranks(runs):
             for n, g in per_rank[r]["zero_experts"]["param_grads"].items():
                 if n.startswith("experts."):
                     assert g is not None and not g.any(), n
+
+
+def test_bad_arguments_raise(runs):
+    W, per_rank = runs
+    errors = per_rank[0]["errors"]
+    assert "n_experts=5 must be divisible" in errors["n_experts"]
+    assert "send_splits sums to" in errors["splits"]
+    assert "expert_grad_scale" in errors["expert_grad_scale"]
+
+
+def test_needs_initialised_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        shard_experts(MoE(16, 4, 8))
 
 
 def test_composes_with_ddp(tmp_path):
