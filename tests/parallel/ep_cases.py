@@ -205,7 +205,7 @@ def error_checks(world_size: int, rank: int) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- DDP
-DDP_CASE = Case("ddp", (6, 10), {"k": 2, "load_balance_weight": 0.0, "router_z_weight": 0.0}, seed=6)
+DDP_CASE = Case("ddp", (6, 10, 3, 7), {"k": 2, "load_balance_weight": 0.0, "router_z_weight": 0.0}, seed=6)
 
 
 def build_ddp_model() -> torch.nn.Sequential:
@@ -255,9 +255,6 @@ def ddp_job(world_size: int, rank: int) -> dict[str, Any]:
     }
 
 
-JOBS = {"ddp_job": ddp_job}
-
-
 # ----------------------------------------------------------------------------- spawning
 def free_port() -> int:
     with socket.socket() as s:
@@ -265,35 +262,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str, job: str, names: list[str]) -> None:
+def _worker(rank: int, world_size: int, port: int, out_dir: str, names: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
     try:
-        results = {}
-        if job == "cases":
-            for name in names:
-                results[name] = run_case_on_rank(CASES[name], world_size, rank)
-            results["comm"] = comm_check(world_size, rank)
-            results["errors"] = error_checks(world_size, rank)
-        else:
-            results = JOBS[job](world_size, rank)
+        results: dict[str, Any] = {name: run_case_on_rank(CASES[name], world_size, rank) for name in names}
+        results["comm"] = comm_check(world_size, rank)
+        results["errors"] = error_checks(world_size, rank)
+        results["ddp"] = ddp_job(world_size, rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def spawn(world_size: int, out_dir: str, job: str = "cases", names: list[str] | None = None, timeout: float = 60.0) -> list[dict]:
-    """Run ``job`` on ``world_size`` gloo processes; return each rank's saved results.
+def spawn(world_size: int, out_dir: str, names: list[str], timeout: float = 80.0) -> list[dict]:
+    """Run the cases ``names`` (and the comm, error and DDP checks) on ``world_size`` gloo
+    processes; return each rank's saved results.
 
     Fails (and kills the workers) after ``timeout`` seconds, so a collective that
     deadlocks fails the test instead of hanging CI.
     """
     ctx = mp.start_processes(
         _worker,
-        args=(world_size, free_port(), out_dir, job, names or []),
+        args=(world_size, free_port(), out_dir, names),
         nprocs=world_size,
         join=False,
         start_method="spawn",
@@ -304,5 +298,5 @@ def spawn(world_size: int, out_dir: str, job: str = "cases", names: list[str] | 
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            raise TimeoutError(f"{world_size} workers did not finish {job!r} in {timeout} s")
+            raise TimeoutError(f"{world_size} workers did not finish in {timeout} s")
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
