@@ -204,6 +204,17 @@ def error_checks(world_size: int, rank: int) -> dict[str, str]:
     return out
 
 
+def direct_constructor_check() -> dict[str, dict[str, torch.Tensor]]:
+    """State of ``ExpertParallelMoE(...)`` and of ``shard_experts(MoE(...))``, same seed."""
+    from gatedmoe.parallel import ExpertParallelMoE, shard_experts
+
+    torch.manual_seed(7)
+    direct = ExpertParallelMoE(D, E, H, k=3, n_shared_experts=1)
+    torch.manual_seed(7)
+    sharded = shard_experts(MoE(D, E, H, k=3, n_shared_experts=1))
+    return {"direct": direct.state_dict(), "sharded": sharded.state_dict()}
+
+
 # ----------------------------------------------------------------------------- DDP
 DDP_CASE = Case("ddp", (6, 10, 3, 7), {"k": 2, "load_balance_weight": 0.0, "router_z_weight": 0.0}, seed=6)
 
@@ -272,6 +283,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, names: list[str
         results["comm"] = comm_check(world_size, rank)
         results["errors"] = error_checks(world_size, rank)
         results["ddp"] = ddp_job(world_size, rank)
+        results["direct"] = direct_constructor_check()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:

@@ -78,6 +78,16 @@ def test_bad_arguments_raise(runs):
     assert "expert_grad_scale" in errors["expert_grad_scale"]
 
 
+def test_direct_constructor_equals_shard_experts(runs):
+    W, per_rank = runs
+    for r in range(W):
+        direct, sharded = per_rank[r]["direct"]["direct"], per_rank[r]["direct"]["sharded"]
+        assert sorted(direct) == sorted(sharded)
+        for n in direct:
+            assert torch.equal(direct[n], sharded[n]), n
+        assert direct["experts.w_in"].shape[0] == E // W
+
+
 def test_needs_initialised_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         shard_experts(MoE(16, 4, 8))
