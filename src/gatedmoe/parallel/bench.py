@@ -48,7 +48,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _gemm_tflops(m: int, n: int, kdim: int, dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
+def _gemm_tflops(m: int, n: int, kdim: int, dtype: torch.dtype, device: torch.device, reps: int = 20) -> float:
     """Dense ``[m, k] @ [k, n]`` TFLOP/s on ``device``: the ceiling the experts are
     reported against."""
     a = torch.randn(m, kdim, dtype=dtype, device=device)
@@ -121,7 +121,12 @@ def _bench_on_group(
     flops_per_assignment = 3 * ep.experts.flops_per_token()
     expert_tflops = stats[:, 2] * flops_per_assignment / stats[:, 0] / 1e12
     h_in = ep.experts.w_in.shape[1]
-    ceiling = _gemm_tflops(tokens_per_rank * k, h_in, d_model, dtype, device)
+    # Every rank measures at once, so the ceiling sees the same contention as the steps
+    # (ranks share the CPU cores, or the host); report the mean over ranks.
+    dist.barrier()
+    ceiling_t = torch.tensor([_gemm_tflops(tokens_per_rank * k, h_in, d_model, dtype, device)], dtype=torch.float64, device=device)
+    dist.all_reduce(ceiling_t)
+    ceiling = float(ceiling_t) / W
     return {
         "machine": _machine(device),
         "backend": dist.get_backend(),
