@@ -136,13 +136,16 @@ def reference(case: Case, world_size: int) -> dict[str, Any]:
     }
 
 
-def run_case_on_rank(case: Case, world_size: int, rank: int) -> dict[str, Any]:
-    """The sharded side on this rank: same loss as `reference`, local results."""
+def run_case_on_rank(case: Case, world_size: int, rank: int, input_grad: bool = True) -> dict[str, Any]:
+    """The sharded side on this rank: same loss as `reference`, local results.
+
+    ``input_grad=False`` leaves this rank's input without ``requires_grad``.
+    """
     from gatedmoe.parallel import shard_experts
 
     ep = shard_experts(build_moe(case))
     xs, grads = make_inputs(case, world_size)
-    x = xs[rank].clone().requires_grad_()
+    x = xs[rank].clone().requires_grad_(input_grad)
     y = ep(x)
     ((y * grads[rank]).sum() + aux_loss(ep)).backward()
     return {
@@ -284,6 +287,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, names: list[str
         results["errors"] = error_checks(world_size, rank)
         results["ddp"] = ddp_job(world_size, rank)
         results["direct"] = direct_constructor_check()
+        results["mixed_input_grad"] = run_case_on_rank(CASES["topk2"], world_size, rank, input_grad=rank == 0)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:

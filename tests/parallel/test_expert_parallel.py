@@ -78,6 +78,18 @@ def test_bad_arguments_raise(runs):
     assert "expert_grad_scale" in errors["expert_grad_scale"]
 
 
+def test_ranks_may_differ_in_input_requires_grad(runs):
+    """Only rank 0's input requires grad: the backward exchanges still run on every rank
+    (no deadlock) and the gradients are those of the all-inputs run."""
+    W, per_rank = runs
+    for r in range(W):
+        full, mixed = per_rank[r]["topk2"], per_rank[r]["mixed_input_grad"]
+        assert (mixed["x_grad"] is None) == (r != 0)
+        for n, g in full["param_grads"].items():
+            assert torch.equal(g, mixed["param_grads"][n]), n
+    assert torch.equal(per_rank[0]["topk2"]["x_grad"], per_rank[0]["mixed_input_grad"]["x_grad"])
+
+
 def test_direct_constructor_equals_shard_experts(runs):
     W, per_rank = runs
     for r in range(W):

@@ -122,6 +122,11 @@ def expert_parallel_dispatch(
     recv_splits = recv_WL.sum(-1).tolist()
 
     xs_ND = x_TD.index_select(0, routing.token)
+    if torch.is_grad_enabled() and not xs_ND.requires_grad:
+        # Whether the backward exchanges run must not depend on this rank's input: under
+        # grad mode they always do, so a rank whose tokens need no gradient still serves
+        # the gradients of the others (skipping them would deadlock the group).
+        xs_ND = xs_ND.detach().requires_grad_()
     xr_MD = all_to_all(xs_ND, recv_splits, send_splits, group, stats)
     M = xr_MD.shape[0]
     if M == 0:
