@@ -105,10 +105,13 @@ def test_needs_initialised_process_group():
         shard_experts(MoE(16, 4, 8))
 
 
-def test_composes_with_ddp(runs):
-    W, per_rank = runs
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_composes_with_data_parallel(runs_w2, wrapper):
+    """DDP or FSDP2 over the replicated parameters, experts excluded: every gradient is
+    the single-process one divided by W (the mean of the ranks' losses)."""
+    W, per_rank = runs_w2
     ref = ddp_reference(W)
-    fast = [r["ddp"] for r in per_rank]
+    fast = [r[wrapper] for r in per_rank]
     for r in range(W):
         assert_close(f"y rank {r}", ref["y"][r], fast[r]["y"])
         assert_close(f"x.grad rank {r}", ref["x_grad"][r], fast[r]["x_grad"])
@@ -116,7 +119,7 @@ def test_composes_with_ddp(runs):
         if ".experts." in n:
             fast_g = torch.cat([f["param_grads"][n] for f in fast])
         else:
-            # DDP averaged these: every rank holds the same gradient.
+            # Averaged over the ranks: every rank holds the same gradient.
             for f in fast[1:]:
                 assert_close(f"DDP-synced grad {n}", fast[0]["param_grads"][n], f["param_grads"][n])
             fast_g = fast[0]["param_grads"][n]

@@ -5,9 +5,9 @@ uneven split sizes (``torch.distributed.all_to_all_single``); its backward is th
 reverse exchange, so gradients travel back to the rank that sent each row.
 
 Backends: ``all_to_all_single`` with uneven splits is supported by NCCL and, on the
-torch this library is tested with (2.13), by gloo on CPU tensors, so there is one code
-path and no fallback. (The list form ``all_to_all`` on gloo rejects uneven sizes; we do
-not use it.)
+torch this library is tested with (2.13), by gloo on CPU tensors
+(``tests/parallel/test_comm.py``), so there is one code path and no fallback. (The list
+form ``all_to_all`` on gloo rejects uneven sizes; we do not use it.)
 
 Shape legend: N rows sent by this rank, M rows received, D row width, W ranks.
 """

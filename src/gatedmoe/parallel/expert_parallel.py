@@ -135,7 +135,7 @@ def expert_parallel_dispatch(
         # Received rows are source-major, expert-minor; a routing with unit weights lets the
         # backend gather them in local-expert order and scatter the outputs back in place.
         local_M = torch.repeat_interleave(
-            torch.arange(L, device=x_TD.device).repeat(W), recv_WL.reshape(-1)
+            torch.arange(L, device=x_TD.device).repeat(W), recv_WL.reshape(-1), output_size=M
         )
         local = Routing.from_assignments(
             torch.arange(M, device=x_TD.device),
