@@ -1,0 +1,349 @@
+"""Expert-parallel test cases, shared by the pytest process (single-process reference) and
+the spawned gloo workers (sharded side), plus the spawn helper.
+
+Each case fixes a seed, an `MoE` configuration and every rank's tokens and upstream
+gradient, so both sides rebuild the same weights and data independently.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gatedmoe import MoE, aux_loss
+
+D, E, H = 16, 8, 24
+# Experts that never receive a token in the "zero_experts" case: with W=2 rank 1 owns
+# experts 4..7 and gets no rows at all; with W=4 ranks 2 and 3 get none.
+DEAD_EXPERTS = [1, 4, 5, 6, 7]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    tokens: tuple[int, ...]  # tokens on rank 0, 1, 2, 3 (first W used)
+    moe_kwargs: dict[str, Any] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+    dead_experts: tuple[int, ...] = ()
+    seed: int = 0
+
+    @property
+    def capacity(self) -> bool:
+        return self.moe_kwargs.get("capacity_factor") is not None
+
+
+CASES = {
+    c.name: c
+    for c in [
+        Case("topk2", (7, 1, 12, 5), {"k": 2}, seed=1),
+        Case("zero_experts", (6, 9, 3, 8), {"k": 2}, dead_experts=tuple(DEAD_EXPERTS), seed=2),
+        Case("capacity", (13, 4, 9, 11), {"k": 2, "capacity_factor": 1.0}, seed=3),
+        Case(
+            "sigmoid_shared_k1",
+            (5, 8, 2, 6),
+            {"k": 1, "gate": "sigmoid", "n_shared_experts": 1, "gate_kwargs": {"bias_update_rate": 0.01}},
+            seed=4,
+        ),
+        Case(
+            "k3_gelu_bias_float64",
+            (4, 6, 1, 7),
+            {"k": 3, "activation": "gelu", "bias": True},
+            dtype=torch.float64,
+            seed=5,
+        ),
+    ]
+}
+
+
+def build_moe(case: Case) -> MoE:
+    """The single-process `MoE` of ``case`` (same weights on every process)."""
+    torch.manual_seed(case.seed)
+    moe = MoE(D, E, H, **case.moe_kwargs).to(case.dtype)
+    if case.dead_experts:
+        with torch.no_grad():
+            # Tokens have a positive mean (see `make_inputs`), so these logits are very
+            # negative and the experts are never among the top k.
+            moe.gate.weight[list(case.dead_experts)] = -5.0
+    return moe
+
+
+def make_inputs(case: Case, world_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Tokens ``[T_r, D]`` and upstream gradients of every rank."""
+    g = torch.Generator().manual_seed(1000 + case.seed)
+    xs, grads = [], []
+    for T in case.tokens[:world_size]:
+        x = torch.randn(T, D, generator=g, dtype=torch.float64)
+        if case.dead_experts:
+            x = x + 2.0
+        xs.append(x.to(case.dtype))
+        grads.append(torch.randn(T, D, generator=g, dtype=torch.float64).to(case.dtype))
+    return xs, grads
+
+
+def reference(case: Case, world_size: int) -> dict[str, Any]:
+    """Single-process results: outputs and input gradients per rank, summed parameter
+    gradients, per-rank auxiliary losses and counts, gate buffers after the forward.
+
+    Loss: ``sum_r (y_r * grad_r).sum() + aux_r``. Dropless: ``y`` from one forward on the
+    concatenation of all ranks' tokens, ``aux_r`` from a copy of the layer applied to rank
+    r's tokens alone. Capacity: one forward per rank (capacity is per rank).
+    """
+    moe = build_moe(case)
+    xs, grads = make_inputs(case, world_size)
+    xs = [x.clone().requires_grad_() for x in xs]
+    aux, counts = [], []
+    if case.capacity:
+        ys = []
+        for x, gr in zip(xs, grads, strict=True):
+            y = moe(x)
+            a = aux_loss(moe)
+            ((y * gr).sum() + a).backward()
+            ys.append(y.detach())
+            aux.append({k: v.detach() for k, v in moe.aux_losses.items()})
+            counts.append(moe.last_routing.counts)
+        param_grads = {n: p.grad for n, p in moe.named_parameters()}
+    else:
+        aux_moe = copy.deepcopy(moe).eval()
+        aux_total = 0.0
+        for x in xs:
+            routing = aux_moe.route(x)
+            aux.append({k: v.detach() for k, v in aux_moe.aux_losses.items()})
+            counts.append(routing.counts)
+            aux_total = aux_total + aux_loss(aux_moe)
+        y = moe(torch.cat(xs))
+        ((y * torch.cat(grads)).sum() + aux_total).backward()
+        ys = list(y.detach().split([x.shape[0] for x in xs]))
+        aux_params = dict(aux_moe.named_parameters())
+        param_grads = {}
+        for n, p in moe.named_parameters():
+            extra = aux_params[n].grad
+            param_grads[n] = p.grad if extra is None else p.grad + extra
+    return {
+        "y": ys,
+        "x_grad": [x.grad for x in xs],
+        "param_grads": param_grads,
+        "aux": aux,
+        "counts": torch.stack(counts),
+        "buffers": {n: b for n, b in moe.named_buffers()},
+    }
+
+
+def run_case_on_rank(case: Case, world_size: int, rank: int, input_grad: bool = True) -> dict[str, Any]:
+    """The sharded side on this rank: same loss as `reference`, local results.
+
+    ``input_grad=False`` leaves this rank's input without ``requires_grad``.
+    """
+    from gatedmoe.parallel import shard_experts
+
+    ep = shard_experts(build_moe(case))
+    xs, grads = make_inputs(case, world_size)
+    x = xs[rank].clone().requires_grad_(input_grad)
+    y = ep(x)
+    ((y * grads[rank]).sum() + aux_loss(ep)).backward()
+    return {
+        "y": y.detach(),
+        "x_grad": x.grad,
+        "param_grads": {n: p.grad for n, p in ep.named_parameters()},
+        "aux": {k: v.detach() for k, v in ep.aux_losses.items()},
+        "counts": ep.last_counts,
+        "buffers": {n: b for n, b in ep.named_buffers()},
+        "rank_load": ep.rank_load(),
+        "expert_range": (ep.expert_range.start, ep.expert_range.stop),
+    }
+
+
+# ----------------------------------------------------------------------------- comm
+def comm_send_splits(world_size: int, rank: int) -> list[int]:
+    """Rows rank ``rank`` sends to each rank: uneven, zero for some pairs."""
+    return [(rank + 2 * j) % 3 for j in range(world_size)]
+
+
+def comm_check(world_size: int, rank: int) -> dict[str, Any]:
+    """`all_to_all` of rows labelled ``[src, dst, i]``; upstream gradient ``y + 1``."""
+    from gatedmoe.parallel import ExchangeStats, all_to_all
+
+    send = comm_send_splits(world_size, rank)
+    recv = [comm_send_splits(world_size, src)[rank] for src in range(world_size)]
+    rows = [[rank, j, i] for j in range(world_size) for i in range(send[j])]
+    x = torch.tensor(rows, dtype=torch.float64).reshape(-1, 3).requires_grad_()
+    stats = ExchangeStats(timed=True)
+    y = all_to_all(x, recv, send, stats=stats)
+    (y * (y.detach() + 1)).sum().backward()
+    return {
+        "x": x.detach(),
+        "y": y.detach(),
+        "x_grad": x.grad,
+        "calls": stats.calls,
+        "bytes_sent": stats.bytes_sent,
+        "timed": stats.seconds > 0,
+    }
+
+
+def error_checks(world_size: int, rank: int) -> dict[str, str]:
+    """Messages of the errors raised (before any collective) for bad arguments."""
+    from gatedmoe.parallel import all_to_all, shard_experts
+
+    out = {}
+    try:
+        shard_experts(MoE(D, 5, H))
+    except ValueError as e:
+        out["n_experts"] = str(e)
+    try:
+        all_to_all(torch.zeros(3, 2), [1] * world_size, [1] * world_size)
+    except ValueError as e:
+        out["splits"] = str(e)
+    try:
+        shard_experts(MoE(D, E, H), expert_grad_scale=0.0)
+    except ValueError as e:
+        out["expert_grad_scale"] = str(e)
+    return out
+
+
+def direct_constructor_check() -> dict[str, dict[str, torch.Tensor]]:
+    """State of ``ExpertParallelMoE(...)`` and of ``shard_experts(MoE(...))``, same seed."""
+    from gatedmoe.parallel import ExpertParallelMoE, shard_experts
+
+    torch.manual_seed(7)
+    direct = ExpertParallelMoE(D, E, H, k=3, n_shared_experts=1)
+    torch.manual_seed(7)
+    sharded = shard_experts(MoE(D, E, H, k=3, n_shared_experts=1))
+    return {"direct": direct.state_dict(), "sharded": sharded.state_dict()}
+
+
+# ----------------------------------------------------------------------------- DDP
+DDP_CASE = Case("ddp", (6, 10, 3, 7), {"k": 2, "load_balance_weight": 0.0, "router_z_weight": 0.0}, seed=6)
+
+
+def build_ddp_model() -> torch.nn.Sequential:
+    """A dense layer (replicated) followed by an MoE, same weights on every process."""
+    torch.manual_seed(DDP_CASE.seed)
+    return torch.nn.Sequential(torch.nn.Linear(D, D), MoE(D, E, H, **DDP_CASE.moe_kwargs))
+
+
+def ddp_reference(world_size: int) -> dict[str, Any]:
+    """Single process: gradients of ``sum_r (y_r * grad_r).sum()`` divided by W (what
+    DDP's averaging and ``expert_grad_scale=1/W`` produce)."""
+    model = build_ddp_model()
+    xs, grads = make_inputs(DDP_CASE, world_size)
+    x = torch.cat(xs).requires_grad_()
+    y = model(x)
+    (y * torch.cat(grads)).sum().backward()
+    return {
+        "y": list(y.detach().split([t.shape[0] for t in xs])),
+        "x_grad": list(x.grad.split([t.shape[0] for t in xs])),
+        "param_grads": {n: p.grad / world_size for n, p in model.named_parameters()},
+    }
+
+
+def ddp_job(world_size: int, rank: int) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gatedmoe.parallel import exclude_experts_from_ddp, shard_experts
+
+    model = build_ddp_model()
+    ep_group = dist.new_group(backend="gloo")
+    model[1] = shard_experts(model[1], ep_group, expert_grad_scale=1 / world_size, broadcast_replicated=False)
+    if rank:
+        # Replicated weights that differ must be fixed by DDP's broadcast at wrap time;
+        # expert weights that DDP wrongly broadcast would fail the gradient comparison.
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+            model[1].gate.weight.add_(1.0)
+    ddp = DistributedDataParallel(exclude_experts_from_ddp(model))
+    xs, grads = make_inputs(DDP_CASE, world_size)
+    x = xs[rank].clone().requires_grad_()
+    y = ddp(x)
+    (y * grads[rank]).sum().backward()
+    return {
+        "y": y.detach(),
+        "x_grad": x.grad,
+        "param_grads": {n: p.grad for n, p in model.named_parameters()},
+    }
+
+
+def fsdp2_job(world_size: int, rank: int) -> dict[str, Any]:
+    """As `ddp_job` with FSDP2 (``fully_shard``) sharding the replicated parameters."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from gatedmoe.parallel import expert_parameters, shard_experts
+
+    model = build_ddp_model()
+    ep_group = dist.new_group(backend="gloo")
+    model[1] = shard_experts(model[1], ep_group, expert_grad_scale=1 / world_size)
+    mesh = init_device_mesh("cpu", (world_size,))
+    fully_shard(model, mesh=mesh, ignored_params=set(expert_parameters(model).values()))
+    xs, grads = make_inputs(DDP_CASE, world_size)
+    x = xs[rank].clone().requires_grad_()
+    with warnings.catch_warnings():
+        # FSDP2 warns that the output is a view (MoE returns ``reshape``); we do not
+        # modify it in place.
+        warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+        y = model(x)
+    (y * grads[rank]).sum().backward()
+    param_grads = {}
+    for n, p in model.named_parameters():
+        # Replicated parameters are DTensors sharded over the mesh: gather them whole.
+        param_grads[n] = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+    return {"y": y.detach(), "x_grad": x.grad, "param_grads": param_grads}
+
+
+# ----------------------------------------------------------------------------- spawning
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, names: list[str]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        results: dict[str, Any] = {name: run_case_on_rank(CASES[name], world_size, rank) for name in names}
+        results["comm"] = comm_check(world_size, rank)
+        results["errors"] = error_checks(world_size, rank)
+        if world_size == 2:
+            results["ddp"] = ddp_job(world_size, rank)
+            results["fsdp2"] = fsdp2_job(world_size, rank)
+        results["direct"] = direct_constructor_check()
+        results["mixed_input_grad"] = run_case_on_rank(CASES["topk2"], world_size, rank, input_grad=rank == 0)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world_size: int, out_dir: str, names: list[str], timeout: float = 80.0) -> list[dict]:
+    """Run the cases ``names`` (and the comm, error and DDP checks) on ``world_size`` gloo
+    processes; return each rank's saved results.
+
+    Fails (and kills the workers) after ``timeout`` seconds, so a collective that
+    deadlocks fails the test instead of hanging CI.
+    """
+    ctx = mp.start_processes(
+        _worker,
+        args=(world_size, free_port(), out_dir, names),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{world_size} workers did not finish in {timeout} s")
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
