@@ -41,3 +41,13 @@ def test_train_tiny(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "validation loss" in out and "sample:" in out
     assert (tmp_path / "checkpoint" / "model.safetensors").exists()
+
+
+def test_bench_ep_two_ranks(tmp_path, capsys):
+    path = tmp_path / "ep.json"
+    rc = main(["bench", "--ep", "2", "--tokens", "64", "--d-model", "16", "--d-hidden", "32", "--experts", "4",
+               "--k", "2", "--steps", "2", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "check vs one process: ok" in out and "all-to-all share" in out
+    assert json.loads(path.read_text())["n_ranks"] == 2

@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (median reported)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    p.add_argument("--ep", type=int, default=0, metavar="N",
+                   help="expert parallelism: spawn N ranks (gloo on CPU, NCCL on CUDA), time an ExpertParallelMoE "
+                        "forward+backward, report tokens/s per rank, all-to-all share and load imbalance "
+                        "(--tokens is per rank; default 2048 on CPU)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps with --ep")
     p.set_defaults(func=run)
 
 
@@ -41,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from gatedmoe.dispatch import backend_names
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.ep:
+        return _run_ep(args, device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[args.dtype]
     shape_name = args.shape or ("gpu" if device.type == "cuda" else "cpu")
@@ -75,3 +82,23 @@ def run(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": info, "ceiling_tflops": ceiling, "rows": rows}, indent=1))
     return 0
+
+
+def _run_ep(args: argparse.Namespace, device: torch.device) -> int:
+    from gatedmoe.bench import SHAPES
+    from gatedmoe.parallel.bench import format_report, run_ep_bench
+
+    if args.ep < 1:
+        raise SystemExit(f"--ep must be >= 1, got {args.ep}")
+    preset = SHAPES[args.shape] if args.shape in SHAPES else SHAPES["deepseek" if device.type == "cuda" else "cpu"]
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    r = run_ep_bench(
+        args.ep, tokens_per_rank=args.tokens or preset.tokens, d_model=args.d_model or preset.d_model,
+        d_hidden=args.d_hidden or preset.d_hidden, n_experts=args.experts or preset.n_experts, k=args.k or preset.k,
+        dtype=DTYPES[dtype], device=device.type, steps=args.steps,
+    )
+    print(format_report(r))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(r, indent=1, default=str))
+    return 0 if r["check_passed"] else 1
