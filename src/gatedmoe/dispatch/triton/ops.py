@@ -209,10 +209,14 @@ def moe_glu_backward(
     # grad_x[token] += gh @ W_in[e]: B[k=j, n=d] = w_in[e, j, d]
     launch_gemm(gh, w_in, (2 * H * D, D, 1), gx32, token_N, weight_N, sched, 2 * H, D,
                 gather=False, scale=False, scatter=True, cfg=cfgs["gemm_bwd"], prec=prec)
-    xs = x.index_select(0, token_N)
+    # Weight gradients one at a time, each [N, *] operand freed before the next is made,
+    # so the peak holds one gathered copy of the rows, not two.
     g_out = gy.index_select(0, token_N) * weight_N.to(gy.dtype).unsqueeze(1)
-    grad_w_in = _wgrad(gh, xs, counts_E)  # [E, 2H, D]
     grad_w_out = _wgrad(g_out, a, counts_E)  # [E, D, H]
+    del g_out, a
+    xs = x.index_select(0, token_N)
+    grad_w_in = _wgrad(gh, xs, counts_E)  # [E, 2H, D]
+    del xs, gh
     return gx32.to(x.dtype), gweight.to(weight_N.dtype), grad_w_in.to(w_in_EHD.dtype), grad_w_out.to(w_out_EDH.dtype)
 
 
