@@ -1,1 +1,9 @@
-"""stats"""
+"""Classical mixture of experts by maximum likelihood (EM), as scikit-learn estimators.
+
+>>> from gatedmoe.stats import MoERegressor, MoEClassifier, voronoi_loss, simulate
+"""
+
+from gatedmoe.stats.gating import GATES
+from gatedmoe.stats.regressor import MoERegressor
+
+__all__ = ["GATES", "MoERegressor"]
