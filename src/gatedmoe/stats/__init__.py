@@ -3,7 +3,8 @@
 >>> from gatedmoe.stats import MoERegressor, MoEClassifier, voronoi_loss, simulate
 """
 
+from gatedmoe.stats.classifier import MoEClassifier
 from gatedmoe.stats.gating import GATES
 from gatedmoe.stats.regressor import MoERegressor
 
-__all__ = ["GATES", "MoERegressor"]
+__all__ = ["GATES", "MoERegressor", "MoEClassifier"]

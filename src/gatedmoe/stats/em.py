@@ -28,6 +28,7 @@ from gatedmoe.stats.gating import (
 )
 
 LOG_2PI = float(np.log(2.0 * np.pi))
+MAX_LOGIT_STEP = 4.0
 
 
 def add_intercept(X_NP: np.ndarray) -> np.ndarray:
@@ -62,8 +63,8 @@ def _solve_psd(H: np.ndarray, g: np.ndarray) -> np.ndarray:
     # is only a search direction, the line search decides what is accepted.
     ridge = 1e-10 * (np.trace(H) / H.shape[0] + 1e-12)
     try:
-        return scipy.linalg.solve(H + ridge * np.eye(H.shape[0]), g, assume_a="pos")
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        return np.linalg.solve(H + ridge * np.eye(H.shape[0]), g)
+    except np.linalg.LinAlgError:
         return scipy.linalg.lstsq(H + ridge * np.eye(H.shape[0]), g)[0]
 
 
@@ -105,7 +106,10 @@ def softmax_newton(
                 H[e, :, f, :] = B_QQ
                 H[f, :, e, :] = B_QQ.T
         step_FQ = _solve_psd(H.reshape(n_free * Q, n_free * Q), grad_FQ.ravel()).reshape(n_free, Q)
-        t = 1.0
+        # Trust region: no logit moves by more than MAX_LOGIT_STEP in one step. Near
+        # separation the Newton step is huge and would otherwise be halved many times.
+        max_move = np.abs(Z_NQ @ step_FQ.T).max() if step_FQ.size else 0.0
+        t = min(1.0, MAX_LOGIT_STEP / max_move) if max_move > 0 else 1.0
         for _ in range(30):
             W_new = W_QE.copy()
             W_new[:, :n_free] += t * step_FQ.T
@@ -260,7 +264,7 @@ def multinomial_mstep(
     alpha: float = 0.0,
     n_total: int | None = None,
     lipschitz_E: np.ndarray | None = None,
-    n_steps: int = 2,
+    n_steps: int = 1,
 ) -> np.ndarray:
     """Weighted multinomial logistic regression per expert (targets ``r_ne * onehot(y_n)``),
     by damped Newton, or by proximal gradient with the Lasso penalty when ``alpha > 0``."""
