@@ -6,5 +6,7 @@
 from gatedmoe.stats.classifier import MoEClassifier
 from gatedmoe.stats.gating import GATES
 from gatedmoe.stats.regressor import MoERegressor
+from gatedmoe.stats.truth import MoETruth
+from gatedmoe.stats.voronoi import VoronoiLoss, voronoi_loss
 
-__all__ = ["GATES", "MoERegressor", "MoEClassifier"]
+__all__ = ["GATES", "MoERegressor", "MoEClassifier", "MoETruth", "VoronoiLoss", "voronoi_loss"]
