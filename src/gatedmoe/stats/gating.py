@@ -155,7 +155,7 @@ def expected_log(T_NE: np.ndarray, logp_NE: np.ndarray) -> float:
     if np.isneginf(logp_NE).any():
         with np.errstate(invalid="ignore"):
             return float(np.sum(np.where(T_NE > 0, T_NE * logp_NE, 0.0)))
-    return float(np.vdot(T_NE, logp_NE))
+    return float(np.einsum("ne,ne->", T_NE, logp_NE))
 
 
 def gate_logit_grad(
