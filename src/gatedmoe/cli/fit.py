@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--experts", type=int, default=3, help="number of experts (default 3)")
     p.add_argument("--gate", default="softmax", help="gate (softmax, topk, temperature, sigmoid, modified_softmax)")
     p.add_argument("--classify", action="store_true", help="categorical target: MoEClassifier")
-    p.add_argument("--n-init", type=int, default=4)
+    p.add_argument("--n-init", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 

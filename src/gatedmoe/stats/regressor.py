@@ -35,10 +35,10 @@ class MoERegressor(RegressorMixin, _BaseMoE):
         Chamroukhi & Huynh 2019; intercepts unpenalised), for p >> n.
     alpha : float, default=0.0
         Strength of the L1 penalty, on the per-sample log-likelihood scale.
-    n_init : int, default=4
+    n_init : int, default=3
         Starts; the best likelihood is kept. Each start that ends with a duplicated or
         empty expert is re-seeded on the worst-explained samples (kept if better).
-    max_iter : int, default=200
+    max_iter : int, default=100
     tol : float, default=1e-6
         Converged when the mean log-likelihood changes by less than ``tol``.
     init : {"kmeans", "random"}, default="kmeans"
