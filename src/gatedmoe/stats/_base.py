@@ -225,7 +225,7 @@ class _BaseMoE(BaseEstimator):
             run = cand
         return run
 
-    def _initial_resp(self, X, y_feat, rng):
+    def _initial_resp(self, X, y_feat, rng, y_weighted=False):
         n = X.shape[0]
         E = self.n_experts
         if self.init == "random":
@@ -233,6 +233,10 @@ class _BaseMoE(BaseEstimator):
         joint = np.hstack([X, y_feat])
         scale = joint.std(axis=0)
         joint = (joint - joint.mean(axis=0)) / np.where(scale > 0, scale, 1.0)
+        if y_weighted:
+            # Give the response as much weight as all features together: with many features
+            # (p >> n above all) distances in x alone are noise and the clusters meaningless.
+            joint[:, X.shape[1]:] *= np.sqrt(max(X.shape[1], 1) / y_feat.shape[1])
         labels = kmeans_labels(joint, E, rng)
         R = np.zeros((n, E))
         R[np.arange(n), labels] = 1.0
@@ -259,8 +263,11 @@ class _BaseMoE(BaseEstimator):
                 sub = np.sort(rng.choice(n, self.init_subsample, replace=False))
             sdata = data if sub is None else (F[sub], Z[sub], y[sub])
             best = None
-            for _ in range(self.n_init):
-                R0 = self._initial_resp(sdata[1][:, :-1], self._kmeans_target(sdata[2]), rng)
+            for start in range(self.n_init):
+                # Penalised fits (meant for p >> n) alternate plain and response-weighted
+                # k-means: with many features only the weighted one finds the experts.
+                weighted = self._alpha > 0 and start % 2 == 1
+                R0 = self._initial_resp(sdata[1][:, :-1], self._kmeans_target(sdata[2]), rng, y_weighted=weighted)
                 run = self._fit_start(sdata, self._params_from_resp(sdata, R0, state), state)
                 if best is None or run.objective > best.objective:
                     best = run

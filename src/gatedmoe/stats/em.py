@@ -226,9 +226,11 @@ def gaussian_mstep(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted least squares per expert, then its variance (floored at ``var_floor``).
 
-    With ``alpha > 0`` the coefficients (not the intercept) get the Lasso penalty
-    ``alpha ||a_e||_1`` on the per-sample scale, solved by coordinate descent at the
-    current variance (an ECM step). An expert with no weight keeps its parameters.
+    With ``alpha > 0`` the coefficients (not the intercept) get the scale-invariant Lasso
+    penalty ``alpha ||a_e||_1 / sigma_e`` on the per-sample scale (Staedler, Buehlmann & van
+    de Geer 2010: unlike ``alpha ||a_e||_1`` it keeps the penalised likelihood bounded when
+    p > n), solved by coordinate descent at the current sigma, then sigma in closed form
+    (an ECM step). An expert with no weight keeps its parameters.
     """
     A_QE, var_E = A_QE.copy(), var_E.copy()
     n_total = n_total or Z_NQ.shape[0]
@@ -238,10 +240,18 @@ def gaussian_mstep(
         if s <= 1e-10:
             continue
         if alpha > 0:
-            A_QE[:, e] = _weighted_lasso(Z_NQ[:, :-1], y_N, r_N, alpha * var_E[e] * n_total / s, A_QE[:, e])
-        else:
-            Zr_NQ = Z_NQ * r_N[:, None]
-            A_QE[:, e] = scipy.linalg.lstsq(Z_NQ.T @ Zr_NQ, Zr_NQ.T @ y_N, check_finite=False)[0]
+            sd = np.sqrt(var_E[e])
+            A_QE[:, e] = _weighted_lasso(Z_NQ[:, :-1], y_N, r_N, alpha * sd * n_total / s, A_QE[:, e])
+            res_N = y_N - Z_NQ @ A_QE[:, e]
+            # argmax over sd of -(s/n) log sd - SSR / (2 n sd^2) - alpha ||a||_1 / sd:
+            # the positive root of (s/n) sd^2 - alpha L1 sd - SSR/n = 0.
+            l1, ssr = float(np.abs(A_QE[:-1, e]).sum()), float(r_N @ res_N**2)
+            a, b = s / n_total, alpha * l1
+            sd = (b + np.sqrt(b * b + 4 * a * ssr / n_total)) / (2 * a)
+            var_E[e] = max(sd * sd, var_floor)
+            continue
+        Zr_NQ = Z_NQ * r_N[:, None]
+        A_QE[:, e] = scipy.linalg.lstsq(Z_NQ.T @ Zr_NQ, Zr_NQ.T @ y_N, check_finite=False)[0]
         res_N = y_N - Z_NQ @ A_QE[:, e]
         var_E[e] = max(float(r_N @ res_N**2) / s, var_floor)
     return A_QE, var_E

@@ -31,8 +31,10 @@ class MoERegressor(RegressorMixin, _BaseMoE):
     temperature : float, default=1.0
         Fixed temperature of ``gate="temperature"``: ``g = softmax(l / temperature)``.
     penalty : {None, "l1"}, default=None
-        ``"l1"`` maximises ``mean loglik - alpha (||beta||_1 + ||a||_1)`` (Lasso MoE,
-        Chamroukhi & Huynh 2019; intercepts unpenalised), for p >> n.
+        ``"l1"`` maximises ``mean loglik - alpha (sum_e ||beta_e||_1 + ||a_e||_1 / sigma_e)``
+        (Lasso MoE, Chamroukhi & Huynh 2019, with the experts' scale-invariant penalty of
+        Staedler et al. 2010 so the objective stays bounded; intercepts unpenalised), for
+        p >> n.
     alpha : float, default=0.0
         Strength of the L1 penalty, on the per-sample log-likelihood scale.
     n_init : int, default=3
@@ -110,7 +112,7 @@ class MoERegressor(RegressorMixin, _BaseMoE):
         return {"A": A, "var": var}
 
     def _expert_l1(self, params):
-        return np.abs(params["A"][:-1]).sum()
+        return float((np.abs(params["A"][:-1]).sum(axis=0) / np.sqrt(params["var"])).sum())
 
     def _experts_coincide(self, data, params, e, f):
         Z = data[1]
