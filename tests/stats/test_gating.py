@@ -6,7 +6,14 @@ import math
 import numpy as np
 import pytest
 
-from gatedmoe.stats.gating import GATES, check_gate, gate_features, gate_log_probs, gate_logit_grad, gate_probs
+from gatedmoe.stats.gating import (
+    GATES,
+    check_gate,
+    gate_features,
+    gate_log_probs,
+    gate_logit_grad,
+    gate_probs,
+)
 
 
 def brute_force(l, gate, k, temperature):

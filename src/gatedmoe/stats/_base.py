@@ -14,9 +14,16 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
 
 from gatedmoe.stats import em
-from gatedmoe.stats.gating import check_gate, gate_features, gate_log_probs, gate_probs, n_free_gate_experts
+from gatedmoe.stats.gating import (
+    check_gate,
+    gate_features,
+    gate_log_probs,
+    gate_probs,
+    n_free_gate_experts,
+)
 
 INITS = ("kmeans", "random")
 PENALTIES = (None, "l1")
@@ -244,6 +251,12 @@ class _BaseMoE(BaseEstimator):
 
     def _fit_em(self, X, y):
         """Validate, run all starts, keep the best; set the fitted attributes."""
+        # EM's products are tall and thin ([N, P+1] with small P): one BLAS thread is as
+        # fast, and on a busy machine idle-spinning BLAS threads made fits 3-4x slower.
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._fit_em_single_thread(X, y)
+
+    def _fit_em_single_thread(self, X, y):
         self._check_params()
         n = X.shape[0]
         if n < self.n_experts:

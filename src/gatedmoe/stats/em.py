@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 from scipy.optimize import minimize
+
 from gatedmoe.stats.gating import (
     expected_log,
     gate_log_probs,
