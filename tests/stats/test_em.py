@@ -86,3 +86,17 @@ def test_prox_gradient_solves_lasso():
     w, _ = em.prox_gradient(fg, np.zeros(10), np.ones(10, dtype=bool), 0.1, 1.0, n_steps=3000)
     ref = Lasso(alpha=0.1, fit_intercept=False, tol=1e-12, max_iter=100000).fit(X, y).coef_
     np.testing.assert_allclose(w, ref, atol=1e-6)
+
+
+def test_batched_multinomial_newton_matches_per_expert_newton():
+    rng = np.random.default_rng(5)
+    Z = em.add_intercept(rng.normal(size=(150, 2)))
+    y = rng.integers(0, 3, size=150)
+    Y = np.eye(3)[y]
+    R = rng.dirichlet(np.ones(2), size=150)
+    V0 = np.zeros((2, 3, 3))
+    V0[:, :, :2] = rng.normal(scale=0.3, size=(2, 3, 2))
+    fast = em.multinomial_newton_experts(Z, Y, R, V0)
+    for e in range(2):
+        ref, _ = em.softmax_newton(Z, R[:, e, None] * Y, V0[e], 2, n_steps=1)
+        np.testing.assert_allclose(fast[e], ref, rtol=1e-8, atol=1e-10)
