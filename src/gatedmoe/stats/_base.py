@@ -268,7 +268,7 @@ class _BaseMoE(BaseEstimator):
         F, Z = self._gate_design(X), em.add_intercept(X)
         data = (F, Z, y)
         state = self._new_state()
-        if self.warm_start and hasattr(self, "expert_intercept_"):
+        if self.warm_start and self._warm_start_fits(X):
             best = self._em(data, self._params_from_fitted(), state)
         else:
             sub = None
@@ -301,6 +301,14 @@ class _BaseMoE(BaseEstimator):
         self.lower_bound_ = best.objective
         self.log_likelihood_history_ = np.asarray(best.history)
         return self
+
+    def _warm_start_fits(self, X):
+        """Whether a previous fit exists whose parameter shapes match this data."""
+        if not hasattr(self, "expert_intercept_"):
+            return False
+        params = self._params_from_fitted()
+        empty = self._empty_params(X.shape[1] + 1, self._gate_design(X[:1]).shape[1])
+        return all(params[key].shape == empty[key].shape for key in empty)
 
     def _new_state(self):
         return {"gate_L": 1.0, "expert_L": np.ones(self.n_experts)}

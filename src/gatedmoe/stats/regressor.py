@@ -51,7 +51,8 @@ class MoERegressor(RegressorMixin, _BaseMoE):
         only the best is refined on the full data (None: every start on all data).
     random_state : int, RandomState or None
     warm_start : bool, default=False
-        Start from the previous fit's parameters (``n_init`` is then ignored).
+        Start from the previous fit's parameters (``n_init`` is then ignored) when their
+        shapes fit the new data.
 
     Attributes
     ----------
@@ -60,7 +61,8 @@ class MoERegressor(RegressorMixin, _BaseMoE):
     expert_coef_ : ndarray (n_experts, n_features); expert_intercept_ : ndarray (n_experts,)
     noise_variance_ : ndarray (n_experts,)
     converged_, n_iter_, lower_bound_ : as in `sklearn.mixture.GaussianMixture`;
-        ``lower_bound_`` is the best (penalised) mean log-likelihood.
+        ``lower_bound_`` is the best (penalised) mean log-likelihood, ``n_iter_`` the EM
+        iterations of the chosen run on all data (after a subsampled start: the refinement).
     log_likelihood_history_ : ndarray (n_iter_ + 1,), the chosen run's objective per iteration.
 
     Examples
