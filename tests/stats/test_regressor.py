@@ -173,3 +173,28 @@ def test_warm_start_with_new_feature_count_starts_fresh(truth):
     X2 = np.column_stack([X, np.random.default_rng(0).normal(size=300)])
     model.fit(X2, y)
     assert model.expert_coef_.shape == (2, 2)
+
+
+@pytest.mark.parametrize("gate,k,temperature", [("temperature", None, 0.5), ("sigmoid", None, 1.0),
+                                                ("modified_softmax", None, 1.0)])
+def test_each_gate_fits_data_from_its_own_truth(gate, k, temperature):
+    truth = MoETruth.well_separated(3, 1, random_state=0, gate=gate, k=k, temperature=temperature)
+    X, y, _ = truth.sample(1500, random_state=0)
+    model = MoERegressor(gate=gate, k=k, temperature=temperature, random_state=0, max_iter=300).fit(X, y)
+    assert model.loglik(X, y) >= truth.loglik(X, y) - 1e-6 * 1500
+    np.testing.assert_allclose(np.sort(model.expert_intercept_), np.sort(truth.expert_intercept), atol=0.3)
+
+
+def test_topk_gate_fit_is_a_local_optimum_near_the_truth():
+    """Top-K EM: from the truth it stays at least as likely; from default starts it finds the
+    experts but (known limitation) can stop at a nearby local optimum of the gate."""
+    truth = MoETruth.well_separated(3, 1, random_state=0, gate="topk", k=2)
+    X, y, _ = truth.sample(1500, random_state=0)
+    warm = MoERegressor(gate="topk", k=2, warm_start=True, max_iter=300)
+    warm.gate_coef_, warm.gate_intercept_ = truth.gate_coef_, truth.gate_intercept_
+    warm.expert_coef_, warm.expert_intercept_, warm.noise_variance_ = truth.expert_coef_, truth.expert_intercept_, truth.noise_variance_
+    warm.fit(X, y)
+    assert warm.loglik(X, y) >= truth.loglik(X, y)
+    cold = MoERegressor(gate="topk", k=2, random_state=0).fit(X, y)
+    np.testing.assert_allclose(np.sort(cold.expert_intercept_), np.sort(truth.expert_intercept), atol=0.3)
+    assert cold.loglik(X, y) >= truth.loglik(X, y) - 0.05 * 1500

@@ -136,10 +136,14 @@ class _BaseMoE(BaseEstimator):
     def _log_gate(self, F, W):
         return gate_log_probs(F @ W, self.gate, self._k, self.temperature)
 
-    def _gate_mstep(self, F, R, W, state, n_steps=1):
+    def _gate_mstep(self, F, R, W, state, n_steps=1, dense=False):
         n_free = n_free_gate_experts(self.gate, self.n_experts)
         if n_free == 0:
             return W
+        if dense and self._k is not None and self.gate == "topk" and self._alpha == 0:
+            # First gate of a start: from W = 0 every logit ties and a top-K would drop
+            # the same experts everywhere; fit the dense softmax to the start's clusters.
+            return em.softmax_newton(F, R, W, n_free, "softmax", None, 1.0, n_steps=n_steps)[0]
         if self._alpha > 0:
             W, state["gate_L"] = em.l1_gate(
                 F, R, W, n_free, self.gate, self._k, self.temperature, self._alpha, F.shape[0], state["gate_L"],
@@ -162,11 +166,18 @@ class _BaseMoE(BaseEstimator):
         R, ll_N = em.e_step(self._log_gate(F, params["W"]), log_expert)
         return R, ll_N, float(ll_N.mean()) - self._alpha * self._l1_norm(params)
 
-    def _mstep(self, data, R, params, state, n_steps=1):
+    def _mstep(self, data, R, params, state, n_steps=1, dense=False):
         F, Z, y = data
         new = dict(params)
         new.update(self._expert_mstep(Z, y, R, params, state))
-        new["W"] = self._gate_mstep(F, R, params["W"], state, n_steps=n_steps)
+        if self.gate == "topk" and self._k is not None and self._alpha == 0 and not dense:
+            # Sparse gate: step on the observed likelihood with the new experts (see
+            # em.softmax_newton); still never lowers the likelihood.
+            n_free = n_free_gate_experts(self.gate, self.n_experts)
+            new["W"] = em.softmax_newton(F, R, params["W"], n_free, self.gate, self._k, self.temperature,
+                                         n_steps=n_steps, log_expert_NE=self._expert_log_density(Z, y, new))[0]
+            return new
+        new["W"] = self._gate_mstep(F, R, params["W"], state, n_steps=n_steps, dense=dense)
         return new
 
     def _params_from_resp(self, data, R, state, W=None):
@@ -174,7 +185,7 @@ class _BaseMoE(BaseEstimator):
         params = self._empty_params(Z.shape[1], F.shape[1])
         if W is not None:
             params["W"] = W
-        return self._mstep(data, R, params, state, n_steps=5)
+        return self._mstep(data, R, params, state, n_steps=5, dense=W is None)
 
     def _em(self, data, params, state):
         R, ll_N, obj = self._objective(data, params)
@@ -221,6 +232,15 @@ class _BaseMoE(BaseEstimator):
         return self._em(data, self._params_from_resp(data, R, state, W=run.params["W"]), state)
 
     def _fit_start(self, data, params, state):
+        if self._k is not None:
+            # A top-K gate gives zero responsibility to the experts it drops, so EM alone
+            # can never move an expert into a region it is dropped from: run the dense
+            # gate first, then the sparse one from there.
+            k, self._k = self._k, None
+            try:
+                params = self._em(data, params, state).params
+            finally:
+                self._k = k
         run = self._em(data, params, state)
         for _ in range(2):
             e = self._degenerate_expert(data, run)

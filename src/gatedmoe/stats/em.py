@@ -78,8 +78,14 @@ def softmax_newton(
     k: int | None = None,
     temperature: float = 1.0,
     n_steps: int = 1,
+    log_expert_NE: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """Damped Newton (IRLS) steps increasing ``Q(W) = sum_ne T_ne log g_ne(Z W)``.
+
+    With ``log_expert_NE`` the steps instead increase the observed log-likelihood
+    ``sum_n log sum_e g_ne(Z W) p_ne`` with the experts fixed (targets: the current
+    responsibilities), which a top-K gate needs: its ``Q`` is ``-inf`` as soon as a step
+    changes which experts are kept, so EM on ``Q`` could never move the selection.
 
     For softmax-family gates (and, with one-hot targets, multinomial logistic experts);
     only the first ``n_free`` columns of ``W_QE`` move. A step is halved until ``Q`` does
@@ -91,11 +97,17 @@ def softmax_newton(
 
     def value(W):
         logg = gate_log_probs(Z_NQ @ W, gate, k, temperature)
+        if log_expert_NE is not None:
+            return float(logsumexp_rows(logg + log_expert_NE).sum()), logg
         return expected_log(T_NE, logg), logg
 
     q0, logg_NE = value(W_QE)
     for _ in range(n_steps):
         g_NE = np.exp(logg_NE)
+        if log_expert_NE is not None:
+            joint_NE = logg_NE + log_expert_NE
+            T_NE = np.exp(joint_NE - logsumexp_rows(joint_NE)[:, None])
+            w_N = np.ones(Z_NQ.shape[0])
         grad_NE = (T_NE - w_N[:, None] * g_NE) * inv_t
         grad_FQ = (Z_NQ.T @ grad_NE[:, :n_free]).T
         # Negative Hessian in the logits: w_n (diag(g) - g g^T) / tau^2, per sample.

@@ -66,8 +66,9 @@ class MoETruth:
     @classmethod
     def well_separated(cls, n_experts: int = 3, n_features: int = 1, random_state=0, gate: str = "softmax",
                        k: int | None = None, temperature: float = 1.0) -> MoETruth:
-        """A truth whose experts are easy to tell apart: intercepts 4 noise sd apart, gate
-        regions ordered along the first feature, moderate random slopes."""
+        """A truth whose experts are easy to tell apart: intercepts 4 noise sd apart, each
+        expert the most likely one on its own stretch of the first feature (around
+        ``x0 = e - (E-1)/2``), moderate random slopes."""
         if n_experts < 1 or n_features < 1:
             raise ValueError(f"n_experts and n_features must be >= 1, got {n_experts}, {n_features}")
         rng = check_random_state(random_state)
@@ -76,10 +77,13 @@ class MoETruth:
         gate_coef[:, 0] = 3.0 * centre
         if n_features > 1:
             gate_coef[:, 1:] = rng.normal(scale=0.5, size=(n_experts, n_features - 1))
+        # Logits 3 (c x - c^2 / 2): expert e has the largest gate around x0 = c_e.
+        gate_intercept = -1.5 * centre**2
         gate_coef -= gate_coef[-1]
+        gate_intercept -= gate_intercept[-1]
         return cls(
             gate_coef=gate_coef,
-            gate_intercept=np.zeros(n_experts),
+            gate_intercept=gate_intercept,
             expert_coef=rng.normal(scale=1.0, size=(n_experts, n_features)),
             expert_intercept=4.0 * centre,
             noise_variance=np.full(n_experts, 0.25),
