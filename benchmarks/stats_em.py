@@ -3,7 +3,8 @@
     python benchmarks/stats_em.py [--n 100000] [--repeats 3]
 
 Gated on correctness: each fit must reach at least the true parameters' likelihood and
-recover them (permutation-matched error) before its time is reported. Reports the default
+recover them (permutation-matched error below 0.5, a norm over all parameters) before its
+time is reported. Reports the default
 fit (n_init starts on a subsample, best refined on all data) and one start on all data
 (what flexmix times per start).
 """
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
                 times.append(time.perf_counter() - t0)
                 gap = model.loglik(X, y) - ll_truth
                 err = voronoi_loss(model, truth).matched
-                if gap < -1e-6 * args.n or err > 0.1:
+                if gap < -1e-6 * args.n or err > 0.5:
                     print(f"FAILED correctness gate: d={d} {label} loglik gap {gap:.3g}, error {err:.3g}")
                     return 1
             print(f"{d:>3} {label:<28} {statistics.median(times):>8.2f} {model.n_iter_:>8} {gap:>15.2f} {err:>12.4f}")

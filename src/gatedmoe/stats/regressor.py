@@ -27,7 +27,9 @@ class MoERegressor(RegressorMixin, _BaseMoE):
     n_experts : int, default=3
     gate : {"softmax", "topk", "temperature", "sigmoid", "modified_softmax"}, default="softmax"
     k : int or None, default=None
-        Experts kept per input by ``"topk"`` / ``"sigmoid"`` (None: all).
+        Experts kept per input by ``"topk"`` / ``"sigmoid"`` (None: all). Sparse gates
+        start from the dense gate's fit; the top-K likelihood is discontinuous in the gate,
+        so its EM can stop at a local optimum (see docs/stats.md).
     temperature : float, default=1.0
         Fixed temperature of ``gate="temperature"``: ``g = softmax(l / temperature)``.
     penalty : {None, "l1"}, default=None
