@@ -50,6 +50,7 @@ def test_classifier_em_is_monotone_and_probabilities_sum_to_one():
     assert set(np.unique(ys)) <= {0, 1} and experts.max() < 3
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # 300 rows, tol 1e-6: slow tail
 def test_string_labels_l1_pickle_and_bad_input():
     X, y, _, _ = xor_data(300, 2)
     labels = np.array(["no", "yes"])[y]

@@ -5,6 +5,7 @@ import csv
 
 import numpy as np
 import pytest
+from sklearn.exceptions import ConvergenceWarning
 
 from gatedmoe.cli import fit as fit_cmd
 from gatedmoe.cli import simulate as simulate_cmd
@@ -74,3 +75,21 @@ def test_select_n_experts_finds_the_true_number():
     Xc = np.random.default_rng(0).normal(size=(200, 2))
     yc = (Xc[:, 0] > 0).astype(int)
     assert select_n_experts(Xc, yc, [1, 2], estimator=MoEClassifier(penalty="l1", alpha=1e-2)).n_experts in (1, 2)
+
+
+def test_fit_command_classifies_string_labels(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 2))
+    labels = np.where(X[:, 0] + X[:, 1] > 0, "up", "down")
+    path = tmp_path / "labels.csv"
+    with open(path, "w") as fh:
+        fh.write("a,b,label\n")
+        fh.writelines(f"{a},{b},{c}\n" for (a, b), c in zip(X, labels, strict=True))
+    args = parser().parse_args(["fit", str(path), "--target", "label", "--experts", "2", "--classify", "--n-init", "1"])
+    with pytest.warns(ConvergenceWarning):  # separable classes: no finite MLE, EM says so
+        assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "class up" in out and "BIC" in out
+    numeric = parser().parse_args(["fit", str(path), "--target", "label"])
+    with pytest.raises(SystemExit, match="use --classify"):
+        numeric.func(numeric)

@@ -343,7 +343,7 @@ class _BaseMoE(BaseEstimator):
     def _k_fitted(self):
         return check_gate(self.gate, self.n_experts, self.k, self.temperature)
 
-    def _validated(self, X, y=None):
+    def _validated(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
         return X

@@ -56,7 +56,6 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
         self.classes_, codes = np.unique(y, return_inverse=True)
         if self.classes_.size < 2:
             raise ValueError(f"MoEClassifier needs at least 2 classes in y; got 1 class ({self.classes_[0]!r})")
-        self._onehot = np.eye(self.classes_.size)[codes]
         return self._fit_em(X, codes)
 
     # ----------------------------------------------------------------- family hooks
