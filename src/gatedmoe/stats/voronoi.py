@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment, minimize
 
 __all__ = ["voronoi_loss", "VoronoiLoss", "RBAR"]
 
-# rbar(m): the solvability exponents of the paper's polynomial system (its Table/Prop.).
+# rbar(m): the exponents the paper gives for its system of polynomial equations (m = 2, 3).
 RBAR = {1: 1, 2: 4, 3: 6}
 
 
