@@ -1,0 +1,394 @@
+"""The EM driver shared by `MoERegressor` and `MoEClassifier`: starts, restarts, re-seeding.
+
+Shape legend as in `gatedmoe.stats.em`: N samples, P features, Q = P + 1, E experts.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
+
+from gatedmoe.stats import em
+from gatedmoe.stats.gating import (
+    check_gate,
+    gate_features,
+    gate_log_probs,
+    gate_probs,
+    n_free_gate_experts,
+)
+
+INITS = ("kmeans", "random")
+PENALTIES = (None, "l1")
+
+
+@dataclass
+class _Run:
+    """One EM run: its parameters and what it reached."""
+
+    params: dict
+    objective: float
+    history: list = field(default_factory=list)
+    converged: bool = False
+    n_iter: int = 0
+
+
+def kmeans_labels(X_NP: np.ndarray, n_clusters: int, rng: np.random.RandomState, n_iter: int = 30) -> np.ndarray:
+    """Lloyd's k-means from a k-means++ seeding; cluster labels ``[N]``.
+
+    A few lines of numpy: sklearn's KMeans costs more in thread start-up than the whole
+    clustering of a few thousand rows.
+    """
+    n = X_NP.shape[0]
+    centers = [X_NP[rng.randint(n)]]
+    d2_N = np.sum((X_NP - centers[0]) ** 2, axis=1)
+    for _ in range(1, n_clusters):
+        total = d2_N.sum()
+        idx = rng.randint(n) if total <= 0 else rng.choice(n, p=d2_N / total)
+        centers.append(X_NP[idx])
+        d2_N = np.minimum(d2_N, np.sum((X_NP - X_NP[idx]) ** 2, axis=1))
+    C_KP = np.array(centers)
+    labels = np.zeros(n, dtype=np.int64)
+    for it in range(n_iter):
+        d_NK = (X_NP**2).sum(1)[:, None] - 2 * X_NP @ C_KP.T + (C_KP**2).sum(1)[None, :]
+        new = d_NK.argmin(axis=1)
+        if it and np.array_equal(new, labels):
+            break
+        labels = new
+        for c in range(n_clusters):
+            members = labels == c
+            if members.any():
+                C_KP[c] = X_NP[members].mean(axis=0)
+    return labels
+
+
+class _BaseMoE(BaseEstimator):
+    """Shared machinery; subclasses define the expert family."""
+
+    def __init__(
+        self,
+        n_experts=3,
+        gate="softmax",
+        k=None,
+        temperature=1.0,
+        penalty=None,
+        alpha=0.0,
+        n_init=3,
+        max_iter=100,
+        tol=1e-6,
+        init="kmeans",
+        init_subsample=5000,
+        random_state=None,
+        warm_start=False,
+    ):
+        self.n_experts = n_experts
+        self.gate = gate
+        self.k = k
+        self.temperature = temperature
+        self.penalty = penalty
+        self.alpha = alpha
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.init = init
+        self.init_subsample = init_subsample
+        self.random_state = random_state
+        self.warm_start = warm_start
+
+    # ----------------------------------------------------------------- validation
+    def _check_params(self):
+        def integer(name, low):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+
+        integer("n_experts", 1)
+        integer("n_init", 1)
+        integer("max_iter", 1)
+        self._k = check_gate(self.gate, self.n_experts, self.k, self.temperature)
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not self.alpha >= 0:
+            raise ValueError(f"alpha must be a number >= 0, got {self.alpha!r}")
+        if isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real) or not self.tol >= 0:
+            raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.init_subsample is not None and (
+            isinstance(self.init_subsample, bool)
+            or not isinstance(self.init_subsample, numbers.Integral)
+            or self.init_subsample < 10
+        ):
+            raise ValueError(f"init_subsample must be None or an integer >= 10, got {self.init_subsample!r}")
+        self._alpha = float(self.alpha) if self.penalty == "l1" else 0.0
+
+    # ----------------------------------------------------------------- gate pieces
+    def _gate_design(self, X):
+        return em.add_intercept(gate_features(X, self.gate))
+
+    def _log_gate(self, F, W):
+        return gate_log_probs(F @ W, self.gate, self._k, self.temperature)
+
+    def _gate_mstep(self, F, R, W, state, n_steps=1, dense=False):
+        n_free = n_free_gate_experts(self.gate, self.n_experts)
+        if n_free == 0:
+            return W
+        if dense and self._k is not None and self.gate == "topk" and self._alpha == 0:
+            # First gate of a start: from W = 0 every logit ties and a top-K would drop
+            # the same experts everywhere; fit the dense softmax to the start's clusters.
+            return em.softmax_newton(F, R, W, n_free, "softmax", None, 1.0, n_steps=n_steps)[0]
+        if self._alpha > 0:
+            W, state["gate_L"] = em.l1_gate(
+                F, R, W, n_free, self.gate, self._k, self.temperature, self._alpha, F.shape[0], state["gate_L"],
+                n_steps=5 * n_steps,
+            )
+            return W
+        if self.gate == "sigmoid":
+            return em.lbfgs_gate(F, R, W, n_free, self.gate, self._k, self.temperature, maxiter=10 * n_steps)[0]
+        return em.softmax_newton(F, R, W, n_free, self.gate, self._k, self.temperature, n_steps=n_steps)[0]
+
+    def _l1_norm(self, params):
+        if self._alpha == 0:
+            return 0.0
+        return float(np.abs(params["W"][:-1]).sum() + self._expert_l1(params))
+
+    # ----------------------------------------------------------------- EM
+    def _objective(self, data, params):
+        F, Z, y = data
+        log_expert = self._expert_log_density(Z, y, params)
+        R, ll_N = em.e_step(self._log_gate(F, params["W"]), log_expert)
+        return R, ll_N, float(ll_N.mean()) - self._alpha * self._l1_norm(params)
+
+    def _mstep(self, data, R, params, state, n_steps=1, dense=False):
+        F, Z, y = data
+        new = dict(params)
+        new.update(self._expert_mstep(Z, y, R, params, state))
+        if self.gate == "topk" and self._k is not None and self._alpha == 0 and not dense:
+            # Sparse gate: step on the observed likelihood with the new experts (see
+            # em.softmax_newton); still never lowers the likelihood.
+            n_free = n_free_gate_experts(self.gate, self.n_experts)
+            new["W"] = em.softmax_newton(F, R, params["W"], n_free, self.gate, self._k, self.temperature,
+                                         n_steps=n_steps, log_expert_NE=self._expert_log_density(Z, y, new))[0]
+            return new
+        new["W"] = self._gate_mstep(F, R, params["W"], state, n_steps=n_steps, dense=dense)
+        return new
+
+    def _params_from_resp(self, data, R, state, W=None):
+        F, Z, _ = data
+        params = self._empty_params(Z.shape[1], F.shape[1])
+        if W is not None:
+            params["W"] = W
+        return self._mstep(data, R, params, state, n_steps=5, dense=W is None)
+
+    def _em(self, data, params, state):
+        R, ll_N, obj = self._objective(data, params)
+        history = [obj]
+        converged = False
+        n_iter = 0
+        for n_iter in range(1, self.max_iter + 1):  # noqa: B007
+            params = self._mstep(data, R, params, state)
+            R, ll_N, obj = self._objective(data, params)
+            history.append(obj)
+            if abs(obj - history[-2]) < self.tol:
+                converged = True
+                break
+        run = _Run(params, obj, history, converged, n_iter)
+        run.R, run.ll_N = R, ll_N
+        return run
+
+    def _degenerate_expert(self, data, run):
+        """An expert to re-seed: one with almost no weight, or a duplicate of another."""
+        R = run.R
+        n = R.shape[0]
+        weight_E = R.sum(axis=0)
+        if self.n_experts == 1 or n < 2 * self.n_experts:
+            return None
+        tiny = np.flatnonzero(weight_E < max(1.0, 1e-3 * n))
+        if tiny.size:
+            return int(tiny[0])
+        for e in range(self.n_experts):
+            for f in range(e + 1, self.n_experts):
+                if self._experts_coincide(data, run.params, e, f):
+                    return f if weight_E[f] <= weight_E[e] else e
+        return None
+
+    def _reseed(self, data, run, e, state):
+        """Give expert ``e`` the worst-explained samples and restart EM from there."""
+        R = run.R.copy()
+        n = R.shape[0]
+        m = max(n // self.n_experts, min(n, data[1].shape[1] + 2))
+        worst = np.argsort(run.ll_N)[:m]
+        R[:, e] = 0.0
+        R /= np.maximum(R.sum(axis=1, keepdims=True), 1e-300)
+        R[worst] = 0.0
+        R[worst, e] = 1.0
+        return self._em(data, self._params_from_resp(data, R, state, W=run.params["W"]), state)
+
+    def _fit_start(self, data, params, state):
+        if self._k is not None:
+            # A top-K gate gives zero responsibility to the experts it drops, so EM alone
+            # can never move an expert into a region it is dropped from: run the dense
+            # gate first, then the sparse one from there.
+            k, self._k = self._k, None
+            try:
+                params = self._em(data, params, state).params
+            finally:
+                self._k = k
+        run = self._em(data, params, state)
+        for _ in range(2):
+            e = self._degenerate_expert(data, run)
+            if e is None:
+                break
+            cand = self._reseed(data, run, e, state)
+            if not cand.objective > run.objective:
+                break
+            run = cand
+        return run
+
+    def _initial_resp(self, X, y_feat, rng, y_weighted=False):
+        n = X.shape[0]
+        E = self.n_experts
+        if self.init == "random":
+            return rng.dirichlet(np.ones(E), size=n)
+        joint = np.hstack([X, y_feat])
+        scale = joint.std(axis=0)
+        joint = (joint - joint.mean(axis=0)) / np.where(scale > 0, scale, 1.0)
+        if y_weighted:
+            # Give the response as much weight as all features together: with many features
+            # (p >> n above all) distances in x alone are noise and the clusters meaningless.
+            joint[:, X.shape[1]:] *= np.sqrt(max(X.shape[1], 1) / y_feat.shape[1])
+        labels = kmeans_labels(joint, E, rng)
+        R = np.zeros((n, E))
+        R[np.arange(n), labels] = 1.0
+        return R
+
+    def _fit_em(self, X, y):
+        """Validate, run all starts, keep the best; set the fitted attributes."""
+        # EM's products are tall and thin ([N, P+1] with small P): one BLAS thread is as
+        # fast, and on a busy machine idle-spinning BLAS threads made fits 3-4x slower.
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._fit_em_single_thread(X, y)
+
+    def _fit_em_single_thread(self, X, y):
+        self._check_params()
+        n = X.shape[0]
+        if n < self.n_experts:
+            raise ValueError(
+                f"n_samples={n} is fewer than n_experts={self.n_experts}: a mixture needs at least "
+                "one sample per expert"
+            )
+        rng = check_random_state(self.random_state)
+        F, Z = self._gate_design(X), em.add_intercept(X)
+        data = (F, Z, y)
+        state = self._new_state()
+        if self.warm_start and self._warm_start_fits(X):
+            best = self._em(data, self._params_from_fitted(), state)
+        else:
+            sub = None
+            if self.init_subsample is not None and n > self.init_subsample:
+                sub = np.sort(rng.choice(n, self.init_subsample, replace=False))
+            sdata = data if sub is None else (F[sub], Z[sub], y[sub])
+            best = None
+            for start in range(self.n_init):
+                # Penalised fits (meant for p >> n) alternate plain and response-weighted
+                # k-means: with many features only the weighted one finds the experts.
+                weighted = self._alpha > 0 and start % 2 == 1
+                R0 = self._initial_resp(sdata[1][:, :-1], self._kmeans_target(sdata[2]), rng, y_weighted=weighted)
+                run = self._fit_start(sdata, self._params_from_resp(sdata, R0, state), state)
+                if best is None or run.objective > best.objective:
+                    best = run
+            if sub is not None:
+                best = self._fit_start(data, best.params, state)
+        if not best.converged:
+            warnings.warn(
+                f"EM did not converge in max_iter={self.max_iter} iterations (last change in mean "
+                f"log-likelihood {abs(best.history[-1] - best.history[-2]):.3g} > tol={self.tol}). "
+                "Increase max_iter, loosen tol, standardise the features, or try fewer experts "
+                "(a separable gate or a redundant expert makes EM crawl).",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        self._set_fitted(best.params)
+        self.converged_ = best.converged
+        self.n_iter_ = best.n_iter
+        self.lower_bound_ = best.objective
+        self.log_likelihood_history_ = np.asarray(best.history)
+        return self
+
+    def _warm_start_fits(self, X):
+        """Whether a previous fit exists whose parameter shapes match this data."""
+        if not hasattr(self, "expert_intercept_"):
+            return False
+        params = self._params_from_fitted()
+        empty = self._empty_params(X.shape[1] + 1, self._gate_design(X[:1]).shape[1])
+        return all(params[key].shape == empty[key].shape for key in empty)
+
+    def _new_state(self):
+        return {"gate_L": 1.0, "expert_L": np.ones(self.n_experts)}
+
+    # ----------------------------------------------------------------- public helpers
+    def _gate_W(self):
+        return np.vstack([self.gate_coef_.T, self.gate_intercept_[None, :]])
+
+    def _gate_proba(self, X):
+        return gate_probs(self._gate_design(X) @ self._gate_W(), self.gate, self._k_fitted(), self.temperature)
+
+    def _k_fitted(self):
+        return check_gate(self.gate, self.n_experts, self.k, self.temperature)
+
+    def _validated(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        return X
+
+    def _log_joint(self, X, y):
+        """``log g_e(x) + log p_e(y|x)`` ``[N, E]`` on validated inputs."""
+        params = self._params_from_fitted()
+        logg = gate_log_probs(self._gate_design(X) @ params["W"], self.gate, self._k_fitted(), self.temperature)
+        return logg + self._expert_log_density(em.add_intercept(X), y, params)
+
+    def predict_expert_proba(self, X, y=None):
+        """Gate probabilities ``g(x)`` ``[N, E]``, or with ``y`` the posterior
+        ``p(expert | x, y)`` (the EM responsibilities)."""
+        X = self._validated(X)
+        if y is None:
+            return self._gate_proba(X)
+        y = self._encode_y_predict(y, X.shape[0])
+        R, _ = em.e_step(np.zeros((X.shape[0], self.n_experts)), self._log_joint(X, y))
+        return R
+
+    def loglik(self, X, y):
+        """Total log-likelihood ``sum_n log p(y_n | x_n)`` under the fitted model (float)."""
+        X = self._validated(X)
+        y = self._encode_y_predict(y, X.shape[0])
+        from scipy.special import logsumexp
+
+        return float(logsumexp(self._log_joint(X, y), axis=1).sum())
+
+    def n_parameters(self):
+        """Free parameters counted by `bic`/`aic` (non-zero coefficients under ``penalty="l1"``)."""
+        check_is_fitted(self)
+        W = self._gate_W()[:, : n_free_gate_experts(self.gate, self.n_experts)]
+        n_gate = int(np.count_nonzero(W[:-1])) + W.shape[1] if self.penalty == "l1" else W.size
+        return n_gate + self._n_expert_parameters()
+
+    def bic(self, X, y):
+        """Bayesian information criterion ``-2 loglik + n_params log n`` (lower is better)."""
+        n = np.asarray(X).shape[0] if hasattr(X, "shape") else len(X)
+        return -2.0 * self.loglik(X, y) + self.n_parameters() * np.log(n)
+
+    def aic(self, X, y):
+        """Akaike information criterion ``-2 loglik + 2 n_params`` (lower is better)."""
+        return -2.0 * self.loglik(X, y) + 2.0 * self.n_parameters()
+
+    def _sample_experts(self, X, rng):
+        g = self._gate_proba(X)
+        u = rng.random_sample((X.shape[0], 1))
+        return np.minimum((g.cumsum(axis=1) < u).sum(axis=1), self.n_experts - 1)

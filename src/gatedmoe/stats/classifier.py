@@ -1,0 +1,135 @@
+"""`MoEClassifier`: a gated mixture of multinomial logistic experts fitted by EM."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import ClassifierMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import column_or_1d, validate_data
+
+from gatedmoe.stats import em
+from gatedmoe.stats._base import _BaseMoE
+from gatedmoe.stats.gating import log_softmax_rows
+
+__all__ = ["MoEClassifier"]
+
+
+class MoEClassifier(ClassifierMixin, _BaseMoE):
+    """Mixture of multinomial logistic experts with a learned gate, by maximum likelihood.
+
+    ``p(y = c | x) = sum_e g_e(x) softmax(V_e [x, 1])_c``; the gate is as in
+    `MoERegressor` (default softmax, Jordan & Jacobs 1994; ``"modified_softmax"`` is the gate
+    Nguyen et al. 2024 propose for exactly this model). EM: responsibilities, then one
+    damped Newton step per expert (weighted multinomial logistic regression) and one for
+    the gate; with ``penalty="l1"`` proximal-gradient steps instead.
+
+    Parameters are those of `MoERegressor`. Unpenalised experts on separable classes have
+    no finite maximum-likelihood estimate: EM then stops at ``max_iter`` with a
+    ``ConvergenceWarning``; use ``penalty="l1"`` with a small ``alpha``.
+
+    Attributes
+    ----------
+    classes_ : ndarray (n_classes,)
+    gate_coef_ : ndarray (n_experts, n_features); gate_intercept_ : ndarray (n_experts,)
+    expert_coef_ : ndarray (n_experts, n_classes, n_features)
+    expert_intercept_ : ndarray (n_experts, n_classes)
+        The last class's parameters are 0 in every expert (identifiability).
+    converged_, n_iter_, lower_bound_, log_likelihood_history_ : as in `MoERegressor`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gatedmoe.stats import MoEClassifier
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(400, 2))
+    >>> y = np.where(X[:, 0] > 0, X[:, 1] > 0, X[:, 1] < 0).astype(int)
+    >>> clf = MoEClassifier(n_experts=2, penalty="l1", alpha=1e-3, random_state=0).fit(X, y)
+    >>> bool(clf.score(X, y) > 0.9)
+    True
+    """
+
+    def fit(self, X, y):
+        """Fit by EM. ``X`` ``[N, P]`` numeric, ``y`` ``[N]`` class labels. Returns self."""
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        if self.classes_.size < 2:
+            raise ValueError(f"MoEClassifier needs at least 2 classes in y; got 1 class ({self.classes_[0]!r})")
+        return self._fit_em(X, codes)
+
+    # ----------------------------------------------------------------- family hooks
+    def _kmeans_target(self, codes):
+        return np.eye(self.classes_.size)[codes]
+
+    def _encode_y_predict(self, y, n):
+        y = column_or_1d(np.asarray(y), warn=True)
+        if y.shape[0] != n:
+            raise ValueError(f"y has {y.shape[0]} samples but X has {n}")
+        codes = np.searchsorted(self.classes_, y)
+        codes = np.clip(codes, 0, self.classes_.size - 1)
+        if not np.array_equal(self.classes_[codes], y):
+            raise ValueError(f"y contains labels not seen in fit; known classes: {list(self.classes_)}")
+        return codes
+
+    def _empty_params(self, Q, QF):
+        return {"W": np.zeros((QF, self.n_experts)), "V": np.zeros((self.n_experts, Q, self.classes_.size))}
+
+    def _expert_log_density(self, Z, y, params):
+        return em.multinomial_log_density(Z, y, params["V"])
+
+    def _expert_mstep(self, Z, codes, R, params, state):
+        Y = np.eye(self.classes_.size)[codes]
+        V = em.multinomial_mstep(Z, Y, R, params["V"], self._alpha, Z.shape[0], state["expert_L"])
+        return {"V": V}
+
+    def _expert_l1(self, params):
+        return np.abs(params["V"][:, :-1]).sum()
+
+    def _experts_coincide(self, data, params, e, f):
+        Z = data[1]
+        pe = np.exp(log_softmax_rows(Z @ params["V"][e]))
+        pf = np.exp(log_softmax_rows(Z @ params["V"][f]))
+        return 0.5 * np.abs(pe - pf).sum(axis=1).mean() < 1e-2
+
+    def _set_fitted(self, params):
+        V = params["V"]
+        self.gate_coef_ = params["W"][:-1].T.copy()
+        self.gate_intercept_ = params["W"][-1].copy()
+        self.expert_coef_ = np.transpose(V[:, :-1, :], (0, 2, 1)).copy()
+        self.expert_intercept_ = V[:, -1, :].copy()
+
+    def _params_from_fitted(self):
+        V = np.concatenate([np.transpose(self.expert_coef_, (0, 2, 1)), self.expert_intercept_[:, None, :]], axis=1)
+        return {"W": self._gate_W(), "V": V}
+
+    def _n_expert_parameters(self):
+        if self.penalty == "l1":
+            return int(np.count_nonzero(self.expert_coef_[:, :-1])) + self.n_experts * (self.classes_.size - 1)
+        return self.n_experts * (self.expert_coef_.shape[2] + 1) * (self.classes_.size - 1)
+
+    # ----------------------------------------------------------------- prediction
+    def _expert_proba(self, X):
+        """``p_e(c | x)`` ``[E, N, C]``."""
+        logits_ENC = np.einsum("np,ecp->enc", X, self.expert_coef_) + self.expert_intercept_[:, None, :]
+        return np.exp(logits_ENC - np.logaddexp.reduce(logits_ENC, axis=2, keepdims=True))
+
+    def predict_proba(self, X):
+        """``p(y = c | x) = sum_e g_e(x) p_e(c | x)`` ``[N, n_classes]``."""
+        X = self._validated(X)
+        return np.einsum("ne,enc->nc", self._gate_proba(X), self._expert_proba(X))
+
+    def predict(self, X):
+        """Most probable class ``[N]``."""
+        proba_NC = self.predict_proba(X)
+        return self.classes_[np.argmax(proba_NC, axis=1)]
+
+    def sample(self, X, random_state=None):
+        """Draw ``y ~ p(y | x)`` for each row of ``X``; returns ``(y [N], expert [N])``."""
+        X = self._validated(X)
+        rng = check_random_state(random_state)
+        expert_N = self._sample_experts(X, rng)
+        p_NC = self._expert_proba(X)[expert_N, np.arange(X.shape[0])]
+        u = rng.random_sample((X.shape[0], 1))
+        codes = np.minimum((p_NC.cumsum(axis=1) < u).sum(axis=1), self.classes_.size - 1)
+        return self.classes_[codes], expert_N

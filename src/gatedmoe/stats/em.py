@@ -1,0 +1,360 @@
+"""EM for gated mixtures of experts: private pure E-step, M-steps and log-likelihoods.
+
+Shape legend: N samples, P features, Q = P + 1 (features plus an intercept column, last),
+E experts, C classes, F free gate columns (E - 1 for softmax-family gates, E for sigmoid).
+
+Parameters, all float64:
+  gate                ``W_QE``: logits ``l = Z W`` with ``Z = [z(x), 1]``
+  Gaussian experts    ``A_QE`` (means ``mu = [x, 1] A``) and variances ``var_E``
+  multinomial experts ``V_EQC`` (class logits ``[x, 1] V_e``; the last class column is 0)
+
+Every M-step here only ever *increases* its block of the expected complete-data
+log-likelihood (step halving guards the Newton steps), so EM built from them never lowers
+the (penalised) likelihood.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+from scipy.optimize import minimize
+
+from gatedmoe.stats.gating import (
+    expected_log,
+    gate_log_probs,
+    gate_logit_grad,
+    log_softmax_rows,
+    logsumexp_rows,
+    row_sum,
+)
+
+LOG_2PI = float(np.log(2.0 * np.pi))
+MAX_LOGIT_STEP = 4.0
+
+
+def add_intercept(X_NP: np.ndarray) -> np.ndarray:
+    """``[X, 1]`` ``[N, Q]``."""
+    return np.hstack([X_NP, np.ones((X_NP.shape[0], 1))])
+
+
+def gaussian_log_density(Z_NQ: np.ndarray, y_N: np.ndarray, A_QE: np.ndarray, var_E: np.ndarray) -> np.ndarray:
+    """``log N(y_n; Z_n A_e, var_e)`` ``[N, E]``."""
+    res_NE = y_N[:, None] - Z_NQ @ A_QE
+    return -0.5 * (LOG_2PI + np.log(var_E)) - 0.5 * res_NE**2 / var_E
+
+
+def multinomial_log_density(Z_NQ: np.ndarray, y_N: np.ndarray, V_EQC: np.ndarray) -> np.ndarray:
+    """``log softmax(Z_n V_e)[y_n]`` ``[N, E]``; ``y_N`` holds class codes 0..C-1."""
+    out_NE = np.empty((Z_NQ.shape[0], V_EQC.shape[0]))
+    rows = np.arange(Z_NQ.shape[0])
+    for e in range(V_EQC.shape[0]):
+        out_NE[:, e] = log_softmax_rows(Z_NQ @ V_EQC[e])[rows, y_N]
+    return out_NE
+
+
+def e_step(log_gate_NE: np.ndarray, log_expert_NE: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Responsibilities ``R_NE = p(e | x_n, y_n)`` and per-sample log-likelihoods ``ll_N``."""
+    joint_NE = log_gate_NE + log_expert_NE
+    ll_N = logsumexp_rows(joint_NE)
+    return np.exp(joint_NE - ll_N[:, None]), ll_N
+
+
+def _solve_psd(H: np.ndarray, g: np.ndarray) -> np.ndarray:
+    # A relative ridge keeps near-singular curvature (separable gates) solvable; the step
+    # is only a search direction, the line search decides what is accepted.
+    ridge = 1e-10 * (np.trace(H) / H.shape[0] + 1e-12)
+    try:
+        return np.linalg.solve(H + ridge * np.eye(H.shape[0]), g)
+    except np.linalg.LinAlgError:
+        return scipy.linalg.lstsq(H + ridge * np.eye(H.shape[0]), g)[0]
+
+
+def softmax_newton(
+    Z_NQ: np.ndarray,
+    T_NE: np.ndarray,
+    W_QE: np.ndarray,
+    n_free: int,
+    gate: str = "softmax",
+    k: int | None = None,
+    temperature: float = 1.0,
+    n_steps: int = 1,
+    log_expert_NE: np.ndarray | None = None,
+) -> tuple[np.ndarray, float]:
+    """Damped Newton (IRLS) steps increasing ``Q(W) = sum_ne T_ne log g_ne(Z W)``.
+
+    With ``log_expert_NE`` the steps instead increase the observed log-likelihood
+    ``sum_n log sum_e g_ne(Z W) p_ne`` with the experts fixed (targets: the current
+    responsibilities), which a top-K gate needs: its ``Q`` is ``-inf`` as soon as a step
+    changes which experts are kept, so EM on ``Q`` could never move the selection.
+
+    For softmax-family gates (and, with one-hot targets, multinomial logistic experts);
+    only the first ``n_free`` columns of ``W_QE`` move. A step is halved until ``Q`` does
+    not decrease, so the result is never worse than ``W_QE``. Returns ``(W_QE, Q)``.
+    """
+    N, Q = Z_NQ.shape
+    inv_t = 1.0 / temperature if gate == "temperature" else 1.0
+    w_N = row_sum(T_NE)
+
+    def value(W):
+        logg = gate_log_probs(Z_NQ @ W, gate, k, temperature)
+        if log_expert_NE is not None:
+            return float(logsumexp_rows(logg + log_expert_NE).sum()), logg
+        return expected_log(T_NE, logg), logg
+
+    q0, logg_NE = value(W_QE)
+    for _ in range(n_steps):
+        g_NE = np.exp(logg_NE)
+        if log_expert_NE is not None:
+            joint_NE = logg_NE + log_expert_NE
+            T_NE = np.exp(joint_NE - logsumexp_rows(joint_NE)[:, None])
+            w_N = np.ones(Z_NQ.shape[0])
+        grad_NE = (T_NE - w_N[:, None] * g_NE) * inv_t
+        grad_FQ = (Z_NQ.T @ grad_NE[:, :n_free]).T
+        # Negative Hessian in the logits: w_n (diag(g) - g g^T) / tau^2, per sample.
+        H = np.empty((n_free, Q, n_free, Q))
+        for e in range(n_free):
+            for f in range(e, n_free):
+                c_N = w_N * g_NE[:, e] * ((e == f) - g_NE[:, f]) * inv_t**2
+                B_QQ = Z_NQ.T @ (Z_NQ * c_N[:, None])
+                H[e, :, f, :] = B_QQ
+                H[f, :, e, :] = B_QQ.T
+        step_FQ = _solve_psd(H.reshape(n_free * Q, n_free * Q), grad_FQ.ravel()).reshape(n_free, Q)
+        # Trust region: no logit moves by more than MAX_LOGIT_STEP in one step. Near
+        # separation the Newton step is huge and would otherwise be halved many times.
+        max_move = np.abs(Z_NQ @ step_FQ.T).max() if step_FQ.size else 0.0
+        t = min(1.0, MAX_LOGIT_STEP / max_move) if max_move > 0 else 1.0
+        for _ in range(30):
+            W_new = W_QE.copy()
+            W_new[:, :n_free] += t * step_FQ.T
+            q, logg_new = value(W_new)
+            if q >= q0:
+                break
+            t *= 0.5
+        else:
+            return W_QE, q0
+        improved = q - q0
+        W_QE, q0, logg_NE = W_new, q, logg_new
+        if improved <= 1e-12 * abs(q0):
+            break
+    return W_QE, q0
+
+
+def lbfgs_gate(
+    Z_NQ: np.ndarray,
+    T_NE: np.ndarray,
+    W_QE: np.ndarray,
+    n_free: int,
+    gate: str,
+    k: int | None = None,
+    temperature: float = 1.0,
+    maxiter: int = 15,
+) -> tuple[np.ndarray, float]:
+    """A few warm-started L-BFGS iterations increasing ``Q(W)`` (gates without a Newton
+    step here, e.g. the normalised sigmoid gate). Never returns a worse ``W``."""
+    Q = Z_NQ.shape[1]
+    fixed = W_QE[:, n_free:]
+
+    def fun(theta):
+        W = np.hstack([theta.reshape(Q, n_free), fixed])
+        val, grad_NE = gate_logit_grad(Z_NQ @ W, T_NE, gate, k, temperature)
+        return -val, -(Z_NQ.T @ grad_NE[:, :n_free]).ravel()
+
+    q0 = -fun(W_QE[:, :n_free].ravel())[0]
+    res = minimize(fun, W_QE[:, :n_free].ravel(), jac=True, method="L-BFGS-B", options={"maxiter": maxiter})
+    if np.all(np.isfinite(res.x)) and -res.fun >= q0:
+        return np.hstack([res.x.reshape(Q, n_free), fixed]), float(-res.fun)
+    return W_QE, q0
+
+
+def soft_threshold(x: np.ndarray, t: float) -> np.ndarray:
+    """``sign(x) max(|x| - t, 0)``, the proximal map of ``t ||.||_1``."""
+    return np.sign(x) * np.maximum(np.abs(x) - t, 0.0)
+
+
+def prox_gradient(fun_grad, w0: np.ndarray, l1_mask: np.ndarray, alpha: float, lipschitz: float, n_steps: int = 10):
+    """ISTA with backtracking on ``f(w) + alpha ||w[l1_mask]||_1`` (monotone by construction).
+
+    ``fun_grad(w) -> (f, grad)`` is smooth; ``w0`` any shape. Returns ``(w, lipschitz)``, the
+    final step-size estimate to warm-start the next call.
+    """
+    w = w0
+    f, g = fun_grad(w)
+    for _ in range(n_steps):
+        for _ in range(60):
+            z = w - g / lipschitz
+            z = np.where(l1_mask, soft_threshold(z, alpha / lipschitz), z)
+            fz, gz = fun_grad(z)
+            d = z - w
+            if np.isfinite(fz) and fz <= f + np.sum(g * d) + 0.5 * lipschitz * np.sum(d * d) + 1e-13 * abs(f):
+                break
+            lipschitz *= 2.0
+        else:
+            return w, lipschitz
+        if np.sum(d * d) <= 1e-20 * (1.0 + np.sum(w * w)):
+            w = z
+            break
+        w, f, g = z, fz, gz
+        lipschitz = max(lipschitz * 0.5, 1e-12)
+    return w, lipschitz
+
+
+def l1_gate(
+    Z_NQ: np.ndarray,
+    T_NE: np.ndarray,
+    W_QE: np.ndarray,
+    n_free: int,
+    gate: str,
+    k: int | None,
+    temperature: float,
+    alpha: float,
+    n_total: int,
+    lipschitz: float,
+    n_steps: int = 10,
+) -> tuple[np.ndarray, float]:
+    """Proximal-gradient steps on ``-Q(W)/n_total + alpha ||gate coefficients||_1``
+    (intercepts unpenalised), the gate M-step of the Lasso MoE (Chamroukhi & Huynh 2019)."""
+    Q = Z_NQ.shape[1]
+    fixed = W_QE[:, n_free:]
+
+    def fun_grad(theta_QF):
+        W = np.hstack([theta_QF, fixed])
+        val, grad_NE = gate_logit_grad(Z_NQ @ W, T_NE, gate, k, temperature)
+        return -val / n_total, -(Z_NQ.T @ grad_NE[:, :n_free]) / n_total
+
+    mask = np.zeros((Q, n_free), dtype=bool)
+    mask[:-1] = True
+    theta, lipschitz = prox_gradient(fun_grad, W_QE[:, :n_free], mask, alpha, lipschitz, n_steps)
+    return np.hstack([theta, fixed]), lipschitz
+
+
+def gaussian_mstep(
+    Z_NQ: np.ndarray,
+    y_N: np.ndarray,
+    R_NE: np.ndarray,
+    A_QE: np.ndarray,
+    var_E: np.ndarray,
+    var_floor: float,
+    alpha: float = 0.0,
+    n_total: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least squares per expert, then its variance (floored at ``var_floor``).
+
+    With ``alpha > 0`` the coefficients (not the intercept) get the scale-invariant Lasso
+    penalty ``alpha ||a_e||_1 / sigma_e`` on the per-sample scale (Staedler, Buehlmann & van
+    de Geer 2010: unlike ``alpha ||a_e||_1`` it keeps the penalised likelihood bounded when
+    p > n), solved by coordinate descent at the current sigma, then sigma in closed form
+    (an ECM step). An expert with no weight keeps its parameters.
+    """
+    A_QE, var_E = A_QE.copy(), var_E.copy()
+    n_total = n_total or Z_NQ.shape[0]
+    for e in range(R_NE.shape[1]):
+        r_N = R_NE[:, e]
+        s = r_N.sum()
+        if s <= 1e-10:
+            continue
+        if alpha > 0:
+            sd = np.sqrt(var_E[e])
+            A_QE[:, e] = _weighted_lasso(Z_NQ[:, :-1], y_N, r_N, alpha * sd * n_total / s, A_QE[:, e])
+            res_N = y_N - Z_NQ @ A_QE[:, e]
+            # argmax over sd of -(s/n) log sd - SSR / (2 n sd^2) - alpha ||a||_1 / sd:
+            # the positive root of (s/n) sd^2 - alpha L1 sd - SSR/n = 0.
+            l1, ssr = float(np.abs(A_QE[:-1, e]).sum()), float(r_N @ res_N**2)
+            a, b = s / n_total, alpha * l1
+            sd = (b + np.sqrt(b * b + 4 * a * ssr / n_total)) / (2 * a)
+            var_E[e] = max(sd * sd, var_floor)
+            continue
+        Zr_NQ = Z_NQ * r_N[:, None]
+        A_QE[:, e] = scipy.linalg.lstsq(Z_NQ.T @ Zr_NQ, Zr_NQ.T @ y_N, check_finite=False)[0]
+        res_N = y_N - Z_NQ @ A_QE[:, e]
+        var_E[e] = max(float(r_N @ res_N**2) / s, var_floor)
+    return A_QE, var_E
+
+
+def _weighted_lasso(X_NP, y_N, r_N, alpha, a0_Q):
+    from sklearn.linear_model import Lasso
+
+    model = Lasso(alpha=alpha, fit_intercept=True, warm_start=True, max_iter=2000, tol=1e-6)
+    model.coef_ = a0_Q[:-1].copy()
+    model.fit(X_NP, y_N, sample_weight=r_N)
+    return np.append(model.coef_, model.intercept_)
+
+
+def multinomial_newton_experts(
+    Z_NQ: np.ndarray, Y_NC: np.ndarray, R_NE: np.ndarray, V_EQC: np.ndarray
+) -> np.ndarray:
+    """One damped Newton step for every multinomial logistic expert at once.
+
+    Expert e maximises ``sum_n r_ne log softmax(Z_n V_e)[y_n]``; the experts are
+    independent, so their Newton systems are solved as one batch ``[E, (C-1) Q]``. Each
+    expert's step is capped (trust region) and halved until its objective does not fall.
+    """
+    E, Q, C = V_EQC.shape
+    Cf = C - 1
+    N = Z_NQ.shape[0]
+    R_EN = np.ascontiguousarray(R_NE.T)
+    y_N = Y_NC.argmax(axis=1)
+    rows = np.arange(N)
+
+    # Layout [E, C, N]: reductions over the few classes run over contiguous rows (fast).
+    def value(V):
+        L_ECN = np.matmul(V.transpose(0, 2, 1), Z_NQ.T)
+        m_EN = L_ECN.max(axis=1)
+        logp_ECN = L_ECN - (m_EN + np.log(np.exp(L_ECN - m_EN[:, None]).sum(axis=1)))[:, None]
+        return (R_EN * logp_ECN[:, y_N, rows]).sum(axis=1), logp_ECN
+
+    q0_E, logp_ECN = value(V_EQC)
+    P_ECN = np.exp(logp_ECN)
+    G_ECN = R_EN[:, None, :] * (Y_NC.T[None] - P_ECN)
+    grad_ECQ = np.matmul(G_ECN[:, :Cf], Z_NQ)
+    # Negative Hessian blocks Z^T diag(r_e p_c (delta_cd - p_d)) Z, batched over experts.
+    Pf = P_ECN[:, :Cf]
+    W_ECCN = R_EN[:, None, None, :] * Pf[:, :, None, :] * (np.eye(Cf)[None, :, :, None] - Pf[:, None, :, :])
+    H = np.einsum("nq,ecdn,nr->ecqdr", Z_NQ, W_ECCN, Z_NQ, optimize=True).reshape(E, Cf * Q, Cf * Q)
+    ridge_E = 1e-10 * (np.trace(H, axis1=1, axis2=2) / (Cf * Q) + 1e-12)
+    H = H + ridge_E[:, None, None] * np.eye(Cf * Q)
+    try:
+        step_ECQ = np.linalg.solve(H, grad_ECQ.reshape(E, Cf * Q, 1)).reshape(E, Cf, Q)
+    except np.linalg.LinAlgError:
+        step_ECQ = np.stack([_solve_psd(H[e], grad_ECQ[e].ravel()) for e in range(E)]).reshape(E, Cf, Q)
+    step_EQC = step_ECQ.transpose(0, 2, 1)
+    move_E = np.abs(np.matmul(Z_NQ[None], step_EQC)).max(axis=(1, 2))
+    t_E = np.where(move_E > MAX_LOGIT_STEP, MAX_LOGIT_STEP / np.maximum(move_E, 1e-300), 1.0)
+    pending = np.ones(E, dtype=bool)
+    out = V_EQC.copy()
+    for _ in range(30):
+        V_try = V_EQC.copy()
+        V_try[:, :, :Cf] += t_E[:, None, None] * step_EQC
+        q_E, _ = value(V_try)
+        ok = pending & (q_E >= q0_E)
+        out[ok] = V_try[ok]
+        pending &= ~ok
+        if not pending.any():
+            break
+        t_E = np.where(pending, 0.5 * t_E, t_E)
+    return out
+
+
+def multinomial_mstep(
+    Z_NQ: np.ndarray,
+    Y_NC: np.ndarray,
+    R_NE: np.ndarray,
+    V_EQC: np.ndarray,
+    alpha: float = 0.0,
+    n_total: int | None = None,
+    lipschitz_E: np.ndarray | None = None,
+) -> np.ndarray:
+    """Weighted multinomial logistic regression per expert (targets ``r_ne * onehot(y_n)``),
+    by damped Newton, or by proximal gradient with the Lasso penalty when ``alpha > 0``."""
+    if alpha <= 0:
+        return multinomial_newton_experts(Z_NQ, Y_NC, R_NE, V_EQC)
+    V_EQC = V_EQC.copy()
+    C = Y_NC.shape[1]
+    n_total = n_total or Z_NQ.shape[0]
+    for e in range(R_NE.shape[1]):
+        T_NC = R_NE[:, e, None] * Y_NC
+        if T_NC.sum() <= 1e-10:
+            continue
+        V_EQC[e], lipschitz_E[e] = l1_gate(
+            Z_NQ, T_NC, V_EQC[e], C - 1, "softmax", None, 1.0, alpha, n_total, lipschitz_E[e]
+        )
+    return V_EQC

@@ -1,0 +1,95 @@
+"""simulate(), select_n_experts() and the `gatedmoe simulate` / `gatedmoe fit` commands."""
+
+import argparse
+import csv
+
+import numpy as np
+import pytest
+from sklearn.exceptions import ConvergenceWarning
+
+from gatedmoe.cli import fit as fit_cmd
+from gatedmoe.cli import simulate as simulate_cmd
+from gatedmoe.stats import MoEClassifier, MoERegressor, MoETruth, select_n_experts, simulate
+
+
+def parser():
+    # The two subcommands of this package, registered as gatedmoe.cli.main does.
+    p = argparse.ArgumentParser(prog="gatedmoe")
+    sub = p.add_subparsers(dest="command")
+    simulate_cmd.register(sub)
+    fit_cmd.register(sub)
+    return p
+
+
+def test_simulate_reports_a_slope_near_minus_one_half():
+    res = simulate(n_grid=[200, 2000, 20000], n_reps=3, random_state=0, progress=False)
+    assert res.loss_name == "D1" and len(res.rows) == 9
+    assert all(s["failed_fraction"] == 0 for s in res.summary)
+    assert -0.8 < res.slope < -0.3, res.slope
+
+
+def test_simulate_over_specified_uses_d2(tmp_path):
+    res = simulate(MoETruth.well_separated(2, 1), n_grid=[300, 1200], n_reps=1, n_experts=3, progress=False, max_iter=300)
+    assert res.loss_name == "D2"
+    assert all(r["loss"] == r["d2"] for r in res.rows if not r["failed"])
+    with pytest.raises(ValueError, match="n_experts=1 is below"):
+        simulate(MoETruth.well_separated(2, 1), n_grid=[100], n_experts=1, progress=False)
+
+
+def test_simulate_command_writes_csv_and_png(tmp_path, capsys):
+    args = parser().parse_args(["simulate", "--experts", "2", "--n-min", "150", "--n-max", "600", "--n-points", "2",
+                                "--reps", "2", "--out", str(tmp_path), "--no-progress"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "log-log slope" in out and "reference -0.5" in out
+    with open(tmp_path / "simulate.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and {"n", "loss", "failed"} <= set(rows[0])
+    assert (tmp_path / "simulate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_command_prints_model_and_bic(tmp_path, capsys):
+    X, y, _ = MoETruth.well_separated(2, 1).sample(400, random_state=0)
+    path = tmp_path / "data.csv"
+    np.savetxt(path, np.column_stack([X, y]), delimiter=",", header="x,target", comments="")
+    args = parser().parse_args(["fit", str(path), "--target", "target", "--experts", "2"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    bic = float(out.split("BIC ")[1].split()[0])
+    ref = MoERegressor(n_experts=2, random_state=0).fit(X, y).bic(X, y)
+    assert bic == pytest.approx(ref, rel=1e-6)
+    assert "expert 1" in out
+    bad = parser().parse_args(["fit", str(path), "--target", "nope"])
+    with pytest.raises(SystemExit, match="not a column"):
+        bad.func(bad)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # the 4-expert fit is over-specified
+def test_select_n_experts_finds_the_true_number():
+    X, y, _ = MoETruth.well_separated(3, 1, random_state=1).sample(1500, random_state=0)
+    sel = select_n_experts(X, y, range(1, 5), criterion="bic")
+    assert sel.n_experts == 3 and set(sel.scores) == {1, 2, 3, 4}
+    assert sel.model.n_experts == 3
+    with pytest.raises(ValueError, match="criterion"):
+        select_n_experts(X, y, range(1, 3), criterion="cv")
+    Xc = np.random.default_rng(0).normal(size=(200, 2))
+    yc = (Xc[:, 0] > 0).astype(int)
+    assert select_n_experts(Xc, yc, [1, 2], estimator=MoEClassifier(penalty="l1", alpha=1e-2)).n_experts in (1, 2)
+
+
+def test_fit_command_classifies_string_labels(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 2))
+    labels = np.where(X[:, 0] + X[:, 1] > 0, "up", "down")
+    path = tmp_path / "labels.csv"
+    with open(path, "w") as fh:
+        fh.write("a,b,label\n")
+        fh.writelines(f"{a},{b},{c}\n" for (a, b), c in zip(X, labels, strict=True))
+    args = parser().parse_args(["fit", str(path), "--target", "label", "--experts", "2", "--classify", "--n-init", "1"])
+    with pytest.warns(ConvergenceWarning):  # separable classes: no finite MLE, EM says so
+        assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "class up" in out and "BIC" in out
+    numeric = parser().parse_args(["fit", str(path), "--target", "label"])
+    with pytest.raises(SystemExit, match="use --classify"):
+        numeric.func(numeric)
