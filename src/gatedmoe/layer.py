@@ -74,6 +74,14 @@ class MoE(nn.Module):
         Raise on NaN/inf in the input (costs one device sync per forward; default True).
     gate_kwargs : dict, optional
         Extra keyword arguments for the gate (e.g. ``{"noisy": True}``).
+    bias_update_rate : float
+        If > 0, attach auxiliary-loss-free bias balancing (Wang et al. 2024) to the gate
+        with this update rate (`Gate.attach_bias_balancer`; token-choice gates only).
+        Default 0: off.
+
+    ``forward(x, token_ids=None)``: ``token_ids`` (int, shape ``x.shape[:-1]``) are passed
+    to gates that route by token id (``gate.uses_token_ids``, e.g. "hash") and ignored
+    by the others.
 
     After each forward: ``last_routing`` (the executed `Routing`, after capacity) and
     ``aux_losses`` (dict of weighted loss tensors; sum them with `aux_loss`).
@@ -106,6 +114,7 @@ class MoE(nn.Module):
         router_z_weight: float = 0.001,
         check_inputs: bool = True,
         gate_kwargs: dict[str, Any] | None = None,
+        bias_update_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.backend = check_backend_name(backend)
@@ -120,6 +129,10 @@ class MoE(nn.Module):
         if gate_cls.uses_k:
             kw["k"] = k
         self.gate = gate_cls(d_model=d_model, n_experts=n_experts, **kw)
+        if bias_update_rate < 0:
+            raise ValueError(f"bias_update_rate must be >= 0, got {bias_update_rate}")
+        if bias_update_rate > 0:
+            self.gate.attach_bias_balancer(bias_update_rate)
         self.experts = ExpertBank(n_experts, d_model, d_hidden, activation, bias)
         self.shared = (
             SharedExperts(d_model, n_shared_experts * (d_shared_hidden or d_hidden), activation, bias)
@@ -149,9 +162,15 @@ class MoE(nn.Module):
         if self.check_inputs and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or inf")
 
-    def route(self, x_TD: Tensor) -> Routing:
-        """Gate ``x_TD``, record auxiliary losses, apply capacity; returns the executed routing."""
-        routing = self.gate(x_TD)
+    def route(self, x_TD: Tensor, token_ids: Tensor | None = None) -> Routing:
+        """Gate ``x_TD``, record auxiliary losses, apply capacity; returns the executed routing.
+
+        ``token_ids`` (``[T]`` or any shape with T elements) reach gates that use them.
+        """
+        if self.gate.uses_token_ids:
+            routing = self.gate(x_TD, token_ids=token_ids)
+        else:
+            routing = self.gate(x_TD)
         losses: dict[str, Tensor] = {}
         if self.load_balance_weight and routing.probs is not None:
             losses["load_balance"] = self.load_balance_weight * load_balance_loss(routing)
@@ -163,11 +182,13 @@ class MoE(nn.Module):
             routing = routing.drop_over_capacity(self.capacity(routing.n_assignments), self.capacity_priority)
         return routing
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [..., D] -> [..., D]``."""
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        """``x [..., D] -> [..., D]``; ``token_ids [...]`` for gates that route by token id."""
         self._check(x)
+        if token_ids is not None and tuple(token_ids.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"token_ids must have shape x.shape[:-1]={tuple(x.shape[:-1])}, got {tuple(token_ids.shape)}")
         x_TD = x.reshape(-1, self.d_model)
-        routing = self.route(x_TD)
+        routing = self.route(x_TD, None if token_ids is None else token_ids.reshape(-1))
         self.last_routing = routing
         y_TD = get_backend(self.backend, x.device)(x_TD, routing, self.experts)
         if self.shared is not None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from gatedmoe.gates.balancing import BiasBalancer
 from gatedmoe.routing import Routing
 
-__all__ = ["Gate", "check_k"]
+__all__ = ["Gate", "check_k", "routing_from_dense"]
 
 
 def check_k(k: int, n_experts: int) -> int:
@@ -28,10 +29,17 @@ class Gate(nn.Module):
     ``self.gate_losses`` after each forward; the MoE layer collects it.
 
     Subclasses set ``uses_k = False`` when they route densely or choose the number of
-    experts themselves, so the layer does not pass ``k``.
+    experts themselves, so the layer does not pass ``k``; ``uses_token_ids = True`` when
+    ``forward`` needs the vocabulary ids of the tokens (hash routing), so the layer passes
+    ``token_ids``; ``token_choice = True`` when each token picks its experts from a
+    score ``[T, E]``, so a selection bias (`BiasBalancer`, auxiliary-loss-free balancing)
+    can be attached with `attach_bias_balancer`. Such gates add `selection_bias` to their
+    scores before selecting and call `update_bias_balancer` after routing.
     """
 
     uses_k: bool = True
+    uses_token_ids: bool = False
+    token_choice: bool = False
 
     def __init__(self, d_model: int, n_experts: int) -> None:
         super().__init__()
@@ -42,10 +50,59 @@ class Gate(nn.Module):
         self.d_model = d_model
         self.n_experts = n_experts
         self.gate_losses: dict[str, Tensor] = {}
+        self.balancer: BiasBalancer | None = None
 
     def router_logits(self, x_TD: Tensor) -> Tensor:
         """``x W^T`` in float32 (the linear router of most gates), ``[T, E]``."""
         return torch.nn.functional.linear(x_TD.float(), self.weight.float())
 
+    # ------------------------------------------------------------ bias balancing
+    def attach_bias_balancer(self, update_rate: float = 1e-3) -> Gate:
+        """Give this token-choice gate a selection-only expert bias (Wang et al. 2024).
+
+        The bias is added to the gate's selection scores, never to its combine weights,
+        and after each training forward moves by ``update_rate * sign(mean(c) - c_e)``.
+        Raises ValueError for gates that are not token choice (``token_choice=False``).
+        Returns ``self``.
+        """
+        if not self.token_choice:
+            raise ValueError(
+                f"gate {type(self).__name__} is not a token-choice gate; bias balancing "
+                "needs a gate whose tokens select experts from a score"
+            )
+        self.balancer = BiasBalancer(self.n_experts, update_rate)
+        return self
+
+    def selection_bias(self) -> Tensor | None:
+        """The selection bias ``[E]`` to add to scores before top-k, or None."""
+        return None if self.balancer is None else self.balancer.bias
+
+    def update_bias_balancer(self, counts_E: Tensor) -> None:
+        """One balancer step from this forward's counts (training with grad only)."""
+        if self.balancer is not None and self.training and torch.is_grad_enabled():
+            self.balancer.update(counts_E)
+
     def forward(self, x_TD: Tensor) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def routing_from_dense(
+    weights_TE: Tensor,
+    mask_TE: Tensor | None = None,
+    probs: Tensor | None = None,
+    logits: Tensor | None = None,
+) -> Routing:
+    """Routing of the entries of a dense ``[T, E]`` weight matrix where ``mask_TE`` is True
+    (every entry if None): one assignment per kept ``(t, e)``, weight ``weights_TE[t, e]``.
+
+    Used by gates that keep a variable number of experts per token (thresholds, top-p,
+    DSelect-k's exact zeros) or route densely.
+    """
+    T, E = weights_TE.shape
+    if mask_TE is None:
+        experts_TE = torch.arange(E, device=weights_TE.device).expand(T, E)
+        return Routing.from_topk(weights_TE, experts_TE, E, probs=probs, logits=logits)
+    token_N, expert_N = mask_TE.nonzero(as_tuple=True)
+    return Routing.from_assignments(
+        token_N, expert_N, weights_TE[token_N, expert_N], n_experts=E, n_tokens=T, probs=probs, logits=logits
+    )

@@ -36,6 +36,8 @@ class SigmoidGate(Gate):
     10
     """
 
+    token_choice = True
+
     def __init__(
         self,
         d_model: int,

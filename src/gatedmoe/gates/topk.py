@@ -56,7 +56,8 @@ class TopKSoftmaxGate(Gate):
     ``importance = w_importance * CV(sum_x G(x))^2`` and
     ``load = w_load * CV(sum_x P(x, .))^2`` (see `noisy_topk_load`).
 
-    Sparse, selection not differentiable (weights are), balancing by auxiliary losses.
+    Sparse, selection not differentiable (weights are), balancing by auxiliary losses, or
+    without them by a selection bias on ``p`` (`Gate.attach_bias_balancer`).
 
     Examples
     --------
@@ -65,6 +66,8 @@ class TopKSoftmaxGate(Gate):
     >>> g(torch.randn(5, 8)).counts.sum().item()
     10
     """
+
+    token_choice = True
 
     def __init__(
         self,
@@ -92,16 +95,21 @@ class TopKSoftmaxGate(Gate):
     def forward(self, x_TD: Tensor) -> Routing:
         clean_TE = self.router_logits(x_TD)
         self.gate_losses = {}
+        bias_E = self.selection_bias()
         if not (self.noisy and self.training):
-            weights_TK, experts_TK, probs_TE = topk_softmax(clean_TE, self.k, self.renormalize)
-            return Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=clean_TE)
+            weights_TK, experts_TK, probs_TE = topk_softmax(clean_TE, self.k, self.renormalize, bias_E)
+            routing = Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=clean_TE)
+            self.update_bias_balancer(routing.counts)
+            return routing
         noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float())) + 1e-2
         noisy_TE = clean_TE + torch.randn_like(clean_TE) * noise_std_TE
-        weights_TK, experts_TK, probs_TE = topk_softmax(noisy_TE, self.k, self.renormalize)
+        weights_TK, experts_TK, probs_TE = topk_softmax(noisy_TE, self.k, self.renormalize, bias_E)
         gates_TE = torch.zeros_like(probs_TE).scatter(-1, experts_TK, weights_TK)
         load_E = noisy_topk_load(clean_TE, noisy_TE, noise_std_TE, self.k)
         self.gate_losses = {
             "importance": self.w_importance * cv_squared(gates_TE.sum(0)),
             "load": self.w_load * cv_squared(load_E),
         }
-        return Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=noisy_TE)
+        routing = Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=noisy_TE)
+        self.update_bias_balancer(routing.counts)
+        return routing
