@@ -1,6 +1,11 @@
 """Expert banks (stacked expert weights) and their activations."""
 
-from gatedmoe.experts.activations import Activation, activation_names, get_activation
+from gatedmoe.experts.activations import (
+    Activation,
+    ExpandedGatedActivation,
+    activation_names,
+    get_activation,
+)
 from gatedmoe.experts.bank import ExpertBank
 
-__all__ = ["ExpertBank", "Activation", "get_activation", "activation_names"]
+__all__ = ["ExpertBank", "Activation", "ExpandedGatedActivation", "get_activation", "activation_names"]

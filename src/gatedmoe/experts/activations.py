@@ -3,18 +3,24 @@ Improve Transformer").
 
 A GLU activation takes the first layer's output ``h = [a | b]`` of width 2H and returns
 ``act(a) * b`` of width H; a plain activation maps width H to H.
+
+Most activations are stateless `Activation` values. The expanded-gating-range family
+(xSiLU, xGELU, xATLU and their GLU forms) has a trainable ``alpha``: `get_activation`
+returns a fresh `ExpandedGatedActivation` module for those, so each `ExpertBank` (and
+each shared-expert block) registers and trains its own alpha.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["Activation", "get_activation", "activation_names"]
+__all__ = ["Activation", "ExpandedGatedActivation", "get_activation", "activation_names"]
 
 
 @dataclass(frozen=True)
@@ -55,13 +61,80 @@ _ACTIVATIONS: dict[str, Activation] = {
 }
 
 
+def _gelu_gate(x: Tensor) -> Tensor:
+    """Phi(x), the standard normal CDF: GELU(x) = x Phi(x)."""
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _arctan_gate(x: Tensor) -> Tensor:
+    """arctan(x) / pi + 1/2 in (0, 1): ATLU(x) = x (arctan(x) / pi + 1/2)."""
+    return torch.atan(x) / math.pi + 0.5
+
+
+class ExpandedGatedActivation(nn.Module):
+    """Gated activation with an expanded, trainable gating range (Huang 2024, "Expanded
+    Gating Ranges Improve Activation Functions").
+
+    A self-gated activation ``x * g(x)`` with gate ``g`` in ``(0, 1)`` becomes
+    ``x * ((1 + 2 alpha) g(x) - alpha)``: the gate's range widens to ``(-alpha, 1 + alpha)``.
+    ``alpha`` is trainable, initialised at ``alpha_init`` (0 recovers SiLU / GELU / ATLU).
+    Gates: sigmoid (xSiLU), the normal CDF (xGELU), ``arctan(x)/pi + 1/2`` (xATLU).
+    In GLU form (``glu=True``, Shazeer 2020) ``h = [a | b] -> act(a) * b``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> act = ExpandedGatedActivation("xsilu", torch.sigmoid, glu=False)
+    >>> float(act(torch.tensor([1.0])))  # alpha = 0: SiLU(1)  # doctest: +ELLIPSIS
+    0.731...
+    """
+
+    def __init__(self, name: str, gate: Callable[[Tensor], Tensor], glu: bool, alpha_init: float = 0.0) -> None:
+        super().__init__()
+        self.name, self.gate, self.glu = name, gate, bool(glu)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+
+    def fn(self, x: Tensor) -> Tensor:
+        """``x * ((1 + 2 alpha) g(x) - alpha)`` elementwise."""
+        a = self.alpha.to(x.dtype)
+        return x * ((1 + 2 * a) * self.gate(x) - a)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Apply to the first layer's output ``h [N, H]`` (``[N, 2H]`` for GLU)."""
+        if not self.glu:
+            return self.fn(h)
+        a, b = h.chunk(2, dim=-1)
+        return self.fn(a) * b
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, glu={self.glu}"
+
+
+# name -> (gate, glu): the trainable expanded-range family.
+_EXPANDED: dict[str, tuple[Callable[[Tensor], Tensor], bool]] = {
+    "xsilu": (torch.sigmoid, False),
+    "xgelu": (_gelu_gate, False),
+    "xatlu": (_arctan_gate, False),
+    "xswiglu": (torch.sigmoid, True),
+    "xgeglu": (_gelu_gate, True),
+    "xatglu": (_arctan_gate, True),
+}
+
+
 def activation_names() -> list[str]:
     """Known activation names."""
-    return sorted(_ACTIVATIONS)
+    return sorted([*_ACTIVATIONS, *_EXPANDED])
 
 
-def get_activation(name: str) -> Activation:
-    """The activation called ``name``; ValueError listing the known ones otherwise."""
+def get_activation(name: str) -> Activation | ExpandedGatedActivation:
+    """The activation called ``name``; ValueError listing the known ones otherwise.
+
+    Names of the expanded family ("xsilu", "xgelu", "xatlu", "xswiglu", "xgeglu",
+    "xatglu") return a new module with its own trainable alpha on every call.
+    """
+    if name in _EXPANDED:
+        gate, glu = _EXPANDED[name]
+        return ExpandedGatedActivation(name, gate, glu)
     if name not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; known activations: {', '.join(activation_names())}")
     return _ACTIVATIONS[name]

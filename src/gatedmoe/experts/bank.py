@@ -29,7 +29,9 @@ class ExpertBank(nn.Module):
     d_hidden : int
         H, hidden width of each expert.
     activation : str
-        One of relu, gelu, silu, swiglu, geglu, reglu, bilinear (default "swiglu").
+        One of ``gatedmoe.experts.activation_names()`` (default "swiglu"); the
+        expanded-range family (xsilu, xgelu, xatlu, xswiglu, xgeglu, xatglu) adds one
+        trainable ``act.alpha`` shared by the bank's experts.
     bias : bool
         Add biases ``b_in [E, H']`` and ``b_out [E, D]`` (default False).
 

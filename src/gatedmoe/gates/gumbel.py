@@ -76,7 +76,7 @@ class GumbelSoftmaxGate(Gate):
             return routing_from_dense(y_TE, probs=clean_TE, logits=logits_TE)
         experts_T1 = y_TE.argmax(-1, keepdim=True)
         y_T1 = y_TE.gather(-1, experts_T1)
-        weights_T1 = 1.0 + y_T1 - y_T1.detach()
+        weights_T1 = 1.0 + (y_T1 - y_T1.detach())
         return Routing.from_topk(weights_T1, experts_T1, self.n_experts, probs=clean_TE, logits=logits_TE)
 
     def extra_repr(self) -> str:

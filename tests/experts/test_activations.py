@@ -1,0 +1,75 @@
+"""Tests of the expanded-gating-range activations in src/gatedmoe/experts/activations.py."""
+
+import math
+
+import pytest
+import torch
+
+from gatedmoe import MoE
+from gatedmoe.dispatch import grouped_dispatch, reference_dispatch
+from gatedmoe.experts import ExpandedGatedActivation, ExpertBank, activation_names, get_activation
+from gatedmoe.routing import Routing
+from helpers import assert_close
+
+X = torch.tensor([-2.0, -0.5, 0.0, 1.0, 3.0], dtype=torch.float64)
+GATES = {
+    "xsilu": torch.sigmoid,
+    "xgelu": lambda x: 0.5 * (1 + torch.erf(x / math.sqrt(2))),
+    "xatlu": lambda x: torch.atan(x) / math.pi + 0.5,
+}
+
+
+@pytest.mark.parametrize("name", sorted(GATES))
+def test_formula(name):
+    act = get_activation(name).double()
+    with torch.no_grad():
+        act.alpha.fill_(0.3)
+    want = X * (1.6 * GATES[name](X) - 0.3)
+    assert_close(name, want, act(X))
+
+
+def test_alpha_zero_recovers_base_activations():
+    assert_close("silu", torch.nn.functional.silu(X), get_activation("xsilu").double()(X))
+    assert_close("gelu", torch.nn.functional.gelu(X), get_activation("xgelu").double()(X))
+    # ATLU(1) = 1 * (atan(1)/pi + 1/2) = 3/4.
+    assert_close("atlu", torch.tensor(0.75, dtype=torch.float64), get_activation("xatlu").double()(torch.tensor(1.0, dtype=torch.float64)))
+
+
+def test_glu_form_and_gradient():
+    act = get_activation("xswiglu")
+    assert isinstance(act, ExpandedGatedActivation) and act.glu
+    h = torch.randn(4, 6)
+    a, b = h.chunk(2, -1)
+    assert_close("glu", torch.nn.functional.silu(a) * b, act(h))
+    act(h).sum().backward()
+    assert act.alpha.grad is not None and act.alpha.grad != 0
+
+
+def test_each_call_is_a_fresh_module():
+    assert get_activation("xgelu") is not get_activation("xgelu")
+    assert {"xsilu", "xgelu", "xatlu", "xswiglu", "xgeglu", "xatglu"} <= set(activation_names())
+
+
+@pytest.mark.parametrize("name", ["xsilu", "xatglu"])
+def test_in_expert_bank_and_dispatch(name):
+    torch.manual_seed(0)
+    bank = ExpertBank(3, 8, 16, activation=name)
+    assert "act.alpha" in dict(bank.named_parameters())
+    with torch.no_grad():
+        bank.act.alpha.fill_(0.2)
+    x = torch.randn(5, 8)
+    r = Routing.from_topk(torch.rand(5, 2), torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2], [1, 0]]), 3)
+    ref = reference_dispatch(x, r, bank)
+    ref.sum().backward()
+    ref_grad = bank.act.alpha.grad.clone()
+    bank.act.alpha.grad = None
+    fast = grouped_dispatch(x, r, bank)
+    fast.sum().backward()
+    assert_close("out", ref, fast)
+    assert_close("alpha grad", ref_grad, bank.act.alpha.grad)
+
+
+def test_moe_with_shared_experts_trains_both_alphas():
+    moe = MoE(8, 4, 16, activation="xgeglu", n_shared_experts=1)
+    moe(torch.randn(6, 8)).sum().backward()
+    assert moe.experts.act.alpha.grad is not None and moe.shared.act.alpha.grad is not None
