@@ -4,7 +4,13 @@ baseline, and their training loops."""
 from gatedmoe.models.params import count_params
 from gatedmoe.models.tabular import FeatureEmbedding, TabularMLP, TabularMoE
 from gatedmoe.models.text import CharTokenizer, TextBatches
-from gatedmoe.models.train_lm import evaluate_lm, find_checkpoint, load_checkpoint, save_checkpoint, train_lm
+from gatedmoe.models.train_lm import (
+    evaluate_lm,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    train_lm,
+)
 from gatedmoe.models.train_tabular import evaluate_tabular, train_tabular
 from gatedmoe.models.transformer import LMConfig, MoETransformerLM
 
