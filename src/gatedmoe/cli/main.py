@@ -11,7 +11,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 # Subcommand modules, in the order `gatedmoe --help` lists them.
-SUBCOMMANDS = ["train", "bench"]
+SUBCOMMANDS = ["compare", "train", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
