@@ -139,6 +139,7 @@ def train_lm(
     out_dir: str | Path | None = None,
     progress: bool = True,
     resume_from: str | Path | None = None,
+    schedule_steps: int | None = None,
     desc: str = "train",
     **cfg_overrides: Any,
 ) -> dict[str, Any]:
@@ -158,6 +159,9 @@ def train_lm(
     resume_from : a checkpoint folder (or an ``out_dir`` holding ``checkpoint/``) written by
         `train_lm`: continue from its step to ``steps`` (the total) with its model,
         optimizer, schedule and random states; its config replaces ``cfg``.
+    schedule_steps : length of the learning-rate schedule (warm-up, cosine decay), default
+        ``steps``. Train in chunks with ``steps=n1, schedule_steps=N``, then
+        ``steps=N, resume_from=...``: identical to one run of N steps.
 
     Returns
     -------
@@ -184,9 +188,13 @@ def train_lm(
         model = MoETransformerLM(cfg).to(device)
     data = TextBatches(tok.encode(text), cfg.seq_len)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = max(1, steps // 20)
+    horizon = steps if schedule_steps is None else schedule_steps
+    if horizon < 1:
+        raise ValueError(f"schedule_steps must be >= 1, got {schedule_steps}")
+    warmup = max(1, horizon // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, horizon) / horizon))),
     )
     gen = torch.Generator().manual_seed(seed)
     history: list[float] = []
