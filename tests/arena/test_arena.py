@@ -96,3 +96,11 @@ def test_bad_arguments():
         run_text_arena(TEXT, ["nope"], steps=1)
     with pytest.raises(ValueError, match="seeds"):
         run_text_arena(TEXT, ["topk_softmax"], steps=1, seeds=0)
+
+
+def test_parallel_jobs_match_serial():
+    kw = dict(steps=2, seeds=1, batch_size=2, eval_every=2, eval_batches=1, model=TINY_LM, progress=False)
+    serial = run_text_arena(TEXT, ["topk_softmax", "switch"], **kw)
+    parallel = run_text_arena(TEXT, ["topk_softmax", "switch"], jobs=2, **kw)
+    assert [r["val_loss"] for r in parallel.runs] == pytest.approx([r["val_loss"] for r in serial.runs], rel=1e-5)
+    assert set(parallel.stats) == {"topk_softmax", "switch"}

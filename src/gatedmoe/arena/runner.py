@@ -112,14 +112,18 @@ def run_text_arena(
     model: dict[str, Any] | None = None,
     dataset: str = "text",
     progress: bool = True,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> ArenaResult:
     """Train `MoETransformerLM` once per gate and seed on ``text``; same config, budget,
     data order and initial weights (per seed) for every gate.
 
-    ``model`` overrides `TEXT_MODEL` (LMConfig fields). Returns an `ArenaResult` whose
-    runs hold ``val_loss``, ``params``, ``active_params``, ``load_cv``,
-    ``max_violation``, ``dropped_pct``, ``entropy_norm``, ``tokens_per_s`` and the
-    validation curve.
+    ``model`` overrides `TEXT_MODEL` (LMConfig fields). ``jobs > 1`` trains that many runs
+    at once in worker processes (spawned; each uses ``threads`` torch threads, default 1),
+    with one progress bar over runs; results are the same as with ``jobs=1``. Returns an
+    `ArenaResult` whose runs hold ``val_loss``, ``params``, ``active_params``,
+    ``load_cv``, ``max_violation``, ``dropped_pct``, ``entropy_norm``, ``tokens_per_s``
+    and the validation curve.
     """
     gate_names = list(gates)
     _check_common(gate_names, seeds, steps)
@@ -127,25 +131,56 @@ def run_text_arena(
     vocab = CharTokenizer.from_text(text).chars
     config = {"model": model_cfg, "steps": steps, "seeds": seeds, "batch_size": batch_size, "lr": lr,
               "eval_batches": eval_batches, "gates": {g: gate_preset(g, len(vocab)) for g in gate_names}}
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     result = ArenaResult("text", dataset, config, vocab=vocab)
     t0 = time.perf_counter()
-    for gate in gate_names:
-        for seed in range(seeds):
-            cfg = LMConfig(vocab_size=len(vocab), gate=gate, gate_kwargs=gate_preset(gate, len(vocab)), **model_cfg)
-            m = train_lm(text, cfg, steps=steps, batch_size=batch_size, lr=lr, device=device, seed=seed,
-                         eval_every=eval_every, eval_batches=eval_batches, progress=progress,
-                         desc=f"{gate} seed {seed}")
-            result.runs.append({
-                "label": gate, "gate": gate, "seed": seed,
-                "val_loss": m["final_val_loss"], "params": m["params"], "active_params": m["active_params"],
-                **_routing_columns(m["routing"]),
-                "tokens_per_s": m["tokens_per_s"], "train_seconds": m["train_seconds"],
-                "val_curve": m["val_loss"], "routing": m["routing"],
-            })
-            if seed == 0:
-                result.stats[gate] = m["routing_stats"]
+    tasks = [
+        dict(text=text, cfg=LMConfig(vocab_size=len(vocab), gate=gate, gate_kwargs=gate_preset(gate, len(vocab)),
+                                     **model_cfg),
+             steps=steps, batch_size=batch_size, lr=lr, device=device, seed=seed, eval_every=eval_every,
+             eval_batches=eval_batches, desc=f"{gate} seed {seed}")
+        for gate in gate_names for seed in range(seeds)
+    ]
+    if jobs == 1 or len(tasks) == 1:
+        outcomes = [_text_run(task, progress, threads) for task in tasks]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx) as pool:
+            futures = [pool.submit(_text_run, task, False, threads or 1) for task in tasks]
+            bar = tqdm(total=len(tasks), disable=not progress, desc=f"text runs ({jobs} at once)", unit="run")
+            for f in futures:
+                f.add_done_callback(lambda _: bar.update(1))
+            outcomes = [f.result() for f in futures]
+            bar.close()
+    for task, (run, stats) in zip(tasks, outcomes, strict=True):
+        result.runs.append(run)
+        if task["seed"] == 0:
+            result.stats[run["label"]] = stats
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _text_run(task: dict[str, Any], progress: bool, threads: int | None) -> tuple[dict[str, Any], RoutingStats]:
+    """One text contestant (module level so worker processes can run it)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    task = dict(task)
+    text, cfg = task.pop("text"), task.pop("cfg")
+    m = train_lm(text, cfg, progress=progress, **task)
+    run = {
+        "label": cfg.gate, "gate": cfg.gate, "seed": task["seed"],
+        "val_loss": m["final_val_loss"], "params": m["params"], "active_params": m["active_params"],
+        **_routing_columns(m["routing"]),
+        "tokens_per_s": m["tokens_per_s"], "train_seconds": m["train_seconds"],
+        "val_curve": m["val_loss"], "routing": m["routing"],
+    }
+    return run, m["routing_stats"]
 
 
 def run_tabular_arena(

@@ -42,9 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--d-model", type=int, default=None, help="text model width (default 128)")
     p.add_argument("--seq-len", type=int, default=None, help="text model context (default 128)")
     p.add_argument("--experts", type=int, default=None, help="experts per MoE layer (default text 8, tabular 4)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="text runs trained at once, in worker processes (default 2, one per core)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: these small models gain little from more, and lose much when "
-                        "the cores are shared)")
+                   help="torch CPU threads per run (default 1: these small models gain little from more, and lose "
+                        "much when the cores are shared)")
     p.add_argument("--device", default="cpu", help="text task device (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run)
@@ -80,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
     if args.steps is not None and args.steps < 1:
@@ -104,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"== text: {name}, gates {', '.join(gate_names or DEFAULT_TEXT_GATES)}", flush=True)
         res = run_text_arena(text, gate_names or DEFAULT_TEXT_GATES, seeds=args.seeds, lr=args.lr,
                              eval_every=args.eval_every, eval_batches=args.eval_batches, device=args.device,
-                             model=model, dataset=name, progress=progress, **kw)
+                             model=model, dataset=name, progress=progress, jobs=args.jobs, threads=args.threads,
+                             **kw)
         results.append(res)
     if args.task in ("tabular", "both"):
         try:
