@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=None, help="text model: transformer blocks (default 2)")
     p.add_argument("--d-model", type=int, default=None, help="text model width (default 128)")
     p.add_argument("--seq-len", type=int, default=None, help="text model context (default 128)")
+    p.add_argument("--gated-attention", action="store_true",
+                   help="text model: sigmoid output gate after attention (Qiu et al. 2025)")
     p.add_argument("--experts", type=int, default=None, help="experts per MoE layer (default text 8, tabular 4)")
     p.add_argument("--jobs", type=int, default=2,
                    help="text runs trained at once, in worker processes (default 2, one per core)")
@@ -102,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
             text, name = args.text.read_text(encoding="utf-8"), args.text.name
         model = {k: v for k, v in (("n_layers", args.layers), ("d_model", args.d_model), ("seq_len", args.seq_len),
                                    ("n_experts", args.experts)) if v is not None}
+        if args.gated_attention:
+            model["gated_attention"] = True
         kw = {} if args.steps is None else {"steps": args.steps}
         if args.batch_size is not None:
             kw["batch_size"] = args.batch_size
