@@ -43,7 +43,7 @@ class DSelectKGate(Gate):
     --------
     >>> import torch
     >>> g = DSelectKGate(8, 4, k=2)
-    >>> float(g(torch.randn(3, 8)).combine_matrix().sum(-1).mean())  # doctest: +ELLIPSIS
+    >>> float(g(torch.randn(3, 8)).combine_matrix().sum(-1).mean().detach())  # doctest: +ELLIPSIS
     1.0...
     """
 

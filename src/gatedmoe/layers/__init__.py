@@ -1,0 +1,17 @@
+"""Layer variants built from the same parts as `gatedmoe.MoE` (gates, `Routing`,
+`ExpertBank`, dispatch). One module per variant:
+
+* `soft_moe.SoftMoE`: slots that mix every token (Puigcerver et al. 2023).
+* `multi_head.MultiHeadMoE`: sub-tokens routed independently (MH-MoE, Wu et al. 2024).
+* `depth.MixtureOfDepths`: a router picks which tokens a block processes (Raposo et al. 2024).
+* `multi_task.MultiTaskMoE`: shared experts, one gate per task (MMoE, DSelect-k multi-task).
+* `deep.DeepMoE`: stacked MoE layers, each with its own gate (Eigen et al. 2013).
+"""
+
+from gatedmoe.layers.deep import DeepMoE
+from gatedmoe.layers.depth import MixtureOfDepths
+from gatedmoe.layers.multi_head import MultiHeadMoE
+from gatedmoe.layers.multi_task import MultiTaskMoE
+from gatedmoe.layers.soft_moe import SoftMoE
+
+__all__ = ["SoftMoE", "MultiHeadMoE", "MixtureOfDepths", "MultiTaskMoE", "DeepMoE"]

@@ -1,0 +1,75 @@
+"""Deep mixture of experts: MoE layers stacked, each with its own gate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gatedmoe.layer import MoE
+
+__all__ = ["DeepMoE"]
+
+
+class DeepMoE(nn.Module):
+    """Deep mixture of experts (Eigen, Ranzato & Sutskever 2013, "Learning Factored
+    Representations in a Deep Mixture of Experts").
+
+    Formula: ``z^0 = x``; ``z^l = sum_e g^l_e(z^{l-1}) f^l_e(z^{l-1})`` for l = 1..L, with a
+    nonlinearity between layers (``relu`` as in the paper; None for none) and, with
+    ``residual``, ``z^l = z^{l-1} + ...`` instead. Each layer is a `gatedmoe.MoE` with its
+    own gate and experts, so the number of effective expert combinations grows as
+    ``E^L`` while the parameters grow as ``L * E``.
+
+    Parameters
+    ----------
+    d_model, n_experts, d_hidden : int
+        As in `gatedmoe.MoE` (the same for every layer).
+    n_layers : int
+        L >= 1 (default 2, as in the paper).
+    nonlinearity : {"relu", None}
+        Between layers (not after the last).
+    residual : bool
+        Add each layer's input to its output (default False).
+    **moe_kwargs
+        Passed to every `gatedmoe.MoE` (gate, k, gate_kwargs, ...).
+
+    ``aux_loss(model)`` sums every layer's auxiliary losses.
+
+    Examples
+    --------
+    >>> import torch
+    >>> m = DeepMoE(8, n_experts=4, d_hidden=16, n_layers=2, gate="softmax")
+    >>> m(torch.randn(3, 8)).shape
+    torch.Size([3, 8])
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        d_hidden: int,
+        *,
+        n_layers: int = 2,
+        nonlinearity: str | None = "relu",
+        residual: bool = False,
+        **moe_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+            raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
+        if nonlinearity not in ("relu", None):
+            raise ValueError(f"nonlinearity must be 'relu' or None, got {nonlinearity!r}")
+        self.layers = nn.ModuleList(MoE(d_model, n_experts, d_hidden, **moe_kwargs) for _ in range(n_layers))
+        self.nonlinearity, self.residual = nonlinearity, bool(residual)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        """``x [..., D] -> [..., D]``; ``token_ids`` reach every layer."""
+        z = x
+        for i, layer in enumerate(self.layers):
+            out = layer(z, token_ids=token_ids)
+            z = z + out if self.residual else out
+            if self.nonlinearity == "relu" and i < len(self.layers) - 1:
+                z = torch.relu(z)
+        return z

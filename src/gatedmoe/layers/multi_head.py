@@ -1,0 +1,63 @@
+"""Multi-Head MoE: each token is split into sub-tokens that are routed independently."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from gatedmoe.layer import MoE
+
+__all__ = ["MultiHeadMoE"]
+
+
+class MultiHeadMoE(nn.Module):
+    """Multi-Head Mixture-of-Experts (Wu, Huang, Wang & Wei 2024, "Multi-Head
+    Mixture-of-Experts", sec. 3).
+
+    Formula: ``x' = W_head x`` (``[D] -> [D]``), split into h sub-tokens of width D/h;
+    each sub-token goes through an ordinary `gatedmoe.MoE` of width D/h (any gate), as if
+    it were a token of its own; the outputs are concatenated back to width D and merged,
+    ``y = W_merge concat(...)``. Routing several sub-tokens of one token to different
+    experts raises expert activation and lets a token attend to several representation
+    spaces.
+
+    Parameters
+    ----------
+    d_model : int
+        D, divisible by ``n_heads``.
+    n_heads : int
+        h.
+    n_experts, d_hidden : int
+        Experts of the inner MoE and their hidden width (MH-MoE shrinks it to keep FLOPs).
+    **moe_kwargs
+        Passed to the inner `gatedmoe.MoE` (gate, k, gate_kwargs, capacity_factor, ...).
+
+    ``aux_losses`` and ``last_routing`` live on ``self.moe`` (``aux_loss(model)`` finds
+    them); ``token_ids`` are repeated for each sub-token.
+
+    Examples
+    --------
+    >>> import torch
+    >>> m = MultiHeadMoE(16, n_heads=4, n_experts=4, d_hidden=8, k=2)
+    >>> m(torch.randn(2, 5, 16)).shape
+    torch.Size([2, 5, 16])
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_experts: int, d_hidden: int, **moe_kwargs: Any) -> None:
+        super().__init__()
+        if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1 or d_model % n_heads:
+            raise ValueError(f"n_heads must be a positive int dividing d_model={d_model}, got {n_heads!r}")
+        self.d_model, self.n_heads = d_model, n_heads
+        self.head_proj = nn.Linear(d_model, d_model)
+        self.merge_proj = nn.Linear(d_model, d_model)
+        self.moe = MoE(d_model // n_heads, n_experts, d_hidden, **moe_kwargs)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        """``x [..., D] -> [..., D]``."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape [..., d_model={self.d_model}], got {tuple(x.shape)}")
+        sub = self.head_proj(x).reshape(*x.shape[:-1], self.n_heads, self.d_model // self.n_heads)
+        ids = None if token_ids is None else token_ids.unsqueeze(-1).expand(*token_ids.shape, self.n_heads)
+        out = self.moe(sub, token_ids=ids)
+        return self.merge_proj(out.reshape(x.shape))

@@ -1,0 +1,108 @@
+"""Soft MoE: every slot is a weighted mix of all tokens of a sequence.
+
+Shape legend: B sequences, T tokens, D model dim, E experts, S slots per expert.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gatedmoe.dispatch import check_backend_name, get_backend
+from gatedmoe.experts.bank import ExpertBank
+from gatedmoe.routing import Routing
+
+__all__ = ["SoftMoE"]
+
+
+class SoftMoE(nn.Module):
+    """Soft mixture of experts (Puigcerver, Riquelme, Mustafa & Houlsby 2023, "From Sparse
+    to Soft Mixtures of Experts", sec. 2).
+
+    Formula, per sequence ``X [T, D]``, slot parameters ``Phi [D, E*S]``:
+    ``L = X Phi``; dispatch weights ``Dw = softmax over tokens (columns) of L``; combine
+    weights ``Cw = softmax over slots (rows) of L``; slot inputs ``X~ = Dw^T X [E*S, D]``;
+    expert e processes its S slots, ``Y~_s = f_e(X~_s)``; output ``Y = Cw Y~ [T, D]``.
+    With ``normalize`` (the paper's sec. 2.3 for large D): ``L = scale * l2(X) l2(Phi)``
+    with a learned scalar ``scale`` (init 1). No token is dropped, nothing is sparse in
+    the mixing, so no auxiliary loss; the expert computation runs as a `Routing` of the
+    B*E*S slot rows (weight 1) through the dispatch backend.
+
+    Parameters
+    ----------
+    d_model, n_experts, d_hidden : int
+        D, E, and each expert's hidden width.
+    slots_per_expert : int
+        S (default 1).
+    activation, bias, backend :
+        As in `gatedmoe.MoE`.
+    normalize : bool
+        l2-normalise tokens and slot parameters (default False).
+
+    Input ``[B, T, D]`` or ``[T, D]`` (one sequence). Tokens mix within a sequence, so a
+    causal model cannot use it as is (the paper notes the same).
+
+    Examples
+    --------
+    >>> import torch
+    >>> m = SoftMoE(16, n_experts=4, d_hidden=32, slots_per_expert=2)
+    >>> m(torch.randn(3, 10, 16)).shape
+    torch.Size([3, 10, 16])
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        d_hidden: int,
+        *,
+        slots_per_expert: int = 1,
+        activation: str = "swiglu",
+        bias: bool = False,
+        normalize: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if isinstance(slots_per_expert, bool) or not isinstance(slots_per_expert, int) or slots_per_expert < 1:
+            raise ValueError(f"slots_per_expert must be a positive int, got {slots_per_expert!r}")
+        self.backend = check_backend_name(backend)
+        self.experts = ExpertBank(n_experts, d_model, d_hidden, activation, bias)
+        self.d_model, self.n_experts, self.slots_per_expert = d_model, n_experts, slots_per_expert
+        self.phi = nn.Parameter(torch.randn(d_model, n_experts * slots_per_expert) * d_model**-0.5)
+        self.normalize = bool(normalize)
+        self.scale = nn.Parameter(torch.ones(())) if normalize else None
+        self.aux_losses: dict[str, Tensor] = {}
+        self.last_dispatch: Tensor | None = None
+        self.last_combine: Tensor | None = None
+
+    def slot_logits(self, x_BTD: Tensor) -> Tensor:
+        """``L [B, T, E*S]`` in float32."""
+        x, phi = x_BTD.float(), self.phi.float()
+        if self.normalize:
+            return self.scale * (F.normalize(x, dim=-1) @ F.normalize(phi, dim=0))
+        return x @ phi
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, T, D]`` (or ``[T, D]``) to the same shape."""
+        if x.dim() not in (2, 3) or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape [B, T, d_model={self.d_model}] or [T, d_model], got {tuple(x.shape)}")
+        x_BTD = x.unsqueeze(0) if x.dim() == 2 else x
+        B, T, D = x_BTD.shape
+        ES = self.n_experts * self.slots_per_expert
+        logits_BTN = self.slot_logits(x_BTD)
+        dispatch_BTN = torch.softmax(logits_BTN, dim=1)
+        combine_BTN = torch.softmax(logits_BTN, dim=2)
+        self.last_dispatch, self.last_combine = dispatch_BTN.detach(), combine_BTN.detach()
+        slots_BND = (dispatch_BTN.transpose(1, 2) @ x_BTD.float()).to(x.dtype)
+        # Slot row b*ES + e*S + s belongs to expert e: already sorted by expert within a
+        # sequence; Routing.from_assignments sorts across sequences.
+        rows = torch.arange(B * ES, device=x.device)
+        expert_of_row = (rows % ES) // self.slots_per_expert
+        routing = Routing.from_assignments(
+            rows, expert_of_row, torch.ones(B * ES, device=x.device), n_experts=self.n_experts, n_tokens=B * ES
+        )
+        out_ND = get_backend(self.backend, x.device)(slots_BND.reshape(B * ES, D), routing, self.experts)
+        y_BTD = combine_BTN @ out_ND.reshape(B, ES, D).float()
+        y_BTD = y_BTD.to(x.dtype)
+        return y_BTD.squeeze(0) if x.dim() == 2 else y_BTD
