@@ -4,7 +4,9 @@ bundled digits by default: TabularMoE with GG MoE's Gumbel-softmax gate against 
 equal parameter count), then writes a leaderboard (results.json, results.csv), figures
 (PNG) and a self-contained report.html.
 
-The default run (both tasks, 5 gates on text) takes about 5 minutes on 2 CPU cores."""
+The default run (both tasks, 5 gates on text, two runs at a time) took 4 min 51 s on the
+project's 2 CPU cores while they were shared with other jobs (197 s of CPU time in all);
+see BENCHMARKS.md."""
 
 from __future__ import annotations
 
