@@ -1,7 +1,13 @@
 import torch
 
 from gatedmoe import MoE
-from gatedmoe.analysis import RoutingStats, plot_bars, plot_coactivation, plot_curves, plot_token_experts
+from gatedmoe.analysis import (
+    RoutingStats,
+    plot_bars,
+    plot_coactivation,
+    plot_curves,
+    plot_token_experts,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

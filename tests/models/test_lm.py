@@ -3,7 +3,14 @@ import json
 import pytest
 import torch
 
-from gatedmoe.models import CharTokenizer, LMConfig, MoETransformerLM, TextBatches, load_checkpoint, train_lm
+from gatedmoe.models import (
+    CharTokenizer,
+    LMConfig,
+    MoETransformerLM,
+    TextBatches,
+    load_checkpoint,
+    train_lm,
+)
 
 
 def test_tokenizer_round_trip_and_unknown_char():
