@@ -25,6 +25,8 @@ NOTES = [
     "(entropy n/a).",
     "switch drops assignments over capacity (capacity factor 1.25); dropped % counts them.",
     "active = parameters a token uses, with the measured mean experts per token in each MoE layer.",
+    "tokens/s (rows/s for tables) is measured per training run; runs trained at once (--jobs) or other jobs on "
+    "the machine share the cores, so it compares gates only roughly.",
 ]
 
 
