@@ -48,3 +48,23 @@ def test_errors():
         stats.update("nope")
     with pytest.raises(ValueError, match="forward"):
         stats.update_model(MoE(8, 4, 16))
+
+
+def test_coactivation_and_tokens_by_hand():
+    # Token 0 -> experts {0, 1}, token 1 -> {1, 2}, token 2 -> {1}; token ids 5, 2, 5.
+    r = Routing.from_assignments(torch.tensor([0, 0, 1, 1, 2]), torch.tensor([0, 1, 1, 2, 1]), torch.ones(5),
+                                 n_experts=3, n_tokens=3)
+    stats = RoutingStats()
+    stats.update(r, "l0", token_ids=torch.tensor([5, 2, 5]))
+    co = stats.coactivation("l0")
+    assert co.tolist() == [[1, 1, 0], [1, 3, 1], [0, 1, 1]]
+    assert stats.coactivation("l0", normalize=True)[1].tolist() == pytest.approx([1 / 3, 1.0, 1 / 3])
+    tok = stats.token_expert_counts("l0")
+    assert tok.shape == (6, 3) and tok[5].tolist() == [1, 2, 0] and tok[2].tolist() == [0, 1, 1]
+    assert stats.summary()["layers"]["l0"]["experts_per_token"] == pytest.approx(5 / 3)
+    stats.update(r, "l0", token_ids=torch.tensor([7, 0, 0]))  # larger id: the table grows
+    assert stats.token_expert_counts("l0").shape == (8, 3)
+    with pytest.raises(ValueError, match="token_ids"):
+        stats.update(r, "l0", token_ids=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="unknown layer"):
+        stats.coactivation("l9")

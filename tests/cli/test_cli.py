@@ -51,3 +51,52 @@ def test_bench_ep_two_ranks(tmp_path, capsys):
     assert rc == 0, out
     assert "check vs one process: ok" in out and "all-to-all share" in out
     assert json.loads(path.read_text())["n_ranks"] == 2
+
+
+def test_compare_tiny_end_to_end(tmp_path, capsys):
+    rc = main(["compare", "--gates", "topk_softmax,switch", "--steps", "3", "--layers", "1", "--d-model", "16",
+               "--seq-len", "16", "--experts", "4", "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1",
+               "--dataset", "wine", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "val loss" in out and "mlp (equal params)" in out and "report.html" in out
+    for name in ("results.json", "results.csv", "report.html", "text_loss_curves.png", "tabular_loss_curves.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert [t["task"] for t in doc["tasks"]] == ["text", "tabular"]
+
+
+def test_compare_unknown_gate():
+    with pytest.raises(SystemExit, match="unknown gate"):
+        main(["compare", "--gates", "topk_softmax,bogus"])
+
+
+TINY_TRAIN = ["--layers", "1", "--d-model", "16", "--d-hidden", "16", "--seq-len", "16", "--batch-size", "4",
+              "--eval-every", "2", "--sample", "0", "--no-progress", "--experts", "4"]
+
+
+def test_train_data_resume_and_eval_only(tmp_path, capsys):
+    data = tmp_path / "corpus.txt"
+    data.write_text("all the world's a stage, and all the men and women merely players. " * 20, encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--steps", "2", "--gated-attention", "--out", str(run), *TINY_TRAIN]) == 0
+    assert json.loads((run / "checkpoint" / "model.json").read_text())["config"]["gated_attention"] is True
+    assert main(["train", "--data", str(data), "--steps", "4", "--resume", str(run), "--out", str(run), *TINY_TRAIN]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from step 2" in out and "after 4 steps" in out
+    assert main(["train", "--data", str(data), "--eval-only", str(run), "--out", str(tmp_path / "ev"), *TINY_TRAIN]) == 0
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert ev["val_loss"] > 0 and ev["routing"]["layers"]
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        main(["train", "--eval-only", str(tmp_path / "nothing")])
+
+
+def test_train_csv_trains_tabular_moe(tmp_path, capsys):
+    csv_path = tmp_path / "t.csv"
+    rows = ["a,b,label"] + [f"{i % 7},{(i * 3) % 5},{'x' if i % 2 else 'y'}" for i in range(60)]
+    csv_path.write_text("\n".join(rows) + "\n")
+    rc = main(["train", "--data", str(csv_path), "--steps", "3", "--eval-every", "3", "--experts", "4",
+               "--no-progress", "--out", str(tmp_path / "tab")])
+    assert rc == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert (tmp_path / "tab" / "metrics.json").exists() and (tmp_path / "tab" / "load.png").stat().st_size > 1000

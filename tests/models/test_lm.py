@@ -64,3 +64,70 @@ def test_config_validation():
         LMConfig(vocab_size=5, d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="steps"):
         train_lm("abc" * 100, steps=0)
+
+
+def _tiny_cfg(**kw):
+    base = dict(vocab_size=11, seq_len=12, d_model=16, n_layers=2, n_heads=2, n_experts=4, d_hidden=16)
+    return LMConfig(**{**base, **kw})
+
+
+def test_gated_attention_formula_and_causality():
+    from gatedmoe.models.transformer import CausalSelfAttention
+
+    plain = CausalSelfAttention(_tiny_cfg())
+    gated = CausalSelfAttention(_tiny_cfg(gated_attention=True))
+    gated.qkv.load_state_dict(plain.qkv.state_dict())
+    gated.proj.load_state_dict(plain.proj.state_dict())
+    x = torch.randn(2, 12, 16)
+    # W_g = 0: sigmoid(0) = 1/2 on every channel, so the output is half the ungated one.
+    torch.nn.init.zeros_(gated.gate.weight)
+    torch.testing.assert_close(gated(x), 0.5 * plain(x))
+    # General W_g: Y' = Y * sigmoid(X W_g) before the output projection, checked in float64.
+    torch.nn.init.normal_(gated.gate.weight)
+    g64 = gated.double()
+    x64 = x.double()
+    B, S, D = x64.shape
+    q, k, v = g64.qkv(x64).view(B, S, 3, 2, D // 2).unbind(2)
+    y = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                         is_causal=True).transpose(1, 2).reshape(B, S, D)
+    torch.testing.assert_close(g64(x64), g64.proj(y * torch.sigmoid(x64 @ g64.gate.weight.T)))
+    lm = MoETransformerLM(_tiny_cfg(gated_attention=True)).eval()
+    idx = torch.randint(0, 11, (1, 12))
+    idx2 = idx.clone()
+    idx2[0, 8:] = (idx2[0, 8:] + 1) % 11
+    torch.testing.assert_close(lm(idx)[:, :8], lm(idx2)[:, :8])
+    assert lm.n_params()[0] - MoETransformerLM(_tiny_cfg()).n_params()[0] == 2 * 16 * 16
+
+
+def test_hash_gate_routes_by_input_token_and_measured_active_params():
+    from gatedmoe.analysis import RoutingStats
+
+    lm = MoETransformerLM(_tiny_cfg(gate="hash", gate_kwargs={"vocab_size": 11}))
+    idx = torch.randint(0, 11, (2, 12))
+    lm(idx)
+    for moe in lm.moe_layers():
+        r = moe.last_routing
+        torch.testing.assert_close(r.expert[torch.argsort(r.token)], moe.gate.table[idx.reshape(-1)])
+    stats = RoutingStats()
+    stats.update_model(lm, token_ids=idx)
+    per_token = {k: v["experts_per_token"] for k, v in stats.summary()["layers"].items()}
+    assert per_token == {"blocks.0.ffn": 1.0, "blocks.1.ffn": 1.0}
+    total, active = lm.n_params(per_token)
+    per_expert = 2 * 16 * 16 + 16 * 16
+    assert total - active == 2 * 3 * per_expert
+
+
+def test_resume_continues_exactly(tmp_path):
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    kw = dict(batch_size=4, lr=1e-2, eval_every=3, eval_batches=1, progress=False)
+    cfg = dict(seq_len=16, d_model=16, n_layers=1, n_heads=2, n_experts=4, d_hidden=16, gate="sigmoid",
+               gate_kwargs={"bias_update_rate": 1e-2})
+    straight = train_lm(text, steps=6, out_dir=tmp_path / "a", **kw, **cfg)
+    train_lm(text, steps=3, schedule_steps=6, out_dir=tmp_path / "b", **kw, **cfg)
+    resumed = train_lm(text, steps=6, out_dir=tmp_path / "b", resume_from=tmp_path / "b", **kw)
+    assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 6
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-5)
+    for (name, a), b in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(ValueError, match="vocabulary"):
+        train_lm("xyz" * 200, steps=7, resume_from=tmp_path / "b", **kw)

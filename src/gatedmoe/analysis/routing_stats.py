@@ -23,6 +23,10 @@ class _LayerTotals:
     entropy_sum: float = 0.0  # sum over tokens of the entropy of the gate distribution
     n_entropy_tokens: int = 0
     n_batches: int = field(default=0)
+    # [E, E] float64: tokens routed to both i and j (diagonal: tokens routed to i).
+    coactivation: torch.Tensor | None = None
+    # [V, E] float64: assignments by input token id (grown as larger ids arrive).
+    token_counts: torch.Tensor | None = None
 
 
 class RoutingStats:
@@ -32,7 +36,13 @@ class RoutingStats:
     variation of the load), ``max_violation`` (max load / mean load - 1, as in
     "Auxiliary-Loss-Free Load Balancing"), ``entropy`` (mean per-token entropy of the gate
     distribution, nats; ``entropy_normalized`` divides by log E), ``dropped_fraction``
-    (assignments removed by capacity / assignments proposed).
+    (assignments removed by capacity / assignments proposed), ``experts_per_token`` (mean
+    executed assignments per token), ``coactivation`` (``[E, E]``: ``P(j | i)``, the
+    fraction of tokens routed to expert i that also went to expert j).
+
+    `coactivation` returns the raw counts; `token_expert_counts` returns assignments by
+    input token id when ``token_ids`` were passed to `update` (which characters go to
+    which expert).
 
     Examples
     --------
@@ -56,16 +66,41 @@ class RoutingStats:
         self._layers.clear()
 
     @torch.no_grad()
-    def update(self, routing: Routing, layer: str = "moe") -> None:
-        """Add one batch's routing for ``layer``."""
+    def update(self, routing: Routing, layer: str = "moe", token_ids: torch.Tensor | None = None) -> None:
+        """Add one batch's routing for ``layer``.
+
+        ``token_ids`` (int, ``n_tokens`` elements, any shape) are the vocabulary ids of the
+        routed tokens; when given, assignments are also counted per id.
+        """
         if not isinstance(routing, Routing):
             raise TypeError(f"routing must be a Routing, got {type(routing).__name__}")
+        if token_ids is not None and token_ids.numel() != routing.n_tokens:
+            raise ValueError(f"token_ids has {token_ids.numel()} elements, the routing has {routing.n_tokens} tokens")
         acc = self._layers.get(layer)
+        E = routing.n_experts
         if acc is None:
-            acc = self._layers[layer] = _LayerTotals(counts=torch.zeros(routing.n_experts, dtype=torch.float64))
-        elif acc.counts.numel() != routing.n_experts:
-            raise ValueError(f"layer {layer!r} had {acc.counts.numel()} experts, this routing has {routing.n_experts}")
+            acc = self._layers[layer] = _LayerTotals(
+                counts=torch.zeros(E, dtype=torch.float64), coactivation=torch.zeros(E, E, dtype=torch.float64)
+            )
+        elif acc.counts.numel() != E:
+            raise ValueError(f"layer {layer!r} had {acc.counts.numel()} experts, this routing has {E}")
         acc.counts += routing.counts.detach().to("cpu", torch.float64)
+        # Which experts each token went to, as a 0/1 matrix [T, E].
+        hit_TE = torch.zeros(routing.n_tokens, E, dtype=torch.float64)
+        hit_TE[routing.token.cpu(), routing.expert.cpu()] = 1.0
+        acc.coactivation += hit_TE.T @ hit_TE
+        if token_ids is not None:
+            ids = token_ids.detach().reshape(-1).to("cpu", torch.long)
+            V = int(ids.max()) + 1 if ids.numel() else 0
+            if acc.token_counts is None:
+                acc.token_counts = torch.zeros(V, E, dtype=torch.float64)
+            elif acc.token_counts.shape[0] < V:
+                grown = torch.zeros(V, E, dtype=torch.float64)
+                grown[: acc.token_counts.shape[0]] = acc.token_counts
+                acc.token_counts = grown
+            per_token_TE = torch.zeros(routing.n_tokens, E, dtype=torch.float64)
+            per_token_TE.index_put_((routing.token.cpu(), routing.expert.cpu()), torch.ones(routing.n_assignments, dtype=torch.float64), accumulate=True)
+            acc.token_counts.index_add_(0, ids, per_token_TE)
         acc.n_tokens += routing.n_tokens
         acc.n_assignments += routing.n_assignments
         acc.n_dropped += routing.n_dropped
@@ -75,13 +110,14 @@ class RoutingStats:
             acc.entropy_sum += float(-(p * p.log()).sum())
             acc.n_entropy_tokens += routing.n_tokens
 
-    def update_model(self, model: nn.Module) -> None:
-        """Add the ``last_routing`` of every MoE layer in ``model`` (named by module path)."""
+    def update_model(self, model: nn.Module, token_ids: torch.Tensor | None = None) -> None:
+        """Add the ``last_routing`` of every MoE layer in ``model`` (named by module path);
+        ``token_ids`` as in `update` (the ids of the forward's input, e.g. ``idx [B, S]``)."""
         found = False
         for name, m in model.named_modules():
             routing = getattr(m, "last_routing", None)
             if isinstance(routing, Routing):
-                self.update(routing, name or "moe")
+                self.update(routing, name or "moe", token_ids)
                 found = True
         if not found:
             raise ValueError("model has no MoE layer with a last_routing; run a forward first")
@@ -106,10 +142,38 @@ class RoutingStats:
                     acc.entropy_sum / acc.n_entropy_tokens / math.log(E) if acc.n_entropy_tokens and E > 1 else float("nan")
                 ),
                 "dropped_fraction": acc.n_dropped / proposed if proposed else 0.0,
+                "experts_per_token": acc.n_assignments / acc.n_tokens if acc.n_tokens else 0.0,
+                "coactivation": self._conditional(acc.coactivation).tolist(),
             }
-        keys = ["cv", "max_violation", "entropy", "entropy_normalized", "dropped_fraction"]
+        keys = ["cv", "max_violation", "entropy", "entropy_normalized", "dropped_fraction", "experts_per_token"]
         overall = {k: sum(v[k] for v in layers.values()) / len(layers) for k in keys} if layers else {}
         return {"layers": layers, "mean": overall}
+
+    @staticmethod
+    def _conditional(co: torch.Tensor) -> torch.Tensor:
+        diag = co.diagonal().clone()
+        return torch.where(diag[:, None] > 0, co / diag.clamp_min(1.0)[:, None], torch.zeros_like(co))
+
+    def _get(self, layer: str) -> _LayerTotals:
+        if layer not in self._layers:
+            raise ValueError(f"unknown layer {layer!r}; recorded layers: {', '.join(self._layers) or 'none'}")
+        return self._layers[layer]
+
+    def coactivation(self, layer: str, normalize: bool = False) -> torch.Tensor:
+        """``[E, E]`` float64: tokens routed to both experts i and j (diagonal: to i).
+
+        ``normalize=True`` divides row i by the diagonal entry: ``P(j | i)``.
+        """
+        co = self._get(layer).coactivation
+        return self._conditional(co) if normalize else co.clone()
+
+    def token_expert_counts(self, layer: str) -> torch.Tensor:
+        """``[V, E]`` float64: assignments of tokens with id v to expert e (V = largest id
+        seen + 1). Needs ``token_ids`` in `update`."""
+        acc = self._get(layer)
+        if acc.token_counts is None:
+            raise ValueError(f"no token ids recorded for layer {layer!r}; pass token_ids to update()")
+        return acc.token_counts.clone()
 
     def format(self) -> str:
         """A plain-text table of `summary`, one row per layer."""

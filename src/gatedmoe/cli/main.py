@@ -11,7 +11,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 # Subcommand modules, in the order `gatedmoe --help` lists them.
-SUBCOMMANDS = ["train", "bench", "simulate", "fit"]
+SUBCOMMANDS = ["compare", "train", "bench", "simulate", "fit"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,8 @@
 """`gatedmoe train`: train the char-level MoE transformer LM (default: tiny Shakespeare,
-shipped with the package), with a progress bar, validation loss and routing statistics."""
+shipped with the package; `--data` a UTF-8 text file), with a progress bar, validation loss
+and routing statistics. `--data table.csv` trains a TabularMoE on a table instead.
+`--resume DIR` continues a run from its checkpoint (model, optimizer, schedule, random
+states) up to `--steps` in total; `--eval-only DIR` evaluates a checkpoint."""
 
 from __future__ import annotations
 
@@ -30,36 +33,126 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder (metrics.json, load.png, checkpoint/)")
     p.add_argument("--sample", type=int, default=200, help="characters to sample from the trained model (0: none)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--data", type=Path, default=None,
+                   help="UTF-8 text file to train on (default: tiny Shakespeare), or a .csv table (TabularMoE)")
+    p.add_argument("--target", default=None, help="target column of a --data CSV (default: the last column)")
+    p.add_argument("--gated-attention", action="store_true", help="sigmoid output gate after attention (Qiu et al. 2025)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                       help="continue training from the checkpoint in DIR (a previous --out, or its checkpoint/) "
+                            "up to --steps in total; the model config comes from the checkpoint")
+    group.add_argument("--eval-only", type=Path, default=None, metavar="DIR",
+                       help="evaluate the checkpoint in DIR on the validation split and print routing statistics")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _load_text(args: argparse.Namespace) -> str:
+    from gatedmoe.data import load_tinyshakespeare
+
+    if args.data is None:
+        return load_tinyshakespeare()
+    if not args.data.exists():
+        raise SystemExit(f"--data {args.data} does not exist")
+    try:
+        return args.data.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"--data {args.data} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _sample(model, tok, args: argparse.Namespace) -> None:
     import torch
 
-    from gatedmoe.data import load_tinyshakespeare
-    from gatedmoe.models import train_lm
+    if not args.sample:
+        return
+    start = tok.encode(tok.chars[0] if "\n" not in tok.stoi else "\n").view(1, 1).to(args.device)
+    out = model.eval().generate(start, args.sample, temperature=0.8, generator=torch.Generator().manual_seed(args.seed))
+    print("\nsample:\n" + tok.decode(out[0].tolist()))
 
-    text = load_tinyshakespeare()
-    m = train_lm(
-        text, steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
-        eval_every=args.eval_every, out_dir=args.out, progress=not args.no_progress,
-        gate=args.gate, n_experts=args.experts, k=args.k, n_layers=args.layers, d_model=args.d_model,
-        d_hidden=args.d_hidden, seq_len=args.seq_len, capacity_factor=args.capacity_factor,
-        n_shared_experts=args.shared_experts,
-    )
-    print(f"\nvalidation loss {m['final_val_loss']:.4f} after {args.steps} steps "
+
+def run(args: argparse.Namespace) -> int:
+    if args.data is not None and args.data.suffix.lower() == ".csv":
+        return _run_tabular(args)
+    text = _load_text(args)
+    if args.eval_only is not None:
+        return _run_eval(args, text)
+    from gatedmoe.models import CharTokenizer, train_lm
+
+    try:
+        if args.resume is not None:
+            m = train_lm(text, steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device,
+                         seed=args.seed, eval_every=args.eval_every, out_dir=args.out, progress=not args.no_progress,
+                         resume_from=args.resume)
+        else:
+            m = train_lm(
+                text, steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
+                eval_every=args.eval_every, out_dir=args.out, progress=not args.no_progress,
+                gate=args.gate, n_experts=args.experts, k=args.k, n_layers=args.layers, d_model=args.d_model,
+                d_hidden=args.d_hidden, seq_len=args.seq_len, capacity_factor=args.capacity_factor,
+                n_shared_experts=args.shared_experts, gated_attention=args.gated_attention,
+            )
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if m["resumed_from_step"] is not None:
+        print(f"resumed from step {m['resumed_from_step']}")
+    print(f"\nvalidation loss {m['final_val_loss']:.4f} after {m['steps']} steps "
           f"({m['tokens_per_s']:.0f} tokens/s, {m['params']:,} parameters, {m['active_params']:,} active)")
     print("\nrouting on the validation split:")
     print(m["routing_stats"].format())
-    if args.sample:
-        from gatedmoe.models import CharTokenizer
-
-        tok = CharTokenizer.from_text(text)
-        model = m["model"].eval()
-        start = tok.encode("\n").view(1, 1).to(args.device)
-        out = model.generate(start, args.sample, temperature=0.8, generator=torch.Generator().manual_seed(args.seed))
-        print("\nsample:\n" + tok.decode(out[0].tolist()))
+    _sample(m["model"], CharTokenizer.from_text(text), args)
     print(f"\nwrote {args.out}/metrics.json, {args.out}/load.png, {args.out}/checkpoint/")
     summary = {"final_val_loss": m["final_val_loss"], "tokens_per_s": m["tokens_per_s"]}
     (Path(args.out) / "summary.json").write_text(json.dumps(summary))
+    return 0
+
+
+def _run_eval(args: argparse.Namespace, text: str) -> int:
+    from gatedmoe.analysis import RoutingStats
+    from gatedmoe.models import TextBatches, evaluate_lm, find_checkpoint, load_checkpoint
+
+    try:
+        path = find_checkpoint(args.eval_only)
+        model, tok, meta = load_checkpoint(path, args.device)
+        data = TextBatches(tok.encode(text), model.cfg.seq_len)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    stats = RoutingStats()
+    val = evaluate_lm(model, data, args.batch_size, 8, stats=stats)
+    print(f"checkpoint {path} (step {meta.get('steps')}, gate {model.cfg.gate})")
+    print(f"validation loss {val:.4f}")
+    print("\nrouting on the validation split:")
+    print(stats.format())
+    _sample(model, tok, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"checkpoint": str(path), "val_loss": val, "routing": stats.summary()}, indent=1))
+    print(f"\nwrote {out}/eval.json")
+    return 0
+
+
+def _run_tabular(args: argparse.Namespace) -> int:
+    from gatedmoe.data import load_tabular
+    from gatedmoe.models import TabularMoE, train_tabular
+
+    if args.resume is not None or args.eval_only is not None:
+        raise SystemExit("--resume and --eval-only are for text models; a CSV --data trains a TabularMoE from scratch")
+    try:
+        data = load_tabular(args.data, target=args.target)
+        model = TabularMoE(data.X.shape[1], data.n_outputs, gate=args.gate, n_experts=args.experts, k=args.k,
+                           d_hidden=args.d_hidden)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    print(f"{data.name}: {data.task}, {len(data.y)} rows, {data.X.shape[1]} features, target {data.target!r}")
+    m = train_tabular(model, data.split(seed=args.seed), data.task, steps=args.steps, lr=args.lr, seed=args.seed,
+                      eval_every=args.eval_every, progress=not args.no_progress)
+    scores = ", ".join(f"{k[4:]} {m[k]:.4f}" for k in ("val_accuracy", "val_rmse", "val_r2") if k in m)
+    print(f"\nvalidation loss {m['final_val_loss']:.4f}, {scores} after {args.steps} steps "
+          f"({m['params']:,} parameters, {m['active_params']:,} active)")
+    print("\nrouting on the validation split:")
+    print(m["routing_stats"].format())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    m["routing_stats"].plot(out / "load.png", title=f"Expert load, gate={args.gate}")
+    metrics = {k: v for k, v in m.items() if k != "routing_stats"}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(f"\nwrote {out}/metrics.json, {out}/load.png")
     return 0

@@ -1,11 +1,14 @@
-"""Small datasets shipped with the package (readable without any download)."""
+"""Small datasets shipped with the package (readable without any download): tiny
+Shakespeare, and scikit-learn's bundled tables through `load_tabular`."""
 
 from __future__ import annotations
 
 import gzip
 from importlib import resources
 
-__all__ = ["load_tinyshakespeare"]
+from gatedmoe.data.tabular import SKLEARN_DATASETS, TabularDataset, load_tabular
+
+__all__ = ["load_tinyshakespeare", "load_tabular", "TabularDataset", "SKLEARN_DATASETS"]
 
 
 def load_tinyshakespeare() -> str:

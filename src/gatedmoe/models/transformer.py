@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gatedmoe.layer import MoE
+from gatedmoe.models.params import count_params
 
 __all__ = ["LMConfig", "MoETransformerLM"]
 
@@ -17,7 +19,12 @@ __all__ = ["LMConfig", "MoETransformerLM"]
 @dataclass(frozen=True)
 class LMConfig:
     """Hyper-parameters of `MoETransformerLM` (defaults: a char-level model that trains in
-    minutes on two CPU cores)."""
+    minutes on two CPU cores).
+
+    ``gated_attention=True`` adds the output gate of Qiu et al. 2025 ("Gated Attention for
+    Large Language Models") to every attention block (default False, see
+    `CausalSelfAttention`).
+    """
 
     vocab_size: int
     seq_len: int = 128
@@ -34,6 +41,7 @@ class LMConfig:
     activation: str = "swiglu"
     backend: str = "auto"
     dropout: float = 0.0
+    gated_attention: bool = False
     gate_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -47,11 +55,21 @@ class LMConfig:
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention, optionally with an output gate.
+
+    Gated attention (Qiu et al. 2025, "Gated Attention for Large Language Models:
+    Non-linearity, Sparsity, and Attention-Sink-Free", position G1, elementwise and
+    head-specific): ``Y' = Y * sigmoid(X W_g)``, where ``Y [B, S, D]`` is the attention
+    output (heads concatenated, before the output projection) and ``X`` the block's
+    normalized input; then ``out = Y' W_o``.
+    """
+
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.gate = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.gated_attention else None
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor) -> Tensor:
@@ -61,7 +79,10 @@ class CausalSelfAttention(nn.Module):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+        y = y.transpose(1, 2).reshape(B, S, D)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x))
+        return self.proj(y)
 
 
 class DenseFFN(nn.Module):
@@ -93,9 +114,13 @@ class Block(nn.Module):
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_hidden * cfg.k)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.norm1(x))
-        return x + self.ffn(self.norm2(x))
+        h = self.norm2(x)
+        # Gates that route by vocabulary id (hash layers) need the input tokens.
+        if isinstance(self.ffn, MoE) and self.ffn.gate.uses_token_ids:
+            return x + self.ffn(h, token_ids=token_ids)
+        return x + self.ffn(h)
 
 
 class MoETransformerLM(nn.Module):
@@ -133,7 +158,7 @@ class MoETransformerLM(nn.Module):
             raise ValueError(f"sequence length {S} exceeds seq_len={self.cfg.seq_len}")
         x = self.embed(idx) + self.pos(torch.arange(S, device=idx.device))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, idx)
         return self.head(self.norm(x))
 
     def loss(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -144,15 +169,13 @@ class MoETransformerLM(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def n_params(self) -> tuple[int, int]:
-        """``(total, active per token)`` parameter counts (embeddings included)."""
-        total = sum(p.numel() for p in self.parameters())
-        inactive = 0
-        for m in self.moe_layers():
-            per_expert = sum(p.numel() for p in m.experts.parameters()) // m.n_experts
-            active = m.n_experts if not m.gate.uses_k else m.k
-            inactive += per_expert * (m.n_experts - active)
-        return total, total - inactive
+    def n_params(self, experts_per_token: Mapping[str, float] | None = None) -> tuple[int, int]:
+        """``(total, active per token)`` parameter counts (embeddings included).
+
+        Active counts the routed experts a token uses (see `count_params`; pass the
+        measured ``experts_per_token`` of `RoutingStats` for gates without a fixed k).
+        """
+        return count_params(self, experts_per_token)
 
     @torch.no_grad()
     def generate(self, idx: Tensor, n_new: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:

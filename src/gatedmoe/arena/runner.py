@@ -1,0 +1,248 @@
+"""Train the contestants of the gate arena: the same model with each gate, the same budget
+and seeds, on text (char-level LM) or on a table (`TabularMoE` against an MLP of equal
+parameter count)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gatedmoe import gates as gate_registry
+from gatedmoe.analysis import RoutingStats
+from gatedmoe.data import TabularDataset
+from gatedmoe.models import CharTokenizer, LMConfig, TabularMLP, TabularMoE, train_lm, train_tabular
+
+__all__ = [
+    "ArenaResult",
+    "DEFAULT_TEXT_GATES",
+    "DEFAULT_TABULAR_GATES",
+    "TEXT_MODEL",
+    "TABULAR_MODEL",
+    "DEFAULT_STEPS",
+    "gate_preset",
+    "run_text_arena",
+    "run_tabular_arena",
+]
+
+# Default contestants: softmax top-k (Mixtral), DeepSeek-V3 sigmoid with bias balancing,
+# Switch top-1 with capacity, expert choice, and hash routing (no learned router).
+DEFAULT_TEXT_GATES = ("topk_softmax", "sigmoid", "switch", "expert_choice", "hash")
+# GG MoE's Gumbel-softmax gate; the equal-parameter MLP is always added.
+DEFAULT_TABULAR_GATES = ("gumbel_softmax",)
+# The arena's LM: small enough that 5 gates x 300 steps fit in minutes on 2 CPU cores.
+TEXT_MODEL: dict[str, Any] = dict(n_layers=2, d_model=128, n_heads=4, seq_len=128, n_experts=8, k=2, d_hidden=128)
+TABULAR_MODEL: dict[str, Any] = dict(d_embed=8, d_model=64, n_experts=4, d_hidden=64, k=2)
+DEFAULT_STEPS = {"text": 300, "tabular": 500}
+MLP_LABEL = "mlp (equal params)"
+
+
+def gate_preset(gate: str, vocab_size: int | None = None) -> dict[str, Any]:
+    """Gate keyword arguments the arena uses for ``gate``.
+
+    ``sigmoid`` gets auxiliary-loss-free bias balancing with update rate 1e-2 (DeepSeek-V3
+    uses 1e-3 over far longer runs; a few hundred steps need a larger step to balance);
+    ``hash`` gets the random-permutation table over the vocabulary. Others: defaults.
+    """
+    gate_registry.get(gate)
+    if gate == "sigmoid":
+        return {"bias_update_rate": 1e-2}
+    if gate == "hash" and vocab_size is not None:
+        return {"vocab_size": vocab_size}
+    return {}
+
+
+@dataclass
+class ArenaResult:
+    """Everything one task of the arena produced.
+
+    ``runs``: one JSON-able dict per (contestant, seed); ``stats``: the `RoutingStats` of
+    each MoE contestant's first seed (for plots); ``vocab``: token texts (text task).
+    """
+
+    task: str
+    dataset: str
+    config: dict[str, Any]
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, RoutingStats] = field(default_factory=dict)
+    vocab: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _routing_columns(summary: dict) -> dict[str, float | None]:
+    mean = summary.get("mean") or {}
+    if not mean:
+        return {"load_cv": None, "max_violation": None, "dropped_pct": None, "entropy_norm": None,
+                "experts_per_token": None}
+    ent = mean["entropy_normalized"]
+    return {
+        "load_cv": mean["cv"],
+        "max_violation": mean["max_violation"],
+        "dropped_pct": 100.0 * mean["dropped_fraction"],
+        "entropy_norm": None if ent is None or math.isnan(ent) else ent,
+        "experts_per_token": mean["experts_per_token"],
+    }
+
+
+def _check_common(gate_names: list[str], seeds: int, steps: int) -> None:
+    if not gate_names:
+        raise ValueError("gates must name at least one gate")
+    for g in gate_names:
+        gate_registry.get(g)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+
+
+def run_text_arena(
+    text: str,
+    gates: list[str] | tuple[str, ...] = DEFAULT_TEXT_GATES,
+    *,
+    steps: int = DEFAULT_STEPS["text"],
+    seeds: int = 1,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    eval_every: int = 50,
+    eval_batches: int = 16,
+    device: str = "cpu",
+    model: dict[str, Any] | None = None,
+    dataset: str = "text",
+    progress: bool = True,
+    jobs: int = 1,
+    threads: int | None = None,
+) -> ArenaResult:
+    """Train `MoETransformerLM` once per gate and seed on ``text``; same config, budget,
+    data order and initial weights (per seed) for every gate.
+
+    ``model`` overrides `TEXT_MODEL` (LMConfig fields). ``jobs > 1`` trains that many runs
+    at once in worker processes (spawned; each uses ``threads`` torch threads, default 1),
+    with one progress bar over runs; results are the same as with ``jobs=1``. Returns an
+    `ArenaResult` whose runs hold ``val_loss``, ``params``, ``active_params``,
+    ``load_cv``, ``max_violation``, ``dropped_pct``, ``entropy_norm``, ``tokens_per_s``
+    and the validation curve.
+    """
+    gate_names = list(gates)
+    _check_common(gate_names, seeds, steps)
+    model_cfg = {**TEXT_MODEL, **(model or {})}
+    vocab = CharTokenizer.from_text(text).chars
+    config = {"model": model_cfg, "steps": steps, "seeds": seeds, "batch_size": batch_size, "lr": lr,
+              "eval_batches": eval_batches, "gates": {g: gate_preset(g, len(vocab)) for g in gate_names}}
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    result = ArenaResult("text", dataset, config, vocab=vocab)
+    t0 = time.perf_counter()
+    tasks = [
+        dict(text=text, cfg=LMConfig(vocab_size=len(vocab), gate=gate, gate_kwargs=gate_preset(gate, len(vocab)),
+                                     **model_cfg),
+             steps=steps, batch_size=batch_size, lr=lr, device=device, seed=seed, eval_every=eval_every,
+             eval_batches=eval_batches, desc=f"{gate} seed {seed}")
+        for gate in gate_names for seed in range(seeds)
+    ]
+    if jobs == 1 or len(tasks) == 1:
+        outcomes = [_text_run(task, progress, threads) for task in tasks]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx) as pool:
+            futures = [pool.submit(_text_run, task, False, threads or 1) for task in tasks]
+            bar = tqdm(total=len(tasks), disable=not progress, desc=f"text runs ({jobs} at once)", unit="run")
+            for f in futures:
+                f.add_done_callback(lambda _: bar.update(1))
+            outcomes = [f.result() for f in futures]
+            bar.close()
+    for task, (run, stats) in zip(tasks, outcomes, strict=True):
+        result.runs.append(run)
+        if task["seed"] == 0:
+            result.stats[run["label"]] = stats
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _text_run(task: dict[str, Any], progress: bool, threads: int | None) -> tuple[dict[str, Any], RoutingStats]:
+    """One text contestant (module level so worker processes can run it)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    task = dict(task)
+    text, cfg = task.pop("text"), task.pop("cfg")
+    m = train_lm(text, cfg, progress=progress, **task)
+    run = {
+        "label": cfg.gate, "gate": cfg.gate, "seed": task["seed"],
+        "val_loss": m["final_val_loss"], "params": m["params"], "active_params": m["active_params"],
+        **_routing_columns(m["routing"]),
+        "tokens_per_s": m["tokens_per_s"], "train_seconds": m["train_seconds"],
+        "val_curve": m["val_loss"], "routing": m["routing"],
+    }
+    return run, m["routing_stats"]
+
+
+def run_tabular_arena(
+    data: TabularDataset,
+    gates: list[str] | tuple[str, ...] = DEFAULT_TABULAR_GATES,
+    *,
+    steps: int = DEFAULT_STEPS["tabular"],
+    seeds: int = 1,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    eval_every: int = 50,
+    val_fraction: float = 0.2,
+    model: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> ArenaResult:
+    """Train `TabularMoE` once per gate and seed, and an MLP with the parameter count of
+    the first gate's `TabularMoE` (`TabularMLP.matching`), on one split of ``data``.
+
+    Gates that route by token id (hash) have nothing to hash in a table and are skipped.
+    Runs hold ``val_loss`` and ``val_accuracy`` (classification) or ``val_rmse`` and
+    ``val_r2`` (regression), parameters, routing columns (None for the MLP) and
+    ``tokens_per_s`` (rows per second).
+    """
+    gate_names = [g for g in gates if not gate_registry.get(g).uses_token_ids]
+    _check_common(gate_names, seeds, steps)
+    model_cfg = {**TABULAR_MODEL, **(model or {})}
+    split = data.split(val_fraction, seed=0)
+    n_features = data.X.shape[1]
+    config = {"model": model_cfg, "steps": steps, "seeds": seeds, "batch_size": batch_size, "lr": lr,
+              "val_fraction": val_fraction, "n_rows": int(len(data.y)), "n_features": int(n_features),
+              "task": data.task, "target": data.target, "gates": {g: gate_preset(g) for g in gate_names},
+              "skipped_gates": [g for g in gates if g not in gate_names]}
+    result = ArenaResult("tabular", data.name, config)
+    t0 = time.perf_counter()
+    target_params = None
+
+    def record(label: str, gate: str | None, seed: int, m: dict) -> None:
+        run = {"label": label, "gate": gate, "seed": seed, "val_loss": m["final_val_loss"]}
+        for key in ("val_accuracy", "val_rmse", "val_r2"):
+            if key in m:
+                run[key] = m[key]
+        run.update({"params": m["params"], "active_params": m["active_params"], **_routing_columns(m["routing"]),
+                    "tokens_per_s": m["rows_per_s"], "train_seconds": m["train_seconds"],
+                    "val_curve": m["val_loss"], "routing": m["routing"]})
+        result.runs.append(run)
+        if seed == 0 and m["routing_stats"] is not None:
+            result.stats[label] = m["routing_stats"]
+
+    for gate in gate_names:
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            net = TabularMoE(n_features, data.n_outputs, gate=gate, gate_kwargs=gate_preset(gate), **model_cfg)
+            target_params = target_params or net.n_params()[0]
+            m = train_tabular(net, split, data.task, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                              eval_every=eval_every, progress=progress, desc=f"{gate} seed {seed}")
+            record(gate, gate, seed, m)
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        mlp = TabularMLP.matching(n_features, data.n_outputs, target_params)
+        m = train_tabular(mlp, split, data.task, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                          eval_every=eval_every, progress=progress, desc=f"mlp seed {seed}")
+        record(MLP_LABEL, None, seed, m)
+    config["mlp_width"] = mlp.width
+    result.seconds = time.perf_counter() - t0
+    return result

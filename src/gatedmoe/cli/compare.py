@@ -1,0 +1,155 @@
+"""`gatedmoe compare`: the gate arena. Trains the same small MoE model with several gates
+(same budget, same seeds) on tiny Shakespeare (shipped) and on a table (scikit-learn's
+bundled digits by default: TabularMoE with GG MoE's Gumbel-softmax gate against an MLP of
+equal parameter count), then writes a leaderboard (results.json, results.csv), figures
+(PNG) and a self-contained report.html.
+
+The default run (both tasks, 5 gates on text, two runs at a time) took 4 min 51 s on the
+project's 2 CPU cores while they were shared with other jobs (197 s of CPU time in all);
+see BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from gatedmoe.arena import DEFAULT_STEPS, DEFAULT_TABULAR_GATES, DEFAULT_TEXT_GATES
+    from gatedmoe.data import SKLEARN_DATASETS
+
+    p = sub.add_parser("compare", help="train and compare gates (the gate arena): leaderboard, plots, HTML report",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["text", "tabular", "both"], default="both",
+                   help="text (char-level LM), tabular, or both (default)")
+    p.add_argument("--gates", default=None,
+                   help=f"comma-separated gate names (default text: {','.join(DEFAULT_TEXT_GATES)}; "
+                        f"tabular: {','.join(DEFAULT_TABULAR_GATES)}, plus the MLP). Given, they apply to every task; "
+                        "gates that route by token id (hash) are skipped on tables")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps per run (default text {DEFAULT_STEPS['text']}, tabular {DEFAULT_STEPS['tabular']})")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per contestant; >1 reports mean ± std (default 1)")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default runs/compare)")
+    p.add_argument("--text", type=Path, default=None, help="UTF-8 text file for the text task (default: tiny Shakespeare)")
+    p.add_argument("--dataset", default="digits",
+                   help=f"table for the tabular task: {', '.join(SKLEARN_DATASETS)}, or PATH.csv (default digits)")
+    p.add_argument("--target", default=None, help="target column of a CSV dataset (default: the last column)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default text 16 x 128 chars, tabular 64 rows)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval-every", type=int, default=50, help="steps between validation points of the loss curves")
+    p.add_argument("--eval-batches", type=int, default=16, help="validation batches per text evaluation (default 16)")
+    p.add_argument("--layers", type=int, default=None, help="text model: transformer blocks (default 2)")
+    p.add_argument("--d-model", type=int, default=None, help="text model width (default 128)")
+    p.add_argument("--seq-len", type=int, default=None, help="text model context (default 128)")
+    p.add_argument("--gated-attention", action="store_true",
+                   help="text model: sigmoid output gate after attention (Qiu et al. 2025)")
+    p.add_argument("--experts", type=int, default=None, help="experts per MoE layer (default text 8, tabular 4)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="text runs trained at once, in worker processes (default 2, one per core)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per run (default 1: these small models gain little from more, and lose "
+                        "much when the cores are shared)")
+    p.add_argument("--device", default="cpu", help="text task device (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=run)
+
+
+def _gate_list(spec: str | None) -> list[str] | None:
+    if spec is None:
+        return None
+    from gatedmoe import gates
+
+    names = [g.strip() for g in spec.split(",") if g.strip()]
+    if not names:
+        raise SystemExit("--gates is empty")
+    for g in names:
+        try:
+            gates.get(g)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from gatedmoe.arena import (
+        DEFAULT_TABULAR_GATES,
+        DEFAULT_TEXT_GATES,
+        run_tabular_arena,
+        run_text_arena,
+        write_outputs,
+    )
+    from gatedmoe.data import load_tabular, load_tinyshakespeare
+
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"--steps must be >= 1, got {args.steps}")
+    torch.set_num_threads(args.threads)
+    gate_names = _gate_list(args.gates)
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    results = []
+    if args.task in ("text", "both"):
+        if args.text is None:
+            text, name = load_tinyshakespeare(), "tiny Shakespeare"
+        else:
+            if not args.text.exists():
+                raise SystemExit(f"--text {args.text} does not exist")
+            text, name = args.text.read_text(encoding="utf-8"), args.text.name
+        model = {k: v for k, v in (("n_layers", args.layers), ("d_model", args.d_model), ("seq_len", args.seq_len),
+                                   ("n_experts", args.experts)) if v is not None}
+        if args.gated_attention:
+            model["gated_attention"] = True
+        kw = {} if args.steps is None else {"steps": args.steps}
+        if args.batch_size is not None:
+            kw["batch_size"] = args.batch_size
+        print(f"== text: {name}, gates {', '.join(gate_names or DEFAULT_TEXT_GATES)}", flush=True)
+        res = run_text_arena(text, gate_names or DEFAULT_TEXT_GATES, seeds=args.seeds, lr=args.lr,
+                             eval_every=args.eval_every, eval_batches=args.eval_batches, device=args.device,
+                             model=model, dataset=name, progress=progress, jobs=args.jobs, threads=args.threads,
+                             **kw)
+        results.append(res)
+    if args.task in ("tabular", "both"):
+        try:
+            data = load_tabular(args.dataset, target=args.target)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        kw = {} if args.steps is None else {"steps": args.steps}
+        if args.batch_size is not None:
+            kw["batch_size"] = args.batch_size
+        model = {} if args.experts is None else {"n_experts": args.experts}
+        tab_gates = gate_names or list(DEFAULT_TABULAR_GATES)
+        print(f"== tabular: {data.name} ({data.task}, {len(data.y)} rows, {data.X.shape[1]} features), "
+              f"gates {', '.join(tab_gates)} + mlp", flush=True)
+        try:
+            res = run_tabular_arena(data, tab_gates, seeds=args.seeds, lr=args.lr, eval_every=args.eval_every,
+                                    model=model, progress=progress, **kw)
+        except ValueError as e:
+            raise SystemExit(f"tabular task: {e}") from None
+        results.append(res)
+    train_seconds = time.perf_counter() - t0
+    from gatedmoe.bench import machine_info
+
+    meta = {
+        "options": " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                            if k not in ("func", "command", "verbose")),
+        "machine": ", ".join(f"{k}={v}" for k, v in machine_info(torch.device(args.device)).items()),
+        "host": platform.node(),
+        "training wall time (s)": f"{train_seconds:.1f}",
+    }
+    out = write_outputs(results, args.out, meta=meta)
+    for res in results:
+        print(f"\n{res.task}: {res.dataset} ({res.seconds:.0f} s)")
+        print(out["tables"][res.task])
+    total = time.perf_counter() - t0
+    print(f"\nwrote {out['json']}, {out['csv']}, {out['html']} and {len(out['figures'])} figures "
+          f"(total {total:.0f} s)")
+    return 0

@@ -1,0 +1,106 @@
+import base64
+import csv
+import json
+from html.parser import HTMLParser
+
+import pytest
+
+from gatedmoe.arena import leaderboard, run_tabular_arena, run_text_arena, write_outputs
+from gatedmoe.data import load_tabular
+
+TEXT = "to be or not to be, that is the question: whether 'tis nobler in the mind to suffer\n" * 30
+TINY_LM = dict(n_layers=1, d_model=16, n_heads=2, seq_len=16, n_experts=4, d_hidden=16)
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.cells, self.tags = [], [], []
+        self._in_cell = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(dict(attrs))
+        self._in_cell = tag in ("td", "th")
+
+    def handle_endtag(self, tag):
+        self._in_cell = False
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self.cells.append(data)
+
+
+@pytest.fixture(scope="module")
+def arena(tmp_path_factory):
+    out = tmp_path_factory.mktemp("arena")
+    text = run_text_arena(TEXT, ["topk_softmax", "hash"], steps=3, seeds=2, batch_size=2, eval_every=2,
+                          eval_batches=1, model=TINY_LM, progress=False)
+    table = run_tabular_arena(load_tabular("wine"), ["gumbel_softmax", "hash"], steps=4, seeds=1,
+                              model=dict(d_model=8, d_hidden=8), progress=False)
+    return out, [text, table], write_outputs([text, table], out, meta={"command": "test"})
+
+
+def test_leaderboard_mean_std_over_seeds(arena):
+    _, (text, table), _ = arena
+    rows = leaderboard(text)
+    assert {r["label"] for r in rows} == {"topk_softmax", "hash"} and all(r["seeds"] == 2 for r in rows)
+    assert rows[0]["val_loss"] <= rows[1]["val_loss"]
+    for r in rows:
+        runs = [x["val_loss"] for x in text.runs if x["label"] == r["label"]]
+        assert r["val_loss"] == pytest.approx(sum(runs) / 2)
+        assert r["val_loss_std"] == pytest.approx(abs(runs[0] - runs[1]) / 2**0.5)
+    hash_row = next(r for r in rows if r["label"] == "hash")
+    assert hash_row["entropy_norm"] is None and hash_row["active_params"] < hash_row["params"]
+    # Hash needs token ids: skipped on the table; the MLP has the MoE's parameter count.
+    trows = {r["label"]: r for r in leaderboard(table)}
+    assert set(trows) == {"gumbel_softmax", "mlp (equal params)"}
+    # Within one unit of MLP width (about 3% at this tiny size).
+    assert abs(trows["mlp (equal params)"]["params"] - trows["gumbel_softmax"]["params"]) < 0.05 * trows["gumbel_softmax"]["params"]
+    assert trows["mlp (equal params)"]["load_cv"] is None and 0 <= trows["gumbel_softmax"]["val_accuracy"] <= 1
+    assert table.config["skipped_gates"] == ["hash"]
+
+
+def test_outputs_json_csv_and_plots(arena):
+    out, _, paths = arena
+    doc = json.loads(paths["json"].read_text())
+    assert [t["task"] for t in doc["tasks"]] == ["text", "tabular"]
+    assert len(doc["tasks"][0]["runs"]) == 4
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert {r["label"] for r in rows} == {"topk_softmax", "hash", "gumbel_softmax", "mlp (equal params)"}
+    names = {p.name for p in paths["figures"]}
+    assert {"text_loss_curves.png", "text_entropy.png", "text_load_topk_softmax.png", "text_load_hash.png",
+            "text_coactivation.png", "text_char_experts.png", "tabular_loss_curves.png",
+            "tabular_load_gumbel_softmax.png"} <= names
+    for p in paths["figures"]:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000
+
+
+def test_html_report_parses_and_embeds_images(arena):
+    _, _, paths = arena
+    page = _Page()
+    page.feed(paths["html"].read_text(encoding="utf-8"))
+    page.close()
+    assert page.tags.count("table") == 2
+    assert len(page.images) == len(paths["figures"])
+    for img in page.images:
+        prefix = "data:image/png;base64,"
+        assert img["src"].startswith(prefix) and img["alt"]
+        assert base64.b64decode(img["src"][len(prefix):])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "topk_softmax" in page.cells and "mlp (equal params)" in page.cells
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown gate"):
+        run_text_arena(TEXT, ["nope"], steps=1)
+    with pytest.raises(ValueError, match="seeds"):
+        run_text_arena(TEXT, ["topk_softmax"], steps=1, seeds=0)
+
+
+def test_parallel_jobs_match_serial():
+    kw = dict(steps=2, seeds=1, batch_size=2, eval_every=2, eval_batches=1, model=TINY_LM, progress=False)
+    serial = run_text_arena(TEXT, ["topk_softmax", "switch"], **kw)
+    parallel = run_text_arena(TEXT, ["topk_softmax", "switch"], jobs=2, **kw)
+    assert [r["val_loss"] for r in parallel.runs] == pytest.approx([r["val_loss"] for r in serial.runs], rel=1e-5)
+    assert set(parallel.stats) == {"topk_softmax", "switch"}

@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+
+from gatedmoe.data import load_tabular
+
+
+@pytest.mark.parametrize("name,task,n_out", [("digits", "classification", 10), ("breast_cancer", "classification", 2),
+                                             ("wine", "classification", 3), ("diabetes", "regression", 1)])
+def test_sklearn_datasets(name, task, n_out):
+    ds = load_tabular(name)
+    assert ds.task == task and ds.n_outputs == n_out and ds.X.dtype == np.float32
+    X_tr, y_tr, X_va, y_va = ds.split(0.2, seed=0)
+    assert len(X_tr) + len(X_va) == len(ds.y)
+    assert np.allclose(X_tr.mean(0), 0, atol=1e-4)
+
+
+def test_csv_categorical_missing_and_target(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("size,color,price,label\n1.0,red,10,yes\n,blue,12,no\n3.0,red,,yes\n4.0,green,15,no\n")
+    ds = load_tabular(p)
+    assert ds.task == "classification" and ds.classes == ["no", "yes"] and ds.target == "label"
+    assert ds.feature_names == ["size", "color", "price"]
+    assert ds.X[1, 0] == pytest.approx((1 + 3 + 4) / 3)  # missing -> column mean
+    assert sorted(set(ds.X[:, 1])) == [0.0, 1.0, 2.0]  # blue, green, red
+    with pytest.raises(ValueError, match="empty cells"):
+        load_tabular(p, target="price")
+    q = tmp_path / "r.csv"
+    q.write_text("x,y\n" + "".join(f"{i},{i * 0.37:.2f}\n" for i in range(30)))
+    reg = load_tabular(q)
+    assert reg.task == "regression" and reg.n_outputs == 1 and reg.y.dtype == np.float32
+
+
+def test_bad_datasets(tmp_path):
+    with pytest.raises(ValueError, match="digits"):
+        load_tabular("mnist")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_tabular(tmp_path / "missing.csv")
+    p = tmp_path / "t.csv"
+    p.write_text("a,b\n1,2\n3,4\n")
+    with pytest.raises(ValueError, match="target column 'c'"):
+        load_tabular(p, target="c")
