@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+
 from helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
