@@ -6,7 +6,7 @@
 * `patch_model(model)`: swap every supported MoE block of a model in place; returns the
   list of swaps. `unpatch_model(model)` swaps them back.
 
-Supported blocks (transformers >= 5, fused 3-D expert weights): Mixtral, Qwen2-MoE (gated
+Supported blocks (transformers >= 5.20, fused 3-D expert weights): Mixtral, Qwen2-MoE (gated
 shared expert), Qwen3-MoE, OLMoE, DeepSeek-V3 (sigmoid group-limited routing, correction
 bias, routed scaling, shared experts) and GPT-OSS (router bias, clamped SwiGLU, expert
 biases). transformers itself is never imported here: blocks are recognised by class name.
@@ -177,7 +177,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto", check_inputs: bool =
     Examples
     --------
     >>> swaps = patch_model(model)  # doctest: +SKIP
-    >>> swaps[0]
+    >>> swaps[0]  # doctest: +SKIP
     Swap(name='model.layers.0.mlp', hf_class='MixtralSparseMoeBlock', family='mixtral', n_experts=8, k=2)
     """
     check_backend_name(backend)

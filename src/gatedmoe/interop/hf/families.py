@@ -1,7 +1,8 @@
 """Converters between Hugging Face MoE blocks and `HFMoEBlock`, one pair per model family,
 and the registry mapping HF block class names to them.
 
-Supported layout: transformers >= 5, where experts are fused 3-D parameters
+Supported layout: transformers >= 5.20 (verified on 5.20 and 5.23; 5.0 routes DeepSeek-V3
+in the block, not the router, and records probabilities as router logits), where experts are fused 3-D parameters
 (``experts.gate_up_proj``, ``experts.down_proj``) and routers are ``*TopKRouter`` modules
 returning ``(router_logits, weights, indices)``.
 
@@ -63,7 +64,7 @@ def _get(module: nn.Module, path: str):
         if not hasattr(obj, part):
             raise TypeError(
                 f"{type(module).__name__} has no {path!r}: gatedmoe converts the fused-expert "
-                "layout of transformers >= 5 (experts.gate_up_proj / experts.down_proj)"
+                "layout of transformers >= 5.20 (experts.gate_up_proj / experts.down_proj)"
             )
         obj = getattr(obj, part)
     return obj
@@ -74,7 +75,10 @@ def _attr(module: nn.Module, *names: str):
     for n in names:
         if hasattr(module, n):
             return getattr(module, n)
-    raise TypeError(f"{type(module).__name__} has none of the attributes {names}")
+    raise TypeError(
+        f"{type(module).__name__} has none of the attributes {names}; gatedmoe converts the "
+        "blocks of transformers >= 5.20"
+    )
 
 
 def _param(t: Tensor) -> nn.Parameter:
@@ -298,7 +302,7 @@ def _read_deepseek_v3(block: nn.Module, backend: str, check_inputs: bool) -> HFM
     router, experts, mlp = _get(block, "gate"), _get(block, "experts"), _get(block, "shared_experts")
     E, D = router.weight.shape
     H = experts.down_proj.shape[-1]
-    k = int(router.top_k)
+    k = int(_attr(router, "top_k"))
     act = _glu_name(experts.act_fn)
     _check_same("shared expert activation (gatedmoe shares one)", _glu_name(mlp.act_fn), act)
     Hs = mlp.gate_proj.weight.shape[0]
