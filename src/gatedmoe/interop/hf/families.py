@@ -1,0 +1,443 @@
+"""Converters between Hugging Face MoE blocks and `HFMoEBlock`, one pair per model family,
+and the registry mapping HF block class names to them.
+
+Supported layout: transformers >= 5.20 (verified on 5.20 and 5.23; 5.0 routes DeepSeek-V3
+in the block, not the router, and records probabilities as router logits), where experts are fused 3-D parameters
+(``experts.gate_up_proj``, ``experts.down_proj``) and routers are ``*TopKRouter`` modules
+returning ``(router_logits, weights, indices)``.
+
+Shape legend: T tokens, D model dim, H expert hidden, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gatedmoe.experts.bank import ExpertBank
+from gatedmoe.gates.group_limited import GroupLimitedGate
+from gatedmoe.gates.topk import TopKSoftmaxGate
+from gatedmoe.interop.hf.adapter import (
+    ClampedSwiGLU,
+    HFGroupLimitedGate,
+    HFMoEBlock,
+    HFTopKSoftmaxGate,
+    router_tap,
+)
+from gatedmoe.layer import MoE, SharedExperts
+
+__all__ = ["Family", "FAMILIES", "family_of", "meta_copy"]
+
+# transformers activation classes -> the GLU activation of gatedmoe with the same math.
+_GLU_OF_HF_ACT = {
+    "SiLUActivation": "swiglu",
+    "SiLU": "swiglu",
+    "ReLU": "reglu",
+    "GELUTanh": "geglu",
+    "PytorchGELUTanh": "geglu",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to convert the MoE blocks of one model family.
+
+    ``read(block, backend, check_inputs) -> HFMoEBlock`` builds the gatedmoe side (weights
+    copied); ``write(adapter, block)`` replaces ``block``'s parameters in place with the
+    adapter's, after checking that the two compute the same function.
+    """
+
+    name: str
+    read: Callable[[nn.Module, str, bool], HFMoEBlock]
+    write: Callable[[HFMoEBlock, nn.Module], None]
+
+
+# --------------------------------------------------------------------------- helpers
+def _get(module: nn.Module, path: str):
+    """``module.a.b`` for ``path="a.b"``; TypeError naming what is missing."""
+    obj = module
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise TypeError(
+                f"{type(module).__name__} has no {path!r}: gatedmoe converts the fused-expert "
+                "layout of transformers >= 5.20 (experts.gate_up_proj / experts.down_proj)"
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def _attr(module: nn.Module, *names: str):
+    """The first attribute of ``module`` among ``names`` (names differ across versions)."""
+    for n in names:
+        if hasattr(module, n):
+            return getattr(module, n)
+    raise TypeError(
+        f"{type(module).__name__} has none of the attributes {names}; gatedmoe converts the "
+        "blocks of transformers >= 5.20"
+    )
+
+
+def _param(t: Tensor) -> nn.Parameter:
+    """A contiguous copy of ``t`` as a Parameter, keeping its requires_grad."""
+    return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format), requires_grad=t.requires_grad)
+
+
+def _set_param(module: nn.Module, name: str, t: Tensor) -> None:
+    setattr(module, name, _param(t))
+
+
+def _glu_name(act_fn: nn.Module) -> str:
+    name = type(act_fn).__name__
+    if name not in _GLU_OF_HF_ACT:
+        raise ValueError(
+            f"unsupported expert activation {name}; gatedmoe converts {sorted(_GLU_OF_HF_ACT)}"
+        )
+    return _GLU_OF_HF_ACT[name]
+
+
+def _check_same(what: str, ours, theirs) -> None:
+    if ours != theirs:
+        raise ValueError(f"to_hf: {what} differs: gatedmoe has {ours!r}, the Hugging Face block has {theirs!r}")
+
+
+def _check_shape(what: str, ours: Tensor, theirs: Tensor) -> None:
+    _check_same(f"shape of {what}", tuple(ours.shape), tuple(theirs.shape))
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers live on the meta device
+    (structure and Python attributes only; no weight is copied)."""
+    memo: dict[int, object] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
+
+
+def _build_moe(
+    d_model: int,
+    n_experts: int,
+    d_hidden: int,
+    k: int,
+    *,
+    activation: str,
+    bias: bool,
+    backend: str,
+    check_inputs: bool,
+    n_shared_experts: int = 0,
+    d_shared_hidden: int | None = None,
+) -> MoE:
+    """An `MoE` on the meta device (its weights are all replaced by the converter).
+    Auxiliary-loss weights are 0: HF models compute their own from the router logits."""
+    with torch.device("meta"):
+        return MoE(
+            d_model,
+            n_experts,
+            d_hidden,
+            k=k,
+            activation=activation,
+            bias=bias,
+            n_shared_experts=n_shared_experts,
+            d_shared_hidden=d_shared_hidden,
+            backend=backend,
+            load_balance_weight=0.0,
+            router_z_weight=0.0,
+            check_inputs=check_inputs,
+        )
+
+
+def _check_materialized(module: nn.Module, what: str) -> None:
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_meta:
+            raise RuntimeError(f"{what}: {name} was not converted (still on the meta device)")
+
+
+def _adapter(block: nn.Module, moe: MoE, family: str, router: nn.Module, **kw) -> HFMoEBlock:
+    adapter = HFMoEBlock(
+        moe,
+        family=family,
+        hf_class=type(block).__name__,
+        router_tap=router_tap(router),
+        template=meta_copy(block),
+        **kw,
+    )
+    _check_materialized(adapter, f"from_hf({type(block).__name__})")
+    return adapter.train(block.training)
+
+
+# ------------------------------------------------- fused GLU experts (all but GPT-OSS)
+def _read_fused_experts(experts: nn.Module, bank: ExpertBank) -> None:
+    # HF: gate, up = linear(x, gate_up_proj[e]).chunk(2): gate rows first, as gatedmoe's GLU.
+    _set_param(bank, "w_in", _get(experts, "gate_up_proj"))
+    _set_param(bank, "w_out", _get(experts, "down_proj"))
+
+
+def _write_fused_experts(bank: ExpertBank, experts: nn.Module) -> None:
+    _check_same("expert activation", bank.act.name, _glu_name(experts.act_fn))
+    _check_same("expert biases", bank.has_bias, False)
+    _check_shape("experts.gate_up_proj", bank.w_in, experts.gate_up_proj)
+    _check_shape("experts.down_proj", bank.w_out, experts.down_proj)
+    _set_param(experts, "gate_up_proj", bank.w_in)
+    _set_param(experts, "down_proj", bank.w_out)
+
+
+def _shared_from_mlp(mlp: nn.Module, shared: SharedExperts) -> None:
+    """HF ``down(act(gate(x)) * up(x))`` -> ``SharedExperts`` with ``w_in = [gate | up]``."""
+    gate_w, up_w = _get(mlp, "gate_proj.weight"), _get(mlp, "up_proj.weight")
+    _set_param(shared.w_in, "weight", torch.cat([gate_w.detach(), up_w.detach()], 0))
+    shared.w_in.weight.requires_grad_(gate_w.requires_grad)
+    _set_param(shared.w_out, "weight", _get(mlp, "down_proj.weight"))
+
+
+def _shared_to_mlp(shared: SharedExperts, mlp: nn.Module) -> None:
+    _check_same("shared expert activation", shared.act.name, _glu_name(mlp.act_fn))
+    _check_same("shared expert biases", shared.w_in.bias is not None, False)
+    _check_shape("shared expert down_proj", shared.w_out.weight, mlp.down_proj.weight)
+    gate_w, up_w = shared.w_in.weight.chunk(2, dim=0)
+    _set_param(mlp.gate_proj, "weight", gate_w)
+    _set_param(mlp.up_proj, "weight", up_w)
+    _set_param(mlp.down_proj, "weight", shared.w_out.weight)
+
+
+# ------------------------------------------ softmax top-k: Mixtral, Qwen3-MoE, OLMoE, Qwen2
+def _topk_moe(block: nn.Module, backend: str, check_inputs: bool) -> MoE:
+    router, experts = _get(block, "gate"), _get(block, "experts")
+    E, D = _get(router, "weight").shape
+    H = _get(experts, "down_proj").shape[-1]
+    k = int(_attr(router, "top_k"))
+    # Mixtral's router always renormalises; the others follow norm_topk_prob.
+    renormalize = bool(getattr(router, "norm_topk_prob", True))
+    moe = _build_moe(
+        D, E, H, k, activation=_glu_name(experts.act_fn), bias=False, backend=backend, check_inputs=check_inputs
+    )
+    with torch.device("meta"):
+        moe.gate = HFTopKSoftmaxGate(D, E, k=k, renormalize=renormalize)
+    _set_param(moe.gate, "weight", router.weight)
+    _read_fused_experts(experts, moe.experts)
+    return moe
+
+
+def _write_topk_gate(moe: MoE, router: nn.Module) -> None:
+    gate = moe.gate
+    if not isinstance(gate, TopKSoftmaxGate):
+        raise ValueError(f"to_hf: {type(router).__name__} needs a top-k softmax gate, got {type(gate).__name__}")
+    if getattr(gate, "noisy", False) or gate.balancer is not None or getattr(gate, "bias", None) is not None:
+        raise ValueError("to_hf: the gate has noise, a selection bias or a router bias; the HF router has none")
+    _check_same("top_k", gate.k, int(router.top_k))
+    _check_same("renormalisation (norm_topk_prob)", gate.renormalize, bool(getattr(router, "norm_topk_prob", True)))
+    _check_shape("router weight", gate.weight, router.weight)
+    _set_param(router, "weight", gate.weight)
+
+
+def _read_topk(family: str) -> Callable[[nn.Module, str, bool], HFMoEBlock]:
+    def read(block: nn.Module, backend: str, check_inputs: bool) -> HFMoEBlock:
+        moe = _topk_moe(block, backend, check_inputs)
+        return _adapter(block, moe, family, block.gate, jitter_noise=float(getattr(block, "jitter_noise", 0.0)))
+
+    return read
+
+
+def _write_topk(adapter: HFMoEBlock, block: nn.Module) -> None:
+    if adapter.moe.shared is not None or adapter.shared_expert is not None:
+        raise ValueError(f"to_hf: {type(block).__name__} has no shared experts, the gatedmoe block has")
+    _write_topk_gate(adapter.moe, block.gate)
+    _write_fused_experts(adapter.moe.experts, block.experts)
+
+
+def _read_qwen2(block: nn.Module, backend: str, check_inputs: bool) -> HFMoEBlock:
+    moe = _topk_moe(block, backend, check_inputs)
+    mlp, sgate = _get(block, "shared_expert"), _get(block, "shared_expert_gate")
+    Hs, D = mlp.gate_proj.weight.shape
+    with torch.device("meta"):
+        shared = SharedExperts(D, Hs, activation=_glu_name(mlp.act_fn), bias=False)
+        shared_gate = nn.Linear(D, 1, bias=sgate.bias is not None)
+    _shared_from_mlp(mlp, shared)
+    _set_param(shared_gate, "weight", sgate.weight)
+    if sgate.bias is not None:
+        _set_param(shared_gate, "bias", sgate.bias)
+    return _adapter(block, moe, "qwen2_moe", block.gate, shared_expert=shared, shared_expert_gate=shared_gate)
+
+
+def _write_qwen2(adapter: HFMoEBlock, block: nn.Module) -> None:
+    if adapter.shared_expert is None:
+        raise ValueError("to_hf: Qwen2-MoE blocks have a gated shared expert; the gatedmoe block has none")
+    if adapter.moe.shared is not None:
+        raise ValueError("to_hf: Qwen2-MoE blocks have no ungated shared experts; MoE.shared must be None")
+    _write_topk_gate(adapter.moe, block.gate)
+    _write_fused_experts(adapter.moe.experts, block.experts)
+    _shared_to_mlp(adapter.shared_expert, block.shared_expert)
+    sgate = adapter.shared_expert_gate
+    _check_shape("shared_expert_gate weight", sgate.weight, block.shared_expert_gate.weight)
+    _check_same("shared_expert_gate bias", sgate.bias is not None, block.shared_expert_gate.bias is not None)
+    _set_param(block.shared_expert_gate, "weight", sgate.weight)
+    if sgate.bias is not None:
+        _set_param(block.shared_expert_gate, "bias", sgate.bias)
+
+
+# ---------------------------------------------------------------------- DeepSeek-V3
+def group_mask_value(router: nn.Module) -> float:
+    """The selection score the installed ``DeepseekV3TopkRouter`` gives experts outside
+    the kept groups: 0.0 (transformers 4.x) or -inf (5.x), found by running the router
+    once on a crafted input (zero weights, every expert's score negative)."""
+    E, D = router.weight.shape
+    n_group, topk_group = int(_attr(router, "num_group", "n_group")), int(router.topk_group)
+    if topk_group >= n_group:
+        return float("-inf")  # no group is masked: both rules select alike
+    dev = router.weight.device
+    # Strictly decreasing, all below -1: the first topk_group groups win, every score < 0.
+    bias = -10.0 - 1e-3 * torch.arange(E, device=dev, dtype=torch.float32)
+    state = {"weight": torch.zeros_like(router.weight), "e_score_correction_bias": bias}
+    with torch.no_grad():
+        out = torch.func.functional_call(router, state, (torch.zeros(1, D, dtype=router.weight.dtype, device=dev),))
+    idx = next(t for t in out if isinstance(t, Tensor) and not t.is_floating_point())
+    return float("-inf") if int(idx.max()) < topk_group * (E // n_group) else 0.0
+
+
+def _read_deepseek_v3(block: nn.Module, backend: str, check_inputs: bool) -> HFMoEBlock:
+    router, experts, mlp = _get(block, "gate"), _get(block, "experts"), _get(block, "shared_experts")
+    E, D = router.weight.shape
+    H = experts.down_proj.shape[-1]
+    k = int(_attr(router, "top_k"))
+    act = _glu_name(experts.act_fn)
+    _check_same("shared expert activation (gatedmoe shares one)", _glu_name(mlp.act_fn), act)
+    Hs = mlp.gate_proj.weight.shape[0]
+    n_shared = int(getattr(getattr(block, "config", None), "n_shared_experts", 1) or 1)
+    if Hs % n_shared:
+        n_shared = 1
+    moe = _build_moe(
+        D,
+        E,
+        H,
+        k,
+        activation=act,
+        bias=False,
+        backend=backend,
+        check_inputs=check_inputs,
+        n_shared_experts=n_shared,
+        d_shared_hidden=Hs // n_shared,
+    )
+    with torch.device("meta"):
+        moe.gate = HFGroupLimitedGate(
+            D,
+            E,
+            k=k,
+            n_group=int(_attr(router, "num_group", "n_group")),
+            topk_group=int(router.topk_group),
+            normalize=bool(router.norm_topk_prob),
+            routed_scaling_factor=float(router.routed_scaling_factor),
+            mask_value=group_mask_value(router),
+        )
+    _set_param(moe.gate, "weight", router.weight)
+    moe.gate.balancer.bias = router.e_score_correction_bias.detach().clone()
+    _read_fused_experts(experts, moe.experts)
+    _shared_from_mlp(mlp, moe.shared)
+    return _adapter(block, moe, "deepseek_v3", router, router_logits_dtype="float32")
+
+
+def _write_deepseek_v3(adapter: HFMoEBlock, block: nn.Module) -> None:
+    moe, router = adapter.moe, block.gate
+    gate = moe.gate
+    if not isinstance(gate, GroupLimitedGate):
+        raise ValueError(f"to_hf: DeepSeek-V3 needs a group_limited gate, got {type(gate).__name__}")
+    if adapter.shared_expert is not None or moe.shared is None:
+        raise ValueError("to_hf: DeepSeek-V3 blocks have ungated shared experts (MoE.shared), and only those")
+    _check_same("top_k", gate.k, int(router.top_k))
+    _check_same("n_group", gate.n_group, int(_attr(router, "num_group", "n_group")))
+    _check_same("topk_group", gate.topk_group, int(router.topk_group))
+    _check_same("norm_topk_prob", gate.normalize, bool(router.norm_topk_prob))
+    _check_same("routed_scaling_factor", gate.routed_scaling_factor, float(router.routed_scaling_factor))
+    _check_shape("router weight", gate.weight, router.weight)
+    _set_param(router, "weight", gate.weight)
+    router.e_score_correction_bias = gate.balancer.bias.detach().clone()
+    _write_fused_experts(moe.experts, block.experts)
+    _shared_to_mlp(moe.shared, block.shared_experts)
+
+
+# --------------------------------------------------------------------------- GPT-OSS
+def _read_gpt_oss(block: nn.Module, backend: str, check_inputs: bool) -> HFMoEBlock:
+    router, experts = _get(block, "router"), _get(block, "experts")
+    E, D = router.weight.shape
+    gate_up, gate_up_b = _get(experts, "gate_up_proj"), _get(experts, "gate_up_proj_bias")  # [E, D, 2H], [E, 2H]
+    down, down_b = _get(experts, "down_proj"), _get(experts, "down_proj_bias")  # [E, H, D], [E, D]
+    H = down.shape[1]
+    k = int(router.top_k)
+    moe = _build_moe(D, E, H, k, activation="swiglu", bias=True, backend=backend, check_inputs=check_inputs)
+    with torch.device("meta"):
+        # Top-k of the logits then softmax over the kept ones == softmax, top-k, renormalise.
+        moe.gate = HFTopKSoftmaxGate(D, E, k=k, renormalize=True, bias=router.bias is not None)
+    moe.experts.act = ClampedSwiGLU(alpha=float(experts.alpha), limit=float(experts.limit))
+    _set_param(moe.gate, "weight", router.weight)
+    if router.bias is not None:
+        _set_param(moe.gate, "bias", router.bias)
+    bank = moe.experts
+    # HF interleaves gate (even columns) and up (odd columns); gatedmoe stacks [gate | up].
+    g = gate_up.detach()
+    _set_param(bank, "w_in", torch.cat([g[..., 0::2], g[..., 1::2]], -1).transpose(1, 2))
+    bank.w_in.requires_grad_(gate_up.requires_grad)
+    b = gate_up_b.detach()
+    _set_param(bank, "b_in", torch.cat([b[:, 0::2], b[:, 1::2]], -1))
+    bank.b_in.requires_grad_(gate_up_b.requires_grad)
+    _set_param(bank, "w_out", down.detach().transpose(1, 2))
+    bank.w_out.requires_grad_(down.requires_grad)
+    _set_param(bank, "b_out", down_b)
+    return _adapter(block, moe, "gpt_oss", router, returns_router_scores=True)
+
+
+def _write_gpt_oss(adapter: HFMoEBlock, block: nn.Module) -> None:
+    moe, router, experts = adapter.moe, block.router, block.experts
+    gate, bank = moe.gate, moe.experts
+    if not isinstance(gate, TopKSoftmaxGate) or not gate.renormalize or gate.balancer is not None:
+        raise ValueError("to_hf: GPT-OSS needs a renormalised top-k softmax gate without a selection bias")
+    _check_same("top_k", gate.k, int(router.top_k))
+    _check_same("router bias", getattr(gate, "bias", None) is not None, router.bias is not None)
+    if not isinstance(bank.act, ClampedSwiGLU) or not bank.has_bias:
+        raise ValueError("to_hf: GPT-OSS experts need the ClampedSwiGLU activation and biases")
+    _check_same("swiglu (alpha, limit)", (bank.act.alpha, bank.act.limit), (float(experts.alpha), float(experts.limit)))
+    _check_shape("experts.gate_up_proj (transposed)", bank.w_in.transpose(1, 2), experts.gate_up_proj)
+    _set_param(router, "weight", gate.weight)
+    if router.bias is not None:
+        _set_param(router, "bias", gate.bias)
+    H = bank.d_hidden
+    w = bank.w_in.detach().transpose(1, 2)  # [E, D, 2H], [gate | up]
+    gate_up = torch.empty_like(w)
+    gate_up[..., 0::2], gate_up[..., 1::2] = w[..., :H], w[..., H:]
+    b = bank.b_in.detach()
+    gate_up_b = torch.empty_like(b)
+    gate_up_b[:, 0::2], gate_up_b[:, 1::2] = b[:, :H], b[:, H:]
+    _set_param(experts, "gate_up_proj", gate_up)
+    _set_param(experts, "gate_up_proj_bias", gate_up_b)
+    _set_param(experts, "down_proj", bank.w_out.detach().transpose(1, 2))
+    _set_param(experts, "down_proj_bias", bank.b_out)
+
+
+# --------------------------------------------------------------------------- registry
+_MIXTRAL = Family("mixtral", _read_topk("mixtral"), _write_topk)
+_QWEN3 = Family("qwen3_moe", _read_topk("qwen3_moe"), _write_topk)
+_OLMOE = Family("olmoe", _read_topk("olmoe"), _write_topk)
+_QWEN2 = Family("qwen2_moe", _read_qwen2, _write_qwen2)
+_DEEPSEEK_V3 = Family("deepseek_v3", _read_deepseek_v3, _write_deepseek_v3)
+_GPT_OSS = Family("gpt_oss", _read_gpt_oss, _write_gpt_oss)
+
+# Hugging Face block class name -> its family. Matched by exact class name, so subclasses
+# (whose forward may differ) are not converted silently.
+FAMILIES: dict[str, Family] = {
+    "MixtralSparseMoeBlock": _MIXTRAL,
+    "Qwen2MoeSparseMoeBlock": _QWEN2,
+    "Qwen3MoeSparseMoeBlock": _QWEN3,
+    "OlmoeSparseMoeBlock": _OLMOE,
+    "DeepseekV3MoE": _DEEPSEEK_V3,
+    "GptOssMLP": _GPT_OSS,
+}
+
+
+def family_of(block: nn.Module) -> Family:
+    """The `Family` converting ``block``; TypeError listing the supported classes otherwise."""
+    name = type(block).__name__
+    if name not in FAMILIES:
+        raise TypeError(f"unsupported Hugging Face MoE block {name}; supported: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
