@@ -133,17 +133,21 @@ def launch_gemm(a, b, b_strides, c, token, weight, sched: _Schedules, K: int, n_
     )
 
 
+def _problem(x: Tensor, token_N: Tensor, counts_E: Tensor, w_out_EDH: Tensor):
+    """Sizes, kernel configs and tile schedules shared by forward and backward."""
+    T, D = x.shape
+    N = token_N.numel()
+    H = w_out_EDH.shape[-1]
+    return T, D, N, H, kernel_configs(x.dtype, x.device, N, H), _Schedules(counts_E, N)
+
+
 @torch.library.custom_op("gatedmoe::moe_glu_forward", mutates_args=())
 def moe_glu_forward(
     x_TD: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Tensor, w_in_EHD: Tensor, w_out_EDH: Tensor
 ) -> tuple[Tensor, Tensor]:
     """``(y_TD, h_N2H)``: the SwiGLU MoE output and the first GEMM's output (for backward)."""
     x = x_TD.contiguous()
-    T, D = x.shape
-    N = token_N.numel()
-    H = w_out_EDH.shape[-1]
-    cfgs = kernel_configs(x.dtype, x.device, N, H)
-    sched = _Schedules(counts_E, N)
+    T, D, N, H, cfgs, sched = _problem(x, token_N, counts_E, w_out_EDH)
     h = _alloc(N, 2 * H, device=x.device, dtype=x.dtype)
     a = _alloc(N, H, device=x.device, dtype=x.dtype)
     y32 = torch.zeros(T, D, device=x.device, dtype=torch.float32)
@@ -188,11 +192,7 @@ def moe_glu_backward(
     """``(grad_x, grad_weight, grad_w_in, grad_w_out)`` of `moe_glu_forward`."""
     gy = gy_TD.contiguous()
     x = x_TD.contiguous()
-    T, D = x.shape
-    N = token_N.numel()
-    H = w_out_EDH.shape[-1]
-    cfgs = kernel_configs(x.dtype, x.device, N, H)
-    sched = _Schedules(counts_E, N)
+    T, D, N, H, cfgs, sched = _problem(x, token_N, counts_E, w_out_EDH)
     gx32 = torch.zeros(T, D, device=x.device, dtype=torch.float32)
     gweight = _alloc(N, device=x.device, dtype=torch.float32)
     if N == 0:
