@@ -210,6 +210,62 @@ def bench_dispatch(
     return rows
 
 
+def bench_layer(
+    shape: BenchShape,
+    *,
+    backends: list[str],
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    gate: str = "topk_softmax",
+    warmup: int = 3,
+    reps: int = 10,
+    ceiling: float | None = None,
+) -> list[dict]:
+    """Time the whole `MoE` layer (gate, routing, auxiliary losses, dispatch), forward and
+    forward+backward, per backend; same row format as `bench_dispatch` (routing "gate").
+
+    FLOPs count the expert GEMMs of the assignments the gate made, as in `bench_dispatch`,
+    so the gap to the dispatch-only rows is what routing costs.
+    """
+    from gatedmoe.layer import MoE
+
+    device = torch.device(device)
+    T, D, H, E, K = shape.tokens, shape.d_model, shape.d_hidden, shape.n_experts, shape.k
+    if ceiling is None:
+        ceiling = dense_ceiling(device, dtype)
+    torch.manual_seed(0)
+    x = torch.randn(T, D, device=device, dtype=dtype)
+    gy = torch.randn(T, D, device=device, dtype=dtype)
+    rows = []
+    for name in backends:
+        torch.manual_seed(0)
+        moe = MoE(D, E, H, gate=gate, k=K, backend=name, check_inputs=False).to(device=device, dtype=dtype)
+        xg = x.detach().clone().requires_grad_()
+        with torch.no_grad():
+            moe(x)
+        n_assign = moe.last_routing.n_assignments
+        flops_fwd = n_assign * moe.experts.flops_per_token()
+
+        def fwd(moe: MoE = moe) -> None:
+            with torch.no_grad():
+                moe(x)
+
+        def fwd_bwd(moe: MoE = moe, xg: Tensor = xg) -> None:
+            moe.zero_grad(set_to_none=True)
+            moe(xg).backward(gy)
+
+        for pass_name, f, mult in (("fwd", fwd, 1), ("fwd+bwd", fwd_bwd, 3)):
+            ms = _time(f, device, warmup, reps)
+            tflops = mult * flops_fwd / (ms * 1e-3) / 1e12
+            rows.append({
+                "shape": shape.label(), **asdict(shape), "backend": name, "pass": pass_name,
+                "dtype": str(dtype).removeprefix("torch."), "device": device.type, "routing": f"gate:{gate}",
+                "ms": ms, "tokens_per_s": T / (ms * 1e-3), "tflops": tflops,
+                "ceiling_tflops": ceiling, "fraction_of_ceiling": tflops / ceiling, "extra_mem_gb": float("nan"),
+            })
+    return rows
+
+
 def format_rows(rows: list[dict]) -> str:
     """Plain-text table of `bench_dispatch` rows."""
     head = f"{'shape':<40} {'backend':<16} {'pass':<8} {'ms':>9} {'tokens/s':>11} {'TFLOP/s':>8} {'of ceil':>8} {'+mem GB':>8}"

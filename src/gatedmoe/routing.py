@@ -111,11 +111,18 @@ class Routing:
         if n_experts < 1:
             raise ValueError(f"n_experts must be >= 1, got {n_experts}")
         expert = expert.long()
-        if expert.numel() and (int(expert.min()) < 0 or int(expert.max()) >= n_experts):
+        # The range check reads values on the host: free on CPU, a device sync on a GPU, so
+        # on accelerators it is left to `validate()` (an out-of-range id there still fails
+        # loudly, as a device-side index error in the count below).
+        if expert.device.type == "cpu" and expert.numel() and (int(expert.min()) < 0 or int(expert.max()) >= n_experts):
             raise ValueError(f"expert ids must lie in [0, {n_experts}); got {expert.min()}..{expert.max()}")
         order = torch.argsort(expert, stable=True)
         expert_sorted = expert[order]
-        counts = torch.bincount(expert_sorted, minlength=n_experts)
+        # scatter_add, not bincount: bincount's output size depends on the data, which costs
+        # a device sync on every routing.
+        counts = torch.zeros(n_experts, dtype=torch.long, device=expert.device).scatter_add_(
+            0, expert_sorted, torch.ones_like(expert_sorted)
+        )
         return cls(
             token=token.long()[order],
             expert=expert_sorted,

@@ -100,3 +100,12 @@ def test_train_csv_trains_tabular_moe(tmp_path, capsys):
     assert rc == 0
     assert "accuracy" in capsys.readouterr().out
     assert (tmp_path / "tab" / "metrics.json").exists() and (tmp_path / "tab" / "load.png").stat().st_size > 1000
+
+
+def test_bench_layer_tiny_cpu(tmp_path):
+    path = tmp_path / "l.json"
+    rc = main(["bench", "--layer", "--tokens", "32", "--d-model", "16", "--d-hidden", "16", "--experts", "4",
+               "--reps", "1", "--backend", "grouped", "--json", str(path)])
+    assert rc == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"] and rows[0]["routing"] == "gate:topk_softmax"

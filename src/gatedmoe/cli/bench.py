@@ -36,13 +36,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "forward+backward, report tokens/s per rank, all-to-all share and load imbalance "
                         "(--tokens is per rank; default 2048 on CPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps with --ep")
+    p.add_argument("--layer", action="store_true",
+                   help="time the whole MoE layer (top-k softmax gate, routing, aux losses, dispatch) per backend "
+                        "instead of dispatch alone")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from gatedmoe.bench import SHAPES, bench_dispatch, dense_ceiling, format_rows, machine_info
+    from gatedmoe.bench import (
+        SHAPES,
+        bench_dispatch,
+        bench_layer,
+        dense_ceiling,
+        format_rows,
+        machine_info,
+    )
     from gatedmoe.dispatch import backend_names
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -74,9 +84,14 @@ def run(args: argparse.Namespace) -> int:
     ceiling = dense_ceiling(device, dtype)
     print(f"dense {args.dtype} GEMM ceiling: {ceiling:.2f} TFLOP/s")
     rows = []
+    if args.layer:
+        backends = [b for b in backends if b not in ("reference", "bare_grouped_mm")] or ["grouped"]
     for s in shapes:
-        rows += bench_dispatch(s, backends=backends, dtype=dtype, device=device, routing=args.routing,
-                               reps=reps, check=not args.no_check, ceiling=ceiling)
+        if args.layer:
+            rows += bench_layer(s, backends=backends, dtype=dtype, device=device, reps=reps, ceiling=ceiling)
+        else:
+            rows += bench_dispatch(s, backends=backends, dtype=dtype, device=device, routing=args.routing,
+                                   reps=reps, check=not args.no_check, ceiling=ceiling)
     print(format_rows(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
