@@ -17,6 +17,7 @@ from gatedmoe.experts.activations import get_activation
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.losses import load_balance_loss, router_z_loss
 from gatedmoe.routing import Routing
+from gatedmoe.transient import TransientState
 
 __all__ = ["MoE", "SharedExperts", "aux_loss"]
 
@@ -36,7 +37,7 @@ class SharedExperts(nn.Module):
         return self.w_out(self.act(self.w_in(x)))
 
 
-class MoE(nn.Module):
+class MoE(TransientState, nn.Module):
     """Sparse mixture-of-experts feed-forward layer: ``y = sum_e g_e(x) f_e(x) [+ shared(x)]``.
 
     Parameters
@@ -94,6 +95,8 @@ class MoE(nn.Module):
     >>> y.shape, sorted(moe.aux_losses)
     (torch.Size([2, 5, 16]), ['load_balance', 'router_z'])
     """
+
+    _transient = {"last_routing": None, "aux_losses": {}}
 
     def __init__(
         self,

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from gatedmoe.gates.balancing import BiasBalancer
 from gatedmoe.routing import Routing
+from gatedmoe.transient import TransientState
 
 __all__ = ["Gate", "check_k", "routing_from_dense"]
 
@@ -20,7 +21,7 @@ def check_k(k: int, n_experts: int) -> int:
     return k
 
 
-class Gate(nn.Module):
+class Gate(TransientState, nn.Module):
     """Base of every gate.
 
     A gate owns its router parameters and returns a `Routing` from ``forward(x_TD)``.
@@ -36,6 +37,8 @@ class Gate(nn.Module):
     can be attached with `attach_bias_balancer`. Such gates add `selection_bias` to their
     scores before selecting and call `update_bias_balancer` after routing.
     """
+
+    _transient = {"gate_losses": {}}
 
     uses_k: bool = True
     uses_token_ids: bool = False

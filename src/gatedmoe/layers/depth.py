@@ -11,11 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from gatedmoe.routing import Routing
+from gatedmoe.transient import TransientState
 
 __all__ = ["MixtureOfDepths"]
 
 
-class MixtureOfDepths(nn.Module):
+class MixtureOfDepths(TransientState, nn.Module):
     """Mixture-of-Depths (Raposo et al. 2024, "Mixture-of-Depths: Dynamically allocating
     compute in transformer-based language models", sec. 3).
 
@@ -39,6 +40,8 @@ class MixtureOfDepths(nn.Module):
     >>> mod(torch.randn(2, 6, 8)).shape
     torch.Size([2, 6, 8])
     """
+
+    _transient = {"last_routing": None}
 
     def __init__(self, block: nn.Module, d_model: int, *, capacity: float = 0.125) -> None:
         super().__init__()

@@ -11,11 +11,12 @@ from gatedmoe.dispatch import check_backend_name, get_backend
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.losses import load_balance_loss
 from gatedmoe.routing import Routing
+from gatedmoe.transient import TransientState
 
 __all__ = ["MultiTaskMoE"]
 
 
-class MultiTaskMoE(nn.Module):
+class MultiTaskMoE(TransientState, nn.Module):
     """Multi-gate mixture of experts (Ma et al. 2018, "Modeling Task Relationships in
     Multi-task Learning with Multi-gate Mixture-of-Experts"; with ``gate="dselect_k"``,
     the multi-task DSelect-k of Hazimeh et al. 2021).
@@ -46,6 +47,8 @@ class MultiTaskMoE(nn.Module):
     >>> [y.shape for y in m(torch.randn(3, 8))]
     [torch.Size([3, 8]), torch.Size([3, 8])]
     """
+
+    _transient = {"aux_losses": {}, "last_routings": []}
 
     def __init__(
         self,

@@ -12,11 +12,12 @@ from torch import Tensor, nn
 from gatedmoe.dispatch import check_backend_name, get_backend
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.routing import Routing
+from gatedmoe.transient import TransientState
 
 __all__ = ["SoftMoE"]
 
 
-class SoftMoE(nn.Module):
+class SoftMoE(TransientState, nn.Module):
     """Soft mixture of experts (Puigcerver, Riquelme, Mustafa & Houlsby 2023, "From Sparse
     to Soft Mixtures of Experts", sec. 2).
 
@@ -50,6 +51,8 @@ class SoftMoE(nn.Module):
     >>> m(torch.randn(3, 10, 16)).shape
     torch.Size([3, 10, 16])
     """
+
+    _transient = {"aux_losses": {}}
 
     def __init__(
         self,
