@@ -108,13 +108,19 @@ def _time(fn: Callable[[], object], device: torch.device, warmup: int, reps: int
     return statistics.median(times)
 
 
+def dense_gemm_tflops(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype, warmup: int = 3,
+                      reps: int = 10) -> float:
+    """Measured TFLOP/s of a dense ``[m, k] @ [k, n]`` product on ``device`` (median time)."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    ms = _time(lambda: a @ b, device, warmup, reps)
+    return 2 * m * n * k / (ms * 1e-3) / 1e12
+
+
 def dense_ceiling(device: torch.device, dtype: torch.dtype, n: int | None = None, warmup: int = 3, reps: int = 10) -> float:
     """Dense GEMM TFLOP/s of an ``n x n x n`` product on this device (8192 on GPU, 1024 on CPU)."""
     n = n or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = _time(lambda: a @ b, device, warmup, reps)
-    return 2 * n**3 / (ms * 1e-3) / 1e12
+    return dense_gemm_tflops(n, n, n, device, dtype, warmup, reps)
 
 
 def _bare_grouped(x_sorted_ND: Tensor, routing: Routing, bank: ExpertBank) -> Tensor:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import tempfile
 import time
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gatedmoe.bench import dense_gemm_tflops, machine_info
 from gatedmoe.layer import MoE, aux_loss
 from gatedmoe.parallel.expert_parallel import shard_experts
 
@@ -38,28 +38,14 @@ _CHECK_ATOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 5e-2, t
 
 
 def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    info = machine_info(device)
+    where = info.get("gpu") or f"{info['cpu']}, {info.get('cores')} CPUs"
+    return f"{where}, torch {info['torch']}"
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _gemm_tflops(m: int, n: int, kdim: int, dtype: torch.dtype, device: torch.device, reps: int = 20) -> float:
-    """Dense ``[m, k] @ [k, n]`` TFLOP/s on ``device``: the ceiling the experts are
-    reported against."""
-    a = torch.randn(m, kdim, dtype=dtype, device=device)
-    b = torch.randn(kdim, n, dtype=dtype, device=device)
-    a @ b
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * m * n * kdim * reps / (time.perf_counter() - start) / 1e12
 
 
 def _bench_on_group(
@@ -124,7 +110,7 @@ def _bench_on_group(
     # Every rank measures at once, so the ceiling sees the same contention as the steps
     # (ranks share the CPU cores, or the host); report the mean over ranks.
     dist.barrier()
-    ceiling_t = torch.tensor([_gemm_tflops(tokens_per_rank * k, h_in, d_model, dtype, device)], dtype=torch.float64, device=device)
+    ceiling_t = torch.tensor([dense_gemm_tflops(tokens_per_rank * k, h_in, d_model, device, dtype, warmup=1, reps=20)], dtype=torch.float64, device=device)
     dist.all_reduce(ceiling_t)
     ceiling = float(ceiling_t) / W
     return {
