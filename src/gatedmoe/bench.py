@@ -199,6 +199,8 @@ def bench_dispatch(
         gyy = gy if name != "bare_grouped_mm" else torch.randn(r.n_assignments, D, device=device, dtype=dtype, generator=gen)
 
         for pass_name, f, mult in _passes(fn, inp, xg, gyy, bank):
+            # Gradients left by the previous backend would count against this one's peak.
+            bank.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(device)

@@ -201,11 +201,13 @@ def moe_glu_backward(
     w_out = w_out_EDH.contiguous()
     prec = _prec(x.dtype)
     gh = _alloc(N, 2 * H, device=x.device, dtype=x.dtype)
-    a = _alloc(N, H, device=x.device, dtype=x.dtype)
     # ga = gy[token] @ W_out[e]: B[k=d, n=h] = w_out[e, d, h]
     ga = _alloc(N, H, device=x.device, dtype=x.dtype)
     launch_gemm(gy, w_out, (D * H, H, 1), ga, token_N, weight_N, sched, D, H,
                 gather=True, scale=False, scatter=False, cfg=cfgs["glu_bwd"], prec=prec)
+    # The SwiGLU backward writes a over ga in place (each element is read before it is
+    # written, by the same program): one [N, H] buffer fewer at the peak.
+    a = ga
     launch_swiglu_bwd(ga, h_N2H, weight_N, gh, a, gweight, N, H)
     del ga
     # grad_x[token] += gh @ W_in[e]: B[k=j, n=d] = w_in[e, j, d]
