@@ -144,6 +144,17 @@ def _passes(fn: Callable[[Tensor], Tensor], inp: Tensor, xg: Tensor, gy: Tensor,
     return [("fwd", fwd, 1), ("fwd+bwd", fwd_bwd, 3)]
 
 
+def _row(shape: BenchShape, backend: str, pass_name: str, dtype: torch.dtype, device: torch.device, routing: str,
+         ms: float, tflops: float, ceiling: float, extra_gb: float) -> dict:
+    """One result row of `bench_dispatch` / `bench_layer`."""
+    return {
+        "shape": shape.label(), **asdict(shape), "backend": backend, "pass": pass_name,
+        "dtype": str(dtype).removeprefix("torch."), "device": device.type, "routing": routing,
+        "ms": ms, "tokens_per_s": shape.tokens / (ms * 1e-3), "tflops": tflops,
+        "ceiling_tflops": ceiling, "fraction_of_ceiling": tflops / ceiling, "extra_mem_gb": extra_gb,
+    }
+
+
 def bench_dispatch(
     shape: BenchShape,
     *,
@@ -209,12 +220,7 @@ def bench_dispatch(
             # Peak memory above what was allocated before the pass (inputs, weights).
             extra_gb = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else float("nan")
             tflops = mult * flops_fwd / (ms * 1e-3) / 1e12
-            rows.append({
-                "shape": shape.label(), **asdict(shape), "backend": name, "pass": pass_name,
-                "dtype": str(dtype).removeprefix("torch."), "device": device.type, "routing": routing,
-                "ms": ms, "tokens_per_s": T / (ms * 1e-3), "tflops": tflops,
-                "ceiling_tflops": ceiling, "fraction_of_ceiling": tflops / ceiling, "extra_mem_gb": extra_gb,
-            })
+            rows.append(_row(shape, name, pass_name, dtype, device, routing, ms, tflops, ceiling, extra_gb))
     return rows
 
 
@@ -265,12 +271,7 @@ def bench_layer(
         for pass_name, f, mult in (("fwd", fwd, 1), ("fwd+bwd", fwd_bwd, 3)):
             ms = _time(f, device, warmup, reps)
             tflops = mult * flops_fwd / (ms * 1e-3) / 1e12
-            rows.append({
-                "shape": shape.label(), **asdict(shape), "backend": name, "pass": pass_name,
-                "dtype": str(dtype).removeprefix("torch."), "device": device.type, "routing": f"gate:{gate}",
-                "ms": ms, "tokens_per_s": T / (ms * 1e-3), "tflops": tflops,
-                "ceiling_tflops": ceiling, "fraction_of_ceiling": tflops / ceiling, "extra_mem_gb": float("nan"),
-            })
+            rows.append(_row(shape, name, pass_name, dtype, device, f"gate:{gate}", ms, tflops, ceiling, float("nan")))
     return rows
 
 

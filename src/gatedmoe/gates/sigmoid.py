@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gatedmoe.gates.balancing import BiasBalancer
 from gatedmoe.gates.base import Gate, check_k
 from gatedmoe.gates.functional import sigmoid_topk
 from gatedmoe.gates.registry import register
@@ -54,12 +53,14 @@ class SigmoidGate(Gate):
         self.scale = float(scale)
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
-        self.balancer = BiasBalancer(n_experts, bias_update_rate) if bias_update_rate > 0 else None
+        if bias_update_rate > 0:
+            self.attach_bias_balancer(bias_update_rate)
 
     def forward(self, x_TD: Tensor) -> Routing:
         logits_TE = self.router_logits(x_TD)
-        bias_E = None if self.balancer is None else self.balancer.bias
-        weights_TK, experts_TK, scores_TE = sigmoid_topk(logits_TE, self.k, bias_E, self.normalize, self.scale)
+        weights_TK, experts_TK, scores_TE = sigmoid_topk(
+            logits_TE, self.k, self.selection_bias(), self.normalize, self.scale
+        )
         routing = Routing.from_topk(
             weights_TK,
             experts_TK,
@@ -67,6 +68,5 @@ class SigmoidGate(Gate):
             probs=scores_TE / scores_TE.sum(-1, keepdim=True),
             logits=logits_TE,
         )
-        if self.balancer is not None and self.training and torch.is_grad_enabled():
-            self.balancer.update(routing.counts)
+        self.update_bias_balancer(routing.counts)
         return routing
