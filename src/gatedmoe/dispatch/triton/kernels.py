@@ -102,10 +102,18 @@ def gemm_kernel(
     a_ptr, b_ptr, c_ptr, token_ptr, weight_ptr,
     tile_expert_ptr, tile_row_ptr, expert_end_ptr, n_tiles,
     K, N_COLS,
-    stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+    stride_am, stride_be, stride_bk, stride_bn, stride_cm, b_rows_per_e,
     GATHER_A: tl.constexpr, SCALE: tl.constexpr, SCATTER_C: tl.constexpr,
+    A_DESC: tl.constexpr, B_DESC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """``B_DESC``: 0 = ``b_ptr`` is a pointer with strides; 1 = a TMA descriptor over the 2-D
+    view ``[E * b_rows_per_e, K]`` (rows are output columns, k contiguous); 2 = a descriptor
+    over ``[E * b_rows_per_e, N_COLS]`` (rows are k). ``A_DESC``: ``a_ptr`` is a descriptor
+    over ``[N, K]`` (only without the gather). Descriptor tiles that run past an expert's
+    rows read the next expert's rows; those products land only in masked outputs (or meet
+    zeros of A's masked k), and the host uses mode 2 only when ``BK`` divides K.
+    """
     pid_m, pid_n = _program_tile(n_tiles, N_COLS, BN, GROUP_M)
     e, rows, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM)
     if e < 0:
@@ -116,14 +124,24 @@ def gemm_kernel(
     tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     a_rows = tok if GATHER_A else rows64
     ks = tl.arange(0, BK)
-    b_e = b_ptr + e.to(tl.int64) * stride_be
+    b_e = b_ptr + e.to(tl.int64) * stride_be if B_DESC == 0 else b_ptr
+    b_row0 = e * b_rows_per_e
+    row0 = tl.load(tile_row_ptr + pid_m)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + ks
         k_mask = k < K
-        a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_e + k[:, None].to(tl.int64) * stride_bk + cols[None, :].to(tl.int64) * stride_bn,
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if A_DESC:
+            a = a_ptr.load([row0, k0])
+        else:
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if B_DESC == 1:
+            b = b_ptr.load([b_row0 + pid_n * BN, k0]).T
+        elif B_DESC == 2:
+            b = b_ptr.load([b_row0 + k0, pid_n * BN])
+        else:
+            b = tl.load(b_e + k[:, None].to(tl.int64) * stride_bk + cols[None, :].to(tl.int64) * stride_bn,
+                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     if SCALE:
         w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)

@@ -15,6 +15,11 @@ import torch
 import triton
 from torch import Tensor
 
+try:  # Triton >= 3.3: host-side TMA descriptors
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 from gatedmoe.dispatch.triton.kernels import gemm_kernel, glu_fwd_kernel, swiglu_bwd_kernel
 
 __all__ = ["moe_glu_forward", "tile_schedule"]
@@ -30,6 +35,7 @@ class KernelConfig:
     warps: int
     stages: int
     group_m: int = 8
+    tma: bool = True  # weight (and ungathered row) tiles through TMA descriptors where possible
 
 
 # Per-kernel configs; `benchmarks/triton_tune.py` measures the alternatives on a GPU.
@@ -120,14 +126,35 @@ def launch_swiglu_bwd(ga, h, weight, gh, a, gweight, N: int, H: int) -> None:
                                               num_warps=1 if ga.device.type != "cuda" else 4)
 
 
+def _tma_ok(t: Tensor, last_dim: int) -> bool:
+    """Whether a TMA descriptor can address ``t`` (CUDA, 16-bit, 16-byte aligned rows and base)."""
+    return (
+        TensorDescriptor is not None
+        and t.is_cuda
+        and t.dtype in (torch.bfloat16, torch.float16)
+        and (last_dim * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+    )
+
+
 def launch_gemm(a, b, b_strides, c, token, weight, sched: _Schedules, K: int, n_cols: int, *,
                 gather: bool, scale: bool, scatter: bool, cfg: KernelConfig, prec: str) -> None:
     tiles = sched(cfg.BM)
     stride_be, stride_bk, stride_bn = b_strides
+    E, R, C = b.shape
+    b_arg, b_desc = b, 0
+    if cfg.tma and b.is_contiguous() and _tma_ok(b, C):
+        if (stride_bk, stride_bn) == (1, C):  # rows of b[e] are output columns, k contiguous
+            b_arg, b_desc = TensorDescriptor.from_tensor(b.view(E * R, C), [cfg.BN, cfg.BK]), 1
+        elif (stride_bk, stride_bn) == (C, 1) and K % cfg.BK == 0:  # rows of b[e] are k
+            b_arg, b_desc = TensorDescriptor.from_tensor(b.view(E * R, C), [cfg.BK, cfg.BN]), 2
+    a_arg, a_desc = a, False
+    if cfg.tma and not gather and a.is_contiguous() and _tma_ok(a, K):
+        a_arg, a_desc = TensorDescriptor.from_tensor(a, [cfg.BM, cfg.BK]), True
     gemm_kernel[(triton.cdiv(n_cols, cfg.BN) * tiles[0].numel(),)](
-        a, b, c, token, weight, *tiles, tiles[0].numel(), K, n_cols,
-        a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0),
-        GATHER_A=gather, SCALE=scale, SCATTER_C=scatter,
+        a_arg, b_arg, c, token, weight, *tiles, tiles[0].numel(), K, n_cols,
+        a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0), R,
+        GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, A_DESC=a_desc, B_DESC=b_desc,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
