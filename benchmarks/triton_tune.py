@@ -28,9 +28,10 @@ from gatedmoe.dispatch.triton.ops import (
 from gatedmoe.experts import ExpertBank
 
 K_CONFIGS = {
-    "glu": [KernelConfig(*c) for c in [(128, 64, 64, 8, 3, 8), (128, 64, 64, 8, 3, 16), (128, 64, 64, 8, 4, 8),
-                                         (128, 128, 64, 8, 3, 8), (64, 64, 64, 4, 4, 8), (128, 64, 64, 4, 3, 8),
-                                         (128, 32, 64, 4, 4, 8)]],
+    "glu": [KernelConfig(*c) for c in [(128, 64, 64, 8, 3, 8, True), (128, 64, 64, 8, 3, 8, False),
+                                         (128, 128, 64, 8, 3, 8, True), (128, 128, 64, 8, 3, 8, False),
+                                         (128, 128, 64, 8, 4, 8, True), (128, 64, 64, 8, 4, 8, True),
+                                         (64, 128, 64, 4, 3, 8, True)]],
     "gemm": [KernelConfig(*c) for c in [(128, 256, 64, 8, 3, 8, False), (128, 256, 64, 8, 3, 8, True),
                                           (128, 128, 64, 8, 4, 16, False), (128, 128, 64, 8, 4, 16, True),
                                           (128, 128, 64, 4, 3, 8, False), (128, 128, 64, 4, 3, 8, True),

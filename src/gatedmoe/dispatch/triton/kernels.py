@@ -60,29 +60,44 @@ def glu_fwd_kernel(
     tile_expert_ptr, tile_row_ptr, expert_end_ptr, n_tiles,
     D, H,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
+    W_DESC: tl.constexpr,
 ):
+    """``W_DESC``: ``w_ptr`` is a TMA descriptor over the 2-D view ``[E * 2H, D]`` of W_in
+    (block ``[BN, BK]``); the gate and up tiles are two loads and two products. Without it,
+    B's columns interleave gate and up rows (column 2j is gate j, 2j+1 is up j) so one
+    product fills a ``[BM, 2BN]`` accumulator; with pointer loads that pipelined better than
+    two products. Tiles that run past H read the up half or the next expert: those columns
+    are masked on store."""
     pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
     e, rows, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM)
     if e < 0:
         return
-    # One product for both halves: B's columns interleave gate and up rows of W_in
-    # (column 2j is gate j, column 2j+1 is up j), so a single [BM, 2BN] accumulator holds
-    # both and the epilogue splits it. Two separate dots pipeline worse.
-    j2 = tl.arange(0, 2 * BN)
-    cols2 = pid_n * BN + j2 // 2
-    w_rows = cols2 + (j2 % 2) * H
-    col2_mask = cols2 < H
     tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     ks = tl.arange(0, BK)
-    w_e = w_ptr + e.to(tl.int64) * (2 * H) * D
-    acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        k = k0 + ks
-        k_mask = k < D
-        a = tl.load(x_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(w_e + w_rows[None, :].to(tl.int64) * D + k[:, None], mask=k_mask[:, None] & col2_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-    acc_g, acc_u = tl.split(tl.reshape(acc, (BM, BN, 2)))
+    if W_DESC:
+        w_row = e * (2 * H) + pid_n * BN
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            k = k0 + ks
+            a = tl.load(x_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & (k < D)[None, :], other=0.0)
+            acc_g = tl.dot(a, w_ptr.load([w_row, k0]).T, acc_g, input_precision=PREC)
+            acc_u = tl.dot(a, w_ptr.load([w_row + H, k0]).T, acc_u, input_precision=PREC)
+    else:
+        j2 = tl.arange(0, 2 * BN)
+        cols2 = pid_n * BN + j2 // 2
+        w_rows = cols2 + (j2 % 2) * H
+        col2_mask = cols2 < H
+        w_e = w_ptr + e.to(tl.int64) * (2 * H) * D
+        acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            k = k0 + ks
+            k_mask = k < D
+            a = tl.load(x_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(w_e + w_rows[None, :].to(tl.int64) * D + k[:, None], mask=k_mask[:, None] & col2_mask[None, :],
+                        other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+        acc_g, acc_u = tl.split(tl.reshape(acc, (BM, BN, 2)))
     cols = pid_n * BN + tl.arange(0, BN)
     out_mask = row_mask[:, None] & (cols < H)[None, :]
     rows64 = rows.to(tl.int64)

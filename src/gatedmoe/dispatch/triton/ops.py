@@ -54,8 +54,8 @@ def kernel_configs(dtype: torch.dtype, device: torch.device, N: int, H: int = 0)
     cfgs = dict(CONFIGS_BF16)
     if N * H < 100_000_000:  # measured: 128-pair tiles win on the two largest problems only
         cfgs["glu_fwd"] = KernelConfig(128, 64, 64, 8, 3)
-    if H <= 512:
-        cfgs["gemm_fwd"] = cfgs["glu_bwd"] = KernelConfig(128, 128, 64, 4, 3)
+    if H <= 512:  # measured: pointer loads and narrower tiles for a K of 512
+        cfgs["gemm_fwd"] = KernelConfig(128, 128, 64, 4, 3, tma=False)
     return cfgs
 
 
@@ -63,9 +63,9 @@ def kernel_configs(dtype: torch.dtype, device: torch.device, N: int, H: int = 0)
 # "glu_bwd" is the gathered gy @ W_out product feeding the SwiGLU backward.
 CONFIGS_BF16: dict[str, KernelConfig] = {
     "glu_fwd": KernelConfig(128, 128, 64, 8, 3),
-    "gemm_fwd": KernelConfig(128, 256, 64, 8, 3),
+    "gemm_fwd": KernelConfig(128, 256, 64, 8, 4),
     "glu_bwd": KernelConfig(128, 256, 64, 8, 3),
-    "gemm_bwd": KernelConfig(128, 256, 64, 8, 3),
+    "gemm_bwd": KernelConfig(128, 256, 64, 8, 4),
 }
 
 
@@ -114,9 +114,14 @@ class _Schedules:
 
 def launch_glu_fwd(x, token, w_in, h, a, sched: _Schedules, D: int, H: int, cfg: KernelConfig, prec: str) -> None:
     tiles = sched(cfg.BM)
+    E = w_in.shape[0]
+    w_arg, w_desc = w_in, False
+    if cfg.tma and w_in.is_contiguous() and _tma_ok(w_in, D):
+        w_arg, w_desc = TensorDescriptor.from_tensor(w_in.view(E * 2 * H, D), [cfg.BN, cfg.BK]), True
     glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * tiles[0].numel(),)](
-        x, token, w_in, h, a, *tiles, tiles[0].numel(), D, H,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages,
+        x, token, w_arg, h, a, *tiles, tiles[0].numel(), D, H,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, W_DESC=w_desc,
+        num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
