@@ -42,7 +42,7 @@ class KernelConfig:
 _INTERPRETER = KernelConfig(16, 16, 16, 4, 1)  # smallest legal tl.dot
 
 
-def kernel_configs(dtype: torch.dtype, device: torch.device, N: int, H: int = 0) -> dict[str, KernelConfig]:
+def kernel_configs(dtype: torch.dtype, device: torch.device, H: int) -> dict[str, KernelConfig]:
     """Configs for the kernels "glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd" on this problem.
 
     bf16 choices are the fastest of `benchmarks/triton_tune.py` on an H100 (BENCHMARKS.md).
@@ -168,7 +168,7 @@ def _problem(x: Tensor, token_N: Tensor, counts_E: Tensor, w_out_EDH: Tensor):
     T, D = x.shape
     N = token_N.numel()
     H = w_out_EDH.shape[-1]
-    return T, D, N, H, kernel_configs(x.dtype, x.device, N, H), _Schedules(counts_E, N)
+    return T, D, N, H, kernel_configs(x.dtype, x.device, H), _Schedules(counts_E, N)
 
 
 @torch.library.custom_op("gatedmoe::moe_glu_forward", mutates_args=())
