@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from gatedmoe.bench import SHAPES, balanced_routing
 from gatedmoe.dispatch import get_backend
 from gatedmoe.experts import ExpertBank
+from gatedmoe.layer import MoE
 
 
 def main() -> None:
@@ -23,6 +24,7 @@ def main() -> None:
     ap.add_argument("--shape", default="mixtral", choices=list(SHAPES))
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--layer", action="store_true", help="profile the whole MoE layer (gate and routing too)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     s = SHAPES[args.shape]
@@ -31,8 +33,13 @@ def main() -> None:
     x = torch.randn(s.tokens, s.d_model, device=dev, dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn(s.tokens, s.d_model, device=dev, dtype=torch.bfloat16)
     fn = get_backend(args.backend, dev)
+    moe = MoE(s.d_model, s.n_experts, s.d_hidden, k=s.k, backend=args.backend, check_inputs=False).to(dev, torch.bfloat16)
 
     def step() -> None:
+        if args.layer:
+            moe.zero_grad(set_to_none=True)
+            moe(x).backward(gy)
+            return
         bank.zero_grad(set_to_none=True)
         fn(x, r, bank).backward(gy)
 
@@ -43,10 +50,11 @@ def main() -> None:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    sort = "cpu_time_total" if args.layer else "cuda_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
     print(table)
     out = os.environ.get("OUT", "/tmp/out")
-    with open(os.path.join(out, f"profile_{args.backend}_{args.shape}.txt"), "w") as f:
+    with open(os.path.join(out, f"profile_{args.backend}_{args.shape}{'_layer' if args.layer else ''}.txt"), "w") as f:
         f.write(table)
 
 
