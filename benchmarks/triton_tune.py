@@ -20,22 +20,22 @@ from gatedmoe.bench import SHAPES, balanced_routing, bench_dispatch, dense_ceili
 from gatedmoe.dispatch.triton import ops
 from gatedmoe.dispatch.triton.ops import (
     KernelConfig,
-    _Schedules,
     launch_gemm,
     launch_glu_fwd,
     launch_swiglu_bwd,
 )
 from gatedmoe.experts import ExpertBank
 
+# (BM, BN, BK, warps, stages, group_m, tma, pregather)
 K_CONFIGS = {
-    "glu": [KernelConfig(*c) for c in [(128, 64, 64, 8, 3, 8, True), (128, 64, 64, 8, 3, 8, False),
-                                         (128, 128, 64, 8, 3, 8, True), (128, 128, 64, 8, 3, 8, False),
-                                         (128, 128, 64, 8, 4, 8, True), (128, 64, 64, 8, 4, 8, True),
-                                         (64, 128, 64, 4, 3, 8, True)]],
-    "gemm": [KernelConfig(*c) for c in [(128, 256, 64, 8, 3, 8, False), (128, 256, 64, 8, 3, 8, True),
-                                          (128, 128, 64, 8, 4, 16, False), (128, 128, 64, 8, 4, 16, True),
-                                          (128, 128, 64, 4, 3, 8, False), (128, 128, 64, 4, 3, 8, True),
-                                          (128, 256, 64, 8, 4, 8, True), (128, 128, 128, 8, 3, 8, True)]],
+    "glu": [KernelConfig(*c) for c in [(128, 128, 64, 8, 4, 8, True, False), (128, 64, 64, 8, 4, 8, True, False),
+                                         (128, 128, 64, 8, 4, 8, True, True), (128, 128, 64, 8, 3, 8, True, True),
+                                         (128, 64, 64, 8, 4, 8, True, True), (128, 64, 64, 4, 4, 8, True, True),
+                                         (64, 128, 64, 4, 4, 8, True, True), (128, 128, 64, 8, 4, 16, True, True)]],
+    "gemm": [KernelConfig(*c) for c in [(128, 256, 64, 8, 3, 8, True, False), (128, 256, 64, 8, 4, 8, True, False),
+                                          (128, 128, 64, 4, 3, 8, False, False), (128, 128, 64, 8, 4, 16, True, False),
+                                          (128, 256, 64, 8, 3, 8, True, True), (128, 256, 64, 8, 4, 8, True, True),
+                                          (128, 128, 64, 8, 4, 8, True, True), (128, 128, 128, 8, 3, 8, True, True)]],
 }
 
 
@@ -69,17 +69,30 @@ def tune_shape(name: str, ceiling: float) -> dict:
     gh = torch.randn(N, 2 * H, device=dev, dtype=dtype)
     y32 = torch.zeros(T, D, device=dev)
     gw = torch.zeros(N, device=dev)
-    sched = _Schedules(r.counts, N)
+    counts = r.counts
     offs = r.offsets.to(torch.int32)
     xs = x.index_select(0, r.token)
     flops = {"glu_fwd": 4 * N * D * H, "gemm_fwd": 2 * N * H * D, "glu_bwd": 2 * N * D * H, "gemm_bwd": 4 * N * H * D}
+    gys = gy.index_select(0, r.token)
+
+    def glu_fwd(c: KernelConfig) -> None:
+        # The pre-gathered variant pays for its copy here: forward makes it for this GEMM alone.
+        if c.pregather:
+            launch_glu_fwd(x.index_select(0, r.token), r.token, w_in, h, a, counts, N, D, H, c, "tf32", gathered=True)
+        else:
+            launch_glu_fwd(x, r.token, w_in, h, a, counts, N, D, H, c, "tf32")
+
+    def glu_bwd(c: KernelConfig) -> None:
+        # Backward gathers gy for the W_out gradient anyway, so the copy is not charged here.
+        launch_gemm(gys if c.pregather else gy, w_out, (D * H, H, 1), a, r.token, r.weight, counts, N, D, H,
+                    gather=not c.pregather, scale=False, scatter=False, cfg=c, prec="tf32")
+
     kernels = {
-        "glu_fwd": lambda c: launch_glu_fwd(x, r.token, w_in, h, a, sched, D, H, c, "tf32"),
-        "gemm_fwd": lambda c: launch_gemm(a, w_out, (D * H, 1, H), y32, r.token, r.weight, sched, H, D,
+        "glu_fwd": glu_fwd,
+        "gemm_fwd": lambda c: launch_gemm(a, w_out, (D * H, 1, H), y32, r.token, r.weight, counts, N, H, D,
                                           gather=False, scale=True, scatter=True, cfg=c, prec="tf32"),
-        "glu_bwd": lambda c: launch_gemm(gy, w_out, (D * H, H, 1), a, r.token, r.weight, sched, D, H,
-                                         gather=True, scale=False, scatter=False, cfg=c, prec="tf32"),
-        "gemm_bwd": lambda c: launch_gemm(gh, w_in, (2 * H * D, D, 1), y32, r.token, r.weight, sched, 2 * H, D,
+        "glu_bwd": glu_bwd,
+        "gemm_bwd": lambda c: launch_gemm(gh, w_in, (2 * H * D, D, 1), y32, r.token, r.weight, counts, N, 2 * H, D,
                                           gather=False, scale=False, scatter=True, cfg=c, prec="tf32"),
     }
     peers = {
@@ -98,7 +111,10 @@ def tune_shape(name: str, ceiling: float) -> dict:
         row["peers_ms"][key] = do_bench(fn, warmup=5, rep=50, return_mode="median")
     best = {}
     for key, fn in kernels.items():
-        ms, c, timings = _best(fn, K_CONFIGS["glu" if key == "glu_fwd" else "gemm"])
+        configs = K_CONFIGS["glu" if key == "glu_fwd" else "gemm"]
+        if key in ("gemm_fwd", "gemm_bwd"):  # nothing to gather
+            configs = [c for c in configs if not c.pregather]
+        ms, c, timings = _best(fn, configs)
         best[key] = c
         peer = row["peers_ms"][key]
         row["kernels"][key] = {"best": c.__dict__, "ms": ms, "tflops": flops[key] / ms / 1e9, "peer_ms": peer,

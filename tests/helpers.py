@@ -39,5 +39,7 @@ def assert_close(name: str, ref: torch.Tensor, fast: torch.Tensor, dtype: torch.
 
 
 def poisoned_empty(*shape: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
-    """``torch.empty`` filled with NaN, so an unwritten element fails loudly."""
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    """``torch.empty`` filled with NaN (integers: a large negative sentinel), so an unwritten
+    element fails loudly."""
+    fill = float("nan") if dtype.is_floating_point else -(2**30)
+    return torch.full(shape, fill, dtype=dtype, device=device)

@@ -14,6 +14,7 @@ from helpers import assert_close, poisoned_empty
 
 pytest.importorskip("triton")
 from gatedmoe.dispatch.triton import moe_glu_forward, tile_schedule, triton_dispatch  # noqa: E402
+from gatedmoe.dispatch.triton.ops import device_tile_schedule  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -69,6 +70,20 @@ def test_triton_matches_reference(T, D, H, E, K, mode, dtype):
         assert_close(f"grad {name}", ref_g[name], fast_g[name], dtype)
 
 
+@pytest.mark.skipif(not CUDA, reason="the gathered copies are read through TMA (CUDA, 16-bit)")
+@pytest.mark.parametrize("pregather", [False, True])
+@pytest.mark.parametrize("T,D,H,E,K,mode", [(1000, 264, 328, 8, 2, "random"), (517, 128, 96, 16, 6, "skip_experts"),
+                                             (63, 24, 40, 5, 2, "one_expert")])
+def test_gather_modes_match_reference(monkeypatch, T, D, H, E, K, mode, pregather):
+    from dataclasses import replace
+
+    from gatedmoe.dispatch.triton import ops
+
+    cfgs = {k: replace(c, pregather=pregather) for k, c in ops.CONFIGS_BF16.items()}
+    monkeypatch.setattr(ops, "CONFIGS_BF16", cfgs)
+    test_triton_matches_reference(T, D, H, E, K, mode, torch.bfloat16)
+
+
 def test_tile_schedule_covers_every_row_once():
     counts = torch.tensor([5, 0, 17, 1, 0, 16])
     BM = 8
@@ -82,6 +97,21 @@ def test_tile_schedule_covers_every_row_once():
         covered += list(range(r, min(r + BM, end)))
     assert covered == list(range(int(counts.sum())))
     assert tile_expert.numel() == -(-39 // BM) + 6
+
+
+@pytest.mark.parametrize("counts,BM", [([5, 0, 17, 1, 0, 16], 8), ([0, 0, 3], 16), ([40], 16), ([0] * 20 + [1], 16),
+                                       ([16, 16, 16, 16], 16)])
+def test_kernel_schedule_matches_host_reference(counts, BM):
+    # Each kernel program works out its own tile (kernels._tile_rows); tile_schedule is the
+    # readable host version of the same rule.
+    counts = torch.tensor(counts, device=DEVICE)
+    N = int(counts.sum())
+    tile_expert, tile_row, _ = tile_schedule(counts, N, BM)
+    k_expert, k_row = device_tile_schedule(counts, N, BM)
+    assert k_expert.tolist() == tile_expert.tolist()
+    used = tile_expert >= 0
+    assert k_row[used].tolist() == tile_row[used].tolist()
+    assert (k_row[~used] == -1).all()
 
 
 def test_h_is_x_times_w_in_in_expert_order():

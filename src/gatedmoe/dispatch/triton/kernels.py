@@ -3,19 +3,20 @@
 Three kernels over the expert-sorted assignment list, each tiled as (row tile of one
 expert) x (column block):
 
-* `glu_fwd_kernel`   h = x[token] @ W_in[e]^T with the row gather inside the A loads;
-                     epilogue writes h (kept for backward) and a = silu(h_gate) * h_up.
+* `glu_fwd_kernel`   h = x[token] @ W_in[e]^T, gathering rows inside the A loads or
+                     reading rows gathered beforehand through TMA; epilogue writes h
+                     (kept for backward) and a = silu(h_gate) * h_up.
 * `gemm_kernel`      C = A[rows] @ B[e], optionally gathering A rows by token, scaling
                      rows by the routing weight, and scatter-adding rows into C[token]
                      with fp32 atomics (forward combine; input gradient).
-* `swiglu_bwd_kernel` elementwise, after ``ga = gy[token] @ W_out[e]`` (a `gemm_kernel`
-                     with the gather in its loads): recomputes a from h, computes
-                     dL/dweight = <ga, a> per row, writes dL/dh and a (for the W_out
-                     gradient). Fusing it into the GEMM epilogue measured 2x slower
-                     (register pressure of eight live [BM, BN] fp32 tiles).
+* `swiglu_bwd_kernel` elementwise, after ``ga = gy[token] @ W_out[e]`` (a `gemm_kernel`):
+                     recomputes a from h, computes dL/dweight = <ga, a> per row, writes
+                     dL/dh and weight * a (for the W_out gradient). Fusing it into
+                     the GEMM epilogue measured 2x slower (register pressure of eight
+                     live [BM, BN] fp32 tiles).
 
-Row tiles never straddle two experts: `tile_expert[t]` and `tile_row[t]` say which expert
-and which first row tile t covers (tiles past the last are marked -1 and exit at once).
+Row tiles never straddle two experts; each program works out its tile's expert and rows
+from the per-expert counts (`_tile_rows`), so a call needs no schedule tensors from the host.
 
 Shape legend: T tokens, D model dim, H expert hidden, E experts, N routed assignments.
 """
@@ -46,33 +47,62 @@ def _program_tile(n_tiles, n_cols, BN: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(t, tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM: tl.constexpr):
-    e = tl.load(tile_expert_ptr + t)
-    row0 = tl.load(tile_row_ptr + t)
-    end = tl.load(expert_end_ptr + tl.maximum(e, 0))
+def _tile_rows(t, counts_ptr, E, BM: tl.constexpr, E_POW2: tl.constexpr):
+    """Expert, first row, rows and row mask of row tile ``t``, from the per-expert counts.
+
+    The in-kernel form of `ops.tile_schedule` (the readable host reference, tested against
+    this): each expert's rows split into ceil(count / BM) tiles, experts in order, so no
+    tile straddles two experts. Every program recomputes the two prefix sums over E (a few
+    hundred instructions): cheaper than the dozen host launches a precomputed table cost.
+    Tiles past the last get expert -1.
+    """
+    idx = tl.arange(0, E_POW2)
+    counts = tl.load(counts_ptr + idx, mask=idx < E, other=0).to(tl.int32)
+    tiles = (counts + BM - 1) // BM
+    tile_end = tl.cumsum(tiles, 0)
+    row_end = tl.cumsum(counts, 0)
+    e = tl.sum((tile_end <= t).to(tl.int32), 0)  # experts whose tiles all come before t
+    here = idx == e
+    first_tile = tl.sum(tl.where(here, tile_end - tiles, 0), 0)
+    end = tl.sum(tl.where(here, row_end, 0), 0)
+    row0 = end - tl.sum(tl.where(here, counts, 0), 0) + (t - first_tile) * BM
     rows = row0 + tl.arange(0, BM)
-    return e, rows, rows < end
+    return tl.where(e < E, e, -1), row0, rows, rows < end
+
+
+@triton.jit
+def tile_schedule_kernel(counts_ptr, tile_expert_ptr, tile_row_ptr, E, BM: tl.constexpr, E_POW2: tl.constexpr):
+    """Writes `_tile_rows`' expert and first row of every tile (tests compare it with the host)."""
+    t = tl.program_id(0)
+    e, row0, _, _ = _tile_rows(t, counts_ptr, E, BM, E_POW2)
+    tl.store(tile_expert_ptr + t, e)
+    tl.store(tile_row_ptr + t, tl.where(e < 0, -1, row0))
 
 
 @triton.jit
 def glu_fwd_kernel(
     x_ptr, token_ptr, w_ptr, h_ptr, a_ptr,
-    tile_expert_ptr, tile_row_ptr, expert_end_ptr, n_tiles,
+    counts_ptr, E, n_tiles,
     D, H,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
-    W_DESC: tl.constexpr,
+    E_POW2: tl.constexpr, W_DESC: tl.constexpr, X_DESC: tl.constexpr,
 ):
     """``W_DESC``: ``w_ptr`` is a TMA descriptor over the 2-D view ``[E * 2H, D]`` of W_in
     (block ``[BN, BK]``); the gate and up tiles are two loads and two products. Without it,
     B's columns interleave gate and up rows (column 2j is gate j, 2j+1 is up j) so one
     product fills a ``[BM, 2BN]`` accumulator; with pointer loads that pipelined better than
     two products. Tiles that run past H read the up half or the next expert: those columns
-    are masked on store."""
+    are masked on store.
+
+    ``X_DESC``: ``x_ptr`` is a TMA descriptor over rows already gathered into expert order
+    (``x[token]``, ``[N, D]``, block ``[BM, BK]``) and ``token_ptr`` is unused; otherwise
+    the rows are gathered by token inside the loads (Hopper's TMA cannot gather)."""
     pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
-    e, rows, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM)
+    e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:
         return
-    tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    if not X_DESC:
+        tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     ks = tl.arange(0, BK)
     if W_DESC:
         w_row = e * (2 * H) + pid_n * BN
@@ -80,7 +110,10 @@ def glu_fwd_kernel(
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, D, BK):
             k = k0 + ks
-            a = tl.load(x_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & (k < D)[None, :], other=0.0)
+            if X_DESC:
+                a = x_ptr.load([row0, k0])
+            else:
+                a = tl.load(x_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & (k < D)[None, :], other=0.0)
             acc_g = tl.dot(a, w_ptr.load([w_row, k0]).T, acc_g, input_precision=PREC)
             acc_u = tl.dot(a, w_ptr.load([w_row + H, k0]).T, acc_u, input_precision=PREC)
     else:
@@ -93,7 +126,10 @@ def glu_fwd_kernel(
         for k0 in range(0, D, BK):
             k = k0 + ks
             k_mask = k < D
-            a = tl.load(x_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            if X_DESC:
+                a = x_ptr.load([row0, k0])
+            else:
+                a = tl.load(x_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(w_e + w_rows[None, :].to(tl.int64) * D + k[:, None], mask=k_mask[:, None] & col2_mask[None, :],
                         other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PREC)
@@ -115,12 +151,13 @@ def glu_fwd_kernel(
 @triton.jit
 def gemm_kernel(
     a_ptr, b_ptr, c_ptr, token_ptr, weight_ptr,
-    tile_expert_ptr, tile_row_ptr, expert_end_ptr, n_tiles,
+    counts_ptr, E, n_tiles,
     K, N_COLS,
     stride_am, stride_be, stride_bk, stride_bn, stride_cm, b_rows_per_e,
     GATHER_A: tl.constexpr, SCALE: tl.constexpr, SCATTER_C: tl.constexpr,
     A_DESC: tl.constexpr, B_DESC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
+    E_POW2: tl.constexpr,
 ):
     """``B_DESC``: 0 = ``b_ptr`` is a pointer with strides; 1 = a TMA descriptor over the 2-D
     view ``[E * b_rows_per_e, K]`` (rows are output columns, k contiguous); 2 = a descriptor
@@ -130,7 +167,7 @@ def gemm_kernel(
     zeros of A's masked k), and the host uses mode 2 only when ``BK`` divides K.
     """
     pid_m, pid_n = _program_tile(n_tiles, N_COLS, BN, GROUP_M)
-    e, rows, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_ptr, expert_end_ptr, BM)
+    e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:
         return
     cols = pid_n * BN + tl.arange(0, BN)
@@ -141,7 +178,6 @@ def gemm_kernel(
     ks = tl.arange(0, BK)
     b_e = b_ptr + e.to(tl.int64) * stride_be if B_DESC == 0 else b_ptr
     b_row0 = e * b_rows_per_e
-    row0 = tl.load(tile_row_ptr + pid_m)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + ks
@@ -170,15 +206,16 @@ def gemm_kernel(
 
 @triton.jit
 def swiglu_bwd_kernel(
-    ga_ptr, h_ptr, weight_ptr, gh_ptr, a_ptr, gweight_ptr,
+    ga_ptr, h_ptr, weight_ptr, gh_ptr, wa_ptr, gweight_ptr,
     N, H,
     BM: tl.constexpr, BH: tl.constexpr,
 ):
     """Elementwise SwiGLU backward with the routing weight, row-blocked.
 
     ``ga`` = gy[token] @ W_out[e] (before the weight). Writes
-    ``dL/dweight[n] = <ga[n], a[n]>``, ``a = silu(h_gate) * h_up`` (for the W_out
-    gradient), and ``dL/dh = weight * ga * (dsilu(h_gate) * h_up, silu(h_gate))``.
+    ``dL/dweight[n] = <ga[n], a[n]>`` with ``a = silu(h_gate) * h_up``, ``weight * a``
+    (the W_out gradient is ``gy[token]^T (weight * a)``, so the routing weight needs no
+    pass over the gathered gy), and ``dL/dh = weight * ga * (dsilu(h_gate) * h_up, silu(h_gate))``.
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_mask = rows < N
@@ -200,5 +237,5 @@ def swiglu_bwd_kernel(
         gh_row = gh_ptr + rows64[:, None] * (2 * H)
         tl.store(gh_row + cols[None, :], (ga * hu * (sig + silu * (1.0 - sig))).to(gh_ptr.dtype.element_ty), mask=mask)
         tl.store(gh_row + H + cols[None, :], (ga * silu).to(gh_ptr.dtype.element_ty), mask=mask)
-        tl.store(a_ptr + rows64[:, None] * H + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=mask)
+        tl.store(wa_ptr + rows64[:, None] * H + cols[None, :], (act * w[:, None]).to(wa_ptr.dtype.element_ty), mask=mask)
     tl.store(gweight_ptr + rows, gw, mask=row_mask)

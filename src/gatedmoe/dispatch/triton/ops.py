@@ -20,9 +20,9 @@ try:  # Triton >= 3.3: host-side TMA descriptors
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
-from gatedmoe.dispatch.triton.kernels import gemm_kernel, glu_fwd_kernel, swiglu_bwd_kernel
+from gatedmoe.dispatch.triton.kernels import gemm_kernel, glu_fwd_kernel, swiglu_bwd_kernel, tile_schedule_kernel
 
-__all__ = ["moe_glu_forward", "tile_schedule"]
+__all__ = ["moe_glu_forward", "tile_schedule", "device_tile_schedule"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,9 @@ class KernelConfig:
     stages: int
     group_m: int = 8
     tma: bool = True  # weight (and ungathered row) tiles through TMA descriptors where possible
+    # Gathered kernels only ("glu_fwd", "glu_bwd"): gather the rows into expert order with one
+    # copy first, so the GEMM reads them through TMA instead of gathering inside its loads.
+    pregather: bool = False
 
 
 # Per-kernel configs; `benchmarks/triton_tune.py` measures the alternatives on a GPU.
@@ -68,7 +71,8 @@ CONFIGS_BF16: dict[str, KernelConfig] = {
 
 
 def tile_schedule(counts_E: Tensor, N: int, BM: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Row tiles that never straddle experts, computed on device without a host sync.
+    """Row tiles that never straddle experts: the readable reference of the schedule each
+    kernel program computes for itself (`kernels._tile_rows`).
 
     Returns ``(tile_expert [MT], tile_row [MT], expert_end [E])`` with
     ``MT = ceil(N / BM) + E`` (an upper bound); unused tiles have ``tile_expert == -1``.
@@ -89,6 +93,25 @@ def tile_schedule(counts_E: Tensor, N: int, BM: int) -> tuple[Tensor, Tensor, Te
     return tile_expert.to(torch.int32), tile_row.to(torch.int32), expert_end.to(torch.int32)
 
 
+def n_row_tiles(N: int, E: int, BM: int) -> int:
+    """Programs along the rows: an upper bound on the tiles (each expert may leave one partial)."""
+    return triton.cdiv(N, BM) + E
+
+
+def _e_pow2(E: int) -> int:
+    return max(16, triton.next_power_of_2(E))
+
+
+def device_tile_schedule(counts_E: Tensor, N: int, BM: int) -> tuple[Tensor, Tensor]:
+    """``(tile_expert, tile_row)`` as the kernels compute them (-1 for unused tiles); for tests."""
+    E = counts_E.numel()
+    MT = n_row_tiles(N, E, BM)
+    tile_expert = _alloc(MT, device=counts_E.device, dtype=torch.int32)
+    tile_row = _alloc(MT, device=counts_E.device, dtype=torch.int32)
+    tile_schedule_kernel[(MT,)](counts_E, tile_expert, tile_row, E, BM=BM, E_POW2=_e_pow2(E))
+    return tile_expert, tile_row
+
+
 def _alloc(*shape: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Uninitialised buffer for a kernel to fill (tests swap in a NaN-poisoned one)."""
     return torch.empty(*shape, device=device, dtype=dtype)
@@ -98,34 +121,29 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-class _Schedules:
-    """Tile schedules of one call, one per row-tile height (kernels may differ in BM)."""
-
-    def __init__(self, counts_E: Tensor, N: int) -> None:
-        self.counts, self.N, self._by_bm = counts_E, N, {}
-
-    def __call__(self, BM: int) -> tuple[Tensor, Tensor, Tensor]:
-        if BM not in self._by_bm:
-            self._by_bm[BM] = tile_schedule(self.counts, self.N, BM)
-        return self._by_bm[BM]
-
-
-def launch_glu_fwd(x, token, w_in, h, a, sched: _Schedules, D: int, H: int, cfg: KernelConfig, prec: str) -> None:
-    tiles = sched(cfg.BM)
+def launch_glu_fwd(x, token, w_in, h, a, counts, N: int, D: int, H: int, cfg: KernelConfig, prec: str, *,
+                   gathered: bool = False) -> None:
+    """``gathered``: ``x`` holds the rows already in expert order (``x[token]``, [N, D])."""
     E = w_in.shape[0]
     w_arg, w_desc = w_in, False
     if cfg.tma and w_in.is_contiguous() and _tma_ok(w_in, D):
         w_arg, w_desc = TensorDescriptor.from_tensor(w_in.view(E * 2 * H, D), [cfg.BN, cfg.BK]), True
-    glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * tiles[0].numel(),)](
-        x, token, w_arg, h, a, *tiles, tiles[0].numel(), D, H,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, W_DESC=w_desc,
-        num_warps=cfg.warps, num_stages=cfg.stages,
+    x_arg, x_desc = x, False
+    if gathered:
+        if not _tma_ok(x, D):
+            raise ValueError("gathered rows are read through TMA: pass bf16/fp16 CUDA rows with 16-byte aligned rows")
+        x_arg, x_desc = TensorDescriptor.from_tensor(x, [cfg.BM, cfg.BK]), True
+    MT = n_row_tiles(N, E, cfg.BM)
+    glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
+        x_arg, token, w_arg, h, a, counts, E, MT, D, H,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
+        W_DESC=w_desc, X_DESC=x_desc, num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
-def launch_swiglu_bwd(ga, h, weight, gh, a, gweight, N: int, H: int) -> None:
+def launch_swiglu_bwd(ga, h, weight, gh, wa, gweight, N: int, H: int) -> None:
     BM, BH = (16, 16) if ga.device.type != "cuda" else (8, 256)
-    swiglu_bwd_kernel[(triton.cdiv(N, BM),)](ga, h, weight, gh, a, gweight, N, H, BM=BM, BH=BH,
+    swiglu_bwd_kernel[(triton.cdiv(N, BM),)](ga, h, weight, gh, wa, gweight, N, H, BM=BM, BH=BH,
                                               num_warps=1 if ga.device.type != "cuda" else 4)
 
 
@@ -140,9 +158,8 @@ def _tma_ok(t: Tensor, last_dim: int) -> bool:
     )
 
 
-def launch_gemm(a, b, b_strides, c, token, weight, sched: _Schedules, K: int, n_cols: int, *,
+def launch_gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, n_cols: int, *,
                 gather: bool, scale: bool, scatter: bool, cfg: KernelConfig, prec: str) -> None:
-    tiles = sched(cfg.BM)
     stride_be, stride_bk, stride_bn = b_strides
     E, R, C = b.shape
     b_arg, b_desc = b, 0
@@ -154,21 +171,27 @@ def launch_gemm(a, b, b_strides, c, token, weight, sched: _Schedules, K: int, n_
     a_arg, a_desc = a, False
     if cfg.tma and not gather and a.is_contiguous() and _tma_ok(a, K):
         a_arg, a_desc = TensorDescriptor.from_tensor(a, [cfg.BM, cfg.BK]), True
-    gemm_kernel[(triton.cdiv(n_cols, cfg.BN) * tiles[0].numel(),)](
-        a_arg, b_arg, c, token, weight, *tiles, tiles[0].numel(), K, n_cols,
+    MT = n_row_tiles(N, E, cfg.BM)
+    gemm_kernel[(triton.cdiv(n_cols, cfg.BN) * MT,)](
+        a_arg, b_arg, c, token, weight, counts, E, MT, K, n_cols,
         a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0), R,
         GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, A_DESC=a_desc, B_DESC=b_desc,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
-def _problem(x: Tensor, token_N: Tensor, counts_E: Tensor, w_out_EDH: Tensor):
-    """Sizes, kernel configs and tile schedules shared by forward and backward."""
+def _problem(x: Tensor, token_N: Tensor, w_out_EDH: Tensor):
+    """Sizes and kernel configs shared by forward and backward."""
     T, D = x.shape
     N = token_N.numel()
     H = w_out_EDH.shape[-1]
-    return T, D, N, H, kernel_configs(x.dtype, x.device, H), _Schedules(counts_E, N)
+    return T, D, N, H, kernel_configs(x.dtype, x.device, H)
+
+
+def _pregather(cfg: KernelConfig, rows: Tensor) -> bool:
+    """Whether a gathered kernel reads a gathered copy of ``rows`` through TMA (see `KernelConfig`)."""
+    return cfg.pregather and cfg.tma and _tma_ok(rows, rows.shape[1])
 
 
 @torch.library.custom_op("gatedmoe::moe_glu_forward", mutates_args=())
@@ -177,7 +200,7 @@ def moe_glu_forward(
 ) -> tuple[Tensor, Tensor]:
     """``(y_TD, h_N2H)``: the SwiGLU MoE output and the first GEMM's output (for backward)."""
     x = x_TD.contiguous()
-    T, D, N, H, cfgs, sched = _problem(x, token_N, counts_E, w_out_EDH)
+    T, D, N, H, cfgs = _problem(x, token_N, w_out_EDH)
     h = _alloc(N, 2 * H, device=x.device, dtype=x.dtype)
     a = _alloc(N, H, device=x.device, dtype=x.dtype)
     y32 = torch.zeros(T, D, device=x.device, dtype=torch.float32)
@@ -185,9 +208,13 @@ def moe_glu_forward(
         w_in = w_in_EHD.contiguous()
         w_out = w_out_EDH.contiguous()
         prec = _prec(x.dtype)
-        launch_glu_fwd(x, token_N, w_in, h, a, sched, D, H, cfgs["glu_fwd"], prec)
+        cfg = cfgs["glu_fwd"]
+        if _pregather(cfg, x):
+            launch_glu_fwd(x.index_select(0, token_N), token_N, w_in, h, a, counts_E, N, D, H, cfg, prec, gathered=True)
+        else:
+            launch_glu_fwd(x, token_N, w_in, h, a, counts_E, N, D, H, cfg, prec)
         # y[token] += weight * (a @ W_out[e]^T): B[k=h, n=d] = w_out[e, d, h]
-        launch_gemm(a, w_out, (D * H, 1, H), y32, token_N, weight_N, sched, H, D,
+        launch_gemm(a, w_out, (D * H, 1, H), y32, token_N, weight_N, counts_E, N, H, D,
                     gather=False, scale=True, scatter=True, cfg=cfgs["gemm_fwd"], prec=prec)
     return y32.to(x.dtype), h
 
@@ -199,12 +226,12 @@ def _(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH):
     return x_TD.new_empty(x_TD.shape), x_TD.new_empty(N, 2 * H)
 
 
-def _wgrad(lhs_NP: Tensor, rhs_NQ: Tensor, counts_E: Tensor) -> Tensor:
-    """``out[e] = lhs[rows_e]^T @ rhs[rows_e]``, ``[E, P, Q]`` (fp32 accumulate)."""
+def _wgrad(lhs_NP: Tensor, rhs_NQ: Tensor, counts_E: Tensor, offs_E: Tensor) -> Tensor:
+    """``out[e] = lhs[rows_e]^T @ rhs[rows_e]``, ``[E, P, Q]`` (fp32 accumulate); ``offs_E``
+    are the int32 end offsets of the experts' rows."""
     E = counts_E.numel()
     if lhs_NP.is_cuda and lhs_NP.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-        offs = torch.cumsum(counts_E, 0).to(torch.int32)
-        return torch._grouped_mm(lhs_NP.t(), rhs_NQ, offs=offs)
+        return torch._grouped_mm(lhs_NP.t(), rhs_NQ, offs=offs_E)
     out = lhs_NP.new_zeros(E, lhs_NP.shape[1], rhs_NQ.shape[1])
     start = 0
     for e, c in enumerate(counts_E.tolist()):
@@ -222,7 +249,7 @@ def moe_glu_backward(
     """``(grad_x, grad_weight, grad_w_in, grad_w_out)`` of `moe_glu_forward`."""
     gy = gy_TD.contiguous()
     x = x_TD.contiguous()
-    T, D, N, H, cfgs, sched = _problem(x, token_N, counts_E, w_out_EDH)
+    T, D, N, H, cfgs = _problem(x, token_N, w_out_EDH)
     gx32 = torch.zeros(T, D, device=x.device, dtype=torch.float32)
     gweight = _alloc(N, device=x.device, dtype=torch.float32)
     if N == 0:
@@ -230,26 +257,31 @@ def moe_glu_backward(
     w_in = w_in_EHD.contiguous()
     w_out = w_out_EDH.contiguous()
     prec = _prec(x.dtype)
+    offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
     gh = _alloc(N, 2 * H, device=x.device, dtype=x.dtype)
-    # ga = gy[token] @ W_out[e]: B[k=d, n=h] = w_out[e, d, h]
+    # ga = gy[token] @ W_out[e]: B[k=d, n=h] = w_out[e, d, h]. The W_out gradient needs the
+    # gathered gy as well, so a pre-gathered copy serves both.
     ga = _alloc(N, H, device=x.device, dtype=x.dtype)
-    launch_gemm(gy, w_out, (D * H, H, 1), ga, token_N, weight_N, sched, D, H,
-                gather=True, scale=False, scatter=False, cfg=cfgs["glu_bwd"], prec=prec)
-    # The SwiGLU backward writes a over ga in place (each element is read before it is
-    # written, by the same program): one [N, H] buffer fewer at the peak.
-    a = ga
-    launch_swiglu_bwd(ga, h_N2H, weight_N, gh, a, gweight, N, H)
+    cfg = cfgs["glu_bwd"]
+    gys = gy.index_select(0, token_N) if _pregather(cfg, gy) else None
+    launch_gemm(gy if gys is None else gys, w_out, (D * H, H, 1), ga, token_N, weight_N, counts_E, N, D, H,
+                gather=gys is None, scale=False, scatter=False, cfg=cfg, prec=prec)
+    # The SwiGLU backward writes weight * a over ga in place (each element is read before it
+    # is written, by the same program): one [N, H] buffer fewer at the peak.
+    wa = ga
+    launch_swiglu_bwd(ga, h_N2H, weight_N, gh, wa, gweight, N, H)
     del ga
     # grad_x[token] += gh @ W_in[e]: B[k=j, n=d] = w_in[e, j, d]
-    launch_gemm(gh, w_in, (2 * H * D, D, 1), gx32, token_N, weight_N, sched, 2 * H, D,
+    launch_gemm(gh, w_in, (2 * H * D, D, 1), gx32, token_N, weight_N, counts_E, N, 2 * H, D,
                 gather=False, scale=False, scatter=True, cfg=cfgs["gemm_bwd"], prec=prec)
     # Weight gradients one at a time, each [N, *] operand freed before the next is made,
     # so the peak holds one gathered copy of the rows, not two.
-    g_out = gy.index_select(0, token_N) * weight_N.to(gy.dtype).unsqueeze(1)
-    grad_w_out = _wgrad(g_out, a, counts_E)  # [E, D, H]
-    del g_out, a
+    if gys is None:
+        gys = gy.index_select(0, token_N)
+    grad_w_out = _wgrad(gys, wa, counts_E, offs)  # [E, D, H]
+    del gys, wa
     xs = x.index_select(0, token_N)
-    grad_w_in = _wgrad(gh, xs, counts_E)  # [E, 2H, D]
+    grad_w_in = _wgrad(gh, xs, counts_E, offs)  # [E, 2H, D]
     del xs, gh
     return gx32.to(x.dtype), gweight.to(weight_N.dtype), grad_w_in.to(w_in_EHD.dtype), grad_w_out.to(w_out_EDH.dtype)
 

@@ -1,0 +1,156 @@
+"""Where a dispatch backend's step time goes beyond its kernels (one GPU).
+
+    OUT=dir python3 benchmarks/gap_profile.py [--shapes mixtral,small] [--backends grouped,triton]
+
+For each shape and backend, forward+backward (and forward alone) on forced-balanced routing:
+
+* ``sync``: median of per-step CUDA-event timings with a synchronize after each step (what
+  `gatedmoe bench` reports: host launch latency before the first kernel is exposed);
+* ``pipe``: 20 steps back to back between two events (host work overlaps the GPU's);
+* ``graph``: replays of a CUDA graph of one step (no host work at all), where capture works;
+* ``kernels``: the sum of the CUDA kernel times of one step (torch.profiler), and the host
+  CPU time per step; the kernel lists are written to ``$OUT/gap_kernels.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from gatedmoe.bench import SHAPES, balanced_routing, dense_ceiling
+from gatedmoe.dispatch import get_backend
+from gatedmoe.experts import ExpertBank
+
+
+def _sync_ms(step, reps: int = 20) -> float:
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def _pipe_ms(step, reps: int = 20) -> float:
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    a.record()
+    for _ in range(reps):
+        step()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
+
+
+def _graph_ms(step, reps: int = 20) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    g.replay()
+    torch.cuda.synchronize()
+    return _sync_ms(g.replay, reps)
+
+
+def _kernels(step, steps: int = 5) -> tuple[float, float, list[tuple[str, int, float]]]:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    cpu_us = 0.0
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "self_device_time_total", getattr(ev, "self_cuda_time_total", 0.0))
+        if dev_us > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append((ev.key, ev.count // steps, dev_us / steps / 1e3))
+    # Host time: the profiler's own top-level ranges are not reliable across versions; time it.
+    import time
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    cpu_us = (time.perf_counter() - t0) / steps * 1e6  # includes any blocking in the step
+    torch.cuda.synchronize()
+    rows.sort(key=lambda r: -r[2])
+    return sum(r[2] for r in rows), cpu_us / 1e3, rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="mixtral,deepseek,small,finegrained")
+    ap.add_argument("--backends", default="grouped,triton")
+    args = ap.parse_args()
+    out = os.environ.get("OUT", "/tmp/out")
+    os.makedirs(out, exist_ok=True)
+    dev = torch.device("cuda")
+    ceiling = dense_ceiling(dev, torch.bfloat16)
+    print(f"ceiling {ceiling:.1f} TFLOP/s")
+    results = []
+    for name in args.shapes.split(","):
+        s = SHAPES[name]
+        gen = torch.Generator(device=dev).manual_seed(0)
+        r = balanced_routing(s.tokens, s.n_experts, s.k, dev, gen)
+        bank = ExpertBank(s.n_experts, s.d_model, s.d_hidden).to(dev, torch.bfloat16)
+        x = torch.randn(s.tokens, s.d_model, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_()
+        gy = torch.randn(s.tokens, s.d_model, device=dev, dtype=torch.bfloat16, generator=gen)
+        flops = 3 * r.n_assignments * bank.flops_per_token()
+        for backend in args.backends.split(","):
+            fn = get_backend(backend, dev)
+
+            def fwd_bwd() -> None:
+                # Gradients accumulate into existing buffers (set_to_none would make graph
+                # capture allocate): the same work either way for these backends.
+                x.grad = None
+                for p in bank.parameters():
+                    p.grad = None
+                fn(x, r, bank).backward(gy)
+
+            def fwd() -> None:
+                with torch.no_grad():
+                    fn(x, r, bank)
+
+            for pass_name, step in (("fwd+bwd", fwd_bwd), ("fwd", fwd)):
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                sync = _sync_ms(step)
+                pipe = _pipe_ms(step)
+                try:
+                    graph = _graph_ms(step)
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    print(f"  graph capture failed: {type(exc).__name__}: {str(exc)[:120]}")
+                    graph = float("nan")
+                kern, host, rows = _kernels(step)
+                mult = 1 if pass_name == "fwd+bwd" else 1 / 3
+                pct = lambda ms: 100 * flops * mult / (ms * 1e-3) / 1e12 / ceiling  # noqa: E731
+                res = dict(shape=name, backend=backend, pass_=pass_name, sync_ms=sync, pipe_ms=pipe, graph_ms=graph,
+                           kernel_ms=kern, host_ms=host, sync_pct=pct(sync), pipe_pct=pct(pipe), graph_pct=pct(graph),
+                           kernel_pct=pct(kern))
+                results.append(res)
+                print(f"{name:12s} {backend:8s} {pass_name:8s} sync {sync:7.3f} ({pct(sync):4.1f}%)  pipe {pipe:7.3f} "
+                      f"({pct(pipe):4.1f}%)  graph {graph:7.3f} ({pct(graph):4.1f}%)  kernels {kern:7.3f} "
+                      f"({pct(kern):4.1f}%)  host {host:7.3f}")
+                with open(os.path.join(out, "gap_kernels.txt"), "a") as f:
+                    f.write(f"== {name} {backend} {pass_name}: kernels {kern:.3f} ms, sync {sync:.3f} ms\n")
+                    for key, count, ms in rows:
+                        f.write(f"{ms:9.3f} ms  x{count:<3d} {key[:150]}\n")
+    with open(os.path.join(out, "gap_profile.json"), "w") as f:
+        json.dump(dict(ceiling=ceiling, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
