@@ -89,14 +89,106 @@ def _kernels(step, steps: int = 5) -> tuple[float, float, list[tuple[str, int, f
     return sum(r[2] for r in rows), cpu_us / 1e3, rows
 
 
+def _host_us(fn, reps: int = 300) -> float:
+    """Host microseconds per call of ``fn`` on tiny inputs (the GPU keeps up, so this is launch cost)."""
+    import time
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    us = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
+def host_costs(out: str) -> None:
+    """Host cost of each piece of a call, on a tiny problem, and the CPU op table of one step."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from gatedmoe.dispatch.triton import ops
+
+    dev = torch.device("cuda")
+    T, D, H, E, K = 256, 256, 256, 8, 2
+    r = balanced_routing(T, E, K, dev, torch.Generator(device=dev).manual_seed(0))
+    bank = ExpertBank(E, D, H).to(dev, torch.bfloat16)
+    x = torch.randn(T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+    N = r.n_assignments
+    w_in, w_out = bank.w_in.detach(), bank.w_out.detach()
+    a = torch.randn(N, H, device=dev, dtype=torch.bfloat16)
+    y32 = torch.zeros(T, D, device=dev)
+    cfg = ops.CONFIGS_BF16["gemm_fwd"]
+    rows = []
+    raw_fwd = getattr(ops.moe_glu_forward, "_init_fn", None)
+    pieces = {
+        "torch.zeros [T,D] fp32": lambda: torch.zeros(T, D, device=dev),
+        "index_select rows": lambda: x.detach().index_select(0, r.token),
+        "cumsum counts int32": lambda: torch.cumsum(r.counts, 0, dtype=torch.int32),
+        "contiguous (no-op)": lambda: x.contiguous(),
+        "to(dtype) (no-op)": lambda: bank.w_in.to(torch.bfloat16),
+        "TensorDescriptor.from_tensor": lambda: TensorDescriptor.from_tensor(w_out.view(-1, H), [cfg.BN, cfg.BK]),
+        "launch gemm_kernel (scatter)": lambda: ops.launch_gemm(a, w_out, (D * H, 1, H), y32, r.token, r.weight, r.counts,
+                                                                N, H, D, gather=False, scale=True, scatter=True, cfg=cfg,
+                                                                prec="tf32"),
+        "custom op forward, no grad": lambda: ops.moe_glu_forward(x.detach(), r.token, r.weight, r.counts, w_in, w_out,
+                                                                  False),
+        "custom op forward, with grad": lambda: ops.moe_glu_forward(x, r.token, r.weight, r.counts, bank.w_in,
+                                                                    bank.w_out),
+    }
+    if raw_fwd is not None:
+        pieces["its python function, no op"] = lambda: raw_fwd(x.detach(), r.token, r.weight, r.counts, w_in, w_out, False)
+    for backend in ("grouped", "triton"):
+        fn = get_backend(backend, dev)
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn(x, r, bank)
+
+        def fwd_bwd(fn=fn):
+            x.grad = None
+            for p in bank.parameters():
+                p.grad = None
+            fn(x, r, bank).backward(gy)
+
+        pieces[f"{backend} dispatch fwd (no grad)"] = fwd
+        pieces[f"{backend} dispatch fwd+bwd"] = fwd_bwd
+    for name, fn in pieces.items():
+        us = _host_us(fn)
+        rows.append((name, us))
+        print(f"host {us:8.1f} us  {name}")
+    fn = get_backend("triton", dev)
+    s = SHAPES["small"]
+    rs = balanced_routing(s.tokens, s.n_experts, s.k, dev, torch.Generator(device=dev).manual_seed(0))
+    bs = ExpertBank(s.n_experts, s.d_model, s.d_hidden).to(dev, torch.bfloat16)
+    xs = torch.randn(s.tokens, s.d_model, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    gys = torch.randn(s.tokens, s.d_model, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        fn(xs, rs, bs).backward(gys)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            bs.zero_grad(set_to_none=True)
+            fn(xs, rs, bs).backward(gys)
+        torch.cuda.synchronize()
+    with open(os.path.join(out, "gap_host.txt"), "w") as f:
+        f.write("\n".join(f"{us:8.1f} us  {name}" for name, us in rows) + "\n\n")
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="mixtral,deepseek,small,finegrained")
     ap.add_argument("--backends", default="grouped,triton")
+    ap.add_argument("--host", action="store_true", help="also time the host side of each piece of a call")
     args = ap.parse_args()
     out = os.environ.get("OUT", "/tmp/out")
     os.makedirs(out, exist_ok=True)
     dev = torch.device("cuda")
+    if args.host:
+        host_costs(out)
     ceiling = dense_ceiling(dev, torch.bfloat16)
     print(f"ceiling {ceiling:.1f} TFLOP/s")
     results = []

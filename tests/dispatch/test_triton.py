@@ -124,13 +124,29 @@ def test_h_is_x_times_w_in_in_expert_order():
     assert_close("h", expected, h)
 
 
+def test_inference_forward_skips_h_and_refuses_backward():
+    bank = ExpertBank(3, 16, 16).to(DEVICE)
+    x = torch.randn(10, 16, device=DEVICE, requires_grad=True)
+    r = make_routing(10, 3, 2, "random", torch.randn(10, 3)).to(DEVICE)
+    y_full, h = moe_glu_forward(x, r.token, r.weight, r.counts, bank.w_in, bank.w_out)
+    y_inf, h_inf = moe_glu_forward(x, r.token, r.weight, r.counts, bank.w_in, bank.w_out, False)
+    assert h.shape == (20, 32) and h_inf.shape == (0, 32)
+    torch.testing.assert_close(y_inf, y_full)
+    with pytest.raises(RuntimeError, match="need_h=True"):
+        y_inf.sum().backward()
+    with torch.no_grad():  # the dispatch function picks need_h=False by itself here
+        assert_close("y", reference_dispatch(x, r, bank), triton_dispatch(x, r, bank))
+
+
 def test_opcheck():
     bank = ExpertBank(3, 16, 16).to(DEVICE)
     x = torch.randn(6, 16, device=DEVICE, requires_grad=True)
     logits = torch.randn(6, 3, requires_grad=True)
     r = make_routing(6, 3, 2, "random", logits).to(DEVICE)
-    args = (x, r.token, r.weight, r.counts, bank.w_in, bank.w_out)
-    torch.library.opcheck(moe_glu_forward, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    for need_h in (True, False):
+        args = (x, r.token, r.weight, r.counts, bank.w_in, bank.w_out, need_h)
+        torch.library.opcheck(moe_glu_forward, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_fallbacks_are_correct():

@@ -49,7 +49,8 @@ def triton_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tens
             log.warning("triton dispatch: %s not supported; using the grouped backend", reason)
         return grouped_dispatch(x_TD, routing, experts)
     dtype = x_TD.dtype
-    y, _ = moe_glu_forward(
-        x_TD, routing.token, routing.weight, routing.counts, experts.w_in.to(dtype), experts.w_out.to(dtype)
-    )
+    w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
+    # Without autograd (inference) the first GEMM's output need not be kept for backward.
+    need_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, routing.weight, w_in, w_out))
+    y, _ = moe_glu_forward(x_TD, routing.token, routing.weight, routing.counts, w_in, w_out, need_h)
     return y

@@ -85,7 +85,7 @@ def glu_fwd_kernel(
     counts_ptr, E, n_tiles,
     D, H,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
-    E_POW2: tl.constexpr, W_DESC: tl.constexpr, X_DESC: tl.constexpr,
+    E_POW2: tl.constexpr, W_DESC: tl.constexpr, X_DESC: tl.constexpr, STORE_H: tl.constexpr,
 ):
     """``W_DESC``: ``w_ptr`` is a TMA descriptor over the 2-D view ``[E * 2H, D]`` of W_in
     (block ``[BN, BK]``); the gate and up tiles are two loads and two products. Without it,
@@ -96,7 +96,8 @@ def glu_fwd_kernel(
 
     ``X_DESC``: ``x_ptr`` is a TMA descriptor over rows already gathered into expert order
     (``x[token]``, ``[N, D]``, block ``[BM, BK]``) and ``token_ptr`` is unused; otherwise
-    the rows are gathered by token inside the loads (Hopper's TMA cannot gather)."""
+    the rows are gathered by token inside the loads (Hopper's TMA cannot gather).
+    ``STORE_H``: write h (training); inference writes only a."""
     pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:
@@ -137,11 +138,12 @@ def glu_fwd_kernel(
     cols = pid_n * BN + tl.arange(0, BN)
     out_mask = row_mask[:, None] & (cols < H)[None, :]
     rows64 = rows.to(tl.int64)
-    h_row = h_ptr + rows64[:, None] * (2 * H)
-    g = acc_g.to(h_ptr.dtype.element_ty)
-    u = acc_u.to(h_ptr.dtype.element_ty)
-    tl.store(h_row + cols[None, :], g, mask=out_mask)
-    tl.store(h_row + H + cols[None, :], u, mask=out_mask)
+    g = acc_g.to(a_ptr.dtype.element_ty)
+    u = acc_u.to(a_ptr.dtype.element_ty)
+    if STORE_H:  # kept for backward; inference skips it
+        h_row = h_ptr + rows64[:, None] * (2 * H)
+        tl.store(h_row + cols[None, :], g, mask=out_mask)
+        tl.store(h_row + H + cols[None, :], u, mask=out_mask)
     # The activation reads the rounded h, exactly what backward will recompute from.
     gf = g.to(tl.float32)
     act = gf * tl.sigmoid(gf) * u.to(tl.float32)

@@ -9,7 +9,7 @@ Shape legend: T tokens, D model dim, H expert hidden, E experts, N routed assign
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -55,19 +55,27 @@ def kernel_configs(dtype: torch.dtype, device: torch.device, H: int) -> dict[str
     if dtype == torch.float32:
         return dict.fromkeys(("glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd"), KernelConfig(64, 64, 32, 4, 2))
     cfgs = dict(CONFIGS_BF16)
-    if H <= 512:  # measured: pointer loads and narrower tiles for a K of 512
-        cfgs["gemm_fwd"] = KernelConfig(128, 128, 64, 4, 3, tma=False)
+    # Measured: a gathered copy read through TMA beats gathering inside the loads once each
+    # row is reused over enough columns (the copy costs N*D, the product N*D*H); for the
+    # backward's product the copy is free (the W_out gradient needs it), yet at H=512 the
+    # in-load gather still won.
+    if H < PREGATHER_MIN_H["glu_fwd"]:
+        cfgs["glu_fwd"] = replace(cfgs["glu_fwd"], pregather=False, group_m=8)
+    if H < PREGATHER_MIN_H["glu_bwd"]:
+        cfgs["glu_bwd"] = replace(cfgs["glu_bwd"], pregather=False)
     return cfgs
 
 
 # glu_fwd's BN counts gate/up column pairs: its accumulators hold [BM, 2 BN].
 # "glu_bwd" is the gathered gy @ W_out product feeding the SwiGLU backward.
 CONFIGS_BF16: dict[str, KernelConfig] = {
-    "glu_fwd": KernelConfig(128, 128, 64, 8, 4),
+    "glu_fwd": KernelConfig(128, 128, 64, 8, 4, group_m=16, pregather=True),
     "gemm_fwd": KernelConfig(128, 256, 64, 8, 4),
-    "glu_bwd": KernelConfig(128, 256, 64, 8, 3),
+    "glu_bwd": KernelConfig(128, 256, 64, 8, 4, pregather=True),
     "gemm_bwd": KernelConfig(128, 256, 64, 8, 4),
 }
+# Below these expert widths the gathered kernels gather inside their loads (see kernel_configs).
+PREGATHER_MIN_H = {"glu_fwd": 2048, "glu_bwd": 1024}
 
 
 def tile_schedule(counts_E: Tensor, N: int, BM: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -122,8 +130,9 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def launch_glu_fwd(x, token, w_in, h, a, counts, N: int, D: int, H: int, cfg: KernelConfig, prec: str, *,
-                   gathered: bool = False) -> None:
-    """``gathered``: ``x`` holds the rows already in expert order (``x[token]``, [N, D])."""
+                   gathered: bool = False, store_h: bool = True) -> None:
+    """``gathered``: ``x`` holds the rows already in expert order (``x[token]``, [N, D]);
+    ``store_h=False``: write only the activation ``a`` (inference)."""
     E = w_in.shape[0]
     w_arg, w_desc = w_in, False
     if cfg.tma and w_in.is_contiguous() and _tma_ok(w_in, D):
@@ -137,7 +146,7 @@ def launch_glu_fwd(x, token, w_in, h, a, counts, N: int, D: int, H: int, cfg: Ke
     glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
         x_arg, token, w_arg, h, a, counts, E, MT, D, H,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
-        W_DESC=w_desc, X_DESC=x_desc, num_warps=cfg.warps, num_stages=cfg.stages,
+        W_DESC=w_desc, X_DESC=x_desc, STORE_H=store_h, num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
@@ -196,12 +205,17 @@ def _pregather(cfg: KernelConfig, rows: Tensor) -> bool:
 
 @torch.library.custom_op("gatedmoe::moe_glu_forward", mutates_args=())
 def moe_glu_forward(
-    x_TD: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Tensor, w_in_EHD: Tensor, w_out_EDH: Tensor
+    x_TD: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Tensor, w_in_EHD: Tensor, w_out_EDH: Tensor,
+    need_h: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """``(y_TD, h_N2H)``: the SwiGLU MoE output and the first GEMM's output (for backward)."""
+    """``(y_TD, h_N2H)``: the SwiGLU MoE output and the first GEMM's output (for backward).
+
+    With ``need_h=False`` (inference) h is not written and comes back with 0 rows; such an
+    output cannot be differentiated.
+    """
     x = x_TD.contiguous()
     T, D, N, H, cfgs = _problem(x, token_N, w_out_EDH)
-    h = _alloc(N, 2 * H, device=x.device, dtype=x.dtype)
+    h = _alloc(N if need_h else 0, 2 * H, device=x.device, dtype=x.dtype)
     a = _alloc(N, H, device=x.device, dtype=x.dtype)
     y32 = torch.zeros(T, D, device=x.device, dtype=torch.float32)
     if N:
@@ -210,9 +224,10 @@ def moe_glu_forward(
         prec = _prec(x.dtype)
         cfg = cfgs["glu_fwd"]
         if _pregather(cfg, x):
-            launch_glu_fwd(x.index_select(0, token_N), token_N, w_in, h, a, counts_E, N, D, H, cfg, prec, gathered=True)
+            launch_glu_fwd(x.index_select(0, token_N), token_N, w_in, h, a, counts_E, N, D, H, cfg, prec,
+                           gathered=True, store_h=need_h)
         else:
-            launch_glu_fwd(x, token_N, w_in, h, a, counts_E, N, D, H, cfg, prec)
+            launch_glu_fwd(x, token_N, w_in, h, a, counts_E, N, D, H, cfg, prec, store_h=need_h)
         # y[token] += weight * (a @ W_out[e]^T): B[k=h, n=d] = w_out[e, d, h]
         launch_gemm(a, w_out, (D * H, 1, H), y32, token_N, weight_N, counts_E, N, H, D,
                     gather=False, scale=True, scatter=True, cfg=cfgs["gemm_fwd"], prec=prec)
@@ -220,8 +235,8 @@ def moe_glu_forward(
 
 
 @moe_glu_forward.register_fake
-def _(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH):
-    N = token_N.shape[0]
+def _(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, need_h=True):
+    N = token_N.shape[0] if need_h else 0
     H = w_out_EDH.shape[-1]
     return x_TD.new_empty(x_TD.shape), x_TD.new_empty(N, 2 * H)
 
@@ -293,14 +308,18 @@ def _(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, h_N2H):
 
 
 def _setup_context(ctx, inputs, output):
-    x, token, weight, counts, w_in, w_out = inputs
+    x, token, weight, counts, w_in, w_out, need_h = inputs
+    ctx.need_h = need_h
     ctx.save_for_backward(x, token, weight, counts, w_in, w_out, output[1])
 
 
 def _backward(ctx, gy, _gh_unused):
+    if not ctx.need_h:
+        raise RuntimeError("moe_glu_forward(..., need_h=False) kept no activations for backward; call it with "
+                           "need_h=True when gradients are needed")
     x, token, weight, counts, w_in, w_out, h = ctx.saved_tensors
     gx, gw, gwi, gwo = moe_glu_backward(gy, x, token, weight, counts, w_in, w_out, h)
-    return gx, None, gw, None, gwi, gwo
+    return gx, None, gw, None, gwi, gwo, None
 
 
 moe_glu_forward.register_autograd(_backward, setup_context=_setup_context)
