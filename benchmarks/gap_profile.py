@@ -178,15 +178,66 @@ def host_costs(out: str) -> None:
         f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
 
 
+def python_profile(out: str) -> None:
+    """cProfile of the host side: one gemm_kernel launch and a whole triton fwd+bwd, tiny sizes."""
+    import cProfile
+    import io
+    import pstats
+
+    from gatedmoe.dispatch.triton import ops
+
+    dev = torch.device("cuda")
+    T, D, H, E, K = 256, 256, 256, 8, 2
+    r = balanced_routing(T, E, K, dev, torch.Generator(device=dev).manual_seed(0))
+    bank = ExpertBank(E, D, H).to(dev, torch.bfloat16)
+    x = torch.randn(T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+    N = r.n_assignments
+    a = torch.randn(N, H, device=dev, dtype=torch.bfloat16)
+    y32 = torch.zeros(T, D, device=dev)
+    w_out = bank.w_out.detach()
+    cfg = ops.CONFIGS_BF16["gemm_fwd"]
+    fn = get_backend("triton", dev)
+
+    def launch() -> None:
+        ops.launch_gemm(a, w_out, (D * H, 1, H), y32, r.token, r.weight, r.counts, N, H, D, gather=False, scale=True,
+                        scatter=True, cfg=cfg, prec="tf32")
+
+    def step() -> None:
+        x.grad = None
+        bank.zero_grad(set_to_none=True)
+        fn(x, r, bank).backward(gy)
+
+    text = io.StringIO()
+    for name, f in (("launch_gemm", launch), ("triton fwd+bwd", step)):
+        for _ in range(20):
+            f()
+        torch.cuda.synchronize()
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(200):
+            f()
+        pr.disable()
+        torch.cuda.synchronize()
+        text.write(f"==== {name} (200 calls)\n")
+        pstats.Stats(pr, stream=text).sort_stats("tottime").print_stats(25)
+    with open(os.path.join(out, "gap_cprofile.txt"), "w") as fh:
+        fh.write(text.getvalue())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="mixtral,deepseek,small,finegrained")
     ap.add_argument("--backends", default="grouped,triton")
     ap.add_argument("--host", action="store_true", help="also time the host side of each piece of a call")
+    ap.add_argument("--cprofile", action="store_true", help="only: cProfile the host side of a launch and a step")
     args = ap.parse_args()
     out = os.environ.get("OUT", "/tmp/out")
     os.makedirs(out, exist_ok=True)
     dev = torch.device("cuda")
+    if args.cprofile:
+        python_profile(out)
+        return
     if args.host:
         host_costs(out)
     ceiling = dense_ceiling(dev, torch.bfloat16)
