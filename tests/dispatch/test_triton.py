@@ -13,7 +13,7 @@ from gatedmoe.experts import ExpertBank
 from helpers import assert_close, poisoned_empty
 
 pytest.importorskip("triton")
-from gatedmoe.dispatch.triton import moe_glu_forward, tile_schedule, triton_dispatch  # noqa: E402
+from gatedmoe.dispatch.triton import moe_glu, moe_glu_forward, tile_schedule, triton_dispatch  # noqa: E402
 from gatedmoe.dispatch.triton.ops import device_tile_schedule  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -138,6 +138,37 @@ def test_inference_forward_skips_h_and_refuses_backward():
         assert_close("y", reference_dispatch(x, r, bank), triton_dispatch(x, r, bank))
 
 
+def test_eager_path_equals_custom_op():
+    # Eager mode runs an autograd.Function around the same code as the custom op that
+    # torch.compile sees; outputs and every gradient must be identical.
+    bank = ExpertBank(4, 16, 24).to(DEVICE)
+    r = make_routing(21, 4, 2, "random", torch.randn(21, 4)).to(DEVICE)
+    weight = r.weight.detach().clone()
+    x = torch.randn(21, 16, device=DEVICE)
+    gy = torch.randn(21, 16, device=DEVICE)
+    results = []
+    for fn in (moe_glu, moe_glu_forward):
+        xx, ww = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        bank.zero_grad(set_to_none=True)
+        y, _ = fn(xx, r.token, ww, r.counts, bank.w_in, bank.w_out)
+        y.backward(gy)
+        results.append([y.detach(), xx.grad, ww.grad, bank.w_in.grad, bank.w_out.grad])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_second_backward_is_refused_not_wrong():
+    # The eager backward frees h as it goes, so a retained graph cannot be replayed: it must
+    # say so rather than read freed memory.
+    bank = ExpertBank(3, 16, 16).to(DEVICE)
+    r = make_routing(9, 3, 2, "random", torch.randn(9, 3)).to(DEVICE)
+    x = torch.randn(9, 16, device=DEVICE, requires_grad=True)
+    y = triton_dispatch(x, r, bank)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        y.sum().backward()
+
+
 def test_opcheck():
     bank = ExpertBank(3, 16, 16).to(DEVICE)
     x = torch.randn(6, 16, device=DEVICE, requires_grad=True)
@@ -160,14 +191,22 @@ def test_fallbacks_are_correct():
 @pytest.mark.skipif(not CUDA, reason="torch.compile of Triton kernels needs CUDA")
 def test_torch_compile():
     bank = ExpertBank(4, 64, 64).to("cuda", torch.bfloat16)
-    x = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16)
     r = make_routing(128, 4, 2, "random", torch.randn(128, 4)).to("cuda")
+    x = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16)
+    gy = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16)
 
     def f(x, token, weight, counts, w_in, w_out):
-        return moe_glu_forward(x, token, weight, counts, w_in, w_out)[0]
+        return moe_glu(x, token, weight, counts, w_in, w_out)[0]
 
-    args = (x, r.token, r.weight, r.counts, bank.w_in.detach(), bank.w_out.detach())
-    assert_close("compiled", f(*args), torch.compile(f, fullgraph=True)(*args))
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        xx = x.clone().requires_grad_()
+        bank.zero_grad(set_to_none=True)
+        y = fn(xx, r.token, r.weight, r.counts, bank.w_in, bank.w_out)
+        y.backward(gy)
+        results.append((y.detach(), xx.grad, bank.w_in.grad, bank.w_out.grad))
+    for name, a, b in zip(("y", "grad x", "grad w_in", "grad w_out"), *results, strict=True):
+        assert_close(f"compiled {name}", a, b, torch.bfloat16)
 
 
 def test_auto_picks_triton_on_cuda_only():

@@ -16,13 +16,13 @@ from torch import Tensor
 
 from gatedmoe.dispatch.grouped import grouped_dispatch
 from gatedmoe.dispatch.triton import interpret_compat
-from gatedmoe.dispatch.triton.ops import moe_glu_forward, tile_schedule
+from gatedmoe.dispatch.triton.ops import moe_glu, moe_glu_forward, tile_schedule
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.routing import Routing
 
 interpret_compat.apply()
 
-__all__ = ["triton_dispatch", "moe_glu_forward", "tile_schedule"]
+__all__ = ["triton_dispatch", "moe_glu", "moe_glu_forward", "tile_schedule"]
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -52,5 +52,5 @@ def triton_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tens
     w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
     # Without autograd (inference) the first GEMM's output need not be kept for backward.
     need_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, routing.weight, w_in, w_out))
-    y, _ = moe_glu_forward(x_TD, routing.token, routing.weight, routing.counts, w_in, w_out, need_h)
+    y, _ = moe_glu(x_TD, routing.token, routing.weight, routing.counts, w_in, w_out, need_h)
     return y
