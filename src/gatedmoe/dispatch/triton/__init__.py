@@ -1,6 +1,12 @@
-"""Fused Triton backend ("triton"): gather inside the first GEMM's loads, SwiGLU in its
-epilogue, routing weight and scatter-add in the second GEMM's epilogue; backward fuses the
-SwiGLU derivative and the routing-weight gradient into the first backward GEMM.
+"""Fused Triton backend ("triton"): the row gather inside the first GEMM's loads (or one
+copy read through TMA, for wide experts), SwiGLU in its epilogue, routing weight and
+scatter-add in the second GEMM's epilogue; backward: a gathered GEMM, one elementwise pass
+for the SwiGLU derivative and the routing-weight gradient, a GEMM with the scatter-add of
+dL/dx in its epilogue, and grouped GEMMs for the weight gradients.
+
+Eager calls go through `ops.moe_glu` (an autograd.Function); torch.compile sees the custom
+ops `gatedmoe::moe_glu_forward` / `moe_glu_backward`. The backward frees h as it goes, so a
+second backward through a retained graph raises.
 
 Covers SwiGLU experts without biases in bf16/fp16/fp32; anything else falls back to the
 grouped backend (logged once). `gatedmoe.dispatch.reference.reference_dispatch` is its oracle.

@@ -1,5 +1,7 @@
 """The fused MoE forward and backward as `torch.library` custom ops (with fake and
-autograd registrations), launching the kernels of `kernels.py`.
+autograd registrations), launching the kernels of `kernels.py`; `moe_glu` is the entry
+point (the custom op under torch.compile, an autograd.Function over the same code in eager
+mode).
 
 Weight gradients use `torch._grouped_mm` in its "reduce over rows" form where available
 (CUDA bf16); elsewhere a per-expert loop.
