@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -71,14 +72,11 @@ def _kernels(step, steps: int = 5) -> tuple[float, float, list[tuple[str, int, f
             step()
         torch.cuda.synchronize()
     rows = []
-    cpu_us = 0.0
     for ev in prof.key_averages():
         dev_us = getattr(ev, "self_device_time_total", getattr(ev, "self_cuda_time_total", 0.0))
         if dev_us > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
             rows.append((ev.key, ev.count // steps, dev_us / steps / 1e3))
     # Host time: the profiler's own top-level ranges are not reliable across versions; time it.
-    import time
-
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -91,8 +89,6 @@ def _kernels(step, steps: int = 5) -> tuple[float, float, list[tuple[str, int, f
 
 def _host_us(fn, reps: int = 300) -> float:
     """Host microseconds per call of ``fn`` on tiny inputs (the GPU keeps up, so this is launch cost)."""
-    import time
-
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
@@ -254,7 +250,7 @@ def main() -> None:
         for backend in args.backends.split(","):
             fn = get_backend(backend, dev)
 
-            def fwd_bwd() -> None:
+            def fwd_bwd(fn=fn, x=x, r=r, bank=bank, gy=gy) -> None:
                 # Gradients accumulate into existing buffers (set_to_none would make graph
                 # capture allocate): the same work either way for these backends.
                 x.grad = None
@@ -262,7 +258,7 @@ def main() -> None:
                     p.grad = None
                 fn(x, r, bank).backward(gy)
 
-            def fwd() -> None:
+            def fwd(fn=fn, x=x, r=r, bank=bank) -> None:
                 with torch.no_grad():
                     fn(x, r, bank)
 
@@ -279,7 +275,7 @@ def main() -> None:
                     graph = float("nan")
                 kern, host, rows = _kernels(step)
                 mult = 1 if pass_name == "fwd+bwd" else 1 / 3
-                pct = lambda ms: 100 * flops * mult / (ms * 1e-3) / 1e12 / ceiling  # noqa: E731
+                pct = lambda ms, f=flops * mult: 100 * f / (ms * 1e-3) / 1e12 / ceiling  # noqa: E731
                 res = dict(shape=name, backend=backend, pass_=pass_name, sync_ms=sync, pipe_ms=pipe, graph_ms=graph,
                            kernel_ms=kern, host_ms=host, sync_pct=pct(sync), pipe_pct=pct(pipe), graph_pct=pct(graph),
                            kernel_pct=pct(kern))

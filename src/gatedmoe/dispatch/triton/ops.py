@@ -23,7 +23,12 @@ try:  # Triton >= 3.3: host-side TMA descriptors
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
-from gatedmoe.dispatch.triton.kernels import gemm_kernel, glu_fwd_kernel, swiglu_bwd_kernel, tile_schedule_kernel
+from gatedmoe.dispatch.triton.kernels import (
+    gemm_kernel,
+    glu_fwd_kernel,
+    swiglu_bwd_kernel,
+    tile_schedule_kernel,
+)
 
 __all__ = ["moe_glu", "moe_glu_forward", "tile_schedule", "device_tile_schedule"]
 
