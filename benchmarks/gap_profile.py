@@ -17,27 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from gatedmoe.bench import SHAPES, balanced_routing, dense_ceiling
+from gatedmoe.bench import SHAPES, _time, balanced_routing, dense_ceiling
 from gatedmoe.dispatch import get_backend
 from gatedmoe.experts import ExpertBank
 
 
 def _sync_ms(step, reps: int = 20) -> float:
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median of per-step event timings with a synchronize after each: `gatedmoe bench`'s own timer."""
+    return _time(step, torch.device("cuda"), warmup=0, reps=reps)
 
 
 def _pipe_ms(step, reps: int = 20) -> float:
@@ -100,6 +92,19 @@ def _host_us(fn, reps: int = 300) -> float:
     return us
 
 
+def _tiny_problem(dev: torch.device):
+    """``T, D, H, N, routing, bank, x, gy, a, y32``: a problem small enough that host time dominates."""
+    T, D, H, E, K = 256, 256, 256, 8, 2
+    r = balanced_routing(T, E, K, dev, torch.Generator(device=dev).manual_seed(0))
+    bank = ExpertBank(E, D, H).to(dev, torch.bfloat16)
+    x = torch.randn(T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+    N = r.n_assignments
+    a = torch.randn(N, H, device=dev, dtype=torch.bfloat16)
+    y32 = torch.zeros(T, D, device=dev)
+    return T, D, H, N, r, bank, x, gy, a, y32
+
+
 def host_costs(out: str) -> None:
     """Host cost of each piece of a call, on a tiny problem, and the CPU op table of one step."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -107,15 +112,8 @@ def host_costs(out: str) -> None:
     from gatedmoe.dispatch.triton import ops
 
     dev = torch.device("cuda")
-    T, D, H, E, K = 256, 256, 256, 8, 2
-    r = balanced_routing(T, E, K, dev, torch.Generator(device=dev).manual_seed(0))
-    bank = ExpertBank(E, D, H).to(dev, torch.bfloat16)
-    x = torch.randn(T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    gy = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
-    N = r.n_assignments
+    T, D, H, N, r, bank, x, gy, a, y32 = _tiny_problem(dev)
     w_in, w_out = bank.w_in.detach(), bank.w_out.detach()
-    a = torch.randn(N, H, device=dev, dtype=torch.bfloat16)
-    y32 = torch.zeros(T, D, device=dev)
     cfg = ops.CONFIGS_BF16["gemm_fwd"]
     rows = []
     raw_fwd = getattr(ops.moe_glu_forward, "_init_fn", None)
@@ -183,14 +181,7 @@ def python_profile(out: str) -> None:
     from gatedmoe.dispatch.triton import ops
 
     dev = torch.device("cuda")
-    T, D, H, E, K = 256, 256, 256, 8, 2
-    r = balanced_routing(T, E, K, dev, torch.Generator(device=dev).manual_seed(0))
-    bank = ExpertBank(E, D, H).to(dev, torch.bfloat16)
-    x = torch.randn(T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    gy = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
-    N = r.n_assignments
-    a = torch.randn(N, H, device=dev, dtype=torch.bfloat16)
-    y32 = torch.zeros(T, D, device=dev)
+    T, D, H, N, r, bank, x, gy, a, y32 = _tiny_problem(dev)
     w_out = bank.w_out.detach()
     cfg = ops.CONFIGS_BF16["gemm_fwd"]
     fn = get_backend("triton", dev)
