@@ -71,6 +71,19 @@ def _tile_rows(t, counts_ptr, E, BM: tl.constexpr, E_POW2: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(a_ptr, DESC: tl.constexpr, row0, k0, a_rows, stride_am, k, row_mask, K):
+    """The [BM, BK] tile of A at column k0: a TMA load at (row0, k0) when ``a_ptr`` is a
+    descriptor over contiguous rows, else a masked pointer load of rows ``a_rows`` (token
+    ids when gathering)."""
+    if DESC:
+        a = a_ptr.load([row0, k0])
+    else:
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :], mask=row_mask[:, None] & (k < K)[None, :],
+                    other=0.0)
+    return a
+
+
+@triton.jit
 def tile_schedule_kernel(counts_ptr, tile_expert_ptr, tile_row_ptr, E, BM: tl.constexpr, E_POW2: tl.constexpr):
     """Writes `_tile_rows`' expert and first row of every tile (tests compare it with the host)."""
     t = tl.program_id(0)
@@ -102,8 +115,10 @@ def glu_fwd_kernel(
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:
         return
-    if not X_DESC:
-        tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    if X_DESC:
+        x_rows = rows.to(tl.int64)  # unused: the descriptor addresses rows by row0
+    else:
+        x_rows = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     ks = tl.arange(0, BK)
     if W_DESC:
         w_row = e * (2 * H) + pid_n * BN
@@ -111,10 +126,7 @@ def glu_fwd_kernel(
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, D, BK):
             k = k0 + ks
-            if X_DESC:
-                a = x_ptr.load([row0, k0])
-            else:
-                a = tl.load(x_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & (k < D)[None, :], other=0.0)
+            a = _load_rows(x_ptr, X_DESC, row0, k0, x_rows, D, k, row_mask, D)
             acc_g = tl.dot(a, w_ptr.load([w_row, k0]).T, acc_g, input_precision=PREC)
             acc_u = tl.dot(a, w_ptr.load([w_row + H, k0]).T, acc_u, input_precision=PREC)
     else:
@@ -127,10 +139,7 @@ def glu_fwd_kernel(
         for k0 in range(0, D, BK):
             k = k0 + ks
             k_mask = k < D
-            if X_DESC:
-                a = x_ptr.load([row0, k0])
-            else:
-                a = tl.load(x_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            a = _load_rows(x_ptr, X_DESC, row0, k0, x_rows, D, k, row_mask, D)
             b = tl.load(w_e + w_rows[None, :].to(tl.int64) * D + k[:, None], mask=k_mask[:, None] & col2_mask[None, :],
                         other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PREC)
@@ -184,10 +193,7 @@ def gemm_kernel(
     for k0 in range(0, K, BK):
         k = k0 + ks
         k_mask = k < K
-        if A_DESC:
-            a = a_ptr.load([row0, k0])
-        else:
-            a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        a = _load_rows(a_ptr, A_DESC, row0, k0, a_rows, stride_am, k, row_mask, K)
         if B_DESC == 1:
             b = b_ptr.load([b_row0 + pid_n * BN, k0]).T
         elif B_DESC == 2:
