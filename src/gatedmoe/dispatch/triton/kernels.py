@@ -160,38 +160,12 @@ def glu_fwd_kernel(
 
 
 @triton.jit
-def _swiglu_bwd_epilogue(ga, rows, rows64, row_mask, cols, out_mask, H, h_ptr, weight_ptr, gh_ptr, wa_ptr,
-                         gweight_ptr):
-    """SwiGLU backward with the routing weight on one [BM, BN] tile of ``ga`` (fp32, before
-    the weight): recomputes ``a = silu(h_gate) * h_up`` from h, adds this tile's share of
-    ``dL/dweight = <ga, a>`` into ``gweight`` (fp32 atomics: the column blocks of a row meet
-    there), writes ``weight * a`` (the W_out gradient is ``gy[token]^T (weight * a)``, so the
-    weight needs no pass over the gathered gy) and
-    ``dL/dh = weight * ga * (dsilu(h_gate) * h_up, silu(h_gate))``."""
-    w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    h_row = h_ptr + rows64[:, None] * (2 * H)
-    hg = tl.load(h_row + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    hu = tl.load(h_row + H + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(hg)
-    silu = hg * sig
-    act = silu * hu
-    tl.atomic_add(gweight_ptr + rows, tl.sum(ga * act, axis=1), mask=row_mask, sem="relaxed")
-    wa = act * w[:, None]
-    tl.store(wa_ptr + rows64[:, None] * H + cols[None, :], wa.to(wa_ptr.dtype.element_ty), mask=out_mask)
-    gaw = ga * w[:, None]
-    gh_row = gh_ptr + rows64[:, None] * (2 * H)
-    tl.store(gh_row + cols[None, :], (gaw * hu * (sig + silu * (1.0 - sig))).to(gh_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(gh_row + H + cols[None, :], (gaw * silu).to(gh_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
 def gemm_kernel(
     a_ptr, b_ptr, c_ptr, token_ptr, weight_ptr,
     counts_ptr, E, n_tiles,
     K, N_COLS,
     stride_am, stride_be, stride_bk, stride_bn, stride_cm, b_rows_per_e,
-    h_ptr, gh_ptr, gweight_ptr,
-    GATHER_A: tl.constexpr, SCALE: tl.constexpr, SCATTER_C: tl.constexpr, SWIGLU_BWD: tl.constexpr,
+    GATHER_A: tl.constexpr, SCALE: tl.constexpr, SCATTER_C: tl.constexpr,
     A_DESC: tl.constexpr, B_DESC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
     E_POW2: tl.constexpr,
@@ -202,10 +176,6 @@ def gemm_kernel(
     over ``[N, K]`` (only without the gather). Descriptor tiles that run past an expert's
     rows read the next expert's rows; those products land only in masked outputs (or meet
     zeros of A's masked k), and the host uses mode 2 only when ``BK`` divides K.
-
-    ``SWIGLU_BWD``: the product is ``ga = gy[token] @ W_out[e]`` and the epilogue is the
-    SwiGLU backward (`_swiglu_bwd_epilogue`): ``c_ptr`` receives weight * a, and ``h_ptr``,
-    ``gh_ptr``, ``gweight_ptr`` are read / written; otherwise those three are unused.
     """
     pid_m, pid_n = _program_tile(n_tiles, N_COLS, BN, GROUP_M)
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
@@ -232,14 +202,10 @@ def gemm_kernel(
             b = tl.load(b_e + k[:, None].to(tl.int64) * stride_bk + cols[None, :].to(tl.int64) * stride_bn,
                         mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
-    out_mask = row_mask[:, None] & col_mask[None, :]
-    if SWIGLU_BWD:
-        _swiglu_bwd_epilogue(acc, rows, rows64, row_mask, cols, out_mask, N_COLS, h_ptr, weight_ptr, gh_ptr, c_ptr,
-                             gweight_ptr)
-        return
     if SCALE:
         w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         acc = acc * w[:, None]
+    out_mask = row_mask[:, None] & col_mask[None, :]
     if SCATTER_C:
         tl.atomic_add(c_ptr + tok[:, None] * stride_cm + cols[None, :], acc, mask=out_mask, sem="relaxed")
     else:
@@ -281,56 +247,3 @@ def swiglu_bwd_kernel(
         tl.store(gh_row + H + cols[None, :], (ga * silu).to(gh_ptr.dtype.element_ty), mask=mask)
         tl.store(wa_ptr + rows64[:, None] * H + cols[None, :], (act * w[:, None]).to(wa_ptr.dtype.element_ty), mask=mask)
     tl.store(gweight_ptr + rows, gw, mask=row_mask)
-
-
-@triton.jit
-def wgrad_kernel(
-    l_ptr, r_ptr, out_ptr, token_ptr, counts_ptr, E,
-    P, Q, stride_l, stride_r,
-    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, L_DESC: tl.constexpr, R_DESC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, E_POW2: tl.constexpr,
-):
-    """Weight gradient ``out[e] = L[rows_e]^T @ R[rows_e]`` (``[E, P, Q]``), the reduction
-    running over expert e's rows of the expert-sorted list.
-
-    ``GATHER_L`` / ``GATHER_R``: that operand's rows are read by token (``L[token[n]]``), so
-    the gathered copy of x or gy never exists. ``L_DESC`` / ``R_DESC``: that (ungathered)
-    operand is a TMA descriptor over ``[N, P]`` / ``[N, Q]`` (block ``[BK, BM]`` /
-    ``[BK, BN]``); rows it reads past the expert's end are zeroed. One program per
-    (expert, BM x BN output tile), column blocks of a row block adjacent (they share L).
-    """
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(P, BM)
-    n_n = tl.cdiv(Q, BN)
-    e = pid // (n_m * n_n)
-    pid_m = (pid % (n_m * n_n)) // n_n
-    pid_n = pid % n_n
-    idx = tl.arange(0, E_POW2)
-    counts = tl.load(counts_ptr + idx, mask=idx < E, other=0).to(tl.int32)
-    end = tl.sum(tl.where(idx <= e, counts, 0), 0)
-    start = end - tl.sum(tl.where(idx == e, counts, 0), 0)
-    pc = pid_m * BM + tl.arange(0, BM)
-    qc = pid_n * BN + tl.arange(0, BN)
-    ks = tl.arange(0, BK)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for r0 in range(start, end, BK):
-        rows = r0 + ks
-        rmask = rows < end
-        if GATHER_L or GATHER_R:
-            tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
-        if L_DESC:
-            lt = tl.where(rmask[:, None], l_ptr.load([r0, pid_m * BM]), 0.0)
-        else:
-            l_rows = tok if GATHER_L else rows.to(tl.int64)
-            lt = tl.load(l_ptr + l_rows[:, None] * stride_l + pc[None, :], mask=rmask[:, None] & (pc < P)[None, :],
-                         other=0.0)
-        if R_DESC:
-            rt = tl.where(rmask[:, None], r_ptr.load([r0, pid_n * BN]), 0.0)
-        else:
-            r_rows = tok if GATHER_R else rows.to(tl.int64)
-            rt = tl.load(r_ptr + r_rows[:, None] * stride_r + qc[None, :], mask=rmask[:, None] & (qc < Q)[None, :],
-                         other=0.0)
-        acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PREC)
-    out = out_ptr + e.to(tl.int64) * P * Q
-    tl.store(out + pc[:, None].to(tl.int64) * Q + qc[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(pc < P)[:, None] & (qc < Q)[None, :])

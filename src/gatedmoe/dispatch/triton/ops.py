@@ -28,7 +28,6 @@ from gatedmoe.dispatch.triton.kernels import (
     glu_fwd_kernel,
     swiglu_bwd_kernel,
     tile_schedule_kernel,
-    wgrad_kernel,
 )
 
 __all__ = ["moe_glu", "moe_glu_forward", "tile_schedule", "device_tile_schedule"]
@@ -60,9 +59,9 @@ def kernel_configs(dtype: torch.dtype, device: torch.device, H: int) -> dict[str
     bf16 choices are the fastest of `benchmarks/triton_tune.py` on an H100 (BENCHMARKS.md).
     """
     if device.type != "cuda":
-        return dict.fromkeys(KERNELS, _INTERPRETER)
+        return dict.fromkeys(("glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd"), _INTERPRETER)
     if dtype == torch.float32:
-        return dict.fromkeys(KERNELS, KernelConfig(64, 64, 32, 4, 2))
+        return dict.fromkeys(("glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd"), KernelConfig(64, 64, 32, 4, 2))
     cfgs = dict(CONFIGS_BF16)
     # Measured: a gathered copy read through TMA beats gathering inside the loads once each
     # row is reused over enough columns (the copy costs N*D, the product N*D*H); for the
@@ -82,9 +81,7 @@ CONFIGS_BF16: dict[str, KernelConfig] = {
     "gemm_fwd": KernelConfig(128, 256, 64, 8, 4),
     "glu_bwd": KernelConfig(128, 256, 64, 8, 4, pregather=True),
     "gemm_bwd": KernelConfig(128, 256, 64, 8, 4),
-    "wgrad": KernelConfig(128, 128, 64, 8, 3),
 }
-KERNELS = tuple(CONFIGS_BF16)
 # Below these expert widths the gathered kernels gather inside their loads (see kernel_configs).
 PREGATHER_MIN_H = {"glu_fwd": 2048, "glu_bwd": 1024}
 
@@ -179,10 +176,7 @@ def _tma_ok(t: Tensor, last_dim: int) -> bool:
 
 
 def launch_gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, n_cols: int, *,
-                gather: bool, scale: bool, scatter: bool, cfg: KernelConfig, prec: str,
-                swiglu_bwd: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
-    """``swiglu_bwd=(h, gh, gweight)``: the SwiGLU backward epilogue (``c`` receives weight * a)."""
-    h, gh, gweight = swiglu_bwd if swiglu_bwd is not None else (c, c, c)
+                gather: bool, scale: bool, scatter: bool, cfg: KernelConfig, prec: str) -> None:
     stride_be, stride_bk, stride_bn = b_strides
     E, R, C = b.shape
     b_arg, b_desc = b, 0
@@ -197,28 +191,10 @@ def launch_gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, n_col
     MT = n_row_tiles(N, E, cfg.BM)
     gemm_kernel[(triton.cdiv(n_cols, cfg.BN) * MT,)](
         a_arg, b_arg, c, token, weight, counts, E, MT, K, n_cols,
-        a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0), R, h, gh, gweight,
-        GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, SWIGLU_BWD=swiglu_bwd is not None, A_DESC=a_desc, B_DESC=b_desc,
+        a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0), R,
+        GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, A_DESC=a_desc, B_DESC=b_desc,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
         num_warps=cfg.warps, num_stages=cfg.stages,
-    )
-
-
-def launch_wgrad(lhs: Tensor, rhs: Tensor, out: Tensor, token: Tensor, counts: Tensor, *, gather_l: bool,
-                 gather_r: bool, cfg: KernelConfig, prec: str) -> None:
-    """``out[e] = lhs[rows_e]^T @ rhs[rows_e]`` with `kernels.wgrad_kernel`; a gathered
-    operand is read by token (``lhs[token[n]]``)."""
-    E, P, Q = out.shape
-    l_arg, l_desc = lhs, False
-    if cfg.tma and not gather_l and lhs.is_contiguous() and _tma_ok(lhs, P):
-        l_arg, l_desc = TensorDescriptor.from_tensor(lhs, [cfg.BK, cfg.BM]), True
-    r_arg, r_desc = rhs, False
-    if cfg.tma and not gather_r and rhs.is_contiguous() and _tma_ok(rhs, Q):
-        r_arg, r_desc = TensorDescriptor.from_tensor(rhs, [cfg.BK, cfg.BN]), True
-    wgrad_kernel[(E * triton.cdiv(P, cfg.BM) * triton.cdiv(Q, cfg.BN),)](
-        l_arg, r_arg, out, token, counts, E, P, Q, lhs.stride(0), rhs.stride(0),
-        GATHER_L=gather_l, GATHER_R=gather_r, L_DESC=l_desc, R_DESC=r_desc,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, E_POW2=_e_pow2(E), num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
@@ -308,58 +284,39 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
     x = x_TD.contiguous()
     T, D, N, H, cfgs = _problem(x, token_N, w_out_EDH)
     gx32 = torch.zeros(T, D, device=x.device, dtype=torch.float32)
+    gweight = _alloc(N, device=x.device, dtype=torch.float32)
     if N == 0:
         return gx32.to(x.dtype), weight_N.new_zeros(0), torch.zeros_like(w_in_EHD), torch.zeros_like(w_out_EDH)
     w_in = w_in_EHD.contiguous()
     w_out = w_out_EDH.contiguous()
     prec = _prec(x.dtype)
+    offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
     gh = _alloc(N, 2 * H, device=x.device, dtype=x.dtype)
-    wa = _alloc(N, H, device=x.device, dtype=x.dtype)
+    # ga = gy[token] @ W_out[e]: B[k=d, n=h] = w_out[e, d, h]. The W_out gradient needs the
+    # gathered gy as well, so a pre-gathered copy serves both.
+    ga = _alloc(N, H, device=x.device, dtype=x.dtype)
     cfg = cfgs["glu_bwd"]
-    # ga = gy[token] @ W_out[e] (B[k=d, n=h] = w_out[e, d, h]) with the SwiGLU backward in its
-    # epilogue. Where the rows are pre-gathered, the W_out gradient reuses the copy.
     gys = gy.index_select(0, token_N) if _pregather(cfg, gy) else None
-    if FUSED_SWIGLU_BWD:
-        gweight = torch.zeros(N, device=x.device, dtype=torch.float32)  # accumulated over column blocks
-        launch_gemm(gy if gys is None else gys, w_out, (D * H, H, 1), wa, token_N, weight_N, counts_E, N, D, H,
-                    gather=gys is None, scale=False, scatter=False, cfg=cfg, prec=prec,
-                    swiglu_bwd=(h_box.pop(), gh, gweight))
-    else:
-        gweight = _alloc(N, device=x.device, dtype=torch.float32)
-        ga = _alloc(N, H, device=x.device, dtype=x.dtype)
-        launch_gemm(gy if gys is None else gys, w_out, (D * H, H, 1), ga, token_N, weight_N, counts_E, N, D, H,
-                    gather=gys is None, scale=False, scatter=False, cfg=cfg, prec=prec)
-        launch_swiglu_bwd(ga, h_box.pop(), weight_N, gh, wa, gweight, N, H)
-        del ga
+    launch_gemm(gy if gys is None else gys, w_out, (D * H, H, 1), ga, token_N, weight_N, counts_E, N, D, H,
+                gather=gys is None, scale=False, scatter=False, cfg=cfg, prec=prec)
+    # The SwiGLU backward writes weight * a over ga in place (each element is read before it
+    # is written, by the same program): one [N, H] buffer fewer at the peak.
+    wa = ga
+    launch_swiglu_bwd(ga, h_box.pop(), weight_N, gh, wa, gweight, N, H)
+    del ga
     # grad_x[token] += gh @ W_in[e]: B[k=j, n=d] = w_in[e, j, d]
     launch_gemm(gh, w_in, (2 * H * D, D, 1), gx32, token_N, weight_N, counts_E, N, 2 * H, D,
                 gather=False, scale=False, scatter=True, cfg=cfgs["gemm_bwd"], prec=prec)
     # Weight gradients one at a time, the larger first, each operand freed as soon as it is
     # used: the peak then holds gh [N, 2H] and grad_w_in, never both with grad_w_out.
-    if TRITON_WGRAD:
-        wcfg = cfgs["wgrad"]
-        grad_w_in = _alloc(*w_in.shape, device=x.device, dtype=x.dtype)
-        launch_wgrad(gh, x, grad_w_in, token_N, counts_E, gather_l=False, gather_r=True, cfg=wcfg, prec=prec)
-        del gh
-        grad_w_out = _alloc(*w_out.shape, device=x.device, dtype=x.dtype)
-        if gys is None:
-            launch_wgrad(gy, wa, grad_w_out, token_N, counts_E, gather_l=True, gather_r=False, cfg=wcfg, prec=prec)
-        else:
-            launch_wgrad(gys, wa, grad_w_out, token_N, counts_E, gather_l=False, gather_r=False, cfg=wcfg, prec=prec)
-    else:
-        offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        xs = x.index_select(0, token_N)
-        grad_w_in = _wgrad(gh, xs, counts_E, offs)  # [E, 2H, D]
-        del xs, gh
-        if gys is None:
-            gys = gy.index_select(0, token_N)
-        grad_w_out = _wgrad(gys, wa, counts_E, offs)  # [E, D, H]
+    xs = x.index_select(0, token_N)
+    grad_w_in = _wgrad(gh, xs, counts_E, offs)  # [E, 2H, D]
+    del xs, gh
+    if gys is None:
+        gys = gy.index_select(0, token_N)
+    grad_w_out = _wgrad(gys, wa, counts_E, offs)  # [E, D, H]
     del gys, wa
     return gx32.to(x.dtype), gweight.to(weight_N.dtype), grad_w_in.to(w_in_EHD.dtype), grad_w_out.to(w_out_EDH.dtype)
-
-
-FUSED_SWIGLU_BWD = True
-TRITON_WGRAD = True
 
 
 @moe_glu_backward.register_fake
