@@ -247,3 +247,60 @@ def swiglu_bwd_kernel(
         tl.store(gh_row + H + cols[None, :], (ga * silu).to(gh_ptr.dtype.element_ty), mask=mask)
         tl.store(wa_ptr + rows64[:, None] * H + cols[None, :], (act * w[:, None]).to(wa_ptr.dtype.element_ty), mask=mask)
     tl.store(gweight_ptr + rows, gw, mask=row_mask)
+
+
+@triton.jit
+def wgrad_kernel(
+    l_ptr, r_ptr, out_ptr, token_ptr, counts_ptr, E,
+    P, Q, stride_l, stride_r,
+    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, L_DESC: tl.constexpr, R_DESC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, E_POW2: tl.constexpr,
+):
+    """Weight gradient ``out[e] = L[rows_e]^T @ R[rows_e]`` (``[E, P, Q]``), the reduction
+    running over expert e's rows of the expert-sorted list.
+
+    ``GATHER_L`` / ``GATHER_R``: that operand's rows are read by token (``L[token[n]]``), so
+    the gathered copy of x or gy never exists. ``L_DESC`` / ``R_DESC``: that (ungathered)
+    operand is a TMA descriptor over ``[N, P]`` / ``[N, Q]`` (block ``[BK, BM]`` /
+    ``[BK, BN]``). A descriptor tile running past the expert's rows reads the next expert's
+    rows; they meet the zeros of the other operand's masked rows, so the host pairs a
+    descriptor only with a pointer-loaded operand. (Zeroing those rows in registers instead
+    cost 1.5x: the tile then no longer goes from TMA straight to the tensor cores.)
+    One program per (expert, BM x BN output tile), column blocks of a row block adjacent
+    (they share L).
+    """
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(P, BM)
+    n_n = tl.cdiv(Q, BN)
+    e = pid // (n_m * n_n)
+    pid_m = (pid % (n_m * n_n)) // n_n
+    pid_n = pid % n_n
+    idx = tl.arange(0, E_POW2)
+    counts = tl.load(counts_ptr + idx, mask=idx < E, other=0).to(tl.int32)
+    end = tl.sum(tl.where(idx <= e, counts, 0), 0)
+    start = end - tl.sum(tl.where(idx == e, counts, 0), 0)
+    pc = pid_m * BM + tl.arange(0, BM)
+    qc = pid_n * BN + tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(start, end, BK):
+        rows = r0 + ks
+        rmask = rows < end
+        if GATHER_L or GATHER_R:
+            tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        if L_DESC:
+            lt = l_ptr.load([r0, pid_m * BM])
+        else:
+            l_rows = tok if GATHER_L else rows.to(tl.int64)
+            lt = tl.load(l_ptr + l_rows[:, None] * stride_l + pc[None, :], mask=rmask[:, None] & (pc < P)[None, :],
+                         other=0.0)
+        if R_DESC:
+            rt = r_ptr.load([r0, pid_n * BN])
+        else:
+            r_rows = tok if GATHER_R else rows.to(tl.int64)
+            rt = tl.load(r_ptr + r_rows[:, None] * stride_r + qc[None, :], mask=rmask[:, None] & (qc < Q)[None, :],
+                         other=0.0)
+        acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PREC)
+    out = out_ptr + e.to(tl.int64) * P * Q
+    tl.store(out + pc[:, None].to(tl.int64) * Q + qc[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(pc < P)[:, None] & (qc < Q)[None, :])
