@@ -93,9 +93,18 @@ def run(args: argparse.Namespace) -> int:
             rows += bench_dispatch(s, backends=backends, dtype=dtype, device=device, routing=args.routing,
                                    reps=reps, check=not args.no_check, ceiling=ceiling)
     print(format_rows(rows))
+    result = {"machine": info, "ceiling_tflops": ceiling, "rows": rows}
+    if device.type == "cuda":
+        # The ceiling above is a short burst on a card that has not worked yet; GPU clocks drop
+        # under sustained load (measured on an H100: 745 cold, 684 after 200 products). The
+        # fractions keep the burst ceiling; the sustained one is printed beside it.
+        sustained = dense_ceiling(device, dtype, warmup=200, reps=50)
+        result["ceiling_sustained_tflops"] = sustained
+        print(f"dense {args.dtype} GEMM at the end of the run, after a 200-product warm-up: {sustained:.2f} TFLOP/s "
+              f"(the % column is of the {ceiling:.2f} measured first)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": info, "ceiling_tflops": ceiling, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps(result, indent=1))
     return 0
 
 
