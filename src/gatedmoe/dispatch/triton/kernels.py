@@ -84,18 +84,6 @@ def _load_rows(a_ptr, DESC: tl.constexpr, row0, k0, a_rows, stride_am, k, row_ma
 
 
 @triton.jit
-def _zero_share(zero_ptr, zero_numel, zero_chunk, ZBLOCK: tl.constexpr):
-    """Zero this program's ``zero_chunk`` elements of a float32 buffer that a later kernel
-    scatter-adds into: one fill kernel (and its launch) fewer per pass. Every program does
-    its share before it looks at its tile, unused tiles included."""
-    start = tl.program_id(0).to(tl.int64) * zero_chunk
-    zs = tl.arange(0, ZBLOCK)
-    for off in range(0, zero_chunk, ZBLOCK):
-        idx = start + off + zs
-        tl.store(zero_ptr + idx, tl.zeros((ZBLOCK,), dtype=tl.float32), mask=(idx < zero_numel) & (off + zs < zero_chunk))
-
-
-@triton.jit
 def tile_schedule_kernel(counts_ptr, tile_expert_ptr, tile_row_ptr, E, BM: tl.constexpr, E_POW2: tl.constexpr):
     """Writes `_tile_rows`' expert and first row of every tile (tests compare it with the host)."""
     t = tl.program_id(0)
@@ -108,10 +96,9 @@ def tile_schedule_kernel(counts_ptr, tile_expert_ptr, tile_row_ptr, E, BM: tl.co
 def glu_fwd_kernel(
     x_ptr, token_ptr, w_ptr, h_ptr, a_ptr,
     counts_ptr, E, n_tiles,
-    D, H, zero_ptr, zero_numel, zero_chunk,
+    D, H,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
     E_POW2: tl.constexpr, W_DESC: tl.constexpr, X_DESC: tl.constexpr, STORE_H: tl.constexpr,
-    ZERO: tl.constexpr, ZBLOCK: tl.constexpr,
 ):
     """``W_DESC``: ``w_ptr`` is a TMA descriptor over the 2-D view ``[E * 2H, D]`` of W_in
     (block ``[BN, BK]``); the gate and up tiles are two loads and two products. Without it,
@@ -123,10 +110,7 @@ def glu_fwd_kernel(
     ``X_DESC``: ``x_ptr`` is a TMA descriptor over rows already gathered into expert order
     (``x[token]``, ``[N, D]``, block ``[BM, BK]``) and ``token_ptr`` is unused; otherwise
     the rows are gathered by token inside the loads (Hopper's TMA cannot gather).
-    ``STORE_H``: write h (training); inference writes only a. ``ZERO``: also zero this
-    program's share of ``zero_ptr`` (the combine buffer of the next kernel, `_zero_share`)."""
-    if ZERO:
-        _zero_share(zero_ptr, zero_numel, zero_chunk, ZBLOCK)
+    ``STORE_H``: write h (training); inference writes only a."""
     pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:
@@ -180,11 +164,11 @@ def gemm_kernel(
     a_ptr, b_ptr, c_ptr, token_ptr, weight_ptr,
     counts_ptr, E, n_tiles,
     K, N_COLS,
-    stride_am, stride_be, stride_bk, stride_bn, stride_cm, b_rows_per_e, zero_ptr, zero_numel, zero_chunk,
+    stride_am, stride_be, stride_bk, stride_bn, stride_cm, b_rows_per_e,
     GATHER_A: tl.constexpr, SCALE: tl.constexpr, SCATTER_C: tl.constexpr,
     A_DESC: tl.constexpr, B_DESC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
-    E_POW2: tl.constexpr, ZERO: tl.constexpr, ZBLOCK: tl.constexpr,
+    E_POW2: tl.constexpr,
 ):
     """``B_DESC``: 0 = ``b_ptr`` is a pointer with strides; 1 = a TMA descriptor over the 2-D
     view ``[E * b_rows_per_e, K]`` (rows are output columns, k contiguous); 2 = a descriptor
@@ -192,10 +176,7 @@ def gemm_kernel(
     over ``[N, K]`` (only without the gather). Descriptor tiles that run past an expert's
     rows read the next expert's rows; those products land only in masked outputs (or meet
     zeros of A's masked k), and the host uses mode 2 only when ``BK`` divides K.
-    ``ZERO``: as in `glu_fwd_kernel`.
     """
-    if ZERO:
-        _zero_share(zero_ptr, zero_numel, zero_chunk, ZBLOCK)
     pid_m, pid_n = _program_tile(n_tiles, N_COLS, BN, GROUP_M)
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:

@@ -141,10 +141,9 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def launch_glu_fwd(x, token, w_in, h, a, counts, N: int, D: int, H: int, cfg: KernelConfig, prec: str, *,
-                   gathered: bool = False, store_h: bool = True, zero: Tensor | None = None) -> None:
+                   gathered: bool = False, store_h: bool = True) -> None:
     """``gathered``: ``x`` holds the rows already in expert order (``x[token]``, [N, D]);
-    ``store_h=False``: write only the activation ``a`` (inference); ``zero``: a float32
-    buffer the kernel's programs also fill with zeros."""
+    ``store_h=False``: write only the activation ``a`` (inference)."""
     E = w_in.shape[0]
     w_arg, w_desc = w_in, False
     if cfg.tma and w_in.is_contiguous() and _tma_ok(w_in, D):
@@ -155,25 +154,11 @@ def launch_glu_fwd(x, token, w_in, h, a, counts, N: int, D: int, H: int, cfg: Ke
             raise ValueError("gathered rows are read through TMA: pass bf16/fp16 CUDA rows with 16-byte aligned rows")
         x_arg, x_desc = TensorDescriptor.from_tensor(x, [cfg.BM, cfg.BK]), True
     MT = n_row_tiles(N, E, cfg.BM)
-    n_progs = triton.cdiv(H, cfg.BN) * MT
-    glu_fwd_kernel[(n_progs,)](
-        x_arg, token, w_arg, h, a, counts, E, MT, D, H, *_zero_args(zero, a, n_progs),
+    glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
+        x_arg, token, w_arg, h, a, counts, E, MT, D, H,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
-        W_DESC=w_desc, X_DESC=x_desc, STORE_H=store_h, ZERO=zero is not None, ZBLOCK=_ZBLOCK,
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        W_DESC=w_desc, X_DESC=x_desc, STORE_H=store_h, num_warps=cfg.warps, num_stages=cfg.stages,
     )
-
-
-_ZBLOCK = 1024
-
-
-def _zero_args(zero: Tensor | None, dummy: Tensor, n_progs: int) -> tuple:
-    """``(zero_ptr, numel, per-program chunk)`` for a kernel's ``ZERO`` option (`kernels._zero_share`)."""
-    if zero is None:
-        return dummy, 0, 0
-    if zero.dtype != torch.float32 or not zero.is_contiguous():
-        raise ValueError("the buffer to zero must be contiguous float32")
-    return zero, zero.numel(), triton.cdiv(zero.numel(), n_progs)
 
 
 def launch_swiglu_bwd(ga, h, weight, gh, wa, gweight, N: int, H: int) -> None:
@@ -194,9 +179,7 @@ def _tma_ok(t: Tensor, last_dim: int) -> bool:
 
 
 def launch_gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, n_cols: int, *,
-                gather: bool, scale: bool, scatter: bool, cfg: KernelConfig, prec: str,
-                zero: Tensor | None = None) -> None:
-    """``zero``: as in `launch_glu_fwd`."""
+                gather: bool, scale: bool, scatter: bool, cfg: KernelConfig, prec: str) -> None:
     stride_be, stride_bk, stride_bn = b_strides
     E, R, C = b.shape
     b_arg, b_desc = b, 0
@@ -209,13 +192,12 @@ def launch_gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, n_col
     if cfg.tma and not gather and a.is_contiguous() and _tma_ok(a, K):
         a_arg, a_desc = TensorDescriptor.from_tensor(a, [cfg.BM, cfg.BK]), True
     MT = n_row_tiles(N, E, cfg.BM)
-    n_progs = triton.cdiv(n_cols, cfg.BN) * MT
-    gemm_kernel[(n_progs,)](
+    gemm_kernel[(triton.cdiv(n_cols, cfg.BN) * MT,)](
         a_arg, b_arg, c, token, weight, counts, E, MT, K, n_cols,
-        a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0), R, *_zero_args(zero, c, n_progs),
+        a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0), R,
         GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, A_DESC=a_desc, B_DESC=b_desc,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
-        ZERO=zero is not None, ZBLOCK=_ZBLOCK, num_warps=cfg.warps, num_stages=cfg.stages,
+        num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
@@ -270,20 +252,17 @@ def _forward_impl(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, need_h
     T, D, N, H, cfgs = _problem(x, token_N, w_out_EDH)
     h = _alloc(N if need_h else 0, 2 * H, device=x.device, dtype=x.dtype)
     a = _alloc(N, H, device=x.device, dtype=x.dtype)
-    # The combine buffer: zeroed by the first kernel's programs, scatter-added by the second.
-    y32 = _alloc(T, D, device=x.device, dtype=torch.float32)
-    if N == 0:
-        y32.zero_()
-    else:
+    y32 = torch.zeros(T, D, device=x.device, dtype=torch.float32)
+    if N:
         w_in = w_in_EHD.contiguous()
         w_out = w_out_EDH.contiguous()
         prec = _prec(x.dtype)
         cfg = cfgs["glu_fwd"]
         if _pregather(cfg, x):
             launch_glu_fwd(x.index_select(0, token_N), token_N, w_in, h, a, counts_E, N, D, H, cfg, prec,
-                           gathered=True, store_h=need_h, zero=y32)
+                           gathered=True, store_h=need_h)
         else:
-            launch_glu_fwd(x, token_N, w_in, h, a, counts_E, N, D, H, cfg, prec, store_h=need_h, zero=y32)
+            launch_glu_fwd(x, token_N, w_in, h, a, counts_E, N, D, H, cfg, prec, store_h=need_h)
         # y[token] += weight * (a @ W_out[e]^T): B[k=h, n=d] = w_out[e, d, h]
         launch_gemm(a, w_out, (D * H, 1, H), y32, token_N, weight_N, counts_E, N, H, D,
                     gather=False, scale=True, scatter=True, cfg=cfgs["gemm_fwd"], prec=prec)
@@ -327,9 +306,10 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
     gy = gy_TD.contiguous()
     x = x_TD.contiguous()
     T, D, N, H, cfgs = _problem(x, token_N, w_out_EDH)
+    gx32 = torch.zeros(T, D, device=x.device, dtype=torch.float32)
     gweight = _alloc(N, device=x.device, dtype=torch.float32)
     if N == 0:
-        return torch.zeros_like(x), weight_N.new_zeros(0), torch.zeros_like(w_in_EHD), torch.zeros_like(w_out_EDH)
+        return gx32.to(x.dtype), weight_N.new_zeros(0), torch.zeros_like(w_in_EHD), torch.zeros_like(w_out_EDH)
     w_in = w_in_EHD.contiguous()
     w_out = w_out_EDH.contiguous()
     prec = _prec(x.dtype)
@@ -340,9 +320,8 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
     ga = _alloc(N, H, device=x.device, dtype=x.dtype)
     cfg = cfgs["glu_bwd"]
     gys = gy.index_select(0, token_N) if _pregather(cfg, gy) else None
-    gx32 = _alloc(T, D, device=x.device, dtype=torch.float32)  # zeroed by this first kernel's programs
     launch_gemm(gy if gys is None else gys, w_out, (D * H, H, 1), ga, token_N, weight_N, counts_E, N, D, H,
-                gather=gys is None, scale=False, scatter=False, cfg=cfg, prec=prec, zero=gx32)
+                gather=gys is None, scale=False, scatter=False, cfg=cfg, prec=prec)
     # The SwiGLU backward writes weight * a over ga in place (each element is read before it
     # is written, by the same program): one [N, H] buffer fewer at the peak.
     wa = ga
