@@ -2,7 +2,8 @@
 copy read through TMA, for wide experts), SwiGLU in its epilogue, routing weight and
 scatter-add in the second GEMM's epilogue; backward: a gathered GEMM, one elementwise pass
 for the SwiGLU derivative and the routing-weight gradient, a GEMM with the scatter-add of
-dL/dx in its epilogue, and grouped GEMMs for the weight gradients.
+dL/dx in its epilogue, and grouped GEMMs for the weight gradients (for narrow experts the
+W_out gradient is a Triton kernel reading gy by token, with no gathered copy).
 
 Eager calls go through `ops.moe_glu` (an autograd.Function); torch.compile sees the custom
 ops `gatedmoe::moe_glu_forward` / `moe_glu_backward`. The backward frees h as it goes, so a

@@ -1,7 +1,7 @@
 """Triton kernels of the fused MoE backend (SwiGLU experts, no biases).
 
-Three kernels over the expert-sorted assignment list, each tiled as (row tile of one
-expert) x (column block):
+Kernels over the expert-sorted assignment list; the first three are tiled as (row tile
+of one expert) x (column block):
 
 * `glu_fwd_kernel`   h = x[token] @ W_in[e]^T, gathering rows inside the A loads or
                      reading rows gathered beforehand through TMA; epilogue writes h
@@ -13,7 +13,11 @@ expert) x (column block):
                      recomputes a from h, computes dL/dweight = <ga, a> per row, writes
                      dL/dh and weight * a (for the W_out gradient). Fusing it into
                      the GEMM epilogue measured 2x slower (register pressure of eight
-                     live [BM, BN] fp32 tiles).
+                     live [BM, BN] fp32 tiles; measured again in the third session:
+                     2.0-2.8x slower).
+* `wgrad_kernel`     weight gradient out[e] = L[rows_e]^T @ R[rows_e], one program per
+                     (expert, output tile), an operand optionally read by token; used
+                     for the W_out gradient where no gathered copy of gy exists.
 
 Row tiles never straddle two experts; each program works out its tile's expert and rows
 from the per-expert counts (`_tile_rows`), so a call needs no schedule tensors from the host.

@@ -4,7 +4,8 @@ point (the custom op under torch.compile, an autograd.Function over the same cod
 mode).
 
 Weight gradients use `torch._grouped_mm` in its "reduce over rows" form where available
-(CUDA bf16); elsewhere a per-expert loop.
+(CUDA bf16; elsewhere a per-expert loop), except the W_out gradient when gy was not
+gathered into a copy: then `kernels.wgrad_kernel` reads gy rows by token.
 
 Shape legend: T tokens, D model dim, H expert hidden, E experts, N routed assignments.
 """
