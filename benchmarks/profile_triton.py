@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--layer", action="store_true", help="profile the whole MoE layer (gate and routing too)")
+    ap.add_argument("--sort", default=None, help="profiler sort key (default: host time with --layer, else CUDA time)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     s = SHAPES[args.shape]
@@ -50,7 +51,7 @@ def main() -> None:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-    sort = "cpu_time_total" if args.layer else "cuda_time_total"
+    sort = args.sort or ("cpu_time_total" if args.layer else "cuda_time_total")
     table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
     print(table)
     out = os.environ.get("OUT", "/tmp/out")
