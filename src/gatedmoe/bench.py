@@ -58,6 +58,7 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+        info["fp32_matmul"] = torch.get_float32_matmul_precision()  # "high": TF32 for float32 GEMMs
         try:
             import triton
 

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "forward+backward, report tokens/s per rank, all-to-all share and load imbalance "
                         "(--tokens is per rank; default 2048 on CPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps with --ep")
+    p.add_argument("--fp32-matmul", choices=["highest", "high", "medium"], default=None,
+                   help="torch.set_float32_matmul_precision for the run: the routers compute in float32, and "
+                        "'high' lets those GEMMs use TF32 tensor cores (matters with --layer)")
     p.add_argument("--layer", action="store_true",
                    help="time the whole MoE layer (top-k softmax gate, routing, aux losses, dispatch) per backend "
                         "instead of dispatch alone")
@@ -56,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from gatedmoe.dispatch import backend_names
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.fp32_matmul:
+        torch.set_float32_matmul_precision(args.fp32_matmul)
     if args.ep:
         return _run_ep(args, device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
