@@ -76,9 +76,10 @@ def _tile_rows(t, counts_ptr, E, BM: tl.constexpr, E_POW2: tl.constexpr):
 
 @triton.jit
 def _load_rows(a_ptr, DESC: tl.constexpr, row0, k0, a_rows, stride_am, k, row_mask, K):
-    """The [BM, BK] tile of A at column k0: a TMA load at (row0, k0) when ``a_ptr`` is a
-    descriptor over contiguous rows, else a masked pointer load of rows ``a_rows`` (token
-    ids when gathering)."""
+    """The tile of rows x columns ``k`` (starting at k0, bounded by K): a TMA load at
+    (row0, k0) when ``a_ptr`` is a descriptor over contiguous rows, else a masked pointer
+    load of rows ``a_rows`` (token ids when gathering). The GEMM kernels' [BM, BK] A tiles;
+    `wgrad_kernel`'s [BK, BM] / [BK, BN] operand tiles."""
     if DESC:
         a = a_ptr.load([row0, k0])
     else:
@@ -292,18 +293,10 @@ def wgrad_kernel(
         rmask = rows < end
         if GATHER_L or GATHER_R:
             tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
-        if L_DESC:
-            lt = l_ptr.load([r0, pid_m * BM])
-        else:
-            l_rows = tok if GATHER_L else rows.to(tl.int64)
-            lt = tl.load(l_ptr + l_rows[:, None] * stride_l + pc[None, :], mask=rmask[:, None] & (pc < P)[None, :],
-                         other=0.0)
-        if R_DESC:
-            rt = r_ptr.load([r0, pid_n * BN])
-        else:
-            r_rows = tok if GATHER_R else rows.to(tl.int64)
-            rt = tl.load(r_ptr + r_rows[:, None] * stride_r + qc[None, :], mask=rmask[:, None] & (qc < Q)[None, :],
-                         other=0.0)
+        l_rows = tok if GATHER_L else rows.to(tl.int64)
+        r_rows = tok if GATHER_R else rows.to(tl.int64)
+        lt = _load_rows(l_ptr, L_DESC, r0, pid_m * BM, l_rows, stride_l, pc, rmask, P)  # [BK, BM]
+        rt = _load_rows(r_ptr, R_DESC, r0, pid_n * BN, r_rows, stride_r, qc, rmask, Q)  # [BK, BN]
         acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PREC)
     out = out_ptr + e.to(tl.int64) * P * Q
     tl.store(out + pc[:, None].to(tl.int64) * Q + qc[None, :], acc.to(out_ptr.dtype.element_ty),
