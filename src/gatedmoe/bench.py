@@ -63,6 +63,9 @@ def machine_info(device: torch.device) -> dict:
             import triton
 
             info["triton"] = triton.__version__
+            from gatedmoe.dispatch.triton import fp32_scatter
+
+            info["triton_fp32_scatter"] = fp32_scatter()
         except ImportError:
             info["triton"] = None
     return info

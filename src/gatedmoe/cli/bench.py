@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp32-matmul", choices=["highest", "high", "medium"], default=None,
                    help="torch.set_float32_matmul_precision for the run: the routers compute in float32, and "
                         "'high' lets those GEMMs use TF32 tensor cores (matters with --layer)")
+    p.add_argument("--fp32-scatter", action="store_true",
+                   help="triton backend: accumulate the scatter-adds (combine, dL/dx) in float32 instead of the "
+                        "input dtype (gatedmoe.dispatch.triton.set_fp32_scatter)")
     p.add_argument("--layer", action="store_true",
                    help="time the whole MoE layer (top-k softmax gate, routing, aux losses, dispatch) per backend "
                         "instead of dispatch alone")
@@ -61,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.fp32_matmul:
         torch.set_float32_matmul_precision(args.fp32_matmul)
+    if args.fp32_scatter:
+        from gatedmoe.dispatch.triton import set_fp32_scatter
+
+        set_fp32_scatter(True)
     if args.ep:
         return _run_ep(args, device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")

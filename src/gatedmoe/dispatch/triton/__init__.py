@@ -5,6 +5,10 @@ for the SwiGLU derivative and the routing-weight gradient, a GEMM with the scatt
 dL/dx in its epilogue, and grouped GEMMs for the weight gradients (for narrow experts the
 W_out gradient is a Triton kernel reading gy by token, with no gathered copy).
 
+The scatter-adds accumulate in the input dtype (as the grouped backend's ``index_add``
+does); `set_fp32_scatter` makes them accumulate in float32, a little more accurate and
+slower where tokens pick many experts.
+
 Eager calls go through `ops.moe_glu` (an autograd.Function); torch.compile sees the custom
 ops `gatedmoe::moe_glu_forward` / `moe_glu_backward`. The backward frees h as it goes, so a
 second backward through a retained graph raises.
@@ -23,13 +27,19 @@ from torch import Tensor
 
 from gatedmoe.dispatch.grouped import grouped_dispatch
 from gatedmoe.dispatch.triton import interpret_compat
-from gatedmoe.dispatch.triton.ops import moe_glu, moe_glu_forward, tile_schedule
+from gatedmoe.dispatch.triton.ops import (
+    fp32_scatter,
+    moe_glu,
+    moe_glu_forward,
+    set_fp32_scatter,
+    tile_schedule,
+)
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.routing import Routing
 
 interpret_compat.apply()
 
-__all__ = ["triton_dispatch", "moe_glu", "moe_glu_forward", "tile_schedule"]
+__all__ = ["triton_dispatch", "moe_glu", "moe_glu_forward", "tile_schedule", "set_fp32_scatter", "fp32_scatter"]
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()

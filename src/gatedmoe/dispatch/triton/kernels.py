@@ -8,7 +8,8 @@ of one expert) x (column block):
                      (kept for backward) and a = silu(h_gate) * h_up.
 * `gemm_kernel`      C = A[rows] @ B[e], optionally gathering A rows by token, scaling
                      rows by the routing weight, and scatter-adding rows into C[token]
-                     with fp32 atomics (forward combine; input gradient).
+                     with atomics in C's dtype (forward combine; input gradient; float32
+                     or the input dtype, `ops.set_fp32_scatter`).
 * `swiglu_bwd_kernel` elementwise, after ``ga = gy[token] @ W_out[e]`` (a `gemm_kernel`):
                      recomputes a from h, computes dL/dweight = <ga, a> per row, writes
                      dL/dh and weight * a (for the W_out gradient). Fusing it into
