@@ -106,12 +106,11 @@ def glu_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
     E_POW2: tl.constexpr, W_DESC: tl.constexpr, X_DESC: tl.constexpr, STORE_H: tl.constexpr,
 ):
-    """``W_DESC``: ``w_ptr`` is a TMA descriptor over the 2-D view ``[E * 2H, D]`` of W_in
-    (block ``[BN, BK]``); the gate and up tiles are two loads and two products. Without it,
-    B's columns interleave gate and up rows (column 2j is gate j, 2j+1 is up j) so one
-    product fills a ``[BM, 2BN]`` accumulator; with pointer loads that pipelined better than
-    two products. Tiles that run past H read the up half or the next expert: those columns
-    are masked on store.
+    """``W_DESC``: ``w_ptr`` is a TMA descriptor over the 3-D view ``[2E, H, D]`` of W_in
+    (block ``[2, BN, BK]``: the gate rows and the up rows of the same BN columns, and zeros
+    past H). Without it, B's columns interleave gate and up rows (column 2j is gate j, 2j+1
+    is up j) so that one product of pointer loads fills the ``[BM, 2BN]`` accumulator;
+    columns past H are masked.
 
     ``X_DESC``: ``x_ptr`` is a TMA descriptor over rows already gathered into expert order
     (``x[token]``, ``[N, D]``, block ``[BM, BK]``) and ``token_ptr`` is unused; otherwise
@@ -127,14 +126,14 @@ def glu_fwd_kernel(
         x_rows = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     ks = tl.arange(0, BK)
     if W_DESC:
-        w_row = e * (2 * H) + pid_n * BN
-        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        # One load brings the gate and the up block of the same columns; one product fills
+        # the [BM, 2BN] accumulator (two loads and two products measured 2-6% slower).
+        acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
         for k0 in range(0, D, BK):
-            k = k0 + ks
-            a = _load_rows(x_ptr, X_DESC, row0, k0, x_rows, D, k, row_mask, D)
-            acc_g = tl.dot(a, w_ptr.load([w_row, k0]).T, acc_g, input_precision=PREC)
-            acc_u = tl.dot(a, w_ptr.load([w_row + H, k0]).T, acc_u, input_precision=PREC)
+            a = _load_rows(x_ptr, X_DESC, row0, k0, x_rows, D, k0 + ks, row_mask, D)
+            w = tl.reshape(w_ptr.load([2 * e, pid_n * BN, k0]), (2 * BN, BK))
+            acc = tl.dot(a, w.T, acc, input_precision=PREC)
+        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN)), (0, 2, 1)))
     else:
         j2 = tl.arange(0, 2 * BN)
         cols2 = pid_n * BN + j2 // 2

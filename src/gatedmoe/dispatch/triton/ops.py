@@ -176,7 +176,7 @@ def launch_glu_fwd(x, token, w_in, h, a, counts, N: int, D: int, H: int, cfg: Ke
     E = w_in.shape[0]
     w_arg, w_desc = w_in, False
     if cfg.tma and w_in.is_contiguous() and _tma_ok(w_in, D):
-        w_arg, w_desc = TensorDescriptor.from_tensor(w_in.view(E * 2 * H, D), [cfg.BN, cfg.BK]), True
+        w_arg, w_desc = TensorDescriptor.from_tensor(w_in.view(E * 2, H, D), [2, cfg.BN, cfg.BK]), True
     x_arg, x_desc = x, False
     if gathered:
         if not _tma_ok(x, D):
