@@ -281,20 +281,23 @@ def _forward_impl(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, need_h
     T, D, N, H, cfgs = _problem(x, token_N, w_out_EDH)
     h = _alloc(N if need_h else 0, 2 * H, device=x.device, dtype=x.dtype)
     a = _alloc(N, H, device=x.device, dtype=x.dtype)
+    if N == 0:
+        return torch.zeros_like(x), h
+    w_in = w_in_EHD.contiguous()
+    w_out = w_out_EDH.contiguous()
+    prec = _prec(x.dtype)
+    cfg = cfgs["glu_fwd"]
+    if _pregather(cfg, x):
+        launch_glu_fwd(x.index_select(0, token_N), token_N, w_in, h, a, counts_E, N, D, H, cfg, prec,
+                       gathered=True, store_h=need_h)
+    else:
+        launch_glu_fwd(x, token_N, w_in, h, a, counts_E, N, D, H, cfg, prec, store_h=need_h)
+    # Zeroed only now: the GPU runs the first GEMM while the host prepares the rest (at
+    # small sizes the host's time until that launch shows in the step time).
     y = _scatter_buffer(T, D, x)
-    if N:
-        w_in = w_in_EHD.contiguous()
-        w_out = w_out_EDH.contiguous()
-        prec = _prec(x.dtype)
-        cfg = cfgs["glu_fwd"]
-        if _pregather(cfg, x):
-            launch_glu_fwd(x.index_select(0, token_N), token_N, w_in, h, a, counts_E, N, D, H, cfg, prec,
-                           gathered=True, store_h=need_h)
-        else:
-            launch_glu_fwd(x, token_N, w_in, h, a, counts_E, N, D, H, cfg, prec, store_h=need_h)
-        # y[token] += weight * (a @ W_out[e]^T): B[k=h, n=d] = w_out[e, d, h]
-        launch_gemm(a, w_out, (D * H, 1, H), y, token_N, weight_N, counts_E, N, H, D,
-                    gather=False, scale=True, scatter=True, cfg=cfgs["gemm_fwd"], prec=prec)
+    # y[token] += weight * (a @ W_out[e]^T): B[k=h, n=d] = w_out[e, d, h]
+    launch_gemm(a, w_out, (D * H, 1, H), y, token_N, weight_N, counts_E, N, H, D,
+                gather=False, scale=True, scatter=True, cfg=cfgs["gemm_fwd"], prec=prec)
     return y.to(x.dtype), h
 
 
@@ -335,14 +338,11 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
     gy = gy_TD.contiguous()
     x = x_TD.contiguous()
     T, D, N, H, cfgs = _problem(x, token_N, w_out_EDH)
-    gx = _scatter_buffer(T, D, x)
-    gweight = _alloc(N, device=x.device, dtype=torch.float32)
     if N == 0:
-        return gx.to(x.dtype), weight_N.new_zeros(0), torch.zeros_like(w_in_EHD), torch.zeros_like(w_out_EDH)
+        return torch.zeros_like(x), weight_N.new_zeros(0), torch.zeros_like(w_in_EHD), torch.zeros_like(w_out_EDH)
     w_in = w_in_EHD.contiguous()
     w_out = w_out_EDH.contiguous()
     prec = _prec(x.dtype)
-    offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
     gh = _alloc(N, 2 * H, device=x.device, dtype=x.dtype)
     # ga = gy[token] @ W_out[e]: B[k=d, n=h] = w_out[e, d, h]. The W_out gradient needs the
     # gathered gy as well, so a pre-gathered copy serves both.
@@ -351,6 +351,10 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
     gys = gy.index_select(0, token_N) if _pregather(cfg, gy) else None
     launch_gemm(gy if gys is None else gys, w_out, (D * H, H, 1), ga, token_N, weight_N, counts_E, N, D, H,
                 gather=gys is None, scale=False, scatter=False, cfg=cfg, prec=prec)
+    # Allocated after the first launch, as in forward.
+    gx = _scatter_buffer(T, D, x)
+    gweight = _alloc(N, device=x.device, dtype=torch.float32)
+    offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
     # The SwiGLU backward writes weight * a over ga in place (each element is read before it
     # is written, by the same program): one [N, H] buffer fewer at the peak.
     wa = ga
