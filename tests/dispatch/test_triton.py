@@ -226,6 +226,9 @@ def test_eager_path_equals_custom_op():
         results.append([y.detach(), xx.grad, ww.grad, bank.w_in.grad, bank.w_out.grad])
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+    with torch.no_grad():  # no Function at all here
+        y, h = moe_glu(x, r.token, weight, r.counts, bank.w_in, bank.w_out)
+    assert torch.equal(y, results[0][0]) and not y.requires_grad and h.shape[0] == r.token.numel()
 
 
 def test_second_backward_is_refused_not_wrong():
