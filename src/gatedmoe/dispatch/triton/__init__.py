@@ -9,9 +9,10 @@ The scatter-adds accumulate in the input dtype (as the grouped backend's ``index
 does); `set_fp32_scatter` makes them accumulate in float32, a little more accurate and
 slower where tokens pick many experts.
 
-Eager calls go through `ops.moe_glu` (an autograd.Function); torch.compile sees the custom
-ops `gatedmoe::moe_glu_forward` / `moe_glu_backward`. The backward frees h as it goes, so a
-second backward through a retained graph raises.
+Eager calls go through `ops.moe_glu` (an autograd.Function, or the bare forward with
+gradients off); torch.compile sees the custom ops `gatedmoe::moe_glu_forward` /
+`moe_glu_backward`. The backward frees h as it goes, so a second backward through a retained
+graph raises.
 
 Covers SwiGLU experts without biases in bf16/fp16/fp32; anything else falls back to the
 grouped backend (logged once). `gatedmoe.dispatch.reference.reference_dispatch` is its oracle.
