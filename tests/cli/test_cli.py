@@ -20,8 +20,8 @@ def test_no_command_prints_help(capsys):
 
 def test_bench_tiny_cpu(tmp_path, capsys):
     path = tmp_path / "b.json"
-    rc = main(["bench", "--tokens", "64", "--d-model", "16", "--d-hidden", "32", "--experts", "4", "--k", "2",
-               "--reps", "1", "--json", str(path)])
+    rc = main(["bench", "--device", "cpu", "--tokens", "64", "--d-model", "16", "--d-hidden", "32", "--experts", "4",
+               "--k", "2", "--reps", "1", "--json", str(path)])
     assert rc == 0
     rows = json.loads(path.read_text())["rows"]
     assert {r["backend"] for r in rows} == {"reference", "bare_grouped_mm", "grouped"}
@@ -45,7 +45,7 @@ def test_train_tiny(tmp_path, capsys):
 
 def test_bench_ep_two_ranks(tmp_path, capsys):
     path = tmp_path / "ep.json"
-    rc = main(["bench", "--ep", "2", "--tokens", "64", "--d-model", "16", "--d-hidden", "32", "--experts", "4",
+    rc = main(["bench", "--device", "cpu", "--ep", "2", "--tokens", "64", "--d-model", "16", "--d-hidden", "32", "--experts", "4",
                "--k", "2", "--steps", "2", "--json", str(path)])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -104,7 +104,7 @@ def test_train_csv_trains_tabular_moe(tmp_path, capsys):
 
 def test_bench_layer_tiny_cpu(tmp_path):
     path = tmp_path / "l.json"
-    rc = main(["bench", "--layer", "--tokens", "32", "--d-model", "16", "--d-hidden", "16", "--experts", "4",
+    rc = main(["bench", "--device", "cpu", "--layer", "--tokens", "32", "--d-model", "16", "--d-hidden", "16", "--experts", "4",
                "--reps", "1", "--backend", "grouped", "--json", str(path)])
     assert rc == 0
     rows = json.loads(path.read_text())["rows"]
