@@ -210,13 +210,9 @@ def test_patch_model_same_logits_loss_gradients_and_router_logits(family):
     ref_out = ref(ids, labels=ids, output_router_logits=True)
     fast_out = fast(ids, labels=ids, output_router_logits=True)
     assert_close("logits", ref_out.logits, fast_out.logits)
-    ref_rl, fast_rl = getattr(ref_out, "router_logits", None), getattr(fast_out, "router_logits", None)
-    if ref_rl is None:  # some transformers releases return no router logits for DeepSeek-V3: nor may we
-        assert fast_rl is None
-    else:
-        assert len(ref_rl) == len(fast_rl) == len(layers)
-        for a, b in zip(ref_rl, fast_rl, strict=True):
-            assert_close("router_logits", a, b)
+    assert len(ref_out.router_logits) == len(fast_out.router_logits) == len(layers)
+    for a, b in zip(ref_out.router_logits, fast_out.router_logits, strict=True):
+        assert_close("router_logits", a, b)
     if ref_out.aux_loss is None:  # DeepSeek-V3 balances by its bias, without an auxiliary loss
         assert fast_out.aux_loss is None
     else:
