@@ -116,6 +116,22 @@ def test_fp32_scatter_is_more_accurate(monkeypatch):
     assert errors[True] < errors[False] * 0.9, errors
 
 
+@pytest.mark.skipif(not CUDA, reason="the per-expert weight gradients are the CUDA bf16 path")
+@pytest.mark.parametrize("T,D,H,E,K,mode", [(1000, 264, 328, 8, 2, "random"), (517, 128, 96, 16, 6, "skip_experts"),
+                                             (63, 24, 40, 5, 2, "one_expert")])
+def test_per_expert_weight_gradients_match_reference(monkeypatch, T, D, H, E, K, mode):
+    # Forced on at these sizes (normally only for experts of >= 2048 rows): one cuBLAS
+    # product per expert, empty experts included, counts copied to the host asynchronously.
+    from gatedmoe.dispatch.triton import ops
+
+    monkeypatch.setattr(ops, "PER_EXPERT_MIN_ROWS", 1)
+    seen = []
+    wgrad = ops._wgrad
+    monkeypatch.setattr(ops, "_wgrad", lambda *a: seen.append(a[4]) or wgrad(*a))
+    test_triton_matches_reference(T, D, H, E, K, mode, torch.bfloat16)
+    assert seen and all(c is not None and len(c) == E and sum(c) == T * K for c in seen)
+
+
 def test_scatter_buffer_follows_the_switch(monkeypatch):
     from gatedmoe.dispatch.triton import fp32_scatter, ops, set_fp32_scatter
 
