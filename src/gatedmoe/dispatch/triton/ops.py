@@ -344,12 +344,12 @@ def _counts_on_host(counts_E: Tensor, N: int, dtype: torch.dtype) -> Callable[[]
     return wait
 
 
-def _wgrad(lhs_NP: Tensor, rhs_NQ: Tensor, counts_E: Tensor, offs_E: Tensor,
+def _wgrad(lhs_NP: Tensor, rhs_NQ: Tensor, counts_E: Tensor, offs_E: Tensor | None,
            host_counts: list[int] | None = None) -> Tensor:
     """``out[e] = lhs[rows_e]^T @ rhs[rows_e]``, ``[E, P, Q]`` (fp32 accumulate); ``offs_E``
-    are the int32 end offsets of the experts' rows. On CUDA bf16 one grouped GEMM, or with
-    ``host_counts`` (the counts as a host list) one product per expert; elsewhere a
-    per-expert loop in float32."""
+    are the int32 end offsets of the experts' rows (only the grouped GEMM reads them). On
+    CUDA bf16 one grouped GEMM, or with ``host_counts`` (the counts as a host list) one
+    product per expert; elsewhere a per-expert loop in float32."""
     E = counts_E.numel()
     cuda_bf16 = lhs_NP.is_cuda and lhs_NP.dtype == torch.bfloat16
     if cuda_bf16 and host_counts is None and hasattr(torch, "_grouped_mm"):
@@ -400,7 +400,6 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
     # Allocated after the first launch, as in forward.
     gx = _scatter_buffer(T, D, x)
     gweight = _alloc(N, device=x.device, dtype=torch.float32)
-    offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
     # The SwiGLU backward writes weight * a over ga in place (each element is read before it
     # is written, by the same program): one [N, H] buffer fewer at the peak.
     wa = ga
@@ -413,6 +412,7 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
     # used: the peak then holds gh [N, 2H] and grad_w_in, never both with grad_w_out.
     xs = x.index_select(0, token_N)
     counts_list = host_counts() if host_counts is not None else None
+    offs = torch.cumsum(counts_E, 0, dtype=torch.int32) if counts_list is None else None
     grad_w_in = _wgrad(gh, xs, counts_E, offs, counts_list)  # [E, 2H, D]
     del xs, gh
     if gys is None:
