@@ -1,7 +1,9 @@
 """Dispatch: execute a `Routing` over an `ExpertBank`.
 
-Backends share one signature ``fn(x_TD, routing, experts) -> y_TD``. Users choose by
-name ("grouped", "auto"); `reference.reference_dispatch` is the test oracle, not a backend.
+Backends share one signature ``fn(x_TD, routing, experts, options=None) -> y_TD``, where
+``options`` is the backend's options value (`gatedmoe.dispatch.options.TritonOptions` for
+"triton"; the grouped backend takes none). Users choose by name ("grouped", "triton",
+"auto"); `reference.reference_dispatch` is the test oracle, not a backend.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import torch
 from torch import Tensor
 
 from gatedmoe.dispatch.grouped import grouped_dispatch, grouped_mm
+from gatedmoe.dispatch.options import TritonOptions
 from gatedmoe.dispatch.reference import reference_dispatch, reference_moe
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.routing import Routing
 
 __all__ = [
     "DispatchFn",
+    "TritonOptions",
     "backend_names",
     "get_backend",
     "grouped_dispatch",
@@ -28,19 +32,26 @@ __all__ = [
     "reference_moe",
 ]
 
-DispatchFn = Callable[[Tensor, Routing, ExpertBank], Tensor]
+DispatchFn = Callable[..., Tensor]
 log = logging.getLogger(__name__)
 
 
 
-def _triton_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
+def _grouped_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, options: object = None) -> Tensor:
+    # Options of another backend reach here when "auto" falls back to grouped: nothing to apply.
+    return grouped_dispatch(x_TD, routing, experts)
+
+
+def _triton_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, options: TritonOptions | None = None) -> Tensor:
     # Imported on first use: importing Triton costs time and is only useful on CUDA.
     from gatedmoe.dispatch.triton import triton_dispatch
 
-    return triton_dispatch(x_TD, routing, experts)
+    if options is None:
+        return triton_dispatch(x_TD, routing, experts)
+    return triton_dispatch(x_TD, routing, experts, options=options)
 
 
-_BACKENDS: dict[str, DispatchFn] = {"grouped": grouped_dispatch}
+_BACKENDS: dict[str, DispatchFn] = {"grouped": _grouped_dispatch}
 if importlib.util.find_spec("triton") is not None:
     _BACKENDS["triton"] = _triton_dispatch
 
