@@ -37,11 +37,6 @@ log = logging.getLogger(__name__)
 
 
 
-def _grouped_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, options: object = None) -> Tensor:
-    # Options of another backend reach here when "auto" falls back to grouped: nothing to apply.
-    return grouped_dispatch(x_TD, routing, experts)
-
-
 def _triton_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, options: TritonOptions | None = None) -> Tensor:
     # Imported on first use: importing Triton costs time and is only useful on CUDA.
     from gatedmoe.dispatch.triton import triton_dispatch
@@ -51,7 +46,7 @@ def _triton_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, option
     return triton_dispatch(x_TD, routing, experts, options=options)
 
 
-_BACKENDS: dict[str, DispatchFn] = {"grouped": _grouped_dispatch}
+_BACKENDS: dict[str, DispatchFn] = {"grouped": grouped_dispatch}
 if importlib.util.find_spec("triton") is not None:
     _BACKENDS["triton"] = _triton_dispatch
 

@@ -69,11 +69,13 @@ def grouped_mm(a_ND: Tensor, b_EKM: Tensor, offsets_E: Tensor) -> Tensor:
     return torch.cat(pieces, 0)
 
 
-def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
+def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, options: object = None) -> Tensor:
     """Execute ``routing`` over ``experts`` with grouped GEMMs; same contract as
     `gatedmoe.dispatch.reference.reference_dispatch`.
 
     Output dtype is ``x_TD.dtype``; expert weights are cast to it if they differ.
+    ``options`` is accepted for the shared backend signature and unused: options of another
+    backend reach here when ``backend="auto"`` falls back to grouped.
     """
     dtype = x_TD.dtype
     offsets_E = routing.offsets
