@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from gatedmoe.bench import SHAPES, balanced_routing
 from gatedmoe.dispatch import get_backend
 from gatedmoe.experts import ExpertBank
-from gatedmoe.layer import MoE
+from gatedmoe.layers.moe import MoE
 
 
 def main() -> None:

@@ -6,12 +6,47 @@ Start with `gatedmoe.dispatch.reference` for the whole layer in plain PyTorch.
 >>> moe = gatedmoe.MoE(d_model=32, n_experts=8, d_hidden=64, k=2)
 >>> y = moe(torch.randn(4, 10, 32))
 >>> loss = y.pow(2).mean() + gatedmoe.aux_loss(moe)
+
+The top-level names load on first use (PEP 562), so ``import gatedmoe.stats`` does not
+pay for the deep-learning layer it does not use.
 """
 
-from gatedmoe.experts import ExpertBank
-from gatedmoe.layer import MoE, SharedExperts, aux_loss
-from gatedmoe.routing import Routing
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["MoE", "Routing", "ExpertBank", "SharedExperts", "aux_loss", "__version__"]
+# name -> module that defines it
+_LAZY = {
+    "MoE": "gatedmoe.layers.moe",
+    "MoEConfig": "gatedmoe.layers.config",
+    "SharedExperts": "gatedmoe.layers.moe",
+    "aux_loss": "gatedmoe.layers.moe",
+    "ExpertBank": "gatedmoe.experts.bank",
+    "Routing": "gatedmoe.routing",
+    "TritonOptions": "gatedmoe.dispatch.options",
+}
+
+__all__ = [*_LAZY, "__version__"]
+
+if TYPE_CHECKING:
+    from gatedmoe.dispatch.options import TritonOptions
+    from gatedmoe.experts.bank import ExpertBank
+    from gatedmoe.layers.config import MoEConfig
+    from gatedmoe.layers.moe import MoE, SharedExperts, aux_loss
+    from gatedmoe.routing import Routing
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gatedmoe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -245,7 +245,7 @@ def bench_layer(
     FLOPs count the expert GEMMs of the assignments the gate made, as in `bench_dispatch`,
     so the gap to the dispatch-only rows is what routing costs.
     """
-    from gatedmoe.layer import MoE
+    from gatedmoe.layers.moe import MoE
 
     device = torch.device(device)
     T, D, H, E, K = shape.tokens, shape.d_model, shape.d_hidden, shape.n_experts, shape.k

@@ -36,6 +36,10 @@ class Case:
     seed: int = 0
 
     @property
+    def uses_token_ids(self) -> bool:
+        return self.moe_kwargs.get("gate") == "hash"
+
+    @property
     def capacity(self) -> bool:
         return self.moe_kwargs.get("capacity_factor") is not None
 
@@ -52,6 +56,8 @@ CASES = {
             {"k": 1, "gate": "sigmoid", "n_shared_experts": 1, "gate_kwargs": {"bias_update_rate": 0.01}},
             seed=4,
         ),
+        # Routes by token id: the layer must hand token_ids to the gate under expert parallelism.
+        Case("hash", (6, 3, 9, 4), {"gate": "hash", "gate_kwargs": {"vocab_size": 50}}, seed=6),
         Case(
             "k3_gelu_bias_float64",
             (4, 6, 1, 7),
@@ -88,6 +94,12 @@ def make_inputs(case: Case, world_size: int) -> tuple[list[torch.Tensor], list[t
     return xs, grads
 
 
+def make_token_ids(case: Case, world_size: int) -> list[torch.Tensor | None]:
+    """Vocabulary ids ``[T_r]`` of every rank's tokens (None for gates that ignore them)."""
+    g = torch.Generator().manual_seed(2000 + case.seed)
+    return [torch.randint(0, 50, (T,), generator=g) if case.uses_token_ids else None for T in case.tokens[:world_size]]
+
+
 def reference(case: Case, world_size: int) -> dict[str, Any]:
     """Single-process results: outputs and input gradients per rank, summed parameter
     gradients, per-rank auxiliary losses and counts, gate buffers after the forward.
@@ -98,12 +110,13 @@ def reference(case: Case, world_size: int) -> dict[str, Any]:
     """
     moe = build_moe(case)
     xs, grads = make_inputs(case, world_size)
+    ids = make_token_ids(case, world_size)
     xs = [x.clone().requires_grad_() for x in xs]
     aux, counts = [], []
     if case.capacity:
         ys = []
-        for x, gr in zip(xs, grads, strict=True):
-            y = moe(x)
+        for x, gr, t in zip(xs, grads, ids, strict=True):
+            y = moe(x, token_ids=t)
             a = aux_loss(moe)
             ((y * gr).sum() + a).backward()
             ys.append(y.detach())
@@ -113,12 +126,12 @@ def reference(case: Case, world_size: int) -> dict[str, Any]:
     else:
         aux_moe = copy.deepcopy(moe).eval()
         aux_total = 0.0
-        for x in xs:
-            routing = aux_moe.route(x)
+        for x, t in zip(xs, ids, strict=True):
+            routing = aux_moe.route(x, t)
             aux.append({k: v.detach() for k, v in aux_moe.aux_losses.items()})
             counts.append(routing.counts)
             aux_total = aux_total + aux_loss(aux_moe)
-        y = moe(torch.cat(xs))
+        y = moe(torch.cat(xs), token_ids=None if ids[0] is None else torch.cat(ids))
         ((y * torch.cat(grads)).sum() + aux_total).backward()
         ys = list(y.detach().split([x.shape[0] for x in xs]))
         aux_params = dict(aux_moe.named_parameters())
@@ -146,7 +159,7 @@ def run_case_on_rank(case: Case, world_size: int, rank: int, input_grad: bool = 
     ep = shard_experts(build_moe(case))
     xs, grads = make_inputs(case, world_size)
     x = xs[rank].clone().requires_grad_(input_grad)
-    y = ep(x)
+    y = ep(x, token_ids=make_token_ids(case, world_size)[rank])
     ((y * grads[rank]).sum() + aux_loss(ep)).backward()
     return {
         "y": y.detach(),

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from gatedmoe.experts.activations import get_activation
+from gatedmoe.experts.activations import Activation, ExpandedGatedActivation, get_activation
 
 __all__ = ["ExpertBank"]
 
@@ -28,8 +28,9 @@ class ExpertBank(nn.Module):
         D, input and output width.
     d_hidden : int
         H, hidden width of each expert.
-    activation : str
-        One of ``gatedmoe.experts.activation_names()`` (default "swiglu"); the
+    activation : str or Activation
+        One of ``gatedmoe.experts.activation_names()`` (default "swiglu"), or a built
+        activation (`Activation`, `ExpandedGatedActivation`); the
         expanded-range family (xsilu, xgelu, xatlu, xswiglu, xgeglu, xatglu) adds one
         trainable ``act.alpha`` shared by the bank's experts.
     bias : bool
@@ -48,14 +49,14 @@ class ExpertBank(nn.Module):
         n_experts: int,
         d_model: int,
         d_hidden: int,
-        activation: str = "swiglu",
+        activation: str | Activation | ExpandedGatedActivation = "swiglu",
         bias: bool = False,
     ) -> None:
         super().__init__()
         for name, v in (("n_experts", n_experts), ("d_model", d_model), ("d_hidden", d_hidden)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.act = get_activation(activation)
+        self.act = get_activation(activation) if isinstance(activation, str) else activation
         self.n_experts, self.d_model, self.d_hidden = n_experts, d_model, d_hidden
         h_in = 2 * d_hidden if self.act.glu else d_hidden
         self.w_in = nn.Parameter(torch.empty(n_experts, h_in, d_model))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gatedmoe.layer import MoE
+from gatedmoe.layers.moe import MoE
 
 __all__ = ["DeepMoE"]
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from gatedmoe.layer import MoE
+from gatedmoe.layers.moe import MoE
 
 __all__ = ["MultiHeadMoE"]
 

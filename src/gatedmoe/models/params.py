@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from gatedmoe.layer import MoE
+from gatedmoe.layers.moe import MoE
 
 __all__ = ["count_params"]
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gatedmoe.layer import MoE
+from gatedmoe.layers.moe import MoE
 from gatedmoe.models.params import count_params
 
 __all__ = ["FeatureEmbedding", "TabularMoE", "TabularMLP"]

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gatedmoe.analysis import RoutingStats
-from gatedmoe.layer import aux_loss
+from gatedmoe.layers.moe import aux_loss
 from gatedmoe.models.text import CharTokenizer, TextBatches
 from gatedmoe.models.transformer import LMConfig, MoETransformerLM
 

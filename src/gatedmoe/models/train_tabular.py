@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gatedmoe.analysis import RoutingStats
-from gatedmoe.layer import MoE, aux_loss
+from gatedmoe.layers.moe import MoE, aux_loss
 
 __all__ = ["train_tabular", "evaluate_tabular"]
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gatedmoe.layer import MoE
+from gatedmoe.layers.moe import MoE
 from gatedmoe.models.params import count_params
 
 __all__ = ["LMConfig", "MoETransformerLM"]

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from gatedmoe.bench import dense_gemm_tflops, machine_info
-from gatedmoe.layer import MoE, aux_loss
+from gatedmoe.layers.moe import MoE, aux_loss
 from gatedmoe.parallel.expert_parallel import shard_experts
 
 __all__ = ["run_ep_bench", "main"]

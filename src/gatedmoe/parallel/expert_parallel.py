@@ -26,6 +26,7 @@ experts, W ranks, N assignments routed from this rank, M assignments received.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 
 from gatedmoe.dispatch import DispatchFn, get_backend
 from gatedmoe.experts.bank import ExpertBank
-from gatedmoe.layer import MoE
+from gatedmoe.layers.moe import MoE
 from gatedmoe.parallel.comm import ExchangeStats, all_gather_counts, all_to_all
 from gatedmoe.routing import Routing
 
@@ -230,23 +231,20 @@ class ExpertParallelMoE(MoE):
         expert_grad_scale: float = 1.0,
         broadcast_replicated: bool = True,
     ) -> ExpertParallelMoE:
-        """The sharded form of ``moe`` (left unchanged): copies of its gate and shared
-        experts, and of this rank's block of its experts."""
+        """The sharded form of ``moe`` (left unchanged): built from its config with copies
+        of its gate and shared experts, and of this rank's block of its experts."""
         if not isinstance(moe, MoE) or isinstance(moe, ExpertParallelMoE):
             raise TypeError(f"moe must be a single-process gatedmoe.MoE, got {type(moe).__name__}")
-        ep = cls.__new__(cls)
-        nn.Module.__init__(ep)
-        for name, value in vars(moe).items():
-            if not name.startswith("_"):
-                setattr(ep, name, value)
-        for name, p in moe._parameters.items():
-            ep.register_parameter(name, None if p is None else nn.Parameter(p.detach().clone(), p.requires_grad))
-        for name, b in moe._buffers.items():
-            ep.register_buffer(name, None if b is None else b.clone())
-        for name, m in moe._modules.items():
-            setattr(ep, name, m if name == "experts" else copy.deepcopy(m))
-        ep.last_routing, ep.aux_losses = None, {}
-        ep._setup_parallel(group, expert_grad_scale, broadcast_replicated)
+        ep = cls.from_config(
+            moe.config,
+            gate=copy.deepcopy(moe.gate),
+            experts=moe.experts,
+            shared=copy.deepcopy(moe.shared),
+            group=group,
+            expert_grad_scale=expert_grad_scale,
+            broadcast_replicated=broadcast_replicated,
+        )
+        ep.train(moe.training)
         return ep
 
     def _setup_parallel(
@@ -307,19 +305,14 @@ class ExpertParallelMoE(MoE):
         """Qualified names of the sharded parameters (for DDP's ignore list and the like)."""
         return [f"experts.{n}" for n, _ in self.experts.named_parameters()]
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [..., D] -> [..., D]``: this rank's tokens in, their outputs out."""
-        self._check(x)
-        x_TD = x.reshape(-1, self.d_model)
-        routing = self.route(x_TD)
-        self.last_routing = routing
-        dispatch = get_backend(self.backend, x.device)
+    def dispatch(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        """This rank's routed rows through the experts of every rank (two all-to-alls)."""
+        backend = get_backend(self.backend, x_TD.device)
         y_TD, self.last_counts = expert_parallel_dispatch(
-            x_TD, routing, self.experts, dispatch, self.group, self.exchange_stats
+            x_TD, routing, self.experts, functools.partial(backend, options=self.backend_options),
+            self.group, self.exchange_stats,
         )
-        if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
-        return y_TD.reshape(x.shape)
+        return y_TD
 
     def rank_load(self) -> Tensor:
         """Assignments each rank's experts received in the last forward, int64 ``[W]``."""

@@ -36,7 +36,7 @@ from gatedmoe.interop.hf.adapter import (
     HFTopKSoftmaxGate,
 )
 from gatedmoe.interop.hf.families import FAMILIES, family_of, meta_copy
-from gatedmoe.layer import MoE
+from gatedmoe.layers.moe import MoE
 
 __all__ = [
     "from_hf",

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from gatedmoe.gates.group_limited import GroupLimitedGate
 from gatedmoe.gates.topk import TopKSoftmaxGate
-from gatedmoe.layer import MoE, SharedExperts
+from gatedmoe.layers.moe import MoE, SharedExperts
 from gatedmoe.routing import Routing
 
 __all__ = ["HFMoEBlock", "HFTopKSoftmaxGate", "HFGroupLimitedGate", "ClampedSwiGLU"]

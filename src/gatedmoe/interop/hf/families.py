@@ -28,7 +28,7 @@ from gatedmoe.interop.hf.adapter import (
     HFTopKSoftmaxGate,
     router_tap,
 )
-from gatedmoe.layer import MoE, SharedExperts
+from gatedmoe.layers.moe import MoE, SharedExperts
 
 __all__ = ["Family", "FAMILIES", "family_of", "meta_copy"]
 

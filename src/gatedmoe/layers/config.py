@@ -1,0 +1,148 @@
+"""`MoEConfig`: the settings of one `gatedmoe.MoE` layer, in one frozen value.
+
+This is the one place that lists the layer's settings; models, layer variants, arena
+presets, the CLI and the Hugging Face converters carry it whole instead of relaying
+arguments one by one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gatedmoe.dispatch.options import TritonOptions
+
+__all__ = ["MoEConfig"]
+
+
+def _positive_int(name: str, v: object) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def _finite_nonneg(name: str, v: object) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite float >= 0, got {v!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """Settings of a sparse MoE layer (`gatedmoe.MoE`); frozen, keyword-only.
+
+    Parameters
+    ----------
+    d_model : int
+        D, width of the input and output.
+    n_experts : int
+        E, number of routed experts.
+    d_hidden : int
+        H, hidden width of each expert.
+    gate : str
+        Registered gate name (see ``gatedmoe.gates.names()``), default "topk_softmax".
+    k : int
+        Experts per token for gates that take k (default 2); dense gates ignore it.
+    activation : str
+        Expert activation (default "swiglu"; see ``gatedmoe.experts.activation_names()``).
+    bias : bool
+        Expert biases (default False).
+    n_shared_experts : int
+        Experts every token also goes through (DeepSeekMoE), default 0.
+    d_shared_hidden : int, optional
+        Hidden width of each shared expert (default ``d_hidden``).
+    capacity_factor : float, optional
+        If set, each expert keeps at most ``ceil(capacity_factor * N / E)`` assignments
+        (N assignments in the batch) and drops the rest (Switch Transformers). None = dropless.
+    capacity_priority : {"position", "score"}
+        Which assignments an over-full expert keeps (see `Routing.drop_over_capacity`).
+    backend : str
+        "auto" (default: Triton on CUDA where available, else grouped) or a name from
+        ``gatedmoe.dispatch.backend_names()``.
+    backend_options : TritonOptions, optional
+        Options value of the Triton backend (scatter precision, kernel configs); None = its
+        defaults. Refused with ``backend="grouped"``, which has none.
+    load_balance_weight, router_z_weight : float
+        Weights of the Switch load-balancing loss (default 0.01) and ST-MoE router z-loss
+        (default 0.001) in ``aux_losses``; 0 turns one off.
+    check_inputs : bool
+        Raise on NaN/inf in the input (costs one device sync per forward; default True).
+    gate_kwargs : mapping
+        Extra keyword arguments for the gate (e.g. ``{"noisy": True}``); treat as read-only.
+    bias_update_rate : float
+        If > 0, attach auxiliary-loss-free bias balancing (Wang et al. 2024) to the gate
+        with this update rate (token-choice gates only). Default 0: off.
+
+    Examples
+    --------
+    >>> from gatedmoe import MoE, MoEConfig
+    >>> cfg = MoEConfig(d_model=16, n_experts=4, d_hidden=32, k=1)
+    >>> moe = MoE.from_config(cfg)
+    >>> moe.config.replace(k=2).k
+    2
+    """
+
+    d_model: int
+    n_experts: int
+    d_hidden: int
+    gate: str = "topk_softmax"
+    k: int = 2
+    activation: str = "swiglu"
+    bias: bool = False
+    n_shared_experts: int = 0
+    d_shared_hidden: int | None = None
+    capacity_factor: float | None = None
+    capacity_priority: str = "position"
+    backend: str = "auto"
+    backend_options: TritonOptions | None = None
+    load_balance_weight: float = 0.01
+    router_z_weight: float = 0.001
+    check_inputs: bool = True
+    gate_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    bias_update_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Imported here: the dispatch registry is cheap, but keep this module import-light.
+        from gatedmoe.dispatch import check_backend_name
+
+        for name in ("d_model", "n_experts", "d_hidden"):
+            _positive_int(name, getattr(self, name))
+        if not isinstance(self.gate, str):
+            raise TypeError(f"gate must be a gate name (str), got {type(self.gate).__name__}")
+        if not isinstance(self.activation, str):
+            raise TypeError(f"activation must be an activation name (str), got {type(self.activation).__name__}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int):
+            raise TypeError(f"k must be an int, got {type(self.k).__name__}")
+        if isinstance(self.n_shared_experts, bool) or not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
+            raise ValueError(f"n_shared_experts must be an int >= 0, got {self.n_shared_experts!r}")
+        if self.d_shared_hidden is not None:
+            _positive_int("d_shared_hidden", self.d_shared_hidden)
+        cf = self.capacity_factor
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not math.isfinite(cf) or not cf > 0):
+            raise ValueError(f"capacity_factor must be > 0 or None, got {cf}")
+        if self.capacity_priority not in ("position", "score"):
+            raise ValueError(f"capacity_priority must be 'position' or 'score', got {self.capacity_priority!r}")
+        check_backend_name(self.backend)
+        if self.backend_options is not None:
+            if not isinstance(self.backend_options, TritonOptions):
+                raise TypeError(f"backend_options must be a TritonOptions or None, got {type(self.backend_options).__name__}")
+            if self.backend == "grouped":
+                raise ValueError("backend_options are options of the 'triton' backend; backend='grouped' takes none")
+        _finite_nonneg("load_balance_weight", self.load_balance_weight)
+        _finite_nonneg("router_z_weight", self.router_z_weight)
+        _finite_nonneg("bias_update_rate", self.bias_update_rate)
+        if not isinstance(self.gate_kwargs, Mapping):
+            raise TypeError(f"gate_kwargs must be a mapping, got {type(self.gate_kwargs).__name__}")
+        # A private copy, so a caller's later edits to its dict cannot change a frozen config.
+        object.__setattr__(self, "gate_kwargs", dict(self.gate_kwargs))
+
+    def replace(self, **changes: Any) -> MoEConfig:
+        """A copy with ``changes`` applied (validated like a new config)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (``gate_kwargs`` copied; ``backend_options`` as is)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["gate_kwargs"] = dict(self.gate_kwargs)
+        return d

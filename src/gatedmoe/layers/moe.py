@@ -1,0 +1,327 @@
+"""`MoE`: gate + expert bank + dispatch (+ shared experts, capacity), and `aux_loss`.
+
+Shape legend: T tokens, D model dim, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gatedmoe import gates as gate_registry
+from gatedmoe.dispatch import get_backend
+from gatedmoe.dispatch.options import TritonOptions
+from gatedmoe.experts.activations import Activation, ExpandedGatedActivation, get_activation
+from gatedmoe.experts.bank import ExpertBank
+from gatedmoe.gates.base import Gate
+from gatedmoe.layers.config import MoEConfig
+from gatedmoe.losses import load_balance_loss, router_z_loss
+from gatedmoe.routing import Routing
+from gatedmoe.transient import TransientState
+
+__all__ = ["MoE", "MoEConfig", "SharedExperts", "aux_loss"]
+
+
+class SharedExperts(nn.Module):
+    """Experts every token goes through (DeepSeekMoE): one dense feed-forward block of
+    hidden width ``n_shared * d_hidden``, which equals n_shared separate experts summed."""
+
+    def __init__(
+        self, d_model: int, d_hidden: int, activation: str | Activation | ExpandedGatedActivation = "swiglu", bias: bool = False
+    ) -> None:
+        super().__init__()
+        self.act = get_activation(activation) if isinstance(activation, str) else activation
+        h_in = 2 * d_hidden if self.act.glu else d_hidden
+        self.w_in = nn.Linear(d_model, h_in, bias=bias)
+        self.w_out = nn.Linear(d_hidden, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_out(self.act(self.w_in(x)))
+
+
+class MoE(TransientState, nn.Module):
+    """Sparse mixture-of-experts feed-forward layer: ``y = sum_e g_e(x) f_e(x) [+ shared(x)]``.
+
+    Two seams a variant overrides (expert parallelism overrides `dispatch` only):
+    ``route(x_TD, token_ids) -> Routing`` (gate, auxiliary losses, capacity) and
+    ``dispatch(x_TD, routing) -> y_TD`` (the routed experts through the chosen backend).
+    ``forward`` checks the input, flattens it, runs both and adds the shared experts.
+
+    Parameters
+    ----------
+    d_model, n_experts, d_hidden : int
+        D, E and H (see `MoEConfig`).
+    gate : str or Gate
+        A registered gate name (``gatedmoe.gates.names()``, default "topk_softmax") or a
+        built `gatedmoe.gates.Gate` with the layer's ``d_model`` and ``n_experts``, used as
+        it is: ``k`` and ``bias_update_rate`` are read off it, ``gate_kwargs`` are recorded in
+        the config as the description of how it was built.
+    activation : str or Activation
+        Expert activation name (default "swiglu"; ``gatedmoe.experts.activation_names()``)
+        or a built activation.
+    experts : ExpertBank, optional
+        A built expert bank to use instead of a fresh one (must match d_model, n_experts,
+        d_hidden, activation and bias).
+    shared : nn.Module, optional
+        Built shared experts (needs ``n_shared_experts > 0``).
+    **other settings
+        ``k``, ``bias``, ``n_shared_experts``, ``d_shared_hidden``, ``capacity_factor``,
+        ``capacity_priority``, ``backend``, ``backend_options``, ``load_balance_weight``,
+        ``router_z_weight``, ``check_inputs``, ``gate_kwargs``, ``bias_update_rate``: as
+        documented in `MoEConfig`, the one list of the layer's settings (``self.config``).
+
+    ``forward(x, token_ids=None)``: ``token_ids`` (int, shape ``x.shape[:-1]``) are passed
+    to gates that route by token id (``gate.uses_token_ids``, e.g. "hash") and ignored
+    by the others.
+
+    After each forward: ``last_routing`` (the executed `Routing`, after capacity) and
+    ``aux_losses`` (dict of weighted loss tensors; sum them with `aux_loss`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> moe = MoE(16, n_experts=4, d_hidden=32, k=2)
+    >>> y = moe(torch.randn(2, 5, 16))
+    >>> y.shape, sorted(moe.aux_losses)
+    (torch.Size([2, 5, 16]), ['load_balance', 'router_z'])
+    >>> same = MoE.from_config(moe.config)  # the same settings, fresh weights
+    """
+
+    _transient = {"last_routing": None, "aux_losses": {}}
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        d_hidden: int,
+        *,
+        gate: str | Gate = "topk_softmax",
+        k: int = 2,
+        activation: str | Activation | ExpandedGatedActivation = "swiglu",
+        bias: bool = False,
+        n_shared_experts: int = 0,
+        d_shared_hidden: int | None = None,
+        capacity_factor: float | None = None,
+        capacity_priority: str = "position",
+        backend: str = "auto",
+        backend_options: TritonOptions | None = None,
+        load_balance_weight: float = 0.01,
+        router_z_weight: float = 0.001,
+        check_inputs: bool = True,
+        gate_kwargs: dict[str, Any] | None = None,
+        bias_update_rate: float = 0.0,
+        experts: ExpertBank | None = None,
+        shared: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        gate_part = gate if isinstance(gate, Gate) else None
+        act_part = None if isinstance(activation, str) else activation
+        if gate_part is not None:
+            gate = getattr(gate_part, "registry_name", type(gate_part).__name__)
+            k = getattr(gate_part, "k", k)
+            balancer = getattr(gate_part, "balancer", None)
+            if balancer is not None and bias_update_rate == 0.0:
+                bias_update_rate = balancer.update_rate
+        elif not isinstance(gate, str):
+            raise TypeError(f"gate must be a gate name or a gatedmoe.gates.Gate, got {type(gate).__name__}")
+        if act_part is not None:
+            if not hasattr(act_part, "glu") or not hasattr(act_part, "name"):
+                raise TypeError(f"activation must be a name or an Activation, got {type(act_part).__name__}")
+            activation = act_part.name
+        config = MoEConfig(
+            d_model=d_model, n_experts=n_experts, d_hidden=d_hidden, gate=gate, k=k, activation=activation,
+            bias=bias, n_shared_experts=n_shared_experts, d_shared_hidden=d_shared_hidden,
+            capacity_factor=capacity_factor, capacity_priority=capacity_priority, backend=backend,
+            backend_options=backend_options, load_balance_weight=load_balance_weight,
+            router_z_weight=router_z_weight, check_inputs=check_inputs, gate_kwargs=gate_kwargs or {},
+            bias_update_rate=bias_update_rate,
+        )
+        self._build(config, gate_part, act_part, experts, shared)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: MoEConfig,
+        *,
+        gate: Gate | None = None,
+        experts: ExpertBank | None = None,
+        shared: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> MoE:
+        """The layer ``config`` describes, with optional built parts (checked against it).
+
+        ``kwargs`` go to the constructor of a subclass (e.g. ``group`` of
+        `gatedmoe.parallel.ExpertParallelMoE`).
+        """
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        settings = config.to_dict()
+        d_model, n_experts, d_hidden = settings.pop("d_model"), settings.pop("n_experts"), settings.pop("d_hidden")
+        if gate is not None:
+            _check_gate_part(config, gate)
+            settings["gate"] = gate
+        return cls(d_model, n_experts, d_hidden, **settings, experts=experts, shared=shared, **kwargs)
+
+    def _build(
+        self,
+        config: MoEConfig,
+        gate_part: Gate | None,
+        act_part: Activation | ExpandedGatedActivation | None,
+        experts: ExpertBank | None,
+        shared: nn.Module | None,
+    ) -> None:
+        self.config = config
+        if gate_part is not None:
+            _check_gate_part(config, gate_part)
+            self.gate = gate_part
+        else:
+            gate_cls = gate_registry.get(config.gate)
+            kw = dict(config.gate_kwargs)
+            if gate_cls.uses_k:
+                kw["k"] = config.k
+            self.gate = gate_cls(d_model=config.d_model, n_experts=config.n_experts, **kw)
+        balancer = getattr(self.gate, "balancer", None)
+        if gate_part is None:
+            if config.bias_update_rate > 0:
+                self.gate.attach_bias_balancer(config.bias_update_rate)
+        elif config.bias_update_rate > 0 and balancer is None:
+            self.gate.attach_bias_balancer(config.bias_update_rate)
+        elif balancer is not None and config.bias_update_rate not in (0.0, balancer.update_rate):
+            raise ValueError(
+                f"bias_update_rate={config.bias_update_rate} differs from the built gate's balancer "
+                f"(update_rate={balancer.update_rate})"
+            )
+        if experts is None:
+            experts = ExpertBank(
+                config.n_experts, config.d_model, config.d_hidden, act_part or config.activation, config.bias
+            )
+        else:
+            _check_experts_part(config, experts)
+        self.experts = experts
+        if shared is None and config.n_shared_experts:
+            shared = SharedExperts(
+                config.d_model, config.n_shared_experts * (config.d_shared_hidden or config.d_hidden),
+                act_part or config.activation, config.bias,
+            )
+        elif shared is not None and not config.n_shared_experts:
+            raise ValueError("shared experts were given but n_shared_experts=0")
+        elif shared is not None and not isinstance(shared, nn.Module):
+            raise TypeError(f"shared must be an nn.Module, got {type(shared).__name__}")
+        self.shared = shared
+        self.last_routing: Routing | None = None
+        self.aux_losses: dict[str, Tensor] = {}
+
+    # Read-only views of the config, for the code and users that read them off the layer.
+    d_model = property(lambda self: self.config.d_model)
+    n_experts = property(lambda self: self.config.n_experts)
+    k = property(lambda self: self.config.k)
+    backend = property(lambda self: self.config.backend)
+    backend_options = property(lambda self: self.config.backend_options)
+    capacity_factor = property(lambda self: self.config.capacity_factor)
+    capacity_priority = property(lambda self: self.config.capacity_priority)
+    load_balance_weight = property(lambda self: float(self.config.load_balance_weight))
+    router_z_weight = property(lambda self: float(self.config.router_z_weight))
+    check_inputs = property(lambda self: bool(self.config.check_inputs))
+
+    def capacity(self, n_assignments: int) -> int:
+        """Slots per expert for a batch of ``n_assignments`` (needs ``capacity_factor``)."""
+        return max(1, math.ceil(self.capacity_factor * n_assignments / self.n_experts))
+
+    def _check(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape [..., d_model={self.d_model}], got {tuple(x.shape)}")
+        if self.check_inputs and not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or inf")
+
+    def route(self, x_TD: Tensor, token_ids: Tensor | None = None) -> Routing:
+        """Gate ``x_TD``, record auxiliary losses, apply capacity; returns the executed routing.
+
+        ``token_ids`` (``[T]`` or any shape with T elements) reach gates that use them.
+        """
+        if self.gate.uses_token_ids:
+            routing = self.gate(x_TD, token_ids=token_ids)
+        else:
+            routing = self.gate(x_TD)
+        losses: dict[str, Tensor] = {}
+        if self.load_balance_weight and routing.probs is not None:
+            losses["load_balance"] = self.load_balance_weight * load_balance_loss(routing)
+        if self.router_z_weight and routing.logits is not None:
+            losses["router_z"] = self.router_z_weight * router_z_loss(routing)
+        losses.update(self.gate.gate_losses)
+        self.aux_losses = losses
+        if self.capacity_factor is not None:
+            routing = routing.drop_over_capacity(self.capacity(routing.n_assignments), self.capacity_priority)
+        return routing
+
+    def dispatch(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        """Run the routed experts on ``x_TD [T, D]`` as ``routing`` says; ``[T, D]``.
+
+        Combines with the routing weights; the shared experts are not included.
+        """
+        backend = get_backend(self.backend, x_TD.device)
+        return backend(x_TD, routing, self.experts, options=self.backend_options)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        """``x [..., D] -> [..., D]``; ``token_ids [...]`` for gates that route by token id."""
+        self._check(x)
+        if token_ids is not None and tuple(token_ids.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"token_ids must have shape x.shape[:-1]={tuple(x.shape[:-1])}, got {tuple(token_ids.shape)}")
+        x_TD = x.reshape(-1, self.d_model)
+        routing = self.route(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        self.last_routing = routing
+        y_TD = self.dispatch(x_TD, routing)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, capacity_factor={self.capacity_factor}"
+
+
+def _check_gate_part(config: MoEConfig, gate: Gate) -> None:
+    if not isinstance(gate, Gate):
+        raise TypeError(f"gate must be a gatedmoe.gates.Gate, got {type(gate).__name__}")
+    for name in ("d_model", "n_experts"):
+        if getattr(gate, name) != getattr(config, name):
+            raise ValueError(f"the built gate has {name}={getattr(gate, name)}, the config {getattr(config, name)}")
+    name = getattr(gate, "registry_name", type(gate).__name__)
+    if name != config.gate:
+        raise ValueError(f"the built gate is {name!r}, the config says gate={config.gate!r}")
+    if hasattr(gate, "k") and gate.k != config.k:
+        raise ValueError(f"the built gate has k={gate.k}, the config k={config.k}")
+
+
+def _check_experts_part(config: MoEConfig, experts: ExpertBank) -> None:
+    if not isinstance(experts, ExpertBank):
+        raise TypeError(f"experts must be a gatedmoe.ExpertBank, got {type(experts).__name__}")
+    ours = (config.n_experts, config.d_model, config.d_hidden, config.activation, config.bias)
+    theirs = (experts.n_experts, experts.d_model, experts.d_hidden, experts.act.name, experts.has_bias)
+    if ours != theirs:
+        raise ValueError(
+            "the built experts (n_experts, d_model, d_hidden, activation, bias) = "
+            f"{theirs} differ from the config's {ours}"
+        )
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Sum of every auxiliary loss left by the last forward of each MoE layer in ``model``.
+
+    Returns a zero scalar when there is none. Add it to the task loss before backward.
+    """
+    total: Tensor | None = None
+    for m in model.modules():
+        losses = getattr(m, "aux_losses", None)
+        if isinstance(losses, dict):
+            for v in losses.values():
+                total = v if total is None else total + v
+    if total is None:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=None if p is None else p.device)
+    return total

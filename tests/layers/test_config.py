@@ -1,0 +1,138 @@
+"""`MoEConfig`, the built-parts constructor and the two seams of `MoE`."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+
+from gatedmoe import MoE, MoEConfig, TritonOptions
+from gatedmoe.experts import ExpertBank
+from gatedmoe.gates import build
+from gatedmoe.routing import Routing
+from helpers import assert_close
+
+
+def test_moe_signature_lists_the_config_fields_with_the_same_defaults():
+    params = inspect.signature(MoE.__init__).parameters
+    fields = {f.name: f for f in dataclasses.fields(MoEConfig)}
+    parts = {"self", "experts", "shared"}
+    assert set(params) - parts == set(fields)
+    for name, f in fields.items():
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            assert params[name].default is inspect.Parameter.empty, name
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if name == "gate_kwargs":
+            assert params[name].default is None and default == {}
+        elif params[name].default is not inspect.Parameter.empty:
+            assert params[name].default == default, name
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("d_model", 0), ("n_experts", -1), ("d_hidden", 2.5), ("load_balance_weight", -1.0),
+        ("load_balance_weight", float("nan")), ("router_z_weight", float("inf")), ("bias_update_rate", -1e-3),
+        ("capacity_factor", 0.0), ("capacity_priority", "random"), ("backend", "cuda"), ("n_shared_experts", -1),
+    ],
+)
+def test_bad_values_name_the_argument(field, value):
+    kw = {"d_model": 8, "n_experts": 4, "d_hidden": 16, field: value}
+    with pytest.raises(ValueError, match=field):
+        MoEConfig(**kw)
+
+
+def test_backend_options_need_a_backend_that_takes_them():
+    with pytest.raises(ValueError, match="backend_options"):
+        MoEConfig(d_model=8, n_experts=4, d_hidden=16, backend="grouped", backend_options=TritonOptions())
+    with pytest.raises(TypeError, match="backend_options"):
+        MoEConfig(d_model=8, n_experts=4, d_hidden=16, backend_options={"fp32_scatter": True})
+
+
+def test_config_is_frozen_and_owns_its_gate_kwargs():
+    kw = {"noisy": True}
+    cfg = MoEConfig(d_model=8, n_experts=4, d_hidden=16, gate_kwargs=kw)
+    kw["noisy"] = False
+    assert cfg.gate_kwargs == {"noisy": True}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.k = 3
+    assert cfg.replace(k=3).k == 3 and cfg.k == 2
+    assert hash(cfg) == hash(cfg.replace())
+
+
+def test_from_config_rebuilds_the_same_layer():
+    torch.manual_seed(0)
+    moe = MoE(8, 4, 16, k=1, n_shared_experts=1, capacity_factor=2.0, gate="sigmoid", bias_update_rate=1e-2)
+    again = MoE.from_config(moe.config, gate=moe.gate, experts=moe.experts, shared=moe.shared)
+    assert again.config == moe.config
+    x = torch.randn(10, 8)
+    assert_close("y", moe(x), again(x))
+
+
+def test_built_parts_are_used_as_they_are():
+    torch.manual_seed(0)
+    gate = build("topk_softmax", d_model=8, n_experts=4, k=3)
+    bank = ExpertBank(4, 8, 16, "gelu")
+    moe = MoE(8, 4, 16, gate=gate, experts=bank, activation="gelu")
+    assert moe.gate is gate and moe.experts is bank
+    assert moe.config.gate == "topk_softmax" and moe.config.k == 3
+    assert moe(torch.randn(5, 8)).shape == (5, 8)
+    assert moe.last_routing.n_assignments == 15
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"experts": ExpertBank(4, 8, 24)}, "built experts"),
+        ({"experts": ExpertBank(4, 8, 16, "gelu")}, "built experts"),
+        ({"gate": build("topk_softmax", d_model=8, n_experts=5, k=2)}, "n_experts"),
+        ({"shared": torch.nn.Linear(8, 8)}, "n_shared_experts"),
+        ({"gate": torch.nn.Linear(8, 4)}, "gate"),
+    ],
+)
+def test_mismatched_parts_are_refused(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        MoE(8, 4, 16, **kwargs)
+
+
+def test_from_config_refuses_a_gate_the_config_does_not_describe():
+    cfg = MoEConfig(d_model=8, n_experts=4, d_hidden=16, gate="sigmoid", k=2)
+    with pytest.raises(ValueError, match="gate"):
+        MoE.from_config(cfg, gate=build("topk_softmax", d_model=8, n_experts=4, k=2))
+    with pytest.raises(TypeError, match="MoEConfig"):
+        MoE.from_config({"d_model": 8})
+
+
+def test_forward_goes_through_the_seams():
+    class Doubled(MoE):
+        def route(self, x_TD, token_ids=None) -> Routing:
+            self.routed = True
+            return super().route(x_TD, token_ids)
+
+        def dispatch(self, x_TD, routing):
+            return 2 * super().dispatch(x_TD, routing)
+
+    torch.manual_seed(0)
+    plain = MoE(8, 4, 16)
+    doubled = Doubled.from_config(plain.config, gate=plain.gate, experts=plain.experts)
+    x = torch.randn(6, 8)
+    assert_close("y", 2 * plain(x), doubled(x))
+    assert doubled.routed
+
+
+def test_backend_options_reach_the_backend(monkeypatch):
+    seen = []
+
+    def spy(x_TD, routing, experts, options=None):
+        seen.append(options)
+        return torch.zeros_like(x_TD)
+
+    import gatedmoe.layers.moe as moe_module
+
+    monkeypatch.setattr(moe_module, "get_backend", lambda name, device: spy)
+    opts = TritonOptions(fp32_scatter=True)
+    MoE(8, 4, 16, backend="auto", backend_options=opts)(torch.randn(3, 8))
+    assert seen == [opts]
