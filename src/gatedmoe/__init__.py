@@ -32,11 +32,13 @@ _LAZY = {
 __all__ = [*_LAZY, "__version__"]
 
 if TYPE_CHECKING:
-    from gatedmoe.dispatch.options import TritonOptions
-    from gatedmoe.experts.bank import ExpertBank
-    from gatedmoe.layers.config import MoEConfig
-    from gatedmoe.layers.moe import MoE, SharedExperts, aux_loss
-    from gatedmoe.routing import Routing
+    from gatedmoe.dispatch.options import TritonOptions as TritonOptions
+    from gatedmoe.experts.bank import ExpertBank as ExpertBank
+    from gatedmoe.layers.config import MoEConfig as MoEConfig
+    from gatedmoe.layers.moe import MoE as MoE
+    from gatedmoe.layers.moe import SharedExperts as SharedExperts
+    from gatedmoe.layers.moe import aux_loss as aux_loss
+    from gatedmoe.routing import Routing as Routing
 
 
 def __getattr__(name: str) -> Any:
