@@ -1,9 +1,11 @@
-"""`gatedmoe bench`: time dispatch backends against the reference and a dense GEMM ceiling."""
+"""`gatedmoe bench`: time dispatch backends against the reference and a dense GEMM ceiling
+(`gatedmoe.bench`); ``--layer`` the whole layer, ``--ep N`` expert parallelism."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -12,6 +14,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``bench`` subcommand to ``sub``."""
     from gatedmoe.bench import SHAPES
 
     p = sub.add_parser("bench", help="benchmark MoE dispatch backends", description=__doc__)
@@ -34,14 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ep", type=int, default=0, metavar="N",
                    help="expert parallelism: spawn N ranks (gloo on CPU, NCCL on CUDA), time an ExpertParallelMoE "
                         "forward+backward, report tokens/s per rank, all-to-all share and load imbalance "
-                        "(--tokens is per rank; default 2048 on CPU)")
+                        "(--tokens is per rank; default 2048 on CPU); under torchrun, runs on its ranks")
     p.add_argument("--steps", type=int, default=10, help="timed steps with --ep")
     p.add_argument("--fp32-matmul", choices=["highest", "high", "medium"], default=None,
                    help="torch.set_float32_matmul_precision for the run: the routers compute in float32, and "
                         "'high' lets those GEMMs use TF32 tensor cores (matters with --layer)")
     p.add_argument("--fp32-scatter", action="store_true",
                    help="triton backend: accumulate the scatter-adds (combine, dL/dx) in float32 instead of the "
-                        "input dtype (gatedmoe.dispatch.triton.set_fp32_scatter)")
+                        "input dtype (TritonOptions(fp32_scatter=True))")
     p.add_argument("--layer", action="store_true",
                    help="time the whole MoE layer (top-k softmax gate, routing, aux losses, dispatch) per backend "
                         "instead of dispatch alone")
@@ -49,9 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the benchmark ``args`` asks for; 0 on success (1 if the EP check fails)."""
     from dataclasses import replace
 
     from gatedmoe.bench import (
+        GPU_SHAPES,
         SHAPES,
         bench_dispatch,
         bench_layer,
@@ -60,21 +65,20 @@ def run(args: argparse.Namespace) -> int:
         machine_info,
     )
     from gatedmoe.dispatch import backend_names
+    from gatedmoe.dispatch.options import TritonOptions
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.fp32_matmul:
         torch.set_float32_matmul_precision(args.fp32_matmul)
-    if args.fp32_scatter:
-        from gatedmoe.dispatch.triton import set_fp32_scatter
-
-        set_fp32_scatter(True)
+    # None, not TritonOptions(): the backend's own defaults unless the flag asks otherwise.
+    options = TritonOptions(fp32_scatter=True) if args.fp32_scatter else None
     if args.ep:
         return _run_ep(args, device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[args.dtype]
     shape_name = args.shape or ("gpu" if device.type == "cuda" else "cpu")
     if shape_name == "gpu":
-        shapes = [SHAPES[n] for n in ("mixtral", "deepseek", "small", "finegrained")]
+        shapes = [SHAPES[n] for n in GPU_SHAPES]
     elif shape_name in SHAPES:
         shapes = [SHAPES[shape_name]]
     else:
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         if b not in known:
             raise SystemExit(f"unknown backend {b!r}; known: {', '.join(known)}")
     reps = args.reps or (20 if device.type == "cuda" else 5)
-    info = machine_info(device)
+    info = machine_info(device, options)
     print("machine:", ", ".join(f"{k}={v}" for k, v in info.items()))
     ceiling = dense_ceiling(device, dtype)
     print(f"dense {args.dtype} GEMM ceiling: {ceiling:.2f} TFLOP/s")
@@ -100,10 +104,11 @@ def run(args: argparse.Namespace) -> int:
         backends = [b for b in backends if b not in ("reference", "bare_grouped_mm")] or ["grouped"]
     for s in shapes:
         if args.layer:
-            rows += bench_layer(s, backends=backends, dtype=dtype, device=device, reps=reps, ceiling=ceiling)
+            rows += bench_layer(s, backends=backends, dtype=dtype, device=device, reps=reps, ceiling=ceiling,
+                                options=options)
         else:
             rows += bench_dispatch(s, backends=backends, dtype=dtype, device=device, routing=args.routing,
-                                   reps=reps, check=not args.no_check, ceiling=ceiling)
+                                   reps=reps, check=not args.no_check, ceiling=ceiling, options=options)
     print(format_rows(rows))
     result = {"machine": info, "ceiling_tflops": ceiling, "rows": rows}
     if device.type == "cuda":
@@ -121,19 +126,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_ep(args: argparse.Namespace, device: torch.device) -> int:
-    from gatedmoe.bench import SHAPES
-    from gatedmoe.parallel.bench import format_report, run_ep_bench
+    from gatedmoe.bench import (
+        SHAPES,
+        format_ep_report,
+        run_ep_bench,
+        run_ep_bench_torchrun,
+        under_torchrun,
+    )
 
     if args.ep < 1:
         raise SystemExit(f"--ep must be >= 1, got {args.ep}")
     preset = SHAPES[args.shape] if args.shape in SHAPES else SHAPES["deepseek" if device.type == "cuda" else "cpu"]
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    r = run_ep_bench(
-        args.ep, tokens_per_rank=args.tokens or preset.tokens, d_model=args.d_model or preset.d_model,
+    kwargs = dict(
+        tokens_per_rank=args.tokens or preset.tokens, d_model=args.d_model or preset.d_model,
         d_hidden=args.d_hidden or preset.d_hidden, n_experts=args.experts or preset.n_experts, k=args.k or preset.k,
-        dtype=DTYPES[dtype], device=device.type, steps=args.steps,
+        dtype=DTYPES[dtype], steps=args.steps,
     )
-    print(format_report(r))
+    if under_torchrun():
+        # Every rank runs the benchmark, on the world torchrun made (--ep is not used); rank 0 reports.
+        r = run_ep_bench_torchrun(device.type, **kwargs)
+        if os.environ["RANK"] != "0":
+            return 0 if r["check_passed"] else 1
+    else:
+        r = run_ep_bench(args.ep, device=device.type, **kwargs)
+    print(format_ep_report(r))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(r, indent=1, default=str))

@@ -15,7 +15,7 @@ from torch import Tensor
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.routing import Routing
 
-__all__ = ["grouped_dispatch", "grouped_mm"]
+__all__ = ["grouped_dispatch", "grouped_mm", "grouped_mm_unsupported"]
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -27,7 +27,7 @@ def _warn_once(reason: str) -> None:
         log.warning("grouped dispatch: %s; falling back to a per-expert matmul loop", reason)
 
 
-def _grouped_mm_unsupported(a_ND: Tensor, b_EKM: Tensor) -> str | None:
+def grouped_mm_unsupported(a_ND: Tensor, b_EKM: Tensor) -> str | None:
     """Why ``torch._grouped_mm`` cannot run on these operands, or None if it can."""
     if not hasattr(torch, "_grouped_mm"):
         return "this torch has no torch._grouped_mm"
@@ -53,7 +53,7 @@ def grouped_mm(a_ND: Tensor, b_EKM: Tensor, offsets_E: Tensor) -> Tensor:
     ``offsets_E`` holds each group's running end (int). Uses ``torch._grouped_mm`` where it
     supports the dtype, device and alignment, else a per-group loop (logged once).
     """
-    reason = _grouped_mm_unsupported(a_ND, b_EKM)
+    reason = grouped_mm_unsupported(a_ND, b_EKM)
     if reason is None:
         return torch._grouped_mm(a_ND, b_EKM, offs=offsets_E.to(torch.int32))
     _warn_once(reason)

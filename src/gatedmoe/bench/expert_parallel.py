@@ -1,21 +1,20 @@
 """Expert-parallel benchmark: forward + backward of an `ExpertParallelMoE` on N ranks.
 
 Launches N processes itself (``run_ep_bench(N, ...)``, gloo on CPU, NCCL on CUDA), or runs
-on the current process group under ``torchrun``. Before timing, every rank checks that
+on the ranks of ``torchrun`` (`run_ep_bench_torchrun`). Before timing, every rank checks that
 its sharded outputs equal the single-process `MoE` on its tokens. Reports tokens/s per
 rank, the share of step time spent in all-to-all, load imbalance across ranks
 (``max / mean - 1`` of the assignments each rank's experts receive), and the experts'
 achieved FLOP/s as a fraction of a dense GEMM of the same width measured in the same run.
 
-    python -m gatedmoe.parallel.bench --ep 2
-    torchrun --nproc_per_node 2 -m gatedmoe.parallel.bench
+    gatedmoe bench --ep 2
+    torchrun --nproc_per_node 2 -m gatedmoe.cli bench --ep 2
 
 Shape legend: T tokens per rank, D model dim, H expert hidden, E experts, K top-k.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -26,11 +25,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gatedmoe.bench import dense_gemm_tflops, machine_info
+from gatedmoe.bench.harness import dense_gemm_tflops, machine_info
 from gatedmoe.layers.moe import MoE, aux_loss
 from gatedmoe.parallel.expert_parallel import shard_experts
 
-__all__ = ["run_ep_bench", "main"]
+__all__ = ["run_ep_bench", "run_ep_bench_torchrun", "under_torchrun"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # Tolerance of the pre-timing check, per dtype (outputs of one rank vs one process).
@@ -230,60 +229,27 @@ def run_ep_bench(
             return json.load(f)
 
 
-def format_report(r: dict[str, Any]) -> str:
-    """A few human-readable lines from a `run_ep_bench` summary."""
-    check = "ok" if r["check_passed"] else "FAILED"
-    return "\n".join([
-        f"machine: {r['machine']}",
-        f"expert parallel: {r['n_ranks']} ranks ({r['backend']}, {r['device']}, {r['dtype']}), "
-        f"T={r['tokens_per_rank']}/rank D={r['d_model']} H={r['d_hidden']} E={r['n_experts']} k={r['k']}",
-        f"check vs one process: {check} (max abs err {r['max_abs_err']:.2e})",
-        f"step (fwd+bwd): {r['step_ms']:.2f} ms  -> {r['tokens_per_s_per_rank']:.0f} tokens/s per rank",
-        f"all-to-all share of step: {100 * r['all_to_all_share']:.1f}% (max over ranks {100 * r['all_to_all_share_max']:.1f}%)",
-        f"load imbalance across ranks (max/mean - 1): {r['load_imbalance']:.3f}; last step per rank {r['rank_load_last']}",
-        f"experts: {r['expert_tflops_per_rank']:.3f} TFLOP/s per rank = "
-        f"{100 * r['fraction_of_ceiling']:.1f}% of dense GEMM ({r['gemm_tflops_ceiling']:.3f} TFLOP/s)",
-    ])
+def under_torchrun() -> bool:
+    """Whether this process is one rank of ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gatedmoe.parallel.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ep", type=int, default=2, help="expert-parallel ranks to spawn (ignored under torchrun)")
-    p.add_argument("--tokens-per-rank", type=int, default=2048)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--d-hidden", type=int, default=512)
-    p.add_argument("--n-experts", type=int, default=8)
-    p.add_argument("-k", type=int, default=2)
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    return p
+def run_ep_bench_torchrun(device: torch.device | str = "cpu", **kwargs: Any) -> dict[str, Any]:
+    """`run_ep_bench` on the ranks of ``torchrun``: initialises the process group (NCCL on
+    ``cuda:LOCAL_RANK``, gloo on CPU), runs, and destroys it; every rank returns the summary.
+    ``kwargs`` are those of `run_ep_bench` after ``n_ranks``.
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: spawn ``--ep`` ranks, or run on the ranks of ``torchrun``."""
-    args = build_parser().parse_args(argv)
-    kwargs = dict(tokens_per_rank=args.tokens_per_rank, d_model=args.d_model, d_hidden=args.d_hidden,
-                  n_experts=args.n_experts, k=args.k, dtype=args.dtype, steps=args.steps)
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if under_torchrun and not dist.is_initialized():
-        device = torch.device(args.device)
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        try:
-            result = run_ep_bench(None, device=device, **kwargs)
-        finally:
-            dist.destroy_process_group()
-        if int(os.environ["RANK"]) != 0:
-            return 0 if result["check_passed"] else 1
-    else:
-        result = run_ep_bench(args.ep, device=args.device, **kwargs)
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
-    return 0 if result["check_passed"] else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    Examples
+    --------
+    >>> # torchrun --nproc_per_node 2 -m gatedmoe.cli bench --ep 2
+    >>> r = run_ep_bench_torchrun("cpu", tokens_per_rank=256)  # doctest: +SKIP
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return run_ep_bench(None, device=device, **kwargs)
+    finally:
+        dist.destroy_process_group()

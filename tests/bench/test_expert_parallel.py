@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from gatedmoe.parallel.bench import format_report, run_ep_bench
+from gatedmoe.bench.expert_parallel import run_ep_bench
+from gatedmoe.bench.report import format_ep_report
 
 
 def test_run_ep_bench_reports():
@@ -16,7 +17,7 @@ def test_run_ep_bench_reports():
     assert r["load_imbalance"] >= 0
     assert sum(r["rank_load_last"]) == 2 * 32 * 2
     assert r["tokens_per_s_per_rank"] > 0
-    assert "tokens/s per rank" in format_report(r)
+    assert "tokens/s per rank" in format_ep_report(r)
 
 
 def test_run_ep_bench_rejects_bad_arguments():

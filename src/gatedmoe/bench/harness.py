@@ -1,0 +1,191 @@
+"""What every benchmark shares: shapes, forced-balanced and random routings, the timer
+(CUDA events on GPU, perf_counter on CPU; warm-up, then the median), the machine, and the
+dense GEMM ceiling that throughput is reported against.
+
+Shape legend: T tokens, D model dim, H expert hidden, E experts, K top-k, N = T*K.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from gatedmoe.dispatch.options import TritonOptions
+from gatedmoe.routing import Routing
+
+__all__ = [
+    "BenchShape",
+    "SHAPES",
+    "GPU_SHAPES",
+    "balanced_routing",
+    "random_routing",
+    "time_ms",
+    "dense_gemm_tflops",
+    "dense_ceiling",
+    "machine_info",
+    "result_row",
+]
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """One benchmark shape: ``tokens`` (T), ``d_model`` (D), ``d_hidden`` (H),
+    ``n_experts`` (E) and ``k`` (K, experts per token).
+
+    Examples
+    --------
+    >>> BenchShape(64, 16, 32, 4, 2).label()
+    'T=64 d=16 h=32 E=4 k=2'
+    """
+
+    tokens: int
+    d_model: int
+    d_hidden: int
+    n_experts: int
+    k: int
+
+    def label(self) -> str:
+        """``"T=.. d=.. h=.. E=.. k=.."``, the row label of the tables."""
+        return f"T={self.tokens} d={self.d_model} h={self.d_hidden} E={self.n_experts} k={self.k}"
+
+
+# The GPU shapes of the foundation issue (Mixtral-like, DeepSeekMoE-like, small, fine-grained),
+# and a CPU-sized default.
+SHAPES: dict[str, BenchShape] = {
+    "mixtral": BenchShape(8192, 4096, 14336, 8, 2),
+    "deepseek": BenchShape(16384, 2048, 1408, 64, 6),
+    "small": BenchShape(8192, 1024, 4096, 16, 2),
+    "finegrained": BenchShape(16384, 2048, 512, 256, 8),
+    "cpu": BenchShape(2048, 256, 512, 8, 2),
+}
+# What `gatedmoe bench --shape gpu` runs, in table order.
+GPU_SHAPES: tuple[str, ...] = ("mixtral", "deepseek", "small", "finegrained")
+
+
+def machine_info(device: torch.device, options: TritonOptions | None = None) -> dict:
+    """The machine a benchmark ran on, as a flat dict: torch, python, CPU and threads; on
+    CUDA also the GPU, CUDA version, float32 matmul precision, Triton version and
+    ``triton_fp32_scatter`` (from ``options``, default `TritonOptions()`).
+
+    Examples
+    --------
+    >>> sorted(machine_info(torch.device("cpu")))[:3]
+    ['cores', 'cpu', 'cpu_threads']
+    """
+    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
+    info["cpu_threads"] = torch.get_num_threads()
+    info["cores"] = os.cpu_count()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["fp32_matmul"] = torch.get_float32_matmul_precision()  # "high": TF32 for float32 GEMMs
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+            info["triton_fp32_scatter"] = (options or TritonOptions()).fp32_scatter
+        except ImportError:
+            info["triton"] = None
+    return info
+
+
+def balanced_routing(T: int, E: int, K: int, device: torch.device, generator: torch.Generator | None = None) -> Routing:
+    """Forced-balanced routing: each token takes K distinct consecutive experts (mod E) from a
+    uniformly random start, so every expert expects ``T*K/E`` assignments (within sampling
+    noise: the starts are random, so the counts are not exactly equal); weights random
+    positive, summing to 1 per token.
+
+    Examples
+    --------
+    >>> balanced_routing(8, 4, 2, torch.device("cpu")).n_assignments
+    16
+    """
+    if K > E:
+        raise ValueError(f"k={K} > n_experts={E}")
+    base = (torch.arange(T * K, device=device) % E).view(T, K)
+    # Rotate each token's experts so the K picks are distinct and all experts get used.
+    shift = torch.randint(0, E, (T, 1), device=device, generator=generator)
+    experts = (base + shift) % E
+    weights = torch.rand(T, K, device=device, generator=generator) + 0.1
+    return Routing.from_topk(weights / weights.sum(-1, keepdim=True), experts, E)
+
+
+def random_routing(T: int, E: int, K: int, device: torch.device, generator: torch.Generator | None = None) -> Routing:
+    """Routing of a random linear softmax router (unbalanced, as a fresh router is).
+
+    Examples
+    --------
+    >>> random_routing(8, 4, 2, torch.device("cpu")).n_assignments
+    16
+    """
+    logits = torch.randn(T, E, device=device, generator=generator) * 2
+    w, e = torch.topk(torch.softmax(logits, -1), K, -1)
+    return Routing.from_topk(w / w.sum(-1, keepdim=True), e, E)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` calls after ``warmup`` untimed ones.
+
+    On CUDA each call is timed between two CUDA events with a synchronize after it (host
+    launch latency before the first kernel counts); on CPU with ``time.perf_counter``.
+
+    Examples
+    --------
+    >>> time_ms(lambda: None, torch.device("cpu"), warmup=1, reps=3) >= 0
+    True
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def dense_gemm_tflops(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype, warmup: int = 3,
+                      reps: int = 10) -> float:
+    """Measured TFLOP/s of a dense ``[m, k] @ [k, n]`` product on ``device`` (median time)."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device, warmup, reps)
+    return 2 * m * n * k / (ms * 1e-3) / 1e12
+
+
+def dense_ceiling(device: torch.device, dtype: torch.dtype, n: int | None = None, warmup: int = 3, reps: int = 10) -> float:
+    """Dense GEMM TFLOP/s of an ``n x n x n`` product on this device (8192 on GPU, 1024 on CPU).
+
+    Examples
+    --------
+    >>> dense_ceiling(torch.device("cpu"), torch.float32, n=64, warmup=1, reps=2) > 0
+    True
+    """
+    n = n or (8192 if device.type == "cuda" else 1024)
+    return dense_gemm_tflops(n, n, n, device, dtype, warmup, reps)
+
+
+def result_row(shape: BenchShape, backend: str, pass_name: str, dtype: torch.dtype, device: torch.device, routing: str,
+               ms: float, tflops: float, ceiling: float, extra_gb: float) -> dict:
+    """One result row of `bench_dispatch` / `bench_layer` (the keys `format_rows` reads)."""
+    return {
+        "shape": shape.label(), **asdict(shape), "backend": backend, "pass": pass_name,
+        "dtype": str(dtype).removeprefix("torch."), "device": device.type, "routing": routing,
+        "ms": ms, "tokens_per_s": shape.tokens / (ms * 1e-3), "tflops": tflops,
+        "ceiling_tflops": ceiling, "fraction_of_ceiling": tflops / ceiling, "extra_mem_gb": extra_gb,
+    }
