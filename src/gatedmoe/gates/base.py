@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from gatedmoe.gates.balancing import BiasBalancer
+from gatedmoe.gates.router import router_logits
 from gatedmoe.routing import Routing
 from gatedmoe.transient import TransientState
 
@@ -56,8 +57,9 @@ class Gate(TransientState, nn.Module):
         self.balancer: BiasBalancer | None = None
 
     def router_logits(self, x_TD: Tensor) -> Tensor:
-        """``x W^T`` in float32 (the linear router of most gates), ``[T, E]``."""
-        return torch.nn.functional.linear(x_TD.float(), self.weight.float())
+        """``x W^T`` in float32 (the linear router of most gates), ``[T, E]``; 16-bit inputs
+        on CUDA multiply on the tensor cores (see `gatedmoe.gates.router`)."""
+        return router_logits(x_TD, self.weight)
 
     # ------------------------------------------------------------ bias balancing
     def attach_bias_balancer(self, update_rate: float = 1e-3) -> Gate:

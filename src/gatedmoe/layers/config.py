@@ -67,7 +67,9 @@ class MoEConfig:
         Weights of the Switch load-balancing loss (default 0.01) and ST-MoE router z-loss
         (default 0.001) in ``aux_losses``; 0 turns one off.
     check_inputs : bool
-        Raise on NaN/inf in the input (costs one device sync per forward; default True).
+        Fail on NaN/inf in the input (default True): a ValueError on the CPU; on an
+        accelerator a device-side assertion (no host sync: the step fails with a
+        RuntimeError "device-side assert triggered" at the next synchronisation).
     gate_kwargs : mapping
         Extra keyword arguments for the gate (e.g. ``{"noisy": True}``); treat as read-only.
     bias_update_rate : float

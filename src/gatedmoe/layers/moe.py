@@ -237,8 +237,15 @@ class MoE(TransientState, nn.Module):
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape [..., d_model={self.d_model}], got {tuple(x.shape)}")
-        if self.check_inputs and not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains NaN or inf")
+        if not self.check_inputs:
+            return
+        if x.device.type == "cpu":
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("x contains NaN or inf")
+        else:
+            # Reading the flag on the host would stall the stream on every forward (and forbid
+            # CUDA-graph capture); a device-side assertion fails the step without a sync.
+            torch._assert_async(torch.isfinite(x).all(), "gatedmoe.MoE: x contains NaN or inf")
 
     def route(self, x_TD: Tensor, token_ids: Tensor | None = None) -> Routing:
         """Gate ``x_TD``, record auxiliary losses, apply capacity; returns the executed routing.
