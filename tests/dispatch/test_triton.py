@@ -10,6 +10,7 @@ from routings import make_routing
 
 from gatedmoe.dispatch import TritonOptions, get_backend, reference_dispatch
 from gatedmoe.dispatch.triton import config
+from gatedmoe.dispatch.triton.config import KernelConfig
 from gatedmoe.experts import ExpertBank
 from helpers import assert_close, poisoned_empty
 
@@ -77,6 +78,29 @@ def test_triton_matches_reference(T, D, H, E, K, mode, dtype, options=None):
     assert_close("y", ref_y, fast_y, dtype)
     for name in ref_g:
         assert_close(f"grad {name}", ref_g[name], fast_g[name], dtype)
+
+
+@pytest.mark.parametrize("options", [TritonOptions(fp32_scatter=True),
+                                     TritonOptions(configs={"gemm_fwd": KernelConfig(16, 32, 16, 4, 1, group_m=1),
+                                                            "wgrad": KernelConfig(32, 16, 16, 4, 1)})])
+@pytest.mark.parametrize("T,D,H,E,K,mode", [(63, 24, 40, 5, 2, "random"), (33, 16, 24, 6, 3, "skip_experts")])
+def test_triton_with_options_matches_reference(T, D, H, E, K, mode, options):
+    # Options pass through the call (no module-level state): outputs and every gradient.
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    test_triton_matches_reference(T, D, H, E, K, mode, dtype, options)
+
+
+def test_backend_passes_options_through(monkeypatch):
+    from gatedmoe.dispatch.triton import backend
+
+    seen = []
+    monkeypatch.setattr(backend, "moe_glu", lambda *a: seen.append(a[-1]) or (a[0] * 0, None))
+    bank = ExpertBank(3, 16, 16).to(DEVICE)
+    r = make_routing(5, 3, 2, "random", torch.randn(5, 3)).to(DEVICE)
+    options = TritonOptions(fp32_scatter=True)
+    get_backend("triton")(torch.randn(5, 16, device=DEVICE), r, bank, options=options)
+    get_backend("triton")(torch.randn(5, 16, device=DEVICE), r, bank)
+    assert seen == [options, None]
 
 
 @pytest.mark.skipif(not CUDA, reason="the gathered copies are read through TMA (CUDA, 16-bit)")
