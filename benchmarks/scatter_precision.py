@@ -2,7 +2,7 @@
 
     OUT=dir python3 benchmarks/scatter_precision.py [--shapes mixtral,finegrained] [--reps 20] [--rounds 3]
 
-For each GPU shape and each buffer dtype (`set_fp32_scatter`): forward and forward+backward
+For each GPU shape and each buffer dtype (``TritonOptions(fp32_scatter=...)``, passed per call): forward and forward+backward
 time of the triton backend (CUDA events, median, the two modes interleaved over several
 rounds so host drift hits both), and the relative error of y, dL/dx, dL/dweight, dL/dW_in
 and dL/dW_out against a float32 (IEEE) run of the same kernels on the same bf16 values, with
@@ -20,10 +20,24 @@ import statistics
 
 import torch
 
-from gatedmoe.bench import SHAPES, _time, balanced_routing, dense_ceiling, machine_info
-from gatedmoe.dispatch import get_backend
-from gatedmoe.dispatch.triton import ops
+from gatedmoe.bench import SHAPES, balanced_routing, dense_ceiling, machine_info
+from gatedmoe.dispatch import TritonOptions, get_backend
 from gatedmoe.experts import ExpertBank
+
+
+def _time(fn, warmup: int, reps: int) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` calls (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def _grads(fn, x, r, bank, gy):
@@ -63,26 +77,25 @@ def _shape_row(name: str, dev: torch.device, reps: int, rounds: int, ceiling: fl
 
     row = {"error": {"grouped": errors(grouped_fn)}, "ms": {}}
     for mode in (True, False):
-        ops.set_fp32_scatter(mode)
-        row["error"]["fp32" if mode else "bf16"] = errors(triton_fn)
+        options = TritonOptions(fp32_scatter=mode)
+        row["error"]["fp32" if mode else "bf16"] = errors(lambda *a, o=options: triton_fn(*a, options=o))
     xg = x.detach().requires_grad_(True)
 
-    def fwd():
+    def fwd(options):
         with torch.no_grad():
-            triton_fn(x, r, bank)
+            triton_fn(x, r, bank, options=options)
 
-    def fwd_bwd():
+    def fwd_bwd(options):
         bank.zero_grad(set_to_none=True)
-        triton_fn(xg, r, bank).backward(gy)
+        triton_fn(xg, r, bank, options=options).backward(gy)
 
     times = {k: [] for k in ("fp32 fwd", "bf16 fwd", "fp32 fwd+bwd", "bf16 fwd+bwd")}
     for _ in range(rounds):
         for mode in (True, False):
-            ops.set_fp32_scatter(mode)
+            options = TritonOptions(fp32_scatter=mode)
             tag = "fp32" if mode else "bf16"
-            times[f"{tag} fwd"].append(_time(fwd, dev, 3, reps))
-            times[f"{tag} fwd+bwd"].append(_time(fwd_bwd, dev, 3, reps))
-    ops.set_fp32_scatter(False)
+            times[f"{tag} fwd"].append(_time(lambda o=options: fwd(o), 3, reps))
+            times[f"{tag} fwd+bwd"].append(_time(lambda o=options: fwd_bwd(o), 3, reps))
     for k, v in times.items():
         ms = statistics.median(v)
         mult = 1 if k.endswith("fwd") else 3

@@ -1,10 +1,13 @@
 """Measure each Triton kernel of the fused backend under several tile configs, beside the
 torch._grouped_mm product doing the same GEMM, on the four GPU shapes; then time the whole
-backend end to end with the best configs. One GPU call:
+backend end to end with the best configs (passed as ``TritonOptions(configs=...)``) beside
+the measured ones of `gatedmoe.dispatch.triton.config`. One GPU call:
 
     OUT=dir python3 benchmarks/triton_tune.py
 
-Writes $OUT/triton_tune.json (every timing, the best config per kernel and shape).
+Writes $OUT/triton_tune.json (every timing, the best config per kernel and shape) and
+prints the best configs; it never changes the tables: copy numbers that hold up into
+`config.py` by hand, with where they were measured.
 """
 
 from __future__ import annotations
@@ -16,14 +19,11 @@ import sys
 import torch
 from triton.testing import do_bench
 
-from gatedmoe.bench import SHAPES, balanced_routing, bench_dispatch, dense_ceiling, format_rows
-from gatedmoe.dispatch.triton import ops
-from gatedmoe.dispatch.triton.ops import (
-    KernelConfig,
-    launch_gemm,
-    launch_glu_fwd,
-    launch_swiglu_bwd,
-)
+from gatedmoe.bench import SHAPES, balanced_routing, dense_ceiling
+from gatedmoe.dispatch import TritonOptions
+from gatedmoe.dispatch.triton import triton_dispatch
+from gatedmoe.dispatch.triton.config import KernelConfig
+from gatedmoe.dispatch.triton.launchers import launch_gemm, launch_glu_fwd, launch_swiglu_bwd
 from gatedmoe.experts import ExpertBank
 
 # (BM, BN, BK, warps, stages, group_m, tma, pregather)
@@ -122,11 +122,29 @@ def tune_shape(name: str, ceiling: float) -> dict:
         print(f"{name:12s} {key:9s} best {c} {ms:.3f} ms {flops[key] / ms / 1e9:.0f} TFLOP/s | grouped_mm {peer:.3f} ms",
               flush=True)
     print(f"{name:12s} peers: " + ", ".join(f"{k} {v:.3f}" for k, v in row["peers_ms"].items()), flush=True)
-    ops.CONFIGS_BF16.update(best)
-    rows = bench_dispatch(s, backends=["grouped", "triton"], dtype=dtype, device=dev, reps=20, ceiling=ceiling)
-    print(format_rows(rows), flush=True)
-    row["end_to_end"] = rows
+    print(f"{name:12s} best: TritonOptions(configs={best!r})", flush=True)
+    row["end_to_end"] = _end_to_end(x, gy, r, bank, best, 6 * N * D * H, ceiling)
     return row
+
+
+def _end_to_end(x, gy, r, bank, best: dict[str, KernelConfig], fwd_flops: int, ceiling: float) -> dict:
+    """Forward and forward+backward of the backend, measured configs vs ``best``."""
+    xg = x.detach().requires_grad_(True)
+    out = {}
+    for tag, options in (("measured", TritonOptions()), ("tuned", TritonOptions(configs=best))):
+        def fwd(options=options):
+            with torch.no_grad():
+                triton_dispatch(x, r, bank, options=options)
+
+        def fwd_bwd(options=options):
+            bank.zero_grad(set_to_none=True)
+            triton_dispatch(xg, r, bank, options=options).backward(gy)
+
+        for pass_name, fn, flops in (("fwd", fwd, fwd_flops), ("fwd+bwd", fwd_bwd, 3 * fwd_flops)):
+            ms = do_bench(fn, warmup=5, rep=100, return_mode="median")
+            out[f"{tag} {pass_name}"] = {"ms": ms, "fraction": flops / ms / 1e9 / ceiling}
+            print(f"  {tag:8s} {pass_name:8s} {ms:.3f} ms {flops / ms / 1e9 / ceiling:.1%} of ceiling", flush=True)
+    return out
 
 
 def main() -> None:

@@ -8,13 +8,21 @@ import pytest
 import torch
 from routings import make_routing
 
-from gatedmoe.dispatch import get_backend, reference_dispatch
+from gatedmoe.dispatch import TritonOptions, get_backend, reference_dispatch
+from gatedmoe.dispatch.triton import config
+from gatedmoe.dispatch.triton.config import KernelConfig
 from gatedmoe.experts import ExpertBank
 from helpers import assert_close, poisoned_empty
 
 pytest.importorskip("triton")
-from gatedmoe.dispatch.triton import moe_glu, moe_glu_forward, tile_schedule, triton_dispatch  # noqa: E402
-from gatedmoe.dispatch.triton.ops import device_tile_schedule  # noqa: E402
+from gatedmoe.dispatch.triton import (  # noqa: E402
+    launchers,
+    moe_glu,
+    moe_glu_forward,
+    tile_schedule,
+    triton_dispatch,
+)
+from gatedmoe.dispatch.triton.launchers import device_tile_schedule  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -22,9 +30,7 @@ CUDA = torch.cuda.is_available()
 @pytest.fixture(autouse=True)
 def _poison_kernel_buffers(monkeypatch):
     """Every buffer a kernel must fill starts as NaN, so an unwritten element fails loudly."""
-    from gatedmoe.dispatch.triton import ops
-
-    monkeypatch.setattr(ops, "_alloc", lambda *shape, device, dtype: poisoned_empty(*shape, dtype=dtype, device=device))
+    monkeypatch.setattr(launchers, "alloc", lambda *shape, device, dtype: poisoned_empty(*shape, dtype=dtype, device=device))
 
 DEVICE = "cuda" if CUDA else "cpu"
 # (T, D, H, E, K, mode): T=1, T=63, widths that are not powers of two, empty experts,
@@ -54,7 +60,7 @@ def _grads(fn, x, logits, T, E, K, mode, bank, gy):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,D,H,E,K,mode", CASES)
-def test_triton_matches_reference(T, D, H, E, K, mode, dtype):
+def test_triton_matches_reference(T, D, H, E, K, mode, dtype, options=None):
     torch.set_default_device(DEVICE)
     try:
         bank = ExpertBank(E, D, H).to(dtype)
@@ -62,7 +68,11 @@ def test_triton_matches_reference(T, D, H, E, K, mode, dtype):
         logits = torch.randn(T, E)
         gy = torch.randn(T, D, dtype=dtype)
         ref_y, ref_g = _grads(reference_dispatch, x, logits, T, E, K, mode, bank, gy)
-        fast_y, fast_g = _grads(triton_dispatch, x, logits, T, E, K, mode, bank, gy)
+
+        def fast_fn(x, routing, bank):
+            return triton_dispatch(x, routing, bank, options=options)
+
+        fast_y, fast_g = _grads(fast_fn, x, logits, T, E, K, mode, bank, gy)
     finally:
         torch.set_default_device("cpu")
     assert_close("y", ref_y, fast_y, dtype)
@@ -70,37 +80,52 @@ def test_triton_matches_reference(T, D, H, E, K, mode, dtype):
         assert_close(f"grad {name}", ref_g[name], fast_g[name], dtype)
 
 
+@pytest.mark.parametrize("options", [TritonOptions(fp32_scatter=True),
+                                     TritonOptions(configs={"gemm_fwd": KernelConfig(16, 32, 16, 4, 1, group_m=1),
+                                                            "wgrad": KernelConfig(32, 16, 16, 4, 1)})])
+@pytest.mark.parametrize("T,D,H,E,K,mode", [(63, 24, 40, 5, 2, "random"), (33, 16, 24, 6, 3, "skip_experts")])
+def test_triton_with_options_matches_reference(T, D, H, E, K, mode, options):
+    # Options pass through the call (no module-level state): outputs and every gradient.
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    test_triton_matches_reference(T, D, H, E, K, mode, dtype, options)
+
+
+def test_backend_passes_options_through(monkeypatch):
+    from gatedmoe.dispatch.triton import backend
+
+    seen = []
+    monkeypatch.setattr(backend, "moe_glu", lambda *a: seen.append(a[-1]) or (a[0] * 0, None))
+    bank = ExpertBank(3, 16, 16).to(DEVICE)
+    r = make_routing(5, 3, 2, "random", torch.randn(5, 3)).to(DEVICE)
+    options = TritonOptions(fp32_scatter=True)
+    get_backend("triton")(torch.randn(5, 16, device=DEVICE), r, bank, options=options)
+    get_backend("triton")(torch.randn(5, 16, device=DEVICE), r, bank)
+    assert seen == [options, None]
+
+
 @pytest.mark.skipif(not CUDA, reason="the gathered copies are read through TMA (CUDA, 16-bit)")
 @pytest.mark.parametrize("pregather", [False, True])
 @pytest.mark.parametrize("T,D,H,E,K,mode", [(1000, 264, 328, 8, 2, "random"), (517, 128, 96, 16, 6, "skip_experts"),
                                              (63, 24, 40, 5, 2, "one_expert")])
-def test_gather_modes_match_reference(monkeypatch, T, D, H, E, K, mode, pregather):
+def test_gather_modes_match_reference(T, D, H, E, K, mode, pregather):
     from dataclasses import replace
 
-    from gatedmoe.dispatch.triton import ops
-
-    cfgs = {k: replace(c, pregather=pregather) for k, c in ops.CONFIGS_BF16.items()}
-    monkeypatch.setattr(ops, "CONFIGS_BF16", cfgs)
-    test_triton_matches_reference(T, D, H, E, K, mode, torch.bfloat16)
+    # Given configs are used as they are (no width rule), so both gather modes run here.
+    cfgs = {k: replace(c, pregather=pregather) for k, c in config.CONFIGS_BF16.items()}
+    test_triton_matches_reference(T, D, H, E, K, mode, torch.bfloat16, TritonOptions(configs=cfgs))
 
 
 @pytest.mark.skipif(not CUDA, reason="bf16 atomics: the interpreter runs float32 only")
 @pytest.mark.parametrize("fp32", [False, True])
-def test_scatter_precisions_match_reference(monkeypatch, fp32):
-    from gatedmoe.dispatch.triton import ops
-
-    monkeypatch.setattr(ops, "_FP32_SCATTER", False)
-    ops.set_fp32_scatter(fp32)
-    test_triton_matches_reference(517, 128, 96, 16, 6, "skip_experts", torch.bfloat16)
+def test_scatter_precisions_match_reference(fp32):
+    test_triton_matches_reference(517, 128, 96, 16, 6, "skip_experts", torch.bfloat16,
+                                  TritonOptions(fp32_scatter=fp32))
 
 
 @pytest.mark.skipif(not CUDA, reason="bf16 atomics: the interpreter runs float32 only")
-def test_fp32_scatter_is_more_accurate(monkeypatch):
+def test_fp32_scatter_is_more_accurate():
     # Each token sums k=8 rows: in bf16 every add rounds, in float32 only the final result.
     # Over 2048 x 256 outputs the difference in error is systematic, not luck.
-    from gatedmoe.dispatch.triton import ops
-
-    monkeypatch.setattr(ops, "_FP32_SCATTER", False)
     T, D, H, E, K = 2048, 256, 128, 32, 8
     bank = ExpertBank(E, D, H).to("cuda", torch.bfloat16)
     x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
@@ -111,8 +136,8 @@ def test_fp32_scatter_is_more_accurate(monkeypatch):
         ref = reference_dispatch(x.double(), r, bank64)
         errors = {}
         for fp32 in (False, True):
-            ops.set_fp32_scatter(fp32)
-            errors[fp32] = ((triton_dispatch(x, r, bank).double() - ref).norm() / ref.norm()).item()
+            fast = triton_dispatch(x, r, bank, options=TritonOptions(fp32_scatter=fp32))
+            errors[fp32] = ((fast.double() - ref).norm() / ref.norm()).item()
     assert errors[True] < errors[False] * 0.9, errors
 
 
@@ -122,27 +147,24 @@ def test_fp32_scatter_is_more_accurate(monkeypatch):
 def test_per_expert_weight_gradients_match_reference(monkeypatch, T, D, H, E, K, mode):
     # Forced on at these sizes (normally only for experts of >= 2048 rows): one cuBLAS
     # product per expert, empty experts included, counts copied to the host asynchronously.
-    from gatedmoe.dispatch.triton import ops
-
-    monkeypatch.setattr(ops, "PER_EXPERT_MIN_ROWS", 1)
+    monkeypatch.setattr(config, "PER_EXPERT_MIN_ROWS", 1)
     seen = []
-    wgrad = ops._wgrad
-    monkeypatch.setattr(ops, "_wgrad", lambda *a: seen.append(a[4]) or wgrad(*a))
+    wgrad = launchers.weight_grad
+    monkeypatch.setattr(launchers, "weight_grad", lambda *a: seen.append(a[4]) or wgrad(*a))
     test_triton_matches_reference(T, D, H, E, K, mode, torch.bfloat16)
     assert seen and all(c is not None and len(c) == E and sum(c) == T * K for c in seen)
 
 
-def test_scatter_buffer_follows_the_switch(monkeypatch):
-    from gatedmoe.dispatch.triton import fp32_scatter, ops, set_fp32_scatter
+def test_scatter_buffer_follows_the_option():
+    # The buffer the scatter GEMMs add into: seen as the dtype the kernel's atomics add in.
+    from gatedmoe.dispatch.triton import ops
 
-    monkeypatch.setattr(ops, "_FP32_SCATTER", False)
     bf16 = torch.zeros(1, dtype=torch.bfloat16)
-    assert not fp32_scatter() and ops._scatter_buffer(3, 4, bf16).dtype == torch.bfloat16
-    set_fp32_scatter(True)
-    assert fp32_scatter() and ops._scatter_buffer(3, 4, bf16).dtype == torch.float32
-    assert ops._scatter_buffer(3, 4, bf16).abs().sum() == 0
-    set_fp32_scatter(False)
-    assert ops._scatter_buffer(3, 4, torch.zeros(1)).dtype == torch.float32  # float32 inputs: always
+    assert not TritonOptions().fp32_scatter and ops._scatter_buffer(3, 4, bf16, False).dtype == torch.bfloat16
+    assert TritonOptions(fp32_scatter=True).fp32_scatter
+    assert ops._scatter_buffer(3, 4, bf16, True).dtype == torch.float32
+    assert ops._scatter_buffer(3, 4, bf16, True).abs().sum() == 0
+    assert ops._scatter_buffer(3, 4, torch.zeros(1), False).dtype == torch.float32  # float32 inputs: always
 
 
 def test_tile_schedule_covers_every_row_once():
@@ -181,8 +203,6 @@ def test_wgrad_kernel_matches_per_expert_products(gather_l, gather_r, dtype):
     # Expert sizes that are not multiples of any tile, an empty expert, a single row: the
     # (bf16, CUDA) operand read through TMA runs into the next expert's rows, which the
     # other operand's masked rows must cancel.
-    from gatedmoe.dispatch.triton import ops
-
     torch.manual_seed(0)
     counts = torch.tensor([7, 0, 133, 1, 70], device=DEVICE)
     N, T, P, Q = int(counts.sum()), 51, 24, 40
@@ -190,9 +210,9 @@ def test_wgrad_kernel_matches_per_expert_products(gather_l, gather_r, dtype):
     lhs = torch.randn(T if gather_l else N, P, device=DEVICE, dtype=dtype)
     rhs = torch.randn(T if gather_r else N, Q, device=DEVICE, dtype=dtype)
     out = poisoned_empty(5, P, Q, dtype=dtype, device=DEVICE)
-    cfg = ops.kernel_configs(dtype, torch.device(DEVICE), P)["wgrad"]
-    ops.launch_wgrad(lhs, rhs, out, token, counts, gather_l=gather_l, gather_r=gather_r, cfg=cfg,
-                     prec=ops._prec(dtype))
+    cfg = config.kernel_configs(dtype, torch.device(DEVICE), P)["wgrad"]
+    launchers.launch_wgrad(lhs, rhs, out, token, counts, gather_l=gather_l, gather_r=gather_r, cfg=cfg,
+                           prec=launchers.precision(dtype))
     L = (lhs[token] if gather_l else lhs).float()
     R = (rhs[token] if gather_r else rhs).float()
     start = 0
@@ -268,6 +288,11 @@ def test_opcheck():
         args = (x, r.token, r.weight, r.counts, bank.w_in, bank.w_out, need_h)
         torch.library.opcheck(moe_glu_forward, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    # With the options' values: the scatter precision as a bool, config overrides as ints.
+    cfgs = config.configs_to_ints({"gemm_fwd": config.CONFIG_INTERPRETER, "wgrad": config.CONFIG_INTERPRETER})
+    args = (x, r.token, r.weight, r.counts, bank.w_in, bank.w_out, True, True, cfgs)
+    torch.library.opcheck(moe_glu_forward, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_fallbacks_are_correct():

@@ -41,8 +41,6 @@ def _triton_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, option
     # Imported on first use: importing Triton costs time and is only useful on CUDA.
     from gatedmoe.dispatch.triton import triton_dispatch
 
-    if options is None:
-        return triton_dispatch(x_TD, routing, experts)
     return triton_dispatch(x_TD, routing, experts, options=options)
 
 

@@ -6,8 +6,10 @@ dL/dx in its epilogue, and grouped GEMMs for the weight gradients (for narrow ex
 W_out gradient is a Triton kernel reading gy by token, with no gathered copy).
 
 The scatter-adds accumulate in the input dtype (as the grouped backend's ``index_add``
-does); `set_fp32_scatter` makes them accumulate in float32, a little more accurate and
-slower where tokens pick many experts.
+does); ``TritonOptions(fp32_scatter=True)`` (`gatedmoe.dispatch.options`), passed per layer
+or per call, makes them accumulate in float32, a little more accurate and slower where
+tokens pick many experts. ``TritonOptions(configs=...)`` overrides the measured kernel
+configs.
 
 Eager calls go through `ops.moe_glu` (an autograd.Function, or the bare forward with
 gradients off); torch.compile sees the custom ops `gatedmoe::moe_glu_forward` /
@@ -15,60 +17,41 @@ gradients off); torch.compile sees the custom ops `gatedmoe::moe_glu_forward` /
 graph raises.
 
 Covers SwiGLU experts without biases in bf16/fp16/fp32; anything else falls back to the
-grouped backend (logged once). `gatedmoe.dispatch.reference.reference_dispatch` is its oracle.
+grouped backend (logged once). `gatedmoe.dispatch.reference.reference_dispatch` is its oracle
+for the whole backend, `reference.py` here for each kernel.
+
+Modules: `config` (kernel configs and measured thresholds; imports no Triton), `kernels`
+(the Triton kernels), `launchers` (their host side), `ops` (custom ops, autograd,
+`moe_glu`), `backend` (`triton_dispatch`), `reference` (plain PyTorch per kernel).
+Importing this package imports none of the Triton modules; the names below load them on
+first use.
 """
 
 from __future__ import annotations
 
-import logging
-import os
+import importlib
+from typing import Any
 
-import torch
-from torch import Tensor
+__all__ = ["moe_glu", "moe_glu_backward", "moe_glu_forward", "tile_schedule", "triton_dispatch"]
 
-from gatedmoe.dispatch.grouped import grouped_dispatch
-from gatedmoe.dispatch.triton import interpret_compat
-from gatedmoe.dispatch.triton.ops import (
-    fp32_scatter,
-    moe_glu,
-    moe_glu_forward,
-    set_fp32_scatter,
-    tile_schedule,
-)
-from gatedmoe.experts.bank import ExpertBank
-from gatedmoe.routing import Routing
-
-interpret_compat.apply()
-
-__all__ = ["triton_dispatch", "moe_glu", "moe_glu_forward", "tile_schedule", "set_fp32_scatter", "fp32_scatter"]
-
-log = logging.getLogger(__name__)
-_warned: set[str] = set()
+# Public name -> the module defining it, imported on first access (PEP 562), so that
+# `config` (and `gatedmoe.dispatch.options`, which uses it) never imports Triton.
+_LAZY = {
+    "triton_dispatch": "backend",
+    "moe_glu": "ops",
+    "moe_glu_forward": "ops",
+    "moe_glu_backward": "ops",
+    "tile_schedule": "launchers",
+}
 
 
-def _unsupported(x_TD: Tensor, experts: ExpertBank) -> str | None:
-    if x_TD.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"device {x_TD.device.type} (Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
-    if experts.act.name != "swiglu":
-        return f"activation {experts.act.name!r} (the Triton backend fuses swiglu only)"
-    if experts.has_bias:
-        return "expert biases"
-    if x_TD.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return f"dtype {x_TD.dtype}"
-    return None
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
 
 
-def triton_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
-    """Same contract as `gatedmoe.dispatch.reference.reference_dispatch`, fused kernels."""
-    reason = _unsupported(x_TD, experts)
-    if reason is not None:
-        if reason not in _warned:
-            _warned.add(reason)
-            log.warning("triton dispatch: %s not supported; using the grouped backend", reason)
-        return grouped_dispatch(x_TD, routing, experts)
-    dtype = x_TD.dtype
-    w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
-    # Without autograd (inference) the first GEMM's output need not be kept for backward.
-    need_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, routing.weight, w_in, w_out))
-    y, _ = moe_glu(x_TD, routing.token, routing.weight, routing.counts, w_in, w_out, need_h)
-    return y
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

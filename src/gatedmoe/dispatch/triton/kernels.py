@@ -9,7 +9,7 @@ of one expert) x (column block):
 * `gemm_kernel`      C = A[rows] @ B[e], optionally gathering A rows by token, scaling
                      rows by the routing weight, and scatter-adding rows into C[token]
                      with atomics in C's dtype (forward combine; input gradient; float32
-                     or the input dtype, `ops.set_fp32_scatter`).
+                     or the input dtype, ``TritonOptions.fp32_scatter``).
 * `swiglu_bwd_kernel` elementwise, after ``ga = gy[token] @ W_out[e]`` (a `gemm_kernel`):
                      recomputes a from h, computes dL/dweight = <ga, a> per row, writes
                      dL/dh and weight * a (for the W_out gradient). Fusing it into
@@ -55,7 +55,7 @@ def _program_tile(n_tiles, n_cols, BN: tl.constexpr, GROUP_M: tl.constexpr):
 def _tile_rows(t, counts_ptr, E, BM: tl.constexpr, E_POW2: tl.constexpr):
     """Expert, first row, rows and row mask of row tile ``t``, from the per-expert counts.
 
-    The in-kernel form of `ops.tile_schedule` (the readable host reference, tested against
+    The in-kernel form of `launchers.tile_schedule` (the readable host reference, tested against
     this): each expert's rows split into ceil(count / BM) tiles, experts in order, so no
     tile straddles two experts. Every program recomputes the two prefix sums over E (a few
     hundred instructions): cheaper than the dozen host launches a precomputed table cost.

@@ -1,10 +1,10 @@
 """Make Triton's CPU interpreter (TRITON_INTERPRET=1) work with numpy >= 2.4.
 
-Triton 3.6's interpreter turns loop bounds into Python ints with ``int(array)`` on a
-one-element 1-D array, which numpy 2.4 rejects ("only 0-dimensional arrays can be
-converted to Python scalars"). We only use the interpreter to run our kernels on CPU in
-tests, so we patch that one conversion and nothing else. Applied on import, and only
-when TRITON_INTERPRET=1.
+Triton's interpreter (seen in 3.6) turns loop bounds into Python ints with ``int(array)`` on
+a one-element 1-D array, which numpy 2.4 rejects ("only 0-dimensional arrays can be
+converted to Python scalars"). The interpreter only runs our kernels on CPU in tests, so
+the tests patch that one conversion and nothing else (`conftest.py` applies it, and only
+when TRITON_INTERPRET=1); the package itself never imports this.
 """
 
 from __future__ import annotations

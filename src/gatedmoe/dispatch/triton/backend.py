@@ -1,0 +1,62 @@
+"""`triton_dispatch`: the "triton" dispatch backend, with its fallback to the grouped
+backend (logged once per reason) where the fused kernels do not apply.
+
+Shape legend: T tokens, D model dim.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import Tensor
+
+from gatedmoe.dispatch.grouped import grouped_dispatch
+from gatedmoe.dispatch.options import TritonOptions
+from gatedmoe.dispatch.triton.ops import moe_glu
+from gatedmoe.experts.bank import ExpertBank
+from gatedmoe.routing import Routing
+
+__all__ = ["triton_dispatch"]
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _unsupported(x_TD: Tensor, experts: ExpertBank) -> str | None:
+    if x_TD.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"device {x_TD.device.type} (Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
+    if experts.act.name != "swiglu":
+        return f"activation {experts.act.name!r} (the Triton backend fuses swiglu only)"
+    if experts.has_bias:
+        return "expert biases"
+    if x_TD.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"dtype {x_TD.dtype}"
+    return None
+
+
+def triton_dispatch(
+    x_TD: Tensor, routing: Routing, experts: ExpertBank, options: TritonOptions | None = None
+) -> Tensor:
+    """Same contract as `gatedmoe.dispatch.reference.reference_dispatch`, fused kernels.
+
+    ``options`` (default ``TritonOptions()``): scatter precision and kernel config
+    overrides; unused when the call falls back to the grouped backend.
+
+    Examples
+    --------
+    >>> y_TD = triton_dispatch(x_TD, routing, experts, options=TritonOptions(fp32_scatter=True))  # doctest: +SKIP
+    """
+    reason = _unsupported(x_TD, experts)
+    if reason is not None:
+        if reason not in _warned:
+            _warned.add(reason)
+            log.warning("triton dispatch: %s not supported; using the grouped backend", reason)
+        return grouped_dispatch(x_TD, routing, experts)
+    dtype = x_TD.dtype
+    w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
+    # Without autograd (inference) the first GEMM's output need not be kept for backward.
+    need_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, routing.weight, w_in, w_out))
+    y, _ = moe_glu(x_TD, routing.token, routing.weight, routing.counts, w_in, w_out, need_h, options)
+    return y

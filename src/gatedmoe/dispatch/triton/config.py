@@ -1,0 +1,162 @@
+"""Kernel configs of the fused Triton backend and the measured thresholds that choose
+among its code paths: data, no code that launches anything.
+
+Importing this module never imports Triton, so `gatedmoe.dispatch.options.TritonOptions`
+can hold `KernelConfig` values on machines without it.
+
+Every number below was measured on an H100 (80 GB, SXM) with bf16 inputs on the four GPU
+shapes of `gatedmoe.bench.SHAPES` (Mixtral, DeepSeek, small, fine-grained);
+`benchmarks/triton_tune.py` measures the config alternatives and prints the fastest, and
+BENCHMARKS.md holds the tables. To try other numbers, pass them as a value
+(``TritonOptions(configs={...})``); these tables are not patched at run time.
+
+Shape legend: D model dim, H expert hidden, E experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import astuple, dataclass, fields, replace
+from types import MappingProxyType
+
+import torch
+
+__all__ = [
+    "CONFIGS_BF16",
+    "CONFIG_FP32",
+    "CONFIG_INTERPRETER",
+    "KERNELS",
+    "KernelConfig",
+    "PER_EXPERT_MAX_E",
+    "PER_EXPERT_MIN_ROWS",
+    "PREGATHER_MIN_H",
+    "configs_from_ints",
+    "configs_to_ints",
+    "kernel_configs",
+]
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of one kernel.
+
+    ``BM`` rows, ``BN`` columns and ``BK`` reduction depth of a tile (for "glu_fwd" ``BN``
+    counts gate/up column pairs: its accumulator holds ``[BM, 2 BN]``); ``warps`` and
+    ``stages`` are Triton's ``num_warps`` / ``num_stages``; ``group_m`` row tiles share a
+    column block in the program order (weight blocks stay in L2).
+
+    Examples
+    --------
+    >>> KernelConfig(128, 256, 64, 8, 4)
+    KernelConfig(BM=128, BN=256, BK=64, warps=8, stages=4, group_m=8, tma=True, pregather=False)
+    """
+
+    BM: int
+    BN: int
+    BK: int
+    warps: int
+    stages: int
+    group_m: int = 8
+    tma: bool = True  # weight (and ungathered row) tiles through TMA descriptors where possible
+    # Gathered kernels only ("glu_fwd", "glu_bwd"): gather the rows into expert order with one
+    # copy first, so the GEMM reads them through TMA instead of gathering inside its loads.
+    pregather: bool = False
+
+
+# Kernel names, in the order `configs_to_ints` numbers them. "glu_fwd": gathered x @ W_in^T
+# with the SwiGLU epilogue; "gemm_fwd": a @ W_out^T with weight and scatter-add; "glu_bwd":
+# the gathered gy @ W_out product feeding the SwiGLU backward; "gemm_bwd": dL/dh @ W_in with
+# the dL/dx scatter-add; "wgrad": the W_out gradient read by token (`kernels.wgrad_kernel`).
+KERNELS = ("glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd", "wgrad")
+
+# bf16/fp16 on CUDA: the fastest configs of `benchmarks/triton_tune.py` on the H100
+# (`benchmarks/results_triton_tune_h100.json`, the TMA tuning run of the second session:
+# one glu_fwd config won on all four shapes; the pre-gathered glu configs from the third
+# session's rules below). The scatter GEMMs' (128, 256, 64, 8 warps, 4 stages) was checked
+# again in the fourth session against 11 other configs on 3 shapes: fastest on every one
+# (BENCHMARKS.md, "tried and dropped").
+CONFIGS_BF16: Mapping[str, KernelConfig] = MappingProxyType({
+    "glu_fwd": KernelConfig(128, 128, 64, 8, 4, group_m=16, pregather=True),
+    "gemm_fwd": KernelConfig(128, 256, 64, 8, 4),
+    "glu_bwd": KernelConfig(128, 256, 64, 8, 4, pregather=True),
+    "gemm_bwd": KernelConfig(128, 256, 64, 8, 4),
+    "wgrad": KernelConfig(128, 128, 64, 4, 4),
+})
+# float32 on CUDA: one config for every kernel; not tuned (float32 is the test dtype, the
+# speed paths are bf16).
+CONFIG_FP32 = KernelConfig(64, 64, 32, 4, 2)
+# Triton's CPU interpreter (TRITON_INTERPRET=1, tests): the smallest legal tl.dot tile.
+CONFIG_INTERPRETER = KernelConfig(16, 16, 16, 4, 1)
+
+# Below these expert widths the gathered kernels gather inside their loads instead of reading
+# a gathered copy through TMA. Measured on the H100, third session (BENCHMARKS.md, "pre-gathered
+# rows through TMA where the expert is wide"; `benchmarks/results_triton_tune_h100.json`):
+# forward gather+GEMM1+SwiGLU with the copy Mixtral (H=14336) 6.87 -> 6.06 ms and small
+# 0.57 -> 0.55, but DeepSeek 1.95 vs 2.05 and fine-grained 1.06 vs 1.26 ms (narrow experts)
+# slower. For the backward's product the copy is free (the W_out gradient needs it):
+# Mixtral 2.91 -> 2.63 ms, yet at H=512 the in-load gather still won.
+PREGATHER_MIN_H: Mapping[str, int] = MappingProxyType({"glu_fwd": 2048, "glu_bwd": 1024})
+
+# Weight gradients as one cuBLAS product per expert instead of one grouped GEMM when the
+# experts are few and large (CUDA bf16). Measured on the H100, fourth session (BENCHMARKS.md,
+# "weight gradients as one cuBLAS product per expert"; `torch._grouped_mm` vs the loop in one
+# process): Mixtral (E=8, 2048 rows per expert) W_in gradient 5.99 / 6.34 -> 5.44 / 5.60 ms
+# (balanced / random routing), W_out 2.82 / 2.89 -> 2.72 / 2.75; at 1024 rows per expert the
+# two are within -16..+21% either way, at 512 rows (E=256) the loop is 4-10x slower.
+PER_EXPERT_MIN_ROWS = 2048  # mean rows per expert
+PER_EXPERT_MAX_E = 16  # one launch per expert: keep the host's share small
+
+
+def kernel_configs(
+    dtype: torch.dtype, device: torch.device, H: int, overrides: Mapping[str, KernelConfig] | None = None
+) -> dict[str, KernelConfig]:
+    """The config of each kernel of `KERNELS` for inputs of ``dtype`` on ``device`` with
+    expert width ``H``: the measured tables and rules above, then ``overrides`` (kernel name
+    -> config, used as given, with no rule applied to them).
+
+    Examples
+    --------
+    >>> import torch
+    >>> kernel_configs(torch.float32, torch.device("cpu"), 64)["wgrad"]
+    KernelConfig(BM=16, BN=16, BK=16, warps=4, stages=1, group_m=8, tma=True, pregather=False)
+    """
+    if device.type != "cuda":
+        cfgs = dict.fromkeys(KERNELS, CONFIG_INTERPRETER)
+    elif dtype == torch.float32:
+        cfgs = dict.fromkeys(KERNELS, CONFIG_FP32)
+    else:
+        cfgs = dict(CONFIGS_BF16)
+        # A gathered copy read through TMA beats gathering inside the loads once each row is
+        # reused over enough columns (the copy costs N*D, the product N*D*H).
+        if H < PREGATHER_MIN_H["glu_fwd"]:
+            cfgs["glu_fwd"] = replace(cfgs["glu_fwd"], pregather=False, group_m=8)
+        if H < PREGATHER_MIN_H["glu_bwd"]:
+            cfgs["glu_bwd"] = replace(cfgs["glu_bwd"], pregather=False)
+    if overrides:
+        cfgs.update(overrides)
+    return cfgs
+
+
+_N_FIELDS = len(fields(KernelConfig))
+
+
+def configs_to_ints(configs: Mapping[str, KernelConfig] | None) -> list[int]:
+    """``configs`` flattened to ints (kernel index in `KERNELS`, then each field), the form
+    a `torch.library` custom op can take; ``[]`` for none."""
+    out: list[int] = []
+    for name, cfg in (configs or {}).items():
+        out += [KERNELS.index(name), *(int(v) for v in astuple(cfg))]
+    return out
+
+
+def configs_from_ints(ints: list[int] | tuple[int, ...] | None) -> dict[str, KernelConfig]:
+    """Inverse of `configs_to_ints`."""
+    ints = list(ints or ())
+    step = 1 + _N_FIELDS
+    if len(ints) % step:
+        raise ValueError(f"configs as ints: expected a multiple of {step} values, got {len(ints)}")
+    out = {}
+    for i in range(0, len(ints), step):
+        BM, BN, BK, warps, stages, group_m, tma, pregather = ints[i + 1 : i + step]
+        out[KERNELS[ints[i]]] = KernelConfig(BM, BN, BK, warps, stages, group_m, bool(tma), bool(pregather))
+    return out

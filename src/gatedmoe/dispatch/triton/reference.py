@@ -1,0 +1,94 @@
+"""Plain PyTorch version of each kernel stage, the oracle of the kernel tests: same
+signature as the launcher in `launchers.py` (same output buffers filled, ``cfg`` and
+``prec`` accepted and ignored), computed in float32 with a per-expert loop, no Triton.
+
+* `glu_fwd`    gathered GEMM + SwiGLU: ``h = x[token] @ W_in[e]^T``, ``a = silu(h_gate) * h_up``
+* `gemm`       grouped GEMM over expert rows, optionally gathered, scaled by the routing
+               weight, scatter-added by token (the forward combine, dL/dx)
+* `swiglu_bwd` SwiGLU backward with the routing weight
+* `wgrad`      weight-gradient GEMM ``out[e] = L[rows_e]^T @ R[rows_e]``
+
+Rows are the expert-sorted routed assignments: expert e owns rows
+``[end_e - counts[e], end_e)``. Shape legend: T tokens, D model dim, H expert hidden,
+E experts, N routed assignments.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["glu_fwd", "gemm", "swiglu_bwd", "wgrad"]
+
+
+def _expert_rows(counts_E: Tensor) -> list[tuple[int, int]]:
+    """``(start, end)`` of each expert's rows."""
+    bounds, start = [], 0
+    for c in counts_E.tolist():
+        bounds.append((start, start + c))
+        start += c
+    return bounds
+
+
+def glu_fwd(x, token, w_in, h, a, counts, N: int, D: int, H: int, cfg=None, prec=None, *,
+            gathered: bool = False, store_h: bool = True) -> None:
+    """Fills ``h`` [N, 2H] (gate columns then up columns; only with ``store_h``) and ``a``
+    [N, H]; ``gathered``: ``x`` is already ``x[token]`` ([N, D]). The activation reads h
+    rounded to its dtype, as the kernel does."""
+    rows = x.float() if gathered else x.float()[token]
+    for e, (s, t) in enumerate(_expert_rows(counts)):
+        if s == t:
+            continue
+        h_e = (rows[s:t] @ w_in[e].float().T).to(a.dtype)
+        if store_h:
+            h[s:t] = h_e
+        g, u = h_e.float()[:, :H], h_e.float()[:, H:]
+        a[s:t] = (F.silu(g) * u).to(a.dtype)
+
+
+def gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, n_cols: int, *,
+         gather: bool, scale: bool, scatter: bool, cfg=None, prec=None) -> None:
+    """``c[n] = A[n] @ B[e]`` for each expert's rows, with B's element ``[e, k, n]`` at
+    ``b_strides`` (``A[n] = a[token[n]]`` with ``gather``; times ``weight[n]`` with
+    ``scale``; added into ``c[token[n]]`` with ``scatter``, else stored at ``c[n]``)."""
+    E = b.shape[0]
+    b_EKC = torch.as_strided(b, (E, K, n_cols), b_strides, b.storage_offset())
+    rows = a.float()[token] if gather else a.float()[:N]
+    for e, (s, t) in enumerate(_expert_rows(counts)):
+        if s == t:
+            continue
+        out = rows[s:t] @ b_EKC[e].float()
+        if scale:
+            out = out * weight[s:t].float()[:, None]
+        if scatter:
+            c.index_add_(0, token[s:t], out.to(c.dtype))
+        else:
+            c[s:t] = out.to(c.dtype)
+
+
+def swiglu_bwd(ga, h, weight, gh, wa, gweight, N: int, H: int) -> None:
+    """From ``ga = gy[token] @ W_out[e]`` [N, H] and h [N, 2H]: ``gweight[n] = <ga[n], a[n]>``
+    ([N]), ``wa = weight * a`` [N, H] and ``gh = weight * ga * (dsilu(h_gate) * h_up,
+    silu(h_gate))`` [N, 2H], with ``a = silu(h_gate) * h_up``. ``wa`` may be ``ga``."""
+    g, u = h[:N, :H].float(), h[:N, H:].float()
+    ga32 = ga[:N].float()
+    w = weight[:N].float()[:, None]
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    act = silu * u
+    gweight[:N] = (ga32 * act).sum(1).to(gweight.dtype)
+    gw_a = ga32 * w
+    gh[:N, :H] = (gw_a * u * (sig + silu * (1 - sig))).to(gh.dtype)
+    gh[:N, H:] = (gw_a * silu).to(gh.dtype)
+    wa[:N] = (act * w).to(wa.dtype)
+
+
+def wgrad(lhs: Tensor, rhs: Tensor, out: Tensor, token: Tensor, counts: Tensor, *, gather_l: bool,
+          gather_r: bool, cfg=None, prec=None) -> None:
+    """Fills ``out[e] = L[rows_e]^T @ R[rows_e]`` ([E, P, Q]; zero for an empty expert),
+    ``L = lhs[token]`` with ``gather_l`` (likewise R)."""
+    L = lhs.float()[token] if gather_l else lhs.float()
+    R = rhs.float()[token] if gather_r else rhs.float()
+    for e, (s, t) in enumerate(_expert_rows(counts)):
+        out[e] = (L[s:t].T @ R[s:t]).to(out.dtype)
