@@ -10,6 +10,7 @@ $OUT/layer_profile_<shape>.txt with the profiler's kernel table and the host-syn
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import traceback
@@ -90,7 +91,8 @@ def profile_shape(name: str, reps: int, out: str, dev: torch.device) -> None:
             with torch.no_grad():
                 moe(x)
 
-        r = moe.route(x)
+        # Detached weights: the dispatch alone, without the router's graph (freed by backward).
+        r = dataclasses.replace(moe.route(x), weight=moe.route(x).weight.detach())
         med_fb, lo, hi = timed(fb, reps)
         med_f, flo, fhi = timed(fwd, reps)
         med_d, dlo, dhi = timed(lambda moe=moe, r=r: moe.dispatch(xg, r).backward(gy), reps)
