@@ -104,3 +104,57 @@ def test_parallel_jobs_match_serial():
     parallel = run_text_arena(TEXT, ["topk_softmax", "switch"], jobs=2, **kw)
     assert [r["val_loss"] for r in parallel.runs] == pytest.approx([r["val_loss"] for r in serial.runs], rel=1e-5)
     assert set(parallel.stats) == {"topk_softmax", "switch"}
+
+
+def test_gate_preset_is_a_moe_config_on_a_base():
+    from gatedmoe.arena import TEXT_MOE, gate_preset
+
+    base = TEXT_MOE.replace(d_model=16, n_experts=4)
+    assert gate_preset("topk_softmax", base=base) == base
+    assert gate_preset("sigmoid", base=base) == base.replace(gate="sigmoid", bias_update_rate=1e-2)
+    assert gate_preset("hash", 30, base=base) == base.replace(gate="hash", gate_kwargs={"vocab_size": 30})
+    with pytest.raises(ValueError, match="unknown gate"):
+        gate_preset("nope")
+
+
+def test_text_contestants_carry_the_preset_moe_config(monkeypatch):
+    import gatedmoe.arena.runner as runner
+    from gatedmoe.arena import TEXT_MOE, gate_preset
+
+    seen = []
+
+    def fake_run(task, progress, threads):
+        seen.append(task["cfg"])
+        return {"label": task["cfg"].moe.gate, "seed": task["seed"]}, None
+
+    monkeypatch.setattr(runner, "_text_run", fake_run)
+    base = TEXT_MOE.replace(k=1, capacity_factor=2.0)
+    res = run_text_arena(TEXT, ["topk_softmax", "sigmoid", "hash"], steps=1, model=dict(TINY_LM, moe_every=2),
+                         moe=base, progress=False)
+    vocab = len(res.vocab)
+    want_base = base.replace(d_model=16, n_experts=4, d_hidden=16)
+    assert [c.moe for c in seen] == [gate_preset(g, vocab, base=want_base) for g in ("topk_softmax", "sigmoid", "hash")]
+    assert all((c.d_model, c.n_layers, c.seq_len, c.moe_every) == (16, 1, 16, 2) for c in seen)
+    assert res.config["moe"]["capacity_factor"] == 2.0 and res.config["moe"]["k"] == 1
+    assert res.config["gates"] == {"topk_softmax": {}, "sigmoid": {"bias_update_rate": 1e-2},
+                                   "hash": {"gate_kwargs": {"vocab_size": vocab}}}
+    json.dumps(res.config)
+
+
+def test_tabular_contestants_carry_the_preset_moe_config(monkeypatch):
+    import gatedmoe.arena.runner as runner
+    from gatedmoe.arena import TABULAR_MOE, gate_preset
+
+    nets = []
+
+    def fake_train(net, split, task, **kw):
+        nets.append(net)
+        return {"final_val_loss": 1.0, "params": 100, "active_params": 50, "routing": {}, "rows_per_s": 1.0,
+                "train_seconds": 0.1, "val_loss": [], "routing_stats": None}
+
+    monkeypatch.setattr(runner, "train_tabular", fake_train)
+    run_tabular_arena(load_tabular("wine"), ["gumbel_softmax", "sigmoid"], steps=1, model=dict(d_model=8, d_embed=4),
+                      progress=False)
+    want = TABULAR_MOE.replace(d_model=8)
+    assert [n.moe.config for n in nets[:2]] == [gate_preset(g, base=want) for g in ("gumbel_softmax", "sigmoid")]
+    assert nets[0].embed.weight.shape == (13, 4)

@@ -109,3 +109,17 @@ def test_bench_layer_tiny_cpu(tmp_path):
     assert rc == 0
     rows = json.loads(path.read_text())["rows"]
     assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"] and rows[0]["routing"] == "gate:topk_softmax"
+
+
+def test_train_flags_make_one_moe_config():
+    from gatedmoe.cli.main import build_parser
+    from gatedmoe.cli.train import _moe_config
+    from gatedmoe.models import LMConfig, TabularMoE
+
+    args = build_parser().parse_args(["train", "--gate", "sigmoid", "--experts", "4", "--k", "1", "--d-hidden", "16",
+                                      "--capacity-factor", "1.5", "--shared-experts", "1"])
+    flags = dict(gate="sigmoid", n_experts=4, k=1, d_hidden=16, capacity_factor=1.5, n_shared_experts=1)
+    assert _moe_config(args, LMConfig.default_moe) == LMConfig.default_moe.replace(**flags)
+    assert _moe_config(args, TabularMoE.default_moe) == TabularMoE.default_moe.replace(**flags)
+    args = build_parser().parse_args(["train", "--d-model", "32"])
+    assert _moe_config(args, TabularMoE.default_moe).d_model == 32

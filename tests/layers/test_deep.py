@@ -35,3 +35,14 @@ def test_residual_and_token_ids():
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         DeepMoE(8, 4, 16, **kw)
+
+
+def test_every_layer_carries_the_config():
+    from gatedmoe import MoEConfig
+
+    cfg = MoEConfig(d_model=8, n_experts=4, d_hidden=16, gate="sigmoid", k=1, capacity_factor=1.5)
+    m = DeepMoE.from_config(cfg, n_layers=3, residual=True)
+    assert m.config == cfg and len(m.layers) == 3 and all(layer.config == cfg for layer in m.layers)
+    assert m.residual and m(torch.randn(4, 8)).shape == (4, 8)
+    kw = DeepMoE(8, 4, 16, gate="sigmoid", k=1, capacity_factor=1.5)
+    assert kw.config == cfg and all(layer.config == cfg for layer in kw.layers)

@@ -34,3 +34,15 @@ def test_hash_gate_token_ids_repeat_per_head():
 def test_bad_heads():
     with pytest.raises(ValueError, match="n_heads"):
         MultiHeadMoE(10, n_heads=3, n_experts=4, d_hidden=8)
+
+
+def test_inner_moe_carries_the_config():
+    from gatedmoe import MoEConfig
+
+    cfg = MoEConfig(d_model=4, n_experts=4, d_hidden=8, gate="sigmoid", k=1, capacity_factor=2.0)
+    m = MultiHeadMoE.from_config(cfg, n_heads=3)
+    assert m.d_model == 12 and m.config == cfg and m.moe.config == cfg
+    assert m(torch.randn(2, 5, 12)).shape == (2, 5, 12)
+    assert MultiHeadMoE(12, n_heads=3, n_experts=4, d_hidden=8, gate="sigmoid", k=1, capacity_factor=2.0).moe.config == cfg
+    with pytest.raises(ValueError, match="n_heads"):
+        MultiHeadMoE.from_config(cfg, n_heads=0)

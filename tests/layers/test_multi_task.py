@@ -37,3 +37,49 @@ def test_bad_arguments():
         MultiTaskMoE(6, 3, 8, n_tasks=0)
     with pytest.raises(ValueError, match="token id"):
         MultiTaskMoE(6, 3, 8, n_tasks=2, gate="hash")
+
+
+def test_from_config_carries_the_settings_it_honours():
+    from gatedmoe import MoEConfig
+
+    cfg = MoEConfig(d_model=6, n_experts=4, d_hidden=8, gate="sigmoid", k=1, activation="gelu", bias=True,
+                    backend="grouped", load_balance_weight=0.02, router_z_weight=0.003, bias_update_rate=1e-2)
+    m = MultiTaskMoE.from_config(cfg, n_tasks=2)
+    assert m.config == cfg and len(m.gates) == 2
+    assert (m.experts.act.name, m.experts.has_bias, m.backend) == ("gelu", True, "grouped")
+    assert all(g.k == 1 and g.balancer.update_rate == 1e-2 for g in m.gates)
+    m(torch.randn(5, 6))
+    assert {"task0/load_balance", "task0/router_z", "task1/router_z"} <= set(m.aux_losses)
+    with pytest.raises(ValueError, match="NaN"):
+        m(torch.full((2, 6), float("nan")))
+    # The keyword constructor keeps MMoE's defaults: no input check, no router z-loss.
+    plain = MultiTaskMoE(6, 4, 8, n_tasks=2)
+    assert plain.config.router_z_weight == 0 and not plain.config.check_inputs and plain.config.gate == "softmax"
+
+
+@pytest.mark.parametrize("field, value", [("capacity_factor", 1.0), ("n_shared_experts", 1), ("d_shared_hidden", 4),
+                                          ("capacity_priority", "score")])
+def test_from_config_refuses_settings_it_cannot_honour(field, value):
+    from gatedmoe import MoEConfig
+
+    with pytest.raises(ValueError, match=field):
+        MultiTaskMoE.from_config(MoEConfig(d_model=6, n_experts=4, d_hidden=8, **{field: value}), n_tasks=2)
+
+
+def test_backend_options_reach_the_backend(monkeypatch):
+    from gatedmoe import MoEConfig, TritonOptions
+
+    seen = []
+
+    def spy(x_TD, routing, experts, options=None):
+        seen.append(options)
+        return torch.zeros_like(x_TD)
+
+    import gatedmoe.layers.multi_task as module
+
+    monkeypatch.setattr(module, "get_backend", lambda name, device: spy)
+    opts = TritonOptions(fp32_scatter=True)
+    MultiTaskMoE.from_config(MoEConfig(d_model=6, n_experts=4, d_hidden=8, backend_options=opts), n_tasks=2)(
+        torch.randn(3, 6)
+    )
+    assert seen == [opts, opts]

@@ -48,3 +48,40 @@ def test_bad_arguments():
         SoftMoE(8, 4, 16, slots_per_expert=0)
     with pytest.raises(ValueError, match="x must"):
         SoftMoE(8, 4, 16)(torch.randn(2, 3, 7))
+
+
+def test_from_config_carries_the_settings_it_honours(monkeypatch):
+    from gatedmoe import MoEConfig, TritonOptions
+
+    cfg = MoEConfig(d_model=8, n_experts=3, d_hidden=16, activation="gelu", bias=True, backend="grouped")
+    m = SoftMoE.from_config(cfg, slots_per_expert=2, normalize=True)
+    assert m.config == cfg and (m.slots_per_expert, m.normalize) == (2, True)
+    assert (m.experts.act.name, m.experts.has_bias, m.backend) == ("gelu", True, "grouped")
+    with pytest.raises(ValueError, match="NaN"):
+        m(torch.full((2, 3, 8), float("nan")))
+    assert not SoftMoE(8, 3, 16).config.check_inputs
+
+    seen = []
+
+    def spy(x_TD, routing, experts, options=None):
+        seen.append(options)
+        return torch.zeros_like(x_TD)
+
+    import gatedmoe.layers.soft_moe as module
+
+    monkeypatch.setattr(module, "get_backend", lambda name, device: spy)
+    opts = TritonOptions(fp32_scatter=True)
+    SoftMoE.from_config(cfg.replace(backend="auto", backend_options=opts))(torch.randn(2, 3, 8))
+    assert seen == [opts]
+
+
+@pytest.mark.parametrize("field, value", [("gate", "sigmoid"), ("k", 1), ("load_balance_weight", 0.1),
+                                          ("capacity_factor", 1.0), ("n_shared_experts", 1),
+                                          ("gate_kwargs", {"noisy": True}), ("bias_update_rate", 1e-3)])
+def test_from_config_refuses_settings_it_cannot_honour(field, value):
+    from gatedmoe import MoEConfig
+
+    with pytest.raises(ValueError, match=field):
+        SoftMoE.from_config(MoEConfig(d_model=8, n_experts=3, d_hidden=16, **{field: value}))
+    with pytest.raises(TypeError, match="MoEConfig"):
+        SoftMoE.from_config({"d_model": 8})

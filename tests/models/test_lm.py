@@ -131,3 +131,89 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
     with pytest.raises(ValueError, match="vocabulary"):
         train_lm("xyz" * 200, steps=7, resume_from=tmp_path / "b", **kw)
+
+
+def test_blocks_carry_the_moe_config_whole():
+    from gatedmoe import MoEConfig
+
+    moe = MoEConfig(d_model=16, n_experts=4, d_hidden=8, gate="sigmoid", k=1, capacity_factor=1.5,
+                    bias_update_rate=1e-2, check_inputs=False)
+    cfg = LMConfig(vocab_size=11, seq_len=8, n_layers=4, n_heads=2, moe=moe, moe_every=2)
+    assert cfg.d_model == 16  # taken from moe
+    lm = MoETransformerLM(cfg)
+    assert [type(b.ffn).__name__ for b in lm.blocks] == ["DenseFFN", "MoE", "DenseFFN", "MoE"]
+    assert all(b.ffn.config == cfg.moe for b in lm.blocks[1::2])
+    # The dense blocks have the MoE's active width k * d_hidden.
+    assert lm.blocks[0].ffn.w_out.in_features == 1 * 8
+    assert lm(torch.randint(0, 11, (2, 8))).shape == (2, 8, 11)
+
+
+def test_flat_keywords_build_the_same_moe_config():
+    flat = _tiny_cfg(k=1, gate="hash", gate_kwargs={"vocab_size": 11}, capacity_factor=2.0)
+    nested = LMConfig(vocab_size=11, seq_len=12, n_layers=2, n_heads=2,
+                      moe=LMConfig.default_moe.replace(d_model=16, n_experts=4, d_hidden=16, k=1, gate="hash",
+                                                       gate_kwargs={"vocab_size": 11}, capacity_factor=2.0))
+    assert flat == nested and flat.moe.check_inputs is False
+    assert MoETransformerLM(flat).blocks[0].ffn.config == flat.moe
+    assert LMConfig(vocab_size=5).moe == LMConfig.default_moe
+
+
+def test_config_refuses_a_moe_that_disagrees():
+    from gatedmoe import MoEConfig
+
+    moe = MoEConfig(d_model=16, n_experts=4, d_hidden=8)
+    with pytest.raises(ValueError, match="d_model=32"):
+        LMConfig(vocab_size=5, d_model=32, n_heads=2, moe=moe)
+    with pytest.raises(ValueError, match="not both"):
+        LMConfig(vocab_size=5, n_heads=2, moe=moe, n_experts=8)
+    with pytest.raises(TypeError, match="MoEConfig"):
+        LMConfig(vocab_size=5, n_heads=2, moe=moe.to_dict())
+    with pytest.raises(TypeError, match="n_expert"):
+        LMConfig(vocab_size=5, n_expert=8)
+    with pytest.raises(ValueError, match="n_experts"):
+        LMConfig(vocab_size=5, n_experts=0)
+
+
+# What LMConfig.to_dict() wrote before the MoE settings moved into `moe` (the flat form).
+OLD_FLAT_MOE_KEYS = ("n_experts", "k", "d_hidden", "gate", "n_shared_experts", "capacity_factor", "activation",
+                     "backend", "gate_kwargs")
+
+
+def _old_format(cfg: LMConfig) -> dict:
+    d = {k: v for k, v in cfg.to_dict().items() if k != "moe"}
+    return {**d, **{k: cfg.to_dict()["moe"][k] for k in OLD_FLAT_MOE_KEYS}}
+
+
+def test_from_dict_reads_old_flat_and_new_nested_dicts():
+    from gatedmoe import MoEConfig, TritonOptions
+
+    old = {"vocab_size": 11, "seq_len": 12, "d_model": 16, "n_layers": 2, "n_heads": 2, "n_experts": 4, "k": 1,
+           "d_hidden": 16, "gate": "hash", "moe_every": 1, "n_shared_experts": 1, "capacity_factor": 2.0,
+           "activation": "gelu", "backend": "auto", "dropout": 0.0, "gated_attention": False,
+           "gate_kwargs": {"vocab_size": 11}}
+    cfg = LMConfig.from_dict(json.loads(json.dumps(old)))
+    assert cfg.moe == MoEConfig(d_model=16, n_experts=4, d_hidden=16, gate="hash", k=1, n_shared_experts=1,
+                                capacity_factor=2.0, activation="gelu", gate_kwargs={"vocab_size": 11},
+                                check_inputs=False)
+    assert _old_format(cfg) == old
+    assert LMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with_options = cfg.replace(moe=cfg.moe.replace(backend="triton", backend_options=TritonOptions(fp32_scatter=True)))
+    assert LMConfig.from_dict(json.loads(json.dumps(with_options.to_dict()))) == with_options
+
+
+def test_old_format_checkpoint_loads_and_resumes(tmp_path):
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    kw = dict(batch_size=4, lr=1e-2, eval_every=2, eval_batches=1, progress=False)
+    cfg = dict(seq_len=16, d_model=16, n_layers=1, n_heads=2, n_experts=4, d_hidden=16, k=1)
+    straight = train_lm(text, steps=4, **kw, **cfg)
+    first = train_lm(text, steps=2, schedule_steps=4, out_dir=tmp_path, **kw, **cfg)
+    meta_path = tmp_path / "checkpoint" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"] = _old_format(first["model"].cfg)
+    assert "moe" not in meta["config"] and meta["config"]["n_experts"] == 4
+    meta_path.write_text(json.dumps(meta))
+    model, _, _ = load_checkpoint(tmp_path / "checkpoint")
+    assert model.cfg == first["model"].cfg
+    resumed = train_lm(text, steps=4, resume_from=tmp_path, **kw)
+    assert resumed["resumed_from_step"] == 2 and resumed["model"].cfg == straight["model"].cfg
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-5)

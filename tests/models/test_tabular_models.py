@@ -38,3 +38,19 @@ def test_train_tabular_classification_and_regression():
     assert set(r) >= {"val_rmse", "val_r2"} and r["routing_stats"] is None
     with pytest.raises(ValueError, match="task"):
         train_tabular(TabularMLP(10, 1), diabetes.split(), "ranking", steps=1)
+
+
+def test_tabular_moe_carries_its_moe_config():
+    from gatedmoe import MoEConfig
+
+    cfg = MoEConfig(d_model=16, n_experts=3, d_hidden=8, gate="sigmoid", k=1, capacity_factor=1.0)
+    m = TabularMoE(5, 2, moe=cfg)
+    assert m.moe.config == cfg and m.proj.out_features == 16
+    assert m(torch.randn(4, 5)).shape == (4, 2)
+    flat = TabularMoE(5, 2, d_model=16, n_experts=8, gate="softmax")
+    assert flat.moe.config == TabularMoE.default_moe.replace(d_model=16, n_experts=8, gate="softmax")
+    assert TabularMoE(5, 2).moe.config == TabularMoE.default_moe
+    with pytest.raises(ValueError, match="not both"):
+        TabularMoE(5, 2, moe=cfg, k=2)
+    with pytest.raises(ValueError, match="d_model"):
+        TabularMoE(5, 2, d_model=0)

@@ -15,7 +15,9 @@ from gatedmoe.arena.runner import (
     DEFAULT_TABULAR_GATES,
     DEFAULT_TEXT_GATES,
     TABULAR_MODEL,
+    TABULAR_MOE,
     TEXT_MODEL,
+    TEXT_MOE,
     ArenaResult,
     gate_preset,
     run_tabular_arena,
@@ -39,5 +41,7 @@ __all__ = [
     "DEFAULT_TABULAR_GATES",
     "DEFAULT_STEPS",
     "TEXT_MODEL",
+    "TEXT_MOE",
     "TABULAR_MODEL",
+    "TABULAR_MOE",
 ]

@@ -4,6 +4,7 @@ parameter count)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import torch
 from gatedmoe import gates as gate_registry
 from gatedmoe.analysis import RoutingStats
 from gatedmoe.data import TabularDataset
+from gatedmoe.layers.config import MoEConfig
 from gatedmoe.models import CharTokenizer, LMConfig, TabularMLP, TabularMoE, train_lm, train_tabular
 
 __all__ = [
@@ -21,7 +23,9 @@ __all__ = [
     "DEFAULT_TEXT_GATES",
     "DEFAULT_TABULAR_GATES",
     "TEXT_MODEL",
+    "TEXT_MOE",
     "TABULAR_MODEL",
+    "TABULAR_MOE",
     "DEFAULT_STEPS",
     "gate_preset",
     "run_text_arena",
@@ -34,25 +38,52 @@ DEFAULT_TEXT_GATES = ("topk_softmax", "sigmoid", "switch", "expert_choice", "has
 # GG MoE's Gumbel-softmax gate; the equal-parameter MLP is always added.
 DEFAULT_TABULAR_GATES = ("gumbel_softmax",)
 # The arena's LM: small enough that 5 gates x 300 steps fit in minutes on 2 CPU cores.
-TEXT_MODEL: dict[str, Any] = dict(n_layers=2, d_model=128, n_heads=4, seq_len=128, n_experts=8, k=2, d_hidden=128)
-TABULAR_MODEL: dict[str, Any] = dict(d_embed=8, d_model=64, n_experts=4, d_hidden=64, k=2)
+# TEXT_MODEL holds the LMConfig fields beside its MoE layers, TEXT_MOE those layers' settings
+# (the gate is set per contestant by `gate_preset`); likewise for TabularMoE.
+TEXT_MODEL: dict[str, Any] = dict(n_layers=2, n_heads=4, seq_len=128)
+TEXT_MOE = MoEConfig(d_model=128, n_experts=8, d_hidden=128, k=2, check_inputs=False)
+TABULAR_MODEL: dict[str, Any] = dict(d_embed=8)
+TABULAR_MOE = MoEConfig(d_model=64, n_experts=4, d_hidden=64, k=2, gate="gumbel_softmax", activation="gelu",
+                        check_inputs=False)
 DEFAULT_STEPS = {"text": 300, "tabular": 500}
 MLP_LABEL = "mlp (equal params)"
+_MOE_FIELDS = frozenset(f.name for f in dataclasses.fields(MoEConfig))
 
 
-def gate_preset(gate: str, vocab_size: int | None = None) -> dict[str, Any]:
-    """Gate keyword arguments the arena uses for ``gate``.
+def gate_preset(gate: str, vocab_size: int | None = None, *, base: MoEConfig = TEXT_MOE) -> MoEConfig:
+    """The MoE settings the arena uses for ``gate``: ``base`` with that gate and its preset.
 
     ``sigmoid`` gets auxiliary-loss-free bias balancing with update rate 1e-2 (DeepSeek-V3
     uses 1e-3 over far longer runs; a few hundred steps need a larger step to balance);
-    ``hash`` gets the random-permutation table over the vocabulary. Others: defaults.
+    ``hash`` gets the random-permutation table over the vocabulary (``gate_kwargs``).
+    Others: ``base`` as it is.
+
+    >>> gate_preset("sigmoid").bias_update_rate
+    0.01
     """
     gate_registry.get(gate)
+    cfg = base.replace(gate=gate)
     if gate == "sigmoid":
-        return {"bias_update_rate": 1e-2}
+        return cfg.replace(bias_update_rate=1e-2)
     if gate == "hash" and vocab_size is not None:
-        return {"vocab_size": vocab_size}
-    return {}
+        return cfg.replace(gate_kwargs={**base.gate_kwargs, "vocab_size": vocab_size})
+    return cfg
+
+
+def _split_model(model: dict[str, Any], base: MoEConfig) -> tuple[dict[str, Any], MoEConfig]:
+    """``model`` overrides: (the model's own fields, ``base`` with its MoEConfig fields applied)."""
+    moe_changes = {k: v for k, v in model.items() if k in _MOE_FIELDS}
+    return {k: v for k, v in model.items() if k not in _MOE_FIELDS}, base.replace(**moe_changes)
+
+
+def _moe_record(base: MoEConfig, gate_names: list[str], vocab_size: int | None = None) -> dict[str, Any]:
+    """JSON-able record of the MoE settings: ``base`` and, per gate, what its preset changes."""
+    base_d = dataclasses.asdict(base)
+    gates = {}
+    for g in gate_names:
+        d = dataclasses.asdict(gate_preset(g, vocab_size, base=base))
+        gates[g] = {k: v for k, v in d.items() if k != "gate" and v != base_d[k]}
+    return {"moe": {k: v for k, v in base_d.items() if k != "gate"}, "gates": gates}
 
 
 @dataclass
@@ -110,6 +141,7 @@ def run_text_arena(
     eval_batches: int = 16,
     device: str = "cpu",
     model: dict[str, Any] | None = None,
+    moe: MoEConfig | None = None,
     dataset: str = "text",
     progress: bool = True,
     jobs: int = 1,
@@ -118,7 +150,9 @@ def run_text_arena(
     """Train `MoETransformerLM` once per gate and seed on ``text``; same config, budget,
     data order and initial weights (per seed) for every gate.
 
-    ``model`` overrides `TEXT_MODEL` (LMConfig fields). ``jobs > 1`` trains that many runs
+    ``moe`` is the MoE layers' settings (default `TEXT_MOE`; each gate's `gate_preset` of
+    it); ``model`` overrides `TEXT_MODEL` (LMConfig fields; `MoEConfig` fields in it, e.g.
+    ``d_model`` or ``n_experts``, are applied to ``moe``). ``jobs > 1`` trains that many runs
     at once in worker processes (spawned; each uses ``threads`` torch threads, default 1),
     with one progress bar over runs; results are the same as with ``jobs=1``. Returns an
     `ArenaResult` whose runs hold ``val_loss``, ``params``, ``active_params``,
@@ -127,17 +161,16 @@ def run_text_arena(
     """
     gate_names = list(gates)
     _check_common(gate_names, seeds, steps)
-    model_cfg = {**TEXT_MODEL, **(model or {})}
+    model_cfg, base = _split_model({**TEXT_MODEL, **(model or {})}, TEXT_MOE if moe is None else moe)
     vocab = CharTokenizer.from_text(text).chars
     config = {"model": model_cfg, "steps": steps, "seeds": seeds, "batch_size": batch_size, "lr": lr,
-              "eval_batches": eval_batches, "gates": {g: gate_preset(g, len(vocab)) for g in gate_names}}
+              "eval_batches": eval_batches, **_moe_record(base, gate_names, len(vocab))}
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     result = ArenaResult("text", dataset, config, vocab=vocab)
     t0 = time.perf_counter()
     tasks = [
-        dict(text=text, cfg=LMConfig(vocab_size=len(vocab), gate=gate, gate_kwargs=gate_preset(gate, len(vocab)),
-                                     **model_cfg),
+        dict(text=text, cfg=LMConfig(vocab_size=len(vocab), moe=gate_preset(gate, len(vocab), base=base), **model_cfg),
              steps=steps, batch_size=batch_size, lr=lr, device=device, seed=seed, eval_every=eval_every,
              eval_batches=eval_batches, desc=f"{gate} seed {seed}")
         for gate in gate_names for seed in range(seeds)
@@ -174,7 +207,7 @@ def _text_run(task: dict[str, Any], progress: bool, threads: int | None) -> tupl
     text, cfg = task.pop("text"), task.pop("cfg")
     m = train_lm(text, cfg, progress=progress, **task)
     run = {
-        "label": cfg.gate, "gate": cfg.gate, "seed": task["seed"],
+        "label": cfg.moe.gate, "gate": cfg.moe.gate, "seed": task["seed"],
         "val_loss": m["final_val_loss"], "params": m["params"], "active_params": m["active_params"],
         **_routing_columns(m["routing"]),
         "tokens_per_s": m["tokens_per_s"], "train_seconds": m["train_seconds"],
@@ -194,11 +227,14 @@ def run_tabular_arena(
     eval_every: int = 50,
     val_fraction: float = 0.2,
     model: dict[str, Any] | None = None,
+    moe: MoEConfig | None = None,
     progress: bool = True,
 ) -> ArenaResult:
     """Train `TabularMoE` once per gate and seed, and an MLP with the parameter count of
     the first gate's `TabularMoE` (`TabularMLP.matching`), on one split of ``data``.
 
+    ``moe`` is the MoE layer's settings (default `TABULAR_MOE`; each gate's `gate_preset` of
+    it); ``model`` overrides `TABULAR_MODEL` (`MoEConfig` fields in it are applied to ``moe``).
     Gates that route by token id (hash) have nothing to hash in a table and are skipped.
     Runs hold ``val_loss`` and ``val_accuracy`` (classification) or ``val_rmse`` and
     ``val_r2`` (regression), parameters, routing columns (None for the MLP) and
@@ -206,12 +242,12 @@ def run_tabular_arena(
     """
     gate_names = [g for g in gates if not gate_registry.get(g).uses_token_ids]
     _check_common(gate_names, seeds, steps)
-    model_cfg = {**TABULAR_MODEL, **(model or {})}
+    model_cfg, base = _split_model({**TABULAR_MODEL, **(model or {})}, TABULAR_MOE if moe is None else moe)
     split = data.split(val_fraction, seed=0)
     n_features = data.X.shape[1]
     config = {"model": model_cfg, "steps": steps, "seeds": seeds, "batch_size": batch_size, "lr": lr,
               "val_fraction": val_fraction, "n_rows": int(len(data.y)), "n_features": int(n_features),
-              "task": data.task, "target": data.target, "gates": {g: gate_preset(g) for g in gate_names},
+              "task": data.task, "target": data.target, **_moe_record(base, gate_names),
               "skipped_gates": [g for g in gates if g not in gate_names]}
     result = ArenaResult("tabular", data.name, config)
     t0 = time.perf_counter()
@@ -232,7 +268,7 @@ def run_tabular_arena(
     for gate in gate_names:
         for seed in range(seeds):
             torch.manual_seed(seed)
-            net = TabularMoE(n_features, data.n_outputs, gate=gate, gate_kwargs=gate_preset(gate), **model_cfg)
+            net = TabularMoE(n_features, data.n_outputs, moe=gate_preset(gate, base=base), **model_cfg)
             target_params = target_params or net.n_params()[0]
             m = train_tabular(net, split, data.task, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                               eval_every=eval_every, progress=progress, desc=f"{gate} seed {seed}")

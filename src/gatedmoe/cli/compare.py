@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from gatedmoe.arena import (
         DEFAULT_TABULAR_GATES,
         DEFAULT_TEXT_GATES,
+        TABULAR_MOE,
+        TEXT_MOE,
         run_tabular_arena,
         run_text_arena,
         write_outputs,
@@ -104,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
             if not args.text.exists():
                 raise SystemExit(f"--text {args.text} does not exist")
             text, name = args.text.read_text(encoding="utf-8"), args.text.name
-        model = {k: v for k, v in (("n_layers", args.layers), ("d_model", args.d_model), ("seq_len", args.seq_len),
-                                   ("n_experts", args.experts)) if v is not None}
+        model = {k: v for k, v in (("n_layers", args.layers), ("seq_len", args.seq_len)) if v is not None}
+        moe = TEXT_MOE.replace(**{k: v for k, v in (("d_model", args.d_model), ("n_experts", args.experts))
+                                  if v is not None})
         if args.gated_attention:
             model["gated_attention"] = True
         kw = {} if args.steps is None else {"steps": args.steps}
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"== text: {name}, gates {', '.join(gate_names or DEFAULT_TEXT_GATES)}", flush=True)
         res = run_text_arena(text, gate_names or DEFAULT_TEXT_GATES, seeds=args.seeds, lr=args.lr,
                              eval_every=args.eval_every, eval_batches=args.eval_batches, device=args.device,
-                             model=model, dataset=name, progress=progress, jobs=args.jobs, threads=args.threads,
+                             model=model, moe=moe, dataset=name, progress=progress, jobs=args.jobs, threads=args.threads,
                              **kw)
         results.append(res)
     if args.task in ("tabular", "both"):
@@ -125,13 +128,13 @@ def run(args: argparse.Namespace) -> int:
         kw = {} if args.steps is None else {"steps": args.steps}
         if args.batch_size is not None:
             kw["batch_size"] = args.batch_size
-        model = {} if args.experts is None else {"n_experts": args.experts}
+        moe = TABULAR_MOE if args.experts is None else TABULAR_MOE.replace(n_experts=args.experts)
         tab_gates = gate_names or list(DEFAULT_TABULAR_GATES)
         print(f"== tabular: {data.name} ({data.task}, {len(data.y)} rows, {data.X.shape[1]} features), "
               f"gates {', '.join(tab_gates)} + mlp", flush=True)
         try:
             res = run_tabular_arena(data, tab_gates, seeds=args.seeds, lr=args.lr, eval_every=args.eval_every,
-                                    model=model, progress=progress, **kw)
+                                    moe=moe, progress=progress, **kw)
         except ValueError as e:
             raise SystemExit(f"tabular task: {e}") from None
         results.append(res)

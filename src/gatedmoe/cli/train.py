@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
     p.add_argument("--k", type=int, default=2, help="experts per token (default 2)")
     p.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
-    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--d-model", type=int, default=None, help="model width (default 128; a table's MoE 64)")
     p.add_argument("--d-hidden", type=int, default=128, help="hidden width of each expert")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
@@ -59,6 +59,15 @@ def _load_text(args: argparse.Namespace) -> str:
         raise SystemExit(f"--data {args.data} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def _moe_config(args: argparse.Namespace, base):
+    """The one `MoEConfig` of the run: ``base`` (the model's default) with the flags' MoE settings."""
+    changes = dict(gate=args.gate, n_experts=args.experts, k=args.k, d_hidden=args.d_hidden,
+                   capacity_factor=args.capacity_factor, n_shared_experts=args.shared_experts)
+    if args.d_model is not None:
+        changes["d_model"] = args.d_model
+    return base.replace(**changes)
+
+
 def _sample(model, tok, args: argparse.Namespace) -> None:
     import torch
 
@@ -75,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     text = _load_text(args)
     if args.eval_only is not None:
         return _run_eval(args, text)
-    from gatedmoe.models import CharTokenizer, train_lm
+    from gatedmoe.models import CharTokenizer, LMConfig, train_lm
 
     try:
         if args.resume is not None:
@@ -86,9 +95,8 @@ def run(args: argparse.Namespace) -> int:
             m = train_lm(
                 text, steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                 eval_every=args.eval_every, out_dir=args.out, progress=not args.no_progress,
-                gate=args.gate, n_experts=args.experts, k=args.k, n_layers=args.layers, d_model=args.d_model,
-                d_hidden=args.d_hidden, seq_len=args.seq_len, capacity_factor=args.capacity_factor,
-                n_shared_experts=args.shared_experts, gated_attention=args.gated_attention,
+                moe=_moe_config(args, LMConfig.default_moe), n_layers=args.layers, seq_len=args.seq_len,
+                gated_attention=args.gated_attention,
             )
     except ValueError as e:
         raise SystemExit(str(e)) from None
@@ -117,7 +125,7 @@ def _run_eval(args: argparse.Namespace, text: str) -> int:
         raise SystemExit(str(e)) from None
     stats = RoutingStats()
     val = evaluate_lm(model, data, args.batch_size, 8, stats=stats)
-    print(f"checkpoint {path} (step {meta.get('steps')}, gate {model.cfg.gate})")
+    print(f"checkpoint {path} (step {meta.get('steps')}, gate {model.cfg.moe.gate})")
     print(f"validation loss {val:.4f}")
     print("\nrouting on the validation split:")
     print(stats.format())
@@ -137,8 +145,7 @@ def _run_tabular(args: argparse.Namespace) -> int:
         raise SystemExit("--resume and --eval-only are for text models; a CSV --data trains a TabularMoE from scratch")
     try:
         data = load_tabular(args.data, target=args.target)
-        model = TabularMoE(data.X.shape[1], data.n_outputs, gate=args.gate, n_experts=args.experts, k=args.k,
-                           d_hidden=args.d_hidden)
+        model = TabularMoE(data.X.shape[1], data.n_outputs, moe=_moe_config(args, TabularMoE.default_moe))
     except ValueError as e:
         raise SystemExit(str(e)) from None
     print(f"{data.name}: {data.task}, {len(data.y)} rows, {data.X.shape[1]} features, target {data.target!r}")

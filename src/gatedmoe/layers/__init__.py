@@ -6,6 +6,11 @@
 * `depth.MixtureOfDepths`: a router picks which tokens a block processes (Raposo et al. 2024).
 * `multi_task.MultiTaskMoE`: shared experts, one gate per task (MMoE, DSelect-k multi-task).
 * `deep.DeepMoE`: stacked MoE layers, each with its own gate (Eigen et al. 2013).
+
+The variants take the layer's settings as one `MoEConfig` (``from_config``): `DeepMoE` and
+`MultiHeadMoE` build their layers with ``MoE.from_config``; `MultiTaskMoE` and `SoftMoE`
+build no `MoE` and use the config fields named in their ``honoured`` attribute, refusing
+(ValueError naming the field) any other setting that differs from its default.
 """
 
 from gatedmoe.layers.deep import DeepMoE

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gatedmoe.layers.config import MoEConfig
 from gatedmoe.layers.moe import MoE
 
 __all__ = ["DeepMoE"]
@@ -33,7 +34,9 @@ class DeepMoE(nn.Module):
     residual : bool
         Add each layer's input to its output (default False).
     **moe_kwargs
-        Passed to every `gatedmoe.MoE` (gate, k, gate_kwargs, ...).
+        The other `gatedmoe.MoEConfig` fields (gate, k, gate_kwargs, ...). They make one
+        config, ``self.config``, and every layer is ``MoE.from_config(self.config)``;
+        `from_config` takes a config directly.
 
     ``aux_loss(model)`` sums every layer's auxiliary losses.
 
@@ -43,6 +46,8 @@ class DeepMoE(nn.Module):
     >>> m = DeepMoE(8, n_experts=4, d_hidden=16, n_layers=2, gate="softmax")
     >>> m(torch.randn(3, 8)).shape
     torch.Size([3, 8])
+    >>> all(layer.config == m.config for layer in m.layers)
+    True
     """
 
     def __init__(
@@ -61,8 +66,21 @@ class DeepMoE(nn.Module):
             raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
         if nonlinearity not in ("relu", None):
             raise ValueError(f"nonlinearity must be 'relu' or None, got {nonlinearity!r}")
-        self.layers = nn.ModuleList(MoE(d_model, n_experts, d_hidden, **moe_kwargs) for _ in range(n_layers))
+        self.config = MoEConfig(d_model=d_model, n_experts=n_experts, d_hidden=d_hidden, **moe_kwargs)
+        self.layers = nn.ModuleList(MoE.from_config(self.config) for _ in range(n_layers))
         self.nonlinearity, self.residual = nonlinearity, bool(residual)
+
+    @classmethod
+    def from_config(
+        cls, config: MoEConfig, *, n_layers: int = 2, nonlinearity: str | None = "relu", residual: bool = False
+    ) -> DeepMoE:
+        """``n_layers`` MoE layers, each ``MoE.from_config(config)`` (``self.config == config``)."""
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        settings = config.to_dict()
+        d_model, n_experts, d_hidden = settings.pop("d_model"), settings.pop("n_experts"), settings.pop("d_hidden")
+        return cls(d_model, n_experts, d_hidden, n_layers=n_layers, nonlinearity=nonlinearity, residual=residual,
+                   **settings)
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """``x [..., D] -> [..., D]``; ``token_ids`` reach every layer."""

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from gatedmoe.layers.config import MoEConfig
 from gatedmoe.layers.moe import MoE
 
 __all__ = ["MultiHeadMoE"]
@@ -31,7 +32,10 @@ class MultiHeadMoE(nn.Module):
     n_experts, d_hidden : int
         Experts of the inner MoE and their hidden width (MH-MoE shrinks it to keep FLOPs).
     **moe_kwargs
-        Passed to the inner `gatedmoe.MoE` (gate, k, gate_kwargs, capacity_factor, ...).
+        The other `gatedmoe.MoEConfig` fields of the inner MoE (gate, k, gate_kwargs,
+        capacity_factor, ...). They make ``self.config``, the inner layer's config (its
+        ``d_model`` is the sub-token width D/h), and ``self.moe = MoE.from_config(self.config)``;
+        `from_config` takes a config directly.
 
     ``aux_losses`` and ``last_routing`` live on ``self.moe`` (``aux_loss(model)`` finds
     them); ``token_ids`` are repeated for each sub-token.
@@ -42,6 +46,8 @@ class MultiHeadMoE(nn.Module):
     >>> m = MultiHeadMoE(16, n_heads=4, n_experts=4, d_hidden=8, k=2)
     >>> m(torch.randn(2, 5, 16)).shape
     torch.Size([2, 5, 16])
+    >>> m.moe.config.d_model
+    4
     """
 
     def __init__(self, d_model: int, n_heads: int, n_experts: int, d_hidden: int, **moe_kwargs: Any) -> None:
@@ -51,7 +57,20 @@ class MultiHeadMoE(nn.Module):
         self.d_model, self.n_heads = d_model, n_heads
         self.head_proj = nn.Linear(d_model, d_model)
         self.merge_proj = nn.Linear(d_model, d_model)
-        self.moe = MoE(d_model // n_heads, n_experts, d_hidden, **moe_kwargs)
+        self.config = MoEConfig(d_model=d_model // n_heads, n_experts=n_experts, d_hidden=d_hidden, **moe_kwargs)
+        self.moe = MoE.from_config(self.config)
+
+    @classmethod
+    def from_config(cls, config: MoEConfig, *, n_heads: int) -> MultiHeadMoE:
+        """An MH-MoE of width ``n_heads * config.d_model`` whose inner layer is
+        ``MoE.from_config(config)`` (``self.moe.config == config``)."""
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
+            raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
+        settings = config.to_dict()
+        d_sub, n_experts, d_hidden = settings.pop("d_model"), settings.pop("n_experts"), settings.pop("d_hidden")
+        return cls(n_heads * d_sub, n_heads, n_experts, d_hidden, **settings)
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """``x [..., D] -> [..., D]``."""

@@ -9,8 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gatedmoe.dispatch import check_backend_name, get_backend
+from gatedmoe.dispatch import get_backend
+from gatedmoe.dispatch.options import TritonOptions
 from gatedmoe.experts.bank import ExpertBank
+from gatedmoe.layers._settings import honoured_settings
+from gatedmoe.layers.config import MoEConfig
 from gatedmoe.routing import Routing
 from gatedmoe.transient import TransientState
 
@@ -36,10 +39,17 @@ class SoftMoE(TransientState, nn.Module):
         D, E, and each expert's hidden width.
     slots_per_expert : int
         S (default 1).
-    activation, bias, backend :
-        As in `gatedmoe.MoE`.
+    activation, bias, backend, backend_options :
+        As in `gatedmoe.MoEConfig`.
     normalize : bool
         l2-normalise tokens and slot parameters (default False).
+    check_inputs : bool
+        Raise on NaN/inf in the input (default False).
+
+    These are the `MoEConfig` fields it honours (``self.config`` holds them); `from_config`
+    builds one from a config and refuses, naming the field, one whose other settings differ
+    from their defaults: Soft MoE has no gate, top-k, auxiliary loss, capacity or shared
+    experts.
 
     Input ``[B, T, D]`` or ``[T, D]`` (one sequence). Tokens mix within a sequence, so a
     causal model cannot use it as is (the paper notes the same).
@@ -50,9 +60,15 @@ class SoftMoE(TransientState, nn.Module):
     >>> m = SoftMoE(16, n_experts=4, d_hidden=32, slots_per_expert=2)
     >>> m(torch.randn(3, 10, 16)).shape
     torch.Size([3, 10, 16])
+    >>> from gatedmoe import MoEConfig
+    >>> cfg = MoEConfig(d_model=16, n_experts=4, d_hidden=32, activation="gelu")
+    >>> SoftMoE.from_config(cfg, slots_per_expert=2).config == cfg
+    True
     """
 
     _transient = {"aux_losses": {}}
+    # The MoEConfig fields this variant uses; the others must keep their defaults.
+    honoured = ("d_model", "n_experts", "d_hidden", "activation", "bias", "backend", "backend_options", "check_inputs")
 
     def __init__(
         self,
@@ -65,11 +81,16 @@ class SoftMoE(TransientState, nn.Module):
         bias: bool = False,
         normalize: bool = False,
         backend: str = "auto",
+        backend_options: TritonOptions | None = None,
+        check_inputs: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(slots_per_expert, bool) or not isinstance(slots_per_expert, int) or slots_per_expert < 1:
             raise ValueError(f"slots_per_expert must be a positive int, got {slots_per_expert!r}")
-        self.backend = check_backend_name(backend)
+        self.config = MoEConfig(
+            d_model=d_model, n_experts=n_experts, d_hidden=d_hidden, activation=activation, bias=bias, backend=backend,
+            backend_options=backend_options, check_inputs=check_inputs,
+        )
         self.experts = ExpertBank(n_experts, d_model, d_hidden, activation, bias)
         self.d_model, self.n_experts, self.slots_per_expert = d_model, n_experts, slots_per_expert
         self.phi = nn.Parameter(torch.randn(d_model, n_experts * slots_per_expert) * d_model**-0.5)
@@ -78,6 +99,20 @@ class SoftMoE(TransientState, nn.Module):
         self.aux_losses: dict[str, Tensor] = {}
         self.last_dispatch: Tensor | None = None
         self.last_combine: Tensor | None = None
+
+    @classmethod
+    def from_config(cls, config: MoEConfig, *, slots_per_expert: int = 1, normalize: bool = False) -> SoftMoE:
+        """The Soft MoE whose experts and dispatch ``config`` describes (``self.config == config``).
+
+        ValueError, naming the field, if a setting outside `honoured` differs from its default.
+        """
+        settings = honoured_settings(config, cls.honoured, cls.__name__)
+        d_model, n_experts, d_hidden = settings.pop("d_model"), settings.pop("n_experts"), settings.pop("d_hidden")
+        return cls(d_model, n_experts, d_hidden, slots_per_expert=slots_per_expert, normalize=normalize, **settings)
+
+    @property
+    def backend(self) -> str:
+        return self.config.backend
 
     def slot_logits(self, x_BTD: Tensor) -> Tensor:
         """``L [B, T, E*S]`` in float32."""
@@ -90,6 +125,8 @@ class SoftMoE(TransientState, nn.Module):
         """``[B, T, D]`` (or ``[T, D]``) to the same shape."""
         if x.dim() not in (2, 3) or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape [B, T, d_model={self.d_model}] or [T, d_model], got {tuple(x.shape)}")
+        if self.config.check_inputs and not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or inf")
         x_BTD = x.unsqueeze(0) if x.dim() == 2 else x
         B, T, D = x_BTD.shape
         ES = self.n_experts * self.slots_per_expert
@@ -105,7 +142,8 @@ class SoftMoE(TransientState, nn.Module):
         routing = Routing.from_assignments(
             rows, expert_of_row, torch.ones(B * ES, device=x.device), n_experts=self.n_experts, n_tokens=B * ES
         )
-        out_ND = get_backend(self.backend, x.device)(slots_BND.reshape(B * ES, D), routing, self.experts)
+        dispatch = get_backend(self.config.backend, x.device)
+        out_ND = dispatch(slots_BND.reshape(B * ES, D), routing, self.experts, options=self.config.backend_options)
         y_BTD = combine_BTN @ out_ND.reshape(B, ES, D).float()
         y_BTD = y_BTD.to(x.dtype)
         return y_BTD.squeeze(0) if x.dim() == 2 else y_BTD

@@ -4,11 +4,12 @@ dense baseline sized to the same parameter count."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from gatedmoe.layers.config import MoEConfig
 from gatedmoe.layers.moe import MoE
 from gatedmoe.models.params import count_params
 
@@ -33,7 +34,7 @@ class FeatureEmbedding(nn.Module):
 
 class TabularMoE(nn.Module):
     """Embedding + MoE for tables, after GG MoE (Chernov 2025, "(GG) MoE vs. MLP on
-    Tabular Data"): per-feature embeddings, a linear map to ``d_model``, one MoE layer
+    Tabular Data"): per-feature embeddings, a linear map to ``moe.d_model``, one MoE layer
     (default: the dense Gumbel-softmax gate of GG MoE) with a residual connection, and a
     linear head.
 
@@ -44,13 +45,15 @@ class TabularMoE(nn.Module):
     n_features, n_outputs : int
     d_embed : int
         Width of each feature's embedding (default 8).
-    d_model : int
-        Width the MoE layer works in (default 64).
-    n_experts, d_hidden, k, activation : as in `gatedmoe.MoE` (defaults 4, 64, 2, "gelu").
-    gate : str
-        Gate name (default "gumbel_softmax"); ``gate_kwargs`` go to it.
+    moe : MoEConfig, optional
+        Settings of the MoE layer, carried whole (``self.moe.config == moe``); its
+        ``d_model`` is the width the layer works in. Default `default_moe`: d_model 64,
+        4 experts of hidden width 64, gate "gumbel_softmax", k 2, GELU, no input check.
     dropout : float
         Before the head (default 0.1).
+    **moe_settings
+        The flat spelling: any `MoEConfig` field (``d_model=16, n_experts=8, gate="softmax",
+        gate_kwargs=...``), applied to `default_moe`. Not together with ``moe``.
 
     Examples
     --------
@@ -58,7 +61,13 @@ class TabularMoE(nn.Module):
     >>> m = TabularMoE(10, 3)
     >>> m(torch.randn(5, 10)).shape
     torch.Size([5, 3])
+    >>> TabularMoE(10, 3, moe=TabularMoE.default_moe.replace(gate="softmax")).moe.config.gate
+    'softmax'
     """
+
+    default_moe: ClassVar[MoEConfig] = MoEConfig(
+        d_model=64, n_experts=4, d_hidden=64, gate="gumbel_softmax", k=2, activation="gelu", check_inputs=False
+    )
 
     def __init__(
         self,
@@ -66,27 +75,27 @@ class TabularMoE(nn.Module):
         n_outputs: int,
         *,
         d_embed: int = 8,
-        d_model: int = 64,
-        n_experts: int = 4,
-        d_hidden: int = 64,
-        k: int = 2,
-        gate: str = "gumbel_softmax",
-        gate_kwargs: dict[str, Any] | None = None,
-        activation: str = "gelu",
+        moe: MoEConfig | None = None,
         dropout: float = 0.1,
+        **moe_settings: Any,
     ) -> None:
         super().__init__()
-        for name, v in (("n_features", n_features), ("n_outputs", n_outputs), ("d_embed", d_embed), ("d_model", d_model)):
+        for name, v in (("n_features", n_features), ("n_outputs", n_outputs), ("d_embed", d_embed)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if moe is None:
+            moe = self.default_moe.replace(**moe_settings)
+        elif moe_settings:
+            raise ValueError(f"pass moe or the flat MoE settings, not both (got moe and {sorted(moe_settings)})")
+        elif not isinstance(moe, MoEConfig):
+            raise TypeError(f"moe must be a MoEConfig, got {type(moe).__name__}")
         self.n_features, self.n_outputs = n_features, n_outputs
         self.embed = FeatureEmbedding(n_features, d_embed)
-        self.proj = nn.Linear(n_features * d_embed, d_model)
-        self.norm = nn.LayerNorm(d_model)
-        self.moe = MoE(d_model, n_experts, d_hidden, gate=gate, k=k, activation=activation,
-                       gate_kwargs=gate_kwargs, check_inputs=False)
+        self.proj = nn.Linear(n_features * d_embed, moe.d_model)
+        self.norm = nn.LayerNorm(moe.d_model)
+        self.moe = MoE.from_config(moe)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(d_model, n_outputs)
+        self.head = nn.Linear(moe.d_model, n_outputs)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.n_features:

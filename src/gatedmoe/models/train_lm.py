@@ -115,12 +115,17 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MoETransformerLM, CharTokenizer, dict]:
-    """Inverse of `save_checkpoint`; loading never executes code (safetensors + JSON)."""
+    """Inverse of `save_checkpoint`; loading never executes code (safetensors + JSON).
+
+    The config is read with `LMConfig.from_dict`, so checkpoints whose ``model.json`` holds
+    the flat config of older versions (``n_experts``, ``k``, ``gate``, ... beside
+    ``d_model``) load and resume too.
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
     meta = json.loads((path / "model.json").read_text())
-    model = MoETransformerLM(LMConfig(**meta["config"]))
+    model = MoETransformerLM(LMConfig.from_dict(meta["config"]))
     model.load_state_dict(load_file(str(path / "model.safetensors"), device=device))
     return model.to(device), CharTokenizer(meta["chars"]), meta
 
@@ -150,7 +155,8 @@ def train_lm(
     text : str
         Training corpus (the last 10% is the validation split).
     cfg : LMConfig, optional
-        Model config; default ``LMConfig(vocab_size=<from text>, **cfg_overrides)``.
+        Model config; default ``LMConfig(vocab_size=<from text>, **cfg_overrides)`` (e.g.
+        ``moe=MoEConfig(...), n_layers=2``, or the flat MoE settings ``n_experts=4, k=1``).
     steps, batch_size, lr : training budget and AdamW learning rate (cosine decay, warm-up).
     device : "cpu", "cuda", ...
     progress, desc : show a progress bar, labelled ``desc``.
@@ -248,7 +254,7 @@ def train_lm(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        stats.plot(out / "load.png", title=f"Expert load, gate={cfg.gate}")
+        stats.plot(out / "load.png", title=f"Expert load, gate={cfg.moe.gate}")
         info = {"step": steps_done, "train_loss": history, "val_loss": val_history, "n_tokens": n_tokens,
                 "train_seconds": elapsed}
         save_checkpoint(out / "checkpoint", model, tok, extra={"final_val_loss": final_val, "steps": steps_done},

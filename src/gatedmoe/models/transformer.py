@@ -2,56 +2,139 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gatedmoe.dispatch.options import TritonOptions
+from gatedmoe.layers.config import MoEConfig
 from gatedmoe.layers.moe import MoE
 from gatedmoe.models.params import count_params
 
 __all__ = ["LMConfig", "MoETransformerLM"]
 
 
-@dataclass(frozen=True)
+_MOE_FIELDS = frozenset(f.name for f in fields(MoEConfig))
+
+
+@dataclass(frozen=True, init=False)
 class LMConfig:
     """Hyper-parameters of `MoETransformerLM` (defaults: a char-level model that trains in
     minutes on two CPU cores).
 
-    ``gated_attention=True`` adds the output gate of Qiu et al. 2025 ("Gated Attention for
-    Large Language Models") to every attention block (default False, see
-    `CausalSelfAttention`).
+    Parameters
+    ----------
+    vocab_size : int
+    seq_len, d_model, n_layers, n_heads : int
+        Context length (default 128), model width (default: ``moe.d_model``, else 128),
+        blocks (default 4) and attention heads (default 4; must divide ``d_model``).
+    moe : MoEConfig, optional
+        Settings of every MoE feed-forward layer, carried whole (``blocks[i].ffn.config ==
+        cfg.moe``); its ``d_model`` must equal ``d_model``. Default: `default_moe` at
+        ``d_model``, i.e. 8 experts of hidden width 128, top-2 softmax, SwiGLU, no input
+        check (the layers see hidden states, not user input).
+    moe_every : int
+        Every ``moe_every``-th block has an MoE layer, the others a dense SwiGLU of the same
+        active width ``moe.k * moe.d_hidden`` (default 1).
+    dropout : float
+        Attention dropout (default 0).
+    gated_attention : bool
+        Add the output gate of Qiu et al. 2025 ("Gated Attention for Large Language Models")
+        to every attention block (default False, see `CausalSelfAttention`).
+    **moe_settings
+        The flat spelling of configs written before ``moe`` existed: any `MoEConfig` field
+        but ``d_model`` (``n_experts=4, k=1, gate="hash", ...``), applied to `default_moe`.
+        Not together with ``moe``.
+
+    `to_dict` gives the nested JSON-able form that checkpoints store; `from_dict` reads it
+    and the flat form of older checkpoints.
+
+    Examples
+    --------
+    >>> from gatedmoe import MoEConfig
+    >>> cfg = LMConfig(vocab_size=20, n_heads=2, moe=MoEConfig(d_model=32, n_experts=4, d_hidden=64, k=1))
+    >>> cfg.d_model, cfg.moe.k
+    (32, 1)
+    >>> flat = LMConfig(vocab_size=20, d_model=32, n_heads=2, n_experts=4, d_hidden=64, k=1)
+    >>> flat.moe == LMConfig.default_moe.replace(d_model=32, n_experts=4, d_hidden=64, k=1)
+    True
+    >>> LMConfig.from_dict(cfg.to_dict()) == cfg
+    True
     """
 
     vocab_size: int
-    seq_len: int = 128
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_experts: int = 8
-    k: int = 2
-    d_hidden: int = 128
-    gate: str = "topk_softmax"
-    moe_every: int = 1
-    n_shared_experts: int = 0
-    capacity_factor: float | None = None
-    activation: str = "swiglu"
-    backend: str = "auto"
-    dropout: float = 0.0
-    gated_attention: bool = False
-    gate_kwargs: dict[str, Any] = field(default_factory=dict)
+    seq_len: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    moe: MoEConfig
+    moe_every: int
+    dropout: float
+    gated_attention: bool
 
-    def __post_init__(self) -> None:
+    default_moe: ClassVar[MoEConfig] = MoEConfig(d_model=128, n_experts=8, d_hidden=128, check_inputs=False)
+
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int = 128,
+        d_model: int | None = None,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        *,
+        moe: MoEConfig | None = None,
+        moe_every: int = 1,
+        dropout: float = 0.0,
+        gated_attention: bool = False,
+        **moe_settings: Any,
+    ) -> None:
+        unknown = sorted(set(moe_settings) - _MOE_FIELDS)
+        if unknown:
+            raise TypeError(f"LMConfig got unexpected keyword arguments {unknown}")
+        if moe is None:
+            moe = self.default_moe.replace(d_model=128 if d_model is None else d_model, **moe_settings)
+        elif moe_settings:
+            raise ValueError(f"pass moe or the flat MoE settings, not both (got moe and {sorted(moe_settings)})")
+        elif not isinstance(moe, MoEConfig):
+            raise TypeError(f"moe must be a MoEConfig (LMConfig.from_dict reads dicts), got {type(moe).__name__}")
+        if d_model is None:
+            d_model = moe.d_model
+        elif d_model != moe.d_model:
+            raise ValueError(f"d_model={d_model} differs from moe.d_model={moe.d_model}; the MoE layers work at the model width")
+        values = dict(vocab_size=vocab_size, seq_len=seq_len, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                      moe=moe, moe_every=moe_every, dropout=dropout, gated_attention=gated_attention)
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.moe_every < 1:
             raise ValueError(f"moe_every must be >= 1, got {self.moe_every}")
 
+    def replace(self, **changes: Any) -> LMConfig:
+        """A copy with ``changes`` applied (validated like a new config)."""
+        return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able nested dict (``moe`` as a dict, its ``backend_options`` too), read by `from_dict`."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LMConfig:
+        """Inverse of `to_dict`; also reads the flat dicts (``n_experts``, ``k``, ``gate``,
+        ... beside ``d_model``) that checkpoints written before ``moe`` existed store."""
+        d = dict(d)
+        moe = d.pop("moe", None)
+        if isinstance(moe, Mapping):
+            moe = dict(moe)
+            if isinstance(moe.get("backend_options"), Mapping):
+                moe["backend_options"] = TritonOptions(**moe["backend_options"])
+            moe = MoEConfig(**moe)
+        return cls(**d, moe=moe)
 
 
 class CausalSelfAttention(nn.Module):
@@ -106,13 +189,9 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(cfg.d_model)
         self.ffn: nn.Module
         if use_moe:
-            self.ffn = MoE(
-                cfg.d_model, cfg.n_experts, cfg.d_hidden, gate=cfg.gate, k=cfg.k, activation=cfg.activation,
-                n_shared_experts=cfg.n_shared_experts, capacity_factor=cfg.capacity_factor,
-                backend=cfg.backend, gate_kwargs=dict(cfg.gate_kwargs), check_inputs=False,
-            )
+            self.ffn = MoE.from_config(cfg.moe)
         else:
-            self.ffn = DenseFFN(cfg.d_model, cfg.d_hidden * cfg.k)
+            self.ffn = DenseFFN(cfg.d_model, cfg.moe.d_hidden * cfg.moe.k)
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.norm1(x))
