@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("data", help="CSV file with a header row")
     p.add_argument("--target", required=True, help="name of the response column")
     p.add_argument("--experts", type=int, default=3, help="number of experts (default 3)")
-    p.add_argument("--gate", default="softmax", help="gate (softmax, topk, temperature, sigmoid, modified_softmax)")
+    p.add_argument("--gate", default="softmax", help="gate (softmax, topk_softmax, temperature_softmax, sigmoid, modified_softmax)")
     p.add_argument("--classify", action="store_true", help="categorical target: MoEClassifier")
     p.add_argument("--n-init", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,10 @@ Parameters, all float64:
   Gaussian experts    ``A_QE`` (means ``mu = [x, 1] A``) and variances ``var_E``
   multinomial experts ``V_EQC`` (class logits ``[x, 1] V_e``; the last class column is 0)
 
+Gate steps take a gate of the table in `gatedmoe.stats.gating` (an object with
+``log_probs``, ``logit_grad`` and, for the softmax family, ``logit_scale``); ``None`` is the
+plain softmax (also the multinomial experts' link).
+
 Every M-step here only ever *increases* its block of the expected complete-data
 log-likelihood (step halving guards the Newton steps), so EM built from them never lowers
 the (penalised) likelihood.
@@ -19,17 +23,45 @@ import numpy as np
 import scipy.linalg
 from scipy.optimize import minimize
 
-from gatedmoe.stats.gating import (
-    expected_log,
-    gate_log_probs,
-    gate_logit_grad,
-    log_softmax_rows,
-    logsumexp_rows,
-    row_sum,
-)
-
 LOG_2PI = float(np.log(2.0 * np.pi))
 MAX_LOGIT_STEP = 4.0
+
+
+def row_sum(A_NE: np.ndarray) -> np.ndarray:
+    """``A.sum(axis=1)`` as a matrix-vector product (fast for few columns)."""
+    return A_NE @ np.ones(A_NE.shape[1])
+
+
+def logsumexp_rows(A_NE: np.ndarray) -> np.ndarray:
+    """``log sum_e exp(A_ne)`` ``[N]``; rows must hold at least one finite entry.
+
+    numpy's reductions along a short last axis are ~20x slower than a loop over the E
+    columns (max) and a matrix-vector product (sum), which is what this does.
+    """
+    m_N = A_NE[:, 0].copy()
+    for e in range(1, A_NE.shape[1]):
+        np.maximum(m_N, A_NE[:, e], out=m_N)
+    return m_N + np.log(row_sum(np.exp(A_NE - m_N[:, None])))
+
+
+def log_softmax_rows(A_NE: np.ndarray) -> np.ndarray:
+    """``A - logsumexp(A)`` per row ``[N, E]``."""
+    return A_NE - logsumexp_rows(A_NE)[:, None]
+
+
+def expected_log(T_NE: np.ndarray, logp_NE: np.ndarray) -> float:
+    """``sum_ne T_ne log p_ne`` with ``0 log 0 = 0`` (and ``-inf`` where ``T > 0 = p``)."""
+    if np.isneginf(logp_NE).any():
+        with np.errstate(invalid="ignore"):
+            return float(np.sum(np.where(T_NE > 0, T_NE * logp_NE, 0.0)))
+    return float(np.einsum("ne,ne->", T_NE, logp_NE))
+
+
+def softmax_logit_grad(logits_NE: np.ndarray, targets_NE: np.ndarray) -> tuple[float, np.ndarray]:
+    """``Q(l) = sum_ne t_ne log softmax(l)_ne`` and ``dQ/dl`` ``[N, E]`` (the plain softmax,
+    what ``gate=None`` means in the steps below)."""
+    logp_NE = log_softmax_rows(logits_NE)
+    return expected_log(targets_NE, logp_NE), targets_NE - row_sum(targets_NE)[:, None] * np.exp(logp_NE)
 
 
 def add_intercept(X_NP: np.ndarray) -> np.ndarray:
@@ -74,9 +106,7 @@ def softmax_newton(
     T_NE: np.ndarray,
     W_QE: np.ndarray,
     n_free: int,
-    gate: str = "softmax",
-    k: int | None = None,
-    temperature: float = 1.0,
+    gate=None,
     n_steps: int = 1,
     log_expert_NE: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
@@ -92,11 +122,12 @@ def softmax_newton(
     not decrease, so the result is never worse than ``W_QE``. Returns ``(W_QE, Q)``.
     """
     N, Q = Z_NQ.shape
-    inv_t = 1.0 / temperature if gate == "temperature" else 1.0
+    inv_t = 1.0 if gate is None else gate.logit_scale
+    log_probs = log_softmax_rows if gate is None else gate.log_probs
     w_N = row_sum(T_NE)
 
     def value(W):
-        logg = gate_log_probs(Z_NQ @ W, gate, k, temperature)
+        logg = log_probs(Z_NQ @ W)
         if log_expert_NE is not None:
             return float(logsumexp_rows(logg + log_expert_NE).sum()), logg
         return expected_log(T_NE, logg), logg
@@ -144,19 +175,18 @@ def lbfgs_gate(
     T_NE: np.ndarray,
     W_QE: np.ndarray,
     n_free: int,
-    gate: str,
-    k: int | None = None,
-    temperature: float = 1.0,
+    gate=None,
     maxiter: int = 15,
 ) -> tuple[np.ndarray, float]:
     """A few warm-started L-BFGS iterations increasing ``Q(W)`` (gates without a Newton
     step here, e.g. the normalised sigmoid gate). Never returns a worse ``W``."""
     Q = Z_NQ.shape[1]
     fixed = W_QE[:, n_free:]
+    logit_grad = softmax_logit_grad if gate is None else gate.logit_grad
 
     def fun(theta):
         W = np.hstack([theta.reshape(Q, n_free), fixed])
-        val, grad_NE = gate_logit_grad(Z_NQ @ W, T_NE, gate, k, temperature)
+        val, grad_NE = logit_grad(Z_NQ @ W, T_NE)
         return -val, -(Z_NQ.T @ grad_NE[:, :n_free]).ravel()
 
     q0 = -fun(W_QE[:, :n_free].ravel())[0]
@@ -203,9 +233,7 @@ def l1_gate(
     T_NE: np.ndarray,
     W_QE: np.ndarray,
     n_free: int,
-    gate: str,
-    k: int | None,
-    temperature: float,
+    gate,
     alpha: float,
     n_total: int,
     lipschitz: float,
@@ -215,10 +243,11 @@ def l1_gate(
     (intercepts unpenalised), the gate M-step of the Lasso MoE (Chamroukhi & Huynh 2019)."""
     Q = Z_NQ.shape[1]
     fixed = W_QE[:, n_free:]
+    logit_grad = softmax_logit_grad if gate is None else gate.logit_grad
 
     def fun_grad(theta_QF):
         W = np.hstack([theta_QF, fixed])
-        val, grad_NE = gate_logit_grad(Z_NQ @ W, T_NE, gate, k, temperature)
+        val, grad_NE = logit_grad(Z_NQ @ W, T_NE)
         return -val / n_total, -(Z_NQ.T @ grad_NE[:, :n_free]) / n_total
 
     mask = np.zeros((Q, n_free), dtype=bool)
@@ -355,6 +384,6 @@ def multinomial_mstep(
         if T_NC.sum() <= 1e-10:
             continue
         V_EQC[e], lipschitz_E[e] = l1_gate(
-            Z_NQ, T_NC, V_EQC[e], C - 1, "softmax", None, 1.0, alpha, n_total, lipschitz_E[e]
+            Z_NQ, T_NC, V_EQC[e], C - 1, None, alpha, n_total, lipschitz_E[e]
         )
     return V_EQC

@@ -25,13 +25,15 @@ class MoERegressor(RegressorMixin, _BaseMoE):
     Parameters
     ----------
     n_experts : int, default=3
-    gate : {"softmax", "topk", "temperature", "sigmoid", "modified_softmax"}, default="softmax"
+    gate : {"softmax", "topk_softmax", "temperature_softmax", "sigmoid", "modified_softmax"}, default="softmax"
+        The names of `gatedmoe.gates.names()`; ``"topk"`` and ``"temperature"`` are
+        deprecated aliases (``FutureWarning`` at fit).
     k : int or None, default=None
-        Experts kept per input by ``"topk"`` / ``"sigmoid"`` (None: all). Sparse gates
+        Experts kept per input by ``"topk_softmax"`` / ``"sigmoid"`` (None: all). Sparse gates
         start from the dense gate's fit; the top-K likelihood is discontinuous in the gate,
         so its EM can stop at a local optimum (see docs/stats.md).
     temperature : float, default=1.0
-        Fixed temperature of ``gate="temperature"``: ``g = softmax(l / temperature)``.
+        Fixed temperature of ``gate="temperature_softmax"``: ``g = softmax(l / temperature)``.
     penalty : {None, "l1"}, default=None
         ``"l1"`` maximises ``mean loglik - alpha (sum_e ||beta_e||_1 + ||a_e||_1 / sigma_e)``
         (Lasso MoE, Chamroukhi & Huynh 2019, with the experts' scale-invariant penalty of
