@@ -86,6 +86,8 @@ def test_bad_gate_options_raise_naming_the_argument():
     with pytest.raises(ValueError, match="temperature"):
         check_gate("softmax", 3, None, 2.0)
     assert check_gate("topk_softmax", 3, 3, 1.0) is None
+    with pytest.raises(ValueError, match="gate='topk_softmax' needs k"):
+        check_gate("topk_softmax", 3, None, 1.0)  # never silently the dense softmax
     # Renamed in issue 16 to the deep registry's names; the old names are aliases.
     assert set(GATES) == {"softmax", "topk_softmax", "temperature_softmax", "sigmoid", "modified_softmax"}
     assert GATE_ALIASES == {"topk": "topk_softmax", "temperature": "temperature_softmax"}
@@ -119,13 +121,16 @@ def test_gate_names_are_the_deep_registry_names():
 
 def test_each_table_entry_is_complete():
     for name in GATES:
-        g = make_gate(name, 4)
+        g = make_gate(name, 4, k=4 if name == "topk_softmax" else None)
         assert g.name == name and g.n_free(4) in (3, 4) and not g.sparse
         X = np.random.default_rng(0).normal(size=(5, 2))
         assert g.design(X).shape == (5, 3)
     assert make_gate("sigmoid", 4).n_free(4) == 4 and make_gate("softmax", 4).n_free(4) == 3
     assert make_gate("topk_softmax", 4, k=2).dense().name == "softmax"
     assert make_gate("sigmoid", 4, k=2).dense() == make_gate("sigmoid", 4)
+    # A sparse sigmoid fit starts from the dense softmax (and, for k > 1, the dense sigmoid).
+    assert [g.name for g in make_gate("sigmoid", 4, k=1).dense_starts()] == ["softmax"]
+    assert [g.name for g in make_gate("sigmoid", 4, k=2).dense_starts()] == ["softmax", "sigmoid"]
 
 
 def test_deprecated_gate_names_warn_where_the_user_calls():
@@ -165,3 +170,22 @@ def test_import_stats_loads_neither_torch_nor_the_deep_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+@pytest.mark.parametrize("gate,k", [("topk_softmax", 1), ("topk_softmax", 2), ("sigmoid", 1), ("sigmoid", 2)])
+def test_smoothed_topk_gradient_and_limit(gate, k):
+    rng = np.random.default_rng(4)
+    l = rng.normal(scale=2, size=(7, 4))
+    T = rng.dirichlet(np.ones(4), size=7)
+    sm = make_gate(gate, 4, k).smoothed(0.7)
+    _, grad = sm.logit_grad(l, T)
+    h = 1e-6
+    for n, e in itertools.product(range(7), range(4)):
+        lp, lm = l.copy(), l.copy()
+        lp[n, e] += h
+        lm[n, e] -= h
+        fd = (sm.logit_grad(lp, T)[0] - sm.logit_grad(lm, T)[0]) / (2 * h)
+        assert abs(fd - grad[n, e]) < 1e-6, (n, e, fd, grad[n, e])
+    # Narrow width: the hard top-K gate.
+    hard = make_gate(gate, 4, k)
+    np.testing.assert_allclose(hard.smoothed(1e-4).probs(l), hard.probs(l), atol=1e-8)

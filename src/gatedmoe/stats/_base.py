@@ -21,6 +21,10 @@ from gatedmoe.stats import em
 from gatedmoe.stats.gating import StatsGate, make_gate
 
 INITS = ("kmeans", "random")
+# Continuation for sparse gates: widths of the smoothed top-K mask (in logit units) and
+# EM iterations at each.
+ANNEAL_WIDTHS = (1.0, 0.4, 0.15, 0.05, 0.015, 0.005)
+ANNEAL_ITER = 20
 PENALTIES = (None, "l1")
 
 
@@ -33,6 +37,34 @@ class _Run:
     history: list = field(default_factory=list)
     converged: bool = False
     n_iter: int = 0
+
+
+def em_converged(history, tol: float) -> bool:
+    """Whether EM has converged, from its objective ``history`` (one value per iteration).
+
+    The last change must be below ``tol``, and so must the gain still to come as Aitken's
+    extrapolation of the (linearly converging) sequence predicts it:
+    ``l_inf - l_t = d_t a / (1 - a)`` with ``a = d_t / d_{t-1}`` (Boehning, Dietz, Schaub,
+    Schlattmann & Lindsay 1994; McNicholas et al. 2010). EM crawling along a plateau has
+    ``a`` near 1: small steps, a large predicted gain, so it is not declared converged
+    there. A change below ``tol / 1000`` (EM at a fixed point) converges at once.
+    """
+    if len(history) < 2:
+        return False
+    d1 = history[-1] - history[-2]
+    if not abs(d1) < tol:
+        return False
+    if abs(d1) <= 1e-3 * tol:
+        return True
+    if len(history) < 3:
+        return False
+    d0 = history[-2] - history[-3]
+    if d0 <= 0 or d1 < 0:
+        return True
+    rate = d1 / d0
+    if rate >= 1:
+        return False
+    return d1 * rate / (1.0 - rate) < tol
 
 
 def kmeans_labels(X_NP: np.ndarray, n_clusters: int, rng: np.random.RandomState, n_iter: int = 30) -> np.ndarray:
@@ -191,7 +223,19 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
                 F, R, W, n_free, gate, self._alpha, F.shape[0], state["gate_L"], n_steps=5 * n_steps
             )
             return W
-        return gate.mstep(F, R, W, n_steps=n_steps, log_expert_NE=log_expert)
+        return gate.mstep(F, R, W, n_steps=n_steps, log_expert_NE=log_expert, l2=self._gate_l2())
+
+    def _ridge(self, params, n):
+        """A family's fixed L2 penalty on the per-sample scale (none here)."""
+        return 0.0
+
+    def _gate_l2(self):
+        """Ridge on the gate coefficients, total scale (softmax-family gates; none here)."""
+        return 0.0
+
+    def _start_params_from_fitted(self):
+        """The previous fit as the parameters EM works with (a warm start)."""
+        return self._params_from_fitted()
 
     def _l1_norm(self, params):
         if self._alpha == 0:
@@ -203,7 +247,7 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         F, Z, y = data
         log_expert = self._expert_log_density(Z, y, params)
         R, ll_N = em.e_step(gate.log_probs(F @ params["W"]), log_expert)
-        return R, ll_N, float(ll_N.mean()) - self._alpha * self._l1_norm(params)
+        return R, ll_N, float(ll_N.mean()) - self._alpha * self._l1_norm(params) - self._ridge(params, F.shape[0])
 
     def _mstep(self, data, R, params, state, gate, n_steps=1):
         F, Z, y = data
@@ -224,22 +268,22 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         if W is None:
             # First gate of a start: from W = 0 every logit ties and a top-K would drop
             # the same experts everywhere; fit the dense gate to the start's clusters.
-            gate = gate.dense()
+            gate = gate.dense_starts()[0]
         else:
             params["W"] = W
         return self._mstep(data, R, params, state, gate, n_steps=5)
 
-    def _em(self, data, params, state, gate=None):
+    def _em(self, data, params, state, gate=None, max_iter=None):
         gate = gate or self._gate
         R, ll_N, obj = self._objective(data, params, gate)
         history = [obj]
         converged = False
         n_iter = 0
-        for n_iter in range(1, self.max_iter + 1):  # noqa: B007
+        for n_iter in range(1, (max_iter or self.max_iter) + 1):  # noqa: B007
             params = self._mstep(data, R, params, state, gate)
             R, ll_N, obj = self._objective(data, params, gate)
             history.append(obj)
-            if abs(obj - history[-2]) < self.tol:
+            if em_converged(history, self.tol):
                 converged = True
                 break
         run = _Run(params, obj, history, converged, n_iter)
@@ -274,14 +318,32 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         R[worst, e] = 1.0
         return self._em(data, self._params_from_resp(data, R, state, W=run.params["W"], gate=gate), state, gate)
 
+    def _sparse_runs(self, data, params, state, widths):
+        """Hard top-K EM from ``params`` and from the end of a continuation over the
+        smoothed gate's ``widths``; the better run."""
+        gate = self._gate
+        hard = self._em(data, params, state, gate)
+        for width in widths:
+            params = self._em(data, params, state, gate.smoothed(width), max_iter=ANNEAL_ITER).params
+        annealed = self._em(data, params, state, gate)
+        return annealed if annealed.objective > hard.objective else hard
+
     def _fit_start(self, data, params, state):
         gate = self._gate
         if gate.sparse:
             # A top-K gate gives zero responsibility to the experts it drops, so EM alone
-            # can never move an expert into a region it is dropped from: run the dense
-            # gate first, then the sparse one from there.
-            params = self._em(data, params, state, gate.dense()).params
-        run = self._em(data, params, state, gate)
+            # can never move an expert into a region it is dropped from, and the hard
+            # gate's likelihood is piecewise constant in the selection: run the dense gate
+            # first, then shrink a smoothed top-K mask towards the hard one (continuation).
+            run = None
+            for dense in gate.dense_starts():
+                start = self._em(data, params, state, dense).params
+                start["W"] = gate.from_dense(start["W"], data[0], dense)
+                cand = self._sparse_runs(data, start, state, ANNEAL_WIDTHS)
+                if run is None or cand.objective > run.objective:
+                    run = cand
+        else:
+            run = self._em(data, params, state, gate)
         for _ in range(2):
             e = self._degenerate_expert(data, run)
             if e is None:
@@ -291,6 +353,14 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
                 break
             run = cand
         return run
+
+    def _refine(self, data, params, state):
+        """Refine a subsample's best start on all data."""
+        if self._gate.sparse:
+            # The selection boundary of a sparse gate moves only under the smoothed gate:
+            # repeat the narrow end of the continuation on all data.
+            return self._sparse_runs(data, params, state, ANNEAL_WIDTHS[-3:])
+        return self._fit_start(data, params, state)
 
     def _initial_resp(self, X, y_feat, rng, y_weighted=False):
         n = X.shape[0]
@@ -329,7 +399,7 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         data = (F, Z, y)
         state = self._new_state()
         if self.warm_start and self._warm_start_fits(X):
-            best = self._em(data, self._params_from_fitted(), state)
+            best = self._em(data, self._start_params_from_fitted(), state)
         else:
             sub = None
             if self.init_subsample is not None and n > self.init_subsample:
@@ -345,16 +415,21 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
                 if best is None or run.objective > best.objective:
                     best = run
             if sub is not None:
-                best = self._fit_start(data, best.params, state)
+                best = self._refine(data, best.params, state)
         if not best.converged:
             warnings.warn(
                 f"EM did not converge in max_iter={self.max_iter} iterations (last change in mean "
-                f"log-likelihood {abs(best.history[-1] - best.history[-2]):.3g} > tol={self.tol}). "
+                f"log-likelihood {abs(best.history[-1] - best.history[-2]):.3g}, tol={self.tol}; the "
+                "likelihood was still rising). "
                 "Increase max_iter, loosen tol, standardise the features, or try fewer experts "
                 "(a separable gate or a redundant expert makes EM crawl).",
                 ConvergenceWarning,
                 stacklevel=3,
             )
+        if self._gate.k == 1:
+            # Top-1: g is the indicator of the largest logit, unchanged when W is scaled by
+            # any c > 0 (the continuation would otherwise leave an arbitrary, large scale).
+            best.params["W"] = best.params["W"] / max(np.abs(best.params["W"]).max(), 1e-300)
         self._set_fitted(best.params)
         self.converged_ = best.converged
         self.n_iter_ = best.n_iter

@@ -109,8 +109,10 @@ def softmax_newton(
     gate=None,
     n_steps: int = 1,
     log_expert_NE: np.ndarray | None = None,
+    l2: float = 0.0,
 ) -> tuple[np.ndarray, float]:
-    """Damped Newton (IRLS) steps increasing ``Q(W) = sum_ne T_ne log g_ne(Z W)``.
+    """Damped Newton (IRLS) steps increasing ``Q(W) = sum_ne T_ne log g_ne(Z W)``
+    (minus ``l2/2`` times the squared coefficients, intercepts excluded, if ``l2 > 0``).
 
     With ``log_expert_NE`` the steps instead increase the observed log-likelihood
     ``sum_n log sum_e g_ne(Z W) p_ne`` with the experts fixed (targets: the current
@@ -128,9 +130,10 @@ def softmax_newton(
 
     def value(W):
         logg = log_probs(Z_NQ @ W)
+        pen = 0.5 * l2 * float((W[:-1, :n_free] ** 2).sum()) if l2 else 0.0
         if log_expert_NE is not None:
-            return float(logsumexp_rows(logg + log_expert_NE).sum()), logg
-        return expected_log(T_NE, logg), logg
+            return float(logsumexp_rows(logg + log_expert_NE).sum()) - pen, logg
+        return expected_log(T_NE, logg) - pen, logg
 
     q0, logg_NE = value(W_QE)
     for _ in range(n_steps):
@@ -141,6 +144,8 @@ def softmax_newton(
             w_N = np.ones(Z_NQ.shape[0])
         grad_NE = (T_NE - w_N[:, None] * g_NE) * inv_t
         grad_FQ = (Z_NQ.T @ grad_NE[:, :n_free]).T
+        if l2:
+            grad_FQ[:, :-1] -= l2 * W_QE[:-1, :n_free].T
         # Negative Hessian in the logits: w_n (diag(g) - g g^T) / tau^2, per sample.
         H = np.empty((n_free, Q, n_free, Q))
         for e in range(n_free):
@@ -149,7 +154,10 @@ def softmax_newton(
                 B_QQ = Z_NQ.T @ (Z_NQ * c_N[:, None])
                 H[e, :, f, :] = B_QQ
                 H[f, :, e, :] = B_QQ.T
-        step_FQ = _solve_psd(H.reshape(n_free * Q, n_free * Q), grad_FQ.ravel()).reshape(n_free, Q)
+        H = H.reshape(n_free * Q, n_free * Q)
+        if l2:
+            H = H + l2 * np.diag(np.tile(np.r_[np.ones(Q - 1), 0.0], n_free))
+        step_FQ = _solve_psd(H, grad_FQ.ravel()).reshape(n_free, Q)
         # Trust region: no logit moves by more than MAX_LOGIT_STEP in one step. Near
         # separation the Newton step is huge and would otherwise be halved many times.
         max_move = np.abs(Z_NQ @ step_FQ.T).max() if step_FQ.size else 0.0
@@ -188,6 +196,38 @@ def lbfgs_gate(
         W = np.hstack([theta.reshape(Q, n_free), fixed])
         val, grad_NE = logit_grad(Z_NQ @ W, T_NE)
         return -val, -(Z_NQ.T @ grad_NE[:, :n_free]).ravel()
+
+    q0 = -fun(W_QE[:, :n_free].ravel())[0]
+    res = minimize(fun, W_QE[:, :n_free].ravel(), jac=True, method="L-BFGS-B", options={"maxiter": maxiter})
+    if np.all(np.isfinite(res.x)) and -res.fun >= q0:
+        return np.hstack([res.x.reshape(Q, n_free), fixed]), float(-res.fun)
+    return W_QE, q0
+
+
+def observed_lbfgs_gate(
+    Z_NQ: np.ndarray,
+    W_QE: np.ndarray,
+    n_free: int,
+    gate,
+    log_expert_NE: np.ndarray,
+    maxiter: int = 15,
+) -> tuple[np.ndarray, float]:
+    """A few L-BFGS iterations increasing the observed log-likelihood
+    ``sum_n log sum_e g_ne(Z W) p_ne`` with the experts fixed (a sparse gate whose ``Q``
+    cannot move its selection). Its gradient in the logits is ``Q``'s at the current
+    posterior responsibilities. Never returns a worse ``W``."""
+    Q = Z_NQ.shape[1]
+    fixed = W_QE[:, n_free:]
+
+    def fun(theta):
+        W = np.hstack([theta.reshape(Q, n_free), fixed])
+        logits_NE = Z_NQ @ W
+        joint_NE = gate.log_probs(logits_NE) + log_expert_NE
+        ll_N = logsumexp_rows(joint_NE)
+        if not np.all(np.isfinite(ll_N)):
+            return np.inf, np.zeros_like(theta)
+        _, grad_NE = gate.logit_grad(logits_NE, np.exp(joint_NE - ll_N[:, None]))
+        return -float(ll_N.sum()), -(Z_NQ.T @ grad_NE[:, :n_free]).ravel()
 
     q0 = -fun(W_QE[:, :n_free].ravel())[0]
     res = minimize(fun, W_QE[:, :n_free].ravel(), jac=True, method="L-BFGS-B", options={"maxiter": maxiter})
@@ -309,11 +349,12 @@ def _weighted_lasso(X_NP, y_N, r_N, alpha, a0_Q):
 
 
 def multinomial_newton_experts(
-    Z_NQ: np.ndarray, Y_NC: np.ndarray, R_NE: np.ndarray, V_EQC: np.ndarray
+    Z_NQ: np.ndarray, Y_NC: np.ndarray, R_NE: np.ndarray, V_EQC: np.ndarray, l2: float = 0.0
 ) -> np.ndarray:
     """One damped Newton step for every multinomial logistic expert at once.
 
-    Expert e maximises ``sum_n r_ne log softmax(Z_n V_e)[y_n]``; the experts are
+    Expert e maximises ``sum_n r_ne log softmax(Z_n V_e)[y_n] - l2/2 ||V_e[:-1]||^2`` (the
+    ridge leaves the intercept row alone, as LogisticRegression's ``1/C``); the experts are
     independent, so their Newton systems are solved as one batch ``[E, (C-1) Q]``. Each
     expert's step is capped (trust region) and halved until its objective does not fall.
     """
@@ -329,18 +370,24 @@ def multinomial_newton_experts(
         L_ECN = np.matmul(V.transpose(0, 2, 1), Z_NQ.T)
         m_EN = L_ECN.max(axis=1)
         logp_ECN = L_ECN - (m_EN + np.log(np.exp(L_ECN - m_EN[:, None]).sum(axis=1)))[:, None]
-        return (R_EN * logp_ECN[:, y_N, rows]).sum(axis=1), logp_ECN
+        pen_E = 0.5 * l2 * (V[:, :-1, :] ** 2).sum(axis=(1, 2)) if l2 else 0.0
+        return (R_EN * logp_ECN[:, y_N, rows]).sum(axis=1) - pen_E, logp_ECN
 
     q0_E, logp_ECN = value(V_EQC)
     P_ECN = np.exp(logp_ECN)
     G_ECN = R_EN[:, None, :] * (Y_NC.T[None] - P_ECN)
     grad_ECQ = np.matmul(G_ECN[:, :Cf], Z_NQ)
+    if l2:
+        grad_ECQ[:, :, :-1] -= l2 * V_EQC[:, :-1, :Cf].transpose(0, 2, 1)
     # Negative Hessian blocks Z^T diag(r_e p_c (delta_cd - p_d)) Z, batched over experts.
     Pf = P_ECN[:, :Cf]
     W_ECCN = R_EN[:, None, None, :] * Pf[:, :, None, :] * (np.eye(Cf)[None, :, :, None] - Pf[:, None, :, :])
     H = np.einsum("nq,ecdn,nr->ecqdr", Z_NQ, W_ECCN, Z_NQ, optimize=True).reshape(E, Cf * Q, Cf * Q)
     ridge_E = 1e-10 * (np.trace(H, axis1=1, axis2=2) / (Cf * Q) + 1e-12)
     H = H + ridge_E[:, None, None] * np.eye(Cf * Q)
+    if l2:
+        # Layout (c, q): the penalty's curvature on every coefficient but the intercepts.
+        H = H + l2 * np.diag(np.tile(np.r_[np.ones(Q - 1), 0.0], Cf))
     try:
         step_ECQ = np.linalg.solve(H, grad_ECQ.reshape(E, Cf * Q, 1)).reshape(E, Cf, Q)
     except np.linalg.LinAlgError:
@@ -371,11 +418,12 @@ def multinomial_mstep(
     alpha: float = 0.0,
     n_total: int | None = None,
     lipschitz_E: np.ndarray | None = None,
+    l2: float = 0.0,
 ) -> np.ndarray:
     """Weighted multinomial logistic regression per expert (targets ``r_ne * onehot(y_n)``),
     by damped Newton, or by proximal gradient with the Lasso penalty when ``alpha > 0``."""
     if alpha <= 0:
-        return multinomial_newton_experts(Z_NQ, Y_NC, R_NE, V_EQC)
+        return multinomial_newton_experts(Z_NQ, Y_NC, R_NE, V_EQC, l2)
     V_EQC = V_EQC.copy()
     C = Y_NC.shape[1]
     n_total = n_total or Z_NQ.shape[0]

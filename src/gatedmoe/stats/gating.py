@@ -101,6 +101,8 @@ class StatsGate(ABC):
 
     name: ClassVar[str] = ""
     takes_k: ClassVar[bool] = False
+    # Without k the gate would silently be another gate (top-K of all = softmax).
+    requires_k: ClassVar[bool] = False
     takes_temperature: ClassVar[bool] = False
 
     # ---------------------------------------------------------------- features
@@ -145,18 +147,42 @@ class StatsGate(ABC):
         """The same gate keeping every expert (what a sparse fit starts from)."""
         return replace(self, k=None)
 
+    def dense_starts(self) -> tuple[StatsGate, ...]:
+        """Dense gates a sparse fit starts from (each followed by the continuation)."""
+        return (self.dense(),)
+
+    def from_dense(self, W_QE: np.ndarray, F_NQ: np.ndarray, dense: StatsGate) -> np.ndarray:
+        """Gate parameters for this gate from a fit of the dense start ``dense``."""
+        return W_QE
+
+    def smoothed(self, width: float) -> StatsGate:
+        """A dense, differentiable stand-in for a sparse gate: its top-K mask replaced by
+        ``sigmoid((l_e - t(x)) / width)`` (see `SmoothedTopKGate`); the hard gate as
+        ``width -> 0``."""
+        return SmoothedTopKGate(k=None, base=self, width=float(width))
+
+    # The gate's unnormalised log-scores ``a(l)`` (``g = softmax(a)`` over the kept
+    # experts) and their elementwise derivative; used by the smoothed top-K.
+    def log_scores(self, logits_NE: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f"gate {self.name!r} has no top-K form")
+
+    def dlog_scores(self, logits_NE: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f"gate {self.name!r} has no top-K form")
+
     # ---------------------------------------------------------------- M-step
-    def mstep(self, F_NQ, R_NE, W_QE, n_steps=1, log_expert_NE=None) -> np.ndarray:
+    def mstep(self, F_NQ, R_NE, W_QE, n_steps=1, log_expert_NE=None, l2=0.0) -> np.ndarray:
         """Gate M-step: increase ``sum_ne r_ne log g_ne(F W)`` from ``W_QE`` (never lower it).
 
         ``log_expert_NE`` (used by gates whose ``Q`` cannot move a top-K selection) asks
-        for a step on the observed likelihood with the experts fixed instead.
-        Returns the new ``W_QE``; the columns past ``n_free`` stay as they are.
+        for a step on the observed likelihood with the experts fixed instead; ``l2`` a
+        ridge on the coefficients (softmax family). Returns the new ``W_QE``; the columns
+        past ``n_free`` stay as they are.
         """
         n_free = self.n_free(W_QE.shape[1])
         if n_free == 0:
             return W_QE
-        return em.softmax_newton(F_NQ, R_NE, W_QE, n_free, self, n_steps=n_steps, log_expert_NE=log_expert_NE)[0]
+        return em.softmax_newton(F_NQ, R_NE, W_QE, n_free, self, n_steps=n_steps, log_expert_NE=log_expert_NE,
+                                 l2=l2)[0]
 
     def observed_step(self) -> bool:
         """Whether the M-step should climb the observed likelihood (see `mstep`)."""
@@ -173,6 +199,12 @@ class SoftmaxGate(StatsGate):
     @property
     def logit_scale(self) -> float:
         return 1.0
+
+    def log_scores(self, logits_NE):
+        return logits_NE * self.logit_scale
+
+    def dlog_scores(self, logits_NE):
+        return np.full(logits_NE.shape, self.logit_scale)
 
     def log_probs(self, logits_NE):
         logits_NE = np.asarray(logits_NE, dtype=np.float64)
@@ -209,6 +241,7 @@ class TopKSoftmaxGate(SoftmaxGate):
 
     name: ClassVar[str] = "topk_softmax"
     takes_k: ClassVar[bool] = True
+    requires_k: ClassVar[bool] = True
 
     def dense(self):
         return SoftmaxGate()
@@ -257,7 +290,95 @@ class SigmoidGate(StatsGate):
     def n_free(self, n_experts):
         return n_experts
 
-    def mstep(self, F_NQ, R_NE, W_QE, n_steps=1, log_expert_NE=None):
+    def log_scores(self, logits_NE):
+        return log_expit(logits_NE)
+
+    def dense_starts(self):
+        # The dense sigmoid saturates (sigmoid(10) ~ sigmoid(9)), so its logits' order can
+        # say little about which experts to keep; softmax weights follow the order of the
+        # logits, but put the fit in the unsaturated regime (below). Top-1 needs only the
+        # order; top-K (K > 1) starts from both and keeps the better.
+        return (SoftmaxGate(),) if self.k == 1 else (SoftmaxGate(), SigmoidGate())
+
+    def from_dense(self, W_QE, F_NQ, dense):
+        if not isinstance(dense, SoftmaxGate):
+            return W_QE
+        # sigmoid(l - c) ~ exp(l - c) when l - c << 0: the normalised sigmoid gate of the
+        # shifted logits is (almost) the softmax gate of the logits, the selection the same.
+        W_QE = W_QE.copy()
+        W_QE[-1] -= (F_NQ @ W_QE).max() + 4.0
+        return W_QE
+
+    def dlog_scores(self, logits_NE):
+        return expit(-logits_NE)
+
+    def mstep(self, F_NQ, R_NE, W_QE, n_steps=1, log_expert_NE=None, l2=0.0):
+        n_free = self.n_free(W_QE.shape[1])
+        if log_expert_NE is not None:
+            return em.observed_lbfgs_gate(F_NQ, W_QE, n_free, self, log_expert_NE, maxiter=10 * n_steps)[0]
+        return em.lbfgs_gate(F_NQ, R_NE, W_QE, n_free, self, maxiter=10 * n_steps)[0]
+
+    def observed_step(self):
+        # As for the top-K softmax: Q cannot move a selection, the observed likelihood can.
+        return self.k is not None
+
+
+@dataclass(frozen=True)
+class SmoothedTopKGate(StatsGate):
+    """A top-K gate with its hard mask smoothed, for continuation (not a user gate).
+
+    ``g_e = m_e exp(a_e) / sum_j m_j exp(a_j)`` with the base gate's log-scores ``a``
+    (``l`` for softmax, ``log sigmoid(l)`` for sigmoid) and the soft mask
+    ``m_e = sigmoid((l_e - t) / width)``, ``t(x)`` midway between the K-th and the
+    (K+1)-th largest logit. Every expert keeps a positive weight, so EM's gate step sees
+    (and can move) the selection boundary, which the hard top-K likelihood, piecewise
+    constant in the selection, hides from any gradient; as ``width -> 0`` it is the hard
+    gate. ``t`` is continuous and piecewise linear in ``l``, so the gradient below is exact
+    almost everywhere.
+    """
+
+    base: StatsGate | None = None
+    width: float = 1.0
+
+    name: ClassVar[str] = "smoothed_topk"
+
+    def features(self, X_NP):
+        return self.base.features(X_NP)
+
+    def n_free(self, n_experts):
+        return self.base.n_free(n_experts)
+
+    @property
+    def sparse(self):
+        return False
+
+    def _parts(self, logits_NE):
+        logits_NE = np.asarray(logits_NE, dtype=np.float64)
+        K = self.base.k
+        # Indices of the K-th and (K+1)-th largest logit per row.
+        idx_N2 = np.argpartition(-logits_NE, (K - 1, K), axis=1)[:, K - 1 : K + 1]
+        t_N = 0.5 * np.take_along_axis(logits_NE, idx_N2, axis=1).sum(axis=1)
+        z_NE = (logits_NE - t_N[:, None]) / self.width
+        logg_NE = log_softmax_rows(self.base.log_scores(logits_NE) + log_expit(z_NE))
+        return logits_NE, idx_N2, z_NE, logg_NE
+
+    def log_probs(self, logits_NE):
+        return self._parts(logits_NE)[3]
+
+    def logit_grad(self, logits_NE, targets_NE):
+        logits_NE, idx_N2, z_NE, logg_NE = self._parts(logits_NE)
+        D_NE = targets_NE - row_sum(targets_NE)[:, None] * np.exp(logg_NE)
+        # d (a_i + log m_i) / d l_j = a'_i delta_ij + (1 - m_i) / width (delta_ij - dt/dl_j),
+        # dt/dl_j = 1/2 on the two logits that define t.
+        dlogm_NE = expit(-z_NE) / self.width
+        grad_NE = D_NE * (self.base.dlog_scores(logits_NE) + dlogm_NE)
+        half_S_N = 0.5 * row_sum(D_NE * dlogm_NE)
+        rows = np.arange(logits_NE.shape[0])
+        grad_NE[rows, idx_N2[:, 0]] -= half_S_N
+        grad_NE[rows, idx_N2[:, 1]] -= half_S_N
+        return expected_log(targets_NE, logg_NE), grad_NE
+
+    def mstep(self, F_NQ, R_NE, W_QE, n_steps=1, log_expert_NE=None, l2=0.0):
         return em.lbfgs_gate(F_NQ, R_NE, W_QE, self.n_free(W_QE.shape[1]), self, maxiter=10 * n_steps)[0]
 
 
@@ -306,6 +427,8 @@ def make_gate(gate, n_experts: int, k=None, temperature=1.0, warn: bool = False,
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if not cls.takes_temperature and temperature != 1.0:
         raise ValueError(f"temperature={temperature} only applies to gate='temperature_softmax', got gate={gate!r}")
+    if k is None and cls.requires_k:
+        raise ValueError(f"gate={gate!r} needs k (experts kept per input, 1 <= k <= n_experts={n_experts})")
     if k is not None:
         if not cls.takes_k:
             raise ValueError(f"k only applies to gate='topk_softmax' or 'sigmoid', got gate={gate!r} with k={k}")
