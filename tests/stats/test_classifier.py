@@ -65,3 +65,20 @@ def test_string_labels_l1_pickle_and_bad_input():
         MoEClassifier().fit(X, np.linspace(0, 1, 300))
     with pytest.raises(ValueError, match="not seen in fit"):
         clf.loglik(X, np.array(["maybe"] * 300))
+
+
+def test_defaults_match_logistic_regression_and_log_loss_accepts_the_probabilities():
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_breast_cancer(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+    proba = MoEClassifier(random_state=0).fit(Xtr, ytr).predict_proba(Xte)
+    assert proba.min() >= 0 and proba.max() <= 1
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=0, atol=1e-15)
+    ref = make_pipeline(StandardScaler(), LogisticRegression()).fit(Xtr, ytr).predict_proba(Xte)
+    assert log_loss(yte, proba) <= 1.05 * log_loss(yte, ref) + 0.01, (log_loss(yte, proba), log_loss(yte, ref))

@@ -6,7 +6,7 @@ from scipy.optimize import minimize
 from scipy.stats import norm
 
 from gatedmoe.stats import em
-from gatedmoe.stats.gating import gate_log_probs
+from gatedmoe.stats.gating import gate_log_probs, make_gate
 
 
 def test_gaussian_log_density_and_e_step_match_scipy():
@@ -36,24 +36,24 @@ def test_gaussian_mstep_is_weighted_least_squares():
         np.testing.assert_allclose(var[e], np.sum(R[:, e] * (y - Z @ ref) ** 2) / R[:, e].sum(), rtol=1e-9)
 
 
-@pytest.mark.parametrize("gate,k", [("softmax", None), ("temperature", None), ("modified_softmax", None)])
+@pytest.mark.parametrize("gate,k", [("softmax", None), ("temperature_softmax", None), ("modified_softmax", None)])
 def test_gate_newton_reaches_scipy_optimum(gate, k):
     rng = np.random.default_rng(2)
     Z = em.add_intercept(rng.normal(size=(200, 2)))
     R = rng.dirichlet(np.ones(3), size=200)
-    t = 0.5 if gate == "temperature" else 1.0
+    t = 0.5 if gate == "temperature_softmax" else 1.0
 
     def negq(theta):
         W = np.hstack([theta.reshape(3, 2), np.zeros((3, 1))])
         return -np.sum(R * gate_log_probs(Z @ W, gate, k, t))
 
     ref = minimize(negq, np.zeros(6), method="BFGS", options={"gtol": 1e-10}).x.reshape(3, 2)
-    W, q = em.softmax_newton(Z, R, np.zeros((3, 3)), 2, gate, k, t, n_steps=30)
+    W, q = em.softmax_newton(Z, R, np.zeros((3, 3)), 2, make_gate(gate, 3, k, t), n_steps=30)
     np.testing.assert_allclose(W[:, :2], ref, atol=1e-5)
     assert W[:, 2].tolist() == [0.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("gate,k", [("topk", 2), ("softmax", None), ("sigmoid", None)])
+@pytest.mark.parametrize("gate,k", [("topk_softmax", 2), ("softmax", None), ("sigmoid", None)])
 def test_gate_steps_never_lower_q_and_do_improve(gate, k):
     from gatedmoe.stats.gating import expected_log
 
@@ -67,7 +67,7 @@ def test_gate_steps_never_lower_q_and_do_improve(gate, k):
     q0 = expected_log(R, logg0)
     n_free = 3 if gate == "sigmoid" else 2
     step = em.lbfgs_gate if gate == "sigmoid" else em.softmax_newton
-    W, q = step(Z, R, W0, n_free, gate, k)
+    W, q = step(Z, R, W0, n_free, make_gate(gate, 3, k))
     assert q == pytest.approx(expected_log(R, gate_log_probs(Z @ W, gate, k)), rel=1e-12)
     assert q > q0
 

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 from gatedmoe.stats.gating import (
+    GATE_ALIASES,
     GATES,
     check_gate,
     gate_features,
     gate_log_probs,
     gate_logit_grad,
     gate_probs,
+    make_gate,
 )
 
 
@@ -28,15 +30,15 @@ def brute_force(l, gate, k, temperature):
             for e in kept:
                 out[n, e] = s[e] / total
         else:
-            t = temperature if gate == "temperature" else 1.0
+            t = temperature if gate == "temperature_softmax" else 1.0
             total = sum(math.exp(row[e] / t) for e in kept)
             for e in kept:
                 out[n, e] = math.exp(row[e] / t) / total
     return out
 
 
-CASES = [("softmax", None, 1.0), ("temperature", None, 0.3), ("temperature", None, 4.0), ("topk", 1, 1.0),
-         ("topk", 2, 1.0), ("sigmoid", None, 1.0), ("sigmoid", 2, 1.0), ("modified_softmax", None, 1.0)]
+CASES = [("softmax", None, 1.0), ("temperature_softmax", None, 0.3), ("temperature_softmax", None, 4.0), ("topk_softmax", 1, 1.0),
+         ("topk_softmax", 2, 1.0), ("sigmoid", None, 1.0), ("sigmoid", 2, 1.0), ("modified_softmax", None, 1.0)]
 
 
 @pytest.mark.parametrize("gate,k,temperature", CASES)
@@ -76,12 +78,114 @@ def test_bad_gate_options_raise_naming_the_argument():
     with pytest.raises(ValueError, match="gate must be one of"):
         check_gate("nope", 3, None, 1.0)
     with pytest.raises(ValueError, match="k must be"):
-        check_gate("topk", 3, 4, 1.0)
+        check_gate("topk_softmax", 3, 4, 1.0)
     with pytest.raises(ValueError, match="k only applies"):
         check_gate("softmax", 3, 2, 1.0)
     with pytest.raises(ValueError, match="temperature"):
-        check_gate("temperature", 3, None, 0.0)
+        check_gate("temperature_softmax", 3, None, 0.0)
     with pytest.raises(ValueError, match="temperature"):
         check_gate("softmax", 3, None, 2.0)
-    assert check_gate("topk", 3, 3, 1.0) is None
-    assert set(GATES) == {"softmax", "topk", "temperature", "sigmoid", "modified_softmax"}
+    assert check_gate("topk_softmax", 3, 3, 1.0) is None
+    with pytest.raises(ValueError, match="gate='topk_softmax' needs k"):
+        check_gate("topk_softmax", 3, None, 1.0)  # never silently the dense softmax
+    # Renamed in issue 16 to the deep registry's names; the old names are aliases.
+    assert set(GATES) == {"softmax", "topk_softmax", "temperature_softmax", "sigmoid", "modified_softmax"}
+    assert GATE_ALIASES == {"topk": "topk_softmax", "temperature": "temperature_softmax"}
+
+
+@pytest.mark.parametrize("gate,k,temperature", CASES)
+def test_gate_table_matches_the_deep_gates_math(gate, k, temperature):
+    """The numpy table and `gatedmoe.gates.functional` (torch) agree on what a gate is."""
+    torch = pytest.importorskip("torch")
+    from gatedmoe.gates import functional
+
+    rng = np.random.default_rng(3)
+    l = rng.normal(scale=3, size=(17, 4))
+    l_TE = torch.from_numpy(l)
+    if gate in ("softmax", "modified_softmax", "temperature_softmax"):
+        ref = functional.softmax_probs(l_TE, temperature=temperature)
+    else:
+        fn = functional.topk_softmax if gate == "topk_softmax" else functional.sigmoid_topk
+        kw = {"renormalize": True} if gate == "topk_softmax" else {"normalize": True}
+        w_TK, idx_TK, _ = fn(l_TE, k or 4, **kw)
+        ref = torch.zeros_like(l_TE).scatter(1, idx_TK, w_TK)
+    np.testing.assert_allclose(make_gate(gate, 4, k, temperature).probs(l), ref.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_gate_names_are_the_deep_registry_names():
+    pytest.importorskip("torch")
+    from gatedmoe import gates
+
+    assert set(GATES) <= set(gates.names())
+
+
+def test_each_table_entry_is_complete():
+    for name in GATES:
+        g = make_gate(name, 4, k=4 if name == "topk_softmax" else None)
+        assert g.name == name and g.n_free(4) in (3, 4) and not g.sparse
+        X = np.random.default_rng(0).normal(size=(5, 2))
+        assert g.design(X).shape == (5, 3)
+    assert make_gate("sigmoid", 4).n_free(4) == 4 and make_gate("softmax", 4).n_free(4) == 3
+    assert make_gate("topk_softmax", 4, k=2).dense().name == "softmax"
+    assert make_gate("sigmoid", 4, k=2).dense() == make_gate("sigmoid", 4)
+    # A sparse sigmoid fit starts from the dense softmax (and, for k > 1, the dense sigmoid).
+    assert [g.name for g in make_gate("sigmoid", 4, k=1).dense_starts()] == ["softmax"]
+    assert [g.name for g in make_gate("sigmoid", 4, k=2).dense_starts()] == ["softmax", "sigmoid"]
+
+
+def test_deprecated_gate_names_warn_where_the_user_calls():
+    from gatedmoe.stats import MoERegressor, MoETruth
+
+    X = np.random.default_rng(0).normal(size=(60, 1))
+    y = np.where(X[:, 0] > 0, 2.0, -2.0) + 0.1 * X[:, 0]
+    with pytest.warns(FutureWarning, match="use gate='topk_softmax'") as rec:
+        old = MoERegressor(n_experts=2, gate="topk", k=1, random_state=0, max_iter=5).fit(X, y)
+    assert rec[0].filename == __file__
+    new = MoERegressor(n_experts=2, gate="topk_softmax", k=1, random_state=0, max_iter=5).fit(X, y)
+    np.testing.assert_array_equal(old.predict(X), new.predict(X))
+    assert old.get_params()["gate"] == "topk"  # scikit-learn: fit never rewrites a parameter
+    t = MoETruth.well_separated(2, 1)
+    with pytest.warns(FutureWarning, match="temperature_softmax") as rec:
+        truth = MoETruth(t.gate_coef, t.gate_intercept, t.expert_coef, t.expert_intercept, t.noise_variance,
+                         gate="temperature")
+    assert rec[0].filename == __file__
+    assert truth.gate == "temperature_softmax"
+
+
+def test_import_stats_loads_neither_torch_nor_the_deep_stack():
+    """`import gatedmoe.stats` (with the top-level package lazy) pulls in no torch, gates,
+    dispatch or layers."""
+    import os
+    import subprocess
+    import sys
+
+    src = os.path.join(os.path.dirname(__file__), "..", "..", "src")
+    # Stand in for a lazy gatedmoe/__init__.py: a bare package object on the same path.
+    code = (
+        "import sys, types, os; pkg = types.ModuleType('gatedmoe'); "
+        f"pkg.__path__ = [os.path.join({src!r}, 'gatedmoe')]; sys.modules['gatedmoe'] = pkg; "
+        "import gatedmoe.stats; "
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('gatedmoe.gates', "
+        "'gatedmoe.dispatch', 'gatedmoe.layer', 'gatedmoe.experts'))); print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+@pytest.mark.parametrize("gate,k", [("topk_softmax", 1), ("topk_softmax", 2), ("sigmoid", 1), ("sigmoid", 2)])
+def test_smoothed_topk_gradient_and_limit(gate, k):
+    rng = np.random.default_rng(4)
+    l = rng.normal(scale=2, size=(7, 4))
+    T = rng.dirichlet(np.ones(4), size=7)
+    sm = make_gate(gate, 4, k).smoothed(0.7)
+    _, grad = sm.logit_grad(l, T)
+    h = 1e-6
+    for n, e in itertools.product(range(7), range(4)):
+        lp, lm = l.copy(), l.copy()
+        lp[n, e] += h
+        lm[n, e] -= h
+        fd = (sm.logit_grad(lp, T)[0] - sm.logit_grad(lm, T)[0]) / (2 * h)
+        assert abs(fd - grad[n, e]) < 1e-6, (n, e, fd, grad[n, e])
+    # Narrow width: the hard top-K gate.
+    hard = make_gate(gate, 4, k)
+    np.testing.assert_allclose(hard.smoothed(1e-4).probs(l), hard.probs(l), atol=1e-8)

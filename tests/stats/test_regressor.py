@@ -37,7 +37,7 @@ def test_fit_reaches_at_least_the_truths_likelihood(truth):
     np.testing.assert_allclose(np.sort(model.noise_variance_), truth.noise_variance, rtol=0.2)
 
 
-@pytest.mark.parametrize("gate,k,temperature", [("softmax", None, 1.0), ("topk", 2, 1.0), ("temperature", None, 2.0),
+@pytest.mark.parametrize("gate,k,temperature", [("softmax", None, 1.0), ("topk_softmax", 2, 1.0), ("temperature_softmax", None, 2.0),
                                                 ("sigmoid", None, 1.0), ("modified_softmax", None, 1.0)])
 def test_em_never_lowers_the_likelihood(truth, gate, k, temperature):
     X, y, _ = truth.sample(400, random_state=1)
@@ -175,7 +175,7 @@ def test_warm_start_with_new_feature_count_starts_fresh(truth):
     assert model.expert_coef_.shape == (2, 2)
 
 
-@pytest.mark.parametrize("gate,k,temperature", [("temperature", None, 0.5), ("sigmoid", None, 1.0),
+@pytest.mark.parametrize("gate,k,temperature", [("temperature_softmax", None, 0.5), ("sigmoid", None, 1.0),
                                                 ("modified_softmax", None, 1.0)])
 def test_each_gate_fits_data_from_its_own_truth(gate, k, temperature):
     truth = MoETruth.well_separated(3, 1, random_state=0, gate=gate, k=k, temperature=temperature)
@@ -188,13 +188,13 @@ def test_each_gate_fits_data_from_its_own_truth(gate, k, temperature):
 def test_topk_gate_fit_is_a_local_optimum_near_the_truth():
     """Top-K EM: from the truth it stays at least as likely; from default starts it finds the
     experts but (known limitation) can stop at a nearby local optimum of the gate."""
-    truth = MoETruth.well_separated(3, 1, random_state=0, gate="topk", k=2)
+    truth = MoETruth.well_separated(3, 1, random_state=0, gate="topk_softmax", k=2)
     X, y, _ = truth.sample(1500, random_state=0)
-    warm = MoERegressor(gate="topk", k=2, warm_start=True, max_iter=300)
+    warm = MoERegressor(gate="topk_softmax", k=2, warm_start=True, max_iter=300)
     warm.gate_coef_, warm.gate_intercept_ = truth.gate_coef_, truth.gate_intercept_
     warm.expert_coef_, warm.expert_intercept_, warm.noise_variance_ = truth.expert_coef_, truth.expert_intercept_, truth.noise_variance_
     warm.fit(X, y)
     assert warm.loglik(X, y) >= truth.loglik(X, y)
-    cold = MoERegressor(gate="topk", k=2, random_state=0).fit(X, y)
+    cold = MoERegressor(gate="topk_softmax", k=2, random_state=0).fit(X, y)
     np.testing.assert_allclose(np.sort(cold.expert_intercept_), np.sort(truth.expert_intercept), atol=0.3)
     assert cold.loglik(X, y) >= truth.loglik(X, y) - 0.05 * 1500

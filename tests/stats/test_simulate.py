@@ -85,7 +85,8 @@ def test_fit_command_classifies_string_labels(tmp_path, capsys):
     with open(path, "w") as fh:
         fh.write("a,b,label\n")
         fh.writelines(f"{a},{b},{c}\n" for (a, b), c in zip(X, labels, strict=True))
-    args = parser().parse_args(["fit", str(path), "--target", "label", "--experts", "2", "--classify", "--n-init", "1"])
+    args = parser().parse_args(["fit", str(path), "--target", "label", "--experts", "2", "--classify", "--n-init", "1",
+                                "--l2", "0"])
     with pytest.warns(ConvergenceWarning):  # separable classes: no finite MLE, EM says so
         assert args.func(args) == 0
     out = capsys.readouterr().out
@@ -93,3 +94,30 @@ def test_fit_command_classifies_string_labels(tmp_path, capsys):
     numeric = parser().parse_args(["fit", str(path), "--target", "label"])
     with pytest.raises(SystemExit, match="use --classify"):
         numeric.func(numeric)
+
+
+def test_fit_and_simulate_commands_take_k_and_refuse_topk_without_it(tmp_path, capsys):
+    X, y, _ = MoETruth.well_separated(3, 1, gate="topk_softmax", k=1).sample(600, random_state=0)
+    path = tmp_path / "data.csv"
+    np.savetxt(path, np.column_stack([X, y]), delimiter=",", header="x,target", comments="")
+    for argv, match in [(["--gate", "topk_softmax"], "needs --k"), (["--gate", "topk_softmax", "--k", "4"], "--k"),
+                        (["--gate", "softmax", "--k", "2"], "--k"), (["--alpha", "0.1"], "--penalty l1")]:
+        bad = parser().parse_args(["fit", str(path), "--target", "target", *argv])
+        with pytest.raises(SystemExit, match=match):
+            bad.func(bad)
+    args = parser().parse_args(["fit", str(path), "--target", "target", "--gate", "topk_softmax", "--k", "1",
+                                "--n-init", "1"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "gate=topk_softmax, k=1" in out
+    ref = MoERegressor(gate="topk_softmax", k=1, n_init=1, random_state=0).fit(X, y)
+    assert float(out.split("BIC ")[1].split()[0]) == pytest.approx(ref.bic(X, y), rel=1e-6)
+    sim = parser().parse_args(["simulate", "--experts", "2", "--gate", "topk_softmax", "--k", "1", "--n-min", "300",
+                               "--n-max", "300", "--n-points", "1", "--reps", "1", "--out", str(tmp_path),
+                               "--no-progress"])
+    assert sim.func(sim) == 0
+    with open(tmp_path / "simulate.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 1
+    bad = parser().parse_args(["simulate", "--gate", "topk_softmax"])
+    with pytest.raises(SystemExit, match="needs --k"):
+        bad.func(bad)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 
 import numpy as np
 
@@ -18,11 +19,44 @@ def register(subparsers) -> None:
     p.add_argument("data", help="CSV file with a header row")
     p.add_argument("--target", required=True, help="name of the response column")
     p.add_argument("--experts", type=int, default=3, help="number of experts (default 3)")
-    p.add_argument("--gate", default="softmax", help="gate (softmax, topk, temperature, sigmoid, modified_softmax)")
+    add_estimator_options(p)
     p.add_argument("--classify", action="store_true", help="categorical target: MoEClassifier")
-    p.add_argument("--n-init", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--l2", type=float, default=None,
+                   help="with --classify: ridge on the coefficients (default 1, as LogisticRegression's C=1; 0: plain MLE)")
     p.set_defaults(func=run)
+
+
+def add_estimator_options(p) -> None:
+    """The estimator options shared by `gatedmoe fit` and `gatedmoe simulate`."""
+    p.add_argument("--gate", default="softmax",
+                   help="gate: softmax, topk_softmax (needs --k), temperature_softmax, sigmoid, modified_softmax")
+    p.add_argument("--k", type=int, default=None,
+                   help="experts kept per input by topk_softmax (required) or sigmoid (default: all)")
+    p.add_argument("--temperature", type=float, default=1.0, help="fixed temperature of temperature_softmax")
+    p.add_argument("--penalty", choices=["none", "l1"], default="none", help="l1: Lasso MoE (with --alpha)")
+    p.add_argument("--alpha", type=float, default=0.0, help="L1 strength, per-sample scale (default 0)")
+    p.add_argument("--n-init", type=int, default=3, help="EM starts (default 3)")
+    p.add_argument("--max-iter", type=int, default=100, help="EM iterations per start (default 100)")
+    p.add_argument("--tol", type=float, default=1e-6, help="convergence tolerance on the mean log-likelihood")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def estimator_params(args: argparse.Namespace, n_experts: int) -> dict:
+    """Keyword arguments of MoERegressor / MoEClassifier from the options; a bad combination
+    exits naming the option (never a silently different model)."""
+    from gatedmoe.stats.gating import make_gate
+
+    try:
+        make_gate(args.gate, n_experts, args.k, args.temperature)
+    except ValueError as err:
+        # Name the command-line options, not the estimator's arguments.
+        msg = re.sub(r"(?<![-\w'])(k|temperature)(?=[ =])", r"--\1", str(err))
+        raise SystemExit(f"--gate {args.gate}: {msg}") from None
+    penalty = None if args.penalty == "none" else args.penalty
+    if penalty is None and args.alpha:
+        raise SystemExit(f"--alpha {args.alpha} needs --penalty l1")
+    return dict(n_experts=n_experts, gate=args.gate, k=args.k, temperature=args.temperature, penalty=penalty,
+                alpha=args.alpha, n_init=args.n_init, max_iter=args.max_iter, tol=args.tol, random_state=args.seed)
 
 
 def read_csv(path: str, target: str):
@@ -46,18 +80,23 @@ def read_csv(path: str, target: str):
 def run(args: argparse.Namespace) -> int:
     from gatedmoe.stats import MoEClassifier, MoERegressor
 
+    params = estimator_params(args, args.experts)
     X, y_raw, names = read_csv(args.data, args.target)
     if args.classify:
-        model, y = MoEClassifier(n_experts=args.experts, gate=args.gate, n_init=args.n_init, random_state=args.seed), y_raw
+        l2 = {} if args.l2 is None else {"l2": args.l2}
+        model, y = MoEClassifier(**params, **l2), y_raw
     else:
         try:
             y = y_raw.astype(float)
         except ValueError:
             raise SystemExit(f"--target {args.target!r} is not numeric; use --classify for class labels") from None
-        model = MoERegressor(n_experts=args.experts, gate=args.gate, n_init=args.n_init, random_state=args.seed)
+        if args.l2 is not None:
+            raise SystemExit("--l2 applies to --classify only")
+        model = MoERegressor(**params)
     model.fit(X, y)
     n = X.shape[0]
-    print(f"{type(model).__name__}: {args.experts} experts, gate={args.gate}, n={n}, features={', '.join(names)}")
+    k = "" if args.k is None else f", k={args.k}"
+    print(f"{type(model).__name__}: {args.experts} experts, gate={args.gate}{k}, n={n}, features={', '.join(names)}")
     print(f"converged={model.converged_} after {model.n_iter_} EM iterations")
     for e in range(args.experts):
         gate = ", ".join(f"{c:+.4g}" for c in model.gate_coef_[e])

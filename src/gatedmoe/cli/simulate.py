@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from gatedmoe.cli.fit import add_estimator_options, estimator_params
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -19,12 +21,12 @@ def register(subparsers) -> None:
     p.add_argument("--experts", type=int, default=3, help="experts of the true model (default 3)")
     p.add_argument("--fit-experts", type=int, default=None, help="experts to fit (default: as many as the truth)")
     p.add_argument("--features", type=int, default=1, help="covariate dimension (default 1)")
-    p.add_argument("--gate", default="softmax", help="gate of truth and fit (default softmax)")
     p.add_argument("--n-min", type=int, default=100)
     p.add_argument("--n-max", type=int, default=100000)
     p.add_argument("--n-points", type=int, default=7, help="sizes on a log grid (default 7)")
     p.add_argument("--reps", type=int, default=10, help="replications per n (default 10)")
-    p.add_argument("--seed", type=int, default=0)
+    # Gate options apply to the truth and the fit alike; the rest to the fit.
+    add_estimator_options(p)
     p.add_argument("--out", default="simulate_out", help="output folder (default ./simulate_out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -35,10 +37,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n_min < 2 or args.n_max < args.n_min or args.n_points < 1:
         raise SystemExit(f"need 2 <= --n-min <= --n-max and --n-points >= 1, got {args.n_min}, {args.n_max}, {args.n_points}")
-    truth = MoETruth.well_separated(args.experts, args.features, random_state=args.seed, gate=args.gate)
+    fit_experts = args.fit_experts or args.experts
+    params = estimator_params(args, min(fit_experts, args.experts))
+    truth = MoETruth.well_separated(args.experts, args.features, random_state=args.seed, gate=args.gate, k=args.k,
+                                    temperature=args.temperature)
     grid = np.unique(np.round(np.geomspace(args.n_min, args.n_max, args.n_points)).astype(int))
+    fit_params = {key: params[key] for key in ("penalty", "alpha", "n_init", "max_iter", "tol")}
     res = simulate(truth, grid, n_reps=args.reps, n_experts=args.fit_experts, random_state=args.seed,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, **fit_params)
     os.makedirs(args.out, exist_ok=True)
     csv_path, png_path = os.path.join(args.out, "simulate.csv"), os.path.join(args.out, "simulate.png")
     res.to_csv(csv_path)

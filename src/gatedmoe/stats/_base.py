@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,15 +18,13 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
 from gatedmoe.stats import em
-from gatedmoe.stats.gating import (
-    check_gate,
-    gate_features,
-    gate_log_probs,
-    gate_probs,
-    n_free_gate_experts,
-)
+from gatedmoe.stats.gating import StatsGate, make_gate
 
 INITS = ("kmeans", "random")
+# Continuation for sparse gates: widths of the smoothed top-K mask (in logit units) and
+# EM iterations at each.
+ANNEAL_WIDTHS = (1.0, 0.4, 0.15, 0.05, 0.015, 0.005)
+ANNEAL_ITER = 20
 PENALTIES = (None, "l1")
 
 
@@ -38,6 +37,34 @@ class _Run:
     history: list = field(default_factory=list)
     converged: bool = False
     n_iter: int = 0
+
+
+def em_converged(history, tol: float) -> bool:
+    """Whether EM has converged, from its objective ``history`` (one value per iteration).
+
+    The last change must be below ``tol``, and so must the gain still to come as Aitken's
+    extrapolation of the (linearly converging) sequence predicts it:
+    ``l_inf - l_t = d_t a / (1 - a)`` with ``a = d_t / d_{t-1}`` (Boehning, Dietz, Schaub,
+    Schlattmann & Lindsay 1994; McNicholas et al. 2010). EM crawling along a plateau has
+    ``a`` near 1: small steps, a large predicted gain, so it is not declared converged
+    there. A change below ``tol / 1000`` (EM at a fixed point) converges at once.
+    """
+    if len(history) < 2:
+        return False
+    d1 = history[-1] - history[-2]
+    if not abs(d1) < tol:
+        return False
+    if abs(d1) <= 1e-3 * tol:
+        return True
+    if len(history) < 3:
+        return False
+    d0 = history[-2] - history[-3]
+    if d0 <= 0 or d1 < 0:
+        return True
+    rate = d1 / d0
+    if rate >= 1:
+        return False
+    return d1 * rate / (1.0 - rate) < tol
 
 
 def kmeans_labels(X_NP: np.ndarray, n_clusters: int, rng: np.random.RandomState, n_iter: int = 30) -> np.ndarray:
@@ -69,8 +96,15 @@ def kmeans_labels(X_NP: np.ndarray, n_clusters: int, rng: np.random.RandomState,
     return labels
 
 
-class _BaseMoE(BaseEstimator):
-    """Shared machinery; subclasses define the expert family."""
+class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
+    """Shared machinery; subclasses define the expert family through the abstract hooks
+    below (as `sklearn.mixture._base.BaseMixture` does).
+
+    ``params`` is a dict of float64 arrays: ``"W"`` the gate ``[Q_gate, E]`` plus the
+    family's expert parameters. ``data`` is ``(F, Z, y)``: the gate design
+    ``[N, Q_gate]``, the expert design ``[N, Q]`` and the encoded response. The gate (a
+    `gatedmoe.stats.gating.StatsGate`) is passed to every EM step explicitly.
+    """
 
     def __init__(
         self,
@@ -112,7 +146,9 @@ class _BaseMoE(BaseEstimator):
         integer("n_experts", 1)
         integer("n_init", 1)
         integer("max_iter", 1)
-        self._k = check_gate(self.gate, self.n_experts, self.k, self.temperature)
+        # A deprecated gate name warns here, at fit (scikit-learn: validation at fit);
+        # stacklevel points at the caller of fit().
+        self._gate = make_gate(self.gate, self.n_experts, self.k, self.temperature, warn=True, stacklevel=5)
         if self.penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not self.alpha >= 0:
@@ -129,30 +165,77 @@ class _BaseMoE(BaseEstimator):
             raise ValueError(f"init_subsample must be None or an integer >= 10, got {self.init_subsample!r}")
         self._alpha = float(self.alpha) if self.penalty == "l1" else 0.0
 
+    # ----------------------------------------------------------------- family hooks
+    @abstractmethod
+    def _kmeans_target(self, y):
+        """Response features ``[N, C]`` that k-means clusters on together with ``x``."""
+
+    @abstractmethod
+    def _encode_y_predict(self, y, n):
+        """Validate and encode ``y`` of ``n`` samples as ``fit`` does (after fit)."""
+
+    @abstractmethod
+    def _empty_params(self, Q, QF):
+        """Starting parameters: ``"W"`` ``[QF, E]`` zeros and the experts' blocks."""
+
+    @abstractmethod
+    def _expert_log_density(self, Z, y, params):
+        """``log p_e(y_n | x_n)`` ``[N, E]``."""
+
+    @abstractmethod
+    def _expert_mstep(self, Z, y, R, params, state):
+        """Experts' M-step from responsibilities ``R`` ``[N, E]``: a dict of new blocks."""
+
+    @abstractmethod
+    def _expert_l1(self, params):
+        """The experts' L1 penalty term (per-sample scale, without ``alpha``)."""
+
+    @abstractmethod
+    def _experts_coincide(self, data, params, e, f):
+        """Whether experts ``e`` and ``f`` describe the same conditional distribution."""
+
+    @abstractmethod
+    def _set_fitted(self, params):
+        """Store ``params`` as the fitted attributes (ending in ``_``)."""
+
+    @abstractmethod
+    def _params_from_fitted(self):
+        """The fitted attributes as a ``params`` dict."""
+
+    @abstractmethod
+    def _n_expert_parameters(self):
+        """Free expert parameters counted by `bic` / `aic`."""
+
     # ----------------------------------------------------------------- gate pieces
-    def _gate_design(self, X):
-        return em.add_intercept(gate_features(X, self.gate))
+    def _fitted_gate(self) -> StatsGate:
+        """The gate of the fitted model (no deprecation warning: fit gave it)."""
+        return make_gate(self.gate, self.n_experts, self.k, self.temperature)
 
-    def _log_gate(self, F, W):
-        return gate_log_probs(F @ W, self.gate, self._k, self.temperature)
+    def _gate_design(self, X, gate=None):
+        return (gate or getattr(self, "_gate", None) or self._fitted_gate()).design(X)
 
-    def _gate_mstep(self, F, R, W, state, n_steps=1, dense=False):
-        n_free = n_free_gate_experts(self.gate, self.n_experts)
+    def _gate_mstep(self, gate, F, R, W, state, n_steps=1, log_expert=None):
+        n_free = gate.n_free(self.n_experts)
         if n_free == 0:
             return W
-        if dense and self._k is not None and self.gate == "topk" and self._alpha == 0:
-            # First gate of a start: from W = 0 every logit ties and a top-K would drop
-            # the same experts everywhere; fit the dense softmax to the start's clusters.
-            return em.softmax_newton(F, R, W, n_free, "softmax", None, 1.0, n_steps=n_steps)[0]
         if self._alpha > 0:
             W, state["gate_L"] = em.l1_gate(
-                F, R, W, n_free, self.gate, self._k, self.temperature, self._alpha, F.shape[0], state["gate_L"],
-                n_steps=5 * n_steps,
+                F, R, W, n_free, gate, self._alpha, F.shape[0], state["gate_L"], n_steps=5 * n_steps
             )
             return W
-        if self.gate == "sigmoid":
-            return em.lbfgs_gate(F, R, W, n_free, self.gate, self._k, self.temperature, maxiter=10 * n_steps)[0]
-        return em.softmax_newton(F, R, W, n_free, self.gate, self._k, self.temperature, n_steps=n_steps)[0]
+        return gate.mstep(F, R, W, n_steps=n_steps, log_expert_NE=log_expert, l2=self._gate_l2())
+
+    def _ridge(self, params, n):
+        """A family's fixed L2 penalty on the per-sample scale (none here)."""
+        return 0.0
+
+    def _gate_l2(self):
+        """Ridge on the gate coefficients, total scale (softmax-family gates; none here)."""
+        return 0.0
+
+    def _start_params_from_fitted(self):
+        """The previous fit as the parameters EM works with (a warm start)."""
+        return self._params_from_fitted()
 
     def _l1_norm(self, params):
         if self._alpha == 0:
@@ -160,43 +243,47 @@ class _BaseMoE(BaseEstimator):
         return float(np.abs(params["W"][:-1]).sum() + self._expert_l1(params))
 
     # ----------------------------------------------------------------- EM
-    def _objective(self, data, params):
+    def _objective(self, data, params, gate):
         F, Z, y = data
         log_expert = self._expert_log_density(Z, y, params)
-        R, ll_N = em.e_step(self._log_gate(F, params["W"]), log_expert)
-        return R, ll_N, float(ll_N.mean()) - self._alpha * self._l1_norm(params)
+        R, ll_N = em.e_step(gate.log_probs(F @ params["W"]), log_expert)
+        return R, ll_N, float(ll_N.mean()) - self._alpha * self._l1_norm(params) - self._ridge(params, F.shape[0])
 
-    def _mstep(self, data, R, params, state, n_steps=1, dense=False):
+    def _mstep(self, data, R, params, state, gate, n_steps=1):
         F, Z, y = data
         new = dict(params)
         new.update(self._expert_mstep(Z, y, R, params, state))
-        if self.gate == "topk" and self._k is not None and self._alpha == 0 and not dense:
+        log_expert = None
+        if gate.observed_step() and self._alpha == 0:
             # Sparse gate: step on the observed likelihood with the new experts (see
             # em.softmax_newton); still never lowers the likelihood.
-            n_free = n_free_gate_experts(self.gate, self.n_experts)
-            new["W"] = em.softmax_newton(F, R, params["W"], n_free, self.gate, self._k, self.temperature,
-                                         n_steps=n_steps, log_expert_NE=self._expert_log_density(Z, y, new))[0]
-            return new
-        new["W"] = self._gate_mstep(F, R, params["W"], state, n_steps=n_steps, dense=dense)
+            log_expert = self._expert_log_density(Z, y, new)
+        new["W"] = self._gate_mstep(gate, F, R, params["W"], state, n_steps=n_steps, log_expert=log_expert)
         return new
 
-    def _params_from_resp(self, data, R, state, W=None):
+    def _params_from_resp(self, data, R, state, W=None, gate=None):
         F, Z, _ = data
+        gate = gate or self._gate
         params = self._empty_params(Z.shape[1], F.shape[1])
-        if W is not None:
+        if W is None:
+            # First gate of a start: from W = 0 every logit ties and a top-K would drop
+            # the same experts everywhere; fit the dense gate to the start's clusters.
+            gate = gate.dense_starts()[0]
+        else:
             params["W"] = W
-        return self._mstep(data, R, params, state, n_steps=5, dense=W is None)
+        return self._mstep(data, R, params, state, gate, n_steps=5)
 
-    def _em(self, data, params, state):
-        R, ll_N, obj = self._objective(data, params)
+    def _em(self, data, params, state, gate=None, max_iter=None):
+        gate = gate or self._gate
+        R, ll_N, obj = self._objective(data, params, gate)
         history = [obj]
         converged = False
         n_iter = 0
-        for n_iter in range(1, self.max_iter + 1):  # noqa: B007
-            params = self._mstep(data, R, params, state)
-            R, ll_N, obj = self._objective(data, params)
+        for n_iter in range(1, (max_iter or self.max_iter) + 1):  # noqa: B007
+            params = self._mstep(data, R, params, state, gate)
+            R, ll_N, obj = self._objective(data, params, gate)
             history.append(obj)
-            if abs(obj - history[-2]) < self.tol:
+            if em_converged(history, self.tol):
                 converged = True
                 break
         run = _Run(params, obj, history, converged, n_iter)
@@ -219,7 +306,7 @@ class _BaseMoE(BaseEstimator):
                     return f if weight_E[f] <= weight_E[e] else e
         return None
 
-    def _reseed(self, data, run, e, state):
+    def _reseed(self, data, run, e, state, gate):
         """Give expert ``e`` the worst-explained samples and restart EM from there."""
         R = run.R.copy()
         n = R.shape[0]
@@ -229,28 +316,51 @@ class _BaseMoE(BaseEstimator):
         R /= np.maximum(R.sum(axis=1, keepdims=True), 1e-300)
         R[worst] = 0.0
         R[worst, e] = 1.0
-        return self._em(data, self._params_from_resp(data, R, state, W=run.params["W"]), state)
+        return self._em(data, self._params_from_resp(data, R, state, W=run.params["W"], gate=gate), state, gate)
+
+    def _sparse_runs(self, data, params, state, widths):
+        """Hard top-K EM from ``params`` and from the end of a continuation over the
+        smoothed gate's ``widths``; the better run."""
+        gate = self._gate
+        hard = self._em(data, params, state, gate)
+        for width in widths:
+            params = self._em(data, params, state, gate.smoothed(width), max_iter=ANNEAL_ITER).params
+        annealed = self._em(data, params, state, gate)
+        return annealed if annealed.objective > hard.objective else hard
 
     def _fit_start(self, data, params, state):
-        if self._k is not None:
+        gate = self._gate
+        if gate.sparse:
             # A top-K gate gives zero responsibility to the experts it drops, so EM alone
-            # can never move an expert into a region it is dropped from: run the dense
-            # gate first, then the sparse one from there.
-            k, self._k = self._k, None
-            try:
-                params = self._em(data, params, state).params
-            finally:
-                self._k = k
-        run = self._em(data, params, state)
+            # can never move an expert into a region it is dropped from, and the hard
+            # gate's likelihood is piecewise constant in the selection: run the dense gate
+            # first, then shrink a smoothed top-K mask towards the hard one (continuation).
+            run = None
+            for dense in gate.dense_starts():
+                start = self._em(data, params, state, dense).params
+                start["W"] = gate.from_dense(start["W"], data[0], dense)
+                cand = self._sparse_runs(data, start, state, ANNEAL_WIDTHS)
+                if run is None or cand.objective > run.objective:
+                    run = cand
+        else:
+            run = self._em(data, params, state, gate)
         for _ in range(2):
             e = self._degenerate_expert(data, run)
             if e is None:
                 break
-            cand = self._reseed(data, run, e, state)
+            cand = self._reseed(data, run, e, state, gate)
             if not cand.objective > run.objective:
                 break
             run = cand
         return run
+
+    def _refine(self, data, params, state):
+        """Refine a subsample's best start on all data."""
+        if self._gate.sparse:
+            # The selection boundary of a sparse gate moves only under the smoothed gate:
+            # repeat the narrow end of the continuation on all data.
+            return self._sparse_runs(data, params, state, ANNEAL_WIDTHS[-3:])
+        return self._fit_start(data, params, state)
 
     def _initial_resp(self, X, y_feat, rng, y_weighted=False):
         n = X.shape[0]
@@ -285,11 +395,11 @@ class _BaseMoE(BaseEstimator):
                 "one sample per expert"
             )
         rng = check_random_state(self.random_state)
-        F, Z = self._gate_design(X), em.add_intercept(X)
+        F, Z = self._gate.design(X), em.add_intercept(X)
         data = (F, Z, y)
         state = self._new_state()
         if self.warm_start and self._warm_start_fits(X):
-            best = self._em(data, self._params_from_fitted(), state)
+            best = self._em(data, self._start_params_from_fitted(), state)
         else:
             sub = None
             if self.init_subsample is not None and n > self.init_subsample:
@@ -305,16 +415,21 @@ class _BaseMoE(BaseEstimator):
                 if best is None or run.objective > best.objective:
                     best = run
             if sub is not None:
-                best = self._fit_start(data, best.params, state)
+                best = self._refine(data, best.params, state)
         if not best.converged:
             warnings.warn(
                 f"EM did not converge in max_iter={self.max_iter} iterations (last change in mean "
-                f"log-likelihood {abs(best.history[-1] - best.history[-2]):.3g} > tol={self.tol}). "
+                f"log-likelihood {abs(best.history[-1] - best.history[-2]):.3g}, tol={self.tol}; the "
+                "likelihood was still rising). "
                 "Increase max_iter, loosen tol, standardise the features, or try fewer experts "
                 "(a separable gate or a redundant expert makes EM crawl).",
                 ConvergenceWarning,
                 stacklevel=3,
             )
+        if self._gate.k == 1:
+            # Top-1: g is the indicator of the largest logit, unchanged when W is scaled by
+            # any c > 0 (the continuation would otherwise leave an arbitrary, large scale).
+            best.params["W"] = best.params["W"] / max(np.abs(best.params["W"]).max(), 1e-300)
         self._set_fitted(best.params)
         self.converged_ = best.converged
         self.n_iter_ = best.n_iter
@@ -327,7 +442,7 @@ class _BaseMoE(BaseEstimator):
         if not hasattr(self, "expert_intercept_"):
             return False
         params = self._params_from_fitted()
-        empty = self._empty_params(X.shape[1] + 1, self._gate_design(X[:1]).shape[1])
+        empty = self._empty_params(X.shape[1] + 1, self._gate.design(X[:1]).shape[1])
         return all(params[key].shape == empty[key].shape for key in empty)
 
     def _new_state(self):
@@ -338,10 +453,8 @@ class _BaseMoE(BaseEstimator):
         return np.vstack([self.gate_coef_.T, self.gate_intercept_[None, :]])
 
     def _gate_proba(self, X):
-        return gate_probs(self._gate_design(X) @ self._gate_W(), self.gate, self._k_fitted(), self.temperature)
-
-    def _k_fitted(self):
-        return check_gate(self.gate, self.n_experts, self.k, self.temperature)
+        gate = self._fitted_gate()
+        return gate.probs(gate.design(X) @ self._gate_W())
 
     def _validated(self, X):
         check_is_fitted(self)
@@ -351,7 +464,8 @@ class _BaseMoE(BaseEstimator):
     def _log_joint(self, X, y):
         """``log g_e(x) + log p_e(y|x)`` ``[N, E]`` on validated inputs."""
         params = self._params_from_fitted()
-        logg = gate_log_probs(self._gate_design(X) @ params["W"], self.gate, self._k_fitted(), self.temperature)
+        gate = self._fitted_gate()
+        logg = gate.log_probs(gate.design(X) @ params["W"])
         return logg + self._expert_log_density(em.add_intercept(X), y, params)
 
     def predict_expert_proba(self, X, y=None):
@@ -375,7 +489,7 @@ class _BaseMoE(BaseEstimator):
     def n_parameters(self):
         """Free parameters counted by `bic`/`aic` (non-zero coefficients under ``penalty="l1"``)."""
         check_is_fitted(self)
-        W = self._gate_W()[:, : n_free_gate_experts(self.gate, self.n_experts)]
+        W = self._gate_W()[:, : self._fitted_gate().n_free(self.n_experts)]
         n_gate = int(np.count_nonzero(W[:-1])) + W.shape[1] if self.penalty == "l1" else W.size
         return n_gate + self._n_expert_parameters()
 

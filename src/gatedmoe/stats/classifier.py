@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 from sklearn.base import ClassifierMixin
 from sklearn.utils import check_random_state
@@ -10,7 +12,7 @@ from sklearn.utils.validation import column_or_1d, validate_data
 
 from gatedmoe.stats import em
 from gatedmoe.stats._base import _BaseMoE
-from gatedmoe.stats.gating import log_softmax_rows
+from gatedmoe.stats.gating import canonical_gate_name, log_softmax_rows
 
 __all__ = ["MoEClassifier"]
 
@@ -24,9 +26,19 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
     damped Newton step per expert (weighted multinomial logistic regression) and one for
     the gate; with ``penalty="l1"`` proximal-gradient steps instead.
 
-    Parameters are those of `MoERegressor`. Unpenalised experts on separable classes have
-    no finite maximum-likelihood estimate: EM then stops at ``max_iter`` with a
-    ``ConvergenceWarning``; use ``penalty="l1"`` with a small ``alpha``.
+    Parameters are those of `MoERegressor`, and:
+
+    l2 : float, default=1.0
+        Ridge ``l2/2 ||V_e||^2`` on each expert's coefficients (not its intercepts), on the
+        total log-likelihood scale: ``LogisticRegression``'s default ``C=1`` is ``l2=1``.
+        Unpenalised experts on separable classes have no finite maximum-likelihood
+        estimate; this keeps them finite. ``l2=0`` is the plain MLE; ignored with
+        ``penalty="l1"``.
+
+    ``fit`` standardises the features internally (the penalties see standardised
+    coefficients, as in a ``StandardScaler`` + ``LogisticRegression`` pipeline) and reports
+    the coefficients on the original scale; not for ``gate="modified_softmax"``, whose
+    ``tanh(x)`` depends on the scale of ``x``.
 
     Attributes
     ----------
@@ -49,14 +61,45 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
     True
     """
 
+    def __init__(
+        self,
+        n_experts=3,
+        gate="softmax",
+        k=None,
+        temperature=1.0,
+        penalty=None,
+        alpha=0.0,
+        l2=1.0,
+        n_init=3,
+        max_iter=100,
+        tol=1e-6,
+        init="kmeans",
+        init_subsample=5000,
+        random_state=None,
+        warm_start=False,
+    ):
+        super().__init__(n_experts=n_experts, gate=gate, k=k, temperature=temperature, penalty=penalty, alpha=alpha,
+                         n_init=n_init, max_iter=max_iter, tol=tol, init=init, init_subsample=init_subsample,
+                         random_state=random_state, warm_start=warm_start)
+        self.l2 = l2
+
     def fit(self, X, y):
         """Fit by EM. ``X`` ``[N, P]`` numeric, ``y`` ``[N]`` class labels. Returns self."""
         X, y = validate_data(self, X, y, dtype=np.float64)
         check_classification_targets(y)
+        if isinstance(self.l2, bool) or not isinstance(self.l2, numbers.Real) or not self.l2 >= 0:
+            raise ValueError(f"l2 must be a number >= 0, got {self.l2!r}")
         self.classes_, codes = np.unique(y, return_inverse=True)
         if self.classes_.size < 2:
             raise ValueError(f"MoEClassifier needs at least 2 classes in y; got 1 class ({self.classes_[0]!r})")
-        return self._fit_em(X, codes)
+        # Standardise (the gate and the ridge then see comparable coefficients); parameters
+        # are mapped back to the original scale in _set_fitted.
+        self._shift, self._scale = np.zeros(X.shape[1]), np.ones(X.shape[1])
+        if canonical_gate_name(self.gate) != "modified_softmax":
+            scale = X.std(axis=0)
+            self._shift = X.mean(axis=0)
+            self._scale = np.where(scale > 1e-12 * (1.0 + np.abs(self._shift)), scale, 1.0)
+        return self._fit_em((X - self._shift) / self._scale, codes)
 
     # ----------------------------------------------------------------- family hooks
     def _kmeans_target(self, codes):
@@ -80,8 +123,39 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
 
     def _expert_mstep(self, Z, codes, R, params, state):
         Y = np.eye(self.classes_.size)[codes]
-        V = em.multinomial_mstep(Z, Y, R, params["V"], self._alpha, Z.shape[0], state["expert_L"])
+        V = em.multinomial_mstep(Z, Y, R, params["V"], self._alpha, Z.shape[0], state["expert_L"], l2=self._l2())
         return {"V": V}
+
+    def _l2(self):
+        return 0.0 if self.penalty == "l1" else float(self.l2)
+
+    def _gate_l2(self):
+        # Unpenalised, the gate overfits small data as the experts do (it can separate the
+        # training rows perfectly); the same ridge on its coefficients.
+        return self._l2() if self._gate.n_free(self.n_experts) < self.n_experts else 0.0
+
+    def _ridge(self, params, n):
+        W = params["W"][:-1, : self._gate.n_free(self.n_experts)]
+        return 0.5 * (self._l2() * float((params["V"][:, :-1] ** 2).sum()) + self._gate_l2() * float((W**2).sum())) / n
+
+    def _rescale(self, params, to_original):
+        """Map parameters between standardised and original features: a logit
+        ``b . (x - m) / s + c`` is ``(b / s) . x + c - (b / s) . m``."""
+        out = dict(params)
+        for key, axis in (("W", 0), ("V", 1)):
+            A = np.moveaxis(params[key], axis, 0).copy()
+            scale = self._scale.reshape((-1,) + (1,) * (A.ndim - 1))
+            if to_original:
+                A[:-1] /= scale
+                A[-1] -= np.tensordot(self._shift, A[:-1], axes=1)
+            else:
+                A[-1] += np.tensordot(self._shift, A[:-1], axes=1)
+                A[:-1] *= scale
+            out[key] = np.moveaxis(A, 0, axis)
+        return out
+
+    def _start_params_from_fitted(self):
+        return self._rescale(self._params_from_fitted(), to_original=False)
 
     def _expert_l1(self, params):
         return np.abs(params["V"][:, :-1]).sum()
@@ -93,6 +167,7 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
         return 0.5 * np.abs(pe - pf).sum(axis=1).mean() < 1e-2
 
     def _set_fitted(self, params):
+        params = self._rescale(params, to_original=True)
         V = params["V"]
         self.gate_coef_ = params["W"][:-1].T.copy()
         self.gate_intercept_ = params["W"][-1].copy()
@@ -117,7 +192,10 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
     def predict_proba(self, X):
         """``p(y = c | x) = sum_e g_e(x) p_e(c | x)`` ``[N, n_classes]``."""
         X = self._validated(X)
-        return np.einsum("ne,enc->nc", self._gate_proba(X), self._expert_proba(X))
+        proba_NC = np.einsum("ne,enc->nc", self._gate_proba(X), self._expert_proba(X))
+        # Rounding can leave a row summing to 1 + 1e-16, which sklearn's log_loss refuses.
+        proba_NC /= proba_NC.sum(axis=1, keepdims=True)
+        return np.clip(proba_NC, 0.0, 1.0)
 
     def predict(self, X):
         """Most probable class ``[N]``."""

@@ -8,6 +8,10 @@ Parameters, all float64:
   Gaussian experts    ``A_QE`` (means ``mu = [x, 1] A``) and variances ``var_E``
   multinomial experts ``V_EQC`` (class logits ``[x, 1] V_e``; the last class column is 0)
 
+Gate steps take a gate of the table in `gatedmoe.stats.gating` (an object with
+``log_probs``, ``logit_grad`` and, for the softmax family, ``logit_scale``); ``None`` is the
+plain softmax (also the multinomial experts' link).
+
 Every M-step here only ever *increases* its block of the expected complete-data
 log-likelihood (step halving guards the Newton steps), so EM built from them never lowers
 the (penalised) likelihood.
@@ -19,17 +23,45 @@ import numpy as np
 import scipy.linalg
 from scipy.optimize import minimize
 
-from gatedmoe.stats.gating import (
-    expected_log,
-    gate_log_probs,
-    gate_logit_grad,
-    log_softmax_rows,
-    logsumexp_rows,
-    row_sum,
-)
-
 LOG_2PI = float(np.log(2.0 * np.pi))
 MAX_LOGIT_STEP = 4.0
+
+
+def row_sum(A_NE: np.ndarray) -> np.ndarray:
+    """``A.sum(axis=1)`` as a matrix-vector product (fast for few columns)."""
+    return A_NE @ np.ones(A_NE.shape[1])
+
+
+def logsumexp_rows(A_NE: np.ndarray) -> np.ndarray:
+    """``log sum_e exp(A_ne)`` ``[N]``; rows must hold at least one finite entry.
+
+    numpy's reductions along a short last axis are ~20x slower than a loop over the E
+    columns (max) and a matrix-vector product (sum), which is what this does.
+    """
+    m_N = A_NE[:, 0].copy()
+    for e in range(1, A_NE.shape[1]):
+        np.maximum(m_N, A_NE[:, e], out=m_N)
+    return m_N + np.log(row_sum(np.exp(A_NE - m_N[:, None])))
+
+
+def log_softmax_rows(A_NE: np.ndarray) -> np.ndarray:
+    """``A - logsumexp(A)`` per row ``[N, E]``."""
+    return A_NE - logsumexp_rows(A_NE)[:, None]
+
+
+def expected_log(T_NE: np.ndarray, logp_NE: np.ndarray) -> float:
+    """``sum_ne T_ne log p_ne`` with ``0 log 0 = 0`` (and ``-inf`` where ``T > 0 = p``)."""
+    if np.isneginf(logp_NE).any():
+        with np.errstate(invalid="ignore"):
+            return float(np.sum(np.where(T_NE > 0, T_NE * logp_NE, 0.0)))
+    return float(np.einsum("ne,ne->", T_NE, logp_NE))
+
+
+def softmax_logit_grad(logits_NE: np.ndarray, targets_NE: np.ndarray) -> tuple[float, np.ndarray]:
+    """``Q(l) = sum_ne t_ne log softmax(l)_ne`` and ``dQ/dl`` ``[N, E]`` (the plain softmax,
+    what ``gate=None`` means in the steps below)."""
+    logp_NE = log_softmax_rows(logits_NE)
+    return expected_log(targets_NE, logp_NE), targets_NE - row_sum(targets_NE)[:, None] * np.exp(logp_NE)
 
 
 def add_intercept(X_NP: np.ndarray) -> np.ndarray:
@@ -74,13 +106,13 @@ def softmax_newton(
     T_NE: np.ndarray,
     W_QE: np.ndarray,
     n_free: int,
-    gate: str = "softmax",
-    k: int | None = None,
-    temperature: float = 1.0,
+    gate=None,
     n_steps: int = 1,
     log_expert_NE: np.ndarray | None = None,
+    l2: float = 0.0,
 ) -> tuple[np.ndarray, float]:
-    """Damped Newton (IRLS) steps increasing ``Q(W) = sum_ne T_ne log g_ne(Z W)``.
+    """Damped Newton (IRLS) steps increasing ``Q(W) = sum_ne T_ne log g_ne(Z W)``
+    (minus ``l2/2`` times the squared coefficients, intercepts excluded, if ``l2 > 0``).
 
     With ``log_expert_NE`` the steps instead increase the observed log-likelihood
     ``sum_n log sum_e g_ne(Z W) p_ne`` with the experts fixed (targets: the current
@@ -92,14 +124,16 @@ def softmax_newton(
     not decrease, so the result is never worse than ``W_QE``. Returns ``(W_QE, Q)``.
     """
     N, Q = Z_NQ.shape
-    inv_t = 1.0 / temperature if gate == "temperature" else 1.0
+    inv_t = 1.0 if gate is None else gate.logit_scale
+    log_probs = log_softmax_rows if gate is None else gate.log_probs
     w_N = row_sum(T_NE)
 
     def value(W):
-        logg = gate_log_probs(Z_NQ @ W, gate, k, temperature)
+        logg = log_probs(Z_NQ @ W)
+        pen = 0.5 * l2 * float((W[:-1, :n_free] ** 2).sum()) if l2 else 0.0
         if log_expert_NE is not None:
-            return float(logsumexp_rows(logg + log_expert_NE).sum()), logg
-        return expected_log(T_NE, logg), logg
+            return float(logsumexp_rows(logg + log_expert_NE).sum()) - pen, logg
+        return expected_log(T_NE, logg) - pen, logg
 
     q0, logg_NE = value(W_QE)
     for _ in range(n_steps):
@@ -110,6 +144,8 @@ def softmax_newton(
             w_N = np.ones(Z_NQ.shape[0])
         grad_NE = (T_NE - w_N[:, None] * g_NE) * inv_t
         grad_FQ = (Z_NQ.T @ grad_NE[:, :n_free]).T
+        if l2:
+            grad_FQ[:, :-1] -= l2 * W_QE[:-1, :n_free].T
         # Negative Hessian in the logits: w_n (diag(g) - g g^T) / tau^2, per sample.
         H = np.empty((n_free, Q, n_free, Q))
         for e in range(n_free):
@@ -118,7 +154,10 @@ def softmax_newton(
                 B_QQ = Z_NQ.T @ (Z_NQ * c_N[:, None])
                 H[e, :, f, :] = B_QQ
                 H[f, :, e, :] = B_QQ.T
-        step_FQ = _solve_psd(H.reshape(n_free * Q, n_free * Q), grad_FQ.ravel()).reshape(n_free, Q)
+        H = H.reshape(n_free * Q, n_free * Q)
+        if l2:
+            H = H + l2 * np.diag(np.tile(np.r_[np.ones(Q - 1), 0.0], n_free))
+        step_FQ = _solve_psd(H, grad_FQ.ravel()).reshape(n_free, Q)
         # Trust region: no logit moves by more than MAX_LOGIT_STEP in one step. Near
         # separation the Newton step is huge and would otherwise be halved many times.
         max_move = np.abs(Z_NQ @ step_FQ.T).max() if step_FQ.size else 0.0
@@ -144,20 +183,51 @@ def lbfgs_gate(
     T_NE: np.ndarray,
     W_QE: np.ndarray,
     n_free: int,
-    gate: str,
-    k: int | None = None,
-    temperature: float = 1.0,
+    gate=None,
     maxiter: int = 15,
 ) -> tuple[np.ndarray, float]:
     """A few warm-started L-BFGS iterations increasing ``Q(W)`` (gates without a Newton
     step here, e.g. the normalised sigmoid gate). Never returns a worse ``W``."""
     Q = Z_NQ.shape[1]
     fixed = W_QE[:, n_free:]
+    logit_grad = softmax_logit_grad if gate is None else gate.logit_grad
 
     def fun(theta):
         W = np.hstack([theta.reshape(Q, n_free), fixed])
-        val, grad_NE = gate_logit_grad(Z_NQ @ W, T_NE, gate, k, temperature)
+        val, grad_NE = logit_grad(Z_NQ @ W, T_NE)
         return -val, -(Z_NQ.T @ grad_NE[:, :n_free]).ravel()
+
+    q0 = -fun(W_QE[:, :n_free].ravel())[0]
+    res = minimize(fun, W_QE[:, :n_free].ravel(), jac=True, method="L-BFGS-B", options={"maxiter": maxiter})
+    if np.all(np.isfinite(res.x)) and -res.fun >= q0:
+        return np.hstack([res.x.reshape(Q, n_free), fixed]), float(-res.fun)
+    return W_QE, q0
+
+
+def observed_lbfgs_gate(
+    Z_NQ: np.ndarray,
+    W_QE: np.ndarray,
+    n_free: int,
+    gate,
+    log_expert_NE: np.ndarray,
+    maxiter: int = 15,
+) -> tuple[np.ndarray, float]:
+    """A few L-BFGS iterations increasing the observed log-likelihood
+    ``sum_n log sum_e g_ne(Z W) p_ne`` with the experts fixed (a sparse gate whose ``Q``
+    cannot move its selection). Its gradient in the logits is ``Q``'s at the current
+    posterior responsibilities. Never returns a worse ``W``."""
+    Q = Z_NQ.shape[1]
+    fixed = W_QE[:, n_free:]
+
+    def fun(theta):
+        W = np.hstack([theta.reshape(Q, n_free), fixed])
+        logits_NE = Z_NQ @ W
+        joint_NE = gate.log_probs(logits_NE) + log_expert_NE
+        ll_N = logsumexp_rows(joint_NE)
+        if not np.all(np.isfinite(ll_N)):
+            return np.inf, np.zeros_like(theta)
+        _, grad_NE = gate.logit_grad(logits_NE, np.exp(joint_NE - ll_N[:, None]))
+        return -float(ll_N.sum()), -(Z_NQ.T @ grad_NE[:, :n_free]).ravel()
 
     q0 = -fun(W_QE[:, :n_free].ravel())[0]
     res = minimize(fun, W_QE[:, :n_free].ravel(), jac=True, method="L-BFGS-B", options={"maxiter": maxiter})
@@ -203,9 +273,7 @@ def l1_gate(
     T_NE: np.ndarray,
     W_QE: np.ndarray,
     n_free: int,
-    gate: str,
-    k: int | None,
-    temperature: float,
+    gate,
     alpha: float,
     n_total: int,
     lipschitz: float,
@@ -215,10 +283,11 @@ def l1_gate(
     (intercepts unpenalised), the gate M-step of the Lasso MoE (Chamroukhi & Huynh 2019)."""
     Q = Z_NQ.shape[1]
     fixed = W_QE[:, n_free:]
+    logit_grad = softmax_logit_grad if gate is None else gate.logit_grad
 
     def fun_grad(theta_QF):
         W = np.hstack([theta_QF, fixed])
-        val, grad_NE = gate_logit_grad(Z_NQ @ W, T_NE, gate, k, temperature)
+        val, grad_NE = logit_grad(Z_NQ @ W, T_NE)
         return -val / n_total, -(Z_NQ.T @ grad_NE[:, :n_free]) / n_total
 
     mask = np.zeros((Q, n_free), dtype=bool)
@@ -280,11 +349,12 @@ def _weighted_lasso(X_NP, y_N, r_N, alpha, a0_Q):
 
 
 def multinomial_newton_experts(
-    Z_NQ: np.ndarray, Y_NC: np.ndarray, R_NE: np.ndarray, V_EQC: np.ndarray
+    Z_NQ: np.ndarray, Y_NC: np.ndarray, R_NE: np.ndarray, V_EQC: np.ndarray, l2: float = 0.0
 ) -> np.ndarray:
     """One damped Newton step for every multinomial logistic expert at once.
 
-    Expert e maximises ``sum_n r_ne log softmax(Z_n V_e)[y_n]``; the experts are
+    Expert e maximises ``sum_n r_ne log softmax(Z_n V_e)[y_n] - l2/2 ||V_e[:-1]||^2`` (the
+    ridge leaves the intercept row alone, as LogisticRegression's ``1/C``); the experts are
     independent, so their Newton systems are solved as one batch ``[E, (C-1) Q]``. Each
     expert's step is capped (trust region) and halved until its objective does not fall.
     """
@@ -300,18 +370,24 @@ def multinomial_newton_experts(
         L_ECN = np.matmul(V.transpose(0, 2, 1), Z_NQ.T)
         m_EN = L_ECN.max(axis=1)
         logp_ECN = L_ECN - (m_EN + np.log(np.exp(L_ECN - m_EN[:, None]).sum(axis=1)))[:, None]
-        return (R_EN * logp_ECN[:, y_N, rows]).sum(axis=1), logp_ECN
+        pen_E = 0.5 * l2 * (V[:, :-1, :] ** 2).sum(axis=(1, 2)) if l2 else 0.0
+        return (R_EN * logp_ECN[:, y_N, rows]).sum(axis=1) - pen_E, logp_ECN
 
     q0_E, logp_ECN = value(V_EQC)
     P_ECN = np.exp(logp_ECN)
     G_ECN = R_EN[:, None, :] * (Y_NC.T[None] - P_ECN)
     grad_ECQ = np.matmul(G_ECN[:, :Cf], Z_NQ)
+    if l2:
+        grad_ECQ[:, :, :-1] -= l2 * V_EQC[:, :-1, :Cf].transpose(0, 2, 1)
     # Negative Hessian blocks Z^T diag(r_e p_c (delta_cd - p_d)) Z, batched over experts.
     Pf = P_ECN[:, :Cf]
     W_ECCN = R_EN[:, None, None, :] * Pf[:, :, None, :] * (np.eye(Cf)[None, :, :, None] - Pf[:, None, :, :])
     H = np.einsum("nq,ecdn,nr->ecqdr", Z_NQ, W_ECCN, Z_NQ, optimize=True).reshape(E, Cf * Q, Cf * Q)
     ridge_E = 1e-10 * (np.trace(H, axis1=1, axis2=2) / (Cf * Q) + 1e-12)
     H = H + ridge_E[:, None, None] * np.eye(Cf * Q)
+    if l2:
+        # Layout (c, q): the penalty's curvature on every coefficient but the intercepts.
+        H = H + l2 * np.diag(np.tile(np.r_[np.ones(Q - 1), 0.0], Cf))
     try:
         step_ECQ = np.linalg.solve(H, grad_ECQ.reshape(E, Cf * Q, 1)).reshape(E, Cf, Q)
     except np.linalg.LinAlgError:
@@ -342,11 +418,12 @@ def multinomial_mstep(
     alpha: float = 0.0,
     n_total: int | None = None,
     lipschitz_E: np.ndarray | None = None,
+    l2: float = 0.0,
 ) -> np.ndarray:
     """Weighted multinomial logistic regression per expert (targets ``r_ne * onehot(y_n)``),
     by damped Newton, or by proximal gradient with the Lasso penalty when ``alpha > 0``."""
     if alpha <= 0:
-        return multinomial_newton_experts(Z_NQ, Y_NC, R_NE, V_EQC)
+        return multinomial_newton_experts(Z_NQ, Y_NC, R_NE, V_EQC, l2)
     V_EQC = V_EQC.copy()
     C = Y_NC.shape[1]
     n_total = n_total or Z_NQ.shape[0]
@@ -355,6 +432,6 @@ def multinomial_mstep(
         if T_NC.sum() <= 1e-10:
             continue
         V_EQC[e], lipschitz_E[e] = l1_gate(
-            Z_NQ, T_NC, V_EQC[e], C - 1, "softmax", None, 1.0, alpha, n_total, lipschitz_E[e]
+            Z_NQ, T_NC, V_EQC[e], C - 1, None, alpha, n_total, lipschitz_E[e]
         )
     return V_EQC

@@ -25,13 +25,17 @@ class MoERegressor(RegressorMixin, _BaseMoE):
     Parameters
     ----------
     n_experts : int, default=3
-    gate : {"softmax", "topk", "temperature", "sigmoid", "modified_softmax"}, default="softmax"
+    gate : {"softmax", "topk_softmax", "temperature_softmax", "sigmoid", "modified_softmax"}, default="softmax"
+        The names of `gatedmoe.gates.names()`; ``"topk"`` and ``"temperature"`` are
+        deprecated aliases (``FutureWarning`` at fit).
     k : int or None, default=None
-        Experts kept per input by ``"topk"`` / ``"sigmoid"`` (None: all). Sparse gates
-        start from the dense gate's fit; the top-K likelihood is discontinuous in the gate,
-        so its EM can stop at a local optimum (see docs/stats.md).
+        Experts kept per input by ``"topk_softmax"`` (required) / ``"sigmoid"`` (None: all).
+        Sparse gates start from a dense fit, then shrink a smoothed top-K mask to the hard
+        one (continuation), since the hard likelihood hides the selection boundary from
+        every gradient (docs/stats.md). Top-1 gate parameters are reported scaled to
+        ``max |W| = 1`` (only their direction matters).
     temperature : float, default=1.0
-        Fixed temperature of ``gate="temperature"``: ``g = softmax(l / temperature)``.
+        Fixed temperature of ``gate="temperature_softmax"``: ``g = softmax(l / temperature)``.
     penalty : {None, "l1"}, default=None
         ``"l1"`` maximises ``mean loglik - alpha (sum_e ||beta_e||_1 + ||a_e||_1 / sigma_e)``
         (Lasso MoE, Chamroukhi & Huynh 2019, with the experts' scale-invariant penalty of
@@ -44,7 +48,9 @@ class MoERegressor(RegressorMixin, _BaseMoE):
         empty expert is re-seeded on the worst-explained samples (kept if better).
     max_iter : int, default=100
     tol : float, default=1e-6
-        Converged when the mean log-likelihood changes by less than ``tol``.
+        Converged when the mean log-likelihood changes by less than ``tol`` and the gain
+        still to come, extrapolated (Aitken), is below ``tol`` too: a crawl on a plateau
+        is not convergence.
     init : {"kmeans", "random"}, default="kmeans"
         Starting responsibilities: k-means on standardised ``(x, y)`` (a different seed per
         start), or random Dirichlet responsibilities (flexmix-like).

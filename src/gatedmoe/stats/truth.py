@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.utils import check_random_state
 
-from gatedmoe.stats.gating import check_gate
+from gatedmoe.stats.gating import make_gate
 
 __all__ = ["MoETruth"]
 
@@ -46,7 +46,9 @@ class MoETruth:
                 raise ValueError(f"{name} must have shape {shape}, got {np.shape(getattr(self, name))}")
         if np.any(np.asarray(self.noise_variance) <= 0):
             raise ValueError("noise_variance must be > 0")
-        check_gate(self.gate, E, self.k, self.temperature)
+        gate = make_gate(self.gate, E, self.k, self.temperature, warn=True, stacklevel=3)
+        # Hold the table's name, so a truth built with a deprecated alias warns once, here.
+        object.__setattr__(self, "gate", gate.name)
 
     # aliases so a truth reads like a fitted estimator
     gate_coef_ = property(lambda self: np.asarray(self.gate_coef, dtype=float))
