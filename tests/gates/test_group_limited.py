@@ -105,3 +105,18 @@ def test_bias_update_when_rate_positive():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GroupLimitedGate(4, 8, **kwargs)
+
+
+def test_group_limited_mask_value_changes_selection_only_for_negative_scores():
+    # 4 experts in 2 groups, 1 group kept, k = 2; expert scores s = sigmoid(0) = 0.5.
+    # Bias makes group 0 win (top-2 sum) but its expert 1 score negative.
+    kw = dict(k=2, n_group=2, topk_group=1)
+    zero, inf = GroupLimitedGate(2, 4, mask_value=0.0, **kw), GroupLimitedGate(2, 4, mask_value=float("-inf"), **kw)
+    for g in (zero, inf):
+        torch.nn.init.zeros_(g.weight)
+        g.balancer.bias.copy_(torch.tensor([2.0, -1.0, -0.2, -0.3]))
+    x = torch.zeros(1, 2)
+    assert zero(x).expert.tolist() == [0, 2]  # masked experts score 0 > -0.5
+    assert inf(x).expert.tolist() == [0, 1]  # only the kept group
+    with pytest.raises(ValueError, match="mask_value"):
+        GroupLimitedGate(2, 4, mask_value=1.0, **kw)

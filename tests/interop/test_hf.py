@@ -17,8 +17,6 @@ transformers = pytest.importorskip("transformers")
 
 from gatedmoe import MoE  # noqa: E402
 from gatedmoe.interop.hf import (  # noqa: E402
-    ClampedSwiGLU,
-    HFGroupLimitedGate,
     HFMoEBlock,
     from_hf,
     patch_model,
@@ -270,31 +268,6 @@ def test_to_hf_from_a_bare_moe_and_mismatches():
         to_hf(moe)
     with pytest.raises(ValueError, match="gated shared expert"):
         to_hf(from_hf(_block("mixtral")), like=_block("qwen2_moe"))
-
-
-def test_clamped_swiglu_formula():
-    act = ClampedSwiGLU(alpha=1.5, limit=2.0)
-    a = torch.tensor([[-3.0, 0.5, 3.0]], dtype=torch.float64)
-    b = torch.tensor([[-4.0, 1.0, 2.5]], dtype=torch.float64)
-    ac = torch.tensor([[-3.0, 0.5, 2.0]], dtype=torch.float64)  # min(a, 2)
-    bc = torch.tensor([[-2.0, 1.0, 2.0]], dtype=torch.float64)  # clamp(b, -2, 2)
-    want = (bc + 1) * ac * torch.sigmoid(1.5 * ac)
-    assert_close("clamped swiglu", want, act(torch.cat([a, b], -1)))
-
-
-def test_group_limited_mask_value_changes_selection_only_for_negative_scores():
-    # 4 experts in 2 groups, 1 group kept, k = 2; expert scores s = sigmoid(0) = 0.5.
-    # Bias makes group 0 win (top-2 sum) but its expert 1 score negative.
-    kw = dict(k=2, n_group=2, topk_group=1)
-    zero, inf = HFGroupLimitedGate(2, 4, **kw), HFGroupLimitedGate(2, 4, mask_value=float("-inf"), **kw)
-    for g in (zero, inf):
-        torch.nn.init.zeros_(g.weight)
-        g.balancer.bias.copy_(torch.tensor([2.0, -1.0, -0.2, -0.3]))
-    x = torch.zeros(1, 2)
-    assert zero(x).expert.tolist() == [0, 2]  # masked experts score 0 > -0.5
-    assert inf(x).expert.tolist() == [0, 1]  # only the kept group
-    with pytest.raises(ValueError, match="mask_value"):
-        HFGroupLimitedGate(2, 4, mask_value=1.0, **kw)
 
 
 def test_deepseek_v3_test_data_exercises_the_group_mask_rule():

@@ -15,12 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gatedmoe.gates.group_limited import GroupLimitedGate
 from gatedmoe.gates.topk import TopKSoftmaxGate
-from gatedmoe.layers.moe import MoE, SharedExperts
-from gatedmoe.routing import Routing
+from gatedmoe.layers.moe import MoE
 
-__all__ = ["HFMoEBlock", "HFTopKSoftmaxGate", "HFGroupLimitedGate", "ClampedSwiGLU"]
+__all__ = ["HFMoEBlock", "HFTopKSoftmaxGate", "router_tap"]
 
 
 class HFTopKSoftmaxGate(TopKSoftmaxGate):
@@ -49,96 +47,6 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
     def router_logits(self, x_TD: Tensor) -> Tensor:
         b = None if self.bias is None else self.bias.to(x_TD.dtype)
         return F.linear(x_TD, self.weight.to(x_TD.dtype), b).float()
-
-
-class HFGroupLimitedGate(GroupLimitedGate):
-    """`GroupLimitedGate` (DeepSeek-V3) with the masking value of the installed
-    transformers' ``DeepseekV3TopkRouter``.
-
-    Formula as `GroupLimitedGate`. Experts outside the kept groups get selection score
-    ``mask_value``: ``0.0`` in transformers 4.x and DeepSeek's remote code (what
-    `GroupLimitedGate` does), ``-inf`` in transformers 5.x and DeepSeek's own inference
-    code. The two differ only when a kept expert's ``sigmoid(l) + bias`` is negative.
-
-    Examples
-    --------
-    >>> import torch
-    >>> g = HFGroupLimitedGate(8, 8, k=2, n_group=4, topk_group=2, mask_value=float("-inf"))
-    >>> g(torch.randn(5, 8)).n_assignments
-    10
-    """
-
-    def __init__(self, d_model: int, n_experts: int, *, mask_value: float = 0.0, **kwargs) -> None:
-        super().__init__(d_model, n_experts, **kwargs)
-        if mask_value not in (0.0, float("-inf")):
-            raise ValueError(f"mask_value must be 0.0 or -inf, got {mask_value}")
-        self.mask_value = float(mask_value)
-
-    def forward(self, x_TD: Tensor) -> Routing:
-        if self.mask_value == 0.0 or self.n_group == 1:
-            return super().forward(x_TD)
-        logits_TE = self.router_logits(x_TD)
-        scores_TE = torch.sigmoid(logits_TE)
-        T, E = scores_TE.shape
-        G = self.n_group
-        with torch.no_grad():
-            choice_TE = scores_TE + self.balancer.bias
-            group_TG = choice_TE.view(T, G, E // G).topk(2, dim=-1).values.sum(-1)
-            keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
-            keep_TG.scatter_(1, torch.topk(group_TG, self.topk_group, dim=-1).indices, True)
-            keep_TE = keep_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
-            experts_TK = torch.topk(choice_TE.masked_fill(~keep_TE, self.mask_value), self.k, dim=-1).indices
-        weights_TK = scores_TE.gather(-1, experts_TK)
-        if self.normalize:
-            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
-        weights_TK = weights_TK * self.routed_scaling_factor
-        routing = Routing.from_topk(
-            weights_TK, experts_TK, E, probs=scores_TE / scores_TE.sum(-1, keepdim=True), logits=logits_TE
-        )
-        if self.balancer.update_rate > 0:
-            self.update_bias_balancer(routing.counts)
-        return routing
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, mask_value={self.mask_value}"
-
-
-class ClampedSwiGLU(nn.Module):
-    """GPT-OSS's SwiGLU (OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card"), in the GLU
-    form of `gatedmoe.experts.activations`: ``h = [a | b]`` of width 2H maps to
-
-    ``a' = min(a, limit)``, ``b' = clamp(b, -limit, limit)``,
-    ``(b' + 1) * a' * sigmoid(alpha * a')``.
-
-    Defaults are GPT-OSS's ``swiglu_alpha = 1.702`` and ``swiglu_limit = 7.0``. Assigned to
-    ``ExpertBank.act`` by the GPT-OSS converter (it is not a registered activation: its
-    constants come from the checkpoint's config).
-
-    Examples
-    --------
-    >>> import torch
-    >>> act = ClampedSwiGLU()
-    >>> act(torch.tensor([[100.0, 0.0]])).item() == 7.0 * torch.sigmoid(torch.tensor(7.0 * 1.702)).item()
-    True
-    """
-
-    glu = True
-    name = "clamped_swiglu"
-
-    def __init__(self, alpha: float = 1.702, limit: float = 7.0) -> None:
-        super().__init__()
-        if not limit > 0:
-            raise ValueError(f"limit must be > 0, got {limit}")
-        self.alpha, self.limit = float(alpha), float(limit)
-
-    def forward(self, h: Tensor) -> Tensor:
-        a, b = h.chunk(2, dim=-1)
-        a = a.clamp(max=self.limit)
-        b = b.clamp(min=-self.limit, max=self.limit)
-        return (b + 1) * a * torch.sigmoid(a * self.alpha)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, limit={self.limit}"
 
 
 @functools.cache
@@ -173,12 +81,10 @@ class HFMoEBlock(nn.Module):
     Attributes
     ----------
     moe : MoE
-        Gate, routed experts and (DeepSeek-V3) ungated shared experts. Its last routing is
-        ``moe.last_routing``. Auxiliary-loss weights are 0: Hugging Face models compute
-        their own auxiliary loss from the router logits.
-    shared_expert, shared_expert_gate : SharedExperts, nn.Linear or None
-        Qwen2-MoE's shared expert, scaled per token by ``sigmoid(shared_expert_gate(x))``
-        (a gated shared expert, which `MoE`'s ungated shared experts do not express).
+        Gate, routed experts and shared experts (ungated `SharedExperts` for DeepSeek-V3,
+        `GatedSharedExperts` for Qwen2-MoE). Its last routing is ``moe.last_routing``.
+        Auxiliary-loss weights are 0: Hugging Face models compute their own auxiliary
+        loss from the router logits.
     router_tap : nn.Module or None
         Passes the router logits through an instance of the original router class, so
         transformers' ``output_router_logits=True`` still sees them.
@@ -197,8 +103,6 @@ class HFMoEBlock(nn.Module):
         *,
         family: str,
         hf_class: str,
-        shared_expert: SharedExperts | None = None,
-        shared_expert_gate: nn.Linear | None = None,
         router_tap: nn.Module | None = None,
         jitter_noise: float = 0.0,
         returns_router_scores: bool = False,
@@ -206,15 +110,11 @@ class HFMoEBlock(nn.Module):
         template: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if (shared_expert is None) != (shared_expert_gate is None):
-            raise ValueError("shared_expert and shared_expert_gate must be given together")
         if router_logits_dtype not in ("input", "float32"):
             raise ValueError(f"router_logits_dtype must be 'input' or 'float32', got {router_logits_dtype!r}")
         if not jitter_noise >= 0:
             raise ValueError(f"jitter_noise must be >= 0, got {jitter_noise}")
         self.moe = moe
-        self.shared_expert = shared_expert
-        self.shared_expert_gate = shared_expert_gate
         self.router_tap = router_tap
         self.family, self.hf_class = family, hf_class
         self.jitter_noise = float(jitter_noise)
@@ -238,8 +138,6 @@ class HFMoEBlock(nn.Module):
         if self.router_tap is not None and routing.logits is not None:
             logits = routing.logits if self.router_logits_dtype == "float32" else routing.logits.to(x.dtype)
             self.router_tap(logits)
-        if self.shared_expert is not None:
-            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         if not self.returns_router_scores:
             return y
         # HF returns the kept weights of each token in descending order, [T, K].
