@@ -91,7 +91,7 @@ def group_limited_topk(
     bias_E: Tensor | None = None,
     normalize: bool = True,
     scale: float = 1.0,
-    mask_value: float = 0.0,
+    mask_value: float = float("-inf"),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """DeepSeek-V3 group-limited sigmoid top-k (node-limited routing), as in Hugging Face
     ``DeepseekV3TopkRouter``.
@@ -99,10 +99,11 @@ def group_limited_topk(
     ``s = sigmoid(l)``; selection scores ``c = s + b``; the E experts form ``n_group``
     contiguous groups of ``E / n_group``; a group's score is the sum of its two largest
     ``c``; the ``topk_group`` best groups are kept and every other expert's ``c`` is set
-    to ``mask_value``; the k largest masked ``c`` are selected. ``mask_value`` is 0.0
-    (transformers 4.x, DeepSeek's remote code) or -inf (transformers >= 5.x, DeepSeek's
-    inference code, torchtitan); the two select differently only when a kept expert's
-    ``c`` is negative. Weights are the *unbiased* ``s`` of the selected experts, divided by
+    to ``mask_value``; the k largest masked ``c`` are selected. ``mask_value`` is -inf
+    (default: transformers >= 5.23, DeepSeek's inference code, torchtitan: only experts of
+    kept groups are ever selected) or 0.0 (transformers 4.x and DeepSeek's remote code:
+    an expert of a dropped group beats a kept expert whose ``c`` is negative); the two
+    select differently only when a kept expert's ``c`` is negative. Weights are the *unbiased* ``s`` of the selected experts, divided by
     ``sum_kept s + 1e-20`` when ``normalize``, times ``scale`` (routed_scaling_factor).
 
     Returns ``(weights_TK, experts_TK, scores_TE)`` with ``scores_TE = s``.

@@ -48,9 +48,10 @@ class GroupLimitedGate(Gate):
     routed_scaling_factor : float
         Multiplies the kept weights (default 1.0; DeepSeek-V3 uses 2.5).
     mask_value : float
-        Selection score of the experts outside the kept groups: 0.0 (default; transformers
-        4.x and DeepSeek's remote code) or -inf (transformers >= 5.x, DeepSeek's inference
-        code, torchtitan). The two differ only when a kept expert's ``s_e + b_e`` is negative.
+        Selection score of the experts outside the kept groups: -inf (default; transformers
+        >= 5.23, DeepSeek's inference code, torchtitan) or 0.0 (transformers 4.x and
+        DeepSeek's remote code). The two differ only when a kept expert's ``s_e + b_e`` is
+        negative.
     bias_update_rate : float
         Step of the sign update of the selection bias (default 0: the bias is kept fixed,
         e.g. as loaded from a checkpoint).
@@ -77,7 +78,7 @@ class GroupLimitedGate(Gate):
         topk_group: int = 1,
         normalize: bool = True,
         routed_scaling_factor: float = 1.0,
-        mask_value: float = 0.0,
+        mask_value: float = float("-inf"),
         bias_update_rate: float = 0.0,
     ) -> None:
         super().__init__(d_model, n_experts)
