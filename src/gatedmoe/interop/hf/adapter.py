@@ -15,22 +15,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gatedmoe.gates.base import Gate
 from gatedmoe.gates.topk import TopKSoftmaxGate
 from gatedmoe.layers.moe import MoE
+from gatedmoe.routing import Routing
 
-__all__ = ["HFMoEBlock", "HFTopKSoftmaxGate", "router_tap"]
+__all__ = ["HFMoEBlock", "HFTopKSoftmaxGate", "HFRouterGate", "HFSharedExperts", "router_tap"]
 
 
 class HFTopKSoftmaxGate(TopKSoftmaxGate):
-    """`TopKSoftmaxGate` whose logits are computed as Hugging Face routers compute them.
+    """`TopKSoftmaxGate` computed as Hugging Face's softmax top-k routers compute it, down to
+    the dtypes and the order of operations, so a converted bf16 model is bit-identical.
 
-    Formula as `TopKSoftmaxGate` (Mixtral, Qwen-MoE, OLMoE; GPT-OSS's "top-k of the
-    logits, then softmax over the kept ones" is the same routing with ``renormalize``):
-    ``p = softmax(l)``, keep the k largest, weight ``p_e / sum_{j in topk} p_j`` with
-    ``renormalize``. Only the logits differ: ``l = x W^T (+ b)`` is computed in the
-    *input's* dtype and then upcast, as ``F.linear(hidden_states, weight)`` does in
-    transformers, so in bf16 the same experts are chosen as by the original router.
-    ``bias`` adds a router bias ``[E]`` (GPT-OSS).
+    Formula as `TopKSoftmaxGate` (Mixtral, Qwen-MoE, OLMoE): ``p = softmax(l)``, keep the
+    k largest, weight ``p_e / sum_{j in topk} p_j`` with ``renormalize``. The logits
+    ``l = x W^T (+ b)`` are computed in the *input's* dtype, as ``F.linear(hidden_states,
+    weight)`` in transformers, so in bf16 the same experts are chosen.
+
+    Parameters
+    ----------
+    d_model, n_experts, k, renormalize
+        As `TopKSoftmaxGate`.
+    bias : bool
+        A router bias ``[E]`` (GPT-OSS).
+    softmax_over : {"all", "topk"}
+        "all" (default): softmax of all logits in float32, then top-k (Mixtral, Qwen,
+        OLMoE). "topk": top-k of the logits, then softmax of the kept ones in the logits'
+        dtype (GPT-OSS's ``GptOssTopKRouter``; the same routing as "all" with renormalize).
+    weights_dtype : {"float32", "input"}
+        Dtype the original router returns its weights in: float32 (Mixtral) or the input's
+        (Qwen-MoE, OLMoE: ``.to(router_logits.dtype)``); the weights are rounded to it.
 
     Examples
     --------
@@ -40,13 +54,131 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
     10
     """
 
-    def __init__(self, d_model: int, n_experts: int, *, k: int, renormalize: bool, bias: bool = False) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        *,
+        k: int,
+        renormalize: bool,
+        bias: bool = False,
+        softmax_over: str = "all",
+        weights_dtype: str = "float32",
+    ) -> None:
         super().__init__(d_model, n_experts, k=k, renormalize=renormalize)
+        if softmax_over not in ("all", "topk"):
+            raise ValueError(f"softmax_over must be 'all' or 'topk', got {softmax_over!r}")
+        if weights_dtype not in ("float32", "input"):
+            raise ValueError(f"weights_dtype must be 'float32' or 'input', got {weights_dtype!r}")
+        if softmax_over == "topk" and not self.renormalize:
+            raise ValueError("softmax_over='topk' is the renormalised routing; pass renormalize=True")
+        self.softmax_over, self.weights_dtype = softmax_over, weights_dtype
         self.bias = nn.Parameter(torch.zeros(n_experts)) if bias else None
 
-    def router_logits(self, x_TD: Tensor) -> Tensor:
+    def _logits_in_input_dtype(self, x_TD: Tensor) -> Tensor:
         b = None if self.bias is None else self.bias.to(x_TD.dtype)
-        return F.linear(x_TD, self.weight.to(x_TD.dtype), b).float()
+        return F.linear(x_TD, self.weight.to(x_TD.dtype), b)
+
+    def router_logits(self, x_TD: Tensor) -> Tensor:
+        return self._logits_in_input_dtype(x_TD).float()
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        if self.noisy or self.balancer is not None:
+            return super().forward(x_TD)
+        logits = self._logits_in_input_dtype(x_TD)
+        logits_TE = logits.float()
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        if self.softmax_over == "topk":
+            top_TK, experts_TK = torch.topk(logits, self.k, dim=-1)
+            weights_TK = torch.softmax(top_TK, dim=-1, dtype=top_TK.dtype)
+        else:
+            weights_TK, experts_TK = torch.topk(probs_TE, self.k, dim=-1)
+            if self.renormalize:
+                weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        if self.weights_dtype == "input":
+            weights_TK = weights_TK.to(x_TD.dtype)
+        self.gate_losses = {}
+        return Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=logits_TE)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, softmax_over={self.softmax_over!r}, weights_dtype={self.weights_dtype!r}"
+
+
+class HFRouterGate(Gate):
+    """A gate that runs a Hugging Face router module as it is: its ``forward`` returns
+    ``(router_logits, weights [T, K], experts [T, K])`` (the ``*TopKRouter`` convention of
+    transformers >= 5), which become a `Routing` unchanged (weights keep the router's dtype).
+
+    Used for the families whose routing rule gatedmoe takes from transformers rather than
+    from its gate zoo (sigmoid, group-limited, SparseMixer, expert-bias and capacity-free
+    variants): selection and weights are the original's by construction, bit for bit, and
+    transformers' ``output_router_logits`` hooks keep seeing an instance of the router
+    class. ``router_args`` are names of attributes of the *block* passed to the router
+    after the hidden states (e.g. LFM2-MoE's ``expert_bias``); their tensors live here as
+    buffers (or parameters) of the same name. ``batched_input`` hands the router the tokens
+    as ``[1, T, D]`` (routers that unpack a ``[B, S, D]`` input).
+
+    Examples
+    --------
+    >>> import torch
+    >>> class Top1(torch.nn.Module):
+    ...     weight = torch.nn.Parameter(torch.randn(4, 8))
+    ...     def forward(self, x):
+    ...         l = x @ self.weight.T
+    ...         w, i = l.softmax(-1).topk(1)
+    ...         return l, w, i
+    >>> HFRouterGate(Top1(), d_model=8, n_experts=4, k=1)(torch.randn(5, 8)).n_assignments
+    5
+    """
+
+    registry_name = "hf_router"
+    token_choice = True
+
+    def __init__(
+        self,
+        router: nn.Module,
+        *,
+        d_model: int,
+        n_experts: int,
+        k: int,
+        router_args: dict | None = None,
+        batched_input: bool = False,
+    ) -> None:
+        super().__init__(d_model, n_experts)
+        self.router = router
+        self.k = int(k)
+        # Routers that unpack ``[B, S, D]`` get the tokens as one sequence ``[1, T, D]``.
+        self.batched_input = bool(batched_input)
+        self.router_args = tuple(router_args or {})
+        for name, t in (router_args or {}).items():
+            if isinstance(t, nn.Parameter):
+                self.register_parameter(name, t)
+            else:
+                self.register_buffer(name, t)
+
+    def attach_bias_balancer(self, update_rate: float = 1e-3) -> Gate:
+        raise ValueError("HFRouterGate runs the original router; it takes no selection bias of gatedmoe")
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        args = [getattr(self, n) for n in self.router_args]
+        logits_TE, weights_TK, experts_TK = self.router(x_TD.unsqueeze(0) if self.batched_input else x_TD, *args)
+        return Routing.from_topk(weights_TK, experts_TK, self.n_experts, logits=logits_TE.reshape(-1, logits_TE.shape[-1]))
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, router_args={self.router_args}"
+
+
+class HFSharedExperts(nn.Module):
+    """A Hugging Face shared-expert MLP as `MoE.shared`, optionally scaled per token by
+    ``sigmoid(gate(x))`` (Qwen3-Next / Qwen3.5-MoE's gated shared expert)."""
+
+    def __init__(self, mlp: nn.Module, gate: nn.Module | None = None) -> None:
+        super().__init__()
+        self.mlp, self.gate = mlp, gate
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.mlp(x)
+        return out if self.gate is None else torch.sigmoid(self.gate(x)) * out
 
 
 @functools.cache

@@ -25,8 +25,10 @@ Examples
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from gatedmoe.dispatch import check_backend_name
@@ -34,7 +36,7 @@ from gatedmoe.interop.hf.adapter import HFMoEBlock
 from gatedmoe.interop.hf.families import FAMILIES, family_of, meta_copy
 from gatedmoe.layers.moe import MoE
 
-__all__ = ["from_hf", "to_hf", "patch_model", "unpatch_model", "supported_blocks", "Swap"]
+__all__ = ["from_hf", "to_hf", "patch_model", "unpatch_model", "supported_blocks", "Swap", "PatchReport"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,11 @@ def from_hf(block: nn.Module, *, backend: str = "auto", check_inputs: bool = Tru
     -------
     HFMoEBlock
         Same forward signature and return value as ``block``; the gatedmoe layer is its
-        ``.moe``. Raises TypeError for an unsupported block or layout.
+        ``.moe``. Raises TypeError for an unsupported block or layout. Its ``state_dict``
+        is in the original block's layout (keys and shapes), and ``load_state_dict``
+        accepts that layout too, so checkpoints of patched and unpatched models are
+        interchangeable (``save_pretrained`` writes what ``from_pretrained`` reads);
+        ``adapter.moe.state_dict()`` gives gatedmoe's own layout.
 
     Examples
     --------
@@ -71,7 +77,10 @@ def from_hf(block: nn.Module, *, backend: str = "auto", check_inputs: bool = Tru
     if not isinstance(block, nn.Module):
         raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
     check_backend_name(backend)
-    return family_of(block).read(block, backend, bool(check_inputs))
+    adapter = family_of(block).read(block, backend, bool(check_inputs))
+    adapter.register_state_dict_post_hook(_hf_layout_state_dict)
+    adapter.register_load_state_dict_pre_hook(_load_hf_layout)
+    return adapter
 
 
 def to_hf(moe: HFMoEBlock | MoE, like: nn.Module | None = None) -> nn.Module:
@@ -127,37 +136,127 @@ class Swap:
     k: int
 
 
+class PatchReport(list):
+    """What `patch_model` did: a list of the `Swap` s made, in module order, and in
+    ``skipped`` the ``(name, class name, reason)`` of every MoE block left as it was."""
+
+    def __init__(self, swaps: list[Swap] = (), skipped: list[tuple[str, str, str]] = ()) -> None:
+        super().__init__(swaps)
+        self.skipped: list[tuple[str, str, str]] = list(skipped)
+
+
+# ----------------------------------------------------------- checkpoints in HF layout
+def _hf_layout_state_dict(module: HFMoEBlock, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post hook: replace gatedmoe's keys under ``prefix`` by the original
+    block's (what `to_hf` would hold), so a patched model saves the Hugging Face layout."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+    with torch.no_grad():
+        block = to_hf(module)
+    for key, t in block.state_dict().items():
+        state_dict[prefix + key] = t.detach()
+
+
+def _load_hf_layout(
+    module: HFMoEBlock, state_dict: dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
+    """Load-state-dict pre hook: a state dict in the original block's layout (all of its
+    keys under ``prefix``) is converted to gatedmoe's keys before loading."""
+    template = module.template
+    if template is None:
+        return
+    hf_keys = list(template.state_dict())
+    if not hf_keys or not all(prefix + k in state_dict for k in hf_keys):
+        return
+    block = meta_copy(template)
+    block.load_state_dict({k: state_dict.pop(prefix + k) for k in hf_keys}, strict=True, assign=True)
+    with torch.no_grad():
+        converted = family_of(block).read(block, module.moe.backend, module.moe.check_inputs)
+    for key, t in converted.moe.state_dict(prefix=prefix + "moe.").items():
+        state_dict[key] = t
+
+
+# ------------------------------------------------------------ transformers' output hooks
+def _has_capture_hook(module: nn.Module) -> bool:
+    return any(getattr(h, "__name__", "") == "output_capturing_hook" for h in module._forward_hooks.values())
+
+
+def _capture_tasks(owner: nn.Module) -> list:
+    """``(key, OutputRecorder)`` pairs of a transformers model's ``_can_record_outputs``,
+    normalised as transformers' ``install_all_output_capturing_hooks`` does."""
+    from transformers.utils.output_capturing import OutputRecorder
+
+    tasks = []
+    for key, specs in (getattr(owner, "_can_record_outputs", None) or {}).items():
+        for spec in specs if isinstance(specs, list) else [specs]:
+            if not isinstance(spec, OutputRecorder):
+                index = 0 if "hidden_states" in key else 1
+                named = isinstance(spec, str)
+                spec = OutputRecorder(target_class=None if named else spec, index=index, class_name=spec if named else None)
+            tasks.append((key, spec))
+    return tasks
+
+
+def _rehook(model: nn.Module, names: list[str]) -> None:
+    """transformers installs its output-capturing forward hooks (``router_logits``,
+    ``hidden_states``, ...) once, at a model's first forward that records outputs. Modules
+    swapped in after that get the hooks their owner's ``_can_record_outputs`` asks for
+    (routers rebuilt by `unpatch_model`, router taps and routers of `patch_model`);
+    modules that carry one already (copied with their hooks) are left alone."""
+    owners = [(n, m) for n, m in model.named_modules() if getattr(m, "_output_capturing_hooks_installed", False)]
+    if not owners or not names:
+        return
+    try:
+        from transformers.utils.output_capturing import install_output_capuring_hook
+    except ImportError:  # pragma: no cover - other transformers versions
+        log.warning("could not hook transformers' output recording into the swapped blocks")
+        return
+    for name in names:
+        inside = [(n, m) for n, m in owners if not n or name.startswith(n + ".")]
+        if not inside:
+            continue
+        owner = max(inside, key=lambda nm: len(nm[0]))[1]
+        tasks = _capture_tasks(owner)
+        for sub_name, sub in model.get_submodule(name).named_modules():
+            full = "." + name + ("." + sub_name if sub_name else "")
+            if _has_capture_hook(sub):
+                continue
+            for key, spec in tasks:
+                hit = (spec.target_class is not None and isinstance(sub, spec.target_class)) or (
+                    spec.class_name is not None and full.endswith(spec.class_name)
+                )
+                if hit and spec.layer_name is not None:
+                    hit = "." + spec.layer_name.strip(".") + "." in full + "."
+                if hit:
+                    install_output_capuring_hook(sub, key, spec.index, spec.capture_initial_hidden_state)
+
+
 def _swap_in(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _hook_taps(model: nn.Module, adapters: list[HFMoEBlock]) -> None:
-    """If transformers already installed its output-capturing hooks on ``model`` (they are
-    installed at the first forward that records outputs), hook the new router taps too."""
-    if not any(getattr(m, "_output_capturing_hooks_installed", False) for m in model.modules()):
-        return
-    try:
-        from transformers.utils.output_capturing import install_output_capuring_hook
-    except ImportError:  # pragma: no cover - other transformers versions
-        log.warning("patch_model: could not hook router logits into an already-run model")
-        return
-    for a in adapters:
-        if a.router_tap is not None:
-            install_output_capuring_hook(a.router_tap, "router_logits", 0)
+def _looks_like_moe_block(module: nn.Module) -> bool:
+    """A module holding an ``experts`` submodule (transformers' MoE blocks all do)."""
+    return isinstance(getattr(module, "experts", None), nn.Module)
 
 
-def patch_model(model: nn.Module, *, backend: str = "auto", check_inputs: bool = True) -> list[Swap]:
+def patch_model(model: nn.Module, *, backend: str = "auto", check_inputs: bool = True) -> PatchReport:
     """Replace every supported Hugging Face MoE block in ``model`` by `from_hf` of it.
 
-    The model keeps its forward, outputs, losses (``output_router_logits=True`` included)
-    and state-dict keys of everything but the swapped blocks. Optimizers built before the
-    call still hold the old blocks' parameters: build them after.
+    The model keeps its forward, outputs, losses (``output_router_logits=True`` included),
+    and its state dict: keys and layout of the original (see `from_hf`), so
+    ``save_pretrained`` writes a checkpoint ``from_pretrained`` reloads as the same model.
+    Optimizers built before the call still hold the old blocks' parameters: build them after.
+
+    Warns (UserWarning) naming every MoE block it leaves as it is (an unsupported class, or
+    a setting gatedmoe does not express), and when it converts nothing.
 
     Returns
     -------
-    list[Swap]
-        What was swapped, in module order (empty if nothing is supported); also logged.
+    PatchReport
+        A list of the `Swap` s made, in module order, with ``.skipped`` listing the MoE
+        blocks not converted and why; also logged.
 
     Examples
     --------
@@ -166,27 +265,47 @@ def patch_model(model: nn.Module, *, backend: str = "auto", check_inputs: bool =
     Swap(name='model.layers.0.mlp', hf_class='MixtralSparseMoeBlock', family='mixtral', n_experts=8, k=2)
     """
     check_backend_name(backend)
-    swaps: list[Swap] = []
-    adapters: list[HFMoEBlock] = []
+    report = PatchReport()
     for name, module in list(model.named_modules()):
-        if type(module).__name__ not in FAMILIES or any(name.startswith(s.name + ".") for s in swaps):
+        if any(name.startswith(s.name + ".") for s in report) or any(name.startswith(s[0] + ".") for s in report.skipped):
+            continue
+        cls = type(module).__name__
+        if cls not in FAMILIES:
+            if _looks_like_moe_block(module) and not isinstance(module, HFMoEBlock):
+                report.skipped.append((name, cls, "no gatedmoe converter for this class"))
             continue
         if not name:
             raise ValueError("patch_model: model is itself an MoE block; use from_hf(model)")
-        new = from_hf(module, backend=backend, check_inputs=check_inputs)
+        try:
+            new = from_hf(module, backend=backend, check_inputs=check_inputs)
+        except (TypeError, ValueError) as err:
+            report.skipped.append((name, cls, str(err)))
+            continue
         _swap_in(model, name, new)
-        adapters.append(new)
-        swaps.append(Swap(name, new.hf_class, new.family, new.moe.n_experts, new.moe.gate.k))
-    _hook_taps(model, adapters)
-    log.info("patch_model: swapped %d MoE blocks: %s", len(swaps), ", ".join(s.name for s in swaps))
-    return swaps
+        report.append(Swap(name, new.hf_class, new.family, new.moe.n_experts, new.moe.gate.k))
+    _rehook(model, [s.name for s in report])
+    log.info("patch_model: swapped %d MoE blocks: %s", len(report), ", ".join(s.name for s in report))
+    if report.skipped:
+        listed = "; ".join(f"{n} ({c}: {why})" for n, c, why in report.skipped)
+        warnings.warn(f"patch_model: left {len(report.skipped)} MoE blocks as they were: {listed}", stacklevel=2)
+    if not report:
+        warnings.warn(
+            f"patch_model: converted no MoE block of {type(model).__name__} "
+            f"(supported: {', '.join(supported_blocks())})",
+            stacklevel=2,
+        )
+    return report
 
 
 def unpatch_model(model: nn.Module) -> list[Swap]:
-    """Undo `patch_model`: replace every `HFMoEBlock` by `to_hf` of it. Returns the swaps."""
+    """Undo `patch_model`: replace every `HFMoEBlock` by `to_hf` of it. Returns the swaps.
+
+    If transformers already hooked the model for output recording, the rebuilt blocks are
+    hooked too (``output_router_logits=True`` keeps working)."""
     swaps: list[Swap] = []
     for name, module in list(model.named_modules()):
         if isinstance(module, HFMoEBlock):
             _swap_in(model, name, to_hf(module))
             swaps.append(Swap(name, module.hf_class, module.family, module.moe.n_experts, module.moe.gate.k))
+    _rehook(model, [s.name for s in swaps])
     return swaps

@@ -23,13 +23,13 @@ from gatedmoe.experts.activations import ClampedSwiGLU
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.gates.group_limited import GroupLimitedGate
 from gatedmoe.gates.topk import TopKSoftmaxGate
-from gatedmoe.interop.hf.adapter import HFMoEBlock, HFTopKSoftmaxGate, router_tap
+from gatedmoe.interop.hf.adapter import HFMoEBlock, HFRouterGate, HFSharedExperts, HFTopKSoftmaxGate, router_tap
 from gatedmoe.layers.config import MoEConfig
 from gatedmoe.layers.moe import GatedSharedExperts, MoE, SharedExperts
 
 M = TypeVar("M", bound=nn.Module)
 
-__all__ = ["Family", "FAMILIES", "family_of", "meta_copy"]
+__all__ = ["Family", "Layout", "FAMILIES", "GENERIC", "family_of", "meta_copy"]
 
 # transformers activation classes -> the GLU activation of gatedmoe with the same math.
 _GLU_OF_HF_ACT = {
@@ -38,6 +38,8 @@ _GLU_OF_HF_ACT = {
     "ReLU": "reglu",
     "GELUTanh": "geglu",
     "PytorchGELUTanh": "geglu",
+    "silu": "swiglu",
+    "relu": "reglu",
 }
 
 
@@ -126,7 +128,8 @@ def _built(build: Callable[[], M], **weights: Tensor) -> M:
 
 
 def _glu_name(act_fn: nn.Module) -> str:
-    name = type(act_fn).__name__
+    # A module (ACT2FN's classes) or a plain function (e.g. F.silu).
+    name = act_fn.__name__ if type(act_fn).__name__ == "function" else type(act_fn).__name__
     if name not in _GLU_OF_HF_ACT:
         raise ValueError(
             f"unsupported expert activation {name}; gatedmoe converts {sorted(_GLU_OF_HF_ACT)}"
@@ -224,9 +227,15 @@ def _topk_config(block: nn.Module) -> MoEConfig:
     )
 
 
-def _topk_gate(config: MoEConfig, router: nn.Module, **bias: Tensor) -> HFTopKSoftmaxGate:
+def _topk_gate(config: MoEConfig, router: nn.Module, *, softmax_over: str = "all", **bias: Tensor) -> HFTopKSoftmaxGate:
+    # The dtype the router returns its weights in: float32 for Mixtral, the logits' dtype
+    # for the Qwen and OLMoE routers (``.to(router_logits.dtype)``) and GPT-OSS's.
+    weights_dtype = "float32" if type(router).__name__ == "MixtralTopKRouter" else "input"
     return _built(
-        lambda: HFTopKSoftmaxGate(config.d_model, config.n_experts, k=config.k, bias=bool(bias), **config.gate_kwargs),
+        lambda: HFTopKSoftmaxGate(
+            config.d_model, config.n_experts, k=config.k, bias=bool(bias), softmax_over=softmax_over,
+            weights_dtype=weights_dtype, **config.gate_kwargs,
+        ),
         weight=router.weight,
         **bias,
     )
@@ -390,7 +399,7 @@ def _gpt_oss_config(block: nn.Module) -> MoEConfig:
 
 def _gpt_oss_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
     router, experts = block.router, block.experts
-    gate = _topk_gate(config, router, **({} if router.bias is None else {"bias": router.bias}))
+    gate = _topk_gate(config, router, softmax_over="topk", **({} if router.bias is None else {"bias": router.bias}))
     gate_up, gate_up_b = _get(experts, "gate_up_proj"), _get(experts, "gate_up_proj_bias")  # [E, D, 2H], [E, 2H]
     down, down_b = _get(experts, "down_proj"), _get(experts, "down_proj_bias")  # [E, H, D], [E, D]
     # HF interleaves gate (even columns) and up (odd columns); gatedmoe stacks [gate | up].
@@ -434,6 +443,183 @@ def _write_gpt_oss(adapter: HFMoEBlock, block: nn.Module) -> None:
     _set_param(experts, "down_proj_bias", bank.b_out)
 
 
+# ----------------------------------------- generic: the original router, fused experts
+@dataclass(frozen=True)
+class Layout:
+    """Where the parts of a block of the common transformers >= 5 shape live.
+
+    The block computes ``experts(x, *router(x, *router_args)[1:]) (+ shared(x))``: a
+    ``*TopKRouter`` returning ``(logits, weights, indices)``, fused experts
+    (``gate_up_proj [E, 2H, D]``, ``down_proj [E, D, H]``, a GLU ``act_fn``) and optionally a
+    shared-expert MLP, scaled by ``sigmoid(shared_gate(x))`` when ``shared_gate`` is set.
+    """
+
+    router: str = "gate"
+    router_args: tuple[str, ...] = ()
+    """Block attributes passed to the router after the hidden states (None where absent)."""
+    shared: str | None = None
+    shared_gate: str | None = None
+    batched_input: bool = False
+    """The router unpacks a ``[B, S, D]`` input (it gets ``[1, T, D]``)."""
+    jitter: str | None = None
+    """Block attribute holding a Mixtral-style multiplicative input jitter (training only)."""
+    refuse: Callable[[nn.Module], str | None] | None = None
+    """Why a block of this class cannot be converted (a setting gatedmoe does not express)."""
+
+
+def _generic_config(layout: Layout) -> Callable[[nn.Module], MoEConfig]:
+    def config(block: nn.Module) -> MoEConfig:
+        why = layout.refuse(block) if layout.refuse is not None else None
+        if why:
+            raise TypeError(f"{type(block).__name__}: {why}")
+        router, experts = _get(block, layout.router), _get(block, "experts")
+        gate_up = _get(experts, "gate_up_proj")
+        E, _, D = gate_up.shape
+        k = _attr(router, "top_k", "num_experts_per_tok") if any(hasattr(router, n) for n in ("top_k", "num_experts_per_tok")) else None
+        if k is None:
+            k = getattr(block, "top_k", None) or getattr(getattr(block, "config", None), "num_experts_per_tok", None)
+        if k is None:
+            raise TypeError(f"{type(block).__name__}: cannot find the router's top_k")
+        mlp = getattr(block, layout.shared) if layout.shared else None
+        return _layer_config(
+            d_model=int(D),
+            n_experts=int(E),
+            d_hidden=int(_get(experts, "down_proj").shape[-1]),
+            gate=HFRouterGate.registry_name,
+            k=int(k),
+            activation=_glu_name(experts.act_fn),
+            n_shared_experts=0 if mlp is None else 1,
+        )
+
+    return config
+
+
+def _copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy with every parameter and buffer cloned (``requires_grad`` kept)."""
+    return copy.deepcopy(module)
+
+
+def _generic_parts(layout: Layout) -> Callable[[nn.Module, MoEConfig], tuple[MoE, dict[str, Any]]]:
+    def parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+        router = _copy_module(_get(block, layout.router))
+        args = {n: getattr(block, n, None) for n in layout.router_args}
+        args = {n: (t if t is None else (_param(t) if isinstance(t, nn.Parameter) else t.detach().clone())) for n, t in args.items()}
+        gate = HFRouterGate(router, d_model=config.d_model, n_experts=config.n_experts, k=config.k, router_args=args, batched_input=layout.batched_input)
+        mlp = getattr(block, layout.shared) if layout.shared else None
+        shared = None
+        if mlp is not None:
+            sgate = getattr(block, layout.shared_gate) if layout.shared_gate else None
+            shared = HFSharedExperts(_copy_module(mlp), None if sgate is None else _copy_module(sgate))
+        moe = MoE.from_config(config, gate=gate, experts=_fused_experts(config, block.experts), shared=shared)
+        jitter = float(getattr(block, layout.jitter, 0.0) or 0.0) if layout.jitter else 0.0
+        return moe, {"jitter_noise": jitter}
+
+    return parts
+
+
+def _copy_tensors(dst: nn.Module, src: nn.Module) -> None:
+    """Give ``dst`` copies of every parameter and buffer of ``src`` (same structure)."""
+    for name, t in [*src.named_parameters(), *src.named_buffers()]:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = dst.get_submodule(owner_name) if owner_name else dst
+        old = getattr(owner, leaf)
+        _check_shape(name, t, old)
+        if isinstance(old, nn.Parameter):
+            _set_param(owner, leaf, t)
+        else:
+            setattr(owner, leaf, t.detach().clone())
+
+
+def _generic_write(layout: Layout) -> Callable[[HFMoEBlock, nn.Module], None]:
+    def write(adapter: HFMoEBlock, block: nn.Module) -> None:
+        moe = adapter.moe
+        if not isinstance(moe.gate, HFRouterGate):
+            raise ValueError(f"to_hf: {type(block).__name__} is converted with its own router (HFRouterGate), got {type(moe.gate).__name__}")
+        router = _get(block, layout.router)
+        _check_same("router class", type(moe.gate.router).__name__, type(router).__name__)
+        _copy_tensors(router, moe.gate.router)
+        for n in moe.gate.router_args:
+            t = getattr(moe.gate, n)
+            if t is not None:
+                if isinstance(getattr(block, n), nn.Parameter):
+                    _set_param(block, n, t)
+                else:
+                    setattr(block, n, t.detach().clone())
+        _write_fused_experts(moe.experts, block.experts)
+        mlp = getattr(block, layout.shared) if layout.shared else None
+        if (mlp is None) != (moe.shared is None):
+            raise ValueError(f"to_hf: shared experts differ between gatedmoe and {type(block).__name__}")
+        if mlp is not None:
+            _copy_tensors(mlp, moe.shared.mlp)
+            if layout.shared_gate:
+                _copy_tensors(getattr(block, layout.shared_gate), moe.shared.gate)
+
+    return write
+
+
+def _generic(name: str, layout: Layout = Layout()) -> Family:
+    return Family(name, _generic_config(layout), _generic_parts(layout), _generic_write(layout))
+
+
+def _cohere2_refuse(block: nn.Module) -> str | None:
+    strategy = getattr(block, "shared_expert_combination_strategy", "sum")
+    if getattr(block, "num_shared_experts", 0) > 0 and strategy != "sum":
+        return f"shared_expert_combination_strategy={strategy!r} (gatedmoe adds shared experts: 'sum' only)"
+    return None
+
+
+_DS = Layout(shared="shared_experts")  # DeepSeek-V2 shape: gate, fused experts, + shared_experts(x)
+_PLAIN = Layout()
+_GATED_SHARED = Layout(shared="shared_expert", shared_gate="shared_expert_gate")
+
+# Block class name -> (family, layout), each checked against transformers on a tiny random
+# model in tests/interop/test_hf_generic.py.
+GENERIC: dict[str, tuple[str, Layout]] = {
+    "DeepseekV2Moe": ("deepseek_v2", _DS),
+    "DeepseekV32MoE": ("deepseek_v32", _DS),
+    "Dots1MoE": ("dots1", _DS),
+    "ExaoneMoeSparseMoEBlock": ("exaone_moe", _DS),
+    "Glm4MoeMoE": ("glm4_moe", _DS),
+    "Glm4MoeLiteMoE": ("glm4_moe_lite", _DS),
+    "Glm4vMoeTextMoE": ("glm4v_moe", _DS),
+    "GlmMoeDsaMoE": ("glm_moe_dsa", _DS),
+    "Kolibri1SparseMoeBlock": ("kolibri1", _DS),
+    "AXK2MoE": ("axk2", _DS),
+    "MistralLarge4TextMoE": ("mistral_large4", _DS),
+    "Mistral4MoE": ("mistral4", _DS),
+    "DeepseekOcr2TextMoe": ("deepseek_ocr2", _DS),
+    "UnlimitedOcrTextMoe": ("unlimited_ocr", _DS),
+    "Dots3NoteTextMoE": ("dots3_note", _DS),
+    "SolarOpenMoE": ("solar_open", _DS),
+    "KimiLinearMoE": ("kimi_linear", _DS),
+    "Ernie4_5_MoeSparseMoeBlock": ("ernie4_5_moe", _DS),
+    "Cohere2MoeSparseMoeBlock": ("cohere2_moe", Layout(shared="shared_experts", refuse=_cohere2_refuse)),
+    "HunYuanMoEV1Moe": ("hunyuan_v1_moe", Layout(shared="shared_mlp")),
+    # enable_moe_fp32_combine adds the routed and shared outputs in float32: the same sum
+    # as in the input dtype except where their exponents differ by more than 16.
+    "HYV3MoE": ("hy_v3", Layout(router_args=("e_score_correction_bias",), shared="shared_experts")),
+    "FlintSparseMoeBlock": ("flint", Layout(shared="shared_expert")),
+    "LaraMiniSparseMoeBlock": ("lara_mini", Layout(shared="shared_expert")),
+    "Qwen3NextSparseMoeBlock": ("qwen3_next", _GATED_SHARED),
+    "Qwen3_5MoeSparseMoeBlock": ("qwen3_5_moe", _GATED_SHARED),
+    "Qwen4ExpTextSparseMoeBlock": ("qwen4_exp", _GATED_SHARED),
+    "Qwen3VLMoeTextSparseMoeBlock": ("qwen3_vl_moe", _PLAIN),
+    "FlexOlmoSparseMoeBlock": ("flex_olmo", _PLAIN),
+    "MellumSparseMoeBlock": ("mellum", _PLAIN),
+    "MiMoV2FlashMoE": ("mimo_v2_flash", _PLAIN),
+    "JambaSparseMoeBlock": ("jamba", Layout(router="router")),
+    "GraniteMoeMoE": ("granitemoe", Layout(router="router")),
+    "GraniteMoeSharedMoE": ("granitemoeshared", Layout(router="router")),
+    "GraniteMoeHybridMoE": ("granitemoehybrid", Layout(router="router")),
+    "GraniteMoeSWAMoE": ("granitemoe_swa", Layout(router="router")),
+    "PhimoeSparseMoeBlock": ("phimoe", Layout(router="router", jitter="input_jitter_noise")),
+    "MiniMaxSparseMoeBlock": ("minimax", Layout(jitter="jitter_noise")),
+    "MiniMaxM2SparseMoeBlock": ("minimax_m2", Layout(router_args=("e_score_correction_bias",), jitter="jitter_noise")),
+    "Lfm2MoeSparseMoeBlock": ("lfm2_moe", Layout(router_args=("expert_bias",))),
+    "AfmoeSparseMoeBlock": ("afmoe", Layout(router="router", router_args=("expert_bias",), batched_input=True, shared="shared_experts")),
+}
+
+
 # --------------------------------------------------------------------------- registry
 _MIXTRAL = Family("mixtral", _topk_config, _topk_parts, _write_topk)
 _QWEN3 = Family("qwen3_moe", _topk_config, _topk_parts, _write_topk)
@@ -451,6 +637,7 @@ FAMILIES: dict[str, Family] = {
     "OlmoeSparseMoeBlock": _OLMOE,
     "DeepseekV3MoE": _DEEPSEEK_V3,
     "GptOssMLP": _GPT_OSS,
+    **{cls: _generic(name, layout) for cls, (name, layout) in GENERIC.items()},
 }
 
 
