@@ -1,4 +1,5 @@
-"""Tests of the expanded-gating-range activations in src/gatedmoe/experts/activations.py."""
+"""Tests of src/gatedmoe/experts/activations.py: the expanded-gating-range family and GPT-OSS's
+clamped SwiGLU."""
 
 import math
 
@@ -7,7 +8,7 @@ import torch
 
 from gatedmoe import MoE
 from gatedmoe.dispatch import grouped_dispatch, reference_dispatch
-from gatedmoe.experts import ExpandedGatedActivation, ExpertBank, activation_names, get_activation
+from gatedmoe.experts import ClampedSwiGLU, ExpandedGatedActivation, ExpertBank, activation_names, get_activation
 from gatedmoe.routing import Routing
 from helpers import assert_close
 
@@ -73,3 +74,25 @@ def test_moe_with_shared_experts_trains_both_alphas():
     moe = MoE(8, 4, 16, activation="xgeglu", n_shared_experts=1)
     moe(torch.randn(6, 8)).sum().backward()
     assert moe.experts.act.alpha.grad is not None and moe.shared.act.alpha.grad is not None
+
+
+def test_clamped_swiglu_formula():
+    act = ClampedSwiGLU(alpha=1.5, limit=2.0)
+    a = torch.tensor([[-3.0, 0.5, 3.0]], dtype=torch.float64)
+    b = torch.tensor([[-4.0, 1.0, 2.5]], dtype=torch.float64)
+    ac = torch.tensor([[-3.0, 0.5, 2.0]], dtype=torch.float64)  # min(a, 2)
+    bc = torch.tensor([[-2.0, 1.0, 2.0]], dtype=torch.float64)  # clamp(b, -2, 2)
+    want = (bc + 1) * ac * torch.sigmoid(1.5 * ac)
+    assert_close("clamped swiglu", want, act(torch.cat([a, b], -1)))
+
+
+def test_clamped_swiglu_by_name_in_a_moe():
+    assert "clamped_swiglu" in activation_names()
+    act = get_activation("clamped_swiglu")
+    assert isinstance(act, ClampedSwiGLU) and (act.alpha, act.limit) == (1.702, 7.0)
+    assert act is not get_activation("clamped_swiglu")
+    moe = MoE(8, 4, 16, activation="clamped_swiglu", bias=True)
+    assert isinstance(moe.experts.act, ClampedSwiGLU)
+    moe(torch.randn(5, 8)).sum().backward()
+    with pytest.raises(ValueError, match="limit"):
+        ClampedSwiGLU(limit=0.0)

@@ -14,8 +14,9 @@ def _logit(p):
     return math.log(p / (1 - p))
 
 
-def hf_deepseek_v3_router(logits, bias, k, n_group, topk_group, norm, rsf):
-    """Hugging Face DeepseekV3TopkRouter.forward after the linear layer, transcribed."""
+def hf_deepseek_v3_router(logits, bias, k, n_group, topk_group, norm, rsf, mask_value=0.0):
+    """Hugging Face DeepseekV3TopkRouter.forward after the linear layer, transcribed
+    (transformers 4.x masks dropped groups with 0.0, >= 5.23 with -inf)."""
     E = logits.shape[-1]
     scores = logits.sigmoid()
     choice = scores + bias.unsqueeze(0)
@@ -23,7 +24,7 @@ def hf_deepseek_v3_router(logits, bias, k, n_group, topk_group, norm, rsf):
     group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
     group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
     score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, E // n_group).reshape(-1, E)
-    choice = choice.masked_fill(~score_mask.bool(), 0.0)
+    choice = choice.masked_fill(~score_mask.bool(), mask_value)
     idx = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
     w = scores.gather(1, idx)
     if norm:
@@ -56,14 +57,35 @@ def test_hand_example_groups_and_scaling():
 
 @pytest.mark.parametrize("E,k,n_group,topk_group", [(8, 2, 4, 2), (16, 4, 4, 3), (12, 3, 3, 1), (8, 8, 2, 2)])
 @pytest.mark.parametrize("norm", [True, False])
-def test_matches_hugging_face_router(E, k, n_group, topk_group, norm):
+@pytest.mark.parametrize("mask_value", [0.0, float("-inf")])
+def test_matches_hugging_face_router(E, k, n_group, topk_group, norm, mask_value):
     g = torch.Generator().manual_seed(E * 100 + k)
     logits = torch.randn(37, E, generator=g, dtype=torch.float64) * 2
-    # Biases of both signs, large enough that some kept scores go negative (HF masks with 0).
+    # Biases of both signs, large enough that some kept scores go negative (the mask matters).
     bias = torch.randn(E, generator=g, dtype=torch.float64) * 0.8
-    ref_idx, ref_w = hf_deepseek_v3_router(logits, bias, k, n_group, topk_group, norm, 2.5)
-    fast_w, fast_idx, _ = group_limited_topk(logits, k, n_group, topk_group, bias, norm, 2.5)
+    ref_idx, ref_w = hf_deepseek_v3_router(logits, bias, k, n_group, topk_group, norm, 2.5, mask_value)
+    fast_w, fast_idx, _ = group_limited_topk(logits, k, n_group, topk_group, bias, norm, 2.5, mask_value)
     assert_close("dense weights", _dense(ref_w, ref_idx, E), _dense(fast_w, fast_idx, E))
+
+
+def test_default_masks_dropped_groups_with_minus_inf():
+    # Biases push every selection score below 0: with -inf only experts of the kept groups
+    # are chosen (transformers >= 5.23, torchtitan); masking with 0 picks dropped ones.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    bias = -2.0 - torch.rand(8, generator=g, dtype=torch.float64)
+    _, default_idx, _ = group_limited_topk(logits, 3, 4, 2, bias)
+    ref_idx, _ = hf_deepseek_v3_router(logits, bias, 3, 4, 2, True, 1.0, float("-inf"))
+    assert torch.equal(default_idx.sort(-1).values, ref_idx.sort(-1).values)
+    _, zero_idx, _ = group_limited_topk(logits, 3, 4, 2, bias, mask_value=0.0)
+    assert not torch.equal(default_idx.sort(-1).values, zero_idx.sort(-1).values)
+    gate = GroupLimitedGate(8, 8, k=3, n_group=4, topk_group=2)
+    assert gate.mask_value == float("-inf")
+    gate.e_score_correction_bias.copy_(bias.float())
+    x = torch.randn(64, 8, generator=g)
+    r = gate(x)
+    ref_idx, ref_w = hf_deepseek_v3_router((x @ gate.weight.detach().T).double(), bias, 3, 4, 2, True, 1.0, float("-inf"))
+    assert_close("combine", _dense(ref_w, ref_idx, 8).float(), r.combine_matrix().detach())
 
 
 def test_gate_routing_and_bias_buffer():
@@ -73,7 +95,7 @@ def test_gate_routing_and_bias_buffer():
     x = torch.randn(9, 6)
     r = gate(x).validate()
     logits = x @ gate.weight.detach().T
-    ref_idx, ref_w = hf_deepseek_v3_router(logits.double(), gate.e_score_correction_bias.double(), 2, 4, 2, True, 2.5)
+    ref_idx, ref_w = hf_deepseek_v3_router(logits.double(), gate.e_score_correction_bias.double(), 2, 4, 2, True, 2.5, gate.mask_value)
     assert_close("combine", _dense(ref_w, ref_idx, 8).float(), r.combine_matrix().detach())
     assert "balancer.bias" in dict(gate.named_buffers())
     # update_rate 0: the bias stays as loaded, in training too.
@@ -105,3 +127,18 @@ def test_bias_update_when_rate_positive():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GroupLimitedGate(4, 8, **kwargs)
+
+
+def test_group_limited_mask_value_changes_selection_only_for_negative_scores():
+    # 4 experts in 2 groups, 1 group kept, k = 2; expert scores s = sigmoid(0) = 0.5.
+    # Bias makes group 0 win (top-2 sum) but its expert 1 score negative.
+    kw = dict(k=2, n_group=2, topk_group=1)
+    zero, inf = GroupLimitedGate(2, 4, mask_value=0.0, **kw), GroupLimitedGate(2, 4, mask_value=float("-inf"), **kw)
+    for g in (zero, inf):
+        torch.nn.init.zeros_(g.weight)
+        g.balancer.bias.copy_(torch.tensor([2.0, -1.0, -0.2, -0.3]))
+    x = torch.zeros(1, 2)
+    assert zero(x).expert.tolist() == [0, 2]  # masked experts score 0 > -0.5
+    assert inf(x).expert.tolist() == [0, 1]  # only the kept group
+    with pytest.raises(ValueError, match="mask_value"):
+        GroupLimitedGate(2, 4, mask_value=1.0, **kw)

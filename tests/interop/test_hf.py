@@ -16,9 +16,8 @@ from helpers import assert_close
 transformers = pytest.importorskip("transformers")
 
 from gatedmoe import MoE  # noqa: E402
+from gatedmoe.interop.hf.families import GENERIC  # noqa: E402
 from gatedmoe.interop.hf import (  # noqa: E402
-    ClampedSwiGLU,
-    HFGroupLimitedGate,
     HFMoEBlock,
     from_hf,
     patch_model,
@@ -126,7 +125,9 @@ def _out(y):
 
 
 def test_supported_blocks_lists_the_families():
-    assert set(supported_blocks()) == {f[2] for f in FAMILIES.values()}
+    # The six families with converters of their own, and those of the generic path
+    # (tested one by one in test_hf_generic.py).
+    assert set(supported_blocks()) == {f[2] for f in FAMILIES.values()} | set(GENERIC)
 
 
 @pytest.mark.parametrize("family", NAMES)
@@ -245,7 +246,72 @@ def test_patch_model_after_a_recorded_forward_still_records_router_logits():
 
 def test_patch_model_reports_nothing_for_a_dense_model():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    assert patch_model(model) == []
+    with pytest.warns(UserWarning, match="converted no MoE block"):
+        assert patch_model(model) == []
+
+
+def test_patch_model_warns_naming_unconverted_moe_blocks():
+    class ToyMoE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = torch.nn.Linear(4, 4)
+
+    model = torch.nn.Sequential(ToyMoE())
+    with pytest.warns(UserWarning, match=r"0 \(ToyMoE"):
+        report = patch_model(model)
+    assert report == [] and report.skipped[0][:2] == ("0", "ToyMoE")
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_bf16_bit_identical_outputs_and_greedy_tokens(family):
+    ref = _block(family, torch.bfloat16)
+    fast = from_hf(ref)
+    x = torch.randn(3, 11, D, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(_out(ref(x)), _out(fast(x)))
+    model = _model(family).bfloat16().eval()
+    patched = copy.deepcopy(model)
+    patch_model(patched)
+    ids = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kw), patched.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_save_pretrained_of_a_patched_model_reloads_the_same_model(family, tmp_path):
+    ref = _model(family).eval()
+    patched = copy.deepcopy(ref)
+    patch_model(patched)
+    assert sorted(patched.state_dict()) == sorted(ref.state_dict())  # the original layout
+    patched.save_pretrained(tmp_path / "patched")
+    ref.save_pretrained(tmp_path / "ref")
+    ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(ids).logits
+        for d in ("patched", "ref"):
+            back = type(ref).from_pretrained(tmp_path / d, attn_implementation="eager").eval()
+            assert_close(f"logits after save/load of {d}", want, back(ids).logits)
+            # ... and a patched model loads an HF-layout state dict.
+            again = copy.deepcopy(back)
+            patch_model(again)
+            again.load_state_dict(ref.state_dict())
+            assert_close(f"logits of a patched model loading {d}", want, again(ids).logits)
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_unpatch_after_a_patched_forward_keeps_router_logits(family):
+    ref = _model(family)
+    model = copy.deepcopy(ref)
+    patch_model(model)
+    ids = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(3))
+    model(ids, labels=ids, output_router_logits=True)  # installs transformers' hooks on the patched model
+    unpatch_model(model)
+    got = model(ids, labels=ids, output_router_logits=True)
+    want = ref(ids, labels=ids, output_router_logits=True)
+    assert len(got.router_logits) == len(want.router_logits) == len(FAMILIES[family][3])
+    for a, b in zip(want.router_logits, got.router_logits, strict=True):
+        assert_close("router_logits", a, b)
+    assert_close("loss", want.loss, got.loss)
 
 
 def test_from_hf_rejects_unsupported_blocks():
@@ -270,31 +336,6 @@ def test_to_hf_from_a_bare_moe_and_mismatches():
         to_hf(moe)
     with pytest.raises(ValueError, match="gated shared expert"):
         to_hf(from_hf(_block("mixtral")), like=_block("qwen2_moe"))
-
-
-def test_clamped_swiglu_formula():
-    act = ClampedSwiGLU(alpha=1.5, limit=2.0)
-    a = torch.tensor([[-3.0, 0.5, 3.0]], dtype=torch.float64)
-    b = torch.tensor([[-4.0, 1.0, 2.5]], dtype=torch.float64)
-    ac = torch.tensor([[-3.0, 0.5, 2.0]], dtype=torch.float64)  # min(a, 2)
-    bc = torch.tensor([[-2.0, 1.0, 2.0]], dtype=torch.float64)  # clamp(b, -2, 2)
-    want = (bc + 1) * ac * torch.sigmoid(1.5 * ac)
-    assert_close("clamped swiglu", want, act(torch.cat([a, b], -1)))
-
-
-def test_group_limited_mask_value_changes_selection_only_for_negative_scores():
-    # 4 experts in 2 groups, 1 group kept, k = 2; expert scores s = sigmoid(0) = 0.5.
-    # Bias makes group 0 win (top-2 sum) but its expert 1 score negative.
-    kw = dict(k=2, n_group=2, topk_group=1)
-    zero, inf = HFGroupLimitedGate(2, 4, **kw), HFGroupLimitedGate(2, 4, mask_value=float("-inf"), **kw)
-    for g in (zero, inf):
-        torch.nn.init.zeros_(g.weight)
-        g.balancer.bias.copy_(torch.tensor([2.0, -1.0, -0.2, -0.3]))
-    x = torch.zeros(1, 2)
-    assert zero(x).expert.tolist() == [0, 2]  # masked experts score 0 > -0.5
-    assert inf(x).expert.tolist() == [0, 1]  # only the kept group
-    with pytest.raises(ValueError, match="mask_value"):
-        HFGroupLimitedGate(2, 4, mask_value=1.0, **kw)
 
 
 def test_deepseek_v3_test_data_exercises_the_group_mask_rule():

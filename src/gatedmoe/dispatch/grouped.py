@@ -73,7 +73,8 @@ def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, option
     """Execute ``routing`` over ``experts`` with grouped GEMMs; same contract as
     `gatedmoe.dispatch.reference.reference_dispatch`.
 
-    Output dtype is ``x_TD.dtype``; expert weights are cast to it if they differ.
+    Output dtype is ``x_TD.dtype``; expert weights are cast to it if they differ. Each
+    token's weighted expert outputs are summed in float32 (float64 for float64 input).
     ``options`` is accepted for the shared backend signature and unused: options of another
     backend reach here when ``backend="auto"`` falls back to grouped.
     """
@@ -87,5 +88,10 @@ def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, option
     o_ND = grouped_mm(a_NH, experts.w_out.to(dtype).transpose(-2, -1), offsets_E)
     if experts.b_out is not None:
         o_ND = o_ND + experts.b_out.to(dtype).index_select(0, routing.expert)
-    o_ND = o_ND * routing.weight.to(dtype).unsqueeze(-1)
-    return torch.zeros_like(x_TD).index_add(0, routing.token, o_ND)
+    # Weight in the weights' dtype and sum each token's k outputs in float32, rounding once to
+    # the input dtype: what transformers' default experts (grouped_mm: product, then a sum
+    # over k in float32) compute, so a bf16 model converted from it is bit-identical.
+    o_ND = o_ND * routing.weight.unsqueeze(-1)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    y_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device).index_add(0, routing.token, o_ND.to(acc))
+    return y_TD.to(dtype)

@@ -2,10 +2,11 @@
 
 from gatedmoe.experts.activations import (
     Activation,
+    ClampedSwiGLU,
     ExpandedGatedActivation,
     activation_names,
     get_activation,
 )
 from gatedmoe.experts.bank import ExpertBank
 
-__all__ = ["ExpertBank", "Activation", "ExpandedGatedActivation", "get_activation", "activation_names"]
+__all__ = ["ExpertBank", "Activation", "ExpandedGatedActivation", "ClampedSwiGLU", "get_activation", "activation_names"]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Activation", "ExpandedGatedActivation", "get_activation", "activation_names"]
+__all__ = ["Activation", "ExpandedGatedActivation", "ClampedSwiGLU", "get_activation", "activation_names"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,46 @@ class ExpandedGatedActivation(nn.Module):
         return f"name={self.name!r}, glu={self.glu}"
 
 
+class ClampedSwiGLU(nn.Module):
+    """GPT-OSS's SwiGLU (OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card"), in the GLU
+    form of this module: ``h = [a | b]`` of width 2H maps to
+
+    ``a' = min(a, limit)``, ``b' = clamp(b, -limit, limit)``,
+    ``(b' + 1) * (a' * sigmoid(a' * alpha))``,
+
+    multiplied in that order, as transformers' ``GptOssExperts`` does (in bf16 another
+    order rounds differently). Defaults are GPT-OSS's ``swiglu_alpha = 1.702`` and
+    ``swiglu_limit = 7.0``; registered as "clamped_swiglu" with those defaults (a
+    checkpoint's own constants come from its config: build ``ClampedSwiGLU(alpha, limit)``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> act = ClampedSwiGLU()
+    >>> act(torch.tensor([[100.0, 0.0]])).item() == 7.0 * torch.sigmoid(torch.tensor(7.0 * 1.702)).item()
+    True
+    """
+
+    glu = True
+    name = "clamped_swiglu"
+
+    def __init__(self, alpha: float = 1.702, limit: float = 7.0) -> None:
+        super().__init__()
+        if not limit > 0:
+            raise ValueError(f"limit must be > 0, got {limit}")
+        self.alpha, self.limit = float(alpha), float(limit)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Apply to the first layer's output ``h [N, 2H]``; ``[N, H]``."""
+        a, b = h.chunk(2, dim=-1)
+        a = a.clamp(max=self.limit)
+        b = b.clamp(min=-self.limit, max=self.limit)
+        return (b + 1) * (a * torch.sigmoid(a * self.alpha))
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, limit={self.limit}"
+
+
 # name -> (gate, glu): the trainable expanded-range family.
 _EXPANDED: dict[str, tuple[Callable[[Tensor], Tensor], bool]] = {
     "xsilu": (torch.sigmoid, False),
@@ -123,15 +163,18 @@ _EXPANDED: dict[str, tuple[Callable[[Tensor], Tensor], bool]] = {
 
 def activation_names() -> list[str]:
     """Known activation names."""
-    return sorted([*_ACTIVATIONS, *_EXPANDED])
+    return sorted([*_ACTIVATIONS, *_EXPANDED, ClampedSwiGLU.name])
 
 
 def get_activation(name: str) -> Activation | ExpandedGatedActivation:
     """The activation called ``name``; ValueError listing the known ones otherwise.
 
     Names of the expanded family ("xsilu", "xgelu", "xatlu", "xswiglu", "xgeglu",
-    "xatglu") return a new module with its own trainable alpha on every call.
+    "xatglu") return a new module with its own trainable alpha on every call;
+    "clamped_swiglu" returns a new `ClampedSwiGLU` with GPT-OSS's constants.
     """
+    if name == ClampedSwiGLU.name:
+        return ClampedSwiGLU()
     if name in _EXPANDED:
         gate, glu = _EXPANDED[name]
         return ExpandedGatedActivation(name, gate, glu)

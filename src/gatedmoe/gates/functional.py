@@ -14,8 +14,8 @@ __all__ = [
     "softmax_probs",
     "topk_softmax",
     "sigmoid_topk",
-    "keep_topk_mask",
     "group_limited_topk",
+    "check_mask_value",
     "gumbel_noise",
     "annealed_temperature",
     "top_p_mask",
@@ -32,12 +32,6 @@ def softmax_probs(logits_TE: Tensor, temperature: float = 1.0) -> Tensor:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return torch.softmax(logits_TE / temperature, dim=-1)
-
-
-def keep_topk_mask(scores_TE: Tensor, k: int) -> Tensor:
-    """Boolean ``[T, E]`` mask of each row's k largest scores (ties broken by index)."""
-    idx_TK = torch.topk(scores_TE, k, dim=-1).indices
-    return torch.zeros_like(scores_TE, dtype=torch.bool).scatter(-1, idx_TK, True)
 
 
 def topk_softmax(
@@ -97,6 +91,7 @@ def group_limited_topk(
     bias_E: Tensor | None = None,
     normalize: bool = True,
     scale: float = 1.0,
+    mask_value: float = float("-inf"),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """DeepSeek-V3 group-limited sigmoid top-k (node-limited routing), as in Hugging Face
     ``DeepseekV3TopkRouter``.
@@ -104,8 +99,11 @@ def group_limited_topk(
     ``s = sigmoid(l)``; selection scores ``c = s + b``; the E experts form ``n_group``
     contiguous groups of ``E / n_group``; a group's score is the sum of its two largest
     ``c``; the ``topk_group`` best groups are kept and every other expert's ``c`` is set
-    to 0 (Hugging Face masks with 0, not -inf); the k largest masked ``c`` are selected.
-    Weights are the *unbiased* ``s`` of the selected experts, divided by
+    to ``mask_value``; the k largest masked ``c`` are selected. ``mask_value`` is -inf
+    (default: transformers >= 5.23, DeepSeek's inference code, torchtitan: only experts of
+    kept groups are ever selected) or 0.0 (transformers 4.x and DeepSeek's remote code:
+    an expert of a dropped group beats a kept expert whose ``c`` is negative); the two
+    select differently only when a kept expert's ``c`` is negative. Weights are the *unbiased* ``s`` of the selected experts, divided by
     ``sum_kept s + 1e-20`` when ``normalize``, times ``scale`` (routed_scaling_factor).
 
     Returns ``(weights_TK, experts_TK, scores_TE)`` with ``scores_TE = s``.
@@ -120,6 +118,7 @@ def group_limited_topk(
         raise ValueError(f"topk_group must satisfy 1 <= topk_group <= n_group={n_group}, got {topk_group}")
     if not 1 <= k <= topk_group * group_size:
         raise ValueError(f"k must satisfy 1 <= k <= topk_group * E / n_group = {topk_group * group_size}, got {k}")
+    check_mask_value(mask_value)
     scores_TE = torch.sigmoid(logits_TE)
     with torch.no_grad():
         choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
@@ -127,14 +126,21 @@ def group_limited_topk(
             # One group: HF's group mask keeps every expert.
             experts_TK = torch.topk(choice_TE, k, dim=-1).indices
         else:
-            experts_TK = _group_limited_select(choice_TE, k, n_group, topk_group)
+            experts_TK = _group_limited_select(choice_TE, k, n_group, topk_group, mask_value)
     weights_TK = scores_TE.gather(-1, experts_TK)
     if normalize:
         weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
     return weights_TK * scale, experts_TK, scores_TE
 
 
-def _group_limited_select(choice_TE: Tensor, k: int, n_group: int, topk_group: int) -> Tensor:
+def check_mask_value(mask_value: float) -> float:
+    """Validate the score of experts in dropped groups (0.0 or -inf); return it as a float."""
+    if mask_value not in (0.0, float("-inf")):
+        raise ValueError(f"mask_value must be 0.0 or -inf, got {mask_value}")
+    return float(mask_value)
+
+
+def _group_limited_select(choice_TE: Tensor, k: int, n_group: int, topk_group: int, mask_value: float) -> Tensor:
     """Experts ``[T, K]`` chosen by DeepSeek-V3's group-limited rule from scores ``c``."""
     T, E = choice_TE.shape
     group_size = E // n_group
@@ -142,7 +148,7 @@ def _group_limited_select(choice_TE: Tensor, k: int, n_group: int, topk_group: i
     keep_groups_TG = torch.zeros_like(group_TG, dtype=torch.bool)
     keep_groups_TG.scatter_(1, torch.topk(group_TG, topk_group, dim=-1).indices, True)
     keep_TE = keep_groups_TG.unsqueeze(-1).expand(T, n_group, group_size).reshape(T, E)
-    return torch.topk(choice_TE.masked_fill(~keep_TE, 0.0), k, dim=-1).indices
+    return torch.topk(choice_TE.masked_fill(~keep_TE, mask_value), k, dim=-1).indices
 
 
 def gumbel_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from gatedmoe.gates.balancing import BiasBalancer
 from gatedmoe.gates.base import Gate, check_k
-from gatedmoe.gates.functional import group_limited_topk
+from gatedmoe.gates.functional import check_mask_value, group_limited_topk
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
 
@@ -25,7 +25,8 @@ class GroupLimitedGate(Gate):
     * ``s_e = sigmoid(l_e)``, selection score ``c_e = s_e + b_e`` (``b`` is the
       ``e_score_correction_bias``, a buffer updated without gradients);
     * experts form ``n_group`` contiguous groups; group score = sum of the group's two
-      largest ``c_e``; keep the ``topk_group`` best groups, set ``c_e = 0`` elsewhere;
+      largest ``c_e``; keep the ``topk_group`` best groups, set ``c_e = mask_value``
+      elsewhere;
     * select the k largest ``c_e``; weight ``g_e = rsf * s_e / (sum_{j kept} s_j + 1e-20)``
       with ``normalize`` (HF ``norm_topk_prob``), else ``rsf * s_e``; ``rsf`` is
       ``routed_scaling_factor``.
@@ -46,6 +47,11 @@ class GroupLimitedGate(Gate):
         HF ``norm_topk_prob`` (default True).
     routed_scaling_factor : float
         Multiplies the kept weights (default 1.0; DeepSeek-V3 uses 2.5).
+    mask_value : float
+        Selection score of the experts outside the kept groups: -inf (default; transformers
+        >= 5.23, DeepSeek's inference code, torchtitan) or 0.0 (transformers 4.x and
+        DeepSeek's remote code). The two differ only when a kept expert's ``s_e + b_e`` is
+        negative.
     bias_update_rate : float
         Step of the sign update of the selection bias (default 0: the bias is kept fixed,
         e.g. as loaded from a checkpoint).
@@ -72,6 +78,7 @@ class GroupLimitedGate(Gate):
         topk_group: int = 1,
         normalize: bool = True,
         routed_scaling_factor: float = 1.0,
+        mask_value: float = float("-inf"),
         bias_update_rate: float = 0.0,
     ) -> None:
         super().__init__(d_model, n_experts)
@@ -95,6 +102,7 @@ class GroupLimitedGate(Gate):
         self.n_group, self.topk_group = n_group, topk_group
         self.normalize = bool(normalize)
         self.routed_scaling_factor = float(routed_scaling_factor)
+        self.mask_value = check_mask_value(mask_value)
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
         # Always present (HF checkpoints carry e_score_correction_bias); updated only if rate > 0.
@@ -115,6 +123,7 @@ class GroupLimitedGate(Gate):
             self.balancer.bias,
             self.normalize,
             self.routed_scaling_factor,
+            self.mask_value,
         )
         routing = Routing.from_topk(
             weights_TK,
@@ -130,5 +139,6 @@ class GroupLimitedGate(Gate):
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, n_group={self.n_group}, topk_group={self.topk_group}, "
-            f"normalize={self.normalize}, routed_scaling_factor={self.routed_scaling_factor}"
+            f"normalize={self.normalize}, routed_scaling_factor={self.routed_scaling_factor}, "
+            f"mask_value={self.mask_value}"
         )

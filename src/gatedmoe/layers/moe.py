@@ -22,7 +22,7 @@ from gatedmoe.losses import load_balance_loss, router_z_loss
 from gatedmoe.routing import Routing
 from gatedmoe.transient import TransientState
 
-__all__ = ["MoE", "MoEConfig", "SharedExperts", "aux_loss"]
+__all__ = ["MoE", "MoEConfig", "SharedExperts", "GatedSharedExperts", "aux_loss"]
 
 
 class SharedExperts(nn.Module):
@@ -40,6 +40,38 @@ class SharedExperts(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_out(self.act(self.w_in(x)))
+
+
+class GatedSharedExperts(nn.Module):
+    """Shared experts scaled per token by a learned sigmoid gate (Qwen2-MoE, Qwen3-Next):
+    ``sigmoid(x w_g (+ b_g)) * shared(x)``, with ``shared`` a `SharedExperts` and
+    ``w_g [1, D]``. Pass as ``MoE(..., shared=...)`` (with ``n_shared_experts >= 1``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> GatedSharedExperts(8, 16)(torch.randn(3, 8)).shape
+    torch.Size([3, 8])
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        activation: str | Activation | ExpandedGatedActivation = "swiglu",
+        bias: bool = False,
+        gate_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.expert = SharedExperts(d_model, d_hidden, activation, bias)
+        self.gate = nn.Linear(d_model, 1, bias=gate_bias)
+
+    @property
+    def act(self) -> Activation | ExpandedGatedActivation:
+        return self.expert.act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.gate(x)) * self.expert(x)
 
 
 class MoE(TransientState, nn.Module):

@@ -15,24 +15,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gatedmoe.gates.group_limited import GroupLimitedGate
+from gatedmoe.gates.base import Gate
 from gatedmoe.gates.topk import TopKSoftmaxGate
-from gatedmoe.layers.moe import MoE, SharedExperts
+from gatedmoe.layers.moe import MoE
 from gatedmoe.routing import Routing
 
-__all__ = ["HFMoEBlock", "HFTopKSoftmaxGate", "HFGroupLimitedGate", "ClampedSwiGLU"]
+__all__ = ["HFMoEBlock", "HFTopKSoftmaxGate", "HFRouterGate", "HFSharedExperts", "router_tap"]
 
 
 class HFTopKSoftmaxGate(TopKSoftmaxGate):
-    """`TopKSoftmaxGate` whose logits are computed as Hugging Face routers compute them.
+    """`TopKSoftmaxGate` computed as Hugging Face's softmax top-k routers compute it, down to
+    the dtypes and the order of operations, so a converted bf16 model is bit-identical.
 
-    Formula as `TopKSoftmaxGate` (Mixtral, Qwen-MoE, OLMoE; GPT-OSS's "top-k of the
-    logits, then softmax over the kept ones" is the same routing with ``renormalize``):
-    ``p = softmax(l)``, keep the k largest, weight ``p_e / sum_{j in topk} p_j`` with
-    ``renormalize``. Only the logits differ: ``l = x W^T (+ b)`` is computed in the
-    *input's* dtype and then upcast, as ``F.linear(hidden_states, weight)`` does in
-    transformers, so in bf16 the same experts are chosen as by the original router.
-    ``bias`` adds a router bias ``[E]`` (GPT-OSS).
+    Formula as `TopKSoftmaxGate` (Mixtral, Qwen-MoE, OLMoE): ``p = softmax(l)``, keep the
+    k largest, weight ``p_e / sum_{j in topk} p_j`` with ``renormalize``. The logits
+    ``l = x W^T (+ b)`` are computed in the *input's* dtype, as ``F.linear(hidden_states,
+    weight)`` in transformers, so in bf16 the same experts are chosen.
+
+    Parameters
+    ----------
+    d_model, n_experts, k, renormalize
+        As `TopKSoftmaxGate`.
+    bias : bool
+        A router bias ``[E]`` (GPT-OSS).
+    softmax_over : {"all", "topk"}
+        "all" (default): softmax of all logits in float32, then top-k (Mixtral, Qwen,
+        OLMoE). "topk": top-k of the logits, then softmax of the kept ones in the logits'
+        dtype (GPT-OSS's ``GptOssTopKRouter``; the same routing as "all" with renormalize).
+    weights_dtype : {"float32", "input"}
+        Dtype the original router returns its weights in: float32 (Mixtral) or the input's
+        (Qwen-MoE, OLMoE: ``.to(router_logits.dtype)``); the weights are rounded to it.
 
     Examples
     --------
@@ -42,103 +54,131 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
     10
     """
 
-    def __init__(self, d_model: int, n_experts: int, *, k: int, renormalize: bool, bias: bool = False) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        *,
+        k: int,
+        renormalize: bool,
+        bias: bool = False,
+        softmax_over: str = "all",
+        weights_dtype: str = "float32",
+    ) -> None:
         super().__init__(d_model, n_experts, k=k, renormalize=renormalize)
+        if softmax_over not in ("all", "topk"):
+            raise ValueError(f"softmax_over must be 'all' or 'topk', got {softmax_over!r}")
+        if weights_dtype not in ("float32", "input"):
+            raise ValueError(f"weights_dtype must be 'float32' or 'input', got {weights_dtype!r}")
+        if softmax_over == "topk" and not self.renormalize:
+            raise ValueError("softmax_over='topk' is the renormalised routing; pass renormalize=True")
+        self.softmax_over, self.weights_dtype = softmax_over, weights_dtype
         self.bias = nn.Parameter(torch.zeros(n_experts)) if bias else None
 
-    def router_logits(self, x_TD: Tensor) -> Tensor:
+    def _logits_in_input_dtype(self, x_TD: Tensor) -> Tensor:
         b = None if self.bias is None else self.bias.to(x_TD.dtype)
-        return F.linear(x_TD, self.weight.to(x_TD.dtype), b).float()
+        return F.linear(x_TD, self.weight.to(x_TD.dtype), b)
 
-
-class HFGroupLimitedGate(GroupLimitedGate):
-    """`GroupLimitedGate` (DeepSeek-V3) with the masking value of the installed
-    transformers' ``DeepseekV3TopkRouter``.
-
-    Formula as `GroupLimitedGate`. Experts outside the kept groups get selection score
-    ``mask_value``: ``0.0`` in transformers 4.x and DeepSeek's remote code (what
-    `GroupLimitedGate` does), ``-inf`` in transformers 5.x and DeepSeek's own inference
-    code. The two differ only when a kept expert's ``sigmoid(l) + bias`` is negative.
-
-    Examples
-    --------
-    >>> import torch
-    >>> g = HFGroupLimitedGate(8, 8, k=2, n_group=4, topk_group=2, mask_value=float("-inf"))
-    >>> g(torch.randn(5, 8)).n_assignments
-    10
-    """
-
-    def __init__(self, d_model: int, n_experts: int, *, mask_value: float = 0.0, **kwargs) -> None:
-        super().__init__(d_model, n_experts, **kwargs)
-        if mask_value not in (0.0, float("-inf")):
-            raise ValueError(f"mask_value must be 0.0 or -inf, got {mask_value}")
-        self.mask_value = float(mask_value)
+    def router_logits(self, x_TD: Tensor) -> Tensor:
+        return self._logits_in_input_dtype(x_TD).float()
 
     def forward(self, x_TD: Tensor) -> Routing:
-        if self.mask_value == 0.0 or self.n_group == 1:
+        if self.noisy or self.balancer is not None:
             return super().forward(x_TD)
-        logits_TE = self.router_logits(x_TD)
-        scores_TE = torch.sigmoid(logits_TE)
-        T, E = scores_TE.shape
-        G = self.n_group
-        with torch.no_grad():
-            choice_TE = scores_TE + self.balancer.bias
-            group_TG = choice_TE.view(T, G, E // G).topk(2, dim=-1).values.sum(-1)
-            keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
-            keep_TG.scatter_(1, torch.topk(group_TG, self.topk_group, dim=-1).indices, True)
-            keep_TE = keep_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
-            experts_TK = torch.topk(choice_TE.masked_fill(~keep_TE, self.mask_value), self.k, dim=-1).indices
-        weights_TK = scores_TE.gather(-1, experts_TK)
-        if self.normalize:
-            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
-        weights_TK = weights_TK * self.routed_scaling_factor
-        routing = Routing.from_topk(
-            weights_TK, experts_TK, E, probs=scores_TE / scores_TE.sum(-1, keepdim=True), logits=logits_TE
-        )
-        if self.balancer.update_rate > 0:
-            self.update_bias_balancer(routing.counts)
-        return routing
+        logits = self._logits_in_input_dtype(x_TD)
+        logits_TE = logits.float()
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        if self.softmax_over == "topk":
+            top_TK, experts_TK = torch.topk(logits, self.k, dim=-1)
+            weights_TK = torch.softmax(top_TK, dim=-1, dtype=top_TK.dtype)
+        else:
+            weights_TK, experts_TK = torch.topk(probs_TE, self.k, dim=-1)
+            if self.renormalize:
+                weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        if self.weights_dtype == "input":
+            weights_TK = weights_TK.to(x_TD.dtype)
+        self.gate_losses = {}
+        return Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=logits_TE)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, mask_value={self.mask_value}"
+        return f"k={self.k}, softmax_over={self.softmax_over!r}, weights_dtype={self.weights_dtype!r}"
 
 
-class ClampedSwiGLU(nn.Module):
-    """GPT-OSS's SwiGLU (OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card"), in the GLU
-    form of `gatedmoe.experts.activations`: ``h = [a | b]`` of width 2H maps to
+class HFRouterGate(Gate):
+    """A gate that runs a Hugging Face router module as it is: its ``forward`` returns
+    ``(router_logits, weights [T, K], experts [T, K])`` (the ``*TopKRouter`` convention of
+    transformers >= 5), which become a `Routing` unchanged (weights keep the router's dtype).
 
-    ``a' = min(a, limit)``, ``b' = clamp(b, -limit, limit)``,
-    ``(b' + 1) * a' * sigmoid(alpha * a')``.
-
-    Defaults are GPT-OSS's ``swiglu_alpha = 1.702`` and ``swiglu_limit = 7.0``. Assigned to
-    ``ExpertBank.act`` by the GPT-OSS converter (it is not a registered activation: its
-    constants come from the checkpoint's config).
+    Used for the families whose routing rule gatedmoe takes from transformers rather than
+    from its gate zoo (sigmoid, group-limited, SparseMixer, expert-bias and capacity-free
+    variants): selection and weights are the original's by construction, bit for bit, and
+    transformers' ``output_router_logits`` hooks keep seeing an instance of the router
+    class. ``router_args`` are names of attributes of the *block* passed to the router
+    after the hidden states (e.g. LFM2-MoE's ``expert_bias``); their tensors live here as
+    buffers (or parameters) of the same name. ``batched_input`` hands the router the tokens
+    as ``[1, T, D]`` (routers that unpack a ``[B, S, D]`` input).
 
     Examples
     --------
     >>> import torch
-    >>> act = ClampedSwiGLU()
-    >>> act(torch.tensor([[100.0, 0.0]])).item() == 7.0 * torch.sigmoid(torch.tensor(7.0 * 1.702)).item()
-    True
+    >>> class Top1(torch.nn.Module):
+    ...     weight = torch.nn.Parameter(torch.randn(4, 8))
+    ...     def forward(self, x):
+    ...         l = x @ self.weight.T
+    ...         w, i = l.softmax(-1).topk(1)
+    ...         return l, w, i
+    >>> HFRouterGate(Top1(), d_model=8, n_experts=4, k=1)(torch.randn(5, 8)).n_assignments
+    5
     """
 
-    glu = True
-    name = "clamped_swiglu"
+    registry_name = "hf_router"
+    token_choice = True
 
-    def __init__(self, alpha: float = 1.702, limit: float = 7.0) -> None:
-        super().__init__()
-        if not limit > 0:
-            raise ValueError(f"limit must be > 0, got {limit}")
-        self.alpha, self.limit = float(alpha), float(limit)
+    def __init__(
+        self,
+        router: nn.Module,
+        *,
+        d_model: int,
+        n_experts: int,
+        k: int,
+        router_args: dict | None = None,
+        batched_input: bool = False,
+    ) -> None:
+        super().__init__(d_model, n_experts)
+        self.router = router
+        self.k = int(k)
+        # Routers that unpack ``[B, S, D]`` get the tokens as one sequence ``[1, T, D]``.
+        self.batched_input = bool(batched_input)
+        self.router_args = tuple(router_args or {})
+        for name, t in (router_args or {}).items():
+            if isinstance(t, nn.Parameter):
+                self.register_parameter(name, t)
+            else:
+                self.register_buffer(name, t)
 
-    def forward(self, h: Tensor) -> Tensor:
-        a, b = h.chunk(2, dim=-1)
-        a = a.clamp(max=self.limit)
-        b = b.clamp(min=-self.limit, max=self.limit)
-        return (b + 1) * a * torch.sigmoid(a * self.alpha)
+    def attach_bias_balancer(self, update_rate: float = 1e-3) -> Gate:
+        raise ValueError("HFRouterGate runs the original router; it takes no selection bias of gatedmoe")
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        args = [getattr(self, n) for n in self.router_args]
+        logits_TE, weights_TK, experts_TK = self.router(x_TD.unsqueeze(0) if self.batched_input else x_TD, *args)
+        return Routing.from_topk(weights_TK, experts_TK, self.n_experts, logits=logits_TE.reshape(-1, logits_TE.shape[-1]))
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, limit={self.limit}"
+        return f"k={self.k}, router_args={self.router_args}"
+
+
+class HFSharedExperts(nn.Module):
+    """A Hugging Face shared-expert MLP as `MoE.shared`, optionally scaled per token by
+    ``sigmoid(gate(x))`` (Qwen3-Next / Qwen3.5-MoE's gated shared expert)."""
+
+    def __init__(self, mlp: nn.Module, gate: nn.Module | None = None) -> None:
+        super().__init__()
+        self.mlp, self.gate = mlp, gate
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.mlp(x)
+        return out if self.gate is None else torch.sigmoid(self.gate(x)) * out
 
 
 @functools.cache
@@ -173,12 +213,10 @@ class HFMoEBlock(nn.Module):
     Attributes
     ----------
     moe : MoE
-        Gate, routed experts and (DeepSeek-V3) ungated shared experts. Its last routing is
-        ``moe.last_routing``. Auxiliary-loss weights are 0: Hugging Face models compute
-        their own auxiliary loss from the router logits.
-    shared_expert, shared_expert_gate : SharedExperts, nn.Linear or None
-        Qwen2-MoE's shared expert, scaled per token by ``sigmoid(shared_expert_gate(x))``
-        (a gated shared expert, which `MoE`'s ungated shared experts do not express).
+        Gate, routed experts and shared experts (ungated `SharedExperts` for DeepSeek-V3,
+        `GatedSharedExperts` for Qwen2-MoE). Its last routing is ``moe.last_routing``.
+        Auxiliary-loss weights are 0: Hugging Face models compute their own auxiliary
+        loss from the router logits.
     router_tap : nn.Module or None
         Passes the router logits through an instance of the original router class, so
         transformers' ``output_router_logits=True`` still sees them.
@@ -197,8 +235,6 @@ class HFMoEBlock(nn.Module):
         *,
         family: str,
         hf_class: str,
-        shared_expert: SharedExperts | None = None,
-        shared_expert_gate: nn.Linear | None = None,
         router_tap: nn.Module | None = None,
         jitter_noise: float = 0.0,
         returns_router_scores: bool = False,
@@ -206,15 +242,11 @@ class HFMoEBlock(nn.Module):
         template: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if (shared_expert is None) != (shared_expert_gate is None):
-            raise ValueError("shared_expert and shared_expert_gate must be given together")
         if router_logits_dtype not in ("input", "float32"):
             raise ValueError(f"router_logits_dtype must be 'input' or 'float32', got {router_logits_dtype!r}")
         if not jitter_noise >= 0:
             raise ValueError(f"jitter_noise must be >= 0, got {jitter_noise}")
         self.moe = moe
-        self.shared_expert = shared_expert
-        self.shared_expert_gate = shared_expert_gate
         self.router_tap = router_tap
         self.family, self.hf_class = family, hf_class
         self.jitter_noise = float(jitter_noise)
@@ -238,8 +270,6 @@ class HFMoEBlock(nn.Module):
         if self.router_tap is not None and routing.logits is not None:
             logits = routing.logits if self.router_logits_dtype == "float32" else routing.logits.to(x.dtype)
             self.router_tap(logits)
-        if self.shared_expert is not None:
-            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         if not self.returns_router_scores:
             return y
         # HF returns the kept weights of each token in descending order, [T, K].

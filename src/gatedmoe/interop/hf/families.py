@@ -14,23 +14,22 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from gatedmoe.experts.activations import ClampedSwiGLU
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.gates.group_limited import GroupLimitedGate
 from gatedmoe.gates.topk import TopKSoftmaxGate
-from gatedmoe.interop.hf.adapter import (
-    ClampedSwiGLU,
-    HFGroupLimitedGate,
-    HFMoEBlock,
-    HFTopKSoftmaxGate,
-    router_tap,
-)
-from gatedmoe.layers.moe import MoE, SharedExperts
+from gatedmoe.interop.hf.adapter import HFMoEBlock, HFRouterGate, HFSharedExperts, HFTopKSoftmaxGate, router_tap
+from gatedmoe.layers.config import MoEConfig
+from gatedmoe.layers.moe import GatedSharedExperts, MoE, SharedExperts
 
-__all__ = ["Family", "FAMILIES", "family_of", "meta_copy"]
+M = TypeVar("M", bound=nn.Module)
+
+__all__ = ["Family", "Layout", "FAMILIES", "GENERIC", "family_of", "meta_copy"]
 
 # transformers activation classes -> the GLU activation of gatedmoe with the same math.
 _GLU_OF_HF_ACT = {
@@ -39,6 +38,8 @@ _GLU_OF_HF_ACT = {
     "ReLU": "reglu",
     "GELUTanh": "geglu",
     "PytorchGELUTanh": "geglu",
+    "silu": "swiglu",
+    "relu": "reglu",
 }
 
 
@@ -46,14 +47,31 @@ _GLU_OF_HF_ACT = {
 class Family:
     """How to convert the MoE blocks of one model family.
 
-    ``read(block, backend, check_inputs) -> HFMoEBlock`` builds the gatedmoe side (weights
-    copied); ``write(adapter, block)`` replaces ``block``'s parameters in place with the
-    adapter's, after checking that the two compute the same function.
+    ``config(block) -> MoEConfig`` reads the layer's settings off the block (the one place
+    a family lists them); ``parts(block, config) -> (MoE, adapter keywords)`` builds the
+    gate, experts and shared experts from the block's weights (copied) and passes them to
+    `MoE.from_config`; ``write(adapter, block)`` replaces ``block``'s parameters in place
+    with the adapter's, after checking that the two compute the same function.
     """
 
     name: str
-    read: Callable[[nn.Module, str, bool], HFMoEBlock]
+    config: Callable[[nn.Module], MoEConfig]
+    parts: Callable[[nn.Module, MoEConfig], tuple[MoE, dict[str, Any]]]
     write: Callable[[HFMoEBlock, nn.Module], None]
+
+    def read(self, block: nn.Module, backend: str, check_inputs: bool) -> HFMoEBlock:
+        """`HFMoEBlock` computing what ``block`` computes (weights copied)."""
+        config = self.config(block).replace(backend=backend, check_inputs=check_inputs)
+        moe, adapter_kw = self.parts(block, config)
+        adapter = HFMoEBlock(
+            moe,
+            family=self.name,
+            hf_class=type(block).__name__,
+            template=meta_copy(block),
+            **adapter_kw,
+        )
+        _check_materialized(adapter, f"from_hf({type(block).__name__})")
+        return adapter.train(block.training)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -90,8 +108,28 @@ def _set_param(module: nn.Module, name: str, t: Tensor) -> None:
     setattr(module, name, _param(t))
 
 
+def _built(build: Callable[[], M], **weights: Tensor) -> M:
+    """The part ``build()`` makes, built on the meta device and given copies of ``weights``
+    (``name=tensor``, dotted names reach submodules; shapes must match). Every parameter
+    must be among ``weights``: `_check_materialized` catches one that is not."""
+    with torch.device("meta"):
+        part = build()
+    for name, t in weights.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = part.get_submodule(owner_name) if owner_name else part
+        old = getattr(owner, leaf)
+        if old is not None and tuple(old.shape) != tuple(t.shape):
+            raise TypeError(f"{type(part).__name__}.{name}: expected shape {tuple(old.shape)}, the block has {tuple(t.shape)}")
+        if isinstance(old, nn.Parameter):
+            _set_param(owner, leaf, t)
+        else:  # a buffer
+            setattr(owner, leaf, t.detach().clone())
+    return part
+
+
 def _glu_name(act_fn: nn.Module) -> str:
-    name = type(act_fn).__name__
+    # A module (ACT2FN's classes) or a plain function (e.g. F.silu).
+    name = act_fn.__name__ if type(act_fn).__name__ == "function" else type(act_fn).__name__
     if name not in _GLU_OF_HF_ACT:
         raise ValueError(
             f"unsupported expert activation {name}; gatedmoe converts {sorted(_GLU_OF_HF_ACT)}"
@@ -119,36 +157,10 @@ def meta_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _build_moe(
-    d_model: int,
-    n_experts: int,
-    d_hidden: int,
-    k: int,
-    *,
-    activation: str,
-    bias: bool,
-    backend: str,
-    check_inputs: bool,
-    n_shared_experts: int = 0,
-    d_shared_hidden: int | None = None,
-) -> MoE:
-    """An `MoE` on the meta device (its weights are all replaced by the converter).
-    Auxiliary-loss weights are 0: HF models compute their own from the router logits."""
-    with torch.device("meta"):
-        return MoE(
-            d_model,
-            n_experts,
-            d_hidden,
-            k=k,
-            activation=activation,
-            bias=bias,
-            n_shared_experts=n_shared_experts,
-            d_shared_hidden=d_shared_hidden,
-            backend=backend,
-            load_balance_weight=0.0,
-            router_z_weight=0.0,
-            check_inputs=check_inputs,
-        )
+def _layer_config(**settings: Any) -> MoEConfig:
+    """The `MoEConfig` of a converted block. Auxiliary-loss weights are 0: Hugging Face
+    models compute their own auxiliary loss from the router logits."""
+    return MoEConfig(load_balance_weight=0.0, router_z_weight=0.0, **settings)
 
 
 def _check_materialized(module: nn.Module, what: str) -> None:
@@ -157,24 +169,14 @@ def _check_materialized(module: nn.Module, what: str) -> None:
             raise RuntimeError(f"{what}: {name} was not converted (still on the meta device)")
 
 
-def _adapter(block: nn.Module, moe: MoE, family: str, router: nn.Module, **kw) -> HFMoEBlock:
-    adapter = HFMoEBlock(
-        moe,
-        family=family,
-        hf_class=type(block).__name__,
-        router_tap=router_tap(router),
-        template=meta_copy(block),
-        **kw,
-    )
-    _check_materialized(adapter, f"from_hf({type(block).__name__})")
-    return adapter.train(block.training)
-
-
 # ------------------------------------------------- fused GLU experts (all but GPT-OSS)
-def _read_fused_experts(experts: nn.Module, bank: ExpertBank) -> None:
+def _fused_experts(config: MoEConfig, experts: nn.Module) -> ExpertBank:
     # HF: gate, up = linear(x, gate_up_proj[e]).chunk(2): gate rows first, as gatedmoe's GLU.
-    _set_param(bank, "w_in", _get(experts, "gate_up_proj"))
-    _set_param(bank, "w_out", _get(experts, "down_proj"))
+    return _built(
+        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, config.activation, config.bias),
+        w_in=_get(experts, "gate_up_proj"),
+        w_out=_get(experts, "down_proj"),
+    )
 
 
 def _write_fused_experts(bank: ExpertBank, experts: nn.Module) -> None:
@@ -186,12 +188,18 @@ def _write_fused_experts(bank: ExpertBank, experts: nn.Module) -> None:
     _set_param(experts, "down_proj", bank.w_out)
 
 
-def _shared_from_mlp(mlp: nn.Module, shared: SharedExperts) -> None:
-    """HF ``down(act(gate(x)) * up(x))`` -> ``SharedExperts`` with ``w_in = [gate | up]``."""
+def _shared_mlp_weights(mlp: nn.Module, prefix: str = "") -> dict[str, Tensor]:
+    """HF ``down(act(gate(x)) * up(x))`` as the weights of a `SharedExperts` (at ``prefix``),
+    ``w_in = [gate | up]``."""
     gate_w, up_w = _get(mlp, "gate_proj.weight"), _get(mlp, "up_proj.weight")
-    _set_param(shared.w_in, "weight", torch.cat([gate_w.detach(), up_w.detach()], 0))
-    shared.w_in.weight.requires_grad_(gate_w.requires_grad)
-    _set_param(shared.w_out, "weight", _get(mlp, "down_proj.weight"))
+    w_in = torch.cat([gate_w.detach(), up_w.detach()], 0).requires_grad_(gate_w.requires_grad)
+    return {f"{prefix}w_in.weight": w_in, f"{prefix}w_out.weight": _get(mlp, "down_proj.weight")}
+
+
+def _shared_mlp(mlp: nn.Module) -> SharedExperts:
+    """HF's shared-expert MLP as ungated `SharedExperts`."""
+    Hs, D = _get(mlp, "gate_proj.weight").shape
+    return _built(lambda: SharedExperts(D, Hs, activation=_glu_name(mlp.act_fn), bias=False), **_shared_mlp_weights(mlp))
 
 
 def _shared_to_mlp(shared: SharedExperts, mlp: nn.Module) -> None:
@@ -205,21 +213,37 @@ def _shared_to_mlp(shared: SharedExperts, mlp: nn.Module) -> None:
 
 
 # ------------------------------------------ softmax top-k: Mixtral, Qwen3-MoE, OLMoE, Qwen2
-def _topk_moe(block: nn.Module, backend: str, check_inputs: bool) -> MoE:
+def _topk_config(block: nn.Module) -> MoEConfig:
     router, experts = _get(block, "gate"), _get(block, "experts")
     E, D = _get(router, "weight").shape
-    H = _get(experts, "down_proj").shape[-1]
-    k = int(_attr(router, "top_k"))
-    # Mixtral's router always renormalises; the others follow norm_topk_prob.
-    renormalize = bool(getattr(router, "norm_topk_prob", True))
-    moe = _build_moe(
-        D, E, H, k, activation=_glu_name(experts.act_fn), bias=False, backend=backend, check_inputs=check_inputs
+    return _layer_config(
+        d_model=D,
+        n_experts=E,
+        d_hidden=_get(experts, "down_proj").shape[-1],
+        k=int(_attr(router, "top_k")),
+        activation=_glu_name(experts.act_fn),
+        # Mixtral's router always renormalises; the others follow norm_topk_prob.
+        gate_kwargs={"renormalize": bool(getattr(router, "norm_topk_prob", True))},
     )
-    with torch.device("meta"):
-        moe.gate = HFTopKSoftmaxGate(D, E, k=k, renormalize=renormalize)
-    _set_param(moe.gate, "weight", router.weight)
-    _read_fused_experts(experts, moe.experts)
-    return moe
+
+
+def _topk_gate(config: MoEConfig, router: nn.Module, *, softmax_over: str = "all", **bias: Tensor) -> HFTopKSoftmaxGate:
+    # The dtype the router returns its weights in: float32 for Mixtral, the logits' dtype
+    # for the Qwen and OLMoE routers (``.to(router_logits.dtype)``) and GPT-OSS's.
+    weights_dtype = "float32" if type(router).__name__ == "MixtralTopKRouter" else "input"
+    return _built(
+        lambda: HFTopKSoftmaxGate(
+            config.d_model, config.n_experts, k=config.k, bias=bool(bias), softmax_over=softmax_over,
+            weights_dtype=weights_dtype, **config.gate_kwargs,
+        ),
+        weight=router.weight,
+        **bias,
+    )
+
+
+def _topk_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+    moe = MoE.from_config(config, gate=_topk_gate(config, block.gate), experts=_fused_experts(config, block.experts))
+    return moe, {"router_tap": router_tap(block.gate), "jitter_noise": float(getattr(block, "jitter_noise", 0.0))}
 
 
 def _write_topk_gate(moe: MoE, router: nn.Module) -> None:
@@ -234,44 +258,43 @@ def _write_topk_gate(moe: MoE, router: nn.Module) -> None:
     _set_param(router, "weight", gate.weight)
 
 
-def _read_topk(family: str) -> Callable[[nn.Module, str, bool], HFMoEBlock]:
-    def read(block: nn.Module, backend: str, check_inputs: bool) -> HFMoEBlock:
-        moe = _topk_moe(block, backend, check_inputs)
-        return _adapter(block, moe, family, block.gate, jitter_noise=float(getattr(block, "jitter_noise", 0.0)))
-
-    return read
-
-
 def _write_topk(adapter: HFMoEBlock, block: nn.Module) -> None:
-    if adapter.moe.shared is not None or adapter.shared_expert is not None:
+    if adapter.moe.shared is not None:
         raise ValueError(f"to_hf: {type(block).__name__} has no shared experts, the gatedmoe block has")
     _write_topk_gate(adapter.moe, block.gate)
     _write_fused_experts(adapter.moe.experts, block.experts)
 
 
-def _read_qwen2(block: nn.Module, backend: str, check_inputs: bool) -> HFMoEBlock:
-    moe = _topk_moe(block, backend, check_inputs)
+def _qwen2_config(block: nn.Module) -> MoEConfig:
+    shared_hidden = _get(block, "shared_expert.gate_proj.weight").shape[0]
+    return _topk_config(block).replace(n_shared_experts=1, d_shared_hidden=shared_hidden)
+
+
+def _qwen2_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
     mlp, sgate = _get(block, "shared_expert"), _get(block, "shared_expert_gate")
-    Hs, D = mlp.gate_proj.weight.shape
-    with torch.device("meta"):
-        shared = SharedExperts(D, Hs, activation=_glu_name(mlp.act_fn), bias=False)
-        shared_gate = nn.Linear(D, 1, bias=sgate.bias is not None)
-    _shared_from_mlp(mlp, shared)
-    _set_param(shared_gate, "weight", sgate.weight)
+    weights = _shared_mlp_weights(mlp, "expert.") | {"gate.weight": sgate.weight}
     if sgate.bias is not None:
-        _set_param(shared_gate, "bias", sgate.bias)
-    return _adapter(block, moe, "qwen2_moe", block.gate, shared_expert=shared, shared_expert_gate=shared_gate)
+        weights["gate.bias"] = sgate.bias
+    shared = _built(
+        lambda: GatedSharedExperts(
+            config.d_model, config.d_shared_hidden, _glu_name(mlp.act_fn), bias=False, gate_bias=sgate.bias is not None
+        ),
+        **weights,
+    )
+    moe = MoE.from_config(
+        config, gate=_topk_gate(config, block.gate), experts=_fused_experts(config, block.experts), shared=shared
+    )
+    return moe, {"router_tap": router_tap(block.gate)}
 
 
 def _write_qwen2(adapter: HFMoEBlock, block: nn.Module) -> None:
-    if adapter.shared_expert is None:
+    shared = adapter.moe.shared
+    if not isinstance(shared, GatedSharedExperts):
         raise ValueError("to_hf: Qwen2-MoE blocks have a gated shared expert; the gatedmoe block has none")
-    if adapter.moe.shared is not None:
-        raise ValueError("to_hf: Qwen2-MoE blocks have no ungated shared experts; MoE.shared must be None")
     _write_topk_gate(adapter.moe, block.gate)
     _write_fused_experts(adapter.moe.experts, block.experts)
-    _shared_to_mlp(adapter.shared_expert, block.shared_expert)
-    sgate = adapter.shared_expert_gate
+    _shared_to_mlp(shared.expert, block.shared_expert)
+    sgate = shared.gate
     _check_shape("shared_expert_gate weight", sgate.weight, block.shared_expert_gate.weight)
     _check_same("shared_expert_gate bias", sgate.bias is not None, block.shared_expert_gate.bias is not None)
     _set_param(block.shared_expert_gate, "weight", sgate.weight)
@@ -298,45 +321,45 @@ def group_mask_value(router: nn.Module) -> float:
     return float("-inf") if int(idx.max()) < topk_group * (E // n_group) else 0.0
 
 
-def _read_deepseek_v3(block: nn.Module, backend: str, check_inputs: bool) -> HFMoEBlock:
+def _deepseek_v3_config(block: nn.Module) -> MoEConfig:
     router, experts, mlp = _get(block, "gate"), _get(block, "experts"), _get(block, "shared_experts")
     E, D = router.weight.shape
-    H = experts.down_proj.shape[-1]
-    k = int(_attr(router, "top_k"))
     act = _glu_name(experts.act_fn)
     _check_same("shared expert activation (gatedmoe shares one)", _glu_name(mlp.act_fn), act)
     Hs = mlp.gate_proj.weight.shape[0]
     n_shared = int(getattr(getattr(block, "config", None), "n_shared_experts", 1) or 1)
     if Hs % n_shared:
         n_shared = 1
-    moe = _build_moe(
-        D,
-        E,
-        H,
-        k,
+    return _layer_config(
+        d_model=D,
+        n_experts=E,
+        d_hidden=experts.down_proj.shape[-1],
+        gate="group_limited",
+        k=int(_attr(router, "top_k")),
         activation=act,
-        bias=False,
-        backend=backend,
-        check_inputs=check_inputs,
         n_shared_experts=n_shared,
         d_shared_hidden=Hs // n_shared,
+        gate_kwargs={
+            "n_group": int(_attr(router, "num_group", "n_group")),
+            "topk_group": int(router.topk_group),
+            "normalize": bool(router.norm_topk_prob),
+            "routed_scaling_factor": float(router.routed_scaling_factor),
+            "mask_value": group_mask_value(router),
+        },
     )
-    with torch.device("meta"):
-        moe.gate = HFGroupLimitedGate(
-            D,
-            E,
-            k=k,
-            n_group=int(_attr(router, "num_group", "n_group")),
-            topk_group=int(router.topk_group),
-            normalize=bool(router.norm_topk_prob),
-            routed_scaling_factor=float(router.routed_scaling_factor),
-            mask_value=group_mask_value(router),
-        )
-    _set_param(moe.gate, "weight", router.weight)
-    moe.gate.balancer.bias = router.e_score_correction_bias.detach().clone()
-    _read_fused_experts(experts, moe.experts)
-    _shared_from_mlp(mlp, moe.shared)
-    return _adapter(block, moe, "deepseek_v3", router, router_logits_dtype="float32")
+
+
+def _deepseek_v3_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+    router = block.gate
+    gate = _built(
+        lambda: GroupLimitedGate(config.d_model, config.n_experts, k=config.k, **config.gate_kwargs),
+        weight=router.weight,
+        **{"balancer.bias": router.e_score_correction_bias},
+    )
+    moe = MoE.from_config(
+        config, gate=gate, experts=_fused_experts(config, block.experts), shared=_shared_mlp(block.shared_experts)
+    )
+    return moe, {"router_tap": router_tap(router), "router_logits_dtype": "float32"}
 
 
 def _write_deepseek_v3(adapter: HFMoEBlock, block: nn.Module) -> None:
@@ -344,7 +367,7 @@ def _write_deepseek_v3(adapter: HFMoEBlock, block: nn.Module) -> None:
     gate = moe.gate
     if not isinstance(gate, GroupLimitedGate):
         raise ValueError(f"to_hf: DeepSeek-V3 needs a group_limited gate, got {type(gate).__name__}")
-    if adapter.shared_expert is not None or moe.shared is None:
+    if not isinstance(moe.shared, SharedExperts):
         raise ValueError("to_hf: DeepSeek-V3 blocks have ungated shared experts (MoE.shared), and only those")
     _check_same("top_k", gate.k, int(router.top_k))
     _check_same("n_group", gate.n_group, int(_attr(router, "num_group", "n_group")))
@@ -359,33 +382,38 @@ def _write_deepseek_v3(adapter: HFMoEBlock, block: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- GPT-OSS
-def _read_gpt_oss(block: nn.Module, backend: str, check_inputs: bool) -> HFMoEBlock:
+def _gpt_oss_config(block: nn.Module) -> MoEConfig:
     router, experts = _get(block, "router"), _get(block, "experts")
     E, D = router.weight.shape
+    return _layer_config(
+        d_model=D,
+        n_experts=E,
+        d_hidden=_get(experts, "down_proj").shape[1],
+        k=int(router.top_k),
+        activation=ClampedSwiGLU.name,
+        bias=True,
+        # Top-k of the logits then softmax over the kept ones == softmax, top-k, renormalise.
+        gate_kwargs={"renormalize": True},
+    )
+
+
+def _gpt_oss_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+    router, experts = block.router, block.experts
+    gate = _topk_gate(config, router, softmax_over="topk", **({} if router.bias is None else {"bias": router.bias}))
     gate_up, gate_up_b = _get(experts, "gate_up_proj"), _get(experts, "gate_up_proj_bias")  # [E, D, 2H], [E, 2H]
     down, down_b = _get(experts, "down_proj"), _get(experts, "down_proj_bias")  # [E, H, D], [E, D]
-    H = down.shape[1]
-    k = int(router.top_k)
-    moe = _build_moe(D, E, H, k, activation="swiglu", bias=True, backend=backend, check_inputs=check_inputs)
-    with torch.device("meta"):
-        # Top-k of the logits then softmax over the kept ones == softmax, top-k, renormalise.
-        moe.gate = HFTopKSoftmaxGate(D, E, k=k, renormalize=True, bias=router.bias is not None)
-    moe.experts.act = ClampedSwiGLU(alpha=float(experts.alpha), limit=float(experts.limit))
-    _set_param(moe.gate, "weight", router.weight)
-    if router.bias is not None:
-        _set_param(moe.gate, "bias", router.bias)
-    bank = moe.experts
     # HF interleaves gate (even columns) and up (odd columns); gatedmoe stacks [gate | up].
-    g = gate_up.detach()
-    _set_param(bank, "w_in", torch.cat([g[..., 0::2], g[..., 1::2]], -1).transpose(1, 2))
-    bank.w_in.requires_grad_(gate_up.requires_grad)
-    b = gate_up_b.detach()
-    _set_param(bank, "b_in", torch.cat([b[:, 0::2], b[:, 1::2]], -1))
-    bank.b_in.requires_grad_(gate_up_b.requires_grad)
-    _set_param(bank, "w_out", down.detach().transpose(1, 2))
-    bank.w_out.requires_grad_(down.requires_grad)
-    _set_param(bank, "b_out", down_b)
-    return _adapter(block, moe, "gpt_oss", router, returns_router_scores=True)
+    g, b = gate_up.detach(), gate_up_b.detach()
+    act = ClampedSwiGLU(alpha=float(experts.alpha), limit=float(experts.limit))
+    bank = _built(
+        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, act, bias=True),
+        w_in=torch.cat([g[..., 0::2], g[..., 1::2]], -1).transpose(1, 2).requires_grad_(gate_up.requires_grad),
+        b_in=torch.cat([b[:, 0::2], b[:, 1::2]], -1).requires_grad_(gate_up_b.requires_grad),
+        w_out=down.detach().transpose(1, 2).requires_grad_(down.requires_grad),
+        b_out=down_b,
+    )
+    moe = MoE.from_config(config, gate=gate, experts=bank)
+    return moe, {"router_tap": router_tap(router), "returns_router_scores": True}
 
 
 def _write_gpt_oss(adapter: HFMoEBlock, block: nn.Module) -> None:
@@ -415,13 +443,190 @@ def _write_gpt_oss(adapter: HFMoEBlock, block: nn.Module) -> None:
     _set_param(experts, "down_proj_bias", bank.b_out)
 
 
+# ----------------------------------------- generic: the original router, fused experts
+@dataclass(frozen=True)
+class Layout:
+    """Where the parts of a block of the common transformers >= 5 shape live.
+
+    The block computes ``experts(x, *router(x, *router_args)[1:]) (+ shared(x))``: a
+    ``*TopKRouter`` returning ``(logits, weights, indices)``, fused experts
+    (``gate_up_proj [E, 2H, D]``, ``down_proj [E, D, H]``, a GLU ``act_fn``) and optionally a
+    shared-expert MLP, scaled by ``sigmoid(shared_gate(x))`` when ``shared_gate`` is set.
+    """
+
+    router: str = "gate"
+    router_args: tuple[str, ...] = ()
+    """Block attributes passed to the router after the hidden states (None where absent)."""
+    shared: str | None = None
+    shared_gate: str | None = None
+    batched_input: bool = False
+    """The router unpacks a ``[B, S, D]`` input (it gets ``[1, T, D]``)."""
+    jitter: str | None = None
+    """Block attribute holding a Mixtral-style multiplicative input jitter (training only)."""
+    refuse: Callable[[nn.Module], str | None] | None = None
+    """Why a block of this class cannot be converted (a setting gatedmoe does not express)."""
+
+
+def _generic_config(layout: Layout) -> Callable[[nn.Module], MoEConfig]:
+    def config(block: nn.Module) -> MoEConfig:
+        why = layout.refuse(block) if layout.refuse is not None else None
+        if why:
+            raise TypeError(f"{type(block).__name__}: {why}")
+        router, experts = _get(block, layout.router), _get(block, "experts")
+        gate_up = _get(experts, "gate_up_proj")
+        E, _, D = gate_up.shape
+        k = _attr(router, "top_k", "num_experts_per_tok") if any(hasattr(router, n) for n in ("top_k", "num_experts_per_tok")) else None
+        if k is None:
+            k = getattr(block, "top_k", None) or getattr(getattr(block, "config", None), "num_experts_per_tok", None)
+        if k is None:
+            raise TypeError(f"{type(block).__name__}: cannot find the router's top_k")
+        mlp = getattr(block, layout.shared) if layout.shared else None
+        return _layer_config(
+            d_model=int(D),
+            n_experts=int(E),
+            d_hidden=int(_get(experts, "down_proj").shape[-1]),
+            gate=HFRouterGate.registry_name,
+            k=int(k),
+            activation=_glu_name(experts.act_fn),
+            n_shared_experts=0 if mlp is None else 1,
+        )
+
+    return config
+
+
+def _copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy with every parameter and buffer cloned (``requires_grad`` kept)."""
+    return copy.deepcopy(module)
+
+
+def _generic_parts(layout: Layout) -> Callable[[nn.Module, MoEConfig], tuple[MoE, dict[str, Any]]]:
+    def parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+        router = _copy_module(_get(block, layout.router))
+        args = {n: getattr(block, n, None) for n in layout.router_args}
+        args = {n: (t if t is None else (_param(t) if isinstance(t, nn.Parameter) else t.detach().clone())) for n, t in args.items()}
+        gate = HFRouterGate(router, d_model=config.d_model, n_experts=config.n_experts, k=config.k, router_args=args, batched_input=layout.batched_input)
+        mlp = getattr(block, layout.shared) if layout.shared else None
+        shared = None
+        if mlp is not None:
+            sgate = getattr(block, layout.shared_gate) if layout.shared_gate else None
+            shared = HFSharedExperts(_copy_module(mlp), None if sgate is None else _copy_module(sgate))
+        moe = MoE.from_config(config, gate=gate, experts=_fused_experts(config, block.experts), shared=shared)
+        jitter = float(getattr(block, layout.jitter, 0.0) or 0.0) if layout.jitter else 0.0
+        return moe, {"jitter_noise": jitter}
+
+    return parts
+
+
+def _copy_tensors(dst: nn.Module, src: nn.Module) -> None:
+    """Give ``dst`` copies of every parameter and buffer of ``src`` (same structure)."""
+    for name, t in [*src.named_parameters(), *src.named_buffers()]:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = dst.get_submodule(owner_name) if owner_name else dst
+        old = getattr(owner, leaf)
+        _check_shape(name, t, old)
+        if isinstance(old, nn.Parameter):
+            _set_param(owner, leaf, t)
+        else:
+            setattr(owner, leaf, t.detach().clone())
+
+
+def _generic_write(layout: Layout) -> Callable[[HFMoEBlock, nn.Module], None]:
+    def write(adapter: HFMoEBlock, block: nn.Module) -> None:
+        moe = adapter.moe
+        if not isinstance(moe.gate, HFRouterGate):
+            raise ValueError(f"to_hf: {type(block).__name__} is converted with its own router (HFRouterGate), got {type(moe.gate).__name__}")
+        router = _get(block, layout.router)
+        _check_same("router class", type(moe.gate.router).__name__, type(router).__name__)
+        _copy_tensors(router, moe.gate.router)
+        for n in moe.gate.router_args:
+            t = getattr(moe.gate, n)
+            if t is not None:
+                if isinstance(getattr(block, n), nn.Parameter):
+                    _set_param(block, n, t)
+                else:
+                    setattr(block, n, t.detach().clone())
+        _write_fused_experts(moe.experts, block.experts)
+        mlp = getattr(block, layout.shared) if layout.shared else None
+        if (mlp is None) != (moe.shared is None):
+            raise ValueError(f"to_hf: shared experts differ between gatedmoe and {type(block).__name__}")
+        if mlp is not None:
+            _copy_tensors(mlp, moe.shared.mlp)
+            if layout.shared_gate:
+                _copy_tensors(getattr(block, layout.shared_gate), moe.shared.gate)
+
+    return write
+
+
+def _generic(name: str, layout: Layout = Layout()) -> Family:
+    return Family(name, _generic_config(layout), _generic_parts(layout), _generic_write(layout))
+
+
+def _cohere2_refuse(block: nn.Module) -> str | None:
+    strategy = getattr(block, "shared_expert_combination_strategy", "sum")
+    if getattr(block, "num_shared_experts", 0) > 0 and strategy != "sum":
+        return f"shared_expert_combination_strategy={strategy!r} (gatedmoe adds shared experts: 'sum' only)"
+    return None
+
+
+_DS = Layout(shared="shared_experts")  # DeepSeek-V2 shape: gate, fused experts, + shared_experts(x)
+_PLAIN = Layout()
+_GATED_SHARED = Layout(shared="shared_expert", shared_gate="shared_expert_gate")
+
+# Block class name -> (family, layout), each checked against transformers on a tiny random
+# model in tests/interop/test_hf_generic.py.
+GENERIC: dict[str, tuple[str, Layout]] = {
+    "DeepseekV2Moe": ("deepseek_v2", _DS),
+    "DeepseekV32MoE": ("deepseek_v32", _DS),
+    "Dots1MoE": ("dots1", _DS),
+    "ExaoneMoeSparseMoEBlock": ("exaone_moe", _DS),
+    "Glm4MoeMoE": ("glm4_moe", _DS),
+    "Glm4MoeLiteMoE": ("glm4_moe_lite", _DS),
+    "Glm4vMoeTextMoE": ("glm4v_moe", _DS),
+    "GlmMoeDsaMoE": ("glm_moe_dsa", _DS),
+    "Kolibri1SparseMoeBlock": ("kolibri1", _DS),
+    "AXK2MoE": ("axk2", _DS),
+    "MistralLarge4TextMoE": ("mistral_large4", _DS),
+    "Mistral4MoE": ("mistral4", _DS),
+    "DeepseekOcr2TextMoe": ("deepseek_ocr2", _DS),
+    "UnlimitedOcrTextMoe": ("unlimited_ocr", _DS),
+    "Dots3NoteTextMoE": ("dots3_note", _DS),
+    "SolarOpenMoE": ("solar_open", _DS),
+    "KimiLinearMoE": ("kimi_linear", _DS),
+    "Ernie4_5_MoeSparseMoeBlock": ("ernie4_5_moe", _DS),
+    "Cohere2MoeSparseMoeBlock": ("cohere2_moe", Layout(shared="shared_experts", refuse=_cohere2_refuse)),
+    "HunYuanMoEV1Moe": ("hunyuan_v1_moe", Layout(shared="shared_mlp")),
+    # enable_moe_fp32_combine adds the routed and shared outputs in float32: the same sum
+    # as in the input dtype except where their exponents differ by more than 16.
+    "HYV3MoE": ("hy_v3", Layout(router_args=("e_score_correction_bias",), shared="shared_experts")),
+    "FlintSparseMoeBlock": ("flint", Layout(shared="shared_expert")),
+    "LaraMiniSparseMoeBlock": ("lara_mini", Layout(shared="shared_expert")),
+    "Qwen3NextSparseMoeBlock": ("qwen3_next", _GATED_SHARED),
+    "Qwen3_5MoeSparseMoeBlock": ("qwen3_5_moe", _GATED_SHARED),
+    "Qwen4ExpTextSparseMoeBlock": ("qwen4_exp", _GATED_SHARED),
+    "Qwen3VLMoeTextSparseMoeBlock": ("qwen3_vl_moe", _PLAIN),
+    "FlexOlmoSparseMoeBlock": ("flex_olmo", _PLAIN),
+    "MellumSparseMoeBlock": ("mellum", _PLAIN),
+    "MiMoV2FlashMoE": ("mimo_v2_flash", _PLAIN),
+    "JambaSparseMoeBlock": ("jamba", Layout(router="router")),
+    "GraniteMoeMoE": ("granitemoe", Layout(router="router")),
+    "GraniteMoeSharedMoE": ("granitemoeshared", Layout(router="router")),
+    "GraniteMoeHybridMoE": ("granitemoehybrid", Layout(router="router")),
+    "GraniteMoeSWAMoE": ("granitemoe_swa", Layout(router="router")),
+    "PhimoeSparseMoeBlock": ("phimoe", Layout(router="router", jitter="input_jitter_noise")),
+    "MiniMaxSparseMoeBlock": ("minimax", Layout(jitter="jitter_noise")),
+    "MiniMaxM2SparseMoeBlock": ("minimax_m2", Layout(router_args=("e_score_correction_bias",), jitter="jitter_noise")),
+    "Lfm2MoeSparseMoeBlock": ("lfm2_moe", Layout(router_args=("expert_bias",))),
+    "AfmoeSparseMoeBlock": ("afmoe", Layout(router="router", router_args=("expert_bias",), batched_input=True, shared="shared_experts")),
+}
+
+
 # --------------------------------------------------------------------------- registry
-_MIXTRAL = Family("mixtral", _read_topk("mixtral"), _write_topk)
-_QWEN3 = Family("qwen3_moe", _read_topk("qwen3_moe"), _write_topk)
-_OLMOE = Family("olmoe", _read_topk("olmoe"), _write_topk)
-_QWEN2 = Family("qwen2_moe", _read_qwen2, _write_qwen2)
-_DEEPSEEK_V3 = Family("deepseek_v3", _read_deepseek_v3, _write_deepseek_v3)
-_GPT_OSS = Family("gpt_oss", _read_gpt_oss, _write_gpt_oss)
+_MIXTRAL = Family("mixtral", _topk_config, _topk_parts, _write_topk)
+_QWEN3 = Family("qwen3_moe", _topk_config, _topk_parts, _write_topk)
+_OLMOE = Family("olmoe", _topk_config, _topk_parts, _write_topk)
+_QWEN2 = Family("qwen2_moe", _qwen2_config, _qwen2_parts, _write_qwen2)
+_DEEPSEEK_V3 = Family("deepseek_v3", _deepseek_v3_config, _deepseek_v3_parts, _write_deepseek_v3)
+_GPT_OSS = Family("gpt_oss", _gpt_oss_config, _gpt_oss_parts, _write_gpt_oss)
 
 # Hugging Face block class name -> its family. Matched by exact class name, so subclasses
 # (whose forward may differ) are not converted silently.
@@ -432,6 +637,7 @@ FAMILIES: dict[str, Family] = {
     "OlmoeSparseMoeBlock": _OLMOE,
     "DeepseekV3MoE": _DEEPSEEK_V3,
     "GptOssMLP": _GPT_OSS,
+    **{cls: _generic(name, layout) for cls, (name, layout) in GENERIC.items()},
 }
 
 
