@@ -8,7 +8,13 @@ import torch
 
 from gatedmoe import MoE
 from gatedmoe.dispatch import grouped_dispatch, reference_dispatch
-from gatedmoe.experts import ClampedSwiGLU, ExpandedGatedActivation, ExpertBank, activation_names, get_activation
+from gatedmoe.experts import (
+    ClampedSwiGLU,
+    ExpandedGatedActivation,
+    ExpertBank,
+    activation_names,
+    get_activation,
+)
 from gatedmoe.routing import Routing
 from helpers import assert_close
 

@@ -16,7 +16,6 @@ from helpers import assert_close
 transformers = pytest.importorskip("transformers")
 
 from gatedmoe import MoE  # noqa: E402
-from gatedmoe.interop.hf.families import GENERIC  # noqa: E402
 from gatedmoe.interop.hf import (  # noqa: E402
     HFMoEBlock,
     from_hf,
@@ -25,6 +24,7 @@ from gatedmoe.interop.hf import (  # noqa: E402
     to_hf,
     unpatch_model,
 )
+from gatedmoe.interop.hf.families import GENERIC  # noqa: E402
 
 D, V = 32, 64
 COMMON = dict(

@@ -11,7 +11,14 @@ Modules: `convert` (the functions above), `families` (one converter per model fa
 """
 
 from gatedmoe.interop.hf.adapter import HFMoEBlock, HFTopKSoftmaxGate
-from gatedmoe.interop.hf.convert import Swap, from_hf, patch_model, supported_blocks, to_hf, unpatch_model
+from gatedmoe.interop.hf.convert import (
+    Swap,
+    from_hf,
+    patch_model,
+    supported_blocks,
+    to_hf,
+    unpatch_model,
+)
 
 __all__ = [
     "from_hf",

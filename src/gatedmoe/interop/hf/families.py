@@ -23,7 +23,13 @@ from gatedmoe.experts.activations import ClampedSwiGLU
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.gates.group_limited import GroupLimitedGate
 from gatedmoe.gates.topk import TopKSoftmaxGate
-from gatedmoe.interop.hf.adapter import HFMoEBlock, HFRouterGate, HFSharedExperts, HFTopKSoftmaxGate, router_tap
+from gatedmoe.interop.hf.adapter import (
+    HFMoEBlock,
+    HFRouterGate,
+    HFSharedExperts,
+    HFTopKSoftmaxGate,
+    router_tap,
+)
 from gatedmoe.layers.config import MoEConfig
 from gatedmoe.layers.moe import GatedSharedExperts, MoE, SharedExperts
 
