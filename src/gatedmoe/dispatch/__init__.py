@@ -54,11 +54,6 @@ def backend_names() -> list[str]:
     return ["auto", *sorted(_BACKENDS)]
 
 
-def register_backend(name: str, fn: DispatchFn) -> None:
-    """Add a dispatch backend (used by optional fast paths such as Triton)."""
-    _BACKENDS[name] = fn
-
-
 def check_backend_name(name: str) -> str:
     """ValueError listing the known backends if ``name`` is not one of them."""
     if name not in backend_names():

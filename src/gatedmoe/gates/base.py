@@ -44,6 +44,8 @@ class Gate(TransientState, nn.Module):
     uses_k: bool = True
     uses_token_ids: bool = False
     token_choice: bool = False
+    # Set by `gatedmoe.gates.register`: the name `MoEConfig.gate` records for a built gate.
+    registry_name: str
 
     def __init__(self, d_model: int, n_experts: int) -> None:
         super().__init__()
