@@ -111,7 +111,8 @@ def profile_shape(name: str, reps: int, out: str, dev: torch.device) -> None:
     pieces["softmax+topk+renorm"] = lambda: topk_softmax(logits, K, True, None)
     wk, ek, pk = topk_softmax(logits, K, True, None)
     pieces["Routing.from_topk (sort, counts)"] = lambda: Routing.from_topk(wk, ek, E, probs=pk, logits=logits)
-    pieces["argsort stable [T*K]"] = lambda: torch.argsort(ek.reshape(-1), stable=True)
+    pieces["argsort stable [T*K] int64 keys"] = lambda: torch.argsort(ek.reshape(-1), stable=True)
+    pieces["argsort stable [T*K] int16 keys"] = lambda: torch.argsort(ek.reshape(-1).to(torch.int16), stable=True)
     pieces["z-loss logsumexp"] = lambda: torch.logsumexp(logits, -1).pow(2).mean()
     pieces["route() total"] = lambda: moe.route(x)
     for label, fn in pieces.items():
