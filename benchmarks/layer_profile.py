@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from gatedmoe import MoE, Routing
+from gatedmoe.bench import time_samples
 from gatedmoe.gates.functional import topk_softmax
 
 SHAPES = {
@@ -33,18 +34,8 @@ SHAPES = {
 
 
 def timed(fn, reps: int, warm: int = 3) -> tuple[float, float, float]:
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    ts.sort()
+    """Median, min and max milliseconds (CUDA events)."""
+    ts = time_samples(fn, torch.device("cuda"), warm, reps)
     return statistics.median(ts), ts[0], ts[-1]
 
 

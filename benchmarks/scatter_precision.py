@@ -20,24 +20,9 @@ import statistics
 
 import torch
 
-from gatedmoe.bench import SHAPES, balanced_routing, dense_ceiling, machine_info
+from gatedmoe.bench import SHAPES, balanced_routing, dense_ceiling, machine_info, time_ms
 from gatedmoe.dispatch import TritonOptions, get_backend
 from gatedmoe.experts import ExpertBank
-
-
-def _time(fn, warmup: int, reps: int) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` calls (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _grads(fn, x, r, bank, gy):
@@ -94,8 +79,8 @@ def _shape_row(name: str, dev: torch.device, reps: int, rounds: int, ceiling: fl
         for mode in (True, False):
             options = TritonOptions(fp32_scatter=mode)
             tag = "fp32" if mode else "bf16"
-            times[f"{tag} fwd"].append(_time(lambda o=options: fwd(o), 3, reps))
-            times[f"{tag} fwd+bwd"].append(_time(lambda o=options: fwd_bwd(o), 3, reps))
+            times[f"{tag} fwd"].append(time_ms(lambda o=options: fwd(o), dev, 3, reps))
+            times[f"{tag} fwd+bwd"].append(time_ms(lambda o=options: fwd_bwd(o), dev, 3, reps))
     for k, v in times.items():
         ms = statistics.median(v)
         mult = 1 if k.endswith("fwd") else 3

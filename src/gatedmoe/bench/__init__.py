@@ -28,6 +28,7 @@ from gatedmoe.bench.harness import (
     random_routing,
     result_row,
     time_ms,
+    time_samples,
 )
 from gatedmoe.bench.layer import bench_layer
 from gatedmoe.bench.report import format_ep_report, format_rows
@@ -49,5 +50,6 @@ __all__ = [
     "run_ep_bench",
     "run_ep_bench_torchrun",
     "time_ms",
+    "time_samples",
     "under_torchrun",
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "balanced_routing",
     "random_routing",
     "time_ms",
+    "time_samples",
     "dense_gemm_tflops",
     "dense_ceiling",
     "machine_info",
@@ -129,16 +130,16 @@ def random_routing(T: int, E: int, K: int, device: torch.device, generator: torc
     return Routing.from_topk(w / w.sum(-1, keepdim=True), e, E)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` calls after ``warmup`` untimed ones.
+def time_samples(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> list[float]:
+    """Milliseconds of each of ``reps`` calls of ``fn()`` after ``warmup`` untimed ones, sorted.
 
     On CUDA each call is timed between two CUDA events with a synchronize after it (host
     launch latency before the first kernel counts); on CPU with ``time.perf_counter``.
 
     Examples
     --------
-    >>> time_ms(lambda: None, torch.device("cpu"), warmup=1, reps=3) >= 0
-    True
+    >>> len(time_samples(lambda: None, torch.device("cpu"), warmup=1, reps=3))
+    3
     """
     for _ in range(warmup):
         fn()
@@ -156,7 +157,18 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: i
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return sorted(times)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` calls (see `time_samples`).
+
+    Examples
+    --------
+    >>> time_ms(lambda: None, torch.device("cpu"), warmup=1, reps=3) >= 0
+    True
+    """
+    return statistics.median(time_samples(fn, device, warmup, reps))
 
 
 def dense_gemm_tflops(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype, warmup: int = 3,
