@@ -30,11 +30,20 @@ def test_error_shrinks_with_n(truth):
 
 def test_fit_reaches_at_least_the_truths_likelihood(truth):
     X, y, _ = truth.sample(2000, random_state=5)
-    model = MoERegressor(random_state=0).fit(X, y)
+    # l2=0: the plain MLE, whose lower bound is the mean log-likelihood itself.
+    model = MoERegressor(random_state=0, l2=0).fit(X, y)
     assert model.converged_
     assert model.loglik(X, y) >= truth.loglik(X, y)
     np.testing.assert_allclose(model.lower_bound_, model.loglik(X, y) / 2000, rtol=1e-10)
     np.testing.assert_allclose(np.sort(model.noise_variance_), truth.noise_variance, rtol=0.2)
+    # The default's small gate ridge: the lower bound is the penalised mean log-likelihood,
+    # the penalty on the standardised gate coefficients.
+    default = MoERegressor(random_state=0).fit(X, y)
+    assert default.converged_
+    assert default.loglik(X, y) >= truth.loglik(X, y)
+    W_std = default.gate_coef_[:-1] * X.std(axis=0)
+    penalty = 0.5 * 0.1 * float((W_std**2).sum())
+    np.testing.assert_allclose(default.lower_bound_, (default.loglik(X, y) - penalty) / 2000, rtol=1e-10)
 
 
 @pytest.mark.parametrize("gate,k,temperature", [("softmax", None, 1.0), ("topk_softmax", 2, 1.0), ("temperature_softmax", None, 2.0),
@@ -68,7 +77,7 @@ def test_restarts_keep_the_best_likelihood(truth):
             return run
 
     X, y, _ = truth.sample(500, random_state=3)
-    model = Spy(n_init=4, init="random", max_iter=30, random_state=0)
+    model = Spy(n_init=4, init="random", max_iter=30, random_state=0, l2=0)
     model.seen_objectives = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -81,7 +90,7 @@ def test_restarts_keep_the_best_likelihood(truth):
 def test_identical_start_is_reseeded_not_reported_converged(truth):
     """A symmetric start (all experts equal) is a fixed point of EM; re-seeding leaves it."""
     X, y, _ = truth.sample(1500, random_state=4)
-    model = MoERegressor(random_state=0, n_init=1)
+    model = MoERegressor(random_state=0, n_init=1, l2=0)
     model._check_params()
     from gatedmoe.stats import em
 

@@ -26,6 +26,8 @@ INITS = ("kmeans", "random")
 ANNEAL_WIDTHS = (1.0, 0.4, 0.15, 0.05, 0.015, 0.005)
 ANNEAL_ITER = 20
 PENALTIES = (None, "l1")
+# Fewer samples per expert than this is refused at fit (ValueError naming n_experts).
+MIN_SAMPLES_PER_EXPERT = 3
 
 
 @dataclass
@@ -194,6 +196,9 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
     def _experts_coincide(self, data, params, e, f):
         """Whether experts ``e`` and ``f`` describe the same conditional distribution."""
 
+    def _warn_support(self, n_samples, n_features):
+        """Warn (before any work) when the experts have more parameters than the data."""
+
     @abstractmethod
     def _set_fitted(self, params):
         """Store ``params`` as the fitted attributes (ending in ``_``)."""
@@ -223,19 +228,68 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
                 F, R, W, n_free, gate, self._alpha, F.shape[0], state["gate_L"], n_steps=5 * n_steps
             )
             return W
-        return gate.mstep(F, R, W, n_steps=n_steps, log_expert_NE=log_expert, l2=self._gate_l2())
+        return gate.mstep(F, R, W, n_steps=n_steps, log_expert_NE=log_expert, l2=self._gate_l2(gate))
 
-    def _ridge(self, params, n):
-        """A family's fixed L2 penalty on the per-sample scale (none here)."""
+    def _gate_ridge(self):
+        """Ridge on the gate's coefficients, total log-likelihood scale, standardised features."""
         return 0.0
 
-    def _gate_l2(self):
-        """Ridge on the gate coefficients, total scale (softmax-family gates; none here)."""
+    def _gate_l2(self, gate):
+        """The gate ridge that applies to ``gate``: none for a top-1 gate (its likelihood is
+        invariant to the scale of ``W``, so a ridge would only shrink it towards 0) or an L1 fit."""
+        if self._alpha > 0 or (getattr(gate, "base", None) or gate).k == 1:
+            return 0.0
+        return self._gate_ridge()
+
+    def _expert_ridge(self, params):
+        """A family's fixed L2 penalty on its experts, total scale (none here)."""
         return 0.0
+
+    def _ridge(self, params, n, gate):
+        """All fixed L2 penalties on the per-sample scale."""
+        l2 = self._gate_l2(gate)
+        pen = self._expert_ridge(params)
+        if l2:
+            W = params["W"][:-1, : gate.n_free(self.n_experts)]
+            pen += 0.5 * l2 * float((W**2).sum())
+        return pen / n
+
+    # ----------------------------------------------------------------- feature scale
+    # (key, axis) of every parameter block whose axis runs over the design [x, 1].
+    _DESIGN_AXES = (("W", 0),)
+
+    def _standardise(self, X):
+        """Standardise the columns of ``X`` (kept for `_rescale`): the ridge, the L1 penalty,
+        k-means and the gate's Newton steps then see comparable coefficients whatever the
+        units of the features. Not for ``gate="modified_softmax"``, whose ``tanh(x)`` is
+        defined on the features' own scale."""
+        self._shift, self._scale = np.zeros(X.shape[1]), np.ones(X.shape[1])
+        if self._gate.name == "modified_softmax":
+            return X
+        scale = X.std(axis=0)
+        self._shift = X.mean(axis=0)
+        self._scale = np.where(scale > 1e-12 * (1.0 + np.abs(self._shift)), scale, 1.0)
+        return (X - self._shift) / self._scale
+
+    def _rescale(self, params, to_original):
+        """Map parameters between standardised and original features: a linear term
+        ``b . (x - m) / s + c`` is ``(b / s) . x + c - (b / s) . m``."""
+        out = dict(params)
+        for key, axis in self._DESIGN_AXES:
+            A = np.moveaxis(params[key], axis, 0).copy()
+            scale = self._scale.reshape((-1,) + (1,) * (A.ndim - 1))
+            if to_original:
+                A[:-1] /= scale
+                A[-1] -= np.tensordot(self._shift, A[:-1], axes=1)
+            else:
+                A[-1] += np.tensordot(self._shift, A[:-1], axes=1)
+                A[:-1] *= scale
+            out[key] = np.moveaxis(A, 0, axis)
+        return out
 
     def _start_params_from_fitted(self):
-        """The previous fit as the parameters EM works with (a warm start)."""
-        return self._params_from_fitted()
+        """The previous fit as the parameters EM works with (a warm start), standardised."""
+        return self._rescale(self._params_from_fitted(), to_original=False)
 
     def _l1_norm(self, params):
         if self._alpha == 0:
@@ -247,7 +301,7 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         F, Z, y = data
         log_expert = self._expert_log_density(Z, y, params)
         R, ll_N = em.e_step(gate.log_probs(F @ params["W"]), log_expert)
-        return R, ll_N, float(ll_N.mean()) - self._alpha * self._l1_norm(params) - self._ridge(params, F.shape[0])
+        return R, ll_N, float(ll_N.mean()) - self._alpha * self._l1_norm(params) - self._ridge(params, F.shape[0], gate)
 
     def _mstep(self, data, R, params, state, gate, n_steps=1):
         F, Z, y = data
@@ -388,12 +442,23 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
 
     def _fit_em_single_thread(self, X, y):
         self._check_params()
+        X = self._standardise(X)
         n = X.shape[0]
         if n < self.n_experts:
             raise ValueError(
                 f"n_samples={n} is fewer than n_experts={self.n_experts}: a mixture needs at least "
                 "one sample per expert"
             )
+        need = MIN_SAMPLES_PER_EXPERT * self.n_experts
+        if n < need:
+            # Far more experts than the data supports runs EM for minutes (100 experts on
+            # 300 rows: 217 s) to fit noise; refuse it before any work.
+            raise ValueError(
+                f"n_experts={self.n_experts} is more than n_samples={n} can support: a mixture needs "
+                f"at least {MIN_SAMPLES_PER_EXPERT} samples per expert ({need} here). Use n_experts <= "
+                f"{max(1, n // MIN_SAMPLES_PER_EXPERT)}, or choose it with gatedmoe.stats.select_n_experts"
+            )
+        self._warn_support(n, X.shape[1])
         rng = check_random_state(self.random_state)
         F, Z = self._gate.design(X), em.add_intercept(X)
         data = (F, Z, y)
@@ -426,11 +491,12 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
                 ConvergenceWarning,
                 stacklevel=3,
             )
+        self._set_fitted(best.params)
         if self._gate.k == 1:
             # Top-1: g is the indicator of the largest logit, unchanged when W is scaled by
             # any c > 0 (the continuation would otherwise leave an arbitrary, large scale).
-            best.params["W"] = best.params["W"] / max(np.abs(best.params["W"]).max(), 1e-300)
-        self._set_fitted(best.params)
+            c = max(float(np.abs(self._gate_W()).max()), 1e-300)
+            self.gate_coef_, self.gate_intercept_ = self.gate_coef_ / c, self.gate_intercept_ / c
         self.converged_ = best.converged
         self.n_iter_ = best.n_iter
         self.lower_bound_ = best.objective

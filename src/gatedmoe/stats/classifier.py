@@ -12,7 +12,7 @@ from sklearn.utils.validation import column_or_1d, validate_data
 
 from gatedmoe.stats import em
 from gatedmoe.stats._base import _BaseMoE
-from gatedmoe.stats.gating import canonical_gate_name, log_softmax_rows
+from gatedmoe.stats.gating import log_softmax_rows
 
 __all__ = ["MoEClassifier"]
 
@@ -83,6 +83,8 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
                          random_state=random_state, warm_start=warm_start)
         self.l2 = l2
 
+    _DESIGN_AXES = (("W", 0), ("V", 1))
+
     def fit(self, X, y):
         """Fit by EM. ``X`` ``[N, P]`` numeric, ``y`` ``[N]`` class labels. Returns self."""
         X, y = validate_data(self, X, y, dtype=np.float64)
@@ -92,14 +94,7 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
         self.classes_, codes = np.unique(y, return_inverse=True)
         if self.classes_.size < 2:
             raise ValueError(f"MoEClassifier needs at least 2 classes in y; got 1 class ({self.classes_[0]!r})")
-        # Standardise (the gate and the ridge then see comparable coefficients); parameters
-        # are mapped back to the original scale in _set_fitted.
-        self._shift, self._scale = np.zeros(X.shape[1]), np.ones(X.shape[1])
-        if canonical_gate_name(self.gate) != "modified_softmax":
-            scale = X.std(axis=0)
-            self._shift = X.mean(axis=0)
-            self._scale = np.where(scale > 1e-12 * (1.0 + np.abs(self._shift)), scale, 1.0)
-        return self._fit_em((X - self._shift) / self._scale, codes)
+        return self._fit_em(X, codes)
 
     # ----------------------------------------------------------------- family hooks
     def _kmeans_target(self, codes):
@@ -129,33 +124,13 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
     def _l2(self):
         return 0.0 if self.penalty == "l1" else float(self.l2)
 
-    def _gate_l2(self):
+    def _gate_ridge(self):
         # Unpenalised, the gate overfits small data as the experts do (it can separate the
         # training rows perfectly); the same ridge on its coefficients.
-        return self._l2() if self._gate.n_free(self.n_experts) < self.n_experts else 0.0
+        return self._l2()
 
-    def _ridge(self, params, n):
-        W = params["W"][:-1, : self._gate.n_free(self.n_experts)]
-        return 0.5 * (self._l2() * float((params["V"][:, :-1] ** 2).sum()) + self._gate_l2() * float((W**2).sum())) / n
-
-    def _rescale(self, params, to_original):
-        """Map parameters between standardised and original features: a logit
-        ``b . (x - m) / s + c`` is ``(b / s) . x + c - (b / s) . m``."""
-        out = dict(params)
-        for key, axis in (("W", 0), ("V", 1)):
-            A = np.moveaxis(params[key], axis, 0).copy()
-            scale = self._scale.reshape((-1,) + (1,) * (A.ndim - 1))
-            if to_original:
-                A[:-1] /= scale
-                A[-1] -= np.tensordot(self._shift, A[:-1], axes=1)
-            else:
-                A[-1] += np.tensordot(self._shift, A[:-1], axes=1)
-                A[:-1] *= scale
-            out[key] = np.moveaxis(A, 0, axis)
-        return out
-
-    def _start_params_from_fitted(self):
-        return self._rescale(self._params_from_fitted(), to_original=False)
+    def _expert_ridge(self, params):
+        return 0.5 * self._l2() * float((params["V"][:, :-1] ** 2).sum())
 
     def _expert_l1(self, params):
         return np.abs(params["V"][:, :-1]).sum()

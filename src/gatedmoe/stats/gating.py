@@ -315,8 +315,8 @@ class SigmoidGate(StatsGate):
     def mstep(self, F_NQ, R_NE, W_QE, n_steps=1, log_expert_NE=None, l2=0.0):
         n_free = self.n_free(W_QE.shape[1])
         if log_expert_NE is not None:
-            return em.observed_lbfgs_gate(F_NQ, W_QE, n_free, self, log_expert_NE, maxiter=10 * n_steps)[0]
-        return em.lbfgs_gate(F_NQ, R_NE, W_QE, n_free, self, maxiter=10 * n_steps)[0]
+            return em.observed_lbfgs_gate(F_NQ, W_QE, n_free, self, log_expert_NE, maxiter=10 * n_steps, l2=l2)[0]
+        return em.lbfgs_gate(F_NQ, R_NE, W_QE, n_free, self, maxiter=10 * n_steps, l2=l2)[0]
 
     def observed_step(self):
         # As for the top-K softmax: Q cannot move a selection, the observed likelihood can.
@@ -379,7 +379,7 @@ class SmoothedTopKGate(StatsGate):
         return expected_log(targets_NE, logg_NE), grad_NE
 
     def mstep(self, F_NQ, R_NE, W_QE, n_steps=1, log_expert_NE=None, l2=0.0):
-        return em.lbfgs_gate(F_NQ, R_NE, W_QE, self.n_free(W_QE.shape[1]), self, maxiter=10 * n_steps)[0]
+        return em.lbfgs_gate(F_NQ, R_NE, W_QE, self.n_free(W_QE.shape[1]), self, maxiter=10 * n_steps, l2=l2)[0]
 
 
 # The table: canonical name (as in `gatedmoe.gates.names()`) -> entry.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
+import warnings
+
 import numpy as np
 from sklearn.base import RegressorMixin
 from sklearn.utils import check_random_state
@@ -11,6 +14,9 @@ from gatedmoe.stats import em
 from gatedmoe.stats._base import _BaseMoE
 
 __all__ = ["MoERegressor"]
+
+# Default ridge on the gate coefficients (standardised features, total log-likelihood scale).
+GATE_L2 = 0.1
 
 
 class MoERegressor(RegressorMixin, _BaseMoE):
@@ -43,6 +49,13 @@ class MoERegressor(RegressorMixin, _BaseMoE):
         p >> n.
     alpha : float, default=0.0
         Strength of the L1 penalty, on the per-sample log-likelihood scale.
+    l2 : float, default=0.1
+        Ridge ``l2/2 ||beta_e||^2`` on the gate's coefficients (not its intercepts; the
+        experts are not penalised), on the total log-likelihood scale and the standardised
+        features. A gate that separates the experts perfectly (a sharp boundary) has no
+        finite maximum-likelihood estimate: unpenalised, its coefficients grow without
+        end and EM crawls; the ridge keeps them finite at a cost of ``O(1/n)`` per sample.
+        ``l2=0`` is the plain MLE; ignored by top-1 gates (scale-free) and ``penalty="l1"``.
     n_init : int, default=3
         Starts; the best likelihood is kept. Each start that ends with a duplicated or
         empty expert is re-seeded on the worst-explained samples (kept if better).
@@ -61,6 +74,11 @@ class MoERegressor(RegressorMixin, _BaseMoE):
     warm_start : bool, default=False
         Start from the previous fit's parameters (``n_init`` is then ignored) when their
         shapes fit the new data.
+
+    ``fit`` standardises the features internally (the penalties, k-means and the Newton
+    steps see standardised coefficients, so features in any units fit alike) and reports
+    every coefficient on the original scale; not for ``gate="modified_softmax"``, whose
+    ``tanh(x)`` depends on the scale of ``x``.
 
     Attributes
     ----------
@@ -85,12 +103,41 @@ class MoERegressor(RegressorMixin, _BaseMoE):
     True
     """
 
+    _DESIGN_AXES = (("W", 0), ("A", 0))
+
+    def __init__(
+        self,
+        n_experts=3,
+        gate="softmax",
+        k=None,
+        temperature=1.0,
+        penalty=None,
+        alpha=0.0,
+        l2=GATE_L2,
+        n_init=3,
+        max_iter=100,
+        tol=1e-6,
+        init="kmeans",
+        init_subsample=5000,
+        random_state=None,
+        warm_start=False,
+    ):
+        super().__init__(n_experts=n_experts, gate=gate, k=k, temperature=temperature, penalty=penalty, alpha=alpha,
+                         n_init=n_init, max_iter=max_iter, tol=tol, init=init, init_subsample=init_subsample,
+                         random_state=random_state, warm_start=warm_start)
+        self.l2 = l2
+
     def fit(self, X, y):
         """Fit by EM. ``X`` ``[N, P]`` numeric, ``y`` ``[N]`` numeric. Returns self."""
         X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
+        if isinstance(self.l2, bool) or not isinstance(self.l2, numbers.Real) or not self.l2 >= 0:
+            raise ValueError(f"l2 must be a number >= 0, got {self.l2!r}")
         self._var_floor = 1e-6 * float(np.var(y)) + 1e-12
         return self._fit_em(X, y)
+
+    def _gate_ridge(self):
+        return float(self.l2)
 
     # ----------------------------------------------------------------- family hooks
     def _kmeans_target(self, y):
@@ -130,7 +177,19 @@ class MoERegressor(RegressorMixin, _BaseMoE):
         gap = np.mean((Z @ (A[:, e] - A[:, f])) ** 2) / (0.5 * (var[e] + var[f]))
         return gap < 1e-2 and abs(np.log(var[e] / var[f])) < 0.2
 
+    def _warn_support(self, n_samples, n_features):
+        q = n_features + 2
+        if self._alpha == 0 and n_samples < q * self.n_experts:
+            warnings.warn(
+                f"{self.n_experts} Gaussian linear experts have n_features + 2 = {q} parameters each, "
+                f"more than the {n_samples} samples can determine ({q * self.n_experts} needed): the "
+                "experts will interpolate. Use penalty='l1' with alpha > 0, or fewer experts",
+                UserWarning,
+                stacklevel=5,
+            )
+
     def _set_fitted(self, params):
+        params = self._rescale(params, to_original=True)
         self.gate_coef_ = params["W"][:-1].T.copy()
         self.gate_intercept_ = params["W"][-1].copy()
         self.expert_coef_ = params["A"][:-1].T.copy()
