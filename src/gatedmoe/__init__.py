@@ -24,6 +24,7 @@ _LAZY = {
     "MoEConfig": "gatedmoe.layers.config",
     "SharedExperts": "gatedmoe.layers.moe",
     "aux_loss": "gatedmoe.layers.moe",
+    "balance_step": "gatedmoe.layers.moe",
     "ExpertBank": "gatedmoe.experts.bank",
     "Routing": "gatedmoe.routing",
     "TritonOptions": "gatedmoe.dispatch.options",
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from gatedmoe.layers.moe import MoE as MoE
     from gatedmoe.layers.moe import SharedExperts as SharedExperts
     from gatedmoe.layers.moe import aux_loss as aux_loss
+    from gatedmoe.layers.moe import balance_step as balance_step
     from gatedmoe.routing import Routing as Routing
 
 
