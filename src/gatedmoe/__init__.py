@@ -27,6 +27,7 @@ _LAZY = {
     "balance_step": "gatedmoe.layers.moe",
     "ExpertBank": "gatedmoe.experts.bank",
     "Routing": "gatedmoe.routing",
+    "RouterReplay": "gatedmoe.replay",
     "TritonOptions": "gatedmoe.dispatch.options",
 }
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from gatedmoe.layers.moe import SharedExperts as SharedExperts
     from gatedmoe.layers.moe import aux_loss as aux_loss
     from gatedmoe.layers.moe import balance_step as balance_step
+    from gatedmoe.replay import RouterReplay as RouterReplay
     from gatedmoe.routing import Routing as Routing
 
 
