@@ -18,7 +18,12 @@ from gatedmoe.experts.activations import Activation, ExpandedGatedActivation, ge
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.gates.base import Gate
 from gatedmoe.layers.config import MoEConfig
-from gatedmoe.losses import global_batch_balance_loss, load_balance_loss, router_z_loss, sequence_balance_loss
+from gatedmoe.losses import (
+    global_batch_balance_loss,
+    load_balance_loss,
+    router_z_loss,
+    sequence_balance_loss,
+)
 from gatedmoe.routing import Routing
 from gatedmoe.transient import TransientState
 

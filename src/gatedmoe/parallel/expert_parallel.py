@@ -62,10 +62,14 @@ def local_expert_range(n_experts: int, world_size: int, rank: int) -> range:
 def _shard_bank(bank: ExpertBank, experts: range) -> ExpertBank:
     """A new `ExpertBank` holding copies of ``bank``'s experts ``experts``."""
     local = ExpertBank(len(experts), bank.d_model, bank.d_hidden, bank.act.name, bank.has_bias)
+    if bank.lora is not None:
+        local.add_lora(bank.lora.rank, bank.lora.alpha, freeze_base=False)
+        local.lora.merged = bank.lora.merged
     local = local.to(device=bank.w_in.device, dtype=bank.w_in.dtype)
     with torch.no_grad():
         for name, p in local.named_parameters():
-            p.copy_(getattr(bank, name)[experts.start : experts.stop])
+            p.copy_(bank.get_parameter(name)[experts.start : experts.stop])
+            p.requires_grad_(bank.get_parameter(name).requires_grad)
     return local
 
 
