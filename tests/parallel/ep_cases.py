@@ -357,6 +357,41 @@ def balance_job(world_size: int, rank: int) -> dict[str, Any]:
     return run_balance(ep, list(balance_inputs(world_size)[:, rank]))
 
 
+# ----------------------------------------------------------------------------- checkpoints
+CKPT_KWARGS = {"k": 2, "n_shared_experts": 1}
+
+
+def ckpt_moe(seed: int) -> MoE:
+    torch.manual_seed(seed)
+    return MoE(D, E, H, **CKPT_KWARGS)
+
+
+def ckpt_input(rank: int) -> torch.Tensor:
+    return torch.randn(5, D, generator=torch.Generator().manual_seed(4000 + rank))
+
+
+def checkpoint_job(world_size: int, rank: int, out_dir: str) -> dict[str, Any]:
+    """On 4 ranks: 4 -> 2 (the world saves, ranks 0-1 load into a 2-rank layer built from
+    other weights) and 2 -> 4 (ranks 0-1 save, the world loads). Returns the outputs of the
+    loaded layers on this rank's tokens."""
+    from gatedmoe.parallel import shard_experts
+    from gatedmoe.parallel.checkpoint import load_expert_parallel, save_expert_parallel
+
+    pair = dist.new_group([0, 1], backend="gloo")
+    out: dict[str, Any] = {}
+    save_expert_parallel(shard_experts(ckpt_moe(20)), os.path.join(out_dir, "ckpt_w4"))
+    if rank < 2:
+        two = shard_experts(ckpt_moe(99), pair)
+        load_expert_parallel(two, os.path.join(out_dir, "ckpt_w4"), process_group=pair)
+        out["4to2"] = two(ckpt_input(rank)).detach()
+        save_expert_parallel(shard_experts(ckpt_moe(21), pair), os.path.join(out_dir, "ckpt_w2"), process_group=pair)
+    dist.barrier()
+    four = shard_experts(ckpt_moe(98))
+    load_expert_parallel(four, os.path.join(out_dir, "ckpt_w2"))
+    out["2to4"] = four(ckpt_input(rank)).detach()
+    return out
+
+
 # ----------------------------------------------------------------------------- spawning
 def free_port() -> int:
     with socket.socket() as s:
@@ -378,6 +413,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, names: list[str
             results["fsdp2"] = fsdp2_job(world_size, rank)
         results["direct"] = direct_constructor_check()
         results["balance"] = balance_job(world_size, rank)
+        if world_size == 4:
+            results["checkpoint"] = checkpoint_job(world_size, rank, out_dir)
         results["mixed_input_grad"] = run_case_on_rank(CASES["topk2"], world_size, rank, input_grad=rank == 0)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ep_cases import CASES, E, balance_inputs, build_balance_moe, ddp_reference, reference, run_balance
+from ep_cases import (
+    CASES,
+    E,
+    balance_inputs,
+    build_balance_moe,
+    ckpt_input,
+    ckpt_moe,
+    ddp_reference,
+    reference,
+    run_balance,
+)
 
 from gatedmoe import MoE
 from gatedmoe.parallel import shard_experts
@@ -148,3 +158,15 @@ def test_global_batch_balance_sees_global_counts(runs):
     for r in range(W):
         assert_close(f"bias rank {r}", ref["bias"], fast[r]["bias"])
     assert ref["bias"].abs().sum() > 0
+
+
+def test_checkpoint_reshards_between_world_sizes(runs_w4):
+    """torch.distributed.checkpoint: saved on 4 ranks and loaded on 2, saved on 2 and loaded
+    on 4 (into layers built from other weights): the outputs are the saved model's."""
+    W, per_rank = runs_w4
+    for r in range(W):
+        x = ckpt_input(r)
+        fast = per_rank[r]["checkpoint"]
+        if r < 2:
+            assert_close(f"4->2 y rank {r}", ckpt_moe(20)(x).detach(), fast["4to2"])
+        assert_close(f"2->4 y rank {r}", ckpt_moe(21)(x).detach(), fast["2to4"])
