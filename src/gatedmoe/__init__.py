@@ -24,8 +24,10 @@ _LAZY = {
     "MoEConfig": "gatedmoe.layers.config",
     "SharedExperts": "gatedmoe.layers.moe",
     "aux_loss": "gatedmoe.layers.moe",
+    "balance_step": "gatedmoe.layers.moe",
     "ExpertBank": "gatedmoe.experts.bank",
     "Routing": "gatedmoe.routing",
+    "RouterReplay": "gatedmoe.replay",
     "TritonOptions": "gatedmoe.dispatch.options",
 }
 
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
     from gatedmoe.layers.moe import MoE as MoE
     from gatedmoe.layers.moe import SharedExperts as SharedExperts
     from gatedmoe.layers.moe import aux_loss as aux_loss
+    from gatedmoe.layers.moe import balance_step as balance_step
+    from gatedmoe.replay import RouterReplay as RouterReplay
     from gatedmoe.routing import Routing as Routing
 
 

@@ -38,6 +38,10 @@ class Routing:
         The gate's raw scores, for the router z-loss.
     n_dropped : int
         Assignments removed by :meth:`drop_over_capacity` (0 if none was applied).
+    before_capacity : Routing or None
+        The routing as the gate chose it, before :meth:`drop_over_capacity` (None when no
+        capacity was applied). Load-balancing losses count these assignments by default,
+        as the Switch paper does (`gatedmoe.losses.expert_fractions`).
 
     Build one with :meth:`from_topk` (token choice) or :meth:`from_assignments` (any list
     of pairs, e.g. expert choice or a variable number of experts per token).
@@ -58,6 +62,7 @@ class Routing:
     probs: Tensor | None = None
     logits: Tensor | None = None
     n_dropped: int = 0
+    before_capacity: Routing | None = None
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -157,6 +162,12 @@ class Routing:
         out = torch.zeros(self.n_tokens, self.n_experts, dtype=self.weight.dtype, device=self.weight.device)
         return out.index_put((self.token, self.expert), self.weight, accumulate=True)
 
+    @property
+    def routed(self) -> Routing:
+        """The assignments the gate chose: `before_capacity` if a capacity dropped some,
+        else ``self``."""
+        return self if self.before_capacity is None else self.before_capacity
+
     def experts_per_token(self) -> Tensor:
         """Number of assignments each token received, ``[T]`` int64 (0 for dropped tokens)."""
         return torch.bincount(self.token, minlength=self.n_tokens)
@@ -212,6 +223,7 @@ class Routing:
             weight=self.weight[idx],
             counts=torch.clamp(self.counts, max=capacity),
             n_dropped=self.n_dropped + int(N - int(keep.sum())),
+            before_capacity=self.routed,
         )
         return kept
 
@@ -229,6 +241,7 @@ class Routing:
             counts=self.counts.to(device),
             probs=mv(self.probs),
             logits=mv(self.logits),
+            before_capacity=None if self.before_capacity is None else self.before_capacity.to(device),
         )
 
     # ------------------------------------------------------------------ checks

@@ -54,3 +54,17 @@ def test_tabular_moe_carries_its_moe_config():
         TabularMoE(5, 2, moe=cfg, k=2)
     with pytest.raises(ValueError, match="d_model"):
         TabularMoE(5, 2, d_model=0)
+
+
+def test_train_tabular_closes_each_step_for_step_wise_balancing():
+    """The trainer calls `gatedmoe.balance_step` after each optimizer step: a step-wise
+    bias moves, and global-batch counts never outlive their step."""
+    from gatedmoe import MoE
+
+    wine = load_tabular("wine")
+    model = TabularMoE(13, 3, d_model=16, d_hidden=16, gate="sigmoid", k=1, bias_update_rate=0.01,
+                       bias_update_every="step", load_balance_scope="global_batch")
+    train_tabular(model, wine.split(), "classification", steps=3, batch_size=16, eval_every=3, progress=False)
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    assert moe.gate.balancer.bias.abs().sum() > 0 and moe.gate.balancer.pending is None
+    assert moe._step_counts is None

@@ -27,3 +27,9 @@ def runs_w2(tmp_path_factory):
     """The W=2 results alone (the data-parallel checks run there only: DDP and FSDP2
     import torch._dynamo on construction, seconds of CPU per process)."""
     return 2, _results(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def runs_w4(tmp_path_factory):
+    """The W=4 results alone (checkpoint resharding: ranks 0-1 also form a 2-rank group)."""
+    return 4, _results(4, tmp_path_factory)

@@ -311,6 +311,87 @@ def fsdp2_job(world_size: int, rank: int) -> dict[str, Any]:
     return {"y": y.detach(), "x_grad": x.grad, "param_grads": param_grads}
 
 
+# ----------------------------------------------------------------------------- balancing
+BALANCE_TOKENS, BALANCE_STEPS = 6, 3  # tokens per rank per micro-batch; micro-batches run
+
+
+def build_balance_moe() -> MoE:
+    """Global-batch balance loss and step-wise bias balancing on one layer."""
+    torch.manual_seed(11)
+    return MoE(
+        D, E, H, k=2, gate="sigmoid", bias_update_rate=0.1, bias_update_every="step",
+        load_balance_scope="global_batch", load_balance_weight=1.0, router_z_weight=0.0,
+    )
+
+
+def balance_inputs(world_size: int) -> torch.Tensor:
+    """Tokens ``[micro-batch, rank, T, D]``; every rank has the same number (so the mean of
+    the ranks' losses is the one-process loss on all of them)."""
+    g = torch.Generator().manual_seed(3000)
+    return torch.randn(BALANCE_STEPS, world_size, BALANCE_TOKENS, D, generator=g)
+
+
+def run_balance(moe: MoE, xs: list[torch.Tensor]) -> dict[str, Any]:
+    """Micro-batches 0 and 1 form one optimizer step (gradient accumulation), then
+    `balance_step`; micro-batch 2 starts the next step. Returns each micro-batch's balance
+    loss, routed counts and router probabilities, and the bias after the step."""
+    from gatedmoe import balance_step
+
+    out: dict[str, Any] = {"loss": [], "counts": [], "probs": []}
+    for j, x in enumerate(xs):
+        y = moe(x)
+        (y.square().mean() + aux_loss(moe)).backward()
+        out["loss"].append(moe.aux_losses["load_balance"].detach())
+        out["counts"].append(moe.last_routing.counts)
+        out["probs"].append(moe.last_routing.probs.detach())
+        if j == 1:
+            balance_step(moe)
+            out["bias"] = moe.gate.balancer.bias.clone()
+    return out
+
+
+def balance_job(world_size: int, rank: int) -> dict[str, Any]:
+    from gatedmoe.parallel import shard_experts
+
+    ep = shard_experts(build_balance_moe()).train()
+    return run_balance(ep, list(balance_inputs(world_size)[:, rank]))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+CKPT_KWARGS = {"k": 2, "n_shared_experts": 1}
+
+
+def ckpt_moe(seed: int) -> MoE:
+    torch.manual_seed(seed)
+    return MoE(D, E, H, **CKPT_KWARGS)
+
+
+def ckpt_input(rank: int) -> torch.Tensor:
+    return torch.randn(5, D, generator=torch.Generator().manual_seed(4000 + rank))
+
+
+def checkpoint_job(world_size: int, rank: int, out_dir: str) -> dict[str, Any]:
+    """On 4 ranks: 4 -> 2 (the world saves, ranks 0-1 load into a 2-rank layer built from
+    other weights) and 2 -> 4 (ranks 0-1 save, the world loads). Returns the outputs of the
+    loaded layers on this rank's tokens."""
+    from gatedmoe.parallel import shard_experts
+    from gatedmoe.parallel.checkpoint import load_expert_parallel, save_expert_parallel
+
+    pair = dist.new_group([0, 1], backend="gloo")
+    out: dict[str, Any] = {}
+    save_expert_parallel(shard_experts(ckpt_moe(20)), os.path.join(out_dir, "ckpt_w4"))
+    if rank < 2:
+        two = shard_experts(ckpt_moe(99), pair)
+        load_expert_parallel(two, os.path.join(out_dir, "ckpt_w4"), process_group=pair)
+        out["4to2"] = two(ckpt_input(rank)).detach()
+        save_expert_parallel(shard_experts(ckpt_moe(21), pair), os.path.join(out_dir, "ckpt_w2"), process_group=pair)
+    dist.barrier()
+    four = shard_experts(ckpt_moe(98))
+    load_expert_parallel(four, os.path.join(out_dir, "ckpt_w2"))
+    out["2to4"] = four(ckpt_input(rank)).detach()
+    return out
+
+
 # ----------------------------------------------------------------------------- spawning
 def free_port() -> int:
     with socket.socket() as s:
@@ -331,6 +412,9 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, names: list[str
             results["ddp"] = ddp_job(world_size, rank)
             results["fsdp2"] = fsdp2_job(world_size, rank)
         results["direct"] = direct_constructor_check()
+        results["balance"] = balance_job(world_size, rank)
+        if world_size == 4:
+            results["checkpoint"] = checkpoint_job(world_size, rank, out_dir)
         results["mixed_input_grad"] = run_case_on_rank(CASES["topk2"], world_size, rank, input_grad=rank == 0)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()

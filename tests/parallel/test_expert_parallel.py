@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ep_cases import CASES, E, ddp_reference, reference
+from ep_cases import (
+    CASES,
+    E,
+    balance_inputs,
+    build_balance_moe,
+    ckpt_input,
+    ckpt_moe,
+    ddp_reference,
+    reference,
+    run_balance,
+)
 
 from gatedmoe import MoE
 from gatedmoe.parallel import shard_experts
@@ -124,3 +134,39 @@ def test_composes_with_data_parallel(runs_w2, wrapper):
                 assert_close(f"DDP-synced grad {n}", fast[0]["param_grads"][n], f["param_grads"][n])
             fast_g = fast[0]["param_grads"][n]
         assert_close(f"grad {n}", ref_g, fast_g)
+
+
+def test_global_batch_balance_sees_global_counts(runs):
+    """``load_balance_scope="global_batch"`` and ``bias_update_every="step"`` under expert
+    parallelism: each rank's loss takes f from the counts of every rank and of the step's
+    micro-batches so far, P from its own tokens; the mean over ranks is the one-process
+    loss on all ranks' tokens, and the bias after `balance_step` is the one-process bias."""
+    W, per_rank = runs
+    fast = [r["balance"] for r in per_rank]
+    ref = run_balance(build_balance_moe().train(), list(balance_inputs(W).flatten(1, 2)))
+    step_counts = torch.zeros(E, dtype=torch.long)
+    for j in range(3):
+        if j == 2:  # balance_step after micro-batch 1 started a new step
+            step_counts.zero_()
+        step_counts += ref["counts"][j]
+        assert_close(f"counts {j}", ref["counts"][j], sum(f["counts"][j] for f in fast))
+        f_E = step_counts.double() / step_counts.sum()
+        for r in range(W):
+            P_E = ref["probs"][j].double().unflatten(0, (W, -1))[r].mean(0)
+            assert_close(f"loss {j} rank {r} by hand", E * (f_E * P_E).sum(), fast[r]["loss"][j].double(), torch.float32)
+        assert_close(f"mean loss {j}", ref["loss"][j], torch.stack([f["loss"][j] for f in fast]).mean())
+    for r in range(W):
+        assert_close(f"bias rank {r}", ref["bias"], fast[r]["bias"])
+    assert ref["bias"].abs().sum() > 0
+
+
+def test_checkpoint_reshards_between_world_sizes(runs_w4):
+    """torch.distributed.checkpoint: saved on 4 ranks and loaded on 2, saved on 2 and loaded
+    on 4 (into layers built from other weights): the outputs are the saved model's."""
+    W, per_rank = runs_w4
+    for r in range(W):
+        x = ckpt_input(r)
+        fast = per_rank[r]["checkpoint"]
+        if r < 2:
+            assert_close(f"4->2 y rank {r}", ckpt_moe(20)(x).detach(), fast["4to2"])
+        assert_close(f"2->4 y rank {r}", ckpt_moe(21)(x).detach(), fast["2to4"])

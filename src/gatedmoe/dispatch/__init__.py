@@ -34,10 +34,17 @@ __all__ = [
 
 DispatchFn = Callable[..., Tensor]
 log = logging.getLogger(__name__)
+_lora_fallback_logged: list[bool] = []
 
 
 
 def _triton_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, options: TritonOptions | None = None) -> Tensor:
+    if experts.active_lora is not None:
+        # The fused kernels have no adapter term yet: run the grouped path, said once.
+        if not _lora_fallback_logged:
+            _lora_fallback_logged.append(True)
+            log.warning("triton dispatch: unmerged LoRA adapters are not fused yet; using the grouped path")
+        return grouped_dispatch(x_TD, routing, experts, options)
     # Imported on first use: importing Triton costs time and is only useful on CUDA.
     from gatedmoe.dispatch.triton import triton_dispatch
 

@@ -69,6 +69,14 @@ def grouped_mm(a_ND: Tensor, b_EKM: Tensor, offsets_E: Tensor) -> Tensor:
     return torch.cat(pieces, 0)
 
 
+def _lora_product(a_NK: Tensor, A_ERK: Tensor, B_EMR: Tensor, scale: float, offsets_E: Tensor) -> Tensor:
+    """``s * (a A_e^T) B_e^T`` per expert group, as two grouped products (rank R in the
+    middle: the ``[M, K]`` product ``B_e A_e`` is never formed)."""
+    dtype = a_NK.dtype
+    z_NR = grouped_mm(a_NK, A_ERK.to(dtype).transpose(-2, -1), offsets_E)
+    return scale * grouped_mm(z_NR, B_EMR.to(dtype).transpose(-2, -1), offsets_E)
+
+
 def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, options: object = None) -> Tensor:
     """Execute ``routing`` over ``experts`` with grouped GEMMs; same contract as
     `gatedmoe.dispatch.reference.reference_dispatch`.
@@ -76,16 +84,22 @@ def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, option
     Output dtype is ``x_TD.dtype``; expert weights are cast to it if they differ. Each
     token's weighted expert outputs are summed in float32 (float64 for float64 input).
     ``options`` is accepted for the shared backend signature and unused: options of another
-    backend reach here when ``backend="auto"`` falls back to grouped.
+    backend reach here when ``backend="auto"`` falls back to grouped. Unmerged LoRA adapters
+    of the bank (`ExpertBank.add_lora`) run as grouped products beside each weight's.
     """
     dtype = x_TD.dtype
     offsets_E = routing.offsets
+    lora = experts.active_lora
     xs_ND = x_TD.index_select(0, routing.token)
     h_NH = grouped_mm(xs_ND, experts.w_in.to(dtype).transpose(-2, -1), offsets_E)
+    if lora is not None:
+        h_NH = h_NH + _lora_product(xs_ND, lora.A_in, lora.B_in, lora.scale, offsets_E)
     if experts.b_in is not None:
         h_NH = h_NH + experts.b_in.to(dtype).index_select(0, routing.expert)
     a_NH = experts.act(h_NH)
     o_ND = grouped_mm(a_NH, experts.w_out.to(dtype).transpose(-2, -1), offsets_E)
+    if lora is not None:
+        o_ND = o_ND + _lora_product(a_NH, lora.A_out, lora.B_out, lora.scale, offsets_E)
     if experts.b_out is not None:
         o_ND = o_ND + experts.b_out.to(dtype).index_select(0, routing.expert)
     # Weight in the weights' dtype and sum each token's k outputs in float32, rounding once to

@@ -63,11 +63,17 @@ def reference_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank) -> T
 
 
 def _expert_in_dtype(experts: ExpertBank, e: int, x_ND: Tensor, dtype: torch.dtype) -> Tensor:
-    """Expert e's forward with its weights upcast to ``dtype`` (gradients flow through)."""
-    h = x_ND @ experts.w_in[e].to(dtype).T
+    """Expert e's forward with its weights upcast to ``dtype`` (gradients flow through);
+    unmerged LoRA adapters add ``s B_e A_e`` to each weight."""
+    w_in, w_out = experts.w_in[e].to(dtype), experts.w_out[e].to(dtype)
+    lora = experts.active_lora
+    if lora is not None:
+        w_in = w_in + lora.scale * (lora.B_in[e].to(dtype) @ lora.A_in[e].to(dtype))
+        w_out = w_out + lora.scale * (lora.B_out[e].to(dtype) @ lora.A_out[e].to(dtype))
+    h = x_ND @ w_in.T
     if experts.b_in is not None:
         h = h + experts.b_in[e].to(dtype)
-    out = experts.act(h) @ experts.w_out[e].to(dtype).T
+    out = experts.act(h) @ w_out.T
     if experts.b_out is not None:
         out = out + experts.b_out[e].to(dtype)
     return out

@@ -8,5 +8,6 @@ from gatedmoe.experts.activations import (
     get_activation,
 )
 from gatedmoe.experts.bank import ExpertBank
+from gatedmoe.experts.lora import ExpertLoRA
 
-__all__ = ["ExpertBank", "Activation", "ExpandedGatedActivation", "ClampedSwiGLU", "get_activation", "activation_names"]
+__all__ = ["ExpertBank", "ExpertLoRA", "Activation", "ExpandedGatedActivation", "ClampedSwiGLU", "get_activation", "activation_names"]

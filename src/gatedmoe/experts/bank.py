@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from gatedmoe.experts.activations import Activation, ExpandedGatedActivation, get_activation
+from gatedmoe.experts.lora import ExpertLoRA
 
 __all__ = ["ExpertBank"]
 
@@ -63,6 +64,7 @@ class ExpertBank(nn.Module):
         self.w_out = nn.Parameter(torch.empty(n_experts, d_model, d_hidden))
         self.b_in = nn.Parameter(torch.zeros(n_experts, h_in)) if bias else None
         self.b_out = nn.Parameter(torch.zeros(n_experts, d_model)) if bias else None
+        self.lora: ExpertLoRA | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -78,12 +80,65 @@ class ExpertBank(nn.Module):
     def has_bias(self) -> bool:
         return self.b_in is not None
 
+    # ------------------------------------------------------------------ LoRA
+    @property
+    def active_lora(self) -> ExpertLoRA | None:
+        """The adapters, if attached and not merged into the weights (what dispatch adds)."""
+        return None if self.lora is None or self.lora.merged else self.lora
+
+    def add_lora(self, rank: int, alpha: float | None = None, freeze_base: bool = True) -> ExpertLoRA:
+        """Attach per-expert LoRA adapters (`gatedmoe.experts.lora.ExpertLoRA`) of ``rank``
+        on ``w_in`` and ``w_out``; with ``freeze_base`` (default) the bank's own weights and
+        biases stop requiring gradients. Returns the adapters (``self.lora``).
+
+        Examples
+        --------
+        >>> bank = ExpertBank(4, 16, 32)
+        >>> lora = bank.add_lora(rank=4)
+        >>> [n for n, p in bank.named_parameters() if p.requires_grad]
+        ['lora.A_in', 'lora.B_in', 'lora.A_out', 'lora.B_out']
+        """
+        if self.lora is not None:
+            raise ValueError("this bank already has LoRA adapters")
+        lora = ExpertLoRA(self.n_experts, self.d_model, self.w_in.shape[1], self.d_hidden, rank, alpha)
+        self.lora = lora.to(device=self.w_in.device, dtype=self.w_in.dtype)
+        if freeze_base:
+            for p in (self.w_in, self.w_out, self.b_in, self.b_out):
+                if p is not None:
+                    p.requires_grad_(False)
+        return self.lora
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """Fold the adapters into ``w_in`` and ``w_out`` (``W += s B A``): dispatch then runs
+        the plain bank at full speed (any backend). `unmerge_lora` undoes it."""
+        if self.lora is None or self.lora.merged:
+            raise ValueError("no unmerged LoRA adapters to merge")
+        self.w_in += self.lora.delta_in().to(self.w_in.dtype)
+        self.w_out += self.lora.delta_out().to(self.w_out.dtype)
+        self.lora.merged = True
+
+    @torch.no_grad()
+    def unmerge_lora(self) -> None:
+        """Take merged adapters out of the weights again (``W -= s B A``; exact up to rounding)."""
+        if self.lora is None or not self.lora.merged:
+            raise ValueError("no merged LoRA adapters to unmerge")
+        self.w_in -= self.lora.delta_in().to(self.w_in.dtype)
+        self.w_out -= self.lora.delta_out().to(self.w_out.dtype)
+        self.lora.merged = False
+
     def expert_forward(self, e: int, x_ND: Tensor) -> Tensor:
-        """Run expert ``e`` alone on rows ``x_ND`` (plain matmuls; used by the reference)."""
-        h = x_ND @ self.w_in[e].transpose(0, 1)
+        """Run expert ``e`` alone on rows ``x_ND`` (plain matmuls; used by the reference),
+        with its LoRA adapter's ``s B A`` added to each weight while unmerged."""
+        w_in, w_out = self.w_in[e], self.w_out[e]
+        lora = self.active_lora
+        if lora is not None:
+            w_in = w_in + lora.scale * (lora.B_in[e] @ lora.A_in[e])
+            w_out = w_out + lora.scale * (lora.B_out[e] @ lora.A_out[e])
+        h = x_ND @ w_in.transpose(0, 1)
         if self.b_in is not None:
             h = h + self.b_in[e]
-        out = self.act(h) @ self.w_out[e].transpose(0, 1)
+        out = self.act(h) @ w_out.transpose(0, 1)
         if self.b_out is not None:
             out = out + self.b_out[e]
         return out
@@ -93,7 +148,7 @@ class ExpertBank(nn.Module):
         h_in = self.w_in.shape[1]
         return 2 * self.d_model * h_in + 2 * self.d_hidden * self.d_model
 
-    def extra_repr(self) -> str:
+    def extra_repr(self) -> str:  # the adapters print as the submodule ``lora``
         return (
             f"n_experts={self.n_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
             f"activation={self.act.name!r}, bias={self.has_bias}"

@@ -68,7 +68,8 @@ class Gate(TransientState, nn.Module):
         """Give this token-choice gate a selection-only expert bias (Wang et al. 2024).
 
         The bias is added to the gate's selection scores, never to its combine weights,
-        and after each training forward moves by ``update_rate * sign(mean(c) - c_e)``.
+        and moves by ``update_rate * sign(mean(c) - c_e)`` after each training forward
+        (or once per optimizer step: ``balancer.every = "step"``, see `BiasBalancer`).
         Raises ValueError for gates that are not token choice (``token_choice=False``).
         Returns ``self``.
         """
@@ -85,9 +86,10 @@ class Gate(TransientState, nn.Module):
         return None if self.balancer is None else self.balancer.bias
 
     def update_bias_balancer(self, counts_E: Tensor) -> None:
-        """One balancer step from this forward's counts (training with grad only)."""
+        """Hand this forward's counts to the balancer (training with grad only): a step now
+        or at the optimizer step, as ``balancer.every`` says."""
         if self.balancer is not None and self.training and torch.is_grad_enabled():
-            self.balancer.update(counts_E)
+            self.balancer.observe(counts_E)
 
     def forward(self, x_TD: Tensor) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError

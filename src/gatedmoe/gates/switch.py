@@ -26,9 +26,9 @@ class SwitchGate(Gate):
     ``C = ceil(capacity_factor * T / E)`` tokens, earlier tokens first; the rest are
     dropped (they pass through the residual unchanged).
 
-    The layer's load-balancing loss (``E * sum_e f_e P_e``) reads this routing, so ``f_e``
-    counts tokens after dropping; to count before, set ``capacity_factor=None`` here and
-    pass ``capacity_factor`` to `gatedmoe.MoE` instead (same capacity for top-1).
+    The dropped routing keeps the routing before the drop (``Routing.before_capacity``), so
+    the layer's load-balancing loss (``E * sum_e f_e P_e``) counts the tokens routed to each
+    expert before capacity, as the paper does (``load_balance_count="kept"`` counts after).
 
     Sparse (top-1), selection not differentiable, balancing by auxiliary loss (or a
     selection bias via `attach_bias_balancer`). ``k`` is fixed at 1.

@@ -7,6 +7,8 @@
 * `multi_task.MultiTaskMoE`: shared experts, one gate per task (MMoE, DSelect-k multi-task).
 * `deep.DeepMoE`: stacked MoE layers, each with its own gate (Eigen et al. 2013).
 
+`upcycle` builds an `MoE` from a dense feed-forward (sparse and fine-grained upcycling).
+
 The variants take the layer's settings as one `MoEConfig` (``from_config``): `DeepMoE` and
 `MultiHeadMoE` build their layers with ``MoE.from_config``; `MultiTaskMoE` and `SoftMoE`
 build no `MoE` and use the config fields named in their ``honoured`` attribute, refusing

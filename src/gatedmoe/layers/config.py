@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gatedmoe.dispatch.options import TritonOptions
+from gatedmoe.gates.balancing import BALANCE_EVERY
+from gatedmoe.losses import COUNTS
 
-__all__ = ["MoEConfig"]
+__all__ = ["LOAD_BALANCE_SCOPES", "MoEConfig"]
+
+LOAD_BALANCE_SCOPES = ("micro_batch", "sequence", "global_batch")
 
 
 def _positive_int(name: str, v: object) -> None:
@@ -64,8 +68,20 @@ class MoEConfig:
         Options value of the Triton backend (scatter precision, kernel configs); None = its
         defaults. Refused with ``backend="grouped"``, which has none.
     load_balance_weight, router_z_weight : float
-        Weights of the Switch load-balancing loss (default 0.01) and ST-MoE router z-loss
+        Weights of the load-balancing loss (default 0.01) and ST-MoE router z-loss
         (default 0.001) in ``aux_losses``; 0 turns one off.
+    load_balance_scope : {"micro_batch", "sequence", "global_batch"}
+        Over which tokens the load-balancing loss counts and averages (`gatedmoe.losses`;
+        docs/training.md): "micro_batch" (default, Switch Transformers: this forward's
+        tokens), "sequence" (DeepSeek-V2/V3 sequence-wise loss: each sequence of the input
+        ``x [..., L, D]`` alone, averaged; a 2-D input is one sequence), "global_batch"
+        (Qwen, Qiu et al. 2025: expert frequencies summed over the layer's balance group of
+        ranks and over the micro-batches of the optimizer step so far; the probabilities
+        stay this forward's; call ``gatedmoe.balance_step(model)`` after each optimizer
+        step).
+    load_balance_count : {"routed", "kept"}
+        Whether the loss counts assignments as the gate routed them, before capacity drops
+        ("routed", default: the Switch paper's definition), or only those kept.
     check_inputs : bool
         Fail on NaN/inf in the input (default True): a ValueError on the CPU; on an
         accelerator a device-side assertion (no host sync: the step fails with a
@@ -75,6 +91,12 @@ class MoEConfig:
     bias_update_rate : float
         If > 0, attach auxiliary-loss-free bias balancing (Wang et al. 2024) to the gate
         with this update rate (token-choice gates only). Default 0: off.
+    bias_update_every : {"forward", "step"}
+        When the selection bias of a gate with a balancer moves: after each training
+        forward from its counts ("forward", default), or once per optimizer step from the
+        counts accumulated over its micro-batches and summed over the balance group's
+        ranks ("step", DeepSeek-V3; call ``gatedmoe.balance_step(model)`` after
+        ``optimizer.step()``).
 
     Examples
     --------
@@ -103,6 +125,9 @@ class MoEConfig:
     check_inputs: bool = True
     gate_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
     bias_update_rate: float = 0.0
+    load_balance_scope: str = "micro_batch"
+    load_balance_count: str = "routed"
+    bias_update_every: str = "forward"
 
     def __post_init__(self) -> None:
         # Imported here: the dispatch registry is cheap, but keep this module import-light.
@@ -134,6 +159,11 @@ class MoEConfig:
         _finite_nonneg("load_balance_weight", self.load_balance_weight)
         _finite_nonneg("router_z_weight", self.router_z_weight)
         _finite_nonneg("bias_update_rate", self.bias_update_rate)
+        for name, known in (
+            ("load_balance_scope", LOAD_BALANCE_SCOPES), ("load_balance_count", COUNTS), ("bias_update_every", BALANCE_EVERY)
+        ):
+            if getattr(self, name) not in known:
+                raise ValueError(f"{name} must be one of {known}, got {getattr(self, name)!r}")
         if not isinstance(self.gate_kwargs, Mapping):
             raise TypeError(f"gate_kwargs must be a mapping, got {type(self.gate_kwargs).__name__}")
         # A private copy, so a caller's later edits to its dict cannot change a frozen config.

@@ -18,11 +18,16 @@ from gatedmoe.experts.activations import Activation, ExpandedGatedActivation, ge
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.gates.base import Gate
 from gatedmoe.layers.config import MoEConfig
-from gatedmoe.losses import load_balance_loss, router_z_loss
+from gatedmoe.losses import (
+    global_batch_balance_loss,
+    load_balance_loss,
+    router_z_loss,
+    sequence_balance_loss,
+)
 from gatedmoe.routing import Routing
 from gatedmoe.transient import TransientState
 
-__all__ = ["MoE", "MoEConfig", "SharedExperts", "GatedSharedExperts", "aux_loss"]
+__all__ = ["MoE", "MoEConfig", "SharedExperts", "GatedSharedExperts", "aux_loss", "balance_step"]
 
 
 class SharedExperts(nn.Module):
@@ -102,8 +107,9 @@ class MoE(TransientState, nn.Module):
     **other settings
         ``k``, ``bias``, ``n_shared_experts``, ``d_shared_hidden``, ``capacity_factor``,
         ``capacity_priority``, ``backend``, ``backend_options``, ``load_balance_weight``,
-        ``router_z_weight``, ``check_inputs``, ``gate_kwargs``, ``bias_update_rate``: as
-        documented in `MoEConfig`, the one list of the layer's settings (``self.config``).
+        ``router_z_weight``, ``check_inputs``, ``gate_kwargs``, ``bias_update_rate``,
+        ``load_balance_scope``, ``load_balance_count``, ``bias_update_every``: as documented
+        in `MoEConfig`, the one list of the layer's settings (``self.config``).
 
     ``forward(x, token_ids=None)``: ``token_ids`` (int, shape ``x.shape[:-1]``) are passed
     to gates that route by token id (``gate.uses_token_ids``, e.g. "hash") and ignored
@@ -111,6 +117,11 @@ class MoE(TransientState, nn.Module):
 
     After each forward: ``last_routing`` (the executed `Routing`, after capacity) and
     ``aux_losses`` (dict of weighted loss tensors; sum them with `aux_loss`).
+
+    Balancing across ranks and micro-batches (``load_balance_scope="global_batch"``,
+    ``bias_update_every="step"``) sums counts over ``balance_group`` when one is set with
+    `set_balance_group` (`ExpertParallelMoE` sets its expert-parallel group); call
+    `balance_step` (or ``gatedmoe.balance_step(model)``) after each optimizer step.
 
     Examples
     --------
@@ -122,7 +133,7 @@ class MoE(TransientState, nn.Module):
     >>> same = MoE.from_config(moe.config)  # the same settings, fresh weights
     """
 
-    _transient = {"last_routing": None, "aux_losses": {}}
+    _transient = {"last_routing": None, "aux_losses": {}, "_step_counts": None}
 
     def __init__(
         self,
@@ -145,6 +156,9 @@ class MoE(TransientState, nn.Module):
         check_inputs: bool = True,
         gate_kwargs: dict[str, Any] | None = None,
         bias_update_rate: float = 0.0,
+        load_balance_scope: str = "micro_batch",
+        load_balance_count: str = "routed",
+        bias_update_every: str = "forward",
         experts: ExpertBank | None = None,
         shared: nn.Module | None = None,
     ) -> None:
@@ -169,7 +183,8 @@ class MoE(TransientState, nn.Module):
             capacity_factor=capacity_factor, capacity_priority=capacity_priority, backend=backend,
             backend_options=backend_options, load_balance_weight=load_balance_weight,
             router_z_weight=router_z_weight, check_inputs=check_inputs, gate_kwargs=gate_kwargs or {},
-            bias_update_rate=bias_update_rate,
+            bias_update_rate=bias_update_rate, load_balance_scope=load_balance_scope,
+            load_balance_count=load_balance_count, bias_update_every=bias_update_every,
         )
         self._build(config, gate_part, act_part, experts, shared)
 
@@ -226,6 +241,9 @@ class MoE(TransientState, nn.Module):
                 f"bias_update_rate={config.bias_update_rate} differs from the built gate's balancer "
                 f"(update_rate={balancer.update_rate})"
             )
+        balancer = getattr(self.gate, "balancer", None)
+        if balancer is not None:
+            balancer.every = config.bias_update_every
         if experts is None:
             experts = ExpertBank(
                 config.n_experts, config.d_model, config.d_hidden, act_part or config.activation, config.bias
@@ -245,6 +263,12 @@ class MoE(TransientState, nn.Module):
         self.shared = shared
         self.last_routing: Routing | None = None
         self.aux_losses: dict[str, Tensor] = {}
+        self.balance_group: Any = None
+        self.balance_distributed = False
+        # Sequence length of the input `forward` is routing (None outside forward).
+        self._seq_len: int | None = None
+        # Global-batch counts ``[E]`` of the optimizer step so far (load_balance_scope="global_batch").
+        self._step_counts: Tensor | None = None
 
     # Read-only views of the config, for the code and users that read them off the layer.
     d_model = property(lambda self: self.config.d_model)
@@ -279,10 +303,59 @@ class MoE(TransientState, nn.Module):
             # CUDA-graph capture); a device-side assertion fails the step without a sync.
             torch._assert_async(torch.isfinite(x).all(), "gatedmoe.MoE: x contains NaN or inf")
 
+    # ------------------------------------------------------------ balancing
+    def set_balance_group(self, group: Any = None) -> MoE:
+        """Sum balancing counts over the ranks of ``group`` (None = the world): the
+        global-batch loss's frequencies and the step-wise bias update's counts. Every rank
+        of the group must then run the same number of forwards and `balance_step` calls.
+        For data parallelism pass the data-parallel group (with expert parallelism too, the
+        group of every rank whose tokens form the global batch). Returns ``self``."""
+        self.balance_group = group
+        self.balance_distributed = True
+        return self
+
+    def balance_step(self) -> None:
+        """Close an optimizer step: the selection bias takes its step from the counts of the
+        step's micro-batches (``bias_update_every="step"``), and the global-batch counts
+        start again from zero. Call after ``optimizer.step()`` (see `balance_step`)."""
+        balancer = getattr(self.gate, "balancer", None)
+        if balancer is not None:
+            balancer.step(self.balance_group, self.balance_distributed)
+        self._step_counts = None
+
+    def _global_counts(self, counts_E: Tensor) -> Tensor:
+        """``counts_E`` summed over the balance group and, in training, added to the
+        counts of the optimizer step so far (the f of the global-batch loss)."""
+        counts_E = counts_E.detach().clone()
+        if self.balance_distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(counts_E, group=self.balance_group)
+        if not (self.training and torch.is_grad_enabled()):
+            return counts_E
+        if self._step_counts is not None:
+            counts_E = counts_E + self._step_counts
+        self._step_counts = counts_E
+        return counts_E
+
+    def balance_loss(self, routing: Routing) -> Tensor:
+        """The unweighted load-balancing loss of ``routing`` at the layer's
+        ``load_balance_scope`` and ``load_balance_count`` (`gatedmoe.losses`)."""
+        scope, count = self.config.load_balance_scope, self.config.load_balance_count
+        if scope == "sequence":
+            return sequence_balance_loss(routing, self._seq_len or max(routing.n_tokens, 1), count)
+        if scope == "global_batch":
+            counted = routing.routed if count == "routed" else routing
+            return global_batch_balance_loss(routing, self._global_counts(counted.counts))
+        return load_balance_loss(routing, count)
+
+    # ------------------------------------------------------------ seams
     def route(self, x_TD: Tensor, token_ids: Tensor | None = None) -> Routing:
         """Gate ``x_TD``, record auxiliary losses, apply capacity; returns the executed routing.
 
-        ``token_ids`` (``[T]`` or any shape with T elements) reach gates that use them.
+        ``token_ids`` (``[T]`` or any shape with T elements) reach gates that use them. The
+        sequence-scope loss takes its sequences from the input of `forward`
+        (``x [..., L, D]``); ``x_TD`` routed on its own is one sequence.
         """
         if self.gate.uses_token_ids:
             routing = self.gate(x_TD, token_ids=token_ids)
@@ -290,7 +363,7 @@ class MoE(TransientState, nn.Module):
             routing = self.gate(x_TD)
         losses: dict[str, Tensor] = {}
         if self.load_balance_weight and routing.probs is not None:
-            losses["load_balance"] = self.load_balance_weight * load_balance_loss(routing)
+            losses["load_balance"] = self.load_balance_weight * self.balance_loss(routing)
         if self.router_z_weight and routing.logits is not None:
             losses["router_z"] = self.router_z_weight * router_z_loss(routing)
         losses.update(self.gate.gate_losses)
@@ -313,7 +386,11 @@ class MoE(TransientState, nn.Module):
         if token_ids is not None and tuple(token_ids.shape) != tuple(x.shape[:-1]):
             raise ValueError(f"token_ids must have shape x.shape[:-1]={tuple(x.shape[:-1])}, got {tuple(token_ids.shape)}")
         x_TD = x.reshape(-1, self.d_model)
-        routing = self.route(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        self._seq_len = x.shape[-2] if x.dim() >= 3 else None
+        try:
+            routing = self.route(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        finally:
+            self._seq_len = None
         self.last_routing = routing
         y_TD = self.dispatch(x_TD, routing)
         if self.shared is not None:
@@ -347,6 +424,24 @@ def _check_experts_part(config: MoEConfig, experts: ExpertBank) -> None:
             "the built experts (n_experts, d_model, d_hidden, activation, bias) = "
             f"{theirs} differ from the config's {ours}"
         )
+
+
+def balance_step(model: nn.Module) -> None:
+    """Close an optimizer step for every `MoE` layer in ``model`` (`MoE.balance_step`):
+    step-wise bias updates happen, global-batch counts restart. Call it after
+    ``optimizer.step()``, on every rank.
+
+    Examples
+    --------
+    >>> import torch
+    >>> moe = MoE(8, 4, 16, gate="sigmoid", bias_update_rate=1e-3, bias_update_every="step")
+    >>> for micro_batch in torch.randn(2, 6, 8):  # gradient accumulation over 2
+    ...     (moe(micro_batch).square().mean() + aux_loss(moe)).backward()
+    >>> balance_step(moe)  # after optimizer.step()
+    """
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.balance_step()
 
 
 def aux_loss(model: nn.Module) -> Tensor:

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gatedmoe.analysis import RoutingStats
-from gatedmoe.layers.moe import aux_loss
+from gatedmoe.layers.moe import aux_loss, balance_step
 from gatedmoe.models.text import CharTokenizer, TextBatches
 from gatedmoe.models.transformer import LMConfig, MoETransformerLM
 
@@ -220,6 +220,8 @@ def train_lm(
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        # Step-wise bias balancing and global-batch balance counts close with the step.
+        balance_step(model)
         sched.step()
         history.append(loss.item())
         n_tokens += x.numel()

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gatedmoe.analysis import RoutingStats
-from gatedmoe.layers.moe import MoE, aux_loss
+from gatedmoe.layers.moe import MoE, aux_loss, balance_step
 
 __all__ = ["train_tabular", "evaluate_tabular"]
 
@@ -110,6 +110,8 @@ def train_tabular(
         (loss + aux_loss(model)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        # Step-wise bias balancing and global-batch balance counts close with the step.
+        balance_step(model)
         sched.step()
         history.append(loss.item())
         n_rows += len(idx)

@@ -5,7 +5,8 @@ group, tokens exchanged with all-to-all (NCCL on GPUs, gloo on CPU).
 >>> ep_moe = shard_experts(gatedmoe.MoE(64, n_experts=8, d_hidden=128))  # doctest: +SKIP
 
 See `expert_parallel` for the semantics and ``examples/expert_parallel.py`` for a
-``torchrun`` script.
+``torchrun`` script; `checkpoint` saves and loads sharded models with
+torch.distributed.checkpoint, on any number of ranks (imported on use).
 """
 
 from gatedmoe.parallel.comm import ExchangeStats, all_gather_counts, all_to_all

@@ -62,10 +62,14 @@ def local_expert_range(n_experts: int, world_size: int, rank: int) -> range:
 def _shard_bank(bank: ExpertBank, experts: range) -> ExpertBank:
     """A new `ExpertBank` holding copies of ``bank``'s experts ``experts``."""
     local = ExpertBank(len(experts), bank.d_model, bank.d_hidden, bank.act.name, bank.has_bias)
+    if bank.lora is not None:
+        local.add_lora(bank.lora.rank, bank.lora.alpha, freeze_base=False)
+        local.lora.merged = bank.lora.merged
     local = local.to(device=bank.w_in.device, dtype=bank.w_in.dtype)
     with torch.no_grad():
         for name, p in local.named_parameters():
-            p.copy_(getattr(bank, name)[experts.start : experts.stop])
+            p.copy_(bank.get_parameter(name)[experts.start : experts.stop])
+            p.requires_grad_(bank.get_parameter(name).requires_grad)
     return local
 
 
@@ -174,7 +178,12 @@ class ExpertParallelMoE(MoE):
       single-process layer would compute them on these tokens alone.
     * a gate with a selection-bias balancer (``gate="sigmoid"``, ``bias_update_rate > 0``)
       is updated with the counts summed over the group, so its bias stays replicated and
-      equal to the single-process one.
+      equal to the single-process one: after each forward (``bias_update_every="forward"``)
+      or in `balance_step` (``"step"``), from the counts of the step's micro-batches.
+    * ``load_balance_scope="global_batch"``: the loss's expert frequencies are the counts
+      summed over the group (`set_balance_group`, default this group), so every rank sees
+      the global counts; its probabilities are this rank's. "micro_batch" and "sequence"
+      are local by definition.
 
     After each forward: ``last_counts`` (int64 ``[W, E]``, assignments each rank routed
     to each expert after capacity), `rank_load` and `load_imbalance`; ``exchange_stats``
@@ -269,6 +278,8 @@ class ExpertParallelMoE(MoE):
             with torch.no_grad():
                 for t in self.replicated_tensors():
                     dist.broadcast(t, src=src, group=group)
+        # Balancing counts (global-batch loss, step-wise bias) are summed over the group.
+        self.set_balance_group(group)
         balancer = getattr(self.gate, "balancer", None)
         if balancer is not None:
             self.gate.register_forward_pre_hook(self._save_balancer_bias)
@@ -286,7 +297,8 @@ class ExpertParallelMoE(MoE):
         saved = gate.__dict__.pop("_ep_saved_bias")
         # The gate's own condition for updating, the same on every rank (unlike whether
         # the local update happened to change the bias).
-        if not (gate.training and torch.is_grad_enabled()):
+        if not (gate.training and torch.is_grad_enabled()) or gate.balancer.every == "step":
+            # every="step" only accumulated this rank's counts; `balance_step` sums them.
             return
         counts_E = routing.counts.clone()
         dist.all_reduce(counts_E, group=self.group)

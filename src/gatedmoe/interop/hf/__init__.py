@@ -5,6 +5,8 @@
 * `to_hf(moe, like=block)`: the Hugging Face block class again, with gatedmoe's weights.
 * `patch_model(model)`: swap every supported MoE block of a model in place; returns the
   list of swaps. `unpatch_model(model)` swaps them back.
+* `upcycle_model(model, n_experts)`: a dense model's gated MLPs become upcycled gatedmoe
+  `MoE` layers in one call (`upcycle_mlp` for one MLP; see `upcycle`).
 
 Modules: `convert` (the functions above), `families` (one converter per model family),
 `adapter` (`HFMoEBlock` and the Hugging Face flavoured gate). See docs/interop.md.
@@ -19,6 +21,7 @@ from gatedmoe.interop.hf.convert import (
     to_hf,
     unpatch_model,
 )
+from gatedmoe.interop.hf.upcycle import is_dense_mlp, upcycle_mlp, upcycle_model
 
 __all__ = [
     "from_hf",
@@ -29,4 +32,7 @@ __all__ = [
     "Swap",
     "HFMoEBlock",
     "HFTopKSoftmaxGate",
+    "is_dense_mlp",
+    "upcycle_mlp",
+    "upcycle_model",
 ]
