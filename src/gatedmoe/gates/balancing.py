@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from gatedmoe.validation import positive_int, real_in
+
 __all__ = ["BiasBalancer"]
 
 
@@ -29,9 +31,8 @@ class BiasBalancer(nn.Module):
 
     def __init__(self, n_experts: int, update_rate: float = 1e-3) -> None:
         super().__init__()
-        if update_rate < 0:
-            raise ValueError(f"update_rate must be >= 0, got {update_rate}")
-        self.update_rate = float(update_rate)
+        positive_int("n_experts", n_experts)
+        self.update_rate = real_in("update_rate", update_rate, 0.0)
         self.register_buffer("bias", torch.zeros(n_experts))
 
     @torch.no_grad()
