@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gatedmoe import MoE, MoEConfig, aux_loss
+from gatedmoe import MoE, MoEConfig, SharedExperts, aux_loss
 from gatedmoe.layers import DeepMoE, MixtureOfDepths, MultiHeadMoE, MultiTaskMoE, SoftMoE
+from gatedmoe.layers.moe import GatedSharedExperts
 
 D = 8
 FEW = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -167,11 +168,13 @@ def test_bad_loss_weights_are_refused_by_every_variant(name, field, value):
         _build(name, **{field: value})
 
 
-@pytest.mark.parametrize("cls", [SoftMoE, MultiTaskMoE])
-@pytest.mark.parametrize("change", [{"load_balance_weight": 0.5}, {"capacity_factor": 1.0}, {"n_shared_experts": 1}])
+@pytest.mark.parametrize(
+    "cls, change",
+    [(SoftMoE, {"load_balance_weight": 0.5}), (SoftMoE, {"capacity_factor": 1.0}), (SoftMoE, {"n_shared_experts": 1}),
+     (MultiTaskMoE, {"capacity_factor": 1.0}), (MultiTaskMoE, {"n_shared_experts": 1})],
+    ids=lambda v: v.__name__ if isinstance(v, type) else next(iter(v)),
+)
 def test_from_config_refuses_settings_a_variant_cannot_honour(cls, change):
-    if cls is MultiTaskMoE and "load_balance_weight" in change:
-        pytest.skip("MultiTaskMoE honours load_balance_weight")
     cfg = MoEConfig(d_model=D, n_experts=4, d_hidden=16, **change)
     kw = {"n_tasks": 2} if cls is MultiTaskMoE else {}
     with pytest.raises(ValueError, match=f"cannot honour {next(iter(change))}"):
@@ -198,6 +201,8 @@ def test_config_booleans_must_be_bool(field, value):
         (lambda: DeepMoE(D, 4, 16, n_layers=0), "n_layers must be a positive int"),
         (lambda: DeepMoE(D, 4, 16, nonlinearity="tanh"), "nonlinearity must be one of"),
         (lambda: MixtureOfDepths(nn.Linear(D, D), 0), "d_model must be a positive int"),
+        (lambda: SharedExperts(0, 16), "d_model must be a positive int"),
+        (lambda: GatedSharedExperts(D, -2), "d_hidden must be a positive int"),
         (lambda: MixtureOfDepths(nn.Linear(D, D), D, capacity="half"), r"capacity must be a real number in \(0.0, 1.0\]"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
@@ -215,6 +220,8 @@ def test_bad_constructor_value_names_the_argument(build, match):
         (lambda: MixtureOfDepths(lambda x: x, D), "block must be an nn.Module"),
         (lambda: MixtureOfDepths(nn.Linear(D, D), D, check_inputs="no"), "check_inputs must be True or False"),
         (lambda: MoE(D, 4, 16, gate=3), "gate must be a gate name or a gatedmoe.gates.Gate"),
+        (lambda: aux_loss([MoE(D, 4, 16)]), "model must be an nn.Module"),
+        (lambda: SharedExperts(D, 16, bias="no"), "bias must be True or False"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )

@@ -21,7 +21,7 @@ from gatedmoe.layers.config import MoEConfig
 from gatedmoe.losses import load_balance_loss, router_z_loss
 from gatedmoe.routing import Routing
 from gatedmoe.transient import TransientState
-from gatedmoe.validation import check_finite, check_input
+from gatedmoe.validation import boolean, check_finite, check_input, positive_int
 
 __all__ = ["MoE", "MoEConfig", "SharedExperts", "GatedSharedExperts", "aux_loss"]
 
@@ -34,6 +34,9 @@ class SharedExperts(nn.Module):
         self, d_model: int, d_hidden: int, activation: str | Activation | ExpandedGatedActivation = "swiglu", bias: bool = False
     ) -> None:
         super().__init__()
+        positive_int("d_model", d_model)
+        positive_int("d_hidden", d_hidden)
+        boolean("bias", bias)
         self.act = get_activation(activation) if isinstance(activation, str) else activation
         h_in = 2 * d_hidden if self.act.glu else d_hidden
         self.w_in = nn.Linear(d_model, h_in, bias=bias)
@@ -64,6 +67,7 @@ class GatedSharedExperts(nn.Module):
         gate_bias: bool = False,
     ) -> None:
         super().__init__()
+        boolean("gate_bias", gate_bias)
         self.expert = SharedExperts(d_model, d_hidden, activation, bias)
         self.gate = nn.Linear(d_model, 1, bias=gate_bias)
 
@@ -375,6 +379,8 @@ def aux_loss(model: nn.Module) -> Tensor:
 
     Returns a zero scalar when there is none. Add it to the task loss before backward.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     total: Tensor | None = None
     for m in model.modules():
         losses = getattr(m, "aux_losses", None)
