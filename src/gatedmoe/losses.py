@@ -17,7 +17,7 @@ global batch   `global_batch_balance_loss`     Qiu et al. 2025, "Demons in the D
 All three are ``E * sum_e f_e P_e`` with ``f_e`` the fraction of routed assignments that
 went to expert e (a constant: no gradient) and ``P_e`` the mean router probability of e
 (it carries the gradient); they differ in the set of tokens ``f`` and ``P`` are taken over.
-Each equals 1 for a perfectly uniform router.
+Each equals 1 for a perfectly uniform router. An empty batch (T = 0) gives 0, never NaN.
 
 ``count="routed"`` (default) counts the assignments the gate chose, before any capacity
 drop, as the Switch paper does (its ``f_i`` is the fraction of tokens *dispatched*, i.e.
@@ -48,13 +48,26 @@ __all__ = [
 COUNTS = ("routed", "kept")
 
 
+def _check_routing(routing: object) -> None:
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a gatedmoe.Routing, got {type(routing).__name__}")
+
+
+def _mean_rows(t: Tensor) -> Tensor:
+    # The mean of no rows is NaN, which would poison the training loss: an empty batch gives
+    # the (zero) sum instead, still attached to the graph.
+    return t.mean(0) if t.shape[0] else t.sum(0)
+
+
 def _counted(routing: Routing, count: str) -> Routing:
+    _check_routing(routing)
     if count not in COUNTS:
         raise ValueError(f"count must be one of {COUNTS}, got {count!r}")
     return routing.routed if count == "routed" else routing
 
 
 def _probs(routing: Routing, name: str) -> Tensor:
+    _check_routing(routing)
     if routing.probs is None:
         raise ValueError(f"{name} needs routing.probs; this gate did not provide them")
     return routing.probs
@@ -85,7 +98,7 @@ def load_balance_loss(routing: Routing, count: str = "routed") -> Tensor:
     >>> float(load_balance_loss(r))  # 2 * (3/4 * 1/2 + 1/4 * 1/2)
     1.0
     """
-    P_E = _probs(routing, "load_balance_loss").mean(0)
+    P_E = _mean_rows(_probs(routing, "load_balance_loss"))
     f_E = expert_fractions(routing, count).to(P_E.dtype)
     return routing.n_experts * torch.sum(f_E * P_E)
 
@@ -118,7 +131,7 @@ def sequence_balance_loss(routing: Routing, seq_len: int, count: str = "routed")
     counts_SE = counts_SE.view(S, E)
     f_SE = (counts_SE / counts_SE.sum(-1, keepdim=True).clamp_min(1)).to(probs_TE.dtype)
     norm_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(probs_TE.dtype).tiny)
-    P_SE = norm_TE.reshape(S, -1, E).mean(1)
+    P_SE = norm_TE.reshape(S, -1, E).mean(1) if T else norm_TE.reshape(S, 0, E).sum(1)
     return E * (f_SE * P_SE).sum(-1).mean()
 
 
@@ -132,7 +145,7 @@ def global_batch_balance_loss(routing: Routing, counts_E: Tensor) -> Tensor:
     ``load_balance_scope="global_batch"``) and ``P_e = mean_t probs[t, e]`` from this
     micro-batch's tokens. With ``counts_E = routing.counts`` it is `load_balance_loss`.
     """
-    P_E = _probs(routing, "global_batch_balance_loss").mean(0)
+    P_E = _mean_rows(_probs(routing, "global_batch_balance_loss"))
     if counts_E.shape != P_E.shape:
         raise ValueError(f"counts_E must have shape [E]={tuple(P_E.shape)}, got {tuple(counts_E.shape)}")
     f_E = (counts_E.float() / counts_E.sum().clamp_min(1)).to(P_E.dtype)
@@ -142,8 +155,9 @@ def global_batch_balance_loss(routing: Routing, counts_E: Tensor) -> Tensor:
 def router_z_loss(routing: Routing) -> Tensor:
     """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): ``mean_t (logsumexp_e logits)^2``.
 
-    Needs ``routing.logits``.
+    Needs ``routing.logits``. An empty batch (T = 0) gives 0, still attached to the graph.
     """
+    _check_routing(routing)
     if routing.logits is None:
         raise ValueError("router_z_loss needs routing.logits; this gate did not provide them")
-    return torch.logsumexp(routing.logits.float(), dim=-1).pow(2).mean()
+    return _mean_rows(torch.logsumexp(routing.logits.float(), dim=-1).pow(2))

@@ -79,6 +79,8 @@ class Routing:
         Within one expert, assignments keep token order (stable sort), which is the
         "position" priority of :meth:`drop_over_capacity`.
         """
+        _check_tensor("weights_TK", weights_TK, floating=True)
+        _check_tensor("experts_TK", experts_TK, floating=False)
         if weights_TK.dim() != 2 or experts_TK.shape != weights_TK.shape:
             raise ValueError(
                 "weights_TK and experts_TK must both have shape [T, K]; got "
@@ -107,20 +109,38 @@ class Routing:
         probs: Tensor | None = None,
         logits: Tensor | None = None,
     ) -> Routing:
-        """Routing from unsorted assignment triples ``[N]``; sorts them stably by expert."""
+        """Routing from unsorted assignment triples ``[N]``; sorts them stably by expert.
+
+        ``token`` and ``expert`` are integer tensors, ``weight`` a floating one; ``n_experts``
+        an int >= 1, ``n_tokens`` an int >= 0; ``probs``/``logits`` None or ``[n_tokens,
+        n_experts]``. Ids out of range are a ValueError (checked on the CPU, where it is free).
+        """
+        if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
+            raise ValueError(f"n_experts must be an int >= 1, got {n_experts!r}")
+        _check_tensor("token", token, floating=False)
+        _check_tensor("expert", expert, floating=False)
+        _check_tensor("weight", weight, floating=True)
+        # A SymInt under torch.compile with dynamic shapes.
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, (int, torch.SymInt)) or n_tokens < 0:
+            raise ValueError(f"n_tokens must be an int >= 0, got {n_tokens!r}")
+        for name, t in (("probs", probs), ("logits", logits)):
+            if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != (n_tokens, n_experts)):
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be None or a tensor [n_tokens, n_experts]=({n_tokens}, {n_experts}), got {got}")
         if not (token.shape == expert.shape == weight.shape) or token.dim() != 1:
             raise ValueError(
                 "token, expert and weight must be 1-D of equal length; got "
                 f"{tuple(token.shape)}, {tuple(expert.shape)}, {tuple(weight.shape)}"
             )
-        if n_experts < 1:
-            raise ValueError(f"n_experts must be >= 1, got {n_experts}")
         expert = expert.long()
         # The range check reads values on the host: free on CPU, a device sync on a GPU, so
         # on accelerators it is left to `validate()` (an out-of-range id there still fails
         # loudly, as a device-side index error in the count below).
-        if expert.device.type == "cpu" and expert.numel() and (int(expert.min()) < 0 or int(expert.max()) >= n_experts):
+        host_check = expert.device.type == "cpu" and expert.numel() and not torch.compiler.is_compiling()
+        if host_check and (int(expert.min()) < 0 or int(expert.max()) >= n_experts):
             raise ValueError(f"expert ids must lie in [0, {n_experts}); got {expert.min()}..{expert.max()}")
+        if host_check and (int(token.min()) < 0 or int(token.max()) >= n_tokens):
+            raise ValueError(f"token ids must lie in [0, n_tokens={n_tokens}); got {token.min()}..{token.max()}")
         # A radix sort makes one pass per key byte: the narrowest integer type that holds the
         # expert ids gives the same (stable) order in fewer passes.
         key = expert.to(torch.int16 if n_experts <= torch.iinfo(torch.int16).max else torch.int32)
@@ -287,3 +307,13 @@ class Routing:
             f"n_assignments={self.n_assignments}, n_dropped={self.n_dropped}, "
             f"counts={self.counts.tolist() if self.n_experts <= 16 else '...'})"
         )
+
+
+def _check_tensor(name: str, t: object, *, floating: bool) -> None:
+    """TypeError unless ``t`` is a tensor of the right kind (floating, or integer)."""
+    kind = "a floating-point" if floating else "an integer"
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be {kind} torch.Tensor, got {type(t).__name__}")
+    ok = t.is_floating_point() if floating else not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+    if not ok:
+        raise TypeError(f"{name} must be {kind} tensor, got dtype {t.dtype}")

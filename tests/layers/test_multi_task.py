@@ -52,9 +52,10 @@ def test_from_config_carries_the_settings_it_honours():
     assert {"task0/load_balance", "task0/router_z", "task1/router_z"} <= set(m.aux_losses)
     with pytest.raises(ValueError, match="NaN"):
         m(torch.full((2, 6), float("nan")))
-    # The keyword constructor keeps MMoE's defaults: no input check, no router z-loss.
+    # The keyword constructor keeps MMoE's defaults (no router z-loss) and, like every layer
+    # (issue 23: NaN reported the same way everywhere), checks its input by default.
     plain = MultiTaskMoE(6, 4, 8, n_tasks=2)
-    assert plain.config.router_z_weight == 0 and not plain.config.check_inputs and plain.config.gate == "softmax"
+    assert plain.config.router_z_weight == 0 and plain.config.check_inputs and plain.config.gate == "softmax"
 
 
 @pytest.mark.parametrize("field, value", [("capacity_factor", 1.0), ("n_shared_experts", 1), ("d_shared_hidden", 4),

@@ -59,7 +59,8 @@ def test_from_config_carries_the_settings_it_honours(monkeypatch):
     assert (m.experts.act.name, m.experts.has_bias, m.backend) == ("gelu", True, "grouped")
     with pytest.raises(ValueError, match="NaN"):
         m(torch.full((2, 3, 8), float("nan")))
-    assert not SoftMoE(8, 3, 16).config.check_inputs
+    # Like every layer (issue 23: NaN reported the same way everywhere), checked by default.
+    assert SoftMoE(8, 3, 16).config.check_inputs
 
     seen = []
 

@@ -52,7 +52,19 @@ def grouped_mm(a_ND: Tensor, b_EKM: Tensor, offsets_E: Tensor) -> Tensor:
 
     ``offsets_E`` holds each group's running end (int). Uses ``torch._grouped_mm`` where it
     supports the dtype, device and alignment, else a per-group loop (logged once).
+
+    Under ``torch.compile`` the product runs as the custom op ``gatedmoe::grouped_mm``
+    (same computation, opaque to the compiler, with a fake implementation and autograd
+    registered): ``torch._grouped_mm``'s own fake implementation accepts bfloat16 only,
+    so tracing a float32 layer through it fails ("Expected inputs of BF16 type") even where
+    the eager call works, and the loop's per-group sizes are data the compiler cannot see.
     """
+    if torch.compiler.is_compiling():
+        return _grouped_mm_op(a_ND, b_EKM, offsets_E)
+    return _grouped_mm_eager(a_ND, b_EKM, offsets_E)
+
+
+def _grouped_mm_eager(a_ND: Tensor, b_EKM: Tensor, offsets_E: Tensor) -> Tensor:
     reason = grouped_mm_unsupported(a_ND, b_EKM)
     if reason is None:
         return torch._grouped_mm(a_ND, b_EKM, offs=offsets_E.to(torch.int32))
@@ -75,6 +87,57 @@ def _lora_product(a_NK: Tensor, A_ERK: Tensor, B_EMR: Tensor, scale: float, offs
     dtype = a_NK.dtype
     z_NR = grouped_mm(a_NK, A_ERK.to(dtype).transpose(-2, -1), offsets_E)
     return scale * grouped_mm(z_NR, B_EMR.to(dtype).transpose(-2, -1), offsets_E)
+
+
+def _grouped_weight_grad(a_NK: Tensor, g_NM: Tensor, offsets_E: Tensor) -> Tensor:
+    """``out[e] = a[rows of group e]^T @ g[rows of group e]``, ``[E, K, M]`` (zero for an
+    empty group): the gradient of `grouped_mm` with respect to ``b``."""
+    if grouped_mm_unsupported(a_NK.t(), g_NM) is None and a_NK.device.type == "cpu":
+        return torch._grouped_mm(a_NK.t(), g_NM, offs=offsets_E.to(torch.int32))
+    out = a_NK.new_zeros(offsets_E.shape[0], a_NK.shape[-1], g_NM.shape[-1])
+    start = 0
+    for e, end in enumerate(offsets_E.tolist()):
+        if end > start:
+            out[e] = a_NK[start:end].t() @ g_NM[start:end]
+        start = end
+    return out
+
+
+@torch.library.custom_op("gatedmoe::grouped_mm", mutates_args=())
+def _grouped_mm_op(a_ND: Tensor, b_EKM: Tensor, offsets_E: Tensor) -> Tensor:
+    # Contiguous rows: an upstream gradient may arrive expanded (stride 0), which
+    # torch._grouped_mm refuses.
+    return _grouped_mm_eager(a_ND.contiguous(), b_EKM, offsets_E).clone()
+
+
+@_grouped_mm_op.register_fake
+def _(a_ND: Tensor, b_EKM: Tensor, offsets_E: Tensor) -> Tensor:
+    return a_ND.new_empty(a_ND.shape[0], b_EKM.shape[-1])
+
+
+@torch.library.custom_op("gatedmoe::grouped_mm_weight_grad", mutates_args=())
+def _grouped_weight_grad_op(a_NK: Tensor, g_NM: Tensor, offsets_E: Tensor) -> Tensor:
+    return _grouped_weight_grad(a_NK.contiguous(), g_NM.contiguous(), offsets_E)
+
+
+@_grouped_weight_grad_op.register_fake
+def _(a_NK: Tensor, g_NM: Tensor, offsets_E: Tensor) -> Tensor:
+    return a_NK.new_empty(offsets_E.shape[0], a_NK.shape[-1], g_NM.shape[-1])
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library signature)
+    a_ND, b_EKM, offsets_E = inputs
+    ctx.save_for_backward(a_ND, b_EKM, offsets_E)
+
+
+def _grouped_mm_backward(ctx, g_NM: Tensor):  # noqa: ANN001, ANN202
+    a_ND, b_EKM, offsets_E = ctx.saved_tensors
+    ga = _grouped_mm_op(g_NM, b_EKM.transpose(-2, -1), offsets_E) if ctx.needs_input_grad[0] else None
+    gb = _grouped_weight_grad_op(a_ND, g_NM, offsets_E) if ctx.needs_input_grad[1] else None
+    return ga, gb, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, options: object = None) -> Tensor:

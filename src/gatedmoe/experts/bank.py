@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from gatedmoe.experts.activations import Activation, ExpandedGatedActivation, get_activation
 from gatedmoe.experts.lora import ExpertLoRA
+from gatedmoe.validation import boolean, check_input, int_in, positive_int
 
 __all__ = ["ExpertBank"]
 
@@ -55,8 +56,12 @@ class ExpertBank(nn.Module):
     ) -> None:
         super().__init__()
         for name, v in (("n_experts", n_experts), ("d_model", d_model), ("d_hidden", d_hidden)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            positive_int(name, v)
+        boolean("bias", bias)
+        if not isinstance(activation, str) and not (
+            callable(activation) and hasattr(activation, "glu") and hasattr(activation, "name")
+        ):
+            raise TypeError(f"activation must be an activation name or an Activation, got {type(activation).__name__}")
         self.act = get_activation(activation) if isinstance(activation, str) else activation
         self.n_experts, self.d_model, self.d_hidden = n_experts, d_model, d_hidden
         h_in = 2 * d_hidden if self.act.glu else d_hidden
@@ -130,6 +135,8 @@ class ExpertBank(nn.Module):
     def expert_forward(self, e: int, x_ND: Tensor) -> Tensor:
         """Run expert ``e`` alone on rows ``x_ND`` (plain matmuls; used by the reference),
         with its LoRA adapter's ``s B A`` added to each weight while unmerged."""
+        int_in("e", e, 0, self.n_experts - 1)
+        check_input(x_ND, self.d_model, "ExpertBank.expert_forward", ndims=(2,), shape_text="[N, d_model]", name="x_ND")
         w_in, w_out = self.w_in[e], self.w_out[e]
         lora = self.active_lora
         if lora is not None:

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from gatedmoe.validation import positive_int, real_in
+
 __all__ = ["BALANCE_EVERY", "BiasBalancer"]
 
 BALANCE_EVERY = ("forward", "step")
@@ -53,11 +55,10 @@ class BiasBalancer(nn.Module):
 
     def __init__(self, n_experts: int, update_rate: float = 1e-3, every: str = "forward") -> None:
         super().__init__()
-        if update_rate < 0:
-            raise ValueError(f"update_rate must be >= 0, got {update_rate}")
+        positive_int("n_experts", n_experts)
+        self.update_rate = real_in("update_rate", update_rate, 0.0)
         if every not in BALANCE_EVERY:
             raise ValueError(f"every must be one of {BALANCE_EVERY}, got {every!r}")
-        self.update_rate = float(update_rate)
         self.every = every
         self.register_buffer("bias", torch.zeros(n_experts))
         # Counts observed since the last `step` (every="step"); not saved: a checkpoint is

@@ -9,6 +9,7 @@ from gatedmoe.gates.balancing import BiasBalancer
 from gatedmoe.gates.router import router_logits
 from gatedmoe.routing import Routing
 from gatedmoe.transient import TransientState
+from gatedmoe.validation import check_input, positive_int
 
 __all__ = ["Gate", "check_k", "routing_from_dense"]
 
@@ -16,7 +17,7 @@ __all__ = ["Gate", "check_k", "routing_from_dense"]
 def check_k(k: int, n_experts: int) -> int:
     """Validate a top-k against the number of experts; return it."""
     if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+        raise TypeError(f"k must be an int in [1, n_experts={n_experts}], got {type(k).__name__}")
     if not 1 <= k <= n_experts:
         raise ValueError(f"k must satisfy 1 <= k <= n_experts={n_experts}, got k={k}")
     return k
@@ -37,6 +38,11 @@ class Gate(TransientState, nn.Module):
     score ``[T, E]``, so a selection bias (`BiasBalancer`, auxiliary-loss-free balancing)
     can be attached with `attach_bias_balancer`. Such gates add `selection_bias` to their
     scores before selecting and call `update_bias_balancer` after routing.
+
+    Input contract (checked for every gate, subclasses included, by a forward pre-hook
+    before ``forward`` runs): ``x_TD`` a floating-point tensor ``[T, d_model]``, T >= 0;
+    anything else is a TypeError/ValueError naming ``x_TD``. T = 0 gives an empty `Routing`
+    and finite (zero) gate losses. NaN/inf is the layer's to check (``check_inputs``).
     """
 
     _transient = {"gate_losses": {}}
@@ -49,14 +55,11 @@ class Gate(TransientState, nn.Module):
 
     def __init__(self, d_model: int, n_experts: int) -> None:
         super().__init__()
-        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
-        if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
-            raise ValueError(f"n_experts must be a positive int, got {n_experts!r}")
-        self.d_model = d_model
-        self.n_experts = n_experts
+        self.d_model = positive_int("d_model", d_model)
+        self.n_experts = positive_int("n_experts", n_experts)
         self.gate_losses: dict[str, Tensor] = {}
         self.balancer: BiasBalancer | None = None
+        self.register_forward_pre_hook(_check_gate_input, with_kwargs=True)
 
     def router_logits(self, x_TD: Tensor) -> Tensor:
         """``x W^T`` in float32 (the linear router of most gates), ``[T, E]``; 16-bit inputs
@@ -93,6 +96,11 @@ class Gate(TransientState, nn.Module):
 
     def forward(self, x_TD: Tensor) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def _check_gate_input(gate: Gate, args: tuple, kwargs: dict) -> None:
+    x_TD = args[0] if args else kwargs.get("x_TD")
+    check_input(x_TD, gate.d_model, type(gate).__name__, ndims=(2,), shape_text="[T, d_model]", name="x_TD")
 
 
 def routing_from_dense(

@@ -12,6 +12,7 @@ from gatedmoe.gates.base import Gate, check_k
 from gatedmoe.gates.functional import topk_softmax
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
+from gatedmoe.validation import boolean, positive_int, real_in
 
 __all__ = ["CosineGate"]
 
@@ -52,11 +53,9 @@ class CosineGate(Gate):
     ) -> None:
         super().__init__(d_model, n_experts)
         self.k = check_k(k, n_experts)
-        if isinstance(d_proj, bool) or not isinstance(d_proj, int) or d_proj < 1:
-            raise ValueError(f"d_proj must be a positive int, got {d_proj!r}")
-        if not 0.01 <= init_temperature:
-            raise ValueError(f"init_temperature must be >= 0.01, got {init_temperature}")
-        self.renormalize = (k > 1) if renormalize is None else bool(renormalize)
+        positive_int("d_proj", d_proj)
+        init_temperature = real_in("init_temperature", init_temperature, 0.01)
+        self.renormalize = (k > 1) if renormalize is None else boolean("renormalize", renormalize)
         self.proj = nn.Linear(d_model, d_proj, bias=False)
         self.expert_embeddings = nn.Parameter(torch.empty(n_experts, d_proj))
         nn.init.orthogonal_(self.expert_embeddings, gain=0.32)

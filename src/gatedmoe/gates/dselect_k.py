@@ -10,6 +10,7 @@ from gatedmoe.gates.base import Gate, check_k, routing_from_dense
 from gatedmoe.gates.functional import binary_codes, dselect_k_weights
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
+from gatedmoe.validation import real_in
 
 __all__ = ["DSelectKGate"]
 
@@ -58,11 +59,8 @@ class DSelectKGate(Gate):
     ) -> None:
         super().__init__(d_model, n_experts)
         self.k = check_k(k, n_experts)
-        if not gamma > 0:
-            raise ValueError(f"gamma must be > 0, got {gamma}")
-        if not w_entropy >= 0:
-            raise ValueError(f"w_entropy must be >= 0, got {w_entropy}")
-        self.gamma, self.w_entropy = float(gamma), float(w_entropy)
+        self.gamma = real_in("gamma", gamma, 0.0, lo_open=True)
+        self.w_entropy = real_in("w_entropy", w_entropy, 0.0)
         self.n_bits = binary_codes(n_experts).shape[1]
         self.power_of_2 = n_experts == 1 << self.n_bits
         self.z_proj = nn.Linear(d_model, k * self.n_bits)

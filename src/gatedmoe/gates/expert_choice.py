@@ -11,6 +11,7 @@ from gatedmoe.gates.base import Gate
 from gatedmoe.gates.functional import expert_choice
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
+from gatedmoe.validation import real_in
 
 __all__ = ["ExpertChoiceGate"]
 
@@ -42,9 +43,7 @@ class ExpertChoiceGate(Gate):
 
     def __init__(self, d_model: int, n_experts: int, *, capacity_factor: float = 2.0) -> None:
         super().__init__(d_model, n_experts)
-        if not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-        self.capacity_factor = float(capacity_factor)
+        self.capacity_factor = real_in("capacity_factor", capacity_factor, 0.0, lo_open=True)
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
 

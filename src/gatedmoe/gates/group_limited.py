@@ -10,6 +10,7 @@ from gatedmoe.gates.base import Gate, check_k
 from gatedmoe.gates.functional import check_mask_value, group_limited_topk
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
+from gatedmoe.validation import boolean, real_in
 
 __all__ = ["GroupLimitedGate"]
 
@@ -97,12 +98,11 @@ class GroupLimitedGate(Gate):
                 f"k={k} exceeds the experts in the kept groups, topk_group * E / n_group = "
                 f"{topk_group * (n_experts // n_group)}"
             )
-        if not routed_scaling_factor > 0:
-            raise ValueError(f"routed_scaling_factor must be > 0, got {routed_scaling_factor}")
         self.n_group, self.topk_group = n_group, topk_group
-        self.normalize = bool(normalize)
-        self.routed_scaling_factor = float(routed_scaling_factor)
+        self.normalize = boolean("normalize", normalize)
+        self.routed_scaling_factor = real_in("routed_scaling_factor", routed_scaling_factor, 0.0, lo_open=True)
         self.mask_value = check_mask_value(mask_value)
+        bias_update_rate = real_in("bias_update_rate", bias_update_rate, 0.0)
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
         # Always present (HF checkpoints carry e_score_correction_bias); updated only if rate > 0.

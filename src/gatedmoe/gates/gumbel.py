@@ -9,6 +9,7 @@ from gatedmoe.gates.base import Gate, routing_from_dense
 from gatedmoe.gates.functional import gumbel_noise
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
+from gatedmoe.validation import boolean, nonneg_int, real_in
 
 __all__ = ["GumbelSoftmaxGate"]
 
@@ -52,11 +53,9 @@ class GumbelSoftmaxGate(Gate):
         eval_samples: int = 0,
     ) -> None:
         super().__init__(d_model, n_experts)
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        if isinstance(eval_samples, bool) or not isinstance(eval_samples, int) or eval_samples < 0:
-            raise ValueError(f"eval_samples must be an int >= 0, got {eval_samples!r}")
-        self.tau, self.hard, self.eval_samples = float(tau), bool(hard), eval_samples
+        self.tau = real_in("tau", tau, 0.0, lo_open=True)
+        self.hard = boolean("hard", hard)
+        self.eval_samples = nonneg_int("eval_samples", eval_samples)
         self.linear = nn.Linear(d_model, n_experts)
 
     def forward(self, x_TD: Tensor) -> Routing:

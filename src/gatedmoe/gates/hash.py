@@ -8,6 +8,7 @@ from torch import Tensor
 from gatedmoe.gates.base import Gate
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
+from gatedmoe.validation import nonneg_int
 
 __all__ = ["HashGate", "hash_token_ids"]
 
@@ -51,6 +52,7 @@ class HashGate(Gate):
         super().__init__(d_model, n_experts)
         if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
             raise ValueError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
+        nonneg_int("seed", seed)
         self.vocab_size = vocab_size
         if vocab_size is not None:
             perm = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))
@@ -67,6 +69,8 @@ class HashGate(Gate):
     def forward(self, x_TD: Tensor, token_ids: Tensor | None = None) -> Routing:
         if token_ids is None:
             raise ValueError("hash gate needs token_ids (pass token_ids=... to the MoE layer)")
+        if not isinstance(token_ids, Tensor):
+            raise TypeError(f"token_ids must be an integer torch.Tensor, got {type(token_ids).__name__}")
         if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
             raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
         ids_T = token_ids.reshape(-1).to(x_TD.device)

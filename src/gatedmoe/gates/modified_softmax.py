@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from gatedmoe.gates.base import Gate, routing_from_dense
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
+from gatedmoe.validation import one_of
 
 __all__ = ["ModifiedSoftmaxGate"]
 
@@ -42,8 +43,7 @@ class ModifiedSoftmaxGate(Gate):
 
     def __init__(self, d_model: int, n_experts: int, *, transform: str = "tanh", k: int | None = None) -> None:
         super().__init__(d_model, n_experts)
-        if transform not in _TRANSFORMS:
-            raise ValueError(f"transform must be one of {list(_TRANSFORMS)}, got {transform!r}")
+        one_of("transform", transform, _TRANSFORMS)
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_experts):
             raise ValueError(f"k must be None or an int in [1, n_experts={n_experts}], got {k!r}")
         self.transform, self.k = transform, k

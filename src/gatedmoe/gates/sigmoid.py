@@ -9,6 +9,7 @@ from gatedmoe.gates.base import Gate, check_k
 from gatedmoe.gates.functional import sigmoid_topk
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
+from gatedmoe.validation import boolean, real_in
 
 __all__ = ["SigmoidGate"]
 
@@ -49,8 +50,9 @@ class SigmoidGate(Gate):
     ) -> None:
         super().__init__(d_model, n_experts)
         self.k = check_k(k, n_experts)
-        self.normalize = bool(normalize)
-        self.scale = float(scale)
+        self.normalize = boolean("normalize", normalize)
+        self.scale = real_in("scale", scale, 0.0, lo_open=True)
+        bias_update_rate = real_in("bias_update_rate", bias_update_rate, 0.0)
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
         if bias_update_rate > 0:

@@ -9,6 +9,7 @@ from gatedmoe.gates.base import Gate
 from gatedmoe.gates.functional import softmax_probs
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
+from gatedmoe.validation import real_in
 
 __all__ = ["SoftmaxGate"]
 
@@ -41,9 +42,7 @@ class SoftmaxGate(Gate):
 
     def __init__(self, d_model: int, n_experts: int, *, temperature: float = 1.0) -> None:
         super().__init__(d_model, n_experts)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = real_in("temperature", temperature, 0.0, lo_open=True)
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from gatedmoe.gates.base import Gate
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
+from gatedmoe.validation import real_in
 
 __all__ = ["SwitchGate"]
 
@@ -65,13 +66,11 @@ class SwitchGate(Gate):
     ) -> None:
         super().__init__(d_model, n_experts)
         for name, v in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-            if v is not None and not v > 0:
-                raise ValueError(f"{name} must be > 0 or None, got {v}")
-        if not 0 <= jitter_eps < 1:
-            raise ValueError(f"jitter_eps must be in [0, 1), got {jitter_eps}")
+            if v is not None:
+                real_in(f"{name} (or None)", v, 0.0, lo_open=True)
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
-        self.jitter_eps = float(jitter_eps)
+        self.jitter_eps = real_in("jitter_eps", jitter_eps, 0.0, 1.0, hi_open=True)
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
 

@@ -12,6 +12,7 @@ from gatedmoe.gates.base import Gate, routing_from_dense
 from gatedmoe.gates.functional import annealed_temperature, gumbel_noise
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
+from gatedmoe.validation import boolean, nonneg_int, one_of, real_in
 
 __all__ = ["TemperatureSoftmaxGate", "GATE_ACTIVATIONS"]
 
@@ -69,20 +70,16 @@ class TemperatureSoftmaxGate(Gate):
     ) -> None:
         super().__init__(d_model, n_experts)
         for name, v in (("tau_start", tau_start), ("tau_end", tau_end)):
-            if not v > 0:
-                raise ValueError(f"{name} must be > 0, got {v}")
-        if isinstance(anneal_steps, bool) or not isinstance(anneal_steps, int) or anneal_steps < 0:
-            raise ValueError(f"anneal_steps must be an int >= 0, got {anneal_steps!r}")
-        annealed_temperature(0, tau_start, tau_end, anneal_steps, schedule)
-        if not 0 <= threshold < 1:
-            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+            real_in(name, v, 0.0, lo_open=True)
+        nonneg_int("anneal_steps", anneal_steps)
+        one_of("schedule", schedule, ("constant", "linear", "exponential"))
         if activation is not None and activation not in GATE_ACTIVATIONS:
             raise ValueError(f"activation must be None or one of {sorted(GATE_ACTIVATIONS)}, got {activation!r}")
         self.tau_start, self.tau_end = float(tau_start), float(tau_end)
         self.anneal_steps, self.schedule = anneal_steps, schedule
-        self.threshold = float(threshold)
-        self.renormalize = bool(renormalize)
-        self.noise = bool(noise)
+        self.threshold = real_in("threshold", threshold, 0.0, 1.0, hi_open=True)
+        self.renormalize = boolean("renormalize", renormalize)
+        self.noise = boolean("noise", noise)
         self.activation = activation
         self.linear = nn.Linear(d_model, n_experts)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))

@@ -10,6 +10,7 @@ from gatedmoe.gates.base import Gate, routing_from_dense
 from gatedmoe.gates.functional import threshold_weights
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
+from gatedmoe.validation import real_in
 
 __all__ = ["ThresholdGate"]
 
@@ -41,9 +42,7 @@ class ThresholdGate(Gate):
     def __init__(self, d_model: int, n_experts: int, *, tau_max: float | None = None) -> None:
         super().__init__(d_model, n_experts)
         tau_max = 1.0 / n_experts if tau_max is None else tau_max
-        if not 0 < tau_max <= 1:
-            raise ValueError(f"tau_max must be in (0, 1], got {tau_max}")
-        self.tau_max = float(tau_max)
+        self.tau_max = real_in("tau_max", tau_max, 0.0, 1.0, lo_open=True)
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
         self.threshold_fn = nn.Linear(d_model, 1)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from gatedmoe.gates.base import Gate, routing_from_dense
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
+from gatedmoe.validation import boolean, real_in
 
 __all__ = ["TopPGate"]
 
@@ -51,15 +52,12 @@ class TopPGate(Gate):
         w_entropy: float = 1e-4,
     ) -> None:
         super().__init__(d_model, n_experts)
-        if not 0 < p <= 1:
-            raise ValueError(f"p must be in (0, 1], got {p}")
+        p = real_in("p", p, 0.0, 1.0, lo_open=True)
         if max_k is not None and (isinstance(max_k, bool) or not isinstance(max_k, int) or not 1 <= max_k <= n_experts):
             raise ValueError(f"max_k must be None or an int in [1, n_experts={n_experts}], got {max_k!r}")
-        if not w_entropy >= 0:
-            raise ValueError(f"w_entropy must be >= 0, got {w_entropy}")
-        self.p, self.max_k = float(p), max_k
-        self.renormalize = bool(renormalize)
-        self.w_entropy = float(w_entropy)
+        self.p, self.max_k = p, max_k
+        self.renormalize = boolean("renormalize", renormalize)
+        self.w_entropy = real_in("w_entropy", w_entropy, 0.0)
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
 
@@ -83,7 +81,9 @@ class TopPGate(Gate):
         self.gate_losses = {}
         if self.w_entropy:
             entropy_T = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1)
-            self.gate_losses["dynamic_entropy"] = self.w_entropy * entropy_T.mean()
+            # The mean of an empty batch would be NaN: its (zero) sum instead.
+            entropy = entropy_T.mean() if entropy_T.shape[0] else entropy_T.sum()
+            self.gate_losses["dynamic_entropy"] = self.w_entropy * entropy
         routing = routing_from_dense(weights_TE, mask_TE, probs=probs_TE, logits=logits_TE)
         self.update_bias_balancer(routing.counts)
         return routing

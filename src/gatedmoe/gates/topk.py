@@ -10,6 +10,7 @@ from gatedmoe.gates.base import Gate, check_k
 from gatedmoe.gates.functional import topk_softmax
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
+from gatedmoe.validation import boolean, real_in
 
 __all__ = ["TopKSoftmaxGate", "cv_squared", "noisy_topk_load"]
 
@@ -82,10 +83,10 @@ class TopKSoftmaxGate(Gate):
     ) -> None:
         super().__init__(d_model, n_experts)
         self.k = check_k(k, n_experts)
-        self.renormalize = (k > 1) if renormalize is None else bool(renormalize)
-        self.noisy = bool(noisy)
-        self.w_importance = float(w_importance)
-        self.w_load = float(w_load)
+        self.renormalize = (k > 1) if renormalize is None else boolean("renormalize", renormalize)
+        self.noisy = boolean("noisy", noisy)
+        self.w_importance = real_in("w_importance", w_importance, 0.0)
+        self.w_load = real_in("w_load", w_load, 0.0)
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
         if self.noisy:

@@ -27,6 +27,11 @@ def _positive_int(name: str, v: object) -> None:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
+def _bool(name: str, v: object) -> None:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be True or False, got {v!r}")
+
+
 def _finite_nonneg(name: str, v: object) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
         raise ValueError(f"{name} must be a finite float >= 0, got {v!r}")
@@ -83,9 +88,10 @@ class MoEConfig:
         Whether the loss counts assignments as the gate routed them, before capacity drops
         ("routed", default: the Switch paper's definition), or only those kept.
     check_inputs : bool
-        Fail on NaN/inf in the input (default True): a ValueError on the CPU; on an
-        accelerator a device-side assertion (no host sync: the step fails with a
-        RuntimeError "device-side assert triggered" at the next synchronisation).
+        Fail on NaN/inf in the input (default True, for every layer variant too): a
+        ValueError on the CPU; on an accelerator, or under ``torch.compile``, a device-side
+        assertion (no host sync: the step fails with a RuntimeError "device-side assert
+        triggered" at the next synchronisation). False passes NaN/inf through to the output.
     gate_kwargs : mapping
         Extra keyword arguments for the gate (e.g. ``{"noisy": True}``); treat as read-only.
     bias_update_rate : float
@@ -141,6 +147,8 @@ class MoEConfig:
             raise TypeError(f"activation must be an activation name (str), got {type(self.activation).__name__}")
         if isinstance(self.k, bool) or not isinstance(self.k, int):
             raise TypeError(f"k must be an int, got {type(self.k).__name__}")
+        _bool("bias", self.bias)
+        _bool("check_inputs", self.check_inputs)
         if isinstance(self.n_shared_experts, bool) or not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
             raise ValueError(f"n_shared_experts must be an int >= 0, got {self.n_shared_experts!r}")
         if self.d_shared_hidden is not None:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from gatedmoe.layers.config import MoEConfig
 from gatedmoe.layers.moe import MoE
+from gatedmoe.validation import boolean, check_input, one_of, positive_int
 
 __all__ = ["DeepMoE"]
 
@@ -38,7 +39,8 @@ class DeepMoE(nn.Module):
         config, ``self.config``, and every layer is ``MoE.from_config(self.config)``;
         `from_config` takes a config directly.
 
-    ``aux_loss(model)`` sums every layer's auxiliary losses.
+    ``aux_loss(model)`` sums every layer's auxiliary losses. Inputs follow the contract of
+    `gatedmoe.MoE` (checked on entry; NaN/inf by the first layer's ``check_inputs``).
 
     Examples
     --------
@@ -62,13 +64,12 @@ class DeepMoE(nn.Module):
         **moe_kwargs: Any,
     ) -> None:
         super().__init__()
-        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
-            raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
-        if nonlinearity not in ("relu", None):
-            raise ValueError(f"nonlinearity must be 'relu' or None, got {nonlinearity!r}")
+        positive_int("n_layers", n_layers)
+        one_of("nonlinearity", nonlinearity, ("relu", None))
+        boolean("residual", residual)
         self.config = MoEConfig(d_model=d_model, n_experts=n_experts, d_hidden=d_hidden, **moe_kwargs)
         self.layers = nn.ModuleList(MoE.from_config(self.config) for _ in range(n_layers))
-        self.nonlinearity, self.residual = nonlinearity, bool(residual)
+        self.nonlinearity, self.residual = nonlinearity, residual
 
     @classmethod
     def from_config(
@@ -84,6 +85,7 @@ class DeepMoE(nn.Module):
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """``x [..., D] -> [..., D]``; ``token_ids`` reach every layer."""
+        check_input(x, self.config.d_model, "DeepMoE")
         z = x
         for i, layer in enumerate(self.layers):
             out = layer(z, token_ids=token_ids)

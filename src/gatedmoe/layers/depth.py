@@ -8,10 +8,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gatedmoe.routing import Routing
 from gatedmoe.transient import TransientState
+from gatedmoe.validation import boolean, check_finite, check_input, positive_int, real_in
 
 __all__ = ["MixtureOfDepths"]
 
@@ -33,6 +35,23 @@ class MixtureOfDepths(TransientState, nn.Module):
     ``last_routing`` records the choice as a `Routing` over one expert (tokens are the
     B*T flattened positions, weights ``r``).
 
+    Parameters
+    ----------
+    block : nn.Module
+        ``f``, called on the chosen tokens ``[B, C, D]`` in the input's dtype.
+    d_model : int
+        D.
+    capacity : float
+        Fraction of each sequence's tokens the block processes, in (0, 1] (default 0.125).
+    check_inputs : bool
+        Fail on NaN/inf in the input (default True), as `gatedmoe.MoE` does (see
+        `gatedmoe.MoEConfig`).
+
+    Inputs ``[B, T, D]`` or ``[T, D]`` follow the contract of `gatedmoe.MoE`: any floating
+    dtype (the router runs in float32, the block sees ``x``'s dtype: a block whose weights
+    have another dtype is refused up front with a TypeError, outside ``torch.autocast``);
+    a batch with no tokens returns ``x`` unchanged without calling the block.
+
     Examples
     --------
     >>> import torch
@@ -43,26 +62,38 @@ class MixtureOfDepths(TransientState, nn.Module):
 
     _transient = {"last_routing": None}
 
-    def __init__(self, block: nn.Module, d_model: int, *, capacity: float = 0.125) -> None:
+    def __init__(self, block: nn.Module, d_model: int, *, capacity: float = 0.125, check_inputs: bool = True) -> None:
         super().__init__()
-        if not 0 < capacity <= 1:
-            raise ValueError(f"capacity must be in (0, 1], got {capacity}")
-        self.block, self.d_model, self.capacity = block, d_model, float(capacity)
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"block must be an nn.Module mapping [B, C, D] to [B, C, D], got {type(block).__name__}")
+        positive_int("d_model", d_model)
+        self.block, self.d_model = block, d_model
+        self.capacity = real_in("capacity", capacity, 0.0, 1.0, lo_open=True)
+        self.check_inputs = boolean("check_inputs", check_inputs)
         self.router = nn.Linear(d_model, 1, bias=False)
         self.last_routing: Routing | None = None
 
     def n_selected(self, n_tokens: int) -> int:
-        """C = ``ceil(capacity * T)``, at least 1."""
-        return max(1, math.ceil(self.capacity * n_tokens))
+        """C = ``ceil(capacity * T)``, at least 1 (0 for a sequence with no tokens)."""
+        return max(1, math.ceil(self.capacity * n_tokens)) if n_tokens else 0
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, T, D]`` (or ``[T, D]``) to the same shape."""
-        if x.dim() not in (2, 3) or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape [B, T, d_model={self.d_model}] or [T, d_model], got {tuple(x.shape)}")
+        check_input(x, self.d_model, "MixtureOfDepths", ndims=(2, 3), shape_text="[B, T, d_model] or [T, d_model]")
+        self._check_block_dtype(x)
+        if self.check_inputs:
+            check_finite(x, "MixtureOfDepths")
         x_BTD = x.unsqueeze(0) if x.dim() == 2 else x
         B, T, D = x_BTD.shape
         C = self.n_selected(T)
-        r_BT = self.router(x_BTD).squeeze(-1)
+        if B * C == 0:
+            # No token to process: nothing to route, and a block need not accept 0 tokens.
+            empty = torch.zeros(0, dtype=torch.long, device=x.device)
+            self.last_routing = Routing.from_assignments(
+                empty, empty, torch.zeros(0, device=x.device), n_experts=1, n_tokens=B * T
+            )
+            return x
+        r_BT = F.linear(x_BTD.float(), self.router.weight.float()).squeeze(-1)
         idx_BC = torch.topk(r_BT.detach(), C, dim=-1).indices.sort(dim=-1).values
         sel_BCD = x_BTD.gather(1, idx_BC.unsqueeze(-1).expand(B, C, D))
         r_BC = r_BT.gather(1, idx_BC)
@@ -73,3 +104,13 @@ class MixtureOfDepths(TransientState, nn.Module):
             flat, torch.zeros_like(flat), r_BC.reshape(-1), n_experts=1, n_tokens=B * T
         )
         return y_BTD.squeeze(0) if x.dim() == 2 else y_BTD
+
+    def _check_block_dtype(self, x: Tensor) -> None:
+        if torch.is_autocast_enabled(x.device.type):
+            return
+        dtypes = {p.dtype for p in self.block.parameters() if p.is_floating_point()}
+        if dtypes and x.dtype not in dtypes:
+            raise TypeError(
+                f"MixtureOfDepths: x has dtype {x.dtype} but block's weights are {sorted(map(str, dtypes))}; "
+                "the block gets x's dtype: cast x or the block (e.g. block.to(x.dtype))"
+            )

@@ -26,6 +26,7 @@ from gatedmoe.losses import (
 )
 from gatedmoe.routing import Routing
 from gatedmoe.transient import TransientState
+from gatedmoe.validation import boolean, check_finite, check_input, positive_int
 
 __all__ = ["MoE", "MoEConfig", "SharedExperts", "GatedSharedExperts", "aux_loss", "balance_step"]
 
@@ -38,6 +39,9 @@ class SharedExperts(nn.Module):
         self, d_model: int, d_hidden: int, activation: str | Activation | ExpandedGatedActivation = "swiglu", bias: bool = False
     ) -> None:
         super().__init__()
+        positive_int("d_model", d_model)
+        positive_int("d_hidden", d_hidden)
+        boolean("bias", bias)
         self.act = get_activation(activation) if isinstance(activation, str) else activation
         h_in = 2 * d_hidden if self.act.glu else d_hidden
         self.w_in = nn.Linear(d_model, h_in, bias=bias)
@@ -68,6 +72,7 @@ class GatedSharedExperts(nn.Module):
         gate_bias: bool = False,
     ) -> None:
         super().__init__()
+        boolean("gate_bias", gate_bias)
         self.expert = SharedExperts(d_model, d_hidden, activation, bias)
         self.gate = nn.Linear(d_model, 1, bias=gate_bias)
 
@@ -122,6 +127,25 @@ class MoE(TransientState, nn.Module):
     ``bias_update_every="step"``) sums counts over ``balance_group`` when one is set with
     `set_balance_group` (`ExpertParallelMoE` sets its expert-parallel group); call
     `balance_step` (or ``gatedmoe.balance_step(model)``) after each optimizer step.
+
+    Inputs (the contract of every layer, `gatedmoe.validation`): ``x`` must be a
+    floating-point tensor ``[..., d_model]``; a non-tensor, an integer/bool/complex tensor
+    or a wrong last dimension is a TypeError/ValueError naming ``x``, before any work. Any
+    floating dtype is accepted and *computed in*: the experts run in ``x.dtype`` (their
+    weights are cast to it), the router in float32, and the output has ``x.dtype`` (a
+    float64 input to a float32 layer gives float64). Zero tokens (``x.shape[:-1]`` with a
+    0) is a valid batch: an empty output and zero auxiliary losses. NaN/inf in ``x``: see
+    ``check_inputs`` in `MoEConfig`.
+
+    ``torch.compile`` works, outputs and gradients (tested on the CPU; on CUDA the same
+    path applies and the Triton backend is a custom op of its own): under compile the
+    grouped backend runs its product as the custom op ``gatedmoe::grouped_mm`` (the fake
+    implementation of ``torch._grouped_mm`` takes bfloat16 only, which failed float32
+    layers with "Expected inputs of BF16 type") and the NaN check as a device-side
+    assertion. ``fullgraph=True`` works with fixed-k gates (top-k, sigmoid, switch, expert
+    choice, capacity included); gates that keep a variable number of experts per token
+    (threshold, top-p, dense-masked ones) produce data-dependent sizes and break the graph
+    there. The same holds for every variant in `gatedmoe.layers`.
 
     Examples
     --------
@@ -287,21 +311,11 @@ class MoE(TransientState, nn.Module):
         return max(1, math.ceil(self.capacity_factor * n_assignments / self.n_experts))
 
     def _check(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape [..., d_model={self.d_model}], got {tuple(x.shape)}")
-        if not self.check_inputs:
-            return
-        if x.device.type == "cpu":
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError("x contains NaN or inf")
-        else:
-            # Reading the flag on the host would stall the stream on every forward (and forbid
-            # CUDA-graph capture); a device-side assertion fails the step without a sync.
-            torch._assert_async(torch.isfinite(x).all(), "gatedmoe.MoE: x contains NaN or inf")
+        # The one input contract of every layer (gatedmoe.validation): type, dtype, shape,
+        # then NaN/inf as check_inputs says (no host sync on accelerators).
+        check_input(x, self.d_model, type(self).__name__)
+        if self.check_inputs:
+            check_finite(x, type(self).__name__)
 
     # ------------------------------------------------------------ balancing
     def set_balance_group(self, group: Any = None) -> MoE:
@@ -383,8 +397,7 @@ class MoE(TransientState, nn.Module):
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """``x [..., D] -> [..., D]``; ``token_ids [...]`` for gates that route by token id."""
         self._check(x)
-        if token_ids is not None and tuple(token_ids.shape) != tuple(x.shape[:-1]):
-            raise ValueError(f"token_ids must have shape x.shape[:-1]={tuple(x.shape[:-1])}, got {tuple(token_ids.shape)}")
+        _check_token_ids(token_ids, x)
         x_TD = x.reshape(-1, self.d_model)
         self._seq_len = x.shape[-2] if x.dim() >= 3 else None
         try:
@@ -399,6 +412,18 @@ class MoE(TransientState, nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, capacity_factor={self.capacity_factor}"
+
+
+def _check_token_ids(token_ids: Tensor | None, x: Tensor) -> None:
+    """``token_ids`` is None or an integer tensor shaped ``x.shape[:-1]``."""
+    if token_ids is None:
+        return
+    if not isinstance(token_ids, Tensor):
+        raise TypeError(f"token_ids must be None or an integer torch.Tensor, got {type(token_ids).__name__}")
+    if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
+        raise TypeError(f"token_ids must be an integer tensor, got dtype {token_ids.dtype}")
+    if tuple(token_ids.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"token_ids must have shape x.shape[:-1]={tuple(x.shape[:-1])}, got {tuple(token_ids.shape)}")
 
 
 def _check_gate_part(config: MoEConfig, gate: Gate) -> None:
@@ -449,6 +474,8 @@ def aux_loss(model: nn.Module) -> Tensor:
 
     Returns a zero scalar when there is none. Add it to the task loss before backward.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     total: Tensor | None = None
     for m in model.modules():
         losses = getattr(m, "aux_losses", None)

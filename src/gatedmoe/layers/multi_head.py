@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gatedmoe.layers.config import MoEConfig
-from gatedmoe.layers.moe import MoE
+from gatedmoe.layers.moe import MoE, _check_token_ids
+from gatedmoe.validation import check_finite, check_input, positive_int
 
 __all__ = ["MultiHeadMoE"]
 
@@ -38,7 +40,9 @@ class MultiHeadMoE(nn.Module):
         `from_config` takes a config directly.
 
     ``aux_losses`` and ``last_routing`` live on ``self.moe`` (``aux_loss(model)`` finds
-    them); ``token_ids`` are repeated for each sub-token.
+    them); ``token_ids`` are repeated for each sub-token. Inputs follow the contract of
+    `gatedmoe.MoE` (any floating dtype, computed in: the projections are cast to it; NaN/inf
+    checked on entry with the config's ``check_inputs``).
 
     Examples
     --------
@@ -52,6 +56,7 @@ class MultiHeadMoE(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, n_experts: int, d_hidden: int, **moe_kwargs: Any) -> None:
         super().__init__()
+        positive_int("d_model", d_model)
         if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1 or d_model % n_heads:
             raise ValueError(f"n_heads must be a positive int dividing d_model={d_model}, got {n_heads!r}")
         self.d_model, self.n_heads = d_model, n_heads
@@ -74,9 +79,17 @@ class MultiHeadMoE(nn.Module):
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """``x [..., D] -> [..., D]``."""
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape [..., d_model={self.d_model}], got {tuple(x.shape)}")
-        sub = self.head_proj(x).reshape(*x.shape[:-1], self.n_heads, self.d_model // self.n_heads)
+        check_input(x, self.d_model, "MultiHeadMoE")
+        if self.config.check_inputs:
+            check_finite(x, "MultiHeadMoE")
+        _check_token_ids(token_ids, x)
+        sub = _linear_in(self.head_proj, x).reshape(*x.shape[:-1], self.n_heads, self.d_model // self.n_heads)
         ids = None if token_ids is None else token_ids.unsqueeze(-1).expand(*token_ids.shape, self.n_heads)
         out = self.moe(sub, token_ids=ids)
-        return self.merge_proj(out.reshape(x.shape))
+        return _linear_in(self.merge_proj, out.reshape(x.shape))
+
+
+def _linear_in(linear: nn.Linear, x: Tensor) -> Tensor:
+    """``linear(x)`` computed in ``x.dtype`` (the layer contract: inputs are computed in)."""
+    bias = None if linear.bias is None else linear.bias.to(x.dtype)
+    return F.linear(x, linear.weight.to(x.dtype), bias)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from gatedmoe import gates as gate_registry
@@ -16,6 +15,7 @@ from gatedmoe.layers.config import MoEConfig
 from gatedmoe.losses import load_balance_loss, router_z_loss
 from gatedmoe.routing import Routing
 from gatedmoe.transient import TransientState
+from gatedmoe.validation import check_finite, check_input, positive_int
 
 __all__ = ["MultiTaskMoE"]
 
@@ -42,13 +42,16 @@ class MultiTaskMoE(TransientState, nn.Module):
         Weights of the Switch load-balancing loss and the router z-loss, per task
         (default 0: MMoE has neither).
     check_inputs : bool
-        Raise on NaN/inf in the input (default False).
+        Fail on NaN/inf in the input (default True), as `gatedmoe.MoE` does (see
+        `MoEConfig`).
 
     These are the `MoEConfig` fields it honours (``self.config`` holds them); `from_config`
     builds one from a config and refuses, naming the field, one whose other settings
     (shared experts, capacity) differ from their defaults.
 
-    ``forward(x)`` returns a list of n_tasks tensors shaped like x. After it,
+    ``forward(x)`` takes ``x [..., D]`` under the input contract of `gatedmoe.MoE` (any
+    floating dtype, computed in; zero tokens valid; TypeError/ValueError naming ``x``
+    otherwise) and returns a list of n_tasks tensors shaped like x. After it,
     ``aux_losses`` holds ``"task{i}/<loss>"`` entries (gate losses, e.g. DSelect-k's
     entropy) and ``last_routings`` the routing of each task.
 
@@ -87,12 +90,11 @@ class MultiTaskMoE(TransientState, nn.Module):
         backend_options: TritonOptions | None = None,
         load_balance_weight: float = 0.0,
         router_z_weight: float = 0.0,
-        check_inputs: bool = False,
+        check_inputs: bool = True,
         bias_update_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
-            raise ValueError(f"n_tasks must be a positive int, got {n_tasks!r}")
+        positive_int("n_tasks", n_tasks)
         cfg = MoEConfig(
             d_model=d_model, n_experts=n_experts, d_hidden=d_hidden, gate=gate, k=k, gate_kwargs=gate_kwargs or {},
             activation=activation, bias=bias, backend=backend, backend_options=backend_options,
@@ -136,10 +138,9 @@ class MultiTaskMoE(TransientState, nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         """``x [..., D]`` to one ``[..., D]`` output per task."""
         cfg = self.config
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape [..., d_model={self.d_model}], got {tuple(x.shape)}")
-        if cfg.check_inputs and not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains NaN or inf")
+        check_input(x, self.d_model, "MultiTaskMoE")
+        if cfg.check_inputs:
+            check_finite(x, "MultiTaskMoE")
         x_TD = x.reshape(-1, self.d_model)
         dispatch = get_backend(cfg.backend, x.device)
         outs, routings, losses = [], [], {}

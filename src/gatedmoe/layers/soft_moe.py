@@ -16,6 +16,7 @@ from gatedmoe.layers._settings import honoured_settings
 from gatedmoe.layers.config import MoEConfig
 from gatedmoe.routing import Routing
 from gatedmoe.transient import TransientState
+from gatedmoe.validation import boolean, check_finite, check_input, positive_int
 
 __all__ = ["SoftMoE"]
 
@@ -44,15 +45,19 @@ class SoftMoE(TransientState, nn.Module):
     normalize : bool
         l2-normalise tokens and slot parameters (default False).
     check_inputs : bool
-        Raise on NaN/inf in the input (default False).
+        Fail on NaN/inf in the input (default True), as `gatedmoe.MoE` does (see
+        `MoEConfig`).
 
     These are the `MoEConfig` fields it honours (``self.config`` holds them); `from_config`
     builds one from a config and refuses, naming the field, one whose other settings differ
     from their defaults: Soft MoE has no gate, top-k, auxiliary loss, capacity or shared
     experts.
 
-    Input ``[B, T, D]`` or ``[T, D]`` (one sequence). Tokens mix within a sequence, so a
-    causal model cannot use it as is (the paper notes the same).
+    Input ``[B, T, D]`` or ``[T, D]`` (one sequence), any floating dtype (computed in it,
+    as `gatedmoe.MoE`; slot logits in float32); anything else is a TypeError/ValueError
+    naming ``x``. Zero tokens or zero sequences give an empty output. Tokens mix within a
+    sequence, so a causal model cannot use it as is (the paper notes the same).
+    ``torch.compile`` works as for `gatedmoe.MoE`.
 
     Examples
     --------
@@ -82,11 +87,11 @@ class SoftMoE(TransientState, nn.Module):
         normalize: bool = False,
         backend: str = "auto",
         backend_options: TritonOptions | None = None,
-        check_inputs: bool = False,
+        check_inputs: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(slots_per_expert, bool) or not isinstance(slots_per_expert, int) or slots_per_expert < 1:
-            raise ValueError(f"slots_per_expert must be a positive int, got {slots_per_expert!r}")
+        positive_int("slots_per_expert", slots_per_expert)
+        boolean("normalize", normalize)
         self.config = MoEConfig(
             d_model=d_model, n_experts=n_experts, d_hidden=d_hidden, activation=activation, bias=bias, backend=backend,
             backend_options=backend_options, check_inputs=check_inputs,
@@ -94,7 +99,7 @@ class SoftMoE(TransientState, nn.Module):
         self.experts = ExpertBank(n_experts, d_model, d_hidden, activation, bias)
         self.d_model, self.n_experts, self.slots_per_expert = d_model, n_experts, slots_per_expert
         self.phi = nn.Parameter(torch.randn(d_model, n_experts * slots_per_expert) * d_model**-0.5)
-        self.normalize = bool(normalize)
+        self.normalize = normalize
         self.scale = nn.Parameter(torch.ones(())) if normalize else None
         self.aux_losses: dict[str, Tensor] = {}
         self.last_dispatch: Tensor | None = None
@@ -123,10 +128,9 @@ class SoftMoE(TransientState, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, T, D]`` (or ``[T, D]``) to the same shape."""
-        if x.dim() not in (2, 3) or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape [B, T, d_model={self.d_model}] or [T, d_model], got {tuple(x.shape)}")
-        if self.config.check_inputs and not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains NaN or inf")
+        check_input(x, self.d_model, "SoftMoE", ndims=(2, 3), shape_text="[B, T, d_model] or [T, d_model]")
+        if self.config.check_inputs:
+            check_finite(x, "SoftMoE")
         x_BTD = x.unsqueeze(0) if x.dim() == 2 else x
         B, T, D = x_BTD.shape
         ES = self.n_experts * self.slots_per_expert
