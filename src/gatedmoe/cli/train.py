@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a small MoE language model", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=positive_int, default=400,
-                   help="optimizer steps in total (default 400: 3-4 min on 2 CPU cores); with --resume, the total "
+                   help="optimizer steps in total (default 400, a few minutes on 2 CPU cores); with --resume, the total "
                         "to reach")
     # Model flags default to None so that --resume can tell a flag given from a default.
     p.add_argument("--gate", default=None, help=f"gate name (default topk_softmax): {', '.join(names())}")
