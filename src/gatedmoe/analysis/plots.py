@@ -79,7 +79,8 @@ def plot_bars(values: Mapping[str, tuple[float, float]], path: str | Path, *, yl
     means = [values[k][0] for k in labels]
     stds = [values[k][1] for k in labels]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(labels) + 1.5), 3.6))
-    ax.bar(range(len(labels)), [0.0 if math.isnan(m) else m for m in means], yerr=stds, capsize=4, color="#4c72b0")
+    ax.bar(range(len(labels)), [0.0 if math.isnan(m) else m for m in means], yerr=stds if any(x > 0 for x in stds) else None,
+           capsize=4, color="#4c72b0")
     for i, m in enumerate(means):
         if math.isnan(m):
             ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)

@@ -147,9 +147,9 @@ def ranking_note(result: ArenaResult) -> str:
         return ""
     n = result.config.get("seeds", 1)
     if n == 1:
-        return (f"One seed per contestant: the order by validation loss ({' , '.join(r['label'] for r in rows)}) is not "
+        return (f"One seed per contestant: the order by validation loss ({', '.join(r['label'] for r in rows)}) is not "
                 "a ranking, because how much the loss moves from seed to seed was not measured. Rerun with --seeds 3 "
-                "(with --steps at half the default, about 1.5 times the default run's time) for means ± standard "
+                "(with --steps at half the default: 1.5 times the training steps of the default run) for means ± standard "
                 "deviations and a ranking that says which differences are larger than that spread.")
     parts = [f"{rows[0]['label']} {rows[0]['val_loss']:.4f} ± {rows[0]['val_loss_std']:.4f}"]
     for a, b in zip(rows, rows[1:], strict=False):
