@@ -27,6 +27,8 @@ class _LayerTotals:
     coactivation: torch.Tensor | None = None
     # [V, E] float64: assignments by input token id (grown as larger ids arrive).
     token_counts: torch.Tensor | None = None
+    # [E] float64: sum of the combine weights of each expert's assignments.
+    weight_sums: torch.Tensor | None = None
 
 
 class RoutingStats:
@@ -35,7 +37,10 @@ class RoutingStats:
     Per layer: ``load`` (fraction of assignments per expert), ``cv`` (coefficient of
     variation of the load), ``max_violation`` (max load / mean load - 1, as in
     "Auxiliary-Loss-Free Load Balancing"), ``entropy`` (mean per-token entropy of the gate
-    distribution, nats; ``entropy_normalized`` divides by log E), ``dropped_fraction``
+    distribution, nats; ``entropy_normalized`` divides by log E: 1 = uniform, the one
+    `format`, `gatedmoe train` and `gatedmoe compare` show), ``weight_share`` (share of the
+    combine weight per expert: the load of a dense gate, whose assignment load is uniform
+    by construction), ``dropped_fraction``
     (assignments removed by capacity / assignments proposed), ``experts_per_token`` (mean
     executed assignments per token), ``coactivation`` (``[E, E]``: ``P(j | i)``, the
     fraction of tokens routed to expert i that also went to expert j).
@@ -85,6 +90,9 @@ class RoutingStats:
         elif acc.counts.numel() != E:
             raise ValueError(f"layer {layer!r} had {acc.counts.numel()} experts, this routing has {E}")
         acc.counts += routing.counts.detach().to("cpu", torch.float64)
+        w = torch.zeros(E, dtype=torch.float64)
+        w.index_add_(0, routing.expert.cpu(), routing.weight.detach().to("cpu", torch.float64).abs())
+        acc.weight_sums = w if acc.weight_sums is None else acc.weight_sums + w
         # Which experts each token went to, as a 0/1 matrix [T, E].
         hit_TE = torch.zeros(routing.n_tokens, E, dtype=torch.float64)
         hit_TE[routing.token.cpu(), routing.expert.cpu()] = 1.0
@@ -131,10 +139,12 @@ class RoutingStats:
             load = (acc.counts / total) if total else torch.zeros(E, dtype=torch.float64)
             mean = load.mean().item()
             proposed = acc.n_assignments + acc.n_dropped
+            wsum = acc.weight_sums if acc.weight_sums is not None else torch.zeros(E, dtype=torch.float64)
             layers[name] = {
                 "n_experts": E,
                 "n_tokens": acc.n_tokens,
                 "load": load.tolist(),
+                "weight_share": (wsum / wsum.sum()).tolist() if wsum.sum() > 0 else load.tolist(),
                 "cv": (load.std(unbiased=False).item() / mean) if mean else 0.0,
                 "max_violation": (load.max().item() / mean - 1.0) if mean else 0.0,
                 "entropy": acc.entropy_sum / acc.n_entropy_tokens if acc.n_entropy_tokens else float("nan"),
@@ -176,38 +186,58 @@ class RoutingStats:
         return acc.token_counts.clone()
 
     def format(self) -> str:
-        """A plain-text table of `summary`, one row per layer."""
+        """A plain-text table of `summary`, one row per layer. ``entropy/logE`` is the
+        normalised routing entropy (1 = uniform over experts), as in `gatedmoe compare`."""
         s = self.summary()
-        rows = [f"{'layer':<24} {'cv':>7} {'max_viol':>9} {'entropy':>8} {'dropped%':>9}"]
+        rows = [f"{'layer':<24} {'load CV':>7} {'max viol':>9} {'entropy/logE':>12} {'dropped %':>9}"]
         for name, v in {**s["layers"], **({"mean": s["mean"]} if s["mean"] else {})}.items():
+            ent = v["entropy_normalized"]
+            ent_s = "n/a" if math.isnan(ent) else f"{ent:.3f}"
             rows.append(
-                f"{name[-24:]:<24} {v['cv']:7.3f} {v['max_violation']:9.3f} {v['entropy']:8.3f} {100 * v['dropped_fraction']:9.2f}"
+                f"{name[-24:]:<24} {v['cv']:7.3f} {v['max_violation']:9.3f} {ent_s:>12} {100 * v['dropped_fraction']:9.2f}"
             )
         return "\n".join(rows)
 
-    def plot(self, path: str | Path, title: str = "Expert load (1 = uniform)") -> Path:
-        """Save a PNG heatmap, layers x experts, of load relative to uniform."""
+    def plot(self, path: str | Path, title: str = "Expert load (1 = uniform)", *, vmin: float | None = None,
+             vmax: float | None = None, quantity: str = "load") -> Path:
+        """Save a PNG heatmap, layers x experts, of load relative to uniform.
+
+        ``quantity="weight_share"`` draws the share of the combine weight instead (the load
+        of a dense gate). ``vmin`` / ``vmax`` fix the colour scale, so that heatmaps of
+        several runs drawn with the same values compare by colour.
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        if quantity not in ("load", "weight_share"):
+            raise ValueError(f"quantity must be 'load' or 'weight_share', got {quantity!r}")
         if not self._layers:
             raise ValueError("no routing recorded yet; call update() first")
+        grid = self.relative_grid(quantity)
         s = self.summary()["layers"]
-        E = max(v["n_experts"] for v in s.values())
-        grid = torch.full((len(s), E), float("nan"))
-        for i, v in enumerate(s.values()):
-            grid[i, : v["n_experts"]] = torch.tensor(v["load"]) * v["n_experts"]
+        E = grid.shape[1]
         fig, ax = plt.subplots(figsize=(max(4, 0.35 * E + 2), max(2, 0.4 * len(s) + 1.2)))
-        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
         ax.set_xlabel("expert")
         ax.set_yticks(range(len(s)), [n[-20:] for n in s])
         ax.set_title(title)
-        fig.colorbar(im, ax=ax, label="load / uniform")
+        label = "load / uniform" if quantity == "load" else "weight share / uniform"
+        fig.colorbar(im, ax=ax, label=label)
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+    def relative_grid(self, quantity: str = "load") -> torch.Tensor:
+        """``[layers, E]`` float: ``quantity`` ("load" or "weight_share") per expert times
+        the layer's E (1 = uniform), layers in recording order; NaN past a layer's E."""
+        s = self.summary()["layers"]
+        E = max(v["n_experts"] for v in s.values())
+        grid = torch.full((len(s), E), float("nan"))
+        for i, v in enumerate(s.values()):
+            grid[i, : v["n_experts"]] = torch.tensor(v[quantity]) * v["n_experts"]
+        return grid

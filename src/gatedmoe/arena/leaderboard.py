@@ -25,7 +25,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("load_cv", "load CV", "{:.3f}"),
     ("max_violation", "max viol", "{:.3f}"),
     ("dropped_pct", "dropped %", "{:.2f}"),
-    ("entropy_norm", "entropy", "{:.3f}"),
+    ("entropy_norm", "entropy/logE", "{:.3f}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
 ]
 

@@ -153,8 +153,8 @@ def run_text_arena(
     ``moe`` is the MoE layers' settings (default `TEXT_MOE`; each gate's `gate_preset` of
     it); ``model`` overrides `TEXT_MODEL` (LMConfig fields; `MoEConfig` fields in it, e.g.
     ``d_model`` or ``n_experts``, are applied to ``moe``). ``jobs > 1`` trains that many runs
-    at once in worker processes (spawned; each uses ``threads`` torch threads, default 1),
-    with one progress bar over runs; results are the same as with ``jobs=1``. Returns an
+    at once in worker processes (spawned; each uses ``threads`` torch threads, default 1);
+    one progress bar moves per training step over all runs; results are the same as with ``jobs=1``. Returns an
     `ArenaResult` whose runs hold ``val_loss``, ``params``, ``active_params``,
     ``load_cv``, ``max_violation``, ``dropped_pct``, ``entropy_norm``, ``tokens_per_s``
     and the validation curve.
@@ -175,22 +175,7 @@ def run_text_arena(
              eval_batches=eval_batches, desc=f"{gate} seed {seed}")
         for gate in gate_names for seed in range(seeds)
     ]
-    if jobs == 1 or len(tasks) == 1:
-        outcomes = [_text_run(task, progress, threads) for task in tasks]
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        from tqdm.auto import tqdm
-
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx) as pool:
-            futures = [pool.submit(_text_run, task, False, threads or 1) for task in tasks]
-            bar = tqdm(total=len(tasks), disable=not progress, desc=f"text runs ({jobs} at once)", unit="run")
-            for f in futures:
-                f.add_done_callback(lambda _: bar.update(1))
-            outcomes = [f.result() for f in futures]
-            bar.close()
+    outcomes = _run_all(tasks, jobs, threads, progress)
     for task, (run, stats) in zip(tasks, outcomes, strict=True):
         result.runs.append(run)
         if task["seed"] == 0:
@@ -199,13 +184,60 @@ def run_text_arena(
     return result
 
 
-def _text_run(task: dict[str, Any], progress: bool, threads: int | None) -> tuple[dict[str, Any], RoutingStats]:
-    """One text contestant (module level so worker processes can run it)."""
+def _run_all(tasks: list[dict[str, Any]], jobs: int, threads: int | None, progress: bool) -> list:
+    """Train every task, ``jobs`` at once, behind one progress bar that moves per training
+    step of any run (a run of the default arena takes a minute; a bar per finished run sat
+    still that long)."""
+    from tqdm.auto import tqdm
+
+    total = sum(t["steps"] for t in tasks)
+    label = "text runs" if jobs == 1 or len(tasks) == 1 else f"text runs ({min(jobs, len(tasks))} at once)"
+    bar = tqdm(total=total, disable=not progress, desc=f"{label}, {len(tasks)} runs", unit="step")
+    try:
+        if jobs == 1 or len(tasks) == 1:
+            if not progress:
+                return [_text_run(task, False, threads) for task in tasks]
+            return [_text_run(task, False, threads, lambda _: bar.update(1)) for task in tasks]
+        import multiprocessing
+        import queue as queue_mod
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx) as pool:
+            steps_done = manager.Queue()
+            extra = (steps_done,) if progress else ()
+            futures = [pool.submit(_text_run, task, False, threads or 1, *extra) for task in tasks]
+            while not all(f.done() for f in futures):
+                try:
+                    bar.update(steps_done.get(timeout=0.5))
+                except queue_mod.Empty:
+                    pass
+            return [f.result() for f in futures]
+    finally:
+        bar.close()
+
+
+class _QueueSteps:
+    """``on_step`` for a worker process: puts 1 on a manager queue per step (picklable)."""
+
+    def __init__(self, q: Any) -> None:
+        self.q = q
+
+    def __call__(self, _step: int) -> None:
+        self.q.put(1)
+
+
+def _text_run(task: dict[str, Any], progress: bool, threads: int | None,
+              on_step: Any = None) -> tuple[dict[str, Any], RoutingStats]:
+    """One text contestant (module level so worker processes can run it). ``on_step`` is
+    called after every step, or, a queue, receives a 1 per step."""
     if threads is not None:
         torch.set_num_threads(threads)
     task = dict(task)
     text, cfg = task.pop("text"), task.pop("cfg")
-    m = train_lm(text, cfg, progress=progress, **task)
+    if on_step is not None and not callable(on_step):
+        on_step = _QueueSteps(on_step)
+    m = train_lm(text, cfg, progress=progress, on_step=on_step, **task)
     run = {
         "label": cfg.moe.gate, "gate": cfg.moe.gate, "seed": task["seed"],
         "val_loss": m["final_val_loss"], "params": m["params"], "active_params": m["active_params"],

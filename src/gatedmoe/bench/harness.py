@@ -192,6 +192,41 @@ def dense_ceiling(device: torch.device, dtype: torch.dtype, n: int | None = None
     return dense_gemm_tflops(n, n, n, device, dtype, warmup, reps)
 
 
+def estimate_memory_bytes(shape: BenchShape, dtype: torch.dtype, *, layer: bool = False) -> int:
+    """Rough peak bytes a dispatch (or, ``layer=True``, whole-layer) benchmark of ``shape``
+    allocates, forward+backward, before it allocates anything: SwiGLU expert weights and
+    their gradients (``6 E D H``), inputs and upstream gradients (``4 T D``), the gathered
+    rows and outputs of the N = T K assignments and their gradients (``4 N D``), and the
+    hidden activations with theirs (``6 N H``); the layer adds its router (``2 D E``) and
+    probabilities (``2 T E``). Within a factor of about 1.5 of the measured peak.
+
+    >>> estimate_memory_bytes(BenchShape(8192, 4096, 14336, 8, 2), torch.float32) / 2**30 > 15
+    True
+    """
+    T, D, H, E, K = shape.tokens, shape.d_model, shape.d_hidden, shape.n_experts, shape.k
+    N = T * K
+    elems = 6 * E * D * H + 4 * T * D + 4 * N * D + 6 * N * H
+    if layer:
+        elems += 2 * D * E + 2 * T * E
+    size = torch.empty((), dtype=dtype).element_size()
+    return int(elems * size)
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device``: CUDA's free bytes, or the host's MemAvailable (Linux); None
+    where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def result_row(shape: BenchShape, backend: str, pass_name: str, dtype: torch.dtype, device: torch.device, routing: str,
                ms: float, tflops: float, ceiling: float, extra_gb: float) -> dict:
     """One result row of `bench_dispatch` / `bench_layer` (the keys `format_rows` reads)."""

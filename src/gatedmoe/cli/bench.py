@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from gatedmoe.cli._common import UsageError, check_device, nonneg_int, positive_int
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -20,25 +22,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark MoE dispatch backends", description=__doc__)
     p.add_argument("--shape", default=None, help=f"preset: {', '.join(SHAPES)}, or 'gpu' for the four GPU presets "
                    "(default: 'cpu' on CPU, 'gpu' on CUDA)")
-    p.add_argument("--tokens", type=int, help="T (overrides the preset)")
-    p.add_argument("--d-model", type=int, help="D")
-    p.add_argument("--d-hidden", type=int, help="H")
-    p.add_argument("--experts", type=int, help="E")
-    p.add_argument("--k", type=int, help="experts per token")
+    p.add_argument("--tokens", type=positive_int, help="T (overrides the preset)")
+    p.add_argument("--d-model", type=positive_int, help="D")
+    p.add_argument("--d-hidden", type=positive_int, help="H")
+    p.add_argument("--experts", type=positive_int, help="E")
+    p.add_argument("--k", type=positive_int, help="experts per token")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="default bf16 on CUDA, fp32 on CPU (CPU bf16 GEMMs are emulated and slow)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--max-memory-fraction", type=float, default=0.8,
+                   help="refuse a shape whose estimated peak memory exceeds this fraction of the free memory of the "
+                        "device (default 0.8; the estimate is printed)")
     p.add_argument("--backend", default="all", help="comma-separated: reference, bare_grouped_mm, grouped, triton; or 'all'")
     p.add_argument("--routing", choices=["balanced", "random"], default="balanced",
                    help="forced-balanced (kernel timing independent of a router) or a random router")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (median reported)")
+    p.add_argument("--reps", type=positive_int, default=None, help="timed repetitions (median reported)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
-    p.add_argument("--ep", type=int, default=0, metavar="N",
+    p.add_argument("--ep", type=nonneg_int, default=0, metavar="N",
                    help="expert parallelism: spawn N ranks (gloo on CPU, NCCL on CUDA), time an ExpertParallelMoE "
                         "forward+backward, report tokens/s per rank, all-to-all share and load imbalance "
                         "(--tokens is per rank; default 2048 on CPU); under torchrun, runs on its ranks")
-    p.add_argument("--steps", type=int, default=10, help="timed steps with --ep")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps with --ep")
     p.add_argument("--fp32-matmul", choices=["highest", "high", "medium"], default=None,
                    help="torch.set_float32_matmul_precision for the run: the routers compute in float32, and "
                         "'high' lets those GEMMs use TF32 tensor cores (matters with --layer)")
@@ -67,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     from gatedmoe.dispatch import backend_names
     from gatedmoe.dispatch.options import TritonOptions
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.json is not None:
+        _check_json_path(args.json)
     if args.fp32_matmul:
         torch.set_float32_matmul_precision(args.fp32_matmul)
     # None, not TritonOptions(): the backend's own defaults unless the flag asks otherwise.
@@ -77,15 +84,21 @@ def run(args: argparse.Namespace) -> int:
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[args.dtype]
     shape_name = args.shape or ("gpu" if device.type == "cuda" else "cpu")
+    if shape_name in ("gpu", *GPU_SHAPES) and device.type != "cuda":
+        # On a CPU these shapes take 10 minutes and more and tens of GB (issue 23).
+        raise UsageError(f"--shape {shape_name} is a GPU preset and this run is on {device.type} "
+                         f"({'this machine has no CUDA device' if not torch.cuda.is_available() else 'add --device cuda'}"
+                         f"); use --shape cpu, with --tokens/--d-model/--d-hidden/--experts/--k to change its size")
     if shape_name == "gpu":
         shapes = [SHAPES[n] for n in GPU_SHAPES]
     elif shape_name in SHAPES:
         shapes = [SHAPES[shape_name]]
     else:
-        raise SystemExit(f"unknown --shape {shape_name!r}; known: gpu, {', '.join(SHAPES)}")
+        raise UsageError(f"unknown --shape {shape_name!r}; known: gpu, {', '.join(SHAPES)}")
     overrides = {k: v for k, v in (("tokens", args.tokens), ("d_model", args.d_model), ("d_hidden", args.d_hidden),
                                    ("n_experts", args.experts), ("k", args.k)) if v is not None}
     shapes = [replace(s, **overrides) for s in shapes]
+    _check_memory(shapes, dtype, device, args.layer, args.max_memory_fraction)
     dispatch = [b for b in backend_names() if b != "auto"]
     known = ["reference", "bare_grouped_mm", *dispatch]
     # Triton kernels only run compiled on CUDA (on CPU only in the slow interpreter).
@@ -93,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     backends = usable if args.backend == "all" else [b.strip() for b in args.backend.split(",")]
     for b in backends:
         if b not in known:
-            raise SystemExit(f"unknown backend {b!r}; known: {', '.join(known)}")
+            raise UsageError(f"unknown backend {b!r}; known: {', '.join(known)}")
     reps = args.reps or (20 if device.type == "cuda" else 5)
     info = machine_info(device, options)
     print("machine:", ", ".join(f"{k}={v}" for k, v in info.items()))
@@ -125,6 +138,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_json_path(path: Path) -> None:
+    from gatedmoe.cli._common import prepare_out
+
+    if path.is_dir():
+        raise UsageError(f"--json {path} is a folder; give a file name")
+    prepare_out(path.parent if str(path.parent) else Path("."), flag=f"--json {path}: folder")
+
+
+def _check_memory(shapes: list, dtype: torch.dtype, device: torch.device, layer: bool, fraction: float) -> None:
+    """Refuse, before allocating, a shape whose estimated peak exceeds ``fraction`` of the free
+    memory of ``device``."""
+    from gatedmoe.bench import available_memory_bytes, estimate_memory_bytes
+
+    free = available_memory_bytes(device)
+    if free is None:
+        return
+    for s in shapes:
+        need = estimate_memory_bytes(s, dtype, layer=layer)
+        if need > fraction * free:
+            raise UsageError(f"{s.label()} in {str(dtype).removeprefix('torch.')} needs about {need / 2**30:.1f} GiB "
+                             f"and {device.type} has {free / 2**30:.1f} GiB free (limit --max-memory-fraction "
+                             f"{fraction}); use a smaller --tokens/--d-hidden/--experts or another --shape")
+
+
 def _run_ep(args: argparse.Namespace, device: torch.device) -> int:
     from gatedmoe.bench import (
         SHAPES,
@@ -135,7 +172,9 @@ def _run_ep(args: argparse.Namespace, device: torch.device) -> int:
     )
 
     if args.ep < 1:
-        raise SystemExit(f"--ep must be >= 1, got {args.ep}")
+        raise UsageError(f"--ep must be >= 1, got {args.ep}")
+    if args.shape is not None and args.shape not in SHAPES:
+        raise UsageError(f"--ep: unknown --shape {args.shape!r}; known: {', '.join(SHAPES)}")
     preset = SHAPES[args.shape] if args.shape in SHAPES else SHAPES["deepseek" if device.type == "cuda" else "cpu"]
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     kwargs = dict(

@@ -4,9 +4,13 @@ bundled digits by default: TabularMoE with GG MoE's Gumbel-softmax gate against 
 equal parameter count), then writes a leaderboard (results.json, results.csv), figures
 (PNG) and a self-contained report.html.
 
-The default run (both tasks, 5 gates on text, two runs at a time) took 4 min 51 s on the
-project's 2 CPU cores while they were shared with other jobs (197 s of CPU time in all);
-see BENCHMARKS.md."""
+The default run (both tasks, 5 gates on text, two runs at a time) took 2 min 31 s on the
+project's 2-core machine (180 s of CPU time; other jobs shared the cores, load average
+2.5-2.8). One progress bar counts the training steps of all text runs.
+
+One seed per gate (the default) gives an order, not a ranking: the report says so. With
+--seeds N the report ranks the gates and marks the gaps smaller than the seed-to-seed
+spread; --seeds 3 --steps 150 costs 1.5 times the default run's training steps."""
 
 from __future__ import annotations
 
@@ -14,6 +18,15 @@ import argparse
 import platform
 import time
 from pathlib import Path
+
+from gatedmoe.cli._common import (
+    UsageError,
+    check_device,
+    check_file,
+    positive_float,
+    positive_int,
+    prepare_out,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,32 +41,37 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated gate names (default text: {','.join(DEFAULT_TEXT_GATES)}; "
                         f"tabular: {','.join(DEFAULT_TABULAR_GATES)}, plus the MLP). Given, they apply to every task; "
                         "gates that route by token id (hash) are skipped on tables")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
                    help=f"optimizer steps per run (default text {DEFAULT_STEPS['text']}, tabular {DEFAULT_STEPS['tabular']})")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per contestant; >1 reports mean ± std (default 1)")
+    p.add_argument("--seeds", type=positive_int, default=1, help="seeds per contestant; >1 reports mean ± std (default 1)")
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default runs/compare)")
     p.add_argument("--text", type=Path, default=None, help="UTF-8 text file for the text task (default: tiny Shakespeare)")
     p.add_argument("--dataset", default="digits",
                    help=f"table for the tabular task: {', '.join(SKLEARN_DATASETS)}, or PATH.csv (default digits)")
     p.add_argument("--target", default=None, help="target column of a CSV dataset (default: the last column)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default text 16 x 128 chars, tabular 64 rows)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--eval-every", type=int, default=50, help="steps between validation points of the loss curves")
-    p.add_argument("--eval-batches", type=int, default=16, help="validation batches per text evaluation (default 16)")
-    p.add_argument("--layers", type=int, default=None, help="text model: transformer blocks (default 2)")
-    p.add_argument("--d-model", type=int, default=None, help="text model width (default 128)")
-    p.add_argument("--seq-len", type=int, default=None, help="text model context (default 128)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default text 16 x 128 chars, tabular 64 rows)")
+    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--eval-every", type=positive_int, default=50, help="steps between validation points of the loss curves")
+    p.add_argument("--eval-batches", type=positive_int, default=16, help="validation batches per text evaluation (default 16)")
+    p.add_argument("--layers", type=positive_int, default=None, help="text model: transformer blocks (default 2)")
+    p.add_argument("--d-model", type=positive_int, default=None, help="text model width (default 128)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="text model context (default 128)")
     p.add_argument("--gated-attention", action="store_true",
                    help="text model: sigmoid output gate after attention (Qiu et al. 2025)")
-    p.add_argument("--experts", type=int, default=None, help="experts per MoE layer (default text 8, tabular 4)")
-    p.add_argument("--jobs", type=int, default=2,
+    p.add_argument("--experts", type=positive_int, default=None, help="experts per MoE layer (default text 8, tabular 4)")
+    p.add_argument("--jobs", type=positive_int, default=2,
                    help="text runs trained at once, in worker processes (default 2, one per core)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads per run (default 1: these small models gain little from more, and lose "
                         "much when the cores are shared)")
     p.add_argument("--device", default="cpu", help="text task device (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run)
+    _DEFAULTS.update({a.dest: a.default for a in p._actions if a.dest not in ("help",)})
+
+
+# The parser's defaults, for the report's command line (only the options that differ).
+_DEFAULTS: dict = {}
 
 
 def _gate_list(spec: str | None) -> list[str] | None:
@@ -63,12 +81,12 @@ def _gate_list(spec: str | None) -> list[str] | None:
 
     names = [g.strip() for g in spec.split(",") if g.strip()]
     if not names:
-        raise SystemExit("--gates is empty")
+        raise UsageError("--gates is empty")
     for g in names:
         try:
             gates.get(g)
         except ValueError as e:
-            raise SystemExit(str(e)) from None
+            raise UsageError(str(e)) from None
     return names
 
 
@@ -86,16 +104,14 @@ def run(args: argparse.Namespace) -> int:
     )
     from gatedmoe.data import load_tabular, load_tinyshakespeare
 
-    if args.threads < 1:
-        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
-    if args.jobs < 1:
-        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
-    if args.seeds < 1:
-        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit(f"--steps must be >= 1, got {args.steps}")
-    torch.set_num_threads(args.threads)
+    check_device(args.device)
     gate_names = _gate_list(args.gates)
+    if args.task in ("text", "both") and args.text is not None:
+        check_file(args.text, "--text")
+    if args.task in ("tabular", "both") and args.dataset.lower().endswith(".csv"):
+        check_file(args.dataset, "--dataset")
+    prepare_out(args.out)
+    torch.set_num_threads(args.threads)
     progress = not args.no_progress
     t0 = time.perf_counter()
     results = []
@@ -103,9 +119,10 @@ def run(args: argparse.Namespace) -> int:
         if args.text is None:
             text, name = load_tinyshakespeare(), "tiny Shakespeare"
         else:
-            if not args.text.exists():
-                raise SystemExit(f"--text {args.text} does not exist")
-            text, name = args.text.read_text(encoding="utf-8"), args.text.name
+            try:
+                text, name = args.text.read_text(encoding="utf-8"), args.text.name
+            except UnicodeDecodeError as e:
+                raise UsageError(f"--text {args.text} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         model = {k: v for k, v in (("n_layers", args.layers), ("seq_len", args.seq_len)) if v is not None}
         moe = TEXT_MOE.replace(**{k: v for k, v in (("d_model", args.d_model), ("n_experts", args.experts))
                                   if v is not None})
@@ -121,10 +138,7 @@ def run(args: argparse.Namespace) -> int:
                              **kw)
         results.append(res)
     if args.task in ("tabular", "both"):
-        try:
-            data = load_tabular(args.dataset, target=args.target)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
+        data = load_tabular(args.dataset, target=args.target)
         kw = {} if args.steps is None else {"steps": args.steps}
         if args.batch_size is not None:
             kw["batch_size"] = args.batch_size
@@ -136,22 +150,32 @@ def run(args: argparse.Namespace) -> int:
             res = run_tabular_arena(data, tab_gates, seeds=args.seeds, lr=args.lr, eval_every=args.eval_every,
                                     moe=moe, progress=progress, **kw)
         except ValueError as e:
-            raise SystemExit(f"tabular task: {e}") from None
+            raise UsageError(f"tabular task: {e}") from None
         results.append(res)
     train_seconds = time.perf_counter() - t0
     from gatedmoe.bench import machine_info
 
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose")}
+    defaults = {k: _DEFAULTS.get(k) for k in given}
+    changed = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in given.items()
+               if v != defaults[k] and v is not False]
     meta = {
-        "options": " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                            if k not in ("func", "command", "verbose")),
+        "command": " ".join(["gatedmoe compare", *changed]),
+        "options (None: the task's default)": {f"--{k.replace('_', '-')}": (str(v) if isinstance(v, Path) else v)
+                                                for k, v in given.items()},
         "machine": ", ".join(f"{k}={v}" for k, v in machine_info(torch.device(args.device)).items()),
         "host": platform.node(),
         "training wall time (s)": f"{train_seconds:.1f}",
     }
     out = write_outputs(results, args.out, meta=meta)
+    from gatedmoe.arena.report import ranking_note
+
     for res in results:
         print(f"\n{res.task}: {res.dataset} ({res.seconds:.0f} s)")
         print(out["tables"][res.task])
+        note = ranking_note(res)
+        if note:
+            print(note)
     total = time.perf_counter() - t0
     print(f"\nwrote {out['json']}, {out['csv']}, {out['html']} and {len(out['figures'])} figures "
           f"(total {total:.0f} s)")

@@ -8,6 +8,8 @@ import re
 
 import numpy as np
 
+from gatedmoe.cli._common import UsageError, check_file, nonneg_float, positive_float, positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -18,10 +20,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("data", help="CSV file with a header row")
     p.add_argument("--target", required=True, help="name of the response column")
-    p.add_argument("--experts", type=int, default=3, help="number of experts (default 3)")
+    p.add_argument("--experts", type=positive_int, default=3, help="number of experts (default 3)")
     add_estimator_options(p)
     p.add_argument("--classify", action="store_true", help="categorical target: MoEClassifier")
-    p.add_argument("--l2", type=float, default=None,
+    p.add_argument("--l2", type=nonneg_float, default=None,
                    help="with --classify: ridge on the coefficients (default 1, as LogisticRegression's C=1; 0: plain MLE)")
     p.set_defaults(func=run)
 
@@ -30,15 +32,15 @@ def add_estimator_options(p) -> None:
     """The estimator options shared by `gatedmoe fit` and `gatedmoe simulate`."""
     p.add_argument("--gate", default="softmax",
                    help="gate: softmax, topk_softmax (needs --k), temperature_softmax, sigmoid, modified_softmax")
-    p.add_argument("--k", type=int, default=None,
+    p.add_argument("--k", type=positive_int, default=None,
                    help="experts kept per input by topk_softmax (required) or sigmoid (default: all)")
-    p.add_argument("--temperature", type=float, default=1.0, help="fixed temperature of temperature_softmax")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="fixed temperature of temperature_softmax")
     p.add_argument("--penalty", choices=["none", "l1"], default="none", help="l1: Lasso MoE (with --alpha)")
-    p.add_argument("--alpha", type=float, default=0.0, help="L1 strength, per-sample scale (default 0)")
-    p.add_argument("--n-init", type=int, default=3, help="EM starts (default 3)")
-    p.add_argument("--max-iter", type=int, default=100, help="EM iterations per start (default 100)")
-    p.add_argument("--tol", type=float, default=1e-6, help="convergence tolerance on the mean log-likelihood")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alpha", type=nonneg_float, default=0.0, help="L1 strength, per-sample scale (default 0)")
+    p.add_argument("--n-init", type=positive_int, default=3, help="EM starts (default 3)")
+    p.add_argument("--max-iter", type=positive_int, default=100, help="EM iterations per start (default 100)")
+    p.add_argument("--tol", type=nonneg_float, default=1e-6, help="convergence tolerance on the mean log-likelihood")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def estimator_params(args: argparse.Namespace, n_experts: int) -> dict:
@@ -51,30 +53,47 @@ def estimator_params(args: argparse.Namespace, n_experts: int) -> dict:
     except ValueError as err:
         # Name the command-line options, not the estimator's arguments.
         msg = re.sub(r"(?<![-\w'])(k|temperature)(?=[ =])", r"--\1", str(err))
-        raise SystemExit(f"--gate {args.gate}: {msg}") from None
+        raise UsageError(f"--gate {args.gate}: {msg}") from None
     penalty = None if args.penalty == "none" else args.penalty
     if penalty is None and args.alpha:
-        raise SystemExit(f"--alpha {args.alpha} needs --penalty l1")
+        raise UsageError(f"--alpha {args.alpha} needs --penalty l1")
     return dict(n_experts=n_experts, gate=args.gate, k=args.k, temperature=args.temperature, penalty=penalty,
                 alpha=args.alpha, n_init=args.n_init, max_iter=args.max_iter, tol=args.tol, random_state=args.seed)
 
 
 def read_csv(path: str, target: str):
-    """Features ``[N, P]`` float, target column (strings), feature names."""
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    if len(rows) < 2:
-        raise SystemExit(f"{path}: needs a header row and at least one data row")
-    header = [h.strip() for h in rows[0]]
+    """Features ``[N, P]`` float, target column (strings), feature names. A malformed file
+    raises `UsageError` naming the file and the line (the header is line 1)."""
+    check_file(path, "data file")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise UsageError(f"{path} is not a readable CSV file: {e}") from None
+    numbered = [(i + 1, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]
+    if len(numbered) < 2:
+        raise UsageError(f"{path}: needs a header row and at least one data row")
+    header = [h.strip() for h in numbered[0][1]]
     if target not in header:
-        raise SystemExit(f"--target {target!r} is not a column of {path}; columns: {', '.join(header)}")
+        raise UsageError(f"--target {target!r} is not a column of {path}; columns: {', '.join(header)}")
     t = header.index(target)
     names = [h for i, h in enumerate(header) if i != t]
-    try:
-        X = np.array([[float(v) for i, v in enumerate(r) if i != t] for r in rows[1:]], dtype=float)
-    except ValueError as err:
-        raise SystemExit(f"{path}: feature columns must be numeric ({err})") from None
-    return X, np.array([r[t] for r in rows[1:]]), names
+    X, y = [], []
+    for line, r in numbered[1:]:
+        if len(r) != len(header):
+            raise UsageError(f"{path}, line {line}: {len(r)} cells, but the header has {len(header)}")
+        try:
+            X.append([float(v) for i, v in enumerate(r) if i != t])
+        except ValueError as err:
+            raise UsageError(f"{path}, line {line}: feature columns must be numeric ({err})") from None
+        y.append(r[t])
+    X = np.array(X, dtype=float).reshape(len(y), len(names))
+    if not np.isfinite(X).all():
+        line = numbered[1 + int(np.argwhere(~np.isfinite(X))[0, 0])][0]
+        raise UsageError(f"{path}, line {line}: features must be finite (nan or inf found)")
+    return X, np.array(y), names
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             y = y_raw.astype(float)
         except ValueError:
-            raise SystemExit(f"--target {args.target!r} is not numeric; use --classify for class labels") from None
+            raise UsageError(f"--target {args.target!r} is not numeric; use --classify for class labels") from None
         if args.l2 is not None:
-            raise SystemExit("--l2 applies to --classify only")
+            raise UsageError("--l2 applies to --classify only")
         model = MoERegressor(**params)
     model.fit(X, y)
     n = X.shape[0]

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from gatedmoe.cli._common import UsageError, positive_int, prepare_out
 from gatedmoe.cli.fit import add_estimator_options, estimator_params
 
 
@@ -18,13 +19,13 @@ def register(subparsers) -> None:
         "with replications, and report the Voronoi loss vs n, its log-log slope (theory: -1/2) "
         "and the fraction of failed fits. Writes simulate.csv and simulate.png.",
     )
-    p.add_argument("--experts", type=int, default=3, help="experts of the true model (default 3)")
-    p.add_argument("--fit-experts", type=int, default=None, help="experts to fit (default: as many as the truth)")
-    p.add_argument("--features", type=int, default=1, help="covariate dimension (default 1)")
+    p.add_argument("--experts", type=positive_int, default=3, help="experts of the true model (default 3)")
+    p.add_argument("--fit-experts", type=positive_int, default=None, help="experts to fit (default: as many as the truth)")
+    p.add_argument("--features", type=positive_int, default=1, help="covariate dimension (default 1)")
     p.add_argument("--n-min", type=int, default=100)
     p.add_argument("--n-max", type=int, default=100000)
-    p.add_argument("--n-points", type=int, default=7, help="sizes on a log grid (default 7)")
-    p.add_argument("--reps", type=int, default=10, help="replications per n (default 10)")
+    p.add_argument("--n-points", type=positive_int, default=7, help="sizes on a log grid (default 7)")
+    p.add_argument("--reps", type=positive_int, default=10, help="replications per n (default 10)")
     # Gate options apply to the truth and the fit alike; the rest to the fit.
     add_estimator_options(p)
     p.add_argument("--out", default="simulate_out", help="output folder (default ./simulate_out)")
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from gatedmoe.stats import MoETruth, simulate
 
     if args.n_min < 2 or args.n_max < args.n_min or args.n_points < 1:
-        raise SystemExit(f"need 2 <= --n-min <= --n-max and --n-points >= 1, got {args.n_min}, {args.n_max}, {args.n_points}")
+        raise UsageError(f"need 2 <= --n-min <= --n-max and --n-points >= 1, got {args.n_min}, {args.n_max}, {args.n_points}")
+    prepare_out(args.out)
     fit_experts = args.fit_experts or args.experts
     params = estimator_params(args, min(fit_experts, args.experts))
     truth = MoETruth.well_separated(args.experts, args.features, random_state=args.seed, gate=args.gate, k=args.k,

@@ -127,13 +127,22 @@ def _as_float(values: list[str]) -> np.ndarray | None:
 
 
 def _load_csv(path: Path, target: str | None) -> TabularDataset:
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise ValueError(f"{path} is not a readable CSV file: {e}") from None
     if len(rows) < 3:
         raise ValueError(f"{path} needs a header row and at least two data rows")
-    header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if any(c.strip() for c in r)]
-    if any(len(r) != len(header) for r in body):
-        raise ValueError(f"{path}: every row must have {len(header)} cells like the header")
+    header = [h.strip() for h in rows[0]]
+    # Line numbers as an editor shows them (the header is line 1).
+    numbered = [(i + 2, r) for i, r in enumerate(rows[1:]) if any(c.strip() for c in r)]
+    for line, r in numbered:
+        if len(r) != len(header):
+            raise ValueError(f"{path}, line {line}: {len(r)} cells, but the header has {len(header)}")
+    body = [r for _, r in numbered]
     if len(header) < 2:
         raise ValueError(f"{path} needs at least one feature column and a target column")
     target = header[-1] if target is None else target

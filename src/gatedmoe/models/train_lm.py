@@ -1,11 +1,15 @@
 """Training loop of the reference language model: progress bar, validation, routing
-statistics, checkpoint (safetensors + JSON, resumable), metrics (JSON) and a load plot."""
+statistics, checkpoint (safetensors + JSON, resumable, with an integrity digest), metrics
+(JSON) and a load plot."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,84 @@ from gatedmoe.layers.moe import aux_loss, balance_step
 from gatedmoe.models.text import CharTokenizer, TextBatches
 from gatedmoe.models.transformer import LMConfig, MoETransformerLM
 
-__all__ = ["train_lm", "evaluate_lm", "save_checkpoint", "load_checkpoint", "find_checkpoint"]
+__all__ = ["train_lm", "evaluate_lm", "save_checkpoint", "load_checkpoint", "find_checkpoint", "lr_factor",
+           "SCHEDULES", "tensor_digest"]
+
+# Learning-rate schedules (`lr_factor`). "inverse_sqrt" depends on the step only, so training
+# resumed and extended gives the same model as one run of the total length; "cosine" decays
+# over a horizon fixed when the run starts.
+SCHEDULES = ("cosine", "inverse_sqrt")
+# The key of the digest in a safetensors file's metadata.
+DIGEST_KEY = "gatedmoe.sha256"
+
+
+def lr_factor(step: int, schedule: str, horizon: int, warmup: int) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
+
+    Both schedules warm up linearly over ``warmup`` steps. ``"cosine"``: then cosine decay
+    to 10% at ``horizon`` steps, 10% after. ``"inverse_sqrt"`` (Vaswani et al. 2017):
+    ``sqrt(warmup / (step + 1))`` after the warm-up; ``horizon`` is not used.
+
+    >>> lr_factor(0, "cosine", 10, 1), round(lr_factor(10, "cosine", 10, 1), 3)
+    (1.0, 0.1)
+    >>> lr_factor(79, "inverse_sqrt", 0, 20)
+    0.5
+    """
+    if schedule == "inverse_sqrt":
+        return min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
+    return min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, horizon) / horizon)))
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: what a
+    checkpoint's safetensors metadata stores and `load_checkpoint` verifies."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={DIGEST_KEY: tensor_digest(tensors)})
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a file `_save_tensors` wrote, verified against its digest; ValueError
+    naming the file when it is missing, truncated, not safetensors or altered."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path} cannot be read as safetensors (truncated or corrupted?): {e}") from None
+    want = meta.get(DIGEST_KEY)
+    if want is None:
+        warnings.warn(f"{path} has no integrity digest (written before gatedmoe stored one); loaded unverified",
+                      stacklevel=3)
+    elif tensor_digest(tensors) != want:
+        raise ValueError(f"{path} is corrupted: its tensors do not match the SHA-256 digest stored when it was written")
+    return tensors
+
+
+def _read_json(path: Path) -> dict:
+    """A checkpoint's JSON file; ValueError naming it when missing or malformed."""
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON (truncated or corrupted?): {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return doc
 
 
 @torch.no_grad()
@@ -55,14 +136,13 @@ def save_checkpoint(
     ``train_state`` (what `train_lm` passes: ``optimizer``, ``scheduler``, ``generator``
     and JSON-able ``info``) adds ``train_state.safetensors`` (optimizer moments, random
     number generator states) and ``train_state.json`` (step, histories, schedule), so
-    training can resume. Nothing is pickled.
+    training can resume. Nothing is pickled. Each safetensors file carries the SHA-256 of
+    its tensors (`tensor_digest`) in its metadata; `load_checkpoint` verifies it.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path / "model.safetensors"))
+    _save_tensors(state, path / "model.safetensors")
     meta = {"config": model.cfg.to_dict(), "chars": tokenizer.chars, **(extra or {})}
     (path / "model.json").write_text(json.dumps(meta, indent=1))
     if train_state is not None:
@@ -71,7 +151,7 @@ def save_checkpoint(
         for i, per_param in opt["state"].items():
             for key, v in per_param.items():
                 tensors[f"optimizer.{i}.{key}"] = v.detach().contiguous().cpu()
-        save_file(tensors, str(path / "train_state.safetensors"))
+        _save_tensors(tensors, path / "train_state.safetensors")
         info = {
             **train_state["info"],
             "optimizer_param_groups": opt["param_groups"],
@@ -82,12 +162,10 @@ def save_checkpoint(
 
 def _load_train_state(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any, generator: torch.Generator) -> dict:
     """Restore what `save_checkpoint` wrote with ``train_state``; return its ``info``."""
-    from safetensors.torch import load_file
-
     if not (path / "train_state.json").exists():
         raise ValueError(f"{path} has no train_state.json; it cannot be resumed (only evaluated)")
-    info = json.loads((path / "train_state.json").read_text())
-    tensors = load_file(str(path / "train_state.safetensors"))
+    info = _read_json(path / "train_state.json")
+    tensors = _load_tensors(path / "train_state.safetensors")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, v in tensors.items():
         if name.startswith("optimizer."):
@@ -119,15 +197,56 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MoETransform
 
     The config is read with `LMConfig.from_dict`, so checkpoints whose ``model.json`` holds
     the flat config of older versions (``n_experts``, ``k``, ``gate``, ... beside
-    ``d_model``) load and resume too.
+    ``d_model``) load and resume too. The tensors are checked against the digest stored in
+    the file; a missing, truncated, malformed or altered file raises ValueError naming it.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
-    meta = json.loads((path / "model.json").read_text())
-    model = MoETransformerLM(LMConfig.from_dict(meta["config"]))
-    model.load_state_dict(load_file(str(path / "model.safetensors"), device=device))
-    return model.to(device), CharTokenizer(meta["chars"]), meta
+    meta = _read_json(path / "model.json")
+    try:
+        cfg = LMConfig.from_dict(meta["config"])
+        tok = CharTokenizer(meta["chars"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path / 'model.json'} does not describe a model: {e!r}") from None
+    model = MoETransformerLM(cfg)
+    try:
+        model.load_state_dict(_load_tensors(path / "model.safetensors"))
+    except RuntimeError as e:
+        raise ValueError(f"{path / 'model.safetensors'} does not fit the model of {path / 'model.json'}: {e}") from None
+    return model.to(device), tok, meta
+
+
+def _check_same_config(ckpt: LMConfig, cfg: LMConfig | None, overrides: dict[str, Any], path: Path) -> None:
+    """A resumed run's model comes from its checkpoint; a ``cfg`` or keyword that asks for a
+    different one raises ValueError listing each difference."""
+    diffs = []
+    if cfg is not None and cfg != ckpt:
+        want, have = cfg.to_dict(), ckpt.to_dict()
+        diffs += [f"{k}={want[k]!r} (checkpoint: {have[k]!r})" for k in want if want[k] != have.get(k) and k != "moe"]
+        diffs += [f"moe.{k}={v!r} (checkpoint: {have['moe'].get(k)!r})" for k, v in want["moe"].items()
+                  if v != have["moe"].get(k)]
+    for k, v in overrides.items():
+        have = getattr(ckpt, k) if hasattr(ckpt, k) else getattr(ckpt.moe, k, None)
+        if v != have:
+            diffs.append(f"{k}={v!r} (checkpoint: {have!r})")
+    if diffs:
+        raise ValueError(f"resuming {path}: the model comes from the checkpoint, but these settings differ: "
+                         f"{', '.join(diffs)}; leave them out, or train a new model without resume")
+
+
+def _resumed_plan(path: Path, plan: dict, schedule: str | None, schedule_steps: int | None,
+                  warmup_steps: int | None) -> dict:
+    """The checkpoint's learning rate and schedule; ValueError if the caller asks for others.
+    Checkpoints written before the schedule was stored: the caller's plan (as then)."""
+    info = _read_json(path / "train_state.json") if (path / "train_state.json").exists() else {}
+    if "schedule" not in info:
+        return plan
+    saved = {k: info[k] for k in ("schedule", "schedule_steps", "warmup_steps", "lr")}
+    asked = {"schedule": schedule, "schedule_steps": schedule_steps, "warmup_steps": warmup_steps, "lr": plan["lr"]}
+    diffs = [f"{k}={v!r} (checkpoint: {saved[k]!r})" for k, v in asked.items() if v is not None and v != saved[k]]
+    if diffs:
+        raise ValueError(f"resuming {path}: the run continues the checkpoint's learning rate and schedule, but these "
+                         f"differ: {', '.join(diffs)}; leave them out to continue it")
+    return saved
 
 
 def train_lm(
@@ -136,7 +255,7 @@ def train_lm(
     *,
     steps: int = 400,
     batch_size: int = 32,
-    lr: float = 3e-3,
+    lr: float | None = None,
     device: str = "cpu",
     seed: int = 0,
     eval_every: int = 100,
@@ -144,8 +263,11 @@ def train_lm(
     out_dir: str | Path | None = None,
     progress: bool = True,
     resume_from: str | Path | None = None,
+    schedule: str | None = None,
     schedule_steps: int | None = None,
+    warmup_steps: int | None = None,
     desc: str = "train",
+    on_step: Callable[[int], None] | None = None,
     **cfg_overrides: Any,
 ) -> dict[str, Any]:
     """Train a char-level `MoETransformerLM` on ``text``; return metrics.
@@ -157,25 +279,43 @@ def train_lm(
     cfg : LMConfig, optional
         Model config; default ``LMConfig(vocab_size=<from text>, **cfg_overrides)`` (e.g.
         ``moe=MoEConfig(...), n_layers=2``, or the flat MoE settings ``n_experts=4, k=1``).
-    steps, batch_size, lr : training budget and AdamW learning rate (cosine decay, warm-up).
+    steps, batch_size, lr : training budget and AdamW's peak learning rate (default 3e-3; a
+        resumed run: the checkpoint's).
     device : "cpu", "cuda", ...
     progress, desc : show a progress bar, labelled ``desc``.
     out_dir : if given, writes ``metrics.json``, ``load.png`` and a resumable checkpoint
         (``checkpoint/``) there.
     resume_from : a checkpoint folder (or an ``out_dir`` holding ``checkpoint/``) written by
-        `train_lm`: continue from its step to ``steps`` (the total) with its model,
-        optimizer, schedule and random states; its config replaces ``cfg``.
-    schedule_steps : length of the learning-rate schedule (warm-up, cosine decay), default
-        ``steps``. Train in chunks with ``steps=n1, schedule_steps=N``, then
-        ``steps=N, resume_from=...``: identical to one run of N steps.
+        `train_lm`: continue from its step to ``steps`` (the total, which must be larger)
+        with its model, config, optimizer, learning-rate schedule and random states. A
+        ``cfg``, model keyword, ``lr``, ``schedule``, ``schedule_steps`` or
+        ``warmup_steps`` that disagrees with the checkpoint raises ValueError.
+    schedule : "cosine" (default) or "inverse_sqrt", see `lr_factor`. With "inverse_sqrt"
+        the learning rate depends on the step only: 10 steps, then resumed to 14, gives the
+        model of 14 steps in one go.
+    schedule_steps : horizon of the cosine schedule, default ``steps``. Train in chunks with
+        ``steps=n1, schedule_steps=N``, then ``steps=N, resume_from=...``: identical to one
+        run of N steps. A resumed run keeps the checkpoint's horizon.
+    warmup_steps : linear warm-up, default ``horizon // 20`` (cosine) or 20 (inverse_sqrt).
+    on_step : called with the number of steps done after every optimizer step (progress
+        reporting from worker processes).
 
     Returns
     -------
     dict with ``train_loss`` (per step), ``val_loss`` (list of ``[step, loss]``),
     ``final_val_loss``, ``tokens_per_s``, ``params``, ``active_params``, ``routing``.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every),
+                    ("eval_batches", eval_batches)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    for name, v in (("schedule_steps", schedule_steps), ("warmup_steps", warmup_steps)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     torch.manual_seed(seed)
     tok = CharTokenizer.from_text(text)
     if cfg is not None and cfg_overrides:
@@ -183,6 +323,7 @@ def train_lm(
     resume_path = None if resume_from is None else find_checkpoint(resume_from)
     if resume_path is not None:
         model, ckpt_tok, _ = load_checkpoint(resume_path, device)
+        _check_same_config(model.cfg, cfg, cfg_overrides, resume_path)
         cfg = model.cfg
         if ckpt_tok.chars != tok.chars:
             raise ValueError(f"text's characters differ from the vocabulary of the checkpoint in {resume_path}")
@@ -193,14 +334,16 @@ def train_lm(
             raise ValueError(f"cfg.vocab_size={cfg.vocab_size} but the text has {tok.vocab_size} distinct characters")
         model = MoETransformerLM(cfg).to(device)
     data = TextBatches(tok.encode(text), cfg.seq_len)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    horizon = steps if schedule_steps is None else schedule_steps
-    if horizon < 1:
-        raise ValueError(f"schedule_steps must be >= 1, got {schedule_steps}")
-    warmup = max(1, horizon // 20)
+    plan = {"schedule": schedule or "cosine", "schedule_steps": schedule_steps or steps, "lr": lr}
+    if resume_path is not None:
+        plan = _resumed_plan(resume_path, plan, schedule, schedule_steps, warmup_steps)
+    plan["lr"] = plan["lr"] or 3e-3
+    opt = torch.optim.AdamW(model.parameters(), lr=plan["lr"], weight_decay=0.01, betas=(0.9, 0.95))
+    if warmup_steps is not None or "warmup_steps" not in plan:
+        plan["warmup_steps"] = warmup_steps or (20 if plan["schedule"] == "inverse_sqrt"
+                                                else max(1, plan["schedule_steps"] // 20))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, horizon) / horizon))),
+        opt, lambda s: lr_factor(s, plan["schedule"], plan["schedule_steps"], plan["warmup_steps"])
     )
     gen = torch.Generator().manual_seed(seed)
     history: list[float] = []
@@ -210,6 +353,9 @@ def train_lm(
         info = _load_train_state(resume_path, opt, sched, gen)
         start, history, val_history = info["step"], info["train_loss"], info["val_loss"]
         n_tokens, prior_seconds = info["n_tokens"], info["train_seconds"]
+        if steps <= start:
+            raise ValueError(f"nothing to train: the checkpoint in {resume_path} is at step {start} and steps={steps} "
+                             f"is the total, not more; ask for more than {start} steps to continue")
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), disable=not progress, desc=desc, unit="step", initial=start, total=steps)
     for step in bar:
@@ -225,6 +371,8 @@ def train_lm(
         sched.step()
         history.append(loss.item())
         n_tokens += x.numel()
+        if on_step is not None:
+            on_step(step + 1)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             val = evaluate_lm(model, data, batch_size, eval_batches)
             val_history.append([step + 1, val])
@@ -240,7 +388,8 @@ def train_lm(
         "steps": steps_done,
         "resumed_from_step": start if resume_path is not None else None,
         "batch_size": batch_size,
-        "lr": lr,
+        "lr": plan["lr"],
+        "schedule": plan,
         "seed": seed,
         "device": device,
         "train_loss": history,
@@ -258,7 +407,7 @@ def train_lm(
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         stats.plot(out / "load.png", title=f"Expert load, gate={cfg.moe.gate}")
         info = {"step": steps_done, "train_loss": history, "val_loss": val_history, "n_tokens": n_tokens,
-                "train_seconds": elapsed}
+                "train_seconds": elapsed, "seed": seed, "batch_size": batch_size, **plan}
         save_checkpoint(out / "checkpoint", model, tok, extra={"final_val_loss": final_val, "steps": steps_done},
                         train_state={"optimizer": opt, "scheduler": sched, "generator": gen, "info": info})
     metrics["model"] = model

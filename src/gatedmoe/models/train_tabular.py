@@ -81,8 +81,11 @@ def train_tabular(
     """
     if task not in ("classification", "regression"):
         raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     X_tr, y_tr, X_va, y_va = split
     torch.manual_seed(seed)
     Xt, Xv = torch.as_tensor(X_tr, dtype=torch.float32), torch.as_tensor(X_va, dtype=torch.float32)
