@@ -5,7 +5,9 @@ configs (no downloads), checks that the patched model gives the same logits and 
 the original on the benchmark's own batch, then times ``loss.backward()`` of a full
 forward for: the original with transformers' default experts implementation, the
 original with ``experts_implementation="eager"`` (per-expert loop), and the model after
-``gatedmoe.interop.hf.patch_model``. Prints the machine and a table: median milliseconds
+``gatedmoe.interop.hf.patch_model``, and the original with ``experts_implementation="gatedmoe"``
+(gatedmoe's kernels on the unpatched model). Agreement is judged against the spread
+between transformers' own experts implementations (`check_agreement`). Prints the machine and a table: median milliseconds
 wall-clock milliseconds per step, tokens/s, speedup over the original, model TFLOP/s
 (6 x active parameters x tokens, attention excluded) as a fraction of a dense-matmul
 ceiling measured in the same run, and median process CPU milliseconds per step with the
@@ -159,6 +161,72 @@ def dense_ceiling(device: torch.device, dtype: torch.dtype, n: int) -> float:
     return 2 * n**3 / best / 1e12
 
 
+def check_agreement(
+    family: str,
+    original: torch.nn.Module,
+    hf_alternatives: dict[str, torch.nn.Module | None],
+    candidates: dict[str, torch.nn.Module],
+    ids: torch.Tensor,
+    dtype: torch.dtype,
+) -> None:
+    """Stop unless every candidate agrees with ``original`` (transformers' default experts
+    implementation) as closely as transformers' own implementations agree with each other.
+
+    The spread is the largest ``max |logits - logits_default|`` and ``|loss - loss_default|``
+    over ``hf_alternatives`` (the same weights run with another ``experts_implementation``;
+    ``None`` means a copy of ``original`` set to that name, skipped where it does not run). A
+    candidate passes if its difference is at most ``SPREAD_SLACK`` times the spread, or below
+    the float32 floor ``FP32_RTOL`` (relative to the largest logit) where the spread is
+    smaller than rounding in float32. Both numbers are printed. A fixed bf16 bound does not
+    work: on an H200 Mixtral's bf16 logits move by 0.18 between transformers' own grouped_mm
+    and eager (the issue's "patched model disagrees ... 0.177").
+    """
+    with torch.no_grad():
+        ref = original(ids, labels=ids)
+        scale = max(1.0, ref.logits.float().abs().max().item())
+
+        def diff(model: torch.nn.Module) -> tuple[float, float]:
+            out = model(ids, labels=ids)
+            return (
+                (out.logits.float() - ref.logits.float()).abs().max().item(),
+                (out.loss.float() - ref.loss.float()).abs().item(),
+            )
+
+        spread = [0.0, 0.0]
+        for name, model in hf_alternatives.items():
+            if model is None:
+                model = copy.deepcopy(original)
+                try:
+                    model.set_experts_implementation(name)
+                    d = diff(model)
+                except (RuntimeError, ValueError, torch.OutOfMemoryError):  # does not run or fit here
+                    continue
+                finally:
+                    del model
+            else:
+                d = diff(model)
+            spread = [max(a, b) for a, b in zip(spread, d, strict=True)]
+        floor = FP32_RTOL * scale
+        bound = [max(SPREAD_SLACK * s, floor) for s in spread]
+        for name, model in candidates.items():
+            d = diff(model)
+            print(
+                f"{family}: {name} vs transformers' default: max |dlogits| {d[0]:.3g}, |dloss| {d[1]:.3g}; "
+                f"transformers' own spread {spread[0]:.3g}, {spread[1]:.3g}"
+            )
+            if d[0] > bound[0] or d[1] > bound[1]:
+                raise SystemExit(
+                    f"{family}: {name} disagrees with the original beyond the spread of transformers' own "
+                    f"implementations (max |dlogits| {d[0]:.3g} > {bound[0]:.3g})"
+                )
+
+
+# Agreement bound of `check_agreement`: this many times the spread of transformers' own
+# experts implementations, and never below float32 rounding relative to the largest logit.
+SPREAD_SLACK = 2.0
+FP32_RTOL = 1e-4
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -186,7 +254,7 @@ def main() -> None:
     per = "wall second" if device.type == "cuda" else "process CPU second (TFLOP/s columns likewise)"
     print(f"dense matmul ceiling: {ceiling:.3f} TFLOP per {per}\n")
     header = (
-        f"{'family':<12} {'variant':<24} {'ms/step':>9} {'tokens/s':>9} {'speedup':>8} {'TFLOP/s':>8} "
+        f"{'family':<12} {'variant':<26} {'ms/step':>9} {'tokens/s':>9} {'speedup':>8} {'TFLOP/s':>8} "
         f"{'of ceil':>7} {'cpu ms':>9} {'cpu spd':>8}"
     )
     print(header)
@@ -199,20 +267,16 @@ def main() -> None:
         eager.set_experts_implementation("eager")
         patched = copy.deepcopy(original)
         swaps = patch_model(patched, check_inputs=False)
-        with torch.no_grad():
-            ref, fast = original(ids, labels=ids), patched(ids, labels=ids)
-        tol = 1e-4 if dtype == torch.float32 else 5e-2
-        logit_err = (ref.logits.float() - fast.logits.float()).abs().max().item()
-        if logit_err > tol * max(1.0, ref.logits.float().abs().max().item()) or not torch.isclose(
-            ref.loss.float(), fast.loss.float(), rtol=tol, atol=tol
-        ):
-            raise SystemExit(f"{family}: patched model disagrees with the original (max |dlogits| {logit_err:.3g})")
+        experts_impl = copy.deepcopy(original)
+        experts_impl.set_experts_implementation("gatedmoe")
+        check_agreement(family, original, {"eager": eager, "batched_mm": None}, {"patched": patched, "gatedmoe": experts_impl}, ids, dtype)
         flops = 6 * active_params(original) * ids.numel()
         impl = original.config._experts_implementation
         variants = {
             f"original ({impl})": original,
             "original (eager)": eager,
             f"patched ({len(swaps)} blocks)": patched,
+            'experts_impl="gatedmoe"': experts_impl,
         }
         times = timed_round_robin(variants, ids, device, args.warmup, args.repeats)
         base = statistics.median(t for t, _ in times[f"original ({impl})"])
@@ -223,10 +287,10 @@ def main() -> None:
             # Against the ceiling in the same clock: CPU seconds on CPU, wall seconds on CUDA.
             tflops = flops / (t if device.type == "cuda" else c) / 1e12
             print(
-                f"{family:<12} {variant:<24} {t * 1e3:>9.1f} {ids.numel() / t:>9.0f} {base / t:>7.2f}x "
+                f"{family:<12} {variant:<26} {t * 1e3:>9.1f} {ids.numel() / t:>9.0f} {base / t:>7.2f}x "
                 f"{tflops:>8.3f} {tflops / ceiling:>7.1%} {c * 1e3:>9.1f} {base_cpu / c:>7.2f}x"
             )
-        del original, eager, patched
+        del original, eager, patched, experts_impl
 
 
 if __name__ == "__main__":

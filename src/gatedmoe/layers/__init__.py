@@ -6,6 +6,7 @@
 * `depth.MixtureOfDepths`: a router picks which tokens a block processes (Raposo et al. 2024).
 * `multi_task.MultiTaskMoE`: shared experts, one gate per task (MMoE, DSelect-k multi-task).
 * `deep.DeepMoE`: stacked MoE layers, each with its own gate (Eigen et al. 2013).
+* `input_scaled.InputScaledMoE`: routing weights scale the experts' inputs (Llama 4).
 
 `upcycle` builds an `MoE` from a dense feed-forward (sparse and fine-grained upcycling).
 
@@ -17,8 +18,9 @@ build no `MoE` and use the config fields named in their ``honoured`` attribute, 
 
 from gatedmoe.layers.deep import DeepMoE
 from gatedmoe.layers.depth import MixtureOfDepths
+from gatedmoe.layers.input_scaled import InputScaledMoE
 from gatedmoe.layers.multi_head import MultiHeadMoE
 from gatedmoe.layers.multi_task import MultiTaskMoE
 from gatedmoe.layers.soft_moe import SoftMoE
 
-__all__ = ["SoftMoE", "MultiHeadMoE", "MixtureOfDepths", "MultiTaskMoE", "DeepMoE"]
+__all__ = ["SoftMoE", "MultiHeadMoE", "MixtureOfDepths", "MultiTaskMoE", "DeepMoE", "InputScaledMoE"]

@@ -9,7 +9,8 @@
   `MoE` layers in one call (`upcycle_mlp` for one MLP; see `upcycle`).
 
 Modules: `convert` (the functions above), `families` (one converter per model family),
-`adapter` (`HFMoEBlock` and the Hugging Face flavoured gate). See docs/interop.md.
+`adapter` (`HFMoEBlock` and the Hugging Face flavoured gate), `kernels` (gatedmoe as
+transformers' ``experts_implementation="gatedmoe"``, registered on import). See docs/interop.md.
 """
 
 from gatedmoe.interop.hf.adapter import HFMoEBlock, HFTopKSoftmaxGate
@@ -21,7 +22,12 @@ from gatedmoe.interop.hf.convert import (
     to_hf,
     unpatch_model,
 )
+from gatedmoe.interop.hf.kernels import _register_default as _register_experts_implementation
+from gatedmoe.interop.hf.kernels import gatedmoe_experts_forward, register_experts_implementation
 from gatedmoe.interop.hf.upcycle import is_dense_mlp, upcycle_mlp, upcycle_model
+
+# transformers' experts_implementation="gatedmoe" (see `kernels`).
+_register_experts_implementation()
 
 __all__ = [
     "from_hf",
@@ -35,4 +41,6 @@ __all__ = [
     "is_dense_mlp",
     "upcycle_mlp",
     "upcycle_model",
+    "gatedmoe_experts_forward",
+    "register_experts_implementation",
 ]

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gatedmoe.gates.base import Gate
+from gatedmoe.gates.sigmoid import SigmoidGate
 from gatedmoe.gates.topk import TopKSoftmaxGate
 from gatedmoe.layers.moe import MoE
 from gatedmoe.routing import Routing
 
-__all__ = ["HFMoEBlock", "HFTopKSoftmaxGate", "HFRouterGate", "HFSharedExperts", "router_tap"]
+__all__ = ["HFMoEBlock", "HFTopKSoftmaxGate", "HFSigmoidTopKGate", "HFRouterGate", "HFSharedExperts", "router_tap"]
 
 
 class HFTopKSoftmaxGate(TopKSoftmaxGate):
@@ -102,6 +103,39 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
 
     def extra_repr(self) -> str:
         return f"k={self.k}, softmax_over={self.softmax_over!r}, weights_dtype={self.weights_dtype!r}"
+
+
+class HFSigmoidTopKGate(SigmoidGate):
+    """`SigmoidGate` without normalisation, computed as Llama 4's ``Llama4Router`` computes it
+    (Meta 2025, transformers ``models/llama4/modeling_llama4.py``).
+
+    Formula: logits ``l = x W^T`` in the input's dtype; keep the k largest logits; weight
+    ``g_e = sigmoid(l_e)`` computed in float32 and rounded to the input's dtype (the other
+    experts get ``sigmoid(-inf) = 0``). The same routing as ``SigmoidGate(normalize=False,
+    scale=1)``; the dtypes follow the original so a bf16 model picks and weighs alike.
+
+    Examples
+    --------
+    >>> import torch
+    >>> HFSigmoidTopKGate(8, 4, k=1)(torch.randn(5, 8)).n_assignments
+    5
+    """
+
+    def __init__(self, d_model: int, n_experts: int, *, k: int) -> None:
+        super().__init__(d_model, n_experts, k=k, normalize=False)
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        if self.balancer is not None:
+            return super().forward(x_TD)
+        logits = F.linear(x_TD, self.weight.to(x_TD.dtype))
+        top_TK, experts_TK = torch.topk(logits, self.k, dim=-1)
+        weights_TK = torch.sigmoid(top_TK.float()).to(logits.dtype)
+        logits_TE = logits.float()
+        scores_TE = torch.sigmoid(logits_TE)
+        self.gate_losses = {}
+        return Routing.from_topk(
+            weights_TK, experts_TK, self.n_experts, probs=scores_TE / scores_TE.sum(-1, keepdim=True), logits=logits_TE
+        )
 
 
 class HFRouterGate(Gate):
@@ -206,7 +240,9 @@ class HFMoEBlock(nn.Module):
     """A Hugging Face MoE block made of gatedmoe parts, with the original's call convention.
 
     ``forward(hidden_states [B, S, D])`` returns ``[B, S, D]``, or
-    ``(hidden_states, router_scores [B*S, K])`` when ``returns_router_scores`` (GPT-OSS).
+    ``(hidden_states, router_scores [B*S, K])`` when ``returns_router_scores`` (GPT-OSS), or
+    ``(hidden_states [B*S, D], router_logits [B*S, E])`` when ``returns_router_logits``
+    (Llama 4, in the input's dtype).
     Built by `gatedmoe.interop.hf.from_hf`; turned back into the original class by
     `gatedmoe.interop.hf.to_hf`.
 
@@ -238,6 +274,7 @@ class HFMoEBlock(nn.Module):
         router_tap: nn.Module | None = None,
         jitter_noise: float = 0.0,
         returns_router_scores: bool = False,
+        returns_router_logits: bool = False,
         router_logits_dtype: str = "input",
         template: nn.Module | None = None,
     ) -> None:
@@ -251,6 +288,7 @@ class HFMoEBlock(nn.Module):
         self.family, self.hf_class = family, hf_class
         self.jitter_noise = float(jitter_noise)
         self.returns_router_scores = bool(returns_router_scores)
+        self.returns_router_logits = bool(returns_router_logits)
         self.router_logits_dtype = router_logits_dtype
         # A meta-device copy of the original block: to_hf rebuilds from it without a `like`.
         # Kept outside the module tree so it is neither a submodule nor in the state dict.
@@ -270,6 +308,8 @@ class HFMoEBlock(nn.Module):
         if self.router_tap is not None and routing.logits is not None:
             logits = routing.logits if self.router_logits_dtype == "float32" else routing.logits.to(x.dtype)
             self.router_tap(logits)
+        if self.returns_router_logits:
+            return y.reshape(-1, y.shape[-1]), routing.logits.to(x.dtype)
         if not self.returns_router_scores:
             return y
         # HF returns the kept weights of each token in descending order, [T, K].

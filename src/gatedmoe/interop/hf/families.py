@@ -22,15 +22,18 @@ from torch import Tensor, nn
 from gatedmoe.experts.activations import ClampedSwiGLU
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.gates.group_limited import GroupLimitedGate
+from gatedmoe.gates.sigmoid import SigmoidGate
 from gatedmoe.gates.topk import TopKSoftmaxGate
 from gatedmoe.interop.hf.adapter import (
     HFMoEBlock,
     HFRouterGate,
     HFSharedExperts,
+    HFSigmoidTopKGate,
     HFTopKSoftmaxGate,
     router_tap,
 )
 from gatedmoe.layers.config import MoEConfig
+from gatedmoe.layers.input_scaled import InputScaledMoE
 from gatedmoe.layers.moe import GatedSharedExperts, MoE, SharedExperts
 
 M = TypeVar("M", bound=nn.Module)
@@ -202,14 +205,19 @@ def _shared_mlp_weights(mlp: nn.Module, prefix: str = "") -> dict[str, Tensor]:
     return {f"{prefix}w_in.weight": w_in, f"{prefix}w_out.weight": _get(mlp, "down_proj.weight")}
 
 
+def _mlp_act(mlp: nn.Module):
+    """A gated MLP's activation (``act_fn``; Llama 4 names it ``activation_fn``)."""
+    return _attr(mlp, "act_fn", "activation_fn")
+
+
 def _shared_mlp(mlp: nn.Module) -> SharedExperts:
     """HF's shared-expert MLP as ungated `SharedExperts`."""
     Hs, D = _get(mlp, "gate_proj.weight").shape
-    return _built(lambda: SharedExperts(D, Hs, activation=_glu_name(mlp.act_fn), bias=False), **_shared_mlp_weights(mlp))
+    return _built(lambda: SharedExperts(D, Hs, activation=_glu_name(_mlp_act(mlp)), bias=False), **_shared_mlp_weights(mlp))
 
 
 def _shared_to_mlp(shared: SharedExperts, mlp: nn.Module) -> None:
-    _check_same("shared expert activation", shared.act.name, _glu_name(mlp.act_fn))
+    _check_same("shared expert activation", shared.act.name, _glu_name(_mlp_act(mlp)))
     _check_same("shared expert biases", shared.w_in.bias is not None, False)
     _check_shape("shared expert down_proj", shared.w_out.weight, mlp.down_proj.weight)
     gate_w, up_w = shared.w_in.weight.chunk(2, dim=0)
@@ -449,6 +457,57 @@ def _write_gpt_oss(adapter: HFMoEBlock, block: nn.Module) -> None:
     _set_param(experts, "down_proj_bias", bank.b_out)
 
 
+# --------------------------------------------------------------------------- Llama 4
+def _llama4_config(block: nn.Module) -> MoEConfig:
+    router, experts, mlp = _get(block, "router"), _get(block, "experts"), _get(block, "shared_expert")
+    E, D = router.weight.shape
+    return _layer_config(
+        d_model=D,
+        n_experts=E,
+        d_hidden=_get(experts, "down_proj").shape[1],
+        gate="sigmoid",
+        k=int(router.top_k),
+        activation=_glu_name(experts.act_fn),
+        n_shared_experts=1,
+        d_shared_hidden=_get(mlp, "gate_proj.weight").shape[0],
+        gate_kwargs={"normalize": False},
+    )
+
+
+def _llama4_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+    router, experts = block.router, block.experts
+    gate = _built(lambda: HFSigmoidTopKGate(config.d_model, config.n_experts, k=config.k), weight=router.weight)
+    # Llama 4 stores the experts transposed: gate_up_proj [E, D, 2H] ([gate | up]), down_proj [E, H, D].
+    gate_up, down = _get(experts, "gate_up_proj"), _get(experts, "down_proj")
+    bank = _built(
+        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, config.activation),
+        w_in=gate_up.detach().transpose(1, 2).requires_grad_(gate_up.requires_grad),
+        w_out=down.detach().transpose(1, 2).requires_grad_(down.requires_grad),
+    )
+    moe = InputScaledMoE.from_config(config, gate=gate, experts=bank, shared=_shared_mlp(block.shared_expert))
+    return moe, {"router_tap": router_tap(router), "returns_router_logits": True}
+
+
+def _write_llama4(adapter: HFMoEBlock, block: nn.Module) -> None:
+    moe, router, experts = adapter.moe, block.router, block.experts
+    gate, bank = moe.gate, moe.experts
+    if not isinstance(moe, InputScaledMoE):
+        raise ValueError("to_hf: Llama 4 scales the experts' inputs by the routing weights (InputScaledMoE)")
+    if not isinstance(gate, SigmoidGate) or gate.normalize or gate.scale != 1.0 or gate.balancer is not None:
+        raise ValueError("to_hf: Llama 4 needs an unnormalised, unscaled sigmoid gate without a selection bias")
+    if not isinstance(moe.shared, SharedExperts):
+        raise ValueError("to_hf: Llama 4 blocks have one ungated shared expert (MoE.shared)")
+    _check_same("top_k", gate.k, int(router.top_k))
+    _check_same("expert activation", bank.act.name, _glu_name(experts.act_fn))
+    _check_same("expert biases", bank.has_bias, False)
+    _check_shape("experts.gate_up_proj (transposed)", bank.w_in.transpose(1, 2), experts.gate_up_proj)
+    _check_shape("router weight", gate.weight, router.weight)
+    _set_param(router, "weight", gate.weight)
+    _set_param(experts, "gate_up_proj", bank.w_in.detach().transpose(1, 2))
+    _set_param(experts, "down_proj", bank.w_out.detach().transpose(1, 2))
+    _shared_to_mlp(moe.shared, block.shared_expert)
+
+
 # ----------------------------------------- generic: the original router, fused experts
 @dataclass(frozen=True)
 class Layout:
@@ -633,6 +692,7 @@ _OLMOE = Family("olmoe", _topk_config, _topk_parts, _write_topk)
 _QWEN2 = Family("qwen2_moe", _qwen2_config, _qwen2_parts, _write_qwen2)
 _DEEPSEEK_V3 = Family("deepseek_v3", _deepseek_v3_config, _deepseek_v3_parts, _write_deepseek_v3)
 _GPT_OSS = Family("gpt_oss", _gpt_oss_config, _gpt_oss_parts, _write_gpt_oss)
+_LLAMA4 = Family("llama4", _llama4_config, _llama4_parts, _write_llama4)
 
 # Hugging Face block class name -> its family. Matched by exact class name, so subclasses
 # (whose forward may differ) are not converted silently.
@@ -643,6 +703,7 @@ FAMILIES: dict[str, Family] = {
     "OlmoeSparseMoeBlock": _OLMOE,
     "DeepseekV3MoE": _DEEPSEEK_V3,
     "GptOssMLP": _GPT_OSS,
+    "Llama4TextMoe": _LLAMA4,
     **{cls: _generic(name, layout) for cls, (name, layout) in GENERIC.items()},
 }
 

@@ -1,0 +1,143 @@
+"""``experts_implementation="gatedmoe"`` (`gatedmoe.interop.hf.kernels`): transformers' own
+models, unpatched, with their experts executed by gatedmoe's dispatch.
+
+Sides are named ``ref_*`` (transformers' default ``grouped_mm``, and ``eager``) and ``fast_*``
+(gatedmoe). float32: logits and every parameter gradient; bf16: bit-identical logits to
+``grouped_mm`` and the same greedy tokens through the KV cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from helpers import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+import gatedmoe.interop.hf  # noqa: E402,F401  (registers "gatedmoe")
+from gatedmoe.interop.hf import kernels  # noqa: E402
+from interop.hf_tiny import randomize, tiny_config  # noqa: E402
+
+# Layouts: concatenated SwiGLU (mixtral), + gated shared expert (qwen2_moe), sigmoid
+# group-limited router + shared experts (deepseek_v3), transposed interleaved clamped SwiGLU
+# with biases (gpt_oss), non-GLU experts (nemotron_h), a generic-path family (glm4_moe).
+FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "nemotron_h", "glm4_moe"]
+_EXTRA = {"deepseek_v3": {"num_key_value_heads": 4}}  # multi-head latent attention
+
+
+def _model(family: str, experts_implementation: str = "grouped_mm"):
+    from interop import hf_tiny
+
+    saved = dict(hf_tiny.EXTRA)
+    hf_tiny.EXTRA.update(_EXTRA)
+    try:
+        cfg, _ = tiny_config(family)
+    finally:
+        hf_tiny.EXTRA.clear()
+        hf_tiny.EXTRA.update(saved)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation="eager", experts_implementation=experts_implementation
+    )
+    return randomize(model).eval()
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the experts calls gatedmoe executes."""
+    calls = []
+    view = kernels.experts_view
+    monkeypatch.setattr(kernels, "experts_view", lambda e: calls.append(type(e).__name__) or view(e))
+    return calls
+
+
+def test_registered_name_is_accepted_by_transformers():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    assert kernels.NAME in ALL_EXPERTS_FUNCTIONS
+    model = _model("mixtral", experts_implementation="gatedmoe")
+    assert model.config._experts_implementation == "gatedmoe"
+    with pytest.raises(ValueError, match="gatedmoe"):  # transformers lists it among the valid names
+        model.set_experts_implementation("no_such_kernels")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp32_logits_and_every_gradient_match_transformers(family, spy):
+    ref = _model(family)
+    fast = copy.deepcopy(ref)
+    fast.set_experts_implementation("gatedmoe")
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    ref_logits, fast_logits = ref(ids).logits, fast(ids).logits
+    assert spy, "gatedmoe's experts forward did not run"
+    assert_close("logits", ref_logits, fast_logits)
+    g = torch.randn(ref_logits.shape, generator=torch.Generator().manual_seed(4))
+    ref_logits.backward(g)
+    fast_logits.backward(g)
+    fast_params = dict(fast.named_parameters())
+    for name, p in ref.named_parameters():
+        q = fast_params[name]
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert_close(f"grad {name}", p.grad, q.grad)
+    eager = copy.deepcopy(ref)
+    eager.set_experts_implementation("eager")
+    with torch.no_grad():
+        assert_close("logits vs eager", eager(ids).logits, fast_logits.detach())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_bit_identical_to_grouped_mm(family, spy):
+    ref = _model(family).bfloat16()
+    fast = copy.deepcopy(ref)
+    fast.set_experts_implementation("gatedmoe")
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref_logits, fast_logits = ref(ids).logits, fast(ids).logits
+    assert spy
+    assert torch.equal(ref_logits, fast_logits), (ref_logits.float() - fast_logits.float()).abs().max()
+
+
+def test_generate_and_reload_with_experts_implementation(tmp_path, spy):
+    ref = _model("qwen2_moe").bfloat16()
+    ref.save_pretrained(tmp_path)
+    fast = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", experts_implementation="gatedmoe"
+    ).eval()
+    assert fast.config._experts_implementation == "gatedmoe"
+    ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(ref.generate(ids, **kw), fast.generate(ids, **kw))
+    assert spy
+
+
+def test_post_expert_norm_falls_back_to_grouped_mm_logged(caplog, spy):
+    ref = _model("mixtral")
+    fast = copy.deepcopy(ref)
+    fast.set_experts_implementation("gatedmoe")
+    for model in (ref, fast):
+        for layer in model.model.layers:
+            experts = layer.mlp.experts
+            experts.has_post_expert_norm = True
+            experts.post_expert_norm = torch.nn.LayerNorm(experts.hidden_dim, elementwise_affine=False)
+    kernels._fallback_logged.clear()
+    ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger=kernels.__name__):
+        assert torch.equal(ref(ids).logits, fast(ids).logits)
+    assert not spy
+    assert "has_post_expert_norm" in caplog.text
+
+
+def test_register_other_name_and_backend():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+    try:
+        assert kernels.register_experts_implementation("gatedmoe_grouped", backend="grouped") == "gatedmoe_grouped"
+        assert "gatedmoe_grouped" in ALL_EXPERTS_FUNCTIONS
+        with pytest.raises(ValueError, match="unknown backend"):
+            kernels.register_experts_implementation("x", backend="nope")
+    finally:
+        ExpertsInterface._global_mapping.pop("gatedmoe_grouped", None)
