@@ -9,6 +9,7 @@ Shape legend: T tokens, D model dim, H expert hidden, E experts, K experts per t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -21,7 +22,16 @@ from gatedmoe.gates.topk import TopKSoftmaxGate
 from gatedmoe.layers.moe import MoE
 from gatedmoe.routing import Routing
 
-__all__ = ["HFMoEBlock", "HFTopKSoftmaxGate", "HFSigmoidTopKGate", "HFRouterGate", "HFSharedExperts", "router_tap"]
+__all__ = [
+    "HFMoEBlock",
+    "HFTopKSoftmaxGate",
+    "HFSigmoidTopKGate",
+    "HFRouterGate",
+    "HFSwitchRouterGate",
+    "HFLpNormRouterGate",
+    "HFSharedExperts",
+    "router_tap",
+]
 
 
 class HFTopKSoftmaxGate(TopKSoftmaxGate):
@@ -202,6 +212,100 @@ class HFRouterGate(Gate):
         return f"k={self.k}, router_args={self.router_args}"
 
 
+class HFSwitchRouterGate(HFRouterGate):
+    """Switch Transformers' top-1 router with per-sequence expert capacity, run as it is
+    (Fedus, Zoph & Shazeer 2021, "Switch Transformers", arXiv:2101.03961; transformers
+    ``models/switch_transformers/modeling_switch_transformers.py``,
+    ``SwitchTransformersTop1Router``).
+
+    Formula (per sequence b of S tokens, router in ``router_dtype``, float32 by default):
+    ``p_t = softmax(x_t W^T (+ b))``, ``e_t = argmax_e p_t``; token t is kept iff
+    ``#{s <= t in b : e_s = e_t} <= expert_capacity`` (earlier tokens first, capacity an
+    integer per expert *and per sequence*, not gatedmoe's ``ceil(capacity_factor T K / E)``
+    over the whole batch); a kept token's weight is ``max_e p_t`` in the input's dtype
+    (not renormalised); a dropped token gets no expert (its block output is 0). Runs the
+    router module itself on ``[B, S, D]``, so choices, weights, jitter and dtypes are the
+    original's and transformers' ``router_logits`` recording still sees the router.
+    ``seq_len`` (set by `HFMoEBlock` for each call) splits the ``T`` tokens into sequences;
+    None routes them as one sequence.
+
+    Examples
+    --------
+    >>> import torch
+    >>> class Top1(torch.nn.Module):
+    ...     expert_capacity = 1
+    ...     weight = torch.nn.Parameter(torch.zeros(2, 4))
+    ...     def forward(self, x):
+    ...         logits = x @ self.weight.T
+    ...         p = logits.softmax(-1)
+    ...         one_hot = torch.nn.functional.one_hot(p.argmax(-1), 2)
+    ...         keep = one_hot.cumsum(-2) <= self.expert_capacity
+    ...         return one_hot * keep, p.max(-1).values.unsqueeze(-1), logits
+    >>> r = HFSwitchRouterGate(Top1(), d_model=4, n_experts=2)(torch.randn(3, 4))
+    >>> r.n_assignments, r.n_dropped  # all three tokens pick expert 0, one slot
+    (1, 2)
+    """
+
+    def __init__(self, router: nn.Module, *, d_model: int, n_experts: int) -> None:
+        super().__init__(router, d_model=d_model, n_experts=n_experts, k=1)
+        self.seq_len: int | None = None
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        T, D = x_TD.shape
+        S = T if self.seq_len is None else int(self.seq_len)
+        mask_BSE, probs_BS1, logits_BSE = self.router(x_TD.reshape(-1, S, D))
+        mask_TE = mask_BSE.reshape(T, self.n_experts)
+        # One-hot rows, all-zero where the token overflowed its expert's capacity.
+        token_N = mask_TE.any(-1).nonzero().squeeze(-1)
+        expert_N = mask_TE[token_N].argmax(-1)
+        routing = Routing.from_assignments(
+            token_N, expert_N, probs_BS1.reshape(T)[token_N], n_experts=self.n_experts, n_tokens=T,
+            logits=logits_BSE.reshape(T, self.n_experts),
+        )
+        return dataclasses.replace(routing, n_dropped=T - token_N.numel())
+
+    def extra_repr(self) -> str:
+        return f"k=1, expert_capacity={getattr(self.router, 'expert_capacity', None)}, seq_len={self.seq_len}"
+
+
+class HFLpNormRouterGate(HFRouterGate):
+    """DBRX's routing: a logits-only router module run as it is, then softmax top-k with the
+    kept weights divided by their Lp norm (Databricks 2024, DBRX; transformers
+    ``models/dbrx/modeling_dbrx.py``, ``DbrxRouter`` and ``DbrxFFN.route_tokens_to_experts``,
+    setting ``moe_normalize_expert_weights``).
+
+    Formula: ``l = router(x)`` (``x W^T`` in the input's dtype, with the router's own
+    training jitter); ``p = softmax(l)`` in the logits' dtype; keep the k largest ``p_e``;
+    weight ``g_e = p_e / ||p_topk||_p`` with ``p = norm_p`` (``torch.norm``; p = 1 is the
+    usual renormalisation for positive weights; p = None keeps ``p_e`` as they are). The
+    weights stay in the logits' dtype, as in the original.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = HFLpNormRouterGate(torch.nn.Linear(8, 4, bias=False), d_model=8, n_experts=4, k=2, norm_p=2.0)
+    >>> torch.allclose(g(torch.randn(5, 8)).combine_matrix().norm(dim=-1), torch.ones(5))
+    True
+    """
+
+    def __init__(self, router: nn.Module, *, d_model: int, n_experts: int, k: int, norm_p: float | None) -> None:
+        super().__init__(router, d_model=d_model, n_experts=n_experts, k=k)
+        if norm_p is not None and not float(norm_p) > 0:
+            raise ValueError(f"norm_p must be None or > 0, got {norm_p!r}")
+        self.norm_p = None if norm_p is None else float(norm_p)
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        logits_TE = self.router(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=1, dtype=logits_TE.dtype)
+        weights_TK, experts_TK = torch.topk(probs_TE, self.k, dim=-1)
+        if self.norm_p is not None:
+            weights_TK = weights_TK / torch.norm(weights_TK, p=self.norm_p, dim=-1, keepdim=True)
+        return Routing.from_topk(weights_TK, experts_TK, self.n_experts, logits=logits_TE)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, norm_p={self.norm_p}"
+
+
 class HFSharedExperts(nn.Module):
     """A Hugging Face shared-expert MLP as `MoE.shared`, optionally scaled per token by
     ``sigmoid(gate(x))`` (Qwen3-Next / Qwen3.5-MoE's gated shared expert)."""
@@ -263,6 +367,9 @@ class HFMoEBlock(nn.Module):
         ``U(1 - jitter, 1 + jitter)`` noise before routing and the experts.
     router_logits_dtype : "input" or "float32"
         Dtype of the logits handed to the tap, as the original router returns them.
+    expert_dropout : float
+        Dropout inside each original expert (Switch Transformers' ``dropout_rate``); gatedmoe's
+        experts have none, so a training forward raises RuntimeError while it is > 0.
     """
 
     def __init__(
@@ -277,6 +384,7 @@ class HFMoEBlock(nn.Module):
         returns_router_logits: bool = False,
         router_logits_dtype: str = "input",
         template: nn.Module | None = None,
+        expert_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if router_logits_dtype not in ("input", "float32"):
@@ -290,6 +398,9 @@ class HFMoEBlock(nn.Module):
         self.returns_router_scores = bool(returns_router_scores)
         self.returns_router_logits = bool(returns_router_logits)
         self.router_logits_dtype = router_logits_dtype
+        # Dropout inside each expert (Switch Transformers' DenseActDense): gatedmoe's experts
+        # have none, so the block refuses to train while it is > 0 (eval is exact).
+        self.expert_dropout = float(expert_dropout)
         # A meta-device copy of the original block: to_hf rebuilds from it without a `like`.
         # Kept outside the module tree so it is neither a submodule nor in the state dict.
         object.__setattr__(self, "_template", template)
@@ -301,6 +412,15 @@ class HFMoEBlock(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         x = hidden_states
+        if self.training and self.expert_dropout > 0:
+            raise RuntimeError(
+                f"{self.hf_class} applies dropout (p={self.expert_dropout}) inside each expert, which "
+                "gatedmoe's experts do not: train with dropout_rate=0 or run the converted block in eval mode"
+            )
+        gate = self.moe.gate
+        if isinstance(gate, HFSwitchRouterGate):
+            # Capacity is counted per sequence: the gate splits the tokens into sequences.
+            gate.seq_len = x.shape[-2] if x.dim() >= 3 else None
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         y = self.moe(x)

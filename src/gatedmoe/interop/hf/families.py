@@ -28,7 +28,9 @@ from gatedmoe.interop.hf.adapter import (
     HFMoEBlock,
     HFRouterGate,
     HFSharedExperts,
+    HFLpNormRouterGate,
     HFSigmoidTopKGate,
+    HFSwitchRouterGate,
     HFTopKSoftmaxGate,
     router_tap,
 )
@@ -685,6 +687,126 @@ GENERIC: dict[str, tuple[str, Layout]] = {
 }
 
 
+# ---------------------------------------------------------------- Switch Transformers
+# transformers activation classes -> gatedmoe's plain (non-GLU) activation with the same math.
+_PLAIN_OF_HF_ACT = {"ReLU": "relu", "SiLUActivation": "silu", "SiLU": "silu"}
+
+
+def _plain_act_name(act_fn: nn.Module) -> str:
+    name = type(act_fn).__name__
+    if name not in _PLAIN_OF_HF_ACT:
+        raise ValueError(f"unsupported expert activation {name}; gatedmoe converts {sorted(_PLAIN_OF_HF_ACT)}")
+    return _PLAIN_OF_HF_ACT[name]
+
+
+def _switch_experts(block: nn.Module) -> list[nn.Module]:
+    experts = _get(block, "experts")
+    E = int(_get(block, "router.num_experts"))
+    return [_get(experts, f"expert_{e}") for e in range(E)]
+
+
+def _switch_config(block: nn.Module) -> MoEConfig:
+    router, experts = _get(block, "router"), _switch_experts(block)
+    E, D = _get(router, "classifier.weight").shape
+    if getattr(experts[0].wi, "bias", None) is not None or getattr(experts[0].wo, "bias", None) is not None:
+        raise TypeError(f"{type(block).__name__}: experts with biases (Switch Transformers' have none)")
+    return _layer_config(
+        d_model=int(D),
+        n_experts=int(E),
+        d_hidden=int(experts[0].wi.weight.shape[0]),
+        gate=HFSwitchRouterGate.registry_name,
+        k=1,
+        activation=_plain_act_name(experts[0].act),
+    )
+
+
+def _stacked(ts: list[Tensor]) -> Tensor:
+    return torch.stack([t.detach() for t in ts]).requires_grad_(ts[0].requires_grad)
+
+
+def _switch_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+    experts = _switch_experts(block)
+    gate = HFSwitchRouterGate(_copy_module(block.router), d_model=config.d_model, n_experts=config.n_experts)
+    # DenseActDense: wo(act(wi(x))), wi [H, D] and wo [D, H] per expert -> w_in [E, H, D], w_out [E, D, H].
+    bank = _built(
+        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, config.activation),
+        w_in=_stacked([m.wi.weight for m in experts]),
+        w_out=_stacked([m.wo.weight for m in experts]),
+    )
+    moe = MoE.from_config(config, gate=gate, experts=bank)
+    return moe, {"expert_dropout": float(getattr(experts[0].dropout, "p", 0.0))}
+
+
+def _write_switch(adapter: HFMoEBlock, block: nn.Module) -> None:
+    moe, experts = adapter.moe, _switch_experts(block)
+    gate, bank = moe.gate, moe.experts
+    if not isinstance(gate, HFSwitchRouterGate):
+        raise ValueError(f"to_hf: {type(block).__name__} is converted with its own router (HFSwitchRouterGate), got {type(gate).__name__}")
+    if moe.shared is not None or moe.capacity_factor is not None:
+        raise ValueError(f"to_hf: {type(block).__name__} has no shared experts and no capacity beyond its router's")
+    _check_same("router class", type(gate.router).__name__, type(block.router).__name__)
+    _check_same("expert activation", bank.act.name, _plain_act_name(experts[0].act))
+    _check_same("expert biases", bank.has_bias, False)
+    _check_shape("experts' wi (stacked)", bank.w_in, _stacked([m.wi.weight for m in experts]))
+    _check_shape("experts' wo (stacked)", bank.w_out, _stacked([m.wo.weight for m in experts]))
+    _copy_tensors(block.router, gate.router)
+    for e, m in enumerate(experts):
+        _set_param(m.wi, "weight", bank.w_in[e])
+        _set_param(m.wo, "weight", bank.w_out[e])
+
+
+# ------------------------------------------------------------------------------ DBRX
+def _dbrx_config(block: nn.Module) -> MoEConfig:
+    router, mlp = _get(block, "router"), _get(block, "experts.mlp")
+    E, D = _get(router, "layer.weight").shape
+    return _layer_config(
+        d_model=int(D),
+        n_experts=int(E),
+        d_hidden=int(mlp.w1.shape[0]) // int(E),
+        gate=HFLpNormRouterGate.registry_name,
+        k=int(_get(block, "top_k")),
+        activation=_glu_name(mlp.activation_fn),
+    )
+
+
+def _dbrx_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+    mlp = block.experts.mlp
+    E, H, D = config.n_experts, config.d_hidden, config.d_model
+    gate = HFLpNormRouterGate(
+        _copy_module(block.router), d_model=D, n_experts=E, k=config.k, norm_p=block.moe_normalize_expert_weights
+    )
+    # DbrxExpertGLU: (act(x w1_e^T) * x v1_e^T) @ w2_e, each of
+    # w1, v1, w2 stored flat as [E*H, D] -> w_in = [w1_e | v1_e] [E, 2H, D], w_out = w2_e^T [E, D, H].
+    w1, v1, w2 = (t.detach().view(E, H, D) for t in (mlp.w1, mlp.v1, mlp.w2))
+    bank = _built(
+        lambda: ExpertBank(E, D, H, config.activation),
+        w_in=torch.cat([w1, v1], 1).requires_grad_(mlp.w1.requires_grad),
+        w_out=w2.transpose(1, 2).requires_grad_(mlp.w2.requires_grad),
+    )
+    return MoE.from_config(config, gate=gate, experts=bank), {}
+
+
+def _write_dbrx(adapter: HFMoEBlock, block: nn.Module) -> None:
+    moe, mlp = adapter.moe, block.experts.mlp
+    gate, bank = moe.gate, moe.experts
+    if not isinstance(gate, HFLpNormRouterGate):
+        raise ValueError(f"to_hf: DBRX is converted with its own router (HFLpNormRouterGate), got {type(gate).__name__}")
+    if moe.shared is not None or moe.capacity_factor is not None:
+        raise ValueError("to_hf: DBRX blocks have no shared experts and no capacity")
+    _check_same("router class", type(gate.router).__name__, type(block.router).__name__)
+    _check_same("top_k", gate.k, int(block.top_k))
+    _check_same("moe_normalize_expert_weights", gate.norm_p, block.moe_normalize_expert_weights)
+    _check_same("expert activation", bank.act.name, _glu_name(mlp.activation_fn))
+    _check_same("expert biases", bank.has_bias, False)
+    E, H, D = bank.n_experts, bank.d_hidden, bank.d_model
+    _check_same("shape of the flat expert weights [E*H, D]", (E * H, D), tuple(mlp.w1.shape))
+    _copy_tensors(block.router, gate.router)
+    w = bank.w_in.detach()
+    _set_param(mlp, "w1", w[:, :H].reshape(E * H, D))
+    _set_param(mlp, "v1", w[:, H:].reshape(E * H, D))
+    _set_param(mlp, "w2", bank.w_out.detach().transpose(1, 2).reshape(E * H, D))
+
+
 # --------------------------------------------------------------------------- registry
 _MIXTRAL = Family("mixtral", _topk_config, _topk_parts, _write_topk)
 _QWEN3 = Family("qwen3_moe", _topk_config, _topk_parts, _write_topk)
@@ -693,6 +815,8 @@ _QWEN2 = Family("qwen2_moe", _qwen2_config, _qwen2_parts, _write_qwen2)
 _DEEPSEEK_V3 = Family("deepseek_v3", _deepseek_v3_config, _deepseek_v3_parts, _write_deepseek_v3)
 _GPT_OSS = Family("gpt_oss", _gpt_oss_config, _gpt_oss_parts, _write_gpt_oss)
 _LLAMA4 = Family("llama4", _llama4_config, _llama4_parts, _write_llama4)
+_DBRX = Family("dbrx", _dbrx_config, _dbrx_parts, _write_dbrx)
+_SWITCH = Family("switch_transformers", _switch_config, _switch_parts, _write_switch)
 
 # Hugging Face block class name -> its family. Matched by exact class name, so subclasses
 # (whose forward may differ) are not converted silently.
@@ -704,6 +828,8 @@ FAMILIES: dict[str, Family] = {
     "DeepseekV3MoE": _DEEPSEEK_V3,
     "GptOssMLP": _GPT_OSS,
     "Llama4TextMoe": _LLAMA4,
+    "SwitchTransformersSparseMLP": _SWITCH,
+    "DbrxFFN": _DBRX,
     **{cls: _generic(name, layout) for cls, (name, layout) in GENERIC.items()},
 }
 

@@ -1,0 +1,127 @@
+"""DBRX (`DbrxFFN`): softmax top-k with the kept weights divided by their Lp norm
+(`HFLpNormRouterGate`, the original router module kept) and flat per-expert GLU weights.
+
+Sides are named ``ref_*`` (transformers) and ``fast_*`` (gatedmoe).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from helpers import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+from gatedmoe.interop.hf import from_hf, patch_model, to_hf, unpatch_model  # noqa: E402
+from gatedmoe.interop.hf.adapter import HFLpNormRouterGate  # noqa: E402
+from interop.hf_tiny import randomize  # noqa: E402
+
+from transformers.models.dbrx.modeling_dbrx import DbrxFFN  # noqa: E402
+
+E, D, K = 6, 32, 3
+
+
+def _config(norm_p=2.0):
+    ffn = {"ffn_hidden_size": 24, "moe_num_experts": E, "moe_top_k": K, "moe_normalize_expert_weights": norm_p}
+    return transformers.DbrxConfig(
+        d_model=D, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=64, attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        ffn_config=ffn, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+
+
+def _block(norm_p=2.0, dtype=torch.float32):
+    torch.manual_seed(0)
+    return randomize(DbrxFFN(_config(norm_p))).to(dtype).eval()
+
+
+def test_gate_formula_against_a_direct_computation():
+    # g_e = p_e / ||p_topk||_p, p = softmax(x W^T): computed here from its definition.
+    router = torch.nn.Linear(D, E, bias=False)
+    x = torch.randn(9, D, dtype=torch.float64)
+    for p in (1.0, 2.0, 3.5):
+        gate = HFLpNormRouterGate(router.double(), d_model=D, n_experts=E, k=K, norm_p=p)
+        probs = torch.softmax(x @ router.weight.T, -1)
+        top, idx = probs.topk(K, -1)
+        want = torch.zeros(9, E, dtype=torch.float64).scatter(1, idx, top / (top**p).sum(-1, keepdim=True) ** (1 / p))
+        assert_close(f"weights p={p}", want, gate(x).combine_matrix())
+    with pytest.raises(ValueError, match="norm_p"):
+        HFLpNormRouterGate(router, d_model=D, n_experts=E, k=K, norm_p=0.0)
+
+
+@pytest.mark.parametrize("norm_p", [1.0, 2.0, None])
+def test_block_fp32_outputs_routing_and_every_gradient(norm_p):
+    ref = _block(norm_p)
+    fast = from_hf(ref)
+    assert isinstance(fast.moe.gate, HFLpNormRouterGate) and fast.moe.gate.norm_p == norm_p
+    x = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(1))
+    ref_x, fast_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref_y, fast_y = ref(ref_x), fast(fast_x)
+    assert_close("output", ref_y, fast_y)
+    with torch.no_grad():
+        ref_w, ref_i = ref.route_tokens_to_experts(ref.router(x.clone()))
+    ref_mask = torch.zeros(14, E, dtype=torch.bool).scatter(1, ref_i, True)
+    r = fast.moe.last_routing
+    fast_mask = torch.zeros_like(ref_mask).index_put((r.token, r.expert), torch.tensor(True))
+    assert torch.equal(ref_mask, fast_mask)
+    assert_close("combine weights", torch.zeros(14, E).scatter(1, ref_i, ref_w), r.combine_matrix())
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    ref_y.backward(g)
+    fast_y.backward(g)
+    assert_close("grad input", ref_x.grad, fast_x.grad)
+    grads = from_hf(ref)
+    with torch.no_grad():
+        for p, q in zip(fast.parameters(), grads.parameters(), strict=True):
+            q.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
+    fast_grads = dict(to_hf(grads).named_parameters())
+    for name, p in ref.named_parameters():
+        assert p.grad is not None, name
+        assert_close(f"grad {name}", p.grad, fast_grads[name])
+
+
+def test_block_bf16_agrees_and_round_trips():
+    ref = _block(dtype=torch.bfloat16)
+    fast = from_hf(ref)
+    x = torch.randn(3, 11, D, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.no_grad():
+        ref_y, fast_y = ref(x), fast(x)
+    assert fast_y.dtype == torch.bfloat16
+    # transformers adds each token's k weighted expert outputs one by one in bf16
+    # (index_add_); gatedmoe sums them in float32 and rounds once: within bf16 rounding.
+    assert_close("output", ref_y, fast_y, dtype=torch.bfloat16)
+    back = to_hf(fast)
+    assert type(back) is type(ref)
+    want, got = ref.state_dict(), back.state_dict()
+    assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
+    assert sorted(fast.state_dict()) == sorted(want)
+
+
+def test_model_patch_generate_router_logits_save_and_reload(tmp_path):
+    torch.manual_seed(0)
+    ref = randomize(transformers.DbrxForCausalLM(_config())).eval()
+    fast = copy.deepcopy(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swaps = patch_model(fast)
+    assert len(swaps) == 2 and {s.family for s in swaps} == {"dbrx"}
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref_out, fast_out = ref(ids, output_router_logits=True), fast(ids, output_router_logits=True)
+    assert_close("logits", ref_out.logits, fast_out.logits)
+    assert len(ref_out.router_logits) == len(fast_out.router_logits) == 2
+    for a, b in zip(ref_out.router_logits, fast_out.router_logits, strict=True):
+        assert_close("router logits", a, b)
+    assert_close("aux loss", ref_out.aux_loss, fast_out.aux_loss)
+    ref16, fast16 = copy.deepcopy(ref).bfloat16(), copy.deepcopy(fast).bfloat16()
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(ref16.generate(ids[:1], **kw), fast16.generate(ids[:1], **kw))
+    fast.save_pretrained(tmp_path)
+    back = transformers.DbrxForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert_close("reloaded logits", ref(ids).logits, back(ids).logits)
+    assert [s.name for s in unpatch_model(fast)] == [s.name for s in swaps]
+    with torch.no_grad():
+        assert_close("unpatched logits", ref_out.logits, fast(ids).logits)
