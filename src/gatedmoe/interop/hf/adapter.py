@@ -29,6 +29,8 @@ __all__ = [
     "HFRouterGate",
     "HFSwitchRouterGate",
     "HFLpNormRouterGate",
+    "HFJetMoeRouterGate",
+    "HFOutputBias",
     "HFSharedExperts",
     "router_tap",
 ]
@@ -304,6 +306,49 @@ class HFLpNormRouterGate(HFRouterGate):
 
     def extra_repr(self) -> str:
         return f"k={self.k}, norm_p={self.norm_p}"
+
+
+class HFJetMoeRouterGate(HFRouterGate):
+    """JetMoE's router run as it is (Shen et al. 2024, "JetMoE", arXiv:2404.07413;
+    transformers ``models/jetmoe/modeling_jetmoe.py``, ``JetMoeTopKGating``).
+
+    Formula: ``l = float32(x W^T)`` (the product in the input's dtype); keep the k largest
+    ``l_e``; weights ``softmax`` over the kept logits in float32, cast to the input's dtype.
+    The router returns its choices sorted by expert (``batch_index``, ``batch_gates``,
+    ``expert_size``), which become a `Routing` as they are; keeping the module keeps
+    transformers' ``router_logits`` recording (``OutputRecorder(JetMoeTopKGating, index=4)``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> class Top2(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         logits = torch.tensor([[1.0, 0.0, 2.0]]).expand(x.shape[0], 3)
+    ...         top, idx = logits.topk(2, dim=1)
+    ...         order = idx.flatten().sort(0).indices
+    ...         sizes = torch.zeros(3, dtype=torch.long).scatter_add(0, idx.flatten(), torch.ones(idx.numel(), dtype=torch.long))
+    ...         return order, order // 2, top.softmax(1).flatten()[order], sizes.tolist(), logits
+    >>> HFJetMoeRouterGate(Top2(), d_model=4, n_experts=3, k=2)(torch.randn(5, 4)).counts.tolist()
+    [5, 0, 5]
+    """
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        _, token_N, weight_N, expert_size, logits_TE = self.router(x_TD)
+        sizes_E = torch.as_tensor(expert_size, device=x_TD.device)
+        expert_N = torch.repeat_interleave(torch.arange(self.n_experts, device=x_TD.device), sizes_E)
+        return Routing.from_assignments(token_N, expert_N, weight_N, n_experts=self.n_experts, n_tokens=x_TD.shape[0], logits=logits_TE)
+
+
+class HFOutputBias(nn.Module):
+    """A bias ``[D]`` added to a block's output after the experts are combined (JetMoE's
+    ``JetMoeMoE.bias``), held as `MoE.shared`: ``y = sum_k g_k f_k(x) + b``."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(d_model))
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        return self.bias
 
 
 class HFSharedExperts(nn.Module):

@@ -28,7 +28,9 @@ from gatedmoe.interop.hf.adapter import (
     HFMoEBlock,
     HFRouterGate,
     HFSharedExperts,
+    HFJetMoeRouterGate,
     HFLpNormRouterGate,
+    HFOutputBias,
     HFSigmoidTopKGate,
     HFSwitchRouterGate,
     HFTopKSoftmaxGate,
@@ -807,6 +809,52 @@ def _write_dbrx(adapter: HFMoEBlock, block: nn.Module) -> None:
     _set_param(mlp, "w2", bank.w_out.detach().transpose(1, 2).reshape(E * H, D))
 
 
+# ---------------------------------------------------------------------------- JetMoE
+def _jetmoe_config(block: nn.Module) -> MoEConfig:
+    router = _get(block, "router")
+    E, D = _get(router, "layer.weight").shape
+    return _layer_config(
+        d_model=int(D),
+        n_experts=int(E),
+        d_hidden=int(_get(block, "output_linear.weight").shape[-1]),
+        gate=HFJetMoeRouterGate.registry_name,
+        k=int(router.top_k),
+        activation=_glu_name(block.activation),
+        n_shared_experts=1,
+    )
+
+
+def _jetmoe_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+    gate = HFJetMoeRouterGate(_copy_module(block.router), d_model=config.d_model, n_experts=config.n_experts, k=config.k)
+    # input_linear [E, 2H, D], chunked [gate | up]; output_linear [E, D, H]: gatedmoe's layout.
+    bank = _built(
+        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, config.activation),
+        w_in=block.input_linear.weight,
+        w_out=block.output_linear.weight,
+    )
+    bias = _built(lambda: HFOutputBias(config.d_model), bias=_get(block, "bias"))
+    return MoE.from_config(config, gate=gate, experts=bank, shared=bias), {}
+
+
+def _write_jetmoe(adapter: HFMoEBlock, block: nn.Module) -> None:
+    moe = adapter.moe
+    gate, bank = moe.gate, moe.experts
+    if not isinstance(gate, HFJetMoeRouterGate):
+        raise ValueError(f"to_hf: JetMoE is converted with its own router (HFJetMoeRouterGate), got {type(gate).__name__}")
+    if not isinstance(moe.shared, HFOutputBias) or moe.capacity_factor is not None:
+        raise ValueError("to_hf: JetMoE blocks add an output bias (HFOutputBias as MoE.shared) and have no capacity")
+    _check_same("router class", type(gate.router).__name__, type(block.router).__name__)
+    _check_same("top_k", gate.k, int(block.router.top_k))
+    _check_same("expert activation", bank.act.name, _glu_name(block.activation))
+    _check_same("expert biases", bank.has_bias, False)
+    _check_shape("input_linear.weight", bank.w_in, block.input_linear.weight)
+    _check_shape("output_linear.weight", bank.w_out, block.output_linear.weight)
+    _copy_tensors(block.router, gate.router)
+    _set_param(block.input_linear, "weight", bank.w_in)
+    _set_param(block.output_linear, "weight", bank.w_out)
+    _set_param(block, "bias", moe.shared.bias)
+
+
 # --------------------------------------------------------------------------- registry
 _MIXTRAL = Family("mixtral", _topk_config, _topk_parts, _write_topk)
 _QWEN3 = Family("qwen3_moe", _topk_config, _topk_parts, _write_topk)
@@ -816,6 +864,7 @@ _DEEPSEEK_V3 = Family("deepseek_v3", _deepseek_v3_config, _deepseek_v3_parts, _w
 _GPT_OSS = Family("gpt_oss", _gpt_oss_config, _gpt_oss_parts, _write_gpt_oss)
 _LLAMA4 = Family("llama4", _llama4_config, _llama4_parts, _write_llama4)
 _DBRX = Family("dbrx", _dbrx_config, _dbrx_parts, _write_dbrx)
+_JETMOE = Family("jetmoe", _jetmoe_config, _jetmoe_parts, _write_jetmoe)
 _SWITCH = Family("switch_transformers", _switch_config, _switch_parts, _write_switch)
 
 # Hugging Face block class name -> its family. Matched by exact class name, so subclasses
@@ -830,6 +879,7 @@ FAMILIES: dict[str, Family] = {
     "Llama4TextMoe": _LLAMA4,
     "SwitchTransformersSparseMLP": _SWITCH,
     "DbrxFFN": _DBRX,
+    "JetMoeMoE": _JETMOE,
     **{cls: _generic(name, layout) for cls, (name, layout) in GENERIC.items()},
 }
 
