@@ -16,11 +16,11 @@ from helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
 
+from transformers.models.dbrx.modeling_dbrx import DbrxFFN  # noqa: E402
+
 from gatedmoe.interop.hf import from_hf, patch_model, to_hf, unpatch_model  # noqa: E402
 from gatedmoe.interop.hf.adapter import HFLpNormRouterGate  # noqa: E402
 from interop.hf_tiny import randomize  # noqa: E402
-
-from transformers.models.dbrx.modeling_dbrx import DbrxFFN  # noqa: E402
 
 E, D, K = 6, 32, 3
 

@@ -17,11 +17,11 @@ from helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
 
+from transformers.models.jetmoe.modeling_jetmoe import JetMoeMoE  # noqa: E402
+
 from gatedmoe.interop.hf import from_hf, patch_model, to_hf, unpatch_model  # noqa: E402
 from gatedmoe.interop.hf.adapter import HFJetMoeRouterGate, HFOutputBias  # noqa: E402
 from interop.hf_tiny import randomize  # noqa: E402
-
-from transformers.models.jetmoe.modeling_jetmoe import JetMoeMoE  # noqa: E402
 
 E, D, K = 6, 32, 2
 

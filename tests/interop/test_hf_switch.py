@@ -17,13 +17,13 @@ from helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
 
-from gatedmoe.interop.hf import from_hf, patch_model, to_hf, unpatch_model  # noqa: E402
-from gatedmoe.interop.hf.adapter import HFSwitchRouterGate  # noqa: E402
-from interop.hf_tiny import randomize  # noqa: E402
-
 from transformers.models.switch_transformers.modeling_switch_transformers import (  # noqa: E402
     SwitchTransformersSparseMLP,
 )
+
+from gatedmoe.interop.hf import from_hf, patch_model, to_hf, unpatch_model  # noqa: E402
+from gatedmoe.interop.hf.adapter import HFSwitchRouterGate  # noqa: E402
+from interop.hf_tiny import randomize  # noqa: E402
 
 E, D = 4, 32
 

@@ -463,12 +463,18 @@ class HFMoEBlock(nn.Module):
                 "gatedmoe's experts do not: train with dropout_rate=0 or run the converted block in eval mode"
             )
         gate = self.moe.gate
-        if isinstance(gate, HFSwitchRouterGate):
-            # Capacity is counted per sequence: the gate splits the tokens into sequences.
-            gate.seq_len = x.shape[-2] if x.dim() >= 3 else None
+        per_sequence = isinstance(gate, HFSwitchRouterGate)
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        y = self.moe(x)
+        if per_sequence:
+            # Capacity is counted per sequence: the gate splits the tokens into sequences
+            # for this call only (a later direct `moe(x)` routes its tokens as one sequence).
+            gate.seq_len = x.shape[-2] if x.dim() >= 3 else None
+        try:
+            y = self.moe(x)
+        finally:
+            if per_sequence:
+                gate.seq_len = None
         routing = self.moe.last_routing
         if self.router_tap is not None and routing.logits is not None:
             logits = routing.logits if self.router_logits_dtype == "float32" else routing.logits.to(x.dtype)

@@ -25,12 +25,12 @@ from gatedmoe.gates.group_limited import GroupLimitedGate
 from gatedmoe.gates.sigmoid import SigmoidGate
 from gatedmoe.gates.topk import TopKSoftmaxGate
 from gatedmoe.interop.hf.adapter import (
-    HFMoEBlock,
-    HFRouterGate,
-    HFSharedExperts,
     HFJetMoeRouterGate,
     HFLpNormRouterGate,
+    HFMoEBlock,
     HFOutputBias,
+    HFRouterGate,
+    HFSharedExperts,
     HFSigmoidTopKGate,
     HFSwitchRouterGate,
     HFTopKSoftmaxGate,
