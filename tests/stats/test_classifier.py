@@ -82,3 +82,18 @@ def test_defaults_match_logistic_regression_and_log_loss_accepts_the_probabiliti
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=0, atol=1e-15)
     ref = make_pipeline(StandardScaler(), LogisticRegression()).fit(Xtr, ytr).predict_proba(Xte)
     assert log_loss(yte, proba) <= 1.05 * log_loss(yte, ref) + 0.01, (log_loss(yte, proba), log_loss(yte, ref))
+
+
+@pytest.mark.parametrize("loader", ["load_breast_cancer", "load_wine"])
+def test_default_fit_on_standard_data_converges_without_warnings(loader):
+    # Issue 19/23: breast cancer stopped at max_iter=100 with a ConvergenceWarning (an
+    # expert fading out of the mixture; plain EM needed 310 iterations).
+    import sklearn.datasets
+
+    X, y = getattr(sklearn.datasets, loader)(return_X_y=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clf = MoEClassifier(random_state=0).fit(X, y)
+    assert clf.converged_ and clf.n_iter_ < clf.max_iter
+    h = clf.log_likelihood_history_
+    assert np.all(np.diff(h) >= -1e-12 * np.abs(h[1:]))

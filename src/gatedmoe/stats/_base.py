@@ -28,6 +28,8 @@ ANNEAL_ITER = 20
 PENALTIES = (None, "l1")
 # Fewer samples per expert than this is refused at fit (ValueError naming n_experts).
 MIN_SAMPLES_PER_EXPERT = 3
+# Halvings of SQUAREM's step length before it falls back to the plain double EM step.
+SQUAREM_BACKTRACK = 6
 
 
 @dataclass
@@ -257,6 +259,9 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
     # ----------------------------------------------------------------- feature scale
     # (key, axis) of every parameter block whose axis runs over the design [x, 1].
     _DESIGN_AXES = (("W", 0),)
+    def _accelerate(self, gate):
+        """Whether EM runs as SQUAREM cycles (see `_squarem_step`); none by default."""
+        return False
 
     def _standardise(self, X):
         """Standardise the columns of ``X`` (kept for `_rescale`): the ridge, the L1 penalty,
@@ -334,8 +339,11 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         converged = False
         n_iter = 0
         for n_iter in range(1, (max_iter or self.max_iter) + 1):  # noqa: B007
-            params = self._mstep(data, R, params, state, gate)
-            R, ll_N, obj = self._objective(data, params, gate)
+            if self._accelerate(gate):
+                params, R, ll_N, obj = self._squarem_step(data, R, params, obj, state, gate)
+            else:
+                params = self._mstep(data, R, params, state, gate)
+                R, ll_N, obj = self._objective(data, params, gate)
             history.append(obj)
             if em_converged(history, self.tol):
                 converged = True
@@ -343,6 +351,46 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         run = _Run(params, obj, history, converged, n_iter)
         run.R, run.ll_N = R, ll_N
         return run
+
+    def _squarem_step(self, data, R, params, obj, state, gate):
+        """One SQUAREM cycle (Varadhan & Roland 2008, scheme S3): two EM steps
+        ``p1 = M(p0)``, ``p2 = M(p1)``, then the extrapolation
+        ``p0 - 2 a r + a^2 v`` (``r = p1 - p0``, ``v = p2 - 2 p1 + p0``,
+        ``a = -||r|| / ||v||``, at most -1), kept only if its objective is at least that
+        of ``p2`` (the step length is halved towards -1 otherwise), so the objective never
+        falls. Returns ``(params, R, ll_N, objective)``."""
+        keys = sorted(params)
+
+        def flat(p):
+            return np.concatenate([np.ravel(p[k]) for k in keys])
+
+        def unflat(v):
+            out, i = {}, 0
+            for k in keys:
+                out[k] = v[i : i + params[k].size].reshape(np.shape(params[k]))
+                i += params[k].size
+            return out
+
+        p1 = self._mstep(data, R, params, state, gate)
+        R1, _, _ = self._objective(data, p1, gate)
+        p2 = self._mstep(data, R1, p1, state, gate)
+        best = (p2, *self._objective(data, p2, gate))
+        x0 = flat(params)
+        r = flat(p1) - x0
+        v = flat(p2) - flat(p1) - r
+        nv = float(np.sqrt(v @ v))
+        if nv == 0:
+            return best
+        a = min(-float(np.sqrt(r @ r)) / nv, -1.0)
+        for _ in range(SQUAREM_BACKTRACK):
+            if a >= -1.0 + 1e-2:
+                break
+            cand = unflat(x0 - 2 * a * r + a * a * v)
+            Rc, llc, oc = self._objective(data, cand, gate)
+            if np.isfinite(oc) and oc >= best[3]:
+                return cand, Rc, llc, oc
+            a = 0.5 * (a - 1.0)
+        return best
 
     def _degenerate_expert(self, data, run):
         """An expert to re-seed: one with almost no weight, or a duplicate of another."""
