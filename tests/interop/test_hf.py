@@ -25,6 +25,7 @@ from gatedmoe.interop.hf import (  # noqa: E402
     unpatch_model,
 )
 from gatedmoe.interop.hf.families import GENERIC  # noqa: E402
+from interop.hf_checks import assert_grads_match_in_hf_layout  # noqa: E402
 
 D, V = 32, 64
 COMMON = dict(
@@ -155,14 +156,7 @@ def test_block_forward_routing_and_gradients_fp32(family):
     _out(ref_y).backward(g)
     _out(fast_y).backward(g)
     assert_close("grad input", ref_x.grad, fast_x.grad)
-    # Map gatedmoe's gradients into HF layout with the (linear) weight converter itself.
-    grads = from_hf(ref)  # same structure (a deepcopy would trip on fast.moe.last_routing)
-    with torch.no_grad():
-        for p, q in zip(fast.parameters(), grads.parameters(), strict=True):
-            q.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
-    fast_grads = dict(to_hf(grads).named_parameters())
-    for name, p in ref.named_parameters():
-        assert_close(f"grad {name}", p.grad if p.grad is not None else torch.zeros_like(p), fast_grads[name])
+    assert_grads_match_in_hf_layout(ref, fast, missing_is_zero=True)
 
 
 @pytest.mark.parametrize("family", NAMES)

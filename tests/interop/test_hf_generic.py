@@ -18,8 +18,9 @@ from helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
 
-from gatedmoe.interop.hf import from_hf, patch_model, to_hf, unpatch_model  # noqa: E402
+from gatedmoe.interop.hf import from_hf, patch_model, unpatch_model  # noqa: E402
 from gatedmoe.interop.hf.families import GENERIC  # noqa: E402
+from interop.hf_checks import assert_grads_match_in_hf_layout, assert_round_trips_to_hf_layout  # noqa: E402
 from interop.hf_tiny import randomize, tiny_block, tiny_config  # noqa: E402
 
 # Families whose bf16 output is not bit-identical yet (within bf16 rounding), with why.
@@ -63,13 +64,7 @@ def test_block_fp32_outputs_routing_and_every_gradient(family, cls):
     ref_y.backward(g)
     fast_y.backward(g)
     assert_close("grad input", ref_x.grad, fast_x.grad)
-    grads = from_hf(ref)
-    with torch.no_grad():
-        for p, q in zip(fast.parameters(), grads.parameters(), strict=True):
-            q.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
-    fast_grads = dict(to_hf(grads).named_parameters())
-    for name, p in ref.named_parameters():
-        assert_close(f"grad {name}", p.grad if p.grad is not None else torch.zeros_like(p), fast_grads[name])
+    assert_grads_match_in_hf_layout(ref, fast, missing_is_zero=True)
 
 
 @pytest.mark.parametrize("family,cls", CASES, ids=IDS)
@@ -84,11 +79,7 @@ def test_block_bf16_is_bit_identical_and_round_trips(family, cls):
         assert_close("output", ref_y, fast_y)
     else:
         assert torch.equal(ref_y, fast_y), (ref_y.float() - fast_y.float()).abs().max()
-    back = to_hf(fast)
-    assert type(back) is type(ref)
-    want, got = ref.state_dict(), back.state_dict()
-    assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
-    assert sorted(fast.state_dict()) == sorted(want)  # the HF layout
+    assert_round_trips_to_hf_layout(ref, fast)
 
 
 def _model(family):

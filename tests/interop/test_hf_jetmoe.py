@@ -19,8 +19,9 @@ transformers = pytest.importorskip("transformers")
 
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeMoE  # noqa: E402
 
-from gatedmoe.interop.hf import from_hf, patch_model, to_hf, unpatch_model  # noqa: E402
+from gatedmoe.interop.hf import from_hf, patch_model, unpatch_model  # noqa: E402
 from gatedmoe.interop.hf.adapter import HFJetMoeRouterGate, HFOutputBias  # noqa: E402
+from interop.hf_checks import assert_grads_match_in_hf_layout, assert_round_trips_to_hf_layout  # noqa: E402
 from interop.hf_tiny import randomize  # noqa: E402
 
 E, D, K = 6, 32, 2
@@ -60,14 +61,7 @@ def test_block_fp32_outputs_routing_and_every_gradient():
     ref_y.backward(g)
     fast_y.backward(g)
     assert_close("grad input", ref_x.grad, fast_x.grad)
-    grads = from_hf(ref)
-    with torch.no_grad():
-        for p, q in zip(fast.parameters(), grads.parameters(), strict=True):
-            q.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
-    fast_grads = dict(to_hf(grads).named_parameters())
-    for name, p in ref.named_parameters():
-        assert p.grad is not None, name
-        assert_close(f"grad {name}", p.grad, fast_grads[name])
+    assert_grads_match_in_hf_layout(ref, fast)
 
 
 def test_block_bf16_is_bit_identical_and_round_trips():
@@ -78,11 +72,7 @@ def test_block_bf16_is_bit_identical_and_round_trips():
         ref_y, fast_y = ref(x), fast(x)
     assert fast_y.dtype == torch.bfloat16
     assert torch.equal(ref_y, fast_y), (ref_y.float() - fast_y.float()).abs().max()
-    back = to_hf(fast)
-    assert type(back) is type(ref)
-    want, got = ref.state_dict(), back.state_dict()
-    assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
-    assert sorted(fast.state_dict()) == sorted(want)
+    assert_round_trips_to_hf_layout(ref, fast)
 
 
 def test_model_patch_generate_router_logits_save_and_reload(tmp_path):

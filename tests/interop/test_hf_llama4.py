@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from gatedmoe.interop.hf import from_hf, patch_model, to_hf, unpatch_model  # noqa: E402
 from gatedmoe.layers import InputScaledMoE  # noqa: E402
+from interop.hf_checks import assert_grads_match_in_hf_layout, assert_round_trips_to_hf_layout  # noqa: E402
 from interop.hf_tiny import randomize  # noqa: E402
 
 
@@ -58,13 +59,7 @@ def test_block_fp32_outputs_routing_and_every_gradient(k):
     (ref_y * g).sum().backward()
     (fast_y * g).sum().backward()
     assert_close("grad input", ref_x.grad, fast_x.grad)
-    grads = from_hf(ref)
-    with torch.no_grad():
-        for p, q in zip(fast.parameters(), grads.parameters(), strict=True):
-            q.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
-    fast_grads = dict(to_hf(grads).named_parameters())
-    for name, p in ref.named_parameters():
-        assert_close(f"grad {name}", p.grad, fast_grads[name])
+    assert_grads_match_in_hf_layout(ref, fast)
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -76,10 +71,7 @@ def test_block_bf16_is_bit_identical_and_round_trips(k):
         (ref_y, ref_logits), (fast_y, fast_logits) = ref(x), fast(x)
     assert fast_y.dtype == torch.bfloat16
     assert torch.equal(ref_y, fast_y) and torch.equal(ref_logits, fast_logits)
-    back = to_hf(fast)
-    want, got = ref.state_dict(), back.state_dict()
-    assert sorted(want) == sorted(got) and all(torch.equal(want[n], got[n]) for n in want)
-    assert sorted(fast.state_dict()) == sorted(want)  # the HF layout
+    assert_round_trips_to_hf_layout(ref, fast)
 
 
 def test_to_hf_refuses_an_output_weighted_moe():

@@ -21,8 +21,9 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
     SwitchTransformersSparseMLP,
 )
 
-from gatedmoe.interop.hf import from_hf, patch_model, to_hf, unpatch_model  # noqa: E402
+from gatedmoe.interop.hf import from_hf, patch_model, unpatch_model  # noqa: E402
 from gatedmoe.interop.hf.adapter import HFSwitchRouterGate  # noqa: E402
+from interop.hf_checks import assert_grads_match_in_hf_layout, assert_round_trips_to_hf_layout  # noqa: E402
 from interop.hf_tiny import randomize  # noqa: E402
 
 E, D = 4, 32
@@ -68,14 +69,7 @@ def test_block_fp32_outputs_routing_capacity_and_every_gradient():
     ref_y.backward(g)
     fast_y.backward(g)
     assert_close("grad input", ref_x.grad, fast_x.grad)
-    grads = from_hf(ref)
-    with torch.no_grad():
-        for p, q in zip(fast.parameters(), grads.parameters(), strict=True):
-            q.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
-    fast_grads = dict(to_hf(grads).named_parameters())
-    for name, p in ref.named_parameters():
-        assert p.grad is not None, name
-        assert_close(f"grad {name}", p.grad, fast_grads[name])
+    assert_grads_match_in_hf_layout(ref, fast)
 
 
 def test_block_bf16_is_bit_identical_and_round_trips():
@@ -86,11 +80,7 @@ def test_block_bf16_is_bit_identical_and_round_trips():
         ref_y, fast_y = ref(x), fast(x)
     assert fast_y.dtype == torch.bfloat16
     assert torch.equal(ref_y, fast_y), (ref_y.float() - fast_y.float()).abs().max()
-    back = to_hf(fast)
-    assert type(back) is type(ref)
-    want, got = ref.state_dict(), back.state_dict()
-    assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
-    assert sorted(fast.state_dict()) == sorted(want)
+    assert_round_trips_to_hf_layout(ref, fast)
 
 
 def test_training_with_expert_dropout_refuses():
