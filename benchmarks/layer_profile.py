@@ -83,10 +83,17 @@ def profile_shape(name: str, reps: int, out: str, dev: torch.device) -> None:
                 moe(x)
 
         # Detached weights: the dispatch alone, without the router's graph (freed by backward).
-        r = dataclasses.replace(moe.route(x), weight=moe.route(x).weight.detach())
+        routed = moe.route(x)
+        r = dataclasses.replace(routed, weight=routed.weight.detach())
         med_fb, lo, hi = timed(fb, reps)
         med_f, flo, fhi = timed(fwd, reps)
-        med_d, dlo, dhi = timed(lambda moe=moe, r=r: moe.dispatch(xg, r).backward(gy), reps)
+        def dispatch_fb(moe: MoE = moe, r: Routing = r) -> None:
+            # Fresh gradients each step, as in fb: accumulating them would time extra adds.
+            moe.zero_grad(set_to_none=True)
+            xg.grad = None
+            moe.dispatch(xg, r).backward(gy)
+
+        med_d, dlo, dhi = timed(dispatch_fb, reps)
         lines.append(
             f"layer check_inputs={check}: fwd {med_f:.3f} ({flo:.3f}-{fhi:.3f})  fwd+bwd {med_fb:.3f} "
             f"({lo:.3f}-{hi:.3f})  dispatch-only fwd+bwd {med_d:.3f} ms"
