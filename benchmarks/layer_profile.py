@@ -123,6 +123,7 @@ def profile_shape(name: str, reps: int, out: str, dev: torch.device) -> None:
     moe_c = MoE(D, E, H, k=K, backend="triton", check_inputs=True).to(dev, torch.bfloat16)
 
     def step() -> None:
+        moe_c.zero_grad(set_to_none=True)
         xg.grad = None
         moe_c(xg).backward(gy)
 
