@@ -108,9 +108,9 @@ def test_from_config_refuses_a_gate_the_config_does_not_describe():
 
 def test_forward_goes_through_the_seams():
     class Doubled(MoE):
-        def route(self, x_TD, token_ids=None) -> Routing:
+        def route(self, x_TD, token_ids=None, **kw) -> Routing:
             self.routed = True
-            return super().route(x_TD, token_ids)
+            return super().route(x_TD, token_ids, **kw)
 
         def dispatch(self, x_TD, routing):
             return 2 * super().dispatch(x_TD, routing)

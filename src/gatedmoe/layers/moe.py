@@ -289,8 +289,6 @@ class MoE(TransientState, nn.Module):
         self.aux_losses: dict[str, Tensor] = {}
         self.balance_group: Any = None
         self.balance_distributed = False
-        # Sequence length of the input `forward` is routing (None outside forward).
-        self._seq_len: int | None = None
         # Global-batch counts ``[E]`` of the optimizer step so far (load_balance_scope="global_batch").
         self._step_counts: Tensor | None = None
 
@@ -352,24 +350,25 @@ class MoE(TransientState, nn.Module):
         self._step_counts = counts_E
         return counts_E
 
-    def balance_loss(self, routing: Routing) -> Tensor:
+    def balance_loss(self, routing: Routing, seq_len: int | None = None) -> Tensor:
         """The unweighted load-balancing loss of ``routing`` at the layer's
-        ``load_balance_scope`` and ``load_balance_count`` (`gatedmoe.losses`)."""
+        ``load_balance_scope`` and ``load_balance_count`` (`gatedmoe.losses`); ``seq_len``
+        tokens per sequence for the sequence scope (None: all tokens are one sequence)."""
         scope, count = self.config.load_balance_scope, self.config.load_balance_count
         if scope == "sequence":
-            return sequence_balance_loss(routing, self._seq_len or max(routing.n_tokens, 1), count)
+            return sequence_balance_loss(routing, seq_len or max(routing.n_tokens, 1), count)
         if scope == "global_batch":
             counted = routing.routed if count == "routed" else routing
             return global_batch_balance_loss(routing, self._global_counts(counted.counts))
         return load_balance_loss(routing, count)
 
     # ------------------------------------------------------------ seams
-    def route(self, x_TD: Tensor, token_ids: Tensor | None = None) -> Routing:
+    def route(self, x_TD: Tensor, token_ids: Tensor | None = None, *, seq_len: int | None = None) -> Routing:
         """Gate ``x_TD``, record auxiliary losses, apply capacity; returns the executed routing.
 
-        ``token_ids`` (``[T]`` or any shape with T elements) reach gates that use them. The
-        sequence-scope loss takes its sequences from the input of `forward`
-        (``x [..., L, D]``); ``x_TD`` routed on its own is one sequence.
+        ``token_ids`` (``[T]`` or any shape with T elements) reach gates that use them.
+        ``seq_len``: the sequence-scope loss's tokens per sequence (`forward` passes L of
+        ``x [..., L, D]``); None: ``x_TD`` is one sequence.
         """
         if self.gate.uses_token_ids:
             routing = self.gate(x_TD, token_ids=token_ids)
@@ -377,7 +376,7 @@ class MoE(TransientState, nn.Module):
             routing = self.gate(x_TD)
         losses: dict[str, Tensor] = {}
         if self.load_balance_weight and routing.probs is not None:
-            losses["load_balance"] = self.load_balance_weight * self.balance_loss(routing)
+            losses["load_balance"] = self.load_balance_weight * self.balance_loss(routing, seq_len)
         if self.router_z_weight and routing.logits is not None:
             losses["router_z"] = self.router_z_weight * router_z_loss(routing)
         losses.update(self.gate.gate_losses)
@@ -399,11 +398,8 @@ class MoE(TransientState, nn.Module):
         self._check(x)
         _check_token_ids(token_ids, x)
         x_TD = x.reshape(-1, self.d_model)
-        self._seq_len = x.shape[-2] if x.dim() >= 3 else None
-        try:
-            routing = self.route(x_TD, None if token_ids is None else token_ids.reshape(-1))
-        finally:
-            self._seq_len = None
+        seq_len = x.shape[-2] if x.dim() >= 3 else None
+        routing = self.route(x_TD, None if token_ids is None else token_ids.reshape(-1), seq_len=seq_len)
         self.last_routing = routing
         y_TD = self.dispatch(x_TD, routing)
         if self.shared is not None:
