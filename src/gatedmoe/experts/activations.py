@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Activation", "ExpandedGatedActivation", "ClampedSwiGLU", "get_activation", "activation_names"]
+__all__ = ["Activation", "ExpandedGatedActivation", "ClampedSwiGLU", "get_activation", "resolve_activation", "activation_names"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,16 @@ _EXPANDED: dict[str, tuple[Callable[[Tensor], Tensor], bool]] = {
 def activation_names() -> list[str]:
     """Known activation names."""
     return sorted([*_ACTIVATIONS, *_EXPANDED, ClampedSwiGLU.name])
+
+
+def resolve_activation(activation: object) -> Activation | ExpandedGatedActivation | ClampedSwiGLU:
+    """``activation`` as a built activation: a name goes through `get_activation`; a built one
+    (callable, with ``name`` and ``glu``) is returned as it is; anything else is a TypeError."""
+    if isinstance(activation, str):
+        return get_activation(activation)
+    if not (callable(activation) and hasattr(activation, "glu") and hasattr(activation, "name")):
+        raise TypeError(f"activation must be an activation name or an Activation, got {type(activation).__name__}")
+    return activation
 
 
 def get_activation(name: str) -> Activation | ExpandedGatedActivation:

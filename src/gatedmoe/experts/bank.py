@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from gatedmoe.experts.activations import Activation, ExpandedGatedActivation, get_activation
+from gatedmoe.experts.activations import Activation, ExpandedGatedActivation, resolve_activation
 from gatedmoe.experts.lora import ExpertLoRA
 from gatedmoe.validation import boolean, check_input, int_in, positive_int
 
@@ -58,11 +58,7 @@ class ExpertBank(nn.Module):
         for name, v in (("n_experts", n_experts), ("d_model", d_model), ("d_hidden", d_hidden)):
             positive_int(name, v)
         boolean("bias", bias)
-        if not isinstance(activation, str) and not (
-            callable(activation) and hasattr(activation, "glu") and hasattr(activation, "name")
-        ):
-            raise TypeError(f"activation must be an activation name or an Activation, got {type(activation).__name__}")
-        self.act = get_activation(activation) if isinstance(activation, str) else activation
+        self.act = resolve_activation(activation)
         self.n_experts, self.d_model, self.d_hidden = n_experts, d_model, d_hidden
         h_in = 2 * d_hidden if self.act.glu else d_hidden
         self.w_in = nn.Parameter(torch.empty(n_experts, h_in, d_model))

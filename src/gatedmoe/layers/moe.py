@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from gatedmoe import gates as gate_registry
 from gatedmoe.dispatch import get_backend
 from gatedmoe.dispatch.options import TritonOptions
-from gatedmoe.experts.activations import Activation, ExpandedGatedActivation, get_activation
+from gatedmoe.experts.activations import Activation, ExpandedGatedActivation, resolve_activation
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.gates.base import Gate
 from gatedmoe.layers.config import MoEConfig
@@ -42,7 +42,7 @@ class SharedExperts(nn.Module):
         positive_int("d_model", d_model)
         positive_int("d_hidden", d_hidden)
         boolean("bias", bias)
-        self.act = get_activation(activation) if isinstance(activation, str) else activation
+        self.act = resolve_activation(activation)
         h_in = 2 * d_hidden if self.act.glu else d_hidden
         self.w_in = nn.Linear(d_model, h_in, bias=bias)
         self.w_out = nn.Linear(d_hidden, d_model, bias=bias)
@@ -198,9 +198,7 @@ class MoE(TransientState, nn.Module):
         elif not isinstance(gate, str):
             raise TypeError(f"gate must be a gate name or a gatedmoe.gates.Gate, got {type(gate).__name__}")
         if act_part is not None:
-            if not hasattr(act_part, "glu") or not hasattr(act_part, "name"):
-                raise TypeError(f"activation must be a name or an Activation, got {type(act_part).__name__}")
-            activation = act_part.name
+            activation = resolve_activation(act_part).name
         config = MoEConfig(
             d_model=d_model, n_experts=n_experts, d_hidden=d_hidden, gate=gate, k=k, activation=activation,
             bias=bias, n_shared_experts=n_shared_experts, d_shared_hidden=d_shared_hidden,
