@@ -155,9 +155,12 @@ def global_batch_balance_loss(routing: Routing, counts_E: Tensor) -> Tensor:
 def router_z_loss(routing: Routing) -> Tensor:
     """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): ``mean_t (logsumexp_e logits)^2``.
 
-    Needs ``routing.logits``. An empty batch (T = 0) gives 0, still attached to the graph.
+    Needs ``routing.logits`` (or ``routing.lse``, their logsumexp, which it uses when the
+    gate left it). An empty batch (T = 0) gives 0, still attached to the graph.
     """
     _check_routing(routing)
+    if routing.lse is not None:
+        return _mean_rows(routing.lse.float().pow(2))
     if routing.logits is None:
         raise ValueError("router_z_loss needs routing.logits; this gate did not provide them")
     return _mean_rows(torch.logsumexp(routing.logits.float(), dim=-1).pow(2))

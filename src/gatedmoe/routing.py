@@ -42,6 +42,9 @@ class Routing:
         The routing as the gate chose it, before :meth:`drop_over_capacity` (None when no
         capacity was applied). Load-balancing losses count these assignments by default,
         as the Switch paper does (`gatedmoe.losses.expert_fractions`).
+    lse : Tensor ``[T]`` or None
+        ``logsumexp`` of ``logits`` over the experts, where the gate computed it anyway
+        (`gatedmoe.gates.fused_topk`); the router z-loss reads it instead of recomputing.
 
     Build one with :meth:`from_topk` (token choice) or :meth:`from_assignments` (any list
     of pairs, e.g. expert choice or a variable number of experts per token).
@@ -63,6 +66,7 @@ class Routing:
     logits: Tensor | None = None
     n_dropped: int = 0
     before_capacity: Routing | None = None
+    lse: Tensor | None = None
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -261,6 +265,7 @@ class Routing:
             counts=self.counts.to(device),
             probs=mv(self.probs),
             logits=mv(self.logits),
+            lse=mv(self.lse),
             before_capacity=None if self.before_capacity is None else self.before_capacity.to(device),
         )
 
@@ -297,6 +302,8 @@ class Routing:
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (self.n_tokens, E):
                 raise ValueError(f"Routing.{name} must have shape [T, E]=({self.n_tokens}, {E}), got {tuple(t.shape)}")
+        if self.lse is not None and tuple(self.lse.shape) != (self.n_tokens,):
+            raise ValueError(f"Routing.lse must have shape [T]=({self.n_tokens},), got {tuple(self.lse.shape)}")
         if self.n_dropped < 0:
             raise ValueError(f"Routing.n_dropped must be >= 0, got {self.n_dropped}")
         return self

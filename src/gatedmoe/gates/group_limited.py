@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from gatedmoe.gates.balancing import BiasBalancer
 from gatedmoe.gates.base import Gate, check_k
 from gatedmoe.gates.functional import check_mask_value, group_limited_topk
+from gatedmoe.gates.fused_topk import fused_topk, fused_topk_applies
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
 from gatedmoe.validation import boolean, real_in
@@ -32,7 +33,10 @@ class GroupLimitedGate(Gate):
       with ``normalize`` (HF ``norm_topk_prob``), else ``rsf * s_e``; ``rsf`` is
       ``routed_scaling_factor``.
 
-    ``Routing.probs`` holds ``s / sum_j s_j`` so the usual balance losses apply.
+    ``Routing.probs`` holds ``s / sum_j s_j`` so the usual balance losses apply. On CUDA
+    the route runs in the fused kernels of `gatedmoe.gates.fused_topk` (the normaliser there
+    is ``max(sum, 1e-20)``, equal to ``sum + 1e-20`` in float32 unless the kept scores sum
+    below 1e-13).
     Sparse; selection not differentiable (weights are); balancing by the bias (updated
     when ``bias_update_rate > 0``, Wang et al. 2024), optionally auxiliary losses too.
 
@@ -115,6 +119,15 @@ class GroupLimitedGate(Gate):
 
     def forward(self, x_TD: Tensor) -> Routing:
         logits_TE = self.router_logits(x_TD)
+        if fused_topk_applies(logits_TE, self.k, self.n_group):
+            routing = fused_topk(
+                logits_TE, self.k, score="sigmoid", normalize=self.normalize, bias_E=self.balancer.bias,
+                scale=self.routed_scaling_factor, n_group=self.n_group, topk_group=self.topk_group,
+                mask_value=self.mask_value,
+            )
+            if self.balancer.update_rate > 0:
+                self.update_bias_balancer(routing.counts)
+            return routing
         weights_TK, experts_TK, scores_TE = group_limited_topk(
             logits_TE,
             self.k,

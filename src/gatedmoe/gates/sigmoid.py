@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from gatedmoe.gates.base import Gate, check_k
 from gatedmoe.gates.functional import sigmoid_topk
+from gatedmoe.gates.fused_topk import fused_topk, fused_topk_applies
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
 from gatedmoe.validation import boolean, real_in
@@ -23,7 +24,8 @@ class SigmoidGate(Gate):
     ``g_e = scale * s_e / sum_{j kept} s_j`` (``normalize=True``) or ``scale * s_e``.
     With ``bias_update_rate > 0`` the selection bias b is updated after each training
     forward by ``b_e <- b_e + u * sign(mean(c) - c_e)`` (see `BiasBalancer`).
-    ``Routing.probs`` holds ``s / sum_j s_j`` so the usual balance losses apply.
+    ``Routing.probs`` holds ``s / sum_j s_j`` so the usual balance losses apply. On CUDA
+    the route runs in the fused kernels of `gatedmoe.gates.fused_topk`.
 
     Sparse; selection not differentiable (weights are); balancing by bias, optionally
     by auxiliary losses too.
@@ -60,6 +62,11 @@ class SigmoidGate(Gate):
 
     def forward(self, x_TD: Tensor) -> Routing:
         logits_TE = self.router_logits(x_TD)
+        if fused_topk_applies(logits_TE, self.k):
+            routing = fused_topk(logits_TE, self.k, score="sigmoid", normalize=self.normalize,
+                                 bias_E=self.selection_bias(), scale=self.scale)
+            self.update_bias_balancer(routing.counts)
+            return routing
         weights_TK, experts_TK, scores_TE = sigmoid_topk(
             logits_TE, self.k, self.selection_bias(), self.normalize, self.scale
         )

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from gatedmoe.gates.base import Gate, check_k
 from gatedmoe.gates.functional import topk_softmax
+from gatedmoe.gates.fused_topk import fused_topk, fused_topk_applies
 from gatedmoe.gates.registry import register
 from gatedmoe.routing import Routing
 from gatedmoe.validation import boolean, real_in
@@ -58,7 +59,9 @@ class TopKSoftmaxGate(Gate):
     ``load = w_load * CV(sum_x P(x, .))^2`` (see `noisy_topk_load`).
 
     Sparse, selection not differentiable (weights are), balancing by auxiliary losses, or
-    without them by a selection bias on ``p`` (`Gate.attach_bias_balancer`).
+    without them by a selection bias on ``p`` (`Gate.attach_bias_balancer`). On CUDA the
+    route runs in the fused kernels of `gatedmoe.gates.fused_topk` (same routing; noisy
+    top-k in training excepted).
 
     Examples
     --------
@@ -98,8 +101,11 @@ class TopKSoftmaxGate(Gate):
         self.gate_losses = {}
         bias_E = self.selection_bias()
         if not (self.noisy and self.training):
-            weights_TK, experts_TK, probs_TE = topk_softmax(clean_TE, self.k, self.renormalize, bias_E)
-            routing = Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=clean_TE)
+            if fused_topk_applies(clean_TE, self.k):
+                routing = fused_topk(clean_TE, self.k, normalize=self.renormalize, bias_E=bias_E)
+            else:
+                weights_TK, experts_TK, probs_TE = topk_softmax(clean_TE, self.k, self.renormalize, bias_E)
+                routing = Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=clean_TE)
             self.update_bias_balancer(routing.counts)
             return routing
         noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float())) + 1e-2

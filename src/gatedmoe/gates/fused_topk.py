@@ -1,0 +1,216 @@
+"""Token-choice top-k routing in three Triton kernels, and its plain-PyTorch reference.
+
+The unfused route of a top-k gate is a chain of PyTorch kernels: softmax (or sigmoid), top-k,
+gather and renormalisation, a stable argsort of the T*K expert ids, gathers by that order, a
+histogram, and a logsumexp for the router z-loss (fine-grained shape T=16384 E=256 K=8 on an
+H200: ~0.96 ms, see the kernels' README). `fused_topk` computes the same `Routing` in three
+passes, each program owning whole rows of the logits:
+
+1. ``route_fwd_kernel``: scores, lse, the (group-limited) top-k with bias selection and
+   renormalisation, and a per-block expert histogram;
+2. ``route_scan_kernel``: per expert, the exclusive prefix of its histogram over the blocks
+   and its count;
+3. ``route_sort_kernel``: a counting sort that writes the sorted token, expert and weight
+   (stable in token order, as `Routing.from_topk`'s stable argsort) and its inverse.
+
+No step reads a value on the host, so a training step stays capturable in a CUDA graph. The
+backward (``route_bwd_kernel``) is one pass over ``[T, E]``. `fused_topk_reference` is the
+same computation from the gates' plain functions, the oracle in tests.
+
+Shape legend: T tokens, E experts, K experts per token, N = T*K assignments.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gatedmoe.gates.functional import _group_limited_select
+from gatedmoe.routing import Routing
+
+__all__ = ["SCORES", "fused_topk", "fused_topk_applies", "fused_topk_reference"]
+
+SCORES = ("softmax", "sigmoid")
+# One program holds BT x BE float32 scores; beyond these sizes the unfused path is used.
+_MAX_E = 4096
+_MAX_K = 16
+_TILE = 4096  # BT * BE elements per program
+_SCAN_CHUNK = 1024
+
+
+def fused_topk_applies(logits_TE: Tensor, k: int, n_group: int = 1) -> bool:
+    """Whether the gates route ``logits_TE`` with `fused_topk`: float32 logits on CUDA, with
+    Triton importable, E <= 4096, k <= 16 and, with groups, E a power of two; not while
+    torch.compile traces (it compiles the plain path)."""
+    if not (logits_TE.is_cuda and logits_TE.dtype == torch.float32 and logits_TE.dim() == 2):
+        return False
+    if torch.compiler.is_compiling():  # the compiler fuses the plain path itself
+        return False
+    E = logits_TE.shape[1]
+    if E > _MAX_E or k > _MAX_K or logits_TE.shape[0] == 0:
+        return False
+    if n_group > 1 and E & (E - 1):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # Every buffer the kernels fill comes from here (tests poison it to catch unwritten entries).
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
+def _blocks(T: int, E: int) -> tuple[int, int]:
+    BE = _pow2(E)
+    BT = max(1, min(64, _TILE // BE))
+    return BT, BE
+
+
+class _FusedTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_TE, bias_E, k, score, normalize, scale, n_group, topk_group, mask_value):
+        from gatedmoe.gates import fused_topk_kernels as kn
+
+        logits = logits_TE.contiguous()
+        T, E = logits.shape
+        N = T * k
+        BT, BE = _blocks(T, E)
+        NB = -(-T // BT)
+        dev = logits.device
+        probs = _empty(T, E, device=dev, dtype=torch.float32)
+        lse = _empty(T, device=dev, dtype=torch.float32)
+        weights_TK = _empty(T, k, device=dev, dtype=torch.float32)
+        experts_TK = _empty(T, k, device=dev, dtype=torch.int32)
+        hist = _empty(NB, E, device=dev, dtype=torch.int32)
+        has_bias = bias_E is not None
+        bias = bias_E.detach().float().contiguous() if has_bias else lse
+        code = SCORES.index(score)
+        kn.route_fwd_kernel[(NB,)](
+            logits, bias, probs, lse, weights_TK, experts_TK, hist, T, E, float(scale), float(mask_value),
+            K=k, BK=_pow2(k), BT=BT, BE=BE, SCORE=code, HAS_BIAS=has_bias, NORMALIZE=normalize,
+            N_GROUP=n_group, TOPK_GROUP=topk_group, num_warps=4,
+        )
+        prefix = _empty(NB, E, device=dev, dtype=torch.int32)
+        counts = _empty(E, device=dev, dtype=torch.int64)
+        kn.route_scan_kernel[(E,)](hist, prefix, counts, NB, E, CH=min(_SCAN_CHUNK, _pow2(NB)), num_warps=4)
+        token = _empty(N, device=dev, dtype=torch.int64)
+        expert = _empty(N, device=dev, dtype=torch.int64)
+        weight = _empty(N, device=dev, dtype=torch.float32)
+        pos = _empty(T, k, device=dev, dtype=torch.int64)
+        kn.route_sort_kernel[(NB,)](
+            experts_TK, weights_TK, prefix, counts, token, expert, weight, pos, T, E, K=k, BT=BT, BE=BE, num_warps=4
+        )
+        ctx.mark_non_differentiable(token, expert, counts)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(probs if code == 0 else logits, lse, weights_TK, experts_TK, pos)
+        ctx.meta = (k, code, normalize, float(scale), BT, BE)
+        return weight, probs, lse, token, expert, counts
+
+    @staticmethod
+    def backward(ctx, g_weight, g_probs, g_lse, _gt, _ge, _gc):
+        from gatedmoe.gates import fused_topk_kernels as kn
+
+        saved, lse, weights_TK, experts_TK, pos = ctx.saved_tensors
+        k, code, normalize, scale, BT, BE = ctx.meta
+        T, E = saved.shape
+        if g_weight is None and g_probs is None and g_lse is None:
+            return (None,) * 9
+        g_logits = _empty(T, E, device=saved.device, dtype=torch.float32)
+        dummy = lse
+        kn.route_bwd_kernel[(-(-T // BT),)](
+            saved, lse, weights_TK, experts_TK, pos,
+            dummy if g_weight is None else g_weight.float().contiguous(),
+            dummy if g_probs is None else g_probs.float().contiguous(),
+            dummy if g_lse is None else g_lse.float().contiguous(),
+            g_logits, T, E, scale,
+            K=k, BT=BT, BE=BE, SCORE=code, NORMALIZE=normalize,
+            HAS_GW=g_weight is not None, HAS_GP=g_probs is not None, HAS_GLSE=g_lse is not None, num_warps=4,
+        )
+        return g_logits, None, None, None, None, None, None, None, None
+
+
+def _check_args(logits_TE, k, score, n_group, topk_group, mask_value) -> None:
+    if not isinstance(logits_TE, Tensor) or logits_TE.dim() != 2 or not logits_TE.is_floating_point():
+        raise ValueError("logits_TE must be a floating-point tensor [T, E]")
+    E = logits_TE.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E:
+        raise ValueError(f"k must be an int in [1, E={E}], got {k!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if n_group < 1 or E % n_group or not 1 <= topk_group <= n_group or k > topk_group * (E // n_group):
+        raise ValueError(f"n_group={n_group}, topk_group={topk_group} and k={k} do not fit E={E} experts")
+    if mask_value not in (0.0, float("-inf")):
+        raise ValueError(f"mask_value must be 0.0 or -inf, got {mask_value}")
+
+
+def fused_topk(
+    logits_TE: Tensor,
+    k: int,
+    *,
+    score: str = "softmax",
+    normalize: bool = True,
+    bias_E: Tensor | None = None,
+    scale: float = 1.0,
+    n_group: int = 1,
+    topk_group: int = 1,
+    mask_value: float = float("-inf"),
+) -> Routing:
+    """Top-k routing of float32 ``logits_TE [T, E]`` by the Triton kernels (CUDA, or Triton's
+    interpreter on the CPU with ``TRITON_INTERPRET=1``); the `Routing` of
+    `fused_topk_reference` with the same arguments.
+
+    ``score``: "softmax" (``p = softmax(l)``, `topk_softmax`) or "sigmoid" (``s = sigmoid(l)``,
+    `sigmoid_topk`; ``Routing.probs`` is ``s / sum_e s``). Experts are selected by the score
+    plus ``bias_E`` (selection only), within the ``topk_group`` best of ``n_group`` groups
+    (`group_limited_topk`, other experts scored ``mask_value``); the kept scores are divided by
+    their sum when ``normalize`` and multiplied by ``scale``. ``Routing.lse`` holds
+    ``logsumexp(l)`` for the router z-loss. Ties go to the lowest expert id (the reference's
+    `torch.topk` leaves their order unspecified).
+    """
+    _check_args(logits_TE, k, score, n_group, topk_group, mask_value)
+    T, E = logits_TE.shape
+    weight, probs, lse, token, expert, counts = _FusedTopK.apply(
+        logits_TE.float(), bias_E, k, score, bool(normalize), float(scale), int(n_group), int(topk_group),
+        float(mask_value),
+    )
+    return Routing(token=token, expert=expert, weight=weight, counts=counts, n_tokens=T, probs=probs,
+                   logits=logits_TE, lse=lse)
+
+
+def fused_topk_reference(
+    logits_TE: Tensor,
+    k: int,
+    *,
+    score: str = "softmax",
+    normalize: bool = True,
+    bias_E: Tensor | None = None,
+    scale: float = 1.0,
+    n_group: int = 1,
+    topk_group: int = 1,
+    mask_value: float = float("-inf"),
+) -> Routing:
+    """`fused_topk` in plain PyTorch (float32): scores, top-k by `torch.topk`, a stable
+    argsort by expert (`Routing.from_topk`) and ``torch.logsumexp``."""
+    _check_args(logits_TE, k, score, n_group, topk_group, mask_value)
+    logits = logits_TE.float()
+    s_TE = torch.softmax(logits, -1) if score == "softmax" else torch.sigmoid(logits)
+    with torch.no_grad():
+        c_TE = s_TE if bias_E is None else s_TE + bias_E
+        if n_group > 1:
+            experts_TK = _group_limited_select(c_TE, k, n_group, topk_group, mask_value)
+        else:
+            experts_TK = torch.topk(c_TE, k, dim=-1).indices
+    weights_TK = s_TE.gather(-1, experts_TK)
+    if normalize:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+    probs = s_TE if score == "softmax" else s_TE / s_TE.sum(-1, keepdim=True)
+    r = Routing.from_topk(weights_TK * scale, experts_TK, logits.shape[1], probs=probs, logits=logits_TE)
+    return Routing(token=r.token, expert=r.expert, weight=r.weight, counts=r.counts, n_tokens=r.n_tokens,
+                   probs=probs, logits=logits_TE, lse=torch.logsumexp(logits, -1))

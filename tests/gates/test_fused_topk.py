@@ -1,0 +1,177 @@
+"""The fused top-k routing kernels (`gatedmoe.gates.fused_topk`) against their plain
+reference, in Triton's interpreter on the CPU: the routing exactly (tokens, experts, counts),
+weights, probs and lse within float32 tolerance, and the logits' gradient for random
+upstream gradients of all three. Logits are a scaled permutation, so no two scores of a
+row tie and the top-k choice is unambiguous."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gatedmoe.gates import fused_topk as ft  # noqa: E402
+from gatedmoe.gates import group_limited as group_module  # noqa: E402
+from gatedmoe.gates import registry  # noqa: E402
+from gatedmoe.gates import sigmoid as sigmoid_module  # noqa: E402
+from gatedmoe.gates import topk as topk_module  # noqa: E402
+from gatedmoe.losses import router_z_loss  # noqa: E402
+from helpers import assert_close, poisoned_empty  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(ft, "_empty", lambda *shape, device, dtype: poisoned_empty(*shape, dtype=dtype, device=device))
+
+
+def _distinct_logits(T: int, E: int, spread: float = 6.0) -> torch.Tensor:
+    return (torch.randperm(T * E).reshape(T, E).float() / (T * E) - 0.5) * spread
+
+
+CASES = [
+    # T, E, k, options
+    (1, 4, 1, {}),
+    (5, 8, 2, {}),
+    (63, 12, 3, {"normalize": False}),
+    (63, 12, 3, {"bias_E": "random"}),
+    (40, 6, 1, {"normalize": False}),
+    (33, 16, 4, {"score": "sigmoid"}),
+    (33, 16, 4, {"score": "sigmoid", "normalize": False, "scale": 2.5, "bias_E": "random"}),
+    (33, 16, 4, {"score": "sigmoid", "n_group": 4, "topk_group": 2, "bias_E": "random", "scale": 2.5}),
+    (33, 16, 3, {"score": "sigmoid", "n_group": 4, "topk_group": 2, "bias_E": "random", "mask_value": 0.0}),
+    (70, 32, 8, {"score": "sigmoid", "n_group": 8, "topk_group": 3}),
+    (70, 40, 6, {"scale": 1.7}),
+]
+
+
+def _options(opts: dict, E: int) -> dict:
+    opts = dict(opts)
+    if opts.get("bias_E") == "random":
+        opts["bias_E"] = torch.randn(E) * 0.05
+    return opts
+
+
+@pytest.mark.parametrize("T,E,k,opts", CASES)
+def test_fused_topk_matches_reference(T, E, k, opts):
+    opts = _options(opts, E)
+    ref_logits = _distinct_logits(T, E).requires_grad_()
+    fast_logits = ref_logits.detach().clone().requires_grad_()
+    ref = ft.fused_topk_reference(ref_logits, k, **opts)
+    fast = ft.fused_topk(fast_logits, k, **opts)
+    for name in ("token", "expert", "counts"):
+        assert_close(name, getattr(ref, name), getattr(fast, name))
+    for name in ("weight", "probs", "lse"):
+        assert_close(name, getattr(ref, name), getattr(fast, name))
+    assert fast.n_tokens == T and fast.logits is fast_logits
+    fast.validate()
+    g_w, g_p, g_lse = torch.randn(T * k), torch.randn(T, E), torch.randn(T)
+    for r in (ref, fast):
+        ((r.weight * g_w).sum() + (r.probs * g_p).sum() + (r.lse * g_lse).sum()).backward()
+    assert_close("grad logits", ref_logits.grad, fast_logits.grad)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("which", ["weight", "probs", "lse"])
+def test_fused_topk_gradient_of_each_output_alone(score, which):
+    """Backward with only one output used (the others' gradients are None)."""
+    ref_logits = _distinct_logits(21, 10).requires_grad_()
+    fast_logits = ref_logits.detach().clone().requires_grad_()
+    for logits, fn in ((ref_logits, ft.fused_topk_reference), (fast_logits, ft.fused_topk)):
+        r = fn(logits, 3, score=score)
+        out = getattr(r, which)
+        (out * torch.linspace(-1, 2, out.numel()).reshape(out.shape)).sum().backward()
+    assert_close("grad logits", ref_logits.grad, fast_logits.grad)
+
+
+def test_fused_topk_all_tokens_on_one_expert_and_empty_experts():
+    bias = torch.zeros(9)
+    bias[4] = 10.0  # selection only: expert 4 is everyone's first choice, weights unchanged
+    logits = _distinct_logits(50, 9)
+    ref = ft.fused_topk_reference(logits, 1, normalize=False, bias_E=bias)
+    fast = ft.fused_topk(logits, 1, normalize=False, bias_E=bias)
+    assert fast.counts.tolist() == [0, 0, 0, 0, 50, 0, 0, 0, 0]
+    assert_close("token", ref.token, fast.token)
+    assert_close("weight", ref.weight, fast.weight)
+
+
+def test_fused_topk_group_mask_zero_picks_masked_experts_over_negative_scores():
+    """mask_value=0 with every selection score negative: the experts of dropped groups (all
+    scored 0, a tie the reference's torch.topk breaks in no stated order) beat the kept ones.
+    The fused choice must be a top-k of the masked scores; weights follow from the choice."""
+    T, E, k = 20, 16, 3
+    logits = _distinct_logits(T, E)
+    bias = -2.0 - torch.rand(E)
+    fast = ft.fused_topk(logits, k, score="sigmoid", n_group=4, topk_group=2, bias_E=bias, mask_value=0.0)
+    s = torch.sigmoid(logits)
+    c = s + bias
+    group = c.view(T, 4, 4).topk(2, -1).values.sum(-1)
+    keep = torch.zeros(T, 4, dtype=torch.bool).scatter(1, group.topk(2, -1).indices, True)
+    masked = c.masked_fill(~keep.repeat_interleave(4, 1), 0.0)
+    chosen = torch.zeros(T, E, dtype=torch.bool)
+    chosen[fast.token, fast.expert] = True
+    assert (chosen.sum(1) == k).all()
+    assert_close("chosen scores", masked.topk(k, -1).values.sum(-1), (masked * chosen).sum(-1))
+    assert (masked[chosen] == 0).all()  # negative kept experts lost to the masked ones
+    kept_s = (s * chosen).sum(-1)
+    assert_close("weights", (s / kept_s[:, None])[fast.token, fast.expert], fast.weight)
+
+
+def test_fused_topk_ties_go_to_the_lowest_expert():
+    logits = torch.zeros(3, 8)
+    r = ft.fused_topk(logits, 3)
+    assert r.expert.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert r.token.tolist() == [0, 1, 2] * 3
+
+
+def test_fused_topk_lse_feeds_the_router_z_loss():
+    logits = _distinct_logits(12, 8)
+    fast = ft.fused_topk(logits, 2)
+    assert fast.lse is not None
+    expected = torch.logsumexp(logits, -1).pow(2).mean()
+    assert_close("z-loss", expected, router_z_loss(fast))
+
+
+@pytest.mark.parametrize(
+    "kw", [{"k": 0}, {"k": 9}, {"score": "tanh"}, {"n_group": 3}, {"n_group": 4, "topk_group": 5}, {"mask_value": 1.0}]
+)
+def test_fused_topk_rejects_bad_arguments(kw):
+    args = {"k": 2, **kw}
+    k = args.pop("k")
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        ft.fused_topk(torch.randn(4, 8), k, **args)
+
+
+def test_fused_topk_applies_only_to_cuda_float32():
+    assert not ft.fused_topk_applies(torch.randn(4, 8), 2)  # CPU: the gates keep the plain path
+
+
+@pytest.mark.parametrize(
+    "gate,kw,module",
+    [
+        ("topk_softmax", {"k": 3}, topk_module),
+        ("topk_softmax", {"k": 1}, topk_module),
+        ("sigmoid", {"k": 2, "scale": 2.5, "normalize": False}, sigmoid_module),
+        ("group_limited", {"k": 3, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5}, group_module),
+        # Every kept score negative and k = the 8 masked experts: mask_value=0 picks exactly those.
+        ("group_limited", {"k": 8, "n_group": 4, "topk_group": 2, "mask_value": 0.0}, group_module),
+    ],
+)
+def test_gates_route_the_same_through_the_fused_kernels(gate, kw, module, monkeypatch):
+    """The gates hand their settings (renormalisation, scale, bias, groups, mask) to the
+    fused path correctly: forcing it on the CPU gives the plain path's routing."""
+    torch.manual_seed(1)
+    g = registry.get(gate)(16, 16, **kw)
+    if g.balancer is None:
+        g.attach_bias_balancer(1e-3)
+    with torch.no_grad():
+        g.balancer.bias.copy_(torch.randn(16) * 0.05 - (1.5 if kw.get("mask_value") == 0.0 else 0.0))
+    x = torch.randn(30, 16)
+    ref = g(x)
+    monkeypatch.setattr(module, "fused_topk_applies", lambda *a, **k: True)
+    fast = g(x)
+    assert fast.lse is not None and ref.lse is None
+    for name in ("token", "expert", "counts"):
+        assert_close(name, ref.routed.__getattribute__(name), fast.__getattribute__(name))
+    assert_close("weight", ref.weight, fast.weight)
+    assert_close("probs", ref.probs, fast.probs)
