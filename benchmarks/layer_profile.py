@@ -1,5 +1,7 @@
-"""Where the whole layer's time goes on a GPU: the router path piece by piece, host syncs, and
-a kernel profile of one forward+backward of `gatedmoe.MoE` (topk_softmax, triton, bf16).
+"""Where the whole layer's time goes on a GPU: the layer per gate (topk_softmax, sigmoid with
+bias balancing, group_limited), the router path piece by piece (fused kernels against the plain
+path), host syncs, and a kernel profile of one forward+backward of `gatedmoe.MoE`
+(topk_softmax, triton, bf16).
 
     OUT=dir python3 benchmarks/layer_profile.py [--shapes fine256,small] [--reps 20]
 
@@ -23,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from gatedmoe import MoE, Routing
 from gatedmoe.bench import time_samples
 from gatedmoe.gates.functional import topk_softmax
+from gatedmoe.gates.fused_topk import fused_topk, fused_topk_reference
 
 SHAPES = {
     "fine256": (16384, 2048, 512, 256, 8),
@@ -70,8 +73,12 @@ def profile_shape(name: str, reps: int, out: str, dev: torch.device) -> None:
     gy = torch.randn_like(x)
     xg = x.clone().requires_grad_()
     lines = [f"== {name}: T={T} D={D} H={H} E={E} K={K}"]
-    for check in (True, False):
-        moe = MoE(D, E, H, k=K, backend="triton", check_inputs=check).to(dev, torch.bfloat16)
+    variants = [("topk_softmax", True, {}), ("topk_softmax", False, {}),
+                ("sigmoid", True, {"bias_update_rate": 1e-3}),
+                ("group_limited", True, {"bias_update_rate": 1e-3,
+                                         "gate_kwargs": {"n_group": min(8, E // 2), "topk_group": min(4, E // 4)}})]
+    for gate, check, kw in variants:
+        moe = MoE(D, E, H, k=K, gate=gate, backend="triton", check_inputs=check, **kw).to(dev, torch.bfloat16)
 
         def fb(moe: MoE = moe) -> None:
             moe.zero_grad(set_to_none=True)
@@ -95,7 +102,7 @@ def profile_shape(name: str, reps: int, out: str, dev: torch.device) -> None:
 
         med_d, dlo, dhi = timed(dispatch_fb, reps)
         lines.append(
-            f"layer check_inputs={check}: fwd {med_f:.3f} ({flo:.3f}-{fhi:.3f})  fwd+bwd {med_fb:.3f} "
+            f"layer {gate} check_inputs={check}: fwd {med_f:.3f} ({flo:.3f}-{fhi:.3f})  fwd+bwd {med_fb:.3f} "
             f"({lo:.3f}-{hi:.3f})  dispatch-only fwd+bwd {med_d:.3f} ms"
         )
     w32 = moe.gate.weight.detach().float()
@@ -112,7 +119,20 @@ def profile_shape(name: str, reps: int, out: str, dev: torch.device) -> None:
     pieces["argsort stable [T*K] int64 keys"] = lambda: torch.argsort(ek.reshape(-1), stable=True)
     pieces["argsort stable [T*K] int16 keys"] = lambda: torch.argsort(ek.reshape(-1).to(torch.int16), stable=True)
     pieces["z-loss logsumexp"] = lambda: torch.logsumexp(logits, -1).pow(2).mean()
-    pieces["route() total"] = lambda: moe.route(x)
+    pieces["route unfused, fwd (fused_topk_reference)"] = lambda: fused_topk_reference(logits, K)
+    pieces["route fused, fwd (fused_topk)"] = lambda: fused_topk(logits, K)
+    lg = logits.clone().requires_grad_()
+    gw, gp = torch.randn(T * K, device=dev), torch.randn(T, E, device=dev)
+
+    def route_fb(fn) -> None:
+        lg.grad = None
+        r = fn(lg, K)
+        ((r.weight * gw).sum() + (r.probs * gp).sum() + r.lse.square().mean()).backward()
+
+    pieces["route unfused, fwd+bwd"] = lambda: route_fb(fused_topk_reference)
+    pieces["route fused, fwd+bwd"] = lambda: route_fb(fused_topk)
+    moe = MoE(D, E, H, k=K, backend="triton").to(dev, torch.bfloat16)
+    pieces["route() total (topk_softmax layer)"] = lambda: moe.route(x)
     for label, fn in pieces.items():
         med, lo, hi = timed(fn, reps)
         lines.append(f"  {label:42s} {med:.3f} ms ({lo:.3f}-{hi:.3f})")
@@ -120,6 +140,14 @@ def profile_shape(name: str, reps: int, out: str, dev: torch.device) -> None:
     e16 = topk_softmax(l16, K, True, None)[1]
     same = (e16.sort(-1).values == ek.sort(-1).values).all(-1).float().mean().item()
     lines.append(f"  rows whose top-{K} set is unchanged with the bf16-input router: {same * 100:.2f}%")
+    ref_r, fast_r = fused_topk_reference(logits, K), fused_topk(logits, K)
+    sets = []
+    for r in (ref_r, fast_r):
+        m = torch.zeros(T, E, dtype=torch.bool, device=dev)
+        m[r.token, r.expert] = True
+        sets.append(m)
+    agree = (sets[0] == sets[1]).all(-1).float().mean().item()
+    lines.append(f"  rows whose top-{K} set is the same fused and unfused (fp32 logits): {agree * 100:.3f}%")
     moe_c = MoE(D, E, H, k=K, backend="triton", check_inputs=True).to(dev, torch.bfloat16)
 
     def step() -> None:

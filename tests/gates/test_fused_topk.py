@@ -1,5 +1,5 @@
 """The fused top-k routing kernels (`gatedmoe.gates.fused_topk`) against their plain
-reference, in Triton's interpreter on the CPU: the routing exactly (tokens, experts, counts),
+reference, on CUDA where there is one, else in Triton's interpreter on the CPU: the routing exactly (tokens, experts, counts),
 weights, probs and lse within float32 tolerance, and the logits' gradient for random
 upstream gradients of all three. Logits are a scaled permutation, so no two scores of a
 row tie and the top-k choice is unambiguous."""
@@ -19,6 +19,8 @@ from gatedmoe.gates import topk as topk_module  # noqa: E402
 from gatedmoe.losses import router_z_loss  # noqa: E402
 from helpers import assert_close, poisoned_empty  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
@@ -26,7 +28,7 @@ def _poison(monkeypatch):
 
 
 def _distinct_logits(T: int, E: int, spread: float = 6.0) -> torch.Tensor:
-    return (torch.randperm(T * E).reshape(T, E).float() / (T * E) - 0.5) * spread
+    return ((torch.randperm(T * E).reshape(T, E).float() / (T * E) - 0.5) * spread).to(DEVICE)
 
 
 CASES = [
@@ -48,7 +50,7 @@ CASES = [
 def _options(opts: dict, E: int) -> dict:
     opts = dict(opts)
     if opts.get("bias_E") == "random":
-        opts["bias_E"] = torch.randn(E) * 0.05
+        opts["bias_E"] = torch.randn(E, device=DEVICE) * 0.05
     return opts
 
 
@@ -65,7 +67,7 @@ def test_fused_topk_matches_reference(T, E, k, opts):
         assert_close(name, getattr(ref, name), getattr(fast, name))
     assert fast.n_tokens == T and fast.logits is fast_logits
     fast.validate()
-    g_w, g_p, g_lse = torch.randn(T * k), torch.randn(T, E), torch.randn(T)
+    g_w, g_p, g_lse = (torch.randn(*shape, device=DEVICE) for shape in ((T * k,), (T, E), (T,)))
     for r in (ref, fast):
         ((r.weight * g_w).sum() + (r.probs * g_p).sum() + (r.lse * g_lse).sum()).backward()
     assert_close("grad logits", ref_logits.grad, fast_logits.grad)
@@ -80,12 +82,12 @@ def test_fused_topk_gradient_of_each_output_alone(score, which):
     for logits, fn in ((ref_logits, ft.fused_topk_reference), (fast_logits, ft.fused_topk)):
         r = fn(logits, 3, score=score)
         out = getattr(r, which)
-        (out * torch.linspace(-1, 2, out.numel()).reshape(out.shape)).sum().backward()
+        (out * torch.linspace(-1, 2, out.numel(), device=DEVICE).reshape(out.shape)).sum().backward()
     assert_close("grad logits", ref_logits.grad, fast_logits.grad)
 
 
 def test_fused_topk_all_tokens_on_one_expert_and_empty_experts():
-    bias = torch.zeros(9)
+    bias = torch.zeros(9, device=DEVICE)
     bias[4] = 10.0  # selection only: expert 4 is everyone's first choice, weights unchanged
     logits = _distinct_logits(50, 9)
     ref = ft.fused_topk_reference(logits, 1, normalize=False, bias_E=bias)
@@ -101,14 +103,14 @@ def test_fused_topk_group_mask_zero_picks_masked_experts_over_negative_scores():
     The fused choice must be a top-k of the masked scores; weights follow from the choice."""
     T, E, k = 20, 16, 3
     logits = _distinct_logits(T, E)
-    bias = -2.0 - torch.rand(E)
+    bias = -2.0 - torch.rand(E, device=DEVICE)
     fast = ft.fused_topk(logits, k, score="sigmoid", n_group=4, topk_group=2, bias_E=bias, mask_value=0.0)
     s = torch.sigmoid(logits)
     c = s + bias
     group = c.view(T, 4, 4).topk(2, -1).values.sum(-1)
-    keep = torch.zeros(T, 4, dtype=torch.bool).scatter(1, group.topk(2, -1).indices, True)
+    keep = torch.zeros(T, 4, dtype=torch.bool, device=DEVICE).scatter(1, group.topk(2, -1).indices, True)
     masked = c.masked_fill(~keep.repeat_interleave(4, 1), 0.0)
-    chosen = torch.zeros(T, E, dtype=torch.bool)
+    chosen = torch.zeros(T, E, dtype=torch.bool, device=DEVICE)
     chosen[fast.token, fast.expert] = True
     assert (chosen.sum(1) == k).all()
     assert_close("chosen scores", masked.topk(k, -1).values.sum(-1), (masked * chosen).sum(-1))
@@ -118,7 +120,7 @@ def test_fused_topk_group_mask_zero_picks_masked_experts_over_negative_scores():
 
 
 def test_fused_topk_ties_go_to_the_lowest_expert():
-    logits = torch.zeros(3, 8)
+    logits = torch.zeros(3, 8, device=DEVICE)
     r = ft.fused_topk(logits, 3)
     assert r.expert.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert r.token.tolist() == [0, 1, 2] * 3
@@ -139,11 +141,37 @@ def test_fused_topk_rejects_bad_arguments(kw):
     args = {"k": 2, **kw}
     k = args.pop("k")
     with pytest.raises(ValueError, match=next(iter(kw))):
-        ft.fused_topk(torch.randn(4, 8), k, **args)
+        ft.fused_topk(torch.randn(4, 8, device=DEVICE), k, **args)
 
 
 def test_fused_topk_applies_only_to_cuda_float32():
     assert not ft.fused_topk_applies(torch.randn(4, 8), 2)  # CPU: the gates keep the plain path
+    assert not ft.fused_topk_applies(torch.randn(4, 8, dtype=torch.float64, device=DEVICE), 2)
+    if DEVICE == "cuda":
+        assert ft.fused_topk_applies(torch.randn(4, 8, device=DEVICE), 2)
+        assert not ft.fused_topk_applies(torch.randn(4, 24, device=DEVICE), 2, n_group=4)  # groups need E = 2^n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_fused_topk_at_fine_grained_size_on_cuda(score):
+    """T=4096, E=256, k=8 from random normal logits (ties possible, so choices are compared
+    row by row and only rows with an unambiguous k-th score must agree)."""
+    T, E, k = 4096, 256, 8
+    logits = torch.randn(T, E, device=DEVICE) * 2
+    ref = ft.fused_topk_reference(logits, k, score=score)
+    fast = ft.fused_topk(logits, k, score=score)
+    assert_close("counts total", ref.counts.sum(), fast.counts.sum())
+    top = logits.topk(k + 1, -1).values
+    clear = (top[:, k - 1] - top[:, k]) > 1e-6  # a gap between the k-th and (k+1)-th score
+    ref_set = torch.zeros(T, E, dtype=torch.bool, device=DEVICE)
+    ref_set[ref.token, ref.expert] = True
+    fast_set = torch.zeros_like(ref_set)
+    fast_set[fast.token, fast.expert] = True
+    assert clear.float().mean() > 0.99
+    assert torch.equal(ref_set[clear], fast_set[clear])
+    fast.validate()
 
 
 @pytest.mark.parametrize(
@@ -164,9 +192,11 @@ def test_gates_route_the_same_through_the_fused_kernels(gate, kw, module, monkey
     g = registry.get(gate)(16, 16, **kw)
     if g.balancer is None:
         g.attach_bias_balancer(1e-3)
+    g = g.to(DEVICE)
     with torch.no_grad():
         g.balancer.bias.copy_(torch.randn(16) * 0.05 - (1.5 if kw.get("mask_value") == 0.0 else 0.0))
-    x = torch.randn(30, 16)
+    x = torch.randn(30, 16, device=DEVICE)
+    monkeypatch.setattr(module, "fused_topk_applies", lambda *a, **k: False)
     ref = g(x)
     monkeypatch.setattr(module, "fused_topk_applies", lambda *a, **k: True)
     fast = g(x)
