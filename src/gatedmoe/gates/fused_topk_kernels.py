@@ -14,8 +14,8 @@ import triton.language as tl
 
 __all__ = ["route_bwd_kernel", "route_fwd_kernel", "route_scan_kernel", "route_sort_kernel"]
 
-SOFTMAX: tl.constexpr = 0
-SIGMOID: tl.constexpr = 1
+SOFTMAX = tl.constexpr(0)
+SIGMOID = tl.constexpr(1)
 
 
 @triton.jit
