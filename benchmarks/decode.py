@@ -372,6 +372,8 @@ def plot(rows: list[dict], path: Path) -> None:
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
         ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="latency (us)", title=shape)
+        ax.set_xticks(Ts, [str(T) for T in Ts])
+        ax.minorticks_off()
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
