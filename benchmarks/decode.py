@@ -7,6 +7,8 @@ Qwen3-30B-A3B (d=2048 h=768 E=128 k=8), GPT-OSS-20B (d=2880 h=2880 E=32 k=4) and
 top_k_weights [T, k])`` and returns ``y [T, d]`` (sorting by expert included):
 
 * ``decode``        gatedmoe's triton backend, decode path (``TritonOptions(decode=True)``)
+* ``decode-kernels`` the same given the `Routing` (its sort by expert done beforehand, as the
+  layer's gate does): the decode kernels alone
 * ``triton-large``  gatedmoe's triton backend, large-batch kernels (``TritonOptions(decode=False)``)
 * ``hf-grouped_mm`` / ``hf-batched_mm``  transformers' experts implementations
   (`transformers.integrations.moe`); where transformers is missing, stand-ins labelled
@@ -119,8 +121,8 @@ def make_bank(E: int, d: int, h: int, device: torch.device, dtype: torch.dtype):
     from gatedmoe.experts import ExpertBank
 
     with torch.device("meta"):
-        bank = ExpertBank(E, d, h)
-    bank = bank.to_empty(device=device).to(dtype)
+        bank = ExpertBank(E, d, h).to(dtype)
+    bank = bank.to_empty(device=device)
     bank.reset_parameters()
     return bank.requires_grad_(False)
 
@@ -143,8 +145,10 @@ class HFExperts(torch.nn.Module):
         return self.act_fn(gate) * up
 
 
-def implementations(bank, T: int, k: int, device: torch.device) -> dict:
-    """name -> fn(x, top_k_index, top_k_weights) -> y, or a string saying why it is left out."""
+def implementations(bank, T: int, k: int, device: torch.device, routing) -> dict:
+    """name -> fn(x, top_k_index, top_k_weights) -> y, or a string saying why it is left out.
+    ``routing``: the `Routing` of those indices and weights, for "decode-kernels" (the decode
+    path without the sort by expert, which the layer's gate does once for all its uses)."""
     from gatedmoe import Routing
     from gatedmoe.dispatch import TritonOptions, get_backend
 
@@ -157,7 +161,9 @@ def implementations(bank, T: int, k: int, device: torch.device) -> dict:
 
         return fn
 
-    impls = {"decode": ours(TritonOptions(decode=True)), "triton-large": ours(TritonOptions(decode=False))}
+    decode = TritonOptions(decode=True)
+    impls = {"decode": ours(decode), "decode-kernels": lambda x, idx, w: triton(x, routing, bank, options=decode),
+             "triton-large": ours(TritonOptions(decode=False))}
     experts = HFExperts(bank)
     gathered_bytes = T * k * 3 * d * h * bank.w_in.element_size()
     try:
@@ -253,13 +259,18 @@ def run_layer(args, device: torch.device, dtype: torch.dtype, shapes: dict, toke
             floor_ms = hit * expert_bytes / bw * 1e3
             with torch.no_grad():
                 ref = reference_dispatch(x, routing, bank)
-                for impl, fn in implementations(bank, T, k, device).items():
+                for impl, fn in implementations(bank, T, k, device, routing).items():
                     row = {"shape": name, "d": d, "h": h, "E": E, "k": k, "T": T, "impl": impl, "experts_hit": hit,
                            "rows_per_expert": T * k / hit, "floor_ms": floor_ms}
                     if isinstance(fn, str):
                         rows.append({**row, "note": fn})
                         continue
-                    out = fn(x, idx, w)
+                    try:
+                        out = fn(x, idx, w)
+                    except Exception as exc:  # reported in the table; the run goes on
+                        rows.append({**row, "note": f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"})
+                        torch.cuda.empty_cache() if device.type == "cuda" else None
+                        continue
                     row["rel_err"] = err = rel_err(ref, out)
                     if not err < 2e-2:  # gate: a wrong result is reported, never timed
                         rows.append({**row, "note": f"WRONG: relative error {err:.2e}"})
@@ -304,7 +315,12 @@ def sweep_decode(bank, x, idx, w, ref, device, args, name, T) -> list[dict]:
                 "decode_down": KernelConfig(16, BN_down, BK, 4, stages, tma=False)}
         opts = TritonOptions(decode=True, configs=cfgs)
         call = lambda opts=opts: triton(x, Routing.from_topk(w, idx, n_experts=E), bank, options=opts)  # noqa: E731
-        if not rel_err(ref, call()) < 2e-2:
+        try:
+            if not rel_err(ref, call()) < 2e-2:
+                print(f"  sweep {name} T={T}: {cfgs} WRONG", flush=True)
+                continue
+        except Exception as exc:
+            print(f"  sweep {name} T={T}: {cfgs} ERROR {type(exc).__name__}", flush=True)
             continue
         fn = graphed(call, device) if device.type == "cuda" else call
         if isinstance(fn, str):
