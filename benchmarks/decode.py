@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replays")
     p.add_argument("--sweep", action="store_true",
-                   help="also time other decode kernel configs (T=1 and T=64) and print the fastest")
+                   help="also time other decode kernel configs (T=1, 8, 64) and print the fastest")
     p.add_argument("--gen-layers", type=int, default=8)
     p.add_argument("--gen-tokens", type=int, default=64, help="new tokens per generate() call")
     p.add_argument("--gen-batches", nargs="*", type=int, default=[1, 16])
@@ -285,8 +285,8 @@ def run_layer(args, device: torch.device, dtype: torch.dtype, shapes: dict, toke
                         else:
                             rows.append({**grow, **summarize(time_samples(replay, device, args.warmup, args.reps))})
                         del replay
-                if args.sweep and T in (1, 64):
-                    sweeps += sweep_decode(bank, x, idx, w, ref, device, args, name, T)
+                if args.sweep and T in (1, 8, 64):
+                    sweeps += sweep_decode(bank, routing, x, ref, device, name, T)
             print_rows([r for r in rows if r["shape"] == name and r["T"] == T])
         del bank
         torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -295,43 +295,53 @@ def run_layer(args, device: torch.device, dtype: torch.dtype, shapes: dict, toke
             "sweep": sweeps}
 
 
-def sweep_decode(bank, x, idx, w, ref, device, args, name, T) -> list[dict]:
-    """Time a few decode kernel configs (passed as `TritonOptions(configs=...)`) at this
-    shape, as CUDA-graph replays; prints the fastest (the measured tables are not patched)."""
-    from gatedmoe import Routing
+def sweep_decode(bank, routing, x, ref, device, name, T) -> list[dict]:
+    """Time other decode kernel configs (passed as `TritonOptions(configs=...)`; the measured
+    tables are not patched) at this shape, the routing given, as CUDA-graph replays: first the
+    first product's column block, depth and stages with the second product's default config,
+    then the second product's with the first's fastest. Prints the fastest of each."""
+    from dataclasses import replace
+
     from gatedmoe.bench import time_samples
     from gatedmoe.dispatch import TritonOptions, get_backend
-    from gatedmoe.dispatch.triton.config import KernelConfig
+    from gatedmoe.dispatch.triton.config import decode_configs
 
     triton = get_backend("triton", device)
-    E = bank.n_experts
-    out = []
-    grid = [(bn_g, bn_d, bk, 4 if bk <= 128 else 3) for bn_g, bn_d in ((16, 16), (32, 32), (64, 64), (16, 64), (64, 16))
-            for bk in (128, 256)]
+    default = decode_configs(x.dtype, device, routing.token.numel(), bank.n_experts, bank.d_model, bank.d_hidden)
+    grid = [(bn, bk, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for st in (3, 4)]
     if device.type != "cuda":
-        grid = [(16, 16, 16, 1)]
-    for BN_glu, BN_down, BK, stages in grid:
-        cfgs = {"decode_glu": KernelConfig(16, BN_glu, BK, 4, stages, tma=False),
-                "decode_down": KernelConfig(16, BN_down, BK, 4, stages, tma=False)}
-        opts = TritonOptions(decode=True, configs=cfgs)
-        call = lambda opts=opts: triton(x, Routing.from_topk(w, idx, n_experts=E), bank, options=opts)  # noqa: E731
-        try:
-            if not rel_err(ref, call()) < 2e-2:
-                print(f"  sweep {name} T={T}: {cfgs} WRONG", flush=True)
+        grid = [(16, 16, 1)]
+    out, chosen = [], dict(default)
+    for kernel in ("decode_glu", "decode_down"):
+        timed = []
+        for BN, BK, stages in grid:
+            cfgs = {**chosen, kernel: replace(default[kernel], BN=BN, BK=BK, stages=stages)}
+            opts = TritonOptions(decode=True, configs=cfgs)
+            call = lambda opts=opts: triton(x, routing, bank, options=opts)  # noqa: E731
+            try:
+                if not rel_err(ref, call()) < 2e-2:
+                    print(f"  sweep {name} T={T} {kernel} {(BN, BK, stages)}: WRONG", flush=True)
+                    continue
+            except Exception as exc:  # e.g. out of shared memory: skipped, reported
+                print(f"  sweep {name} T={T} {kernel} {(BN, BK, stages)}: {type(exc).__name__}", flush=True)
                 continue
-        except Exception as exc:
-            print(f"  sweep {name} T={T}: {cfgs} ERROR {type(exc).__name__}", flush=True)
-            continue
-        fn = graphed(call, device) if device.type == "cuda" else call
-        if isinstance(fn, str):
-            continue
-        s = summarize(time_samples(fn, device, 3, 20))
-        out.append({"shape": name, "T": T, "BN_glu": BN_glu, "BN_down": BN_down, "BK": BK, "stages": stages, **s})
-    if out:
-        best = min(out, key=lambda r: r["median_ms"])
-        print(f"  sweep {name} T={T}: fastest of {len(out)} decode configs: BN_glu={best['BN_glu']} "
-              f"BN_down={best['BN_down']} BK={best['BK']} stages={best['stages']} {best['median_ms'] * 1e3:.1f} us",
-              flush=True)
+            fn = graphed(call, device) if device.type == "cuda" else call
+            if isinstance(fn, str):
+                continue
+            r = {"shape": name, "T": T, "kernel": kernel, "BM": default[kernel].BM, "BN": BN, "BK": BK,
+                 "stages": stages, "default": (BN, BK, stages) == (default[kernel].BN, default[kernel].BK,
+                                                                    default[kernel].stages),
+                 **summarize(time_samples(fn, device, 3, 20))}
+            timed.append(r)
+        if timed:
+            best = min(timed, key=lambda r: r["median_ms"])
+            base = next((r for r in timed if r["default"]), None)
+            chosen[kernel] = replace(default[kernel], BN=best["BN"], BK=best["BK"], stages=best["stages"])
+            print(f"  sweep {name} T={T} {kernel}: fastest BN={best['BN']} BK={best['BK']} stages={best['stages']} "
+                  f"{best['median_ms'] * 1e3:.1f} us (whole call); default "
+                  f"{(default[kernel].BN, default[kernel].BK, default[kernel].stages)} "
+                  f"{base['median_ms'] * 1e3 if base else float('nan'):.1f} us", flush=True)
+        out += timed
     return out
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "CONFIG_INTERPRETER",
     "DECODE_BK",
     "DECODE_COMBINE_BLOCK",
+    "DECODE_MAX_PROGRAM_BYTES",
     "DECODE_MAX_ROWS_PER_EXPERT",
     "DECODE_MAX_TOKENS",
     "DECODE_MIN_PROGRAMS",
@@ -164,12 +165,18 @@ DECODE_MAX_TOKENS = 256
 # "rows/e"), over the four shapes; record the run here as the other thresholds are.
 DECODE_MAX_ROWS_PER_EXPERT = 32
 # Column blocks are narrowed (64 -> 32 -> 16 columns) until a product has at least this many
-# programs, so that T=1 (one row tile per routed expert) still fills the GPU: 132 SMs x ~4
-# resident programs each. TODO(lead): first guess, see `benchmarks/decode.py --sweep`.
-DECODE_MIN_PROGRAMS = 512
+# programs (so that T=1, one row tile per routed expert, still fills 132 SMs several times
+# over) and each program streams at most `DECODE_MAX_PROGRAM_BYTES` of weights (short programs:
+# the last ones to finish leave SMs idle for less). TODO(lead): first guesses, not measured;
+# `benchmarks/decode.py --sweep` times the alternatives per shape and prints the fastest.
+DECODE_MIN_PROGRAMS = 1024
+DECODE_MAX_PROGRAM_BYTES = 512 << 10
 # Reduction depth of the decode products on CUDA (16-bit: 256-byte row segments of the weights
-# per load; float32: half that). TODO(lead): first guess, see `benchmarks/decode.py --sweep`.
+# per load; float32: half the elements), and the pipeline depth: 4 stages, 3 where a stage's
+# tiles exceed 24 KB (two programs per SM then still fit in shared memory). TODO(lead): first
+# guesses, see `--sweep`.
 DECODE_BK = 128
+
 # Columns per program of the per-token combine (`kernels.decode_combine_kernel`) and the
 # assignments it scans per step.
 DECODE_COMBINE_BLOCK = (512, 16)
@@ -207,7 +214,8 @@ def decode_configs(
     the decode kernels' names are read; used as given).
 
     Rows per tile: 16 (the smallest tensor-core tile) up to 16 rows per routed expert, then
-    32, then 64. Columns: the widest of 64, 32, 16 that gives `DECODE_MIN_PROGRAMS` programs.
+    32, then 64. Columns: the widest of 64, 32, 16 that gives `DECODE_MIN_PROGRAMS` programs
+    of at most `DECODE_MAX_PROGRAM_BYTES` of weights each (else 16).
 
     Examples
     --------
@@ -221,11 +229,15 @@ def decode_configs(
         rows = -(-N // max(1, min(N, E)))
         BM = 16 if rows <= 16 else 32 if rows <= 32 else 64
         tiles = decode_row_tiles(N, E, BM)
-        BK = DECODE_BK if dtype != torch.float32 else DECODE_BK // 2
+        elt = dtype.itemsize
+        BK = DECODE_BK if elt == 2 else DECODE_BK // 2
         cfgs = {}
-        for name, width in (("decode_glu", H), ("decode_down", D)):
-            BN = next((bn for bn in (64, 32) if tiles * -(-width // bn) >= DECODE_MIN_PROGRAMS), 16)
-            cfgs[name] = KernelConfig(BM, BN, BK, 4, 4, group_m=8, tma=False)
+        # (name, output width, reduction depth, weight matrices per column: gate and up)
+        for name, width, depth, mats in (("decode_glu", H, D, 2), ("decode_down", D, H, 1)):
+            BN = next((bn for bn in (64, 32) if tiles * -(-width // bn) >= DECODE_MIN_PROGRAMS
+                       and mats * bn * depth * elt <= DECODE_MAX_PROGRAM_BYTES), 16)
+            stage_bytes = (BM * BK + mats * BK * BN) * elt
+            cfgs[name] = KernelConfig(BM, BN, BK, 4, 4 if stage_bytes <= 24 << 10 else 3, group_m=8, tma=False)
     if overrides:
         cfgs.update({name: cfg for name, cfg in overrides.items() if name in cfgs})
     return cfgs
