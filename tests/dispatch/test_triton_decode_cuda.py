@@ -48,8 +48,13 @@ def _problem(T, D, H, E, K, mode, dtype, seed=0):
     return bank, x, routing
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("T,D,H,E,K,mode", CASES)
+# bf16 on every case; float16 and float32 (the untuned CUDA config) on three.
+DTYPED = [(*case, torch.bfloat16) for case in CASES] + [
+    (*CASES[i], dtype) for i in (0, 4, 6) for dtype in (torch.float16, torch.float32)
+]
+
+
+@pytest.mark.parametrize("T,D,H,E,K,mode,dtype", DTYPED)
 def test_decode_path_matches_reference(T, D, H, E, K, mode, dtype):
     bank, x, routing = _problem(T, D, H, E, K, mode, dtype)
     with torch.no_grad():
@@ -135,17 +140,16 @@ def _tiny_qwen3_moe():
     cfg.max_position_embeddings = 128
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    for m in model.modules():
-        if type(m).__name__ == "Qwen3MoeSparseMoeBlock":
-            randomize(m)
-    return model.to("cuda", torch.bfloat16).eval()
+    # Every weight of std 0.3 (not the 0.02 init): routing matters, and the logits are far
+    # apart, so greedy tokens are decided by the model, not by bf16 rounding (inductor may
+    # round its fused norms differently from eager).
+    return randomize(model).to("cuda", torch.bfloat16).eval()
 
 
 # "cudagraphs": CUDA graphs of the traced graph, eager kernels (the same numerics as eager, so
 # tokens must be identical); "inductor" with mode="reduce-overhead": what `generate()` does by
 # default with a static cache (inductor's own kernels around ours, in CUDA graphs).
-@pytest.mark.parametrize("compile_backend", ["cudagraphs", "inductor"])
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch,compile_backend", [(1, "inductor"), (4, "cudagraphs"), (4, "inductor")])
 def test_generate_static_cache_compiled_equals_eager(monkeypatch, batch, compile_backend):
     from transformers import CompileConfig
 
