@@ -141,6 +141,30 @@ def test_decode_path_matches_reference(T, D, H, E, K, mode, dtype):
     assert_close("y", ref_y, fast_y, dtype)
 
 
+def test_decode_path_reads_transposed_weights_in_place(monkeypatch):
+    # Weights stored [E, D, 2H] / [E, H, D] and viewed transposed (as some Hugging Face experts
+    # are): read through their strides, never copied per call.
+    torch.manual_seed(0)
+    E, D, H, T, K = 5, 24, 40, 7, 2
+    w_in = (torch.randn(E, D, 2 * H, device=DEVICE) / D**0.5).transpose(1, 2)
+    w_out = (torch.randn(E, H, D, device=DEVICE) / H**0.5).transpose(1, 2)
+    x = torch.randn(T, D, device=DEVICE)
+    r = make_routing(T, E, K, "random", torch.randn(T, E)).to(DEVICE)
+    bank = ExpertBank(E, D, H).to(DEVICE)
+    with torch.no_grad():
+        bank.w_in.copy_(w_in)
+        bank.w_out.copy_(w_out)
+        ref_y = reference_dispatch(x, r, bank)
+    seen = {}
+    glu, down = launchers.launch_decode_glu, launchers.launch_decode_down
+    # launch_decode_glu(x, token, w_in, ...), launch_decode_down(a, w_out, ...)
+    monkeypatch.setattr(launchers, "launch_decode_glu", lambda *a: seen.update(w_in=a[2]) or glu(*a))
+    monkeypatch.setattr(launchers, "launch_decode_down", lambda *a: seen.update(w_out=a[1]) or down(*a))
+    fast_y = moe_glu_decode(x, r.token, r.weight, r.counts, w_in, w_out)
+    assert_close("y", ref_y, fast_y)
+    assert seen["w_in"] is w_in and seen["w_out"] is w_out  # the stored tensors themselves, no copies
+
+
 def test_decode_path_is_deterministic():
     bank, x, routing = _bank_and_inputs(63, 24, 40, 5, 3, "random", torch.float32)
     with torch.no_grad():

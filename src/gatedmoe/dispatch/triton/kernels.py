@@ -322,13 +322,15 @@ def decode_glu_kernel(
     x_ptr, token_ptr, w_ptr, a_ptr,
     counts_ptr, E, n_tiles,
     D, H,
+    stride_we, stride_wh, stride_wd,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
     E_POW2: tl.constexpr,
 ):
     """One program per (row tile of one expert, BN columns of H): gate and up columns of W_in
-    (rows ``c`` and ``H + c`` of ``W_in[e]``, D contiguous) read once, [BK, BN] at a time, as
-    two products into two [BM, BN] accumulators; the epilogue writes ``a = silu(g) * u`` from
-    g rounded to a's dtype, as `glu_fwd_kernel` does."""
+    (rows ``c`` and ``H + c`` of ``W_in[e]``) read once, [BK, BN] at a time, as two products
+    into two [BM, BN] accumulators; the epilogue writes ``a = silu(g) * u`` from g rounded to
+    a's dtype, as `glu_fwd_kernel` does. W_in is read through its strides (a transposed
+    layout is read as it is stored, coalesced along H, never copied)."""
     pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:
@@ -336,8 +338,8 @@ def decode_glu_kernel(
     tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     cols = pid_n * BN + tl.arange(0, BN)
     col_mask = cols < H
-    w_g = w_ptr + e.to(tl.int64) * (2 * H) * D + cols[None, :].to(tl.int64) * D
-    w_u = w_g + H.to(tl.int64) * D
+    w_g = w_ptr + e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wh
+    w_u = w_g + H * stride_wh
     ks = tl.arange(0, BK)
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
@@ -346,8 +348,8 @@ def decode_glu_kernel(
         k_mask = k < D
         xa = tl.load(x_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & col_mask[None, :]
-        wg = tl.load(w_g + k[:, None], mask=w_mask, other=0.0)
-        wu = tl.load(w_u + k[:, None], mask=w_mask, other=0.0)
+        wg = tl.load(w_g + k[:, None] * stride_wd, mask=w_mask, other=0.0)
+        wu = tl.load(w_u + k[:, None] * stride_wd, mask=w_mask, other=0.0)
         acc_g = tl.dot(xa, wg, acc_g, input_precision=PREC)
         acc_u = tl.dot(xa, wu, acc_u, input_precision=PREC)
     g = acc_g.to(a_ptr.dtype.element_ty).to(tl.float32)
@@ -362,11 +364,12 @@ def decode_down_kernel(
     a_ptr, w_ptr, weight_ptr, o_ptr,
     counts_ptr, E, n_tiles,
     H, D,
+    stride_we, stride_wd, stride_wh,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
     E_POW2: tl.constexpr,
 ):
     """One program per (row tile of one expert, BN columns of D): ``o[n] = weight[n] *
-    (a[n] @ W_out[e]^T)`` in float32, rows of ``W_out[e]`` (H contiguous) read once."""
+    (a[n] @ W_out[e]^T)`` in float32, ``W_out[e]`` (through its strides) read once."""
     pid_m, pid_n = _program_tile(n_tiles, D, BN, GROUP_M)
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:
@@ -374,14 +377,14 @@ def decode_down_kernel(
     rows64 = rows.to(tl.int64)
     cols = pid_n * BN + tl.arange(0, BN)
     col_mask = cols < D
-    w_e = w_ptr + e.to(tl.int64) * D * H + cols[None, :].to(tl.int64) * H
+    w_e = w_ptr + e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wd
     ks = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, H, BK):
         k = k0 + ks
         k_mask = k < H
         aa = tl.load(a_ptr + rows64[:, None] * H + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_e + k[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        w = tl.load(w_e + k[:, None] * stride_wh, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(aa, w, acc, input_precision=PREC)
     wt = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     acc = acc * wt[:, None]

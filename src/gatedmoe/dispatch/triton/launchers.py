@@ -192,12 +192,13 @@ def launch_wgrad(lhs: Tensor, rhs: Tensor, out: Tensor, token: Tensor, counts: T
 
 def launch_decode_glu(x, token, w_in, a, counts, N: int, D: int, H: int, cfg: KernelConfig, prec: str) -> None:
     """Decode path, first product: ``a[n] = silu(x[token[n]] @ Wg[e]^T) * (x[token[n]] @ Wu[e]^T)``
-    ([N, H]) over the expert-sorted rows, with `kernels.decode_glu_kernel`. The grid depends on
-    N, E, H and ``cfg`` only (`config.decode_row_tiles` row tiles)."""
+    ([N, H]) over the expert-sorted rows, with `kernels.decode_glu_kernel`; ``w_in`` [E, 2H, D]
+    with any strides (``x`` contiguous). The grid depends on N, E, H and ``cfg`` only
+    (`config.decode_row_tiles` row tiles)."""
     E = w_in.shape[0]
     MT = decode_row_tiles(N, E, cfg.BM)
     decode_glu_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
-        x, token, w_in, a, counts, E, MT, D, H,
+        x, token, w_in, a, counts, E, MT, D, H, *w_in.stride(),
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
@@ -205,11 +206,11 @@ def launch_decode_glu(x, token, w_in, a, counts, N: int, D: int, H: int, cfg: Ke
 
 def launch_decode_down(a, w_out, weight, o, counts, N: int, H: int, D: int, cfg: KernelConfig, prec: str) -> None:
     """Decode path, second product: ``o[n] = weight[n] * (a[n] @ W_out[e]^T)`` ([N, D], float32),
-    with `kernels.decode_down_kernel`."""
+    with `kernels.decode_down_kernel`; ``w_out`` [E, D, H] with any strides."""
     E = w_out.shape[0]
     MT = decode_row_tiles(N, E, cfg.BM)
     decode_down_kernel[(triton.cdiv(D, cfg.BN) * MT,)](
-        a, w_out, weight, o, counts, E, MT, H, D,
+        a, w_out, weight, o, counts, E, MT, H, D, *w_out.stride(),
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )

@@ -305,9 +305,11 @@ def _decode_impl(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, configs
     cfgs = config.decode_configs(x.dtype, x.device, N, E, D, H, config.configs_from_ints(configs))
     prec = launchers.precision(x.dtype)
     a = launchers.alloc(N, H, device=x.device, dtype=x.dtype)
-    launchers.launch_decode_glu(x, token_N, w_in_EHD.contiguous(), a, counts_E, N, D, H, cfgs["decode_glu"], prec)
+    # The weights are read through their strides: a transposed layout (some Hugging Face
+    # experts) is not copied on every call, which would read and write every expert's weights.
+    launchers.launch_decode_glu(x, token_N, w_in_EHD, a, counts_E, N, D, H, cfgs["decode_glu"], prec)
     o = launchers.alloc(N, D, device=x.device, dtype=torch.float32)
-    launchers.launch_decode_down(a, w_out_EDH.contiguous(), weight_N, o, counts_E, N, H, D, cfgs["decode_down"], prec)
+    launchers.launch_decode_down(a, w_out_EDH, weight_N, o, counts_E, N, H, D, cfgs["decode_down"], prec)
     launchers.launch_decode_combine(o, token_N, y, N, D)
     return y
 
