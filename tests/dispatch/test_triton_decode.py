@@ -96,11 +96,13 @@ def test_decode_combine_matches_reference(T, D, H, counts, dtype):
     assert (fast_y[~torch.isin(torch.arange(T, device=DEVICE), token)] == 0).all()  # tokens with no assignment
 
 
-def test_decode_combine_scans_past_one_chunk():
-    # More assignments than one scan step (CN), a token's rows in several chunks.
+@pytest.mark.parametrize("spread", ["random", "one_token"])
+def test_decode_combine_scans_past_one_chunk(spread):
+    # More assignments than one scan step (CN) and more hits in a step than one gather (G):
+    # a token's rows in several chunks, or every row on one token (others get zeros).
     torch.manual_seed(0)
     T, D, N = 5, 24, 77
-    token = torch.randint(0, T, (N,), device=DEVICE)
+    token = torch.randint(0, T, (N,), device=DEVICE) if spread == "random" else torch.full((N,), 3, device=DEVICE)
     o = torch.randn(N, D, device=DEVICE)
     ref_y, fast_y = _nan(T, D, dtype=torch.float32), _nan(T, D, dtype=torch.float32)
     reference.decode_combine(o, token, ref_y, N, D)

@@ -177,9 +177,9 @@ DECODE_MAX_PROGRAM_BYTES = 512 << 10
 # guesses, see `--sweep`.
 DECODE_BK = 128
 
-# Columns per program of the per-token combine (`kernels.decode_combine_kernel`) and the
-# assignments it scans per step.
-DECODE_COMBINE_BLOCK = (512, 16)
+# The per-token combine (`kernels.decode_combine_kernel`): columns per program, token ids
+# scanned per step, rows gathered per load.
+DECODE_COMBINE_BLOCK = (512, 256, 8)
 
 
 def use_decode(T: int, N: int, E: int) -> bool:

@@ -395,21 +395,29 @@ def decode_down_kernel(
 def decode_combine_kernel(
     o_ptr, token_ptr, y_ptr,
     N, D,
-    BN: tl.constexpr, CN: tl.constexpr,
+    BN: tl.constexpr, CN: tl.constexpr, G: tl.constexpr,
 ):
     """One program per (token t, BN columns): ``y[t] = sum of o[n] over the assignments n of
-    t``, scanning the token ids CN at a time and loading only the chunks that hold one of
-    t's assignments. A token without assignments gets zeros. The order of the sum is fixed
-    by N and the routing alone, so the result is deterministic."""
+    t``, in increasing n. The token ids are scanned CN at a time; the hits of a chunk are
+    ranked by a prefix sum and their rows gathered G at a time (one [G, BN] load per G hits,
+    so a token's k rows cost one or two memory round trips, not one per chunk or per row). A
+    token without assignments gets zeros. The order of the sum depends on N and the routing
+    alone: the result is deterministic (no atomics)."""
     t = tl.program_id(0)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     col_mask = cols < D
+    slots = tl.arange(0, G)
     acc = tl.zeros((BN,), dtype=tl.float32)
     for n0 in range(0, N, CN):
         n = n0 + tl.arange(0, CN)
         hit = tl.load(token_ptr + n, mask=n < N, other=-1) == t
-        if tl.sum(hit.to(tl.int32), 0) > 0:
-            v = tl.load(o_ptr + n.to(tl.int64)[:, None] * D + cols[None, :], mask=hit[:, None] & col_mask[None, :],
-                        other=0.0)
+        rank = tl.cumsum(hit.to(tl.int32), 0)  # 1-based rank of each hit in the chunk
+        n_hits = tl.max(rank, 0)
+        for j0 in range(0, n_hits, G):
+            # Row of the hit ranked j0 + g + 1, for each of the G slots.
+            sel = hit[None, :] & (rank[None, :] == (j0 + slots + 1)[:, None])
+            pos = tl.sum(tl.where(sel, n[None, :], 0), 1).to(tl.int64)
+            valid = j0 + slots < n_hits
+            v = tl.load(o_ptr + pos[:, None] * D + cols[None, :], mask=valid[:, None] & col_mask[None, :], other=0.0)
             acc += tl.sum(v, 0)
     tl.store(y_ptr + t.to(tl.int64) * D + cols, acc.to(y_ptr.dtype.element_ty), mask=col_mask)

@@ -220,9 +220,10 @@ def launch_decode_combine(o, token, y, N: int, D: int) -> None:
     """Decode path, combine: ``y[t] = sum of o[n] over the assignments of token t`` ([T, D], y's
     dtype; zeros for a token without assignments), deterministic, with
     `kernels.decode_combine_kernel`."""
-    BN, CN = DECODE_COMBINE_BLOCK if y.is_cuda else (16, 16)
+    # In the interpreter (tests) small blocks, so that several scan steps and gathers run.
+    BN, CN, G = DECODE_COMBINE_BLOCK if y.is_cuda else (16, 16, 2)
     T = y.shape[0]
-    decode_combine_kernel[(T, triton.cdiv(D, BN))](o, token, y, N, D, BN=BN, CN=CN,
+    decode_combine_kernel[(T, triton.cdiv(D, BN))](o, token, y, N, D, BN=BN, CN=CN, G=G,
                                                    num_warps=4 if y.is_cuda else 1)
 
 
