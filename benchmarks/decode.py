@@ -429,6 +429,8 @@ def run_generate(args, device: torch.device, dtype: torch.dtype) -> dict:
         ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval()
     patched = copy.deepcopy(ref)
     patch_model(patched, check_inputs=False)
+    print(f"generate: {args.gen_layers} layers, unpatched experts_implementation="
+          f"{getattr(ref.config, '_experts_implementation', None)!r}, patched: gatedmoe (auto backend)", flush=True)
     prompt = 16
     results = []
     compiles = ["none"] + ([args.gen_compile] if args.gen_compile != "none" and device.type == "cuda" else [])
@@ -467,7 +469,9 @@ def run_generate(args, device: torch.device, dtype: torch.dtype) -> dict:
             same = torch.equal(outs[(comp, "unpatched")], outs[(comp, "patched")])
             print(f"  greedy tokens patched == unpatched ({comp}): {same}", flush=True)
             results.append({"batch": batch, "compile": comp, "tokens_identical": same})
-    return {"config": {**width, "layers": args.gen_layers, "prompt": prompt}, "rows": results}
+    return {"config": {**width, "layers": args.gen_layers, "prompt": prompt,
+                       "experts_implementation": getattr(ref.config, "_experts_implementation", None)},
+            "rows": results}
 
 
 # ------------------------------------------------------------------------------- main
