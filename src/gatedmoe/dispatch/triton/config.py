@@ -4,13 +4,14 @@ among its code paths: data, no code that launches anything.
 Importing this module never imports Triton, so `gatedmoe.dispatch.options.TritonOptions`
 can hold `KernelConfig` values on machines without it.
 
-Every number below was measured on an H100 (80 GB, SXM) with bf16 inputs on the four GPU
-shapes of `gatedmoe.bench.SHAPES` (Mixtral, DeepSeek, small, fine-grained);
+Every number below, except the decode path's (marked TODO: first guesses until
+`benchmarks/decode.py` has run on the H200), was measured on an H100 (80 GB, SXM) with bf16
+inputs on the four GPU shapes of `gatedmoe.bench.SHAPES` (Mixtral, DeepSeek, small, fine-grained);
 `benchmarks/triton_tune.py` measures the config alternatives and prints the fastest, and
 BENCHMARKS.md holds the tables. To try other numbers, pass them as a value
 (``TritonOptions(configs={...})``); these tables are not patched at run time.
 
-Shape legend: D model dim, H expert hidden, E experts.
+Shape legend: T tokens, N routed assignments, D model dim, H expert hidden, E experts.
 """
 
 from __future__ import annotations
