@@ -16,6 +16,7 @@ Shape legend: T tokens, N routed assignments, D model dim, H expert hidden, E ex
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import astuple, dataclass, fields, replace
 from types import MappingProxyType
@@ -224,7 +225,17 @@ def decode_configs(
     >>> decode_configs(torch.bfloat16, torch.device("cuda"), 8, 128, 2048, 768)["decode_glu"]
     KernelConfig(BM=16, BN=16, BK=128, warps=4, stages=4, group_m=8, tma=False, pregather=False)
     """
-    if device.type != "cuda":
+    cfgs = dict(_decode_rule(dtype, device.type, N, E, D, H))
+    if overrides:
+        cfgs.update({name: cfg for name, cfg in overrides.items() if name in cfgs})
+    return cfgs
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_rule(dtype: torch.dtype, device_type: str, N: int, E: int, D: int, H: int) -> tuple:
+    """`decode_configs` without overrides, as ``((name, config), ...)``: a pure function of the
+    sizes, cached (measured: 12 us of host time per call otherwise, on every decode step)."""
+    if device_type != "cuda":
         cfgs = {name: replace(CONFIG_INTERPRETER, tma=False) for name in ("decode_glu", "decode_down")}
     else:
         rows = -(-N // max(1, min(N, E)))
@@ -239,9 +250,7 @@ def decode_configs(
                        and mats * bn * depth * elt <= DECODE_MAX_PROGRAM_BYTES), 16)
             stage_bytes = (BM * BK + mats * BK * BN) * elt
             cfgs[name] = KernelConfig(BM, BN, BK, 4, 4 if stage_bytes <= 24 << 10 else 3, group_m=8, tma=False)
-    if overrides:
-        cfgs.update({name: cfg for name, cfg in overrides.items() if name in cfgs})
-    return cfgs
+    return tuple(cfgs.items())
 
 
 _N_FIELDS = len(fields(KernelConfig))
