@@ -26,8 +26,9 @@ from gatedmoe.dispatch.triton import backend, triton_dispatch  # noqa: E402
 
 DECODE = TritonOptions(decode=True)
 
-# (T, D, H, E, K, mode): T=1 with k = 1, 2, 8; widths that are not powers of two; empty
-# experts; everything on one expert; the top of the range (T=256) with many and few experts.
+# (T, D, H, E, K, mode): T=1 with k = 6 and 1; k = 2, 3, 4, 8 at other T; widths that are not
+# powers of two; empty experts; everything on one expert; the top of the range (T=256) with
+# many and few experts: row tiles of 16, 32 (32 rows per expert) and 64 rows (64 per expert).
 CASES = [
     (1, 512, 1408, 64, 6, "random"),
     (1, 2880, 360, 32, 1, "random"),
@@ -37,6 +38,7 @@ CASES = [
     (64, 768, 1536, 8, 2, "one_expert"),
     (256, 1024, 1536, 32, 4, "random"),
     (256, 512, 256, 256, 8, "random"),
+    (256, 512, 384, 8, 2, "random"),
 ]
 
 
