@@ -187,9 +187,11 @@ def test_decode_path_with_no_assignments():
     assert torch.equal(y, torch.zeros_like(x))
 
 
-def test_decode_configs_override_through_options():
-    # Given configs reach the kernels (narrow 16-column blocks, two programs' worth of rows).
-    cfg = config.KernelConfig(16, 16, 16, 4, 1, group_m=1, tma=False)
+@pytest.mark.parametrize("BM", [16, 32])
+def test_decode_configs_override_through_options(BM):
+    # Given configs reach the kernels: 16-column blocks, and the 32-row tiles CUDA takes for
+    # 17-32 rows per expert (the interpreter's own config has 16).
+    cfg = config.KernelConfig(BM, 16, 16, 4, 1, group_m=1, tma=False)
     options = TritonOptions(decode=True, configs={"decode_glu": cfg, "decode_down": cfg})
     bank, x, routing = _bank_and_inputs(20, 24, 40, 5, 2, "random", torch.float32)
     with torch.no_grad():
