@@ -20,6 +20,9 @@ of one expert) x (column block):
                      (expert, output tile), an operand optionally read by token; used
                      for the W_out gradient where no gathered copy of gy exists.
 
+* `decode_glu_kernel`, `decode_down_kernel`, `decode_combine_kernel`: the decode path
+                     (inference, a few rows per expert; see the section at the end).
+
 Row tiles never straddle two experts; each program works out its tile's expert and rows
 from the per-expert counts (`_tile_rows`), so a call needs no schedule tensors from the host.
 
@@ -306,8 +309,8 @@ def wgrad_kernel(
 # ------------------------------------------------------------------------------ decode path
 # Inference with few rows per expert (`ops.moe_glu_decode`): the time is the read of the routed
 # experts' weights, so the products are tiled to read each weight tile once, coalesced, with
-# enough programs to fill the GPU at T=1: small row tiles (16 rows), narrow column blocks (the
-# launcher narrows them until the product has enough programs) and the whole reduction in one
+# enough programs to fill the GPU at T=1: small row tiles (16 rows), narrow column blocks
+# (`config.decode_configs` narrows them until a product has enough programs) and the whole reduction in one
 # program (no split-K: the output columns alone give the parallelism, and SwiGLU needs the full
 # h). Three launches whose grids depend on the sizes only (T, N, E, D, H), no host sync:
 #   decode_glu_kernel     a[n] = silu(x[token[n]] @ Wg[e]^T) * (x[token[n]] @ Wu[e]^T)   [N, H]
