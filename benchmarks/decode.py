@@ -468,6 +468,7 @@ def run_generate(args, device: torch.device, dtype: torch.dtype) -> dict:
                 if comp == "none":
                     kw["disable_compile"] = True
                 else:
+                    torch._dynamo.reset()  # each (model, batch) compiled afresh, never over the recompile limit
                     kw["cache_implementation"] = "static"
                     kw["compile_config"] = transformers.CompileConfig(
                         backend=comp, mode="reduce-overhead" if comp == "inductor" else None)
