@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 if [ "${SWEEP:-0}" = "1" ]; then
-  timeout 560 python3 benchmarks/decode.py --sweep --no-graph --reps 20 --out "$OUT/decode_sweep.json" 2>&1 \
+  timeout 560 python3 benchmarks/decode.py --sweep --no-graph --reps 20 --tokens 1 8 64 --out "$OUT/decode_sweep.json" 2>&1 \
     | tee "$OUT/decode_sweep.txt" | grep -E "sweep|HBM|\[|Error|error" | head -80
   exit 0
 fi
