@@ -2,7 +2,7 @@
 # One device call for issue 21 (decode path): the CUDA tests of the decode path, then
 # benchmarks/decode.py in its two modes. Each step has its own time limit so a slow one leaves
 # the others' output; everything lands in $OUT (tables, JSON, the plot).
-#   OUT=$OUT bash benchmarks/gpu_decode.sh            # ~5-6 minutes (caps add up to 8)
+#   OUT=$OUT bash benchmarks/gpu_decode.sh            # ~5-6 minutes (caps add up to 9)
 #   SWEEP=1 OUT=$OUT bash benchmarks/gpu_decode.sh    # + decode config sweep (a second call)
 set -uo pipefail
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -15,7 +15,7 @@ if [ "${SWEEP:-0}" = "1" ]; then
     | tee "$OUT/decode_sweep.txt" | grep -E "sweep|HBM|\[|Error|error" | head -80
   exit 0
 fi
-timeout 150 python3 -m pytest tests/dispatch/test_triton_decode_cuda.py -q -p no:cacheprovider 2>&1 \
+timeout 200 python3 -m pytest tests/dispatch/test_triton_decode_cuda.py -q -p no:cacheprovider 2>&1 \
   | tee "$OUT/tests_decode_cuda.txt" | tail -15
 timeout 60 python3 -m pytest tests/dispatch/test_triton_decode.py -q -p no:cacheprovider 2>&1 \
   | tee "$OUT/tests_decode.txt" | tail -5

@@ -134,7 +134,7 @@ def test_cuda_graph_replay_equals_eager(T, E, K):
             assert_close("y", reference_dispatch(x, Routing.from_topk(w, i, n_experts=E), bank), static_y)
 
 
-def _tiny_qwen3_moe():
+def _tiny_qwen3_moe(dtype: torch.dtype):
     transformers = pytest.importorskip("transformers")
     from interop.hf_tiny import randomize, tiny_config
 
@@ -145,19 +145,21 @@ def _tiny_qwen3_moe():
     # Every weight of std 0.3 (not the 0.02 init): routing matters, and the logits are far
     # apart, so greedy tokens are decided by the model, not by bf16 rounding (inductor may
     # round its fused norms differently from eager).
-    return randomize(model).to("cuda", torch.bfloat16).eval()
+    return randomize(model).to("cuda", dtype).eval()
 
 
 # "cudagraphs": CUDA graphs of the traced graph, eager kernels (the same numerics as eager, so
 # tokens must be identical); "inductor" with mode="reduce-overhead": what `generate()` does by
-# default with a static cache (inductor's own kernels around ours, in CUDA graphs).
-@pytest.mark.parametrize("batch,compile_backend", [(1, "inductor"), (4, "cudagraphs"), (4, "inductor")])
-def test_generate_static_cache_compiled_equals_eager(monkeypatch, batch, compile_backend):
+# default with a static cache (inductor's own kernels around ours, in CUDA graphs; in float32
+# too, where inductor's different rounding of its fused norms cannot decide a token).
+@pytest.mark.parametrize("batch,compile_backend,dtype", [(1, "inductor", torch.float32), (4, "cudagraphs", torch.bfloat16),
+                                                         (4, "inductor", torch.bfloat16)])
+def test_generate_static_cache_compiled_equals_eager(monkeypatch, batch, compile_backend, dtype):
     from transformers import CompileConfig
 
     from gatedmoe.interop.hf import patch_model
 
-    model = _tiny_qwen3_moe()
+    model = _tiny_qwen3_moe(dtype)
     assert patch_model(model)
     seen = []
     decode = backend.moe_glu_decode
