@@ -143,6 +143,14 @@ def test_decode_path_matches_reference(T, D, H, E, K, mode, dtype):
     assert_close("y", ref_y, fast_y, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_op_matches_its_plain_reference(dtype):
+    # Same signature on both sides: `ops.moe_glu_decode` and `reference.moe_glu_decode`.
+    bank, x, r = _bank_and_inputs(21, 24, 40, 6, 3, "skip_experts", dtype)
+    args = (x, r.token, r.weight, r.counts, bank.w_in.detach(), bank.w_out.detach())
+    assert_close("y", reference.moe_glu_decode(*args), moe_glu_decode(*args), dtype)
+
+
 def test_decode_path_reads_transposed_weights_in_place(monkeypatch):
     # Weights stored [E, D, 2H] / [E, H, D] and viewed transposed (as some Hugging Face experts
     # are): read through their strides, never copied per call.

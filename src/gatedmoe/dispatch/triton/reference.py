@@ -9,7 +9,8 @@ signature as the launcher in `launchers.py` (same output buffers filled, ``cfg``
 * `wgrad`      weight-gradient GEMM ``out[e] = L[rows_e]^T @ R[rows_e]``
 * `decode_glu`, `decode_down`, `decode_combine`: the decode path's three stages (SwiGLU
                of the gathered rows; the second product times the routing weight, float32,
-               per assignment; the per-token sum)
+               per assignment; the per-token sum), and `moe_glu_decode`, the three in a row
+               (the signature of `ops.moe_glu_decode`)
 
 Rows are the expert-sorted routed assignments: expert e owns rows
 ``[end_e - counts[e], end_e)``. Shape legend: T tokens, D model dim, H expert hidden,
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["decode_combine", "decode_down", "decode_glu", "glu_fwd", "gemm", "swiglu_bwd", "wgrad"]
+__all__ = ["decode_combine", "decode_down", "decode_glu", "glu_fwd", "gemm", "moe_glu_decode", "swiglu_bwd", "wgrad"]
 
 
 def _expert_rows(counts_E: Tensor) -> list[tuple[int, int]]:
@@ -114,3 +115,17 @@ def decode_combine(o, token, y, N: int, D: int) -> None:
     """Fills ``y`` [T, D] with the sum of ``o[n]`` over each token's assignments (zeros for a
     token with none), rounded once to y's dtype."""
     y.copy_(torch.zeros(y.shape, dtype=torch.float32, device=y.device).index_add_(0, token[:N], o[:N].float()))
+
+
+def moe_glu_decode(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, options=None) -> Tensor:
+    """`ops.moe_glu_decode` in plain PyTorch: the three stages above in a row (``options``
+    accepted and ignored)."""
+    T, D = x_TD.shape
+    N, H = token_N.numel(), w_out_EDH.shape[-1]
+    a = torch.empty(N, H, device=x_TD.device, dtype=x_TD.dtype)
+    o = torch.empty(N, D, device=x_TD.device, dtype=torch.float32)
+    y = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
+    decode_glu(x_TD, token_N, w_in_EHD, a, counts_E, N, D, H)
+    decode_down(a, w_out_EDH, weight_N, o, counts_E, N, H, D)
+    decode_combine(o, token_N, y, N, D)
+    return y
