@@ -19,7 +19,7 @@ CFG = KernelConfig(64, 64, 32, 4, 2)
 
 def test_defaults():
     options = TritonOptions()
-    assert options.fp32_scatter is False and options.configs is None
+    assert options.fp32_scatter is False and options.configs is None and options.decode is None
 
 
 def test_unknown_kernel_name_lists_the_known_ones():
@@ -29,7 +29,7 @@ def test_unknown_kernel_name_lists_the_known_ones():
         assert name in str(info.value)
 
 
-@pytest.mark.parametrize("kwargs", [{"fp32_scatter": 1}, {"configs": {"wgrad": (64, 64, 32, 4, 2)}},
+@pytest.mark.parametrize("kwargs", [{"fp32_scatter": 1}, {"decode": 1}, {"configs": {"wgrad": (64, 64, 32, 4, 2)}},
                                     {"configs": [("wgrad", CFG)]}])
 def test_wrong_types_raise(kwargs):
     with pytest.raises(TypeError):

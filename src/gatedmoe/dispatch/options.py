@@ -54,33 +54,44 @@ class TritonOptions:
     configs : Mapping[str, KernelConfig] or None
         Kernel configs used instead of the measured ones
         (`gatedmoe.dispatch.triton.config.kernel_configs`), by kernel name: "glu_fwd",
-        "gemm_fwd", "glu_bwd", "gemm_bwd", "wgrad"; kernels not named keep theirs. Given
+        "gemm_fwd", "glu_bwd", "gemm_bwd", "wgrad", and the decode path's "decode_glu",
+        "decode_down" (`config.decode_configs`); kernels not named keep theirs. Given
         configs are used as they are, on every dtype and width. Default None (measured
         configs). Stored read-only; an empty mapping is stored as None.
+    decode : bool or None
+        The decode path (`gatedmoe.dispatch.triton.ops.moe_glu_decode`: kernels for a few
+        rows per expert, inference only). None (default): chosen by size for calls that need
+        no gradient (`gatedmoe.dispatch.triton.config.use_decode`: at most 256 tokens and few
+        rows per routed expert); True: every call that needs no gradient; False: never. Calls
+        that need gradients always run the large-batch kernels.
 
     Raises
     ------
     ValueError
         ``configs`` names a kernel that does not exist (the message lists the known ones).
     TypeError
-        ``fp32_scatter`` is not a bool, or a config is not a `KernelConfig`.
+        ``fp32_scatter`` is not a bool, ``decode`` not a bool or None, or a config is not a
+        `KernelConfig`.
 
     Examples
     --------
     >>> from gatedmoe.dispatch.options import TritonOptions
     >>> from gatedmoe.dispatch.triton.config import KernelConfig
     >>> TritonOptions(fp32_scatter=True)
-    TritonOptions(fp32_scatter=True, configs=None)
+    TritonOptions(fp32_scatter=True, configs=None, decode=None)
     >>> TritonOptions(configs={"wgrad": KernelConfig(64, 64, 64, 4, 3)}).configs["wgrad"].BM
     64
     """
 
     fp32_scatter: bool = False
     configs: Mapping[str, KernelConfig] | None = None
+    decode: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.fp32_scatter, bool):
             raise TypeError(f"fp32_scatter must be a bool, got {type(self.fp32_scatter).__name__}")
+        if self.decode is not None and not isinstance(self.decode, bool):
+            raise TypeError(f"decode must be a bool or None, got {type(self.decode).__name__}")
         if self.configs is None:
             return
         if not isinstance(self.configs, Mapping):

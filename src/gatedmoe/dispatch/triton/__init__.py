@@ -11,6 +11,11 @@ or per call, makes them accumulate in float32, a little more accurate and slower
 tokens pick many experts. ``TritonOptions(configs=...)`` overrides the measured kernel
 configs.
 
+Inference calls with few rows per expert (`config.use_decode`; ``TritonOptions(decode=...)``
+forces the choice) take the decode path, `ops.moe_glu_decode`: three launches with grids
+from the sizes alone (no host synchronisation, capturable in a CUDA graph) that stream each
+routed expert's weights once, and a deterministic per-token sum (README.md, "Decode path").
+
 Eager calls go through `ops.moe_glu` (an autograd.Function, or the bare forward with
 gradients off); torch.compile sees the custom ops `gatedmoe::moe_glu_forward` /
 `moe_glu_backward`. The backward frees h as it goes, so a second backward through a retained
@@ -32,7 +37,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["moe_glu", "moe_glu_backward", "moe_glu_forward", "tile_schedule", "triton_dispatch"]
+__all__ = ["moe_glu", "moe_glu_backward", "moe_glu_decode", "moe_glu_forward", "tile_schedule", "triton_dispatch"]
 
 # Public name -> the module defining it, imported on first access (PEP 562), so that
 # `config` (and `gatedmoe.dispatch.options`, which uses it) never imports Triton.
@@ -41,6 +46,7 @@ _LAZY = {
     "moe_glu": "ops",
     "moe_glu_forward": "ops",
     "moe_glu_backward": "ops",
+    "moe_glu_decode": "ops",
     "tile_schedule": "launchers",
 }
 

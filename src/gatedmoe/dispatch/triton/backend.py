@@ -1,7 +1,7 @@
 """`triton_dispatch`: the "triton" dispatch backend, with its fallback to the grouped
 backend (logged once per reason) where the fused kernels do not apply.
 
-Shape legend: T tokens, D model dim.
+Shape legend: T tokens, D model dim, N routed assignments, E experts.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from torch import Tensor
 
 from gatedmoe.dispatch.grouped import grouped_dispatch
 from gatedmoe.dispatch.options import TritonOptions
-from gatedmoe.dispatch.triton.ops import moe_glu
+from gatedmoe.dispatch.triton.config import use_decode
+from gatedmoe.dispatch.triton.ops import moe_glu, moe_glu_decode
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.routing import Routing
 
@@ -41,8 +42,13 @@ def triton_dispatch(
 ) -> Tensor:
     """Same contract as `gatedmoe.dispatch.reference.reference_dispatch`, fused kernels.
 
-    ``options`` (default ``TritonOptions()``): scatter precision and kernel config
-    overrides; unused when the call falls back to the grouped backend.
+    ``options`` (default ``TritonOptions()``): scatter precision, kernel config overrides and
+    the decode path's choice; unused when the call falls back to the grouped backend.
+
+    Calls that need no gradient and are small (`config.use_decode`: at most
+    `config.DECODE_MAX_TOKENS` tokens, at most `config.DECODE_MAX_ROWS_PER_EXPERT` rows per
+    routed expert) run the decode path (`ops.moe_glu_decode`), unless ``options.decode`` says
+    otherwise; the others run `ops.moe_glu`.
 
     Examples
     --------
@@ -58,5 +64,14 @@ def triton_dispatch(
     w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
     # Without autograd (inference) the first GEMM's output need not be kept for backward.
     need_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, routing.weight, w_in, w_out))
+    if not need_h and _decode(x_TD.shape[0], routing.token.numel(), routing.counts.numel(), options):
+        return moe_glu_decode(x_TD, routing.token, routing.weight, routing.counts, w_in, w_out, options)
     y, _ = moe_glu(x_TD, routing.token, routing.weight, routing.counts, w_in, w_out, need_h, options)
     return y
+
+
+def _decode(T: int, N: int, E: int, options: TritonOptions | None) -> bool:
+    """Whether an inference call takes the decode path: ``options.decode`` if set, else by
+    size (`config.use_decode`; sizes only, so a captured step always takes the same path)."""
+    choice = options.decode if options is not None else None
+    return use_decode(T, N, E) if choice is None else choice

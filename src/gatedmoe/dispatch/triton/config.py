@@ -4,17 +4,19 @@ among its code paths: data, no code that launches anything.
 Importing this module never imports Triton, so `gatedmoe.dispatch.options.TritonOptions`
 can hold `KernelConfig` values on machines without it.
 
-Every number below was measured on an H100 (80 GB, SXM) with bf16 inputs on the four GPU
-shapes of `gatedmoe.bench.SHAPES` (Mixtral, DeepSeek, small, fine-grained);
+Every number below, except the decode path's (marked TODO: first guesses until
+`benchmarks/decode.py` has run on the H200), was measured on an H100 (80 GB, SXM) with bf16
+inputs on the four GPU shapes of `gatedmoe.bench.SHAPES` (Mixtral, DeepSeek, small, fine-grained);
 `benchmarks/triton_tune.py` measures the config alternatives and prints the fastest, and
 BENCHMARKS.md holds the tables. To try other numbers, pass them as a value
 (``TritonOptions(configs={...})``); these tables are not patched at run time.
 
-Shape legend: D model dim, H expert hidden, E experts.
+Shape legend: T tokens, N routed assignments, D model dim, H expert hidden, E experts.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import astuple, dataclass, fields, replace
 from types import MappingProxyType
@@ -25,6 +27,12 @@ __all__ = [
     "CONFIGS_BF16",
     "CONFIG_FP32",
     "CONFIG_INTERPRETER",
+    "DECODE_BK",
+    "DECODE_COMBINE_BLOCK",
+    "DECODE_MAX_PROGRAM_BYTES",
+    "DECODE_MAX_ROWS_PER_EXPERT",
+    "DECODE_MAX_TOKENS",
+    "DECODE_MIN_PROGRAMS",
     "KERNELS",
     "KernelConfig",
     "PER_EXPERT_MAX_E",
@@ -32,7 +40,10 @@ __all__ = [
     "PREGATHER_MIN_H",
     "configs_from_ints",
     "configs_to_ints",
+    "decode_configs",
+    "decode_row_tiles",
     "kernel_configs",
+    "use_decode",
 ]
 
 
@@ -67,7 +78,10 @@ class KernelConfig:
 # with the SwiGLU epilogue; "gemm_fwd": a @ W_out^T with weight and scatter-add; "glu_bwd":
 # the gathered gy @ W_out product feeding the SwiGLU backward; "gemm_bwd": dL/dh @ W_in with
 # the dL/dx scatter-add; "wgrad": the W_out gradient read by token (`kernels.wgrad_kernel`).
-KERNELS = ("glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd", "wgrad")
+# "decode_glu" / "decode_down": the two products of the decode path (`kernels.decode_glu_kernel`,
+# `kernels.decode_down_kernel`), chosen by `decode_configs` rather than `kernel_configs`.
+KERNELS = ("glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd", "wgrad", "decode_glu", "decode_down")
+_LARGE_KERNELS = KERNELS[:5]
 
 # bf16/fp16 on CUDA: the fastest configs of `benchmarks/triton_tune.py` on the H100
 # (`benchmarks/results_triton_tune_h100.json`, the TMA tuning run of the second session:
@@ -110,7 +124,7 @@ PER_EXPERT_MAX_E = 16  # one launch per expert: keep the host's share small
 def kernel_configs(
     dtype: torch.dtype, device: torch.device, H: int, overrides: Mapping[str, KernelConfig] | None = None
 ) -> dict[str, KernelConfig]:
-    """The config of each kernel of `KERNELS` for inputs of ``dtype`` on ``device`` with
+    """The config of each large-batch kernel of `KERNELS` for inputs of ``dtype`` on ``device`` with
     expert width ``H``: the measured tables and rules above, then ``overrides`` (kernel name
     -> config, used as given, with no rule applied to them).
 
@@ -121,9 +135,9 @@ def kernel_configs(
     KernelConfig(BM=16, BN=16, BK=16, warps=4, stages=1, group_m=8, tma=True, pregather=False)
     """
     if device.type != "cuda":
-        cfgs = dict.fromkeys(KERNELS, CONFIG_INTERPRETER)
+        cfgs = dict.fromkeys(_LARGE_KERNELS, CONFIG_INTERPRETER)
     elif dtype == torch.float32:
-        cfgs = dict.fromkeys(KERNELS, CONFIG_FP32)
+        cfgs = dict.fromkeys(_LARGE_KERNELS, CONFIG_FP32)
     else:
         cfgs = dict(CONFIGS_BF16)
         # A gathered copy read through TMA beats gathering inside the loads once each row is
@@ -133,8 +147,110 @@ def kernel_configs(
         if H < PREGATHER_MIN_H["glu_bwd"]:
             cfgs["glu_bwd"] = replace(cfgs["glu_bwd"], pregather=False)
     if overrides:
-        cfgs.update(overrides)
+        cfgs.update({name: cfg for name, cfg in overrides.items() if name in _LARGE_KERNELS})
     return cfgs
+
+
+# ---------------------------------------------------------------------------------- decode
+# The decode path (`ops.moe_glu_decode`): inference with few rows per expert, where the time is
+# the read of the routed experts' weights. Its floor is (distinct experts hit) x 3 D H x 2 bytes
+# over the HBM bandwidth; `benchmarks/decode.py` measures both side by side.
+
+# The decode path covers at most this many tokens (the range it is tested and measured for:
+# T = 1..256; larger batches are the large-batch kernels' regime).
+DECODE_MAX_TOKENS = 256
+# ... and only while the mean rows per routed expert, N / min(N, E), stays at most this. Above
+# it each expert's weights are reused by enough rows that the large-batch kernels (tensor-core
+# tiles of 128 rows, TMA) win.
+# TODO(lead): first guess, not measured. Set it from `benchmarks/decode.py` on the H200: the
+# crossover of the "decode" and "triton (large-batch)" rows, in rows per expert (printed as
+# "rows/e"), over the four shapes; record the run here as the other thresholds are.
+DECODE_MAX_ROWS_PER_EXPERT = 32
+# Column blocks are narrowed (64 -> 32 -> 16 columns) until a product has at least this many
+# programs (so that T=1, one row tile per routed expert, still fills 132 SMs several times
+# over) and each program streams at most `DECODE_MAX_PROGRAM_BYTES` of weights (short programs:
+# the last ones to finish leave SMs idle for less). TODO(lead): first guesses, not measured;
+# `benchmarks/decode.py --sweep` times the alternatives per shape and prints the fastest.
+DECODE_MIN_PROGRAMS = 1024
+DECODE_MAX_PROGRAM_BYTES = 512 << 10
+# Reduction depth of the decode products on CUDA (16-bit: 256-byte row segments of the weights
+# per load; float32: half the elements), and the pipeline depth: 4 stages, 3 where a stage's
+# tiles exceed 24 KB (two programs per SM then still fit in shared memory). TODO(lead): first
+# guesses, see `--sweep`.
+DECODE_BK = 128
+
+# The per-token combine (`kernels.decode_combine_kernel`): columns per program, token ids
+# scanned per step, rows gathered per load.
+DECODE_COMBINE_BLOCK = (512, 256, 8)
+
+
+def use_decode(T: int, N: int, E: int) -> bool:
+    """Whether the automatic choice (``TritonOptions(decode=None)``) takes the decode path
+    for an inference call of ``T`` tokens, ``N`` routed assignments and ``E`` experts: at most
+    `DECODE_MAX_TOKENS` tokens and at most `DECODE_MAX_ROWS_PER_EXPERT` rows per routed
+    expert. Sizes only (no data), so a captured decode step always takes the same path.
+
+    Examples
+    --------
+    >>> use_decode(1, 8, 128), use_decode(256, 512, 8), use_decode(4096, 32768, 128)
+    (True, False, False)
+    """
+    return 0 < T <= DECODE_MAX_TOKENS and N <= DECODE_MAX_ROWS_PER_EXPERT * min(N, E)
+
+
+def decode_row_tiles(N: int, E: int, BM: int) -> int:
+    """Row tiles of the decode products: an upper bound on sum_e ceil(count_e / BM) from the
+    sizes alone. At most m = min(N, E) experts have rows, each leaves at most one partial
+    tile, so the tiles number at most m + (N - m) // BM (= N for T=1: one per assignment,
+    instead of the large-batch kernels' N / BM + E, which launches E mostly idle programs)."""
+    m = min(N, E)
+    return m + (N - m) // BM
+
+
+def decode_configs(
+    dtype: torch.dtype, device: torch.device, N: int, E: int, D: int, H: int,
+    overrides: Mapping[str, KernelConfig] | None = None,
+) -> dict[str, KernelConfig]:
+    """Configs of "decode_glu" (``BN`` columns of H, gate and up each) and "decode_down"
+    (``BN`` columns of D) for ``N`` assignments over ``E`` experts, then ``overrides`` (only
+    the decode kernels' names are read; used as given).
+
+    Rows per tile: 16 (the smallest tensor-core tile) up to 16 rows per routed expert, then
+    32, then 64. Columns: the widest of 64, 32, 16 that gives `DECODE_MIN_PROGRAMS` programs
+    of at most `DECODE_MAX_PROGRAM_BYTES` of weights each (else 16).
+
+    Examples
+    --------
+    >>> import torch
+    >>> decode_configs(torch.bfloat16, torch.device("cuda"), 8, 128, 2048, 768)["decode_glu"]
+    KernelConfig(BM=16, BN=16, BK=128, warps=4, stages=4, group_m=8, tma=False, pregather=False)
+    """
+    cfgs = dict(_decode_rule(dtype, device.type, N, E, D, H))
+    if overrides:
+        cfgs.update({name: cfg for name, cfg in overrides.items() if name in cfgs})
+    return cfgs
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_rule(dtype: torch.dtype, device_type: str, N: int, E: int, D: int, H: int) -> tuple:
+    """`decode_configs` without overrides, as ``((name, config), ...)``: a pure function of the
+    sizes, cached (measured: 12 us of host time per call otherwise, on every decode step)."""
+    if device_type != "cuda":
+        cfgs = {name: replace(CONFIG_INTERPRETER, tma=False) for name in ("decode_glu", "decode_down")}
+    else:
+        rows = -(-N // max(1, min(N, E)))
+        BM = 16 if rows <= 16 else 32 if rows <= 32 else 64
+        tiles = decode_row_tiles(N, E, BM)
+        elt = dtype.itemsize
+        BK = DECODE_BK if elt == 2 else DECODE_BK // 2
+        cfgs = {}
+        # (name, output width, reduction depth, weight matrices per column: gate and up)
+        for name, width, depth, mats in (("decode_glu", H, D, 2), ("decode_down", D, H, 1)):
+            BN = next((bn for bn in (64, 32) if tiles * -(-width // bn) >= DECODE_MIN_PROGRAMS
+                       and mats * bn * depth * elt <= DECODE_MAX_PROGRAM_BYTES), 16)
+            stage_bytes = (BM * BK + mats * BK * BN) * elt
+            cfgs[name] = KernelConfig(BM, BN, BK, 4, 4 if stage_bytes <= 24 << 10 else 3, group_m=8, tma=False)
+    return tuple(cfgs.items())
 
 
 _N_FIELDS = len(fields(KernelConfig))

@@ -20,6 +20,9 @@ of one expert) x (column block):
                      (expert, output tile), an operand optionally read by token; used
                      for the W_out gradient where no gathered copy of gy exists.
 
+* `decode_glu_kernel`, `decode_down_kernel`, `decode_combine_kernel`: the decode path
+                     (inference, a few rows per expert; see the section at the end).
+
 Row tiles never straddle two experts; each program works out its tile's expert and rows
 from the per-expert counts (`_tile_rows`), so a call needs no schedule tensors from the host.
 
@@ -301,3 +304,123 @@ def wgrad_kernel(
     out = out_ptr + e.to(tl.int64) * P * Q
     tl.store(out + pc[:, None].to(tl.int64) * Q + qc[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(pc < P)[:, None] & (qc < Q)[None, :])
+
+
+# ------------------------------------------------------------------------------ decode path
+# Inference with few rows per expert (`ops.moe_glu_decode`): the time is the read of the routed
+# experts' weights, so the products are tiled to read each weight tile once, coalesced, with
+# enough programs to fill the GPU at T=1: small row tiles (16 rows), narrow column blocks
+# (`config.decode_configs` narrows them until a product has enough programs) and the whole reduction in one
+# program (no split-K: the output columns alone give the parallelism, and SwiGLU needs the full
+# h). Three launches whose grids depend on the sizes only (T, N, E, D, H), no host sync:
+#   decode_glu_kernel     a[n] = silu(x[token[n]] @ Wg[e]^T) * (x[token[n]] @ Wu[e]^T)   [N, H]
+#   decode_down_kernel    o[n] = weight[n] * (a[n] @ W_out[e]^T)                      [N, D] fp32
+#   decode_combine_kernel y[t] = sum over n with token[n] == t of o[n], in assignment order,
+#                         rounded once: deterministic (no atomics), as a CUDA graph replay
+#                         must be to match eager.
+
+
+@triton.jit
+def decode_glu_kernel(
+    x_ptr, token_ptr, w_ptr, a_ptr,
+    counts_ptr, E, n_tiles,
+    D, H,
+    stride_we, stride_wh, stride_wd,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
+    E_POW2: tl.constexpr,
+):
+    """One program per (row tile of one expert, BN columns of H): gate and up columns of W_in
+    (rows ``c`` and ``H + c`` of ``W_in[e]``) read once, [BK, BN] at a time, as two products
+    into two [BM, BN] accumulators; the epilogue writes ``a = silu(g) * u`` from g rounded to
+    a's dtype, as `glu_fwd_kernel` does. W_in is read through its strides (a transposed
+    layout is read as it is stored, coalesced along H, never copied)."""
+    pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
+    e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
+    if e < 0:
+        return
+    tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_mask = cols < H
+    w_g = w_ptr + e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wh
+    w_u = w_g + H * stride_wh
+    ks = tl.arange(0, BK)
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        k = k0 + ks
+        k_mask = k < D
+        xa = tl.load(x_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        wg = tl.load(w_g + k[:, None] * stride_wd, mask=w_mask, other=0.0)
+        wu = tl.load(w_u + k[:, None] * stride_wd, mask=w_mask, other=0.0)
+        acc_g = tl.dot(xa, wg, acc_g, input_precision=PREC)
+        acc_u = tl.dot(xa, wu, acc_u, input_precision=PREC)
+    g = acc_g.to(a_ptr.dtype.element_ty).to(tl.float32)
+    u = acc_u.to(a_ptr.dtype.element_ty).to(tl.float32)
+    act = g * tl.sigmoid(g) * u
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(a_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def decode_down_kernel(
+    a_ptr, w_ptr, weight_ptr, o_ptr,
+    counts_ptr, E, n_tiles,
+    H, D,
+    stride_we, stride_wd, stride_wh,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
+    E_POW2: tl.constexpr,
+):
+    """One program per (row tile of one expert, BN columns of D): ``o[n] = weight[n] *
+    (a[n] @ W_out[e]^T)`` in float32, ``W_out[e]`` (through its strides) read once."""
+    pid_m, pid_n = _program_tile(n_tiles, D, BN, GROUP_M)
+    e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
+    if e < 0:
+        return
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_mask = cols < D
+    w_e = w_ptr + e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wd
+    ks = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        k = k0 + ks
+        k_mask = k < H
+        aa = tl.load(a_ptr + rows64[:, None] * H + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_e + k[:, None] * stride_wh, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(aa, w, acc, input_precision=PREC)
+    wt = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    acc = acc * wt[:, None]
+    tl.store(o_ptr + rows64[:, None] * D + cols[None, :], acc, mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def decode_combine_kernel(
+    o_ptr, token_ptr, y_ptr,
+    N, D,
+    BN: tl.constexpr, CN: tl.constexpr, G: tl.constexpr,
+):
+    """One program per (token t, BN columns): ``y[t] = sum of o[n] over the assignments n of
+    t``, in increasing n. The token ids are scanned CN at a time; the hits of a chunk are
+    ranked by a prefix sum and their rows gathered G at a time (one [G, BN] load per G hits,
+    so a token's k rows cost one or two memory round trips, not one per chunk or per row). A
+    token without assignments gets zeros. The order of the sum depends on N and the routing
+    alone: the result is deterministic (no atomics)."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    col_mask = cols < D
+    slots = tl.arange(0, G)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for n0 in range(0, N, CN):
+        n = n0 + tl.arange(0, CN)
+        hit = tl.load(token_ptr + n, mask=n < N, other=-1) == t
+        rank = tl.cumsum(hit.to(tl.int32), 0)  # 1-based rank of each hit in the chunk
+        n_hits = tl.max(rank, 0)
+        for j0 in range(0, n_hits, G):
+            # Row of the hit ranked j0 + g + 1, for each of the G slots.
+            sel = hit[None, :] & (rank[None, :] == (j0 + slots + 1)[:, None])
+            pos = tl.sum(tl.where(sel, n[None, :], 0), 1).to(tl.int64)
+            valid = j0 + slots < n_hits
+            v = tl.load(o_ptr + pos[:, None] * D + cols[None, :], mask=valid[:, None] & col_mask[None, :], other=0.0)
+            acc += tl.sum(v, 0)
+    tl.store(y_ptr + t.to(tl.int64) * D + cols, acc.to(y_ptr.dtype.element_ty), mask=col_mask)

@@ -17,8 +17,11 @@ try:  # Triton >= 3.3: host-side TMA descriptors
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
-from gatedmoe.dispatch.triton.config import KernelConfig
+from gatedmoe.dispatch.triton.config import DECODE_COMBINE_BLOCK, KernelConfig, decode_row_tiles
 from gatedmoe.dispatch.triton.kernels import (
+    decode_combine_kernel,
+    decode_down_kernel,
+    decode_glu_kernel,
     gemm_kernel,
     glu_fwd_kernel,
     swiglu_bwd_kernel,
@@ -29,6 +32,9 @@ from gatedmoe.dispatch.triton.kernels import (
 __all__ = [
     "alloc",
     "device_tile_schedule",
+    "launch_decode_combine",
+    "launch_decode_down",
+    "launch_decode_glu",
     "launch_gemm",
     "launch_glu_fwd",
     "launch_swiglu_bwd",
@@ -182,6 +188,43 @@ def launch_wgrad(lhs: Tensor, rhs: Tensor, out: Tensor, token: Tensor, counts: T
         GATHER_L=gather_l, GATHER_R=gather_r, L_DESC=l_desc, R_DESC=r_desc,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, E_POW2=_e_pow2(E), num_warps=cfg.warps, num_stages=cfg.stages,
     )
+
+
+def launch_decode_glu(x, token, w_in, a, counts, N: int, D: int, H: int, cfg: KernelConfig, prec: str) -> None:
+    """Decode path, first product: ``a[n] = silu(x[token[n]] @ Wg[e]^T) * (x[token[n]] @ Wu[e]^T)``
+    ([N, H]) over the expert-sorted rows, with `kernels.decode_glu_kernel`; ``w_in`` [E, 2H, D]
+    with any strides (``x`` contiguous). The grid depends on N, E, H and ``cfg`` only
+    (`config.decode_row_tiles` row tiles)."""
+    E = w_in.shape[0]
+    MT = decode_row_tiles(N, E, cfg.BM)
+    decode_glu_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
+        x, token, w_in, a, counts, E, MT, D, H, *w_in.stride(),
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+
+
+def launch_decode_down(a, w_out, weight, o, counts, N: int, H: int, D: int, cfg: KernelConfig, prec: str) -> None:
+    """Decode path, second product: ``o[n] = weight[n] * (a[n] @ W_out[e]^T)`` ([N, D], float32),
+    with `kernels.decode_down_kernel`; ``w_out`` [E, D, H] with any strides."""
+    E = w_out.shape[0]
+    MT = decode_row_tiles(N, E, cfg.BM)
+    decode_down_kernel[(triton.cdiv(D, cfg.BN) * MT,)](
+        a, w_out, weight, o, counts, E, MT, H, D, *w_out.stride(),
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+
+
+def launch_decode_combine(o, token, y, N: int, D: int) -> None:
+    """Decode path, combine: ``y[t] = sum of o[n] over the assignments of token t`` ([T, D], y's
+    dtype; zeros for a token without assignments), deterministic, with
+    `kernels.decode_combine_kernel`."""
+    # In the interpreter (tests) small blocks, so that several scan steps and gathers run.
+    BN, CN, G = DECODE_COMBINE_BLOCK if y.is_cuda else (16, 16, 2)
+    T = y.shape[0]
+    decode_combine_kernel[(T, triton.cdiv(D, BN))](o, token, y, N, D, BN=BN, CN=CN, G=G,
+                                                   num_warps=4 if y.is_cuda else 1)
 
 
 def weight_grad(lhs_NP: Tensor, rhs_NQ: Tensor, counts_E: Tensor, offs_E: Tensor | None,

@@ -11,6 +11,10 @@ Weight gradients use `torch._grouped_mm` in its "reduce over rows" form where av
 are few and large (`config.PER_EXPERT_MIN_ROWS`), and for the W_out gradient when gy was not
 gathered into a copy `kernels.wgrad_kernel`, which reads gy rows by token.
 
+The decode path (`moe_glu_decode`, custom op ``gatedmoe::moe_glu_decode``) is a forward
+for inference at small sizes (`config.use_decode`): three launches whose grids depend on the
+sizes only, no host synchronisation, a deterministic combine; it keeps nothing for backward.
+
 Shape legend: T tokens, D model dim, H expert hidden, E experts, N routed assignments.
 """
 
@@ -26,7 +30,7 @@ from gatedmoe.dispatch.options import TritonOptions
 from gatedmoe.dispatch.triton import config, launchers
 from gatedmoe.dispatch.triton.config import KernelConfig
 
-__all__ = ["moe_glu", "moe_glu_backward", "moe_glu_forward"]
+__all__ = ["moe_glu", "moe_glu_backward", "moe_glu_decode", "moe_glu_decode_forward", "moe_glu_forward"]
 
 
 def _problem(x: Tensor, token_N: Tensor, w_out_EDH: Tensor, configs: Sequence[int] | None):
@@ -276,3 +280,75 @@ def moe_glu(
     if not torch.is_grad_enabled():  # no graph to record: skip the Function's ~20 us of host time
         return _forward_impl(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, need_h, fp32_scatter, configs)
     return _EagerMoEGLU.apply(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, need_h, fp32_scatter, configs)
+
+
+# ---------------------------------------------------------------------------------- decode
+@torch.library.custom_op("gatedmoe::moe_glu_decode", mutates_args=())
+def moe_glu_decode_forward(
+    x_TD: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Tensor, w_in_EHD: Tensor, w_out_EDH: Tensor,
+    configs: Sequence[int] | None = None,
+) -> Tensor:
+    """``y_TD``, the SwiGLU MoE output, by the decode kernels (inference only: its backward
+    raises). ``configs``: kernel config overrides as `config.configs_to_ints` gives them
+    ("decode_glu", "decode_down")."""
+    return _decode_impl(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, configs)
+
+
+def _decode_impl(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, configs):
+    x = x_TD.contiguous()
+    T, D = x.shape
+    N = token_N.numel()
+    E, H = w_out_EDH.shape[0], w_out_EDH.shape[-1]
+    y = launchers.alloc(T, D, device=x.device, dtype=x.dtype)
+    if N == 0 or T == 0:  # sizes, not data: no kernel has rows to read
+        return y.zero_()
+    cfgs = config.decode_configs(x.dtype, x.device, N, E, D, H, config.configs_from_ints(configs))
+    prec = launchers.precision(x.dtype)
+    a = launchers.alloc(N, H, device=x.device, dtype=x.dtype)
+    # The weights are read through their strides: a transposed layout (some Hugging Face
+    # experts) is not copied on every call, which would read and write every expert's weights.
+    launchers.launch_decode_glu(x, token_N, w_in_EHD, a, counts_E, N, D, H, cfgs["decode_glu"], prec)
+    o = launchers.alloc(N, D, device=x.device, dtype=torch.float32)
+    launchers.launch_decode_down(a, w_out_EDH, weight_N, o, counts_E, N, H, D, cfgs["decode_down"], prec)
+    launchers.launch_decode_combine(o, token_N, y, N, D)
+    return y
+
+
+@moe_glu_decode_forward.register_fake
+def _(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, configs=None):
+    return x_TD.new_empty(x_TD.shape)
+
+
+def _decode_backward(ctx, gy):
+    raise RuntimeError("gatedmoe::moe_glu_decode is inference-only (it keeps no activations); with gradients "
+                       "enabled the triton backend runs moe_glu_forward, or pass TritonOptions(decode=False)")
+
+
+moe_glu_decode_forward.register_autograd(_decode_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def moe_glu_decode(
+    x_TD: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Tensor, w_in_EHD: Tensor, w_out_EDH: Tensor,
+    options: TritonOptions | None = None,
+) -> Tensor:
+    """The decode path: ``y_TD`` of the SwiGLU MoE for a few rows per expert, inference only.
+
+    ``y[t] = sum_{n: token[n] = t} weight[n] * W_out[e_n] (silu(Wg[e_n] x_t) * (Wu[e_n] x_t))``
+    over the expert-sorted assignments (``counts_E`` rows per expert), in three launches
+    (`kernels.decode_glu_kernel`, `decode_down_kernel`, `decode_combine_kernel`) whose grids
+    depend on T, N, E, D and H only: no host synchronisation, so a decode step can be
+    captured in a CUDA graph; the per-token sum is deterministic (float32, rounded once).
+    The custom op while torch.compile traces, the same code called directly in eager mode.
+
+    ``options`` (default ``TritonOptions()``): only its kernel config overrides
+    ("decode_glu", "decode_down") are read.
+
+    Examples
+    --------
+    >>> with torch.no_grad():  # doctest: +SKIP
+    ...     y_TD = moe_glu_decode(x_TD, routing.token, routing.weight, routing.counts, w_in, w_out)
+    """
+    configs = config.configs_to_ints(options.configs if options is not None else None) or None
+    if torch.compiler.is_compiling():
+        return moe_glu_decode_forward(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, configs)
+    return _decode_impl(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, configs)

@@ -7,6 +7,10 @@ signature as the launcher in `launchers.py` (same output buffers filled, ``cfg``
                weight, scatter-added by token (the forward combine, dL/dx)
 * `swiglu_bwd` SwiGLU backward with the routing weight
 * `wgrad`      weight-gradient GEMM ``out[e] = L[rows_e]^T @ R[rows_e]``
+* `decode_glu`, `decode_down`, `decode_combine`: the decode path's three stages (SwiGLU
+               of the gathered rows; the second product times the routing weight, float32,
+               per assignment; the per-token sum), and `moe_glu_decode`, the three in a row
+               (the signature of `ops.moe_glu_decode`)
 
 Rows are the expert-sorted routed assignments: expert e owns rows
 ``[end_e - counts[e], end_e)``. Shape legend: T tokens, D model dim, H expert hidden,
@@ -19,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["glu_fwd", "gemm", "swiglu_bwd", "wgrad"]
+__all__ = ["decode_combine", "decode_down", "decode_glu", "glu_fwd", "gemm", "moe_glu_decode", "swiglu_bwd", "wgrad"]
 
 
 def _expert_rows(counts_E: Tensor) -> list[tuple[int, int]]:
@@ -92,3 +96,36 @@ def wgrad(lhs: Tensor, rhs: Tensor, out: Tensor, token: Tensor, counts: Tensor, 
     R = rhs.float()[token] if gather_r else rhs.float()
     for e, (s, t) in enumerate(_expert_rows(counts)):
         out[e] = (L[s:t].T @ R[s:t]).to(out.dtype)
+
+
+def decode_glu(x, token, w_in, a, counts, N: int, D: int, H: int, cfg=None, prec=None) -> None:
+    """Fills ``a`` [N, H] with ``silu(g) * u``, ``(g, u) = x[token[n]] @ W_in[e]^T`` rounded to
+    a's dtype (as `glu_fwd` with ``store_h=False``)."""
+    glu_fwd(x, token, w_in, None, a, counts, N, D, H, store_h=False)
+
+
+def decode_down(a, w_out, weight, o, counts, N: int, H: int, D: int, cfg=None, prec=None) -> None:
+    """Fills ``o`` [N, D] (float32) with ``weight[n] * (a[n] @ W_out[e]^T)``."""
+    for e, (s, t) in enumerate(_expert_rows(counts)):
+        if s < t:
+            o[s:t] = (a[s:t].float() @ w_out[e].float().T) * weight[s:t].float()[:, None]
+
+
+def decode_combine(o, token, y, N: int, D: int) -> None:
+    """Fills ``y`` [T, D] with the sum of ``o[n]`` over each token's assignments (zeros for a
+    token with none), rounded once to y's dtype."""
+    y.copy_(torch.zeros(y.shape, dtype=torch.float32, device=y.device).index_add_(0, token[:N], o[:N].float()))
+
+
+def moe_glu_decode(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, options=None) -> Tensor:
+    """`ops.moe_glu_decode` in plain PyTorch: the three stages above in a row (``options``
+    accepted and ignored)."""
+    T, D = x_TD.shape
+    N, H = token_N.numel(), w_out_EDH.shape[-1]
+    a = torch.empty(N, H, device=x_TD.device, dtype=x_TD.dtype)
+    o = torch.empty(N, D, device=x_TD.device, dtype=torch.float32)
+    y = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
+    decode_glu(x_TD, token_N, w_in_EHD, a, counts_E, N, D, H)
+    decode_down(a, w_out_EDH, weight_N, o, counts_E, N, H, D)
+    decode_combine(o, token_N, y, N, D)
+    return y
