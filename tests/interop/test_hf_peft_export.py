@@ -38,6 +38,8 @@ def _hf_model(model_type: str):
         )  # fmt: skip
     else:
         cfg, _ = tiny_config(model_type)
+    if model_type == "deepseek_v3":
+        cfg.num_key_value_heads = cfg.num_attention_heads  # multi-head latent attention
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     return randomize(model).eval()
@@ -71,7 +73,8 @@ def _lora_grads_as_peft(fast):
             p.data = data
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "llama4"])
+# Qwen3-MoE's converter is OLMoE's too; GLM-4-MoE stands for the generic families.
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "llama4", "qwen2_moe", "deepseek_v3", "glm4_moe"])
 def test_peft_loads_the_export_and_computes_the_same(model_type, tmp_path):
     ref_base = _hf_model(model_type)
     fast = _with_lora(ref_base)

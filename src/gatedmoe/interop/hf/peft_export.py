@@ -21,10 +21,10 @@ PEFT's layout for one 3-D parameter ``P [E, d1, d2]`` with rank R (read from
 
 Ours: ``w_in [E, H', D] += s B_in A_in``, ``w_out [E, D, H] += s B_out A_out``. For
 families that store ``gate_up_proj [E, 2H, D]`` / ``down_proj [E, D, H]`` (Mixtral,
-Qwen2/3-MoE, OLMoE, DeepSeek-V3, the generic families: gate rows first, as ours) the
-factors are PEFT's as they are, up to the reshapes above. Llama 4 stores them
-transposed without the attribute, so PEFT's B is our A transposed and its A our B
-transposed.
+Qwen2/3-MoE, OLMoE, DeepSeek-V3 and the generic families of `families.GENERIC`: gate rows
+first, as ours) the factors are PEFT's as they are, up to the reshapes above. Llama 4
+stores them transposed without the attribute, so PEFT's B is our A transposed and its A
+our B transposed. GPT-OSS, DBRX, Switch Transformers and JetMoE are not mapped.
 """
 
 from __future__ import annotations
@@ -39,9 +39,16 @@ from gatedmoe.interop.hf.adapter import HFMoEBlock
 
 __all__ = ["peft_lora_state_dict", "save_peft_adapter"]
 
-# Families whose expert bank is the HF parameter as it is ([E, out, in]), and those that
-# store it transposed ([E, in, out]) without telling PEFT (no ``is_transposed``).
-_SAME = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
+# Families whose converter does not read the bank from ``gate_up_proj [E, 2H, D]`` /
+# ``down_proj [E, D, H]`` as they are, and why; Llama 4 stores them transposed
+# ([E, in, out]) without telling PEFT (no ``is_transposed``). Every other family is
+# converted by ``families._fused_experts``: the bank is the HF parameter as it is.
+_UNMAPPED = {
+    "gpt_oss": "interleaved gate/up columns, is_transposed and expert biases",
+    "dbrx": "flat per-expert weights (w1, v1, w2)",
+    "switch_transformers": "one pair of nn.Linear per expert",
+    "jetmoe": "input and output expert weights of its own layout",
+}
 _TRANSPOSED = {"llama4"}
 _TARGETS = ("gate_up_proj", "down_proj")
 
@@ -60,11 +67,9 @@ def _block_tensors(name: str, block: HFMoEBlock) -> tuple[dict[str, Tensor], lis
         raise ValueError(f"{name}: the LoRA adapters are merged into the experts; unmerge_lora() before exporting")
     experts = getattr(block.template, "experts", None) if block.template is not None else None
     hf_params = dict(experts.named_parameters(recurse=False)) if experts is not None else {}
-    if block.family not in _SAME | _TRANSPOSED or not all(t in hf_params for t in _TARGETS):
-        raise ValueError(
-            f"{name}: PEFT export supports the fused experts of {sorted(_SAME | _TRANSPOSED)}, "
-            f"got family {block.family!r} ({block.hf_class})"
-        )
+    if block.family in _UNMAPPED or not all(t in hf_params for t in _TARGETS):
+        why = _UNMAPPED.get(block.family, "no experts.gate_up_proj / experts.down_proj")
+        raise ValueError(f"{name}: PEFT export does not map {block.hf_class} ({why})")
     if getattr(experts, "is_transposed", False):
         raise ValueError(f"{name}: {type(experts).__name__} sets is_transposed, which this export does not map")
     factors = {"gate_up_proj": (lora.A_in, lora.B_in, bank.w_in), "down_proj": (lora.A_out, lora.B_out, bank.w_out)}
@@ -108,8 +113,8 @@ def peft_lora_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict]:
         ``experts.down_proj``), no ``target_modules``, dropout 0, no bias.
 
     Raises ValueError when no block has adapters, when ranks or alphas differ, for merged
-    adapters and for families whose expert layout is not mapped (GPT-OSS, DBRX, Switch,
-    JetMoE).
+    adapters, for families whose expert layout is not mapped (GPT-OSS, DBRX, Switch,
+    JetMoE) and when a block's expert shapes differ from the model's.
     """
     tensors: dict[str, Tensor] = {}
     targets: list[str] = []
