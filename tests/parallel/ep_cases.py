@@ -318,8 +318,8 @@ FSDP2D_CASE = Case(
 FSDP2D_LR = 0.5
 
 
-def build_fsdp2d_model() -> torch.nn.Sequential:
-    torch.manual_seed(FSDP2D_CASE.seed)
+def build_fsdp2d_model(seed: int = FSDP2D_CASE.seed) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(D, D), MoE(D, E, H, **FSDP2D_CASE.moe_kwargs))
 
 
@@ -344,18 +344,23 @@ def fsdp2d_reference(world_size: int) -> dict[str, Any]:
     return out
 
 
-def fsdp2d_job(world_size: int, rank: int) -> dict[str, Any]:
+def fsdp2d_job(world_size: int, rank: int, out_dir: str) -> dict[str, Any]:
     """Experts sharded over the "ep" axis of a (2, W/2) mesh, FSDP2 over "dp"
     (`fully_shard_expert_parallel`); one step of SGD. Gradients and parameters are
-    gathered whole over dp (``full_tensor``): the experts' are this rank's ep block."""
+    gathered whole over dp (``full_tensor``): the experts' are this rank's ep block.
+    Then the stepped model is saved (`save_expert_parallel`) and loaded into a plain
+    expert-parallel model on ranks 0-1 and into another 2-D model on all ranks, both
+    built from other weights; their outputs on this rank's tokens are returned."""
     import warnings
 
     from torch.distributed.device_mesh import init_device_mesh
 
     from gatedmoe.parallel import shard_experts
+    from gatedmoe.parallel.checkpoint import load_expert_parallel, save_expert_parallel
     from gatedmoe.parallel.fsdp import fully_shard_expert_parallel
 
     mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("ep", "dp"))
+    pair = dist.new_group([0, 1], backend="gloo")
     try:
         fully_shard_expert_parallel(torch.nn.Linear(D, D), mesh)
     except ValueError as e:
@@ -385,6 +390,19 @@ def fsdp2d_job(world_size: int, rank: int) -> dict[str, Any]:
         torch.optim.SGD(model.parameters(), lr=FSDP2D_LR).step()
         out["params"] = {n: full(p.detach()) for n, p in model.named_parameters()}
         out["y_after"] = model(xs[rank]).detach()
+        path = os.path.join(out_dir, "ckpt_2d")
+        save_expert_parallel(model, path)
+        if rank < 2:
+            plain = build_fsdp2d_model(seed=97)
+            plain[1] = shard_experts(plain[1], pair)
+            load_expert_parallel(plain, path, process_group=pair)
+            out["loaded_plain_w2"] = plain(xs[rank]).detach()
+        dist.barrier()
+        again = build_fsdp2d_model(seed=96)
+        again[1] = shard_experts(again[1], mesh["ep"].get_group())
+        fully_shard_expert_parallel(again, mesh)
+        load_expert_parallel(again, path)
+        out["loaded_2d"] = again(xs[rank]).detach()
     out["ep_rank"], out["refused"] = model[1].rank, refused
     out.update(at_rest)
     return out
@@ -494,7 +512,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, names: list[str
         results["balance"] = balance_job(world_size, rank)
         if world_size == 4:
             results["checkpoint"] = checkpoint_job(world_size, rank, out_dir)
-            results["fsdp2d"] = fsdp2d_job(world_size, rank)
+            results["fsdp2d"] = fsdp2d_job(world_size, rank, out_dir)
         results["mixed_input_grad"] = run_case_on_rank(CASES["topk2"], world_size, rank, input_grad=rank == 0)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()

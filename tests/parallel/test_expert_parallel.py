@@ -179,7 +179,8 @@ def test_composes_with_fsdp2_on_a_2d_mesh(runs_w4):
     each block over dp by FSDP2, the rest HSDP (`fully_shard_expert_parallel`). Against
     one process on all ranks' tokens: outputs, input gradients, every parameter gradient
     (of the mean of the ranks' losses), the parameters after one SGD step and the outputs
-    after it."""
+    after it, also after a DCP checkpoint of the stepped model is loaded into another 2-D
+    model and into plain expert parallelism on 2 ranks."""
     W, per_rank = runs_w4
     ref = fsdp2d_reference(W)
     fast = [r["fsdp2d"] for r in per_rank]
@@ -190,6 +191,11 @@ def test_composes_with_fsdp2_on_a_2d_mesh(runs_w4):
         assert_close(f"y rank {r}", ref["y"][r], fast[r]["y"])
         assert_close(f"x.grad rank {r}", ref["x_grad"][r], fast[r]["x_grad"])
         assert_close(f"y after the step rank {r}", ref["y_after"][r], fast[r]["y_after"])
+        # The stepped model through a checkpoint: into the 2-D layout again (4 ranks) and
+        # into plain expert parallelism on 2 ranks, from other weights.
+        assert_close(f"loaded 2-D rank {r}", ref["y_after"][r], fast[r]["loaded_2d"])
+        if r < 2:
+            assert_close(f"loaded on 2 EP ranks, rank {r}", ref["y_after"][r], fast[r]["loaded_plain_w2"])
     for key in ("param_grads", "params"):
         for n, ref_t in ref[key].items():
             if ".experts." in n:

@@ -259,6 +259,9 @@ class ExpertParallelMoE(MoE):
         if not expert_grad_scale > 0:
             raise ValueError(f"expert_grad_scale must be > 0, got {expert_grad_scale}")
         self.group = group
+        # The (ep, dp) DeviceMesh once `gatedmoe.parallel.fsdp.fully_shard_expert_parallel`
+        # has sharded the experts over dp as well (checkpoints read it); None before.
+        self.expert_mesh = None
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.expert_range = local_expert_range(self.n_experts, self.world_size, self.rank)
         self.experts = _shard_bank(self.experts, self.expert_range)

@@ -84,6 +84,8 @@ def fully_shard_expert_parallel(
                 f"expert_grad_scale must be 1 under fully_shard_expert_parallel, got {layer.expert_grad_scale}"
             )
         fully_shard(layer.experts, mesh=mesh[dp_dim], **fsdp_kwargs)
+        # Where the expert blocks live, for checkpoints (`gatedmoe.parallel.checkpoint`).
+        layer.expert_mesh = mesh
         # Reduce-scatter sums over dp; the all-to-all backward summed over ep: the mean over W.
         layer.experts.set_gradient_divide_factor(float(mesh.size()))
         if dist.get_backend(mesh[dp_dim].get_group()) == "gloo":
