@@ -319,8 +319,15 @@ FSDP2D_LR = 0.5
 
 
 def build_fsdp2d_model(seed: int = FSDP2D_CASE.seed) -> torch.nn.Sequential:
+    """A dense layer and an MoE whose experts carry LoRA adapters (random, B non-zero),
+    everything trainable: the adapters are sharded, reduced and saved with the experts."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(D, D), MoE(D, E, H, **FSDP2D_CASE.moe_kwargs))
+    moe = MoE(D, E, H, **FSDP2D_CASE.moe_kwargs)
+    lora = moe.experts.add_lora(3, freeze_base=False)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.copy_(torch.randn(p.shape) * 0.2)
+    return torch.nn.Sequential(torch.nn.Linear(D, D), moe)
 
 
 def fsdp2d_reference(world_size: int) -> dict[str, Any]:
