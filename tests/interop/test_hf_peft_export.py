@@ -21,7 +21,13 @@ from helpers import assert_close
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from gatedmoe.interop.hf import HFMoEBlock, patch_model, peft_lora_state_dict, save_peft_adapter  # noqa: E402
+from gatedmoe.interop.hf import (  # noqa: E402
+    HFMoEBlock,
+    load_peft_adapter,
+    patch_model,
+    peft_lora_state_dict,
+    save_peft_adapter,
+)
 from interop.hf_tiny import randomize, tiny_config  # noqa: E402
 
 RANK, ALPHA = 3, 5.0
@@ -103,6 +109,55 @@ def test_peft_loads_the_export_and_computes_the_same(model_type, tmp_path):
     assert set(ref_grads) == set(fast_grads)
     for name in ref_grads:
         assert_close(f"grad {name}", ref_grads[name], fast_grads[name])
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "llama4"])
+def test_loads_what_peft_saves(model_type, tmp_path):
+    """An adapter made and saved by PEFT itself (random factors) loads into the patched
+    model: same logits as PEFT's model, and exporting it again gives PEFT's tensors."""
+    from safetensors.torch import load_file
+
+    ref_base = _hf_model(model_type)
+    fast = copy.deepcopy(ref_base)
+    patch_model(fast)
+    config = peft.LoraConfig(r=RANK, lora_alpha=7, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    ref = peft.get_peft_model(ref_base, config)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    ref.save_pretrained(tmp_path)
+    loaded = load_peft_adapter(fast, tmp_path)
+    assert len(loaded) == 2
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    assert_close("logits", ref(ids).logits, fast(ids).logits)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    exported, _ = peft_lora_state_dict(fast)
+    assert set(saved) == set(exported)
+    for k in saved:
+        assert torch.equal(saved[k], exported[k]), k
+
+
+def test_load_refuses_what_it_cannot_express(tmp_path):
+    fast = _with_lora(_hf_model("qwen3_moe"))
+    save_peft_adapter(fast, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    with pytest.raises(ValueError, match="use_rslora"):
+        load_peft_adapter(_with_lora(_hf_model("qwen3_moe")), tmp_path)
+    other = _hf_model("mixtral")
+    patch_model(other)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="the experts need"):
+        load_peft_adapter(other, tmp_path)
+    assert all(b.moe.experts.lora is None for b in other.modules() if isinstance(b, HFMoEBlock))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    save_file({**tensors, "base_model.model.lm_head.lora_A.weight": torch.zeros(3, 32)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="no expert block of the model takes"):
+        load_peft_adapter(_with_lora(_hf_model("qwen3_moe")), tmp_path)
 
 
 def test_export_refuses_what_it_cannot_map():

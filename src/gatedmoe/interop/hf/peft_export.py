@@ -1,10 +1,12 @@
-"""Export the expert LoRA adapters of a patched Hugging Face model in PEFT's layout.
+"""Export the expert LoRA adapters of a patched Hugging Face model in PEFT's layout, and
+load PEFT's adapters into them.
 
 `gatedmoe.experts.lora.ExpertLoRA` adapters trained on the experts of a model converted
 by `patch_model` are written as a PEFT LoRA adapter that targets the fused expert
 parameters with ``target_parameters`` (PEFT >= 0.17, ``peft.tuners.lora.ParamWrapper``),
 so ``PeftModel.from_pretrained(original_model, directory)`` runs the same function on the
-unpatched model.
+unpatched model; `load_peft_adapter` reads such an adapter (PEFT's own ``save_pretrained``
+included) into the experts of a patched model.
 
 PEFT's layout for one 3-D parameter ``P [E, d1, d2]`` with rank R (read from
 ``ParamWrapper.update_layer`` / ``get_delta_weight`` in PEFT 0.21):
@@ -32,12 +34,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
-from gatedmoe.experts.bank import ExpertBank
+from gatedmoe.experts.lora import ExpertLoRA
 from gatedmoe.interop.hf.adapter import HFMoEBlock
 
-__all__ = ["peft_lora_state_dict", "save_peft_adapter"]
+__all__ = ["load_peft_adapter", "peft_lora_state_dict", "save_peft_adapter"]
 
 # Families whose converter does not read the bank from ``gate_up_proj [E, 2H, D]`` /
 # ``down_proj [E, D, H]`` as they are, and why; Llama 4 stores them transposed
@@ -60,11 +63,15 @@ def _peft_factors(A_ERI: Tensor, B_EOR: Tensor) -> tuple[Tensor, Tensor]:
     return A_ERI.reshape(E * R, -1), B_EOR.permute(1, 2, 0).reshape(B_EOR.shape[1], R * E)
 
 
-def _block_tensors(name: str, block: HFMoEBlock) -> tuple[dict[str, Tensor], list[str]]:
-    bank: ExpertBank = block.moe.experts
-    lora = bank.lora
-    if lora.merged:
-        raise ValueError(f"{name}: the LoRA adapters are merged into the experts; unmerge_lora() before exporting")
+def _from_peft_factors(lora_A: Tensor, lora_B: Tensor, E: int) -> tuple[Tensor, Tensor]:
+    """Inverse of `_peft_factors`: ``A [E, R, in]``, ``B [E, out, R]``."""
+    R = lora_A.shape[0] // E
+    return lora_A.reshape(E, R, -1), lora_B.reshape(lora_B.shape[0], R, E).permute(2, 0, 1)
+
+
+def _block_layout(name: str, block: HFMoEBlock) -> list[tuple[str, str, bool]]:
+    """``(parameter, PEFT key prefix, transposed)`` of each adapted fused expert parameter
+    of ``block`` at ``name``, in PEFT's nesting order; ValueError for what is not mapped."""
     experts = getattr(block.template, "experts", None) if block.template is not None else None
     hf_params = dict(experts.named_parameters(recurse=False)) if experts is not None else {}
     if block.family in _UNMAPPED or not all(t in hf_params for t in _TARGETS):
@@ -72,24 +79,41 @@ def _block_tensors(name: str, block: HFMoEBlock) -> tuple[dict[str, Tensor], lis
         raise ValueError(f"{name}: PEFT export does not map {block.hf_class} ({why})")
     if getattr(experts, "is_transposed", False):
         raise ValueError(f"{name}: {type(experts).__name__} sets is_transposed, which this export does not map")
-    factors = {"gate_up_proj": (lora.A_in, lora.B_in, bank.w_in), "down_proj": (lora.A_out, lora.B_out, bank.w_out)}
+    bank = block.moe.experts
+    transposed = block.family in _TRANSPOSED
     # PEFT nests one wrapper per parameter in the module's registration order.
     order = [n for n in hf_params if n in _TARGETS]
-    out: dict[str, Tensor] = {}
+    layout = []
     for i, param in enumerate(order):
-        A, B, W = factors[param]
-        hf_shape = tuple(hf_params[param].shape)
-        if block.family in _TRANSPOSED:
+        ours = bank.w_in if param == "gate_up_proj" else bank.w_out
+        ours_shape = tuple(ours.transpose(1, 2).shape if transposed else ours.shape)
+        if ours_shape != tuple(hf_params[param].shape):
+            raise ValueError(f"{name}: experts.{param} is {tuple(hf_params[param].shape)} in the model, {ours_shape} here")
+        prefix = f"base_model.model.{name}.experts." + "base_layer." * (len(order) - 1 - i)
+        layout.append((param, prefix, transposed))
+    return layout
+
+
+def _factors(lora: ExpertLoRA, param: str) -> tuple[Tensor, Tensor]:
+    return (lora.A_in, lora.B_in) if param == "gate_up_proj" else (lora.A_out, lora.B_out)
+
+
+def _block_tensors(name: str, block: HFMoEBlock) -> tuple[dict[str, Tensor], list[str]]:
+    lora = block.moe.experts.lora
+    if lora.merged:
+        raise ValueError(f"{name}: the LoRA adapters are merged into the experts; unmerge_lora() before exporting")
+    out: dict[str, Tensor] = {}
+    targets = []
+    for param, prefix, transposed in _block_layout(name, block):
+        A, B = (t.detach() for t in _factors(lora, param))
+        if transposed:
             # P_e = W_e^T and PEFT adds s B' A' to P_e: B' = A_e^T, A' = B_e^T.
             A, B = B.transpose(1, 2), A.transpose(1, 2)
-            W = W.transpose(1, 2)
-        if tuple(W.shape) != hf_shape:
-            raise ValueError(f"{name}: experts.{param} is {hf_shape} in the model, {tuple(W.shape)} here")
-        lora_A, lora_B = _peft_factors(A.detach(), B.detach())
-        prefix = f"base_model.model.{name}.experts." + "base_layer." * (len(order) - 1 - i)
+        lora_A, lora_B = _peft_factors(A, B)
         out[prefix + "lora_A.weight"] = lora_A.contiguous()
         out[prefix + "lora_B.weight"] = lora_B.contiguous()
-    return out, [f"{name}.experts.{p}" for p in order]
+        targets.append(f"{name}.experts.{param}")
+    return out, targets
 
 
 def peft_lora_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict]:
@@ -175,3 +199,74 @@ def save_peft_adapter(model: nn.Module, directory: str | Path, *, base_model_nam
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
+
+
+@torch.no_grad()
+def load_peft_adapter(model: nn.Module, directory: str | Path) -> list[str]:
+    """Load a PEFT LoRA adapter on the fused expert weights (PEFT's ``save_pretrained`` of
+    a ``LoraConfig`` with ``target_parameters``, or `save_peft_adapter`) into the experts of
+    ``model``, a Hugging Face model after `patch_model`: the inverse of
+    `peft_lora_state_dict`. Blocks without adapters get them (``add_lora(r, lora_alpha)``,
+    base weights frozen); blocks with adapters must have the same rank (their alpha becomes
+    the file's). Returns the names of the blocks loaded.
+
+    Raises ValueError for a config this mapping does not express (not LoRA, dropout, DoRA,
+    rsLoRA, LoRA biases, rank or alpha patterns, ``target_modules``), for blocks the export
+    does not map, and for tensors of the file that no block takes (nothing is loaded then).
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    unsupported = {
+        "peft_type": config.get("peft_type") != "LORA",
+        "lora_dropout": bool(config.get("lora_dropout")),
+        "use_dora": bool(config.get("use_dora")),
+        "use_rslora": bool(config.get("use_rslora")),
+        "lora_bias": bool(config.get("lora_bias")),
+        "rank_pattern": bool(config.get("rank_pattern")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+        "target_modules": bool(config.get("target_modules")),
+    }
+    bad = [f"{k}={config.get(k)!r}" for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"load_peft_adapter: {directory} has settings the expert LoRA does not express: {', '.join(bad)}")
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    plan = []
+    for name, block in model.named_modules():
+        if not isinstance(block, HFMoEBlock):
+            continue
+        layout = _block_layout(name, block) if block.family not in _UNMAPPED else []
+        keys = [prefix + f"lora_{ab}.weight" for _, prefix, _ in layout for ab in "AB"]
+        if layout and all(k in tensors for k in keys):
+            plan.append((name, block, layout))
+    used = {prefix + f"lora_{ab}.weight" for _, _, layout in plan for _, prefix, _ in layout for ab in "AB"}
+    left = sorted(set(tensors) - used)
+    if left or not plan:
+        raise ValueError(f"load_peft_adapter: no expert block of the model takes {left[:4] or sorted(tensors)[:4]}")
+    # Everything converted and checked before anything is written.
+    writes = []
+    for name, block, layout in plan:
+        bank = block.moe.experts
+        if bank.lora is not None and (bank.lora.rank != rank or bank.lora.merged):
+            raise ValueError(f"{name}: its adapters have rank {bank.lora.rank} (merged={bank.lora.merged}), the file {rank}")
+        E, D, H = bank.n_experts, bank.d_model, bank.d_hidden
+        for param, prefix, transposed in layout:
+            lora_A, lora_B = tensors[prefix + "lora_A.weight"], tensors[prefix + "lora_B.weight"]
+            if lora_A.shape[0] != E * rank or lora_B.shape[1] != E * rank:
+                raise ValueError(f"{name}: {prefix}lora_* hold {lora_A.shape[0]} rows for {E} experts of rank {rank}")
+            A_p, B_p = _from_peft_factors(lora_A, lora_B, E)
+            A, B = (B_p.transpose(1, 2), A_p.transpose(1, 2)) if transposed else (A_p, B_p)
+            want = ((E, rank, D), (E, bank.w_in.shape[1], rank)) if param == "gate_up_proj" else ((E, rank, H), (E, D, rank))
+            if (tuple(A.shape), tuple(B.shape)) != want:
+                raise ValueError(f"{name}: the file's {param} factors are {tuple(A.shape)}, {tuple(B.shape)}; the experts need {want}")
+            writes.append((block, param, A, B))
+    for block, param, A, B in writes:
+        bank = block.moe.experts
+        lora = bank.lora if bank.lora is not None else bank.add_lora(rank, alpha)
+        lora.alpha, lora.scale = alpha, alpha / rank
+        ours_A, ours_B = _factors(lora, param)
+        ours_A.copy_(A)
+        ours_B.copy_(B)
+    return [name for name, _, _ in plan]
