@@ -79,8 +79,12 @@ def _lora_grads_as_peft(fast):
             p.data = data
 
 
-# Qwen3-MoE's converter is OLMoE's too; GLM-4-MoE stands for the generic families.
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "llama4", "qwen2_moe", "deepseek_v3", "glm4_moe"])
+# The three layouts: [E, out, in] (Qwen3-MoE's converter is OLMoE's too; GLM-4-MoE stands
+# for the generic families), [E, in, out] without is_transposed (Llama 4) and with it and
+# interleaved gate/up columns (GPT-OSS).
+@pytest.mark.parametrize(
+    "model_type", ["qwen3_moe", "mixtral", "llama4", "gpt_oss", "qwen2_moe", "deepseek_v3", "glm4_moe"]
+)
 def test_peft_loads_the_export_and_computes_the_same(model_type, tmp_path):
     ref_base = _hf_model(model_type)
     fast = _with_lora(ref_base)
@@ -111,7 +115,7 @@ def test_peft_loads_the_export_and_computes_the_same(model_type, tmp_path):
         assert_close(f"grad {name}", ref_grads[name], fast_grads[name])
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "llama4"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "llama4", "gpt_oss"])
 def test_loads_what_peft_saves(model_type, tmp_path):
     """An adapter made and saved by PEFT itself (random factors) loads into the patched
     model: same logits as PEFT's model, and exporting it again gives PEFT's tensors."""

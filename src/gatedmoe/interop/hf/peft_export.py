@@ -21,17 +21,25 @@ PEFT's layout for one 3-D parameter ``P [E, d1, d2]`` with rank R (read from
   registers first is wrapped first, so it is innermost and its keys carry one
   ``base_layer.`` per parameter wrapped after it.
 
-Ours: ``w_in [E, H', D] += s B_in A_in``, ``w_out [E, D, H] += s B_out A_out``. For
-families that store ``gate_up_proj [E, 2H, D]`` / ``down_proj [E, D, H]`` (Mixtral,
-Qwen2/3-MoE, OLMoE, DeepSeek-V3 and the generic families of `families.GENERIC`: gate rows
-first, as ours) the factors are PEFT's as they are, up to the reshapes above. Llama 4
-stores them transposed without the attribute, so PEFT's B is our A transposed and its A
-our B transposed. GPT-OSS, DBRX, Switch Transformers and JetMoE are not mapped.
+Ours: ``w_in [E, H', D] += s B_in A_in``, ``w_out [E, D, H] += s B_out A_out``. Three
+cases, by how the family stores the weights:
+
+* ``gate_up_proj [E, 2H, D]`` / ``down_proj [E, D, H]`` (Mixtral, Qwen2/3-MoE, OLMoE,
+  DeepSeek-V3 and the generic families of `families.GENERIC`: gate rows first, as ours):
+  the factors are PEFT's as they are, up to the reshapes above;
+* transposed, ``[E, in, out]``, with ``is_transposed = True`` (GPT-OSS): the factors as
+  they are too, PEFT transposes the product; GPT-OSS interleaves gate and up columns
+  (``is_concatenated = False``), so the rows of ``B_in`` are interleaved the same way;
+* transposed without the attribute (Llama 4): PEFT's B is our A transposed and its A our
+  B transposed.
+
+DBRX, Switch Transformers and JetMoE are not mapped.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,17 +50,15 @@ from gatedmoe.interop.hf.adapter import HFMoEBlock
 
 __all__ = ["load_peft_adapter", "peft_lora_state_dict", "save_peft_adapter"]
 
-# Families whose converter does not read the bank from ``gate_up_proj [E, 2H, D]`` /
-# ``down_proj [E, D, H]`` as they are, and why; Llama 4 stores them transposed
-# ([E, in, out]) without telling PEFT (no ``is_transposed``). Every other family is
-# converted by ``families._fused_experts``: the bank is the HF parameter as it is.
+# Families whose expert weights are not fused gate_up_proj / down_proj parameters, and why.
 _UNMAPPED = {
-    "gpt_oss": "interleaved gate/up columns, is_transposed and expert biases",
     "dbrx": "flat per-expert weights (w1, v1, w2)",
     "switch_transformers": "one pair of nn.Linear per expert",
     "jetmoe": "input and output expert weights of its own layout",
 }
-_TRANSPOSED = {"llama4"}
+# Families whose converter transposes the HF weights ([E, in, out]) although the experts
+# module does not say so (no ``is_transposed``): PEFT reads them as [E, out, in].
+_TRANSPOSED_UNTOLD = {"llama4"}
 _TARGETS = ("gate_up_proj", "down_proj")
 
 
@@ -69,28 +75,43 @@ def _from_peft_factors(lora_A: Tensor, lora_B: Tensor, E: int) -> tuple[Tensor, 
     return lora_A.reshape(E, R, -1), lora_B.reshape(lora_B.shape[0], R, E).permute(2, 0, 1)
 
 
-def _block_layout(name: str, block: HFMoEBlock) -> list[tuple[str, str, bool]]:
-    """``(parameter, PEFT key prefix, transposed)`` of each adapted fused expert parameter
-    of ``block`` at ``name``, in PEFT's nesting order; ValueError for what is not mapped."""
+@dataclass(frozen=True)
+class _Param:
+    """How one adapted HF parameter maps to our factors."""
+
+    name: str  # "gate_up_proj" or "down_proj"
+    prefix: str  # PEFT's key prefix, "base_model.model.<block>.experts.[base_layer.]"
+    swap: bool  # PEFT's A is our B transposed and its B our A transposed (Llama 4)
+    rows: Tensor | None  # PEFT's B row c is our B row rows[c] (GPT-OSS's interleaving)
+
+
+def _block_layout(name: str, block: HFMoEBlock) -> list[_Param]:
+    """Each adapted fused expert parameter of ``block`` at ``name``, in PEFT's nesting
+    order; ValueError for what is not mapped."""
     experts = getattr(block.template, "experts", None) if block.template is not None else None
     hf_params = dict(experts.named_parameters(recurse=False)) if experts is not None else {}
     if block.family in _UNMAPPED or not all(t in hf_params for t in _TARGETS):
         why = _UNMAPPED.get(block.family, "no experts.gate_up_proj / experts.down_proj")
         raise ValueError(f"{name}: PEFT export does not map {block.hf_class} ({why})")
-    if getattr(experts, "is_transposed", False):
-        raise ValueError(f"{name}: {type(experts).__name__} sets is_transposed, which this export does not map")
     bank = block.moe.experts
-    transposed = block.family in _TRANSPOSED
+    told = bool(getattr(experts, "is_transposed", False))
+    untold = block.family in _TRANSPOSED_UNTOLD
+    interleaved = getattr(experts, "is_concatenated", True) is False
     # PEFT nests one wrapper per parameter in the module's registration order.
     order = [n for n in hf_params if n in _TARGETS]
     layout = []
     for i, param in enumerate(order):
         ours = bank.w_in if param == "gate_up_proj" else bank.w_out
-        ours_shape = tuple(ours.transpose(1, 2).shape if transposed else ours.shape)
+        ours_shape = tuple(ours.transpose(1, 2).shape if told or untold else ours.shape)
         if ours_shape != tuple(hf_params[param].shape):
             raise ValueError(f"{name}: experts.{param} is {tuple(hf_params[param].shape)} in the model, {ours_shape} here")
+        rows = None
+        if interleaved and param == "gate_up_proj":
+            # HF column c is gate c // 2 (c even) or up c // 2 (odd); ours: [gate | up].
+            c = torch.arange(ours.shape[1])
+            rows = c // 2 + (c % 2) * (ours.shape[1] // 2)
         prefix = f"base_model.model.{name}.experts." + "base_layer." * (len(order) - 1 - i)
-        layout.append((param, prefix, transposed))
+        layout.append(_Param(param, prefix, untold, rows))
     return layout
 
 
@@ -104,15 +125,17 @@ def _block_tensors(name: str, block: HFMoEBlock) -> tuple[dict[str, Tensor], lis
         raise ValueError(f"{name}: the LoRA adapters are merged into the experts; unmerge_lora() before exporting")
     out: dict[str, Tensor] = {}
     targets = []
-    for param, prefix, transposed in _block_layout(name, block):
-        A, B = (t.detach() for t in _factors(lora, param))
-        if transposed:
+    for p in _block_layout(name, block):
+        A, B = (t.detach() for t in _factors(lora, p.name))
+        if p.rows is not None:
+            B = B[:, p.rows.to(B.device)]
+        if p.swap:
             # P_e = W_e^T and PEFT adds s B' A' to P_e: B' = A_e^T, A' = B_e^T.
             A, B = B.transpose(1, 2), A.transpose(1, 2)
         lora_A, lora_B = _peft_factors(A, B)
-        out[prefix + "lora_A.weight"] = lora_A.contiguous()
-        out[prefix + "lora_B.weight"] = lora_B.contiguous()
-        targets.append(f"{name}.experts.{param}")
+        out[p.prefix + "lora_A.weight"] = lora_A.contiguous()
+        out[p.prefix + "lora_B.weight"] = lora_B.contiguous()
+        targets.append(f"{name}.experts.{p.name}")
     return out, targets
 
 
@@ -137,8 +160,8 @@ def peft_lora_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict]:
         ``experts.down_proj``), no ``target_modules``, dropout 0, no bias.
 
     Raises ValueError when no block has adapters, when ranks or alphas differ, for merged
-    adapters, for families whose expert layout is not mapped (GPT-OSS, DBRX, Switch,
-    JetMoE) and when a block's expert shapes differ from the model's.
+    adapters, for families whose expert layout is not mapped (DBRX, Switch, JetMoE) and
+    when a block's expert shapes differ from the model's.
     """
     tensors: dict[str, Tensor] = {}
     targets: list[str] = []
@@ -238,10 +261,10 @@ def load_peft_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         if not isinstance(block, HFMoEBlock):
             continue
         layout = _block_layout(name, block) if block.family not in _UNMAPPED else []
-        keys = [prefix + f"lora_{ab}.weight" for _, prefix, _ in layout for ab in "AB"]
+        keys = [p.prefix + f"lora_{ab}.weight" for p in layout for ab in "AB"]
         if layout and all(k in tensors for k in keys):
             plan.append((name, block, layout))
-    used = {prefix + f"lora_{ab}.weight" for _, _, layout in plan for _, prefix, _ in layout for ab in "AB"}
+    used = {p.prefix + f"lora_{ab}.weight" for _, _, layout in plan for p in layout for ab in "AB"}
     left = sorted(set(tensors) - used)
     if left or not plan:
         raise ValueError(f"load_peft_adapter: no expert block of the model takes {left[:4] or sorted(tensors)[:4]}")
@@ -252,16 +275,18 @@ def load_peft_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         if bank.lora is not None and (bank.lora.rank != rank or bank.lora.merged):
             raise ValueError(f"{name}: its adapters have rank {bank.lora.rank} (merged={bank.lora.merged}), the file {rank}")
         E, D, H = bank.n_experts, bank.d_model, bank.d_hidden
-        for param, prefix, transposed in layout:
-            lora_A, lora_B = tensors[prefix + "lora_A.weight"], tensors[prefix + "lora_B.weight"]
+        for p in layout:
+            lora_A, lora_B = tensors[p.prefix + "lora_A.weight"], tensors[p.prefix + "lora_B.weight"]
             if lora_A.shape[0] != E * rank or lora_B.shape[1] != E * rank:
-                raise ValueError(f"{name}: {prefix}lora_* hold {lora_A.shape[0]} rows for {E} experts of rank {rank}")
+                raise ValueError(f"{name}: {p.prefix}lora_* hold {lora_A.shape[0]} rows for {E} experts of rank {rank}")
             A_p, B_p = _from_peft_factors(lora_A, lora_B, E)
-            A, B = (B_p.transpose(1, 2), A_p.transpose(1, 2)) if transposed else (A_p, B_p)
-            want = ((E, rank, D), (E, bank.w_in.shape[1], rank)) if param == "gate_up_proj" else ((E, rank, H), (E, D, rank))
+            A, B = (B_p.transpose(1, 2), A_p.transpose(1, 2)) if p.swap else (A_p, B_p)
+            if p.rows is not None and B.shape[1] == p.rows.numel():
+                B = B[:, torch.argsort(p.rows)]
+            want = ((E, rank, D), (E, bank.w_in.shape[1], rank)) if p.name == "gate_up_proj" else ((E, rank, H), (E, D, rank))
             if (tuple(A.shape), tuple(B.shape)) != want:
-                raise ValueError(f"{name}: the file's {param} factors are {tuple(A.shape)}, {tuple(B.shape)}; the experts need {want}")
-            writes.append((block, param, A, B))
+                raise ValueError(f"{name}: the file's {p.name} factors are {tuple(A.shape)}, {tuple(B.shape)}; the experts need {want}")
+            writes.append((block, p.name, A, B))
     for block, param, A, B in writes:
         bank = block.moe.experts
         lora = bank.lora if bank.lora is not None else bank.add_lora(rank, alpha)
