@@ -3,7 +3,7 @@ load PEFT's adapters into them.
 
 `gatedmoe.experts.lora.ExpertLoRA` adapters trained on the experts of a model converted
 by `patch_model` are written as a PEFT LoRA adapter that targets the fused expert
-parameters with ``target_parameters`` (PEFT >= 0.17, ``peft.tuners.lora.ParamWrapper``),
+parameters with ``target_parameters`` (``peft.tuners.lora.ParamWrapper``; tested with PEFT 0.21),
 so ``PeftModel.from_pretrained(original_model, directory)`` runs the same function on the
 unpatched model; `load_peft_adapter` reads such an adapter (PEFT's own ``save_pretrained``
 included) into the experts of a patched model.
