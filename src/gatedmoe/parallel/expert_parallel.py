@@ -367,8 +367,9 @@ def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The sharded expert parameters of every `ExpertParallelMoE` in ``model``, by
     qualified name: what data parallelism over the same ranks must leave alone.
 
-    With DDP use `exclude_experts_from_ddp`; with FSDP2 pass
-    ``ignored_params=set(expert_parameters(model).values())`` to ``fully_shard``.
+    With DDP use `exclude_experts_from_ddp`; with FSDP2 over the same ranks pass
+    ``ignored_params=set(expert_parameters(model).values())`` to ``fully_shard``; with FSDP2
+    on a two-dimensional (ep, dp) mesh use `gatedmoe.parallel.fsdp.fully_shard_expert_parallel`.
     """
     out: dict[str, nn.Parameter] = {}
     for prefix, m in model.named_modules():
