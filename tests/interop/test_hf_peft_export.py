@@ -92,18 +92,20 @@ def test_peft_loads_the_export_and_computes_the_same(model_type, tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["target_modules"]) == (RANK, 5, [])
 
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        base_logits = ref_base(ids).logits
     ref = peft.PeftModel.from_pretrained(ref_base, tmp_path, is_trainable=True)
-    # Keys and shapes: what PEFT itself builds for this config.
-    fresh = peft.get_peft_model(_hf_model(model_type), peft.LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"}))
-    expected = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(fresh).items()}
+    # Keys and shapes: what PEFT itself builds for this config (it warns, not fails, on a
+    # missing key).
+    expected = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(ref).items()}
     exported, _ = peft_lora_state_dict(fast)
     assert {k: tuple(v.shape) for k, v in exported.items()} == expected
 
-    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(2))
     ref_logits, fast_logits = ref(ids).logits, fast(ids).logits
     assert_close("logits", ref_logits, fast_logits)
     # The adapter matters: without it the logits are those of the base model.
-    assert not torch.allclose(_hf_model(model_type)(ids).logits, fast_logits, atol=1e-3)
+    assert not torch.allclose(base_logits, fast_logits, atol=1e-3)
 
     g = torch.randn(ref_logits.shape, generator=torch.Generator().manual_seed(3))
     (ref_logits * g).sum().backward()
