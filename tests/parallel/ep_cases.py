@@ -374,7 +374,8 @@ def fsdp2d_job(world_size: int, rank: int, out_dir: str) -> dict[str, Any]:
         refused = str(e)
     model = build_fsdp2d_model()
     model[1] = shard_experts(model[1], mesh["ep"].get_group())
-    fully_shard_expert_parallel(model, mesh)
+    # The MoE layer as its own unit around its experts' (as a transformer block would be).
+    fully_shard_expert_parallel(model, mesh, blocks=[model[1]])
     # At rest: the expert weights sharded over dp too, the rest as HSDP over the mesh.
     at_rest = {
         "expert_local_shape": tuple(model[1].experts.w_in.to_local().shape),

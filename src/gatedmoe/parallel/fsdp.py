@@ -21,6 +21,8 @@ parameters as HSDP.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -35,7 +37,13 @@ def _ranks(group: dist.ProcessGroup | None) -> list[int]:
 
 
 def fully_shard_expert_parallel(
-    model: nn.Module, mesh: DeviceMesh, *, ep_dim: str = "ep", dp_dim: str = "dp", **fsdp_kwargs
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    ep_dim: str = "ep",
+    dp_dim: str = "dp",
+    blocks: Iterable[nn.Module] = (),
+    **fsdp_kwargs,
 ) -> nn.Module:
     """Apply FSDP2 to ``model`` whose `ExpertParallelMoE` layers shard their experts over
     ``mesh[ep_dim]``. Returns ``model`` (its class now also an ``FSDPModule``).
@@ -50,8 +58,12 @@ def fully_shard_expert_parallel(
         Two dimensions named ``ep_dim`` and ``dp_dim``, in that order (HSDP reads the first
         dim as the replicate dim), e.g. ``init_device_mesh("cuda", (ep, dp),
         mesh_dim_names=("ep", "dp"))``.
+    blocks : iterable of nn.Module
+        Submodules of ``model`` that get their own HSDP unit (e.g. each transformer block,
+        as torchtitan wraps them), so their parameters are gathered one block at a time;
+        the rest of ``model`` forms the root unit. Default: the root unit only.
     **fsdp_kwargs
-        Passed to both ``fully_shard`` calls (``mp_policy``, ``reshard_after_forward``, ...).
+        Passed to every ``fully_shard`` call (``mp_policy``, ``reshard_after_forward``, ...).
 
     Examples
     --------
@@ -59,7 +71,7 @@ def fully_shard_expert_parallel(
 
     >>> mesh = init_device_mesh("cuda", (2, 2), mesh_dim_names=("ep", "dp"))  # doctest: +SKIP
     >>> model.moe = shard_experts(model.moe, mesh["ep"].get_group())  # doctest: +SKIP
-    >>> fully_shard_expert_parallel(model, mesh)  # doctest: +SKIP
+    >>> fully_shard_expert_parallel(model, mesh, blocks=model.layers)  # doctest: +SKIP
     >>> loss = task_loss(model(my_tokens)); loss.backward(); optimizer.step()  # doctest: +SKIP
     """
     from torch.distributed.fsdp import fully_shard
@@ -92,5 +104,7 @@ def fully_shard_expert_parallel(
             # A divide factor other than the dp size makes FSDP reduce with NCCL's
             # PREMUL_SUM, which gloo lacks: sum, then divide.
             layer.experts.set_force_sum_reduction_for_comms(True)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, **fsdp_kwargs)
     fully_shard(model, mesh=mesh, **fsdp_kwargs)
     return model
