@@ -70,7 +70,8 @@ def fully_shard_expert_parallel(
     On 4 ranks (2 x 2), under ``torchrun --nproc_per_node 4``:
 
     >>> mesh = init_device_mesh("cuda", (2, 2), mesh_dim_names=("ep", "dp"))  # doctest: +SKIP
-    >>> model.moe = shard_experts(model.moe, mesh["ep"].get_group())  # doctest: +SKIP
+    >>> for block in model.layers:  # doctest: +SKIP
+    ...     block.moe = shard_experts(block.moe, mesh["ep"].get_group())
     >>> fully_shard_expert_parallel(model, mesh, blocks=model.layers)  # doctest: +SKIP
     >>> loss = task_loss(model(my_tokens)); loss.backward(); optimizer.step()  # doctest: +SKIP
     """
