@@ -311,6 +311,111 @@ def fsdp2_job(world_size: int, rank: int) -> dict[str, Any]:
     return {"y": y.detach(), "x_grad": x.grad, "param_grads": param_grads}
 
 
+# ----------------------------------------------------------------------------- EP x FSDP2
+FSDP2D_CASE = Case(
+    "fsdp2d", (6, 10, 3, 7), {"k": 2, "n_shared_experts": 1, "load_balance_weight": 0.0, "router_z_weight": 0.0}, seed=8
+)
+FSDP2D_LR = 0.5
+
+
+def build_fsdp2d_model(seed: int = FSDP2D_CASE.seed) -> torch.nn.Sequential:
+    """A dense layer and an MoE whose experts carry LoRA adapters (random, B non-zero),
+    everything trainable: the adapters are sharded, reduced and saved with the experts."""
+    torch.manual_seed(seed)
+    moe = MoE(D, E, H, **FSDP2D_CASE.moe_kwargs)
+    lora = moe.experts.add_lora(3, freeze_base=False)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.copy_(torch.randn(p.shape) * 0.2)
+    return torch.nn.Sequential(torch.nn.Linear(D, D), moe)
+
+
+def fsdp2d_reference(world_size: int) -> dict[str, Any]:
+    """One process on every rank's tokens: outputs, input gradients, the gradients of the
+    mean of the ranks' losses ``(y_r * grad_r).sum()``, the parameters after one SGD step
+    and the outputs after it."""
+    model = build_fsdp2d_model()
+    xs, grads = make_inputs(FSDP2D_CASE, world_size)
+    x = torch.cat(xs).requires_grad_()
+    y = model(x)
+    ((y * torch.cat(grads)).sum() / world_size).backward()
+    sizes = [t.shape[0] for t in xs]
+    out = {
+        "y": list(y.detach().split(sizes)),
+        "x_grad": [g * world_size for g in x.grad.split(sizes)],
+        "param_grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+    }
+    torch.optim.SGD(model.parameters(), lr=FSDP2D_LR).step()
+    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out["y_after"] = list(model(torch.cat(xs)).detach().split(sizes))
+    return out
+
+
+def fsdp2d_job(world_size: int, rank: int, out_dir: str) -> dict[str, Any]:
+    """Experts sharded over the "ep" axis of a (2, W/2) mesh, FSDP2 over "dp"
+    (`fully_shard_expert_parallel`); one step of SGD. Gradients and parameters are
+    gathered whole over dp (``full_tensor``): the experts' are this rank's ep block.
+    Then the stepped model is saved (`save_expert_parallel`) and loaded into a plain
+    expert-parallel model on ranks 0-1 and into another 2-D model on all ranks, both
+    built from other weights; their outputs on this rank's tokens are returned."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from gatedmoe.parallel import shard_experts
+    from gatedmoe.parallel.checkpoint import load_expert_parallel, save_expert_parallel
+    from gatedmoe.parallel.fsdp import fully_shard_expert_parallel
+
+    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("ep", "dp"))
+    pair = dist.new_group([0, 1], backend="gloo")
+    try:
+        fully_shard_expert_parallel(torch.nn.Linear(D, D), mesh)
+    except ValueError as e:
+        refused = str(e)
+    model = build_fsdp2d_model()
+    model[1] = shard_experts(model[1], mesh["ep"].get_group())
+    # The MoE layer as its own unit around its experts' (as a transformer block would be).
+    fully_shard_expert_parallel(model, mesh, blocks=[model[1]])
+    # At rest: the expert weights sharded over dp too, the rest as HSDP over the mesh.
+    at_rest = {
+        "expert_local_shape": tuple(model[1].experts.w_in.to_local().shape),
+        "gate_placements": [str(p) for p in model[1].gate.weight.placements],
+    }
+    xs, grads = make_inputs(FSDP2D_CASE, world_size)
+    x = xs[rank].clone().requires_grad_()
+
+    def full(t):
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    with warnings.catch_warnings():
+        # FSDP2 warns that the output is a view (MoE returns ``reshape``); we do not
+        # modify it in place.
+        warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+        y = model(x)
+        (y * grads[rank]).sum().backward()
+        out = {"y": y.detach(), "x_grad": x.grad}
+        out["param_grads"] = {n: full(p.grad) for n, p in model.named_parameters()}
+        torch.optim.SGD(model.parameters(), lr=FSDP2D_LR).step()
+        out["params"] = {n: full(p.detach()) for n, p in model.named_parameters()}
+        out["y_after"] = model(xs[rank]).detach()
+        path = os.path.join(out_dir, "ckpt_2d")
+        save_expert_parallel(model, path)
+        if rank < 2:
+            plain = build_fsdp2d_model(seed=97)
+            plain[1] = shard_experts(plain[1], pair)
+            load_expert_parallel(plain, path, process_group=pair)
+            out["loaded_plain_w2"] = plain(xs[rank]).detach()
+        dist.barrier()
+        again = build_fsdp2d_model(seed=96)
+        again[1] = shard_experts(again[1], mesh["ep"].get_group())
+        fully_shard_expert_parallel(again, mesh)
+        load_expert_parallel(again, path)
+        out["loaded_2d"] = again(xs[rank]).detach()
+    out["ep_rank"], out["refused"] = model[1].rank, refused
+    out.update(at_rest)
+    return out
+
+
 # ----------------------------------------------------------------------------- balancing
 BALANCE_TOKENS, BALANCE_STEPS = 6, 3  # tokens per rank per micro-batch; micro-batches run
 
@@ -415,6 +520,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, names: list[str
         results["balance"] = balance_job(world_size, rank)
         if world_size == 4:
             results["checkpoint"] = checkpoint_job(world_size, rank, out_dir)
+            results["fsdp2d"] = fsdp2d_job(world_size, rank, out_dir)
         results["mixed_input_grad"] = run_case_on_rank(CASES["topk2"], world_size, rank, input_grad=rank == 0)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()

@@ -17,9 +17,11 @@ from ep_cases import (
     ckpt_input,
     ckpt_moe,
     ddp_reference,
+    fsdp2d_reference,
     reference,
     run_balance,
 )
+from torch.distributed.tensor import Replicate, Shard
 
 from gatedmoe import MoE
 from gatedmoe.parallel import shard_experts
@@ -170,3 +172,43 @@ def test_checkpoint_reshards_between_world_sizes(runs_w4):
         if r < 2:
             assert_close(f"4->2 y rank {r}", ckpt_moe(20)(x).detach(), fast["4to2"])
         assert_close(f"2->4 y rank {r}", ckpt_moe(21)(x).detach(), fast["2to4"])
+
+
+def test_composes_with_fsdp2_on_a_2d_mesh(runs_w4):
+    """4 gloo ranks, mesh ("ep", "dp") = (2, 2): experts sharded over ep (all-to-all) and
+    each block over dp by FSDP2, the rest HSDP (`fully_shard_expert_parallel`). Against
+    one process on all ranks' tokens: outputs, input gradients, every parameter gradient
+    (of the mean of the ranks' losses), the parameters after one SGD step and the outputs
+    after it, also after a DCP checkpoint of the stepped model is loaded into another 2-D
+    model and into plain expert parallelism on 2 ranks."""
+    W, per_rank = runs_w4
+    ref = fsdp2d_reference(W)
+    fast = [r["fsdp2d"] for r in per_rank]
+    for r in range(W):
+        assert "no ExpertParallelMoE" in fast[r]["refused"]
+        assert fast[r]["expert_local_shape"][0] == E // W
+        assert fast[r]["gate_placements"] == [str(Replicate()), str(Shard(0))]
+        assert_close(f"y rank {r}", ref["y"][r], fast[r]["y"])
+        assert_close(f"x.grad rank {r}", ref["x_grad"][r], fast[r]["x_grad"])
+        assert_close(f"y after the step rank {r}", ref["y_after"][r], fast[r]["y_after"])
+        # The stepped model through a checkpoint: into the 2-D layout again (4 ranks) and
+        # into plain expert parallelism on 2 ranks, from other weights.
+        assert_close(f"loaded 2-D rank {r}", ref["y_after"][r], fast[r]["loaded_2d"])
+        if r < 2:
+            assert_close(f"loaded on 2 EP ranks, rank {r}", ref["y_after"][r], fast[r]["loaded_plain_w2"])
+    for key in ("param_grads", "params"):
+        for n, ref_t in ref[key].items():
+            if ".experts." in n:
+                # Ranks with the same ep rank hold the same block (gathered over dp).
+                blocks = {}
+                for f in fast:
+                    if f["ep_rank"] in blocks:
+                        assert torch.equal(blocks[f["ep_rank"]], f[key][n]), n
+                    blocks[f["ep_rank"]] = f[key][n]
+                fast_t = torch.cat([blocks[i] for i in range(len(blocks))])
+            else:
+                for f in fast[1:]:
+                    assert torch.equal(fast[0][key][n], f[key][n]), n
+                fast_t = fast[0][key][n]
+            assert_close(f"{key} {n}", ref_t, fast_t)
+

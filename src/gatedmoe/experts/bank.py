@@ -146,6 +146,18 @@ class ExpertBank(nn.Module):
             out = out + self.b_out[e]
         return out
 
+    def forward(self, x_ND: Tensor, routing, run):
+        """``run(x_ND, routing, self)``: a dispatch function (``gatedmoe.dispatch.get_backend``)
+        applied to this bank, called through the module.
+
+        Dispatch backends read the weights directly; going through ``bank(...)`` lets
+        wrappers that hook a module's forward see the bank's use. FSDP2's ``fully_shard`` on
+        the bank gathers its weights before the call and reduce-scatters their gradients
+        after the backward (expert parallelism composed with FSDP2,
+        `gatedmoe.parallel.fully_shard_expert_parallel`).
+        """
+        return run(x_ND, routing, self)
+
     def flops_per_token(self) -> int:
         """Forward multiply-adds x2 of one expert on one token (for throughput reports)."""
         h_in = self.w_in.shape[1]

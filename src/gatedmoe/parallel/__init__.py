@@ -6,7 +6,9 @@ group, tokens exchanged with all-to-all (NCCL on GPUs, gloo on CPU).
 
 See `expert_parallel` for the semantics and ``examples/expert_parallel.py`` for a
 ``torchrun`` script; `checkpoint` saves and loads sharded models with
-torch.distributed.checkpoint, on any number of ranks (imported on use).
+torch.distributed.checkpoint, on any number of ranks (imported on use);
+`fsdp.fully_shard_expert_parallel` composes expert parallelism with FSDP2 on a 2-D mesh
+(imported on use).
 """
 
 from gatedmoe.parallel.comm import ExchangeStats, all_gather_counts, all_to_all

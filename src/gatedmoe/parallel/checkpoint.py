@@ -8,7 +8,11 @@ records the global ``[E, ...]`` tensor and each rank's block of it. Loading on M
 asks for the blocks of the M-rank layout and DCP reads them from wherever they were
 saved: N -> M resharding without a conversion step. Replicated tensors (gate, shared
 experts, the rest of the model) are plain tensors: DCP writes one copy and every rank
-reads it.
+reads it. A model under `gatedmoe.parallel.fsdp.fully_shard_expert_parallel` works the
+same way: its FSDP2 parameters are DTensors already, and its expert tensors become the
+global ``[E, ...]`` tensor sharded over both axes of the ``(ep, dp)`` mesh, so a checkpoint
+moves between the two-dimensional layout and plain expert parallelism on any number of
+ranks.
 
 >>> save_expert_parallel(model, "ckpt/step100")  # on every rank  # doctest: +SKIP
 >>> load_expert_parallel(model_on_m_ranks, "ckpt/step100")  # doctest: +SKIP
@@ -48,14 +52,32 @@ def _sharded_names(model: nn.Module) -> dict[str, ExpertParallelMoE]:
     return out
 
 
+def _global_experts(t: DTensor, layer: ExpertParallelMoE) -> DTensor:
+    """An expert tensor of a layer under `fully_shard_expert_parallel` (a DTensor over the
+    ``dp`` axis holding this rank's ``ep`` block) as the global ``[E, ...]`` tensor,
+    ``(Shard(0), Shard(0))`` over the ``(ep, dp)`` mesh: the ep blocks in order, each cut
+    over dp as FSDP2 cut it (``torch.chunk``)."""
+    shape = (t.shape[0] * layer.world_size, *t.shape[1:])
+    stride = torch.empty(shape, device="meta").stride()
+    mesh = layer.expert_mesh
+    if mesh is None:
+        raise ValueError("expert weights are DTensors but the layer was not sharded by fully_shard_expert_parallel")
+    return DTensor.from_local(t.to_local(), mesh, [Shard(0), Shard(0)], run_check=False, shape=shape, stride=stride)
+
+
 def expert_parallel_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """``model.state_dict()`` with every sharded expert tensor as a ``DTensor`` (``Shard(0)``
-    over its layer's group) that shares storage with the parameter."""
+    over its layer's group; over both axes of the mesh after `fully_shard_expert_parallel`)
+    that shares storage with the parameter."""
     sharded = _sharded_names(model)
     meshes: dict = {}
     sd = model.state_dict()
     for name, layer in sharded.items():
-        sd[name] = DTensor.from_local(sd[name].detach(), _mesh(layer, meshes), [Shard(0)], run_check=False)
+        t = sd[name]
+        if isinstance(t, DTensor):
+            sd[name] = _global_experts(t, layer)
+        else:
+            sd[name] = DTensor.from_local(t.detach(), _mesh(layer, meshes), [Shard(0)], run_check=False)
     return sd
 
 
@@ -74,5 +96,6 @@ def load_expert_parallel(model: nn.Module, path: str | os.PathLike, process_grou
     own = model.state_dict()
     for name, value in sd.items():
         local = value.to_local() if isinstance(value, DTensor) else value
-        if own[name].data_ptr() != local.data_ptr():
-            own[name].copy_(local)
+        target = own[name].to_local() if isinstance(own[name], DTensor) else own[name]
+        if target.data_ptr() != local.data_ptr():
+            target.copy_(local)

@@ -73,8 +73,8 @@ def _shard_bank(bank: ExpertBank, experts: range) -> ExpertBank:
     return local
 
 
-def _empty_output(x_MD: Tensor, experts: ExpertBank) -> Tensor:
-    """``[0, D]`` expert output for a rank that received no rows.
+def _empty_output(x_MD: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
+    """``[0, D]`` expert output for a rank that received no rows (a dispatch function).
 
     Still connected to the received rows and to every expert parameter (their gradients
     come out zero), so the backward exchanges run on every rank whether or not it got
@@ -134,22 +134,17 @@ def expert_parallel_dispatch(
         xs_ND = xs_ND.detach().requires_grad_()
     xr_MD = all_to_all(xs_ND, recv_splits, send_splits, group, stats)
     M = xr_MD.shape[0]
-    if M == 0:
-        yr_MD = _empty_output(xr_MD, experts)
-    else:
-        # Received rows are source-major, expert-minor; a routing with unit weights lets the
-        # backend gather them in local-expert order and scatter the outputs back in place.
-        local_M = torch.repeat_interleave(
-            torch.arange(L, device=x_TD.device).repeat(W), recv_WL.reshape(-1), output_size=M
-        )
-        local = Routing.from_assignments(
-            torch.arange(M, device=x_TD.device),
-            local_M,
-            xr_MD.new_ones(M),
-            n_experts=L,
-            n_tokens=M,
-        )
-        yr_MD = dispatch(xr_MD, local, experts)
+    # Received rows are source-major, expert-minor; a routing with unit weights lets the
+    # backend gather them in local-expert order and scatter the outputs back in place.
+    local_M = torch.repeat_interleave(
+        torch.arange(L, device=x_TD.device).repeat(W), recv_WL.reshape(-1), output_size=M
+    )
+    local = Routing.from_assignments(
+        torch.arange(M, device=x_TD.device), local_M, xr_MD.new_ones(M), n_experts=L, n_tokens=M
+    )
+    # Through the bank's own call (`ExpertBank.forward`), so FSDP2 on the bank gathers its
+    # weights whether or not this rank got rows.
+    yr_MD = experts(xr_MD, local, _empty_output if M == 0 else dispatch)
     ys_ND = all_to_all(yr_MD, send_splits, recv_splits, group, stats)
     ys_ND = ys_ND * routing.weight.to(x_TD.dtype).unsqueeze(-1)
     y_TD = torch.zeros_like(x_TD).index_add(0, routing.token, ys_ND)
@@ -264,6 +259,9 @@ class ExpertParallelMoE(MoE):
         if not expert_grad_scale > 0:
             raise ValueError(f"expert_grad_scale must be > 0, got {expert_grad_scale}")
         self.group = group
+        # The (ep, dp) DeviceMesh once `gatedmoe.parallel.fsdp.fully_shard_expert_parallel`
+        # has sharded the experts over dp as well (checkpoints read it); None before.
+        self.expert_mesh = None
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.expert_range = local_expert_range(self.n_experts, self.world_size, self.rank)
         self.experts = _shard_bank(self.experts, self.expert_range)
@@ -369,8 +367,9 @@ def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The sharded expert parameters of every `ExpertParallelMoE` in ``model``, by
     qualified name: what data parallelism over the same ranks must leave alone.
 
-    With DDP use `exclude_experts_from_ddp`; with FSDP2 pass
-    ``ignored_params=set(expert_parameters(model).values())`` to ``fully_shard``.
+    With DDP use `exclude_experts_from_ddp`; with FSDP2 over the same ranks pass
+    ``ignored_params=set(expert_parameters(model).values())`` to ``fully_shard``; with FSDP2
+    on a two-dimensional (ep, dp) mesh use `gatedmoe.parallel.fsdp.fully_shard_expert_parallel`.
     """
     out: dict[str, nn.Parameter] = {}
     for prefix, m in model.named_modules():

@@ -10,7 +10,8 @@
 
 Modules: `convert` (the functions above), `families` (one converter per model family),
 `adapter` (`HFMoEBlock` and the Hugging Face flavoured gate), `kernels` (gatedmoe as
-transformers' ``experts_implementation="gatedmoe"``, registered on import). See docs/interop.md.
+transformers' ``experts_implementation="gatedmoe"``, registered on import), `peft_export`
+(expert LoRA as a PEFT adapter: `save_peft_adapter`, `load_peft_adapter`). See docs/interop.md.
 """
 
 from gatedmoe.interop.hf.adapter import HFMoEBlock, HFTopKSoftmaxGate
@@ -24,6 +25,11 @@ from gatedmoe.interop.hf.convert import (
 )
 from gatedmoe.interop.hf.kernels import _register_default as _register_experts_implementation
 from gatedmoe.interop.hf.kernels import gatedmoe_experts_forward, register_experts_implementation
+from gatedmoe.interop.hf.peft_export import (
+    load_peft_adapter,
+    peft_lora_state_dict,
+    save_peft_adapter,
+)
 from gatedmoe.interop.hf.upcycle import is_dense_mlp, upcycle_mlp, upcycle_model
 
 # transformers' experts_implementation="gatedmoe" (see `kernels`).
@@ -43,4 +49,7 @@ __all__ = [
     "upcycle_model",
     "gatedmoe_experts_forward",
     "register_experts_implementation",
+    "peft_lora_state_dict",
+    "load_peft_adapter",
+    "save_peft_adapter",
 ]
