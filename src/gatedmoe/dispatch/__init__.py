@@ -16,13 +16,14 @@ import torch
 from torch import Tensor
 
 from gatedmoe.dispatch.grouped import grouped_dispatch, grouped_mm
-from gatedmoe.dispatch.options import TritonOptions
+from gatedmoe.dispatch.options import FP8Recipe, TritonOptions
 from gatedmoe.dispatch.reference import reference_dispatch, reference_moe
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.routing import Routing
 
 __all__ = [
     "DispatchFn",
+    "FP8Recipe",
     "TritonOptions",
     "backend_names",
     "get_backend",

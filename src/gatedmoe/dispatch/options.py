@@ -11,7 +11,78 @@ from dataclasses import dataclass
 
 from gatedmoe.dispatch.triton.config import KERNELS, KernelConfig
 
-__all__ = ["TritonOptions"]
+__all__ = ["FP8Recipe", "TritonOptions"]
+
+
+# Largest finite value of each FP8 format the recipes use (OCP FP8: e4m3 "fn" has no infinity).
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
+SCALINGS = ("blockwise", "rowwise")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FP8Recipe:
+    """How the Triton backend runs the expert GEMMs in FP8 (``TritonOptions(fp8=...)``, CUDA
+    sm90 or Triton's CPU interpreter; the grouped backend refuses it).
+
+    Forward: both expert GEMMs take e4m3 operands (3 mantissa bits) with float32 scales and
+    accumulate in float32; h, the output and every gradient stay in the input dtype.
+    Backward: the two data-gradient GEMMs (dL/da = gy W_out, dL/dx = dL/dh W_in) take FP8
+    operands too, the gradient operand in ``grad_format``; the weight gradients are bf16
+    grouped GEMMs (as without FP8). Master weights keep their dtype: each weight is quantised
+    once per optimizer step, cached on the parameter and re-quantised when its version
+    counter (bumped by every in-place update) or storage changes.
+
+    Every scale is a power of two (the smallest one that keeps the block's largest magnitude
+    within the format's range), so scaling is exact and the only rounding is the FP8
+    rounding itself (round to nearest even): the kernels and the float32 reference
+    (`gatedmoe.dispatch.triton.fp8_reference`) produce the same FP8 values bit for bit.
+
+    Parameters
+    ----------
+    scaling : {"blockwise", "rowwise"}
+        "blockwise" (default, DeepSeek-V3's recipe): one scale per 1 x ``block`` tile of an
+        activation row and per ``block`` x ``block`` block of a weight, the partial product of
+        each ``block``-deep slice of the reduction scaled and added in float32 (which also
+        keeps Hopper's reduced-precision FP8 accumulation to ``block`` products). Needs D and
+        H to be multiples of ``block``. "rowwise": one scale per activation row and per
+        weight output row (``torch._scaled_grouped_mm``'s recipe), applied once in the
+        epilogue; an outlier then coarsens its whole row, and the SwiGLU output needs its own
+        quantisation pass (its row amax is known only after the whole row is written).
+    grad_format : {"e4m3", "e5m2"}
+        FP8 format of the gradient operand of the backward's data-gradient GEMMs: e4m3 (3
+        mantissa bits, range 448) or e5m2 (2 mantissa bits, range 57344). With per-tile
+        scales the range rarely matters, so e4m3 is the default; which is better is one of
+        the open measurements (kernels README).
+    block : int
+        Tile width of the blockwise scales, a power of two >= 16 (default 128; the CUDA
+        kernels take 128, smaller blocks exist for the interpreter tests).
+
+    Raises
+    ------
+    ValueError
+        An unknown ``scaling`` or ``grad_format`` (the message lists the known ones), or a
+        ``block`` that is not a power of two >= 16.
+
+    Examples
+    --------
+    >>> FP8Recipe()
+    FP8Recipe(scaling='blockwise', grad_format='e4m3', block=128)
+    >>> TritonOptions(fp8=FP8Recipe(grad_format="e5m2")).fp8.grad_format
+    'e5m2'
+    """
+
+    scaling: str = "blockwise"
+    grad_format: str = "e4m3"
+    block: int = 128
+
+    def __post_init__(self) -> None:
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling: unknown value {self.scaling!r}; known: {', '.join(SCALINGS)}")
+        if self.grad_format not in FP8_MAX:
+            raise ValueError(f"grad_format: unknown value {self.grad_format!r}; known: {', '.join(FP8_MAX)}")
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 16 \
+                or self.block & (self.block - 1):
+            raise ValueError(f"block must be a power of two >= 16, got {self.block!r}")
 
 
 class _FrozenConfigs(Mapping[str, KernelConfig]):
@@ -63,24 +134,28 @@ class TritonOptions:
     ValueError
         ``configs`` names a kernel that does not exist (the message lists the known ones).
     TypeError
-        ``fp32_scatter`` is not a bool, or a config is not a `KernelConfig`.
+        ``fp32_scatter`` is not a bool, a config is not a `KernelConfig`, or ``fp8`` is not
+        an `FP8Recipe`.
 
     Examples
     --------
     >>> from gatedmoe.dispatch.options import TritonOptions
     >>> from gatedmoe.dispatch.triton.config import KernelConfig
     >>> TritonOptions(fp32_scatter=True)
-    TritonOptions(fp32_scatter=True, configs=None)
+    TritonOptions(fp32_scatter=True, configs=None, fp8=None)
     >>> TritonOptions(configs={"wgrad": KernelConfig(64, 64, 64, 4, 3)}).configs["wgrad"].BM
     64
     """
 
     fp32_scatter: bool = False
     configs: Mapping[str, KernelConfig] | None = None
+    fp8: FP8Recipe | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.fp32_scatter, bool):
             raise TypeError(f"fp32_scatter must be a bool, got {type(self.fp32_scatter).__name__}")
+        if self.fp8 is not None and not isinstance(self.fp8, FP8Recipe):
+            raise TypeError(f"fp8 must be an FP8Recipe or None, got {type(self.fp8).__name__}")
         if self.configs is None:
             return
         if not isinstance(self.configs, Mapping):
