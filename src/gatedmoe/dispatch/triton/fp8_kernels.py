@@ -57,20 +57,23 @@ def _round_fp8_in_fp32(v, FMAX_EXP: tl.constexpr):
     """``v`` rounded to the nearest (ties to even) value of the FP8 format, as float32: integer
     rounding of the float32 bits to the format's mantissa width (the carry moves into the
     exponent), and below the format's smallest normal a round to its subnormal spacing by
-    adding and subtracting a power of two. Triton's interpreter (3.9) drops that carry in
+    adding and subtracting 1.5 times a power of two (v + MAGIC stays in one binade for
+    either sign of v). Triton's interpreter (3.9) drops that carry in
     its own float8 conversion (127.9 -> 64 in e4m3); its conversion of a value the format
     holds exactly is right, so the kernels round first when interpreted (``ROUND``)."""
     if FMAX_EXP == 8:  # e4m3: 3 mantissa bits, smallest normal 2^-6
         DROP: tl.constexpr = 20
-        MAGIC: tl.constexpr = 16384.0  # 2^14: ulp 2^-9, the subnormal spacing
+        MAGIC: tl.constexpr = 24576.0  # 1.5 * 2^14: ulp 2^-9 (the subnormal spacing) for +-v
         TINY: tl.constexpr = 0.015625
     else:  # e5m2: 2 mantissa bits, smallest normal 2^-14
         DROP: tl.constexpr = 21
-        MAGIC: tl.constexpr = 128.0  # 2^7: ulp 2^-16
+        MAGIC: tl.constexpr = 192.0  # 1.5 * 2^7: ulp 2^-16
         TINY: tl.constexpr = 0.00006103515625
     bits = v.to(tl.int32, bitcast=True)
     bits = (bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) & ~((1 << DROP) - 1)
-    return tl.where(tl.abs(v) < TINY, (v + MAGIC) - MAGIC, bits.to(tl.float32, bitcast=True))
+    sub = tl.abs((v + MAGIC) - MAGIC)
+    sub = tl.where(v < 0, -sub, sub)  # -0.0 for a small negative, as the conversion gives
+    return tl.where(tl.abs(v) < TINY, sub, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit

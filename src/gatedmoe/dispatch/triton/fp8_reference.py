@@ -61,11 +61,10 @@ def quantize_rows(x_RC: Tensor, fmt: str, group: int | None) -> tuple[Tensor, Te
     return q.view(R, KB * g)[:, :C].contiguous(), s
 
 
-def dequantize_rows(q_RC: Tensor, s_RKB: Tensor) -> Tensor:
-    """float32 ``q * s`` for `quantize_rows`' output."""
-    R, C = q_RC.shape
-    g = -(-C // s_RKB.shape[1])
-    return q_RC.float() * s_RKB.repeat_interleave(g, 1)[:, :C]
+def dequantize_rows(q_RC: Tensor, s_RKB: Tensor, group: int | None) -> Tensor:
+    """float32 ``q * s`` for `quantize_rows`' output (same ``group``)."""
+    C = q_RC.shape[1]
+    return q_RC.float() * s_RKB.repeat_interleave(C if group is None else group, 1)[:, :C]
 
 
 def quantize_blocks(w_ERC: Tensor, fmt: str, block: int | None) -> tuple[Tensor, Tensor]:
@@ -83,11 +82,10 @@ def quantize_blocks(w_ERC: Tensor, fmt: str, block: int | None) -> tuple[Tensor,
     return q.view(E, RB * block, CB * block)[:, :R, :C].contiguous(), s
 
 
-def dequantize_blocks(q_ERC: Tensor, s_E_RB_CB: Tensor) -> Tensor:
-    """float32 ``q * s`` for `quantize_blocks`' output."""
+def dequantize_blocks(q_ERC: Tensor, s_E_RB_CB: Tensor, block: int | None) -> Tensor:
+    """float32 ``q * s`` for `quantize_blocks`' output (same ``block``)."""
     E, R, C = q_ERC.shape
-    rb = -(-R // s_E_RB_CB.shape[1])
-    cb = -(-C // s_E_RB_CB.shape[2])
+    rb, cb = (1, C) if block is None else (block, block)
     s = s_E_RB_CB.repeat_interleave(rb, 1).repeat_interleave(cb, 2)[:, :R, :C]
     return q_ERC.float() * s
 
@@ -95,13 +93,13 @@ def dequantize_blocks(q_ERC: Tensor, s_E_RB_CB: Tensor) -> Tensor:
 def _weight(w_ERC: Tensor, recipe: FP8Recipe) -> Tensor:
     """float32 dequantised e4m3 weight as the kernels see it, rows = output channels."""
     block = recipe.block if recipe.scaling == "blockwise" else None
-    return dequantize_blocks(*quantize_blocks(w_ERC, "e4m3", block))
+    return dequantize_blocks(*quantize_blocks(w_ERC, "e4m3", block), block)
 
 
 def _acts(x_RC: Tensor, fmt: str, recipe: FP8Recipe) -> Tensor:
     """float32 dequantised activation rows (1 x block tiles, or whole rows)."""
     group = recipe.block if recipe.scaling == "blockwise" else None
-    return dequantize_rows(*quantize_rows(x_RC, fmt, group))
+    return dequantize_rows(*quantize_rows(x_RC, fmt, group), group)
 
 
 def _expert_rows(counts_E: Tensor) -> list[tuple[int, int]]:
