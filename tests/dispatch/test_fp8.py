@@ -109,8 +109,8 @@ def test_quantized_weight_matches_reference_bit_for_bit(scaling):
 def test_weight_quantised_once_per_step(monkeypatch):
     """Cached on the parameter: reused until an in-place update bumps its version."""
     calls = []
-    real = fp8_ops._quantize_weight
-    monkeypatch.setattr(fp8_ops, "_quantize_weight", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = fp8_ops.quantize_weight
+    monkeypatch.setattr(fp8_ops, "quantize_weight", lambda *a: calls.append(a[0].shape) or real(*a))
     recipe = FP8Recipe(block=BLOCK)
     w = torch.nn.Parameter(torch.randn(2, 2 * BLOCK, BLOCK, device=DEVICE))
     first = fp8_ops.quantized_weight(w, recipe, transpose=True)
@@ -209,8 +209,8 @@ def test_fp8_dispatch_within_fp8_rounding_of_reference(T, D, H, E, K, mode, grad
 
 def test_layer_trains_with_fp8_and_requantises_after_a_step(monkeypatch):
     calls = []
-    real = fp8_ops._quantize_weight
-    monkeypatch.setattr(fp8_ops, "_quantize_weight", lambda *a: calls.append(1) or real(*a))
+    real = fp8_ops.quantize_weight
+    monkeypatch.setattr(fp8_ops, "quantize_weight", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     moe = MoE(2 * BLOCK, 4, BLOCK, k=2, backend="triton", backend_options=TritonOptions(fp8=FP8Recipe(block=BLOCK)))
     opt = torch.optim.SGD(moe.parameters(), lr=0.1)

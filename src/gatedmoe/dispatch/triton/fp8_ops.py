@@ -39,7 +39,7 @@ from gatedmoe.dispatch.triton.fp8_kernels import (
 )
 from gatedmoe.dispatch.triton.fp8_reference import _FMAX_EXP, FP8_DTYPES
 
-__all__ = ["QuantizedWeight", "fp8_unsupported", "moe_glu_fp8", "quantize_rows", "quantized_weight"]
+__all__ = ["QuantizedWeight", "fp8_unsupported", "moe_glu_fp8", "quantize_rows", "quantize_weight", "quantized_weight"]
 
 _CACHE_ATTR = "_gatedmoe_fp8_cache"
 
@@ -86,7 +86,10 @@ class QuantizedWeight:
     WB: int
 
 
-def _quantize_weight(w: Tensor, recipe: FP8Recipe, transpose: bool) -> QuantizedWeight:
+def quantize_weight(w: Tensor, recipe: FP8Recipe, transpose: bool) -> QuantizedWeight:
+    """``w [E, R, C]`` quantised by ``recipe`` (no cache; `quantized_weight` caches): e4m3
+    blocks of ``block x block`` (blockwise; the transpose from the same kernel, same scales)
+    or rows (rowwise; the transpose quantised per row of its own)."""
     E, R, C = w.shape
     if recipe.scaling == "rowwise":
         q, s = quantize_rows(w.reshape(E * R, C), "e4m3", None)
@@ -116,7 +119,7 @@ def quantized_weight(w: Tensor, recipe: FP8Recipe, transpose: bool) -> Quantized
     if cached is not None and cached[0] == key and (cached[1].qt is not None or not transpose):
         return cached[1]
     with torch.no_grad():
-        qw = _quantize_weight(w.detach(), recipe, transpose)
+        qw = quantize_weight(w.detach(), recipe, transpose)
     # The version check above needs the attribute on the tensor the caller passes (the
     # parameter); a plain attribute keeps it with the parameter and frees it with it.
     setattr(w, _CACHE_ATTR, (key, qw))
