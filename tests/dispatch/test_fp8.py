@@ -20,6 +20,7 @@ W_out, W_in in backward; gy, dL/dh (4, 2). dL/dweight and dL/dlogits: x, W_in (a
 gy (3, 1). dL/dW_in: x, W_in (h), W_out; gy (3, 1). dL/dW_out: x, W_in (a) (2, 0).
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -35,6 +36,8 @@ from gatedmoe.dispatch import (
     reference_dispatch,
 )
 from gatedmoe.dispatch.triton import fp8_reference
+from gatedmoe.dispatch.triton.config import KernelConfig
+from gatedmoe.dispatch.triton.fp8_config import fp8_kernel_configs
 from gatedmoe.experts import ExpertBank
 from helpers import assert_close, poisoned_empty
 
@@ -158,14 +161,15 @@ def _inputs(T, D, H, E, K, mode, dtype):
 
 
 @pytest.mark.parametrize("T,D,H,E,K,mode,scaling,grad_format", CASES)
-def test_fp8_kernels_match_fp8_reference(T, D, H, E, K, mode, scaling, grad_format):
+def test_fp8_kernels_match_fp8_reference(T, D, H, E, K, mode, scaling, grad_format, configs=None):
     """Same quantised arithmetic: equal up to float32 summation order (and, in bf16, the
-    rounding of h, which can move a value of a across an FP8 rounding boundary)."""
+    rounding of h, which can move a value of a across an FP8 rounding boundary). The
+    weights go through TMA (the default configs, in the interpreter too)."""
     recipe = FP8Recipe(scaling=scaling, grad_format=grad_format, block=BLOCK)
     bank, x, _, gy, routing = _inputs(T, D, H, E, K, mode, DTYPE)
     token, counts, weight = routing.token, routing.counts, routing.weight.detach()
     leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_(), bank.w_in, bank.w_out]
-    fast_y = fp8_ops.moe_glu_fp8(leaves[0], token, leaves[1], counts, bank.w_in, bank.w_out, recipe)
+    fast_y = fp8_ops.moe_glu_fp8(leaves[0], token, leaves[1], counts, bank.w_in, bank.w_out, recipe, configs=configs)
     fast_g = torch.autograd.grad(fast_y, leaves, gy)
     w_in, w_out = bank.w_in.detach(), bank.w_out.detach()
     ref_y, ref_h = fp8_reference.fp8_moe_forward(x, token, weight, counts, w_in, w_out, recipe)
@@ -174,6 +178,21 @@ def test_fp8_kernels_match_fp8_reference(T, D, H, E, K, mode, scaling, grad_form
     for name, ref, fast in zip(["x", "weight", "w_in", "w_out"], ref_g, fast_g, strict=True):
         # The weight gradients come back in the parameters' float32 from the input dtype's products.
         assert_close(f"grad {name}", ref, fast, DTYPE)
+
+
+@pytest.mark.parametrize("scaling", ["blockwise", "rowwise"])
+def test_weights_by_pointer_loads_match_fp8_reference(scaling):
+    """The same kernels with the weights read by pointer loads (configs with ``tma=False``)."""
+    cfgs = fp8_kernel_configs(torch.device(DEVICE), BLOCK, scaling)
+    configs = {name: dataclasses.replace(cfg, tma=False) for name, cfg in cfgs.items()}
+    test_fp8_kernels_match_fp8_reference(37, 2 * BLOCK, 2 * BLOCK, 4, 2, "skip_experts", scaling, "e4m3", configs)
+
+
+def test_blockwise_config_overrides_must_step_one_block():
+    bad = {"fp8_gemm": KernelConfig(16, 16, 2 * BLOCK, 4, 1)}
+    with pytest.raises(ValueError, match=r"configs\['fp8_gemm'\]: blockwise FP8 needs BK = block"):
+        fp8_kernel_configs(torch.device(DEVICE), BLOCK, "blockwise", bad)
+    assert fp8_kernel_configs(torch.device(DEVICE), BLOCK, "rowwise", bad)["fp8_gemm"] == bad["fp8_gemm"]
 
 
 DISPATCH_CASES = [(37, 2 * BLOCK, BLOCK, 4, 2, "random", "e4m3"), (20, 2 * BLOCK, 3 * BLOCK, 5, 1, "one_expert", "e5m2")]
@@ -214,7 +233,7 @@ def test_layer_trains_with_fp8_and_requantises_after_a_step(monkeypatch):
     torch.manual_seed(0)
     moe = MoE(2 * BLOCK, 4, BLOCK, k=2, backend="triton", backend_options=TritonOptions(fp8=FP8Recipe(block=BLOCK)))
     opt = torch.optim.SGD(moe.parameters(), lr=0.1)
-    x = torch.randn(24, 2 * BLOCK)
+    x = torch.randn(8, 2 * BLOCK)
     for step in range(2):
         for _micro in range(2):  # gradient accumulation: the same quantised weights
             moe(x).float().square().mean().backward()

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from gatedmoe.dispatch.triton.config import KERNELS, KernelConfig
+from gatedmoe.dispatch.triton.fp8_config import FP8_KERNELS
 
 __all__ = ["FP8Recipe", "TritonOptions"]
 
@@ -127,7 +128,15 @@ class TritonOptions:
         (`gatedmoe.dispatch.triton.config.kernel_configs`), by kernel name: "glu_fwd",
         "gemm_fwd", "glu_bwd", "gemm_bwd", "wgrad"; kernels not named keep theirs. Given
         configs are used as they are, on every dtype and width. Default None (measured
-        configs). Stored read-only; an empty mapping is stored as None.
+        configs). Stored read-only; an empty mapping is stored as None. The FP8 kernels'
+        entries, "fp8_glu_fwd" and "fp8_gemm" (`gatedmoe.dispatch.triton.fp8_config`), are
+        read only by FP8 calls, which read no others.
+    fp8 : FP8Recipe or None
+        Run the expert GEMMs in FP8 with this recipe (`FP8Recipe`: scaling, gradient
+        format; CUDA with FP8 tensor cores, or Triton's CPU interpreter in tests). Default
+        None: the input dtype throughout. The grouped backend, and the Triton backend where
+        its kernels do not apply, raise ValueError rather than run without FP8. Measured so
+        far: the kernels README ("FP8") lists what is and what is still open.
 
     Raises
     ------
@@ -161,10 +170,11 @@ class TritonOptions:
         if not isinstance(self.configs, Mapping):
             raise TypeError(f"configs must be a mapping of kernel name to KernelConfig, got "
                             f"{type(self.configs).__name__}")
-        unknown = [name for name in self.configs if name not in KERNELS]
+        known = KERNELS + FP8_KERNELS
+        unknown = [name for name in self.configs if name not in known]
         if unknown:
             raise ValueError(f"configs: unknown kernel name(s) {', '.join(map(repr, unknown))}; known kernels: "
-                             f"{', '.join(KERNELS)}")
+                             f"{', '.join(known)}")
         for name, cfg in self.configs.items():
             if not isinstance(cfg, KernelConfig):
                 raise TypeError(f"configs[{name!r}] must be a KernelConfig, got {type(cfg).__name__}")

@@ -65,7 +65,7 @@ def triton_dispatch(
         from gatedmoe.dispatch.triton.fp8_ops import moe_glu_fp8
 
         return moe_glu_fp8(x_TD, routing.token, routing.weight, routing.counts, experts.w_in, experts.w_out, fp8,
-                           options.fp32_scatter)
+                           options.fp32_scatter, options.configs)
     dtype = x_TD.dtype
     w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
     # Without autograd (inference) the first GEMM's output need not be kept for backward.

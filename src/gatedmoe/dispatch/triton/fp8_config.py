@@ -19,7 +19,7 @@ import torch
 
 from gatedmoe.dispatch.triton.config import KernelConfig
 
-__all__ = ["FP8_CONFIGS", "FP8_KERNELS", "fp8_kernel_configs"]
+__all__ = ["FP8_CONFIGS", "FP8_CONFIG_INTERPRETER", "FP8_KERNELS", "fp8_kernel_configs"]
 
 # "fp8_glu_fwd": gathered xq @ W_in^T with the SwiGLU epilogue (two [BM, BN] float32
 # accumulators, gate and up, plus the slice products of the blockwise recipe: BM=64 keeps
@@ -28,27 +28,46 @@ __all__ = ["FP8_CONFIGS", "FP8_KERNELS", "fp8_kernel_configs"]
 FP8_KERNELS = ("fp8_glu_fwd", "fp8_gemm")
 
 # CUDA (sm90), block 128: chosen, not tuned (smem per stage: glu 8 + 32 KiB, gemm 16 + 16 KiB).
+# The weight operand goes through TMA (``tma``); the activation rows are gathered by pointer
+# loads (TMA cannot gather on Hopper) or, in the backward's dL/dx GEMM, read in order.
 FP8_CONFIGS: Mapping[str, KernelConfig] = MappingProxyType({
-    "fp8_glu_fwd": KernelConfig(64, 128, 128, 8, 4, tma=False),
-    "fp8_gemm": KernelConfig(128, 128, 128, 8, 4, tma=False),
+    "fp8_glu_fwd": KernelConfig(64, 128, 128, 8, 4),
+    "fp8_gemm": KernelConfig(128, 128, 128, 8, 4),
 })
+# Triton's CPU interpreter: the smallest tiles; TMA too (the interpreter emulates it), so the
+# tests run the GPU's code path.
+FP8_CONFIG_INTERPRETER = KernelConfig(16, 16, 16, 4, 1)
 
 
-def fp8_kernel_configs(device: torch.device, block: int) -> dict[str, KernelConfig]:
+def fp8_kernel_configs(device: torch.device, block: int, scaling: str = "blockwise",
+                       overrides: Mapping[str, KernelConfig] | None = None) -> dict[str, KernelConfig]:
     """The config of each kernel of `FP8_KERNELS` on ``device`` for the recipe's ``block``:
-    the table above on CUDA (``BK`` and the first GEMM's ``BN`` set to ``block``), the
-    smallest tiles in Triton's CPU interpreter.
+    the table above on CUDA, the smallest tiles in Triton's CPU interpreter, with ``BK`` (and
+    the first GEMM's ``BN``) set to ``block``; then ``overrides`` (`TritonOptions.configs`'
+    FP8 entries) as given.
+
+    Raises
+    ------
+    ValueError
+        A blockwise override whose ``BK`` (or, for "fp8_glu_fwd", ``BN``) is not ``block``:
+        each step of the reduction is one scale block, and the first GEMM's epilogue
+        quantises one whole ``1 x block`` tile of a.
 
     Examples
     --------
     >>> fp8_kernel_configs(torch.device("cpu"), 32)["fp8_glu_fwd"]
-    KernelConfig(BM=16, BN=32, BK=32, warps=4, stages=1, group_m=8, tma=False, pregather=False)
+    KernelConfig(BM=16, BN=32, BK=32, warps=4, stages=1, group_m=8, tma=True, pregather=False)
     """
-    if device.type != "cuda":
-        cfgs = dict.fromkeys(FP8_KERNELS, KernelConfig(16, 16, 16, 4, 1, tma=False))
-    else:
-        cfgs = dict(FP8_CONFIGS)
-    return {
-        "fp8_glu_fwd": replace(cfgs["fp8_glu_fwd"], BN=block, BK=block),
-        "fp8_gemm": replace(cfgs["fp8_gemm"], BK=block),
+    base = FP8_CONFIGS if device.type == "cuda" else dict.fromkeys(FP8_KERNELS, FP8_CONFIG_INTERPRETER)
+    cfgs = {
+        "fp8_glu_fwd": replace(base["fp8_glu_fwd"], BN=block, BK=block),
+        "fp8_gemm": replace(base["fp8_gemm"], BK=block),
     }
+    for name, cfg in (overrides or {}).items():
+        if name not in FP8_KERNELS:
+            continue
+        if scaling == "blockwise" and (cfg.BK != block or (name == "fp8_glu_fwd" and cfg.BN != block)):
+            raise ValueError(f"configs[{name!r}]: blockwise FP8 needs BK{' and BN' if name == 'fp8_glu_fwd' else ''} "
+                             f"= block = {block}, got {cfg}")
+        cfgs[name] = cfg
+    return cfgs

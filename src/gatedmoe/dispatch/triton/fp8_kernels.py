@@ -146,12 +146,14 @@ def fp8_glu_fwd_kernel(
     counts_ptr, E, n_tiles, D, H, KB, WNB, WKB,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, E_POW2: tl.constexpr,
     BLOCKWISE: tl.constexpr, WB: tl.constexpr, STORE_H: tl.constexpr, QUANT_A: tl.constexpr,
-    FMAX: tl.constexpr, FMAX_EXP: tl.constexpr, ROUND: tl.constexpr,
+    FMAX: tl.constexpr, FMAX_EXP: tl.constexpr, ROUND: tl.constexpr, W_DESC: tl.constexpr,
 ):
     """``xq [T, D]`` FP8 with scales ``xs [T, KB]``; ``w [E, 2H, D]`` e4m3 (gate rows, then
     up rows) with scales ``ws [E, WNB, WKB]``, weight row r's scale row ``r // WB``.
     Writes h ``[N, 2H]`` (``STORE_H``) and a ``[N, H]``: with ``QUANT_A`` (blockwise, BN ==
-    the block) as FP8 into ``a_ptr`` with scales ``as [N, H / BN]``, else in h's dtype."""
+    the block) as FP8 into ``a_ptr`` with scales ``as [N, H / BN]``, else in h's dtype.
+    ``W_DESC``: ``w_ptr`` is a TMA descriptor over ``[E * 2H, D]`` (block ``[BN, BK]``); a
+    gate block running past H reads up rows, which land only in masked columns."""
     pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:
@@ -161,7 +163,6 @@ def fp8_glu_fwd_kernel(
     col_mask = cols < H
     g_rows = cols.to(tl.int64)
     u_rows = g_rows + H
-    w_e = w_ptr + e.to(tl.int64) * (2 * H) * D
     ws_e = ws_ptr + e.to(tl.int64) * WNB * WKB
     ks = tl.arange(0, BK)
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
@@ -170,9 +171,15 @@ def fp8_glu_fwd_kernel(
         k = k0 + ks
         k_mask = k < D
         a = tl.load(xq_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b_mask = k_mask[:, None] & col_mask[None, :]
-        bg = tl.load(w_e + g_rows[None, :] * D + k[:, None], mask=b_mask, other=0.0)
-        bu = tl.load(w_e + u_rows[None, :] * D + k[:, None], mask=b_mask, other=0.0)
+        if W_DESC:
+            w_row0 = e * (2 * H) + pid_n * BN
+            bg = w_ptr.load([w_row0, k0]).T
+            bu = w_ptr.load([w_row0 + H, k0]).T
+        else:
+            w_e = w_ptr + e.to(tl.int64) * (2 * H) * D
+            b_mask = k_mask[:, None] & col_mask[None, :]
+            bg = tl.load(w_e + g_rows[None, :] * D + k[:, None], mask=b_mask, other=0.0)
+            bu = tl.load(w_e + u_rows[None, :] * D + k[:, None], mask=b_mask, other=0.0)
         if BLOCKWISE:
             kb = k0 // BK
             sa = tl.load(xs_ptr + tok * KB + kb, mask=row_mask, other=0.0)
@@ -216,14 +223,15 @@ def fp8_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, token_ptr, weight_ptr,
     counts_ptr, E, n_tiles, K, N_COLS, KB, WNB, WKB, stride_cm,
     GATHER_A: tl.constexpr, SCALE: tl.constexpr, SCATTER_C: tl.constexpr,
-    BLOCKWISE: tl.constexpr, WB: tl.constexpr,
+    BLOCKWISE: tl.constexpr, WB: tl.constexpr, B_DESC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, E_POW2: tl.constexpr,
 ):
     """``C[rows_e] = A[rows_e] @ B[e]^T``: A FP8 ``[*, K]`` (rows by token with
     ``GATHER_A``) with scales ``as [*, KB]``; B e4m3 ``[E, N_COLS, K]`` with scales
     ``bs [E, WNB, WKB]`` (row r's scale row ``r // WB``). ``SCALE``: rows times
     ``weight[n]``; ``SCATTER_C``: rows added into ``c[token[n]]`` (atomics in c's dtype),
-    else stored at ``c[n]``."""
+    else stored at ``c[n]``. ``B_DESC``: ``b_ptr`` is a TMA descriptor over ``[E * N_COLS, K]``
+    (block ``[BN, BK]``); tiles running past the expert's N_COLS rows land in masked columns."""
     pid_m, pid_n = _program_tile(n_tiles, N_COLS, BN, GROUP_M)
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:
@@ -233,7 +241,6 @@ def fp8_gemm_kernel(
     rows64 = rows.to(tl.int64)
     tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     a_rows = tok if GATHER_A else rows64
-    b_e = b_ptr + e.to(tl.int64) * N_COLS * K
     bs_e = bs_ptr + e.to(tl.int64) * WNB * WKB
     cols64 = cols.to(tl.int64)
     ks = tl.arange(0, BK)
@@ -242,7 +249,11 @@ def fp8_gemm_kernel(
         k = k0 + ks
         k_mask = k < K
         a = tl.load(a_ptr + a_rows[:, None] * K + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_e + cols64[None, :] * K + k[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if B_DESC:
+            b = b_ptr.load([e * N_COLS + pid_n * BN, k0]).T
+        else:
+            b_e = b_ptr + e.to(tl.int64) * N_COLS * K
+            b = tl.load(b_e + cols64[None, :] * K + k[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         if BLOCKWISE:
             kb = k0 // BK
             sa = tl.load(as_ptr + a_rows * KB + kb, mask=row_mask, other=0.0)

@@ -21,6 +21,7 @@ Shape legend: T tokens, D model dim, H expert hidden, E experts, N routed assign
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from gatedmoe.dispatch.options import FP8_MAX, FP8Recipe
 from gatedmoe.dispatch.triton import launchers
+from gatedmoe.dispatch.triton.config import KernelConfig
 from gatedmoe.dispatch.triton.fp8_config import fp8_kernel_configs
 from gatedmoe.dispatch.triton.fp8_kernels import (
     fp8_gemm_kernel,
@@ -38,6 +40,7 @@ from gatedmoe.dispatch.triton.fp8_kernels import (
     quantize_rows_kernel,
 )
 from gatedmoe.dispatch.triton.fp8_reference import _FMAX_EXP, FP8_DTYPES
+from gatedmoe.dispatch.triton.launchers import TensorDescriptor
 
 __all__ = ["QuantizedWeight", "fp8_unsupported", "moe_glu_fp8", "quantize_rows", "quantize_weight", "quantized_weight"]
 
@@ -141,14 +144,26 @@ def fp8_unsupported(x_TD: Tensor, w_in_EHD: Tensor, recipe: FP8Recipe) -> str | 
     return None
 
 
+def _weight_operand(w: Tensor, cfg: KernelConfig) -> tuple[object, bool]:
+    """``w [E, R, K]`` (FP8, K contiguous) as a TMA descriptor over ``[E * R, K]`` with block
+    ``[BN, BK]`` where the config asks for it and TMA can address it (16-byte aligned rows
+    and base), else the tensor itself."""
+    E, R, K = w.shape
+    if (cfg.tma and TensorDescriptor is not None and w.is_contiguous() and K % 16 == 0
+            and w.data_ptr() % 16 == 0):
+        return TensorDescriptor.from_tensor(w.view(E * R, K), [cfg.BN, cfg.BK]), True
+    return w, False
+
+
 def _launch_glu(xq, xs, token, wq: QuantizedWeight, h, a, a_s, counts, N, D, H, cfg, blockwise, store_h):
     E = wq.q.shape[0]
     MT = launchers.n_row_tiles(N, E, cfg.BM)
+    w_arg, w_desc = _weight_operand(wq.q, cfg)
     fp8_glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
-        xq, xs, token, wq.q, wq.s, h, a, a_s, counts, E, MT, D, H, xs.shape[1], wq.s.shape[1], wq.s.shape[2],
+        xq, xs, token, w_arg, wq.s, h, a, a_s, counts, E, MT, D, H, xs.shape[1], wq.s.shape[1], wq.s.shape[2],
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E), BLOCKWISE=blockwise, WB=wq.WB,
         STORE_H=store_h, QUANT_A=blockwise, FMAX=FP8_MAX["e4m3"], FMAX_EXP=_FMAX_EXP["e4m3"], ROUND=_round(xq),
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        W_DESC=w_desc, num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
@@ -157,9 +172,10 @@ def _launch_gemm(aq, a_s, b: Tensor, bs: Tensor, WB: int, c, token, weight, coun
     """``C[rows_e] = A[rows_e] @ b[e]^T`` with ``b [E, n_cols, K]`` (see `fp8_gemm_kernel`)."""
     E = b.shape[0]
     MT = launchers.n_row_tiles(N, E, cfg.BM)
+    b_arg, b_desc = _weight_operand(b, cfg)
     fp8_gemm_kernel[(triton.cdiv(n_cols, cfg.BN) * MT,)](
-        aq, a_s, b, bs, c, token, weight, counts, E, MT, K, n_cols, a_s.shape[1], bs.shape[1], bs.shape[2],
-        c.stride(0), GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, BLOCKWISE=blockwise, WB=WB,
+        aq, a_s, b_arg, bs, c, token, weight, counts, E, MT, K, n_cols, a_s.shape[1], bs.shape[1], bs.shape[2],
+        c.stride(0), GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, BLOCKWISE=blockwise, WB=WB, B_DESC=b_desc,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
@@ -169,7 +185,7 @@ def _scatter_buffer(T: int, D: int, like: Tensor, fp32_scatter: bool) -> Tensor:
     return torch.zeros(T, D, device=like.device, dtype=torch.float32 if fp32_scatter else like.dtype)
 
 
-def _fp8_forward(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, need_h, recipe, fp32_scatter):
+def _fp8_forward(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, need_h, recipe, fp32_scatter, configs):
     x = x_TD.contiguous()
     T, D = x.shape
     N = token_N.numel()
@@ -179,7 +195,7 @@ def _fp8_forward(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, need_h,
         return torch.zeros_like(x), h
     blockwise = recipe.scaling == "blockwise"
     group = recipe.block if blockwise else None
-    cfgs = fp8_kernel_configs(x.device, recipe.block)
+    cfgs = fp8_kernel_configs(x.device, recipe.block, recipe.scaling, configs)
     w_in = quantized_weight(w_in_EHD, recipe, need_h)
     w_out = quantized_weight(w_out_EDH, recipe, need_h)
     xq, xs = quantize_rows(x, "e4m3", group)
@@ -199,7 +215,8 @@ def _fp8_forward(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, need_h,
     return y.to(x.dtype), h
 
 
-def _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, h_box, recipe, fp32_scatter):
+def _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, h_box, recipe, fp32_scatter,
+                  configs):
     gy = gy_TD.contiguous()
     x = x_TD.contiguous()
     T, D = x.shape
@@ -211,7 +228,7 @@ def _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH,
     blockwise = recipe.scaling == "blockwise"
     group = recipe.block if blockwise else None
     fmt = recipe.grad_format
-    cfg = fp8_kernel_configs(x.device, recipe.block)["fp8_gemm"]
+    cfg = fp8_kernel_configs(x.device, recipe.block, recipe.scaling, configs)["fp8_gemm"]
     w_in = quantized_weight(w_in_EHD, recipe, True)
     w_out = quantized_weight(w_out_EDH, recipe, True)
     gyq, gys = quantize_rows(gy, fmt, group)
@@ -243,9 +260,9 @@ class _FP8MoEGLU(torch.autograd.Function):
     FP8 copies (and autograd checks they were not modified in between)."""
 
     @staticmethod
-    def forward(ctx, x, token, weight, counts, w_in, w_out, recipe, fp32_scatter):
-        y, h = _fp8_forward(x, token, weight, counts, w_in, w_out, True, recipe, fp32_scatter)
-        ctx.recipe, ctx.fp32_scatter, ctx.h = recipe, fp32_scatter, h
+    def forward(ctx, x, token, weight, counts, w_in, w_out, recipe, fp32_scatter, configs):
+        y, h = _fp8_forward(x, token, weight, counts, w_in, w_out, True, recipe, fp32_scatter, configs)
+        ctx.recipe, ctx.fp32_scatter, ctx.configs, ctx.h = recipe, fp32_scatter, configs, h
         ctx.save_for_backward(x, token, weight, counts, w_in, w_out)
         return y
 
@@ -259,21 +276,21 @@ class _FP8MoEGLU(torch.autograd.Function):
         h_box = [ctx.h]
         ctx.h = None
         gx, gw, gwi, gwo = _fp8_backward(gy, x, token, weight, counts, w_in, w_out, h_box, ctx.recipe,
-                                         ctx.fp32_scatter)
-        return gx, None, gw, None, gwi, gwo, None, None
+                                         ctx.fp32_scatter, ctx.configs)
+        return gx, None, gw, None, gwi, gwo, None, None, None
 
 
 def moe_glu_fp8(
     x_TD: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Tensor, w_in_EHD: Tensor, w_out_EDH: Tensor,
-    recipe: FP8Recipe, fp32_scatter: bool = False,
+    recipe: FP8Recipe, fp32_scatter: bool = False, configs: Mapping[str, KernelConfig] | None = None,
 ) -> Tensor:
     """The SwiGLU MoE output ``y_TD`` (``x``'s dtype) with the expert GEMMs in FP8.
 
     ``x_TD`` [T, D] bf16/fp16/fp32; ``token_N``, ``weight_N``, ``counts_E`` the expert-sorted
     routing; ``w_in_EHD`` [E, 2H, D] and ``w_out_EDH`` [E, D, H] the parameters themselves
     (any float dtype, quantised from it and cached on them; gradients come back in their
-    dtype). ``fp32_scatter`` as `TritonOptions`. Raises ValueError where `fp8_unsupported`
-    gives a reason.
+    dtype). ``fp32_scatter`` and ``configs`` (its "fp8_glu_fwd" / "fp8_gemm" entries) as
+    `TritonOptions`. Raises ValueError where `fp8_unsupported` gives a reason.
 
     Examples
     --------
@@ -285,5 +302,6 @@ def moe_glu_fp8(
         raise ValueError(f"TritonOptions(fp8=...): the FP8 path does not support {reason}")
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weight_N, w_in_EHD, w_out_EDH))
     if not grad:
-        return _fp8_forward(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, False, recipe, fp32_scatter)[0]
-    return _FP8MoEGLU.apply(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, recipe, fp32_scatter)
+        return _fp8_forward(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, False, recipe, fp32_scatter,
+                            configs)[0]
+    return _FP8MoEGLU.apply(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, recipe, fp32_scatter, configs)
