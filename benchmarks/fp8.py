@@ -25,6 +25,7 @@ grouped GEMM wants; the bank in bf16):
 
 Variants: "bf16" (`TritonOptions()`), "fp8_block" (`FP8Recipe()`: 1x128 / 128x128 scales,
 e4m3 gradients), "fp8_block_e5m2" (e5m2 gradients), "fp8_row" (row-wise scales),
+"fp8_block_no_tma" and "fp8_block_glu_bm128" (config alternatives, as `TritonOptions.configs`),
 "sgmm_row" (gather, our row quantisation kernel, ``torch._scaled_grouped_mm`` with fast
 accumulation, SwiGLU and quantisation in torch, weighted ``index_add``; backward: the two
 data-gradient GEMMs with ``torch._scaled_grouped_mm`` on row-quantised operands, weight
@@ -36,6 +37,7 @@ the floor of any pipeline built on it). JSON written after every shape.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -156,8 +158,6 @@ def sgmm_gemms_only(shape: BenchShape, r: Routing, bank: ExpertBank, device: tor
 # ---------------------------------------------------------------- measuring
 def _grads(fn, x, r, bank, gy):
     """y and the gradients of one forward+backward (x, routing weight, W_in, W_out), float32."""
-    import dataclasses
-
     x = x.detach().requires_grad_(True)
     weight = r.weight.detach().requires_grad_(True)
     bank.zero_grad(set_to_none=True)
@@ -195,13 +195,21 @@ def _ceilings(device: torch.device, dry: bool) -> dict:
     return out
 
 
-def _variants(block: int) -> dict:
+def _variants(block: int, device: torch.device) -> dict:
     """Variant name -> (options or None for the torch pipeline, gradient format or None)."""
+    from gatedmoe.dispatch.triton.fp8_config import fp8_kernel_configs
+
+    blockwise = fp8_kernel_configs(device, block)
+    no_tma = {name: dataclasses.replace(cfg, tma=False) for name, cfg in blockwise.items()}
+    glu_bm128 = {"fp8_glu_fwd": dataclasses.replace(blockwise["fp8_glu_fwd"], BM=128)}
     return {
         "bf16": (TritonOptions(), None),
         "fp8_block": (TritonOptions(fp8=FP8Recipe(block=block)), "e4m3"),
         "fp8_block_e5m2": (TritonOptions(fp8=FP8Recipe(block=block, grad_format="e5m2")), "e5m2"),
         "fp8_row": (TritonOptions(fp8=FP8Recipe(block=block, scaling="rowwise")), "e4m3"),
+        # Config alternatives of the blockwise path: no TMA; the first GEMM with 128-row tiles.
+        "fp8_block_no_tma": (TritonOptions(fp8=FP8Recipe(block=block), configs=no_tma), "e4m3"),
+        "fp8_block_glu_bm128": (TritonOptions(fp8=FP8Recipe(block=block), configs=glu_bm128), "e4m3"),
         "sgmm_row": (None, "e4m3"),
     }
 
@@ -241,7 +249,9 @@ def shape_row(name: str, shape: BenchShape, device: torch.device, args, ceilings
 
     sgmm_reason = _sgmm_available(device)
     fns = {}
-    for vname, (options, fmt) in _variants(block).items():
+    for vname, (options, fmt) in _variants(block, device).items():
+        if args.variants and vname not in args.variants.split(","):
+            continue
         if options is None:
             if sgmm_reason is not None:
                 row["skipped"][vname] = sgmm_reason
@@ -307,7 +317,7 @@ def shape_row(name: str, shape: BenchShape, device: torch.device, args, ceilings
 
     for vname in ("fp8_block", "fp8_row"):
         if vname in fns:
-            recipe = _variants(block)[vname][0].fp8
+            recipe = _variants(block, device)[vname][0].fp8
 
             def q(recipe=recipe):
                 quantize_weight(bank.w_in.detach(), recipe, True)
@@ -325,6 +335,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip the shapes left once this much time has passed")
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, one tiny shape (plumbing only)")
     args = ap.parse_args()

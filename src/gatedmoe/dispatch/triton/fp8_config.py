@@ -28,8 +28,9 @@ __all__ = ["FP8_CONFIGS", "FP8_CONFIG_INTERPRETER", "FP8_KERNELS", "fp8_kernel_c
 FP8_KERNELS = ("fp8_glu_fwd", "fp8_gemm")
 
 # CUDA (sm90), block 128: chosen, not tuned (smem per stage: glu 8 + 32 KiB, gemm 16 + 16 KiB).
-# The weight operand goes through TMA (``tma``); the activation rows are gathered by pointer
-# loads (TMA cannot gather on Hopper) or, in the backward's dL/dx GEMM, read in order.
+# With ``tma`` the weight operand, and the activation rows where they are read in order (the
+# forward's second GEMM, the backward's dL/dx GEMM), go through TMA descriptors; gathered rows
+# (the first GEMM, the backward's gy GEMM) are pointer loads (TMA cannot gather on Hopper).
 FP8_CONFIGS: Mapping[str, KernelConfig] = MappingProxyType({
     "fp8_glu_fwd": KernelConfig(64, 128, 128, 8, 4),
     "fp8_gemm": KernelConfig(128, 128, 128, 8, 4),

@@ -11,7 +11,8 @@
                            in the epilogue (blockwise: the tile's BN columns are one 1 x block
                            tile of each row, so its amax is the tile's row max).
 * `fp8_gemm_kernel`        C = A[rows] @ B[e]^T with FP8 A and B (B stored ``[E, N_COLS, K]``,
-                           k contiguous, as Hopper's FP8 tensor cores read both operands),
+                           k contiguous, as Hopper's FP8 tensor cores read both operands;
+                           B, and A when not gathered, through TMA descriptors),
                            optionally gathering A by token, scaling rows by the routing
                            weight, and scatter-adding into C[token]: the forward's second
                            GEMM and both backward data-gradient GEMMs.
@@ -223,7 +224,7 @@ def fp8_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, token_ptr, weight_ptr,
     counts_ptr, E, n_tiles, K, N_COLS, KB, WNB, WKB, stride_cm,
     GATHER_A: tl.constexpr, SCALE: tl.constexpr, SCATTER_C: tl.constexpr,
-    BLOCKWISE: tl.constexpr, WB: tl.constexpr, B_DESC: tl.constexpr,
+    BLOCKWISE: tl.constexpr, WB: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, E_POW2: tl.constexpr,
 ):
     """``C[rows_e] = A[rows_e] @ B[e]^T``: A FP8 ``[*, K]`` (rows by token with
@@ -231,7 +232,9 @@ def fp8_gemm_kernel(
     ``bs [E, WNB, WKB]`` (row r's scale row ``r // WB``). ``SCALE``: rows times
     ``weight[n]``; ``SCATTER_C``: rows added into ``c[token[n]]`` (atomics in c's dtype),
     else stored at ``c[n]``. ``B_DESC``: ``b_ptr`` is a TMA descriptor over ``[E * N_COLS, K]``
-    (block ``[BN, BK]``); tiles running past the expert's N_COLS rows land in masked columns."""
+    (block ``[BN, BK]``); tiles running past the expert's N_COLS rows land in masked columns.
+    ``A_DESC`` (only without ``GATHER_A``): ``a_ptr`` is a descriptor over ``[N, K]`` (block
+    ``[BM, BK]``); rows past the expert's land in masked rows."""
     pid_m, pid_n = _program_tile(n_tiles, N_COLS, BN, GROUP_M)
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:
@@ -248,7 +251,10 @@ def fp8_gemm_kernel(
     for k0 in range(0, K, BK):
         k = k0 + ks
         k_mask = k < K
-        a = tl.load(a_ptr + a_rows[:, None] * K + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if A_DESC:
+            a = a_ptr.load([row0, k0])
+        else:
+            a = tl.load(a_ptr + a_rows[:, None] * K + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if B_DESC:
             b = b_ptr.load([e * N_COLS + pid_n * BN, k0]).T
         else:

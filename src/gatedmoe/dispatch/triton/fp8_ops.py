@@ -144,21 +144,20 @@ def fp8_unsupported(x_TD: Tensor, w_in_EHD: Tensor, recipe: FP8Recipe) -> str | 
     return None
 
 
-def _weight_operand(w: Tensor, cfg: KernelConfig) -> tuple[object, bool]:
-    """``w [E, R, K]`` (FP8, K contiguous) as a TMA descriptor over ``[E * R, K]`` with block
-    ``[BN, BK]`` where the config asks for it and TMA can address it (16-byte aligned rows
+def _tma_operand(t: Tensor, block: list[int], cfg: KernelConfig) -> tuple[object, bool]:
+    """``t`` (FP8, ``[..., K]``, K contiguous) as a TMA descriptor over its 2-D view ``[rows, K]``
+    with ``block`` where the config asks for it and TMA can address it (16-byte aligned rows
     and base), else the tensor itself."""
-    E, R, K = w.shape
-    if (cfg.tma and TensorDescriptor is not None and w.is_contiguous() and K % 16 == 0
-            and w.data_ptr() % 16 == 0):
-        return TensorDescriptor.from_tensor(w.view(E * R, K), [cfg.BN, cfg.BK]), True
-    return w, False
+    K = t.shape[-1]
+    if cfg.tma and TensorDescriptor is not None and t.is_contiguous() and K % 16 == 0 and t.data_ptr() % 16 == 0:
+        return TensorDescriptor.from_tensor(t.view(-1, K), block), True
+    return t, False
 
 
 def _launch_glu(xq, xs, token, wq: QuantizedWeight, h, a, a_s, counts, N, D, H, cfg, blockwise, store_h):
     E = wq.q.shape[0]
     MT = launchers.n_row_tiles(N, E, cfg.BM)
-    w_arg, w_desc = _weight_operand(wq.q, cfg)
+    w_arg, w_desc = _tma_operand(wq.q, [cfg.BN, cfg.BK], cfg)
     fp8_glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
         xq, xs, token, w_arg, wq.s, h, a, a_s, counts, E, MT, D, H, xs.shape[1], wq.s.shape[1], wq.s.shape[2],
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E), BLOCKWISE=blockwise, WB=wq.WB,
@@ -172,10 +171,12 @@ def _launch_gemm(aq, a_s, b: Tensor, bs: Tensor, WB: int, c, token, weight, coun
     """``C[rows_e] = A[rows_e] @ b[e]^T`` with ``b [E, n_cols, K]`` (see `fp8_gemm_kernel`)."""
     E = b.shape[0]
     MT = launchers.n_row_tiles(N, E, cfg.BM)
-    b_arg, b_desc = _weight_operand(b, cfg)
+    b_arg, b_desc = _tma_operand(b, [cfg.BN, cfg.BK], cfg)
+    a_arg, a_desc = (aq, False) if gather else _tma_operand(aq, [cfg.BM, cfg.BK], cfg)
     fp8_gemm_kernel[(triton.cdiv(n_cols, cfg.BN) * MT,)](
-        aq, a_s, b_arg, bs, c, token, weight, counts, E, MT, K, n_cols, a_s.shape[1], bs.shape[1], bs.shape[2],
-        c.stride(0), GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, BLOCKWISE=blockwise, WB=WB, B_DESC=b_desc,
+        a_arg, a_s, b_arg, bs, c, token, weight, counts, E, MT, K, n_cols, a_s.shape[1], bs.shape[1], bs.shape[2],
+        c.stride(0), GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, BLOCKWISE=blockwise, WB=WB, A_DESC=a_desc,
+        B_DESC=b_desc,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
