@@ -21,13 +21,14 @@ grouped GEMM wants; the bank in bf16):
   quantisation is timed on its own ("quantize_weights_ms");
 * TFLOP/s (forward 6 N D H flops, forward+backward 18 N D H) and that as a fraction of
   the dense ceilings: bf16 ``a @ b`` and FP8 ``torch._scaled_mm`` at 8192^3 (with and
-  without fast accumulation).
+  without fast accumulation);
+* CUDA time per kernel over one forward+backward of "bf16" and "fp8_block" (torch.profiler).
 
 Variants: "bf16" (`TritonOptions()`), "fp8_block" (`FP8Recipe()`: 1x128 / 128x128 scales,
 e4m3 gradients), "fp8_block_e5m2" (e5m2 gradients), "fp8_row" (row-wise scales),
 "fp8_block_no_tma" and "fp8_block_glu_bm128" (config alternatives, as `TritonOptions.configs`),
 "sgmm_row" (gather, our row quantisation kernel, ``torch._scaled_grouped_mm`` with fast
-accumulation, SwiGLU and quantisation in torch, weighted ``index_add``; backward: the two
+accumulation, SwiGLU in torch, weighted ``index_add``; backward: the two
 data-gradient GEMMs with ``torch._scaled_grouped_mm`` on row-quantised operands, weight
 gradients with ``torch._grouped_mm`` in bf16, as our path; weights quantised once per step
 like ours), and "sgmm_gemms" (the four ``_scaled_grouped_mm`` calls of that pipeline alone:
@@ -170,6 +171,28 @@ def _rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _kernel_table(fn, top: int = 14) -> dict[str, float]:
+    """CUDA milliseconds per kernel name (summed) over one call of ``fn``, the ``top`` largest
+    and the rest as "other"."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if us:
+            times[ev.key[:80]] = times.get(ev.key[:80], 0.0) + us / 1e3
+    ranked = sorted(times.items(), key=lambda kv: -kv[1])
+    out = dict(ranked[:top])
+    out["other"] = sum(v for _, v in ranked[top:])
+    out["total"] = sum(times.values())
+    return out
+
+
 def _dense_fp8_tflops(device: torch.device, n: int, fast_accum: bool, reps: int) -> float:
     a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
     b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
@@ -261,7 +284,7 @@ def shape_row(name: str, shape: BenchShape, device: torch.device, args, ceilings
             fn = (lambda o: lambda xx, rr, bb: triton_fn(xx, rr, bb, options=o))(options)
         try:
             errs = {n: _rel(a, b) for n, a, b in zip(NAMES, _grads(fn, x, r, bank, gy), ref, strict=True)}
-        except (RuntimeError, ValueError) as e:
+        except Exception as e:  # a compile error or refusal of one variant must not end the run
             row["skipped"][vname] = f"{type(e).__name__}: {str(e)[:400]}"
             continue
         row["error"][vname] = errs
@@ -289,9 +312,13 @@ def shape_row(name: str, shape: BenchShape, device: torch.device, args, ceilings
         passes[(vname, "fwd")] = fwd
         passes[(vname, "fwd+bwd")] = fwd_bwd
     if sgmm_reason is None:
-        f, fb = sgmm_gemms_only(shape, r, bank, device)
-        passes[("sgmm_gemms", "fwd")] = f
-        passes[("sgmm_gemms", "fwd+bwd")] = fb
+        try:
+            f, fb = sgmm_gemms_only(shape, r, bank, device)
+            fb()
+            passes[("sgmm_gemms", "fwd")] = f
+            passes[("sgmm_gemms", "fwd+bwd")] = fb
+        except Exception as e:
+            row["skipped"]["sgmm_gemms"] = f"{type(e).__name__}: {str(e)[:400]}"
     samples: dict = {f"{v} {p}": [] for v, p in passes}
     for _ in range(args.rounds):
         for (v, p), fn in passes.items():
@@ -310,6 +337,16 @@ def shape_row(name: str, shape: BenchShape, device: torch.device, args, ceilings
         if base:
             row.setdefault("speedup_vs_bf16", {})[p] = {
                 v: base / row["ms"][f"{v} {p}"]["median"] for v, _ in passes if f"{v} {p}" in row["ms"]}
+
+    # Where the time goes: CUDA time per kernel over one forward+backward (torch.profiler).
+    if device.type == "cuda" and args.profile:
+        row["kernels_ms"] = {}
+        for vname in ("bf16", "fp8_block"):
+            if (vname, "fwd+bwd") in passes:
+                try:
+                    row["kernels_ms"][vname] = _kernel_table(passes[(vname, "fwd+bwd")])
+                except Exception as e:
+                    row["kernels_ms"][vname] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
 
     # The per-step cost the cached timings leave out: quantising both weights (and their
     # transposes) once after each optimizer step.
@@ -335,6 +372,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-profile", dest="profile", action="store_false",
+                    help="skip the per-kernel CUDA time table of one forward+backward")
     ap.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip the shapes left once this much time has passed")
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, one tiny shape (plumbing only)")
