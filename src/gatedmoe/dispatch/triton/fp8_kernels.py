@@ -10,6 +10,8 @@
                            epilogue writing h (input dtype, for backward) and a, quantised
                            in the epilogue (blockwise: the tile's BN columns are one 1 x block
                            tile of each row, so its amax is the tile's row max).
+* `fp8_swiglu_bwd_kernel`  the SwiGLU backward of `kernels.swiglu_bwd_kernel`, also writing
+                           dL/dh quantised in 1 x block tiles (blockwise).
 * `fp8_gemm_kernel`        C = A[rows] @ B[e]^T with FP8 A and B (B stored ``[E, N_COLS, K]``,
                            k contiguous, as Hopper's FP8 tensor cores read both operands;
                            B, and A when not gathered, through TMA descriptors),
@@ -279,3 +281,49 @@ def fp8_gemm_kernel(
         tl.atomic_add(c_ptr + tok[:, None] * stride_cm + cols[None, :], acc, mask=out_mask, sem="relaxed")
     else:
         tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def fp8_swiglu_bwd_kernel(
+    ga_ptr, h_ptr, weight_ptr, gh_ptr, wa_ptr, gweight_ptr, ghq_ptr, ghs_ptr,
+    N, H,
+    BM: tl.constexpr, BH: tl.constexpr, FMAX: tl.constexpr, FMAX_EXP: tl.constexpr, ROUND: tl.constexpr,
+):
+    """`kernels.swiglu_bwd_kernel` (same outputs) that also quantises dL/dh for the dL/dx GEMM:
+    with ``BH`` = the block (H a multiple of it) each column chunk of the gate half and of
+    the up half is one ``1 x BH`` tile of each row of dL/dh, so its amax is the chunk's row max
+    and ``ghq [N, 2H]`` / ``ghs [N, 2H / BH]`` are written with no second pass over dL/dh.
+    The tiles quantise dL/dh rounded to its dtype, as the reference does."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    KB = 2 * (H // BH)
+    w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    gw = tl.zeros((BM,), dtype=tl.float32)
+    for c0 in range(0, H, BH):
+        cols = c0 + tl.arange(0, BH)
+        mask = row_mask[:, None] & (cols < H)[None, :]
+        ga = tl.load(ga_ptr + rows64[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h_row = h_ptr + rows64[:, None] * (2 * H)
+        hg = tl.load(h_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        hu = tl.load(h_row + H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(hg)
+        silu = hg * sig
+        act = silu * hu
+        gw += tl.sum(ga * act, axis=1)
+        ga = ga * w[:, None]
+        g_gate = (ga * hu * (sig + silu * (1.0 - sig))).to(gh_ptr.dtype.element_ty)
+        g_up = (ga * silu).to(gh_ptr.dtype.element_ty)
+        gh_row = gh_ptr + rows64[:, None] * (2 * H)
+        tl.store(gh_row + cols[None, :], g_gate, mask=mask)
+        tl.store(gh_row + H + cols[None, :], g_up, mask=mask)
+        tl.store(wa_ptr + rows64[:, None] * H + cols[None, :], (act * w[:, None]).to(wa_ptr.dtype.element_ty), mask=mask)
+        q_row = ghq_ptr + rows64[:, None] * (2 * H)
+        kb = c0 // BH
+        for half in tl.static_range(2):
+            v = (g_gate if half == 0 else g_up).to(tl.float32)
+            scale, inv = _pow2_scale(tl.max(tl.abs(v), axis=1), FMAX_EXP)
+            tl.store(q_row + half * H + cols[None, :], _to_fp8(v, inv[:, None], FMAX, FMAX_EXP,
+                                                              ghq_ptr.dtype.element_ty, ROUND), mask=mask)
+            tl.store(ghs_ptr + rows64 * KB + half * (H // BH) + kb, scale, mask=row_mask)
+    tl.store(gweight_ptr + rows, gw, mask=row_mask)

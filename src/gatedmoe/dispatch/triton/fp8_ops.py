@@ -6,9 +6,9 @@ Forward: x quantised per token (``[T, D]``, before the gather: each token's k co
 its tiles, so this is a pass over T rows, not T*k), the first GEMM gathers FP8 rows and
 quantises a in its SwiGLU epilogue (blockwise), the second GEMM scales by the routing
 weight and scatter-adds. Backward: gy quantised per token in ``grad_format``; the gathered
-gy @ W_out^T GEMM in FP8; the SwiGLU backward as without FP8 (`kernels.swiglu_bwd_kernel`);
-dL/dh quantised (one pass over ``[N, 2H]``, not yet fused into the SwiGLU backward); the
-dL/dx GEMM in FP8 with its scatter-add; the weight gradients in the input dtype as without
+gy @ W_out^T GEMM in FP8; the SwiGLU backward (blockwise: `fp8_kernels.fp8_swiglu_bwd_kernel`,
+which also quantises dL/dh; rowwise: `kernels.swiglu_bwd_kernel`, then a quantisation pass
+over ``[N, 2H]``); the dL/dx GEMM in FP8 with its scatter-add; the weight gradients in the input dtype as without
 FP8 (`launchers.weight_grad`, `launchers.launch_wgrad`).
 
 Weights are quantised once per optimizer step: the FP8 copies (and the transposed copies
@@ -36,6 +36,7 @@ from gatedmoe.dispatch.triton.fp8_config import fp8_kernel_configs
 from gatedmoe.dispatch.triton.fp8_kernels import (
     fp8_gemm_kernel,
     fp8_glu_fwd_kernel,
+    fp8_swiglu_bwd_kernel,
     quantize_blocks_kernel,
     quantize_rows_kernel,
 )
@@ -241,8 +242,16 @@ def _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH,
     gh = launchers.alloc(N, 2 * H, device=x.device, dtype=x.dtype)
     gweight = launchers.alloc(N, device=x.device, dtype=torch.float32)
     wa = ga  # written in place, as without FP8 (`ops._backward_impl`)
-    launchers.launch_swiglu_bwd(ga, h_box.pop(), weight_N, gh, wa, gweight, N, H)
-    ghq, ghs = quantize_rows(gh, fmt, group)
+    if blockwise:  # dL/dh quantised in the SwiGLU backward: its chunks are the 1 x block tiles
+        ghq = launchers.alloc(N, 2 * H, device=x.device, dtype=FP8_DTYPES[fmt])
+        ghs = launchers.alloc(N, 2 * H // recipe.block, device=x.device, dtype=torch.float32)
+        BM = 8 if x.is_cuda else 16
+        fp8_swiglu_bwd_kernel[(triton.cdiv(N, BM),)](
+            ga, h_box.pop(), weight_N, gh, wa, gweight, ghq, ghs, N, H, BM=BM, BH=recipe.block, FMAX=FP8_MAX[fmt],
+            FMAX_EXP=_FMAX_EXP[fmt], ROUND=_round(x), num_warps=4 if x.is_cuda else 1)
+    else:  # a row's amax needs the whole row: a separate pass
+        launchers.launch_swiglu_bwd(ga, h_box.pop(), weight_N, gh, wa, gweight, N, H)
+        ghq, ghs = quantize_rows(gh, fmt, group)
     gx = _scatter_buffer(T, D, x, fp32_scatter)
     # dL/dx[token] += dL/dh @ W_in[e]: W_in^T [E, D, 2H] holds the rows = output columns d.
     _launch_gemm(ghq, ghs, w_in.qt, w_in.st, w_in.WB, gx, token_N, weight_N, counts_E, N, 2 * H, D, gather=False,
