@@ -61,7 +61,14 @@ def _round(t: Tensor) -> bool:
 
 def quantize_rows(x_RC: Tensor, fmt: str, group: int | None) -> tuple[Tensor, Tensor]:
     """``(q [R, C], s [R, KB])``: rows of ``x`` in FP8 ``fmt`` with one power-of-two scale
-    per ``1 x group`` tile (``None``: per row), as `fp8_reference.quantize_rows`."""
+    per ``1 x group`` tile (``None``: per row), as `fp8_reference.quantize_rows`.
+
+    Examples
+    --------
+    >>> q, s = quantize_rows(torch.randn(64, 256, device="cuda"), "e4m3", 128)  # doctest: +SKIP
+    >>> q.dtype, s.shape  # doctest: +SKIP
+    (torch.float8_e4m3fn, torch.Size([64, 2]))
+    """
     x = x_RC if x_RC.stride(-1) == 1 else x_RC.contiguous()
     R, C = x.shape
     G = C if group is None else group
@@ -117,7 +124,19 @@ def quantize_weight(w: Tensor, recipe: FP8Recipe, transpose: bool) -> QuantizedW
 
 def quantized_weight(w: Tensor, recipe: FP8Recipe, transpose: bool) -> QuantizedWeight:
     """``w`` quantised by ``recipe`` (with its transpose if ``transpose``), cached on ``w``
-    and rebuilt only when ``w._version`` or ``w.data_ptr()`` changes (an optimizer step)."""
+    and rebuilt only when ``w._version`` or ``w.data_ptr()`` changes (an optimizer step).
+
+    In-place updates of ``w`` itself (optimizers, ``load_state_dict``, ``with torch.no_grad():
+    w.mul_(...)``) bump its version; an update through ``w.data`` does not (``.data`` has a
+    version counter of its own), so code that writes ``w.data`` in place must not expect the
+    FP8 copy to follow it.
+
+    Examples
+    --------
+    >>> w = torch.nn.Parameter(torch.randn(2, 256, 128, device="cuda"))  # doctest: +SKIP
+    >>> quantized_weight(w, FP8Recipe(), True) is quantized_weight(w, FP8Recipe(), True)  # doctest: +SKIP
+    True
+    """
     key = (w._version, w.data_ptr(), tuple(w.shape), w.dtype, recipe.scaling, recipe.block)
     cached = getattr(w, _CACHE_ATTR, None)
     if cached is not None and cached[0] == key and (cached[1].qt is not None or not transpose):

@@ -43,6 +43,11 @@ def pow2_scale(amax: Tensor, fmt: str) -> Tensor:
 
     With ``amax = m 2^E`` (``1 <= m < 2``) and ``fmax = 1.75 2^X``: ``s = 2^(E - X)`` if
     ``m <= 1.75`` else ``2^(E - X + 1)``, read off the float32 bits (no log2, exact).
+
+    Examples
+    --------
+    >>> pow2_scale(torch.tensor([448.0, 449.0, 1.0]), "e4m3")
+    tensor([1.0000, 2.0000, 0.0039])
     """
     bits = amax.float().clamp_min(AMAX_FLOOR).view(torch.int32)
     exp = ((bits >> 23) & 0xFF) - 127 - _FMAX_EXP[fmt] + ((bits & 0x7FFFFF) > 0x600000).to(torch.int32)
@@ -51,7 +56,16 @@ def pow2_scale(amax: Tensor, fmt: str) -> Tensor:
 
 def quantize_rows(x_RC: Tensor, fmt: str, group: int | None) -> tuple[Tensor, Tensor]:
     """``(q [R, C] fp8, s [R, KB] float32)``: one scale per ``1 x group`` tile of each row
-    (``group=None``: the whole row, ``KB = 1``); ``x ~ q * s`` tile by tile."""
+    (``group=None``: the whole row, ``KB = 1``); ``x ~ q * s`` tile by tile.
+
+    Examples
+    --------
+    >>> q, s = quantize_rows(torch.tensor([[1.0, -3.0, 100.0, 0.1]]), "e4m3", group=2)
+    >>> s
+    tensor([[0.0078, 0.2500]])
+    >>> dequantize_rows(q, s, group=2)  # 100 / 0.25 = 400, a tie between 384 and 416: even wins
+    tensor([[ 1.0000, -3.0000, 96.0000,  0.1016]])
+    """
     R, C = x_RC.shape
     g = C if group is None else group
     KB = -(-C // g)
