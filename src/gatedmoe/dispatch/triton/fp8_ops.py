@@ -9,7 +9,8 @@ weight and scatter-adds. Backward: gy quantised per token in ``grad_format``; th
 gy @ W_out^T GEMM in FP8; the SwiGLU backward (blockwise: `fp8_kernels.fp8_swiglu_bwd_kernel`,
 which also quantises dL/dh; rowwise: `kernels.swiglu_bwd_kernel`, then a quantisation pass
 over ``[N, 2H]``); the dL/dx GEMM in FP8 with its scatter-add; the weight gradients in the input dtype as without
-FP8 (`launchers.weight_grad`, `launchers.launch_wgrad`).
+FP8 (`launchers.weight_grad`), or with ``FP8Recipe(wgrad="fp8")`` in FP8 (`quantize_cols`,
+`fp8_kernels.fp8_wgrad_kernel`).
 
 Weights are quantised once per optimizer step: the FP8 copies (and the transposed copies
 the backward reads) are kept on the parameter and rebuilt when its version counter (every
@@ -37,13 +38,23 @@ from gatedmoe.dispatch.triton.fp8_kernels import (
     fp8_gemm_kernel,
     fp8_glu_fwd_kernel,
     fp8_swiglu_bwd_kernel,
+    fp8_wgrad_kernel,
     quantize_blocks_kernel,
+    quantize_cols_kernel,
     quantize_rows_kernel,
 )
 from gatedmoe.dispatch.triton.fp8_reference import _FMAX_EXP, FP8_DTYPES
 from gatedmoe.dispatch.triton.launchers import TensorDescriptor
 
-__all__ = ["QuantizedWeight", "fp8_unsupported", "moe_glu_fp8", "quantize_rows", "quantize_weight", "quantized_weight"]
+__all__ = [
+    "QuantizedWeight",
+    "fp8_unsupported",
+    "moe_glu_fp8",
+    "quantize_cols",
+    "quantize_rows",
+    "quantize_weight",
+    "quantized_weight",
+]
 
 _CACHE_ATTR = "_gatedmoe_fp8_cache"
 
@@ -276,11 +287,53 @@ def _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH,
     _launch_gemm(ghq, ghs, w_in.qt, w_in.st, w_in.WB, gx, token_N, weight_N, counts_E, N, 2 * H, D, gather=False,
                  scale=False, scatter=True, cfg=cfg, blockwise=blockwise)
     del ghq, ghs
-    offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-    grad_w_in = launchers.weight_grad(gh, x.index_select(0, token_N), counts_E, offs)  # [E, 2H, D]
-    del gh
-    grad_w_out = launchers.weight_grad(gy.index_select(0, token_N), wa, counts_E, offs)  # [E, D, H]
+    if recipe.wgrad == "fp8":
+        wcfg = fp8_kernel_configs(x.device, recipe.block, recipe.scaling, configs)["fp8_wgrad"]
+        B = recipe.block
+        # Written in the parameters' dtype straight from the float32 accumulators.
+        grad_w_in = _fp8_wgrad(quantize_cols(gh, None, fmt, B), quantize_cols(x, token_N, "e4m3", B), counts_E,
+                               w_in_EHD.dtype, wcfg)  # [E, 2H, D]
+        del gh
+        grad_w_out = _fp8_wgrad(quantize_cols(gy, token_N, fmt, B), quantize_cols(wa, None, "e4m3", B), counts_E,
+                                w_out_EDH.dtype, wcfg)  # [E, D, H]
+    else:
+        offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        grad_w_in = launchers.weight_grad(gh, x.index_select(0, token_N), counts_E, offs)  # [E, 2H, D]
+        del gh
+        grad_w_out = launchers.weight_grad(gy.index_select(0, token_N), wa, counts_E, offs)  # [E, D, H]
     return gx.to(x.dtype), gweight.to(weight_N.dtype), grad_w_in.to(w_in_EHD.dtype), grad_w_out.to(w_out_EDH.dtype)
+
+
+def quantize_cols(x_RC: Tensor, token_N: Tensor | None, fmt: str, block: int) -> tuple[Tensor, Tensor]:
+    """``(qt [C, N], s [C, NB])``: the rows ``x[token]`` (``token=None``: all rows of ``x``,
+    N = R) quantised per column in ``block x 1`` tiles and transposed (the weight gradients'
+    operands), as `fp8_reference.quantize_rows` of the transpose with ``group=block``."""
+    x = x_RC if x_RC.stride(-1) == 1 else x_RC.contiguous()
+    C = x.shape[1]
+    N = x.shape[0] if token_N is None else token_N.numel()
+    NB = max(1, triton.cdiv(N, block))
+    qt = launchers.alloc(C, N, device=x.device, dtype=FP8_DTYPES[fmt])
+    s = launchers.alloc(C, NB, device=x.device, dtype=torch.float32)
+    if N and C:
+        BC = 64 if x.is_cuda else 16
+        quantize_cols_kernel[(NB, triton.cdiv(C, BC))](
+            x, x if token_N is None else token_N, qt, s, N, C, x.stride(0), NB, GATHER=token_N is not None, B=block,
+            BC=BC, FMAX=FP8_MAX[fmt], FMAX_EXP=_FMAX_EXP[fmt], ROUND=_round(x), num_warps=4)
+    return qt, s
+
+
+def _fp8_wgrad(lhs: tuple[Tensor, Tensor], rhs: tuple[Tensor, Tensor], counts_E: Tensor, dtype: torch.dtype,
+               cfg: KernelConfig) -> Tensor:
+    """``out[e] = L[rows_e]^T @ R[rows_e]`` ([E, P, Q], ``dtype``) from `quantize_cols` outputs."""
+    (lt, ls), (rt, rs) = lhs, rhs
+    E = counts_E.numel()
+    P, N = lt.shape
+    Q = rt.shape[0]
+    out = launchers.alloc(E, P, Q, device=lt.device, dtype=dtype)
+    fp8_wgrad_kernel[(E * triton.cdiv(P, cfg.BM) * triton.cdiv(Q, cfg.BN),)](
+        lt, ls, rt, rs, out, counts_E, E, N, ls.shape[1], P, Q, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, E_POW2=_e_pow2(E),
+        num_warps=cfg.warps, num_stages=cfg.stages)
+    return out
 
 
 class _FP8MoEGLU(torch.autograd.Function):
