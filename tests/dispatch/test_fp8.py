@@ -39,7 +39,7 @@ from gatedmoe.dispatch import (
 )
 from gatedmoe.dispatch.triton import fp8_reference
 from gatedmoe.dispatch.triton.config import KernelConfig
-from gatedmoe.dispatch.triton.fp8_config import fp8_kernel_configs
+from gatedmoe.dispatch.triton.fp8_config import fp8_configs_to_ints, fp8_kernel_configs
 from gatedmoe.experts import ExpertBank
 from helpers import assert_close, poisoned_empty
 
@@ -288,3 +288,34 @@ def test_unsupported_expert_kind_refuses_instead_of_falling_back():
     routing = make_routing(5, 3, 1, "random", torch.randn(5, 3))
     with pytest.raises(ValueError, match="fused Triton kernels only"):
         triton_dispatch(x, routing, bank, options=TritonOptions(fp8=FP8Recipe(block=BLOCK)))
+
+
+def test_opcheck():
+    bank, x, logits, _, routing = _inputs(6, 2 * BLOCK, BLOCK, 3, 2, "random", DTYPE)
+    x.requires_grad_()
+    r = routing
+    for recipe in (FP8Recipe(block=BLOCK), FP8Recipe(block=BLOCK, scaling="rowwise", wgrad="fp8")):
+        cfgs = fp8_configs_to_ints({"fp8_gemm": fp8_kernel_configs(torch.device(DEVICE), BLOCK)["fp8_gemm"]})
+        args = (x, r.token, r.weight, r.counts, bank.w_in, bank.w_out, recipe.scaling, recipe.grad_format,
+                recipe.block, recipe.wgrad, False, cfgs)
+        torch.library.opcheck(fp8_ops.moe_glu_fp8_forward, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.skipif(not CUDA, reason="torch.compile of Triton kernels needs CUDA")
+def test_torch_compile_matches_eager():
+    bank, x, _, gy, r = _inputs(256, 2 * BLOCK, BLOCK, 4, 2, "random", DTYPE)
+    recipe = FP8Recipe(block=BLOCK)
+
+    def f(x, token, weight, counts, w_in, w_out):
+        return fp8_ops.moe_glu_fp8(x, token, weight, counts, w_in, w_out, recipe)
+
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        xx = x.clone().requires_grad_()
+        bank.zero_grad(set_to_none=True)
+        y = fn(xx, r.token, r.weight, r.counts, bank.w_in, bank.w_out)
+        y.backward(gy)
+        results.append([y, xx.grad, bank.w_in.grad, bank.w_out.grad])
+    for name, eager, compiled in zip(["y", "x", "w_in", "w_out"], *results, strict=True):
+        assert_close(name, eager.float(), compiled.float(), DTYPE)

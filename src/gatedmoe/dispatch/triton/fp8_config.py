@@ -11,15 +11,22 @@ Shape legend: D model dim, H expert hidden.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import astuple, fields, replace
 from types import MappingProxyType
 
 import torch
 
 from gatedmoe.dispatch.triton.config import KernelConfig
 
-__all__ = ["FP8_CONFIGS", "FP8_CONFIG_INTERPRETER", "FP8_KERNELS", "fp8_kernel_configs"]
+__all__ = [
+    "FP8_CONFIGS",
+    "FP8_CONFIG_INTERPRETER",
+    "FP8_KERNELS",
+    "fp8_configs_from_ints",
+    "fp8_configs_to_ints",
+    "fp8_kernel_configs",
+]
 
 # "fp8_glu_fwd": gathered xq @ W_in^T with the SwiGLU epilogue (two [BM, BN] float32
 # accumulators, gate and up, plus the slice products of the blockwise recipe: BM=64 keeps
@@ -77,3 +84,35 @@ def fp8_kernel_configs(device: torch.device, block: int, scaling: str = "blockwi
                              f"BK{' and BN' if name == 'fp8_glu_fwd' else ''} = block = {block}, got {cfg}")
         cfgs[name] = cfg
     return cfgs
+
+
+_N_FIELDS = len(fields(KernelConfig))
+
+
+def fp8_configs_to_ints(configs: Mapping[str, KernelConfig] | None) -> list[int]:
+    """The FP8 kernels' entries of ``configs`` flattened to ints (index in `FP8_KERNELS`, then
+    each field; other names skipped), the form a `torch.library` custom op takes; ``[]`` for none.
+
+    Examples
+    --------
+    >>> fp8_configs_from_ints(fp8_configs_to_ints({"fp8_gemm": FP8_CONFIG_INTERPRETER}))["fp8_gemm"].BM
+    16
+    """
+    out: list[int] = []
+    for name, cfg in (configs or {}).items():
+        if name in FP8_KERNELS:
+            out += [FP8_KERNELS.index(name), *(int(v) for v in astuple(cfg))]
+    return out
+
+
+def fp8_configs_from_ints(ints: Sequence[int] | None) -> dict[str, KernelConfig]:
+    """Inverse of `fp8_configs_to_ints`."""
+    ints = list(ints or ())
+    step = 1 + _N_FIELDS
+    if len(ints) % step:
+        raise ValueError(f"FP8 configs as ints: expected a multiple of {step} values, got {len(ints)}")
+    out = {}
+    for i in range(0, len(ints), step):
+        BM, BN, BK, warps, stages, group_m, tma, pregather = ints[i + 1 : i + step]
+        out[FP8_KERNELS[ints[i]]] = KernelConfig(BM, BN, BK, warps, stages, group_m, bool(tma), bool(pregather))
+    return out

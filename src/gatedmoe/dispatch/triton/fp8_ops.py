@@ -22,7 +22,7 @@ Shape legend: T tokens, D model dim, H expert hidden, E experts, N routed assign
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +33,11 @@ from torch.autograd.function import once_differentiable
 from gatedmoe.dispatch.options import FP8_MAX, FP8Recipe
 from gatedmoe.dispatch.triton import launchers
 from gatedmoe.dispatch.triton.config import KernelConfig
-from gatedmoe.dispatch.triton.fp8_config import fp8_kernel_configs
+from gatedmoe.dispatch.triton.fp8_config import (
+    fp8_configs_from_ints,
+    fp8_configs_to_ints,
+    fp8_kernel_configs,
+)
 from gatedmoe.dispatch.triton.fp8_kernels import (
     fp8_gemm_kernel,
     fp8_glu_fwd_kernel,
@@ -50,6 +54,8 @@ __all__ = [
     "QuantizedWeight",
     "fp8_unsupported",
     "moe_glu_fp8",
+    "moe_glu_fp8_backward",
+    "moe_glu_fp8_forward",
     "quantize_cols",
     "quantize_rows",
     "quantize_weight",
@@ -162,11 +168,10 @@ def quantized_weight(w: Tensor, recipe: FP8Recipe, transpose: bool) -> Quantized
 
 def fp8_unsupported(x_TD: Tensor, w_in_EHD: Tensor, recipe: FP8Recipe) -> str | None:
     """Why the FP8 path cannot run this call, or None."""
-    if torch.compiler.is_compiling():
-        return "torch.compile (the FP8 path has no custom-op registration yet)"
     if x_TD.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"dtype {x_TD.dtype}"
-    if x_TD.is_cuda and torch.cuda.get_device_capability(x_TD.device) < (8, 9):
+    # Not while torch.compile traces (a host query): the eager calls before it have checked.
+    if not torch.compiler.is_compiling() and x_TD.is_cuda and torch.cuda.get_device_capability(x_TD.device) < (8, 9):
         return "a GPU without FP8 tensor cores (needs compute capability >= 8.9)"
     D, H = w_in_EHD.shape[-1], w_in_EHD.shape[-2] // 2
     if recipe.scaling == "blockwise" and (D % recipe.block or H % recipe.block):
@@ -336,6 +341,62 @@ def _fp8_wgrad(lhs: tuple[Tensor, Tensor], rhs: tuple[Tensor, Tensor], counts_E:
     return out
 
 
+@torch.library.custom_op("gatedmoe::moe_glu_fp8_forward", mutates_args=())
+def moe_glu_fp8_forward(
+    x_TD: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Tensor, w_in_EHD: Tensor, w_out_EDH: Tensor,
+    scaling: str, grad_format: str, block: int, wgrad: str, fp32_scatter: bool = False,
+    configs: Sequence[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(y_TD, h_N2H)`` of the FP8 forward as a custom op (what torch.compile sees): the
+    `FP8Recipe` as its fields, the config overrides as `fp8_config.fp8_configs_to_ints` ints.
+    The weights are quantised by `quantized_weight` (cached on the tensors the op receives)."""
+    recipe = FP8Recipe(scaling=scaling, grad_format=grad_format, block=block, wgrad=wgrad)
+    return _fp8_forward(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, True, recipe, fp32_scatter,
+                        fp8_configs_from_ints(configs))
+
+
+@moe_glu_fp8_forward.register_fake
+def _(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, scaling, grad_format, block, wgrad, fp32_scatter=False,
+      configs=None):
+    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(token_N.shape[0], 2 * w_out_EDH.shape[-1])
+
+
+@torch.library.custom_op("gatedmoe::moe_glu_fp8_backward", mutates_args=())
+def moe_glu_fp8_backward(
+    gy_TD: Tensor, x_TD: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Tensor, w_in_EHD: Tensor,
+    w_out_EDH: Tensor, h_N2H: Tensor, scaling: str, grad_format: str, block: int, wgrad: str,
+    fp32_scatter: bool = False, configs: Sequence[int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_weight, grad_w_in, grad_w_out)`` of `moe_glu_fp8_forward`."""
+    recipe = FP8Recipe(scaling=scaling, grad_format=grad_format, block=block, wgrad=wgrad)
+    return _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, [h_N2H], recipe,
+                         fp32_scatter, fp8_configs_from_ints(configs))
+
+
+@moe_glu_fp8_backward.register_fake
+def _(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, h_N2H, scaling, grad_format, block, wgrad,
+      fp32_scatter=False, configs=None):
+    return (x_TD.new_empty(x_TD.shape), weight_N.new_empty(weight_N.shape), w_in_EHD.new_empty(w_in_EHD.shape),
+            w_out_EDH.new_empty(w_out_EDH.shape))
+
+
+def _fp8_setup_context(ctx, inputs, output):
+    x, token, weight, counts, w_in, w_out, *rest = inputs
+    ctx.rest = rest
+    ctx.mark_non_differentiable(output[1])  # h: saved for backward only (as in `ops`)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, token, weight, counts, w_in, w_out, output[1])
+
+
+def _fp8_op_backward(ctx, gy, _gh_unused):
+    x, token, weight, counts, w_in, w_out, h = ctx.saved_tensors
+    gx, gw, gwi, gwo = moe_glu_fp8_backward(gy, x, token, weight, counts, w_in, w_out, h, *ctx.rest)
+    return gx, None, gw, None, gwi, gwo, None, None, None, None, None, None
+
+
+moe_glu_fp8_forward.register_autograd(_fp8_op_backward, setup_context=_fp8_setup_context)
+
+
 class _FP8MoEGLU(torch.autograd.Function):
     """`_fp8_forward` / `_fp8_backward` under autograd; h is kept on ctx and freed once read
     (as in `ops._EagerMoEGLU`), the weights are saved so that backward finds their cached
@@ -366,7 +427,9 @@ def moe_glu_fp8(
     x_TD: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Tensor, w_in_EHD: Tensor, w_out_EDH: Tensor,
     recipe: FP8Recipe, fp32_scatter: bool = False, configs: Mapping[str, KernelConfig] | None = None,
 ) -> Tensor:
-    """The SwiGLU MoE output ``y_TD`` (``x``'s dtype) with the expert GEMMs in FP8.
+    """The SwiGLU MoE output ``y_TD`` (``x``'s dtype) with the expert GEMMs in FP8: the
+    custom op `moe_glu_fp8_forward` while torch.compile traces, an autograd.Function over
+    the same code in eager mode, that code alone without gradients.
 
     ``x_TD`` [T, D] bf16/fp16/fp32; ``token_N``, ``weight_N``, ``counts_E`` the expert-sorted
     routing; ``w_in_EHD`` [E, 2H, D] and ``w_out_EDH`` [E, D, H] the parameters themselves
@@ -382,6 +445,10 @@ def moe_glu_fp8(
     reason = fp8_unsupported(x_TD, w_in_EHD, recipe)
     if reason is not None:
         raise ValueError(f"TritonOptions(fp8=...): the FP8 path does not support {reason}")
+    if torch.compiler.is_compiling():
+        return moe_glu_fp8_forward(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, recipe.scaling,
+                                   recipe.grad_format, recipe.block, recipe.wgrad, fp32_scatter,
+                                   fp8_configs_to_ints(configs) or None)[0]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weight_N, w_in_EHD, w_out_EDH))
     if not grad:
         return _fp8_forward(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, False, recipe, fp32_scatter,
