@@ -373,6 +373,24 @@ def shape_row(name: str, shape: BenchShape, device: torch.device, args, ceilings
     return row
 
 
+def _print_summary(name: str, row: dict) -> None:
+    """One line per variant's errors, one per timed pass: median ms, spread, speed-up over
+    bf16, TFLOP/s."""
+    for tag, key in (("error", "error"), ("error (outliers)", "error_outliers")):
+        for v, errs in row.get(key, {}).items():
+            print(f"SUMMARY {name:12s} {v:22s} {tag:17s} " + " ".join(f"{n}={e:.4f}" for n, e in errs.items()),
+                  flush=True)
+    for key, t in row.get("ms", {}).items():
+        v, p = key.split(" ")
+        speed = row.get("speedup_vs_bf16", {}).get(p, {}).get(v)
+        print(f"SUMMARY {name:12s} {key:28s} {t['median']:9.3f} ms [{t['min']:.3f}, {t['max']:.3f}]"
+              f"  x{speed or float('nan'):.2f} vs bf16  {row['tflops'][key]:7.1f} TFLOP/s", flush=True)
+    for v in row.get("gate_failed", []):
+        print(f"SUMMARY {name:12s} {v}: accuracy gate failed, not timed: {row['error'][v]}", flush=True)
+    for v, why in row.get("skipped", {}).items() if isinstance(row.get("skipped"), dict) else []:
+        print(f"SUMMARY {name:12s} {v}: skipped: {why}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default=",".join(FP8_SHAPES))
@@ -411,6 +429,7 @@ def main() -> None:
         except torch.OutOfMemoryError as e:  # pragma: no cover - depends on the GPU
             result["shapes"][name] = {"skipped": f"out of memory: {str(e)[:200]}"}
         print(name, json.dumps(result["shapes"][name], indent=1), flush=True)
+        _print_summary(name, result["shapes"][name])
         result["elapsed_s"] = time.monotonic() - t0
         Path(args.out).write_text(json.dumps(result, indent=1))
         if device.type == "cuda":

@@ -8,9 +8,10 @@ quantises a in its SwiGLU epilogue (blockwise), the second GEMM scales by the ro
 weight and scatter-adds. Backward: gy quantised per token in ``grad_format``; the gathered
 gy @ W_out^T GEMM in FP8; the SwiGLU backward (blockwise: `fp8_kernels.fp8_swiglu_bwd_kernel`,
 which also quantises dL/dh; rowwise: `kernels.swiglu_bwd_kernel`, then a quantisation pass
-over ``[N, 2H]``); the dL/dx GEMM in FP8 with its scatter-add; the weight gradients in the input dtype as without
-FP8 (`launchers.weight_grad`), or with ``FP8Recipe(wgrad="fp8")`` in FP8 (`quantize_cols`,
-`fp8_kernels.fp8_wgrad_kernel`).
+over ``[N, 2H]``); the dL/dx GEMM in FP8 with its scatter-add; the weight gradients in the
+input dtype as without FP8 (`launchers.weight_grad`), or with ``FP8Recipe(wgrad="fp8")`` in
+FP8 (`quantize_cols`, `fp8_kernels.fp8_wgrad_kernel`). Under torch.compile the custom ops
+`moe_glu_fp8_forward` / `moe_glu_fp8_backward` run the same code.
 
 Weights are quantised once per optimizer step: the FP8 copies (and the transposed copies
 the backward reads) are kept on the parameter and rebuilt when its version counter (every
