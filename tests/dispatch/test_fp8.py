@@ -22,8 +22,10 @@ weight gradients (``FP8Recipe(wgrad="fp8")``) add one e4m3 and one gradient-form
 quantisation to dL/dW_in (x; dL/dh) and dL/dW_out (a; gy).
 """
 
+import copy
 import dataclasses
 import math
+import pickle
 
 import pytest
 import torch
@@ -144,6 +146,12 @@ def test_weight_quantised_once_per_step(monkeypatch):
     assert torch.equal(again.s, 2 * first.s)
     fp8_ops.quantized_weight(w, FP8Recipe(scaling="rowwise", block=BLOCK), transpose=True)
     assert len(calls) == 3  # another recipe is another quantisation
+    # Saved or copied parameters carry no FP8 copies; a copy quantises its own.
+    plain = torch.nn.Parameter(w.detach().clone())
+    assert len(pickle.dumps(w)) < len(pickle.dumps(plain)) + 512
+    twin = copy.deepcopy(w)
+    fp8_ops.quantized_weight(twin, recipe, transpose=True)
+    assert len(calls) == 4
 
 
 # (T, D, H, E, K, mode, scaling, grad_format, wgrad): T=1, T not a multiple of the row tile,

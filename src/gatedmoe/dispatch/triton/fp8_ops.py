@@ -140,6 +140,24 @@ def quantize_weight(w: Tensor, recipe: FP8Recipe, transpose: bool) -> QuantizedW
     return QuantizedWeight(q, s, qt if transpose else None, st, B)
 
 
+class _WeightCache:
+    """A parameter's FP8 copies and the key they were made under (see `quantized_weight`).
+    Pickling and deep copies drop the contents, so a saved or copied model never carries them
+    (a copy re-quantises on first use)."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: QuantizedWeight | None = None
+
+    def __reduce__(self):
+        return (_WeightCache, ())
+
+    def __deepcopy__(self, memo: dict) -> _WeightCache:
+        return _WeightCache()
+
+
 def quantized_weight(w: Tensor, recipe: FP8Recipe, transpose: bool) -> QuantizedWeight:
     """``w`` quantised by ``recipe`` (with its transpose if ``transpose``), cached on ``w``
     and rebuilt only when ``w._version`` or ``w.data_ptr()`` changes (an optimizer step).
@@ -156,15 +174,18 @@ def quantized_weight(w: Tensor, recipe: FP8Recipe, transpose: bool) -> Quantized
     True
     """
     key = (w._version, w.data_ptr(), tuple(w.shape), w.dtype, recipe.scaling, recipe.block)
-    cached = getattr(w, _CACHE_ATTR, None)
-    if cached is not None and cached[0] == key and (cached[1].qt is not None or not transpose):
-        return cached[1]
+    cache = getattr(w, _CACHE_ATTR, None)
+    if cache is None:
+        # On the tensor the caller passes (the parameter): the cache lives and dies with it.
+        cache = _WeightCache()
+        setattr(w, _CACHE_ATTR, cache)
+    if cache.key == key and (cache.value.qt is not None or not transpose):
+        return cache.value
+    cache.key, cache.value = None, None  # the stale copies go before the new ones are made
     with torch.no_grad():
-        qw = quantize_weight(w.detach(), recipe, transpose)
-    # The version check above needs the attribute on the tensor the caller passes (the
-    # parameter); a plain attribute keeps it with the parameter and frees it with it.
-    setattr(w, _CACHE_ATTR, (key, qw))
-    return qw
+        cache.value = quantize_weight(w.detach(), recipe, transpose)
+    cache.key = key
+    return cache.value
 
 
 def fp8_unsupported(x_TD: Tensor, w_in_EHD: Tensor, recipe: FP8Recipe) -> str | None:
