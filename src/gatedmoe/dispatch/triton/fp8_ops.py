@@ -50,6 +50,7 @@ from gatedmoe.dispatch.triton.fp8_kernels import (
 )
 from gatedmoe.dispatch.triton.fp8_reference import _FMAX_EXP, FP8_DTYPES
 from gatedmoe.dispatch.triton.launchers import TensorDescriptor
+from gatedmoe.dispatch.triton.ops import _counts_on_host
 
 __all__ = [
     "QuantizedWeight",
@@ -288,6 +289,9 @@ def _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH,
     group = recipe.block if blockwise else None
     fmt = recipe.grad_format
     cfg = fp8_kernel_configs(x.device, recipe.block, recipe.scaling, configs)["fp8_gemm"]
+    # Few large experts: the bf16 weight gradients as one product per expert, as without FP8
+    # (`config.PER_EXPERT_MIN_ROWS`); the counts' copy to the host starts now.
+    host_counts = _counts_on_host(counts_E, N, x.dtype) if recipe.wgrad == "bf16" else None
     w_in = quantized_weight(w_in_EHD, recipe, True)
     w_out = quantized_weight(w_out_EDH, recipe, True)
     gyq, gys = quantize_rows(gy, fmt, group)
@@ -324,10 +328,11 @@ def _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH,
         grad_w_out = _fp8_wgrad(quantize_cols(gy, token_N, fmt, B), quantize_cols(wa, None, "e4m3", B), counts_E,
                                 w_out_EDH.dtype, wcfg)  # [E, D, H]
     else:
-        offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        grad_w_in = launchers.weight_grad(gh, x.index_select(0, token_N), counts_E, offs)  # [E, 2H, D]
+        counts_list = host_counts() if host_counts is not None else None
+        offs = torch.cumsum(counts_E, 0, dtype=torch.int32) if counts_list is None else None
+        grad_w_in = launchers.weight_grad(gh, x.index_select(0, token_N), counts_E, offs, counts_list)  # [E, 2H, D]
         del gh
-        grad_w_out = launchers.weight_grad(gy.index_select(0, token_N), wa, counts_E, offs)  # [E, D, H]
+        grad_w_out = launchers.weight_grad(gy.index_select(0, token_N), wa, counts_E, offs, counts_list)  # [E, D, H]
     return gx.to(x.dtype), gweight.to(weight_N.dtype), grad_w_in.to(w_in_EHD.dtype), grad_w_out.to(w_out_EDH.dtype)
 
 
