@@ -18,6 +18,9 @@
                            optionally gathering A by token, scaling rows by the routing
                            weight, and scatter-adding into C[token]: the forward's second
                            GEMM and both backward data-gradient GEMMs.
+* `quantize_cols_kernel`   ``FP8Recipe(wgrad="fp8")``: rows (gathered by token or not) -> FP8
+                           with one scale per column of each ``B``-row block, transposed.
+* `fp8_wgrad_kernel`       weight gradients from those transposed copies, per expert.
 
 Scaling: blockwise (``BLOCKWISE``) takes one ``BK``-deep slice of the reduction per step
 with ``BK`` = the block: its product starts from zero (so Hopper's reduced-precision FP8
@@ -27,8 +30,8 @@ Rowwise accumulates all of K (promoted every ``BK`` products through
 ``max_num_imprecise_acc``) and scales once in the epilogue.
 
 Every scale is a power of two (`_pow2_scale`): q = RN(v * 2^-e) is exact up to the FP8
-rounding, which is round to nearest even (``fp_downcast_rounding="rtne"``: Triton's
-interpreter rounds wrongly without it; on the GPU it is the default).
+rounding, which is round to nearest even (``fp_downcast_rounding="rtne"``, the GPU's default,
+spelled out; Triton's interpreter drops carries either way, see `_round_fp8_in_fp32`).
 
 Shape legend: T tokens, D model dim, H expert hidden, E experts, N routed assignments,
 KB scale blocks along a reduction.
