@@ -290,6 +290,13 @@ def test_blockwise_needs_widths_that_are_multiples_of_the_block():
         triton_dispatch(x, routing, bank, options=TritonOptions(fp8=FP8Recipe(block=BLOCK)))
 
 
+def test_lora_adapters_refuse_fp8():
+    bank, x, _, _, routing = _inputs(5, 2 * BLOCK, BLOCK, 3, 1, "random", DTYPE)
+    bank.add_lora(4)
+    with pytest.raises(ValueError, match="no LoRA adapter term"):
+        get_backend("triton", DEVICE)(x, routing, bank, options=TritonOptions(fp8=FP8Recipe(block=BLOCK)))
+
+
 def test_unsupported_expert_kind_refuses_instead_of_falling_back():
     bank = ExpertBank(3, 2 * BLOCK, BLOCK, activation="gelu")
     x = torch.randn(5, 2 * BLOCK)
