@@ -431,10 +431,15 @@ def main() -> None:
             continue
         try:
             result["shapes"][name] = shape_row(name, shape, device, args, result["ceilings_tflops"])
-        except torch.OutOfMemoryError as e:  # pragma: no cover - depends on the GPU
-            result["shapes"][name] = {"skipped": f"out of memory: {str(e)[:200]}"}
+        except Exception as e:  # one shape's failure (memory, a kernel) must not lose the others
+            import traceback
+
+            result["shapes"][name] = {"skipped": f"{type(e).__name__}: {str(e)[:300]}",
+                                      "traceback": traceback.format_exc()[-3000:]}
+            print(f"SUMMARY {name:12s} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         print(name, json.dumps(result["shapes"][name], indent=1), flush=True)
-        _print_summary(name, result["shapes"][name])
+        if "ms" in result["shapes"][name]:
+            _print_summary(name, result["shapes"][name])
         result["elapsed_s"] = time.monotonic() - t0
         Path(args.out).write_text(json.dumps(result, indent=1))
         if device.type == "cuda":
