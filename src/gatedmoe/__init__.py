@@ -29,11 +29,13 @@ _LAZY = {
     "Routing": "gatedmoe.routing",
     "RouterReplay": "gatedmoe.replay",
     "TritonOptions": "gatedmoe.dispatch.options",
+    "FP8Recipe": "gatedmoe.dispatch.options",
 }
 
 __all__ = [*_LAZY, "__version__"]
 
 if TYPE_CHECKING:
+    from gatedmoe.dispatch.options import FP8Recipe as FP8Recipe
     from gatedmoe.dispatch.options import TritonOptions as TritonOptions
     from gatedmoe.experts.bank import ExpertBank as ExpertBank
     from gatedmoe.layers.config import MoEConfig as MoEConfig

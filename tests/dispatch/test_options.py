@@ -6,7 +6,7 @@ from dataclasses import FrozenInstanceError
 
 import pytest
 
-from gatedmoe.dispatch.options import TritonOptions
+from gatedmoe.dispatch.options import FP8Recipe, TritonOptions
 from gatedmoe.dispatch.triton.config import (
     KERNELS,
     KernelConfig,
@@ -67,3 +67,22 @@ def test_options_and_config_import_no_triton():
     code = ("import sys, gatedmoe.dispatch, gatedmoe.dispatch.options, gatedmoe.dispatch.triton.config; "
             "assert 'triton' not in sys.modules, 'triton imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fp8_recipe_defaults_and_validation():
+    assert TritonOptions().fp8 is None
+    recipe = FP8Recipe()
+    assert (recipe.scaling, recipe.grad_format, recipe.block, recipe.wgrad) == ("blockwise", "e4m3", 128, "bf16")
+    assert TritonOptions(fp8=FP8Recipe(scaling="rowwise")) == TritonOptions(fp8=FP8Recipe(scaling="rowwise"))
+    hash(TritonOptions(fp8=recipe))
+    with pytest.raises(ValueError, match="scaling.*'tensorwise'.*blockwise, rowwise"):
+        FP8Recipe(scaling="tensorwise")
+    with pytest.raises(ValueError, match="grad_format.*'e4m3fn'.*e4m3, e5m2"):
+        FP8Recipe(grad_format="e4m3fn")
+    with pytest.raises(ValueError, match="wgrad.*'fp16'.*bf16, fp8"):
+        FP8Recipe(wgrad="fp16")
+    for block in (96, 8, 0, 128.0, True):
+        with pytest.raises(ValueError, match="block must be a power of two >= 16"):
+            FP8Recipe(block=block)
+    with pytest.raises(TypeError, match="fp8 must be an FP8Recipe"):
+        TritonOptions(fp8="e4m3")

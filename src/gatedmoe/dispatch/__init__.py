@@ -16,13 +16,14 @@ import torch
 from torch import Tensor
 
 from gatedmoe.dispatch.grouped import grouped_dispatch, grouped_mm
-from gatedmoe.dispatch.options import TritonOptions
+from gatedmoe.dispatch.options import FP8Recipe, TritonOptions
 from gatedmoe.dispatch.reference import reference_dispatch, reference_moe
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.routing import Routing
 
 __all__ = [
     "DispatchFn",
+    "FP8Recipe",
     "TritonOptions",
     "backend_names",
     "get_backend",
@@ -40,6 +41,9 @@ _lora_fallback_logged: list[bool] = []
 
 def _triton_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, options: TritonOptions | None = None) -> Tensor:
     if experts.active_lora is not None:
+        if options is not None and options.fp8 is not None:
+            raise ValueError("TritonOptions(fp8=...): the FP8 kernels have no LoRA adapter term; merge the adapters "
+                             "(ExpertBank.merge_lora) or drop the fp8 option")
         # The fused kernels have no adapter term yet: run the grouped path, said once.
         if not _lora_fallback_logged:
             _lora_fallback_logged.append(True)

@@ -149,7 +149,13 @@ def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, option
     ``options`` is accepted for the shared backend signature and unused: options of another
     backend reach here when ``backend="auto"`` falls back to grouped. Unmerged LoRA adapters
     of the bank (`ExpertBank.add_lora`) run as grouped products beside each weight's.
+    Options asking for FP8 (``TritonOptions(fp8=...)``) raise ValueError: this path has no
+    FP8 GEMMs, and running without them silently would change what was asked for.
     """
+    if getattr(options, "fp8", None) is not None:
+        raise ValueError("TritonOptions(fp8=...): the grouped backend has no FP8 path (FP8 runs on the fused Triton "
+                         "kernels, CUDA with compute capability >= 8.9); use backend='triton' on such a GPU, or drop "
+                         "the fp8 option")
     dtype = x_TD.dtype
     offsets_E = routing.offsets
     lora = experts.active_lora

@@ -10,8 +10,92 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from gatedmoe.dispatch.triton.config import KERNELS, KernelConfig
+from gatedmoe.dispatch.triton.fp8_config import FP8_KERNELS
 
-__all__ = ["TritonOptions"]
+__all__ = ["FP8Recipe", "TritonOptions"]
+
+
+# Largest finite value of each FP8 format the recipes use (OCP FP8: e4m3 "fn" has no infinity).
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
+SCALINGS = ("blockwise", "rowwise")
+WGRADS = ("bf16", "fp8")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FP8Recipe:
+    """How the Triton backend runs the expert GEMMs in FP8 (``TritonOptions(fp8=...)``, CUDA
+    sm90 or Triton's CPU interpreter; the grouped backend refuses it).
+
+    Forward: both expert GEMMs take e4m3 operands (3 mantissa bits) with float32 scales and
+    accumulate in float32; h, the output and every gradient stay in the input dtype.
+    Backward: the two data-gradient GEMMs (dL/da = gy W_out, dL/dx = dL/dh W_in) take FP8
+    operands too, the gradient operand in ``grad_format``; the weight gradients are grouped
+    GEMMs in the input dtype as without FP8 (``wgrad="bf16"``) or FP8 GEMMs
+    (``wgrad="fp8"``). Master weights keep their dtype: each weight is quantised
+    once per optimizer step, cached on the parameter and re-quantised when its version
+    counter (bumped by every in-place update) or storage changes.
+
+    Every scale is a power of two (the smallest one that keeps the block's largest magnitude
+    within the format's range), so scaling is exact and the only rounding is the FP8
+    rounding itself (round to nearest even): the kernels and the float32 reference
+    (`gatedmoe.dispatch.triton.fp8_reference`) produce the same FP8 values bit for bit.
+
+    Parameters
+    ----------
+    scaling : {"blockwise", "rowwise"}
+        "blockwise" (default, DeepSeek-V3's recipe): one scale per 1 x ``block`` tile of an
+        activation row and per ``block`` x ``block`` block of a weight, the partial product of
+        each ``block``-deep slice of the reduction scaled and added in float32 (which also
+        keeps Hopper's reduced-precision FP8 accumulation to ``block`` products). Needs D and
+        H to be multiples of ``block``. "rowwise": one scale per activation row and per
+        weight output row (``torch._scaled_grouped_mm``'s recipe), applied once in the
+        epilogue; an outlier then coarsens its whole row, and the SwiGLU output needs its own
+        quantisation pass (its row amax is known only after the whole row is written).
+    grad_format : {"e4m3", "e5m2"}
+        FP8 format of the gradient operand of the backward's data-gradient GEMMs: e4m3 (3
+        mantissa bits, range 448) or e5m2 (2 mantissa bits, range 57344). With per-tile
+        scales the range rarely matters, so e4m3 is the default; which is better is one of
+        the open measurements (kernels README).
+    block : int
+        Tile width of the blockwise scales, a power of two >= 16 (default 128; the CUDA
+        kernels take 128, smaller blocks exist for the interpreter tests).
+    wgrad : {"bf16", "fp8"}
+        The weight gradients: "bf16" (default) grouped GEMMs in the input dtype, as without
+        FP8; "fp8": FP8 GEMMs over the tokens, both operands quantised per column in
+        ``block x 1`` tiles (DeepSeek-V3's backward tiles; activations e4m3, gradients in
+        ``grad_format``) and transposed so that the tokens are contiguous. They are 6 of the
+        18 N D H flops of a step; whether FP8 here is worth its accuracy is measured
+        (kernels README).
+
+    Raises
+    ------
+    ValueError
+        An unknown ``scaling``, ``grad_format`` or ``wgrad`` (the message lists the known
+        ones), or a ``block`` that is not a power of two >= 16.
+
+    Examples
+    --------
+    >>> FP8Recipe()
+    FP8Recipe(scaling='blockwise', grad_format='e4m3', block=128, wgrad='bf16')
+    >>> TritonOptions(fp8=FP8Recipe(grad_format="e5m2")).fp8.grad_format
+    'e5m2'
+    """
+
+    scaling: str = "blockwise"
+    grad_format: str = "e4m3"
+    block: int = 128
+    wgrad: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling: unknown value {self.scaling!r}; known: {', '.join(SCALINGS)}")
+        if self.grad_format not in FP8_MAX:
+            raise ValueError(f"grad_format: unknown value {self.grad_format!r}; known: {', '.join(FP8_MAX)}")
+        if self.wgrad not in WGRADS:
+            raise ValueError(f"wgrad: unknown value {self.wgrad!r}; known: {', '.join(WGRADS)}")
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 16 \
+                or self.block & (self.block - 1):
+            raise ValueError(f"block must be a power of two >= 16, got {self.block!r}")
 
 
 class _FrozenConfigs(Mapping[str, KernelConfig]):
@@ -57,28 +141,36 @@ class TritonOptions:
         "gemm_fwd", "glu_bwd", "gemm_bwd", "wgrad", and the decode path's "decode_glu",
         "decode_down" (`config.decode_configs`); kernels not named keep theirs. Given
         configs are used as they are, on every dtype and width. Default None (measured
-        configs). Stored read-only; an empty mapping is stored as None.
+        configs). Stored read-only; an empty mapping is stored as None. The FP8 kernels'
+        entries, "fp8_glu_fwd" and "fp8_gemm" (`gatedmoe.dispatch.triton.fp8_config`), are
+        read only by FP8 calls, which read no others.
     decode : bool or None
         The decode path (`gatedmoe.dispatch.triton.ops.moe_glu_decode`: kernels for a few
         rows per expert, inference only). None (default): chosen by size for calls that need
         no gradient (`gatedmoe.dispatch.triton.config.use_decode`: at most 256 tokens and few
         rows per routed expert); True: every call that needs no gradient; False: never. Calls
         that need gradients always run the large-batch kernels.
+    fp8 : FP8Recipe or None
+        Run the expert GEMMs in FP8 with this recipe (`FP8Recipe`: scaling, gradient
+        format; CUDA with FP8 tensor cores, or Triton's CPU interpreter in tests). Default
+        None: the input dtype throughout. The grouped backend, and the Triton backend where
+        its kernels do not apply, raise ValueError rather than run without FP8. Measured so
+        far: the kernels README ("FP8") lists what is and what is still open.
 
     Raises
     ------
     ValueError
         ``configs`` names a kernel that does not exist (the message lists the known ones).
     TypeError
-        ``fp32_scatter`` is not a bool, ``decode`` not a bool or None, or a config is not a
-        `KernelConfig`.
+        ``fp32_scatter`` is not a bool, ``decode`` not a bool or None, a config is not a
+        `KernelConfig`, or ``fp8`` is not an `FP8Recipe`.
 
     Examples
     --------
     >>> from gatedmoe.dispatch.options import TritonOptions
     >>> from gatedmoe.dispatch.triton.config import KernelConfig
     >>> TritonOptions(fp32_scatter=True)
-    TritonOptions(fp32_scatter=True, configs=None, decode=None)
+    TritonOptions(fp32_scatter=True, configs=None, decode=None, fp8=None)
     >>> TritonOptions(configs={"wgrad": KernelConfig(64, 64, 64, 4, 3)}).configs["wgrad"].BM
     64
     """
@@ -86,21 +178,25 @@ class TritonOptions:
     fp32_scatter: bool = False
     configs: Mapping[str, KernelConfig] | None = None
     decode: bool | None = None
+    fp8: FP8Recipe | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.fp32_scatter, bool):
             raise TypeError(f"fp32_scatter must be a bool, got {type(self.fp32_scatter).__name__}")
         if self.decode is not None and not isinstance(self.decode, bool):
             raise TypeError(f"decode must be a bool or None, got {type(self.decode).__name__}")
+        if self.fp8 is not None and not isinstance(self.fp8, FP8Recipe):
+            raise TypeError(f"fp8 must be an FP8Recipe or None, got {type(self.fp8).__name__}")
         if self.configs is None:
             return
         if not isinstance(self.configs, Mapping):
             raise TypeError(f"configs must be a mapping of kernel name to KernelConfig, got "
                             f"{type(self.configs).__name__}")
-        unknown = [name for name in self.configs if name not in KERNELS]
+        known = KERNELS + FP8_KERNELS
+        unknown = [name for name in self.configs if name not in known]
         if unknown:
             raise ValueError(f"configs: unknown kernel name(s) {', '.join(map(repr, unknown))}; known kernels: "
-                             f"{', '.join(KERNELS)}")
+                             f"{', '.join(known)}")
         for name, cfg in self.configs.items():
             if not isinstance(cfg, KernelConfig):
                 raise TypeError(f"configs[{name!r}] must be a KernelConfig, got {type(cfg).__name__}")

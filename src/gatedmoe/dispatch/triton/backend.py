@@ -49,17 +49,29 @@ def triton_dispatch(
     `config.DECODE_MAX_TOKENS` tokens, at most `config.DECODE_MAX_ROWS_PER_EXPERT` rows per
     routed expert) run the decode path (`ops.moe_glu_decode`), unless ``options.decode`` says
     otherwise; the others run `ops.moe_glu`.
+    With ``options.fp8`` the expert GEMMs run in FP8 (`fp8_ops.moe_glu_fp8`); a call the
+    fused kernels cannot take then raises ValueError instead of falling back.
 
     Examples
     --------
     >>> y_TD = triton_dispatch(x_TD, routing, experts, options=TritonOptions(fp32_scatter=True))  # doctest: +SKIP
     """
+    fp8 = options.fp8 if options is not None else None
     reason = _unsupported(x_TD, experts)
+    if reason is not None and fp8 is not None:
+        raise ValueError(f"TritonOptions(fp8=...) runs on the fused Triton kernels only, which do not support {reason}; "
+                         f"drop the fp8 option to use the grouped backend")
     if reason is not None:
         if reason not in _warned:
             _warned.add(reason)
             log.warning("triton dispatch: %s not supported; using the grouped backend", reason)
         return grouped_dispatch(x_TD, routing, experts)
+    if fp8 is not None:
+        # The parameters themselves, not casts: their FP8 copies are cached on them per step.
+        from gatedmoe.dispatch.triton.fp8_ops import moe_glu_fp8
+
+        return moe_glu_fp8(x_TD, routing.token, routing.weight, routing.counts, experts.w_in, experts.w_out, fp8,
+                           options.fp32_scatter, options.configs)
     dtype = x_TD.dtype
     w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
     # Without autograd (inference) the first GEMM's output need not be kept for backward.

@@ -274,7 +274,8 @@ def moe_glu(
     """
     options = options if options is not None else TritonOptions()
     fp32_scatter = options.fp32_scatter
-    configs = config.configs_to_ints(options.configs) or None
+    # The FP8 kernels' entries are for the FP8 path (`fp8_ops`), not these kernels.
+    configs = config.configs_to_ints({k: v for k, v in (options.configs or {}).items() if k in config.KERNELS}) or None
     if torch.compiler.is_compiling():
         return moe_glu_forward(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, need_h, fp32_scatter, configs)
     if not torch.is_grad_enabled():  # no graph to record: skip the Function's ~20 us of host time

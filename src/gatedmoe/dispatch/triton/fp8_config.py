@@ -1,0 +1,118 @@
+"""Kernel configs of the FP8 path (`fp8_kernels.py`): data, no code that launches anything;
+importing this module never imports Triton.
+
+Not measured yet: first choices for the H200 (sm90), to be replaced by measured ones
+(the open measurements are listed in the kernels README). Blockwise kernels need ``BK`` =
+the recipe's block, and the first GEMM ``BN`` = the block too (its epilogue quantises a
+whole ``1 x block`` tile of each row of a).
+
+Shape legend: D model dim, H expert hidden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import astuple, fields, replace
+from types import MappingProxyType
+
+import torch
+
+from gatedmoe.dispatch.triton.config import KernelConfig
+
+__all__ = [
+    "FP8_CONFIGS",
+    "FP8_CONFIG_INTERPRETER",
+    "FP8_KERNELS",
+    "fp8_configs_from_ints",
+    "fp8_configs_to_ints",
+    "fp8_kernel_configs",
+]
+
+# "fp8_glu_fwd": gathered xq @ W_in^T with the SwiGLU epilogue (two [BM, BN] float32
+# accumulators, gate and up, plus the slice products of the blockwise recipe: BM=64 keeps
+# them in registers with 8 warps); "fp8_gemm": every other FP8 GEMM (the forward's second,
+# the backward's two data-gradient GEMMs); "fp8_wgrad": the weight gradients with
+# ``FP8Recipe(wgrad="fp8")`` (one program per expert and output tile, the reduction over tokens).
+FP8_KERNELS = ("fp8_glu_fwd", "fp8_gemm", "fp8_wgrad")
+
+# CUDA (sm90), block 128: chosen, not tuned (smem per stage: glu 8 + 32 KiB, gemm 16 + 16 KiB).
+# With ``tma`` the weight operand, and the activation rows where they are read in order (the
+# forward's second GEMM, the backward's dL/dx GEMM), go through TMA descriptors; gathered rows
+# (the first GEMM, the backward's gy GEMM) are pointer loads (TMA cannot gather on Hopper).
+FP8_CONFIGS: Mapping[str, KernelConfig] = MappingProxyType({
+    "fp8_glu_fwd": KernelConfig(64, 128, 128, 8, 4),
+    "fp8_gemm": KernelConfig(128, 128, 128, 8, 4),
+    "fp8_wgrad": KernelConfig(128, 128, 128, 8, 3, tma=False),
+})
+# Triton's CPU interpreter: the smallest tiles; TMA too (the interpreter emulates it), so the
+# tests run the GPU's code path.
+FP8_CONFIG_INTERPRETER = KernelConfig(16, 16, 16, 4, 1)
+
+
+def fp8_kernel_configs(device: torch.device, block: int, scaling: str = "blockwise",
+                       overrides: Mapping[str, KernelConfig] | None = None) -> dict[str, KernelConfig]:
+    """The config of each kernel of `FP8_KERNELS` on ``device`` for the recipe's ``block``:
+    the table above on CUDA, the smallest tiles in Triton's CPU interpreter, with ``BK`` (and
+    the first GEMM's ``BN``) set to ``block``; then ``overrides`` (`TritonOptions.configs`'
+    FP8 entries) as given.
+
+    Raises
+    ------
+    ValueError
+        A blockwise (or "fp8_wgrad") override whose ``BK`` (or, for "fp8_glu_fwd", ``BN``)
+        is not ``block``: each step of the reduction is one scale block, and the first
+        GEMM's epilogue quantises one whole ``1 x block`` tile of a.
+
+    Examples
+    --------
+    >>> fp8_kernel_configs(torch.device("cpu"), 32)["fp8_glu_fwd"]
+    KernelConfig(BM=16, BN=32, BK=32, warps=4, stages=1, group_m=8, tma=True, pregather=False)
+    """
+    base = FP8_CONFIGS if device.type == "cuda" else dict.fromkeys(FP8_KERNELS, FP8_CONFIG_INTERPRETER)
+    cfgs = {
+        "fp8_glu_fwd": replace(base["fp8_glu_fwd"], BN=block, BK=block),
+        "fp8_gemm": replace(base["fp8_gemm"], BK=block),
+        "fp8_wgrad": replace(base["fp8_wgrad"], BK=block),
+    }
+    for name, cfg in (overrides or {}).items():
+        if name not in FP8_KERNELS:
+            continue
+        # The weight gradients' reduction steps are their token blocks whatever the scaling.
+        if (scaling == "blockwise" or name == "fp8_wgrad") and (
+                cfg.BK != block or (name == "fp8_glu_fwd" and cfg.BN != block)):
+            raise ValueError(f"configs[{name!r}]: each reduction step must be one scale block: "
+                             f"BK{' and BN' if name == 'fp8_glu_fwd' else ''} = block = {block}, got {cfg}")
+        cfgs[name] = cfg
+    return cfgs
+
+
+_N_FIELDS = len(fields(KernelConfig))
+
+
+def fp8_configs_to_ints(configs: Mapping[str, KernelConfig] | None) -> list[int]:
+    """The FP8 kernels' entries of ``configs`` flattened to ints (index in `FP8_KERNELS`, then
+    each field; other names skipped), the form a `torch.library` custom op takes; ``[]`` for none.
+
+    Examples
+    --------
+    >>> fp8_configs_from_ints(fp8_configs_to_ints({"fp8_gemm": FP8_CONFIG_INTERPRETER}))["fp8_gemm"].BM
+    16
+    """
+    out: list[int] = []
+    for name, cfg in (configs or {}).items():
+        if name in FP8_KERNELS:
+            out += [FP8_KERNELS.index(name), *(int(v) for v in astuple(cfg))]
+    return out
+
+
+def fp8_configs_from_ints(ints: Sequence[int] | None) -> dict[str, KernelConfig]:
+    """Inverse of `fp8_configs_to_ints`."""
+    ints = list(ints or ())
+    step = 1 + _N_FIELDS
+    if len(ints) % step:
+        raise ValueError(f"FP8 configs as ints: expected a multiple of {step} values, got {len(ints)}")
+    out = {}
+    for i in range(0, len(ints), step):
+        BM, BN, BK, warps, stages, group_m, tma, pregather = ints[i + 1 : i + step]
+        out[FP8_KERNELS[ints[i]]] = KernelConfig(BM, BN, BK, warps, stages, group_m, bool(tma), bool(pregather))
+    return out

@@ -1,0 +1,400 @@
+"""Triton kernels of the FP8 path (`gatedmoe.dispatch.options.FP8Recipe`).
+
+* `quantize_rows_kernel`   activation rows -> FP8 with one power-of-two scale per
+                           ``1 x G`` tile (G = the recipe's block, or the whole row).
+* `quantize_blocks_kernel` a weight ``[E, R, C]`` -> e4m3 with one scale per ``B x B``
+                           block, optionally also writing the transposed copy ``[E, C, R]``
+                           the backward's data-gradient GEMMs read (same blocks, same scales).
+* `fp8_glu_fwd_kernel`     h = xq[token] @ W_in[e]^T (x quantised per token, gathered in the
+                           loads as FP8: half the bytes of the bf16 gather) with the SwiGLU
+                           epilogue writing h (input dtype, for backward) and a, quantised
+                           in the epilogue (blockwise: the tile's BN columns are one 1 x block
+                           tile of each row, so its amax is the tile's row max).
+* `fp8_swiglu_bwd_kernel`  the SwiGLU backward of `kernels.swiglu_bwd_kernel`, also writing
+                           dL/dh quantised in 1 x block tiles (blockwise).
+* `fp8_gemm_kernel`        C = A[rows] @ B[e]^T with FP8 A and B (B stored ``[E, N_COLS, K]``,
+                           k contiguous, as Hopper's FP8 tensor cores read both operands;
+                           B, and A when not gathered, through TMA descriptors),
+                           optionally gathering A by token, scaling rows by the routing
+                           weight, and scatter-adding into C[token]: the forward's second
+                           GEMM and both backward data-gradient GEMMs.
+* `quantize_cols_kernel`   ``FP8Recipe(wgrad="fp8")``: rows (gathered by token or not) -> FP8
+                           with one scale per column of each ``B``-row block, transposed.
+* `fp8_wgrad_kernel`       weight gradients from those transposed copies, per expert.
+
+Scaling: blockwise (``BLOCKWISE``) takes one ``BK``-deep slice of the reduction per step
+with ``BK`` = the block: its product starts from zero (so Hopper's reduced-precision FP8
+accumulation spans ``BK`` products) and is scaled by the row's and the column's scale of
+that slice and added to a float32 accumulator, as DeepSeek-V3 promotes every 128 products.
+Rowwise accumulates all of K (promoted every ``BK`` products through
+``max_num_imprecise_acc``) and scales once in the epilogue.
+
+Every scale is a power of two (`_pow2_scale`): q = RN(v * 2^-e) is exact up to the FP8
+rounding, which is round to nearest even (``fp_downcast_rounding="rtne"``, the GPU's default,
+spelled out; Triton's interpreter drops carries either way, see `_round_fp8_in_fp32`).
+
+Shape legend: T tokens, D model dim, H expert hidden, E experts, N routed assignments,
+KB scale blocks along a reduction.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from gatedmoe.dispatch.triton.kernels import _program_tile, _tile_rows
+
+_AMAX_FLOOR = tl.constexpr(2.0**-100)
+
+
+@triton.jit
+def _pow2_scale(amax, FMAX_EXP: tl.constexpr):
+    """``(s, 1/s)``: the smallest power of two ``s`` with ``amax / s <= 1.75 * 2^FMAX_EXP``
+    (the format's maximum), from the float32 bits of amax (`fp8_reference.pow2_scale`)."""
+    bits = tl.maximum(amax, _AMAX_FLOOR).to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127 - FMAX_EXP + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    scale = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    return scale, inv
+
+
+@triton.jit
+def _round_fp8_in_fp32(v, FMAX_EXP: tl.constexpr):
+    """``v`` rounded to the nearest (ties to even) value of the FP8 format, as float32: integer
+    rounding of the float32 bits to the format's mantissa width (the carry moves into the
+    exponent), and below the format's smallest normal a round to its subnormal spacing by
+    adding and subtracting 1.5 times a power of two (v + MAGIC stays in one binade for
+    either sign of v). Triton's interpreter (3.9) drops that carry in
+    its own float8 conversion (127.9 -> 64 in e4m3); its conversion of a value the format
+    holds exactly is right, so the kernels round first when interpreted (``ROUND``)."""
+    if FMAX_EXP == 8:  # e4m3: 3 mantissa bits, smallest normal 2^-6
+        DROP: tl.constexpr = 20
+        MAGIC: tl.constexpr = 24576.0  # 1.5 * 2^14: ulp 2^-9 (the subnormal spacing) for +-v
+        TINY: tl.constexpr = 0.015625
+    else:  # e5m2: 2 mantissa bits, smallest normal 2^-14
+        DROP: tl.constexpr = 21
+        MAGIC: tl.constexpr = 192.0  # 1.5 * 2^7: ulp 2^-16
+        TINY: tl.constexpr = 0.00006103515625
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) & ~((1 << DROP) - 1)
+    sub = tl.abs((v + MAGIC) - MAGIC)
+    sub = tl.where(v < 0, -sub, sub)  # -0.0 for a small negative, as the conversion gives
+    return tl.where(tl.abs(v) < TINY, sub, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _to_fp8(v, inv, FMAX: tl.constexpr, FMAX_EXP: tl.constexpr, dtype: tl.constexpr, ROUND: tl.constexpr):
+    """``RN(v * inv)`` in ``dtype``, clamped to the format's range (exact scaling by a power
+    of two; only the rounding to FP8 is inexact). ``ROUND``: round in float32 first
+    (`_round_fp8_in_fp32`, for the interpreter)."""
+    q = tl.minimum(tl.maximum(v * inv, -FMAX), FMAX)
+    if ROUND:
+        q = _round_fp8_in_fp32(q, FMAX_EXP)
+    return q.to(dtype, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def quantize_rows_kernel(
+    x_ptr, q_ptr, s_ptr, R, C, stride_x, KB, G,
+    BR: tl.constexpr, BC: tl.constexpr, FMAX: tl.constexpr, FMAX_EXP: tl.constexpr, ROUND: tl.constexpr,
+):
+    """Program (row block, tile): ``s[r, kb]`` and ``q[r, kb*G : (kb+1)*G]`` (q contiguous,
+    ``[R, C]``; s ``[R, KB]``). Two sweeps over the tile's columns: amax, then quantise."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    kb = tl.program_id(1)
+    rmask = rows < R
+    rows64 = rows.to(tl.int64)
+    c0 = kb * G
+    c1 = tl.minimum(c0 + G, C)
+    amax = tl.zeros((BR,), dtype=tl.float32)
+    for c in range(c0, c1, BC):
+        cols = c + tl.arange(0, BC)
+        mask = rmask[:, None] & (cols < c1)[None, :]
+        v = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+    scale, inv = _pow2_scale(amax, FMAX_EXP)
+    for c in range(c0, c1, BC):
+        cols = c + tl.arange(0, BC)
+        mask = rmask[:, None] & (cols < c1)[None, :]
+        v = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(q_ptr + rows64[:, None] * C + cols[None, :], _to_fp8(v, inv[:, None], FMAX, FMAX_EXP, q_ptr.dtype.element_ty, ROUND),
+                 mask=mask)
+    tl.store(s_ptr + rows64 * KB + kb, scale, mask=rmask)
+
+
+@triton.jit
+def quantize_blocks_kernel(
+    w_ptr, q_ptr, qt_ptr, s_ptr, R, C, RB, CB,
+    B: tl.constexpr, FMAX: tl.constexpr, FMAX_EXP: tl.constexpr, WRITE_T: tl.constexpr, ROUND: tl.constexpr,
+):
+    """Program (e, row block, column block) of ``w [E, R, C]``: ``s[e, rb, cb]``, its block
+    of ``q [E, R, C]`` and, with ``WRITE_T``, of ``qt [E, C, R]`` (the transpose)."""
+    pid = tl.program_id(0)
+    e = pid // (RB * CB)
+    rb = (pid // CB) % RB
+    cb = pid % CB
+    r = rb * B + tl.arange(0, B)
+    c = cb * B + tl.arange(0, B)
+    mask = (r < R)[:, None] & (c < C)[None, :]
+    base = e.to(tl.int64) * R * C
+    w = tl.load(w_ptr + base + r[:, None].to(tl.int64) * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale, inv = _pow2_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), FMAX_EXP)
+    q = _to_fp8(w, inv, FMAX, FMAX_EXP, q_ptr.dtype.element_ty, ROUND)
+    tl.store(q_ptr + base + r[:, None].to(tl.int64) * C + c[None, :], q, mask=mask)
+    if WRITE_T:
+        tl.store(qt_ptr + base + c[None, :].to(tl.int64) * R + r[:, None], q, mask=mask)
+    tl.store(s_ptr + pid, scale)
+
+
+@triton.jit
+def fp8_glu_fwd_kernel(
+    xq_ptr, xs_ptr, token_ptr, w_ptr, ws_ptr, h_ptr, a_ptr, as_ptr,
+    counts_ptr, E, n_tiles, D, H, KB, WNB, WKB,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCKWISE: tl.constexpr, WB: tl.constexpr, STORE_H: tl.constexpr, QUANT_A: tl.constexpr,
+    FMAX: tl.constexpr, FMAX_EXP: tl.constexpr, ROUND: tl.constexpr, W_DESC: tl.constexpr,
+):
+    """``xq [T, D]`` FP8 with scales ``xs [T, KB]``; ``w [E, 2H, D]`` e4m3 (gate rows, then
+    up rows) with scales ``ws [E, WNB, WKB]``, weight row r's scale row ``r // WB``.
+    Writes h ``[N, 2H]`` (``STORE_H``) and a ``[N, H]``: with ``QUANT_A`` (blockwise, BN ==
+    the block) as FP8 into ``a_ptr`` with scales ``as [N, H / BN]``, else in h's dtype.
+    ``W_DESC``: ``w_ptr`` is a TMA descriptor over ``[E * 2H, D]`` (block ``[BN, BK]``); a
+    gate block running past H reads up rows, which land only in masked columns."""
+    pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
+    e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
+    if e < 0:
+        return
+    tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_mask = cols < H
+    g_rows = cols.to(tl.int64)
+    u_rows = g_rows + H
+    ws_e = ws_ptr + e.to(tl.int64) * WNB * WKB
+    ks = tl.arange(0, BK)
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        k = k0 + ks
+        k_mask = k < D
+        a = tl.load(xq_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if W_DESC:
+            w_row0 = e * (2 * H) + pid_n * BN
+            bg = w_ptr.load([w_row0, k0]).T
+            bu = w_ptr.load([w_row0 + H, k0]).T
+        else:
+            w_e = w_ptr + e.to(tl.int64) * (2 * H) * D
+            b_mask = k_mask[:, None] & col_mask[None, :]
+            bg = tl.load(w_e + g_rows[None, :] * D + k[:, None], mask=b_mask, other=0.0)
+            bu = tl.load(w_e + u_rows[None, :] * D + k[:, None], mask=b_mask, other=0.0)
+        if BLOCKWISE:
+            kb = k0 // BK
+            sa = tl.load(xs_ptr + tok * KB + kb, mask=row_mask, other=0.0)
+            sg = tl.load(ws_e + (g_rows // WB) * WKB + kb, mask=col_mask, other=0.0)
+            su = tl.load(ws_e + (u_rows // WB) * WKB + kb, mask=col_mask, other=0.0)
+            acc_g += tl.dot(a, bg) * (sa[:, None] * sg[None, :])
+            acc_u += tl.dot(a, bu) * (sa[:, None] * su[None, :])
+        else:
+            acc_g = tl.dot(a, bg, acc_g, max_num_imprecise_acc=BK)
+            acc_u = tl.dot(a, bu, acc_u, max_num_imprecise_acc=BK)
+    if not BLOCKWISE:
+        sa = tl.load(xs_ptr + tok * KB, mask=row_mask, other=0.0)
+        sg = tl.load(ws_e + (g_rows // WB) * WKB, mask=col_mask, other=0.0)
+        su = tl.load(ws_e + (u_rows // WB) * WKB, mask=col_mask, other=0.0)
+        acc_g = acc_g * (sa[:, None] * sg[None, :])
+        acc_u = acc_u * (sa[:, None] * su[None, :])
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    g = acc_g.to(h_ptr.dtype.element_ty)
+    u = acc_u.to(h_ptr.dtype.element_ty)
+    if STORE_H:
+        h_row = h_ptr + rows64[:, None] * (2 * H)
+        tl.store(h_row + cols[None, :], g, mask=out_mask)
+        tl.store(h_row + H + cols[None, :], u, mask=out_mask)
+    # From the rounded h, as backward recomputes it; rounded to h's dtype, as the reference
+    # quantises it.
+    gf = g.to(tl.float32)
+    act = (gf * tl.sigmoid(gf) * u.to(tl.float32)).to(h_ptr.dtype.element_ty).to(tl.float32)
+    if QUANT_A:
+        act = tl.where(out_mask, act, 0.0)
+        scale, inv = _pow2_scale(tl.max(tl.abs(act), axis=1), FMAX_EXP)
+        tl.store(a_ptr + rows64[:, None] * H + cols[None, :], _to_fp8(act, inv[:, None], FMAX, FMAX_EXP, a_ptr.dtype.element_ty, ROUND),
+                 mask=out_mask)
+        tl.store(as_ptr + rows64 * tl.cdiv(H, BN) + pid_n, scale, mask=row_mask)
+    else:
+        tl.store(a_ptr + rows64[:, None] * H + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def fp8_gemm_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, token_ptr, weight_ptr,
+    counts_ptr, E, n_tiles, K, N_COLS, KB, WNB, WKB, stride_cm,
+    GATHER_A: tl.constexpr, SCALE: tl.constexpr, SCATTER_C: tl.constexpr,
+    BLOCKWISE: tl.constexpr, WB: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, E_POW2: tl.constexpr,
+):
+    """``C[rows_e] = A[rows_e] @ B[e]^T``: A FP8 ``[*, K]`` (rows by token with
+    ``GATHER_A``) with scales ``as [*, KB]``; B e4m3 ``[E, N_COLS, K]`` with scales
+    ``bs [E, WNB, WKB]`` (row r's scale row ``r // WB``). ``SCALE``: rows times
+    ``weight[n]``; ``SCATTER_C``: rows added into ``c[token[n]]`` (atomics in c's dtype),
+    else stored at ``c[n]``. ``B_DESC``: ``b_ptr`` is a TMA descriptor over ``[E * N_COLS, K]``
+    (block ``[BN, BK]``); tiles running past the expert's N_COLS rows land in masked columns.
+    ``A_DESC`` (only without ``GATHER_A``): ``a_ptr`` is a descriptor over ``[N, K]`` (block
+    ``[BM, BK]``); rows past the expert's land in masked rows."""
+    pid_m, pid_n = _program_tile(n_tiles, N_COLS, BN, GROUP_M)
+    e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
+    if e < 0:
+        return
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_mask = cols < N_COLS
+    rows64 = rows.to(tl.int64)
+    tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    a_rows = tok if GATHER_A else rows64
+    bs_e = bs_ptr + e.to(tl.int64) * WNB * WKB
+    cols64 = cols.to(tl.int64)
+    ks = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + ks
+        k_mask = k < K
+        if A_DESC:
+            a = a_ptr.load([row0, k0])
+        else:
+            a = tl.load(a_ptr + a_rows[:, None] * K + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if B_DESC:
+            b = b_ptr.load([e * N_COLS + pid_n * BN, k0]).T
+        else:
+            b_e = b_ptr + e.to(tl.int64) * N_COLS * K
+            b = tl.load(b_e + cols64[None, :] * K + k[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if BLOCKWISE:
+            kb = k0 // BK
+            sa = tl.load(as_ptr + a_rows * KB + kb, mask=row_mask, other=0.0)
+            sb = tl.load(bs_e + (cols64 // WB) * WKB + kb, mask=col_mask, other=0.0)
+            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        else:
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BK)
+    if not BLOCKWISE:
+        sa = tl.load(as_ptr + a_rows * KB, mask=row_mask, other=0.0)
+        sb = tl.load(bs_e + (cols64 // WB) * WKB, mask=col_mask, other=0.0)
+        acc = acc * (sa[:, None] * sb[None, :])
+    if SCALE:
+        w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        acc = acc * w[:, None]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if SCATTER_C:
+        tl.atomic_add(c_ptr + tok[:, None] * stride_cm + cols[None, :], acc, mask=out_mask, sem="relaxed")
+    else:
+        tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def fp8_swiglu_bwd_kernel(
+    ga_ptr, h_ptr, weight_ptr, gh_ptr, wa_ptr, gweight_ptr, ghq_ptr, ghs_ptr,
+    N, H,
+    BM: tl.constexpr, BH: tl.constexpr, FMAX: tl.constexpr, FMAX_EXP: tl.constexpr, ROUND: tl.constexpr,
+):
+    """`kernels.swiglu_bwd_kernel` (same outputs) that also quantises dL/dh for the dL/dx GEMM:
+    with ``BH`` = the block (H a multiple of it) each column chunk of the gate half and of
+    the up half is one ``1 x BH`` tile of each row of dL/dh, so its amax is the chunk's row max
+    and ``ghq [N, 2H]`` / ``ghs [N, 2H / BH]`` are written with no second pass over dL/dh.
+    The tiles quantise dL/dh rounded to its dtype, as the reference does."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    KB = 2 * (H // BH)
+    w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    gw = tl.zeros((BM,), dtype=tl.float32)
+    for c0 in range(0, H, BH):
+        cols = c0 + tl.arange(0, BH)
+        mask = row_mask[:, None] & (cols < H)[None, :]
+        ga = tl.load(ga_ptr + rows64[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h_row = h_ptr + rows64[:, None] * (2 * H)
+        hg = tl.load(h_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        hu = tl.load(h_row + H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(hg)
+        silu = hg * sig
+        act = silu * hu
+        gw += tl.sum(ga * act, axis=1)
+        ga = ga * w[:, None]
+        g_gate = (ga * hu * (sig + silu * (1.0 - sig))).to(gh_ptr.dtype.element_ty)
+        g_up = (ga * silu).to(gh_ptr.dtype.element_ty)
+        gh_row = gh_ptr + rows64[:, None] * (2 * H)
+        tl.store(gh_row + cols[None, :], g_gate, mask=mask)
+        tl.store(gh_row + H + cols[None, :], g_up, mask=mask)
+        tl.store(wa_ptr + rows64[:, None] * H + cols[None, :], (act * w[:, None]).to(wa_ptr.dtype.element_ty), mask=mask)
+        q_row = ghq_ptr + rows64[:, None] * (2 * H)
+        kb = c0 // BH
+        for half in tl.static_range(2):
+            v = (g_gate if half == 0 else g_up).to(tl.float32)
+            scale, inv = _pow2_scale(tl.max(tl.abs(v), axis=1), FMAX_EXP)
+            tl.store(q_row + half * H + cols[None, :], _to_fp8(v, inv[:, None], FMAX, FMAX_EXP,
+                                                              ghq_ptr.dtype.element_ty, ROUND), mask=mask)
+            tl.store(ghs_ptr + rows64 * KB + half * (H // BH) + kb, scale, mask=row_mask)
+    tl.store(gweight_ptr + rows, gw, mask=row_mask)
+
+
+@triton.jit
+def quantize_cols_kernel(
+    x_ptr, token_ptr, qt_ptr, s_ptr, N, C, stride_x, NB,
+    GATHER: tl.constexpr, B: tl.constexpr, BC: tl.constexpr, FMAX: tl.constexpr, FMAX_EXP: tl.constexpr,
+    ROUND: tl.constexpr,
+):
+    """Program (row block, column block): rows ``[rb B, rb B + B)`` of ``x [*, C]`` (by token
+    with ``GATHER``) quantised with one scale per column of the block (``B x 1`` tiles), written
+    transposed, ``qt [C, N]`` (the rows, now the reduction of a weight gradient, contiguous as
+    the FP8 tensor cores read them), scales ``s [C, NB]``."""
+    rb = tl.program_id(0)
+    rows = rb * B + tl.arange(0, B)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    rmask = rows < N
+    cmask = cols < C
+    if GATHER:
+        src = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
+    mask = rmask[:, None] & cmask[None, :]
+    v = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale, inv = _pow2_scale(tl.max(tl.abs(v), axis=0), FMAX_EXP)
+    q = _to_fp8(v, inv[None, :], FMAX, FMAX_EXP, qt_ptr.dtype.element_ty, ROUND)
+    tl.store(qt_ptr + cols[None, :].to(tl.int64) * N + rows[:, None], q, mask=mask)
+    tl.store(s_ptr + cols.to(tl.int64) * NB + rb, scale, mask=cmask)
+
+
+@triton.jit
+def fp8_wgrad_kernel(
+    lt_ptr, ls_ptr, rt_ptr, rs_ptr, out_ptr, counts_ptr, E, N, NB, P, Q,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_POW2: tl.constexpr,
+):
+    """Weight gradient ``out[e] = L[rows_e]^T @ R[rows_e]`` (``[E, P, Q]``) from FP8 copies
+    transposed by `quantize_cols_kernel`: ``lt [P, N]``, ``rt [Q, N]`` with scales
+    ``ls [P, NB]``, ``rs [Q, NB]`` per column and ``BK``-row block. The reduction steps over
+    the global row blocks that overlap expert e's rows (a block shared with the next expert
+    has one scale for both; rows outside the expert's are masked to zero), each step's
+    product scaled and added in float32."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(P, BM)
+    n_n = tl.cdiv(Q, BN)
+    e = pid // (n_m * n_n)
+    pid_m = (pid % (n_m * n_n)) // n_n
+    pid_n = pid % n_n
+    idx = tl.arange(0, E_POW2)
+    counts = tl.load(counts_ptr + idx, mask=idx < E, other=0).to(tl.int32)
+    end = tl.sum(tl.where(idx <= e, counts, 0), 0)
+    start = end - tl.sum(tl.where(idx == e, counts, 0), 0)
+    pc = pid_m * BM + tl.arange(0, BM)
+    qc = pid_n * BN + tl.arange(0, BN)
+    pmask = pc < P
+    qmask = qc < Q
+    pc64 = pc.to(tl.int64)
+    qc64 = qc.to(tl.int64)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range((start // BK) * BK, end, BK):
+        rows = r0 + tl.arange(0, BK)
+        rmask = (rows >= start) & (rows < end)
+        a = tl.load(lt_ptr + pc64[:, None] * N + rows[None, :], mask=pmask[:, None] & rmask[None, :], other=0.0)
+        b = tl.load(rt_ptr + qc64[None, :] * N + rows[:, None], mask=rmask[:, None] & qmask[None, :], other=0.0)
+        kb = r0 // BK
+        sa = tl.load(ls_ptr + pc64 * NB + kb, mask=pmask, other=0.0)
+        sb = tl.load(rs_ptr + qc64 * NB + kb, mask=qmask, other=0.0)
+        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+    out = out_ptr + e.to(tl.int64) * P * Q
+    tl.store(out + pc64[:, None] * Q + qc[None, :], acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & qmask[None, :])

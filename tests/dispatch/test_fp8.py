@@ -1,0 +1,336 @@
+"""The FP8 path of the Triton backend (`TritonOptions(fp8=FP8Recipe(...))`): kernels against
+the float32 FP8 reference (`fp8_reference.py`, the same quantised arithmetic), and the whole
+dispatch, outputs and every gradient, against the exact reference within FP8's rounding.
+
+On CUDA the compiled kernels run (needs sm89+), with the CUDA cases at block 128 in bf16;
+on CPU Triton's interpreter runs them (TRITON_INTERPRET=1, conftest.py) at tiny sizes with
+block 16, in float32.
+
+Tolerance against the exact reference (`_fp8_tol`). Bound (1) of `test_fp8_reference.py`
+gives each quantised operand a relative error of at most u per element (u = 2^-4 for
+e4m3, 2^-3 for e5m2; scales are powers of two, so the scaling itself is exact). To first
+order a GEMM passes its operands' relative errors to its output with a factor that bound
+(2) puts near 1 for these well-spread operands, and independent errors add in quadrature;
+a quantity reached through n4 e4m3 and ng gradient-format quantisations then has a
+relative error norm of about sqrt(n4 u4^2 + ng ug^2) at most. The tolerance is 1.5 times
+that (the factor of bound (2): ||A||_F ||B||_2 / ||AB||_F exceeds 1, and the SwiGLU and
+softmax derivatives amplify a little); measured errors are 0.45-0.75 of the unscaled
+estimate (interpreter, 3 seeds). Paths: y: x, W_in, a, W_out (4, 0). dL/dx: x, W_in (h),
+W_out, W_in in backward; gy, dL/dh (4, 2). dL/dweight and dL/dlogits: x, W_in (a), W_out;
+gy (3, 1). dL/dW_in: x, W_in (h), W_out; gy (3, 1). dL/dW_out: x, W_in (a) (2, 0). FP8
+weight gradients (``FP8Recipe(wgrad="fp8")``) add one e4m3 and one gradient-format
+quantisation to dL/dW_in (x; dL/dh) and dL/dW_out (a; gy).
+"""
+
+import copy
+import dataclasses
+import math
+import pickle
+
+import pytest
+import torch
+from routings import make_routing
+
+from gatedmoe import MoE
+from gatedmoe.dispatch import (
+    FP8Recipe,
+    TritonOptions,
+    get_backend,
+    grouped_dispatch,
+    reference_dispatch,
+)
+from gatedmoe.dispatch.triton import fp8_reference
+from gatedmoe.dispatch.triton.config import KernelConfig
+from gatedmoe.dispatch.triton.fp8_config import fp8_configs_to_ints, fp8_kernel_configs
+from gatedmoe.experts import ExpertBank
+from helpers import assert_close, poisoned_empty
+
+pytest.importorskip("triton")
+from gatedmoe.dispatch.triton import fp8_ops, launchers, triton_dispatch  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if CUDA and torch.cuda.get_device_capability() < (8, 9):
+    pytest.skip("FP8 tensor cores need compute capability >= 8.9", allow_module_level=True)
+BLOCK = 128 if CUDA else 16
+
+U = {"e4m3": 2.0**-4, "e5m2": 2.0**-3}
+# (e4m3 quantisations, gradient-format quantisations) on each output's path (module docstring);
+# FP8 weight gradients add one of each (x or a, and dL/dh or gy).
+PATHS = {"y": (4, 0), "x": (4, 2), "weight": (3, 1), "logits": (3, 1), "w_in": (3, 1), "w_out": (2, 0)}
+
+
+def _fp8_tol(name: str, grad_format: str, wgrad: str = "bf16") -> float:
+    n4, ng = PATHS[name]
+    if wgrad == "fp8" and name in ("w_in", "w_out"):
+        n4, ng = n4 + 1, ng + 1
+    return 1.5 * math.sqrt(n4 * U["e4m3"] ** 2 + ng * U[grad_format] ** 2)
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_buffers(monkeypatch):
+    """Every buffer a kernel must fill starts as NaN, so an unwritten element fails loudly."""
+    monkeypatch.setattr(launchers, "alloc", lambda *shape, device, dtype: poisoned_empty(*shape, dtype=dtype, device=device))
+
+
+@pytest.fixture(autouse=True)
+def _device():
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device("cpu")
+
+
+def _hard_values(R: int, C: int) -> torch.Tensor:
+    """Rows that exercise the rounding: magnitudes 1e-8..1e8 across rows, a ten-thousandfold
+    outlier, a zero row, values just below a power of two (the rounding carries into the
+    exponent), ties, and values far below the tile's largest (FP8 subnormals)."""
+    x = torch.randn(R, C) * torch.logspace(-8, 8, R)[:, None]
+    x[1, 3] = 1e4 * x[1].abs().max()
+    x[2] = 0
+    x[3, :8] = torch.tensor([448.0, 127.9, -7.96, 240.0 * 1.03125, 1e-3, 3e-5, -2e-6, 0.0])  # 1.03125: a tie
+    return x
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("group", [BLOCK, None])
+def test_quantize_rows_matches_reference_bit_for_bit(fmt, group):
+    x = _hard_values(37, 3 * BLOCK - 8).to(DEVICE)
+    fast_q, fast_s = fp8_ops.quantize_rows(x, fmt, group)
+    ref_q, ref_s = fp8_reference.quantize_rows(x, fmt, group)
+    assert_close("q", ref_q.view(torch.uint8), fast_q.view(torch.uint8))
+    assert_close("s", ref_s, fast_s, torch.float64)  # powers of two: exact
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("gather", [False, True])
+def test_quantize_cols_matches_reference_bit_for_bit(fmt, gather):
+    """The weight gradients' operands: ``block x 1`` tiles of (gathered) rows, transposed."""
+    x = _hard_values(3 * BLOCK - 5, 40)
+    token = torch.randint(0, x.shape[0], (2 * BLOCK + 7,)) if gather else None
+    fast_qt, fast_s = fp8_ops.quantize_cols(x, token, fmt, BLOCK)
+    ref_qt, ref_s = fp8_reference.quantize_rows((x[token] if gather else x).T, fmt, BLOCK)
+    assert_close("qt", ref_qt.view(torch.uint8), fast_qt.view(torch.uint8))
+    assert_close("s", ref_s, fast_s, torch.float64)
+
+
+@pytest.mark.parametrize("scaling", ["blockwise", "rowwise"])
+def test_quantized_weight_matches_reference_bit_for_bit(scaling):
+    recipe = FP8Recipe(scaling=scaling, block=BLOCK)
+    w = torch.randn(3, 2 * BLOCK + 8, BLOCK + 24, device=DEVICE)
+    w[1, :BLOCK, :BLOCK] *= 1e3
+    block = BLOCK if scaling == "blockwise" else None
+    fast = fp8_ops.quantized_weight(w, recipe, transpose=True)
+    ref_q, ref_s = fp8_reference.quantize_blocks(w, "e4m3", block)
+    ref_qt, ref_st = fp8_reference.quantize_blocks(w.transpose(1, 2), "e4m3", block)
+    assert_close("q", ref_q.view(torch.uint8), fast.q.view(torch.uint8))
+    assert_close("s", ref_s, fast.s, torch.float64)
+    assert_close("qt", ref_qt.view(torch.uint8), fast.qt.view(torch.uint8))
+    assert_close("st", ref_st, fast.st, torch.float64)
+
+
+def test_weight_quantised_once_per_step(monkeypatch):
+    """Cached on the parameter: reused until an in-place update bumps its version."""
+    calls = []
+    real = fp8_ops.quantize_weight
+    monkeypatch.setattr(fp8_ops, "quantize_weight", lambda *a: calls.append(a[0].shape) or real(*a))
+    recipe = FP8Recipe(block=BLOCK)
+    w = torch.nn.Parameter(torch.randn(2, 2 * BLOCK, BLOCK, device=DEVICE))
+    first = fp8_ops.quantized_weight(w, recipe, transpose=True)
+    assert fp8_ops.quantized_weight(w, recipe, transpose=True) is first
+    assert fp8_ops.quantized_weight(w, recipe, transpose=False) is first  # the cached copy has both
+    assert len(calls) == 1
+    with torch.no_grad():
+        w.mul_(2)  # an optimizer step
+    again = fp8_ops.quantized_weight(w, recipe, transpose=True)
+    assert len(calls) == 2 and again is not first
+    assert torch.equal(again.s, 2 * first.s)
+    fp8_ops.quantized_weight(w, FP8Recipe(scaling="rowwise", block=BLOCK), transpose=True)
+    assert len(calls) == 3  # another recipe is another quantisation
+    # Saved or copied parameters carry no FP8 copies; a copy quantises its own.
+    plain = torch.nn.Parameter(w.detach().clone())
+    assert len(pickle.dumps(w)) < len(pickle.dumps(plain)) + 512
+    twin = copy.deepcopy(w)
+    fp8_ops.quantized_weight(twin, recipe, transpose=True)
+    assert len(calls) == 4
+
+
+# (T, D, H, E, K, mode, scaling, grad_format, wgrad): T=1, T not a multiple of the row tile,
+# empty experts, every row on one expert (k=1, "one_expert"), k = 3, both recipes, formats and
+# weight-gradient precisions (FP8 weight gradients: experts' rows sharing token blocks).
+CASES = [
+    (1, 2 * BLOCK, BLOCK, 3, 1, "random", "blockwise", "e4m3", "bf16"),
+    (21, 3 * BLOCK, 2 * BLOCK, 4, 2, "random", "blockwise", "e5m2", "fp8"),
+    (33, 2 * BLOCK, BLOCK, 6, 3, "skip_experts", "rowwise", "e4m3", "bf16"),
+    (40, 2 * BLOCK, 2 * BLOCK, 4, 1, "one_expert", "blockwise", "e4m3", "fp8"),
+    (21, 3 * BLOCK - 8, 2 * BLOCK + 8, 4, 2, "random", "rowwise", "e5m2", "fp8"),  # rowwise takes any width
+]
+if CUDA:
+    CASES += [(1000, 1024, 768, 8, 2, "random", "blockwise", "e4m3", "bf16"),
+              (1000, 1024, 768, 8, 2, "random", "blockwise", "e4m3", "fp8"),
+              (517, 512, 256, 16, 6, "skip_experts", "rowwise", "e5m2", "fp8")]
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+
+def _inputs(T, D, H, E, K, mode, dtype):
+    torch.manual_seed(0)
+    bank = ExpertBank(E, D, H)  # float32 master weights
+    with torch.no_grad():  # weight blocks of different magnitudes too: each block's own scale matters
+        for w in (bank.w_in, bank.w_out):
+            w.mul_(torch.logspace(-0.5, 0.5, w.shape[1])[torch.randperm(w.shape[1])][:, None])
+            w.mul_(torch.logspace(-0.5, 0.5, w.shape[2])[torch.randperm(w.shape[2])])
+    # Columns of very different magnitudes, so that per-tile and per-row scales differ.
+    x = (torch.randn(T, D) * torch.logspace(-1, 1, D)[torch.randperm(D)]).to(dtype)
+    logits = torch.randn(T, E)
+    gy = torch.randn(T, D).to(dtype)
+    torch.manual_seed(7)
+    routing = make_routing(T, E, K, mode, logits)
+    return bank, x, logits, gy, routing
+
+
+@pytest.mark.parametrize("T,D,H,E,K,mode,scaling,grad_format,wgrad", CASES)
+def test_fp8_kernels_match_fp8_reference(T, D, H, E, K, mode, scaling, grad_format, wgrad, configs=None):
+    """Same quantised arithmetic: equal up to float32 summation order (and, in bf16, the
+    rounding of h, which can move a value of a across an FP8 rounding boundary). The
+    weights go through TMA (the default configs, in the interpreter too)."""
+    recipe = FP8Recipe(scaling=scaling, grad_format=grad_format, block=BLOCK, wgrad=wgrad)
+    bank, x, _, gy, routing = _inputs(T, D, H, E, K, mode, DTYPE)
+    token, counts, weight = routing.token, routing.counts, routing.weight.detach()
+    leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_(), bank.w_in, bank.w_out]
+    fast_y = fp8_ops.moe_glu_fp8(leaves[0], token, leaves[1], counts, bank.w_in, bank.w_out, recipe, configs=configs)
+    fast_g = torch.autograd.grad(fast_y, leaves, gy)
+    w_in, w_out = bank.w_in.detach(), bank.w_out.detach()
+    ref_y, ref_h = fp8_reference.fp8_moe_forward(x, token, weight, counts, w_in, w_out, recipe)
+    ref_g = fp8_reference.fp8_moe_backward(gy, x, token, weight, counts, w_in, w_out, ref_h, recipe)
+    assert_close("y", ref_y, fast_y, DTYPE)
+    for name, ref, fast in zip(["x", "weight", "w_in", "w_out"], ref_g, fast_g, strict=True):
+        # The weight gradients come back in the parameters' float32 from the input dtype's products.
+        assert_close(f"grad {name}", ref, fast, DTYPE)
+
+
+@pytest.mark.parametrize("scaling", ["blockwise", "rowwise"])
+def test_weights_by_pointer_loads_match_fp8_reference(scaling):
+    """The same kernels with the weights read by pointer loads (configs with ``tma=False``)."""
+    cfgs = fp8_kernel_configs(torch.device(DEVICE), BLOCK, scaling)
+    configs = {name: dataclasses.replace(cfg, tma=False) for name, cfg in cfgs.items()}
+    test_fp8_kernels_match_fp8_reference(21, 2 * BLOCK, 2 * BLOCK, 4, 2, "skip_experts", scaling, "e4m3", "bf16",
+                                         configs)
+
+
+def test_blockwise_config_overrides_must_step_one_block():
+    bad = {"fp8_gemm": KernelConfig(16, 16, 2 * BLOCK, 4, 1)}
+    with pytest.raises(ValueError, match=r"configs\['fp8_gemm'\]: each reduction step must be one scale block"):
+        fp8_kernel_configs(torch.device(DEVICE), BLOCK, "blockwise", bad)
+    assert fp8_kernel_configs(torch.device(DEVICE), BLOCK, "rowwise", bad)["fp8_gemm"] == bad["fp8_gemm"]
+
+
+DISPATCH_CASES = [(37, 2 * BLOCK, BLOCK, 4, 2, "random", "e4m3", "bf16"),
+                  (20, 2 * BLOCK, 3 * BLOCK, 5, 1, "one_expert", "e5m2", "fp8")]
+if CUDA:
+    DISPATCH_CASES += [(2048, 1024, 512, 8, 2, "random", "e4m3", "bf16"), (2048, 1024, 512, 8, 2, "random", "e5m2", "bf16"),
+                       (2048, 1024, 512, 8, 2, "random", "e4m3", "fp8")]
+
+
+@pytest.mark.parametrize("T,D,H,E,K,mode,grad_format,wgrad", DISPATCH_CASES)
+def test_fp8_dispatch_within_fp8_rounding_of_reference(T, D, H, E, K, mode, grad_format, wgrad):
+    bank, x, logits, gy, _ = _inputs(T, D, H, E, K, mode, DTYPE)
+    options = TritonOptions(fp8=FP8Recipe(grad_format=grad_format, block=BLOCK, wgrad=wgrad))
+
+    def run(fn):
+        xl = x.detach().clone().requires_grad_()
+        lg = logits.detach().clone().requires_grad_()
+        torch.manual_seed(7)
+        routing = make_routing(T, E, K, mode, lg)
+        bank.zero_grad(set_to_none=True)
+        y = fn(xl, routing, bank)
+        y.backward(gy.float())
+        return y.detach(), {"x": xl.grad, "logits": lg.grad, "w_in": bank.w_in.grad, "w_out": bank.w_out.grad}
+
+    # The exact side in float32 throughout (x upcast; the bank is float32).
+    ref_y, ref_g = run(lambda xl, r, b: reference_dispatch(xl.float(), r, b))
+    fast_y, fast_g = run(lambda xl, r, b: triton_dispatch(xl, r, b, options=options))
+    errors = {"y": (ref_y, fast_y), **{n: (ref_g[n], fast_g[n]) for n in ref_g}}
+    for name, (ref, fast) in errors.items():
+        # bf16's table compares relative error norms; scaled to the FP8 bound (module docstring).
+        assert_close(name, ref.float(), fast.float(), torch.bfloat16, scale=_fp8_tol(name, grad_format, wgrad) / 1.5e-2)
+        # ... and not exact: the FP8 path did run.
+        assert (fast.double() - ref.double()).norm() > 1e-3 * ref.double().norm()
+
+
+def test_layer_trains_with_fp8_and_requantises_after_a_step(monkeypatch):
+    calls = []
+    real = fp8_ops.quantize_weight
+    monkeypatch.setattr(fp8_ops, "quantize_weight", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    moe = MoE(2 * BLOCK, 4, BLOCK, k=2, backend="triton", backend_options=TritonOptions(fp8=FP8Recipe(block=BLOCK)))
+    opt = torch.optim.SGD(moe.parameters(), lr=0.1)
+    x = torch.randn(8, 2 * BLOCK)
+    for step in range(2):
+        for _micro in range(2):  # gradient accumulation: the same quantised weights
+            moe(x).float().square().mean().backward()
+        assert len(calls) == 2 * (step + 1)
+        assert all(torch.isfinite(p.grad).all() for p in moe.experts.parameters())
+        opt.step()
+        opt.zero_grad()
+
+
+def test_grouped_backend_refuses_fp8():
+    bank, x, logits, _, routing = _inputs(5, 2 * BLOCK, BLOCK, 3, 1, "random", torch.float32)
+    torch.set_default_device("cpu")
+    bank, x, routing = bank.cpu(), x.cpu(), make_routing(5, 3, 1, "random", logits.cpu())
+    with pytest.raises(ValueError, match="grouped backend has no FP8 path"):
+        grouped_dispatch(x, routing, bank, TritonOptions(fp8=FP8Recipe()))
+    # "auto" on CPU resolves to grouped: the option still is not dropped silently.
+    with pytest.raises(ValueError, match="fp8"):
+        get_backend("auto", "cpu")(x, routing, bank, options=TritonOptions(fp8=FP8Recipe()))
+
+
+def test_blockwise_needs_widths_that_are_multiples_of_the_block():
+    bank, x, _, _, routing = _inputs(5, BLOCK + 8, BLOCK, 3, 1, "random", DTYPE)
+    with pytest.raises(ValueError, match=f"multiples of block={BLOCK}"):
+        triton_dispatch(x, routing, bank, options=TritonOptions(fp8=FP8Recipe(block=BLOCK)))
+
+
+def test_lora_adapters_refuse_fp8():
+    bank, x, _, _, routing = _inputs(5, 2 * BLOCK, BLOCK, 3, 1, "random", DTYPE)
+    bank.add_lora(4)
+    with pytest.raises(ValueError, match="no LoRA adapter term"):
+        get_backend("triton", DEVICE)(x, routing, bank, options=TritonOptions(fp8=FP8Recipe(block=BLOCK)))
+
+
+def test_unsupported_expert_kind_refuses_instead_of_falling_back():
+    bank = ExpertBank(3, 2 * BLOCK, BLOCK, activation="gelu")
+    x = torch.randn(5, 2 * BLOCK)
+    routing = make_routing(5, 3, 1, "random", torch.randn(5, 3))
+    with pytest.raises(ValueError, match="fused Triton kernels only"):
+        triton_dispatch(x, routing, bank, options=TritonOptions(fp8=FP8Recipe(block=BLOCK)))
+
+
+def test_opcheck():
+    bank, x, logits, _, routing = _inputs(6, 2 * BLOCK, BLOCK, 3, 2, "random", DTYPE)
+    x.requires_grad_()
+    r = routing
+    for recipe in (FP8Recipe(block=BLOCK), FP8Recipe(block=BLOCK, scaling="rowwise", wgrad="fp8")):
+        cfgs = fp8_configs_to_ints({"fp8_gemm": fp8_kernel_configs(torch.device(DEVICE), BLOCK)["fp8_gemm"]})
+        args = (x, r.token, r.weight, r.counts, bank.w_in, bank.w_out, recipe.scaling, recipe.grad_format,
+                recipe.block, recipe.wgrad, False, cfgs)
+        torch.library.opcheck(fp8_ops.moe_glu_fp8_forward, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.skipif(not CUDA, reason="torch.compile of Triton kernels needs CUDA")
+def test_torch_compile_matches_eager():
+    bank, x, _, gy, r = _inputs(256, 2 * BLOCK, BLOCK, 4, 2, "random", DTYPE)
+    recipe = FP8Recipe(block=BLOCK)
+
+    def f(x, token, weight, counts, w_in, w_out):
+        return fp8_ops.moe_glu_fp8(x, token, weight, counts, w_in, w_out, recipe)
+
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        xx = x.clone().requires_grad_()
+        bank.zero_grad(set_to_none=True)
+        y = fn(xx, r.token, r.weight, r.counts, bank.w_in, bank.w_out)
+        y.backward(gy)
+        results.append([y, xx.grad, bank.w_in.grad, bank.w_out.grad])
+    for name, eager, compiled in zip(["y", "x", "w_in", "w_out"], *results, strict=True):
+        assert_close(name, eager.float(), compiled.float(), DTYPE)
