@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -67,6 +68,15 @@ def triton_dispatch(
             log.warning("triton dispatch: %s not supported; using the grouped backend", reason)
         return grouped_dispatch(x_TD, routing, experts)
     if fp8 is not None:
+        if x_TD.is_cuda and "fp8-experimental" not in _warned:
+            _warned.add("fp8-experimental")
+            warnings.warn(
+                "TritonOptions(fp8=...) is experimental: on its first H200 run (Triton 3.6) 14 of its 43 CUDA "
+                "tests failed, some with errors beyond the FP8 rounding bound, and it was no faster than bf16 "
+                "(BENCHMARKS.md, 'FP8'); do not train with it yet",
+                UserWarning,
+                stacklevel=2,
+            )
         # The parameters themselves, not casts: their FP8 copies are cached on them per step.
         from gatedmoe.dispatch.triton.fp8_ops import moe_glu_fp8
 

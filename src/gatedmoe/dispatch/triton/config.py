@@ -4,8 +4,8 @@ among its code paths: data, no code that launches anything.
 Importing this module never imports Triton, so `gatedmoe.dispatch.options.TritonOptions`
 can hold `KernelConfig` values on machines without it.
 
-Every number below, except the decode path's (marked TODO: first guesses until
-`benchmarks/decode.py` has run on the H200), was measured on an H100 (80 GB, SXM) with bf16
+Every number below, except the decode path's (measured on an H200, or marked as first
+guesses where the config sweep has not run yet), was measured on an H100 (80 GB, SXM) with bf16
 inputs on the four GPU shapes of `gatedmoe.bench.SHAPES` (Mixtral, DeepSeek, small, fine-grained);
 `benchmarks/triton_tune.py` measures the config alternatives and prints the fastest, and
 BENCHMARKS.md holds the tables. To try other numbers, pass them as a value
@@ -162,21 +162,22 @@ DECODE_MAX_TOKENS = 256
 # ... and only while the mean rows per routed expert, N / min(N, E), stays at most this. Above
 # it each expert's weights are reused by enough rows that the large-batch kernels (tensor-core
 # tiles of 128 rows, TMA) win.
-# TODO(lead): first guess, not measured. Set it from `benchmarks/decode.py` on the H200: the
-# crossover of the "decode" and "triton (large-batch)" rows, in rows per expert (printed as
-# "rows/e"), over the four shapes; record the run here as the other thresholds are.
-DECODE_MAX_ROWS_PER_EXPERT = 32
+# Measured on an H200 (torch 2.11, Triton 3.6; `benchmarks/decode.py`, layer forward as a CUDA
+# graph, BENCHMARKS.md "Decode"): the decode kernels win at up to 4 rows per expert on all four
+# shapes; at 8, GPT-OSS-20B T=64 0.43 vs 0.49 ms (decode ahead) but DeepSeek-V3 T=256 6.33 vs
+# 5.89 ms (behind); at 16 behind (Mixtral T=64 0.85 vs 0.76 ms) or level (Qwen3-30B T=256).
+DECODE_MAX_ROWS_PER_EXPERT = 8
 # Column blocks are narrowed (64 -> 32 -> 16 columns) until a product has at least this many
 # programs (so that T=1, one row tile per routed expert, still fills 132 SMs several times
 # over) and each program streams at most `DECODE_MAX_PROGRAM_BYTES` of weights (short programs:
-# the last ones to finish leave SMs idle for less). TODO(lead): first guesses, not measured;
+# the last ones to finish leave SMs idle for less). First guesses, not yet swept:
 # `benchmarks/decode.py --sweep` times the alternatives per shape and prints the fastest.
 DECODE_MIN_PROGRAMS = 1024
 DECODE_MAX_PROGRAM_BYTES = 512 << 10
 # Reduction depth of the decode products on CUDA (16-bit: 256-byte row segments of the weights
 # per load; float32: half the elements), and the pipeline depth: 4 stages, 3 where a stage's
-# tiles exceed 24 KB (two programs per SM then still fit in shared memory). TODO(lead): first
-# guesses, see `--sweep`.
+# tiles exceed 24 KB (two programs per SM then still fit in shared memory). First guesses, see
+# `--sweep`.
 DECODE_BK = 128
 
 # The per-token combine (`kernels.decode_combine_kernel`): columns per program, token ids
