@@ -100,3 +100,73 @@ def test_batched_multinomial_newton_matches_per_expert_newton():
     for e in range(2):
         ref, _ = em.softmax_newton(Z, R[:, e, None] * Y, V0[e], 2, n_steps=1)
         np.testing.assert_allclose(fast[e], ref, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("gate", ["softmax", "temperature_softmax"])
+def test_mixture_of_multinomials_likelihood_and_gradient_match_brute_force(gate):
+    from scipy.optimize import approx_fprime
+
+    rng = np.random.default_rng(6)
+    N, E, C = 40, 3, 4
+    X = rng.normal(size=(N, 2))
+    Z = em.add_intercept(X)
+    t = 0.7 if gate == "temperature_softmax" else 1.0
+    g = make_gate(gate, E, None, t)
+    F = g.design(X)
+    y = rng.integers(0, C, size=N)
+    W, V = rng.normal(size=(F.shape[1], E)), rng.normal(size=(E, 3, C))
+    ll, R, gW, gV = em.multinomial_mixture_grad(F, Z, y, W, V, g)
+    # Brute force: p(y|x) = sum_e g_e(x) softmax(Z V_e)[y], summed in the probability domain.
+    p_exp = np.stack([np.exp(Z @ V[e]) / np.exp(Z @ V[e]).sum(1, keepdims=True) for e in range(E)])
+    g_NE = np.exp(F @ W / t) / np.exp(F @ W / t).sum(1, keepdims=True)
+    joint = g_NE * p_exp[:, np.arange(N), y].T
+    np.testing.assert_allclose(ll, np.log(joint.sum(1)), rtol=1e-12)
+    np.testing.assert_allclose(R, joint / joint.sum(1, keepdims=True), rtol=1e-10)
+
+    def total(theta):
+        W_, V_ = theta[: W.size].reshape(W.shape), theta[W.size :].reshape(V.shape)
+        return em.multinomial_mixture_grad(F, Z, y, W_, V_, g)[0].sum()
+
+    num = approx_fprime(np.r_[W.ravel(), V.ravel()], total, 1e-7)
+    np.testing.assert_allclose(np.r_[gW.ravel(), gV.ravel()], num, atol=2e-5)
+
+
+def test_symmetric_class_ridge_is_the_all_class_penalty_and_ignores_the_reference():
+    rng = np.random.default_rng(7)
+    C, l2 = 4, 1.7
+    V = np.zeros((2, 4, C))
+    V[:, :, :-1] = rng.normal(size=(2, 4, C - 1))
+    pen = em.multinomial_ridge(V, l2, symmetric=True)
+    for e in range(2):
+        B = V[e, :-1]
+        # LogisticRegression's penalty l2/2 sum_c ||B_c + v||^2 over all C classes, at the
+        # shift v that leaves the probabilities unchanged and minimises it.
+        best = minimize(lambda v: 0.5 * l2 * ((B + v[:, None]) ** 2).sum(), np.zeros(3), tol=1e-12).fun
+        np.testing.assert_allclose(pen[e], best, rtol=1e-8)
+        # Class 0 as the reference instead of the last class: same probabilities, same penalty.
+        B0 = B - B[:, :1]
+        V0 = np.zeros((1, 4, C))
+        V0[0, :-1, :-1] = B0[:, [3, 1, 2]]
+        np.testing.assert_allclose(em.multinomial_ridge(V0, l2, symmetric=True)[0], pen[e], rtol=1e-12)
+    np.testing.assert_allclose(em.multinomial_ridge(V, l2), 0.5 * l2 * (V[:, :-1, :-1] ** 2).sum(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_multinomial_newton_reaches_the_ridge_optimum(symmetric):
+    rng = np.random.default_rng(8)
+    N, Q, C = 120, 3, 3
+    Z = em.add_intercept(rng.normal(size=(N, Q - 1)))
+    y = rng.integers(0, C, size=N)
+    Y = np.eye(C)[y]
+    r = rng.random(N)
+    V = em.multinomial_newton_experts(Z, Y, r[:, None], np.zeros((1, Q, C)), l2=2.0, symmetric=symmetric,
+                                      n_steps=50)
+
+    def loss(theta):
+        V_ = np.zeros((1, Q, C))
+        V_[0, :, :-1] = theta.reshape(Q, C - 1)
+        logp = np.log(np.exp(Z @ V_[0]) / np.exp(Z @ V_[0]).sum(1, keepdims=True))
+        return -(r * logp[np.arange(N), y]).sum() + em.multinomial_ridge(V_, 2.0, symmetric)[0]
+
+    ref = minimize(loss, np.zeros(Q * (C - 1)), method="BFGS", options={"gtol": 1e-10}).x
+    np.testing.assert_allclose(V[0, :, :-1].ravel(), ref, atol=1e-6)

@@ -417,15 +417,78 @@ def weighted_lasso(
     return np.append(a_P, ybar - xbar_P @ a_P)
 
 
-def multinomial_newton_experts(
-    Z_NQ: np.ndarray, Y_NC: np.ndarray, R_NE: np.ndarray, V_EQC: np.ndarray, l2: float = 0.0
-) -> np.ndarray:
-    """One damped Newton step for every multinomial logistic expert at once.
+def multinomial_mixture_grad(
+    F_NQ: np.ndarray, Z_NQ: np.ndarray, y_N: np.ndarray, W_QE: np.ndarray, V_EQC: np.ndarray, gate
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Observed log-likelihood of a mixture of multinomial logistic experts and its gradient.
 
-    Expert e maximises ``sum_n r_ne log softmax(Z_n V_e)[y_n] - l2/2 ||V_e[:-1]||^2`` (the
-    ridge leaves the intercept row alone, as LogisticRegression's ``1/C``); the experts are
-    independent, so their Newton systems are solved as one batch ``[E, (C-1) Q]``. Each
-    expert's step is capped (trust region) and halved until its objective does not fall.
+    ``ll_n = log sum_e g_e(F_n W) softmax(Z_n V_e)[y_n]``. By Fisher's identity the gradient
+    is that of EM's ``Q`` at the posterior responsibilities ``R``: in the gate logits
+    ``gate.logit_grad(l, R)``, in expert e's class logits ``r_ne (onehot(y_n) - p_en)``.
+    Returns ``(ll_N, R_NE, dsum(ll)/dW [QF, E], dsum(ll)/dV [E, Q, C])``, over every entry
+    (the caller keeps the free ones).
+    """
+    N = Z_NQ.shape[0]
+    rows = np.arange(N)
+    logits_NE = F_NQ @ W_QE
+    # Layout [E, C, N] as in `multinomial_newton_experts`.
+    L_ECN = np.matmul(V_EQC.transpose(0, 2, 1), Z_NQ.T)
+    L_ECN -= L_ECN.max(axis=1)[:, None]
+    P_ECN = np.exp(L_ECN)
+    s_EN = P_ECN.sum(axis=1)
+    P_ECN /= s_EN[:, None]
+    joint_NE = gate.log_probs(logits_NE) + (L_ECN[:, y_N, rows] - np.log(s_EN)).T
+    ll_N = logsumexp_rows(joint_NE)
+    R_NE = np.exp(joint_NE - ll_N[:, None])
+    gW_QE = F_NQ.T @ gate.logit_grad(logits_NE, R_NE)[1]
+    R_EN = R_NE.T
+    G_ECN = -R_EN[:, None, :] * P_ECN
+    G_ECN[:, y_N, rows] += R_EN
+    return ll_N, R_NE, gW_QE, np.matmul(G_ECN, Z_NQ).transpose(0, 2, 1)
+
+
+def class_ridge_matrix(n_classes: int, symmetric: bool) -> np.ndarray:
+    """``P`` ``[C-1, C-1]`` of the experts' ridge ``l2/2 sum_q b_q^T P b_q`` on the free
+    class coefficients ``b_q`` (the last class fixed at 0).
+
+    ``symmetric=False``: ``P = I`` (the free classes penalised, the reference class not).
+    ``symmetric=True``: ``P = I - J / C``, i.e. ``l2/2 sum_c ||B_c - mean_c B||^2`` over all
+    ``C`` classes, which is ``min_v l2/2 sum_c ||B_c + v||^2``: the penalty of multinomial
+    ``LogisticRegression`` (all ``C`` class vectors, no reference class) at its minimum
+    over the shift that leaves the probabilities unchanged. It does not depend on which
+    class is the reference.
+    """
+    Cf = n_classes - 1
+    P = np.eye(Cf)
+    if symmetric:
+        P -= 1.0 / n_classes
+    return P
+
+
+def multinomial_ridge(V_EQC: np.ndarray, l2: float, symmetric: bool = False) -> np.ndarray:
+    """The experts' ridge ``l2/2 sum_q b_q^T P b_q`` per expert ``[E]`` (intercepts not
+    penalised; ``P`` from `class_ridge_matrix`)."""
+    B_EqC = V_EQC[:, :-1, :-1]
+    P = class_ridge_matrix(V_EQC.shape[2], symmetric)
+    return 0.5 * l2 * np.einsum("eqc,cd,eqd->e", B_EqC, P, B_EqC)
+
+
+def multinomial_newton_experts(
+    Z_NQ: np.ndarray,
+    Y_NC: np.ndarray,
+    R_NE: np.ndarray,
+    V_EQC: np.ndarray,
+    l2: float = 0.0,
+    symmetric: bool = False,
+    n_steps: int = 1,
+) -> np.ndarray:
+    """Damped Newton steps for every multinomial logistic expert at once.
+
+    Expert e maximises ``sum_n r_ne log softmax(Z_n V_e)[y_n]`` minus the ridge of
+    `multinomial_ridge` (it leaves the intercept row alone, as LogisticRegression's
+    ``1/C``); the experts are independent, so their Newton systems are solved as one batch
+    ``[E, (C-1) Q]``. Each expert's step is capped (trust region) and halved until its
+    objective does not fall. ``n_steps`` steps (fewer once no expert improves).
     """
     E, Q, C = V_EQC.shape
     Cf = C - 1
@@ -433,50 +496,67 @@ def multinomial_newton_experts(
     R_EN = np.ascontiguousarray(R_NE.T)
     y_N = Y_NC.argmax(axis=1)
     rows = np.arange(N)
+    P_CC = class_ridge_matrix(C, symmetric)
+    coef_Q = np.r_[np.ones(Q - 1), 0.0]
 
     # Layout [E, C, N]: reductions over the few classes run over contiguous rows (fast).
     def value(V):
         L_ECN = np.matmul(V.transpose(0, 2, 1), Z_NQ.T)
         m_EN = L_ECN.max(axis=1)
         logp_ECN = L_ECN - (m_EN + np.log(np.exp(L_ECN - m_EN[:, None]).sum(axis=1)))[:, None]
-        pen_E = 0.5 * l2 * (V[:, :-1, :] ** 2).sum(axis=(1, 2)) if l2 else 0.0
+        pen_E = multinomial_ridge(V, l2, symmetric) if l2 else 0.0
         return (R_EN * logp_ECN[:, y_N, rows]).sum(axis=1) - pen_E, logp_ECN
 
     q0_E, logp_ECN = value(V_EQC)
-    P_ECN = np.exp(logp_ECN)
-    G_ECN = R_EN[:, None, :] * (Y_NC.T[None] - P_ECN)
-    grad_ECQ = np.matmul(G_ECN[:, :Cf], Z_NQ)
-    if l2:
-        grad_ECQ[:, :, :-1] -= l2 * V_EQC[:, :-1, :Cf].transpose(0, 2, 1)
-    # Negative Hessian blocks Z^T diag(r_e p_c (delta_cd - p_d)) Z, batched over experts.
-    Pf = P_ECN[:, :Cf]
-    W_ECCN = R_EN[:, None, None, :] * Pf[:, :, None, :] * (np.eye(Cf)[None, :, :, None] - Pf[:, None, :, :])
-    H = np.einsum("nq,ecdn,nr->ecqdr", Z_NQ, W_ECCN, Z_NQ, optimize=True).reshape(E, Cf * Q, Cf * Q)
-    ridge_E = 1e-10 * (np.trace(H, axis1=1, axis2=2) / (Cf * Q) + 1e-12)
-    H = H + ridge_E[:, None, None] * np.eye(Cf * Q)
-    if l2:
-        # Layout (c, q): the penalty's curvature on every coefficient but the intercepts.
-        H = H + l2 * np.diag(np.tile(np.r_[np.ones(Q - 1), 0.0], Cf))
-    try:
-        step_ECQ = np.linalg.solve(H, grad_ECQ.reshape(E, Cf * Q, 1)).reshape(E, Cf, Q)
-    except np.linalg.LinAlgError:
-        step_ECQ = np.stack([_solve_psd(H[e], grad_ECQ[e].ravel()) for e in range(E)]).reshape(E, Cf, Q)
-    step_EQC = step_ECQ.transpose(0, 2, 1)
-    move_E = np.abs(np.matmul(Z_NQ[None], step_EQC)).max(axis=(1, 2))
-    t_E = np.where(move_E > MAX_LOGIT_STEP, MAX_LOGIT_STEP / np.maximum(move_E, 1e-300), 1.0)
-    pending = np.ones(E, dtype=bool)
-    out = V_EQC.copy()
-    for _ in range(30):
-        V_try = V_EQC.copy()
-        V_try[:, :, :Cf] += t_E[:, None, None] * step_EQC
-        q_E, _ = value(V_try)
-        ok = pending & (q_E >= q0_E)
-        out[ok] = V_try[ok]
-        pending &= ~ok
-        if not pending.any():
+    for _ in range(n_steps):
+        P_ECN = np.exp(logp_ECN)
+        G_ECN = R_EN[:, None, :] * (Y_NC.T[None] - P_ECN)
+        grad_ECQ = np.matmul(G_ECN[:, :Cf], Z_NQ)
+        if l2:
+            grad_ECQ[:, :, :-1] -= l2 * np.matmul(P_CC, V_EQC[:, :-1, :Cf].transpose(0, 2, 1))
+        # Negative Hessian Z^T diag(r_e p_c (delta_cd - p_d)) Z in blocks (c, d): the
+        # block-diagonal part sum_n r p_c z z^T minus M^T M, M_n = sqrt(r_n) (p_n kron z_n),
+        # one batched GEMM (an einsum over [E, C, C, N, Q, Q] was 90% of a digits fit).
+        Pf_ECN = P_ECN[:, :Cf]
+        M_EXN = (np.sqrt(R_EN)[:, None, None, :] * Pf_ECN[:, :, None, :] * Z_NQ.T[None, None]).reshape(E, Cf * Q, N)
+        H = -np.matmul(M_EXN, M_EXN.transpose(0, 2, 1)).reshape(E, Cf, Q, Cf, Q)
+        D_ECQQ = np.matmul(Z_NQ.T[None, None] * (R_EN[:, None, :] * Pf_ECN)[:, :, None, :], Z_NQ[None, None])
+        for c in range(Cf):
+            H[:, c, :, c, :] += D_ECQQ[:, c]
+        H = H.reshape(E, Cf * Q, Cf * Q)
+        ridge_E = 1e-10 * (np.trace(H, axis1=1, axis2=2) / (Cf * Q) + 1e-12)
+        H = H + ridge_E[:, None, None] * np.eye(Cf * Q)
+        if l2:
+            # Layout (c, q): the penalty's curvature on every coefficient but the intercepts.
+            H = H + l2 * np.kron(P_CC, np.diag(coef_Q))
+        try:
+            step_ECQ = np.linalg.solve(H, grad_ECQ.reshape(E, Cf * Q, 1)).reshape(E, Cf, Q)
+        except np.linalg.LinAlgError:
+            step_ECQ = np.stack([_solve_psd(H[e], grad_ECQ[e].ravel()) for e in range(E)]).reshape(E, Cf, Q)
+        step_EQC = step_ECQ.transpose(0, 2, 1)
+        move_E = np.abs(np.matmul(Z_NQ[None], step_EQC)).max(axis=(1, 2))
+        t_E = np.where(move_E > MAX_LOGIT_STEP, MAX_LOGIT_STEP / np.maximum(move_E, 1e-300), 1.0)
+        pending = np.ones(E, dtype=bool)
+        out = V_EQC.copy()
+        q_out_E = q0_E.copy()
+        logp_out = logp_ECN.copy()
+        for _ in range(30):
+            V_try = V_EQC.copy()
+            V_try[:, :, :Cf] += t_E[:, None, None] * step_EQC
+            q_E, logp_try = value(V_try)
+            ok = pending & (q_E >= q0_E)
+            out[ok] = V_try[ok]
+            q_out_E[ok] = q_E[ok]
+            logp_out[ok] = logp_try[ok]
+            pending &= ~ok
+            if not pending.any():
+                break
+            t_E = np.where(pending, 0.5 * t_E, t_E)
+        gain_E = q_out_E - q0_E
+        V_EQC, q0_E, logp_ECN = out, q_out_E, logp_out
+        if np.all(gain_E <= 1e-12 * np.abs(q0_E)):
             break
-        t_E = np.where(pending, 0.5 * t_E, t_E)
-    return out
+    return V_EQC
 
 
 def multinomial_mstep(
@@ -488,11 +568,13 @@ def multinomial_mstep(
     n_total: int | None = None,
     lipschitz_E: np.ndarray | None = None,
     l2: float = 0.0,
+    symmetric: bool = False,
 ) -> np.ndarray:
     """Weighted multinomial logistic regression per expert (targets ``r_ne * onehot(y_n)``),
-    by damped Newton, or by proximal gradient with the Lasso penalty when ``alpha > 0``."""
+    by damped Newton (ridge of `multinomial_ridge`), or by proximal gradient with the
+    Lasso penalty when ``alpha > 0``."""
     if alpha <= 0:
-        return multinomial_newton_experts(Z_NQ, Y_NC, R_NE, V_EQC, l2)
+        return multinomial_newton_experts(Z_NQ, Y_NC, R_NE, V_EQC, l2, symmetric)
     V_EQC = V_EQC.copy()
     C = Y_NC.shape[1]
     n_total = n_total or Z_NQ.shape[0]
