@@ -132,4 +132,5 @@ def test_default_fit_ends_at_a_stationary_point_of_the_penalised_likelihood(load
     value, grads = clf._objective_grad(data, params, clf._gate)
     np.testing.assert_allclose(value, clf.lower_bound_, rtol=1e-9)
     masks = clf._free_blocks(params, clf._gate)
-    assert max(np.abs(grads[k][masks[k]]).max() for k in masks) < 1e-4
+    # L-BFGS stops at a largest gradient entry of QN_GTOL = 1e-4 (LogisticRegression's tol).
+    assert max(np.abs(grads[k][masks[k]]).max() for k in masks) <= 1e-4

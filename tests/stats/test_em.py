@@ -141,7 +141,7 @@ def test_symmetric_class_ridge_is_the_all_class_penalty_and_ignores_the_referenc
         B = V[e, :-1]
         # LogisticRegression's penalty l2/2 sum_c ||B_c + v||^2 over all C classes, at the
         # shift v that leaves the probabilities unchanged and minimises it.
-        best = minimize(lambda v: 0.5 * l2 * ((B + v[:, None]) ** 2).sum(), np.zeros(3), tol=1e-12).fun
+        best = minimize(lambda v, B=B: 0.5 * l2 * ((B + v[:, None]) ** 2).sum(), np.zeros(3), tol=1e-12).fun
         np.testing.assert_allclose(pen[e], best, rtol=1e-8)
         # Class 0 as the reference instead of the last class: same probabilities, same penalty.
         B0 = B - B[:, :1]

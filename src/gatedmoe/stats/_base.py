@@ -33,9 +33,10 @@ MIN_SAMPLES_PER_EXPERT = 3
 # default tol is 1e-4 on the same quantity), and its relative-change bound, set so small
 # (LogisticRegression's 64 eps) that the gradient decides: a change in the objective
 # below tol left gradients of 1.5e-4 on wine (a stall, not an optimum).
-QN_EM_ITER = 5
-QN_GTOL = 1e-5
+QN_EM_ITER = 0
+QN_GTOL = 1e-4
 QN_FTOL = 64 * np.finfo(float).eps
+QN_MAXCOR = 30
 
 
 @dataclass
@@ -415,7 +416,7 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         history = []
         theta0 = np.concatenate([params[k][masks[k]] for k in keys])
         res = minimize(fun, theta0, jac=True, method="L-BFGS-B",
-                       options={"maxiter": max_iter, "ftol": QN_FTOL, "gtol": QN_GTOL},
+                       options={"maxiter": max_iter, "ftol": QN_FTOL, "gtol": QN_GTOL, "maxcor": QN_MAXCOR},
                        callback=lambda intermediate_result: history.append(-float(intermediate_result.fun)))
         if not (np.all(np.isfinite(res.x)) and -res.fun >= -fun(theta0)[0]):
             return params, [], False

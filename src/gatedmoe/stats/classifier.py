@@ -26,18 +26,44 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
 
     ``p(y = c | x) = sum_e g_e(x) softmax(V_e [x, 1])_c``; the gate is as in
     `MoERegressor` (default softmax, Jordan & Jacobs 1994; ``"modified_softmax"`` is the gate
-    Nguyen et al. 2024 propose for exactly this model). EM: responsibilities, then one
-    damped Newton step per expert (weighted multinomial logistic regression) and one for
-    the gate; with ``penalty="l1"`` proximal-gradient steps instead.
+    Nguyen et al. 2024 propose for exactly this model).
 
-    Parameters are those of `MoERegressor`, and:
+    Fitting (dense gates with the ridge, the default): from the start, L-BFGS on the
+    penalised observed log-likelihood, whose gradient is EM's at the current
+    responsibilities (Fisher's identity); EM's responsibilities re-seed an expert that
+    ends empty or duplicated. Plain EM crawled where an expert fades out (breast cancer:
+    310 iterations) and its Newton M-steps were costly for many classes (digits: 190x
+    LogisticRegression's time); see docs/stats.md. Sparse gates, ``penalty="l1"`` or
+    ``l2=0``: EM, with one damped Newton step per expert (weighted multinomial logistic
+    regression) and one for the gate, or proximal-gradient steps for L1.
+
+    Parameters are those of `MoERegressor`, except for these defaults, and:
 
     l2 : float, default=1.0
-        Ridge ``l2/2 ||V_e||^2`` on each expert's coefficients (not its intercepts), on the
-        total log-likelihood scale: ``LogisticRegression``'s default ``C=1`` is ``l2=1``.
-        Unpenalised experts on separable classes have no finite maximum-likelihood
-        estimate; this keeps them finite. ``l2=0`` is the plain MLE; ignored with
-        ``penalty="l1"``.
+        Ridge on the coefficients (not the intercepts), on the total log-likelihood scale:
+        ``l2/2 ||beta||^2`` on the gate's, and ``l2 / n_experts`` on each expert's, so
+        that with all experts equal the penalty is ``LogisticRegression``'s for ``C=1/l2``
+        (the model then nests ``LogisticRegression``: ``n_experts=1`` is it exactly).
+        For three or more classes the experts' ridge covers all C class vectors
+        (``sum_c ||B_c - mean_c B||^2``, LogisticRegression's multinomial penalty, which
+        does not depend on the reference class); for two, the one binary vector.
+        Unpenalised, separable classes have no finite maximum-likelihood estimate.
+        ``l2=0`` is the plain MLE; ignored with ``penalty="l1"``.
+    init : {"logistic", "kmeans", "random"}, default="logistic"
+        ``"logistic"``: every expert starts as the one-expert fit (multinomial logistic
+        regression with the ridge ``l2``) and the gate from k-means clusters of ``x`` (a
+        different seed per start); EM and L-BFGS localise the experts from there. The
+        others as in `MoERegressor` (k-means on ``(x, onehot(y))``).
+    n_init : int, default=1
+        Starts (the logistic start is deterministic up to the gate's clusters; more starts
+        rarely changed the cross-validated log-loss, see BENCHMARKS.md).
+    max_iter : int, default=300
+        Iterations: EM iterations, or L-BFGS iterations for the quasi-Newton fit.
+    tol : float, default=1e-6
+        EM's criterion (as in `MoERegressor`). The quasi-Newton fit is converged when the
+        largest entry of the per-sample gradient is below 1e-4 (``LogisticRegression``'s
+        ``tol``; ``_base.QN_GTOL``), or when L-BFGS stops in its line search with EM's
+        criterion met.
 
     ``fit`` standardises the features internally (the penalties see standardised
     coefficients, as in a ``StandardScaler`` + ``LogisticRegression`` pipeline) and reports

@@ -428,8 +428,10 @@ def multinomial_mixture_grad(
     Returns ``(ll_N, R_NE, dsum(ll)/dW [QF, E], dsum(ll)/dV [E, Q, C])``, over every entry
     (the caller keeps the free ones).
     """
+    E, _, C = V_EQC.shape
     N = Z_NQ.shape[0]
-    rows = np.arange(N)
+    # Flat index of (y_n, n) in a [C, N] block: one take instead of a 2-d fancy index.
+    at_N = y_N * N + np.arange(N)
     logits_NE = F_NQ @ W_QE
     # Layout [E, C, N] as in `multinomial_newton_experts`.
     L_ECN = np.matmul(V_EQC.transpose(0, 2, 1), Z_NQ.T)
@@ -437,13 +439,15 @@ def multinomial_mixture_grad(
     P_ECN = np.exp(L_ECN)
     s_EN = P_ECN.sum(axis=1)
     P_ECN /= s_EN[:, None]
-    joint_NE = gate.log_probs(logits_NE) + (L_ECN[:, y_N, rows] - np.log(s_EN)).T
+    log_expert_NE = (L_ECN.reshape(E, C * N)[:, at_N] - np.log(s_EN)).T
+    joint_NE = gate.log_probs(logits_NE) + log_expert_NE
     ll_N = logsumexp_rows(joint_NE)
     R_NE = np.exp(joint_NE - ll_N[:, None])
     gW_QE = F_NQ.T @ gate.logit_grad(logits_NE, R_NE)[1]
-    R_EN = R_NE.T
-    G_ECN = -R_EN[:, None, :] * P_ECN
-    G_ECN[:, y_N, rows] += R_EN
+    R_EN = np.ascontiguousarray(R_NE.T)
+    G_ECN = P_ECN
+    G_ECN *= -R_EN[:, None, :]
+    G_ECN.reshape(E, C * N)[:, at_N] += R_EN
     return ll_N, R_NE, gW_QE, np.matmul(G_ECN, Z_NQ).transpose(0, 2, 1)
 
 
