@@ -36,8 +36,9 @@ def test_gaussian_mstep_is_weighted_least_squares():
         np.testing.assert_allclose(var[e], np.sum(R[:, e] * (y - Z @ ref) ** 2) / R[:, e].sum(), rtol=1e-9)
 
 
+@pytest.mark.parametrize("l2", [0.0, 3.0])
 @pytest.mark.parametrize("gate,k", [("softmax", None), ("temperature_softmax", None), ("modified_softmax", None)])
-def test_gate_newton_reaches_scipy_optimum(gate, k):
+def test_gate_newton_reaches_scipy_optimum(gate, k, l2):
     rng = np.random.default_rng(2)
     Z = em.add_intercept(rng.normal(size=(200, 2)))
     R = rng.dirichlet(np.ones(3), size=200)
@@ -45,10 +46,13 @@ def test_gate_newton_reaches_scipy_optimum(gate, k):
 
     def negq(theta):
         W = np.hstack([theta.reshape(3, 2), np.zeros((3, 1))])
-        return -np.sum(R * gate_log_probs(Z @ W, gate, k, t))
+        # The ridge over all three experts' coefficients at its best common shift v.
+        B = W[:-1]
+        ridge = 0.5 * l2 * ((B - B.mean(axis=1, keepdims=True)) ** 2).sum()
+        return -np.sum(R * gate_log_probs(Z @ W, gate, k, t)) + ridge
 
     ref = minimize(negq, np.zeros(6), method="BFGS", options={"gtol": 1e-10}).x.reshape(3, 2)
-    W, q = em.softmax_newton(Z, R, np.zeros((3, 3)), 2, make_gate(gate, 3, k, t), n_steps=30)
+    W, q = em.softmax_newton(Z, R, np.zeros((3, 3)), 2, make_gate(gate, 3, k, t), n_steps=30, l2=l2)
     np.testing.assert_allclose(W[:, :2], ref, atol=1e-5)
     assert W[:, 2].tolist() == [0.0, 0.0, 0.0]
 
@@ -170,3 +174,44 @@ def test_multinomial_newton_reaches_the_ridge_optimum(symmetric):
 
     ref = minimize(loss, np.zeros(Q * (C - 1)), method="BFGS", options={"gtol": 1e-10}).x
     np.testing.assert_allclose(V[0, :, :-1].ravel(), ref, atol=1e-6)
+
+
+def test_mixture_of_gaussians_likelihood_and_gradient_match_brute_force():
+    from scipy.optimize import approx_fprime
+
+    rng = np.random.default_rng(9)
+    N, E = 50, 3
+    X = rng.normal(size=(N, 2))
+    Z = em.add_intercept(X)
+    g = make_gate("softmax", E)
+    F = g.design(X)
+    y = rng.normal(size=N)
+    W, A, var = rng.normal(size=(3, E)), rng.normal(size=(3, E)), rng.random(E) + 0.3
+    ll, R, gW, gA, gvar = em.gaussian_mixture_grad(F, Z, y, W, A, var, g)
+    g_NE = np.exp(F @ W) / np.exp(F @ W).sum(1, keepdims=True)
+    joint = g_NE * norm.pdf(y[:, None], Z @ A, np.sqrt(var))
+    np.testing.assert_allclose(ll, np.log(joint.sum(1)), rtol=1e-12)
+    np.testing.assert_allclose(R, joint / joint.sum(1, keepdims=True), rtol=1e-10)
+
+    def total(theta):
+        W_, A_, v_ = theta[:9].reshape(3, E), theta[9:18].reshape(3, E), theta[18:]
+        return em.gaussian_mixture_grad(F, Z, y, W_, A_, v_, g)[0].sum()
+
+    num = approx_fprime(np.r_[W.ravel(), A.ravel(), var], total, 1e-7)
+    np.testing.assert_allclose(np.r_[gW.ravel(), gA.ravel(), gvar], num, rtol=1e-5, atol=2e-5)
+
+
+def test_gate_ridge_does_not_depend_on_the_reference_expert():
+    rng = np.random.default_rng(10)
+    W = np.zeros((3, 4))
+    W[:, :3] = rng.normal(size=(3, 3))
+    pen = em.gate_ridge(W, 3, 2.0)
+    for ref in range(3):
+        # The same gate with expert `ref` as the reference (its column moved last, at 0).
+        order = [e for e in range(4) if e != ref] + [ref]
+        W2 = W[:, order] - W[:, [ref]]
+        np.testing.assert_allclose(em.gate_ridge(W2, 3, 2.0), pen, rtol=1e-12)
+    best = minimize(lambda v: ((W[:-1] + v[:, None]) ** 2).sum(), np.zeros(2), tol=1e-12).fun
+    np.testing.assert_allclose(pen, best, rtol=1e-8)
+    # No reference column (normalised sigmoid: all four free): the plain ridge.
+    np.testing.assert_allclose(em.gate_ridge(W, 4, 2.0), (W[:-1] ** 2).sum())

@@ -28,12 +28,10 @@ ANNEAL_ITER = 20
 PENALTIES = (None, "l1")
 # Fewer samples per expert than this is refused at fit (ValueError naming n_experts).
 MIN_SAMPLES_PER_EXPERT = 3
-# Quasi-Newton fits (`_BaseMoE._quasi_newton`): EM iterations before L-BFGS takes over;
-# L-BFGS's bound on the largest gradient entry (per-sample scale; LogisticRegression's
+# Quasi-Newton fits (`_BaseMoE._quasi_newton`): L-BFGS's bound on the largest gradient entry (per-sample scale; LogisticRegression's
 # default tol is 1e-4 on the same quantity), and its relative-change bound, set so small
 # (LogisticRegression's 64 eps) that the gradient decides: a change in the objective
 # below tol left gradients of 1.5e-4 on wine (a stall, not an optimum).
-QN_EM_ITER = 0
 QN_GTOL = 1e-4
 QN_FTOL = 64 * np.finfo(float).eps
 QN_MAXCOR = 30
@@ -256,11 +254,7 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
 
     def _ridge(self, params, n, gate):
         """All fixed L2 penalties on the per-sample scale."""
-        l2 = self._gate_l2(gate)
-        pen = self._expert_ridge(params)
-        if l2:
-            W = params["W"][:-1, : gate.n_free(self.n_experts)]
-            pen += 0.5 * l2 * float((W**2).sum())
+        pen = self._expert_ridge(params) + em.gate_ridge(params["W"], gate.n_free(self.n_experts), self._gate_l2(gate))
         return pen / n
 
     # ----------------------------------------------------------------- feature scale
@@ -269,9 +263,10 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
     # (key, axis) of every parameter block whose axis runs over the design [x, 1].
     _DESIGN_AXES = (("W", 0),)
     def _quasi_newton(self, gate):
-        """Whether EM hands over to L-BFGS on the observed objective (see `_lbfgs_run`);
-        a family that says yes defines `_objective_grad`. No by default."""
-        return False
+        """After how many EM iterations EM hands over to L-BFGS on the observed objective
+        (see `_lbfgs_run`), or None for never (the default); a family that hands over
+        defines `_objective_grad`."""
+        return None
 
     def _objective_grad(self, data, params, gate):
         """The penalised mean log-likelihood and its gradient: ``(value, {key: grad})``
@@ -283,6 +278,10 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         W = np.zeros(params["W"].shape, dtype=bool)
         W[:, : gate.n_free(self.n_experts)] = True
         return {"W": W}
+
+    def _lower_bounds(self, params):
+        """``{key: lower bound}`` for L-BFGS (e.g. a variance floor); none by default."""
+        return {}
 
     def _standardise(self, X):
         """Standardise the columns of ``X`` (kept for `_rescale`): the ridge, the L1 penalty,
@@ -361,14 +360,14 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         history = [obj]
         converged = False
         n_iter = 0
-        for n_iter in range(1, (min(max_iter, QN_EM_ITER) if quasi else max_iter) + 1):  # noqa: B007
+        for n_iter in range(1, (max_iter if quasi is None else min(max_iter, quasi)) + 1):  # noqa: B007
             params = self._mstep(data, R, params, state, gate)
             R, ll_N, obj = self._objective(data, params, gate)
             history.append(obj)
             if em_converged(history, self.tol):
                 converged = True
                 break
-        if quasi and not converged and n_iter < max_iter:
+        if quasi is not None and not converged and n_iter < max_iter:
             params, more, converged = self._lbfgs_run(data, params, gate, max_iter - n_iter)
             R, ll_N, obj = self._objective(data, params, gate)
             history += more[:-1] + [obj] if more else []
@@ -415,7 +414,13 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
 
         history = []
         theta0 = np.concatenate([params[k][masks[k]] for k in keys])
-        res = minimize(fun, theta0, jac=True, method="L-BFGS-B",
+        lower = self._lower_bounds(params)
+        bounds = None
+        if lower:
+            low = np.concatenate([np.broadcast_to(lower.get(k, -np.inf), params[k].shape)[masks[k]] for k in keys])
+            bounds = [(lo if np.isfinite(lo) else None, None) for lo in low]
+            theta0 = np.maximum(theta0, low)
+        res = minimize(fun, theta0, jac=True, method="L-BFGS-B", bounds=bounds,
                        options={"maxiter": max_iter, "ftol": QN_FTOL, "gtol": QN_GTOL, "maxcor": QN_MAXCOR},
                        callback=lambda intermediate_result: history.append(-float(intermediate_result.fun)))
         if not (np.all(np.isfinite(res.x)) and -res.fun >= -fun(theta0)[0]):

@@ -105,6 +105,29 @@ def _solve_psd(H: np.ndarray, g: np.ndarray) -> np.ndarray:
         return scipy.linalg.lstsq(H + ridge * np.eye(H.shape[0]), g)[0]
 
 
+def gate_ridge_matrix(n_free: int, n_columns: int) -> np.ndarray:
+    """``P`` ``[F, F]`` of the ridge ``l2/2 sum_q w_q^T P w_q`` on the free gate columns.
+
+    A gate with a reference column (``n_free = n_columns - 1``, fixed at 0: the softmax
+    family, invariant to a common shift of all logits) gets the reference-free ridge over
+    all columns, ``l2/2 sum_e ||w_e - mean_e w||^2`` (`class_ridge_matrix`): otherwise the
+    penalty, and so the fit, depends on which expert happens to be the reference (issue 19:
+    default fits 1.1-1.5 units "below" restarts that were the same model relabelled).
+    Without a reference (normalised sigmoid): the plain ridge, ``P = I``.
+    """
+    if n_free == n_columns - 1:
+        return class_ridge_matrix(n_columns, symmetric=True)
+    return np.eye(n_free)
+
+
+def gate_ridge(W_QE: np.ndarray, n_free: int, l2: float) -> float:
+    """The gate ridge of `gate_ridge_matrix` (coefficient rows only, not the intercepts)."""
+    if not l2:
+        return 0.0
+    B_qF = W_QE[:-1, :n_free]
+    return 0.5 * l2 * float(np.einsum("qe,ef,qf->", B_qF, gate_ridge_matrix(n_free, W_QE.shape[1]), B_qF))
+
+
 def softmax_newton(
     Z_NQ: np.ndarray,
     T_NE: np.ndarray,
@@ -116,7 +139,7 @@ def softmax_newton(
     l2: float = 0.0,
 ) -> tuple[np.ndarray, float]:
     """Damped Newton (IRLS) steps increasing ``Q(W) = sum_ne T_ne log g_ne(Z W)``
-    (minus ``l2/2`` times the squared coefficients, intercepts excluded, if ``l2 > 0``).
+    (minus the ridge `gate_ridge` if ``l2 > 0``; intercepts are not penalised).
 
     With ``log_expert_NE`` the steps instead increase the observed log-likelihood
     ``sum_n log sum_e g_ne(Z W) p_ne`` with the experts fixed (targets: the current
@@ -131,10 +154,11 @@ def softmax_newton(
     inv_t = 1.0 if gate is None else gate.logit_scale
     log_probs = log_softmax_rows if gate is None else gate.log_probs
     w_N = row_sum(T_NE)
+    P_FF = gate_ridge_matrix(n_free, W_QE.shape[1])
 
     def value(W):
         logg = log_probs(Z_NQ @ W)
-        pen = 0.5 * l2 * float((W[:-1, :n_free] ** 2).sum()) if l2 else 0.0
+        pen = gate_ridge(W, n_free, l2)
         if log_expert_NE is not None:
             return float(logsumexp_rows(logg + log_expert_NE).sum()) - pen, logg
         return expected_log(T_NE, logg) - pen, logg
@@ -149,7 +173,7 @@ def softmax_newton(
         grad_NE = (T_NE - w_N[:, None] * g_NE) * inv_t
         grad_FQ = (Z_NQ.T @ grad_NE[:, :n_free]).T
         if l2:
-            grad_FQ[:, :-1] -= l2 * W_QE[:-1, :n_free].T
+            grad_FQ[:, :-1] -= l2 * (W_QE[:-1, :n_free] @ P_FF).T
         # Negative Hessian in the logits: w_n (diag(g) - g g^T) / tau^2, per sample; in the
         # parameters the block-diagonal part minus M^T M with M_n = sqrt(w_n) (g_n kron z_n).
         # One GEMM instead of (E-1)^2 / 2 small products (many experts were Python-bound).
@@ -160,7 +184,7 @@ def softmax_newton(
             H[e, :, e, :] += Z_NQ.T @ (Z_NQ * (w_N * G_NF[:, e] * inv_t**2)[:, None])
         H = H.reshape(n_free * Q, n_free * Q)
         if l2:
-            H = H + l2 * np.diag(np.tile(np.r_[np.ones(Q - 1), 0.0], n_free))
+            H = H + l2 * np.kron(P_FF, np.diag(np.r_[np.ones(Q - 1), 0.0]))
         step_FQ = _solve_psd(H, grad_FQ.ravel()).reshape(n_free, Q)
         # Trust region: no logit moves by more than MAX_LOGIT_STEP in one step. Near
         # separation the Newton step is huge and would otherwise be halved many times.
@@ -201,7 +225,7 @@ def lbfgs_gate(
     def fun(theta):
         W = np.hstack([theta.reshape(Q, n_free), fixed])
         val, grad_NE = logit_grad(Z_NQ @ W, T_NE)
-        return _ridged(-val, -(Z_NQ.T @ grad_NE[:, :n_free]), theta, Q, n_free, l2)
+        return _ridged(-val, -(Z_NQ.T @ grad_NE[:, :n_free]), theta, Q, n_free, l2, W_QE.shape[1])
 
     q0 = -fun(W_QE[:, :n_free].ravel())[0]
     res = minimize(fun, W_QE[:, :n_free].ravel(), jac=True, method="L-BFGS-B", options={"maxiter": maxiter})
@@ -210,14 +234,16 @@ def lbfgs_gate(
     return W_QE, q0
 
 
-def _ridged(value, grad_QF, theta, Q, n_free, l2):
-    """``(value, grad)`` of a loss (to minimise) plus ``l2/2 ||coefficients||^2``; the
-    last row of the ``[Q, F]`` parameters (intercepts) is not penalised."""
+def _ridged(value, grad_QF, theta, Q, n_free, l2, n_columns):
+    """``(value, grad)`` of a loss (to minimise) plus the ridge of `gate_ridge` on the
+    ``[Q, F]`` free parameters of a gate with ``n_columns`` columns; the last row
+    (intercepts) is not penalised."""
     if l2:
         coef_QF = theta.reshape(Q, n_free)[:-1]
-        value = value + 0.5 * l2 * float((coef_QF**2).sum())
+        P_FF = gate_ridge_matrix(n_free, n_columns)
+        value = value + 0.5 * l2 * float(np.einsum("qe,ef,qf->", coef_QF, P_FF, coef_QF))
         grad_QF = grad_QF.copy()
-        grad_QF[:-1] += l2 * coef_QF
+        grad_QF[:-1] += l2 * coef_QF @ P_FF
     return value, grad_QF.ravel()
 
 
@@ -245,7 +271,7 @@ def observed_lbfgs_gate(
         if not np.all(np.isfinite(ll_N)):
             return np.inf, np.zeros_like(theta)
         _, grad_NE = gate.logit_grad(logits_NE, np.exp(joint_NE - ll_N[:, None]))
-        return _ridged(-float(ll_N.sum()), -(Z_NQ.T @ grad_NE[:, :n_free]), theta, Q, n_free, l2)
+        return _ridged(-float(ll_N.sum()), -(Z_NQ.T @ grad_NE[:, :n_free]), theta, Q, n_free, l2, W_QE.shape[1])
 
     q0 = -fun(W_QE[:, :n_free].ravel())[0]
     res = minimize(fun, W_QE[:, :n_free].ravel(), jac=True, method="L-BFGS-B", options={"maxiter": maxiter})
@@ -415,6 +441,28 @@ def weighted_lasso(
         if not violate_P.any():
             break
     return np.append(a_P, ybar - xbar_P @ a_P)
+
+
+def gaussian_mixture_grad(
+    F_NQ: np.ndarray, Z_NQ: np.ndarray, y_N: np.ndarray, W_QE: np.ndarray, A_QE: np.ndarray, var_E: np.ndarray, gate
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Observed log-likelihood of a mixture of Gaussian linear experts and its gradient.
+
+    ``ll_n = log sum_e g_e(F_n W) N(y_n; Z_n A_e, var_e)``; by Fisher's identity the gradient
+    is ``Q``'s at the posterior responsibilities ``R``: gate logits ``gate.logit_grad(l, R)``,
+    ``A_e``: ``Z^T (r_e res_e / var_e)``, ``var_e``: ``sum_n r_ne (res_ne^2 - var_e) / (2 var_e^2)``.
+    Returns ``(ll_N, R_NE, d/dW [QF, E], d/dA [Q, E], d/dvar [E])`` of ``sum(ll)``.
+    """
+    logits_NE = F_NQ @ W_QE
+    res_NE = y_N[:, None] - Z_NQ @ A_QE
+    sq_NE = res_NE * res_NE
+    joint_NE = gate.log_probs(logits_NE) - 0.5 * (LOG_2PI + np.log(var_E)) - 0.5 * sq_NE / var_E
+    ll_N = logsumexp_rows(joint_NE)
+    R_NE = np.exp(joint_NE - ll_N[:, None])
+    gW_QE = F_NQ.T @ gate.logit_grad(logits_NE, R_NE)[1]
+    gA_QE = Z_NQ.T @ (R_NE * res_NE / var_E)
+    gvar_E = (R_NE * (sq_NE - var_E)).sum(axis=0) / (2.0 * var_E**2)
+    return ll_N, R_NE, gW_QE, gA_QE, gvar_E
 
 
 def multinomial_mixture_grad(
