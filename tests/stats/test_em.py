@@ -215,3 +215,21 @@ def test_gate_ridge_does_not_depend_on_the_reference_expert():
     np.testing.assert_allclose(pen, best, rtol=1e-8)
     # No reference column (normalised sigmoid: all four free): the plain ridge.
     np.testing.assert_allclose(em.gate_ridge(W, 4, 2.0), (W[:-1] ** 2).sum())
+
+
+def test_blocked_gram_products_match_the_whole_array(monkeypatch):
+    rng = np.random.default_rng(11)
+    Z = em.add_intercept(rng.normal(size=(50, 3)))
+    w = rng.random(50)
+    np.testing.assert_allclose(em.weighted_gram(Z, w), Z.T @ (Z * w[:, None]), rtol=1e-12)
+    R = rng.dirichlet(np.ones(3), size=50)
+    y = rng.normal(size=50)
+    whole_gate = em.softmax_newton(Z, R, np.zeros((4, 3)), 2, n_steps=3, l2=0.5)[0]
+    whole_experts = em.gaussian_mstep(Z, y, R, np.zeros((4, 3)), np.ones(3), 1e-9)
+    # Blocks of 7 rows: 50 = 7 * 7 + 1 leaves a one-row block.
+    monkeypatch.setattr(em, "GRAM_CHUNK", 7)
+    np.testing.assert_allclose(em.weighted_gram(Z, w), Z.T @ (Z * w[:, None]), rtol=1e-12)
+    np.testing.assert_allclose(em.softmax_newton(Z, R, np.zeros((4, 3)), 2, n_steps=3, l2=0.5)[0], whole_gate,
+                               rtol=1e-10, atol=1e-12)
+    for got, want in zip(em.gaussian_mstep(Z, y, R, np.zeros((4, 3)), np.ones(3), 1e-9), whole_experts, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10)

@@ -29,6 +29,9 @@ from sklearn.linear_model import enet_path
 
 LOG_2PI = float(np.log(2.0 * np.pi))
 MAX_LOGIT_STEP = 4.0
+# Rows per block of the Gram products below: their [rows, Q]-sized temporaries stay a few
+# MB at any N (at N = 1e7 a full-size temporary was 0.9-1.8 GB each).
+GRAM_CHUNK = 65536
 
 
 def row_sum(A_NE: np.ndarray) -> np.ndarray:
@@ -66,6 +69,15 @@ def softmax_logit_grad(logits_NE: np.ndarray, targets_NE: np.ndarray) -> tuple[f
     what ``gate=None`` means in the steps below)."""
     logp_NE = log_softmax_rows(logits_NE)
     return expected_log(targets_NE, logp_NE), targets_NE - row_sum(targets_NE)[:, None] * np.exp(logp_NE)
+
+
+def weighted_gram(Z_NQ: np.ndarray, w_N: np.ndarray) -> np.ndarray:
+    """``Z^T diag(w) Z`` ``[Q, Q]``, over blocks of `GRAM_CHUNK` rows."""
+    out = np.zeros((Z_NQ.shape[1], Z_NQ.shape[1]))
+    for lo in range(0, Z_NQ.shape[0], GRAM_CHUNK):
+        Zb = Z_NQ[lo : lo + GRAM_CHUNK]
+        out += Zb.T @ (Zb * w_N[lo : lo + GRAM_CHUNK, None])
+    return out
 
 
 def add_intercept(X_NP: np.ndarray) -> np.ndarray:
@@ -177,11 +189,17 @@ def softmax_newton(
         # Negative Hessian in the logits: w_n (diag(g) - g g^T) / tau^2, per sample; in the
         # parameters the block-diagonal part minus M^T M with M_n = sqrt(w_n) (g_n kron z_n).
         # One GEMM instead of (E-1)^2 / 2 small products (many experts were Python-bound).
+        # (over blocks of rows: M is [N, F Q]).
         G_NF = g_NE[:, :n_free]
-        M_NX = ((np.sqrt(w_N) * inv_t)[:, None, None] * G_NF[:, :, None] * Z_NQ[:, None, :]).reshape(N, n_free * Q)
-        H = -(M_NX.T @ M_NX).reshape(n_free, Q, n_free, Q)
+        sw_N = np.sqrt(w_N) * inv_t
+        H = np.zeros((n_free * Q, n_free * Q))
+        for lo in range(0, N, GRAM_CHUNK):
+            sl = slice(lo, lo + GRAM_CHUNK)
+            M_BX = (sw_N[sl, None, None] * G_NF[sl, :, None] * Z_NQ[sl, None, :]).reshape(-1, n_free * Q)
+            H -= M_BX.T @ M_BX
+        H = H.reshape(n_free, Q, n_free, Q)
         for e in range(n_free):
-            H[e, :, e, :] += Z_NQ.T @ (Z_NQ * (w_N * G_NF[:, e] * inv_t**2)[:, None])
+            H[e, :, e, :] += weighted_gram(Z_NQ, w_N * G_NF[:, e] * inv_t**2)
         H = H.reshape(n_free * Q, n_free * Q)
         if l2:
             H = H + l2 * np.kron(P_FF, np.diag(np.r_[np.ones(Q - 1), 0.0]))
@@ -376,8 +394,7 @@ def gaussian_mstep(
             sd = (b + np.sqrt(b * b + 4 * a * ssr / n_total)) / (2 * a)
             var_E[e] = max(sd * sd, var_floor)
             continue
-        Zr_NQ = Z_NQ * r_N[:, None]
-        A_QE[:, e] = scipy.linalg.lstsq(Z_NQ.T @ Zr_NQ, Zr_NQ.T @ y_N, check_finite=False)[0]
+        A_QE[:, e] = scipy.linalg.lstsq(weighted_gram(Z_NQ, r_N), Z_NQ.T @ (r_N * y_N), check_finite=False)[0]
         res_N = y_N - Z_NQ @ A_QE[:, e]
         var_E[e] = max(float(r_N @ res_N**2) / s, var_floor)
     return A_QE, var_E
