@@ -48,7 +48,10 @@ def logsumexp_rows(A_NE: np.ndarray) -> np.ndarray:
     m_N = A_NE[:, 0].copy()
     for e in range(1, A_NE.shape[1]):
         np.maximum(m_N, A_NE[:, e], out=m_N)
-    return m_N + np.log(row_sum(np.exp(A_NE - m_N[:, None])))
+    # In place on one temporary: at large N each fresh [N, E] array costs page faults.
+    T_NE = A_NE - m_N[:, None]
+    np.exp(T_NE, out=T_NE)
+    return m_N + np.log(row_sum(T_NE))
 
 
 def log_softmax_rows(A_NE: np.ndarray) -> np.ndarray:
@@ -87,8 +90,12 @@ def add_intercept(X_NP: np.ndarray) -> np.ndarray:
 
 def gaussian_log_density(Z_NQ: np.ndarray, y_N: np.ndarray, A_QE: np.ndarray, var_E: np.ndarray) -> np.ndarray:
     """``log N(y_n; Z_n A_e, var_e)`` ``[N, E]``."""
-    res_NE = y_N[:, None] - Z_NQ @ A_QE
-    return -0.5 * (LOG_2PI + np.log(var_E)) - 0.5 * res_NE**2 / var_E
+    out_NE = Z_NQ @ A_QE
+    np.subtract(y_N[:, None], out_NE, out=out_NE)
+    out_NE *= out_NE
+    out_NE *= -0.5 / var_E
+    out_NE += -0.5 * (LOG_2PI + np.log(var_E))
+    return out_NE
 
 
 def multinomial_log_density(Z_NQ: np.ndarray, y_N: np.ndarray, V_EQC: np.ndarray) -> np.ndarray:
@@ -104,7 +111,8 @@ def e_step(log_gate_NE: np.ndarray, log_expert_NE: np.ndarray) -> tuple[np.ndarr
     """Responsibilities ``R_NE = p(e | x_n, y_n)`` and per-sample log-likelihoods ``ll_N``."""
     joint_NE = log_gate_NE + log_expert_NE
     ll_N = logsumexp_rows(joint_NE)
-    return np.exp(joint_NE - ll_N[:, None]), ll_N
+    joint_NE -= ll_N[:, None]
+    return np.exp(joint_NE, out=joint_NE), ll_N
 
 
 def _solve_psd(H: np.ndarray, g: np.ndarray) -> np.ndarray:
