@@ -28,10 +28,11 @@ ANNEAL_ITER = 20
 PENALTIES = (None, "l1")
 # Fewer samples per expert than this is refused at fit (ValueError naming n_experts).
 MIN_SAMPLES_PER_EXPERT = 3
-# Quasi-Newton fits (`_BaseMoE._quasi_newton`): L-BFGS's bound on the largest gradient entry (per-sample scale; LogisticRegression's
-# default tol is 1e-4 on the same quantity), and its relative-change bound, set so small
-# (LogisticRegression's 64 eps) that the gradient decides: a change in the objective
-# below tol left gradients of 1.5e-4 on wine (a stall, not an optimum).
+# Quasi-Newton fits (`_BaseMoE._quasi_newton`): L-BFGS's default bound on the largest
+# gradient entry (per-sample scale; LogisticRegression's default tol is 1e-4 on the same
+# quantity; a family may set its own `_QN_GTOL`), and its relative-change bound, set so
+# small (LogisticRegression's 64 eps) that the gradient decides: a change in the
+# objective below tol left gradients of 1.5e-4 on wine (a stall, not an optimum).
 QN_GTOL = 1e-4
 QN_FTOL = 64 * np.finfo(float).eps
 QN_MAXCOR = 30
@@ -260,6 +261,8 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
     # ----------------------------------------------------------------- feature scale
     # The values of `init` this family accepts.
     _INITS = INITS
+    # L-BFGS's gradient bound for `_lbfgs_run`.
+    _QN_GTOL = QN_GTOL
     # (key, axis) of every parameter block whose axis runs over the design [x, 1].
     _DESIGN_AXES = (("W", 0),)
     def _quasi_newton(self, gate):
@@ -393,14 +396,15 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
 
         EM converges linearly, at a rate set by the missing information: a gate or an
         expert that fades out of the mixture makes it crawl for hundreds of iterations
-        (breast cancer: 310), and its Newton M-steps for many classes are costly. After a
-        few EM iterations have found the basin, a quasi-Newton method on the likelihood
-        itself converges superlinearly (the EM/quasi-Newton hybrid of Jamshidian &
-        Jennrich 1997). Its line search only accepts steps that raise the objective, so the
-        recorded history stays monotone. Returns ``(params, history, converged)``: one
-        objective per L-BFGS iteration; converged when L-BFGS met ``tol`` on the objective
-        (relative to ``max(|f|, 1)``, so absolute at this scale) or `QN_GTOL` on the
-        gradient, or stopped in its line search with `em_converged` true on the history.
+        (breast cancer: 310), and its Newton M-steps for many classes are costly. A
+        quasi-Newton method on the likelihood itself converges superlinearly; it takes over
+        after the family's EM iterations (`_quasi_newton`: 0 for the classifier, 30 for the
+        regressor), the EM/quasi-Newton hybrid of Jamshidian & Jennrich (1997). Its line
+        search only accepts steps that raise the objective, so the recorded history stays
+        monotone. Returns ``(params, history, converged)``: one objective per L-BFGS
+        iteration; converged when the largest gradient entry is below ``_QN_GTOL``, or
+        L-BFGS stopped in its line search (rounding at the optimum) with `em_converged`
+        true on the history.
         """
         from scipy.optimize import minimize
 
@@ -432,7 +436,7 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
             bounds = [(lo if np.isfinite(lo) else None, None) for lo in low]
             theta0 = np.maximum(theta0, low)
         res = minimize(fun, theta0, jac=True, method="L-BFGS-B", bounds=bounds,
-                       options={"maxiter": max_iter, "ftol": QN_FTOL, "gtol": QN_GTOL, "maxcor": QN_MAXCOR},
+                       options={"maxiter": max_iter, "ftol": QN_FTOL, "gtol": self._QN_GTOL, "maxcor": QN_MAXCOR},
                        callback=lambda intermediate_result: history.append(-float(intermediate_result.fun)))
         if not (np.all(np.isfinite(res.x)) and -res.fun >= -fun(theta0)[0]):
             return params, [], False

@@ -62,7 +62,7 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
     tol : float, default=1e-6
         EM's criterion (as in `MoERegressor`). The quasi-Newton fit is converged when the
         largest entry of the per-sample gradient is below 1e-4 (``LogisticRegression``'s
-        ``tol``; ``_base.QN_GTOL``), or when L-BFGS stops in its line search with EM's
+        ``tol``; ``_QN_GTOL``), or when L-BFGS stops in its line search with EM's
         criterion met.
 
     ``fit`` standardises the features internally (the penalties see standardised
