@@ -63,15 +63,16 @@ def robustness(args) -> int:
         rows = list(pool.map(robustness_one, jobs))
     print(f"n={args.n}, {args.truths} truths per shape, best of {args.restarts} restarts and the truth start, "
           f"slack {args.slack} per sample")
-    print(f"{'shape':<6} {'reached':>8} {'median s':>9} {'total s':>8}  misses (truth: gap, converged_, n_iter)")
+    print(f"{'shape':<6} {'reached':>8} {'median s':>9} {'total s':>8} {'max iters':>9}  "
+          "misses (truth: gap, converged_, n_iter)")
     for shape in args.shapes:
         mine = [r for r in rows if r["shape"] == shape]
         reached = [r["gap"] >= -args.slack * args.n for r in mine]
         misses = ", ".join(f"{r['truth']}: {r['gap']:.2f}, {r['converged']}, {r['n_iter']}"
                            for r, ok in zip(mine, reached, strict=True) if not ok)
         secs = [r["seconds"] for r in mine]
-        print(f"{shape:<6} {sum(reached):>4}/{len(mine):<3} {statistics.median(secs):>9.3f} {sum(secs):>8.2f}  "
-              f"{misses or '-'}")
+        print(f"{shape:<6} {sum(reached):>4}/{len(mine):<3} {statistics.median(secs):>9.3f} {sum(secs):>8.2f} "
+              f"{max(r['n_iter'] for r in mine):>9}  {misses or '-'}")
     return 0
 
 

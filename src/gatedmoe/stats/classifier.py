@@ -41,8 +41,8 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
 
     l2 : float, default=1.0
         Ridge on the coefficients (not the intercepts), on the total log-likelihood scale:
-        ``l2/2 ||beta||^2`` on the gate's, and ``l2 / n_experts`` on each expert's, so
-        that with all experts equal the penalty is ``LogisticRegression``'s for ``C=1/l2``
+        the gate's ridge of `MoERegressor` (``l2``), and ``l2 / n_experts`` on each
+        expert's, so that with all experts equal the penalty is ``LogisticRegression``'s for ``C=1/l2``
         (the model then nests ``LogisticRegression``: ``n_experts=1`` is it exactly).
         For three or more classes the experts' ridge covers all C class vectors
         (``sum_c ||B_c - mean_c B||^2``, LogisticRegression's multinomial penalty, which

@@ -53,11 +53,14 @@ class MoERegressor(RegressorMixin, _BaseMoE):
     alpha : float, default=0.0
         Strength of the L1 penalty, on the per-sample log-likelihood scale.
     l2 : float, default=0.1
-        Ridge ``l2/2 ||beta_e||^2`` on the gate's coefficients (not its intercepts; the
-        experts are not penalised), on the total log-likelihood scale and the standardised
-        features. A gate that separates the experts perfectly (a sharp boundary) has no
-        finite maximum-likelihood estimate: unpenalised, its coefficients grow without
-        end and EM crawls; the ridge keeps them finite at a cost of ``O(1/n)`` per sample.
+        Ridge on the gate's coefficients (not its intercepts; the experts are not
+        penalised), on the total log-likelihood scale and the standardised features:
+        ``l2/2 sum_e ||beta_e - mean_e beta||^2`` over all experts for the softmax family
+        (whose last expert is a reference fixed at 0: the penalty must not depend on which
+        expert that is), ``l2/2 sum_e ||beta_e||^2`` for the normalised sigmoid. A gate
+        that separates the experts perfectly (a sharp boundary) has no finite
+        maximum-likelihood estimate: unpenalised, its coefficients grow without end and
+        EM crawls; the ridge keeps them finite at a cost of ``O(1/n)`` per sample.
         ``l2=0`` is the plain MLE; ignored by top-1 gates (scale-free) and ``penalty="l1"``.
     n_init : int, default=3
         Starts; the best likelihood is kept. Each start that ends with a duplicated or
