@@ -384,7 +384,9 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         if quasi is not None and not converged and n_iter < max_iter:
             params, more, converged = self._lbfgs_run(data, params, gate, max_iter - n_iter)
             R, ll_N, obj = self._objective(data, params, gate)
-            history += more[:-1] + [obj] if more else []
+            if more:
+                # L-BFGS's last value, recomputed by the E-step that gives R.
+                history += [*more[:-1], obj]
             n_iter += len(more)
         run = _Run(params, obj, history, converged, n_iter)
         run.R, run.ll_N = R, ll_N
@@ -408,8 +410,8 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         """
         from scipy.optimize import minimize
 
-        keys = sorted(self._free_blocks(params, gate))
         masks = self._free_blocks(params, gate)
+        keys = sorted(masks)
 
         def unflat(theta):
             out, i = dict(params), 0
