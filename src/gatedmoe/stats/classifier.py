@@ -157,12 +157,17 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
         ll_N, _, gW, gV = em.multinomial_mixture_grad(F, Z, codes, W, V, gate)
         l2g, l2e = self._gate_l2(gate), self._expert_l2()
         n_free = gate.n_free(self.n_experts)
+        # Each ridge is l2/2 <B, B P> and its gradient l2 B P (P symmetric): one product for both.
+        penalty = 0.0
         if l2g:
-            gW[:-1, :n_free] -= l2g * W[:-1, :n_free] @ em.gate_ridge_matrix(n_free, self.n_experts)
+            BP = W[:-1, :n_free] @ em.gate_ridge_matrix(n_free, self.n_experts)
+            gW[:-1, :n_free] -= l2g * BP
+            penalty += 0.5 * l2g * float(np.vdot(W[:-1, :n_free], BP))
         if l2e:
-            P_CC = em.class_ridge_matrix(self.classes_.size, self._symmetric_ridge())
-            gV[:, :-1, :-1] -= l2e * V[:, :-1, :-1] @ P_CC
-        value = float(ll_N.mean()) - self._ridge(params, n, gate)
+            BP = V[:, :-1, :-1] @ em.class_ridge_matrix(self.classes_.size, self._symmetric_ridge())
+            gV[:, :-1, :-1] -= l2e * BP
+            penalty += 0.5 * l2e * float(np.vdot(V[:, :-1, :-1], BP))
+        value = float(ll_N.mean()) - penalty / n
         return value, {"W": gW / n, "V": gV / n}
 
     def fit(self, X, y):

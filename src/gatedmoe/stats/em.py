@@ -513,10 +513,17 @@ def multinomial_mixture_grad(
     s_EN = P_ECN.sum(axis=1)
     P_ECN /= s_EN[:, None]
     log_expert_NE = (L_ECN.reshape(E, C * N)[:, at_N] - np.log(s_EN)).T
-    joint_NE = gate.log_probs(logits_NE) + log_expert_NE
+    logg_NE = gate.log_probs(logits_NE)
+    joint_NE = logg_NE + log_expert_NE
     ll_N = logsumexp_rows(joint_NE)
     R_NE = np.exp(joint_NE - ll_N[:, None])
-    gW_QE = F_NQ.T @ gate.logit_grad(logits_NE, R_NE)[1]
+    scale = getattr(gate, "logit_scale", None)
+    if scale is None:
+        gW_QE = F_NQ.T @ gate.logit_grad(logits_NE, R_NE)[1]
+    else:
+        # Softmax family: d/dl of sum_e r_e log g_e is (r - g) / temperature (rows of R
+        # sum to 1); the same as gate.logit_grad without recomputing log g and Q.
+        gW_QE = F_NQ.T @ ((R_NE - np.exp(logg_NE)) * scale)
     R_EN = np.ascontiguousarray(R_NE.T)
     G_ECN = P_ECN
     G_ECN *= -R_EN[:, None, :]
