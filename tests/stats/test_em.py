@@ -36,8 +36,9 @@ def test_gaussian_mstep_is_weighted_least_squares():
         np.testing.assert_allclose(var[e], np.sum(R[:, e] * (y - Z @ ref) ** 2) / R[:, e].sum(), rtol=1e-9)
 
 
+@pytest.mark.parametrize("l2", [0.0, 3.0])
 @pytest.mark.parametrize("gate,k", [("softmax", None), ("temperature_softmax", None), ("modified_softmax", None)])
-def test_gate_newton_reaches_scipy_optimum(gate, k):
+def test_gate_newton_reaches_scipy_optimum(gate, k, l2):
     rng = np.random.default_rng(2)
     Z = em.add_intercept(rng.normal(size=(200, 2)))
     R = rng.dirichlet(np.ones(3), size=200)
@@ -45,10 +46,13 @@ def test_gate_newton_reaches_scipy_optimum(gate, k):
 
     def negq(theta):
         W = np.hstack([theta.reshape(3, 2), np.zeros((3, 1))])
-        return -np.sum(R * gate_log_probs(Z @ W, gate, k, t))
+        # The ridge over all three experts' coefficients at its best common shift v.
+        B = W[:-1]
+        ridge = 0.5 * l2 * ((B - B.mean(axis=1, keepdims=True)) ** 2).sum()
+        return -np.sum(R * gate_log_probs(Z @ W, gate, k, t)) + ridge
 
     ref = minimize(negq, np.zeros(6), method="BFGS", options={"gtol": 1e-10}).x.reshape(3, 2)
-    W, q = em.softmax_newton(Z, R, np.zeros((3, 3)), 2, make_gate(gate, 3, k, t), n_steps=30)
+    W, q = em.softmax_newton(Z, R, np.zeros((3, 3)), 2, make_gate(gate, 3, k, t), n_steps=30, l2=l2)
     np.testing.assert_allclose(W[:, :2], ref, atol=1e-5)
     assert W[:, 2].tolist() == [0.0, 0.0, 0.0]
 
@@ -100,3 +104,132 @@ def test_batched_multinomial_newton_matches_per_expert_newton():
     for e in range(2):
         ref, _ = em.softmax_newton(Z, R[:, e, None] * Y, V0[e], 2, n_steps=1)
         np.testing.assert_allclose(fast[e], ref, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("gate", ["softmax", "temperature_softmax"])
+def test_mixture_of_multinomials_likelihood_and_gradient_match_brute_force(gate):
+    from scipy.optimize import approx_fprime
+
+    rng = np.random.default_rng(6)
+    N, E, C = 40, 3, 4
+    X = rng.normal(size=(N, 2))
+    Z = em.add_intercept(X)
+    t = 0.7 if gate == "temperature_softmax" else 1.0
+    g = make_gate(gate, E, None, t)
+    F = g.design(X)
+    y = rng.integers(0, C, size=N)
+    W, V = rng.normal(size=(F.shape[1], E)), rng.normal(size=(E, 3, C))
+    ll, R, gW, gV = em.multinomial_mixture_grad(F, Z, y, W, V, g)
+    # Brute force: p(y|x) = sum_e g_e(x) softmax(Z V_e)[y], summed in the probability domain.
+    p_exp = np.stack([np.exp(Z @ V[e]) / np.exp(Z @ V[e]).sum(1, keepdims=True) for e in range(E)])
+    g_NE = np.exp(F @ W / t) / np.exp(F @ W / t).sum(1, keepdims=True)
+    joint = g_NE * p_exp[:, np.arange(N), y].T
+    np.testing.assert_allclose(ll, np.log(joint.sum(1)), rtol=1e-12)
+    np.testing.assert_allclose(R, joint / joint.sum(1, keepdims=True), rtol=1e-10)
+
+    def total(theta):
+        W_, V_ = theta[: W.size].reshape(W.shape), theta[W.size :].reshape(V.shape)
+        return em.multinomial_mixture_grad(F, Z, y, W_, V_, g)[0].sum()
+
+    num = approx_fprime(np.r_[W.ravel(), V.ravel()], total, 1e-7)
+    np.testing.assert_allclose(np.r_[gW.ravel(), gV.ravel()], num, atol=2e-5)
+
+
+def test_symmetric_class_ridge_is_the_all_class_penalty_and_ignores_the_reference():
+    rng = np.random.default_rng(7)
+    C, l2 = 4, 1.7
+    V = np.zeros((2, 4, C))
+    V[:, :, :-1] = rng.normal(size=(2, 4, C - 1))
+    pen = em.multinomial_ridge(V, l2, symmetric=True)
+    for e in range(2):
+        B = V[e, :-1]
+        # LogisticRegression's penalty l2/2 sum_c ||B_c + v||^2 over all C classes, at the
+        # shift v that leaves the probabilities unchanged and minimises it.
+        best = minimize(lambda v, B=B: 0.5 * l2 * ((B + v[:, None]) ** 2).sum(), np.zeros(3), tol=1e-12).fun
+        np.testing.assert_allclose(pen[e], best, rtol=1e-8)
+        # Class 0 as the reference instead of the last class: same probabilities, same penalty.
+        B0 = B - B[:, :1]
+        V0 = np.zeros((1, 4, C))
+        V0[0, :-1, :-1] = B0[:, [3, 1, 2]]
+        np.testing.assert_allclose(em.multinomial_ridge(V0, l2, symmetric=True)[0], pen[e], rtol=1e-12)
+    np.testing.assert_allclose(em.multinomial_ridge(V, l2), 0.5 * l2 * (V[:, :-1, :-1] ** 2).sum(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_multinomial_newton_reaches_the_ridge_optimum(symmetric):
+    rng = np.random.default_rng(8)
+    N, Q, C = 120, 3, 3
+    Z = em.add_intercept(rng.normal(size=(N, Q - 1)))
+    y = rng.integers(0, C, size=N)
+    Y = np.eye(C)[y]
+    r = rng.random(N)
+    V = em.multinomial_newton_experts(Z, Y, r[:, None], np.zeros((1, Q, C)), l2=2.0, symmetric=symmetric,
+                                      n_steps=50)
+
+    def loss(theta):
+        V_ = np.zeros((1, Q, C))
+        V_[0, :, :-1] = theta.reshape(Q, C - 1)
+        logp = np.log(np.exp(Z @ V_[0]) / np.exp(Z @ V_[0]).sum(1, keepdims=True))
+        return -(r * logp[np.arange(N), y]).sum() + em.multinomial_ridge(V_, 2.0, symmetric)[0]
+
+    ref = minimize(loss, np.zeros(Q * (C - 1)), method="BFGS", options={"gtol": 1e-10}).x
+    np.testing.assert_allclose(V[0, :, :-1].ravel(), ref, atol=1e-6)
+
+
+def test_mixture_of_gaussians_likelihood_and_gradient_match_brute_force():
+    from scipy.optimize import approx_fprime
+
+    rng = np.random.default_rng(9)
+    N, E = 50, 3
+    X = rng.normal(size=(N, 2))
+    Z = em.add_intercept(X)
+    g = make_gate("softmax", E)
+    F = g.design(X)
+    y = rng.normal(size=N)
+    W, A, var = rng.normal(size=(3, E)), rng.normal(size=(3, E)), rng.random(E) + 0.3
+    ll, R, gW, gA, gvar = em.gaussian_mixture_grad(F, Z, y, W, A, var, g)
+    g_NE = np.exp(F @ W) / np.exp(F @ W).sum(1, keepdims=True)
+    joint = g_NE * norm.pdf(y[:, None], Z @ A, np.sqrt(var))
+    np.testing.assert_allclose(ll, np.log(joint.sum(1)), rtol=1e-12)
+    np.testing.assert_allclose(R, joint / joint.sum(1, keepdims=True), rtol=1e-10)
+
+    def total(theta):
+        W_, A_, v_ = theta[:9].reshape(3, E), theta[9:18].reshape(3, E), theta[18:]
+        return em.gaussian_mixture_grad(F, Z, y, W_, A_, v_, g)[0].sum()
+
+    num = approx_fprime(np.r_[W.ravel(), A.ravel(), var], total, 1e-7)
+    np.testing.assert_allclose(np.r_[gW.ravel(), gA.ravel(), gvar], num, rtol=1e-5, atol=2e-5)
+
+
+def test_gate_ridge_does_not_depend_on_the_reference_expert():
+    rng = np.random.default_rng(10)
+    W = np.zeros((3, 4))
+    W[:, :3] = rng.normal(size=(3, 3))
+    pen = em.gate_ridge(W, 3, 2.0)
+    for ref in range(3):
+        # The same gate with expert `ref` as the reference (its column moved last, at 0).
+        order = [e for e in range(4) if e != ref] + [ref]
+        W2 = W[:, order] - W[:, [ref]]
+        np.testing.assert_allclose(em.gate_ridge(W2, 3, 2.0), pen, rtol=1e-12)
+    best = minimize(lambda v: ((W[:-1] + v[:, None]) ** 2).sum(), np.zeros(2), tol=1e-12).fun
+    np.testing.assert_allclose(pen, best, rtol=1e-8)
+    # No reference column (normalised sigmoid: all four free): the plain ridge.
+    np.testing.assert_allclose(em.gate_ridge(W, 4, 2.0), (W[:-1] ** 2).sum())
+
+
+def test_blocked_gram_products_match_the_whole_array(monkeypatch):
+    rng = np.random.default_rng(11)
+    Z = em.add_intercept(rng.normal(size=(50, 3)))
+    w = rng.random(50)
+    np.testing.assert_allclose(em.weighted_gram(Z, w), Z.T @ (Z * w[:, None]), rtol=1e-12)
+    R = rng.dirichlet(np.ones(3), size=50)
+    y = rng.normal(size=50)
+    whole_gate = em.softmax_newton(Z, R, np.zeros((4, 3)), 2, n_steps=3, l2=0.5)[0]
+    whole_experts = em.gaussian_mstep(Z, y, R, np.zeros((4, 3)), np.ones(3), 1e-9)
+    # Blocks of 7 rows: 50 = 7 * 7 + 1 leaves a one-row block.
+    monkeypatch.setattr(em, "GRAM_CHUNK", 7)
+    np.testing.assert_allclose(em.weighted_gram(Z, w), Z.T @ (Z * w[:, None]), rtol=1e-12)
+    np.testing.assert_allclose(em.softmax_newton(Z, R, np.zeros((4, 3)), 2, n_steps=3, l2=0.5)[0], whole_gate,
+                               rtol=1e-10, atol=1e-12)
+    for got, want in zip(em.gaussian_mstep(Z, y, R, np.zeros((4, 3)), np.ones(3), 1e-9), whole_experts, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10)

@@ -118,6 +118,19 @@ def test_default_fits_reach_the_mle_reliably():
     assert reached >= 0.95 * len(trials), f"{reached}/{len(trials)}"
 
 
+def test_the_same_model_with_its_experts_relabelled_has_the_same_objective():
+    # Issue 19: with the gate ridge on the E-1 columns left of the reference expert,
+    # optima that are one model with the experts in another order differed by 1.1-1.5
+    # penalised log-likelihood units (d1k3 truth 2: restarts "beat" the default fit).
+    truth = MoETruth.well_separated(3, 1, random_state=2)
+    X, y, _ = truth.sample(10_000, random_state=10_002)
+    a = MoERegressor(n_experts=3, random_state=2).fit(X, y)
+    b = MoERegressor(n_experts=3, n_init=1, random_state=1).fit(X, y)
+    assert not np.allclose(a.expert_intercept_, b.expert_intercept_, atol=0.5)  # a different labelling
+    assert np.allclose(np.sort(a.expert_intercept_), np.sort(b.expert_intercept_), atol=0.05)
+    assert abs(a.lower_bound_ - b.lower_bound_) * 10_000 < 0.05
+
+
 def test_predict_sample_and_expert_proba(truth):
     X, y, _ = truth.sample(3000, random_state=6)
     model = MoERegressor(random_state=0).fit(X, y)
@@ -207,3 +220,21 @@ def test_topk_gate_fit_is_a_local_optimum_near_the_truth():
     cold = MoERegressor(gate="topk_softmax", k=2, random_state=0).fit(X, y)
     np.testing.assert_allclose(np.sort(cold.expert_intercept_), np.sort(truth.expert_intercept), atol=0.3)
     assert cold.loglik(X, y) >= truth.loglik(X, y) - 0.05 * 1500
+
+
+def test_crawling_em_is_finished_by_lbfgs_at_the_em_optimum(monkeypatch):
+    # A redundant expert (3 fitted to a 2-expert truth) makes EM crawl: 900 iterations to
+    # converge. After QN_AFTER_EM EM iterations L-BFGS takes over and must reach the same
+    # optimum, well within the default max_iter.
+    import gatedmoe.stats.regressor as regressor
+
+    truth = MoETruth.well_separated(2, 1, random_state=0)
+    X, y, _ = truth.sample(1000, random_state=1)
+    fast = MoERegressor(n_experts=3, n_init=1, random_state=0).fit(X, y)
+    assert fast.converged_ and fast.n_iter_ < fast.max_iter
+    h = fast.log_likelihood_history_
+    assert np.all(np.diff(h) >= -1e-12 * np.abs(h[1:]))
+    monkeypatch.setattr(regressor, "QN_AFTER_EM", 10**9)
+    slow = MoERegressor(n_experts=3, n_init=1, random_state=0, max_iter=3000, tol=1e-10).fit(X, y)
+    assert slow.n_iter_ > 300
+    assert fast.lower_bound_ >= slow.lower_bound_ - 1e-8

@@ -37,8 +37,10 @@ def add_estimator_options(p) -> None:
     p.add_argument("--temperature", type=positive_float, default=1.0, help="fixed temperature of temperature_softmax")
     p.add_argument("--penalty", choices=["none", "l1"], default="none", help="l1: Lasso MoE (with --alpha)")
     p.add_argument("--alpha", type=nonneg_float, default=0.0, help="L1 strength, per-sample scale (default 0)")
-    p.add_argument("--n-init", type=positive_int, default=3, help="EM starts (default 3)")
-    p.add_argument("--max-iter", type=positive_int, default=100, help="EM iterations per start (default 100)")
+    p.add_argument("--n-init", type=positive_int, default=None,
+                   help="starts (default: the estimator's, 3 for regression, 1 for --classify)")
+    p.add_argument("--max-iter", type=positive_int, default=None,
+                   help="iterations per start (default: the estimator's, 100 for regression, 300 for --classify)")
     p.add_argument("--tol", type=nonneg_float, default=1e-6, help="convergence tolerance on the mean log-likelihood")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
@@ -57,8 +59,11 @@ def estimator_params(args: argparse.Namespace, n_experts: int) -> dict:
     penalty = None if args.penalty == "none" else args.penalty
     if penalty is None and args.alpha:
         raise UsageError(f"--alpha {args.alpha} needs --penalty l1")
-    return dict(n_experts=n_experts, gate=args.gate, k=args.k, temperature=args.temperature, penalty=penalty,
-                alpha=args.alpha, n_init=args.n_init, max_iter=args.max_iter, tol=args.tol, random_state=args.seed)
+    params = dict(n_experts=n_experts, gate=args.gate, k=args.k, temperature=args.temperature, penalty=penalty,
+                  alpha=args.alpha, tol=args.tol, random_state=args.seed)
+    # Unset: the estimator's own default (they differ between the two estimators).
+    params.update({name: getattr(args, name) for name in ("n_init", "max_iter") if getattr(args, name) is not None})
+    return params
 
 
 def read_csv(path: str, target: str):

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     truth = MoETruth.well_separated(args.experts, args.features, random_state=args.seed, gate=args.gate, k=args.k,
                                     temperature=args.temperature)
     grid = np.unique(np.round(np.geomspace(args.n_min, args.n_max, args.n_points)).astype(int))
-    fit_params = {key: params[key] for key in ("penalty", "alpha", "n_init", "max_iter", "tol")}
+    fit_params = {key: params[key] for key in ("penalty", "alpha", "n_init", "max_iter", "tol") if key in params}
     res = simulate(truth, grid, n_reps=args.reps, n_experts=args.fit_experts, random_state=args.seed,
                    progress=not args.no_progress, **fit_params)
     os.makedirs(args.out, exist_ok=True)

@@ -110,6 +110,11 @@ class StatsGate(ABC):
         """The gate's input ``z(x)`` ``[N, P]``."""
         return X_NP
 
+    @property
+    def features_are_x(self) -> bool:
+        """Whether `features` is the identity (the gate's design is then the experts')."""
+        return type(self).features is StatsGate.features
+
     def design(self, X_NP: np.ndarray) -> np.ndarray:
         """``[z(x), 1]`` ``[N, Q]``: logits are ``design(X) @ W_QE``."""
         return em.add_intercept(self.features(X_NP))
