@@ -268,10 +268,10 @@ class MoE(TransientState, nn.Module):
             balancer.every = config.bias_update_every
         if experts is None:
             experts = ExpertBank(
-                config.n_experts, config.d_model, config.d_hidden, act_part or config.activation, config.bias
+                self._n_bank_experts(config), config.d_model, config.d_hidden, act_part or config.activation, config.bias
             )
         else:
-            _check_experts_part(config, experts)
+            _check_experts_part(config, experts, self._n_bank_experts(config))
         self.experts = experts
         if shared is None and config.n_shared_experts:
             shared = SharedExperts(
@@ -289,6 +289,11 @@ class MoE(TransientState, nn.Module):
         self.balance_distributed = False
         # Global-batch counts ``[E]`` of the optimizer step so far (load_balance_scope="global_batch").
         self._step_counts: Tensor | None = None
+
+    def _n_bank_experts(self, config: MoEConfig) -> int:
+        """How many of the ``n_experts`` the gate routes to live in the `ExpertBank` (all of
+        them here; `gatedmoe.layers.ZeroComputeMoE` keeps some out of it)."""
+        return config.n_experts
 
     # Read-only views of the config, for the code and users that read them off the layer.
     d_model = property(lambda self: self.config.d_model)
@@ -433,10 +438,10 @@ def _check_gate_part(config: MoEConfig, gate: Gate) -> None:
         raise ValueError(f"the built gate has k={gate.k}, the config k={config.k}")
 
 
-def _check_experts_part(config: MoEConfig, experts: ExpertBank) -> None:
+def _check_experts_part(config: MoEConfig, experts: ExpertBank, n_bank_experts: int) -> None:
     if not isinstance(experts, ExpertBank):
         raise TypeError(f"experts must be a gatedmoe.ExpertBank, got {type(experts).__name__}")
-    ours = (config.n_experts, config.d_model, config.d_hidden, config.activation, config.bias)
+    ours = (n_bank_experts, config.d_model, config.d_hidden, config.activation, config.bias)
     theirs = (experts.n_experts, experts.d_model, experts.d_hidden, experts.act.name, experts.has_bias)
     if ours != theirs:
         raise ValueError(

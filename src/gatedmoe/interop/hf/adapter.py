@@ -415,6 +415,12 @@ class HFMoEBlock(nn.Module):
     expert_dropout : float
         Dropout inside each original expert (Switch Transformers' ``dropout_rate``); gatedmoe's
         experts have none, so a training forward raises RuntimeError while it is > 0.
+    kept : nn.ParameterDict or None
+        Tensors of the original block that its forward never reads, kept for `to_hf` and
+        checkpoints (LongCat-Flash's ``gate_up_proj`` rows of its zero-computation experts).
+    post_norm : nn.Module or None
+        A norm applied to the block's output, routed plus shared experts (A.X-K1's
+        ``post_mlp_layernorm``), the original module.
     """
 
     def __init__(
@@ -430,6 +436,8 @@ class HFMoEBlock(nn.Module):
         router_logits_dtype: str = "input",
         template: nn.Module | None = None,
         expert_dropout: float = 0.0,
+        kept: dict[str, Tensor] | None = None,
+        post_norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if router_logits_dtype not in ("input", "float32"):
@@ -446,6 +454,8 @@ class HFMoEBlock(nn.Module):
         # Dropout inside each expert (Switch Transformers' DenseActDense): gatedmoe's experts
         # have none, so the block refuses to train while it is > 0 (eval is exact).
         self.expert_dropout = float(expert_dropout)
+        self.kept = None if not kept else nn.ParameterDict(kept)
+        self.post_norm = post_norm
         # A meta-device copy of the original block: to_hf rebuilds from it without a `like`.
         # Kept outside the module tree so it is neither a submodule nor in the state dict.
         object.__setattr__(self, "_template", template)
@@ -475,6 +485,8 @@ class HFMoEBlock(nn.Module):
         finally:
             if per_sequence:
                 gate.seq_len = None
+        if self.post_norm is not None:
+            y = self.post_norm(y)
         routing = self.moe.last_routing
         if self.router_tap is not None and routing.logits is not None:
             logits = routing.logits if self.router_logits_dtype == "float32" else routing.logits.to(x.dtype)

@@ -175,7 +175,7 @@ def _load_hf_layout(
     block.load_state_dict({k: state_dict.pop(prefix + k) for k in hf_keys}, strict=True, assign=True)
     with torch.no_grad():
         converted = family_of(block).read(block, module.moe.backend, module.moe.check_inputs)
-    for key, t in converted.moe.state_dict(prefix=prefix + "moe.").items():
+    for key, t in converted.state_dict(prefix=prefix).items():
         state_dict[key] = t
 
 

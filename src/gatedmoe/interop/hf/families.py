@@ -39,6 +39,7 @@ from gatedmoe.interop.hf.adapter import (
 from gatedmoe.layers.config import MoEConfig
 from gatedmoe.layers.input_scaled import InputScaledMoE
 from gatedmoe.layers.moe import GatedSharedExperts, MoE, SharedExperts
+from gatedmoe.layers.zero_compute import ZeroComputeMoE
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -855,6 +856,68 @@ def _write_jetmoe(adapter: HFMoEBlock, block: nn.Module) -> None:
     _set_param(block, "bias", moe.shared.bias)
 
 
+# ---------------------------------------------------------------------- LongCat-Flash
+# The names under which the unused gate_up_proj rows of the zero-computation experts are kept.
+_ZERO_ROWS = "zero_experts_gate_up_proj"
+
+
+def _longcat_config(block: nn.Module) -> MoEConfig:
+    router, experts = _get(block, "router"), _get(block, "experts")
+    gate_up, down = _get(experts, "gate_up_proj"), _get(experts, "down_proj")
+    if gate_up is None or down is None:
+        raise TypeError(f"{type(block).__name__}: no feed-forward experts (n_routed_experts=0)")
+    E, D = _get(router, "classifier.weight").shape
+    if getattr(router.classifier, "bias", None) is not None:
+        raise TypeError(f"{type(block).__name__}: a router bias (router_bias=True) is not converted")
+    _check_same("experts (router outputs)", int(E), int(gate_up.shape[0]))
+    return _layer_config(
+        d_model=int(D),
+        n_experts=int(E),
+        d_hidden=int(down.shape[-1]),
+        gate=HFRouterGate.registry_name,
+        k=int(router.top_k),
+        activation=_glu_name(experts.act_fn),
+    )
+
+
+def _longcat_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+    experts = block.experts
+    E_f = int(experts.down_proj.shape[0])
+    gate = HFRouterGate(_copy_module(block.router), d_model=config.d_model, n_experts=config.n_experts, k=config.k)
+    gate_up = experts.gate_up_proj.detach()
+    # gate_up_proj has a row block for every expert, the identity ones included (never read).
+    bank = _built(
+        lambda: ExpertBank(E_f, config.d_model, config.d_hidden, config.activation),
+        w_in=gate_up[:E_f].requires_grad_(experts.gate_up_proj.requires_grad),
+        w_out=experts.down_proj,
+    )
+    moe = ZeroComputeMoE.from_config(config, gate=gate, experts=bank, n_zero_experts=config.n_experts - E_f)
+    kept = {_ZERO_ROWS: _param(gate_up[E_f:].requires_grad_(experts.gate_up_proj.requires_grad))}
+    return moe, {"kept": kept}
+
+
+def _write_longcat(adapter: HFMoEBlock, block: nn.Module) -> None:
+    moe, experts = adapter.moe, block.experts
+    gate, bank = moe.gate, moe.experts
+    if not isinstance(moe, ZeroComputeMoE) or not isinstance(gate, HFRouterGate):
+        raise ValueError("to_hf: LongCat-Flash is converted to a ZeroComputeMoE with its own router (HFRouterGate)")
+    if moe.shared is not None or moe.capacity_factor is not None:
+        raise ValueError("to_hf: LongCat-Flash MoE blocks have no shared experts and no capacity")
+    _check_same("router class", type(gate.router).__name__, type(block.router).__name__)
+    _check_same("zero-computation experts", moe.n_zero_experts, int(experts.zero_expert_num))
+    _check_same("expert activation", bank.act.name, _glu_name(experts.act_fn))
+    _check_same("expert biases", bank.has_bias, False)
+    _check_shape("experts.down_proj", bank.w_out, experts.down_proj)
+    kept = None if adapter.kept is None else adapter.kept[_ZERO_ROWS]
+    if kept is None:
+        raise ValueError("to_hf: the LongCat-Flash block keeps the gate_up_proj rows of its zero-computation experts")
+    _copy_tensors(block.router, gate.router)
+    gate_up = torch.cat([bank.w_in.detach(), kept.detach()], 0).requires_grad_(bank.w_in.requires_grad)
+    _check_shape("experts.gate_up_proj", gate_up, experts.gate_up_proj)
+    _set_param(experts, "gate_up_proj", gate_up)
+    _set_param(experts, "down_proj", bank.w_out)
+
+
 # --------------------------------------------------------------------------- registry
 _MIXTRAL = Family("mixtral", _topk_config, _topk_parts, _write_topk)
 _QWEN3 = Family("qwen3_moe", _topk_config, _topk_parts, _write_topk)
@@ -866,6 +929,7 @@ _LLAMA4 = Family("llama4", _llama4_config, _llama4_parts, _write_llama4)
 _DBRX = Family("dbrx", _dbrx_config, _dbrx_parts, _write_dbrx)
 _JETMOE = Family("jetmoe", _jetmoe_config, _jetmoe_parts, _write_jetmoe)
 _SWITCH = Family("switch_transformers", _switch_config, _switch_parts, _write_switch)
+_LONGCAT = Family("longcat_flash", _longcat_config, _longcat_parts, _write_longcat)
 
 # Hugging Face block class name -> its family. Matched by exact class name, so subclasses
 # (whose forward may differ) are not converted silently.
@@ -880,6 +944,7 @@ FAMILIES: dict[str, Family] = {
     "SwitchTransformersSparseMLP": _SWITCH,
     "DbrxFFN": _DBRX,
     "JetMoeMoE": _JETMOE,
+    "LongcatFlashMoE": _LONGCAT,
     **{cls: _generic(name, layout) for cls, (name, layout) in GENERIC.items()},
 }
 
