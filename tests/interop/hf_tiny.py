@@ -31,8 +31,10 @@ EXTRA = {
     "cohere2_moe": {"shared_expert_combination_strategy": "sum"},
     "granitemoehybrid": {"mamba_n_heads": 8, "mamba_d_head": 8},
     "dots3_note": {"num_key_value_heads": 4},
+    "glm5_next": {"num_key_value_heads": 4, "qk_rope_head_dim": 0},
+    "beam": {"mlp_layer_types": ["sparse", "sparse"]},
     # Multi-head latent attention: as many key/value heads as query heads.
-    **{mla: {"num_key_value_heads": 4} for mla in ("deepseek_v2", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "axk2")},
+    **{mla: {"num_key_value_heads": 4} for mla in ("deepseek_v2", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "axk2", "axk1")},
 }
 
 
@@ -64,14 +66,25 @@ def block_class(model_type: str, class_name: str):
 @torch.no_grad()
 def randomize(block: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Weights of std 0.3 (router logits O(1), so routing matters); biases and selection
-    biases of either sign."""
+    biases of either sign; hash-routing tables with k distinct experts per token id."""
     gen = torch.Generator().manual_seed(seed)
     # Buffers other than selection biases (rotary frequencies, masks) keep their values.
     biases = [b for n, b in block.named_buffers() if n.rsplit(".", 1)[-1] in ("e_score_correction_bias", "expert_bias")]
     for t in [*block.parameters(), *biases]:
         if t.is_floating_point():
             t.copy_(torch.randn(t.shape, generator=gen) * 0.3)
+    # Hash routers' token -> experts tables (DeepSeek-V4's tid2eid [V, K]): k distinct
+    # random experts per token id (the all-zero default sends every token to expert 0 k times).
+    for name, t in block.named_buffers():
+        if name.rsplit(".", 1)[-1] == "tid2eid":
+            E = _owner(block, name).num_experts
+            t.copy_(torch.stack([torch.randperm(E, generator=gen)[: t.shape[1]] for _ in range(t.shape[0])]))
     return block
+
+
+def _owner(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    owner_name = name.rpartition(".")[0]
+    return module.get_submodule(owner_name) if owner_name else module
 
 
 def tiny_block(model_type: str, class_name: str, seed: int = 0) -> torch.nn.Module:

@@ -31,6 +31,7 @@ __all__ = [
     "HFLpNormRouterGate",
     "HFJetMoeRouterGate",
     "HFOutputBias",
+    "HFRoutedScaleMoE",
     "HFSharedExperts",
     "router_tap",
 ]
@@ -162,7 +163,9 @@ class HFRouterGate(Gate):
     class. ``router_args`` are names of attributes of the *block* passed to the router
     after the hidden states (e.g. LFM2-MoE's ``expert_bias``); their tensors live here as
     buffers (or parameters) of the same name. ``batched_input`` hands the router the tokens
-    as ``[1, T, D]`` (routers that unpack a ``[B, S, D]`` input).
+    as ``[1, T, D]`` (routers that unpack a ``[B, S, D]`` input). ``token_ids``: the router
+    also takes the input token ids ``[T]``, last (DeepSeek-V4's hash routers, whose
+    ``tid2eid`` table picks the experts); the layer passes them (``uses_token_ids``).
 
     Examples
     --------
@@ -189,10 +192,12 @@ class HFRouterGate(Gate):
         k: int,
         router_args: dict | None = None,
         batched_input: bool = False,
+        token_ids: bool = False,
     ) -> None:
         super().__init__(d_model, n_experts)
         self.router = router
         self.k = int(k)
+        self.uses_token_ids = bool(token_ids)
         # Routers that unpack ``[B, S, D]`` get the tokens as one sequence ``[1, T, D]``.
         self.batched_input = bool(batched_input)
         self.router_args = tuple(router_args or {})
@@ -205,13 +210,17 @@ class HFRouterGate(Gate):
     def attach_bias_balancer(self, update_rate: float = 1e-3) -> Gate:
         raise ValueError("HFRouterGate runs the original router; it takes no selection bias of gatedmoe")
 
-    def forward(self, x_TD: Tensor) -> Routing:
+    def forward(self, x_TD: Tensor, token_ids: Tensor | None = None) -> Routing:
         args = [getattr(self, n) for n in self.router_args]
+        if self.uses_token_ids:
+            if token_ids is None:
+                raise ValueError(f"{type(self.router).__name__} routes by token id: pass the input ids")
+            args.append(token_ids)
         logits_TE, weights_TK, experts_TK = self.router(x_TD.unsqueeze(0) if self.batched_input else x_TD, *args)
         return Routing.from_topk(weights_TK, experts_TK, self.n_experts, logits=logits_TE.reshape(-1, logits_TE.shape[-1]))
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, router_args={self.router_args}"
+        return f"k={self.k}, router_args={self.router_args}, token_ids={self.uses_token_ids}"
 
 
 class HFSwitchRouterGate(HFRouterGate):
@@ -337,6 +346,35 @@ class HFJetMoeRouterGate(HFRouterGate):
         sizes_E = torch.as_tensor(expert_size, device=x_TD.device)
         expert_N = torch.repeat_interleave(torch.arange(self.n_experts, device=x_TD.device), sizes_E)
         return Routing.from_assignments(token_N, expert_N, weight_N, n_experts=self.n_experts, n_tokens=x_TD.shape[0], logits=logits_TE)
+
+
+class HFRoutedScaleMoE(MoE):
+    """`MoE` whose routed output is multiplied by a constant before the shared experts are
+    added: ``y = s * sum_k g_k f_k(x) + shared(x)``, as the blocks of Laguna, Step-3.7-Flash
+    and Beam compute it (``hidden_states * self.routed_scaling_factor`` after their experts,
+    in the activations' dtype, so a bf16 block rounds as the original does). Routers that
+    scale their weights instead (DeepSeek-V3's) need no such layer.
+
+    ``routed_scale`` (float, keyword of the constructor and of ``from_config``) is ``s``;
+    only the `dispatch` seam differs from `MoE`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = HFRoutedScaleMoE(8, 4, 16, routed_scale=2.5)
+    >>> layer(torch.randn(3, 8)).shape
+    torch.Size([3, 8])
+    """
+
+    def __init__(self, d_model: int, n_experts: int, d_hidden: int, *, routed_scale: float, **settings) -> None:
+        super().__init__(d_model, n_experts, d_hidden, **settings)
+        self.routed_scale = float(routed_scale)
+
+    def dispatch(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        return super().dispatch(x_TD, routing) * self.routed_scale
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, routed_scale={self.routed_scale}"
 
 
 class HFOutputBias(nn.Module):
@@ -465,7 +503,9 @@ class HFMoEBlock(nn.Module):
         """The original block's structure on the meta device (no weights), or None."""
         return self._template
 
-    def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, hidden_states: Tensor, input_ids: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """``input_ids`` reach a gate that routes by token id (DeepSeek-V4's hash layers,
+        whose decoder layers pass them to every MoE block); other gates ignore them."""
         x = hidden_states
         if self.training and self.expert_dropout > 0:
             raise RuntimeError(
@@ -480,8 +520,9 @@ class HFMoEBlock(nn.Module):
             # Capacity is counted per sequence: the gate splits the tokens into sequences
             # for this call only (a later direct `moe(x)` routes its tokens as one sequence).
             gate.seq_len = x.shape[-2] if x.dim() >= 3 else None
+        token_ids = input_ids if gate.uses_token_ids else None
         try:
-            y = self.moe(x)
+            y = self.moe(x, token_ids=token_ids)
         finally:
             if per_sequence:
                 gate.seq_len = None

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from gatedmoe.experts.activations import ClampedSwiGLU
+from gatedmoe.experts.activations import Activation, ClampedSwiGLU, Float32SwiGLU, LimitedSwiGLU
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.gates.group_limited import GroupLimitedGate
 from gatedmoe.gates.sigmoid import SigmoidGate
@@ -29,6 +29,7 @@ from gatedmoe.interop.hf.adapter import (
     HFLpNormRouterGate,
     HFMoEBlock,
     HFOutputBias,
+    HFRoutedScaleMoE,
     HFRouterGate,
     HFSharedExperts,
     HFSigmoidTopKGate,
@@ -184,17 +185,25 @@ def _check_materialized(module: nn.Module, what: str) -> None:
 
 
 # ------------------------------------------------- fused GLU experts (all but GPT-OSS)
-def _fused_experts(config: MoEConfig, experts: nn.Module) -> ExpertBank:
+def _fused_experts(config: MoEConfig, experts: nn.Module, act: nn.Module | None = None) -> ExpertBank:
     # HF: gate, up = linear(x, gate_up_proj[e]).chunk(2): gate rows first, as gatedmoe's GLU.
+    # ``act``: a built activation with constants of its own (else config.activation by name).
     return _built(
-        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, config.activation, config.bias),
+        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, act or config.activation, config.bias),
         w_in=_get(experts, "gate_up_proj"),
         w_out=_get(experts, "down_proj"),
     )
 
 
-def _write_fused_experts(bank: ExpertBank, experts: nn.Module) -> None:
-    _check_same("expert activation", bank.act.name, _glu_name(experts.act_fn))
+def _act_key(act) -> str:
+    """What identifies an activation's function: its name, and its constants (repr)."""
+    return act.name if isinstance(act, Activation) else repr(act)
+
+
+def _write_fused_experts(bank: ExpertBank, experts: nn.Module, act=None) -> None:
+    """``act``: the activation the HF experts compute (default: the GLU of their ``act_fn``)."""
+    want = _glu_name(experts.act_fn) if act is None else _act_key(act)
+    _check_same("expert activation", bank.act.name if act is None else _act_key(bank.act), want)
     _check_same("expert biases", bank.has_bias, False)
     _check_shape("experts.gate_up_proj", bank.w_in, experts.gate_up_proj)
     _check_shape("experts.down_proj", bank.w_out, experts.down_proj)
@@ -535,6 +544,15 @@ class Layout:
     """Block attribute holding a Mixtral-style multiplicative input jitter (training only)."""
     refuse: Callable[[nn.Module], str | None] | None = None
     """Why a block of this class cannot be converted (a setting gatedmoe does not express)."""
+    activation: Callable[[nn.Module], nn.Module] | None = None
+    """The experts' gate function as a built gatedmoe activation, read off the experts module
+    (None: the GLU of their ``act_fn``)."""
+    routed_scale: str | None = None
+    """Block attribute holding a factor the block multiplies the routed output by (`HFRoutedScaleMoE`)."""
+    post_norm: str | None = None
+    """Block attribute holding a norm applied to the block's output (`HFMoEBlock.post_norm`)."""
+    token_ids: str | None = None
+    """Block attribute that is true when the router takes the input ids (DeepSeek-V4's ``is_hash``)."""
 
 
 def _generic_config(layout: Layout) -> Callable[[nn.Module], MoEConfig]:
@@ -551,13 +569,14 @@ def _generic_config(layout: Layout) -> Callable[[nn.Module], MoEConfig]:
         if k is None:
             raise TypeError(f"{type(block).__name__}: cannot find the router's top_k")
         mlp = getattr(block, layout.shared) if layout.shared else None
+        act = _glu_name(experts.act_fn) if layout.activation is None else layout.activation(experts).name
         return _layer_config(
             d_model=int(D),
             n_experts=int(E),
             d_hidden=int(_get(experts, "down_proj").shape[-1]),
             gate=HFRouterGate.registry_name,
             k=int(k),
-            activation=_glu_name(experts.act_fn),
+            activation=act,
             n_shared_experts=0 if mlp is None else 1,
         )
 
@@ -574,15 +593,28 @@ def _generic_parts(layout: Layout) -> Callable[[nn.Module, MoEConfig], tuple[MoE
         router = _copy_module(_get(block, layout.router))
         args = {n: getattr(block, n, None) for n in layout.router_args}
         args = {n: (t if t is None else (_param(t) if isinstance(t, nn.Parameter) else t.detach().clone())) for n, t in args.items()}
-        gate = HFRouterGate(router, d_model=config.d_model, n_experts=config.n_experts, k=config.k, router_args=args, batched_input=layout.batched_input)
+        token_ids = bool(getattr(block, layout.token_ids, False)) if layout.token_ids else False
+        gate = HFRouterGate(
+            router, d_model=config.d_model, n_experts=config.n_experts, k=config.k, router_args=args,
+            batched_input=layout.batched_input, token_ids=token_ids,
+        )  # fmt: skip
         mlp = getattr(block, layout.shared) if layout.shared else None
         shared = None
         if mlp is not None:
             sgate = getattr(block, layout.shared_gate) if layout.shared_gate else None
             shared = HFSharedExperts(_copy_module(mlp), None if sgate is None else _copy_module(sgate))
-        moe = MoE.from_config(config, gate=gate, experts=_fused_experts(config, block.experts), shared=shared)
+        act = None if layout.activation is None else layout.activation(block.experts)
+        experts = _fused_experts(config, block.experts, act)
+        if layout.routed_scale:
+            scale = float(_get(block, layout.routed_scale))
+            moe = HFRoutedScaleMoE.from_config(config, gate=gate, experts=experts, shared=shared, routed_scale=scale)
+        else:
+            moe = MoE.from_config(config, gate=gate, experts=experts, shared=shared)
         jitter = float(getattr(block, layout.jitter, 0.0) or 0.0) if layout.jitter else 0.0
-        return moe, {"jitter_noise": jitter}
+        kw: dict[str, Any] = {"jitter_noise": jitter}
+        if layout.post_norm:
+            kw["post_norm"] = _copy_module(_get(block, layout.post_norm))
+        return moe, kw
 
     return parts
 
@@ -615,7 +647,14 @@ def _generic_write(layout: Layout) -> Callable[[HFMoEBlock, nn.Module], None]:
                     _set_param(block, n, t)
                 else:
                     setattr(block, n, t.detach().clone())
-        _write_fused_experts(moe.experts, block.experts)
+        _check_same("router takes the input ids", moe.gate.uses_token_ids, bool(getattr(block, layout.token_ids, False)) if layout.token_ids else False)
+        scale = float(_get(block, layout.routed_scale)) if layout.routed_scale else None
+        _check_same("routed output scale", getattr(moe, "routed_scale", None), scale)
+        _write_fused_experts(moe.experts, block.experts, None if layout.activation is None else layout.activation(block.experts))
+        if (adapter.post_norm is None) != (layout.post_norm is None):
+            raise ValueError(f"to_hf: a norm after the block differs between gatedmoe and {type(block).__name__}")
+        if layout.post_norm:
+            _copy_tensors(_get(block, layout.post_norm), adapter.post_norm)
         mlp = getattr(block, layout.shared) if layout.shared else None
         if (mlp is None) != (moe.shared is None):
             raise ValueError(f"to_hf: shared experts differ between gatedmoe and {type(block).__name__}")
@@ -636,6 +675,23 @@ def _cohere2_refuse(block: nn.Module) -> str | None:
     if getattr(block, "num_shared_experts", 0) > 0 and strategy != "sum":
         return f"shared_expert_combination_strategy={strategy!r} (gatedmoe adds shared experts: 'sum' only)"
     return None
+
+
+def _limited_swiglu(limit: str, *, act_fn: bool = False, clamp: str = "input") -> Callable[[nn.Module], nn.Module]:
+    """Reads `LimitedSwiGLU` off experts whose ``_apply_gate`` clamps a SwiGLU at the
+    attribute ``limit``; with ``act_fn`` their ``act_fn`` must be SiLU (it is the GLU's)."""
+
+    def read(experts: nn.Module) -> nn.Module:
+        if act_fn:
+            _check_same("expert activation (act_fn) of the clamped GLU", _glu_name(experts.act_fn), "swiglu")
+        return LimitedSwiGLU(float(_get(experts, limit)), clamp=clamp)
+
+    return read
+
+
+def _float32_swiglu(experts: nn.Module) -> nn.Module:
+    _check_same("expert activation (act_fn) of the float32 GLU", _glu_name(experts.act_fn), "swiglu")
+    return Float32SwiGLU()
 
 
 _DS = Layout(shared="shared_experts")  # DeepSeek-V2 shape: gate, fused experts, + shared_experts(x)
@@ -687,6 +743,18 @@ GENERIC: dict[str, tuple[str, Layout]] = {
     "MiniMaxM2SparseMoeBlock": ("minimax_m2", Layout(router_args=("e_score_correction_bias",), jitter="jitter_noise")),
     "Lfm2MoeSparseMoeBlock": ("lfm2_moe", Layout(router_args=("expert_bias",))),
     "AfmoeSparseMoeBlock": ("afmoe", Layout(router="router", router_args=("expert_bias",), batched_input=True, shared="shared_experts")),
+    "LagunaSparseMoeBlock": ("laguna", Layout(shared="shared_experts", routed_scale="routed_scaling_factor")),
+    "AXK1MoE": ("axk1", Layout(shared="shared_experts", post_norm="post_mlp_layernorm")),
+    "Glm5NextTextMoE": ("glm5_next", Layout(shared="shared_experts", activation=_limited_swiglu("swiglu_limit"))),
+    "HYV4MoE": ("hy_v4", Layout(shared="shared_experts", activation=_limited_swiglu("swiglu_limit"))),
+    "DeepseekV4SparseMoeBlock": (
+        "deepseek_v4", Layout(shared="shared_experts", activation=_limited_swiglu("limit", act_fn=True), token_ids="is_hash"),
+    ),
+    "Step3p7SparseMoeBlock": (
+        "step3p7",
+        Layout(shared="shared_experts", routed_scale="routed_scaling_factor", activation=_limited_swiglu("limit", act_fn=True, clamp="output")),
+    ),
+    "BeamMoE": ("beam", Layout(routed_scale="routed_scaling_factor", activation=_float32_swiglu)),
 }
 
 
