@@ -30,11 +30,31 @@ SHRINK = dict(
 EXTRA = {
     "cohere2_moe": {"shared_expert_combination_strategy": "sum"},
     "granitemoehybrid": {"mamba_n_heads": 8, "mamba_d_head": 8},
+    # Hybrid models: full attention only (what is tested is the MoE; their linear-attention
+    # layers run a slow reference implementation without flash-linear-attention, and with no
+    # attention layer transformers' cache cannot tell the sequence length).
+    "qwen3_next": {"layer_types": ["full_attention", "full_attention"]},
+    "kimi_linear": {"layer_types": ["full_attention", "full_attention"], "num_key_value_heads": 4},
     "dots3_note": {"num_key_value_heads": 4},
     "glm5_next": {"num_key_value_heads": 4, "qk_rope_head_dim": 0},
     "beam": {"mlp_layer_types": ["sparse", "sparse"]},
+    "bailing_hybrid": {
+        "mlp_layer_types": ["sparse", "sparse"], "num_experts_per_token": 2, "num_expert_group": 2,
+        "layer_types": ["full_attention", "full_attention"], "num_key_value_heads": 4,
+    },
     # Multi-head latent attention: as many key/value heads as query heads.
     **{mla: {"num_key_value_heads": 4} for mla in ("deepseek_v2", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "axk2", "axk1")},
+}
+
+
+# Settings a block needs that its config class does not declare (transformers 5.24's
+# Qwen3-Omni talker config lacks the shared expert's width its block reads).
+BLOCK_EXTRA = {"Qwen3OmniMoeTalkerTextSparseMoeBlock": {"shared_expert_intermediate_size": 48}}
+
+# Blocks built from a config class other than their folder's main one (folder, class name).
+BLOCK_CONFIG = {
+    "Qwen3OmniMoeThinkerTextSparseMoeBlock": ("qwen3_omni_moe", "Qwen3OmniMoeTextConfig"),
+    "Qwen3OmniMoeTalkerTextSparseMoeBlock": ("qwen3_omni_moe", "Qwen3OmniMoeTalkerTextConfig"),
 }
 
 
@@ -52,6 +72,8 @@ def tiny_config(model_type: str):
 
     cls = CONFIG_MAPPING[model_type]
     sub = getattr(cls, "sub_configs", None) or {}
+    if model_type in {folder for folder, _ in BLOCK_CONFIG.values()}:  # nested multimodal
+        return None, None
     if "text_config" in sub:  # multimodal: test the text model's block alone
         return None, _shrunk(sub["text_config"], EXTRA.get(model_type))
     cfg = _shrunk(cls, EXTRA.get(model_type))
@@ -88,7 +110,14 @@ def _owner(module: torch.nn.Module, name: str) -> torch.nn.Module:
 
 
 def tiny_block(model_type: str, class_name: str, seed: int = 0) -> torch.nn.Module:
-    _, cfg = tiny_config(model_type)
+    if class_name in BLOCK_CONFIG:
+        folder, config_name = BLOCK_CONFIG[class_name]
+        module = importlib.import_module(f"transformers.models.{folder}.configuration_{folder}")
+        cfg = _shrunk(getattr(module, config_name), EXTRA.get(model_type))
+    else:
+        _, cfg = tiny_config(model_type)
+    for key, value in BLOCK_EXTRA.get(class_name, {}).items():
+        setattr(cfg, key, value)
     # What a block inside a model runs by default (a bare block would run "eager").
     cfg._experts_implementation = "grouped_mm"
     cls = block_class(model_type, class_name)
@@ -98,3 +127,19 @@ def tiny_block(model_type: str, class_name: str, seed: int = 0) -> torch.nn.Modu
     except TypeError:
         block = cls(cfg, layer_idx=0)
     return randomize(block, seed).eval()
+
+
+def to_bf16(block: torch.nn.Module, model_type: str) -> torch.nn.Module:
+    """``block`` in bf16 as a bf16 model holds it: parameters its model class keeps in float32
+    (``_keep_in_fp32_modules(_strict)``, matched under ``mlp.``) stay float32."""
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    keep = set()
+    for obj in vars(module).values():
+        if inspect.isclass(obj) and obj.__name__.endswith("PreTrainedModel"):
+            keep |= set(getattr(obj, "_keep_in_fp32_modules_strict", None) or [])
+            keep |= set(getattr(obj, "_keep_in_fp32_modules", None) or [])
+    block.to(torch.bfloat16)
+    for name, p in block.named_parameters():
+        if any(k in f"mlp.{name}" for k in keep if k.startswith("mlp.")):
+            p.data = p.data.float()
+    return block

@@ -6,6 +6,7 @@ from gatedmoe.experts.activations import (
     ExpandedGatedActivation,
     Float32SwiGLU,
     LimitedSwiGLU,
+    SoftcappedSwiGLU,
     activation_names,
     get_activation,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "ClampedSwiGLU",
     "LimitedSwiGLU",
     "Float32SwiGLU",
+    "SoftcappedSwiGLU",
     "get_activation",
     "activation_names",
 ]

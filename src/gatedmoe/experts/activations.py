@@ -26,6 +26,7 @@ __all__ = [
     "ClampedSwiGLU",
     "LimitedSwiGLU",
     "Float32SwiGLU",
+    "SoftcappedSwiGLU",
     "get_activation",
     "resolve_activation",
     "activation_names",
@@ -52,6 +53,10 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
+def _relu_squared(x: Tensor) -> Tensor:
+    return torch.square(torch.relu(x))
+
+
 def _gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -60,6 +65,8 @@ _ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in [
         Activation("relu", torch.relu, glu=False),
+        # Squared ReLU (So et al. 2021, "Primer"), Nemotron-H's experts.
+        Activation("relu2", _relu_squared, glu=False),
         Activation("gelu", _gelu_tanh, glu=False),
         Activation("silu", F.silu, glu=False),
         Activation("swiglu", F.silu, glu=True),
@@ -225,8 +232,47 @@ class Float32SwiGLU(nn.Module):
         return (F.silu(a.float()) * b.float()).to(h.dtype)
 
 
+class SoftcappedSwiGLU(nn.Module):
+    """SwiGLU whose linear gate factor and up projection are soft-capped, computed in float32
+    and rounded back to the input's dtype (Thinking Machines' Inkling-2; transformers
+    ``Inkling2SoftcappedSwiGLU``): for ``h = [a | b]``,
+
+    ``cap(a, c_g) * sigmoid(a) * cap(b, c_u)``, ``cap(x, c) = c * tanh(x / c)``,
+
+    where the sigmoid sees the raw gate ``a``. Registered as "softcapped_swiglu" with
+    Inkling-2's defaults ``gate_cap = 4.0``, ``up_cap = 25.0``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> act = SoftcappedSwiGLU(gate_cap=1.0, up_cap=1.0)
+    >>> round(act(torch.tensor([[100.0, 100.0]])).item(), 4)  # both caps reached: 1 * 1 * 1
+    1.0
+    """
+
+    glu = True
+    name = "softcapped_swiglu"
+
+    def __init__(self, gate_cap: float = 4.0, up_cap: float = 25.0) -> None:
+        super().__init__()
+        for arg, v in (("gate_cap", gate_cap), ("up_cap", up_cap)):
+            if not v > 0:
+                raise ValueError(f"{arg} must be > 0, got {v}")
+        self.gate_cap, self.up_cap = float(gate_cap), float(up_cap)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Apply to the first layer's output ``h [N, 2H]``; ``[N, H]``."""
+        a, b = h.float().chunk(2, dim=-1)
+        capped_a = torch.tanh(a / self.gate_cap) * self.gate_cap
+        capped_b = torch.tanh(b / self.up_cap) * self.up_cap
+        return (capped_a * torch.sigmoid(a) * capped_b).to(h.dtype)
+
+    def extra_repr(self) -> str:
+        return f"gate_cap={self.gate_cap}, up_cap={self.up_cap}"
+
+
 # Activations that are modules with constants of their own: name -> class (built with its defaults).
-_MODULES: dict[str, type[nn.Module]] = {c.name: c for c in (ClampedSwiGLU, LimitedSwiGLU, Float32SwiGLU)}
+_MODULES: dict[str, type[nn.Module]] = {c.name: c for c in (ClampedSwiGLU, LimitedSwiGLU, Float32SwiGLU, SoftcappedSwiGLU)}
 
 # name -> (gate, glu): the trainable expanded-range family.
 _EXPANDED: dict[str, tuple[Callable[[Tensor], Tensor], bool]] = {
@@ -259,8 +305,9 @@ def get_activation(name: str) -> Activation | ExpandedGatedActivation:
 
     Names of the expanded family ("xsilu", "xgelu", "xatlu", "xswiglu", "xgeglu",
     "xatglu") return a new module with its own trainable alpha on every call;
-    "clamped_swiglu", "limited_swiglu" and "swiglu_float32" return a new `ClampedSwiGLU`
-    (GPT-OSS's constants), `LimitedSwiGLU` (DeepSeek-V4's limit) or `Float32SwiGLU`.
+    "clamped_swiglu", "limited_swiglu", "swiglu_float32" and "softcapped_swiglu" return a
+    new `ClampedSwiGLU` (GPT-OSS's constants), `LimitedSwiGLU` (DeepSeek-V4's limit),
+    `Float32SwiGLU` or `SoftcappedSwiGLU` (Inkling-2's caps).
     """
     if name in _MODULES:
         return _MODULES[name]()

@@ -19,7 +19,13 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from gatedmoe.experts.activations import Activation, ClampedSwiGLU, Float32SwiGLU, LimitedSwiGLU
+from gatedmoe.experts.activations import (
+    Activation,
+    ClampedSwiGLU,
+    Float32SwiGLU,
+    LimitedSwiGLU,
+    SoftcappedSwiGLU,
+)
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.gates.group_limited import GroupLimitedGate
 from gatedmoe.gates.sigmoid import SigmoidGate
@@ -198,6 +204,24 @@ def _fused_experts(config: MoEConfig, experts: nn.Module, act: nn.Module | None 
 def _act_key(act) -> str:
     """What identifies an activation's function: its name, and its constants (repr)."""
     return act.name if isinstance(act, Activation) else repr(act)
+
+
+def _plain_experts(config: MoEConfig, experts: nn.Module) -> ExpertBank:
+    # HF: down(act(linear(x, up_proj[e]))): up_proj [E, H, D] is w_in, down_proj [E, D, H] w_out.
+    return _built(
+        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, config.activation),
+        w_in=_get(experts, "up_proj"),
+        w_out=_get(experts, "down_proj"),
+    )
+
+
+def _write_plain_experts(bank: ExpertBank, experts: nn.Module) -> None:
+    _check_same("expert activation", bank.act.name, _plain_act_name(experts.act_fn))
+    _check_same("expert biases", bank.has_bias, False)
+    _check_shape("experts.up_proj", bank.w_in, experts.up_proj)
+    _check_shape("experts.down_proj", bank.w_out, experts.down_proj)
+    _set_param(experts, "up_proj", bank.w_in)
+    _set_param(experts, "down_proj", bank.w_out)
 
 
 def _write_fused_experts(bank: ExpertBank, experts: nn.Module, act=None) -> None:
@@ -553,6 +577,9 @@ class Layout:
     """Block attribute holding a norm applied to the block's output (`HFMoEBlock.post_norm`)."""
     token_ids: str | None = None
     """Block attribute that is true when the router takes the input ids (DeepSeek-V4's ``is_hash``)."""
+    glu: bool = True
+    """False: plain experts ``down(act(up(x)))``, weights ``up_proj [E, H, D]`` and
+    ``down_proj [E, D, H]`` (Nemotron-H), activation from ``act_fn``."""
 
 
 def _generic_config(layout: Layout) -> Callable[[nn.Module], MoEConfig]:
@@ -561,15 +588,18 @@ def _generic_config(layout: Layout) -> Callable[[nn.Module], MoEConfig]:
         if why:
             raise TypeError(f"{type(block).__name__}: {why}")
         router, experts = _get(block, layout.router), _get(block, "experts")
-        gate_up = _get(experts, "gate_up_proj")
-        E, _, D = gate_up.shape
+        w_in = _get(experts, "gate_up_proj" if layout.glu else "up_proj")
+        E, _, D = w_in.shape
         k = _attr(router, "top_k", "num_experts_per_tok") if any(hasattr(router, n) for n in ("top_k", "num_experts_per_tok")) else None
         if k is None:
             k = getattr(block, "top_k", None) or getattr(getattr(block, "config", None), "num_experts_per_tok", None)
         if k is None:
             raise TypeError(f"{type(block).__name__}: cannot find the router's top_k")
         mlp = getattr(block, layout.shared) if layout.shared else None
-        act = _glu_name(experts.act_fn) if layout.activation is None else layout.activation(experts).name
+        if layout.activation is not None:
+            act = layout.activation(experts).name
+        else:
+            act = _glu_name(experts.act_fn) if layout.glu else _plain_act_name(experts.act_fn)
         return _layer_config(
             d_model=int(D),
             n_experts=int(E),
@@ -604,7 +634,7 @@ def _generic_parts(layout: Layout) -> Callable[[nn.Module, MoEConfig], tuple[MoE
             sgate = getattr(block, layout.shared_gate) if layout.shared_gate else None
             shared = HFSharedExperts(_copy_module(mlp), None if sgate is None else _copy_module(sgate))
         act = None if layout.activation is None else layout.activation(block.experts)
-        experts = _fused_experts(config, block.experts, act)
+        experts = _fused_experts(config, block.experts, act) if layout.glu else _plain_experts(config, block.experts)
         if layout.routed_scale:
             scale = float(_get(block, layout.routed_scale))
             moe = HFRoutedScaleMoE.from_config(config, gate=gate, experts=experts, shared=shared, routed_scale=scale)
@@ -650,7 +680,10 @@ def _generic_write(layout: Layout) -> Callable[[HFMoEBlock, nn.Module], None]:
         _check_same("router takes the input ids", moe.gate.uses_token_ids, bool(getattr(block, layout.token_ids, False)) if layout.token_ids else False)
         scale = float(_get(block, layout.routed_scale)) if layout.routed_scale else None
         _check_same("routed output scale", getattr(moe, "routed_scale", None), scale)
-        _write_fused_experts(moe.experts, block.experts, None if layout.activation is None else layout.activation(block.experts))
+        if layout.glu:
+            _write_fused_experts(moe.experts, block.experts, None if layout.activation is None else layout.activation(block.experts))
+        else:
+            _write_plain_experts(moe.experts, block.experts)
         if (adapter.post_norm is None) != (layout.post_norm is None):
             raise ValueError(f"to_hf: a norm after the block differs between gatedmoe and {type(block).__name__}")
         if layout.post_norm:
@@ -687,6 +720,22 @@ def _limited_swiglu(limit: str, *, act_fn: bool = False, clamp: str = "input") -
         return LimitedSwiGLU(float(_get(experts, limit)), clamp=clamp)
 
     return read
+
+
+def _clamped_swiglu(experts: nn.Module) -> nn.Module:
+    """GPT-OSS's clamped SwiGLU on a concatenated ``[gate | up]`` layout (MiniMax-M3)."""
+    return ClampedSwiGLU(alpha=float(_get(experts, "swiglu_alpha")), limit=float(_get(experts, "swiglu_limit")))
+
+
+def _softcapped_swiglu(experts: nn.Module) -> nn.Module:
+    act = _get(experts, "act_fn")
+    return SoftcappedSwiGLU(float(_get(act, "gate_softcap.softcap")), float(_get(act, "up_softcap.softcap")))
+
+
+def _nemotron_h_refuse(block: nn.Module) -> str | None:
+    if not isinstance(getattr(block, "fc1_latent_proj", None), nn.Identity):
+        return "moe_latent_size is set (the experts run in a latent space between two projections; not converted)"
+    return None
 
 
 def _float32_swiglu(experts: nn.Module) -> nn.Module:
@@ -755,12 +804,21 @@ GENERIC: dict[str, tuple[str, Layout]] = {
         Layout(shared="shared_experts", routed_scale="routed_scaling_factor", activation=_limited_swiglu("limit", act_fn=True, clamp="output")),
     ),
     "BeamMoE": ("beam", Layout(routed_scale="routed_scaling_factor", activation=_float32_swiglu)),
+    "MiniMaxM3VLSparseMoeBlock": (
+        "minimax_m3_vl", Layout(shared="shared_experts", routed_scale="routed_scaling_factor", activation=_clamped_swiglu),
+    ),
+    "Inkling2SparseMoeBlock": ("inkling2", Layout(activation=_softcapped_swiglu)),
+    "Inkling2LoopSparseMoeBlock": ("inkling2_loop", Layout(activation=_softcapped_swiglu)),
+    "BailingHybridMoE": ("bailing_hybrid", _DS),
+    "Qwen3OmniMoeThinkerTextSparseMoeBlock": ("qwen3_omni_moe", _PLAIN),
+    "Qwen3OmniMoeTalkerTextSparseMoeBlock": ("qwen3_omni_moe", _GATED_SHARED),
+    "NemotronHMoE": ("nemotron_h", Layout(shared="shared_experts", glu=False, refuse=_nemotron_h_refuse)),
 }
 
 
 # ---------------------------------------------------------------- Switch Transformers
 # transformers activation classes -> gatedmoe's plain (non-GLU) activation with the same math.
-_PLAIN_OF_HF_ACT = {"ReLU": "relu", "SiLUActivation": "silu", "SiLU": "silu"}
+_PLAIN_OF_HF_ACT = {"ReLU": "relu", "SiLUActivation": "silu", "SiLU": "silu", "ReLUSquaredActivation": "relu2"}
 
 
 def _plain_act_name(act_fn: nn.Module) -> str:
