@@ -14,6 +14,7 @@ from gatedmoe.experts import (
     ExpertBank,
     Float32SwiGLU,
     LimitedSwiGLU,
+    SoftcappedSwiGLU,
     activation_names,
     get_activation,
 )
@@ -131,8 +132,25 @@ def test_float32_swiglu_rounds_once():
     assert_close("float32", get_activation("swiglu")(h.float()), Float32SwiGLU()(h.float()))
 
 
+def test_softcapped_swiglu_formula():
+    h = torch.randn(7, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 10
+    a, b = h.chunk(2, -1)
+    want = 3.0 * torch.tanh(a / 3.0) * torch.sigmoid(a) * (5.0 * torch.tanh(b / 5.0))
+    assert_close("softcapped swiglu", want, SoftcappedSwiGLU(gate_cap=3.0, up_cap=5.0)(h))
+    assert SoftcappedSwiGLU()(h.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="up_cap"):
+        SoftcappedSwiGLU(up_cap=-1.0)
+
+
+def test_relu2_is_the_squared_relu():
+    x = torch.tensor([-2.0, 0.0, 3.0])
+    assert torch.equal(get_activation("relu2")(x), torch.tensor([0.0, 0.0, 9.0]))
+    assert not get_activation("relu2").glu
+
+
 def test_module_activations_by_name_in_a_moe():
-    for name, cls in (("limited_swiglu", LimitedSwiGLU), ("swiglu_float32", Float32SwiGLU)):
+    named = (("limited_swiglu", LimitedSwiGLU), ("swiglu_float32", Float32SwiGLU), ("softcapped_swiglu", SoftcappedSwiGLU))
+    for name, cls in named:
         assert name in activation_names()
         act = get_activation(name)
         assert isinstance(act, cls) and act is not get_activation(name)

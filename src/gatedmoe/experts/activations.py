@@ -166,6 +166,11 @@ class ClampedSwiGLU(nn.Module):
         return f"alpha={self.alpha}, limit={self.limit}"
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    """``t`` in float32, or as it is when wider (float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class LimitedSwiGLU(nn.Module):
     """SwiGLU with clamped inputs (DeepSeek-AI 2026, DeepSeek-V4, ``swiglu_limit``;
     transformers ``DeepseekV4Experts._apply_gate``, also GLM-5-Next's and HY-V4's experts),
@@ -211,7 +216,7 @@ class LimitedSwiGLU(nn.Module):
 
 
 class Float32SwiGLU(nn.Module):
-    """SwiGLU computed in float32 and rounded back to the input's dtype:
+    """SwiGLU computed in float32 (float64 inputs in float64) and rounded back to the input's dtype:
     ``(silu(float32(a)) * float32(b)).to(h.dtype)`` for ``h = [a | b]`` (transformers
     ``BeamExperts._apply_gate``). The same function as "swiglu" in float32; in bf16 it rounds
     once instead of after each operation. Registered as "swiglu_float32".
@@ -228,8 +233,8 @@ class Float32SwiGLU(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         """Apply to the first layer's output ``h [N, 2H]``; ``[N, H]``."""
-        a, b = h.chunk(2, dim=-1)
-        return (F.silu(a.float()) * b.float()).to(h.dtype)
+        a, b = _at_least_float32(h).chunk(2, dim=-1)
+        return (F.silu(a) * b).to(h.dtype)
 
 
 class SoftcappedSwiGLU(nn.Module):
@@ -239,7 +244,7 @@ class SoftcappedSwiGLU(nn.Module):
 
     ``cap(a, c_g) * sigmoid(a) * cap(b, c_u)``, ``cap(x, c) = c * tanh(x / c)``,
 
-    where the sigmoid sees the raw gate ``a``. Registered as "softcapped_swiglu" with
+    where the sigmoid sees the raw gate ``a`` (float64 inputs are computed in float64). Registered as "softcapped_swiglu" with
     Inkling-2's defaults ``gate_cap = 4.0``, ``up_cap = 25.0``.
 
     Examples
@@ -262,7 +267,7 @@ class SoftcappedSwiGLU(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         """Apply to the first layer's output ``h [N, 2H]``; ``[N, H]``."""
-        a, b = h.float().chunk(2, dim=-1)
+        a, b = _at_least_float32(h).chunk(2, dim=-1)
         capped_a = torch.tanh(a / self.gate_cap) * self.gate_cap
         capped_b = torch.tanh(b / self.up_cap) * self.up_cap
         return (capped_a * torch.sigmoid(a) * capped_b).to(h.dtype)
