@@ -38,6 +38,7 @@ EXTRA = {
     "dots3_note": {"num_key_value_heads": 4},
     "glm5_next": {"num_key_value_heads": 4, "qk_rope_head_dim": 0},
     "beam": {"mlp_layer_types": ["sparse", "sparse"]},
+    "aria": {"moe_topk": 2},
     "bailing_hybrid": {
         "mlp_layer_types": ["sparse", "sparse"], "num_experts_per_token": 2, "num_expert_group": 2,
         "layer_types": ["full_attention", "full_attention"], "num_key_value_heads": 4,

@@ -56,7 +56,7 @@ def _ref_routing(block, layout, x_TD, ids=None):
     router = getattr(block, layout.router)
     args = [getattr(block, n, None) for n in layout.router_args] + ([] if ids is None else [ids])
     _, w_TK, i_TK = router(x_TD.unsqueeze(0) if layout.batched_input else x_TD, *args)
-    E = getattr(block.experts, "gate_up_proj" if layout.glu else "up_proj").shape[0]
+    E = block.experts.down_proj.shape[0]
     mask = torch.zeros(x_TD.shape[0], E, dtype=torch.bool).scatter(1, i_TK, True)
     dense = torch.zeros(x_TD.shape[0], E).scatter(1, i_TK, w_TK.float())
     return mask, dense

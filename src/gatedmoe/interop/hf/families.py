@@ -215,6 +215,25 @@ def _plain_experts(config: MoEConfig, experts: nn.Module) -> ExpertBank:
     )
 
 
+def _transposed_experts(config: MoEConfig, experts: nn.Module) -> ExpertBank:
+    # HF: (x @ gate_up_proj[e]).chunk(2) with gate_up_proj [E, D, 2H], down_proj [E, H, D].
+    gate_up, down = _get(experts, "gate_up_proj"), _get(experts, "down_proj")
+    return _built(
+        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, config.activation),
+        w_in=gate_up.detach().transpose(1, 2).requires_grad_(gate_up.requires_grad),
+        w_out=down.detach().transpose(1, 2).requires_grad_(down.requires_grad),
+    )
+
+
+def _write_transposed_experts(bank: ExpertBank, experts: nn.Module) -> None:
+    _check_same("expert activation", bank.act.name, _glu_name(experts.act_fn))
+    _check_same("expert biases", bank.has_bias, False)
+    _check_shape("experts.gate_up_proj (transposed)", bank.w_in.transpose(1, 2), experts.gate_up_proj)
+    _check_shape("experts.down_proj (transposed)", bank.w_out.transpose(1, 2), experts.down_proj)
+    _set_param(experts, "gate_up_proj", bank.w_in.detach().transpose(1, 2))
+    _set_param(experts, "down_proj", bank.w_out.detach().transpose(1, 2))
+
+
 def _write_plain_experts(bank: ExpertBank, experts: nn.Module) -> None:
     _check_same("expert activation", bank.act.name, _plain_act_name(experts.act_fn))
     _check_same("expert biases", bank.has_bias, False)
@@ -577,6 +596,9 @@ class Layout:
     """Block attribute holding a norm applied to the block's output (`HFMoEBlock.post_norm`)."""
     token_ids: str | None = None
     """Block attribute that is true when the router takes the input ids (DeepSeek-V4's ``is_hash``)."""
+    transposed: bool = False
+    """Fused GLU weights stored ``[in, out]``: ``gate_up_proj [E, D, 2H]`` (``[gate | up]`` in
+    the last dimension), ``down_proj [E, H, D]`` (Aria's, ``is_transposed=True``)."""
     glu: bool = True
     """False: plain experts ``down(act(up(x)))``, weights ``up_proj [E, H, D]`` and
     ``down_proj [E, D, H]`` (Nemotron-H), activation from ``act_fn``."""
@@ -589,7 +611,8 @@ def _generic_config(layout: Layout) -> Callable[[nn.Module], MoEConfig]:
             raise TypeError(f"{type(block).__name__}: {why}")
         router, experts = _get(block, layout.router), _get(block, "experts")
         w_in = _get(experts, "gate_up_proj" if layout.glu else "up_proj")
-        E, _, D = w_in.shape
+        E, D = (w_in.shape[0], w_in.shape[1]) if layout.transposed else (w_in.shape[0], w_in.shape[2])
+        d_hidden = _get(experts, "down_proj").shape[1 if layout.transposed else -1]
         k = _attr(router, "top_k", "num_experts_per_tok") if any(hasattr(router, n) for n in ("top_k", "num_experts_per_tok")) else None
         if k is None:
             k = getattr(block, "top_k", None) or getattr(getattr(block, "config", None), "num_experts_per_tok", None)
@@ -603,7 +626,7 @@ def _generic_config(layout: Layout) -> Callable[[nn.Module], MoEConfig]:
         return _layer_config(
             d_model=int(D),
             n_experts=int(E),
-            d_hidden=int(_get(experts, "down_proj").shape[-1]),
+            d_hidden=int(d_hidden),
             gate=HFRouterGate.registry_name,
             k=int(k),
             activation=act,
@@ -634,7 +657,10 @@ def _generic_parts(layout: Layout) -> Callable[[nn.Module, MoEConfig], tuple[MoE
             sgate = getattr(block, layout.shared_gate) if layout.shared_gate else None
             shared = HFSharedExperts(_copy_module(mlp), None if sgate is None else _copy_module(sgate))
         act = None if layout.activation is None else layout.activation(block.experts)
-        experts = _fused_experts(config, block.experts, act) if layout.glu else _plain_experts(config, block.experts)
+        if layout.transposed:
+            experts = _transposed_experts(config, block.experts)
+        else:
+            experts = _fused_experts(config, block.experts, act) if layout.glu else _plain_experts(config, block.experts)
         if layout.routed_scale:
             scale = float(_get(block, layout.routed_scale))
             moe = HFRoutedScaleMoE.from_config(config, gate=gate, experts=experts, shared=shared, routed_scale=scale)
@@ -680,7 +706,9 @@ def _generic_write(layout: Layout) -> Callable[[HFMoEBlock, nn.Module], None]:
         _check_same("router takes the input ids", moe.gate.uses_token_ids, bool(getattr(block, layout.token_ids, False)) if layout.token_ids else False)
         scale = float(_get(block, layout.routed_scale)) if layout.routed_scale else None
         _check_same("routed output scale", getattr(moe, "routed_scale", None), scale)
-        if layout.glu:
+        if layout.transposed:
+            _write_transposed_experts(moe.experts, block.experts)
+        elif layout.glu:
             _write_fused_experts(moe.experts, block.experts, None if layout.activation is None else layout.activation(block.experts))
         else:
             _write_plain_experts(moe.experts, block.experts)
@@ -812,6 +840,7 @@ GENERIC: dict[str, tuple[str, Layout]] = {
     "BailingHybridMoE": ("bailing_hybrid", _DS),
     "Qwen3OmniMoeThinkerTextSparseMoeBlock": ("qwen3_omni_moe", _PLAIN),
     "Qwen3OmniMoeTalkerTextSparseMoeBlock": ("qwen3_omni_moe", _GATED_SHARED),
+    "AriaTextMoELayer": ("aria", Layout(router="router", shared="shared_experts", transposed=True)),
     "NemotronHMoE": ("nemotron_h", Layout(shared="shared_experts", glu=False, refuse=_nemotron_h_refuse)),
 }
 
