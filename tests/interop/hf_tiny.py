@@ -39,6 +39,8 @@ EXTRA = {
     "glm5_next": {"num_key_value_heads": 4, "qk_rope_head_dim": 0},
     "beam": {"mlp_layer_types": ["sparse", "sparse"]},
     "aria": {"moe_topk": 2},
+    # Multimodal rotary sections summing to qk_rope_head_dim / 2 = 4.
+    "hy_v4_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}},
     "bailing_hybrid": {
         "mlp_layer_types": ["sparse", "sparse"], "num_experts_per_token": 2, "num_expert_group": 2,
         "layer_types": ["full_attention", "full_attention"], "num_key_value_heads": 4,

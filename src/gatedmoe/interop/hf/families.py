@@ -824,6 +824,7 @@ GENERIC: dict[str, tuple[str, Layout]] = {
     "AXK1MoE": ("axk1", Layout(shared="shared_experts", post_norm="post_mlp_layernorm")),
     "Glm5NextTextMoE": ("glm5_next", Layout(shared="shared_experts", activation=_limited_swiglu("swiglu_limit"))),
     "HYV4MoE": ("hy_v4", Layout(shared="shared_experts", activation=_limited_swiglu("swiglu_limit"))),
+    "HYV4VLMoE": ("hy_v4_vl", Layout(shared="shared_experts", activation=_limited_swiglu("swiglu_limit"))),
     "DeepseekV4SparseMoeBlock": (
         "deepseek_v4", Layout(shared="shared_experts", activation=_limited_swiglu("limit", act_fn=True), token_ids="is_hash"),
     ),
