@@ -30,6 +30,7 @@ __all__ = [
     "HFSwitchRouterGate",
     "HFLpNormRouterGate",
     "HFJetMoeRouterGate",
+    "HFSharedGammaRouterGate",
     "HFOutputBias",
     "HFRoutedScaleMoE",
     "HFSharedExperts",
@@ -346,6 +347,48 @@ class HFJetMoeRouterGate(HFRouterGate):
         sizes_E = torch.as_tensor(expert_size, device=x_TD.device)
         expert_N = torch.repeat_interleave(torch.arange(self.n_experts, device=x_TD.device), sizes_E)
         return Routing.from_assignments(token_N, expert_N, weight_N, n_experts=self.n_experts, n_tokens=x_TD.shape[0], logits=logits_TE)
+
+
+class HFSharedGammaRouterGate(HFRouterGate):
+    """Inkling's router run as it is, its shared experts routed to every token with the
+    weights it computes for them (Thinking Machines 2026, Inkling; transformers
+    ``models/inkling/modeling_inkling.py``, ``InklingTopkRouter`` and ``InklingSharedExperts``).
+
+    Formula: logits ``l = x W^T`` over ``E`` routed and ``S`` shared experts, in float32;
+    the k routed experts of largest ``sigmoid(l_e) + b_e`` (selection bias ``b``); weights
+    over those k and the S shared experts together,
+    ``g = softmax(logsigmoid(l_kept)) * route_scale * global_scale``, in the input's dtype.
+    The router returns ``(routed logits, g_routed [T, k], experts [T, k], g_shared [T, S])``;
+    here the shared experts are experts ``E .. E+S-1`` of the bank, chosen by every token
+    with weight ``g_shared`` (``k + S`` experts per token: ``self.k``). The original
+    multiplies ``g_shared`` into the shared experts' hidden activations before
+    ``down_proj``, gatedmoe into their outputs: the same function, rounded differently.
+
+    Examples
+    --------
+    >>> import torch
+    >>> class Router(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         T = x.shape[0]
+    ...         return torch.zeros(T, 3), torch.full((T, 1), 0.5), torch.zeros(T, 1, dtype=torch.long), torch.full((T, 1), 0.5)
+    >>> HFSharedGammaRouterGate(Router(), d_model=4, n_routed=3, n_shared=1, k=1)(torch.randn(2, 4)).counts.tolist()
+    [2, 0, 0, 2]
+    """
+
+    def __init__(self, router: nn.Module, *, d_model: int, n_routed: int, n_shared: int, k: int) -> None:
+        super().__init__(router, d_model=d_model, n_experts=n_routed + n_shared, k=k + n_shared)
+        self.n_routed, self.n_shared = int(n_routed), int(n_shared)
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        logits_TE, weights_TK, experts_TK, gammas_TS = self.router(x_TD)
+        T = x_TD.shape[0]
+        shared_TS = torch.arange(self.n_routed, self.n_experts, device=x_TD.device).expand(T, self.n_shared)
+        return Routing.from_topk(
+            torch.cat([weights_TK, gammas_TS], -1), torch.cat([experts_TK, shared_TS], -1), self.n_experts
+        )
+
+    def extra_repr(self) -> str:
+        return f"n_routed={self.n_routed}, n_shared={self.n_shared}, k={self.k}"
 
 
 class HFRoutedScaleMoE(MoE):

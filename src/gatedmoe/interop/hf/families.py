@@ -38,6 +38,7 @@ from gatedmoe.interop.hf.adapter import (
     HFRoutedScaleMoE,
     HFRouterGate,
     HFSharedExperts,
+    HFSharedGammaRouterGate,
     HFSigmoidTopKGate,
     HFSwitchRouterGate,
     HFTopKSoftmaxGate,
@@ -1074,6 +1075,63 @@ def _write_longcat(adapter: HFMoEBlock, block: nn.Module) -> None:
     _set_param(experts, "down_proj", bank.w_out)
 
 
+# ---------------------------------------------------------------------------- Inkling
+def _inkling_config(block: nn.Module) -> MoEConfig:
+    router, experts, shared = _get(block, "gate"), _get(block, "experts"), _get(block, "shared_experts")
+    E, D, S = int(experts.gate_up_proj.shape[0]), int(experts.gate_up_proj.shape[2]), int(shared.n_shared_experts)
+    H = int(experts.down_proj.shape[-1])
+    _check_same("shared experts' width (they join the routed experts' bank)", int(shared.down_proj.shape[-1]), H)
+    _check_same("shared experts' activation", _glu_name(shared.act_fn), _glu_name(experts.act_fn))
+    _check_same("router outputs (routed + shared experts)", int(router.weight.shape[0]), E + S)
+    return _layer_config(
+        d_model=D,
+        n_experts=E + S,
+        d_hidden=H,
+        gate=HFSharedGammaRouterGate.registry_name,
+        k=int(router.top_k) + S,
+        activation=_glu_name(experts.act_fn),
+    )
+
+
+def _inkling_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+    experts, shared = block.experts, block.shared_experts
+    S = int(shared.n_shared_experts)
+    gate = HFSharedGammaRouterGate(
+        _copy_module(block.gate), d_model=config.d_model, n_routed=config.n_experts - S, n_shared=S, k=config.k - S
+    )
+    # The S shared experts (gate_proj, up_proj [S, H, D], down_proj [S, D, H]) follow the routed
+    # ones in one bank: w_in = [gate | up].
+    w_in = torch.cat([experts.gate_up_proj.detach(), torch.cat([shared.gate_proj.detach(), shared.up_proj.detach()], 1)])
+    bank = _built(
+        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, config.activation),
+        w_in=w_in.requires_grad_(experts.gate_up_proj.requires_grad),
+        w_out=torch.cat([experts.down_proj.detach(), shared.down_proj.detach()]).requires_grad_(experts.down_proj.requires_grad),
+    )
+    return MoE.from_config(config, gate=gate, experts=bank), {}
+
+
+def _write_inkling(adapter: HFMoEBlock, block: nn.Module) -> None:
+    moe, experts, shared = adapter.moe, block.experts, block.shared_experts
+    gate, bank = moe.gate, moe.experts
+    if not isinstance(gate, HFSharedGammaRouterGate):
+        raise ValueError(f"to_hf: Inkling is converted with its own router (HFSharedGammaRouterGate), got {type(gate).__name__}")
+    if moe.shared is not None or moe.capacity_factor is not None:
+        raise ValueError("to_hf: Inkling's shared experts are experts of the bank; no MoE.shared, no capacity")
+    _check_same("router class", type(gate.router).__name__, type(block.gate).__name__)
+    _check_same("routed and shared experts", (gate.n_routed, gate.n_shared), (int(experts.gate_up_proj.shape[0]), int(shared.n_shared_experts)))
+    _check_same("expert activation", bank.act.name, _glu_name(experts.act_fn))
+    _check_same("expert biases", bank.has_bias, False)
+    E, H = gate.n_routed, bank.d_hidden
+    _check_shape("experts.gate_up_proj", bank.w_in[:E], experts.gate_up_proj)
+    _copy_tensors(block.gate, gate.router)
+    w_in, w_out = bank.w_in.detach(), bank.w_out.detach()
+    _set_param(experts, "gate_up_proj", w_in[:E])
+    _set_param(experts, "down_proj", w_out[:E])
+    _set_param(shared, "gate_proj", w_in[E:, :H])
+    _set_param(shared, "up_proj", w_in[E:, H:])
+    _set_param(shared, "down_proj", w_out[E:])
+
+
 # --------------------------------------------------------------------------- registry
 _MIXTRAL = Family("mixtral", _topk_config, _topk_parts, _write_topk)
 _QWEN3 = Family("qwen3_moe", _topk_config, _topk_parts, _write_topk)
@@ -1086,6 +1144,7 @@ _DBRX = Family("dbrx", _dbrx_config, _dbrx_parts, _write_dbrx)
 _JETMOE = Family("jetmoe", _jetmoe_config, _jetmoe_parts, _write_jetmoe)
 _SWITCH = Family("switch_transformers", _switch_config, _switch_parts, _write_switch)
 _LONGCAT = Family("longcat_flash", _longcat_config, _longcat_parts, _write_longcat)
+_INKLING = Family("inkling", _inkling_config, _inkling_parts, _write_inkling)
 
 # Hugging Face block class name -> its family. Matched by exact class name, so subclasses
 # (whose forward may differ) are not converted silently.
@@ -1101,6 +1160,7 @@ FAMILIES: dict[str, Family] = {
     "DbrxFFN": _DBRX,
     "JetMoeMoE": _JETMOE,
     "LongcatFlashMoE": _LONGCAT,
+    "InklingMoE": _INKLING,
     **{cls: _generic(name, layout) for cls, (name, layout) in GENERIC.items()},
 }
 
