@@ -39,6 +39,7 @@ EXTRA = {
     "glm5_next": {"num_key_value_heads": 4, "qk_rope_head_dim": 0},
     "beam": {"mlp_layer_types": ["sparse", "sparse"]},
     "aria": {"moe_topk": 2},
+    "zaya": {"router_hidden_size": 16, "num_experts_per_tok": 1},
     # Multimodal rotary sections summing to qk_rope_head_dim / 2 = 4.
     "hy_v4_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}},
     "bailing_hybrid": {
@@ -94,7 +95,8 @@ def randomize(block: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     biases of either sign; hash-routing tables with k distinct experts per token id."""
     gen = torch.Generator().manual_seed(seed)
     # Buffers other than selection biases (rotary frequencies, masks) keep their values.
-    biases = [b for n, b in block.named_buffers() if n.rsplit(".", 1)[-1] in ("e_score_correction_bias", "expert_bias")]
+    selection = ("e_score_correction_bias", "expert_bias", "balancing_biases")
+    biases = [b for n, b in block.named_buffers() if n.rsplit(".", 1)[-1] in selection]
     for t in [*block.parameters(), *biases]:
         if t.is_floating_point():
             t.copy_(torch.randn(t.shape, generator=gen) * 0.3)

@@ -55,7 +55,9 @@ def _ids(block, layout, shape):
 def _ref_routing(block, layout, x_TD, ids=None):
     router = getattr(block, layout.router)
     args = [getattr(block, n, None) for n in layout.router_args] + ([] if ids is None else [ids])
-    _, w_TK, i_TK = router(x_TD.unsqueeze(0) if layout.batched_input else x_TD, *args)
+    batched = layout.batched_input or layout.router_state
+    out = router(x_TD.unsqueeze(0) if batched else x_TD, *args)
+    w_TK, i_TK = out[1].reshape(x_TD.shape[0], -1), out[2].reshape(x_TD.shape[0], -1)
     E = block.experts.down_proj.shape[0]
     mask = torch.zeros(x_TD.shape[0], E, dtype=torch.bool).scatter(1, i_TK, True)
     dense = torch.zeros(x_TD.shape[0], E).scatter(1, i_TK, w_TK.float())
@@ -73,8 +75,11 @@ def test_block_fp32_outputs_routing_and_every_gradient(family, cls):
     ids = _ids(ref, layout, (2, 7))
     kw = {} if ids is None else {"input_ids": ids}
     ref_x, fast_x = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ref_y, fast_y = _out(ref(ref_x, **kw)), _out(fast(fast_x, **kw))
+    ref_out, fast_out = ref(ref_x, **kw), fast(fast_x, **kw)
+    ref_y, fast_y = _out(ref_out), _out(fast_out)
     assert_close("output", ref_y, fast_y)
+    if layout.router_state:  # the state for the next layer's router (ZAYA1)
+        assert_close("router state", ref_out[1], fast_out[1])
     ref_mask, ref_w = _ref_routing(ref, layout, x.reshape(-1, D), ids)
     r = fast.moe.last_routing
     fast_mask = torch.zeros_like(ref_mask).index_put((r.token, r.expert), torch.tensor(True))
@@ -146,3 +151,22 @@ def test_model_patch_generate_save_and_reload(family, cls, tmp_path):
     with torch.no_grad():
         assert_close("reloaded logits", ref(ids).logits, back(ids).logits)
     assert [s.name for s in unpatch_model(fast)] == [s.name for s in swaps]
+
+
+def test_zaya_skip_class_routes_to_no_expert():
+    # ZAYA1's extra router class: a token that picks it gets no expert (output 0).
+    ref = tiny_block("zaya", "ZayaSparseMoeBlock")
+    x = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        p = ref.gate(x)[0].softmax(-1)
+        # Only expert 0 and the skip class can win; half the tokens prefer each.
+        ref.gate.balancing_biases[:] = 0.0
+        ref.gate.balancing_biases[0] = 10.0
+        ref.gate.balancing_biases[-1] = 10.0 + (p[:, 0] - p[:, -1]).median()
+    fast = from_hf(ref)
+    (ref_y, ref_state), (fast_y, fast_state) = ref(x), fast(x)
+    skipped = fast.moe.last_routing.combine_matrix().sum(-1) == 0
+    assert skipped.any() and not skipped.all()
+    assert torch.equal(fast_y.reshape(-1, fast.moe.d_model)[skipped], torch.zeros_like(fast_y.reshape(-1, fast.moe.d_model)[skipped]))
+    assert_close("output", ref_y, fast_y)
+    assert_close("router state", ref_state, fast_state)

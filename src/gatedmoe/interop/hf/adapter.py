@@ -31,6 +31,7 @@ __all__ = [
     "HFLpNormRouterGate",
     "HFJetMoeRouterGate",
     "HFSharedGammaRouterGate",
+    "HFStatefulRouterGate",
     "HFOutputBias",
     "HFRoutedScaleMoE",
     "HFSharedExperts",
@@ -349,6 +350,43 @@ class HFJetMoeRouterGate(HFRouterGate):
         return Routing.from_assignments(token_N, expert_N, weight_N, n_experts=self.n_experts, n_tokens=x_TD.shape[0], logits=logits_TE)
 
 
+class HFStatefulRouterGate(HFRouterGate):
+    """A router that takes state from the previous MoE layer and returns state for the next,
+    run as it is (Zyphra's ZAYA1; transformers ``models/zaya/modeling_zaya.py``,
+    ``ZayaRouter``: ``router(x [B, S, D], router_states) -> (logits, weights, experts,
+    next_states)``; an extra router class routes a token to no expert, returned as expert 0
+    with weight 0, which adds nothing).
+
+    `HFMoEBlock` sets ``state_in`` and ``batch_shape`` (``(B, S)``) for one call and reads
+    ``state_out`` after it; the tokens reach the router as ``[B, S, D]``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> class Router(torch.nn.Module):
+    ...     def forward(self, x, router_states=None):
+    ...         T = x.shape[0] * x.shape[1]
+    ...         return torch.zeros(T, 3), torch.ones(T, 1), torch.zeros(T, 1, dtype=torch.long), x[..., :2]
+    >>> g = HFStatefulRouterGate(Router(), d_model=4, n_experts=3, k=1)
+    >>> g.batch_shape = (1, 5)
+    >>> g(torch.randn(5, 4)).counts.tolist(), tuple(g.state_out.shape)
+    ([5, 0, 0], (1, 5, 2))
+    """
+
+    def __init__(self, router: nn.Module, *, d_model: int, n_experts: int, k: int) -> None:
+        super().__init__(router, d_model=d_model, n_experts=n_experts, k=k)
+        self.state_in: Tensor | None = None
+        self.state_out: Tensor | None = None
+        self.batch_shape: tuple[int, ...] | None = None
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        shape = self.batch_shape or (1, x_TD.shape[0])
+        logits_TE, weights_TK, experts_TK, self.state_out = self.router(
+            x_TD.reshape(*shape, x_TD.shape[-1]), router_states=self.state_in
+        )
+        return Routing.from_topk(weights_TK, experts_TK, self.n_experts, logits=logits_TE[:, : self.n_experts])
+
+
 class HFSharedGammaRouterGate(HFRouterGate):
     """Inkling's router run as it is, its shared experts routed to every token with the
     weights it computes for them (Thinking Machines 2026, Inkling; transformers
@@ -546,9 +584,13 @@ class HFMoEBlock(nn.Module):
         """The original block's structure on the meta device (no weights), or None."""
         return self._template
 
-    def forward(self, hidden_states: Tensor, input_ids: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self, hidden_states: Tensor, prev_router_hidden_states: Tensor | None = None, *, input_ids: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """``input_ids`` reach a gate that routes by token id (DeepSeek-V4's hash layers,
-        whose decoder layers pass them to every MoE block); other gates ignore them."""
+        whose decoder layers pass them to every MoE block); other gates ignore them.
+        ``prev_router_hidden_states``: the state of a stateful router (`HFStatefulRouterGate`,
+        ZAYA1), which then returns ``(hidden_states, next router states)``."""
         x = hidden_states
         if self.training and self.expert_dropout > 0:
             raise RuntimeError(
@@ -563,12 +605,21 @@ class HFMoEBlock(nn.Module):
             # Capacity is counted per sequence: the gate splits the tokens into sequences
             # for this call only (a later direct `moe(x)` routes its tokens as one sequence).
             gate.seq_len = x.shape[-2] if x.dim() >= 3 else None
+        stateful = isinstance(gate, HFStatefulRouterGate)
+        if stateful:
+            # State in, batch shape and state out for this call only.
+            gate.state_in, gate.batch_shape = prev_router_hidden_states, tuple(x.shape[:-1])
         token_ids = input_ids if gate.uses_token_ids else None
         try:
             y = self.moe(x, token_ids=token_ids)
         finally:
             if per_sequence:
                 gate.seq_len = None
+            if stateful:
+                gate.state_in = gate.batch_shape = None
+        if stateful:
+            state, gate.state_out = gate.state_out, None
+            return y, state
         if self.post_norm is not None:
             y = self.post_norm(y)
         routing = self.moe.last_routing

@@ -40,6 +40,7 @@ from gatedmoe.interop.hf.adapter import (
     HFSharedExperts,
     HFSharedGammaRouterGate,
     HFSigmoidTopKGate,
+    HFStatefulRouterGate,
     HFSwitchRouterGate,
     HFTopKSoftmaxGate,
     router_tap,
@@ -597,6 +598,9 @@ class Layout:
     """Block attribute holding a norm applied to the block's output (`HFMoEBlock.post_norm`)."""
     token_ids: str | None = None
     """Block attribute that is true when the router takes the input ids (DeepSeek-V4's ``is_hash``)."""
+    router_state: bool = False
+    """The router takes the previous layer's router states and returns the next
+    (`HFStatefulRouterGate`; the block returns ``(hidden, states)``)."""
     transposed: bool = False
     """Fused GLU weights stored ``[in, out]``: ``gate_up_proj [E, D, 2H]`` (``[gate | up]`` in
     the last dimension), ``down_proj [E, H, D]`` (Aria's, ``is_transposed=True``)."""
@@ -648,10 +652,13 @@ def _generic_parts(layout: Layout) -> Callable[[nn.Module, MoEConfig], tuple[MoE
         args = {n: getattr(block, n, None) for n in layout.router_args}
         args = {n: (t if t is None else (_param(t) if isinstance(t, nn.Parameter) else t.detach().clone())) for n, t in args.items()}
         token_ids = bool(getattr(block, layout.token_ids, False)) if layout.token_ids else False
-        gate = HFRouterGate(
-            router, d_model=config.d_model, n_experts=config.n_experts, k=config.k, router_args=args,
-            batched_input=layout.batched_input, token_ids=token_ids,
-        )  # fmt: skip
+        if layout.router_state:
+            gate = HFStatefulRouterGate(router, d_model=config.d_model, n_experts=config.n_experts, k=config.k)
+        else:
+            gate = HFRouterGate(
+                router, d_model=config.d_model, n_experts=config.n_experts, k=config.k, router_args=args,
+                batched_input=layout.batched_input, token_ids=token_ids,
+            )  # fmt: skip
         mlp = getattr(block, layout.shared) if layout.shared else None
         shared = None
         if mlp is not None:
@@ -842,6 +849,7 @@ GENERIC: dict[str, tuple[str, Layout]] = {
     "BailingHybridMoE": ("bailing_hybrid", _DS),
     "Qwen3OmniMoeThinkerTextSparseMoeBlock": ("qwen3_omni_moe", _PLAIN),
     "Qwen3OmniMoeTalkerTextSparseMoeBlock": ("qwen3_omni_moe", _GATED_SHARED),
+    "ZayaSparseMoeBlock": ("zaya", Layout(router_state=True)),
     "AriaTextMoELayer": ("aria", Layout(router="router", shared="shared_experts", transposed=True)),
     "NemotronHMoE": ("nemotron_h", Layout(shared="shared_experts", glu=False, refuse=_nemotron_h_refuse)),
 }
