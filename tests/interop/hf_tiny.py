@@ -34,6 +34,7 @@ EXTRA = {
     # layers run a slow reference implementation without flash-linear-attention, and with no
     # attention layer transformers' cache cannot tell the sequence length).
     "qwen3_next": {"layer_types": ["full_attention", "full_attention"]},
+    "nemotron_h": {"layers_block_type": ["attention", "moe"]},
     "kimi_linear": {"layer_types": ["full_attention", "full_attention"], "num_key_value_heads": 4},
     "dots3_note": {"num_key_value_heads": 4},
     "glm5_next": {"num_key_value_heads": 4, "qk_rope_head_dim": 0},
