@@ -151,7 +151,9 @@ def build(family: str, args: argparse.Namespace, device: torch.device, dtype: to
     model_cls = transformers.AutoModelForCausalLM._model_mapping[type(cfg)]
     attn = "sdpa" if getattr(model_cls, "_supports_sdpa", False) else "eager"
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
+    # Built on the device itself: a GPU-sized model initialised on the host takes minutes.
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
     return model.to(device), attn
 
 
