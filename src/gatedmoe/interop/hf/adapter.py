@@ -31,6 +31,7 @@ __all__ = [
     "HFLpNormRouterGate",
     "HFJetMoeRouterGate",
     "HFSharedGammaRouterGate",
+    "HFProductKeyGate",
     "HFStatefulRouterGate",
     "HFOutputBias",
     "HFRoutedScaleMoE",
@@ -387,6 +388,59 @@ class HFStatefulRouterGate(HFRouterGate):
         return Routing.from_topk(weights_TK, experts_TK, self.n_experts, logits=logits_TE[:, : self.n_experts])
 
 
+class HFProductKeyGate(Gate):
+    """Doge's product-key routing over ``E = n_keys^2`` experts (He 2024, "Mixture of A
+    Million Experts", arXiv:2407.04153, product keys after Lample et al. 2019; transformers
+    ``models/doge/modeling_doge.py``, ``DogeCDMoE``), computed as the original computes it.
+
+    Formula: ``l = x W^T`` (``router_gate``, ``[T, 2 n_keys]``) is *viewed* as ``[2, T,
+    n_keys]`` (as in transformers, this mixes the halves of neighbouring tokens' logits: the
+    batch's tokens in order, so the same view here gives the same routing); the top
+    ``n_keys`` of each half give candidate experts ``i_x n_keys + i_y`` with scores ``s_x +
+    s_y``; the k best candidates are kept with weights ``softmax(s)`` (renormalised again
+    with ``normalize``, a no-op). The viewed logits are kept in ``last_router_logits`` for
+    the block's return value and transformers' ``router_logits`` recording.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = HFProductKeyGate(torch.nn.Linear(8, 4, bias=False), d_model=8, n_experts=4, k=2, normalize=False)
+    >>> g(torch.randn(6, 8)).n_assignments, tuple(g.last_router_logits.shape)
+    (12, (2, 6, 2))
+    """
+
+    registry_name = "hf_product_key"
+    # No [T, E] score to bias: no selection bias can be attached.
+    token_choice = False
+    _transient = {**Gate._transient, "last_router_logits": None}
+
+    def __init__(self, router_gate: nn.Module, *, d_model: int, n_experts: int, k: int, normalize: bool) -> None:
+        super().__init__(d_model, n_experts)
+        self.router_gate = router_gate
+        self.n_keys = int(router_gate.weight.shape[0]) // 2
+        if self.n_keys**2 != n_experts:
+            raise ValueError(f"product keys: n_experts={n_experts} is not n_keys^2 with n_keys={self.n_keys}")
+        self.k, self.normalize = int(k), bool(normalize)
+        self.last_router_logits: Tensor | None = None
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        T = x_TD.shape[0]
+        logits = self.router_gate(x_TD).view(2, T, -1)
+        (scores_x, scores_y), (idx_x, idx_y) = logits.topk(self.n_keys, dim=-1)
+        all_scores = (scores_x.unsqueeze(-1) + scores_y.unsqueeze(-2)).reshape(T, -1)
+        all_idx = (idx_x.unsqueeze(-1) * self.n_keys + idx_y.unsqueeze(-2)).reshape(T, -1)
+        scores_TK, pos_TK = all_scores.topk(self.k, dim=-1)
+        experts_TK = all_idx.gather(-1, pos_TK)
+        weights_TK = torch.softmax(scores_TK, dim=-1)
+        if self.normalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        self.last_router_logits = logits
+        return Routing.from_topk(weights_TK, experts_TK, self.n_experts)
+
+    def extra_repr(self) -> str:
+        return f"n_keys={self.n_keys}, k={self.k}, normalize={self.normalize}"
+
+
 class HFSharedGammaRouterGate(HFRouterGate):
     """Inkling's router run as it is, its shared experts routed to every token with the
     weights it computes for them (Thinking Machines 2026, Inkling; transformers
@@ -510,7 +564,8 @@ class HFMoEBlock(nn.Module):
     ``forward(hidden_states [B, S, D])`` returns ``[B, S, D]``, or
     ``(hidden_states, router_scores [B*S, K])`` when ``returns_router_scores`` (GPT-OSS), or
     ``(hidden_states [B*S, D], router_logits [B*S, E])`` when ``returns_router_logits``
-    (Llama 4, in the input's dtype).
+    (Llama 4, in the input's dtype), or ``(hidden_states [B, S, D], the gate's
+    last_router_logits)`` when ``returns_gate_logits`` (Doge).
     Built by `gatedmoe.interop.hf.from_hf`; turned back into the original class by
     `gatedmoe.interop.hf.to_hf`.
 
@@ -552,6 +607,7 @@ class HFMoEBlock(nn.Module):
         jitter_noise: float = 0.0,
         returns_router_scores: bool = False,
         returns_router_logits: bool = False,
+        returns_gate_logits: bool = False,
         router_logits_dtype: str = "input",
         template: nn.Module | None = None,
         expert_dropout: float = 0.0,
@@ -569,6 +625,7 @@ class HFMoEBlock(nn.Module):
         self.jitter_noise = float(jitter_noise)
         self.returns_router_scores = bool(returns_router_scores)
         self.returns_router_logits = bool(returns_router_logits)
+        self.returns_gate_logits = bool(returns_gate_logits)
         self.router_logits_dtype = router_logits_dtype
         # Dropout inside each expert (Switch Transformers' DenseActDense): gatedmoe's experts
         # have none, so the block refuses to train while it is > 0 (eval is exact).
@@ -623,6 +680,12 @@ class HFMoEBlock(nn.Module):
         if self.post_norm is not None:
             y = self.post_norm(y)
         routing = self.moe.last_routing
+        if self.returns_gate_logits:
+            # The gate's own logits, as the block returns them (Doge's [2, T, n_keys] view).
+            logits, gate.last_router_logits = gate.last_router_logits, None
+            if self.router_tap is not None:
+                self.router_tap(logits)
+            return y, logits
         if self.router_tap is not None and routing.logits is not None:
             logits = routing.logits if self.router_logits_dtype == "float32" else routing.logits.to(x.dtype)
             self.router_tap(logits)

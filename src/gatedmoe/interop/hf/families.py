@@ -35,6 +35,7 @@ from gatedmoe.interop.hf.adapter import (
     HFLpNormRouterGate,
     HFMoEBlock,
     HFOutputBias,
+    HFProductKeyGate,
     HFRoutedScaleMoE,
     HFRouterGate,
     HFSharedExperts,
@@ -1140,6 +1141,75 @@ def _write_inkling(adapter: HFMoEBlock, block: nn.Module) -> None:
     _set_param(shared, "down_proj", w_out[E:])
 
 
+# ------------------------------------------------------------------------------- Doge
+def _doge_config(block: nn.Module) -> MoEConfig:
+    E, D = _get(block, "down_embed.weight").shape
+    return _layer_config(
+        d_model=int(D),
+        n_experts=int(E),
+        d_hidden=1,
+        gate=HFProductKeyGate.registry_name,
+        k=int(_get(block, "top_k")),
+        activation=_plain_act_name(block.act_fn),
+        n_shared_experts=1,
+        d_shared_hidden=int(_get(block, "gate_proj.weight").shape[0]),
+    )
+
+
+def _doge_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+    gate = HFProductKeyGate(
+        _copy_module(block.router_gate), d_model=config.d_model, n_experts=config.n_experts, k=config.k,
+        normalize=bool(block.norm_topk_prob),
+    )  # fmt: skip
+    # Expert e is one hidden unit: f_e(x) = up_e * act(down_e . x), down_embed / up_embed [E, D].
+    down, up = block.down_embed.weight, block.up_embed.weight
+    bank = _built(
+        lambda: ExpertBank(config.n_experts, config.d_model, 1, config.activation),
+        w_in=down.detach().unsqueeze(1).requires_grad_(down.requires_grad),
+        w_out=up.detach().unsqueeze(2).requires_grad_(up.requires_grad),
+    )
+    bias = block.gate_proj.bias is not None
+    weights = _shared_mlp_weights(block)
+    if bias:
+        weights["w_in.bias"] = torch.cat([block.gate_proj.bias.detach(), block.up_proj.bias.detach()]).requires_grad_(block.gate_proj.bias.requires_grad)
+        weights["w_out.bias"] = block.down_proj.bias
+    shared = _built(
+        lambda: SharedExperts(config.d_model, config.d_shared_hidden, activation=_glu_name(block.act_fn), bias=bias), **weights
+    )
+    moe = MoE.from_config(config, gate=gate, experts=bank, shared=shared)
+    return moe, {"router_tap": router_tap(block), "returns_gate_logits": True}
+
+
+def _write_doge(adapter: HFMoEBlock, block: nn.Module) -> None:
+    moe = adapter.moe
+    gate, bank, shared = moe.gate, moe.experts, moe.shared
+    if not isinstance(gate, HFProductKeyGate) or not isinstance(shared, SharedExperts):
+        raise ValueError("to_hf: Doge is converted with HFProductKeyGate and one shared MLP (SharedExperts)")
+    _check_same("top_k", gate.k, int(block.top_k))
+    _check_same("norm_topk_prob", gate.normalize, bool(block.norm_topk_prob))
+    _check_same("expert activation", bank.act.name, _plain_act_name(block.act_fn))
+    _check_same("expert width (one unit)", bank.d_hidden, 1)
+    _check_shape("down_embed.weight", bank.w_in.squeeze(1), block.down_embed.weight)
+    _copy_tensors(block.router_gate, gate.router_gate)
+    _set_param(block.down_embed, "weight", bank.w_in.detach().squeeze(1))
+    _set_param(block.up_embed, "weight", bank.w_out.detach().squeeze(2))
+    _check_same("shared MLP biases", shared.w_in.bias is not None, block.gate_proj.bias is not None)
+    _shared_to_mlp_with_bias(shared, block)
+
+
+def _shared_to_mlp_with_bias(shared: SharedExperts, mlp: nn.Module) -> None:
+    """`_shared_to_mlp` for an MLP whose projections may have biases."""
+    _check_same("shared expert activation", shared.act.name, _glu_name(_mlp_act(mlp)))
+    _check_shape("shared expert down_proj", shared.w_out.weight, mlp.down_proj.weight)
+    for lin, w in zip((mlp.gate_proj, mlp.up_proj), shared.w_in.weight.chunk(2, dim=0), strict=True):
+        _set_param(lin, "weight", w)
+    _set_param(mlp.down_proj, "weight", shared.w_out.weight)
+    if shared.w_in.bias is not None:
+        for lin, b in zip((mlp.gate_proj, mlp.up_proj), shared.w_in.bias.chunk(2), strict=True):
+            _set_param(lin, "bias", b)
+        _set_param(mlp.down_proj, "bias", shared.w_out.bias)
+
+
 # --------------------------------------------------------------------------- registry
 _MIXTRAL = Family("mixtral", _topk_config, _topk_parts, _write_topk)
 _QWEN3 = Family("qwen3_moe", _topk_config, _topk_parts, _write_topk)
@@ -1153,6 +1223,7 @@ _JETMOE = Family("jetmoe", _jetmoe_config, _jetmoe_parts, _write_jetmoe)
 _SWITCH = Family("switch_transformers", _switch_config, _switch_parts, _write_switch)
 _LONGCAT = Family("longcat_flash", _longcat_config, _longcat_parts, _write_longcat)
 _INKLING = Family("inkling", _inkling_config, _inkling_parts, _write_inkling)
+_DOGE = Family("doge", _doge_config, _doge_parts, _write_doge)
 
 # Hugging Face block class name -> its family. Matched by exact class name, so subclasses
 # (whose forward may differ) are not converted silently.
@@ -1169,6 +1240,7 @@ FAMILIES: dict[str, Family] = {
     "JetMoeMoE": _JETMOE,
     "LongcatFlashMoE": _LONGCAT,
     "InklingMoE": _INKLING,
+    "DogeCDMoE": _DOGE,
     **{cls: _generic(name, layout) for cls, (name, layout) in GENERIC.items()},
 }
 
