@@ -218,23 +218,30 @@ def _plain_experts(config: MoEConfig, experts: nn.Module) -> ExpertBank:
     )
 
 
-def _transposed_experts(config: MoEConfig, experts: nn.Module) -> ExpertBank:
-    # HF: (x @ gate_up_proj[e]).chunk(2) with gate_up_proj [E, D, 2H], down_proj [E, H, D].
+def _transposed_experts(config: MoEConfig, experts: nn.Module, act=None) -> ExpertBank:
+    # HF: (x @ gate_up_proj[e] (+ gate_up_proj_bias[e])).chunk(2) with gate_up_proj [E, D, 2H]
+    # ([gate | up] concatenated), down_proj [E, H, D] (+ down_proj_bias [E, D]).
     gate_up, down = _get(experts, "gate_up_proj"), _get(experts, "down_proj")
+    biases = {"b_in": experts.gate_up_proj_bias, "b_out": experts.down_proj_bias} if config.bias else {}
     return _built(
-        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, config.activation),
+        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, act or config.activation, config.bias),
         w_in=gate_up.detach().transpose(1, 2).requires_grad_(gate_up.requires_grad),
         w_out=down.detach().transpose(1, 2).requires_grad_(down.requires_grad),
+        **biases,
     )
 
 
-def _write_transposed_experts(bank: ExpertBank, experts: nn.Module) -> None:
-    _check_same("expert activation", bank.act.name, _glu_name(experts.act_fn))
-    _check_same("expert biases", bank.has_bias, False)
+def _write_transposed_experts(bank: ExpertBank, experts: nn.Module, act=None) -> None:
+    want = _glu_name(experts.act_fn) if act is None else _act_key(act)
+    _check_same("expert activation", bank.act.name if act is None else _act_key(bank.act), want)
+    _check_same("expert biases", bank.has_bias, getattr(experts, "gate_up_proj_bias", None) is not None)
     _check_shape("experts.gate_up_proj (transposed)", bank.w_in.transpose(1, 2), experts.gate_up_proj)
     _check_shape("experts.down_proj (transposed)", bank.w_out.transpose(1, 2), experts.down_proj)
     _set_param(experts, "gate_up_proj", bank.w_in.detach().transpose(1, 2))
     _set_param(experts, "down_proj", bank.w_out.detach().transpose(1, 2))
+    if bank.has_bias:
+        _set_param(experts, "gate_up_proj_bias", bank.b_in)
+        _set_param(experts, "down_proj_bias", bank.b_out)
 
 
 def _write_plain_experts(bank: ExpertBank, experts: nn.Module) -> None:
@@ -602,6 +609,8 @@ class Layout:
     router_state: bool = False
     """The router takes the previous layer's router states and returns the next
     (`HFStatefulRouterGate`; the block returns ``(hidden, states)``)."""
+    returns_router_scores: bool = False
+    """The block returns ``(hidden, router_scores [T, K])`` as GPT-OSS's does."""
     transposed: bool = False
     """Fused GLU weights stored ``[in, out]``: ``gate_up_proj [E, D, 2H]`` (``[gate | up]`` in
     the last dimension), ``down_proj [E, H, D]`` (Aria's, ``is_transposed=True``)."""
@@ -636,6 +645,7 @@ def _generic_config(layout: Layout) -> Callable[[nn.Module], MoEConfig]:
             gate=HFRouterGate.registry_name,
             k=int(k),
             activation=act,
+            bias=getattr(experts, "gate_up_proj_bias", None) is not None,
             n_shared_experts=0 if mlp is None else 1,
         )
 
@@ -667,7 +677,7 @@ def _generic_parts(layout: Layout) -> Callable[[nn.Module, MoEConfig], tuple[MoE
             shared = HFSharedExperts(_copy_module(mlp), None if sgate is None else _copy_module(sgate))
         act = None if layout.activation is None else layout.activation(block.experts)
         if layout.transposed:
-            experts = _transposed_experts(config, block.experts)
+            experts = _transposed_experts(config, block.experts, act)
         else:
             experts = _fused_experts(config, block.experts, act) if layout.glu else _plain_experts(config, block.experts)
         if layout.routed_scale:
@@ -676,7 +686,7 @@ def _generic_parts(layout: Layout) -> Callable[[nn.Module, MoEConfig], tuple[MoE
         else:
             moe = MoE.from_config(config, gate=gate, experts=experts, shared=shared)
         jitter = float(getattr(block, layout.jitter, 0.0) or 0.0) if layout.jitter else 0.0
-        kw: dict[str, Any] = {"jitter_noise": jitter}
+        kw: dict[str, Any] = {"jitter_noise": jitter, "returns_router_scores": layout.returns_router_scores}
         if layout.post_norm:
             kw["post_norm"] = _copy_module(_get(block, layout.post_norm))
         return moe, kw
@@ -716,7 +726,7 @@ def _generic_write(layout: Layout) -> Callable[[HFMoEBlock, nn.Module], None]:
         scale = float(_get(block, layout.routed_scale)) if layout.routed_scale else None
         _check_same("routed output scale", getattr(moe, "routed_scale", None), scale)
         if layout.transposed:
-            _write_transposed_experts(moe.experts, block.experts)
+            _write_transposed_experts(moe.experts, block.experts, None if layout.activation is None else layout.activation(block.experts))
         elif layout.glu:
             _write_fused_experts(moe.experts, block.experts, None if layout.activation is None else layout.activation(block.experts))
         else:
@@ -759,9 +769,14 @@ def _limited_swiglu(limit: str, *, act_fn: bool = False, clamp: str = "input") -
     return read
 
 
-def _clamped_swiglu(experts: nn.Module) -> nn.Module:
-    """GPT-OSS's clamped SwiGLU on a concatenated ``[gate | up]`` layout (MiniMax-M3)."""
-    return ClampedSwiGLU(alpha=float(_get(experts, "swiglu_alpha")), limit=float(_get(experts, "swiglu_limit")))
+def _clamped_swiglu(alpha: str, limit: str) -> Callable[[nn.Module], nn.Module]:
+    """Reads GPT-OSS's clamped SwiGLU (on a concatenated ``[gate | up]`` layout: MiniMax-M3,
+    the privacy filter) off the experts' attributes ``alpha`` and ``limit``."""
+
+    def read(experts: nn.Module) -> nn.Module:
+        return ClampedSwiGLU(alpha=float(_get(experts, alpha)), limit=float(_get(experts, limit)))
+
+    return read
 
 
 def _softcapped_swiglu(experts: nn.Module) -> nn.Module:
@@ -843,7 +858,7 @@ GENERIC: dict[str, tuple[str, Layout]] = {
     ),
     "BeamMoE": ("beam", Layout(routed_scale="routed_scaling_factor", activation=_float32_swiglu)),
     "MiniMaxM3VLSparseMoeBlock": (
-        "minimax_m3_vl", Layout(shared="shared_experts", routed_scale="routed_scaling_factor", activation=_clamped_swiglu),
+        "minimax_m3_vl", Layout(shared="shared_experts", routed_scale="routed_scaling_factor", activation=_clamped_swiglu("swiglu_alpha", "swiglu_limit")),
     ),
     "Inkling2SparseMoeBlock": ("inkling2", Layout(activation=_softcapped_swiglu)),
     "Inkling2LoopSparseMoeBlock": ("inkling2_loop", Layout(activation=_softcapped_swiglu)),
@@ -851,6 +866,15 @@ GENERIC: dict[str, tuple[str, Layout]] = {
     "Qwen3OmniMoeThinkerTextSparseMoeBlock": ("qwen3_omni_moe", _PLAIN),
     "Qwen3OmniMoeTalkerTextSparseMoeBlock": ("qwen3_omni_moe", _GATED_SHARED),
     "ZayaSparseMoeBlock": ("zaya", Layout(router_state=True)),
+    "OpenAIPrivacyFilterMLP": (
+        "openai_privacy_filter",
+        # Its experts' eager loop upcasts to float32; a model runs them through grouped_mm
+        # (``@use_experts_implementation``), in the model's dtype, as gatedmoe does.
+        Layout(
+            router="router", transposed=True, routed_scale="num_experts", activation=_clamped_swiglu("alpha", "limit"),
+            returns_router_scores=True,
+        ),
+    ),
     "AriaTextMoELayer": ("aria", Layout(router="router", shared="shared_experts", transposed=True)),
     "NemotronHMoE": ("nemotron_h", Layout(shared="shared_experts", glu=False, refuse=_nemotron_h_refuse)),
 }
