@@ -41,6 +41,8 @@ EXTRA = {
     "beam": {"mlp_layer_types": ["sparse", "sparse"]},
     "aria": {"moe_topk": 2},
     "zaya": {"router_hidden_size": 16, "num_experts_per_tok": 1},
+    # Text and vision experts' widths.
+    "ernie4_5_vl_moe": {"moe_intermediate_size": [32, 24]},
     # Multimodal rotary sections summing to qk_rope_head_dim / 2 = 4.
     "hy_v4_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}},
     "bailing_hybrid": {
@@ -55,6 +57,8 @@ EXTRA = {
 # Settings a block needs that its config class does not declare (transformers 5.24's
 # Qwen3-Omni talker config lacks the shared expert's width its block reads).
 BLOCK_EXTRA = {"Qwen3OmniMoeTalkerTextSparseMoeBlock": {"shared_expert_intermediate_size": 48}}
+# Arguments a block takes besides its config.
+BLOCK_KW = {"Ernie4_5_VLMoeSparseMoeBlock": {"intermediate_size": 24}}
 
 # Blocks built from a config class other than their folder's main one (folder, class name).
 BLOCK_CONFIG = {
@@ -129,7 +133,7 @@ def tiny_block(model_type: str, class_name: str, seed: int = 0) -> torch.nn.Modu
     cls = block_class(model_type, class_name)
     torch.manual_seed(seed)
     try:
-        block = cls(cfg)
+        block = cls(cfg, **BLOCK_KW.get(class_name, {}))
     except TypeError:
         block = cls(cfg, layer_idx=0)
     return randomize(block, seed).eval()

@@ -565,7 +565,10 @@ class HFMoEBlock(nn.Module):
     ``(hidden_states, router_scores [B*S, K])`` when ``returns_router_scores`` (GPT-OSS), or
     ``(hidden_states [B*S, D], router_logits [B*S, E])`` when ``returns_router_logits``
     (Llama 4, in the input's dtype), or ``(hidden_states [B, S, D], the gate's
-    last_router_logits)`` when ``returns_gate_logits`` (Doge).
+    last_router_logits)`` when ``returns_gate_logits`` (Doge), or, with ``flat_io``, takes
+    any input holding whole rows of D and returns ``(hidden_states.flatten(),
+    router_logits.flatten())`` (Ernie-4.5-VL's per-modality blocks, handed masked,
+    flattened tokens).
     Built by `gatedmoe.interop.hf.from_hf`; turned back into the original class by
     `gatedmoe.interop.hf.to_hf`.
 
@@ -608,6 +611,7 @@ class HFMoEBlock(nn.Module):
         returns_router_scores: bool = False,
         returns_router_logits: bool = False,
         returns_gate_logits: bool = False,
+        flat_io: bool = False,
         router_logits_dtype: str = "input",
         template: nn.Module | None = None,
         expert_dropout: float = 0.0,
@@ -626,6 +630,7 @@ class HFMoEBlock(nn.Module):
         self.returns_router_scores = bool(returns_router_scores)
         self.returns_router_logits = bool(returns_router_logits)
         self.returns_gate_logits = bool(returns_gate_logits)
+        self.flat_io = bool(flat_io)
         self.router_logits_dtype = router_logits_dtype
         # Dropout inside each expert (Switch Transformers' DenseActDense): gatedmoe's experts
         # have none, so the block refuses to train while it is > 0 (eval is exact).
@@ -667,6 +672,8 @@ class HFMoEBlock(nn.Module):
             # State in, batch shape and state out for this call only.
             gate.state_in, gate.batch_shape = prev_router_hidden_states, tuple(x.shape[:-1])
         token_ids = input_ids if gate.uses_token_ids else None
+        if self.flat_io:
+            x = x.reshape(-1, self.moe.d_model)
         try:
             y = self.moe(x, token_ids=token_ids)
         finally:
@@ -674,12 +681,14 @@ class HFMoEBlock(nn.Module):
                 gate.seq_len = None
             if stateful:
                 gate.state_in = gate.batch_shape = None
+        if self.post_norm is not None:
+            y = self.post_norm(y)
         if stateful:
             state, gate.state_out = gate.state_out, None
             return y, state
-        if self.post_norm is not None:
-            y = self.post_norm(y)
         routing = self.moe.last_routing
+        if self.flat_io:
+            return y.flatten(), routing.logits.flatten()
         if self.returns_gate_logits:
             # The gate's own logits, as the block returns them (Doge's [2, T, n_keys] view).
             logits, gate.last_router_logits = gate.last_router_logits, None

@@ -609,6 +609,8 @@ class Layout:
     router_state: bool = False
     """The router takes the previous layer's router states and returns the next
     (`HFStatefulRouterGate`; the block returns ``(hidden, states)``)."""
+    flat_io: bool = False
+    """The block takes flattened tokens and returns ``(hidden.flatten(), logits.flatten())``."""
     returns_router_scores: bool = False
     """The block returns ``(hidden, router_scores [T, K])`` as GPT-OSS's does."""
     transposed: bool = False
@@ -686,7 +688,9 @@ def _generic_parts(layout: Layout) -> Callable[[nn.Module, MoEConfig], tuple[MoE
         else:
             moe = MoE.from_config(config, gate=gate, experts=experts, shared=shared)
         jitter = float(getattr(block, layout.jitter, 0.0) or 0.0) if layout.jitter else 0.0
-        kw: dict[str, Any] = {"jitter_noise": jitter, "returns_router_scores": layout.returns_router_scores}
+        kw: dict[str, Any] = {
+            "jitter_noise": jitter, "returns_router_scores": layout.returns_router_scores, "flat_io": layout.flat_io,
+        }  # fmt: skip
         if layout.post_norm:
             kw["post_norm"] = _copy_module(_get(block, layout.post_norm))
         return moe, kw
@@ -875,6 +879,9 @@ GENERIC: dict[str, tuple[str, Layout]] = {
             returns_router_scores=True,
         ),
     ),
+    # Ernie-4.5-VL's per-modality blocks (text_moe, vision_moe); the block choosing between
+    # them by token type (Ernie4_5_VLMoeMoeBlock) stays and calls them.
+    "Ernie4_5_VLMoeSparseMoeBlock": ("ernie4_5_vl_moe", Layout(flat_io=True)),
     "AriaTextMoELayer": ("aria", Layout(router="router", shared="shared_experts", transposed=True)),
     "NemotronHMoE": ("nemotron_h", Layout(shared="shared_experts", glu=False, refuse=_nemotron_h_refuse)),
 }
