@@ -50,12 +50,12 @@ class ZeroComputeMoE(MoE):
     def __init__(self, d_model: int, n_experts: int, d_hidden: int, *, n_zero_experts: int, **settings: Any) -> None:
         if isinstance(n_zero_experts, bool) or not isinstance(n_zero_experts, int) or not 0 <= n_zero_experts < n_experts:
             raise ValueError(f"n_zero_experts must be an int in [0, n_experts={n_experts}), got {n_zero_experts!r}")
-        # Read by `_n_bank_experts` while MoE.__init__ builds the parts.
+        # Read by `_bank_size` while MoE.__init__ builds the parts.
         self.n_zero_experts = n_zero_experts
         super().__init__(d_model, n_experts, d_hidden, **settings)
 
-    def _n_bank_experts(self, config: MoEConfig) -> int:
-        return config.n_experts - self.n_zero_experts
+    def _bank_size(self, config: MoEConfig) -> tuple[int, int]:
+        return config.n_experts - self.n_zero_experts, config.d_model
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> Tensor:
         E_f = self.experts.n_experts

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gatedmoe.dispatch import get_backend
 from gatedmoe.gates.base import Gate
 from gatedmoe.gates.sigmoid import SigmoidGate
 from gatedmoe.gates.topk import TopKSoftmaxGate
@@ -35,6 +36,7 @@ __all__ = [
     "HFStatefulRouterGate",
     "HFOutputBias",
     "HFRoutedScaleMoE",
+    "HFProjectedExpertsMoE",
     "HFSharedExperts",
     "router_tap",
 ]
@@ -510,6 +512,61 @@ class HFRoutedScaleMoE(MoE):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, routed_scale={self.routed_scale}"
+
+
+class HFProjectedExpertsMoE(MoE):
+    """`MoE` whose experts work at a width of their own between two projections, each
+    expert's output normalised before it is weighted (Meta 2026, Muse-Spark; transformers
+    ``models/muse_spark/modeling_muse_spark.py``, ``MuseSparkMoE`` and ``MuseSparkExperts``
+    with ``has_post_expert_norm``).
+
+    Formula: the gate routes on ``x [T, D]``; ``z = pre_norm(pre_proj(x))`` ``[T, M]``;
+    ``y = post_proj(sum_k g_k post_norm(f_k(z)))`` with ``f_k`` the bank's experts at width
+    ``M`` (``ExpertBank.d_model == M``). The norm after each expert is why this is not an
+    `MoE` with projections around it: the `dispatch` seam runs the experts with unit weights
+    (one row per assignment, as `gatedmoe.layers.InputScaledMoE`), normalises each row,
+    weighs and sums them in float32 and rounds once. ``pre_proj``, ``pre_norm``,
+    ``post_norm`` and ``post_proj`` are modules (keywords of the constructor and of
+    ``from_config``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = HFProjectedExpertsMoE(
+    ...     8, 4, 16, pre_proj=torch.nn.Linear(8, 6), pre_norm=torch.nn.LayerNorm(6),
+    ...     post_norm=torch.nn.LayerNorm(6), post_proj=torch.nn.Linear(6, 8))
+    >>> layer.experts.d_model, layer(torch.randn(3, 8)).shape
+    (6, torch.Size([3, 8]))
+    """
+
+    def __init__(
+        self, d_model: int, n_experts: int, d_hidden: int, *, pre_proj: nn.Module, pre_norm: nn.Module,
+        post_norm: nn.Module, post_proj: nn.Module, **settings,
+    ) -> None:  # fmt: skip
+        # Read by `_bank_size` while MoE.__init__ builds the parts.
+        self._d_bank = int(pre_proj.weight.shape[0])
+        super().__init__(d_model, n_experts, d_hidden, **settings)
+        self.pre_proj, self.pre_norm, self.post_norm, self.post_proj = pre_proj, pre_norm, post_norm, post_proj
+
+    def _bank_size(self, config) -> tuple[int, int]:
+        return config.n_experts, self._d_bank
+
+    def dispatch(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        z_TM = self.pre_norm(self.pre_proj(x_TD))
+        dtype, N = z_TM.dtype, routing.token.numel()
+        per_row = Routing(
+            token=torch.arange(N, device=x_TD.device),
+            expert=routing.expert,
+            weight=torch.ones(N, dtype=dtype, device=x_TD.device),
+            counts=routing.counts,
+            n_tokens=N,
+        )
+        backend = get_backend(self.backend, x_TD.device)
+        o_NM = self.post_norm(backend(z_TM.index_select(0, routing.token), per_row, self.experts, options=self.backend_options))
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        y_TM = torch.zeros(z_TM.shape, dtype=acc, device=x_TD.device)
+        y_TM = y_TM.index_add(0, routing.token, o_NM.to(acc) * routing.weight.to(acc).unsqueeze(-1))
+        return self.post_proj(y_TM.to(dtype))
 
 
 class HFOutputBias(nn.Module):

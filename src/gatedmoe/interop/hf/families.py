@@ -36,6 +36,7 @@ from gatedmoe.interop.hf.adapter import (
     HFMoEBlock,
     HFOutputBias,
     HFProductKeyGate,
+    HFProjectedExpertsMoE,
     HFRoutedScaleMoE,
     HFRouterGate,
     HFSharedExperts,
@@ -1241,6 +1242,54 @@ def _shared_to_mlp_with_bias(shared: SharedExperts, mlp: nn.Module) -> None:
         _set_param(mlp.down_proj, "bias", shared.w_out.bias)
 
 
+# ------------------------------------------------------------------------- Muse-Spark
+def _muse_spark_config(block: nn.Module) -> MoEConfig:
+    router, experts = _get(block, "gate"), _get(block, "experts")
+    E, D = router.weight.shape
+    return _layer_config(
+        d_model=int(D),
+        n_experts=int(E),
+        d_hidden=int(_get(experts, "down_proj").shape[-1]),
+        gate=HFRouterGate.registry_name,
+        k=int(router.top_k),
+        activation=_glu_name(experts.act_fn),
+    )
+
+
+def _muse_spark_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+    experts = block.experts
+    M = int(experts.gate_up_proj.shape[-1])
+    gate = HFRouterGate(_copy_module(block.gate), d_model=config.d_model, n_experts=config.n_experts, k=config.k)
+    bank = _built(
+        lambda: ExpertBank(config.n_experts, M, config.d_hidden, config.activation),
+        w_in=experts.gate_up_proj,
+        w_out=experts.down_proj,
+    )
+    moe = HFProjectedExpertsMoE.from_config(
+        config, gate=gate, experts=bank, pre_proj=_copy_module(block.pre_expert_proj),
+        pre_norm=_copy_module(block.pre_expert_norm), post_norm=_copy_module(experts.post_expert_norm),
+        post_proj=_copy_module(block.post_expert_proj),
+    )  # fmt: skip
+    return moe, {}
+
+
+def _write_muse_spark(adapter: HFMoEBlock, block: nn.Module) -> None:
+    moe, experts = adapter.moe, block.experts
+    if not isinstance(moe, HFProjectedExpertsMoE) or not isinstance(moe.gate, HFRouterGate):
+        raise ValueError("to_hf: Muse-Spark is converted to an HFProjectedExpertsMoE with its own router (HFRouterGate)")
+    if moe.shared is not None or moe.capacity_factor is not None:
+        raise ValueError("to_hf: Muse-Spark MoE blocks have no shared experts and no capacity")
+    _check_same("router class", type(moe.gate.router).__name__, type(block.gate).__name__)
+    _copy_tensors(block.gate, moe.gate.router)
+    _write_fused_experts(moe.experts, experts)
+    for dst, src in (
+        (block.pre_expert_proj, moe.pre_proj), (block.pre_expert_norm, moe.pre_norm),
+        (experts.post_expert_norm, moe.post_norm), (block.post_expert_proj, moe.post_proj),
+    ):  # fmt: skip
+        _check_same("module class", type(src).__name__, type(dst).__name__)
+        _copy_tensors(dst, src)
+
+
 # --------------------------------------------------------------------------- registry
 _MIXTRAL = Family("mixtral", _topk_config, _topk_parts, _write_topk)
 _QWEN3 = Family("qwen3_moe", _topk_config, _topk_parts, _write_topk)
@@ -1255,6 +1304,7 @@ _SWITCH = Family("switch_transformers", _switch_config, _switch_parts, _write_sw
 _LONGCAT = Family("longcat_flash", _longcat_config, _longcat_parts, _write_longcat)
 _INKLING = Family("inkling", _inkling_config, _inkling_parts, _write_inkling)
 _DOGE = Family("doge", _doge_config, _doge_parts, _write_doge)
+_MUSE_SPARK = Family("muse_spark", _muse_spark_config, _muse_spark_parts, _write_muse_spark)
 
 # Hugging Face block class name -> its family. Matched by exact class name, so subclasses
 # (whose forward may differ) are not converted silently.
@@ -1272,6 +1322,7 @@ FAMILIES: dict[str, Family] = {
     "LongcatFlashMoE": _LONGCAT,
     "InklingMoE": _INKLING,
     "DogeCDMoE": _DOGE,
+    "MuseSparkMoE": _MUSE_SPARK,
     **{cls: _generic(name, layout) for cls, (name, layout) in GENERIC.items()},
 }
 
