@@ -11,9 +11,12 @@ Supported blocks (transformers >= 5.20, fused 3-D expert weights): Mixtral, Qwen
 shared expert), Qwen3-MoE, OLMoE, DeepSeek-V3 (sigmoid group-limited routing, correction
 bias, routed scaling, shared experts), GPT-OSS (router bias, clamped SwiGLU, expert
 biases), Llama 4, Switch Transformers (top-1 with per-sequence capacity), DBRX (Lp-normalised
-top-k), JetMoE's MLP mixture (output bias) and the families of `families.GENERIC` (original
-router kept as the gate). transformers itself is never imported here: blocks are recognised
-by class name.
+top-k), JetMoE's MLP mixture (output bias), LongCat-Flash (zero-computation experts),
+Inkling (router-weighted shared experts), Doge (product keys), Muse-Spark (projected,
+normalised experts) and the families of `families.GENERIC` (original router kept as the
+gate; clamped and soft-capped GLUs, token-id and stateful routers, routed scaling, a norm
+after the block, transposed or plain experts). transformers itself is never imported here:
+blocks are recognised by class name.
 
 Examples
 --------
