@@ -1064,9 +1064,8 @@ def _longcat_config(block: nn.Module) -> MoEConfig:
     gate_up, down = _get(experts, "gate_up_proj"), _get(experts, "down_proj")
     if gate_up is None or down is None:
         raise TypeError(f"{type(block).__name__}: no feed-forward experts (n_routed_experts=0)")
+    # The router module is kept as it is (its forward reads classifier.weight only).
     E, D = _get(router, "classifier.weight").shape
-    if getattr(router.classifier, "bias", None) is not None:
-        raise TypeError(f"{type(block).__name__}: a router bias (router_bias=True) is not converted")
     _check_same("experts (router outputs)", int(E), int(gate_up.shape[0]))
     return _layer_config(
         d_model=int(D),
