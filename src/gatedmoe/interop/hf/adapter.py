@@ -725,6 +725,8 @@ class HFMoEBlock(nn.Module):
             # for this call only (a later direct `moe(x)` routes its tokens as one sequence).
             gate.seq_len = x.shape[-2] if x.dim() >= 3 else None
         stateful = isinstance(gate, HFStatefulRouterGate)
+        if prev_router_hidden_states is not None and not stateful:
+            raise TypeError(f"{self.hf_class} takes no router state (its router is not stateful)")
         if stateful:
             # State in, batch shape and state out for this call only.
             gate.state_in, gate.batch_shape = prev_router_hidden_states, tuple(x.shape[:-1])
