@@ -1,5 +1,5 @@
 """Tests of src/gatedmoe/experts/activations.py: the expanded-gating-range family and GPT-OSS's
-clamped SwiGLU."""
+clamped SwiGLU, DeepSeek-V4's limited SwiGLU and the float32 SwiGLU."""
 
 import math
 
@@ -12,6 +12,9 @@ from gatedmoe.experts import (
     ClampedSwiGLU,
     ExpandedGatedActivation,
     ExpertBank,
+    Float32SwiGLU,
+    LimitedSwiGLU,
+    SoftcappedSwiGLU,
     activation_names,
     get_activation,
 )
@@ -102,3 +105,56 @@ def test_clamped_swiglu_by_name_in_a_moe():
     moe(torch.randn(5, 8)).sum().backward()
     with pytest.raises(ValueError, match="limit"):
         ClampedSwiGLU(limit=0.0)
+
+
+def test_limited_swiglu_formula():
+    a = torch.tensor([[-3.0, 0.5, 3.0]], dtype=torch.float64)
+    b = torch.tensor([[-4.0, 1.0, 2.5]], dtype=torch.float64)
+    bc = torch.tensor([[-2.0, 1.0, 2.0]], dtype=torch.float64)  # clamp(b, -2, 2)
+    ac = torch.tensor([[-3.0, 0.5, 2.0]], dtype=torch.float64)  # min(a, 2)
+    silu = torch.nn.functional.silu
+    assert_close("clamp the input", silu(ac) * bc, LimitedSwiGLU(limit=2.0)(torch.cat([a, b], -1)))
+    # Clamping silu's output instead: silu(3) = 2.86 -> 2, silu(0.5) and silu(-3) kept.
+    want = silu(a).clamp(max=2.0) * bc
+    assert_close("clamp the output", want, LimitedSwiGLU(limit=0.5 * 4, clamp="output")(torch.cat([a, b], -1)))
+    assert_close("no limit", silu(a) * b, LimitedSwiGLU(limit=float("inf"))(torch.cat([a, b], -1)))
+    for bad in ({"limit": 0.0}, {"clamp": "both"}):
+        with pytest.raises(ValueError):
+            LimitedSwiGLU(**bad)
+
+
+def test_float32_swiglu_rounds_once():
+    h = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    a, b = h.float().chunk(2, -1)
+    want = (torch.nn.functional.silu(a) * b).bfloat16()
+    got = Float32SwiGLU()(h)
+    assert got.dtype == torch.bfloat16 and torch.equal(want, got)
+    assert_close("float32", get_activation("swiglu")(h.float()), Float32SwiGLU()(h.float()))
+
+
+def test_softcapped_swiglu_formula():
+    h = torch.randn(7, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 10
+    a, b = h.chunk(2, -1)
+    want = 3.0 * torch.tanh(a / 3.0) * torch.sigmoid(a) * (5.0 * torch.tanh(b / 5.0))
+    assert_close("softcapped swiglu", want, SoftcappedSwiGLU(gate_cap=3.0, up_cap=5.0)(h))
+    assert SoftcappedSwiGLU()(h.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="up_cap"):
+        SoftcappedSwiGLU(up_cap=-1.0)
+
+
+def test_relu2_is_the_squared_relu():
+    x = torch.tensor([-2.0, 0.0, 3.0])
+    assert torch.equal(get_activation("relu2")(x), torch.tensor([0.0, 0.0, 9.0]))
+    assert not get_activation("relu2").glu
+
+
+def test_module_activations_by_name_in_a_moe():
+    named = (("limited_swiglu", LimitedSwiGLU), ("swiglu_float32", Float32SwiGLU), ("softcapped_swiglu", SoftcappedSwiGLU))
+    for name, cls in named:
+        assert name in activation_names()
+        act = get_activation(name)
+        assert isinstance(act, cls) and act is not get_activation(name)
+        moe = MoE(8, 4, 16, activation=name)
+        assert isinstance(moe.experts.act, cls)
+        moe(torch.randn(5, 8)).sum().backward()
+    assert get_activation("limited_swiglu").limit == 10.0

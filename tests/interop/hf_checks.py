@@ -1,5 +1,6 @@
-"""Checks shared by the Hugging Face family tests: gradients compared in the HF layout, and
-the round trip of a converted block back to its HF class."""
+"""Checks shared by the Hugging Face family tests: gradients compared in the HF layout, the
+round trip of a converted block back to its HF class, and bf16 agreement judged against
+transformers' own bf16 error."""
 
 from __future__ import annotations
 
@@ -38,3 +39,15 @@ def assert_round_trips_to_hf_layout(ref: nn.Module, fast: nn.Module) -> None:
     want, got = ref.state_dict(), back.state_dict()
     assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
     assert sorted(fast.state_dict()) == sorted(want)
+
+
+def assert_bf16_error_within_transformers(want: torch.Tensor, ref: torch.Tensor, fast: torch.Tensor) -> None:
+    """bf16 outputs of a family whose transformers implementation rounds differently from
+    gatedmoe (e.g. a per-expert loop adding rounded outputs one by one), judged against the
+    spread of transformers' own result: ``want`` is the float32 output of the same
+    bf16-rounded weights and inputs, and gatedmoe's distance to transformers' bf16 output
+    is no larger than transformers' bf16 error against ``want``."""
+    want, ref64, fast64 = want.double(), ref.double(), fast.double()
+    spread, diff = (ref64 - want).norm(), (fast64 - ref64).norm()
+    assert diff <= spread, f"bf16: |gatedmoe - transformers| {float(diff):.3e} > transformers' own error {float(spread):.3e}"
+    assert_close("bf16 output", ref, fast, dtype=torch.bfloat16)

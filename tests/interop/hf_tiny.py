@@ -30,9 +30,40 @@ SHRINK = dict(
 EXTRA = {
     "cohere2_moe": {"shared_expert_combination_strategy": "sum"},
     "granitemoehybrid": {"mamba_n_heads": 8, "mamba_d_head": 8},
+    # Hybrid models: full attention only (what is tested is the MoE; their linear-attention
+    # layers run a slow reference implementation without flash-linear-attention, and with no
+    # attention layer transformers' cache cannot tell the sequence length).
+    "qwen3_next": {"layer_types": ["full_attention", "full_attention"]},
+    "nemotron_h": {"layers_block_type": ["attention", "moe"]},
+    "kimi_linear": {"layer_types": ["full_attention", "full_attention"], "num_key_value_heads": 4},
     "dots3_note": {"num_key_value_heads": 4},
+    "glm5_next": {"num_key_value_heads": 4, "qk_rope_head_dim": 0},
+    "beam": {"mlp_layer_types": ["sparse", "sparse"]},
+    "aria": {"moe_topk": 2},
+    "zaya": {"router_hidden_size": 16, "num_experts_per_tok": 1},
+    # Text and vision experts' widths.
+    "ernie4_5_vl_moe": {"moe_intermediate_size": [32, 24]},
+    # Multimodal rotary sections summing to qk_rope_head_dim / 2 = 4.
+    "hy_v4_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}},
+    "bailing_hybrid": {
+        "mlp_layer_types": ["sparse", "sparse"], "num_experts_per_token": 2, "num_expert_group": 2,
+        "layer_types": ["full_attention", "full_attention"], "num_key_value_heads": 4,
+    },
     # Multi-head latent attention: as many key/value heads as query heads.
-    **{mla: {"num_key_value_heads": 4} for mla in ("deepseek_v2", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "axk2")},
+    **{mla: {"num_key_value_heads": 4} for mla in ("deepseek_v2", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "axk2", "axk1")},
+}
+
+
+# Settings a block needs that its config class does not declare (transformers 5.24's
+# Qwen3-Omni talker config lacks the shared expert's width its block reads).
+BLOCK_EXTRA = {"Qwen3OmniMoeTalkerTextSparseMoeBlock": {"shared_expert_intermediate_size": 48}}
+# Arguments a block takes besides its config.
+BLOCK_KW = {"Ernie4_5_VLMoeSparseMoeBlock": {"intermediate_size": 24}}
+
+# Blocks built from a config class other than their folder's main one (folder, class name).
+BLOCK_CONFIG = {
+    "Qwen3OmniMoeThinkerTextSparseMoeBlock": ("qwen3_omni_moe", "Qwen3OmniMoeTextConfig"),
+    "Qwen3OmniMoeTalkerTextSparseMoeBlock": ("qwen3_omni_moe", "Qwen3OmniMoeTalkerTextConfig"),
 }
 
 
@@ -50,6 +81,8 @@ def tiny_config(model_type: str):
 
     cls = CONFIG_MAPPING[model_type]
     sub = getattr(cls, "sub_configs", None) or {}
+    if model_type in {folder for folder, _ in BLOCK_CONFIG.values()}:  # nested multimodal
+        return None, None
     if "text_config" in sub:  # multimodal: test the text model's block alone
         return None, _shrunk(sub["text_config"], EXTRA.get(model_type))
     cfg = _shrunk(cls, EXTRA.get(model_type))
@@ -64,24 +97,59 @@ def block_class(model_type: str, class_name: str):
 @torch.no_grad()
 def randomize(block: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Weights of std 0.3 (router logits O(1), so routing matters); biases and selection
-    biases of either sign."""
+    biases of either sign; hash-routing tables with k distinct experts per token id."""
     gen = torch.Generator().manual_seed(seed)
     # Buffers other than selection biases (rotary frequencies, masks) keep their values.
-    biases = [b for n, b in block.named_buffers() if n.rsplit(".", 1)[-1] in ("e_score_correction_bias", "expert_bias")]
+    selection = ("e_score_correction_bias", "expert_bias", "balancing_biases")
+    biases = [b for n, b in block.named_buffers() if n.rsplit(".", 1)[-1] in selection]
     for t in [*block.parameters(), *biases]:
         if t.is_floating_point():
             t.copy_(torch.randn(t.shape, generator=gen) * 0.3)
+    # Hash routers' token -> experts tables (DeepSeek-V4's tid2eid [V, K]): k distinct
+    # random experts per token id (the all-zero default sends every token to expert 0 k times).
+    for name, t in block.named_buffers():
+        if name.rsplit(".", 1)[-1] == "tid2eid":
+            E = _owner(block, name).num_experts
+            t.copy_(torch.stack([torch.randperm(E, generator=gen)[: t.shape[1]] for _ in range(t.shape[0])]))
     return block
 
 
+def _owner(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    owner_name = name.rpartition(".")[0]
+    return module.get_submodule(owner_name) if owner_name else module
+
+
 def tiny_block(model_type: str, class_name: str, seed: int = 0) -> torch.nn.Module:
-    _, cfg = tiny_config(model_type)
+    if class_name in BLOCK_CONFIG:
+        folder, config_name = BLOCK_CONFIG[class_name]
+        module = importlib.import_module(f"transformers.models.{folder}.configuration_{folder}")
+        cfg = _shrunk(getattr(module, config_name), EXTRA.get(model_type))
+    else:
+        _, cfg = tiny_config(model_type)
+    for key, value in BLOCK_EXTRA.get(class_name, {}).items():
+        setattr(cfg, key, value)
     # What a block inside a model runs by default (a bare block would run "eager").
     cfg._experts_implementation = "grouped_mm"
     cls = block_class(model_type, class_name)
     torch.manual_seed(seed)
     try:
-        block = cls(cfg)
+        block = cls(cfg, **BLOCK_KW.get(class_name, {}))
     except TypeError:
         block = cls(cfg, layer_idx=0)
     return randomize(block, seed).eval()
+
+
+def to_bf16(block: torch.nn.Module, model_type: str) -> torch.nn.Module:
+    """``block`` in bf16 as a bf16 model holds it: parameters its model class keeps in float32
+    (``_keep_in_fp32_modules(_strict)``, matched under ``mlp.``) stay float32."""
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    keep = set()
+    for obj in vars(module).values():
+        if inspect.isclass(obj) and obj.__name__.endswith("PreTrainedModel"):
+            keep |= set(getattr(obj, "_keep_in_fp32_modules_strict", None) or [])
+            keep |= set(getattr(obj, "_keep_in_fp32_modules", None) or [])
+    block.to(torch.bfloat16)
+    for name, p in block.named_parameters():
+        if any(k in f"mlp.{name}" for k in keep if k.startswith("mlp.")):
+            p.data = p.data.float()
+    return block

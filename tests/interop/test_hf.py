@@ -128,8 +128,13 @@ def _out(y):
 def test_supported_blocks_lists_the_families():
     # The six families with converters of their own, and those of the generic path
     # (tested one by one in test_hf_generic.py), Llama 4 (test_hf_llama4.py), Switch
-    # Transformers (test_hf_switch.py), DBRX (test_hf_dbrx.py) and JetMoE (test_hf_jetmoe.py).
-    extra = {"Llama4TextMoe", "SwitchTransformersSparseMLP", "DbrxFFN", "JetMoeMoE"}
+    # Transformers (test_hf_switch.py), DBRX (test_hf_dbrx.py), JetMoE (test_hf_jetmoe.py),
+    # LongCat-Flash (test_hf_longcat.py), Inkling (test_hf_inkling.py), Doge (test_hf_doge.py) and
+    # Muse-Spark (test_hf_muse_spark.py).
+    extra = {
+        "Llama4TextMoe", "SwitchTransformersSparseMLP", "DbrxFFN", "JetMoeMoE", "LongcatFlashMoE", "InklingMoE", "DogeCDMoE",
+        "MuseSparkMoE",
+    }  # fmt: skip
     assert set(supported_blocks()) == {f[2] for f in FAMILIES.values()} | set(GENERIC) | extra
 
 

@@ -24,9 +24,14 @@ from interop.hf_tiny import randomize, tiny_config  # noqa: E402
 
 # Layouts: concatenated SwiGLU (mixtral), + gated shared expert (qwen2_moe), sigmoid
 # group-limited router + shared experts (deepseek_v3), transposed interleaved clamped SwiGLU
-# with biases (gpt_oss), non-GLU experts (nemotron_h), a generic-path family (glm4_moe).
-FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "nemotron_h", "glm4_moe"]
-_EXTRA = {"deepseek_v3": {"num_key_value_heads": 4}}  # multi-head latent attention
+# with biases (gpt_oss), non-GLU experts (nemotron_h), a generic-path family (glm4_moe), and
+# Gemma-4, whose router and experts the decoder layer calls itself (no block patch_model could
+# swap: this is how gatedmoe runs its experts).
+FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "nemotron_h", "glm4_moe", "gemma4"]
+_EXTRA = {
+    "deepseek_v3": {"num_key_value_heads": 4},  # multi-head latent attention
+    "gemma4": {"enable_moe_block": True, "top_k_experts": 2, "hidden_size_per_layer_input": 0},
+}
 
 
 def _model(family: str, experts_implementation: str = "grouped_mm"):
@@ -35,7 +40,8 @@ def _model(family: str, experts_implementation: str = "grouped_mm"):
     saved = dict(hf_tiny.EXTRA)
     hf_tiny.EXTRA.update(_EXTRA)
     try:
-        cfg, _ = tiny_config(family)
+        cfg, text_cfg = tiny_config(family)
+        cfg = cfg or text_cfg  # multimodal (Gemma-4): its text model
     finally:
         hf_tiny.EXTRA.clear()
         hf_tiny.EXTRA.update(saved)

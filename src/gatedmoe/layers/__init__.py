@@ -7,6 +7,8 @@
 * `multi_task.MultiTaskMoE`: shared experts, one gate per task (MMoE, DSelect-k multi-task).
 * `deep.DeepMoE`: stacked MoE layers, each with its own gate (Eigen et al. 2013).
 * `input_scaled.InputScaledMoE`: routing weights scale the experts' inputs (Llama 4).
+* `zero_compute.ZeroComputeMoE`: identity (zero-computation) experts beside the bank's
+  (LongCat-Flash).
 
 `upcycle` builds an `MoE` from a dense feed-forward (sparse and fine-grained upcycling).
 
@@ -22,5 +24,6 @@ from gatedmoe.layers.input_scaled import InputScaledMoE
 from gatedmoe.layers.multi_head import MultiHeadMoE
 from gatedmoe.layers.multi_task import MultiTaskMoE
 from gatedmoe.layers.soft_moe import SoftMoE
+from gatedmoe.layers.zero_compute import ZeroComputeMoE
 
-__all__ = ["SoftMoE", "MultiHeadMoE", "MixtureOfDepths", "MultiTaskMoE", "DeepMoE", "InputScaledMoE"]
+__all__ = ["SoftMoE", "MultiHeadMoE", "MixtureOfDepths", "MultiTaskMoE", "DeepMoE", "InputScaledMoE", "ZeroComputeMoE"]

@@ -266,12 +266,11 @@ class MoE(TransientState, nn.Module):
         balancer = getattr(self.gate, "balancer", None)
         if balancer is not None:
             balancer.every = config.bias_update_every
+        n_bank, d_bank = self._bank_size(config)
         if experts is None:
-            experts = ExpertBank(
-                config.n_experts, config.d_model, config.d_hidden, act_part or config.activation, config.bias
-            )
+            experts = ExpertBank(n_bank, d_bank, config.d_hidden, act_part or config.activation, config.bias)
         else:
-            _check_experts_part(config, experts)
+            _check_experts_part(config, experts, n_bank, d_bank)
         self.experts = experts
         if shared is None and config.n_shared_experts:
             shared = SharedExperts(
@@ -289,6 +288,12 @@ class MoE(TransientState, nn.Module):
         self.balance_distributed = False
         # Global-batch counts ``[E]`` of the optimizer step so far (load_balance_scope="global_batch").
         self._step_counts: Tensor | None = None
+
+    def _bank_size(self, config: MoEConfig) -> tuple[int, int]:
+        """``(experts, model width)`` of the `ExpertBank`: ``(n_experts, d_model)`` here;
+        `gatedmoe.layers.ZeroComputeMoE` keeps some experts out of it, and a variant whose
+        experts run between projections gives their width."""
+        return config.n_experts, config.d_model
 
     # Read-only views of the config, for the code and users that read them off the layer.
     d_model = property(lambda self: self.config.d_model)
@@ -444,10 +449,10 @@ def _check_gate_part(config: MoEConfig, gate: Gate) -> None:
         raise ValueError(f"the built gate has k={gate.k}, the config k={config.k}")
 
 
-def _check_experts_part(config: MoEConfig, experts: ExpertBank) -> None:
+def _check_experts_part(config: MoEConfig, experts: ExpertBank, n_bank: int, d_bank: int) -> None:
     if not isinstance(experts, ExpertBank):
         raise TypeError(f"experts must be a gatedmoe.ExpertBank, got {type(experts).__name__}")
-    ours = (config.n_experts, config.d_model, config.d_hidden, config.activation, config.bias)
+    ours = (n_bank, d_bank, config.d_hidden, config.activation, config.bias)
     theirs = (experts.n_experts, experts.d_model, experts.d_hidden, experts.act.name, experts.has_bias)
     if ours != theirs:
         raise ValueError(

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gatedmoe.dispatch import get_backend
 from gatedmoe.gates.base import Gate
 from gatedmoe.gates.sigmoid import SigmoidGate
 from gatedmoe.gates.topk import TopKSoftmaxGate
@@ -30,7 +31,12 @@ __all__ = [
     "HFSwitchRouterGate",
     "HFLpNormRouterGate",
     "HFJetMoeRouterGate",
+    "HFSharedGammaRouterGate",
+    "HFProductKeyGate",
+    "HFStatefulRouterGate",
     "HFOutputBias",
+    "HFRoutedScaleMoE",
+    "HFProjectedExpertsMoE",
     "HFSharedExperts",
     "router_tap",
 ]
@@ -162,7 +168,9 @@ class HFRouterGate(Gate):
     class. ``router_args`` are names of attributes of the *block* passed to the router
     after the hidden states (e.g. LFM2-MoE's ``expert_bias``); their tensors live here as
     buffers (or parameters) of the same name. ``batched_input`` hands the router the tokens
-    as ``[1, T, D]`` (routers that unpack a ``[B, S, D]`` input).
+    as ``[1, T, D]`` (routers that unpack a ``[B, S, D]`` input). ``token_ids``: the router
+    also takes the input token ids ``[T]``, last (DeepSeek-V4's hash routers, whose
+    ``tid2eid`` table picks the experts); the layer passes them (``uses_token_ids``).
 
     Examples
     --------
@@ -189,10 +197,12 @@ class HFRouterGate(Gate):
         k: int,
         router_args: dict | None = None,
         batched_input: bool = False,
+        token_ids: bool = False,
     ) -> None:
         super().__init__(d_model, n_experts)
         self.router = router
         self.k = int(k)
+        self.uses_token_ids = bool(token_ids)
         # Routers that unpack ``[B, S, D]`` get the tokens as one sequence ``[1, T, D]``.
         self.batched_input = bool(batched_input)
         self.router_args = tuple(router_args or {})
@@ -205,13 +215,17 @@ class HFRouterGate(Gate):
     def attach_bias_balancer(self, update_rate: float = 1e-3) -> Gate:
         raise ValueError("HFRouterGate runs the original router; it takes no selection bias of gatedmoe")
 
-    def forward(self, x_TD: Tensor) -> Routing:
+    def forward(self, x_TD: Tensor, token_ids: Tensor | None = None) -> Routing:
         args = [getattr(self, n) for n in self.router_args]
+        if self.uses_token_ids:
+            if token_ids is None:
+                raise ValueError(f"{type(self.router).__name__} routes by token id: pass the input ids")
+            args.append(token_ids)
         logits_TE, weights_TK, experts_TK = self.router(x_TD.unsqueeze(0) if self.batched_input else x_TD, *args)
         return Routing.from_topk(weights_TK, experts_TK, self.n_experts, logits=logits_TE.reshape(-1, logits_TE.shape[-1]))
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, router_args={self.router_args}"
+        return f"k={self.k}, router_args={self.router_args}, token_ids={self.uses_token_ids}"
 
 
 class HFSwitchRouterGate(HFRouterGate):
@@ -339,6 +353,222 @@ class HFJetMoeRouterGate(HFRouterGate):
         return Routing.from_assignments(token_N, expert_N, weight_N, n_experts=self.n_experts, n_tokens=x_TD.shape[0], logits=logits_TE)
 
 
+class HFStatefulRouterGate(HFRouterGate):
+    """A router that takes state from the previous MoE layer and returns state for the next,
+    run as it is (Zyphra's ZAYA1; transformers ``models/zaya/modeling_zaya.py``,
+    ``ZayaRouter``: ``router(x [B, S, D], router_states) -> (logits, weights, experts,
+    next_states)``; an extra router class routes a token to no expert, returned as expert 0
+    with weight 0, which adds nothing).
+
+    `HFMoEBlock` sets ``state_in`` and ``batch_shape`` (``(B, S)``) for one call and reads
+    ``state_out`` after it; the tokens reach the router as ``[B, S, D]``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> class Router(torch.nn.Module):
+    ...     def forward(self, x, router_states=None):
+    ...         T = x.shape[0] * x.shape[1]
+    ...         return torch.zeros(T, 3), torch.ones(T, 1), torch.zeros(T, 1, dtype=torch.long), x[..., :2]
+    >>> g = HFStatefulRouterGate(Router(), d_model=4, n_experts=3, k=1)
+    >>> g.batch_shape = (1, 5)
+    >>> g(torch.randn(5, 4)).counts.tolist(), tuple(g.state_out.shape)
+    ([5, 0, 0], (1, 5, 2))
+    """
+
+    def __init__(self, router: nn.Module, *, d_model: int, n_experts: int, k: int) -> None:
+        super().__init__(router, d_model=d_model, n_experts=n_experts, k=k)
+        self.state_in: Tensor | None = None
+        self.state_out: Tensor | None = None
+        self.batch_shape: tuple[int, ...] | None = None
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        shape = self.batch_shape or (1, x_TD.shape[0])
+        logits_TE, weights_TK, experts_TK, self.state_out = self.router(
+            x_TD.reshape(*shape, x_TD.shape[-1]), router_states=self.state_in
+        )
+        return Routing.from_topk(weights_TK, experts_TK, self.n_experts, logits=logits_TE[:, : self.n_experts])
+
+
+class HFProductKeyGate(Gate):
+    """Doge's product-key routing over ``E = n_keys^2`` experts (He 2024, "Mixture of A
+    Million Experts", arXiv:2407.04153, product keys after Lample et al. 2019; transformers
+    ``models/doge/modeling_doge.py``, ``DogeCDMoE``), computed as the original computes it.
+
+    Formula: ``l = x W^T`` (``router_gate``, ``[T, 2 n_keys]``) is *viewed* as ``[2, T,
+    n_keys]`` (as in transformers, this mixes the halves of neighbouring tokens' logits: the
+    batch's tokens in order, so the same view here gives the same routing); the top
+    ``n_keys`` of each half give candidate experts ``i_x n_keys + i_y`` with scores ``s_x +
+    s_y``; the k best candidates are kept with weights ``softmax(s)`` (renormalised again
+    with ``normalize``, a no-op). The viewed logits are kept in ``last_router_logits`` for
+    the block's return value and transformers' ``router_logits`` recording.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = HFProductKeyGate(torch.nn.Linear(8, 4, bias=False), d_model=8, n_experts=4, k=2, normalize=False)
+    >>> g(torch.randn(6, 8)).n_assignments, tuple(g.last_router_logits.shape)
+    (12, (2, 6, 2))
+    """
+
+    registry_name = "hf_product_key"
+    # No [T, E] score to bias: no selection bias can be attached.
+    token_choice = False
+    _transient = {**Gate._transient, "last_router_logits": None}
+
+    def __init__(self, router_gate: nn.Module, *, d_model: int, n_experts: int, k: int, normalize: bool) -> None:
+        super().__init__(d_model, n_experts)
+        self.router_gate = router_gate
+        self.n_keys = int(router_gate.weight.shape[0]) // 2
+        if self.n_keys**2 != n_experts:
+            raise ValueError(f"product keys: n_experts={n_experts} is not n_keys^2 with n_keys={self.n_keys}")
+        self.k, self.normalize = int(k), bool(normalize)
+        self.last_router_logits: Tensor | None = None
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        T = x_TD.shape[0]
+        logits = self.router_gate(x_TD).view(2, T, -1)
+        (scores_x, scores_y), (idx_x, idx_y) = logits.topk(self.n_keys, dim=-1)
+        all_scores = (scores_x.unsqueeze(-1) + scores_y.unsqueeze(-2)).reshape(T, -1)
+        all_idx = (idx_x.unsqueeze(-1) * self.n_keys + idx_y.unsqueeze(-2)).reshape(T, -1)
+        scores_TK, pos_TK = all_scores.topk(self.k, dim=-1)
+        experts_TK = all_idx.gather(-1, pos_TK)
+        weights_TK = torch.softmax(scores_TK, dim=-1)
+        if self.normalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        self.last_router_logits = logits
+        return Routing.from_topk(weights_TK, experts_TK, self.n_experts)
+
+    def extra_repr(self) -> str:
+        return f"n_keys={self.n_keys}, k={self.k}, normalize={self.normalize}"
+
+
+class HFSharedGammaRouterGate(HFRouterGate):
+    """Inkling's router run as it is, its shared experts routed to every token with the
+    weights it computes for them (Thinking Machines 2026, Inkling; transformers
+    ``models/inkling/modeling_inkling.py``, ``InklingTopkRouter`` and ``InklingSharedExperts``).
+
+    Formula: logits ``l = x W^T`` over ``E`` routed and ``S`` shared experts, in float32;
+    the k routed experts of largest ``sigmoid(l_e) + b_e`` (selection bias ``b``); weights
+    over those k and the S shared experts together,
+    ``g = softmax(logsigmoid(l_kept)) * route_scale * global_scale``, in the input's dtype.
+    The router returns ``(routed logits, g_routed [T, k], experts [T, k], g_shared [T, S])``;
+    here the shared experts are experts ``E .. E+S-1`` of the bank, chosen by every token
+    with weight ``g_shared`` (``k + S`` experts per token: ``self.k``). The original
+    multiplies ``g_shared`` into the shared experts' hidden activations before
+    ``down_proj``, gatedmoe into their outputs: the same function, rounded differently.
+
+    Examples
+    --------
+    >>> import torch
+    >>> class Router(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         T = x.shape[0]
+    ...         return torch.zeros(T, 3), torch.full((T, 1), 0.5), torch.zeros(T, 1, dtype=torch.long), torch.full((T, 1), 0.5)
+    >>> HFSharedGammaRouterGate(Router(), d_model=4, n_routed=3, n_shared=1, k=1)(torch.randn(2, 4)).counts.tolist()
+    [2, 0, 0, 2]
+    """
+
+    def __init__(self, router: nn.Module, *, d_model: int, n_routed: int, n_shared: int, k: int) -> None:
+        super().__init__(router, d_model=d_model, n_experts=n_routed + n_shared, k=k + n_shared)
+        self.n_routed, self.n_shared = int(n_routed), int(n_shared)
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        logits_TE, weights_TK, experts_TK, gammas_TS = self.router(x_TD)
+        T = x_TD.shape[0]
+        shared_TS = torch.arange(self.n_routed, self.n_experts, device=x_TD.device).expand(T, self.n_shared)
+        return Routing.from_topk(
+            torch.cat([weights_TK, gammas_TS], -1), torch.cat([experts_TK, shared_TS], -1), self.n_experts
+        )
+
+    def extra_repr(self) -> str:
+        return f"n_routed={self.n_routed}, n_shared={self.n_shared}, k={self.k}"
+
+
+class HFRoutedScaleMoE(MoE):
+    """`MoE` whose routed output is multiplied by a constant before the shared experts are
+    added: ``y = s * sum_k g_k f_k(x) + shared(x)``, as the blocks of Laguna, Step-3.7-Flash
+    and Beam compute it (``hidden_states * self.routed_scaling_factor`` after their experts,
+    in the activations' dtype, so a bf16 block rounds as the original does). Routers that
+    scale their weights instead (DeepSeek-V3's) need no such layer.
+
+    ``routed_scale`` (float, keyword of the constructor and of ``from_config``) is ``s``;
+    only the `dispatch` seam differs from `MoE`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = HFRoutedScaleMoE(8, 4, 16, routed_scale=2.5)
+    >>> layer(torch.randn(3, 8)).shape
+    torch.Size([3, 8])
+    """
+
+    def __init__(self, d_model: int, n_experts: int, d_hidden: int, *, routed_scale: float, **settings) -> None:
+        super().__init__(d_model, n_experts, d_hidden, **settings)
+        self.routed_scale = float(routed_scale)
+
+    def dispatch(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        return super().dispatch(x_TD, routing) * self.routed_scale
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, routed_scale={self.routed_scale}"
+
+
+class HFProjectedExpertsMoE(MoE):
+    """`MoE` whose experts work at a width of their own between two projections, each
+    expert's output normalised before it is weighted (Meta 2026, Muse-Spark; transformers
+    ``models/muse_spark/modeling_muse_spark.py``, ``MuseSparkMoE`` and ``MuseSparkExperts``
+    with ``has_post_expert_norm``).
+
+    Formula: the gate routes on ``x [T, D]``; ``z = pre_norm(pre_proj(x))`` ``[T, M]``;
+    ``y = post_proj(sum_k g_k post_norm(f_k(z)))`` with ``f_k`` the bank's experts at width
+    ``M`` (``ExpertBank.d_model == M``). The norm after each expert is why this is not an
+    `MoE` with projections around it: the `dispatch` seam runs the experts with unit weights
+    (one row per assignment, as `gatedmoe.layers.InputScaledMoE`), normalises each row,
+    weighs and sums them in float32 and rounds once. ``pre_proj``, ``pre_norm``,
+    ``post_norm`` and ``post_proj`` are modules (keywords of the constructor and of
+    ``from_config``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = HFProjectedExpertsMoE(
+    ...     8, 4, 16, pre_proj=torch.nn.Linear(8, 6), pre_norm=torch.nn.LayerNorm(6),
+    ...     post_norm=torch.nn.LayerNorm(6), post_proj=torch.nn.Linear(6, 8))
+    >>> layer.experts.d_model, layer(torch.randn(3, 8)).shape
+    (6, torch.Size([3, 8]))
+    """
+
+    def __init__(
+        self, d_model: int, n_experts: int, d_hidden: int, *, pre_proj: nn.Module, pre_norm: nn.Module,
+        post_norm: nn.Module, post_proj: nn.Module, **settings,
+    ) -> None:  # fmt: skip
+        # Read by `_bank_size` while MoE.__init__ builds the parts.
+        self._d_bank = int(pre_proj.weight.shape[0])
+        super().__init__(d_model, n_experts, d_hidden, **settings)
+        self.pre_proj, self.pre_norm, self.post_norm, self.post_proj = pre_proj, pre_norm, post_norm, post_proj
+
+    def _bank_size(self, config) -> tuple[int, int]:
+        return config.n_experts, self._d_bank
+
+    def dispatch(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        z_TM = self.pre_norm(self.pre_proj(x_TD))
+        dtype, N = z_TM.dtype, routing.token.numel()
+        per_row = Routing(
+            token=torch.arange(N, device=x_TD.device),
+            expert=routing.expert,
+            weight=torch.ones(N, dtype=dtype, device=x_TD.device),
+            counts=routing.counts,
+            n_tokens=N,
+        )
+        backend = get_backend(self.backend, x_TD.device)
+        o_NM = self.post_norm(backend(z_TM.index_select(0, routing.token), per_row, self.experts, options=self.backend_options))
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        y_TM = torch.zeros(z_TM.shape, dtype=acc, device=x_TD.device)
+        y_TM = y_TM.index_add(0, routing.token, o_NM.to(acc) * routing.weight.to(acc).unsqueeze(-1))
+        return self.post_proj(y_TM.to(dtype))
+
+
 class HFOutputBias(nn.Module):
     """A bias ``[D]`` added to a block's output after the experts are combined (JetMoE's
     ``JetMoeMoE.bias``), held as `MoE.shared`: ``y = sum_k g_k f_k(x) + b``."""
@@ -391,7 +621,11 @@ class HFMoEBlock(nn.Module):
     ``forward(hidden_states [B, S, D])`` returns ``[B, S, D]``, or
     ``(hidden_states, router_scores [B*S, K])`` when ``returns_router_scores`` (GPT-OSS), or
     ``(hidden_states [B*S, D], router_logits [B*S, E])`` when ``returns_router_logits``
-    (Llama 4, in the input's dtype).
+    (Llama 4, in the input's dtype), or ``(hidden_states [B, S, D], the gate's
+    last_router_logits)`` when ``returns_gate_logits`` (Doge), or, with ``flat_io``, takes
+    any input holding whole rows of D and returns ``(hidden_states.flatten(),
+    router_logits.flatten())`` (Ernie-4.5-VL's per-modality blocks, handed masked,
+    flattened tokens).
     Built by `gatedmoe.interop.hf.from_hf`; turned back into the original class by
     `gatedmoe.interop.hf.to_hf`.
 
@@ -415,6 +649,12 @@ class HFMoEBlock(nn.Module):
     expert_dropout : float
         Dropout inside each original expert (Switch Transformers' ``dropout_rate``); gatedmoe's
         experts have none, so a training forward raises RuntimeError while it is > 0.
+    kept : nn.ParameterDict or None
+        Tensors of the original block that its forward never reads, kept for `to_hf` and
+        checkpoints (LongCat-Flash's ``gate_up_proj`` rows of its zero-computation experts).
+    post_norm : nn.Module or None
+        A norm applied to the block's output, routed plus shared experts (A.X-K1's
+        ``post_mlp_layernorm``), the original module.
     """
 
     def __init__(
@@ -427,9 +667,13 @@ class HFMoEBlock(nn.Module):
         jitter_noise: float = 0.0,
         returns_router_scores: bool = False,
         returns_router_logits: bool = False,
+        returns_gate_logits: bool = False,
+        flat_io: bool = False,
         router_logits_dtype: str = "input",
         template: nn.Module | None = None,
         expert_dropout: float = 0.0,
+        kept: dict[str, Tensor] | None = None,
+        post_norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if router_logits_dtype not in ("input", "float32"):
@@ -442,10 +686,14 @@ class HFMoEBlock(nn.Module):
         self.jitter_noise = float(jitter_noise)
         self.returns_router_scores = bool(returns_router_scores)
         self.returns_router_logits = bool(returns_router_logits)
+        self.returns_gate_logits = bool(returns_gate_logits)
+        self.flat_io = bool(flat_io)
         self.router_logits_dtype = router_logits_dtype
         # Dropout inside each expert (Switch Transformers' DenseActDense): gatedmoe's experts
         # have none, so the block refuses to train while it is > 0 (eval is exact).
         self.expert_dropout = float(expert_dropout)
+        self.kept = None if not kept else nn.ParameterDict(kept)
+        self.post_norm = post_norm
         # A meta-device copy of the original block: to_hf rebuilds from it without a `like`.
         # Kept outside the module tree so it is neither a submodule nor in the state dict.
         object.__setattr__(self, "_template", template)
@@ -455,7 +703,13 @@ class HFMoEBlock(nn.Module):
         """The original block's structure on the meta device (no weights), or None."""
         return self._template
 
-    def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self, hidden_states: Tensor, prev_router_hidden_states: Tensor | None = None, *, input_ids: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``input_ids`` reach a gate that routes by token id (DeepSeek-V4's hash layers,
+        whose decoder layers pass them to every MoE block); other gates ignore them.
+        ``prev_router_hidden_states``: the state of a stateful router (`HFStatefulRouterGate`,
+        ZAYA1), which then returns ``(hidden_states, next router states)``."""
         x = hidden_states
         if self.training and self.expert_dropout > 0:
             raise RuntimeError(
@@ -470,12 +724,36 @@ class HFMoEBlock(nn.Module):
             # Capacity is counted per sequence: the gate splits the tokens into sequences
             # for this call only (a later direct `moe(x)` routes its tokens as one sequence).
             gate.seq_len = x.shape[-2] if x.dim() >= 3 else None
+        stateful = isinstance(gate, HFStatefulRouterGate)
+        if prev_router_hidden_states is not None and not stateful:
+            raise TypeError(f"{self.hf_class} takes no router state (its router is not stateful)")
+        if stateful:
+            # State in, batch shape and state out for this call only.
+            gate.state_in, gate.batch_shape = prev_router_hidden_states, tuple(x.shape[:-1])
+        token_ids = input_ids if gate.uses_token_ids else None
+        if self.flat_io:
+            x = x.reshape(-1, self.moe.d_model)
         try:
-            y = self.moe(x)
+            y = self.moe(x, token_ids=token_ids)
         finally:
             if per_sequence:
                 gate.seq_len = None
+            if stateful:
+                gate.state_in = gate.batch_shape = None
+        if self.post_norm is not None:
+            y = self.post_norm(y)
+        if stateful:
+            state, gate.state_out = gate.state_out, None
+            return y, state
         routing = self.moe.last_routing
+        if self.flat_io:
+            return y.flatten(), routing.logits.flatten()
+        if self.returns_gate_logits:
+            # The gate's own logits, as the block returns them (Doge's [2, T, n_keys] view).
+            logits, gate.last_router_logits = gate.last_router_logits, None
+            if self.router_tap is not None:
+                self.router_tap(logits)
+            return y, logits
         if self.router_tap is not None and routing.logits is not None:
             logits = routing.logits if self.router_logits_dtype == "float32" else routing.logits.to(x.dtype)
             self.router_tap(logits)

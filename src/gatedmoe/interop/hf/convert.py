@@ -11,9 +11,12 @@ Supported blocks (transformers >= 5.20, fused 3-D expert weights): Mixtral, Qwen
 shared expert), Qwen3-MoE, OLMoE, DeepSeek-V3 (sigmoid group-limited routing, correction
 bias, routed scaling, shared experts), GPT-OSS (router bias, clamped SwiGLU, expert
 biases), Llama 4, Switch Transformers (top-1 with per-sequence capacity), DBRX (Lp-normalised
-top-k), JetMoE's MLP mixture (output bias) and the families of `families.GENERIC` (original
-router kept as the gate). transformers itself is never imported here: blocks are recognised
-by class name.
+top-k), JetMoE's MLP mixture (output bias), LongCat-Flash (zero-computation experts),
+Inkling (router-weighted shared experts), Doge (product keys), Muse-Spark (projected,
+normalised experts) and the families of `families.GENERIC` (original router kept as the
+gate; clamped and soft-capped GLUs, token-id and stateful routers, routed scaling, a norm
+after the block, transposed or plain experts). transformers itself is never imported here:
+blocks are recognised by class name.
 
 Examples
 --------
@@ -175,7 +178,7 @@ def _load_hf_layout(
     block.load_state_dict({k: state_dict.pop(prefix + k) for k in hf_keys}, strict=True, assign=True)
     with torch.no_grad():
         converted = family_of(block).read(block, module.moe.backend, module.moe.check_inputs)
-    for key, t in converted.moe.state_dict(prefix=prefix + "moe.").items():
+    for key, t in converted.state_dict(prefix=prefix).items():
         state_dict[key] = t
 
 

@@ -19,7 +19,13 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from gatedmoe.experts.activations import ClampedSwiGLU
+from gatedmoe.experts.activations import (
+    Activation,
+    ClampedSwiGLU,
+    Float32SwiGLU,
+    LimitedSwiGLU,
+    SoftcappedSwiGLU,
+)
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.gates.group_limited import GroupLimitedGate
 from gatedmoe.gates.sigmoid import SigmoidGate
@@ -29,9 +35,14 @@ from gatedmoe.interop.hf.adapter import (
     HFLpNormRouterGate,
     HFMoEBlock,
     HFOutputBias,
+    HFProductKeyGate,
+    HFProjectedExpertsMoE,
+    HFRoutedScaleMoE,
     HFRouterGate,
     HFSharedExperts,
+    HFSharedGammaRouterGate,
     HFSigmoidTopKGate,
+    HFStatefulRouterGate,
     HFSwitchRouterGate,
     HFTopKSoftmaxGate,
     router_tap,
@@ -39,6 +50,7 @@ from gatedmoe.interop.hf.adapter import (
 from gatedmoe.layers.config import MoEConfig
 from gatedmoe.layers.input_scaled import InputScaledMoE
 from gatedmoe.layers.moe import GatedSharedExperts, MoE, SharedExperts
+from gatedmoe.layers.zero_compute import ZeroComputeMoE
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -183,17 +195,69 @@ def _check_materialized(module: nn.Module, what: str) -> None:
 
 
 # ------------------------------------------------- fused GLU experts (all but GPT-OSS)
-def _fused_experts(config: MoEConfig, experts: nn.Module) -> ExpertBank:
+def _fused_experts(config: MoEConfig, experts: nn.Module, act: nn.Module | None = None) -> ExpertBank:
     # HF: gate, up = linear(x, gate_up_proj[e]).chunk(2): gate rows first, as gatedmoe's GLU.
+    # ``act``: a built activation with constants of its own (else config.activation by name).
     return _built(
-        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, config.activation, config.bias),
+        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, act or config.activation, config.bias),
         w_in=_get(experts, "gate_up_proj"),
         w_out=_get(experts, "down_proj"),
     )
 
 
-def _write_fused_experts(bank: ExpertBank, experts: nn.Module) -> None:
-    _check_same("expert activation", bank.act.name, _glu_name(experts.act_fn))
+def _act_key(act) -> str:
+    """What identifies an activation's function: its name, and its constants (repr)."""
+    return act.name if isinstance(act, Activation) else repr(act)
+
+
+def _plain_experts(config: MoEConfig, experts: nn.Module) -> ExpertBank:
+    # HF: down(act(linear(x, up_proj[e]))): up_proj [E, H, D] is w_in, down_proj [E, D, H] w_out.
+    return _built(
+        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, config.activation),
+        w_in=_get(experts, "up_proj"),
+        w_out=_get(experts, "down_proj"),
+    )
+
+
+def _transposed_experts(config: MoEConfig, experts: nn.Module, act=None) -> ExpertBank:
+    # HF: (x @ gate_up_proj[e] (+ gate_up_proj_bias[e])).chunk(2) with gate_up_proj [E, D, 2H]
+    # ([gate | up] concatenated), down_proj [E, H, D] (+ down_proj_bias [E, D]).
+    gate_up, down = _get(experts, "gate_up_proj"), _get(experts, "down_proj")
+    biases = {"b_in": experts.gate_up_proj_bias, "b_out": experts.down_proj_bias} if config.bias else {}
+    return _built(
+        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, act or config.activation, config.bias),
+        w_in=gate_up.detach().transpose(1, 2).requires_grad_(gate_up.requires_grad),
+        w_out=down.detach().transpose(1, 2).requires_grad_(down.requires_grad),
+        **biases,
+    )
+
+
+def _write_transposed_experts(bank: ExpertBank, experts: nn.Module, act=None) -> None:
+    want = _glu_name(experts.act_fn) if act is None else _act_key(act)
+    _check_same("expert activation", bank.act.name if act is None else _act_key(bank.act), want)
+    _check_same("expert biases", bank.has_bias, getattr(experts, "gate_up_proj_bias", None) is not None)
+    _check_shape("experts.gate_up_proj (transposed)", bank.w_in.transpose(1, 2), experts.gate_up_proj)
+    _check_shape("experts.down_proj (transposed)", bank.w_out.transpose(1, 2), experts.down_proj)
+    _set_param(experts, "gate_up_proj", bank.w_in.detach().transpose(1, 2))
+    _set_param(experts, "down_proj", bank.w_out.detach().transpose(1, 2))
+    if bank.has_bias:
+        _set_param(experts, "gate_up_proj_bias", bank.b_in)
+        _set_param(experts, "down_proj_bias", bank.b_out)
+
+
+def _write_plain_experts(bank: ExpertBank, experts: nn.Module) -> None:
+    _check_same("expert activation", bank.act.name, _plain_act_name(experts.act_fn))
+    _check_same("expert biases", bank.has_bias, False)
+    _check_shape("experts.up_proj", bank.w_in, experts.up_proj)
+    _check_shape("experts.down_proj", bank.w_out, experts.down_proj)
+    _set_param(experts, "up_proj", bank.w_in)
+    _set_param(experts, "down_proj", bank.w_out)
+
+
+def _write_fused_experts(bank: ExpertBank, experts: nn.Module, act=None) -> None:
+    """``act``: the activation the HF experts compute (default: the GLU of their ``act_fn``)."""
+    want = _glu_name(experts.act_fn) if act is None else _act_key(act)
+    _check_same("expert activation", bank.act.name if act is None else _act_key(bank.act), want)
     _check_same("expert biases", bank.has_bias, False)
     _check_shape("experts.gate_up_proj", bank.w_in, experts.gate_up_proj)
     _check_shape("experts.down_proj", bank.w_out, experts.down_proj)
@@ -534,6 +598,28 @@ class Layout:
     """Block attribute holding a Mixtral-style multiplicative input jitter (training only)."""
     refuse: Callable[[nn.Module], str | None] | None = None
     """Why a block of this class cannot be converted (a setting gatedmoe does not express)."""
+    activation: Callable[[nn.Module], nn.Module] | None = None
+    """The experts' gate function as a built gatedmoe activation, read off the experts module
+    (None: the GLU of their ``act_fn``)."""
+    routed_scale: str | None = None
+    """Block attribute holding a factor the block multiplies the routed output by (`HFRoutedScaleMoE`)."""
+    post_norm: str | None = None
+    """Block attribute holding a norm applied to the block's output (`HFMoEBlock.post_norm`)."""
+    token_ids: str | None = None
+    """Block attribute that is true when the router takes the input ids (DeepSeek-V4's ``is_hash``)."""
+    router_state: bool = False
+    """The router takes the previous layer's router states and returns the next
+    (`HFStatefulRouterGate`; the block returns ``(hidden, states)``)."""
+    flat_io: bool = False
+    """The block takes flattened tokens and returns ``(hidden.flatten(), logits.flatten())``."""
+    returns_router_scores: bool = False
+    """The block returns ``(hidden, router_scores [T, K])`` as GPT-OSS's does."""
+    transposed: bool = False
+    """Fused GLU weights stored ``[in, out]``: ``gate_up_proj [E, D, 2H]`` (``[gate | up]`` in
+    the last dimension), ``down_proj [E, H, D]`` (Aria's, ``is_transposed=True``)."""
+    glu: bool = True
+    """False: plain experts ``down(act(up(x)))``, weights ``up_proj [E, H, D]`` and
+    ``down_proj [E, D, H]`` (Nemotron-H), activation from ``act_fn``."""
 
 
 def _generic_config(layout: Layout) -> Callable[[nn.Module], MoEConfig]:
@@ -542,21 +628,27 @@ def _generic_config(layout: Layout) -> Callable[[nn.Module], MoEConfig]:
         if why:
             raise TypeError(f"{type(block).__name__}: {why}")
         router, experts = _get(block, layout.router), _get(block, "experts")
-        gate_up = _get(experts, "gate_up_proj")
-        E, _, D = gate_up.shape
+        w_in = _get(experts, "gate_up_proj" if layout.glu else "up_proj")
+        E, D = (w_in.shape[0], w_in.shape[1]) if layout.transposed else (w_in.shape[0], w_in.shape[2])
+        d_hidden = _get(experts, "down_proj").shape[1 if layout.transposed else -1]
         k = _attr(router, "top_k", "num_experts_per_tok") if any(hasattr(router, n) for n in ("top_k", "num_experts_per_tok")) else None
         if k is None:
             k = getattr(block, "top_k", None) or getattr(getattr(block, "config", None), "num_experts_per_tok", None)
         if k is None:
             raise TypeError(f"{type(block).__name__}: cannot find the router's top_k")
         mlp = getattr(block, layout.shared) if layout.shared else None
+        if layout.activation is not None:
+            act = layout.activation(experts).name
+        else:
+            act = _glu_name(experts.act_fn) if layout.glu else _plain_act_name(experts.act_fn)
         return _layer_config(
             d_model=int(D),
             n_experts=int(E),
-            d_hidden=int(_get(experts, "down_proj").shape[-1]),
+            d_hidden=int(d_hidden),
             gate=HFRouterGate.registry_name,
             k=int(k),
-            activation=_glu_name(experts.act_fn),
+            activation=act,
+            bias=getattr(experts, "gate_up_proj_bias", None) is not None,
             n_shared_experts=0 if mlp is None else 1,
         )
 
@@ -573,15 +665,36 @@ def _generic_parts(layout: Layout) -> Callable[[nn.Module, MoEConfig], tuple[MoE
         router = _copy_module(_get(block, layout.router))
         args = {n: getattr(block, n, None) for n in layout.router_args}
         args = {n: (t if t is None else (_param(t) if isinstance(t, nn.Parameter) else t.detach().clone())) for n, t in args.items()}
-        gate = HFRouterGate(router, d_model=config.d_model, n_experts=config.n_experts, k=config.k, router_args=args, batched_input=layout.batched_input)
+        token_ids = bool(getattr(block, layout.token_ids, False)) if layout.token_ids else False
+        if layout.router_state:
+            gate = HFStatefulRouterGate(router, d_model=config.d_model, n_experts=config.n_experts, k=config.k)
+        else:
+            gate = HFRouterGate(
+                router, d_model=config.d_model, n_experts=config.n_experts, k=config.k, router_args=args,
+                batched_input=layout.batched_input, token_ids=token_ids,
+            )  # fmt: skip
         mlp = getattr(block, layout.shared) if layout.shared else None
         shared = None
         if mlp is not None:
             sgate = getattr(block, layout.shared_gate) if layout.shared_gate else None
             shared = HFSharedExperts(_copy_module(mlp), None if sgate is None else _copy_module(sgate))
-        moe = MoE.from_config(config, gate=gate, experts=_fused_experts(config, block.experts), shared=shared)
+        act = None if layout.activation is None else layout.activation(block.experts)
+        if layout.transposed:
+            experts = _transposed_experts(config, block.experts, act)
+        else:
+            experts = _fused_experts(config, block.experts, act) if layout.glu else _plain_experts(config, block.experts)
+        if layout.routed_scale:
+            scale = float(_get(block, layout.routed_scale))
+            moe = HFRoutedScaleMoE.from_config(config, gate=gate, experts=experts, shared=shared, routed_scale=scale)
+        else:
+            moe = MoE.from_config(config, gate=gate, experts=experts, shared=shared)
         jitter = float(getattr(block, layout.jitter, 0.0) or 0.0) if layout.jitter else 0.0
-        return moe, {"jitter_noise": jitter}
+        kw: dict[str, Any] = {
+            "jitter_noise": jitter, "returns_router_scores": layout.returns_router_scores, "flat_io": layout.flat_io,
+        }  # fmt: skip
+        if layout.post_norm:
+            kw["post_norm"] = _copy_module(_get(block, layout.post_norm))
+        return moe, kw
 
     return parts
 
@@ -614,7 +727,19 @@ def _generic_write(layout: Layout) -> Callable[[HFMoEBlock, nn.Module], None]:
                     _set_param(block, n, t)
                 else:
                     setattr(block, n, t.detach().clone())
-        _write_fused_experts(moe.experts, block.experts)
+        _check_same("router takes the input ids", moe.gate.uses_token_ids, bool(getattr(block, layout.token_ids, False)) if layout.token_ids else False)
+        scale = float(_get(block, layout.routed_scale)) if layout.routed_scale else None
+        _check_same("routed output scale", getattr(moe, "routed_scale", None), scale)
+        if layout.transposed:
+            _write_transposed_experts(moe.experts, block.experts, None if layout.activation is None else layout.activation(block.experts))
+        elif layout.glu:
+            _write_fused_experts(moe.experts, block.experts, None if layout.activation is None else layout.activation(block.experts))
+        else:
+            _write_plain_experts(moe.experts, block.experts)
+        if (adapter.post_norm is None) != (layout.post_norm is None):
+            raise ValueError(f"to_hf: a norm after the block differs between gatedmoe and {type(block).__name__}")
+        if layout.post_norm:
+            _copy_tensors(_get(block, layout.post_norm), adapter.post_norm)
         mlp = getattr(block, layout.shared) if layout.shared else None
         if (mlp is None) != (moe.shared is None):
             raise ValueError(f"to_hf: shared experts differ between gatedmoe and {type(block).__name__}")
@@ -635,6 +760,44 @@ def _cohere2_refuse(block: nn.Module) -> str | None:
     if getattr(block, "num_shared_experts", 0) > 0 and strategy != "sum":
         return f"shared_expert_combination_strategy={strategy!r} (gatedmoe adds shared experts: 'sum' only)"
     return None
+
+
+def _limited_swiglu(limit: str, *, act_fn: bool = False, clamp: str = "input") -> Callable[[nn.Module], nn.Module]:
+    """Reads `LimitedSwiGLU` off experts whose ``_apply_gate`` clamps a SwiGLU at the
+    attribute ``limit``; with ``act_fn`` their ``act_fn`` must be SiLU (it is the GLU's)."""
+
+    def read(experts: nn.Module) -> nn.Module:
+        if act_fn:
+            _check_same("expert activation (act_fn) of the clamped GLU", _glu_name(experts.act_fn), "swiglu")
+        return LimitedSwiGLU(float(_get(experts, limit)), clamp=clamp)
+
+    return read
+
+
+def _clamped_swiglu(alpha: str, limit: str) -> Callable[[nn.Module], nn.Module]:
+    """Reads GPT-OSS's clamped SwiGLU (on a concatenated ``[gate | up]`` layout: MiniMax-M3,
+    the privacy filter) off the experts' attributes ``alpha`` and ``limit``."""
+
+    def read(experts: nn.Module) -> nn.Module:
+        return ClampedSwiGLU(alpha=float(_get(experts, alpha)), limit=float(_get(experts, limit)))
+
+    return read
+
+
+def _softcapped_swiglu(experts: nn.Module) -> nn.Module:
+    act = _get(experts, "act_fn")
+    return SoftcappedSwiGLU(float(_get(act, "gate_softcap.softcap")), float(_get(act, "up_softcap.softcap")))
+
+
+def _nemotron_h_refuse(block: nn.Module) -> str | None:
+    if not isinstance(getattr(block, "fc1_latent_proj", None), nn.Identity):
+        return "moe_latent_size is set (the experts run in a latent space between two projections; not converted)"
+    return None
+
+
+def _float32_swiglu(experts: nn.Module) -> nn.Module:
+    _check_same("expert activation (act_fn) of the float32 GLU", _glu_name(experts.act_fn), "swiglu")
+    return Float32SwiGLU()
 
 
 _DS = Layout(shared="shared_experts")  # DeepSeek-V2 shape: gate, fused experts, + shared_experts(x)
@@ -686,12 +849,48 @@ GENERIC: dict[str, tuple[str, Layout]] = {
     "MiniMaxM2SparseMoeBlock": ("minimax_m2", Layout(router_args=("e_score_correction_bias",), jitter="jitter_noise")),
     "Lfm2MoeSparseMoeBlock": ("lfm2_moe", Layout(router_args=("expert_bias",))),
     "AfmoeSparseMoeBlock": ("afmoe", Layout(router="router", router_args=("expert_bias",), batched_input=True, shared="shared_experts")),
+    "LagunaSparseMoeBlock": ("laguna", Layout(shared="shared_experts", routed_scale="routed_scaling_factor")),
+    "AXK1MoE": ("axk1", Layout(shared="shared_experts", post_norm="post_mlp_layernorm")),
+    "Glm5NextTextMoE": ("glm5_next", Layout(shared="shared_experts", activation=_limited_swiglu("swiglu_limit"))),
+    "HYV4MoE": ("hy_v4", Layout(shared="shared_experts", activation=_limited_swiglu("swiglu_limit"))),
+    "HYV4VLMoE": ("hy_v4_vl", Layout(shared="shared_experts", activation=_limited_swiglu("swiglu_limit"))),
+    "DeepseekV4SparseMoeBlock": (
+        "deepseek_v4", Layout(shared="shared_experts", activation=_limited_swiglu("limit", act_fn=True), token_ids="is_hash"),
+    ),
+    "Step3p7SparseMoeBlock": (
+        "step3p7",
+        Layout(shared="shared_experts", routed_scale="routed_scaling_factor", activation=_limited_swiglu("limit", act_fn=True, clamp="output")),
+    ),
+    "BeamMoE": ("beam", Layout(routed_scale="routed_scaling_factor", activation=_float32_swiglu)),
+    "MiniMaxM3VLSparseMoeBlock": (
+        "minimax_m3_vl", Layout(shared="shared_experts", routed_scale="routed_scaling_factor", activation=_clamped_swiglu("swiglu_alpha", "swiglu_limit")),
+    ),
+    "Inkling2SparseMoeBlock": ("inkling2", Layout(activation=_softcapped_swiglu)),
+    "Inkling2LoopSparseMoeBlock": ("inkling2_loop", Layout(activation=_softcapped_swiglu)),
+    "BailingHybridMoE": ("bailing_hybrid", _DS),
+    "Qwen3OmniMoeThinkerTextSparseMoeBlock": ("qwen3_omni_moe", _PLAIN),
+    "Qwen3OmniMoeTalkerTextSparseMoeBlock": ("qwen3_omni_moe", _GATED_SHARED),
+    "ZayaSparseMoeBlock": ("zaya", Layout(router_state=True)),
+    "OpenAIPrivacyFilterMLP": (
+        "openai_privacy_filter",
+        # Its experts' eager loop upcasts to float32; a model runs them through grouped_mm
+        # (``@use_experts_implementation``), in the model's dtype, as gatedmoe does.
+        Layout(
+            router="router", transposed=True, routed_scale="num_experts", activation=_clamped_swiglu("alpha", "limit"),
+            returns_router_scores=True,
+        ),
+    ),
+    # Ernie-4.5-VL's per-modality blocks (text_moe, vision_moe); the block choosing between
+    # them by token type (Ernie4_5_VLMoeMoeBlock) stays and calls them.
+    "Ernie4_5_VLMoeSparseMoeBlock": ("ernie4_5_vl_moe", Layout(flat_io=True)),
+    "AriaTextMoELayer": ("aria", Layout(router="router", shared="shared_experts", transposed=True)),
+    "NemotronHMoE": ("nemotron_h", Layout(shared="shared_experts", glu=False, refuse=_nemotron_h_refuse)),
 }
 
 
 # ---------------------------------------------------------------- Switch Transformers
 # transformers activation classes -> gatedmoe's plain (non-GLU) activation with the same math.
-_PLAIN_OF_HF_ACT = {"ReLU": "relu", "SiLUActivation": "silu", "SiLU": "silu"}
+_PLAIN_OF_HF_ACT = {"ReLU": "relu", "SiLUActivation": "silu", "SiLU": "silu", "ReLUSquaredActivation": "relu2"}
 
 
 def _plain_act_name(act_fn: nn.Module) -> str:
@@ -855,6 +1054,241 @@ def _write_jetmoe(adapter: HFMoEBlock, block: nn.Module) -> None:
     _set_param(block, "bias", moe.shared.bias)
 
 
+# ---------------------------------------------------------------------- LongCat-Flash
+# The names under which the unused gate_up_proj rows of the zero-computation experts are kept.
+_ZERO_ROWS = "zero_experts_gate_up_proj"
+
+
+def _longcat_config(block: nn.Module) -> MoEConfig:
+    router, experts = _get(block, "router"), _get(block, "experts")
+    gate_up, down = _get(experts, "gate_up_proj"), _get(experts, "down_proj")
+    if gate_up is None or down is None:
+        raise TypeError(f"{type(block).__name__}: no feed-forward experts (n_routed_experts=0)")
+    # The router module is kept as it is (its forward reads classifier.weight only).
+    E, D = _get(router, "classifier.weight").shape
+    _check_same("experts (router outputs)", int(E), int(gate_up.shape[0]))
+    return _layer_config(
+        d_model=int(D),
+        n_experts=int(E),
+        d_hidden=int(down.shape[-1]),
+        gate=HFRouterGate.registry_name,
+        k=int(router.top_k),
+        activation=_glu_name(experts.act_fn),
+    )
+
+
+def _longcat_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+    experts = block.experts
+    E_f = int(experts.down_proj.shape[0])
+    gate = HFRouterGate(_copy_module(block.router), d_model=config.d_model, n_experts=config.n_experts, k=config.k)
+    gate_up = experts.gate_up_proj.detach()
+    # gate_up_proj has a row block for every expert, the identity ones included (never read).
+    bank = _built(
+        lambda: ExpertBank(E_f, config.d_model, config.d_hidden, config.activation),
+        w_in=gate_up[:E_f].requires_grad_(experts.gate_up_proj.requires_grad),
+        w_out=experts.down_proj,
+    )
+    moe = ZeroComputeMoE.from_config(config, gate=gate, experts=bank, n_zero_experts=config.n_experts - E_f)
+    kept = {_ZERO_ROWS: _param(gate_up[E_f:].requires_grad_(experts.gate_up_proj.requires_grad))}
+    return moe, {"kept": kept}
+
+
+def _write_longcat(adapter: HFMoEBlock, block: nn.Module) -> None:
+    moe, experts = adapter.moe, block.experts
+    gate, bank = moe.gate, moe.experts
+    if not isinstance(moe, ZeroComputeMoE) or not isinstance(gate, HFRouterGate):
+        raise ValueError("to_hf: LongCat-Flash is converted to a ZeroComputeMoE with its own router (HFRouterGate)")
+    if moe.shared is not None or moe.capacity_factor is not None:
+        raise ValueError("to_hf: LongCat-Flash MoE blocks have no shared experts and no capacity")
+    _check_same("router class", type(gate.router).__name__, type(block.router).__name__)
+    _check_same("zero-computation experts", moe.n_zero_experts, int(experts.zero_expert_num))
+    _check_same("expert activation", bank.act.name, _glu_name(experts.act_fn))
+    _check_same("expert biases", bank.has_bias, False)
+    _check_shape("experts.down_proj", bank.w_out, experts.down_proj)
+    kept = None if adapter.kept is None else adapter.kept[_ZERO_ROWS]
+    if kept is None:
+        raise ValueError("to_hf: the LongCat-Flash block keeps the gate_up_proj rows of its zero-computation experts")
+    _copy_tensors(block.router, gate.router)
+    gate_up = torch.cat([bank.w_in.detach(), kept.detach()], 0).requires_grad_(bank.w_in.requires_grad)
+    _check_shape("experts.gate_up_proj", gate_up, experts.gate_up_proj)
+    _set_param(experts, "gate_up_proj", gate_up)
+    _set_param(experts, "down_proj", bank.w_out)
+
+
+# ---------------------------------------------------------------------------- Inkling
+def _inkling_config(block: nn.Module) -> MoEConfig:
+    router, experts, shared = _get(block, "gate"), _get(block, "experts"), _get(block, "shared_experts")
+    E, D, S = int(experts.gate_up_proj.shape[0]), int(experts.gate_up_proj.shape[2]), int(shared.n_shared_experts)
+    H = int(experts.down_proj.shape[-1])
+    _check_same("shared experts' width (they join the routed experts' bank)", int(shared.down_proj.shape[-1]), H)
+    _check_same("shared experts' activation", _glu_name(shared.act_fn), _glu_name(experts.act_fn))
+    _check_same("router outputs (routed + shared experts)", int(router.weight.shape[0]), E + S)
+    return _layer_config(
+        d_model=D,
+        n_experts=E + S,
+        d_hidden=H,
+        gate=HFSharedGammaRouterGate.registry_name,
+        k=int(router.top_k) + S,
+        activation=_glu_name(experts.act_fn),
+    )
+
+
+def _inkling_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+    experts, shared = block.experts, block.shared_experts
+    S = int(shared.n_shared_experts)
+    gate = HFSharedGammaRouterGate(
+        _copy_module(block.gate), d_model=config.d_model, n_routed=config.n_experts - S, n_shared=S, k=config.k - S
+    )
+    # The S shared experts (gate_proj, up_proj [S, H, D], down_proj [S, D, H]) follow the routed
+    # ones in one bank: w_in = [gate | up].
+    w_in = torch.cat([experts.gate_up_proj.detach(), torch.cat([shared.gate_proj.detach(), shared.up_proj.detach()], 1)])
+    bank = _built(
+        lambda: ExpertBank(config.n_experts, config.d_model, config.d_hidden, config.activation),
+        w_in=w_in.requires_grad_(experts.gate_up_proj.requires_grad),
+        w_out=torch.cat([experts.down_proj.detach(), shared.down_proj.detach()]).requires_grad_(experts.down_proj.requires_grad),
+    )
+    return MoE.from_config(config, gate=gate, experts=bank), {}
+
+
+def _write_inkling(adapter: HFMoEBlock, block: nn.Module) -> None:
+    moe, experts, shared = adapter.moe, block.experts, block.shared_experts
+    gate, bank = moe.gate, moe.experts
+    if not isinstance(gate, HFSharedGammaRouterGate):
+        raise ValueError(f"to_hf: Inkling is converted with its own router (HFSharedGammaRouterGate), got {type(gate).__name__}")
+    if moe.shared is not None or moe.capacity_factor is not None:
+        raise ValueError("to_hf: Inkling's shared experts are experts of the bank; no MoE.shared, no capacity")
+    _check_same("router class", type(gate.router).__name__, type(block.gate).__name__)
+    _check_same("routed and shared experts", (gate.n_routed, gate.n_shared), (int(experts.gate_up_proj.shape[0]), int(shared.n_shared_experts)))
+    _check_same("expert activation", bank.act.name, _glu_name(experts.act_fn))
+    _check_same("expert biases", bank.has_bias, False)
+    E, H = gate.n_routed, bank.d_hidden
+    _check_shape("experts.gate_up_proj", bank.w_in[:E], experts.gate_up_proj)
+    _copy_tensors(block.gate, gate.router)
+    w_in, w_out = bank.w_in.detach(), bank.w_out.detach()
+    _set_param(experts, "gate_up_proj", w_in[:E])
+    _set_param(experts, "down_proj", w_out[:E])
+    _set_param(shared, "gate_proj", w_in[E:, :H])
+    _set_param(shared, "up_proj", w_in[E:, H:])
+    _set_param(shared, "down_proj", w_out[E:])
+
+
+# ------------------------------------------------------------------------------- Doge
+def _doge_config(block: nn.Module) -> MoEConfig:
+    E, D = _get(block, "down_embed.weight").shape
+    return _layer_config(
+        d_model=int(D),
+        n_experts=int(E),
+        d_hidden=1,
+        gate=HFProductKeyGate.registry_name,
+        k=int(_get(block, "top_k")),
+        activation=_plain_act_name(block.act_fn),
+        n_shared_experts=1,
+        d_shared_hidden=int(_get(block, "gate_proj.weight").shape[0]),
+    )
+
+
+def _doge_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+    gate = HFProductKeyGate(
+        _copy_module(block.router_gate), d_model=config.d_model, n_experts=config.n_experts, k=config.k,
+        normalize=bool(block.norm_topk_prob),
+    )  # fmt: skip
+    # Expert e is one hidden unit: f_e(x) = up_e * act(down_e . x), down_embed / up_embed [E, D].
+    down, up = block.down_embed.weight, block.up_embed.weight
+    bank = _built(
+        lambda: ExpertBank(config.n_experts, config.d_model, 1, config.activation),
+        w_in=down.detach().unsqueeze(1).requires_grad_(down.requires_grad),
+        w_out=up.detach().unsqueeze(2).requires_grad_(up.requires_grad),
+    )
+    bias = block.gate_proj.bias is not None
+    weights = _shared_mlp_weights(block)
+    if bias:
+        weights["w_in.bias"] = torch.cat([block.gate_proj.bias.detach(), block.up_proj.bias.detach()]).requires_grad_(block.gate_proj.bias.requires_grad)
+        weights["w_out.bias"] = block.down_proj.bias
+    shared = _built(
+        lambda: SharedExperts(config.d_model, config.d_shared_hidden, activation=_glu_name(block.act_fn), bias=bias), **weights
+    )
+    moe = MoE.from_config(config, gate=gate, experts=bank, shared=shared)
+    return moe, {"router_tap": router_tap(block), "returns_gate_logits": True}
+
+
+def _write_doge(adapter: HFMoEBlock, block: nn.Module) -> None:
+    moe = adapter.moe
+    gate, bank, shared = moe.gate, moe.experts, moe.shared
+    if not isinstance(gate, HFProductKeyGate) or not isinstance(shared, SharedExperts):
+        raise ValueError("to_hf: Doge is converted with HFProductKeyGate and one shared MLP (SharedExperts)")
+    _check_same("top_k", gate.k, int(block.top_k))
+    _check_same("norm_topk_prob", gate.normalize, bool(block.norm_topk_prob))
+    _check_same("expert activation", bank.act.name, _plain_act_name(block.act_fn))
+    _check_same("expert width (one unit)", bank.d_hidden, 1)
+    _check_shape("down_embed.weight", bank.w_in.squeeze(1), block.down_embed.weight)
+    _copy_tensors(block.router_gate, gate.router_gate)
+    _set_param(block.down_embed, "weight", bank.w_in.detach().squeeze(1))
+    _set_param(block.up_embed, "weight", bank.w_out.detach().squeeze(2))
+    _check_same("shared MLP biases", shared.w_in.bias is not None, block.gate_proj.bias is not None)
+    _shared_to_mlp_with_bias(shared, block)
+
+
+def _shared_to_mlp_with_bias(shared: SharedExperts, mlp: nn.Module) -> None:
+    """`_shared_to_mlp` for an MLP whose projections may have biases."""
+    _check_same("shared expert activation", shared.act.name, _glu_name(_mlp_act(mlp)))
+    _check_shape("shared expert down_proj", shared.w_out.weight, mlp.down_proj.weight)
+    for lin, w in zip((mlp.gate_proj, mlp.up_proj), shared.w_in.weight.chunk(2, dim=0), strict=True):
+        _set_param(lin, "weight", w)
+    _set_param(mlp.down_proj, "weight", shared.w_out.weight)
+    if shared.w_in.bias is not None:
+        for lin, b in zip((mlp.gate_proj, mlp.up_proj), shared.w_in.bias.chunk(2), strict=True):
+            _set_param(lin, "bias", b)
+        _set_param(mlp.down_proj, "bias", shared.w_out.bias)
+
+
+# ------------------------------------------------------------------------- Muse-Spark
+def _muse_spark_config(block: nn.Module) -> MoEConfig:
+    router, experts = _get(block, "gate"), _get(block, "experts")
+    E, D = router.weight.shape
+    return _layer_config(
+        d_model=int(D),
+        n_experts=int(E),
+        d_hidden=int(_get(experts, "down_proj").shape[-1]),
+        gate=HFRouterGate.registry_name,
+        k=int(router.top_k),
+        activation=_glu_name(experts.act_fn),
+    )
+
+
+def _muse_spark_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
+    experts = block.experts
+    M = int(experts.gate_up_proj.shape[-1])
+    gate = HFRouterGate(_copy_module(block.gate), d_model=config.d_model, n_experts=config.n_experts, k=config.k)
+    bank = _built(
+        lambda: ExpertBank(config.n_experts, M, config.d_hidden, config.activation),
+        w_in=experts.gate_up_proj,
+        w_out=experts.down_proj,
+    )
+    moe = HFProjectedExpertsMoE.from_config(
+        config, gate=gate, experts=bank, pre_proj=_copy_module(block.pre_expert_proj),
+        pre_norm=_copy_module(block.pre_expert_norm), post_norm=_copy_module(experts.post_expert_norm),
+        post_proj=_copy_module(block.post_expert_proj),
+    )  # fmt: skip
+    return moe, {}
+
+
+def _write_muse_spark(adapter: HFMoEBlock, block: nn.Module) -> None:
+    moe, experts = adapter.moe, block.experts
+    if not isinstance(moe, HFProjectedExpertsMoE) or not isinstance(moe.gate, HFRouterGate):
+        raise ValueError("to_hf: Muse-Spark is converted to an HFProjectedExpertsMoE with its own router (HFRouterGate)")
+    if moe.shared is not None or moe.capacity_factor is not None:
+        raise ValueError("to_hf: Muse-Spark MoE blocks have no shared experts and no capacity")
+    _check_same("router class", type(moe.gate.router).__name__, type(block.gate).__name__)
+    _copy_tensors(block.gate, moe.gate.router)
+    _write_fused_experts(moe.experts, experts)
+    for dst, src in (
+        (block.pre_expert_proj, moe.pre_proj), (block.pre_expert_norm, moe.pre_norm),
+        (experts.post_expert_norm, moe.post_norm), (block.post_expert_proj, moe.post_proj),
+    ):  # fmt: skip
+        _check_same("module class", type(src).__name__, type(dst).__name__)
+        _copy_tensors(dst, src)
+
+
 # --------------------------------------------------------------------------- registry
 _MIXTRAL = Family("mixtral", _topk_config, _topk_parts, _write_topk)
 _QWEN3 = Family("qwen3_moe", _topk_config, _topk_parts, _write_topk)
@@ -866,6 +1300,10 @@ _LLAMA4 = Family("llama4", _llama4_config, _llama4_parts, _write_llama4)
 _DBRX = Family("dbrx", _dbrx_config, _dbrx_parts, _write_dbrx)
 _JETMOE = Family("jetmoe", _jetmoe_config, _jetmoe_parts, _write_jetmoe)
 _SWITCH = Family("switch_transformers", _switch_config, _switch_parts, _write_switch)
+_LONGCAT = Family("longcat_flash", _longcat_config, _longcat_parts, _write_longcat)
+_INKLING = Family("inkling", _inkling_config, _inkling_parts, _write_inkling)
+_DOGE = Family("doge", _doge_config, _doge_parts, _write_doge)
+_MUSE_SPARK = Family("muse_spark", _muse_spark_config, _muse_spark_parts, _write_muse_spark)
 
 # Hugging Face block class name -> its family. Matched by exact class name, so subclasses
 # (whose forward may differ) are not converted silently.
@@ -880,6 +1318,10 @@ FAMILIES: dict[str, Family] = {
     "SwitchTransformersSparseMLP": _SWITCH,
     "DbrxFFN": _DBRX,
     "JetMoeMoE": _JETMOE,
+    "LongcatFlashMoE": _LONGCAT,
+    "InklingMoE": _INKLING,
+    "DogeCDMoE": _DOGE,
+    "MuseSparkMoE": _MUSE_SPARK,
     **{cls: _generic(name, layout) for cls, (name, layout) in GENERIC.items()},
 }
 
