@@ -6,9 +6,6 @@ Sides are named ``ref_*`` (transformers) and ``fast_*`` (gatedmoe).
 
 from __future__ import annotations
 
-import copy
-import warnings
-
 import pytest
 import torch
 
@@ -18,9 +15,16 @@ transformers = pytest.importorskip("transformers")
 
 from transformers.models.dbrx.modeling_dbrx import DbrxFFN  # noqa: E402
 
-from gatedmoe.interop.hf import from_hf, patch_model, unpatch_model  # noqa: E402
+from gatedmoe.interop.hf import from_hf  # noqa: E402
 from gatedmoe.interop.hf.adapter import HFLpNormRouterGate  # noqa: E402
-from interop.hf_checks import assert_grads_match_in_hf_layout, assert_round_trips_to_hf_layout  # noqa: E402
+from interop.hf_checks import (  # noqa: E402
+    assert_bf16_greedy_tokens_match,
+    assert_fp32_block_matches,
+    assert_patched_copy_matches,
+    assert_reloads_and_unpatches,
+    assert_round_trips_to_hf_layout,
+    assert_topk_routing_matches,
+)
 from interop.hf_tiny import randomize  # noqa: E402
 
 E, D, K = 6, 32, 3
@@ -58,22 +62,13 @@ def test_block_fp32_outputs_routing_and_every_gradient(norm_p):
     ref = _block(norm_p)
     fast = from_hf(ref)
     assert isinstance(fast.moe.gate, HFLpNormRouterGate) and fast.moe.gate.norm_p == norm_p
-    x = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(1))
-    ref_x, fast_x = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ref_y, fast_y = ref(ref_x), fast(fast_x)
-    assert_close("output", ref_y, fast_y)
-    with torch.no_grad():
+
+    def check_routing(x, r):
         ref_w, ref_i = ref.route_tokens_to_experts(ref.router(x.clone()))
-    ref_mask = torch.zeros(14, E, dtype=torch.bool).scatter(1, ref_i, True)
-    r = fast.moe.last_routing
-    fast_mask = torch.zeros_like(ref_mask).index_put((r.token, r.expert), torch.tensor(True))
-    assert torch.equal(ref_mask, fast_mask)
-    assert_close("combine weights", torch.zeros(14, E).scatter(1, ref_i, ref_w), r.combine_matrix())
-    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
-    ref_y.backward(g)
-    fast_y.backward(g)
-    assert_close("grad input", ref_x.grad, fast_x.grad)
-    assert_grads_match_in_hf_layout(ref, fast)
+        assert_topk_routing_matches(ref_w, ref_i, r, E)
+
+    x = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(1))
+    assert_fp32_block_matches(ref, fast, x, check_routing)
 
 
 def test_block_bf16_agrees_and_round_trips():
@@ -92,26 +87,7 @@ def test_block_bf16_agrees_and_round_trips():
 def test_model_patch_generate_router_logits_save_and_reload(tmp_path):
     torch.manual_seed(0)
     ref = randomize(transformers.DbrxForCausalLM(_config())).eval()
-    fast = copy.deepcopy(ref)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        swaps = patch_model(fast)
-    assert len(swaps) == 2 and {s.family for s in swaps} == {"dbrx"}
-    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ref_out, fast_out = ref(ids, output_router_logits=True), fast(ids, output_router_logits=True)
-    assert_close("logits", ref_out.logits, fast_out.logits)
-    assert len(ref_out.router_logits) == len(fast_out.router_logits) == 2
-    for a, b in zip(ref_out.router_logits, fast_out.router_logits, strict=True):
-        assert_close("router logits", a, b)
-    assert_close("aux loss", ref_out.aux_loss, fast_out.aux_loss)
-    ref16, fast16 = copy.deepcopy(ref).bfloat16(), copy.deepcopy(fast).bfloat16()
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(ref16.generate(ids[:1], **kw), fast16.generate(ids[:1], **kw))
-    fast.save_pretrained(tmp_path)
-    back = transformers.DbrxForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert_close("reloaded logits", ref(ids).logits, back(ids).logits)
-    assert [s.name for s in unpatch_model(fast)] == [s.name for s in swaps]
-    with torch.no_grad():
-        assert_close("unpatched logits", ref_out.logits, fast(ids).logits)
+    run = assert_patched_copy_matches(ref, ["dbrx", "dbrx"], router_logit_layers=2)
+    assert_close("aux loss", run.ref_out.aux_loss, run.fast_out.aux_loss)
+    assert_bf16_greedy_tokens_match(run, max_new_tokens=8)
+    assert_reloads_and_unpatches(run, tmp_path)

@@ -8,9 +8,6 @@ greedy tokens; round trips through `to_hf`, `unpatch_model` and ``save_pretraine
 
 from __future__ import annotations
 
-import copy
-import warnings
-
 import pytest
 import torch
 
@@ -18,10 +15,16 @@ from helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
 
-from gatedmoe.interop.hf import from_hf, patch_model, to_hf, unpatch_model  # noqa: E402
+from gatedmoe.interop.hf import from_hf, to_hf  # noqa: E402
 from gatedmoe.layers import InputScaledMoE  # noqa: E402
-from interop.hf_checks import assert_grads_match_in_hf_layout, assert_round_trips_to_hf_layout  # noqa: E402
-from interop.hf_tiny import randomize  # noqa: E402
+from interop.hf_checks import (  # noqa: E402
+    assert_bf16_greedy_tokens_match,
+    assert_grads_match_in_hf_layout,
+    assert_patched_copy_matches,
+    assert_reloads_and_unpatches,
+    assert_round_trips_to_hf_layout,
+    tiny_eager_causal_lm,
+)
 
 
 def _config(k: int):
@@ -35,9 +38,7 @@ def _config(k: int):
 
 
 def _model(k: int = 1):
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_config(k), attn_implementation="eager")
-    return randomize(model).eval()
+    return tiny_eager_causal_lm(_config(k))
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -86,29 +87,9 @@ def test_to_hf_refuses_an_output_weighted_moe():
 
 def test_model_patch_router_logits_generate_save_and_reload(tmp_path):
     ref = _model(1)
-    fast = copy.deepcopy(ref)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # every MoE block converts
-        swaps = patch_model(fast)
-    assert len(swaps) == 2 and {s.family for s in swaps} == {"llama4"}
-    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ref_out = ref(ids, output_router_logits=True)
-        fast_out = fast(ids, output_router_logits=True)
-    assert_close("logits", ref_out.logits, fast_out.logits)
-    assert len(fast_out.router_logits) == len(ref_out.router_logits) == 2
-    for a, b in zip(ref_out.router_logits, fast_out.router_logits, strict=True):
-        assert_close("router logits", a, b)
-    ref16, fast16 = copy.deepcopy(ref).bfloat16(), copy.deepcopy(fast).bfloat16()
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(ref16.generate(ids[:1], **kw), fast16.generate(ids[:1], **kw))
-    fast.save_pretrained(tmp_path)
-    back = type(ref).from_pretrained(tmp_path, attn_implementation="eager").eval()
-    with torch.no_grad():
-        assert_close("reloaded logits", ref(ids).logits, back(ids).logits)
-    assert [s.name for s in unpatch_model(fast)] == [s.name for s in swaps]
-    with torch.no_grad():
-        assert_close("unpatched logits", ref(ids).logits, fast(ids).logits)
+    run = assert_patched_copy_matches(ref, ["llama4", "llama4"], router_logit_layers=2)
+    assert_bf16_greedy_tokens_match(run, max_new_tokens=8)
+    assert_reloads_and_unpatches(run, tmp_path, attn_implementation="eager")
 
 
 def test_sigmoid_topk_gate_is_the_unnormalised_sigmoid_gate():
