@@ -106,8 +106,9 @@ def kmeans_labels(X_NP: np.ndarray, n_clusters: int, rng: np.random.RandomState,
         d2_N = np.minimum(d2_N, np.sum((X_NP - X_NP[idx]) ** 2, axis=1))
     C_KP = np.array(centers)
     labels = np.zeros(n, dtype=np.int64)
+    x2_N1 = (X_NP**2).sum(1)[:, None]
     for it in range(n_iter):
-        d_NK = (X_NP**2).sum(1)[:, None] - 2 * X_NP @ C_KP.T + (C_KP**2).sum(1)[None, :]
+        d_NK = x2_N1 - 2 * X_NP @ C_KP.T + (C_KP**2).sum(1)[None, :]
         new = d_NK.argmin(axis=1)
         if it and np.array_equal(new, labels):
             break

@@ -33,6 +33,9 @@ MAX_LOGIT_STEP = 4.0
 # Rows per block of the Gram products below: their [rows, Q]-sized temporaries stay a few
 # MB at any N (at N = 1e7 a full-size temporary was 0.9-1.8 GB each).
 GRAM_CHUNK = 65536
+# Up to this many free gate columns the gate's Newton Hessian is built block by block
+# (a weighted Gram per pair of experts); above, as one GEMM.
+SMALL_GATE = 3
 
 
 def row_sum(A_NE: np.ndarray) -> np.ndarray:
@@ -180,6 +183,8 @@ def softmax_newton(
     log_probs = log_softmax_rows if gate is None else gate.log_probs
     w_N = row_sum(T_NE)
     P_FF = gate_ridge_matrix(n_free, W_QE.shape[1])
+    if l2:
+        ridge_H = l2 * np.kron(P_FF, np.diag(np.r_[np.ones(Q - 1), 0.0]))
 
     def value(W):
         logg = log_probs(Z_NQ @ W)
@@ -204,18 +209,32 @@ def softmax_newton(
         # One GEMM instead of (E-1)^2 / 2 small products (many experts were Python-bound).
         # (over blocks of rows: M is [N, F Q]).
         G_NF = g_NE[:, :n_free]
-        sw_N = np.sqrt(w_N) * inv_t
         H = np.zeros((n_free * Q, n_free * Q))
-        for lo in range(0, N, GRAM_CHUNK):
-            sl = slice(lo, lo + GRAM_CHUNK)
-            M_BX = (sw_N[sl, None, None] * G_NF[sl, :, None] * Z_NQ[sl, None, :]).reshape(-1, n_free * Q)
-            H -= M_BX.T @ M_BX
-        H = H.reshape(n_free, Q, n_free, Q)
-        for e in range(n_free):
-            H[e, :, e, :] += weighted_gram(Z_NQ, w_N * G_NF[:, e] * inv_t**2)
-        H = H.reshape(n_free * Q, n_free * Q)
+        if n_free <= SMALL_GATE:
+            # Few experts: block (e, f) is Z^T diag(w (delta_ef g_e - g_e g_f)) Z, one
+            # weighted Gram per pair (half the flops of the GEMM below).
+            H4 = H.reshape(n_free, Q, n_free, Q)
+            wt_N = w_N * inv_t**2
+            for e in range(n_free):
+                for f in range(e, n_free):
+                    c_N = -G_NF[:, e] * G_NF[:, f]
+                    if e == f:
+                        c_N += G_NF[:, e]
+                    H4[e, :, f, :] = weighted_gram(Z_NQ, wt_N * c_N)
+                    if f != e:
+                        H4[f, :, e, :] = H4[e, :, f, :].T
+        else:
+            sw_N = np.sqrt(w_N) * inv_t
+            for lo in range(0, N, GRAM_CHUNK):
+                sl = slice(lo, lo + GRAM_CHUNK)
+                M_BX = (sw_N[sl, None, None] * G_NF[sl, :, None] * Z_NQ[sl, None, :]).reshape(-1, n_free * Q)
+                H -= M_BX.T @ M_BX
+            H = H.reshape(n_free, Q, n_free, Q)
+            for e in range(n_free):
+                H[e, :, e, :] += weighted_gram(Z_NQ, w_N * G_NF[:, e] * inv_t**2)
+            H = H.reshape(n_free * Q, n_free * Q)
         if l2:
-            H = H + l2 * np.kron(P_FF, np.diag(np.r_[np.ones(Q - 1), 0.0]))
+            H = H + ridge_H
         step_FQ = _solve_psd(H, grad_FQ.ravel()).reshape(n_free, Q)
         # Trust region: no logit moves by more than MAX_LOGIT_STEP in one step. Near
         # separation the Newton step is huge and would otherwise be halved many times.
