@@ -124,9 +124,14 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
         if "logistic_V" not in state:
             # One multinomial logistic regression (the model with a single expert) on all
             # of this data, shared by every start.
+            # With the ridge the problem is strictly convex: plain Newton with step halving
+            # (the trust region, for separable classes, made breast cancer take 17 capped
+            # steps instead of 9 to the same optimum).
             C = self.classes_.size
+            l2 = float(self.l2)
             V1 = em.multinomial_newton_experts(Z, np.eye(C)[codes], np.ones((n, 1)), np.zeros((1, Q, C)),
-                                               float(self.l2), self._symmetric_ridge(), n_steps=LOGISTIC_START_STEPS)
+                                               l2, self._symmetric_ridge(), n_steps=LOGISTIC_START_STEPS,
+                                               max_step=np.inf if l2 > 0 else em.MAX_LOGIT_STEP)
             state["logistic_V"] = V1
         params = self._empty_params(Q, F.shape[1])
         params["V"] = np.repeat(state["logistic_V"], self.n_experts, axis=0)

@@ -19,6 +19,7 @@ the (penalised) likelihood.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -32,6 +33,9 @@ MAX_LOGIT_STEP = 4.0
 # Rows per block of the Gram products below: their [rows, Q]-sized temporaries stay a few
 # MB at any N (at N = 1e7 a full-size temporary was 0.9-1.8 GB each).
 GRAM_CHUNK = 65536
+# Up to this many free gate columns the gate's Newton Hessian is built block by block
+# (a weighted Gram per pair of experts); above, as one GEMM.
+SMALL_GATE = 3
 
 
 def row_sum(A_NE: np.ndarray) -> np.ndarray:
@@ -125,6 +129,7 @@ def _solve_psd(H: np.ndarray, g: np.ndarray) -> np.ndarray:
         return scipy.linalg.lstsq(H + ridge * np.eye(H.shape[0]), g)[0]
 
 
+@functools.lru_cache(maxsize=64)
 def gate_ridge_matrix(n_free: int, n_columns: int) -> np.ndarray:
     """``P`` ``[F, F]`` of the ridge ``l2/2 sum_q w_q^T P w_q`` on the free gate columns.
 
@@ -133,11 +138,14 @@ def gate_ridge_matrix(n_free: int, n_columns: int) -> np.ndarray:
     all columns, ``l2/2 sum_e ||w_e - mean_e w||^2`` (`class_ridge_matrix`): otherwise the
     penalty, and so the fit, depends on which expert happens to be the reference (issue 19:
     default fits 1.1-1.5 units "below" restarts that were the same model relabelled).
-    Without a reference (normalised sigmoid): the plain ridge, ``P = I``.
+    Without a reference (normalised sigmoid): the plain ridge, ``P = I``. Cached (read-only):
+    the quasi-Newton fits ask for it at every objective evaluation.
     """
     if n_free == n_columns - 1:
         return class_ridge_matrix(n_columns, symmetric=True)
-    return np.eye(n_free)
+    P = np.eye(n_free)
+    P.flags.writeable = False
+    return P
 
 
 def gate_ridge(W_QE: np.ndarray, n_free: int, l2: float) -> float:
@@ -175,6 +183,8 @@ def softmax_newton(
     log_probs = log_softmax_rows if gate is None else gate.log_probs
     w_N = row_sum(T_NE)
     P_FF = gate_ridge_matrix(n_free, W_QE.shape[1])
+    if l2:
+        ridge_H = l2 * np.kron(P_FF, np.diag(np.r_[np.ones(Q - 1), 0.0]))
 
     def value(W):
         logg = log_probs(Z_NQ @ W)
@@ -199,18 +209,32 @@ def softmax_newton(
         # One GEMM instead of (E-1)^2 / 2 small products (many experts were Python-bound).
         # (over blocks of rows: M is [N, F Q]).
         G_NF = g_NE[:, :n_free]
-        sw_N = np.sqrt(w_N) * inv_t
         H = np.zeros((n_free * Q, n_free * Q))
-        for lo in range(0, N, GRAM_CHUNK):
-            sl = slice(lo, lo + GRAM_CHUNK)
-            M_BX = (sw_N[sl, None, None] * G_NF[sl, :, None] * Z_NQ[sl, None, :]).reshape(-1, n_free * Q)
-            H -= M_BX.T @ M_BX
-        H = H.reshape(n_free, Q, n_free, Q)
-        for e in range(n_free):
-            H[e, :, e, :] += weighted_gram(Z_NQ, w_N * G_NF[:, e] * inv_t**2)
-        H = H.reshape(n_free * Q, n_free * Q)
+        if n_free <= SMALL_GATE:
+            # Few experts: block (e, f) is Z^T diag(w (delta_ef g_e - g_e g_f)) Z, one
+            # weighted Gram per pair (half the flops of the GEMM below).
+            H4 = H.reshape(n_free, Q, n_free, Q)
+            wt_N = w_N * inv_t**2
+            for e in range(n_free):
+                for f in range(e, n_free):
+                    c_N = -G_NF[:, e] * G_NF[:, f]
+                    if e == f:
+                        c_N += G_NF[:, e]
+                    H4[e, :, f, :] = weighted_gram(Z_NQ, wt_N * c_N)
+                    if f != e:
+                        H4[f, :, e, :] = H4[e, :, f, :].T
+        else:
+            sw_N = np.sqrt(w_N) * inv_t
+            for lo in range(0, N, GRAM_CHUNK):
+                sl = slice(lo, lo + GRAM_CHUNK)
+                M_BX = (sw_N[sl, None, None] * G_NF[sl, :, None] * Z_NQ[sl, None, :]).reshape(-1, n_free * Q)
+                H -= M_BX.T @ M_BX
+            H = H.reshape(n_free, Q, n_free, Q)
+            for e in range(n_free):
+                H[e, :, e, :] += weighted_gram(Z_NQ, w_N * G_NF[:, e] * inv_t**2)
+            H = H.reshape(n_free * Q, n_free * Q)
         if l2:
-            H = H + l2 * np.kron(P_FF, np.diag(np.r_[np.ones(Q - 1), 0.0]))
+            H = H + ridge_H
         step_FQ = _solve_psd(H, grad_FQ.ravel()).reshape(n_free, Q)
         # Trust region: no logit moves by more than MAX_LOGIT_STEP in one step. Near
         # separation the Newton step is huge and would otherwise be halved many times.
@@ -506,8 +530,9 @@ def multinomial_mixture_grad(
     # Flat index of (y_n, n) in a [C, N] block: one take instead of a 2-d fancy index.
     at_N = y_N * N + np.arange(N)
     logits_NE = F_NQ @ W_QE
-    # Layout [E, C, N] as in `multinomial_newton_experts`.
-    L_ECN = np.matmul(V_EQC.transpose(0, 2, 1), Z_NQ.T)
+    # Layout [E, C, N] as in `multinomial_newton_experts`; one GEMM for all experts.
+    Q = Z_NQ.shape[1]
+    L_ECN = np.ascontiguousarray((Z_NQ @ V_EQC.transpose(1, 0, 2).reshape(Q, E * C)).T).reshape(E, C, N)
     L_ECN -= L_ECN.max(axis=1)[:, None]
     P_ECN = np.exp(L_ECN)
     s_EN = P_ECN.sum(axis=1)
@@ -528,9 +553,10 @@ def multinomial_mixture_grad(
     G_ECN = P_ECN
     G_ECN *= -R_EN[:, None, :]
     G_ECN.reshape(E, C * N)[:, at_N] += R_EN
-    return ll_N, R_NE, gW_QE, np.matmul(G_ECN, Z_NQ).transpose(0, 2, 1)
+    return ll_N, R_NE, gW_QE, (G_ECN.reshape(E * C, N) @ Z_NQ).reshape(E, C, Q).transpose(0, 2, 1)
 
 
+@functools.lru_cache(maxsize=64)
 def class_ridge_matrix(n_classes: int, symmetric: bool) -> np.ndarray:
     """``P`` ``[C-1, C-1]`` of the experts' ridge ``l2/2 sum_q b_q^T P b_q`` on the free
     class coefficients ``b_q`` (the last class fixed at 0).
@@ -540,12 +566,13 @@ def class_ridge_matrix(n_classes: int, symmetric: bool) -> np.ndarray:
     ``C`` classes, which is ``min_v l2/2 sum_c ||B_c + v||^2``: the penalty of multinomial
     ``LogisticRegression`` (all ``C`` class vectors, no reference class) at its minimum
     over the shift that leaves the probabilities unchanged. It does not depend on which
-    class is the reference.
+    class is the reference. Cached (read-only), as `gate_ridge_matrix`.
     """
     Cf = n_classes - 1
     P = np.eye(Cf)
     if symmetric:
         P -= 1.0 / n_classes
+    P.flags.writeable = False
     return P
 
 
@@ -565,6 +592,7 @@ def multinomial_newton_experts(
     l2: float = 0.0,
     symmetric: bool = False,
     n_steps: int = 1,
+    max_step: float = MAX_LOGIT_STEP,
 ) -> np.ndarray:
     """Damped Newton steps for every multinomial logistic expert at once.
 
@@ -573,6 +601,8 @@ def multinomial_newton_experts(
     ``1/C``); the experts are independent, so their Newton systems are solved as one batch
     ``[E, (C-1) Q]``. Each expert's step is capped (trust region) and halved until its
     objective does not fall. ``n_steps`` steps (fewer once no expert improves).
+    ``max_step``: the cap on any logit's move in one step (`MAX_LOGIT_STEP`; ``np.inf``
+    for plain Newton with step halving, which suits a strictly convex ridge fit).
     """
     E, Q, C = V_EQC.shape
     Cf = C - 1
@@ -619,7 +649,7 @@ def multinomial_newton_experts(
             step_ECQ = np.stack([_solve_psd(H[e], grad_ECQ[e].ravel()) for e in range(E)]).reshape(E, Cf, Q)
         step_EQC = step_ECQ.transpose(0, 2, 1)
         move_E = np.abs(np.matmul(Z_NQ[None], step_EQC)).max(axis=(1, 2))
-        t_E = np.where(move_E > MAX_LOGIT_STEP, MAX_LOGIT_STEP / np.maximum(move_E, 1e-300), 1.0)
+        t_E = np.where(move_E > max_step, max_step / np.maximum(move_E, 1e-300), 1.0)
         pending = np.ones(E, dtype=bool)
         out = V_EQC.copy()
         q_out_E = q0_E.copy()
