@@ -100,6 +100,7 @@ class Routing:
             n_tokens=T,
             probs=probs,
             logits=logits,
+            _tokens_in_range=True,
         )
 
     @classmethod
@@ -112,6 +113,8 @@ class Routing:
         n_tokens: int,
         probs: Tensor | None = None,
         logits: Tensor | None = None,
+        *,
+        _tokens_in_range: bool = False,
     ) -> Routing:
         """Routing from unsorted assignment triples ``[N]``; sorts them stably by expert.
 
@@ -141,10 +144,16 @@ class Routing:
         # on accelerators it is left to `validate()` (an out-of-range id there still fails
         # loudly, as a device-side index error in the count below).
         host_check = expert.device.type == "cpu" and expert.numel() and not torch.compiler.is_compiling()
-        if host_check and (int(expert.min()) < 0 or int(expert.max()) >= n_experts):
-            raise ValueError(f"expert ids must lie in [0, {n_experts}); got {expert.min()}..{expert.max()}")
-        if host_check and (int(token.min()) < 0 or int(token.max()) >= n_tokens):
-            raise ValueError(f"token ids must lie in [0, n_tokens={n_tokens}); got {token.min()}..{token.max()}")
+        # One min-max reduction per id tensor. `from_topk` builds the token ids itself
+        # (``arange(T)``, in range by construction) and says so with ``_tokens_in_range``.
+        if host_check:
+            lo, hi = torch.aminmax(expert)
+            if int(lo) < 0 or int(hi) >= n_experts:
+                raise ValueError(f"expert ids must lie in [0, {n_experts}); got {lo}..{hi}")
+        if host_check and not _tokens_in_range:
+            lo, hi = torch.aminmax(token)
+            if int(lo) < 0 or int(hi) >= n_tokens:
+                raise ValueError(f"token ids must lie in [0, n_tokens={n_tokens}); got {lo}..{hi}")
         # A radix sort makes one pass per key byte: the narrowest integer type that holds the
         # expert ids gives the same (stable) order in fewer passes.
         key = expert.to(torch.int16 if n_experts <= torch.iinfo(torch.int16).max else torch.int32)

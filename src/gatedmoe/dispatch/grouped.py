@@ -7,6 +7,7 @@ N routed assignments.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -31,19 +32,25 @@ def grouped_mm_unsupported(a_ND: Tensor, b_EKM: Tensor) -> str | None:
     """Why ``torch._grouped_mm`` cannot run on these operands, or None if it can."""
     if not hasattr(torch, "_grouped_mm"):
         return "this torch has no torch._grouped_mm"
-    if a_ND.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"torch._grouped_mm does not take {a_ND.dtype}"
-    if a_ND.device.type == "cuda":
-        if a_ND.dtype != torch.bfloat16:
-            return f"torch._grouped_mm on CUDA takes bfloat16 only, got {a_ND.dtype}"
-        if torch.cuda.get_device_capability(a_ND.device) < (9, 0):
+    return _unsupported(a_ND.dtype, a_ND.device, a_ND.shape[-1], b_EKM.shape[-2], b_EKM.shape[-1])
+
+
+@functools.lru_cache(maxsize=256)
+def _unsupported(dtype: torch.dtype, device: torch.device, a_k: int, b_k: int, b_m: int) -> str | None:
+    # The answer depends only on these (a layer asks the same question on every call).
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"torch._grouped_mm does not take {dtype}"
+    if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return f"torch._grouped_mm on CUDA takes bfloat16 only, got {dtype}"
+        if torch.cuda.get_device_capability(device) < (9, 0):
             return "torch._grouped_mm on CUDA needs compute capability >= 9.0"
-    elif a_ND.device.type != "cpu":
-        return f"torch._grouped_mm is not known to support device {a_ND.device.type}"
-    size = a_ND.element_size()
+    elif device.type != "cpu":
+        return f"torch._grouped_mm is not known to support device {device.type}"
+    size = dtype.itemsize
     # Row strides of both operands must be multiples of 16 bytes.
-    if (a_ND.shape[-1] * size) % 16 or (b_EKM.shape[-1] * size) % 16 or (b_EKM.shape[-2] * size) % 16:
-        return f"widths {a_ND.shape[-1]}x{b_EKM.shape[-1]} are not 16-byte aligned for {a_ND.dtype}"
+    if (a_k * size) % 16 or (b_m * size) % 16 or (b_k * size) % 16:
+        return f"widths {a_k}x{b_m} are not 16-byte aligned for {dtype}"
     return None
 
 
@@ -157,7 +164,8 @@ def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, option
                          "kernels, CUDA with compute capability >= 8.9); use backend='triton' on such a GPU, or drop "
                          "the fp8 option")
     dtype = x_TD.dtype
-    offsets_E = routing.offsets
+    # int32 once here: what torch._grouped_mm takes (each product's own cast is then a no-op).
+    offsets_E = routing.offsets.to(torch.int32)
     lora = experts.active_lora
     xs_ND = x_TD.index_select(0, routing.token)
     h_NH = grouped_mm(xs_ND, experts.w_in.to(dtype).transpose(-2, -1), offsets_E)
@@ -176,5 +184,5 @@ def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, option
     # over k in float32) compute, so a bf16 model converted from it is bit-identical.
     o_ND = o_ND * routing.weight.unsqueeze(-1)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    y_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device).index_add(0, routing.token, o_ND.to(acc))
+    y_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device).index_add_(0, routing.token, o_ND.to(acc))
     return y_TD.to(dtype)
