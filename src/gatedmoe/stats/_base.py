@@ -161,6 +161,12 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         self.warm_start = warm_start
 
     # ----------------------------------------------------------------- validation
+    def _check_nonnegative(self, name):
+        """ValueError unless the parameter ``name`` is a real number >= 0 (not a bool, not NaN)."""
+        v = getattr(self, name)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0:
+            raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+
     def _check_params(self):
         def integer(name, low):
             v = getattr(self, name)
@@ -175,10 +181,8 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         self._gate = make_gate(self.gate, self.n_experts, self.k, self.temperature, warn=True, stacklevel=5)
         if self.penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not self.alpha >= 0:
-            raise ValueError(f"alpha must be a number >= 0, got {self.alpha!r}")
-        if isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real) or not self.tol >= 0:
-            raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
+        self._check_nonnegative("alpha")
+        self._check_nonnegative("tol")
         if self.init not in self._INITS:
             raise ValueError(f"init must be one of {self._INITS}, got {self.init!r}")
         if self.init_subsample is not None and (

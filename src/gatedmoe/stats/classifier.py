@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 from sklearn.base import ClassifierMixin
 from sklearn.utils import check_random_state
@@ -179,8 +177,7 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
         """Fit by EM. ``X`` ``[N, P]`` numeric, ``y`` ``[N]`` class labels. Returns self."""
         X, y = validate_data(self, X, y, dtype=np.float64)
         check_classification_targets(y)
-        if isinstance(self.l2, bool) or not isinstance(self.l2, numbers.Real) or not self.l2 >= 0:
-            raise ValueError(f"l2 must be a number >= 0, got {self.l2!r}")
+        self._check_nonnegative("l2")
         self.classes_, codes = np.unique(y, return_inverse=True)
         if self.classes_.size < 2:
             raise ValueError(f"MoEClassifier needs at least 2 classes in y; got 1 class ({self.classes_[0]!r})")

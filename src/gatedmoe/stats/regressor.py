@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 
 import numpy as np
@@ -137,8 +136,7 @@ class MoERegressor(RegressorMixin, _BaseMoE):
         """Fit by EM. ``X`` ``[N, P]`` numeric, ``y`` ``[N]`` numeric. Returns self."""
         X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
-        if isinstance(self.l2, bool) or not isinstance(self.l2, numbers.Real) or not self.l2 >= 0:
-            raise ValueError(f"l2 must be a number >= 0, got {self.l2!r}")
+        self._check_nonnegative("l2")
         self._var_floor = 1e-6 * float(np.var(y)) + 1e-12
         return self._fit_em(X, y)
 
