@@ -137,6 +137,18 @@ def assert_bf16_block_within_transformers_error_and_round_trips(ref16: nn.Module
     assert_round_trips_to_hf_layout(ref16, fast16)
 
 
+def assert_bf16_block_bit_identical_and_round_trips(ref16: nn.Module, d_model: int) -> None:
+    """bf16 block ``ref16`` against its conversion on the same input: a bf16 output equal to
+    transformers' bit for bit, and the round trip back to HF (`assert_round_trips_to_hf_layout`)."""
+    fast16 = from_hf(ref16)
+    x = torch.randn(3, 11, d_model, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.no_grad():
+        ref_y, fast_y = ref16(x), fast16(x)
+    assert fast_y.dtype == torch.bfloat16
+    assert torch.equal(ref_y, fast_y), (ref_y.float() - fast_y.float()).abs().max()
+    assert_round_trips_to_hf_layout(ref16, fast16)
+
+
 @dataclass
 class PatchedModel:
     """A model ``ref``, its patched copy ``fast`` (`patch_model`'s ``swaps``), the token

@@ -23,7 +23,10 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 
 from gatedmoe.interop.hf import from_hf, patch_model, unpatch_model  # noqa: E402
 from gatedmoe.interop.hf.adapter import HFSwitchRouterGate  # noqa: E402
-from interop.hf_checks import assert_grads_match_in_hf_layout, assert_round_trips_to_hf_layout  # noqa: E402
+from interop.hf_checks import (  # noqa: E402
+    assert_bf16_block_bit_identical_and_round_trips,
+    assert_grads_match_in_hf_layout,
+)
 from interop.hf_tiny import randomize  # noqa: E402
 
 E, D = 4, 32
@@ -73,14 +76,7 @@ def test_block_fp32_outputs_routing_capacity_and_every_gradient():
 
 
 def test_block_bf16_is_bit_identical_and_round_trips():
-    ref = _block(torch.bfloat16)
-    fast = from_hf(ref)
-    x = torch.randn(3, 11, D, generator=torch.Generator().manual_seed(1)).bfloat16()
-    with torch.no_grad():
-        ref_y, fast_y = ref(x), fast(x)
-    assert fast_y.dtype == torch.bfloat16
-    assert torch.equal(ref_y, fast_y), (ref_y.float() - fast_y.float()).abs().max()
-    assert_round_trips_to_hf_layout(ref, fast)
+    assert_bf16_block_bit_identical_and_round_trips(_block(torch.bfloat16), D)
 
 
 def test_training_with_expert_dropout_refuses():
