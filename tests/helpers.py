@@ -43,3 +43,26 @@ def poisoned_empty(*shape: int, dtype: torch.dtype = torch.float32, device: str 
     element fails loudly."""
     fill = float("nan") if dtype.is_floating_point else -(2**30)
     return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def assert_layer_matches_reference(layer, ref_fn, x: torch.Tensor, *, missing_is_zero: bool = False) -> None:
+    """``layer(x)`` against ``ref_fn(layer, x)``: the output, then the gradients of the input
+    and of every trainable parameter for a random upstream gradient. A part neither side
+    reached must have no gradient on both sides, or with ``missing_is_zero`` a missing
+    gradient counts as zeros (a backend that runs every expert writes zeros where a loop
+    over the routed experts leaves None)."""
+    ref_x, fast_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref_y, fast_y = ref_fn(layer, ref_x), layer(fast_x)
+    assert_close("output", ref_y, fast_y)
+    g = torch.randn(x.shape)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    ref_grads = torch.autograd.grad((ref_y * g).sum(), [ref_x, *params], allow_unused=True)
+    fast_grads = torch.autograd.grad((fast_y * g).sum(), [fast_x, *params], allow_unused=True)
+    names = ["input", *[n for n, p in layer.named_parameters() if p.requires_grad]]
+    for name, p, a, b in zip(names, [x, *params], ref_grads, fast_grads, strict=True):
+        if missing_is_zero:
+            a = torch.zeros_like(p) if a is None else a
+            b = torch.zeros_like(p) if b is None else b
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert_close(f"grad {name}", a, b)

@@ -8,7 +8,7 @@ import torch
 
 from gatedmoe.gates import SigmoidGate
 from gatedmoe.layers import InputScaledMoE
-from helpers import assert_close
+from helpers import assert_close, assert_layer_matches_reference
 
 
 def _ref(layer: InputScaledMoE, x_TD: torch.Tensor) -> torch.Tensor:
@@ -26,19 +26,7 @@ def test_outputs_and_every_gradient_match_the_formula(T, D, k, shared):
         D, 5, 16, gate=SigmoidGate(D, 5, k=k, normalize=False), n_shared_experts=shared,
         load_balance_weight=0.0, router_z_weight=0.0,
     )  # fmt: skip
-    x = torch.randn(T, D)
-    ref_x, fast_x = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ref_y, fast_y = _ref(layer, ref_x), layer(fast_x)
-    assert_close("output", ref_y, fast_y)
-    g = torch.randn(T, D)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    ref_grads = torch.autograd.grad((ref_y * g).sum(), [ref_x, *params], allow_unused=True)
-    fast_grads = torch.autograd.grad((fast_y * g).sum(), [fast_x, *params], allow_unused=True)
-    names = ["input", *[n for n, p in layer.named_parameters() if p.requires_grad]]
-    for name, a, b in zip(names, ref_grads, fast_grads, strict=True):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            assert_close(f"grad {name}", a, b)
+    assert_layer_matches_reference(layer, _ref, torch.randn(T, D))
 
 
 def test_all_tokens_on_one_expert_and_idle_experts():
