@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 
@@ -136,3 +137,28 @@ def test_backend_options_reach_the_backend(monkeypatch):
     opts = TritonOptions(fp32_scatter=True)
     MoE(8, 4, 16, backend="auto", backend_options=opts)(torch.randn(3, 8))
     assert seen == [opts]
+
+
+@pytest.mark.parametrize("scope", ["micro_batch", "sequence", "global_batch"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_forward_records_the_losses_and_routing_route_gives(scope, capacity_factor):
+    # forward runs route's steps itself (its losses queued after the experts' kernels): the
+    # same routing, the same losses and the same gradients as route() then dispatch().
+    torch.manual_seed(0)
+    kw = {"load_balance_scope": scope, "router_z_weight": 1e-3, "capacity_factor": capacity_factor}
+    layer = MoE(8, 4, 16, k=2, **kw)
+    twin = MoE.from_config(layer.config, gate=copy.deepcopy(layer.gate), experts=copy.deepcopy(layer.experts))
+    x = torch.randn(2, 5, 8)
+    y = layer(x)
+    routing = twin.route(x.reshape(-1, 8), seq_len=5)
+    y_seams = twin.dispatch(x.reshape(-1, 8), routing).reshape(x.shape)
+    assert_close("y", y_seams, y)
+    assert sorted(layer.aux_losses) == sorted(twin.aux_losses) == ["load_balance", "router_z"]
+    for name in layer.aux_losses:
+        assert_close(name, twin.aux_losses[name], layer.aux_losses[name])
+    assert torch.equal(layer.last_routing.token, routing.token)
+    assert torch.equal(layer.last_routing.expert, routing.expert)
+    (y.square().sum() + sum(layer.aux_losses.values())).backward()
+    (y_seams.square().sum() + sum(twin.aux_losses.values())).backward()
+    for (name, p), q in zip(layer.named_parameters(), twin.parameters(), strict=True):
+        assert_close(f"grad {name}", q.grad, p.grad)

@@ -134,7 +134,17 @@ def kernel_configs(
     >>> kernel_configs(torch.float32, torch.device("cpu"), 64)["wgrad"]
     KernelConfig(BM=16, BN=16, BK=16, warps=4, stages=1, group_m=8, tma=True, pregather=False)
     """
-    if device.type != "cuda":
+    cfgs = dict(_rule_configs(dtype, device.type, H))
+    if overrides:
+        cfgs.update({name: cfg for name, cfg in overrides.items() if name in _LARGE_KERNELS})
+    return cfgs
+
+
+@functools.lru_cache(maxsize=64)
+def _rule_configs(dtype: torch.dtype, device_type: str, H: int) -> Mapping[str, KernelConfig]:
+    # Cached: two calls per training step, and the dataclass copies cost host time that
+    # delays the first launch.
+    if device_type != "cuda":
         cfgs = dict.fromkeys(_LARGE_KERNELS, CONFIG_INTERPRETER)
     elif dtype == torch.float32:
         cfgs = dict.fromkeys(_LARGE_KERNELS, CONFIG_FP32)
@@ -146,9 +156,7 @@ def kernel_configs(
             cfgs["glu_fwd"] = replace(cfgs["glu_fwd"], pregather=False, group_m=8)
         if H < PREGATHER_MIN_H["glu_bwd"]:
             cfgs["glu_bwd"] = replace(cfgs["glu_bwd"], pregather=False)
-    if overrides:
-        cfgs.update({name: cfg for name, cfg in overrides.items() if name in _LARGE_KERNELS})
-    return cfgs
+    return MappingProxyType(cfgs)
 
 
 # ---------------------------------------------------------------------------------- decode
