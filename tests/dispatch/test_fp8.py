@@ -264,6 +264,20 @@ def test_fp8_kernels_match_fp8_reference(T, D, H, E, K, mode, scaling, grad_form
 
 
 @pytest.mark.parametrize("scaling", ["blockwise", "rowwise"])
+def test_fp8_forward_keeps_h_for_backward(scaling):
+    """The h the first GEMM's epilogue stores for backward (y is checked elsewhere; a wrong h
+    shows only in the gradients)."""
+    recipe = FP8Recipe(scaling=scaling, block=BLOCK)
+    bank, x, _, _, routing = _inputs(37, 2 * BLOCK, 2 * BLOCK, 4, 2, "random", DTYPE)
+    w_in, w_out = bank.w_in.detach(), bank.w_out.detach()
+    args = (x, routing.token, routing.weight.detach(), routing.counts, w_in, w_out)
+    fast_y, fast_h = fp8_ops._fp8_forward(*args, True, recipe, False, None)
+    ref_y, ref_h = fp8_reference.fp8_moe_forward(*args, recipe)
+    assert_close("h", ref_h, fast_h)
+    assert_close("y", ref_y, fast_y)
+
+
+@pytest.mark.parametrize("scaling", ["blockwise", "rowwise"])
 def test_weights_by_pointer_loads_match_fp8_reference(scaling):
     """The same kernels with the weights read by pointer loads (configs with ``tma=False``)."""
     cfgs = fp8_kernel_configs(torch.device(DEVICE), BLOCK, scaling)
