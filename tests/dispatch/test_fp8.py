@@ -166,7 +166,8 @@ def test_fp8_data_gradient_gemms_match_dequantised_products(scaling, grad_format
                          gather=False, scale=False, scatter=True, cfg=cfg, blockwise=blockwise)
     rows = fp8_reference._per_expert(fp8_reference.dequantize_rows(ghq, ghs, group),
                                      fp8_reference._weight(bank.w_in.detach().transpose(1, 2), recipe), counts)
-    assert_close("gx", torch.zeros(T, D).index_add_(0, token, rows), fast_gx)
+    # DTYPE's table: on sm90 each 128-deep FP8 product accumulates in reduced precision.
+    assert_close("gx", torch.zeros(T, D).index_add_(0, token, rows), fast_gx, DTYPE)
 
 
 @pytest.mark.parametrize("scaling", ["blockwise", "rowwise"])
