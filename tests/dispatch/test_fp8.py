@@ -137,13 +137,16 @@ def test_fp8_swiglu_bwd_matches_unfused_swiglu_bwd_and_quantize_rows(fmt, N):
     assert_close("ghs", ref_s, fast_s, torch.float64)
 
 
-@pytest.mark.parametrize("scaling", ["blockwise", "rowwise"])
+@pytest.mark.parametrize("scaling,D,H", [("blockwise", 2 * BLOCK, 2 * BLOCK), ("rowwise", 2 * BLOCK, 2 * BLOCK),
+                                         ("rowwise", 3 * BLOCK - 8, 2 * BLOCK + 8)])
 @pytest.mark.parametrize("grad_format", ["e4m3", "e5m2"])
-def test_fp8_data_gradient_gemms_match_dequantised_products(scaling, grad_format):
-    """The backward's two FP8 GEMMs alone, with the default configs (TMA where it applies):
-    ``ga = gy[token] @ W_out[e]`` stored per row and ``dL/dx[token] += dL/dh @ W_in[e]``
-    scattered, against float32 products of the same dequantised operands."""
-    T, D, H, E, K = 21, 2 * BLOCK, 2 * BLOCK, 4, 2
+def test_fp8_data_gradient_gemms_match_dequantised_products(scaling, D, H, grad_format):
+    """The backward's two FP8 GEMMs alone, with the default configs (TMA where it applies;
+    widths that are not multiples of the block: pointer loads for ga, a TMA reduction with a
+    partial last step for dL/dx): ``ga = gy[token] @ W_out[e]`` stored per row and
+    ``dL/dx[token] += dL/dh @ W_in[e]`` scattered, against float32 products of the same
+    dequantised operands."""
+    T, E, K = 21, 4, 2
     recipe = FP8Recipe(scaling=scaling, grad_format=grad_format, block=BLOCK)
     blockwise, group = scaling == "blockwise", BLOCK if scaling == "blockwise" else None
     bank, x, _, gy, routing = _inputs(T, D, H, E, K, "random", DTYPE)
