@@ -113,6 +113,66 @@ def test_quantize_cols_matches_reference_bit_for_bit(fmt, gather):
     assert_close("s", ref_s, fast_s, torch.float64)
 
 
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("N", [1, 37])
+def test_fp8_swiglu_bwd_matches_unfused_swiglu_bwd_and_quantize_rows(fmt, N):
+    """The blockwise backward's fused kernel alone: dL/dh, weight * a (over ga) and dL/dweight
+    as the SwiGLU backward without FP8 computes them; dL/dh's FP8 tiles and scales bit for
+    bit as `quantize_rows` makes them from that dL/dh (a zero row: all-zero tiles)."""
+    H = 2 * BLOCK
+    ga = (torch.randn(N, H) * torch.logspace(-3, 3, N)[:, None]).to(DTYPE)
+    ga[N // 2] = 0
+    h = (3 * torch.randn(N, 2 * H)).to(DTYPE)
+    weight = torch.rand(N)
+    fast_wa, ref_wa = ga.clone(), ga.clone()
+    fast_gh, fast_gw, fast_q, fast_s = fp8_ops.fp8_swiglu_bwd(fast_wa, h, weight, fmt, BLOCK)
+    ref_gh = launchers.alloc(N, 2 * H, device=DEVICE, dtype=DTYPE)
+    ref_gw = launchers.alloc(N, device=DEVICE, dtype=torch.float32)
+    launchers.launch_swiglu_bwd(ref_wa, h, weight, ref_gh, ref_wa, ref_gw, N, H)
+    assert_close("gh", ref_gh, fast_gh)
+    assert_close("wa", ref_wa, fast_wa)
+    assert_close("gweight", ref_gw, fast_gw)
+    ref_q, ref_s = fp8_reference.quantize_rows(fast_gh, fmt, BLOCK)
+    assert_close("ghq", ref_q.view(torch.uint8), fast_q.view(torch.uint8))
+    assert_close("ghs", ref_s, fast_s, torch.float64)
+
+
+@pytest.mark.parametrize("scaling,D,H", [("blockwise", 2 * BLOCK, 2 * BLOCK), ("rowwise", 2 * BLOCK, 2 * BLOCK),
+                                         ("rowwise", 3 * BLOCK - 8, 2 * BLOCK + 8)])
+@pytest.mark.parametrize("grad_format", ["e4m3", "e5m2"])
+def test_fp8_data_gradient_gemms_match_dequantised_products(scaling, D, H, grad_format):
+    """The backward's two FP8 GEMMs alone, with the default configs (TMA where it applies;
+    widths that are not multiples of the block: pointer loads for ga, a TMA reduction with a
+    partial last step for dL/dx): ``ga = gy[token] @ W_out[e]`` stored per row and
+    ``dL/dx[token] += dL/dh @ W_in[e]`` scattered, against float32 products of the same
+    dequantised operands."""
+    T, E, K = 21, 4, 2
+    recipe = FP8Recipe(scaling=scaling, grad_format=grad_format, block=BLOCK)
+    blockwise, group = scaling == "blockwise", BLOCK if scaling == "blockwise" else None
+    bank, x, _, gy, routing = _inputs(T, D, H, E, K, "random", DTYPE)
+    token, counts, weight = routing.token, routing.counts, routing.weight.detach()
+    N = token.numel()
+    cfg = fp8_kernel_configs(torch.device(DEVICE), BLOCK, scaling)["fp8_gemm"]
+    w_in = fp8_ops.quantize_weight(bank.w_in.detach(), recipe, transpose=True)
+    w_out = fp8_ops.quantize_weight(bank.w_out.detach(), recipe, transpose=True)
+    gyq, gys = fp8_ops.quantize_rows(gy, grad_format, group)
+    fast_ga = launchers.alloc(N, H, device=DEVICE, dtype=DTYPE)
+    fp8_ops._launch_gemm(gyq, gys, w_out.qt, w_out.st, w_out.WB, fast_ga, token, weight, counts, N, D, H, gather=True,
+                         scale=False, scatter=False, cfg=cfg, blockwise=blockwise)
+    ref_ga = fp8_reference._per_expert(fp8_reference.dequantize_rows(gyq, gys, group)[token],
+                                       fp8_reference._weight(bank.w_out.detach().transpose(1, 2), recipe), counts)
+    assert_close("ga", ref_ga.to(DTYPE), fast_ga)
+    gh = (torch.randn(N, 2 * H) * torch.logspace(-2, 2, 2 * H)[torch.randperm(2 * H)]).to(DTYPE)
+    ghq, ghs = fp8_ops.quantize_rows(gh, grad_format, group)
+    fast_gx = torch.zeros(T, D, dtype=torch.float32)
+    fp8_ops._launch_gemm(ghq, ghs, w_in.qt, w_in.st, w_in.WB, fast_gx, token, weight, counts, N, 2 * H, D,
+                         gather=False, scale=False, scatter=True, cfg=cfg, blockwise=blockwise)
+    rows = fp8_reference._per_expert(fp8_reference.dequantize_rows(ghq, ghs, group),
+                                     fp8_reference._weight(bank.w_in.detach().transpose(1, 2), recipe), counts)
+    # DTYPE's table: on sm90 each 128-deep FP8 product accumulates in reduced precision.
+    assert_close("gx", torch.zeros(T, D).index_add_(0, token, rows), fast_gx, DTYPE)
+
+
 @pytest.mark.parametrize("scaling", ["blockwise", "rowwise"])
 def test_quantized_weight_matches_reference_bit_for_bit(scaling):
     recipe = FP8Recipe(scaling=scaling, block=BLOCK)
@@ -205,6 +265,20 @@ def test_fp8_kernels_match_fp8_reference(T, D, H, E, K, mode, scaling, grad_form
     for name, ref, fast in zip(["x", "weight", "w_in", "w_out"], ref_g, fast_g, strict=True):
         # The weight gradients come back in the parameters' float32 from the input dtype's products.
         assert_close(f"grad {name}", ref, fast, DTYPE)
+
+
+@pytest.mark.parametrize("scaling", ["blockwise", "rowwise"])
+def test_fp8_forward_keeps_h_for_backward(scaling):
+    """The h the first GEMM's epilogue stores for backward (y is checked elsewhere; a wrong h
+    shows only in the gradients)."""
+    recipe = FP8Recipe(scaling=scaling, block=BLOCK)
+    bank, x, _, _, routing = _inputs(37, 2 * BLOCK, 2 * BLOCK, 4, 2, "random", DTYPE)
+    w_in, w_out = bank.w_in.detach(), bank.w_out.detach()
+    args = (x, routing.token, routing.weight.detach(), routing.counts, w_in, w_out)
+    fast_y, fast_h = fp8_ops._fp8_forward(*args, True, recipe, False, None)
+    ref_y, ref_h = fp8_reference.fp8_moe_forward(*args, recipe)
+    assert_close("h", ref_h, fast_h)
+    assert_close("y", ref_y, fast_y)
 
 
 @pytest.mark.parametrize("scaling", ["blockwise", "rowwise"])

@@ -10,8 +10,9 @@
                            epilogue writing h (input dtype, for backward) and a, quantised
                            in the epilogue (blockwise: the tile's BN columns are one 1 x block
                            tile of each row, so its amax is the tile's row max).
-* `fp8_swiglu_bwd_kernel`  the SwiGLU backward of `kernels.swiglu_bwd_kernel`, also writing
-                           dL/dh quantised in 1 x block tiles (blockwise).
+* `fp8_swiglu_bwd_kernel`  the SwiGLU backward of `kernels.swiglu_bwd_kernel` (its column
+                           chunks: `kernels._swiglu_bwd_chunk`), also writing dL/dh quantised
+                           in 1 x block tiles (blockwise).
 * `fp8_gemm_kernel`        C = A[rows] @ B[e]^T with FP8 A and B (B stored ``[E, N_COLS, K]``,
                            k contiguous, as Hopper's FP8 tensor cores read both operands;
                            B, and A when not gathered, through TMA descriptors),
@@ -42,7 +43,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from gatedmoe.dispatch.triton.kernels import _program_tile, _tile_rows
+from gatedmoe.dispatch.triton.kernels import _program_tile, _swiglu_bwd_chunk, _tile_rows
 
 _AMAX_FLOOR = tl.constexpr(2.0**-100)
 
@@ -75,10 +76,11 @@ def _round_fp8_in_fp32(v, FMAX_EXP: tl.constexpr):
         DROP: tl.constexpr = 21
         MAGIC: tl.constexpr = 192.0  # 1.5 * 2^7: ulp 2^-16
         TINY: tl.constexpr = 0.00006103515625
-    bits = v.to(tl.int32, bitcast=True)
-    bits = (bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) & ~((1 << DROP) - 1)
+    v_bits = v.to(tl.int32, bitcast=True)
+    bits = (v_bits + ((1 << (DROP - 1)) - 1) + ((v_bits >> DROP) & 1)) & ~((1 << DROP) - 1)
     sub = tl.abs((v + MAGIC) - MAGIC)
-    sub = tl.where(v < 0, -sub, sub)  # -0.0 for a small negative, as the conversion gives
+    # The sign bit, not v < 0: -0.0 for -0.0 and for a small negative, as the conversion gives.
+    sub = tl.where(v_bits < 0, -sub, sub)
     return tl.where(tl.abs(v) < TINY, sub, bits.to(tl.float32, bitcast=True))
 
 
@@ -287,48 +289,43 @@ def fp8_gemm_kernel(
 
 
 @triton.jit
+def _quantize_row_tiles(v, q_ptrs, s_ptrs, mask, row_mask, FMAX: tl.constexpr, FMAX_EXP: tl.constexpr,
+                        ROUND: tl.constexpr):
+    """``v [BM, B]`` (float32) as one ``1 x B`` tile of each row: the FP8 values at ``q_ptrs``,
+    each row's scale at ``s_ptrs`` (masked by ``mask`` / ``row_mask``)."""
+    scale, inv = _pow2_scale(tl.max(tl.abs(v), axis=1), FMAX_EXP)
+    tl.store(q_ptrs, _to_fp8(v, inv[:, None], FMAX, FMAX_EXP, q_ptrs.dtype.element_ty, ROUND), mask=mask)
+    tl.store(s_ptrs, scale, mask=row_mask)
+
+
+@triton.jit
 def fp8_swiglu_bwd_kernel(
     ga_ptr, h_ptr, weight_ptr, gh_ptr, wa_ptr, gweight_ptr, ghq_ptr, ghs_ptr,
     N, H,
     BM: tl.constexpr, BH: tl.constexpr, FMAX: tl.constexpr, FMAX_EXP: tl.constexpr, ROUND: tl.constexpr,
 ):
-    """`kernels.swiglu_bwd_kernel` (same outputs) that also quantises dL/dh for the dL/dx GEMM:
-    with ``BH`` = the block (H a multiple of it) each column chunk of the gate half and of
-    the up half is one ``1 x BH`` tile of each row of dL/dh, so its amax is the chunk's row max
-    and ``ghq [N, 2H]`` / ``ghs [N, 2H / BH]`` are written with no second pass over dL/dh.
-    The tiles quantise dL/dh rounded to its dtype, as the reference does."""
+    """`kernels.swiglu_bwd_kernel` (same outputs, the same `kernels._swiglu_bwd_chunk`) that
+    also quantises dL/dh for the dL/dx GEMM: with ``BH`` = the block (H a multiple of it)
+    each column chunk of the gate and of the up half is one ``1 x BH`` tile of each row of
+    dL/dh, so its amax is the chunk's row max and ``ghq [N, 2H]`` / ``ghs [N, 2H / BH]`` are
+    written with no second pass over dL/dh. The tiles quantise dL/dh rounded to its dtype,
+    as the reference does."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
-    KB = 2 * (H // BH)
+    HB = H // BH  # scale blocks per half: gate tiles at [0, HB), up tiles at [HB, 2 HB)
     w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     gw = tl.zeros((BM,), dtype=tl.float32)
     for c0 in range(0, H, BH):
         cols = c0 + tl.arange(0, BH)
+        g_gate, g_up, gw_chunk = _swiglu_bwd_chunk(ga_ptr, h_ptr, gh_ptr, wa_ptr, w, rows64, row_mask, cols, H)
+        gw += gw_chunk
         mask = row_mask[:, None] & (cols < H)[None, :]
-        ga = tl.load(ga_ptr + rows64[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        h_row = h_ptr + rows64[:, None] * (2 * H)
-        hg = tl.load(h_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        hu = tl.load(h_row + H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(hg)
-        silu = hg * sig
-        act = silu * hu
-        gw += tl.sum(ga * act, axis=1)
-        ga = ga * w[:, None]
-        g_gate = (ga * hu * (sig + silu * (1.0 - sig))).to(gh_ptr.dtype.element_ty)
-        g_up = (ga * silu).to(gh_ptr.dtype.element_ty)
-        gh_row = gh_ptr + rows64[:, None] * (2 * H)
-        tl.store(gh_row + cols[None, :], g_gate, mask=mask)
-        tl.store(gh_row + H + cols[None, :], g_up, mask=mask)
-        tl.store(wa_ptr + rows64[:, None] * H + cols[None, :], (act * w[:, None]).to(wa_ptr.dtype.element_ty), mask=mask)
         q_row = ghq_ptr + rows64[:, None] * (2 * H)
-        kb = c0 // BH
-        for half in tl.static_range(2):
-            v = (g_gate if half == 0 else g_up).to(tl.float32)
-            scale, inv = _pow2_scale(tl.max(tl.abs(v), axis=1), FMAX_EXP)
-            tl.store(q_row + half * H + cols[None, :], _to_fp8(v, inv[:, None], FMAX, FMAX_EXP,
-                                                              ghq_ptr.dtype.element_ty, ROUND), mask=mask)
-            tl.store(ghs_ptr + rows64 * KB + half * (H // BH) + kb, scale, mask=row_mask)
+        s_row = ghs_ptr + rows64 * (2 * HB) + c0 // BH
+        _quantize_row_tiles(g_gate.to(tl.float32), q_row + cols[None, :], s_row, mask, row_mask, FMAX, FMAX_EXP, ROUND)
+        _quantize_row_tiles(g_up.to(tl.float32), q_row + H + cols[None, :], s_row + HB, mask, row_mask, FMAX, FMAX_EXP,
+                            ROUND)
     tl.store(gweight_ptr + rows, gw, mask=row_mask)
 
 

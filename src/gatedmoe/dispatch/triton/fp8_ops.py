@@ -54,6 +54,7 @@ from gatedmoe.dispatch.triton.ops import _counts_on_host
 
 __all__ = [
     "QuantizedWeight",
+    "fp8_swiglu_bwd",
     "fp8_unsupported",
     "moe_glu_fp8",
     "moe_glu_fp8_backward",
@@ -300,17 +301,12 @@ def _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH,
     _launch_gemm(gyq, gys, w_out.qt, w_out.st, w_out.WB, ga, token_N, weight_N, counts_E, N, D, H, gather=True,
                  scale=False, scatter=False, cfg=cfg, blockwise=blockwise)
     del gyq, gys
-    gh = launchers.alloc(N, 2 * H, device=x.device, dtype=x.dtype)
-    gweight = launchers.alloc(N, device=x.device, dtype=torch.float32)
     wa = ga  # written in place, as without FP8 (`ops._backward_impl`)
     if blockwise:  # dL/dh quantised in the SwiGLU backward: its chunks are the 1 x block tiles
-        ghq = launchers.alloc(N, 2 * H, device=x.device, dtype=FP8_DTYPES[fmt])
-        ghs = launchers.alloc(N, 2 * H // recipe.block, device=x.device, dtype=torch.float32)
-        BM = 8 if x.is_cuda else 16
-        fp8_swiglu_bwd_kernel[(triton.cdiv(N, BM),)](
-            ga, h_box.pop(), weight_N, gh, wa, gweight, ghq, ghs, N, H, BM=BM, BH=recipe.block, FMAX=FP8_MAX[fmt],
-            FMAX_EXP=_FMAX_EXP[fmt], ROUND=_round(x), num_warps=4 if x.is_cuda else 1)
+        gh, gweight, ghq, ghs = fp8_swiglu_bwd(ga, h_box.pop(), weight_N, fmt, recipe.block)
     else:  # a row's amax needs the whole row: a separate pass
+        gh = launchers.alloc(N, 2 * H, device=x.device, dtype=x.dtype)
+        gweight = launchers.alloc(N, device=x.device, dtype=torch.float32)
         launchers.launch_swiglu_bwd(ga, h_box.pop(), weight_N, gh, wa, gweight, N, H)
         ghq, ghs = quantize_rows(gh, fmt, group)
     gx = _scatter_buffer(T, D, x, fp32_scatter)
@@ -334,6 +330,31 @@ def _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH,
         del gh
         grad_w_out = launchers.weight_grad(gy.index_select(0, token_N), wa, counts_E, offs, counts_list)  # [E, D, H]
     return gx.to(x.dtype), gweight.to(weight_N.dtype), grad_w_in.to(w_in_EHD.dtype), grad_w_out.to(w_out_EDH.dtype)
+
+
+def fp8_swiglu_bwd(ga_NH: Tensor, h_N2H: Tensor, weight_N: Tensor, fmt: str, block: int
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The SwiGLU backward of the blockwise recipe with dL/dh quantised in the same pass
+    (`fp8_kernels.fp8_swiglu_bwd_kernel`): ``(gh [N, 2H], gweight [N] float32, ghq [N, 2H],
+    ghs [N, 2H / block])``, and ``weight * a`` written over ``ga`` (as `launchers.launch_swiglu_bwd`
+    with ``wa = ga``). ``gh`` in ga's dtype; ``ghq, ghs`` equal `quantize_rows` (gh, fmt, block).
+    H must be a multiple of ``block``.
+
+    Examples
+    --------
+    >>> gh, gw, ghq, ghs = fp8_swiglu_bwd(ga, h, weight, "e4m3", 128)  # doctest: +SKIP
+    """
+    N, H = ga_NH.shape
+    gh = launchers.alloc(N, 2 * H, device=ga_NH.device, dtype=ga_NH.dtype)
+    gweight = launchers.alloc(N, device=ga_NH.device, dtype=torch.float32)
+    ghq = launchers.alloc(N, 2 * H, device=ga_NH.device, dtype=FP8_DTYPES[fmt])
+    ghs = launchers.alloc(N, 2 * H // block, device=ga_NH.device, dtype=torch.float32)
+    if N:
+        BM = 8 if ga_NH.is_cuda else 16
+        fp8_swiglu_bwd_kernel[(triton.cdiv(N, BM),)](
+            ga_NH, h_N2H, weight_N, gh, ga_NH, gweight, ghq, ghs, N, H, BM=BM, BH=block, FMAX=FP8_MAX[fmt],
+            FMAX_EXP=_FMAX_EXP[fmt], ROUND=_round(ga_NH), num_warps=4 if ga_NH.is_cuda else 1)
+    return gh, gweight, ghq, ghs
 
 
 def quantize_cols(x_RC: Tensor, token_N: Tensor | None, fmt: str, block: int) -> tuple[Tensor, Tensor]:

@@ -221,6 +221,32 @@ def gemm_kernel(
 
 
 @triton.jit
+def _swiglu_bwd_chunk(ga_ptr, h_ptr, gh_ptr, wa_ptr, w, rows64, row_mask, cols, H):
+    """One column chunk of `swiglu_bwd_kernel` (rows ``rows64``, columns ``cols`` of the H
+    halves; ``w`` the rows' routing weights, float32): loads ga and h, stores dL/dh (both
+    halves) and ``weight * a``, returns ``(g_gate, g_up, <ga, a>)``: the two dL/dh chunks as
+    stored (gh's dtype) and each row's part of dL/dweight. Shared with
+    `fp8_kernels.fp8_swiglu_bwd_kernel`, which also quantises the returned chunks."""
+    mask = row_mask[:, None] & (cols < H)[None, :]
+    ga = tl.load(ga_ptr + rows64[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h_row = h_ptr + rows64[:, None] * (2 * H)
+    hg = tl.load(h_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    hu = tl.load(h_row + H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(hg)
+    silu = hg * sig
+    act = silu * hu
+    gw = tl.sum(ga * act, axis=1)
+    ga = ga * w[:, None]
+    g_gate = (ga * hu * (sig + silu * (1.0 - sig))).to(gh_ptr.dtype.element_ty)
+    g_up = (ga * silu).to(gh_ptr.dtype.element_ty)
+    gh_row = gh_ptr + rows64[:, None] * (2 * H)
+    tl.store(gh_row + cols[None, :], g_gate, mask=mask)
+    tl.store(gh_row + H + cols[None, :], g_up, mask=mask)
+    tl.store(wa_ptr + rows64[:, None] * H + cols[None, :], (act * w[:, None]).to(wa_ptr.dtype.element_ty), mask=mask)
+    return g_gate, g_up, gw
+
+
+@triton.jit
 def swiglu_bwd_kernel(
     ga_ptr, h_ptr, weight_ptr, gh_ptr, wa_ptr, gweight_ptr,
     N, H,
@@ -239,21 +265,8 @@ def swiglu_bwd_kernel(
     w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     gw = tl.zeros((BM,), dtype=tl.float32)
     for c0 in range(0, H, BH):
-        cols = c0 + tl.arange(0, BH)
-        mask = row_mask[:, None] & (cols < H)[None, :]
-        ga = tl.load(ga_ptr + rows64[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        h_row = h_ptr + rows64[:, None] * (2 * H)
-        hg = tl.load(h_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        hu = tl.load(h_row + H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(hg)
-        silu = hg * sig
-        act = silu * hu
-        gw += tl.sum(ga * act, axis=1)
-        ga = ga * w[:, None]
-        gh_row = gh_ptr + rows64[:, None] * (2 * H)
-        tl.store(gh_row + cols[None, :], (ga * hu * (sig + silu * (1.0 - sig))).to(gh_ptr.dtype.element_ty), mask=mask)
-        tl.store(gh_row + H + cols[None, :], (ga * silu).to(gh_ptr.dtype.element_ty), mask=mask)
-        tl.store(wa_ptr + rows64[:, None] * H + cols[None, :], (act * w[:, None]).to(wa_ptr.dtype.element_ty), mask=mask)
+        _, _, gw_chunk = _swiglu_bwd_chunk(ga_ptr, h_ptr, gh_ptr, wa_ptr, w, rows64, row_mask, c0 + tl.arange(0, BH), H)
+        gw += gw_chunk
     tl.store(gweight_ptr + rows, gw, mask=row_mask)
 
 
