@@ -1,8 +1,9 @@
 """Balance scopes under gradient accumulation: the gate arena's LM on tiny Shakespeare with
 the same gate (top-2 softmax, 8 experts, 2 MoE layers) and each way of balancing it.
 
-    python benchmarks/balance_scopes.py [--steps 250] [--seeds 5] [--micro-batches 4]
+    python benchmarks/balance_scopes.py [--steps 200] [--seeds 4] [--micro-batches 4]
         [--batch-size 4] [--jobs 2] [--out benchmarks/results_balance_scopes_cpu.json]
+    python benchmarks/balance_scopes.py --replot   # table and PNG again from the JSON
 
 Contestants (`gatedmoe.arena.run_text_arena` variants; everything else equal, per seed the
 same initial weights and data order): no balancing; the balance loss (weight 0.01) at
@@ -117,7 +118,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
             vals = [f(r) for r in runs if r["label"] == label]
             ax.scatter([i] * len(vals), vals, s=14, alpha=0.6, color="C0")
             ax.hlines(statistics.median(vals), i - 0.3, i + 0.3, color="C3", lw=2)
-        ax.set_xticks(range(len(labels)), [lab.replace(" ", "\n", 1) for lab in labels], fontsize=8)
+        ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=35, ha="right")
         ax.set_title(name, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0].axhline(0.0, color="grey", lw=0.8)
@@ -127,16 +128,29 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _title(micro_batches: int, batch_size: int, steps: int, seeds: int) -> str:
+    return (f"Balancing under gradient accumulation ({micro_batches} micro-batches of {batch_size} x 128 chars, "
+            f"{steps} steps, {seeds} seeds; top-2 of 8 experts)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=250, help="optimizer steps per run")
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
+    p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--micro-batches", type=int, default=4, help="forwards accumulated per optimizer step")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
     p.add_argument("--eval-batches", type=int, default=32, help="validation batches of --batch-size sequences")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one torch thread each)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results_balance_scopes_cpu.json"))
+    p.add_argument("--replot", action="store_true", help="no training: the table and PNG again from --out's JSON")
     args = p.parse_args()
+    if args.replot:
+        doc = json.loads(args.out.read_text())
+        cfg = doc["config"]
+        print(table(rows_of(doc["runs"])))
+        plot(doc["runs"], args.out.with_suffix(".png"), _title(cfg["micro_batches"], cfg["batch_size"], cfg["steps"],
+                                                              cfg["seeds"]))
+        return
 
     text = load_tinyshakespeare()
     print(machine(), flush=True)
@@ -156,8 +170,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
     png = args.out.with_suffix(".png")
-    plot(res.runs, png, f"Balancing under gradient accumulation ({args.micro_batches} micro-batches of "
-                        f"{args.batch_size} x 128 chars, {args.steps} steps, {args.seeds} seeds; top-2 of 8 experts)")
+    plot(res.runs, png, _title(args.micro_batches, args.batch_size, args.steps, args.seeds))
     print(f"wrote {args.out} and {png}")
 
 
