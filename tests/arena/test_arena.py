@@ -1,6 +1,7 @@
 import base64
 import csv
 import json
+import math
 from html.parser import HTMLParser
 
 import pytest
@@ -158,3 +159,74 @@ def test_tabular_contestants_carry_the_preset_moe_config(monkeypatch):
     want = TABULAR_MOE.replace(d_model=8)
     assert [n.moe.config for n in nets[:2]] == [gate_preset(g, base=want) for g in ("gumbel_softmax", "sigmoid")]
     assert nets[0].embed.weight.shape == (13, 4)
+
+
+def test_variants_are_contestants_on_each_gate_preset(monkeypatch):
+    import gatedmoe.arena.runner as runner
+    from gatedmoe.arena import TEXT_MOE, gate_preset
+
+    seen = []
+
+    def fake_run(task, progress, threads):
+        seen.append(task)
+        return {"label": task["label"], "seed": task["seed"]}, None
+
+    monkeypatch.setattr(runner, "_text_run", fake_run)
+    variants = {"micro": {}, "global": {"load_balance_scope": "global_batch", "bias_update_every": "step"}}
+    res = run_text_arena(TEXT, ["topk_softmax", "sigmoid"], steps=1, model=TINY_LM, micro_batches=3,
+                         variants=variants, progress=False)
+    assert [t["label"] for t in seen] == ["topk_softmax micro", "topk_softmax global", "sigmoid micro",
+                                          "sigmoid global"]
+    base = TEXT_MOE.replace(d_model=16, n_experts=4, d_hidden=16)
+    want = [gate_preset(g, len(res.vocab), base=base).replace(**v) for g in ("topk_softmax", "sigmoid")
+            for v in variants.values()]
+    assert [t["cfg"].moe for t in seen] == want
+    assert all(t["micro_batches"] == 3 for t in seen)
+    assert res.config["variants"] == variants and res.config["micro_batches"] == 3
+    seen.clear()
+    run_text_arena(TEXT, ["topk_softmax"], steps=1, model=TINY_LM, variants=variants, progress=False)
+    assert [t["label"] for t in seen] == ["micro", "global"]
+
+
+def test_bad_variants_and_micro_batches():
+    for variants, match in [({}, "non-empty"), ({"a": {"nope": 1}}, "nope"), ({"a": {"gate": "hash"}}, "gate"),
+                            ({"": {}}, "labels"), ({"a": 3}, "mapping")]:
+        with pytest.raises(ValueError, match=match):
+            run_text_arena(TEXT, ["topk_softmax"], steps=1, variants=variants, progress=False)
+    with pytest.raises(ValueError, match="micro_batches"):
+        run_text_arena(TEXT, ["topk_softmax"], steps=1, micro_batches=0, progress=False)
+
+
+def test_accumulated_runs_report_balance_per_micro_batch_and_specialisation():
+    res = run_text_arena(TEXT, ["topk_softmax"], steps=2, batch_size=2, micro_batches=2, eval_batches=3,
+                         model=TINY_LM, variants={"micro": {}, "bias": {"load_balance_weight": 0.0,
+                                                                        "bias_update_rate": 1e-2}}, progress=False)
+    for run in res.runs:
+        # The fullest expert over all batches holds at most the sum of each batch's fullest.
+        assert run["micro_max_violation"] >= run["max_violation"] - 1e-9
+        assert 0.0 <= run["char_expert_mi"] <= 2.0  # log2(4 experts)
+    assert {r["label"] for r in leaderboard(res)} == {"micro", "bias"}
+    assert "micro_max_violation" in leaderboard(res)[0]
+
+
+def test_char_expert_mi_hand_computed():
+    import torch
+
+    from gatedmoe.analysis import RoutingStats
+    from gatedmoe.arena.runner import _char_expert_mi
+    from gatedmoe.routing import Routing
+
+    def stats_of(experts_TK, ids):
+        T, K = experts_TK.shape
+        st = RoutingStats()
+        st.update(Routing.from_topk(torch.full((T, K), 1.0 / K), experts_TK, 2), "l", torch.tensor(ids))
+        return st
+
+    # Character 0 always to expert 0, character 1 always to expert 1: the expert is the
+    # character, 1 bit. Every token to both experts: the expert says nothing, 0 bits.
+    assert _char_expert_mi(stats_of(torch.tensor([[0], [1], [0], [1]]), [0, 1, 0, 1])) == pytest.approx(1.0)
+    assert _char_expert_mi(stats_of(torch.tensor([[0, 1], [0, 1]]), [0, 1])) == pytest.approx(0.0)
+    # Character 0 -> expert 0 twice, character 1 -> experts 0 and 1: joint p = (1/2, 0; 1/4, 1/4),
+    # I = H(expert) - H(expert | char) = H(3/4, 1/4) - 1/2 * 1 bit.
+    h = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert _char_expert_mi(stats_of(torch.tensor([[0], [0], [0], [1]]), [0, 0, 1, 1])) == pytest.approx(h - 0.5)

@@ -66,6 +66,15 @@ def test_compare_tiny_end_to_end(tmp_path, capsys):
     assert [t["task"] for t in doc["tasks"]] == ["text", "tabular"]
 
 
+def test_compare_micro_batches(tmp_path, capsys):
+    rc = main(["compare", "--task", "text", "--gates", "topk_softmax", "--steps", "2", "--layers", "1", "--d-model",
+               "16", "--seq-len", "16", "--experts", "4", "--batch-size", "2", "--micro-batches", "2",
+               "--eval-batches", "2", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0 and "max viol/micro" in capsys.readouterr().out
+    task = json.loads((tmp_path / "results.json").read_text())["tasks"][0]
+    assert task["config"]["micro_batches"] == 2 and "micro_max_violation" in task["runs"][0]
+
+
 def test_compare_unknown_gate():
     with pytest.raises(SystemExit, match="unknown gate"):
         main(["compare", "--gates", "topk_softmax,bogus"])

@@ -217,3 +217,33 @@ def test_old_format_checkpoint_loads_and_resumes(tmp_path):
     resumed = train_lm(text, steps=4, resume_from=tmp_path, **kw)
     assert resumed["resumed_from_step"] == 2 and resumed["model"].cfg == straight["model"].cfg
     assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-5)
+
+
+def test_gradient_accumulation_matches_one_batch_of_all_micro_batches():
+    # Without the balance loss (a product of two batch means, not a mean over tokens) the
+    # loss is a mean over tokens, so 2 micro-batches of 2 sequences take the step that one
+    # batch of the same 4 sequences takes (the generator draws the same windows either way).
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    kw = dict(steps=3, lr=1e-2, eval_every=3, eval_batches=1, progress=False, seq_len=16, d_model=16, n_layers=1,
+              n_heads=2, n_experts=4, d_hidden=16, load_balance_weight=0.0)
+    one = train_lm(text, batch_size=4, **kw)
+    acc = train_lm(text, batch_size=2, micro_batches=2, **kw)
+    assert acc["micro_batches"] == 2 and one["micro_batches"] == 1
+    assert acc["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+    for (name, a), b in zip(one["model"].state_dict().items(), acc["model"].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)  # float32, other summation order
+    with pytest.raises(ValueError, match="micro_batches"):
+        train_lm(text, micro_batches=0, **kw)
+
+
+@pytest.mark.parametrize("every", ["forward", "step"])
+def test_gradient_accumulation_bias_steps_per_forward_or_per_step(every):
+    # One optimizer step of 3 micro-batches: "step" moves each bias once (by -u, 0 or +u),
+    # "forward" three times (u too small to change the routing, so an expert overloaded in
+    # one micro-batch is overloaded in all three and moves by 3u).
+    u = 1e-4
+    m = train_lm("the quick brown fox jumps over the lazy dog. " * 40, steps=1, batch_size=2, micro_batches=3,
+                 eval_batches=1, progress=False, seq_len=16, d_model=16, n_layers=1, n_heads=2, n_experts=4,
+                 d_hidden=16, load_balance_weight=0.0, bias_update_rate=u, bias_update_every=every)
+    moves = (m["model"].blocks[0].ffn.gate.balancer.bias / u).abs().round()
+    assert moves.max() == (1 if every == "step" else 3)

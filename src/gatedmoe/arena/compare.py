@@ -14,8 +14,8 @@ from gatedmoe.arena.runner import ArenaResult
 __all__ = ["NOTES", "write_outputs"]
 
 NOTES = [
-    "Every contestant of a task has the same model, budget, data order and seeds; only the gate differs "
-    "(tabular: the MLP has the MoE's parameter count).",
+    "Every contestant of a task has the same model, budget, data order and seeds; only the gate differs, and with "
+    "variants the MoE settings each variant changes (tabular: the MLP has the MoE's parameter count).",
     "load CV and max violation are over executed assignments (max violation = max load / mean load - 1); "
     "dense gates (softmax, soft gumbel_softmax) send every token to every expert, so their load is uniform by "
     "construction and their entropy says how peaked the weights are.",

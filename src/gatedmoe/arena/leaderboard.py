@@ -24,6 +24,8 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("active_params", "active", "{:,.0f}"),
     ("load_cv", "load CV", "{:.3f}"),
     ("max_violation", "max viol", "{:.3f}"),
+    # Runs with gradient accumulation: the same per validation batch of one micro-batch's size.
+    ("micro_max_violation", "max viol/micro", "{:.3f}"),
     ("dropped_pct", "dropped %", "{:.2f}"),
     ("entropy_norm", "entropy/logE", "{:.3f}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"),

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,16 @@ from gatedmoe import gates as gate_registry
 from gatedmoe.analysis import RoutingStats
 from gatedmoe.data import TabularDataset
 from gatedmoe.layers.config import MoEConfig
-from gatedmoe.models import CharTokenizer, LMConfig, TabularMLP, TabularMoE, train_lm, train_tabular
+from gatedmoe.layers.moe import MoE
+from gatedmoe.models import (
+    CharTokenizer,
+    LMConfig,
+    TabularMLP,
+    TabularMoE,
+    TextBatches,
+    train_lm,
+    train_tabular,
+)
 
 __all__ = [
     "ArenaResult",
@@ -103,6 +114,28 @@ class ArenaResult:
     seconds: float = 0.0
 
 
+def _contestants(gate_names: list[str], variants: Mapping[str, Mapping[str, Any]] | None
+                 ) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(label, gate, MoEConfig changes)`` per contestant: one per gate, or with
+    ``variants`` one per gate and variant, labelled by the variant (one gate) or
+    ``"<gate> <variant>"``."""
+    if variants is None:
+        return [(g, g, {}) for g in gate_names]
+    if not isinstance(variants, Mapping) or not variants:
+        raise ValueError(f"variants must be a non-empty mapping of label -> MoEConfig changes, got {variants!r}")
+    for name, changes in variants.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"variants: labels must be non-empty strings, got {name!r}")
+        if not isinstance(changes, Mapping):
+            raise ValueError(f"variants[{name!r}] must be a mapping of MoEConfig fields, got {changes!r}")
+        unknown = sorted(set(changes) - _MOE_FIELDS - {"gate"}) + (["gate"] if "gate" in changes else [])
+        if unknown:
+            raise ValueError(f"variants[{name!r}]: {', '.join(unknown)} not MoEConfig fields a variant may set "
+                             "(the gate is chosen by gates)")
+    return [(name if len(gate_names) == 1 else f"{g} {name}", g, dict(changes))
+            for g in gate_names for name, changes in variants.items()]
+
+
 def _routing_columns(summary: dict) -> dict[str, float | None]:
     mean = summary.get("mean") or {}
     if not mean:
@@ -146,6 +179,8 @@ def run_text_arena(
     progress: bool = True,
     jobs: int = 1,
     threads: int | None = None,
+    micro_batches: int = 1,
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> ArenaResult:
     """Train `MoETransformerLM` once per gate and seed on ``text``; same config, budget,
     data order and initial weights (per seed) for every gate.
@@ -156,24 +191,50 @@ def run_text_arena(
     at once in worker processes (spawned; each uses ``threads`` torch threads, default 1);
     one progress bar moves per training step over all runs; results are the same as with ``jobs=1``. Returns an
     `ArenaResult` whose runs hold ``val_loss``, ``params``, ``active_params``,
-    ``load_cv``, ``max_violation``, ``dropped_pct``, ``entropy_norm``, ``tokens_per_s``
+    ``load_cv``, ``max_violation``, ``dropped_pct``, ``entropy_norm``, ``tokens_per_s``,
+    ``char_expert_mi`` (mutual information between a token's character and its experts on
+    validation, bits, mean over layers: how much the experts specialise on characters)
     and the validation curve.
+
+    ``micro_batches`` accumulates gradients over that many forwards of ``batch_size``
+    sequences per optimizer step (`train_lm`); then runs also hold
+    ``micro_max_violation``: max load / mean load - 1 of each validation batch of
+    ``batch_size`` sequences (one micro-batch), averaged over batches and layers, beside
+    ``max_violation`` over all ``eval_batches`` batches together.
+
+    ``variants`` (label -> `MoEConfig` changes, e.g. ``{"global": {"load_balance_scope":
+    "global_batch"}}``) trains each gate once per variant, its preset with those changes;
+    a contestant is labelled by its variant (one gate) or ``"<gate> <variant>"``.
+
+    >>> from gatedmoe.data import load_tinyshakespeare
+    >>> res = run_text_arena(load_tinyshakespeare()[:20000], ["topk_softmax"], steps=2, batch_size=2,
+    ...                      micro_batches=2, variants={"micro": {}, "global": {"load_balance_scope": "global_batch"}},
+    ...                      model=dict(n_layers=1, d_model=16, seq_len=16), eval_batches=1, progress=False)
+    >>> [r["label"] for r in res.runs]
+    ['micro', 'global']
     """
     gate_names = list(gates)
     _check_common(gate_names, seeds, steps)
+    contestants = _contestants(gate_names, variants)
     model_cfg, base = _split_model({**TEXT_MODEL, **(model or {})}, TEXT_MOE if moe is None else moe)
     vocab = CharTokenizer.from_text(text).chars
-    config = {"model": model_cfg, "steps": steps, "seeds": seeds, "batch_size": batch_size, "lr": lr,
-              "eval_batches": eval_batches, **_moe_record(base, gate_names, len(vocab))}
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    config = {"model": model_cfg, "steps": steps, "seeds": seeds, "batch_size": batch_size,
+              "micro_batches": micro_batches, "lr": lr, "eval_batches": eval_batches,
+              **_moe_record(base, gate_names, len(vocab))}
+    if variants is not None:
+        config["variants"] = {name: dict(changes) for name, changes in variants.items()}
+    for name, v in (("jobs", jobs), ("micro_batches", micro_batches)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     result = ArenaResult("text", dataset, config, vocab=vocab)
     t0 = time.perf_counter()
     tasks = [
-        dict(text=text, cfg=LMConfig(vocab_size=len(vocab), moe=gate_preset(gate, len(vocab), base=base), **model_cfg),
-             steps=steps, batch_size=batch_size, lr=lr, device=device, seed=seed, eval_every=eval_every,
-             eval_batches=eval_batches, desc=f"{gate} seed {seed}")
-        for gate in gate_names for seed in range(seeds)
+        dict(text=text, label=label,
+             cfg=LMConfig(vocab_size=len(vocab), moe=gate_preset(gate, len(vocab), base=base).replace(**changes),
+                          **model_cfg),
+             steps=steps, batch_size=batch_size, micro_batches=micro_batches, lr=lr, device=device, seed=seed,
+             eval_every=eval_every, eval_batches=eval_batches, desc=f"{label} seed {seed}")
+        for label, gate, changes in contestants for seed in range(seeds)
     ]
     outcomes = _run_all(tasks, jobs, threads, progress)
     for task, (run, stats) in zip(tasks, outcomes, strict=True):
@@ -234,18 +295,61 @@ def _text_run(task: dict[str, Any], progress: bool, threads: int | None,
     if threads is not None:
         torch.set_num_threads(threads)
     task = dict(task)
-    text, cfg = task.pop("text"), task.pop("cfg")
+    text, cfg, label = task.pop("text"), task.pop("cfg"), task.pop("label")
     if on_step is not None and not callable(on_step):
         on_step = _QueueSteps(on_step)
     m = train_lm(text, cfg, progress=progress, on_step=on_step, **task)
     run = {
-        "label": cfg.moe.gate, "gate": cfg.moe.gate, "seed": task["seed"],
+        "label": label, "gate": cfg.moe.gate, "seed": task["seed"],
         "val_loss": m["final_val_loss"], "params": m["params"], "active_params": m["active_params"],
         **_routing_columns(m["routing"]),
         "tokens_per_s": m["tokens_per_s"], "train_seconds": m["train_seconds"],
-        "val_curve": m["val_loss"], "routing": m["routing"],
+        "char_expert_mi": _char_expert_mi(m["routing_stats"]),
     }
+    if task["micro_batches"] > 1:
+        data = TextBatches(CharTokenizer.from_text(text).encode(text), cfg.seq_len)
+        run["micro_max_violation"] = _batch_max_violation(m["model"], data, task["batch_size"], task["eval_batches"])
+    run.update({"val_curve": m["val_loss"], "routing": m["routing"]})
     return run, m["routing_stats"]
+
+
+def _char_expert_mi(stats: RoutingStats) -> float | None:
+    """Mutual information (bits) between a validation token's character and the expert of
+    each of its assignments, mean over layers; None without a learned routing."""
+    values = []
+    for layer in stats.layer_names:
+        try:
+            joint = stats.token_expert_counts(layer)
+        except ValueError:
+            return None
+        total = joint.sum()
+        if total <= 0:
+            continue
+        p = joint / total
+        outer = p.sum(1, keepdim=True) * p.sum(0, keepdim=True)
+        nz = p > 0
+        values.append(float((p[nz] * (p[nz] / outer[nz]).log2()).sum()))
+    return statistics.fmean(values) if values else None
+
+
+@torch.no_grad()
+def _batch_max_violation(model: torch.nn.Module, data: TextBatches, batch_size: int, n_batches: int) -> float:
+    """Max load / mean load - 1 of each MoE layer's executed assignments in each of the
+    validation batches `evaluate_lm` uses (same windows), averaged over batches and layers."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(1234)
+    values = []
+    for _ in range(n_batches):
+        x, _ = data.batch("val", batch_size, gen)
+        model(x.to(device))
+        for m in model.modules():
+            if isinstance(m, MoE) and m.last_routing is not None:
+                counts = m.last_routing.counts.double()
+                values.append(float(counts.max() / counts.mean() - 1.0) if counts.sum() > 0 else 0.0)
+    model.train(was_training)
+    return statistics.fmean(values)
 
 
 def run_tabular_arena(

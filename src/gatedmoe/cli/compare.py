@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"table for the tabular task: {', '.join(SKLEARN_DATASETS)}, or PATH.csv (default digits)")
     p.add_argument("--target", default=None, help="target column of a CSV dataset (default: the last column)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default text 16 x 128 chars, tabular 64 rows)")
+    p.add_argument("--micro-batches", type=positive_int, default=1,
+                   help="text task: gradient accumulation, forwards of --batch-size sequences per optimizer step; "
+                        ">1 also reports the max load violation per micro-batch (default 1)")
     p.add_argument("--lr", type=positive_float, default=3e-3)
     p.add_argument("--eval-every", type=positive_int, default=50, help="steps between validation points of the loss curves")
     p.add_argument("--eval-batches", type=positive_int, default=16, help="validation batches per text evaluation (default 16)")
@@ -135,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         res = run_text_arena(text, gate_names or DEFAULT_TEXT_GATES, seeds=args.seeds, lr=args.lr,
                              eval_every=args.eval_every, eval_batches=args.eval_batches, device=args.device,
                              model=model, moe=moe, dataset=name, progress=progress, jobs=args.jobs, threads=args.threads,
-                             **kw)
+                             micro_batches=args.micro_batches, **kw)
         results.append(res)
     if args.task in ("tabular", "both"):
         data = load_tabular(args.dataset, target=args.target)

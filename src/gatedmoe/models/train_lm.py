@@ -255,6 +255,7 @@ def train_lm(
     *,
     steps: int = 400,
     batch_size: int = 32,
+    micro_batches: int = 1,
     lr: float | None = None,
     device: str = "cpu",
     seed: int = 0,
@@ -281,6 +282,13 @@ def train_lm(
         ``moe=MoEConfig(...), n_layers=2``, or the flat MoE settings ``n_experts=4, k=1``).
     steps, batch_size, lr : training budget and AdamW's peak learning rate (default 3e-3; a
         resumed run: the checkpoint's).
+    micro_batches : gradient accumulation: each optimizer step runs ``micro_batches``
+        forwards and backwards of ``batch_size`` sequences each (task and auxiliary losses
+        divided by ``micro_batches``) before one optimizer step and one `balance_step`, so
+        an optimizer step sees ``batch_size * micro_batches`` sequences. Each forward's
+        balancing sees one micro-batch (``load_balance_scope="micro_batch"``, bias steps
+        with ``bias_update_every="forward"``); the global-batch scope and step-wise bias
+        see the whole step. Default 1 (no accumulation).
     device : "cpu", "cuda", ...
     progress, desc : show a progress bar, labelled ``desc``.
     out_dir : if given, writes ``metrics.json``, ``load.png`` and a resumable checkpoint
@@ -305,8 +313,8 @@ def train_lm(
     dict with ``train_loss`` (per step), ``val_loss`` (list of ``[step, loss]``),
     ``final_val_loss``, ``tokens_per_s``, ``params``, ``active_params``, ``routing``.
     """
-    for name, v in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every),
-                    ("eval_batches", eval_batches)):
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("micro_batches", micro_batches),
+                    ("eval_every", eval_every), ("eval_batches", eval_batches)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -359,18 +367,22 @@ def train_lm(
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), disable=not progress, desc=desc, unit="step", initial=start, total=steps)
     for step in bar:
-        x, y = data.batch("train", batch_size, gen)
-        loss, _ = model.loss(x.to(device), y.to(device))
-        total = loss + aux_loss(model)
         opt.zero_grad(set_to_none=True)
-        total.backward()
+        step_loss = 0.0
+        for _ in range(micro_batches):
+            x, y = data.batch("train", batch_size, gen)
+            loss, _ = model.loss(x.to(device), y.to(device))
+            # aux_loss reads this forward's losses, so it is taken before the next forward.
+            total = loss + aux_loss(model)
+            (total / micro_batches if micro_batches > 1 else total).backward()
+            step_loss += loss.item()
+            n_tokens += x.numel()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         # Step-wise bias balancing and global-batch balance counts close with the step.
         balance_step(model)
         sched.step()
-        history.append(loss.item())
-        n_tokens += x.numel()
+        history.append(step_loss / micro_batches)
         if on_step is not None:
             on_step(step + 1)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
@@ -388,6 +400,7 @@ def train_lm(
         "steps": steps_done,
         "resumed_from_step": start if resume_path is not None else None,
         "batch_size": batch_size,
+        "micro_batches": micro_batches,
         "lr": plan["lr"],
         "schedule": plan,
         "seed": seed,
@@ -407,7 +420,8 @@ def train_lm(
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         stats.plot(out / "load.png", title=f"Expert load, gate={cfg.moe.gate}")
         info = {"step": steps_done, "train_loss": history, "val_loss": val_history, "n_tokens": n_tokens,
-                "train_seconds": elapsed, "seed": seed, "batch_size": batch_size, **plan}
+                "train_seconds": elapsed, "seed": seed, "batch_size": batch_size,
+                "micro_batches": micro_batches, **plan}
         save_checkpoint(out / "checkpoint", model, tok, extra={"final_val_loss": final_val, "steps": steps_done},
                         train_state={"optimizer": opt, "scheduler": sched, "generator": gen, "info": info})
     metrics["model"] = model
