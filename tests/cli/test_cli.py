@@ -100,6 +100,20 @@ def test_train_data_resume_and_eval_only(tmp_path, capsys):
         main(["train", "--eval-only", str(tmp_path / "nothing")])
 
 
+def test_train_micro_batches_reach_the_run_and_its_resume(tmp_path):
+    data = tmp_path / "corpus.txt"
+    data.write_text("to be, or not to be, that is the question. " * 20, encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--steps", "2", "--micro-batches", "3", "--out", str(run),
+                 *TINY_TRAIN]) == 0
+    assert json.loads((run / "metrics.json").read_text())["micro_batches"] == 3
+    assert main(["train", "--data", str(data), "--steps", "3", "--resume", str(run), "--out", str(run),
+                 *TINY_TRAIN]) == 0
+    assert json.loads((run / "metrics.json").read_text())["micro_batches"] == 3  # the checkpoint's
+    with pytest.raises(SystemExit, match="micro-batches"):
+        main(["train", "--micro-batches", "0"])
+
+
 def test_train_csv_trains_tabular_moe(tmp_path, capsys):
     csv_path = tmp_path / "t.csv"
     rows = ["a,b,label"] + [f"{i % 7},{(i * 3) % 5},{'x' if i % 2 else 'y'}" for i in range(60)]

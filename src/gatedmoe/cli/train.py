@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=positive_int, default=None, help="context length (default 128)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="sequences per step (default 32; rows per step for a CSV, default 64)")
+    p.add_argument("--micro-batches", type=positive_int, default=None,
+                   help="gradient accumulation: forwards of --batch-size sequences per optimizer step (default 1; "
+                        "with --resume, the checkpoint's)")
     p.add_argument("--lr", type=positive_float, default=None,
                    help="peak learning rate (default 3e-3; with --resume, the checkpoint's)")
     p.add_argument("--lr-schedule", choices=["inverse_sqrt", "cosine"], default=None,
@@ -185,13 +188,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: the checkpoint's cosine schedule ends at step {info['schedule_steps']}; steps "
                   f"{info['schedule_steps'] + 1}-{args.steps} run at its final learning rate (10%)")
         m = train_lm(text, steps=args.steps, batch_size=args.batch_size or 32, lr=args.lr, device=args.device,
+                     micro_batches=args.micro_batches or info.get("micro_batches", 1),
                      eval_every=args.eval_every, out_dir=args.out, progress=not args.no_progress,
                      resume_from=path)
     else:
         prepare_out(args.out)
         m = train_lm(
             text, steps=args.steps, batch_size=args.batch_size or 32, lr=args.lr, device=args.device,
-            seed=_value(args, "seed", 0), eval_every=args.eval_every, out_dir=args.out, progress=not args.no_progress,
+            micro_batches=args.micro_batches or 1, seed=_value(args, "seed", 0), eval_every=args.eval_every, out_dir=args.out, progress=not args.no_progress,
             schedule=args.lr_schedule or "inverse_sqrt", schedule_steps=args.schedule_steps,
             moe=_moe_config(args, LMConfig.default_moe), n_layers=_value(args, "layers", 4),
             seq_len=_value(args, "seq_len", 128), gated_attention=bool(args.gated_attention),
