@@ -40,7 +40,7 @@ from gatedmoe.dispatch.options import TritonOptions
 from gatedmoe.dispatch.triton import config, launchers
 from gatedmoe.dispatch.triton.config import KernelConfig
 from gatedmoe.dispatch.triton.kernels import swiglu_bwd_kernel, wgrad_kernel
-from gatedmoe.dispatch.triton.lora_kernels import lora_glu_fwd_kernel, lora_gemm_kernel
+from gatedmoe.dispatch.triton.lora_kernels import lora_gemm_kernel, lora_glu_fwd_kernel
 
 __all__ = [
     "launch_lora_gemm",
