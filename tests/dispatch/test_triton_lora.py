@@ -225,7 +225,7 @@ def _rows(T, E, K, mode):
 @pytest.mark.parametrize("T,E,K,mode", [(63, 5, 2, "random"), (33, 6, 3, "skip_experts"), (40, 4, 1, "one_expert")])
 @pytest.mark.parametrize("store_h", [True, False])
 def test_glu_fwd_launcher_matches_reference(T, E, K, mode, store_h):
-    D, H, R, s = 24, 40, 20, 0.75
+    D, H, R = 24, 40, 20
     token, _, counts = _rows(T, E, K, mode)
     N = token.numel()
     x = torch.randn(T, D, device=DEVICE)
@@ -235,7 +235,7 @@ def test_glu_fwd_launcher_matches_reference(T, E, K, mode, store_h):
     for launch in (lora_reference.lora_glu_fwd, lora_ops.launch_lora_glu_fwd):
         h = launchers.alloc(N if store_h else 0, 2 * H, device=x.device, dtype=x.dtype)
         a = launchers.alloc(N, H, device=x.device, dtype=x.dtype)
-        launch(x, token, w_in, z, b_in, h, a, counts, N, D, H, R, s, CONFIG_INTERPRETER, "ieee", store_h=store_h)
+        launch(x, token, w_in, z, b_in, h, a, counts, N, D, H, R, CONFIG_INTERPRETER, "ieee", store_h=store_h)
         outs.append((h, a))
     for name, ref, fast in zip(("h", "a"), *outs, strict=True):
         assert_close(name, ref, fast, scale=10)  # sums of 24 + 20 products of N(0, 1) values: ~10x larger
@@ -253,12 +253,12 @@ def test_gemm_launcher_matches_reference(gather, scale, scatter, lora):
     extra = {}
     if lora:
         l_ = torch.randn(E, R, C, device=DEVICE)
-        extra = {"z": torch.randn(N, R, device=DEVICE), "l_": l_, "l_strides": l_.stride(), "lora_scale": s}
+        extra = {"z": torch.randn(N, R, device=DEVICE), "l_": l_, "l_strides": l_.stride()}
     outs = []
     for launch in (lora_reference.lora_gemm, lora_ops.launch_lora_gemm):
         c = torch.zeros(T, C, device=DEVICE) if scatter else launchers.alloc(N, C, device=a.device, dtype=a.dtype)
         launch(a, b, b_strides, c, token, weight, counts, N, K_dim, C, gather=gather, scale=scale, scatter=scatter,
-               cfg=CONFIG_INTERPRETER, prec="ieee", **extra)
+               cfg=CONFIG_INTERPRETER, prec="ieee", alpha=s, **extra)
         outs.append(c)
     assert_close("c", *outs, scale=10)  # sums of ~40 products of N(0, 1) values
 

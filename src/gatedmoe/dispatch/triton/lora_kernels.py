@@ -1,18 +1,19 @@
 """Triton kernels of the fused MoE with per-expert LoRA adapters (`gatedmoe.experts.lora`).
 
 The adapted weight of expert e is ``W_e + s B_e A_e`` (``A_e [R, in]``, ``B_e [out, R]``); its
-product with rows ``v`` is ``v W_e^T + s (v A_e^T) B_e^T``, computed with the rank R in the
-middle (``B_e A_e`` is never formed). The ``[N, R]`` factor ``z = v A_e^T`` is a grouped
-product of its own (`lora_gemm_kernel` with ``LORA=False`` and the R columns in one column
-block); the second, ``s z B_e^T``, is one more ``tl.dot`` into the accumulator of the
-base product, before its epilogue:
+product with rows ``v`` is ``v W_e^T + (s v A_e^T) B_e^T``, computed with the rank R in the
+middle (``B_e A_e`` is never formed). The ``[N, R]`` factor ``z = s v A_e^T`` is a grouped
+product of its own (`lora_gemm_kernel` with ``LORA=False``, the R columns in one column
+block, s in its epilogue); the second, ``z B_e^T``, is one more ``tl.dot`` into the
+accumulator of the base product, before its epilogue (no second accumulator: on the GPU
+the base tiles' fp32 accumulators already hold 128 x 256 values):
 
-* `lora_glu_fwd_kernel` h = x[token] @ W_in[e]^T + s z_in @ B_in[e]^T, then `glu_fwd_kernel`'s
+* `lora_glu_fwd_kernel` h = x[token] @ W_in[e]^T + z_in @ B_in[e]^T, then `glu_fwd_kernel`'s
                         epilogue (h kept for backward, a = silu(h_gate) * h_up).
-* `lora_gemm_kernel`    C = A[rows] @ B[e] + s Z[rows] @ L[e], with `gemm_kernel`'s options
+* `lora_gemm_kernel`    C = alpha (A[rows] @ B[e] + Z[rows] @ L[e]), with `gemm_kernel`'s options
                         (gather A rows by token, scale rows by the routing weight, scatter-add
                         into C[token]); ``LORA=False`` is the plain grouped product, used for the
-                        rank-R factors.
+                        rank-R factors (alpha = s).
 
 Both take the weights through pointer loads with strides (no TMA descriptors yet). The
 backward's SwiGLU derivative and the adapters' gradients (``[E, R, in]`` and ``[E, out, R]``,
@@ -34,16 +35,16 @@ from gatedmoe.dispatch.triton.kernels import _load_rows, _program_tile, _tile_ro
 def lora_glu_fwd_kernel(
     x_ptr, token_ptr, w_ptr, z_ptr, lb_ptr, h_ptr, a_ptr,
     counts_ptr, E, n_tiles,
-    D, H, R, scale,
+    D, H, R,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
     GROUP_M: tl.constexpr, E_POW2: tl.constexpr, STORE_H: tl.constexpr,
 ):
     """`glu_fwd_kernel`'s pointer-load path (rows gathered by token inside the loads; B's
     columns interleave gate and up rows of ``W_in[e]`` so one product fills the ``[BM, 2BN]``
     accumulator) plus the adapter term: ``z[rows] [BM, BR]`` times the same interleaved rows
-    of ``B_in[e] [2H, R]``, BR ranks at a time, times ``scale``, added before the rounding
-    to h. ``z`` is ``x[token] @ A_in[e]^T`` ``[N, R]`` in expert order, ``lb`` is ``B_in``
-    ``[E, 2H, R]`` contiguous."""
+    of ``B_in[e] [2H, R]``, BR ranks at a time, into the same accumulator (before the
+    rounding to h). ``z`` is ``s x[token] @ A_in[e]^T`` ``[N, R]`` in expert order, ``lb`` is
+    ``B_in`` ``[E, 2H, R]`` contiguous."""
     pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:
@@ -65,14 +66,12 @@ def lora_glu_fwd_kernel(
         acc = tl.dot(a, b, acc, input_precision=PREC)
     # The adapter term: R/D of the base product's work, on the tile already in registers.
     lb_e = lb_ptr + e.to(tl.int64) * (2 * H) * R
-    acc_l = tl.zeros((BM, 2 * BN), dtype=tl.float32)
     for r0 in range(0, R, BR):
         r = r0 + tl.arange(0, BR)
         r_mask = r < R
         z = tl.load(z_ptr + rows64[:, None] * R + r[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
         lb = tl.load(lb_e + w_rows[None, :] * R + r[:, None], mask=r_mask[:, None] & col2_mask[None, :], other=0.0)
-        acc_l = tl.dot(z, lb, acc_l, input_precision=PREC)
-    acc = acc + scale * acc_l
+        acc = tl.dot(z, lb, acc, input_precision=PREC)
     acc_g, acc_u = tl.split(tl.reshape(acc, (BM, BN, 2)))
     cols = pid_n * BN + tl.arange(0, BN)
     out_mask = row_mask[:, None] & (cols < H)[None, :]
@@ -92,18 +91,18 @@ def lora_glu_fwd_kernel(
 def lora_gemm_kernel(
     a_ptr, b_ptr, c_ptr, z_ptr, l_ptr, token_ptr, weight_ptr,
     counts_ptr, E, n_tiles,
-    K, N_COLS, R, scale,
+    K, N_COLS, R, alpha,
     stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_le, stride_lr, stride_ln,
     GATHER_A: tl.constexpr, SCALE: tl.constexpr, SCATTER_C: tl.constexpr, LORA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
     GROUP_M: tl.constexpr, E_POW2: tl.constexpr,
 ):
-    """``C[rows_e] = A[rows_e] @ B[e] (+ scale * Z[rows_e] @ L[e])`` over the expert-sorted rows.
+    """``C[rows_e] = alpha * (A[rows_e] @ B[e] (+ Z[rows_e] @ L[e]))`` over the expert-sorted rows.
 
     B's element ``[e, k, n]`` is at ``b_ptr + e * stride_be + k * stride_bk + n * stride_bn``;
     with ``LORA``, ``Z`` is ``[N, R]`` contiguous in expert order and L's element ``[e, r, n]``
     at the ``stride_l*`` strides. ``GATHER_A``: A's rows are read by token (``a[token[n]]``);
-    ``SCALE``: rows times ``weight[n]`` (after the adapter term); ``SCATTER_C``: rows added
+    ``SCALE``: rows times ``weight[n]``; ``SCATTER_C``: rows added
     into ``c[token[n]]`` (atomics in c's dtype) instead of stored at ``c[n]``, as
     `kernels.gemm_kernel` does."""
     pid_m, pid_n = _program_tile(n_tiles, N_COLS, BN, GROUP_M)
@@ -127,7 +126,6 @@ def lora_gemm_kernel(
         acc = tl.dot(a, b, acc, input_precision=PREC)
     if LORA:
         l_e = l_ptr + e.to(tl.int64) * stride_le
-        acc_l = tl.zeros((BM, BN), dtype=tl.float32)
         for r0 in range(0, R, BR):
             r = r0 + tl.arange(0, BR)
             r_mask = r < R
@@ -135,8 +133,8 @@ def lora_gemm_kernel(
                         other=0.0)
             lt = tl.load(l_e + r[:, None].to(tl.int64) * stride_lr + cols[None, :].to(tl.int64) * stride_ln,
                          mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-            acc_l = tl.dot(z, lt, acc_l, input_precision=PREC)
-        acc = acc + scale * acc_l
+            acc = tl.dot(z, lt, acc, input_precision=PREC)
+    acc = acc * alpha
     if SCALE:
         w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         acc = acc * w[:, None]

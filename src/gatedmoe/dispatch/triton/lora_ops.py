@@ -8,20 +8,23 @@ is its oracle; `lora_reference.py` holds each launcher in plain PyTorch.
 With ``W'_e = W_e + s B_e A_e`` (``s = alpha / R``) and rows in expert order:
 
 forward (four launches; the base path has two)
-    z_in  = x[token] @ A_in[e]^T                       [N, R]   lora_gemm (gathered, LORA off)
-    h     = x[token] @ W_in[e]^T + s z_in @ B_in[e]^T  [N, 2H]  lora_glu_fwd, a = silu(h_g) * h_u
-    z_out = a @ A_out[e]^T                             [N, R]   lora_gemm (LORA off)
-    y[token] += weight * (a @ W_out[e]^T + s z_out @ B_out[e]^T)  lora_gemm (scatter)
+    z_in  = s x[token] @ A_in[e]^T                   [N, R]   lora_gemm (gathered, LORA off)
+    h     = x[token] @ W_in[e]^T + z_in @ B_in[e]^T  [N, 2H]  lora_glu_fwd, a = silu(h_g) * h_u
+    z_out = s a @ A_out[e]^T                         [N, R]   lora_gemm (LORA off)
+    y[token] += weight * (a @ W_out[e]^T + z_out @ B_out[e]^T)  lora_gemm (scatter)
 backward
-    u_out = gy[token] @ B_out[e]                       [N, R]
-    ga    = gy[token] @ W_out[e] + s u_out @ A_out[e]  [N, H]   (= gy[token] @ W'_out[e])
-    gh, weight * a, dL/dweight                                  swiglu_bwd_kernel, unchanged
-    u_in  = gh @ B_in[e]                               [N, R]
-    gx[token] += gh @ W_in[e] + s u_in @ A_in[e]                (scatter)
-    dA_in = s u_in^T x[token], dB_in = s gh^T z_in, dA_out = s u_out^T (weight * a),
-    dB_out = s gy[token]^T (weight * z_out): grouped per expert by `kernels.wgrad_kernel`
+    u_out = s gy[token] @ B_out[e]                   [N, R]
+    ga    = gy[token] @ W_out[e] + u_out @ A_out[e]  [N, H]   (= gy[token] @ W'_out[e])
+    gh, weight * a, dL/dweight                                swiglu_bwd_kernel, unchanged
+    u_in  = s gh @ B_in[e]                           [N, R]
+    gx[token] += gh @ W_in[e] + u_in @ A_in[e]                (scatter)
+    dA_in = u_in^T x[token], dB_in = gh^T z_in, dA_out = u_out^T (weight * a),
+    dB_out = gy[token]^T (weight * z_out): grouped per expert by `kernels.wgrad_kernel`
     (operands read by token where they are gathered), accumulated in float32
     dW_in, dW_out only when the base weights require gradients (frozen by default).
+The scale s sits in the rank-R factors (the small products' epilogues), so the adapter
+term is one more ``tl.dot`` into the base product's accumulator, and no gradient needs a
+pass of its own to be scaled.
 
 Shape legend: T tokens, D model dim, H expert hidden, E experts, N routed assignments,
 R adapter rank.
@@ -70,15 +73,15 @@ def rank_block(R: int, device: torch.device) -> int:
     return min(64, max(16, triton.next_power_of_2(R)))
 
 
-def launch_lora_glu_fwd(x, token, w_in, z, b_in, h, a, counts, N: int, D: int, H: int, R: int, scale: float,
+def launch_lora_glu_fwd(x, token, w_in, z, b_in, h, a, counts, N: int, D: int, H: int, R: int,
                         cfg: KernelConfig, prec: str, *, store_h: bool = True) -> None:
-    """``h[n] = x[token[n]] @ W_in[e]^T + scale * z[n] @ B_in[e]^T`` ([N, 2H], gate then up) and
+    """``h[n] = x[token[n]] @ W_in[e]^T + z[n] @ B_in[e]^T`` ([N, 2H], gate then up) and
     ``a = silu(h_gate) * h_up`` ([N, H]) with `lora_kernels.lora_glu_fwd_kernel`; ``w_in``
     [E, 2H, D] and ``b_in`` [E, 2H, R] contiguous, ``z`` [N, R]."""
     E = w_in.shape[0]
     MT = launchers.n_row_tiles(N, E, cfg.BM)
     lora_glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
-        x, token, w_in, z, b_in, h, a, counts, E, MT, D, H, R, scale,
+        x, token, w_in, z, b_in, h, a, counts, E, MT, D, H, R,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=rank_block(R, x.device), PREC=prec, GROUP_M=cfg.group_m,
         E_POW2=_e_pow2(E), STORE_H=store_h, num_warps=cfg.warps, num_stages=cfg.stages,
     )
@@ -86,8 +89,8 @@ def launch_lora_glu_fwd(x, token, w_in, z, b_in, h, a, counts, N: int, D: int, H
 
 def launch_lora_gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, n_cols: int, *, gather: bool,
                      scale: bool, scatter: bool, cfg: KernelConfig, prec: str, z=None, l_=None, l_strides=None,
-                     lora_scale: float = 1.0) -> None:
-    """``C[rows_e] = A[rows_e] @ B[e] + lora_scale * Z[rows_e] @ L[e]`` over the expert-sorted
+                     alpha: float = 1.0) -> None:
+    """``C[rows_e] = alpha * (A[rows_e] @ B[e] + Z[rows_e] @ L[e])`` over the expert-sorted
     rows with `lora_kernels.lora_gemm_kernel`: B's element ``[e, k, n]`` at ``b_strides``,
     L's ``[e, r, n]`` at ``l_strides``, Z ``[N, R]`` contiguous (no adapter term without
     ``z``); ``gather``, ``scale`` and ``scatter`` as `launchers.launch_gemm`. A product with
@@ -100,7 +103,7 @@ def launch_lora_gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, 
     z_arg, l_arg = (z, l_) if lora else (c, b)
     stride_le, stride_lr, stride_ln = l_strides if lora else (0, 0, 0)
     lora_gemm_kernel[(triton.cdiv(n_cols, BN) * MT,)](
-        a, b, c, z_arg, l_arg, token, weight, counts, E, MT, K, n_cols, R, float(lora_scale),
+        a, b, c, z_arg, l_arg, token, weight, counts, E, MT, K, n_cols, R, float(alpha),
         a.stride(0), *b_strides, c.stride(0), stride_le, stride_lr, stride_ln,
         GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, LORA=lora,
         BM=cfg.BM, BN=BN, BK=cfg.BK, BR=rank_block(R, a.device), PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
@@ -148,21 +151,20 @@ def _forward_impl(x_TD, token_N, weight_N, counts_E, w_in, w_out, A_in, B_in, A_
     A_in, B_in, A_out, B_out = (t.contiguous() for t in (A_in, B_in, A_out, B_out))
     cfgs = _configs(x, H, configs)
     prec = launchers.precision(x.dtype)
-    # z_in = x[token] @ A_in[e]^T: B[k=d, n=r] = A_in[e, r, d]
+    # z_in = s x[token] @ A_in[e]^T: B[k=d, n=r] = A_in[e, r, d]
     launch_lora_gemm(x, A_in, (R * D, 1, D), z_in, token_N, weight_N, counts_E, N, D, R, gather=True, scale=False,
-                     scatter=False, cfg=cfgs["glu_fwd"], prec=prec)
+                     scatter=False, cfg=cfgs["glu_fwd"], prec=prec, alpha=scale)
     a = launchers.alloc(N, H, device=x.device, dtype=x.dtype)
-    launch_lora_glu_fwd(x, token_N, w_in, z_in, B_in, h, a, counts_E, N, D, H, R, scale, cfgs["glu_fwd"], prec,
+    launch_lora_glu_fwd(x, token_N, w_in, z_in, B_in, h, a, counts_E, N, D, H, R, cfgs["glu_fwd"], prec,
                         store_h=need_h)
-    # z_out = a @ A_out[e]^T: B[k=h, n=r] = A_out[e, r, h]
+    # z_out = s a @ A_out[e]^T: B[k=h, n=r] = A_out[e, r, h]
     launch_lora_gemm(a, A_out, (R * H, 1, H), z_out, token_N, weight_N, counts_E, N, H, R, gather=False,
-                     scale=False, scatter=False, cfg=cfgs["gemm_fwd"], prec=prec)
+                     scale=False, scatter=False, cfg=cfgs["gemm_fwd"], prec=prec, alpha=scale)
     y = _scatter_buffer(T, D, x, fp32_scatter)
-    # y[token] += weight * (a @ W_out[e]^T + s z_out @ B_out[e]^T): B[k=h, n=d] = w_out[e, d, h],
+    # y[token] += weight * (a @ W_out[e]^T + z_out @ B_out[e]^T): B[k=h, n=d] = w_out[e, d, h],
     # L[r, n=d] = B_out[e, d, r]
     launch_lora_gemm(a, w_out, (D * H, 1, H), y, token_N, weight_N, counts_E, N, H, D, gather=False, scale=True,
-                     scatter=True, cfg=cfgs["gemm_fwd"], prec=prec, z=z_out, l_=B_out, l_strides=(D * R, 1, R),
-                     lora_scale=scale)
+                     scatter=True, cfg=cfgs["gemm_fwd"], prec=prec, z=z_out, l_=B_out, l_strides=(D * R, 1, R))
     return y.to(x.dtype), h, z_in, z_out
 
 
@@ -182,15 +184,14 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
     A_in_c, B_in_c, A_out_c, B_out_c = (t.contiguous() for t in (A_in, B_in, A_out, B_out))
     cfgs = _configs(x, H, configs)
     prec = launchers.precision(x.dtype)
-    # u_out = gy[token] @ B_out[e]: B[k=d, n=r] = B_out[e, d, r]
+    # u_out = s gy[token] @ B_out[e]: B[k=d, n=r] = B_out[e, d, r]
     u_out = launchers.alloc(N, R, device=x.device, dtype=x.dtype)
     launch_lora_gemm(gy, B_out_c, (D * R, R, 1), u_out, token_N, weight_N, counts_E, N, D, R, gather=True,
-                     scale=False, scatter=False, cfg=cfgs["glu_bwd"], prec=prec)
-    # ga = gy[token] @ W_out[e] + s u_out @ A_out[e]: B[k=d, n=h] = w_out[e, d, h], L[r, n=h] = A_out[e, r, h]
+                     scale=False, scatter=False, cfg=cfgs["glu_bwd"], prec=prec, alpha=scale)
+    # ga = gy[token] @ W_out[e] + u_out @ A_out[e]: B[k=d, n=h] = w_out[e, d, h], L[r, n=h] = A_out[e, r, h]
     ga = launchers.alloc(N, H, device=x.device, dtype=x.dtype)
     launch_lora_gemm(gy, w_out, (D * H, H, 1), ga, token_N, weight_N, counts_E, N, D, H, gather=True, scale=False,
-                     scatter=False, cfg=cfgs["glu_bwd"], prec=prec, z=u_out, l_=A_out_c, l_strides=(R * H, H, 1),
-                     lora_scale=scale)
+                     scatter=False, cfg=cfgs["glu_bwd"], prec=prec, z=u_out, l_=A_out_c, l_strides=(R * H, H, 1))
     gh = launchers.alloc(N, 2 * H, device=x.device, dtype=x.dtype)
     gweight = launchers.alloc(N, device=x.device, dtype=torch.float32)
     # weight * a written over ga in place (each element read before it is written).
@@ -199,17 +200,17 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
     swiglu_bwd_kernel[(triton.cdiv(N, BM),)](ga, h_box.pop(), weight_N, gh, wa, gweight, N, H, BM=BM, BH=BH,
                                               num_warps=4 if x.is_cuda else 1)
     del ga
-    # u_in = gh @ B_in[e]: B[k=j, n=r] = B_in[e, j, r]
+    # u_in = s gh @ B_in[e]: B[k=j, n=r] = B_in[e, j, r]
     u_in = launchers.alloc(N, R, device=x.device, dtype=x.dtype)
     launch_lora_gemm(gh, B_in_c, (2 * H * R, R, 1), u_in, token_N, weight_N, counts_E, N, 2 * H, R, gather=False,
-                     scale=False, scatter=False, cfg=cfgs["gemm_bwd"], prec=prec)
+                     scale=False, scatter=False, cfg=cfgs["gemm_bwd"], prec=prec, alpha=scale)
     gx = None
     if need["x"]:
-        # gx[token] += gh @ W_in[e] + s u_in @ A_in[e]: B[k=j, n=d] = w_in[e, j, d], L[r, n=d] = A_in[e, r, d]
+        # gx[token] += gh @ W_in[e] + u_in @ A_in[e]: B[k=j, n=d] = w_in[e, j, d], L[r, n=d] = A_in[e, r, d]
         gx = _scatter_buffer(T, D, x, fp32_scatter)
         launch_lora_gemm(gh, w_in, (2 * H * D, D, 1), gx, token_N, weight_N, counts_E, N, 2 * H, D, gather=False,
                          scale=False, scatter=True, cfg=cfgs["gemm_bwd"], prec=prec, z=u_in, l_=A_in_c,
-                         l_strides=(R * D, D, 1), lora_scale=scale)
+                         l_strides=(R * D, D, 1))
         gx = gx.to(x.dtype)
     wcfg = cfgs["wgrad"]
 
@@ -218,16 +219,16 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
             return None
         g = launch_lora_wgrad(lhs, rhs, token_N, counts_E, E, gather_l=gather_l, gather_r=gather_r, cfg=wcfg,
                               prec=prec)
-        return (g * scale).to(like.dtype)
+        return g.to(like.dtype)
 
     grads = {
         "x": gx,
         "weight": gweight.to(weight_N.dtype) if need["weight"] else None,
-        "A_in": adapter_grad("A_in", u_in, x, A_in, gather_r=True),  # s u_in^T x[token]   [E, R, D]
-        "B_in": adapter_grad("B_in", gh, z_in, B_in),  # s gh^T z_in                      [E, 2H, R]
-        "A_out": adapter_grad("A_out", u_out, wa, A_out),  # s u_out^T (weight * a)       [E, R, H]
+        "A_in": adapter_grad("A_in", u_in, x, A_in, gather_r=True),  # u_in^T x[token]     [E, R, D]
+        "B_in": adapter_grad("B_in", gh, z_in, B_in),  # gh^T z_in                        [E, 2H, R]
+        "A_out": adapter_grad("A_out", u_out, wa, A_out),  # u_out^T (weight * a)         [E, R, H]
     }
-    if need["B_out"]:  # s gy[token]^T (weight * z_out)                                  [E, D, R]
+    if need["B_out"]:  # gy[token]^T (weight * z_out)                                    [E, D, R]
         wz = (z_out.float() * weight_N.float()[:, None]).to(x.dtype)
         grads["B_out"] = adapter_grad("B_out", gy, wz, B_out, gather_l=True)
     # The base weights' gradients (only when they train: frozen by default under LoRA), as the

@@ -2,8 +2,8 @@
 tests: same signature (same output buffers filled, ``cfg`` and ``prec`` accepted and
 ignored), computed in float32 with a per-expert loop, no Triton.
 
-* `lora_glu_fwd` ``h = x[token] @ W_in[e]^T + s z @ B_in[e]^T``, ``a = silu(h_gate) * h_up``
-* `lora_gemm`    ``C = A[rows] @ B[e] + s Z[rows] @ L[e]``, optionally gathered, scaled by the
+* `lora_glu_fwd` ``h = x[token] @ W_in[e]^T + z @ B_in[e]^T``, ``a = silu(h_gate) * h_up``
+* `lora_gemm`    ``C = alpha (A[rows] @ B[e] + Z[rows] @ L[e])``, optionally gathered, scaled by the
                  routing weight, scatter-added by token (with no ``z``, the plain product)
 * `lora_wgrad`   ``out[e] = L[rows_e]^T @ R[rows_e]``, float32
 
@@ -23,7 +23,7 @@ from gatedmoe.dispatch.triton.reference import _expert_rows
 __all__ = ["lora_gemm", "lora_glu_fwd", "lora_wgrad"]
 
 
-def lora_glu_fwd(x, token, w_in, z, b_in, h, a, counts, N: int, D: int, H: int, R: int, scale: float, cfg=None,
+def lora_glu_fwd(x, token, w_in, z, b_in, h, a, counts, N: int, D: int, H: int, R: int, cfg=None,
                  prec=None, *, store_h: bool = True) -> None:
     """Fills ``h`` [N, 2H] (only with ``store_h``) and ``a`` [N, H]; the activation reads h
     rounded to its dtype, as the kernel does."""
@@ -31,7 +31,7 @@ def lora_glu_fwd(x, token, w_in, z, b_in, h, a, counts, N: int, D: int, H: int, 
     for e, (s, t) in enumerate(_expert_rows(counts)):
         if s == t:
             continue
-        h_e = rows[s:t] @ w_in[e].float().T + scale * (z[s:t].float() @ b_in[e].float().T)
+        h_e = rows[s:t] @ w_in[e].float().T + z[s:t].float() @ b_in[e].float().T
         h_e = h_e.to(a.dtype)
         if store_h:
             h[s:t] = h_e
@@ -39,8 +39,8 @@ def lora_glu_fwd(x, token, w_in, z, b_in, h, a, counts, N: int, D: int, H: int, 
 
 
 def lora_gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, n_cols: int, *, gather: bool, scale: bool,
-              scatter: bool, cfg=None, prec=None, z=None, l_=None, l_strides=None, lora_scale: float = 1.0) -> None:
-    """``c[n] = A[n] @ B[e] + lora_scale * z[n] @ L[e]`` for each expert's rows, B's element
+              scatter: bool, cfg=None, prec=None, z=None, l_=None, l_strides=None, alpha: float = 1.0) -> None:
+    """``c[n] = alpha * (A[n] @ B[e] + z[n] @ L[e])`` for each expert's rows, B's element
     ``[e, k, n]`` at ``b_strides`` and L's ``[e, r, n]`` at ``l_strides`` (``A[n] = a[token[n]]``
     with ``gather``; times ``weight[n]`` with ``scale``; added into ``c[token[n]]`` with
     ``scatter``, else stored at ``c[n]``)."""
@@ -55,7 +55,8 @@ def lora_gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, n_cols:
             continue
         out = rows[s:t] @ b_EKC[e]
         if z is not None:
-            out = out + lora_scale * (z[s:t].float() @ l_ERC[e])
+            out = out + z[s:t].float() @ l_ERC[e]
+        out = out * alpha
         if scale:
             out = out * weight[s:t].float()[:, None]
         if scatter:
