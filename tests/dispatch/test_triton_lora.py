@@ -9,6 +9,8 @@ sizes in float32; on CUDA the same tests run compiled, plus bf16 and larger shap
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from routings import make_routing
@@ -113,10 +115,16 @@ def test_frozen_base_computes_no_base_weight_gradient(monkeypatch):
     assert grads["x"] is None
 
 
+# Pointer loads everywhere: the interpreter otherwise reads the weights (and ungathered rows)
+# through TMA descriptors wherever the widths allow (`lora_ops._tma_ok`).
+NO_TMA = {k: replace(CONFIG_INTERPRETER, tma=False) for k in ("glu_fwd", "gemm_fwd", "glu_bwd", "gemm_bwd")}
+
+
 @pytest.mark.parametrize("options", [TritonOptions(fp32_scatter=True),
                                      TritonOptions(configs={"gemm_fwd": KernelConfig(16, 32, 16, 4, 1, group_m=1),
                                                             "glu_fwd": KernelConfig(32, 16, 32, 4, 1),
-                                                            "wgrad": KernelConfig(32, 16, 16, 4, 1)})])
+                                                            "wgrad": KernelConfig(32, 16, 16, 4, 1)}),
+                                     TritonOptions(configs=NO_TMA)])
 def test_triton_lora_with_options_matches_reference(options):
     _compare(63, 24, 40, 5, 2, "random", 20, torch.bfloat16 if CUDA else torch.float32, options=options)
 
@@ -223,8 +231,8 @@ def _rows(T, E, K, mode):
 
 
 @pytest.mark.parametrize("T,E,K,mode", [(63, 5, 2, "random"), (33, 6, 3, "skip_experts"), (40, 4, 1, "one_expert")])
-@pytest.mark.parametrize("store_h", [True, False])
-def test_glu_fwd_launcher_matches_reference(T, E, K, mode, store_h):
+@pytest.mark.parametrize("store_h,tma", [(True, True), (False, True), (True, False)])
+def test_glu_fwd_launcher_matches_reference(T, E, K, mode, store_h, tma):
     D, H, R = 24, 40, 20
     token, _, counts = _rows(T, E, K, mode)
     N = token.numel()
@@ -235,21 +243,30 @@ def test_glu_fwd_launcher_matches_reference(T, E, K, mode, store_h):
     for launch in (lora_reference.lora_glu_fwd, lora_ops.launch_lora_glu_fwd):
         h = launchers.alloc(N if store_h else 0, 2 * H, device=x.device, dtype=x.dtype)
         a = launchers.alloc(N, H, device=x.device, dtype=x.dtype)
-        launch(x, token, w_in, z, b_in, h, a, counts, N, D, H, R, CONFIG_INTERPRETER, "ieee", store_h=store_h)
+        launch(x, token, w_in, z, b_in, h, a, counts, N, D, H, R, replace(CONFIG_INTERPRETER, tma=tma), "ieee",
+               store_h=store_h)
         outs.append((h, a))
     for name, ref, fast in zip(("h", "a"), *outs, strict=True):
         assert_close(name, ref, fast, scale=10)  # sums of 24 + 20 products of N(0, 1) values: ~10x larger
 
 
-@pytest.mark.parametrize("gather,scale,scatter,lora", [(True, False, False, False), (False, True, True, True),
-                                                        (True, False, False, True), (False, False, True, True)])
-def test_gemm_launcher_matches_reference(gather, scale, scatter, lora):
-    T, E, K, K_dim, C, R, s = 40, 5, 2, 24, 36, 18, 1.5
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("gather,scale,scatter,lora,b_rows_are_k", [
+    (True, False, False, False, False), (False, True, True, True, False), (True, False, False, True, True),
+    (False, False, True, True, True)])
+def test_gemm_launcher_matches_reference(gather, scale, scatter, lora, b_rows_are_k, tma):
+    # Both weight layouts of the descriptor path (B's rows are output columns, or k; the
+    # latter needs BK | K: 32 here); a rank-width output (no adapter term) with pointer loads.
+    T, E, K, K_dim, C, R, s = 40, 5, 2, 32, 36, 18, 1.5
     token, weight, counts = _rows(T, E, K, "skip_experts")
     N = token.numel()
     a = torch.randn(T if gather else N, K_dim, device=DEVICE)
-    b = torch.randn(E, C, K_dim, device=DEVICE)  # read transposed: element [e, k, n] at b[e, n, k]
-    b_strides = (C * K_dim, 1, K_dim)
+    if b_rows_are_k:
+        b = torch.randn(E, K_dim, C, device=DEVICE)
+        b_strides = b.stride()
+    else:
+        b = torch.randn(E, C, K_dim, device=DEVICE)  # read transposed: element [e, k, n] at b[e, n, k]
+        b_strides = (C * K_dim, 1, K_dim)
     extra = {}
     if lora:
         l_ = torch.randn(E, R, C, device=DEVICE)
@@ -258,7 +275,7 @@ def test_gemm_launcher_matches_reference(gather, scale, scatter, lora):
     for launch in (lora_reference.lora_gemm, lora_ops.launch_lora_gemm):
         c = torch.zeros(T, C, device=DEVICE) if scatter else launchers.alloc(N, C, device=a.device, dtype=a.dtype)
         launch(a, b, b_strides, c, token, weight, counts, N, K_dim, C, gather=gather, scale=scale, scatter=scatter,
-               cfg=CONFIG_INTERPRETER, prec="ieee", alpha=s, **extra)
+               cfg=replace(CONFIG_INTERPRETER, tma=tma), prec="ieee", alpha=s, rank_out=not lora, **extra)
         outs.append(c)
     assert_close("c", *outs, scale=10)  # sums of ~40 products of N(0, 1) values
 

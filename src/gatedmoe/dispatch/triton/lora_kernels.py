@@ -15,7 +15,9 @@ the base tiles' fp32 accumulators already hold 128 x 256 values):
                         into C[token]); ``LORA=False`` is the plain grouped product, used for the
                         rank-R factors (alpha = s).
 
-Both take the weights through pointer loads with strides (no TMA descriptors yet). The
+Both read the weight operand through a TMA descriptor where the host can make one, as the
+base kernels do (else pointer loads with strides); `lora_gemm_kernel` its ungathered rows
+too. Gathered rows and the rank-R operands are pointer loads. The
 backward's SwiGLU derivative and the adapters' gradients (``[E, R, in]`` and ``[E, out, R]``,
 grouped per expert) are `kernels.swiglu_bwd_kernel` and `kernels.wgrad_kernel` unchanged.
 
@@ -37,14 +39,18 @@ def lora_glu_fwd_kernel(
     counts_ptr, E, n_tiles,
     D, H, R,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
-    GROUP_M: tl.constexpr, E_POW2: tl.constexpr, STORE_H: tl.constexpr,
+    GROUP_M: tl.constexpr, E_POW2: tl.constexpr, STORE_H: tl.constexpr, W_DESC: tl.constexpr,
 ):
-    """`glu_fwd_kernel`'s pointer-load path (rows gathered by token inside the loads; B's
-    columns interleave gate and up rows of ``W_in[e]`` so one product fills the ``[BM, 2BN]``
-    accumulator) plus the adapter term: ``z[rows] [BM, BR]`` times the same interleaved rows
-    of ``B_in[e] [2H, R]``, BR ranks at a time, into the same accumulator (before the
-    rounding to h). ``z`` is ``s x[token] @ A_in[e]^T`` ``[N, R]`` in expert order, ``lb`` is
-    ``B_in`` ``[E, 2H, R]`` contiguous."""
+    """`glu_fwd_kernel` with rows gathered by token inside the loads, plus the adapter term:
+    ``z[rows] [BM, BR]`` times the rows of ``B_in[e] [2H, R]`` that match the accumulator's
+    columns, BR ranks at a time, into the same accumulator (before the rounding to h). ``z``
+    is ``s x[token] @ A_in[e]^T`` ``[N, R]`` in expert order, ``lb`` is ``B_in`` ``[E, 2H, R]``
+    contiguous.
+
+    ``W_DESC``: ``w_ptr`` is a TMA descriptor over the 3-D view ``[2E, H, D]`` of W_in (block
+    ``[2, BN, BK]``), the accumulator's columns are the BN gate columns then the BN up
+    columns; without it, pointer loads with gate and up columns interleaved (as
+    `glu_fwd_kernel`)."""
     pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:
@@ -53,17 +59,25 @@ def lora_glu_fwd_kernel(
     rows64 = rows.to(tl.int64)
     ks = tl.arange(0, BK)
     j2 = tl.arange(0, 2 * BN)
-    cols2 = pid_n * BN + j2 // 2
-    w_rows = (cols2 + (j2 % 2) * H).to(tl.int64)
-    col2_mask = cols2 < H
-    w_e = w_ptr + e.to(tl.int64) * (2 * H) * D
     acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        k = k0 + ks
-        k_mask = k < D
-        a = _load_rows(x_ptr, False, row0, k0, x_rows, D, k, row_mask, D)
-        b = tl.load(w_e + w_rows[None, :] * D + k[:, None], mask=k_mask[:, None] & col2_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
+    if W_DESC:
+        cols2 = pid_n * BN + j2 % BN
+        w_rows = (cols2 + (j2 // BN) * H).to(tl.int64)
+        for k0 in range(0, D, BK):
+            a = _load_rows(x_ptr, False, row0, k0, x_rows, D, k0 + ks, row_mask, D)
+            w = tl.reshape(w_ptr.load([2 * e, pid_n * BN, k0]), (2 * BN, BK))
+            acc = tl.dot(a, w.T, acc, input_precision=PREC)
+    else:
+        cols2 = pid_n * BN + j2 // 2
+        w_rows = (cols2 + (j2 % 2) * H).to(tl.int64)
+        w_e = w_ptr + e.to(tl.int64) * (2 * H) * D
+        for k0 in range(0, D, BK):
+            k = k0 + ks
+            a = _load_rows(x_ptr, False, row0, k0, x_rows, D, k, row_mask, D)
+            b = tl.load(w_e + w_rows[None, :] * D + k[:, None], mask=(k < D)[:, None] & (cols2 < H)[None, :],
+                        other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+    col2_mask = cols2 < H
     # The adapter term: R/D of the base product's work, on the tile already in registers.
     lb_e = lb_ptr + e.to(tl.int64) * (2 * H) * R
     for r0 in range(0, R, BR):
@@ -72,7 +86,10 @@ def lora_glu_fwd_kernel(
         z = tl.load(z_ptr + rows64[:, None] * R + r[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
         lb = tl.load(lb_e + w_rows[None, :] * R + r[:, None], mask=r_mask[:, None] & col2_mask[None, :], other=0.0)
         acc = tl.dot(z, lb, acc, input_precision=PREC)
-    acc_g, acc_u = tl.split(tl.reshape(acc, (BM, BN, 2)))
+    if W_DESC:
+        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN)), (0, 2, 1)))
+    else:
+        acc_g, acc_u = tl.split(tl.reshape(acc, (BM, BN, 2)))
     cols = pid_n * BN + tl.arange(0, BN)
     out_mask = row_mask[:, None] & (cols < H)[None, :]
     g = acc_g.to(a_ptr.dtype.element_ty)
@@ -92,8 +109,9 @@ def lora_gemm_kernel(
     a_ptr, b_ptr, c_ptr, z_ptr, l_ptr, token_ptr, weight_ptr,
     counts_ptr, E, n_tiles,
     K, N_COLS, R, alpha,
-    stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_le, stride_lr, stride_ln,
+    stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_le, stride_lr, stride_ln, b_rows_per_e,
     GATHER_A: tl.constexpr, SCALE: tl.constexpr, SCATTER_C: tl.constexpr, LORA: tl.constexpr,
+    A_DESC: tl.constexpr, B_DESC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
     GROUP_M: tl.constexpr, E_POW2: tl.constexpr,
 ):
@@ -103,7 +121,8 @@ def lora_gemm_kernel(
     with ``LORA``, ``Z`` is ``[N, R]`` contiguous in expert order and L's element ``[e, r, n]``
     at the ``stride_l*`` strides. ``GATHER_A``: A's rows are read by token (``a[token[n]]``);
     ``SCALE``: rows times ``weight[n]``; ``SCATTER_C``: rows added
-    into ``c[token[n]]`` (atomics in c's dtype) instead of stored at ``c[n]``, as
+    into ``c[token[n]]`` (atomics in c's dtype) instead of stored at ``c[n]``; ``A_DESC`` and
+    ``B_DESC`` (TMA descriptors for the ungathered rows and the weight), as
     `kernels.gemm_kernel` does."""
     pid_m, pid_n = _program_tile(n_tiles, N_COLS, BN, GROUP_M)
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
@@ -115,14 +134,20 @@ def lora_gemm_kernel(
     tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     a_rows = tok if GATHER_A else rows64
     ks = tl.arange(0, BK)
-    b_e = b_ptr + e.to(tl.int64) * stride_be
+    b_e = b_ptr + e.to(tl.int64) * stride_be if B_DESC == 0 else b_ptr
+    b_row0 = e * b_rows_per_e
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + ks
         k_mask = k < K
-        a = _load_rows(a_ptr, False, row0, k0, a_rows, stride_am, k, row_mask, K)
-        b = tl.load(b_e + k[:, None].to(tl.int64) * stride_bk + cols[None, :].to(tl.int64) * stride_bn,
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        a = _load_rows(a_ptr, A_DESC, row0, k0, a_rows, stride_am, k, row_mask, K)
+        if B_DESC == 1:
+            b = b_ptr.load([b_row0 + pid_n * BN, k0]).T
+        elif B_DESC == 2:
+            b = b_ptr.load([b_row0 + k0, pid_n * BN])
+        else:
+            b = tl.load(b_e + k[:, None].to(tl.int64) * stride_bk + cols[None, :].to(tl.int64) * stride_bn,
+                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     if LORA:
         l_e = l_ptr + e.to(tl.int64) * stride_le

@@ -45,6 +45,11 @@ from gatedmoe.dispatch.triton.config import KernelConfig
 from gatedmoe.dispatch.triton.kernels import swiglu_bwd_kernel, wgrad_kernel
 from gatedmoe.dispatch.triton.lora_kernels import lora_gemm_kernel, lora_glu_fwd_kernel
 
+try:  # Triton >= 3.3: host-side TMA descriptors
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 __all__ = [
     "launch_lora_gemm",
     "launch_lora_glu_fwd",
@@ -73,39 +78,65 @@ def rank_block(R: int, device: torch.device) -> int:
     return min(64, max(16, triton.next_power_of_2(R)))
 
 
+def _tma_ok(t: Tensor, last_dim: int) -> bool:
+    """`launchers.tma_ok` on CUDA (16-bit, aligned); in Triton's interpreter any dtype with
+    16-byte aligned rows, so that the CPU tests run the descriptor paths too (the base
+    kernels' descriptors are CUDA-only)."""
+    if t.is_cuda:
+        return launchers.tma_ok(t, last_dim)
+    return TensorDescriptor is not None and (last_dim * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
 def launch_lora_glu_fwd(x, token, w_in, z, b_in, h, a, counts, N: int, D: int, H: int, R: int,
                         cfg: KernelConfig, prec: str, *, store_h: bool = True) -> None:
     """``h[n] = x[token[n]] @ W_in[e]^T + z[n] @ B_in[e]^T`` ([N, 2H], gate then up) and
     ``a = silu(h_gate) * h_up`` ([N, H]) with `lora_kernels.lora_glu_fwd_kernel`; ``w_in``
-    [E, 2H, D] and ``b_in`` [E, 2H, R] contiguous, ``z`` [N, R]."""
+    [E, 2H, D] and ``b_in`` [E, 2H, R] contiguous, ``z`` [N, R]. W_in through a TMA
+    descriptor where ``cfg.tma`` and the layout allow (rows always gathered in the loads)."""
     E = w_in.shape[0]
+    w_arg, w_desc = w_in, False
+    if cfg.tma and w_in.is_contiguous() and _tma_ok(w_in, D):
+        w_arg, w_desc = TensorDescriptor.from_tensor(w_in.view(E * 2, H, D), [2, cfg.BN, cfg.BK]), True
     MT = launchers.n_row_tiles(N, E, cfg.BM)
     lora_glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
-        x, token, w_in, z, b_in, h, a, counts, E, MT, D, H, R,
+        x, token, w_arg, z, b_in, h, a, counts, E, MT, D, H, R,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=rank_block(R, x.device), PREC=prec, GROUP_M=cfg.group_m,
-        E_POW2=_e_pow2(E), STORE_H=store_h, num_warps=cfg.warps, num_stages=cfg.stages,
+        E_POW2=_e_pow2(E), STORE_H=store_h, W_DESC=w_desc, num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
 def launch_lora_gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, n_cols: int, *, gather: bool,
                      scale: bool, scatter: bool, cfg: KernelConfig, prec: str, z=None, l_=None, l_strides=None,
-                     alpha: float = 1.0) -> None:
+                     alpha: float = 1.0, rank_out: bool = False) -> None:
     """``C[rows_e] = alpha * (A[rows_e] @ B[e] + Z[rows_e] @ L[e])`` over the expert-sorted
     rows with `lora_kernels.lora_gemm_kernel`: B's element ``[e, k, n]`` at ``b_strides``,
     L's ``[e, r, n]`` at ``l_strides``, Z ``[N, R]`` contiguous (no adapter term without
-    ``z``); ``gather``, ``scale`` and ``scatter`` as `launchers.launch_gemm`. A product with
-    few columns (the rank-R factors) runs them all in one column block."""
-    E = b.shape[0]
+    ``z``); ``gather``, ``scale`` and ``scatter`` as `launchers.launch_gemm`. ``rank_out``:
+    the output is a rank-R factor (``n_cols`` = R), computed in one column block of up to 128
+    columns with pointer loads; other products read B (and ungathered A rows) through TMA
+    descriptors where ``cfg.tma`` and the layout allow, as `launchers.launch_gemm` does."""
+    E, B_rows, B_cols = b.shape
+    stride_be, stride_bk, stride_bn = b_strides
     lora = z is not None
     R = z.shape[1] if lora else 0
-    BN = cfg.BN if n_cols > 64 else max(16, triton.next_power_of_2(n_cols))
+    BN = min(128, max(16, triton.next_power_of_2(n_cols))) if rank_out else cfg.BN
+    b_arg, b_desc = b, 0
+    a_arg, a_desc = a, False
+    if not rank_out and cfg.tma:
+        if b.is_contiguous() and _tma_ok(b, B_cols):
+            if (stride_bk, stride_bn) == (1, B_cols):  # rows of b[e] are output columns, k contiguous
+                b_arg, b_desc = TensorDescriptor.from_tensor(b.view(E * B_rows, B_cols), [BN, cfg.BK]), 1
+            elif (stride_bk, stride_bn) == (B_cols, 1) and K % cfg.BK == 0:  # rows of b[e] are k
+                b_arg, b_desc = TensorDescriptor.from_tensor(b.view(E * B_rows, B_cols), [cfg.BK, BN]), 2
+        if not gather and a.is_contiguous() and _tma_ok(a, K):
+            a_arg, a_desc = TensorDescriptor.from_tensor(a, [cfg.BM, cfg.BK]), True
     MT = launchers.n_row_tiles(N, E, cfg.BM)
     z_arg, l_arg = (z, l_) if lora else (c, b)
     stride_le, stride_lr, stride_ln = l_strides if lora else (0, 0, 0)
     lora_gemm_kernel[(triton.cdiv(n_cols, BN) * MT,)](
-        a, b, c, z_arg, l_arg, token, weight, counts, E, MT, K, n_cols, R, float(alpha),
-        a.stride(0), *b_strides, c.stride(0), stride_le, stride_lr, stride_ln,
-        GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, LORA=lora,
+        a_arg, b_arg, c, z_arg, l_arg, token, weight, counts, E, MT, K, n_cols, R, float(alpha),
+        a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0), stride_le, stride_lr, stride_ln, B_rows,
+        GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, LORA=lora, A_DESC=a_desc, B_DESC=b_desc,
         BM=cfg.BM, BN=BN, BK=cfg.BK, BR=rank_block(R, a.device), PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
@@ -153,13 +184,13 @@ def _forward_impl(x_TD, token_N, weight_N, counts_E, w_in, w_out, A_in, B_in, A_
     prec = launchers.precision(x.dtype)
     # z_in = s x[token] @ A_in[e]^T: B[k=d, n=r] = A_in[e, r, d]
     launch_lora_gemm(x, A_in, (R * D, 1, D), z_in, token_N, weight_N, counts_E, N, D, R, gather=True, scale=False,
-                     scatter=False, cfg=cfgs["glu_fwd"], prec=prec, alpha=scale)
+                     scatter=False, cfg=cfgs["glu_fwd"], prec=prec, alpha=scale, rank_out=True)
     a = launchers.alloc(N, H, device=x.device, dtype=x.dtype)
     launch_lora_glu_fwd(x, token_N, w_in, z_in, B_in, h, a, counts_E, N, D, H, R, cfgs["glu_fwd"], prec,
                         store_h=need_h)
     # z_out = s a @ A_out[e]^T: B[k=h, n=r] = A_out[e, r, h]
     launch_lora_gemm(a, A_out, (R * H, 1, H), z_out, token_N, weight_N, counts_E, N, H, R, gather=False,
-                     scale=False, scatter=False, cfg=cfgs["gemm_fwd"], prec=prec, alpha=scale)
+                     scale=False, scatter=False, cfg=cfgs["gemm_fwd"], prec=prec, alpha=scale, rank_out=True)
     y = _scatter_buffer(T, D, x, fp32_scatter)
     # y[token] += weight * (a @ W_out[e]^T + z_out @ B_out[e]^T): B[k=h, n=d] = w_out[e, d, h],
     # L[r, n=d] = B_out[e, d, r]
@@ -187,7 +218,7 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
     # u_out = s gy[token] @ B_out[e]: B[k=d, n=r] = B_out[e, d, r]
     u_out = launchers.alloc(N, R, device=x.device, dtype=x.dtype)
     launch_lora_gemm(gy, B_out_c, (D * R, R, 1), u_out, token_N, weight_N, counts_E, N, D, R, gather=True,
-                     scale=False, scatter=False, cfg=cfgs["glu_bwd"], prec=prec, alpha=scale)
+                     scale=False, scatter=False, cfg=cfgs["glu_bwd"], prec=prec, alpha=scale, rank_out=True)
     # ga = gy[token] @ W_out[e] + u_out @ A_out[e]: B[k=d, n=h] = w_out[e, d, h], L[r, n=h] = A_out[e, r, h]
     ga = launchers.alloc(N, H, device=x.device, dtype=x.dtype)
     launch_lora_gemm(gy, w_out, (D * H, H, 1), ga, token_N, weight_N, counts_E, N, D, H, gather=True, scale=False,
@@ -203,7 +234,7 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
     # u_in = s gh @ B_in[e]: B[k=j, n=r] = B_in[e, j, r]
     u_in = launchers.alloc(N, R, device=x.device, dtype=x.dtype)
     launch_lora_gemm(gh, B_in_c, (2 * H * R, R, 1), u_in, token_N, weight_N, counts_E, N, 2 * H, R, gather=False,
-                     scale=False, scatter=False, cfg=cfgs["gemm_bwd"], prec=prec, alpha=scale)
+                     scale=False, scatter=False, cfg=cfgs["gemm_bwd"], prec=prec, alpha=scale, rank_out=True)
     gx = None
     if need["x"]:
         # gx[token] += gh @ W_in[e] + u_in @ A_in[e]: B[k=j, n=d] = w_in[e, j, d], L[r, n=d] = A_in[e, r, d]

@@ -39,7 +39,8 @@ def lora_glu_fwd(x, token, w_in, z, b_in, h, a, counts, N: int, D: int, H: int, 
 
 
 def lora_gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, n_cols: int, *, gather: bool, scale: bool,
-              scatter: bool, cfg=None, prec=None, z=None, l_=None, l_strides=None, alpha: float = 1.0) -> None:
+              scatter: bool, cfg=None, prec=None, z=None, l_=None, l_strides=None, alpha: float = 1.0,
+              rank_out: bool = False) -> None:
     """``c[n] = alpha * (A[n] @ B[e] + z[n] @ L[e])`` for each expert's rows, B's element
     ``[e, k, n]`` at ``b_strides`` and L's ``[e, r, n]`` at ``l_strides`` (``A[n] = a[token[n]]``
     with ``gather``; times ``weight[n]`` with ``scale``; added into ``c[token[n]]`` with
