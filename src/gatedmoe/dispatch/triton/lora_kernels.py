@@ -16,8 +16,9 @@ the base tiles' fp32 accumulators already hold 128 x 256 values):
                         rank-R factors (alpha = s).
 
 Both read the weight operand through a TMA descriptor where the host can make one, as the
-base kernels do (else pointer loads with strides); `lora_gemm_kernel` its ungathered rows
-too. Gathered rows and the rank-R operands are pointer loads. The
+base kernels do (else pointer loads with strides), and rows in expert order (ungathered, or
+gathered into a copy beforehand) likewise. Rows gathered by token inside the loads and the
+rank-R operands are pointer loads. The
 backward's SwiGLU derivative and the adapters' gradients (``[E, R, in]`` and ``[E, out, R]``,
 grouped per expert) are `kernels.swiglu_bwd_kernel` and `kernels.wgrad_kernel` unchanged.
 
@@ -40,8 +41,9 @@ def lora_glu_fwd_kernel(
     D, H, R,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
     GROUP_M: tl.constexpr, E_POW2: tl.constexpr, STORE_H: tl.constexpr, W_DESC: tl.constexpr,
+    X_DESC: tl.constexpr,
 ):
-    """`glu_fwd_kernel` with rows gathered by token inside the loads, plus the adapter term:
+    """`glu_fwd_kernel` plus the adapter term:
     ``z[rows] [BM, BR]`` times the rows of ``B_in[e] [2H, R]`` that match the accumulator's
     columns, BR ranks at a time, into the same accumulator (before the rounding to h). ``z``
     is ``s x[token] @ A_in[e]^T`` ``[N, R]`` in expert order, ``lb`` is ``B_in`` ``[E, 2H, R]``
@@ -49,14 +51,19 @@ def lora_glu_fwd_kernel(
 
     ``W_DESC``: ``w_ptr`` is a TMA descriptor over the 3-D view ``[2E, H, D]`` of W_in (block
     ``[2, BN, BK]``), the accumulator's columns are the BN gate columns then the BN up
-    columns; without it, pointer loads with gate and up columns interleaved (as
-    `glu_fwd_kernel`)."""
+    columns; without it, pointer loads with gate and up columns interleaved. ``X_DESC``:
+    ``x_ptr`` is a TMA descriptor over rows already gathered into expert order (``x[token]``,
+    ``[N, D]``, block ``[BM, BK]``); otherwise rows are gathered by token inside the loads.
+    Both as `glu_fwd_kernel`."""
     pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:
         return
-    x_rows = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     rows64 = rows.to(tl.int64)
+    if X_DESC:
+        x_rows = rows64  # unused: the descriptor addresses rows by row0
+    else:
+        x_rows = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     ks = tl.arange(0, BK)
     j2 = tl.arange(0, 2 * BN)
     acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
@@ -64,7 +71,7 @@ def lora_glu_fwd_kernel(
         cols2 = pid_n * BN + j2 % BN
         w_rows = (cols2 + (j2 // BN) * H).to(tl.int64)
         for k0 in range(0, D, BK):
-            a = _load_rows(x_ptr, False, row0, k0, x_rows, D, k0 + ks, row_mask, D)
+            a = _load_rows(x_ptr, X_DESC, row0, k0, x_rows, D, k0 + ks, row_mask, D)
             w = tl.reshape(w_ptr.load([2 * e, pid_n * BN, k0]), (2 * BN, BK))
             acc = tl.dot(a, w.T, acc, input_precision=PREC)
     else:
@@ -73,7 +80,7 @@ def lora_glu_fwd_kernel(
         w_e = w_ptr + e.to(tl.int64) * (2 * H) * D
         for k0 in range(0, D, BK):
             k = k0 + ks
-            a = _load_rows(x_ptr, False, row0, k0, x_rows, D, k, row_mask, D)
+            a = _load_rows(x_ptr, X_DESC, row0, k0, x_rows, D, k, row_mask, D)
             b = tl.load(w_e + w_rows[None, :] * D + k[:, None], mask=(k < D)[:, None] & (cols2 < H)[None, :],
                         other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PREC)

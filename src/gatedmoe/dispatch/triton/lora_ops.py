@@ -88,20 +88,27 @@ def _tma_ok(t: Tensor, last_dim: int) -> bool:
 
 
 def launch_lora_glu_fwd(x, token, w_in, z, b_in, h, a, counts, N: int, D: int, H: int, R: int,
-                        cfg: KernelConfig, prec: str, *, store_h: bool = True) -> None:
+                        cfg: KernelConfig, prec: str, *, gathered: bool = False, store_h: bool = True) -> None:
     """``h[n] = x[token[n]] @ W_in[e]^T + z[n] @ B_in[e]^T`` ([N, 2H], gate then up) and
     ``a = silu(h_gate) * h_up`` ([N, H]) with `lora_kernels.lora_glu_fwd_kernel`; ``w_in``
     [E, 2H, D] and ``b_in`` [E, 2H, R] contiguous, ``z`` [N, R]. W_in through a TMA
-    descriptor where ``cfg.tma`` and the layout allow (rows always gathered in the loads)."""
+    descriptor where ``cfg.tma`` and the layout allow. ``gathered``: ``x`` holds the rows
+    already in expert order (``x[token]``, [N, D]), read through TMA."""
     E = w_in.shape[0]
     w_arg, w_desc = w_in, False
     if cfg.tma and w_in.is_contiguous() and _tma_ok(w_in, D):
         w_arg, w_desc = TensorDescriptor.from_tensor(w_in.view(E * 2, H, D), [2, cfg.BN, cfg.BK]), True
+    x_arg = x
+    if gathered:
+        if not _tma_ok(x, D):
+            raise ValueError("gathered rows are read through TMA: pass rows whose width is 16-byte aligned")
+        x_arg = TensorDescriptor.from_tensor(x, [cfg.BM, cfg.BK])
     MT = launchers.n_row_tiles(N, E, cfg.BM)
     lora_glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
-        x, token, w_arg, z, b_in, h, a, counts, E, MT, D, H, R,
+        x_arg, token, w_arg, z, b_in, h, a, counts, E, MT, D, H, R,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=rank_block(R, x.device), PREC=prec, GROUP_M=cfg.group_m,
-        E_POW2=_e_pow2(E), STORE_H=store_h, W_DESC=w_desc, num_warps=cfg.warps, num_stages=cfg.stages,
+        E_POW2=_e_pow2(E), STORE_H=store_h, W_DESC=w_desc, X_DESC=gathered, num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
 
 
@@ -167,6 +174,12 @@ def _configs(x: Tensor, H: int, configs: Sequence[int] | None) -> dict[str, Kern
     return config.kernel_configs(x.dtype, x.device, H, config.configs_from_ints(configs))
 
 
+def _pregather(cfg: KernelConfig, rows: Tensor) -> bool:
+    """Whether the rows are gathered into expert order by one copy first (`KernelConfig.pregather`:
+    by the base kernels' measured width rule on CUDA, or an override), read through TMA."""
+    return cfg.pregather and cfg.tma and _tma_ok(rows, rows.shape[1])
+
+
 def _forward_impl(x_TD, token_N, weight_N, counts_E, w_in, w_out, A_in, B_in, A_out, B_out, scale, need_h,
                   fp32_scatter, configs):
     """``(y [T, D], h [N or 0, 2H], z_in [N, R], z_out [N, R])``."""
@@ -182,12 +195,17 @@ def _forward_impl(x_TD, token_N, weight_N, counts_E, w_in, w_out, A_in, B_in, A_
     A_in, B_in, A_out, B_out = (t.contiguous() for t in (A_in, B_in, A_out, B_out))
     cfgs = _configs(x, H, configs)
     prec = launchers.precision(x.dtype)
+    # Wide experts: one gathered copy, read in order by the rank-R factor and through TMA by
+    # the first product (the base path's rule, `config.PREGATHER_MIN_H`).
+    xs = x.index_select(0, token_N) if _pregather(cfgs["glu_fwd"], x) else None
     # z_in = s x[token] @ A_in[e]^T: B[k=d, n=r] = A_in[e, r, d]
-    launch_lora_gemm(x, A_in, (R * D, 1, D), z_in, token_N, weight_N, counts_E, N, D, R, gather=True, scale=False,
-                     scatter=False, cfg=cfgs["glu_fwd"], prec=prec, alpha=scale, rank_out=True)
+    launch_lora_gemm(x if xs is None else xs, A_in, (R * D, 1, D), z_in, token_N, weight_N, counts_E, N, D, R,
+                     gather=xs is None, scale=False, scatter=False, cfg=cfgs["glu_fwd"], prec=prec, alpha=scale,
+                     rank_out=True)
     a = launchers.alloc(N, H, device=x.device, dtype=x.dtype)
-    launch_lora_glu_fwd(x, token_N, w_in, z_in, B_in, h, a, counts_E, N, D, H, R, cfgs["glu_fwd"], prec,
-                        store_h=need_h)
+    launch_lora_glu_fwd(x if xs is None else xs, token_N, w_in, z_in, B_in, h, a, counts_E, N, D, H, R,
+                        cfgs["glu_fwd"], prec, gathered=xs is not None, store_h=need_h)
+    del xs
     # z_out = s a @ A_out[e]^T: B[k=h, n=r] = A_out[e, r, h]
     launch_lora_gemm(a, A_out, (R * H, 1, H), z_out, token_N, weight_N, counts_E, N, H, R, gather=False,
                      scale=False, scatter=False, cfg=cfgs["gemm_fwd"], prec=prec, alpha=scale, rank_out=True)
@@ -215,14 +233,20 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
     A_in_c, B_in_c, A_out_c, B_out_c = (t.contiguous() for t in (A_in, B_in, A_out, B_out))
     cfgs = _configs(x, H, configs)
     prec = launchers.precision(x.dtype)
+    # Wide experts: gy gathered by one copy (the base path's rule), which the rank-R factor,
+    # the gathered product (through TMA) and the gradients of B_out and W_out all read.
+    gys = gy.index_select(0, token_N) if _pregather(cfgs["glu_bwd"], gy) else None
+    gy_rows = gy if gys is None else gys
     # u_out = s gy[token] @ B_out[e]: B[k=d, n=r] = B_out[e, d, r]
     u_out = launchers.alloc(N, R, device=x.device, dtype=x.dtype)
-    launch_lora_gemm(gy, B_out_c, (D * R, R, 1), u_out, token_N, weight_N, counts_E, N, D, R, gather=True,
-                     scale=False, scatter=False, cfg=cfgs["glu_bwd"], prec=prec, alpha=scale, rank_out=True)
+    launch_lora_gemm(gy_rows, B_out_c, (D * R, R, 1), u_out, token_N, weight_N, counts_E, N, D, R,
+                     gather=gys is None, scale=False, scatter=False, cfg=cfgs["glu_bwd"], prec=prec, alpha=scale,
+                     rank_out=True)
     # ga = gy[token] @ W_out[e] + u_out @ A_out[e]: B[k=d, n=h] = w_out[e, d, h], L[r, n=h] = A_out[e, r, h]
     ga = launchers.alloc(N, H, device=x.device, dtype=x.dtype)
-    launch_lora_gemm(gy, w_out, (D * H, H, 1), ga, token_N, weight_N, counts_E, N, D, H, gather=True, scale=False,
-                     scatter=False, cfg=cfgs["glu_bwd"], prec=prec, z=u_out, l_=A_out_c, l_strides=(R * H, H, 1))
+    launch_lora_gemm(gy_rows, w_out, (D * H, H, 1), ga, token_N, weight_N, counts_E, N, D, H, gather=gys is None,
+                     scale=False, scatter=False, cfg=cfgs["glu_bwd"], prec=prec, z=u_out, l_=A_out_c,
+                     l_strides=(R * H, H, 1))
     gh = launchers.alloc(N, 2 * H, device=x.device, dtype=x.dtype)
     gweight = launchers.alloc(N, device=x.device, dtype=torch.float32)
     # weight * a written over ga in place (each element read before it is written).
@@ -261,7 +285,7 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
     }
     if need["B_out"]:  # gy[token]^T (weight * z_out)                                    [E, D, R]
         wz = (z_out.float() * weight_N.float()[:, None]).to(x.dtype)
-        grads["B_out"] = adapter_grad("B_out", gy, wz, B_out, gather_l=True)
+        grads["B_out"] = adapter_grad("B_out", gy_rows, wz, B_out, gather_l=gys is None)
     # The base weights' gradients (only when they train: frozen by default under LoRA), as the
     # base path computes them.
     if need["w_in"] or need["w_out"]:
@@ -269,7 +293,8 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
         if need["w_in"]:
             grads["w_in"] = launchers.weight_grad(gh, x.index_select(0, token_N), counts_E, offs).to(w_in_EHD.dtype)
         if need["w_out"]:
-            grads["w_out"] = launchers.weight_grad(gy.index_select(0, token_N), wa, counts_E, offs).to(w_out_EDH.dtype)
+            gys = gy.index_select(0, token_N) if gys is None else gys
+            grads["w_out"] = launchers.weight_grad(gys, wa, counts_E, offs).to(w_out_EDH.dtype)
     return tuple(grads.get(n) for n in _GRAD_NAMES)
 
 

@@ -24,10 +24,11 @@ __all__ = ["lora_gemm", "lora_glu_fwd", "lora_wgrad"]
 
 
 def lora_glu_fwd(x, token, w_in, z, b_in, h, a, counts, N: int, D: int, H: int, R: int, cfg=None,
-                 prec=None, *, store_h: bool = True) -> None:
-    """Fills ``h`` [N, 2H] (only with ``store_h``) and ``a`` [N, H]; the activation reads h
-    rounded to its dtype, as the kernel does."""
-    rows = x.float()[token]
+                 prec=None, *, gathered: bool = False, store_h: bool = True) -> None:
+    """Fills ``h`` [N, 2H] (only with ``store_h``) and ``a`` [N, H]; ``gathered``: ``x`` is
+    already ``x[token]`` ([N, D]). The activation reads h rounded to its dtype, as the kernel
+    does."""
+    rows = x.float() if gathered else x.float()[token]
     for e, (s, t) in enumerate(_expert_rows(counts)):
         if s == t:
             continue
