@@ -237,6 +237,8 @@ def _rows(T, E, K, mode):
 @pytest.mark.parametrize("store_h,tma,gathered", [(True, True, False), (False, True, False), (True, False, False),
                                                    (True, True, True)])
 def test_glu_fwd_launcher_matches_reference(T, E, K, mode, store_h, tma, gathered):
+    if gathered and CUDA:
+        pytest.skip("gathered rows are read through TMA, on CUDA 16-bit only (the float32 test runs interpreted)")
     D, H, R = 24, 40, 20
     token, _, counts = _rows(T, E, K, mode)
     N = token.numel()
