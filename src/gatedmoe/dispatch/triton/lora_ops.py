@@ -57,7 +57,7 @@ __all__ = [
     "moe_glu_lora",
     "moe_glu_lora_backward",
     "moe_glu_lora_forward",
-    "rank_block",
+    "RANK_BLOCK",
 ]
 
 # Gradients of (x, weight, w_in, w_out, A_in, B_in, A_out, B_out): the order of the
@@ -69,13 +69,12 @@ def _e_pow2(E: int) -> int:
     return max(16, triton.next_power_of_2(E))
 
 
-def rank_block(R: int, device: torch.device) -> int:
-    """Ranks per ``tl.dot`` of the adapter terms (``BR``; larger ranks loop): 16, the smallest
-    ``tl.dot`` tile, on every device. Compiled by Triton 3.6 for sm90 (ptxas -v, bf16, the
-    base kernels' CUDA configs): the first product's kernel spills 380 bytes with BR=16, as
-    the base kernel does (400), but 648 with 32 and 1876 with 64; the scatter product spills
-    about the same with 16 or 32 (2800 / 2896 bytes, base 2576). Not timed yet."""
-    return 16
+# Ranks per ``tl.dot`` of the adapter terms (``BR``; larger ranks loop): 16, the smallest
+# ``tl.dot`` tile. Compiled by Triton 3.6 for sm90 (ptxas -v, bf16, the base kernels' CUDA
+# configs): the first product's kernel spills 380 bytes with BR=16, as the base kernel does
+# (400), but 648 with 32 and 1876 with 64; the scatter product spills about the same with 16
+# or 32 (2800 / 2896 bytes, base 2576). Not timed yet.
+RANK_BLOCK = 16
 
 
 def _tma_ok(t: Tensor, last_dim: int) -> bool:
@@ -106,7 +105,7 @@ def launch_lora_glu_fwd(x, token, w_in, z, b_in, h, a, counts, N: int, D: int, H
     MT = launchers.n_row_tiles(N, E, cfg.BM)
     lora_glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
         x_arg, token, w_arg, z, b_in, h, a, counts, E, MT, D, H, R,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=rank_block(R, x.device), PREC=prec, GROUP_M=cfg.group_m,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=RANK_BLOCK, PREC=prec, GROUP_M=cfg.group_m,
         E_POW2=_e_pow2(E), STORE_H=store_h, W_DESC=w_desc, X_DESC=gathered, num_warps=cfg.warps,
         num_stages=cfg.stages,
     )
@@ -144,7 +143,7 @@ def launch_lora_gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, 
         a_arg, b_arg, c, z_arg, l_arg, token, weight, counts, E, MT, K, n_cols, R, float(alpha),
         a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0), stride_le, stride_lr, stride_ln, B_rows,
         GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, LORA=lora, A_DESC=a_desc, B_DESC=b_desc,
-        BM=cfg.BM, BN=BN, BK=cfg.BK, BR=rank_block(R, a.device), PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
+        BM=cfg.BM, BN=BN, BK=cfg.BK, BR=RANK_BLOCK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
