@@ -3,6 +3,8 @@
     python3 benchmarks/lora_step.py --out results_lora_step.json                 # GPU
     python3 benchmarks/lora_step.py --device cpu --shapes tiny --ranks 4 \\
         --dtype float32 --reps 3 --out /tmp/lora_step.json                       # smoke run
+    TRITON_INTERPRET=1 python3 benchmarks/lora_step.py --device cpu --shapes tiny --ranks 4 \\
+        --dtype float32 --backends grouped,triton --warmup 0 --reps 1 --out /tmp/l.json  # + Triton kernels
 
 A step is what a trainer does per micro-batch and optimizer step: ``zero_grad``, forward
 of the layer (router, top-k, dispatch) on inputs that need their gradient (as inside a
@@ -11,8 +13,12 @@ network), backward of a random upstream gradient, ``AdamW.step``. Rows per shape
 * ``full``: every parameter trains (router and experts), with each backend asked for
   (``grouped``; ``triton`` on CUDA when Triton is installed);
 * ``lora r=R``: ``moe.experts.add_lora(R)``; only the adapters train (router and base
-  experts frozen). Unmerged adapters run in the grouped backend (the Triton backend falls
-  back to it, logged once), so these rows use ``grouped``.
+  experts frozen), with each backend as well: ``grouped`` runs the adapters as grouped
+  products beside the experts', ``triton`` fuses them into its kernels
+  (`gatedmoe.dispatch.triton.lora_ops`; the base weights' gradients are skipped).
+
+"vs full" is each row's speed against the first full fine-tuning row (grouped), "vs same"
+against full fine-tuning on the same backend.
 
 Before timing, each configuration is checked against `gatedmoe.dispatch.reference_dispatch`
 on the benchmark's own first ``--check-tokens`` tokens and the layer's routing: output and
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--shapes", default="small,deepseek,finegrained,mixtral", help=f"comma list of {','.join(BENCH_SHAPES)}")
     p.add_argument("--ranks", default="8,64", help="LoRA ranks, comma list")
-    p.add_argument("--backends", default=None, help="full fine-tuning backends (default grouped, plus triton on CUDA)")
+    p.add_argument("--backends", default=None, help="backends of the full and LoRA rows (default grouped, plus triton on CUDA)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=20)
@@ -167,18 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     print("machine:", ", ".join(f"{k}={v}" for k, v in machine.items()))
     print(f"dense GEMM ceiling: {ceiling:.2f} TFLOP/s ({args.dtype})")
     rows = []
-    head = f"{'shape':34s} {'mode':10s} {'backend':8s} {'ms':>9s} {'min-max':>17s} {'vs full':>8s} {'trainable':>11s} {'peak MiB':>9s} {'% dense':>8s}"
+    head = f"{'shape':34s} {'mode':10s} {'backend':8s} {'ms':>9s} {'min-max':>17s} {'vs full':>8s} {'vs same':>8s} {'trainable':>11s} {'peak MiB':>9s} {'% dense':>8s}"
     print(head)
     for name in shapes:
         shape = BENCH_SHAPES[name]
-        configs = [("full", b, None) for b in backends] + [(f"lora r={r}", "grouped", r) for r in ranks]
+        configs = [("full", b, None) for b in backends] + [(f"lora r={r}", b, r) for r in ranks for b in backends]
         shape_rows = [run_row(shape, label, b, r, device, dtype, args, ceiling) for label, b, r in configs]
         base = shape_rows[0]["ms_median"]
+        full = {row["backend"]: row["ms_median"] for row in shape_rows if row["rank"] is None}
         for row in shape_rows:
             row["speedup_vs_full_grouped"] = base / row["ms_median"]
+            row["speedup_vs_full_same_backend"] = full[row["backend"]] / row["ms_median"]
             print(
                 f"{row['shape']:34s} {row['mode']:10s} {row['backend']:8s} {row['ms_median']:9.3f} "
-                f"{row['ms_min']:8.3f}-{row['ms_max']:<8.3f} {row['speedup_vs_full_grouped']:7.2f}x "
+                f"{row['ms_min']:8.3f}-{row['ms_max']:<8.3f} {row['speedup_vs_full_grouped']:7.2f}x {row['speedup_vs_full_same_backend']:7.2f}x "
                 f"{row['trainable_params']:11d} {'-' if row['peak_mib'] is None else format(row['peak_mib'], '9.1f'):>9s} "
                 f"{100 * row['frac_of_dense']:7.1f}%"
             )

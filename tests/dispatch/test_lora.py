@@ -129,11 +129,12 @@ def test_sharding_keeps_each_experts_adapters():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton installed")
-def test_triton_backend_runs_unmerged_adapters_on_the_grouped_path():
+def test_triton_backend_runs_unmerged_adapters():
+    # Fused into the Triton kernels (interpreted on CPU); every gradient and the awkward
+    # shapes are in tests/dispatch/test_triton_lora.py.
     from gatedmoe.dispatch import get_backend
 
     bank = _bank(4, 16, 32, "swiglu", False, 4, torch.float32)
     x = torch.randn(6, 16)
     routing = make_routing(6, 4, 2, "random", torch.randn(6, 4))
-    y = get_backend("triton")(x, routing, bank)
-    assert torch.equal(y, grouped_dispatch(x, routing, bank))
+    assert_close("y", reference_dispatch(x, routing, bank).detach(), get_backend("triton")(x, routing, bank).detach())

@@ -9,7 +9,6 @@ Backends share one signature ``fn(x_TD, routing, experts, options=None) -> y_TD`
 from __future__ import annotations
 
 import importlib.util
-import logging
 from collections.abc import Callable
 
 import torch
@@ -34,21 +33,12 @@ __all__ = [
 ]
 
 DispatchFn = Callable[..., Tensor]
-log = logging.getLogger(__name__)
-_lora_fallback_logged: list[bool] = []
-
 
 
 def _triton_dispatch(x_TD: Tensor, routing: Routing, experts: ExpertBank, options: TritonOptions | None = None) -> Tensor:
-    if experts.active_lora is not None:
-        if options is not None and options.fp8 is not None:
-            raise ValueError("TritonOptions(fp8=...): the FP8 kernels have no LoRA adapter term; merge the adapters "
-                             "(ExpertBank.merge_lora) or drop the fp8 option")
-        # The fused kernels have no adapter term yet: run the grouped path, said once.
-        if not _lora_fallback_logged:
-            _lora_fallback_logged.append(True)
-            log.warning("triton dispatch: unmerged LoRA adapters are not fused yet; using the grouped path")
-        return grouped_dispatch(x_TD, routing, experts, options)
+    if experts.active_lora is not None and options is not None and options.fp8 is not None:
+        raise ValueError("TritonOptions(fp8=...): the FP8 kernels have no LoRA adapter term; merge the adapters "
+                         "(ExpertBank.merge_lora) or drop the fp8 option")
     # Imported on first use: importing Triton costs time and is only useful on CUDA.
     from gatedmoe.dispatch.triton import triton_dispatch
 

@@ -21,8 +21,9 @@ gradients off); torch.compile sees the custom ops `gatedmoe::moe_glu_forward` /
 `moe_glu_backward`. The backward frees h as it goes, so a second backward through a retained
 graph raises.
 
-Covers SwiGLU experts without biases in bf16/fp16/fp32; anything else falls back to the
-grouped backend (logged once), except with ``TritonOptions(fp8=FP8Recipe(...))``: the FP8
+Covers SwiGLU experts without biases in bf16/fp16/fp32, with or without unmerged LoRA
+adapters (`lora_ops.moe_glu_lora`: the adapter products fused into the kernels, README.md
+"LoRA on the experts"); anything else falls back to the grouped backend (logged once), except with ``TritonOptions(fp8=FP8Recipe(...))``: the FP8
 path (`fp8_ops.moe_glu_fp8`; design and open measurements in README.md, "FP8") refuses what
 it cannot run instead. `gatedmoe.dispatch.reference.reference_dispatch` is its oracle
 for the whole backend, `reference.py` here for each kernel.
@@ -30,7 +31,8 @@ for the whole backend, `reference.py` here for each kernel.
 Modules: `config` (kernel configs and measured thresholds; imports no Triton), `kernels`
 (the Triton kernels), `launchers` (their host side), `ops` (custom ops, autograd,
 `moe_glu`), `backend` (`triton_dispatch`), `reference` (plain PyTorch per kernel); the FP8
-path's `fp8_config`, `fp8_kernels`, `fp8_ops` and `fp8_reference` likewise.
+path's `fp8_config`, `fp8_kernels`, `fp8_ops` and `fp8_reference` likewise, and the LoRA
+path's `lora_kernels`, `lora_ops` and `lora_reference`.
 Importing this package imports none of the Triton modules; the names below load them on
 first use.
 """
@@ -41,8 +43,8 @@ import importlib
 from typing import Any
 
 __all__ = [
-    "moe_glu", "moe_glu_backward", "moe_glu_decode", "moe_glu_forward", "moe_glu_fp8", "tile_schedule",
-    "triton_dispatch",
+    "moe_glu", "moe_glu_backward", "moe_glu_decode", "moe_glu_forward", "moe_glu_fp8", "moe_glu_lora",
+    "tile_schedule", "triton_dispatch",
 ]
 
 # Public name -> the module defining it, imported on first access (PEP 562), so that
@@ -54,6 +56,7 @@ _LAZY = {
     "moe_glu_backward": "ops",
     "moe_glu_decode": "ops",
     "moe_glu_fp8": "fp8_ops",
+    "moe_glu_lora": "lora_ops",
     "tile_schedule": "launchers",
 }
 

@@ -49,7 +49,8 @@ def triton_dispatch(
     Calls that need no gradient and are small (`config.use_decode`: at most
     `config.DECODE_MAX_TOKENS` tokens, at most `config.DECODE_MAX_ROWS_PER_EXPERT` rows per
     routed expert) run the decode path (`ops.moe_glu_decode`), unless ``options.decode`` says
-    otherwise; the others run `ops.moe_glu`.
+    otherwise; the others run `ops.moe_glu`. Unmerged LoRA adapters of the bank
+    (`ExpertBank.add_lora`) run fused into the kernels (`lora_ops.moe_glu_lora`, any size).
     With ``options.fp8`` the expert GEMMs run in FP8 (`fp8_ops.moe_glu_fp8`); a call the
     fused kernels cannot take then raises ValueError instead of falling back.
 
@@ -84,6 +85,15 @@ def triton_dispatch(
                            options.fp32_scatter, options.configs)
     dtype = x_TD.dtype
     w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
+    lora = experts.active_lora
+    if lora is not None:
+        # Unmerged adapters: their products fused into the kernels (`lora_ops`; no decode path).
+        from gatedmoe.dispatch.triton.lora_ops import moe_glu_lora
+
+        adapters = [t.to(dtype) for t in (lora.A_in, lora.B_in, lora.A_out, lora.B_out)]
+        need_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, routing.weight, w_in, w_out, *adapters))
+        return moe_glu_lora(x_TD, routing.token, routing.weight, routing.counts, w_in, w_out, *adapters, lora.scale,
+                            need_h, options)
     # Without autograd (inference) the first GEMM's output need not be kept for backward.
     need_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, routing.weight, w_in, w_out))
     if not need_h and _decode(x_TD.shape[0], routing.token.numel(), routing.counts.numel(), options):
