@@ -91,16 +91,16 @@ class Routing:
                 f"{tuple(weights_TK.shape)} and {tuple(experts_TK.shape)}"
             )
         T, K = weights_TK.shape
-        token_TK = torch.arange(T, device=experts_TK.device).unsqueeze(1).expand(T, K)
+        # No token ids: assignment i belongs to token i // K (see ``_per_token``).
         return cls.from_assignments(
-            token_TK.reshape(-1),
+            None,
             experts_TK.reshape(-1),
             weights_TK.reshape(-1),
             n_experts=n_experts,
             n_tokens=T,
             probs=probs,
             logits=logits,
-            _tokens_in_range=True,
+            _per_token=K,
         )
 
     @classmethod
@@ -114,7 +114,7 @@ class Routing:
         probs: Tensor | None = None,
         logits: Tensor | None = None,
         *,
-        _tokens_in_range: bool = False,
+        _per_token: int | None = None,
     ) -> Routing:
         """Routing from unsorted assignment triples ``[N]``; sorts them stably by expert.
 
@@ -124,7 +124,11 @@ class Routing:
         """
         if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
             raise ValueError(f"n_experts must be an int >= 1, got {n_experts!r}")
-        _check_tensor("token", token, floating=False)
+        # ``_per_token=K`` (from `from_topk`): ``token`` is None and assignment i belongs to
+        # token i // K, in range by construction; the sorted ids are then ``order // K``,
+        # the same values as gathering them from ``arange(T)`` repeated K times.
+        if _per_token is None:
+            _check_tensor("token", token, floating=False)
         _check_tensor("expert", expert, floating=False)
         _check_tensor("weight", weight, floating=True)
         # A SymInt under torch.compile with dynamic shapes.
@@ -134,23 +138,23 @@ class Routing:
             if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != (n_tokens, n_experts)):
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{name} must be None or a tensor [n_tokens, n_experts]=({n_tokens}, {n_experts}), got {got}")
-        if not (token.shape == expert.shape == weight.shape) or token.dim() != 1:
+        token_shape = token.shape if _per_token is None else expert.shape
+        if not (token_shape == expert.shape == weight.shape) or expert.dim() != 1:
             raise ValueError(
                 "token, expert and weight must be 1-D of equal length; got "
-                f"{tuple(token.shape)}, {tuple(expert.shape)}, {tuple(weight.shape)}"
+                f"{tuple(token_shape)}, {tuple(expert.shape)}, {tuple(weight.shape)}"
             )
         expert = expert.long()
         # The range check reads values on the host: free on CPU, a device sync on a GPU, so
         # on accelerators it is left to `validate()` (an out-of-range id there still fails
         # loudly, as a device-side index error in the count below).
         host_check = expert.device.type == "cpu" and expert.numel() and not torch.compiler.is_compiling()
-        # One min-max reduction per id tensor. `from_topk` builds the token ids itself
-        # (``arange(T)``, in range by construction) and says so with ``_tokens_in_range``.
+        # One min-max reduction per id tensor (none for `from_topk`'s implicit token ids).
         if host_check:
             lo, hi = torch.aminmax(expert)
             if int(lo) < 0 or int(hi) >= n_experts:
                 raise ValueError(f"expert ids must lie in [0, {n_experts}); got {lo}..{hi}")
-        if host_check and not _tokens_in_range:
+        if host_check and _per_token is None:
             lo, hi = torch.aminmax(token)
             if int(lo) < 0 or int(hi) >= n_tokens:
                 raise ValueError(f"token ids must lie in [0, n_tokens={n_tokens}); got {lo}..{hi}")
@@ -158,16 +162,21 @@ class Routing:
         # expert ids gives the same (stable) order in fewer passes.
         key = expert.to(torch.int16 if n_experts <= torch.iinfo(torch.int16).max else torch.int32)
         order = torch.argsort(key, stable=True)
-        expert_sorted = expert[order]
+        expert_sorted = expert.index_select(0, order)
         # scatter_add, not bincount: bincount's output size depends on the data, which costs
         # a device sync on every routing.
         counts = torch.zeros(n_experts, dtype=torch.long, device=expert.device).scatter_add_(
             0, expert_sorted, torch.ones_like(expert_sorted)
         )
+        if _per_token is None:
+            token_sorted = token.long().index_select(0, order)
+        else:
+            # K = 0 leaves no assignments (and nothing to divide).
+            token_sorted = order.div(_per_token, rounding_mode="floor") if _per_token else order
         return cls(
-            token=token.long()[order],
+            token=token_sorted,
             expert=expert_sorted,
-            weight=weight[order],
+            weight=weight.index_select(0, order),
             counts=counts,
             n_tokens=int(n_tokens),
             probs=probs,
