@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from cpu_machine import cpu_model  # benchmarks/, beside this script
 
 from gatedmoe.arena import run_text_arena
 from gatedmoe.data import load_tinyshakespeare
@@ -55,13 +56,7 @@ METRICS = [
 
 
 def machine() -> str:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, torch {torch.__version__}")
+    return f"{os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def summarize(values: list[float]) -> dict[str, float]:

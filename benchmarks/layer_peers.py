@@ -26,17 +26,11 @@ import statistics
 from collections.abc import Callable
 
 import torch
+from layer_profile import SHAPES  # benchmarks/, beside this script
 
 from gatedmoe import MoE
 from gatedmoe.bench import time_samples
 
-SHAPES = {
-    "fine256": (16384, 2048, 512, 256, 8),
-    "qwen3_30b": (16384, 2048, 768, 128, 8),
-    "deepseek16b": (16384, 2048, 1408, 64, 6),
-    "small": (8192, 1024, 4096, 16, 2),
-    "mixtral": (8192, 4096, 14336, 8, 2),
-}
 GATES = {"gm_topk_softmax": "topk_softmax", "gm_sigmoid": "sigmoid", "gm_group_limited": "group_limited"}
 
 
