@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 from cpu_machine import machine  # benchmarks/, beside this script
@@ -40,10 +40,12 @@ def one(job):
         t0 = time.perf_counter()
         model = MoERegressor(n_experts=K, gate=gate, k=k, random_state=seed).fit(X, y)
         seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
         start = truth.as_estimator().set_params(warm_start=True, max_iter=500).fit(X, y)
+        start_seconds = time.perf_counter() - t0
     ll, ll_start, ll_truth = model.loglik(X, y), start.loglik(X, y), truth.loglik(X, y)
     return {
-        "gate": gate, "k": k, "K": K, "d": d, "n": n, "seed": seed, "seconds": seconds,
+        "gate": gate, "k": k, "K": K, "d": d, "n": n, "seed": seed, "seconds": seconds, "start_seconds": start_seconds,
         "gap": ll - max(ll_start, ll_truth), "converged": bool(model.converged_), "n_iter": int(model.n_iter_),
         "max_gate_coef": float(np.max(np.abs(model.gate_coef_))),
     }
@@ -61,11 +63,19 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    jobs = [(g, k, K, d, n, s) for g, k, K, d, n, s in itertools.product(
-        args.gates, args.ks, args.experts, args.dims, args.n, range(args.seeds)) if k < K]
-    print(f"machine: {machine()}; {len(jobs)} fits, {args.jobs} processes")
+    # Smallest n first; the JSON is rewritten as each fit ends, so a long run that is
+    # stopped keeps what it measured.
+    jobs = sorted(((g, k, K, d, n, s) for g, k, K, d, n, s in itertools.product(
+        args.gates, args.ks, args.experts, args.dims, args.n, range(args.seeds)) if k < K), key=lambda j: j[4])
+    print(f"machine: {machine()}; {len(jobs)} fits, {args.jobs} processes", flush=True)
+    rows = []
     with ProcessPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(one, jobs))
+        for fut in as_completed([pool.submit(one, j) for j in jobs]):
+            rows.append(fut.result())
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump({"machine": machine(), "args": vars(args), "complete": len(rows) == len(jobs),
+                               "rows": rows}, fh, indent=1)
     print(f"{'gate':<13} {'k':>2} {'n':>7} {'reached':>8} {'worst gap':>10} {'conv&miss':>9} "
           f"{'max|coef|':>10} {'median s':>8} {'max s':>7}")
     for (gate, k, n), grp in itertools.groupby(sorted(rows, key=lambda r: (r["gate"], r["k"], r["n"])),
@@ -78,9 +88,6 @@ def main(argv=None) -> int:
               f"{statistics.median(r['seconds'] for r in grp):>8.2f} {max(r['seconds'] for r in grp):>7.2f}")
     ok_all = sum(r["gap"] >= -args.slack * r["n"] for r in rows)
     print(f"total reached {ok_all}/{len(rows)}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"machine": machine(), "args": vars(args), "rows": rows}, fh, indent=1)
     return 0
 
 
