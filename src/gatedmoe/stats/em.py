@@ -33,6 +33,9 @@ MAX_LOGIT_STEP = 4.0
 # Rows per block of the Gram products below: their [rows, Q]-sized temporaries stay a few
 # MB at any N (at N = 1e7 a full-size temporary was 0.9-1.8 GB each).
 GRAM_CHUNK = 65536
+# Rows per block of the E-step (`gatedmoe.stats._base._BaseMoE._objective`): its [rows, E]
+# temporaries stay a few MB and are reused, instead of fresh N-row arrays at every iteration.
+ESTEP_CHUNK = 65536
 # Up to this many free gate columns the gate's Newton Hessian is built block by block
 # (a weighted Gram per pair of experts); above, as one GEMM.
 SMALL_GATE = 3
