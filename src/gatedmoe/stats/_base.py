@@ -531,17 +531,25 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         for width in widths[::2] if short else widths:
             smooth = self._em(data, params, state, gate.smoothed(width), max_iter=cap or ANNEAL_ITER)
             params = smooth.params
+        annealed = self._em(data, params, state, gate, max_iter=cap)
+        best = annealed if annealed.objective > hard.objective else hard
         # The smoothed likelihood approximates the hard one only when few samples lie within
         # a width of a selection boundary: at n = 1e5 the end of the schedule was still 62
         # units from the hard likelihood at the same parameters, and hard EM from there
-        # ended 62 units short of the truth-started fit. Keep narrowing until they agree.
+        # ended 62 units short of the truth-started fit. Keep narrowing until they agree,
+        # and run hard EM from there too (a third candidate: from the end of the fixed
+        # schedule hard EM was sometimes the better, top-2 sigmoid at n = 1e5).
+        narrowed = False
         while (not short and width > ANNEAL_MIN_WIDTH
                and abs(smooth.objective - self._objective(data, params, gate)[2]) > ANNEAL_GAP):
             width *= ANNEAL_SHRINK
             smooth = self._em(data, params, state, gate.smoothed(width), max_iter=ANNEAL_ITER)
-            params = smooth.params
-        annealed = self._em(data, params, state, gate, max_iter=cap)
-        return annealed if annealed.objective > hard.objective else hard
+            params, narrowed = smooth.params, True
+        if narrowed:
+            cand = self._em(data, params, state, gate)
+            if cand.objective > best.objective:
+                best = cand
+        return best
 
     def _sparse_starts(self, data, params, state):
         """Starting points of a sparse fit from one start's ``params``: EM with each of the
