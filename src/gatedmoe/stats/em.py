@@ -437,10 +437,11 @@ def coordinate_gate_search(
     direction it jumps once per sample crossing the selection boundary. A gradient step
     stops at the first jump that lowers it, although a slightly larger move of the
     boundary may gain (gaps of 0.4-4.6 log-likelihood units to the fit started at the
-    truth, issue 19). Here every free parameter in turn is moved by the best of ``0`` and
-    each of ``steps`` (both signs), evaluated exactly on all samples
-    (`topk_coordinate_profile`), which steps over such jumps; sweeps repeat until one gains
-    less than ``min_gain``. Derivative-free coordinate search on a piecewise smooth
+    truth, issue 19). Here every free parameter in turn is moved by the best of ``0``, each
+    of ``steps`` (both signs) and the best boundary position within ``2 steps[0]`` that the
+    change-point scan `topk_breakpoint_step` finds, each evaluated exactly on all samples
+    (`topk_coordinate_profile`), which steps over such jumps; sweeps (at most
+    ``max_sweeps``) repeat until one gains less than ``min_gain``. Derivative-free coordinate search on a piecewise smooth
     function (as a compass search, Kolda, Lewis & Torczon 2003, with a grid of steps per
     direction); the value never decreases. Returns ``(W_QE, value)``.
     """
