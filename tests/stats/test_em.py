@@ -233,3 +233,70 @@ def test_blocked_gram_products_match_the_whole_array(monkeypatch):
                                rtol=1e-10, atol=1e-12)
     for got, want in zip(em.gaussian_mstep(Z, y, R, np.zeros((4, 3)), np.ones(3), 1e-9), whole_experts, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def _observed_ll_N(gate, L_NE, log_expert_NE):
+    """Per-sample hard-gate log-likelihood, straight from the gate's log-probabilities."""
+    return em.logsumexp_rows(gate.log_probs(L_NE) + log_expert_NE)
+
+
+@pytest.mark.parametrize("gate,E,k", [("topk_softmax", 3, 1), ("topk_softmax", 4, 2), ("sigmoid", 3, 1),
+                                      ("sigmoid", 3, 2), ("sigmoid", 4, 3)])
+def test_topk_coordinate_profile_matches_the_gate_moved_one_column(gate, E, k):
+    rng = np.random.default_rng(E + k)
+    g = make_gate(gate, E, k=k)
+    L, le = rng.normal(size=(40, E)) * 2, rng.normal(size=(40, E)) * 3
+    f = rng.normal(size=40)
+    t = np.array([-1.3, -0.2, 0.0, 0.05, 0.7, 2.5])
+    for e in range(E):
+        prof = em.topk_coordinate_profile(L, le, e, f[:, None] * t, k, g.log_scores)
+        for i, ti in enumerate(t):
+            L2 = L.copy()
+            L2[:, e] += ti * f
+            np.testing.assert_allclose(prof[:, i], _observed_ll_N(g, L2, le), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("gate", ["topk_softmax", "sigmoid"])
+def test_breakpoint_step_finds_the_best_selection_of_a_top1_gate(gate):
+    # Top-1: ll_n = log p_{n, argmax l_n} depends on the selection only, so the likelihood
+    # along a coordinate is a step function and the change-point scan must find its
+    # maximum over |t| < max_step exactly (brute force: every interval between crossings).
+    rng = np.random.default_rng(3)
+    g = make_gate(gate, 3, k=1)
+    L, le, f = rng.normal(size=(60, 3)), rng.normal(size=(60, 3)) * 2, rng.normal(size=60)
+    for e in range(3):
+        others = em._topk_others(L, le, e, 1, g.log_scores)
+        t = em.topk_breakpoint_step(L, le, e, f, 1, g.log_scores, others, max_step=1.5)
+        cross = (others[3] - L[:, e]) / f
+        pts = np.sort(np.r_[cross[np.abs(cross) < 1.5], -1.5, 1.5, 0.0])
+        mids = np.r_[0.0, 0.5 * (pts[1:] + pts[:-1])]
+        mids = mids[np.abs(mids) < 1.5]
+        brute = em.topk_coordinate_profile(L, le, e, f[:, None] * mids, 1, g.log_scores).sum(0)
+        got = em.topk_coordinate_profile(L, le, e, f[:, None] * np.array([t]), 1, g.log_scores).sum()
+        assert abs(t) < 1.5
+        assert got == pytest.approx(brute.max(), abs=1e-9)
+
+
+@pytest.mark.parametrize("gate,k", [("topk_softmax", 2), ("sigmoid", 2), ("sigmoid", 1)])
+def test_coordinate_gate_search_never_lowers_and_steps_past_a_jump(gate, k):
+    # Experts fixed at a truth's; the gate started off it. The search must return the value
+    # it reports (the gate's own likelihood minus the ridge), never below the start, and
+    # gain on a start whose selection boundary is misplaced.
+    from gatedmoe.stats import MoETruth
+
+    truth = MoETruth.well_separated(3, 1, random_state=0, gate=gate, k=k)
+    X, y, _ = truth.sample(2000, random_state=1)
+    F = em.add_intercept(X)
+    A = np.vstack([truth.expert_coef_.T, truth.expert_intercept_])
+    le = em.gaussian_log_density(F, y, A, truth.noise_variance_)
+    W_true = np.vstack([truth.gate_coef_.T, truth.gate_intercept_])
+    g = make_gate(gate, 3, k=k)
+    n_free = g.n_free(3)
+    W0 = W_true.copy()
+    W0[-1, 0] += 0.8
+    l2 = 0.1 if k > 1 else 0.0
+    start = _observed_ll_N(g, F @ W0, le).sum() - em.gate_ridge(W0, n_free, l2)
+    W, value = em.coordinate_gate_search(F, W0, n_free, g, le, 0.5 ** np.arange(1, 9), l2=l2)
+    assert value == pytest.approx(_observed_ll_N(g, F @ W, le).sum() - em.gate_ridge(W, n_free, l2), rel=1e-12)
+    assert value > start + 1.0
+    assert np.all(W[:, n_free:] == W0[:, n_free:])

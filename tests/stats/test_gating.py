@@ -14,6 +14,7 @@ from gatedmoe.stats.gating import (
     gate_log_probs,
     gate_logit_grad,
     gate_probs,
+    logsumexp_rows,
     make_gate,
 )
 
@@ -189,3 +190,38 @@ def test_smoothed_topk_gradient_and_limit(gate, k):
     # Narrow width: the hard top-K gate.
     hard = make_gate(gate, 4, k)
     np.testing.assert_allclose(hard.smoothed(1e-4).probs(l), hard.probs(l), atol=1e-8)
+
+
+def test_sigmoid_start_from_softmax_keeps_the_order_and_takes_the_best_scale_and_shift():
+    # Logits of a saturated top-2 sigmoid truth (the 45-unit issue-19 miss): the
+    # exponential-regime map of them makes the sigmoid gate a softmax; among that map and
+    # its rescalings and shifts, the start must be the one with the highest hard-gate
+    # likelihood (experts fixed), computed here from the gate's own probabilities.
+    from gatedmoe.stats import gating
+
+    rng = np.random.default_rng(0)
+    F = np.c_[rng.normal(size=(500, 1)), np.ones(500)]
+    W_sig = np.array([[-9.0, -6.0, -3.0, 0.0], [0.0, 3.0, 3.0, 0.0]])
+    g = make_gate("sigmoid", 4, k=2)
+    expert = rng.integers(0, 4, 500)
+    le = np.where(np.arange(4) == expert[:, None], 0.0, -3.0)
+    (W,) = g.from_dense(W_sig, F, make_gate("softmax", 4), le)
+
+    def ll(W):
+        return float(logsumexp_rows(g.log_probs(F @ W) + le).sum())
+
+    W_exp = W_sig.copy()
+    W_exp[-1] -= (F @ W_sig).max() + 4.0
+    cands = [W_exp]
+    for a in gating.SIGMOID_START_SCALES:
+        for m in gating.SIGMOID_START_SHIFTS:
+            Wc = a * W_exp
+            Wc[-1] += m - (F @ Wc).max()
+            cands.append(Wc)
+    assert ll(W) == pytest.approx(max(ll(c) for c in cands), rel=1e-12)
+    # Here the saturated regime is better than the softmax-like one.
+    assert ll(W) > ll(W_exp) + 10
+    # Every candidate is a positive scale and a common shift: the order of the logits (so
+    # the top-K selection) is the softmax fit's.
+    np.testing.assert_array_equal(np.argsort(F @ W, axis=1), np.argsort(F @ W_sig, axis=1))
+    assert g.from_dense(W_sig, F, make_gate("sigmoid", 4), le)[0] is W_sig

@@ -238,3 +238,21 @@ def test_crawling_em_is_finished_by_lbfgs_at_the_em_optimum(monkeypatch):
     slow = MoERegressor(n_experts=3, n_init=1, random_state=0, max_iter=3000, tol=1e-10).fit(X, y)
     assert slow.n_iter_ > 300
     assert fast.lower_bound_ >= slow.lower_bound_ - 1e-8
+
+
+@pytest.mark.parametrize("gate,k", [("softmax", None), ("topk_softmax", 2), ("sigmoid", 2)])
+def test_row_blocked_e_step_gives_the_unblocked_fit(monkeypatch, gate, k):
+    # The E-step runs over blocks of em.ESTEP_CHUNK rows at large n; every operation in it
+    # is row-wise, so blocks of 97 rows (1000 = 10 * 97 + 30 leaves a short block) must
+    # give the same fit, bit for bit, as one block.
+    from gatedmoe.stats import em
+
+    truth = MoETruth.well_separated(3, 2, random_state=0, gate=gate, k=k)
+    X, y, _ = truth.sample(1000, random_state=1)
+    whole = MoERegressor(n_experts=3, gate=gate, k=k, n_init=1, random_state=0).fit(X, y)
+    monkeypatch.setattr(em, "ESTEP_CHUNK", 97)
+    blocked = MoERegressor(n_experts=3, gate=gate, k=k, n_init=1, random_state=0).fit(X, y)
+    for name in ["gate_coef_", "gate_intercept_", "expert_coef_", "expert_intercept_", "noise_variance_",
+                 "log_likelihood_history_"]:
+        np.testing.assert_array_equal(getattr(blocked, name), getattr(whole, name), err_msg=name)
+    assert blocked.n_iter_ == whole.n_iter_ and blocked.converged_ == whole.converged_

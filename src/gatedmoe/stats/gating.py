@@ -79,6 +79,10 @@ __all__ = [
 ]
 
 
+SIGMOID_START_SCALES = (0.5, 1.0, 2.0)
+SIGMOID_START_SHIFTS = (-4.0, -2.0, 0.0, 2.0, 4.0, 8.0, 16.0)
+
+
 def _topk_mask(scores_NE: np.ndarray, k: int) -> np.ndarray:
     # Ties are broken towards the lower index, as torch.topk does on CPU for equal values.
     order_NE = np.argsort(-scores_NE, axis=1, kind="stable")
@@ -156,9 +160,11 @@ class StatsGate(ABC):
         """Dense gates a sparse fit starts from (each followed by the continuation)."""
         return (self.dense(),)
 
-    def from_dense(self, W_QE: np.ndarray, F_NQ: np.ndarray, dense: StatsGate) -> np.ndarray:
-        """Gate parameters for this gate from a fit of the dense start ``dense``."""
-        return W_QE
+    def from_dense(self, W_QE: np.ndarray, F_NQ: np.ndarray, dense: StatsGate, log_expert_NE=None) -> list:
+        """Starting gate parameters for this gate from a fit of the dense start ``dense``
+        (a list: each is refined, the best kept); ``log_expert_NE`` ``[N, E]``, the dense
+        fit's expert log-densities, lets a gate choose among mappings."""
+        return [W_QE]
 
     def smoothed(self, width: float) -> StatsGate:
         """A dense, differentiable stand-in for a sparse gate: its top-K mask replaced by
@@ -305,14 +311,30 @@ class SigmoidGate(StatsGate):
         # order; top-K (K > 1) starts from both and keeps the better.
         return (SoftmaxGate(),) if self.k == 1 else (SoftmaxGate(), SigmoidGate())
 
-    def from_dense(self, W_QE, F_NQ, dense):
+    def from_dense(self, W_QE, F_NQ, dense, log_expert_NE=None):
         if not isinstance(dense, SoftmaxGate):
-            return W_QE
+            return [W_QE]
         # sigmoid(l - c) ~ exp(l - c) when l - c << 0: the normalised sigmoid gate of the
         # shifted logits is (almost) the softmax gate of the logits, the selection the same.
         W_QE = W_QE.copy()
         W_QE[-1] -= (F_NQ @ W_QE).max() + 4.0
-        return W_QE
+        if log_expert_NE is None or self.k == 1:
+            return [W_QE]
+        # That maps the softmax fit into the sigmoid's exponential regime, where a common
+        # shift of the logits barely changes the gate: a plateau EM leaves slowly, although
+        # a top-K sigmoid truth often lives in the saturated regime (issue 19: 45 units
+        # short). Also start from the scale and shift of the logits that the hard gate's
+        # likelihood, experts fixed, prefers (a cheap criterion: one E-step per candidate;
+        # the exponential-regime map is one of the candidates).
+        best, best_ll = None, logsumexp_rows(self.log_probs(F_NQ @ W_QE) + log_expert_NE).sum()
+        for a in SIGMOID_START_SCALES:
+            for m in SIGMOID_START_SHIFTS:
+                W = a * W_QE
+                W[-1] += m - (F_NQ @ W).max()
+                ll = logsumexp_rows(self.log_probs(F_NQ @ W) + log_expert_NE).sum()
+                if ll > best_ll:
+                    best, best_ll = W, ll
+        return [W_QE if best is None else best]
 
     def dlog_scores(self, logits_NE):
         return expit(-logits_NE)
