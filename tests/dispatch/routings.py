@@ -28,3 +28,19 @@ def make_routing(T: int, E: int, K: int, mode: str, logits_TE: torch.Tensor) -> 
         raise ValueError(mode)
     weights = probs.gather(-1, experts)
     return Routing.from_topk(weights, experts, E, probs=probs, logits=logits_TE).validate()
+
+
+def run_with_grads(fn, bank, x, logits, T: int, E: int, K: int, mode: str, gy, *, x_grad: bool = True):
+    """``(y, grads)`` of ``fn(x, routing, bank)`` with ``y.backward(gy)``: the routing from
+    `make_routing` (seeded, on x's device) over fresh leaves of x and the logits; grads of x
+    (when ``x_grad``), the logits and every trainable parameter of ``bank``."""
+    x = x.detach().clone().requires_grad_(x_grad)
+    logits = logits.detach().clone().requires_grad_()
+    torch.manual_seed(1234)
+    routing = make_routing(T, E, K, mode, logits).to(x.device)
+    bank.zero_grad(set_to_none=True)
+    y = fn(x, routing, bank)
+    y.backward(gy)
+    grads = {"x": x.grad, "logits": logits.grad}
+    grads.update({n: p.grad for n, p in bank.named_parameters() if p.requires_grad})
+    return y.detach(), grads

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 import torch
-from routings import make_routing
+from routings import make_routing, run_with_grads
 
 from gatedmoe import MoE
 from gatedmoe.dispatch import grouped_dispatch, reference_dispatch
@@ -36,27 +36,14 @@ def _bank(E, D, H, activation, bias, rank, dtype) -> ExpertBank:
     return bank.to(dtype)
 
 
-def _run(fn, bank, x, logits, T, E, K, mode, gy):
-    x = x.detach().clone().requires_grad_()
-    logits = logits.detach().clone().requires_grad_()
-    torch.manual_seed(1234)
-    routing = make_routing(T, E, K, mode, logits)
-    bank.zero_grad(set_to_none=True)
-    y = fn(x, routing, bank)
-    y.backward(gy)
-    grads = {"x": x.grad, "logits": logits.grad}
-    grads.update({n: p.grad for n, p in bank.named_parameters() if p.requires_grad})
-    return y.detach(), grads
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("T,D,H,E,K,mode,activation,bias,rank", CASES)
 def test_grouped_lora_matches_reference(T, D, H, E, K, mode, activation, bias, rank, dtype):
     bank = _bank(E, D, H, activation, bias, rank, dtype)
     assert sorted(n for n, p in bank.named_parameters() if p.requires_grad) == ["lora.A_in", "lora.A_out", "lora.B_in", "lora.B_out"]
     x, logits, gy = torch.randn(T, D, dtype=dtype), torch.randn(T, E), torch.randn(T, D, dtype=dtype)
-    ref_y, ref_g = _run(reference_dispatch, bank, x, logits, T, E, K, mode, gy)
-    fast_y, fast_g = _run(grouped_dispatch, bank, x, logits, T, E, K, mode, gy)
+    ref_y, ref_g = run_with_grads(reference_dispatch, bank, x, logits, T, E, K, mode, gy)
+    fast_y, fast_g = run_with_grads(grouped_dispatch, bank, x, logits, T, E, K, mode, gy)
     assert_close("y", ref_y, fast_y, dtype)
     assert sorted(ref_g) == sorted(fast_g)
     for name in ref_g:

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from routings import make_routing
+from routings import make_routing, run_with_grads
 
 from gatedmoe import MoE
 from gatedmoe.dispatch import TritonOptions, get_backend, grouped_dispatch, reference_dispatch
@@ -58,29 +58,16 @@ def _bank(E, D, H, R, dtype, freeze_base=True) -> ExpertBank:
     return bank.to(DEVICE, dtype)
 
 
-def _run(fn, bank, x, logits, T, E, K, mode, gy, x_grad=True):
-    x = x.detach().clone().requires_grad_(x_grad)
-    logits = logits.detach().clone().requires_grad_()
-    torch.manual_seed(1234)
-    routing = make_routing(T, E, K, mode, logits).to(DEVICE)
-    bank.zero_grad(set_to_none=True)
-    y = fn(x, routing, bank)
-    y.backward(gy)
-    grads = {"x": x.grad, "logits": logits.grad}
-    grads.update({n: p.grad for n, p in bank.named_parameters() if p.requires_grad})
-    return y.detach(), grads
-
-
 def _compare(T, D, H, E, K, mode, R, dtype, *, options=None, freeze_base=True, x_grad=True):
     bank = _bank(E, D, H, R, dtype, freeze_base)
     x = torch.randn(T, D, dtype=dtype, device=DEVICE)
     logits, gy = torch.randn(T, E), torch.randn(T, D, dtype=dtype, device=DEVICE)
-    ref_y, ref_g = _run(reference_dispatch, bank, x, logits, T, E, K, mode, gy, x_grad)
+    ref_y, ref_g = run_with_grads(reference_dispatch, bank, x, logits, T, E, K, mode, gy, x_grad=x_grad)
 
     def fast_fn(x, routing, bank):
         return triton_dispatch(x, routing, bank, options=options)
 
-    fast_y, fast_g = _run(fast_fn, bank, x, logits, T, E, K, mode, gy, x_grad)
+    fast_y, fast_g = run_with_grads(fast_fn, bank, x, logits, T, E, K, mode, gy, x_grad=x_grad)
     assert_close("y", ref_y, fast_y, dtype)
     assert sorted(ref_g) == sorted(fast_g)
     for name in ref_g:
