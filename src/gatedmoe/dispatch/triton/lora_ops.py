@@ -415,8 +415,8 @@ def moe_glu_lora(
     weights in ``x_TD``'s dtype; ``scale`` is s = alpha / R. ``need_h=False``: inference (h not
     written, no backward). ``options`` (default ``TritonOptions()``): scatter precision and
     kernel config overrides of the large-batch kernels ("glu_fwd", "gemm_fwd", "glu_bwd",
-    "gemm_bwd", "wgrad"; only their tile sizes, warps, stages and group_m are read: these
-    kernels use no TMA and gather inside their loads).
+    "gemm_bwd", "wgrad"), read as the base kernels read them: tiles, warps, stages, group_m,
+    TMA for the weights and ungathered rows, and a pre-gathered copy of wide rows.
 
     Examples
     --------
