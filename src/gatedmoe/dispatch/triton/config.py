@@ -17,7 +17,7 @@ Shape legend: T tokens, N routed assignments, D model dim, H expert hidden, E ex
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import astuple, dataclass, fields, replace
 from types import MappingProxyType
 
@@ -40,6 +40,7 @@ __all__ = [
     "PREGATHER_MIN_H",
     "configs_from_ints",
     "configs_to_ints",
+    "ints_to_configs",
     "decode_configs",
     "decode_row_tiles",
     "kernel_configs",
@@ -276,12 +277,18 @@ def configs_to_ints(configs: Mapping[str, KernelConfig] | None) -> list[int]:
 
 def configs_from_ints(ints: list[int] | tuple[int, ...] | None) -> dict[str, KernelConfig]:
     """Inverse of `configs_to_ints`."""
+    return ints_to_configs(ints, KERNELS, "configs as ints")
+
+
+def ints_to_configs(ints: Sequence[int] | None, names: Sequence[str], what: str) -> dict[str, KernelConfig]:
+    """Configs from ints as ``*configs_to_ints`` flatten them: per config its index in
+    ``names``, then each `KernelConfig` field; ``what`` names the form in the error."""
     ints = list(ints or ())
     step = 1 + _N_FIELDS
     if len(ints) % step:
-        raise ValueError(f"configs as ints: expected a multiple of {step} values, got {len(ints)}")
+        raise ValueError(f"{what}: expected a multiple of {step} values, got {len(ints)}")
     out = {}
     for i in range(0, len(ints), step):
         BM, BN, BK, warps, stages, group_m, tma, pregather = ints[i + 1 : i + step]
-        out[KERNELS[ints[i]]] = KernelConfig(BM, BN, BK, warps, stages, group_m, bool(tma), bool(pregather))
+        out[names[ints[i]]] = KernelConfig(BM, BN, BK, warps, stages, group_m, bool(tma), bool(pregather))
     return out

@@ -12,12 +12,12 @@ Shape legend: D model dim, H expert hidden.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import astuple, fields, replace
+from dataclasses import astuple, replace
 from types import MappingProxyType
 
 import torch
 
-from gatedmoe.dispatch.triton.config import KernelConfig
+from gatedmoe.dispatch.triton.config import KernelConfig, ints_to_configs
 
 __all__ = [
     "FP8_CONFIGS",
@@ -86,7 +86,6 @@ def fp8_kernel_configs(device: torch.device, block: int, scaling: str = "blockwi
     return cfgs
 
 
-_N_FIELDS = len(fields(KernelConfig))
 
 
 def fp8_configs_to_ints(configs: Mapping[str, KernelConfig] | None) -> list[int]:
@@ -107,12 +106,4 @@ def fp8_configs_to_ints(configs: Mapping[str, KernelConfig] | None) -> list[int]
 
 def fp8_configs_from_ints(ints: Sequence[int] | None) -> dict[str, KernelConfig]:
     """Inverse of `fp8_configs_to_ints`."""
-    ints = list(ints or ())
-    step = 1 + _N_FIELDS
-    if len(ints) % step:
-        raise ValueError(f"FP8 configs as ints: expected a multiple of {step} values, got {len(ints)}")
-    out = {}
-    for i in range(0, len(ints), step):
-        BM, BN, BK, warps, stages, group_m, tma, pregather = ints[i + 1 : i + step]
-        out[FP8_KERNELS[ints[i]]] = KernelConfig(BM, BN, BK, warps, stages, group_m, bool(tma), bool(pregather))
-    return out
+    return ints_to_configs(ints, FP8_KERNELS, "FP8 configs as ints")
