@@ -99,3 +99,12 @@ def test_empty_routing_is_valid():
     ).validate()
     assert r.counts.tolist() == [0, 0, 0]
     assert r.drop_over_capacity(1).n_dropped == 0
+
+
+def test_per_assignment_is_one_unit_weight_row_per_assignment():
+    r = Routing.from_topk(torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.9, 0.1]]), torch.tensor([[2, 0], [0, 1], [2, 1]]), 3)
+    rows = r.per_assignment(torch.float16)
+    assert rows.n_tokens == r.n_assignments == 6
+    assert torch.equal(rows.token, torch.arange(6))
+    assert torch.equal(rows.expert, r.expert) and torch.equal(rows.counts, r.counts)
+    assert rows.weight.dtype == torch.float16 and torch.equal(rows.weight, torch.ones(6, dtype=torch.float16))

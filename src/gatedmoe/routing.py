@@ -210,6 +210,14 @@ class Routing:
         else ``self``."""
         return self if self.before_capacity is None else self.before_capacity
 
+    def per_assignment(self, dtype: torch.dtype) -> Routing:
+        """Each assignment as its own row, weight 1 in ``dtype``: row n goes to ``expert[n]``
+        (``n_tokens`` = N). For layers that hand a backend rows already gathered (and
+        scaled) in this routing's order and combine its outputs themselves."""
+        N, device = self.token.numel(), self.token.device
+        return Routing(token=torch.arange(N, device=device), expert=self.expert,
+                       weight=torch.ones(N, dtype=dtype, device=device), counts=self.counts, n_tokens=N)
+
     def experts_per_token(self) -> Tensor:
         """Number of assignments each token received, ``[T]`` int64 (0 for dropped tokens)."""
         return torch.bincount(self.token, minlength=self.n_tokens)

@@ -41,15 +41,8 @@ class InputScaledMoE(MoE):
     def dispatch(self, x_TD: Tensor, routing: Routing) -> Tensor:
         dtype = x_TD.dtype
         xs_ND = x_TD.index_select(0, routing.token) * routing.weight.to(dtype).unsqueeze(-1)
-        N = xs_ND.shape[0]
         # One row per assignment, weight 1: the backend runs f_e(g x) and combines nothing.
-        per_row = Routing(
-            token=torch.arange(N, device=x_TD.device),
-            expert=routing.expert,
-            weight=torch.ones(N, dtype=dtype, device=x_TD.device),
-            counts=routing.counts,
-            n_tokens=N,
-        )
+        per_row = routing.per_assignment(dtype)
         backend = get_backend(self.backend, x_TD.device)
         o_ND = backend(xs_ND, per_row, self.experts, options=self.backend_options)
         acc = torch.float64 if dtype == torch.float64 else torch.float32

@@ -553,14 +553,8 @@ class HFProjectedExpertsMoE(MoE):
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> Tensor:
         z_TM = self.pre_norm(self.pre_proj(x_TD))
-        dtype, N = z_TM.dtype, routing.token.numel()
-        per_row = Routing(
-            token=torch.arange(N, device=x_TD.device),
-            expert=routing.expert,
-            weight=torch.ones(N, dtype=dtype, device=x_TD.device),
-            counts=routing.counts,
-            n_tokens=N,
-        )
+        dtype = z_TM.dtype
+        per_row = routing.per_assignment(dtype)
         backend = get_backend(self.backend, x_TD.device)
         o_NM = self.post_norm(backend(z_TM.index_select(0, routing.token), per_row, self.experts, options=self.backend_options))
         acc = torch.float64 if dtype == torch.float64 else torch.float32
