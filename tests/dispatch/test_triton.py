@@ -157,14 +157,12 @@ def test_per_expert_weight_gradients_match_reference(monkeypatch, T, D, H, E, K,
 
 def test_scatter_buffer_follows_the_option():
     # The buffer the scatter GEMMs add into: seen as the dtype the kernel's atomics add in.
-    from gatedmoe.dispatch.triton import ops
-
     bf16 = torch.zeros(1, dtype=torch.bfloat16)
-    assert not TritonOptions().fp32_scatter and ops._scatter_buffer(3, 4, bf16, False).dtype == torch.bfloat16
+    assert not TritonOptions().fp32_scatter and launchers.scatter_buffer(3, 4, bf16, False).dtype == torch.bfloat16
     assert TritonOptions(fp32_scatter=True).fp32_scatter
-    assert ops._scatter_buffer(3, 4, bf16, True).dtype == torch.float32
-    assert ops._scatter_buffer(3, 4, bf16, True).abs().sum() == 0
-    assert ops._scatter_buffer(3, 4, torch.zeros(1), False).dtype == torch.float32  # float32 inputs: always
+    assert launchers.scatter_buffer(3, 4, bf16, True).dtype == torch.float32
+    assert launchers.scatter_buffer(3, 4, bf16, True).abs().sum() == 0
+    assert launchers.scatter_buffer(3, 4, torch.zeros(1), False).dtype == torch.float32  # float32 inputs: always
 
 
 def test_tile_schedule_covers_every_row_once():

@@ -68,10 +68,6 @@ __all__ = [
 _CACHE_ATTR = "_gatedmoe_fp8_cache"
 
 
-def _e_pow2(E: int) -> int:
-    return max(16, triton.next_power_of_2(E))
-
-
 def _round(t: Tensor) -> bool:
     """Whether the kernels round to FP8 in float32 first: only in Triton's CPU interpreter,
     whose own float8 conversion is wrong where rounding carries into the exponent
@@ -220,7 +216,7 @@ def _launch_glu(xq, xs, token, wq: QuantizedWeight, h, a, a_s, counts, N, D, H, 
     w_arg, w_desc = _tma_operand(wq.q, [cfg.BN, cfg.BK], cfg)
     fp8_glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
         xq, xs, token, w_arg, wq.s, h, a, a_s, counts, E, MT, D, H, xs.shape[1], wq.s.shape[1], wq.s.shape[2],
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E), BLOCKWISE=blockwise, WB=wq.WB,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.group_m, E_POW2=launchers.e_pow2(E), BLOCKWISE=blockwise, WB=wq.WB,
         STORE_H=store_h, QUANT_A=blockwise, FMAX=FP8_MAX["e4m3"], FMAX_EXP=_FMAX_EXP["e4m3"], ROUND=_round(xq),
         W_DESC=w_desc, num_warps=cfg.warps, num_stages=cfg.stages,
     )
@@ -237,13 +233,9 @@ def _launch_gemm(aq, a_s, b: Tensor, bs: Tensor, WB: int, c, token, weight, coun
         a_arg, a_s, b_arg, bs, c, token, weight, counts, E, MT, K, n_cols, a_s.shape[1], bs.shape[1], bs.shape[2],
         c.stride(0), GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, BLOCKWISE=blockwise, WB=WB, A_DESC=a_desc,
         B_DESC=b_desc,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.group_m, E_POW2=launchers.e_pow2(E),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
-
-
-def _scatter_buffer(T: int, D: int, like: Tensor, fp32_scatter: bool) -> Tensor:
-    return torch.zeros(T, D, device=like.device, dtype=torch.float32 if fp32_scatter else like.dtype)
 
 
 def _fp8_forward(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, need_h, recipe, fp32_scatter, configs):
@@ -270,7 +262,7 @@ def _fp8_forward(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, need_h,
         _launch_glu(xq, xs, token_N, w_in, h, a, xs, counts_E, N, D, H, cfgs["fp8_glu_fwd"], False, need_h)
         aq, a_s = quantize_rows(a, "e4m3", None)
         del a
-    y = _scatter_buffer(T, D, x, fp32_scatter)
+    y = launchers.scatter_buffer(T, D, x, fp32_scatter)
     _launch_gemm(aq, a_s, w_out.q, w_out.s, w_out.WB, y, token_N, weight_N, counts_E, N, H, D, gather=False,
                  scale=True, scatter=True, cfg=cfgs["fp8_gemm"], blockwise=blockwise)
     return y.to(x.dtype), h
@@ -309,7 +301,7 @@ def _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH,
         gweight = launchers.alloc(N, device=x.device, dtype=torch.float32)
         launchers.launch_swiglu_bwd(ga, h_box.pop(), weight_N, gh, wa, gweight, N, H)
         ghq, ghs = quantize_rows(gh, fmt, group)
-    gx = _scatter_buffer(T, D, x, fp32_scatter)
+    gx = launchers.scatter_buffer(T, D, x, fp32_scatter)
     # dL/dx[token] += dL/dh @ W_in[e]: W_in^T [E, D, 2H] holds the rows = output columns d.
     _launch_gemm(ghq, ghs, w_in.qt, w_in.st, w_in.WB, gx, token_N, weight_N, counts_E, N, 2 * H, D, gather=False,
                  scale=False, scatter=True, cfg=cfg, blockwise=blockwise)
@@ -384,7 +376,7 @@ def _fp8_wgrad(lhs: tuple[Tensor, Tensor], rhs: tuple[Tensor, Tensor], counts_E:
     Q = rt.shape[0]
     out = launchers.alloc(E, P, Q, device=lt.device, dtype=dtype)
     fp8_wgrad_kernel[(E * triton.cdiv(P, cfg.BM) * triton.cdiv(Q, cfg.BN),)](
-        lt, ls, rt, rs, out, counts_E, E, N, ls.shape[1], P, Q, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, E_POW2=_e_pow2(E),
+        lt, ls, rt, rs, out, counts_E, E, N, ls.shape[1], P, Q, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, E_POW2=launchers.e_pow2(E),
         num_warps=cfg.warps, num_stages=cfg.stages)
     return out
 

@@ -31,6 +31,7 @@ from gatedmoe.dispatch.triton.kernels import (
 
 __all__ = [
     "alloc",
+    "e_pow2",
     "device_tile_schedule",
     "launch_decode_combine",
     "launch_decode_down",
@@ -41,6 +42,7 @@ __all__ = [
     "launch_wgrad",
     "n_row_tiles",
     "precision",
+    "scatter_buffer",
     "tile_schedule",
     "tma_ok",
     "weight_grad",
@@ -97,8 +99,16 @@ def n_row_tiles(N: int, E: int, BM: int) -> int:
     return triton.cdiv(N, BM) + E
 
 
-def _e_pow2(E: int) -> int:
+def e_pow2(E: int) -> int:
+    """The kernels' ``E_POW2``: E rounded up to a power of two, at least 16 (a ``tl.arange``
+    over the experts for the in-kernel tile schedule)."""
     return max(16, triton.next_power_of_2(E))
+
+
+def scatter_buffer(T: int, D: int, like: Tensor, fp32_scatter: bool) -> Tensor:
+    """Zeroed ``[T, D]`` buffer the scatter GEMMs add their rows into: float32 with
+    ``fp32_scatter`` (see `TritonOptions`), else ``like``'s dtype."""
+    return torch.zeros(T, D, device=like.device, dtype=torch.float32 if fp32_scatter else like.dtype)
 
 
 def device_tile_schedule(counts_E: Tensor, N: int, BM: int) -> tuple[Tensor, Tensor]:
@@ -107,7 +117,7 @@ def device_tile_schedule(counts_E: Tensor, N: int, BM: int) -> tuple[Tensor, Ten
     MT = n_row_tiles(N, E, BM)
     tile_expert = alloc(MT, device=counts_E.device, dtype=torch.int32)
     tile_row = alloc(MT, device=counts_E.device, dtype=torch.int32)
-    tile_schedule_kernel[(MT,)](counts_E, tile_expert, tile_row, E, BM=BM, E_POW2=_e_pow2(E))
+    tile_schedule_kernel[(MT,)](counts_E, tile_expert, tile_row, E, BM=BM, E_POW2=e_pow2(E))
     return tile_expert, tile_row
 
 
@@ -129,7 +139,7 @@ def launch_glu_fwd(x, token, w_in, h, a, counts, N: int, D: int, H: int, cfg: Ke
     MT = n_row_tiles(N, E, cfg.BM)
     glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
         x_arg, token, w_arg, h, a, counts, E, MT, D, H,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=e_pow2(E),
         W_DESC=w_desc, X_DESC=x_desc, STORE_H=store_h, num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
@@ -165,7 +175,7 @@ def launch_gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, n_col
         a_arg, b_arg, c, token, weight, counts, E, MT, K, n_cols,
         a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0), R,
         GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, A_DESC=a_desc, B_DESC=b_desc,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=e_pow2(E),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
@@ -186,7 +196,7 @@ def launch_wgrad(lhs: Tensor, rhs: Tensor, out: Tensor, token: Tensor, counts: T
     wgrad_kernel[(E * triton.cdiv(P, cfg.BM) * triton.cdiv(Q, cfg.BN),)](
         l_arg, r_arg, out, token, counts, E, P, Q, lhs.stride(0), rhs.stride(0),
         GATHER_L=gather_l, GATHER_R=gather_r, L_DESC=l_desc, R_DESC=r_desc,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, E_POW2=_e_pow2(E), num_warps=cfg.warps, num_stages=cfg.stages,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, E_POW2=e_pow2(E), num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
@@ -199,7 +209,7 @@ def launch_decode_glu(x, token, w_in, a, counts, N: int, D: int, H: int, cfg: Ke
     MT = decode_row_tiles(N, E, cfg.BM)
     decode_glu_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
         x, token, w_in, a, counts, E, MT, D, H, *w_in.stride(),
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=e_pow2(E),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
@@ -211,7 +221,7 @@ def launch_decode_down(a, w_out, weight, o, counts, N: int, H: int, D: int, cfg:
     MT = decode_row_tiles(N, E, cfg.BM)
     decode_down_kernel[(triton.cdiv(D, cfg.BN) * MT,)](
         a, w_out, weight, o, counts, E, MT, H, D, *w_out.stride(),
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=e_pow2(E),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
 

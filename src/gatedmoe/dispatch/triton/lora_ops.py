@@ -65,10 +65,6 @@ __all__ = [
 _GRAD_NAMES = ("x", "weight", "w_in", "w_out", "A_in", "B_in", "A_out", "B_out")
 
 
-def _e_pow2(E: int) -> int:
-    return max(16, triton.next_power_of_2(E))
-
-
 # Ranks per ``tl.dot`` of the adapter terms (``BR``; larger ranks loop): 16, the smallest
 # ``tl.dot`` tile. Compiled by Triton 3.6 for sm90 (ptxas -v, bf16, the base kernels' CUDA
 # configs): the first product's kernel spills 380 bytes with BR=16, as the base kernel does
@@ -106,7 +102,7 @@ def launch_lora_glu_fwd(x, token, w_in, z, b_in, h, a, counts, N: int, D: int, H
     lora_glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
         x_arg, token, w_arg, z, b_in, h, a, counts, E, MT, D, H, R,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=RANK_BLOCK, PREC=prec, GROUP_M=cfg.group_m,
-        E_POW2=_e_pow2(E), STORE_H=store_h, W_DESC=w_desc, X_DESC=gathered, num_warps=cfg.warps,
+        E_POW2=launchers.e_pow2(E), STORE_H=store_h, W_DESC=w_desc, X_DESC=gathered, num_warps=cfg.warps,
         num_stages=cfg.stages,
     )
 
@@ -143,7 +139,7 @@ def launch_lora_gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, 
         a_arg, b_arg, c, z_arg, l_arg, token, weight, counts, E, MT, K, n_cols, R, float(alpha),
         a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0), stride_le, stride_lr, stride_ln, B_rows,
         GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, LORA=lora, A_DESC=a_desc, B_DESC=b_desc,
-        BM=cfg.BM, BN=BN, BK=cfg.BK, BR=RANK_BLOCK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=_e_pow2(E),
+        BM=cfg.BM, BN=BN, BK=cfg.BK, BR=RANK_BLOCK, PREC=prec, GROUP_M=cfg.group_m, E_POW2=launchers.e_pow2(E),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
@@ -160,13 +156,9 @@ def launch_lora_wgrad(lhs: Tensor, rhs: Tensor, token: Tensor, counts: Tensor, E
     wgrad_kernel[(E * triton.cdiv(P, BM) * triton.cdiv(Q, BN),)](
         lhs, rhs, out, token, counts, E, P, Q, lhs.stride(0), rhs.stride(0),
         GATHER_L=gather_l, GATHER_R=gather_r, L_DESC=False, R_DESC=False,
-        BM=BM, BN=BN, BK=cfg.BK, PREC=prec, E_POW2=_e_pow2(E), num_warps=cfg.warps, num_stages=cfg.stages,
+        BM=BM, BN=BN, BK=cfg.BK, PREC=prec, E_POW2=launchers.e_pow2(E), num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return out
-
-
-def _scatter_buffer(T: int, D: int, like: Tensor, fp32_scatter: bool) -> Tensor:
-    return torch.zeros(T, D, device=like.device, dtype=torch.float32 if fp32_scatter else like.dtype)
 
 
 def _configs(x: Tensor, H: int, configs: Sequence[int] | None) -> dict[str, KernelConfig]:
@@ -208,7 +200,7 @@ def _forward_impl(x_TD, token_N, weight_N, counts_E, w_in, w_out, A_in, B_in, A_
     # z_out = s a @ A_out[e]^T: B[k=h, n=r] = A_out[e, r, h]
     launch_lora_gemm(a, A_out, (R * H, 1, H), z_out, token_N, weight_N, counts_E, N, H, R, gather=False,
                      scale=False, scatter=False, cfg=cfgs["gemm_fwd"], prec=prec, alpha=scale, rank_out=True)
-    y = _scatter_buffer(T, D, x, fp32_scatter)
+    y = launchers.scatter_buffer(T, D, x, fp32_scatter)
     # y[token] += weight * (a @ W_out[e]^T + z_out @ B_out[e]^T): B[k=h, n=d] = w_out[e, d, h],
     # L[r, n=d] = B_out[e, d, r]
     launch_lora_gemm(a, w_out, (D * H, 1, H), y, token_N, weight_N, counts_E, N, H, D, gather=False, scale=True,
@@ -261,7 +253,7 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
     gx = None
     if need["x"]:
         # gx[token] += gh @ W_in[e] + u_in @ A_in[e]: B[k=j, n=d] = w_in[e, j, d], L[r, n=d] = A_in[e, r, d]
-        gx = _scatter_buffer(T, D, x, fp32_scatter)
+        gx = launchers.scatter_buffer(T, D, x, fp32_scatter)
         launch_lora_gemm(gh, w_in, (2 * H * D, D, 1), gx, token_N, weight_N, counts_E, N, 2 * H, D, gather=False,
                          scale=False, scatter=True, cfg=cfgs["gemm_bwd"], prec=prec, z=u_in, l_=A_in_c,
                          l_strides=(R * D, D, 1))

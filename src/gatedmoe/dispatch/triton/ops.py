@@ -41,12 +41,6 @@ def _problem(x: Tensor, token_N: Tensor, w_out_EDH: Tensor, configs: Sequence[in
     return T, D, N, H, config.kernel_configs(x.dtype, x.device, H, config.configs_from_ints(configs))
 
 
-def _scatter_buffer(T: int, D: int, like: Tensor, fp32_scatter: bool) -> Tensor:
-    """Zeroed ``[T, D]`` buffer the scatter GEMMs add their rows into: float32 with
-    ``fp32_scatter`` (see `TritonOptions`), else the input dtype."""
-    return torch.zeros(T, D, device=like.device, dtype=torch.float32 if fp32_scatter else like.dtype)
-
-
 def _pregather(cfg: KernelConfig, rows: Tensor) -> bool:
     """Whether a gathered kernel reads a gathered copy of ``rows`` through TMA (see `KernelConfig`)."""
     return cfg.pregather and cfg.tma and launchers.tma_ok(rows, rows.shape[1])
@@ -84,7 +78,7 @@ def _forward_impl(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, need_h
         launchers.launch_glu_fwd(x, token_N, w_in, h, a, counts_E, N, D, H, cfg, prec, store_h=need_h)
     # Zeroed only now: the GPU runs the first GEMM while the host prepares the rest (at
     # small sizes the host's time until that launch shows in the step time).
-    y = _scatter_buffer(T, D, x, fp32_scatter)
+    y = launchers.scatter_buffer(T, D, x, fp32_scatter)
     # y[token] += weight * (a @ W_out[e]^T): B[k=h, n=d] = w_out[e, d, h]
     launchers.launch_gemm(a, w_out, (D * H, 1, H), y, token_N, weight_N, counts_E, N, H, D,
                           gather=False, scale=True, scatter=True, cfg=cfgs["gemm_fwd"], prec=prec)
@@ -158,7 +152,7 @@ def _backward_impl(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH
     launchers.launch_gemm(gy if gys is None else gys, w_out, (D * H, H, 1), ga, token_N, weight_N, counts_E, N, D,
                           H, gather=gys is None, scale=False, scatter=False, cfg=cfg, prec=prec)
     # Allocated after the first launch, as in forward.
-    gx = _scatter_buffer(T, D, x, fp32_scatter)
+    gx = launchers.scatter_buffer(T, D, x, fp32_scatter)
     gweight = launchers.alloc(N, device=x.device, dtype=torch.float32)
     # The SwiGLU backward writes weight * a over ga in place (each element is read before it
     # is written, by the same program): one [N, H] buffer fewer at the peak.
