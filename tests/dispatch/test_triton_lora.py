@@ -70,10 +70,14 @@ def _compare(T, D, H, E, K, mode, R, dtype, *, options=None, freeze_base=True, x
     fast_y, fast_g = run_with_grads(fast_fn, bank, x, logits, T, E, K, mode, gy, x_grad=x_grad)
     assert_close("y", ref_y, fast_y, dtype)
     assert sorted(ref_g) == sorted(fast_g)
+    # A weight gradient sums over all of its expert's rows, in another order than the
+    # reference: float32 rounding grows about as the root of the rows summed (600 rows of one
+    # expert on the H200: 2.8e-5 against the table's 2e-5).
+    wscale = max(1.0, (T * K / 256) ** 0.5) if dtype == torch.float32 else 1.0
     for name in ref_g:
         assert (ref_g[name] is None) == (fast_g[name] is None), name
         if ref_g[name] is not None:
-            assert_close(f"grad {name}", ref_g[name], fast_g[name], dtype)
+            assert_close(f"grad {name}", ref_g[name], fast_g[name], dtype, wscale if name not in ("x", "logits") else 1.0)
     return fast_g
 
 

@@ -144,7 +144,14 @@ def quantize_blocks_kernel(
     q = _to_fp8(w, inv, FMAX, FMAX_EXP, q_ptr.dtype.element_ty, ROUND)
     tl.store(q_ptr + base + r[:, None].to(tl.int64) * C + c[None, :], q, mask=mask)
     if WRITE_T:
-        tl.store(qt_ptr + base + c[None, :].to(tl.int64) * R + r[:, None], q, mask=mask)
+        # The block read again transposed and rounded with the same scale (the same bytes,
+        # rounding is elementwise), so the store runs along qt's rows. Storing q through
+        # transposed pointers wrote every fourth row of qt wrong on the H200 (Triton 3.6, the
+        # one-byte elements; README, 'FP8'), and the data-gradient GEMMs read qt.
+        mask_t = (c < C)[:, None] & (r < R)[None, :]
+        wt = tl.load(w_ptr + base + r[None, :].to(tl.int64) * C + c[:, None], mask=mask_t, other=0.0).to(tl.float32)
+        qt = _to_fp8(wt, inv, FMAX, FMAX_EXP, qt_ptr.dtype.element_ty, ROUND)
+        tl.store(qt_ptr + base + c[:, None].to(tl.int64) * R + r[None, :], qt, mask=mask_t)
     tl.store(s_ptr + pid, scale)
 
 
