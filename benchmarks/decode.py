@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replays")
     p.add_argument("--sweep", action="store_true",
-                   help="also time other decode kernel configs (T=1, 8, 64) and print the fastest")
+                   help="also time other decode kernel configs (every T of --tokens) and print the fastest")
     p.add_argument("--gen-layers", type=int, default=8)
     p.add_argument("--gen-tokens", type=int, default=64, help="new tokens per generate() call")
     p.add_argument("--gen-batches", nargs="*", type=int, default=[1, 16])
@@ -310,7 +310,7 @@ def run_layer(args, device: torch.device, dtype: torch.dtype, shapes: dict, toke
                         else:
                             rows.append({**grow, **summarize(time_cold(replay, device, args.warmup, args.reps))})
                         del replay
-                if args.sweep and T in (1, 8, 64):
+                if args.sweep:
                     sweeps += sweep_decode(bank, routing, x, ref, device, name, T)
             print_rows([r for r in rows if r["shape"] == name and r["T"] == T])
         del bank
