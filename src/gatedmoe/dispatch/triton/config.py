@@ -179,14 +179,15 @@ DECODE_MAX_ROWS_PER_EXPERT = 8
 # Column blocks are narrowed (64 -> 32 -> 16 columns) until a product has at least this many
 # programs (so that T=1, one row tile per routed expert, still fills 132 SMs several times
 # over) and each program streams at most `DECODE_MAX_PROGRAM_BYTES` of weights (short programs:
-# the last ones to finish leave SMs idle for less). First guesses, not yet swept:
-# `benchmarks/decode.py --sweep` times the alternatives per shape and prints the fastest.
+# the last ones to finish leave SMs idle for less). `benchmarks/decode.py --sweep` times the
+# alternatives per shape: on an H200 at T=8 (Qwen3-30B-A3B, GPT-OSS-20B) these rules came within
+# 1-2% of the fastest config (BENCHMARKS.md, "Decode").
 DECODE_MIN_PROGRAMS = 1024
 DECODE_MAX_PROGRAM_BYTES = 512 << 10
 # Reduction depth of the decode products on CUDA (16-bit: 256-byte row segments of the weights
 # per load; float32: half the elements), and the pipeline depth: 4 stages, 3 where a stage's
-# tiles exceed 24 KB (two programs per SM then still fit in shared memory). First guesses, see
-# `--sweep`.
+# tiles exceed 24 KB (two programs per SM then still fit in shared memory). Swept as above; at
+# 32 rows per expert (GPT-OSS T=256, beyond the threshold) a depth of 64 was faster.
 DECODE_BK = 128
 
 # The per-token combine (`kernels.decode_combine_kernel`): columns per program, token ids
