@@ -72,15 +72,13 @@ def test_options_and_config_import_no_triton():
 def test_fp8_recipe_defaults_and_validation():
     assert TritonOptions().fp8 is None
     recipe = FP8Recipe()
-    assert (recipe.scaling, recipe.grad_format, recipe.block, recipe.wgrad) == ("blockwise", "e4m3", 128, "bf16")
+    assert (recipe.scaling, recipe.grad_format, recipe.block) == ("blockwise", "e4m3", 128)
     assert TritonOptions(fp8=FP8Recipe(scaling="rowwise")) == TritonOptions(fp8=FP8Recipe(scaling="rowwise"))
     hash(TritonOptions(fp8=recipe))
     with pytest.raises(ValueError, match="scaling.*'tensorwise'.*blockwise, rowwise"):
         FP8Recipe(scaling="tensorwise")
     with pytest.raises(ValueError, match="grad_format.*'e4m3fn'.*e4m3, e5m2"):
         FP8Recipe(grad_format="e4m3fn")
-    with pytest.raises(ValueError, match="wgrad.*'fp16'.*bf16, fp8"):
-        FP8Recipe(wgrad="fp16")
     for block in (96, 8, 0, 128.0, True):
         with pytest.raises(ValueError, match="block must be a power of two >= 16"):
             FP8Recipe(block=block)

@@ -18,7 +18,6 @@ __all__ = ["FP8Recipe", "TritonOptions"]
 # Largest finite value of each FP8 format the recipes use (OCP FP8: e4m3 "fn" has no infinity).
 FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
 SCALINGS = ("blockwise", "rowwise")
-WGRADS = ("bf16", "fp8")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,10 +29,10 @@ class FP8Recipe:
     accumulate in float32; h, the output and every gradient stay in the input dtype.
     Backward: the two data-gradient GEMMs (dL/da = gy W_out, dL/dx = dL/dh W_in) take FP8
     operands too, the gradient operand in ``grad_format``; the weight gradients are grouped
-    GEMMs in the input dtype as without FP8 (``wgrad="bf16"``) or FP8 GEMMs
-    (``wgrad="fp8"``). Master weights keep their dtype: each weight is quantised
-    once per optimizer step, cached on the parameter and re-quantised when its version
-    counter (bumped by every in-place update) or storage changes.
+    GEMMs in the input dtype, as without FP8 (FP8 weight gradients were measured slower and
+    less accurate and dropped: kernels README, "FP8"). Master weights keep their dtype: each
+    weight is quantised once per optimizer step, cached on the parameter and re-quantised
+    when its version counter (bumped by every in-place update) or storage changes.
 
     Every scale is a power of two (the smallest one that keeps the block's largest magnitude
     within the format's range), so scaling is exact and the only rounding is the FP8
@@ -59,24 +58,17 @@ class FP8Recipe:
     block : int
         Tile width of the blockwise scales, a power of two >= 16 (default 128; the CUDA
         kernels take 128, smaller blocks exist for the interpreter tests).
-    wgrad : {"bf16", "fp8"}
-        The weight gradients: "bf16" (default) grouped GEMMs in the input dtype, as without
-        FP8; "fp8": FP8 GEMMs over the tokens, both operands quantised per column in
-        ``block x 1`` tiles (DeepSeek-V3's backward tiles; activations e4m3, gradients in
-        ``grad_format``) and transposed so that the tokens are contiguous. They are 6 of the
-        18 N D H flops of a step; whether FP8 here is worth its accuracy is measured
-        (kernels README).
 
     Raises
     ------
     ValueError
-        An unknown ``scaling``, ``grad_format`` or ``wgrad`` (the message lists the known
-        ones), or a ``block`` that is not a power of two >= 16.
+        An unknown ``scaling`` or ``grad_format`` (the message lists the known ones), or a
+        ``block`` that is not a power of two >= 16.
 
     Examples
     --------
     >>> FP8Recipe()
-    FP8Recipe(scaling='blockwise', grad_format='e4m3', block=128, wgrad='bf16')
+    FP8Recipe(scaling='blockwise', grad_format='e4m3', block=128)
     >>> TritonOptions(fp8=FP8Recipe(grad_format="e5m2")).fp8.grad_format
     'e5m2'
     """
@@ -84,15 +76,12 @@ class FP8Recipe:
     scaling: str = "blockwise"
     grad_format: str = "e4m3"
     block: int = 128
-    wgrad: str = "bf16"
 
     def __post_init__(self) -> None:
         if self.scaling not in SCALINGS:
             raise ValueError(f"scaling: unknown value {self.scaling!r}; known: {', '.join(SCALINGS)}")
         if self.grad_format not in FP8_MAX:
             raise ValueError(f"grad_format: unknown value {self.grad_format!r}; known: {', '.join(FP8_MAX)}")
-        if self.wgrad not in WGRADS:
-            raise ValueError(f"wgrad: unknown value {self.wgrad!r}; known: {', '.join(WGRADS)}")
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 16 \
                 or self.block & (self.block - 1):
             raise ValueError(f"block must be a power of two >= 16, got {self.block!r}")

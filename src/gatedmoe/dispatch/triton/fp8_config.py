@@ -31,9 +31,9 @@ __all__ = [
 # "fp8_glu_fwd": gathered xq @ W_in^T with the SwiGLU epilogue (two [BM, BN] float32
 # accumulators, gate and up, plus the slice products of the blockwise recipe: BM=64 keeps
 # them in registers with 8 warps); "fp8_gemm": every other FP8 GEMM (the forward's second,
-# the backward's two data-gradient GEMMs); "fp8_wgrad": the weight gradients with
-# ``FP8Recipe(wgrad="fp8")`` (one program per expert and output tile, the reduction over tokens).
-FP8_KERNELS = ("fp8_glu_fwd", "fp8_gemm", "fp8_wgrad")
+# the backward's two data-gradient GEMMs). The weight gradients are not FP8 (kernels README,
+# "FP8": tried and dropped). `fp8_configs_to_ints` names a kernel by its index here.
+FP8_KERNELS = ("fp8_glu_fwd", "fp8_gemm")
 
 # CUDA (sm90), block 128: chosen, not tuned (smem per stage: glu 8 + 32 KiB, gemm 16 + 16 KiB).
 # With ``tma`` the weight operand, and the activation rows where they are read in order (the
@@ -42,7 +42,6 @@ FP8_KERNELS = ("fp8_glu_fwd", "fp8_gemm", "fp8_wgrad")
 FP8_CONFIGS: Mapping[str, KernelConfig] = MappingProxyType({
     "fp8_glu_fwd": KernelConfig(64, 128, 128, 8, 4),
     "fp8_gemm": KernelConfig(128, 128, 128, 8, 4),
-    "fp8_wgrad": KernelConfig(128, 128, 128, 8, 3, tma=False),
 })
 # Triton's CPU interpreter: the smallest tiles; TMA too (the interpreter emulates it), so the
 # tests run the GPU's code path.
@@ -59,9 +58,9 @@ def fp8_kernel_configs(device: torch.device, block: int, scaling: str = "blockwi
     Raises
     ------
     ValueError
-        A blockwise (or "fp8_wgrad") override whose ``BK`` (or, for "fp8_glu_fwd", ``BN``)
-        is not ``block``: each step of the reduction is one scale block, and the first
-        GEMM's epilogue quantises one whole ``1 x block`` tile of a.
+        A blockwise override whose ``BK`` (or, for "fp8_glu_fwd", ``BN``) is not ``block``:
+        each step of the reduction is one scale block, and the first GEMM's epilogue
+        quantises one whole ``1 x block`` tile of a.
 
     Examples
     --------
@@ -72,14 +71,11 @@ def fp8_kernel_configs(device: torch.device, block: int, scaling: str = "blockwi
     cfgs = {
         "fp8_glu_fwd": replace(base["fp8_glu_fwd"], BN=block, BK=block),
         "fp8_gemm": replace(base["fp8_gemm"], BK=block),
-        "fp8_wgrad": replace(base["fp8_wgrad"], BK=block),
     }
     for name, cfg in (overrides or {}).items():
         if name not in FP8_KERNELS:
             continue
-        # The weight gradients' reduction steps are their token blocks whatever the scaling.
-        if (scaling == "blockwise" or name == "fp8_wgrad") and (
-                cfg.BK != block or (name == "fp8_glu_fwd" and cfg.BN != block)):
+        if scaling == "blockwise" and (cfg.BK != block or (name == "fp8_glu_fwd" and cfg.BN != block)):
             raise ValueError(f"configs[{name!r}]: each reduction step must be one scale block: "
                              f"BK{' and BN' if name == 'fp8_glu_fwd' else ''} = block = {block}, got {cfg}")
         cfgs[name] = cfg

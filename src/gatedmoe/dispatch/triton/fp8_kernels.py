@@ -19,9 +19,9 @@
                            optionally gathering A by token, scaling rows by the routing
                            weight, and scatter-adding into C[token]: the forward's second
                            GEMM and both backward data-gradient GEMMs.
-* `quantize_cols_kernel`   ``FP8Recipe(wgrad="fp8")``: rows (gathered by token or not) -> FP8
-                           with one scale per column of each ``B``-row block, transposed.
-* `fp8_wgrad_kernel`       weight gradients from those transposed copies, per expert.
+
+The weight gradients stay in the input dtype (`launchers.weight_grad`): FP8 weight-gradient
+kernels were measured slower and less accurate and dropped (kernels README, "FP8").
 
 Scaling: blockwise (``BLOCKWISE``) takes one ``BK``-deep slice of the reduction per step
 with ``BK`` = the block: its product starts from zero (so Hopper's reduced-precision FP8
@@ -334,71 +334,3 @@ def fp8_swiglu_bwd_kernel(
         _quantize_row_tiles(g_up.to(tl.float32), q_row + H + cols[None, :], s_row + HB, mask, row_mask, FMAX, FMAX_EXP,
                             ROUND)
     tl.store(gweight_ptr + rows, gw, mask=row_mask)
-
-
-@triton.jit
-def quantize_cols_kernel(
-    x_ptr, token_ptr, qt_ptr, s_ptr, N, C, stride_x, NB,
-    GATHER: tl.constexpr, B: tl.constexpr, BC: tl.constexpr, FMAX: tl.constexpr, FMAX_EXP: tl.constexpr,
-    ROUND: tl.constexpr,
-):
-    """Program (row block, column block): rows ``[rb B, rb B + B)`` of ``x [*, C]`` (by token
-    with ``GATHER``) quantised with one scale per column of the block (``B x 1`` tiles), written
-    transposed, ``qt [C, N]`` (the rows, now the reduction of a weight gradient, contiguous as
-    the FP8 tensor cores read them), scales ``s [C, NB]``."""
-    rb = tl.program_id(0)
-    rows = rb * B + tl.arange(0, B)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    rmask = rows < N
-    cmask = cols < C
-    if GATHER:
-        src = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    else:
-        src = rows.to(tl.int64)
-    mask = rmask[:, None] & cmask[None, :]
-    v = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    scale, inv = _pow2_scale(tl.max(tl.abs(v), axis=0), FMAX_EXP)
-    q = _to_fp8(v, inv[None, :], FMAX, FMAX_EXP, qt_ptr.dtype.element_ty, ROUND)
-    tl.store(qt_ptr + cols[None, :].to(tl.int64) * N + rows[:, None], q, mask=mask)
-    tl.store(s_ptr + cols.to(tl.int64) * NB + rb, scale, mask=cmask)
-
-
-@triton.jit
-def fp8_wgrad_kernel(
-    lt_ptr, ls_ptr, rt_ptr, rs_ptr, out_ptr, counts_ptr, E, N, NB, P, Q,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_POW2: tl.constexpr,
-):
-    """Weight gradient ``out[e] = L[rows_e]^T @ R[rows_e]`` (``[E, P, Q]``) from FP8 copies
-    transposed by `quantize_cols_kernel`: ``lt [P, N]``, ``rt [Q, N]`` with scales
-    ``ls [P, NB]``, ``rs [Q, NB]`` per column and ``BK``-row block. The reduction steps over
-    the global row blocks that overlap expert e's rows (a block shared with the next expert
-    has one scale for both; rows outside the expert's are masked to zero), each step's
-    product scaled and added in float32."""
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(P, BM)
-    n_n = tl.cdiv(Q, BN)
-    e = pid // (n_m * n_n)
-    pid_m = (pid % (n_m * n_n)) // n_n
-    pid_n = pid % n_n
-    idx = tl.arange(0, E_POW2)
-    counts = tl.load(counts_ptr + idx, mask=idx < E, other=0).to(tl.int32)
-    end = tl.sum(tl.where(idx <= e, counts, 0), 0)
-    start = end - tl.sum(tl.where(idx == e, counts, 0), 0)
-    pc = pid_m * BM + tl.arange(0, BM)
-    qc = pid_n * BN + tl.arange(0, BN)
-    pmask = pc < P
-    qmask = qc < Q
-    pc64 = pc.to(tl.int64)
-    qc64 = qc.to(tl.int64)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for r0 in range((start // BK) * BK, end, BK):
-        rows = r0 + tl.arange(0, BK)
-        rmask = (rows >= start) & (rows < end)
-        a = tl.load(lt_ptr + pc64[:, None] * N + rows[None, :], mask=pmask[:, None] & rmask[None, :], other=0.0)
-        b = tl.load(rt_ptr + qc64[None, :] * N + rows[:, None], mask=rmask[:, None] & qmask[None, :], other=0.0)
-        kb = r0 // BK
-        sa = tl.load(ls_ptr + pc64 * NB + kb, mask=pmask, other=0.0)
-        sb = tl.load(rs_ptr + qc64 * NB + kb, mask=qmask, other=0.0)
-        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
-    out = out_ptr + e.to(tl.int64) * P * Q
-    tl.store(out + pc64[:, None] * Q + qc[None, :], acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & qmask[None, :])

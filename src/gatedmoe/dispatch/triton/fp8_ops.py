@@ -9,8 +9,8 @@ weight and scatter-adds. Backward: gy quantised per token in ``grad_format``; th
 gy @ W_out^T GEMM in FP8; the SwiGLU backward (blockwise: `fp8_kernels.fp8_swiglu_bwd_kernel`,
 which also quantises dL/dh; rowwise: `kernels.swiglu_bwd_kernel`, then a quantisation pass
 over ``[N, 2H]``); the dL/dx GEMM in FP8 with its scatter-add; the weight gradients in the
-input dtype as without FP8 (`launchers.weight_grad`), or with ``FP8Recipe(wgrad="fp8")`` in
-FP8 (`quantize_cols`, `fp8_kernels.fp8_wgrad_kernel`). Under torch.compile the custom ops
+input dtype as without FP8 (`launchers.weight_grad`; FP8 weight gradients were tried and
+dropped, kernels README "FP8"). Under torch.compile the custom ops
 `moe_glu_fp8_forward` / `moe_glu_fp8_backward` run the same code.
 
 Weights are quantised once per optimizer step: the FP8 copies (and the transposed copies
@@ -43,9 +43,7 @@ from gatedmoe.dispatch.triton.fp8_kernels import (
     fp8_gemm_kernel,
     fp8_glu_fwd_kernel,
     fp8_swiglu_bwd_kernel,
-    fp8_wgrad_kernel,
     quantize_blocks_kernel,
-    quantize_cols_kernel,
     quantize_rows_kernel,
 )
 from gatedmoe.dispatch.triton.fp8_reference import _FMAX_EXP, FP8_DTYPES
@@ -59,7 +57,6 @@ __all__ = [
     "moe_glu_fp8",
     "moe_glu_fp8_backward",
     "moe_glu_fp8_forward",
-    "quantize_cols",
     "quantize_rows",
     "quantize_weight",
     "quantized_weight",
@@ -284,7 +281,7 @@ def _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH,
     cfg = fp8_kernel_configs(x.device, recipe.block, recipe.scaling, configs)["fp8_gemm"]
     # Few large experts: the bf16 weight gradients as one product per expert, as without FP8
     # (`config.PER_EXPERT_MIN_ROWS`); the counts' copy to the host starts now.
-    host_counts = _counts_on_host(counts_E, N, x.dtype) if recipe.wgrad == "bf16" else None
+    host_counts = _counts_on_host(counts_E, N, x.dtype)
     w_in = quantized_weight(w_in_EHD, recipe, True)
     w_out = quantized_weight(w_out_EDH, recipe, True)
     gyq, gys = quantize_rows(gy, fmt, group)
@@ -306,21 +303,11 @@ def _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH,
     _launch_gemm(ghq, ghs, w_in.qt, w_in.st, w_in.WB, gx, token_N, weight_N, counts_E, N, 2 * H, D, gather=False,
                  scale=False, scatter=True, cfg=cfg, blockwise=blockwise)
     del ghq, ghs
-    if recipe.wgrad == "fp8":
-        wcfg = fp8_kernel_configs(x.device, recipe.block, recipe.scaling, configs)["fp8_wgrad"]
-        B = recipe.block
-        # Written in the parameters' dtype straight from the float32 accumulators.
-        grad_w_in = _fp8_wgrad(quantize_cols(gh, None, fmt, B), quantize_cols(x, token_N, "e4m3", B), counts_E,
-                               w_in_EHD.dtype, wcfg)  # [E, 2H, D]
-        del gh
-        grad_w_out = _fp8_wgrad(quantize_cols(gy, token_N, fmt, B), quantize_cols(wa, None, "e4m3", B), counts_E,
-                                w_out_EDH.dtype, wcfg)  # [E, D, H]
-    else:
-        counts_list = host_counts() if host_counts is not None else None
-        offs = torch.cumsum(counts_E, 0, dtype=torch.int32) if counts_list is None else None
-        grad_w_in = launchers.weight_grad(gh, x.index_select(0, token_N), counts_E, offs, counts_list)  # [E, 2H, D]
-        del gh
-        grad_w_out = launchers.weight_grad(gy.index_select(0, token_N), wa, counts_E, offs, counts_list)  # [E, D, H]
+    counts_list = host_counts() if host_counts is not None else None
+    offs = torch.cumsum(counts_E, 0, dtype=torch.int32) if counts_list is None else None
+    grad_w_in = launchers.weight_grad(gh, x.index_select(0, token_N), counts_E, offs, counts_list)  # [E, 2H, D]
+    del gh
+    grad_w_out = launchers.weight_grad(gy.index_select(0, token_N), wa, counts_E, offs, counts_list)  # [E, D, H]
     return gx.to(x.dtype), gweight.to(weight_N.dtype), grad_w_in.to(w_in_EHD.dtype), grad_w_out.to(w_out_EDH.dtype)
 
 
@@ -349,54 +336,22 @@ def fp8_swiglu_bwd(ga_NH: Tensor, h_N2H: Tensor, weight_N: Tensor, fmt: str, blo
     return gh, gweight, ghq, ghs
 
 
-def quantize_cols(x_RC: Tensor, token_N: Tensor | None, fmt: str, block: int) -> tuple[Tensor, Tensor]:
-    """``(qt [C, N], s [C, NB])``: the rows ``x[token]`` (``token=None``: all rows of ``x``,
-    N = R) quantised per column in ``block x 1`` tiles and transposed (the weight gradients'
-    operands), as `fp8_reference.quantize_rows` of the transpose with ``group=block``."""
-    x = x_RC if x_RC.stride(-1) == 1 else x_RC.contiguous()
-    C = x.shape[1]
-    N = x.shape[0] if token_N is None else token_N.numel()
-    NB = max(1, triton.cdiv(N, block))
-    qt = launchers.alloc(C, N, device=x.device, dtype=FP8_DTYPES[fmt])
-    s = launchers.alloc(C, NB, device=x.device, dtype=torch.float32)
-    if N and C:
-        BC = 64 if x.is_cuda else 16
-        quantize_cols_kernel[(NB, triton.cdiv(C, BC))](
-            x, x if token_N is None else token_N, qt, s, N, C, x.stride(0), NB, GATHER=token_N is not None, B=block,
-            BC=BC, FMAX=FP8_MAX[fmt], FMAX_EXP=_FMAX_EXP[fmt], ROUND=_round(x), num_warps=4)
-    return qt, s
-
-
-def _fp8_wgrad(lhs: tuple[Tensor, Tensor], rhs: tuple[Tensor, Tensor], counts_E: Tensor, dtype: torch.dtype,
-               cfg: KernelConfig) -> Tensor:
-    """``out[e] = L[rows_e]^T @ R[rows_e]`` ([E, P, Q], ``dtype``) from `quantize_cols` outputs."""
-    (lt, ls), (rt, rs) = lhs, rhs
-    E = counts_E.numel()
-    P, N = lt.shape
-    Q = rt.shape[0]
-    out = launchers.alloc(E, P, Q, device=lt.device, dtype=dtype)
-    fp8_wgrad_kernel[(E * triton.cdiv(P, cfg.BM) * triton.cdiv(Q, cfg.BN),)](
-        lt, ls, rt, rs, out, counts_E, E, N, ls.shape[1], P, Q, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, E_POW2=launchers.e_pow2(E),
-        num_warps=cfg.warps, num_stages=cfg.stages)
-    return out
-
-
 @torch.library.custom_op("gatedmoe::moe_glu_fp8_forward", mutates_args=())
 def moe_glu_fp8_forward(
     x_TD: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Tensor, w_in_EHD: Tensor, w_out_EDH: Tensor,
-    scaling: str, grad_format: str, block: int, wgrad: str, fp32_scatter: bool = False,
+    scaling: str, grad_format: str, block: int, fp32_scatter: bool = False,
     configs: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(y_TD, h_N2H)`` of the FP8 forward as a custom op (what torch.compile sees): the
     `FP8Recipe` as its fields, the config overrides as `fp8_config.fp8_configs_to_ints` ints.
     The weights are quantised by `quantized_weight` (cached on the tensors the op receives)."""
-    recipe = FP8Recipe(scaling=scaling, grad_format=grad_format, block=block, wgrad=wgrad)
+    recipe = FP8Recipe(scaling=scaling, grad_format=grad_format, block=block)
     return _fp8_forward(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, True, recipe, fp32_scatter,
                         fp8_configs_from_ints(configs))
 
 
 @moe_glu_fp8_forward.register_fake
-def _(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, scaling, grad_format, block, wgrad, fp32_scatter=False,
+def _(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, scaling, grad_format, block, fp32_scatter=False,
       configs=None):
     return x_TD.new_empty(x_TD.shape), x_TD.new_empty(token_N.shape[0], 2 * w_out_EDH.shape[-1])
 
@@ -404,17 +359,17 @@ def _(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, scaling, grad_form
 @torch.library.custom_op("gatedmoe::moe_glu_fp8_backward", mutates_args=())
 def moe_glu_fp8_backward(
     gy_TD: Tensor, x_TD: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Tensor, w_in_EHD: Tensor,
-    w_out_EDH: Tensor, h_N2H: Tensor, scaling: str, grad_format: str, block: int, wgrad: str,
+    w_out_EDH: Tensor, h_N2H: Tensor, scaling: str, grad_format: str, block: int,
     fp32_scatter: bool = False, configs: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(grad_x, grad_weight, grad_w_in, grad_w_out)`` of `moe_glu_fp8_forward`."""
-    recipe = FP8Recipe(scaling=scaling, grad_format=grad_format, block=block, wgrad=wgrad)
+    recipe = FP8Recipe(scaling=scaling, grad_format=grad_format, block=block)
     return _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, [h_N2H], recipe,
                          fp32_scatter, fp8_configs_from_ints(configs))
 
 
 @moe_glu_fp8_backward.register_fake
-def _(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, h_N2H, scaling, grad_format, block, wgrad,
+def _(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, h_N2H, scaling, grad_format, block,
       fp32_scatter=False, configs=None):
     return (x_TD.new_empty(x_TD.shape), weight_N.new_empty(weight_N.shape), w_in_EHD.new_empty(w_in_EHD.shape),
             w_out_EDH.new_empty(w_out_EDH.shape))
@@ -431,7 +386,7 @@ def _fp8_setup_context(ctx, inputs, output):
 def _fp8_op_backward(ctx, gy, _gh_unused):
     x, token, weight, counts, w_in, w_out, h = ctx.saved_tensors
     gx, gw, gwi, gwo = moe_glu_fp8_backward(gy, x, token, weight, counts, w_in, w_out, h, *ctx.rest)
-    return gx, None, gw, None, gwi, gwo, None, None, None, None, None, None
+    return gx, None, gw, None, gwi, gwo, None, None, None, None, None
 
 
 moe_glu_fp8_forward.register_autograd(_fp8_op_backward, setup_context=_fp8_setup_context)
@@ -487,7 +442,7 @@ def moe_glu_fp8(
         raise ValueError(f"TritonOptions(fp8=...): the FP8 path does not support {reason}")
     if torch.compiler.is_compiling():
         return moe_glu_fp8_forward(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, recipe.scaling,
-                                   recipe.grad_format, recipe.block, recipe.wgrad, fp32_scatter,
+                                   recipe.grad_format, recipe.block, fp32_scatter,
                                    fp8_configs_to_ints(configs) or None)[0]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weight_N, w_in_EHD, w_out_EDH))
     if not grad:

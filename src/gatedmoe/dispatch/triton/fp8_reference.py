@@ -116,12 +116,6 @@ def _acts(x_RC: Tensor, fmt: str, recipe: FP8Recipe) -> Tensor:
     return dequantize_rows(*quantize_rows(x_RC, fmt, group), group)
 
 
-def _cols(x_NC: Tensor, fmt: str, block: int) -> Tensor:
-    """float32 dequantised ``x`` quantised per column in ``block x 1`` tiles of rows (global
-    row blocks, shared by neighbouring experts), as the FP8 weight gradients read it."""
-    return dequantize_rows(*quantize_rows(x_NC.T, fmt, block), block).T
-
-
 def _expert_rows(counts_E: Tensor) -> list[tuple[int, int]]:
     bounds, start = [], 0
     for c in counts_E.tolist():
@@ -163,8 +157,7 @@ def fp8_moe_backward(gy_TD: Tensor, x_TD: Tensor, token_N: Tensor, weight_N: Ten
     compute them: the data-gradient GEMMs with gy and dL/dh quantised per token / row in
     ``recipe.grad_format`` against the transposed e4m3 weights (blockwise: the forward's
     blocks transposed; rowwise: quantised per row of the transpose), the weight gradients
-    from the unquantised (input dtype) operands in float32, or with ``recipe.wgrad="fp8"``
-    from operands quantised per column in ``block x 1`` tiles (`_cols`)."""
+    from the unquantised (input dtype) operands in float32."""
     dtype = x_TD.dtype
     H = w_out_EDH.shape[-1]
     fmt = recipe.grad_format
@@ -184,10 +177,6 @@ def fp8_moe_backward(gy_TD: Tensor, x_TD: Tensor, token_N: Tensor, weight_N: Ten
     gy_rows = gy_TD.float()[token_N]
     wa = wa.float()
     gh = gh.float()
-    if recipe.wgrad == "fp8":  # block x 1 tiles along the tokens: rows of the transposes
-        B = recipe.block
-        gh, xs = _cols(gh, fmt, B), _cols(xs, "e4m3", B)
-        gy_rows, wa = _cols(gy_rows, fmt, B), _cols(wa, "e4m3", B)
     grad_w_in = torch.zeros(w_in_EHD.shape, dtype=torch.float32, device=x_TD.device)
     grad_w_out = torch.zeros(w_out_EDH.shape, dtype=torch.float32, device=x_TD.device)
     for e, (s, t) in enumerate(_expert_rows(counts_E)):
