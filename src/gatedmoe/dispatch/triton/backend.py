@@ -73,7 +73,7 @@ def triton_dispatch(
             _warned.add("fp8-experimental")
             warnings.warn(
                 "TritonOptions(fp8=...) is experimental: on an H200 (Triton 3.6) all but one of its CUDA tests passed, "
-                "but is no faster than bf16 (rowwise 1.04x, blockwise 0.88-0.94x) and its training quality is not "
+                "but it is no faster than bf16 (rowwise 1.04x, blockwise 0.88-0.94x) and its training quality is not "
                 "yet measured (dispatch/triton/README.md, 'FP8')",
                 UserWarning,
                 stacklevel=2,
