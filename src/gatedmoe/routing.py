@@ -84,8 +84,8 @@ class Routing:
         "position" priority of :meth:`drop_over_capacity`.
 
         Two paths give the same routing, bit for bit. CUDA tensors within the kernels' limits
-        (`gatedmoe.gates.topk_sort.sort_topk_applies`: Triton importable, E <= 4096, 1 <= K
-        <= 16, not while torch.compile traces) are sorted by `gatedmoe.gates.topk_sort.sort_topk`,
+        (`gatedmoe.gates.topk_sort.sort_topk_applies`: int32/int64 ids, Triton importable,
+        E <= 4096, 1 <= K <= 16, not while torch.compile traces) are sorted by `gatedmoe.gates.topk_sort.sort_topk`,
         a counting sort in one or three Triton launches. Everything else, the CPU included,
         takes the plain path of :meth:`from_assignments` (a stable argsort), the reference.
         Expert ids out of range are a ValueError on the CPU; on CUDA neither path reads ids
@@ -101,7 +101,7 @@ class Routing:
             )
         T, K = weights_TK.shape
         _check_sizes(n_experts, T, probs, logits)
-        if weights_TK.is_cuda:
+        if weights_TK.is_cuda and not torch.compiler.is_compiling():
             # Imported here: the gates import this module.
             from gatedmoe.gates.topk_sort import sort_topk, sort_topk_applies
 

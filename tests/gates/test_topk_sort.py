@@ -24,7 +24,7 @@ def _poison(monkeypatch):
 
 
 def _assert_same(ref: tuple, fast: tuple) -> None:
-    for name, r, f in zip(NAMES, ref, fast):
+    for name, r, f in zip(NAMES, ref, fast, strict=True):
         assert r.dtype == f.dtype and r.shape == f.shape, f"{name}: {f.dtype} {tuple(f.shape)} != {r.dtype} {tuple(r.shape)}"
         assert torch.equal(r, f), f"{name} differs"
 
@@ -40,7 +40,7 @@ CASES = [
     (33, 6, 2),  # K > E: every row names an expert several times
     (200, 3, 64),  # four row blocks: the last size sorted by one program
     (300, 2, 3),  # five row blocks: histogram, scan and sort kernels
-    (90, 5, 300),  # E not a power of two, several blocks
+    (150, 3, 100),  # E not a power of two, five row blocks
 ]
 
 
@@ -106,6 +106,7 @@ def test_rejects_bad_arguments():
         ((w, e, 0), "n_experts"),
         ((w, e, 5000), "n_experts"),
         ((w, e.float(), 3), "experts_TK"),
+        ((w, e.short(), 3), "experts_TK"),
         ((w[:, :1], e, 3), "experts_TK"),
         ((w.long(), e, 3), "weights_TK"),
         ((torch.rand(4, 17), torch.zeros(4, 17, dtype=torch.long), 3), "K must"),
@@ -123,6 +124,7 @@ def test_applies_only_to_cuda_within_the_limits():
         assert not ts.sort_topk_applies(wc, ec, 5000)
         assert not ts.sort_topk_applies(torch.rand(4, 17, device="cuda"), torch.zeros(4, 17, dtype=torch.long, device="cuda"), 32)
         assert not ts.sort_topk_applies(wc, e, 3)  # ids on another device
+        assert not ts.sort_topk_applies(wc, ec.short(), 3)
 
 
 @pytest.mark.gpu

@@ -31,18 +31,23 @@ __all__ = ["sort_topk", "sort_topk_applies", "sort_topk_reference"]
 # One program holds BT x BE int32 counts; beyond E or K the plain path is used.
 _MAX_E = 4096
 _MAX_K = 16
+_ID_DTYPES = (torch.int32, torch.int64)
 _TILE = 4096  # BT * BE elements per program
 _SCAN_CHUNK = 1024
 # Up to this many row blocks one program sorts everything: one launch instead of three, for
 # decode batches (E=256: T <= 64). Not yet measured on a GPU.
 _ONE_PROGRAM_BLOCKS = 4
+# With 4 warps ptxas spilled registers at E=256, K=16 (tests/gates/compile_gate_kernels.py).
+_WARPS = 8
 
 
 def sort_topk_applies(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> bool:
     """Whether `Routing.from_topk` sorts with `sort_topk`: both tensors ``[T, K]`` on the same
-    CUDA device, Triton importable, 1 <= E <= 4096, 1 <= K <= 16, N < 2**31; not while
+    CUDA device, int32 or int64 ids, Triton importable, 1 <= E <= 4096, 1 <= K <= 16, N < 2**31; not while
     torch.compile traces (it compiles the plain path)."""
     if not (weights_TK.is_cuda and experts_TK.device == weights_TK.device and weights_TK.dim() == 2):
+        return False
+    if experts_TK.dtype not in _ID_DTYPES:
         return False
     if torch.compiler.is_compiling():  # the compiler fuses the plain path itself
         return False
@@ -93,16 +98,16 @@ class _SortTopK(torch.autograd.Function):
         if NB <= _ONE_PROGRAM_BLOCKS:
             kn.topk_sort_kernel[(1,)](
                 experts, weights, counts, counts, token, expert, weight, pos, T, E,
-                K=K, BT=BT, BE=BE, ONE_PROGRAM=True, num_warps=4,
+                K=K, BT=BT, BE=BE, ONE_PROGRAM=True, num_warps=_WARPS,
             )
         else:
             hist = _empty(NB, E + 1, device=dev, dtype=torch.int32)
-            kn.topk_hist_kernel[(NB,)](experts, hist, T, E, K=K, BT=BT, BE=BE, num_warps=4)
+            kn.topk_hist_kernel[(NB,)](experts, hist, T, E, K=K, BT=BT, BE=BE, num_warps=_WARPS)
             prefix = _empty(NB, E + 1, device=dev, dtype=torch.int32)
             route_scan_kernel[(E + 1,)](hist, prefix, counts, NB, E + 1, CH=min(_SCAN_CHUNK, _pow2(NB)), num_warps=4)
             kn.topk_sort_kernel[(NB,)](
                 experts, weights, prefix, counts, token, expert, weight, pos, T, E,
-                K=K, BT=BT, BE=BE, ONE_PROGRAM=False, num_warps=4,
+                K=K, BT=BT, BE=BE, ONE_PROGRAM=False, num_warps=_WARPS,
             )
         counts = counts[:E]
         ctx.mark_non_differentiable(token, expert, counts)
@@ -122,8 +127,8 @@ class _SortTopK(torch.autograd.Function):
 def _check_args(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> None:
     if not isinstance(weights_TK, Tensor) or weights_TK.dim() != 2 or not weights_TK.is_floating_point():
         raise ValueError("weights_TK must be a floating-point tensor [T, K]")
-    if not isinstance(experts_TK, Tensor) or experts_TK.shape != weights_TK.shape or experts_TK.is_floating_point():
-        raise ValueError("experts_TK must be an integer tensor of weights_TK's shape [T, K]")
+    if not isinstance(experts_TK, Tensor) or experts_TK.shape != weights_TK.shape or experts_TK.dtype not in _ID_DTYPES:
+        raise ValueError("experts_TK must be an int32 or int64 tensor of weights_TK's shape [T, K]")
     if isinstance(n_experts, bool) or not isinstance(n_experts, int) or not 1 <= n_experts <= _MAX_E:
         raise ValueError(f"n_experts must be an int in [1, {_MAX_E}], got {n_experts!r}")
     if not 1 <= weights_TK.shape[1] <= _MAX_K:
