@@ -43,8 +43,8 @@ _WARPS = 8
 
 def sort_topk_applies(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> bool:
     """Whether `Routing.from_topk` sorts with `sort_topk`: both tensors ``[T, K]`` on the same
-    CUDA device, int32 or int64 ids, Triton importable, 1 <= E <= 4096, 1 <= K <= 16, N < 2**31; not while
-    torch.compile traces (it compiles the plain path)."""
+    CUDA device, int32 or int64 ids, Triton importable, 1 <= E <= 4096, 1 <= K <= 16 and
+    N < 2**31; not while torch.compile traces (it compiles the plain path)."""
     if not (weights_TK.is_cuda and experts_TK.device == weights_TK.device and weights_TK.dim() == 2):
         return False
     if experts_TK.dtype not in _ID_DTYPES:

@@ -25,7 +25,7 @@ def _block_choices(experts_ptr, rows, rmask, cols, E, K: tl.constexpr, BT: tl.co
         ok = (e_j >= 0) & (e_j < E)
         # -1 matches no column: a bad id must not land in a padding column of the tile. The
         # key fits int32 (E <= 4096), so int64 ids do not widen the [BT, BE] comparison.
-        key = tl.where(rmask & ok, e_j.to(tl.int32), -1)
+        key = tl.where(rmask & ok, e_j, -1).to(tl.int32)
         chosen += (cols[None, :] == key[:, None]).to(tl.int32)
         bad += (rmask & ~ok).to(tl.int32)
     return chosen, bad
@@ -47,7 +47,7 @@ def _scatter_block(
         e_j = tl.load(experts_ptr + rows.to(tl.int64) * K + j, mask=rmask, other=0)
         w_j = tl.load(weights_ptr + rows.to(tl.int64) * K + j, mask=rmask, other=0.0)
         ok = rmask & (e_j >= 0) & (e_j < E)
-        hit = cols[None, :] == tl.where(ok, e_j.to(tl.int32), -1)[:, None]
+        hit = cols[None, :] == tl.where(ok, e_j, -1).to(tl.int32)[:, None]
         pos = tl.where(ok, tl.sum(tl.where(hit, slot, 0), axis=1), bad_slot).to(tl.int64)
         slot += hit.to(tl.int32)
         bad_slot += (rmask & ~ok).to(tl.int32)
