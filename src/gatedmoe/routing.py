@@ -89,8 +89,8 @@ class Routing:
         a counting sort in one or three Triton launches. Everything else, the CPU included,
         takes the plain path of :meth:`from_assignments` (a stable argsort), the reference.
         Expert ids out of range are a ValueError on the CPU; on CUDA neither path reads ids
-        on the host: the kernels leave such assignments out of ``counts`` (last in the order),
-        which :meth:`validate` reports, and the plain path fails with a device-side error.
+        on the host, and both fail with a device-side error (the kernels' assertion, the plain
+        path's index error).
         """
         _check_tensor("weights_TK", weights_TK, floating=True)
         _check_tensor("experts_TK", experts_TK, floating=False)

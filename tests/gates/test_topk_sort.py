@@ -78,10 +78,12 @@ def test_noncontiguous_inputs():
     _assert_same(ts.sort_topk_reference(w, experts, 3), ts.sort_topk(w, experts, 3))
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA bad ids stop the sort with a device-side assertion, sticky for the process")
 @pytest.mark.parametrize("T", [5, 150, 300])  # one block, three in one program, five
 def test_bad_ids_are_left_out_of_the_counts(T):
     """Ids outside [0, E) write nothing out of bounds: they come last, in order, with their
-    own values, and `Routing.validate` reports the missing counts."""
+    own values, and `Routing.validate` reports the missing counts (on CUDA the sort also
+    asserts on the device)."""
     E, K = 3, 2
     experts = torch.randint(0, E, (T, K), device=DEVICE)
     experts[1, 1], experts[T - 1, 0], experts[2, 0] = 7, -1, E

@@ -11,10 +11,11 @@ by scatter_add and a division for the token ids, ~20 us per call at decode sizes
 * more: ``topk_hist_kernel`` (per-block histograms), the fused gate's ``route_scan_kernel``
   (their exclusive prefix over the blocks and the counts) and ``topk_sort_kernel`` (scatter).
 
-Nothing is read on the host, so CUDA graphs capture it. An id outside ``[0, E)`` faults
-nothing: it is counted in an extra bucket that sorts after every expert and is left out of
-``counts``, so ``counts.sum() < N`` and `Routing.validate` reports it (the plain path fails
-on CUDA with a device-side index error instead).
+Nothing is read on the host, so CUDA graphs capture it. An id outside ``[0, E)`` writes
+nothing out of bounds: it is counted in an extra bucket that sorts after every expert and is
+left out of ``counts`` (so ``counts.sum() < N``, which `Routing.validate` reports); on CUDA a
+device-side assertion on that bucket then stops the program, as the plain path's index error
+does.
 
 Shape legend: T tokens, E experts, K choices per token, N = T*K assignments.
 """
@@ -109,6 +110,10 @@ class _SortTopK(torch.autograd.Function):
                 experts, weights, prefix, counts, token, expert, weight, pos, T, E,
                 K=K, BT=BT, BE=BE, ONE_PROGRAM=False, num_warps=_WARPS,
             )
+        if dev.type == "cuda":
+            # Ids outside [0, E) fail loudly, as the plain path's scatter_add does: a
+            # device-side assertion, no host sync (the interpreter's tests check the bucket).
+            torch._assert_async(counts[E] == 0, "experts_TK: expert ids must lie in [0, n_experts)")
         counts = counts[:E]
         ctx.mark_non_differentiable(token, expert, counts)
         ctx.set_materialize_grads(False)
