@@ -82,6 +82,15 @@ class Routing:
 
         Within one expert, assignments keep token order (stable sort), which is the
         "position" priority of :meth:`drop_over_capacity`.
+
+        Two paths give the same routing, bit for bit. CUDA tensors within the kernels' limits
+        (`gatedmoe.gates.topk_sort.sort_topk_applies`: int32/int64 ids, Triton importable,
+        E <= 4096, 1 <= K <= 16, not while torch.compile traces) are sorted by `gatedmoe.gates.topk_sort.sort_topk`,
+        a counting sort in one or three Triton launches. Everything else, the CPU included,
+        takes the plain path of :meth:`from_assignments` (a stable argsort), the reference.
+        Expert ids out of range are a ValueError on the CPU; on CUDA neither path reads ids
+        on the host, and both fail with a device-side error (the kernels' assertion, the plain
+        path's index error).
         """
         _check_tensor("weights_TK", weights_TK, floating=True)
         _check_tensor("experts_TK", experts_TK, floating=False)
@@ -91,6 +100,15 @@ class Routing:
                 f"{tuple(weights_TK.shape)} and {tuple(experts_TK.shape)}"
             )
         T, K = weights_TK.shape
+        _check_sizes(n_experts, T, probs, logits)
+        if weights_TK.is_cuda and not torch.compiler.is_compiling():
+            # Imported here: the gates import this module.
+            from gatedmoe.gates.topk_sort import sort_topk, sort_topk_applies
+
+            if sort_topk_applies(weights_TK, experts_TK, n_experts):
+                token, expert, weight, counts = sort_topk(weights_TK, experts_TK, n_experts)
+                return cls(token=token, expert=expert, weight=weight, counts=counts, n_tokens=T, probs=probs,
+                           logits=logits)
         # No token ids: assignment i belongs to token i // K (see ``_per_token``).
         return cls.from_assignments(
             None,
@@ -122,8 +140,7 @@ class Routing:
         an int >= 1, ``n_tokens`` an int >= 0; ``probs``/``logits`` None or ``[n_tokens,
         n_experts]``. Ids out of range are a ValueError (checked on the CPU, where it is free).
         """
-        if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
-            raise ValueError(f"n_experts must be an int >= 1, got {n_experts!r}")
+        _check_sizes(n_experts, n_tokens, probs, logits)
         # ``_per_token=K`` (from `from_topk`): ``token`` is None and assignment i belongs to
         # token i // K, in range by construction; the sorted ids are then ``order // K``,
         # the same values as gathering them from ``arange(T)`` repeated K times.
@@ -131,13 +148,6 @@ class Routing:
             _check_tensor("token", token, floating=False)
         _check_tensor("expert", expert, floating=False)
         _check_tensor("weight", weight, floating=True)
-        # A SymInt under torch.compile with dynamic shapes.
-        if isinstance(n_tokens, bool) or not isinstance(n_tokens, (int, torch.SymInt)) or n_tokens < 0:
-            raise ValueError(f"n_tokens must be an int >= 0, got {n_tokens!r}")
-        for name, t in (("probs", probs), ("logits", logits)):
-            if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != (n_tokens, n_experts)):
-                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{name} must be None or a tensor [n_tokens, n_experts]=({n_tokens}, {n_experts}), got {got}")
         token_shape = token.shape if _per_token is None else expert.shape
         if not (token_shape == expert.shape == weight.shape) or expert.dim() != 1:
             raise ValueError(
@@ -340,6 +350,20 @@ class Routing:
             f"n_assignments={self.n_assignments}, n_dropped={self.n_dropped}, "
             f"counts={self.counts.tolist() if self.n_experts <= 16 else '...'})"
         )
+
+
+def _check_sizes(n_experts: int, n_tokens: int, probs: Tensor | None, logits: Tensor | None) -> None:
+    """ValueError unless ``n_experts`` >= 1, ``n_tokens`` >= 0 and probs/logits are None or
+    ``[n_tokens, n_experts]``."""
+    if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
+        raise ValueError(f"n_experts must be an int >= 1, got {n_experts!r}")
+    # A SymInt under torch.compile with dynamic shapes.
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, (int, torch.SymInt)) or n_tokens < 0:
+        raise ValueError(f"n_tokens must be an int >= 0, got {n_tokens!r}")
+    for name, t in (("probs", probs), ("logits", logits)):
+        if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != (n_tokens, n_experts)):
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be None or a tensor [n_tokens, n_experts]=({n_tokens}, {n_experts}), got {got}")
 
 
 def _check_tensor(name: str, t: object, *, floating: bool) -> None:

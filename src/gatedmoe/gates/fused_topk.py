@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from gatedmoe.gates.functional import _group_limited_select
+from gatedmoe.gates.topk_sort import sort_topk_reference
 from gatedmoe.routing import Routing
 
 __all__ = ["SCORES", "fused_topk", "fused_topk_applies", "fused_topk_reference"]
@@ -197,7 +198,8 @@ def fused_topk_reference(
     mask_value: float = float("-inf"),
 ) -> Routing:
     """`fused_topk` in plain PyTorch (float32): scores, top-k by `torch.topk`, a stable
-    argsort by expert (`Routing.from_topk`) and ``torch.logsumexp``."""
+    argsort by expert (`gatedmoe.gates.topk_sort.sort_topk_reference`, the plain path of
+    `Routing.from_topk`) and ``torch.logsumexp``."""
     _check_args(logits_TE, k, score, n_group, topk_group, mask_value)
     logits = logits_TE.float()
     s_TE = torch.softmax(logits, -1) if score == "softmax" else torch.sigmoid(logits)
@@ -211,6 +213,7 @@ def fused_topk_reference(
     if normalize:
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
     probs = s_TE if score == "softmax" else s_TE / s_TE.sum(-1, keepdim=True)
-    r = Routing.from_topk(weights_TK * scale, experts_TK, logits.shape[1], probs=probs, logits=logits_TE)
-    return Routing(token=r.token, expert=r.expert, weight=r.weight, counts=r.counts, n_tokens=r.n_tokens,
+    # The plain stable argsort, even on CUDA (where `Routing.from_topk` takes `sort_topk`).
+    token, expert, weight, counts = sort_topk_reference(weights_TK * scale, experts_TK, logits.shape[1])
+    return Routing(token=token, expert=expert, weight=weight, counts=counts, n_tokens=logits.shape[0],
                    probs=probs, logits=logits_TE, lse=torch.logsumexp(logits, -1))

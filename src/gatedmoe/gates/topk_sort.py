@@ -1,0 +1,172 @@
+"""The expert-sorted routing of given top-k choices in one or three Triton kernels, and its
+plain-PyTorch reference.
+
+`Routing.from_topk` sorts T*K (weight, expert) choices stably by expert. Its plain path is a
+chain of PyTorch kernels: a radix argsort (several launches), two gathers, a zeroed histogram
+by scatter_add and a division for the token ids, ~20 us per call at decode sizes on an H200.
+`sort_topk` is a counting sort with the same result, bit for bit:
+
+* up to ``_ONE_PROGRAM_BLOCKS`` row blocks (decode sizes): one launch, whose single program
+  counts all rows, prefixes the counts and scatters;
+* more: ``topk_hist_kernel`` (per-block histograms), the fused gate's ``route_scan_kernel``
+  (their exclusive prefix over the blocks and the counts) and ``topk_sort_kernel`` (scatter).
+
+Nothing is read on the host, so CUDA graphs capture it. An id outside ``[0, E)`` writes
+nothing out of bounds: it is counted in an extra bucket that sorts after every expert and is
+left out of ``counts`` (so ``counts.sum() < N``, which `Routing.validate` reports); on CUDA a
+device-side assertion on that bucket then stops the program, as the plain path's index error
+does.
+
+Shape legend: T tokens, E experts, K choices per token, N = T*K assignments.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gatedmoe.routing import Routing
+
+__all__ = ["sort_topk", "sort_topk_applies", "sort_topk_reference"]
+
+# One program holds BT x BE int32 counts; beyond E or K the plain path is used.
+_MAX_E = 4096
+_MAX_K = 16
+_ID_DTYPES = (torch.int32, torch.int64)
+_TILE = 4096  # BT * BE elements per program
+_SCAN_CHUNK = 1024
+# Up to this many row blocks one program sorts everything: one launch instead of three, for
+# decode batches (E=256: T <= 64). Not yet measured on a GPU.
+_ONE_PROGRAM_BLOCKS = 4
+# With 4 warps ptxas spilled registers at E=256, K=16 (tests/gates/compile_gate_kernels.py).
+_WARPS = 8
+
+
+def sort_topk_applies(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> bool:
+    """Whether `Routing.from_topk` sorts with `sort_topk`: both tensors ``[T, K]`` on the same
+    CUDA device, int32 or int64 ids, Triton importable, 1 <= E <= 4096, 1 <= K <= 16 and
+    N < 2**31; not while torch.compile traces (it compiles the plain path)."""
+    if not (weights_TK.is_cuda and experts_TK.device == weights_TK.device and weights_TK.dim() == 2):
+        return False
+    if experts_TK.dtype not in _ID_DTYPES:
+        return False
+    if torch.compiler.is_compiling():  # the compiler fuses the plain path itself
+        return False
+    if isinstance(n_experts, bool) or not isinstance(n_experts, int) or not 1 <= n_experts <= _MAX_E:
+        return False
+    T, K = weights_TK.shape
+    if not 1 <= K <= _MAX_K or T * K >= 2**31:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # Every buffer the kernels fill comes from here (tests poison it to catch unwritten entries).
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
+def _blocks(E: int) -> tuple[int, int]:
+    BE = _pow2(E)
+    return max(1, min(64, _TILE // BE)), BE
+
+
+class _SortTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weights_TK, experts_TK, n_experts):
+        from gatedmoe.gates import topk_sort_kernels as kn
+        from gatedmoe.gates.fused_topk_kernels import route_scan_kernel
+
+        weights = weights_TK.contiguous()
+        experts = experts_TK.contiguous()
+        T, K = weights.shape
+        E, N, dev = n_experts, T * K, weights.device
+        BT, BE = _blocks(E)
+        NB = -(-T // BT)
+        token = _empty(N, device=dev, dtype=torch.int64)
+        expert = _empty(N, device=dev, dtype=torch.int64)
+        weight = _empty(N, device=dev, dtype=weights.dtype)
+        pos = _empty(T, K, device=dev, dtype=torch.int64)
+        # Entry E counts the bad ids; `counts` is the view of the E experts.
+        counts = _empty(E + 1, device=dev, dtype=torch.int64)
+        if NB <= _ONE_PROGRAM_BLOCKS:
+            kn.topk_sort_kernel[(1,)](
+                experts, weights, counts, counts, token, expert, weight, pos, T, E,
+                K=K, BT=BT, BE=BE, ONE_PROGRAM=True, num_warps=_WARPS,
+            )
+        else:
+            hist = _empty(NB, E + 1, device=dev, dtype=torch.int32)
+            kn.topk_hist_kernel[(NB,)](experts, hist, T, E, K=K, BT=BT, BE=BE, num_warps=_WARPS)
+            prefix = _empty(NB, E + 1, device=dev, dtype=torch.int32)
+            route_scan_kernel[(E + 1,)](hist, prefix, counts, NB, E + 1, CH=min(_SCAN_CHUNK, _pow2(NB)), num_warps=4)
+            kn.topk_sort_kernel[(NB,)](
+                experts, weights, prefix, counts, token, expert, weight, pos, T, E,
+                K=K, BT=BT, BE=BE, ONE_PROGRAM=False, num_warps=_WARPS,
+            )
+        if dev.type == "cuda":
+            # Ids outside [0, E) fail loudly, as the plain path's scatter_add does: a
+            # device-side assertion, no host sync (the interpreter's tests check the bucket).
+            torch._assert_async(counts[E] == 0, "experts_TK: expert ids must lie in [0, n_experts)")
+        counts = counts[:E]
+        ctx.mark_non_differentiable(token, expert, counts)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(pos)
+        return token, expert, weight, counts
+
+    @staticmethod
+    def backward(ctx, _g_token, _g_expert, g_weight, _g_counts):
+        if g_weight is None:
+            return None, None, None
+        (pos,) = ctx.saved_tensors
+        # The sort is a permutation: each choice's gradient is its sorted slot's.
+        return g_weight.index_select(0, pos.reshape(-1)).reshape(pos.shape), None, None
+
+
+def _check_args(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> None:
+    if not isinstance(weights_TK, Tensor) or weights_TK.dim() != 2 or not weights_TK.is_floating_point():
+        raise ValueError("weights_TK must be a floating-point tensor [T, K]")
+    if not isinstance(experts_TK, Tensor) or experts_TK.shape != weights_TK.shape or experts_TK.dtype not in _ID_DTYPES:
+        raise ValueError("experts_TK must be an int32 or int64 tensor of weights_TK's shape [T, K]")
+    if isinstance(n_experts, bool) or not isinstance(n_experts, int) or not 1 <= n_experts <= _MAX_E:
+        raise ValueError(f"n_experts must be an int in [1, {_MAX_E}], got {n_experts!r}")
+    if not 1 <= weights_TK.shape[1] <= _MAX_K:
+        raise ValueError(f"K must lie in [1, {_MAX_K}], got {weights_TK.shape[1]}")
+
+
+def sort_topk(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sort the choices ``weights_TK [T, K]`` (float, may require grad) for experts
+    ``experts_TK [T, K]`` (int32 or int64) by expert, by the Triton kernels (CUDA, or Triton's
+    interpreter on the CPU with ``TRITON_INTERPRET=1``).
+
+    Returns ``(token, expert, weight, counts)``: token and expert int64 ``[N]``, weight
+    ``[N]`` in weights_TK's dtype (differentiable), counts int64 ``[E]``; bit for bit those of
+    `sort_topk_reference`. Within an expert, assignments keep (token, choice) order. Ids
+    outside ``[0, E)`` come last, with their own values, and are not counted (see the module
+    docstring).
+
+    Examples
+    --------
+    >>> import torch
+    >>> w, e = torch.tensor([[0.7, 0.3], [0.6, 0.4]]), torch.tensor([[2, 0], [0, 1]])
+    >>> token, expert, weight, counts = sort_topk(w, e, 3)  # doctest: +SKIP
+    >>> token.tolist(), expert.tolist(), counts.tolist()  # doctest: +SKIP
+    ([0, 1, 1, 0], [0, 0, 1, 2], [2, 1, 1])
+    """
+    _check_args(weights_TK, experts_TK, n_experts)
+    return _SortTopK.apply(weights_TK, experts_TK, n_experts)
+
+
+def sort_topk_reference(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`sort_topk` in plain PyTorch: the stable argsort path of `Routing.from_topk`
+    (`Routing.from_assignments`, which never takes the kernels)."""
+    T, K = weights_TK.shape
+    r = Routing.from_assignments(None, experts_TK.reshape(-1), weights_TK.reshape(-1), n_experts=n_experts,
+                                 n_tokens=T, _per_token=K)
+    return r.token, r.expert, r.weight, r.counts

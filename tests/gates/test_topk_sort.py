@@ -1,0 +1,162 @@
+"""The counting sort of given top-k choices (`gatedmoe.gates.topk_sort`) against the plain
+path of `Routing.from_topk`, on CUDA where there is one, else in Triton's interpreter on the
+CPU: token, expert, weight, counts and the gradient of the weights, all exactly (the sort only
+moves values). Ids are drawn with many ties (small E, duplicates within a row)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gatedmoe import Routing  # noqa: E402
+from gatedmoe.gates import topk_sort as ts  # noqa: E402
+from helpers import poisoned_empty  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("token", "expert", "weight", "counts")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(ts, "_empty", lambda *shape, device, dtype: poisoned_empty(*shape, dtype=dtype, device=device))
+
+
+def _assert_same(ref: tuple, fast: tuple) -> None:
+    for name, r, f in zip(NAMES, ref, fast, strict=True):
+        assert r.dtype == f.dtype and r.shape == f.shape, f"{name}: {f.dtype} {tuple(f.shape)} != {r.dtype} {tuple(r.shape)}"
+        assert torch.equal(r, f), f"{name} differs"
+
+
+CASES = [
+    # T, K, E
+    (0, 2, 4),
+    (1, 1, 1),
+    (1, 3, 5),
+    (7, 1, 3),
+    (63, 3, 4),
+    (40, 4, 4),  # K = E
+    (33, 6, 2),  # K > E: every row names an expert several times
+    (200, 3, 64),  # four row blocks: the last size sorted by one program
+    (300, 2, 3),  # five row blocks: histogram, scan and sort kernels
+    (150, 3, 100),  # E not a power of two, five row blocks
+]
+
+
+def test_cases_cover_both_launch_plans():
+    one_program = {-(-T // ts._blocks(E)[0]) <= ts._ONE_PROGRAM_BLOCKS for T, _, E in CASES}
+    assert one_program == {True, False}
+
+
+@pytest.mark.parametrize("T,K,E", CASES)
+@pytest.mark.parametrize("id_dtype,w_dtype", [(torch.int64, torch.float32), (torch.int32, torch.bfloat16)])
+def test_sort_topk_matches_the_plain_path(T, K, E, id_dtype, w_dtype):
+    experts = torch.randint(0, E, (T, K), dtype=id_dtype, device=DEVICE)
+    ref_w = torch.randn(T, K, device=DEVICE).to(w_dtype).requires_grad_()
+    fast_w = ref_w.detach().clone().requires_grad_()
+    ref = ts.sort_topk_reference(ref_w, experts, E)
+    fast = ts.sort_topk(fast_w, experts, E)
+    _assert_same(ref, fast)
+    g = torch.randn(T * K, device=DEVICE).to(w_dtype)
+    ref[2].backward(g)
+    fast[2].backward(g)
+    assert torch.equal(ref_w.grad, fast_w.grad)
+
+
+def test_all_rows_on_one_expert_and_experts_without_rows():
+    w = torch.rand(70, 2, device=DEVICE)
+    for experts in (torch.full((70, 2), 5, device=DEVICE), torch.tensor([3, 11], device=DEVICE).repeat(70, 1)):
+        fast = ts.sort_topk(w, experts, 16)
+        _assert_same(ts.sort_topk_reference(w, experts, 16), fast)
+    assert fast[3].tolist() == [0, 0, 0, 70] + [0] * 7 + [70] + [0] * 4
+
+
+def test_noncontiguous_inputs():
+    w = torch.rand(2, 9, device=DEVICE)[:, ::3].t()  # [3, 2], strided
+    experts = torch.randint(0, 3, (2, 3), device=DEVICE).t()
+    _assert_same(ts.sort_topk_reference(w, experts, 3), ts.sort_topk(w, experts, 3))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA bad ids stop the sort with a device-side assertion, sticky for the process")
+@pytest.mark.parametrize("T", [5, 150, 300])  # one block, three in one program, five
+def test_bad_ids_are_left_out_of_the_counts(T):
+    """Ids outside [0, E) write nothing out of bounds: they come last, in order, with their
+    own values, and `Routing.validate` reports the missing counts (on CUDA the sort also
+    asserts on the device)."""
+    E, K = 3, 2
+    experts = torch.randint(0, E, (T, K), device=DEVICE)
+    experts[1, 1], experts[T - 1, 0], experts[2, 0] = 7, -1, E
+    w = torch.rand(T, K, device=DEVICE)
+    token, expert, weight, counts = ts.sort_topk(w, experts, E)
+    good = (experts >= 0) & (experts < E)
+    assert counts.sum() == good.sum() == T * K - 3
+    assert torch.equal(counts, torch.bincount(experts[good], minlength=E))
+    assert token[-3:].tolist() == [1, 2, T - 1] and expert[-3:].tolist() == [7, E, -1]
+    assert not torch.isnan(weight).any() and (token >= 0).all()  # every slot written
+    n_good = T * K - 3
+    order = torch.argsort(torch.where(good, experts, E).reshape(-1), stable=True)[:n_good]
+    assert torch.equal(token[:n_good], order // K) and torch.equal(expert[:n_good], experts.reshape(-1)[order])
+    assert torch.equal(weight[:n_good], w.reshape(-1)[order])
+    with pytest.raises(ValueError, match="counts sums to"):
+        Routing(token=token, expert=expert, weight=weight, counts=counts, n_tokens=T).validate()
+
+
+def test_rejects_bad_arguments():
+    w, e = torch.rand(4, 2), torch.zeros(4, 2, dtype=torch.long)
+    for args, match in (
+        ((w, e, 0), "n_experts"),
+        ((w, e, 5000), "n_experts"),
+        ((w, e.float(), 3), "experts_TK"),
+        ((w, e.short(), 3), "experts_TK"),
+        ((w[:, :1], e, 3), "experts_TK"),
+        ((w.long(), e, 3), "weights_TK"),
+        ((torch.rand(4, 17), torch.zeros(4, 17, dtype=torch.long), 3), "K must"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ts.sort_topk(*args)
+
+
+def test_applies_only_to_cuda_within_the_limits():
+    w, e = torch.rand(4, 2), torch.zeros(4, 2, dtype=torch.long)
+    assert not ts.sort_topk_applies(w, e, 3)  # CPU: `Routing.from_topk` keeps the plain path
+    if DEVICE == "cuda":
+        wc, ec = w.cuda(), e.cuda()
+        assert ts.sort_topk_applies(wc, ec, 3)
+        assert not ts.sort_topk_applies(wc, ec, 5000)
+        assert not ts.sort_topk_applies(torch.rand(4, 17, device="cuda"), torch.zeros(4, 17, dtype=torch.long, device="cuda"), 32)
+        assert not ts.sort_topk_applies(wc, e, 3)  # ids on another device
+        assert not ts.sort_topk_applies(wc, ec.short(), 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+@pytest.mark.parametrize("T,K,E", [(8, 8, 256), (1, 2, 8), (4096, 8, 256), (0, 4, 16)])
+def test_from_topk_on_cuda_takes_the_kernels(T, K, E, monkeypatch):
+    calls = []
+    real = ts.sort_topk
+    monkeypatch.setattr(ts, "sort_topk", lambda *a: calls.append(1) or real(*a))
+    w = torch.rand(T, K, device="cuda", requires_grad=True)
+    experts = torch.randint(0, E, (T, K), device="cuda", dtype=torch.int32)
+    r = Routing.from_topk(w, experts, E)
+    assert calls, "Routing.from_topk did not take the kernels"
+    _assert_same(ts.sort_topk_reference(w, experts, E), (r.token, r.expert, r.weight, r.counts))
+    r.validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+@pytest.mark.parametrize("T", [8, 4096])
+def test_from_topk_on_cuda_never_syncs(T):
+    w = torch.rand(T, 8, device="cuda", requires_grad=True)
+    experts = torch.randint(0, 256, (T, 8), device="cuda")
+    g = torch.randn(T * 8, device="cuda")
+    Routing.from_topk(w, experts, 256)  # compile the kernels outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        r = Routing.from_topk(w, experts, 256)
+        r.weight.backward(g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(w.grad.reshape(-1)[torch.argsort(experts.reshape(-1), stable=True)], g)
