@@ -5,6 +5,10 @@ both validation curves in one plot and the final losses side by side:
     python3 benchmarks/fp8_train.py --out $OUT/fp8_train --steps 2000 --d-model 512 --d-hidden 1024 \\
         --experts 8 --k 2 --layers 4 --seq-len 256 --batch-size 64
 
+``--runs fp8`` trains one of the two; a run not trained now is read from
+``<out>/<run>/metrics.json`` if an earlier call left it there (so the two fit in two device
+calls of ten minutes each), and the summary and plot are written once both exist.
+
 The LM trainer keeps float32 parameters and activations (no autocast), so the baseline is the
 Triton backend in float32 and the FP8 path quantises float32 operands; widths must be multiples
 of the block (128). Writes ``<out>/{baseline,fp8}/metrics.json``, ``<out>/val_loss.png`` and
@@ -38,11 +42,22 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--block", type=int, default=128, help="FP8Recipe block (the CUDA kernels take 128)")
+    ap.add_argument("--runs", default="baseline,fp8", help="which of baseline,fp8 to train now")
     args = ap.parse_args()
+    train_now = args.runs.split(",")
+    if not train_now or any(r not in ("baseline", "fp8") for r in train_now):
+        ap.error(f"--runs: a comma list of baseline, fp8; got {args.runs!r}")
     text = load_tinyshakespeare()
     runs = {"baseline": TritonOptions(), "fp8": TritonOptions(fp8=FP8Recipe(block=args.block))}
     curves, final = {}, {}
     for name, options in runs.items():
+        if name not in train_now:
+            earlier = args.out / name / "metrics.json"
+            if earlier.exists():
+                m = json.loads(earlier.read_text())
+                curves[name], final[name] = m["val_loss"], m["final_val_loss"]
+                print(f"{name}: read from {earlier}: validation loss {m['final_val_loss']:.4f}", flush=True)
+            continue
         moe = LMConfig.default_moe.replace(d_model=args.d_model, d_hidden=args.d_hidden, n_experts=args.experts,
                                            k=args.k, backend="triton", backend_options=options)
         m = train_lm(text, steps=args.steps, batch_size=args.batch_size, device=args.device, seed=args.seed,
@@ -50,6 +65,9 @@ def main() -> None:
                      n_layers=args.layers, seq_len=args.seq_len)
         curves[name], final[name] = m["val_loss"], m["final_val_loss"]
         print(f"{name}: validation loss {m['final_val_loss']:.4f}, {m['tokens_per_s']:.0f} tokens/s", flush=True)
+    if len(final) < 2:
+        print(f"summary waits for {', '.join(sorted(set(runs) - set(final)))}: train it with --runs")
+        return
     rel = (final["fp8"] - final["baseline"]) / final["baseline"]
     summary = {"final_val_loss": final, "relative_difference": rel, "args": {k: str(v) for k, v in vars(args).items()}}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
