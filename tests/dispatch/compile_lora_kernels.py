@@ -14,47 +14,13 @@ that is not a constexpr, which the compiler must reject) compiles.
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
-
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from gatedmoe.dispatch.triton import kernels, lora_kernels
 
-TARGET = GPUTarget("cuda", 90, 32)
-NOT_CONSTEXPR = 3
-
-
-@triton.jit
-def _control(x_ptr):
-    tl.store(x_ptr, NOT_CONSTEXPR)
-
-
-def compile_one(fn, types: dict, consts: dict, warps: int = 8, stages: int = 4) -> tuple[str, str]:
-    """Compile ``fn`` with argument ``types`` and ``consts``: ``(error or '', ptxas' spill line)``."""
-    names = [p.name for p in fn.params]
-    signature = {n: "constexpr" if n in consts else types[n] for n in names}
-    constexprs = {(names.index(n),): v for n, v in consts.items()}
-    try:
-        ck = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
-                            options={"num_warps": warps, "num_stages": stages})
-    except Exception as exc:  # noqa: BLE001 (report every failure, then exit non-zero)
-        return f"{type(exc).__name__}: {str(exc)[:2000]}", ""
-    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
-    spills = ""
-    if ptxas.exists():
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-            f.write(ck.asm["ptx"])
-            f.flush()
-            out = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"],
-                                 capture_output=True, text=True).stderr
-        spills = " ".join(line.strip() for line in out.splitlines() if "spill" in line)
-    return "", spills
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared compile helper
+from compile_sm90 import run  # noqa: E402
 
 
 def variants():
@@ -103,17 +69,5 @@ def variants():
             yield name, kernels.wgrad_kernel, types, consts, 4, 4 if dt == "bf16" else 2
 
 
-def main() -> int:
-    print(f"triton {triton.__version__}, target {TARGET}")
-    failed = 0
-    for name, fn, types, consts, warps, stages in variants():
-        err, spills = compile_one(fn, types, consts, warps, stages)
-        print("FAIL" if err else "ok  ", f"{name:75s}", err or spills[:100])
-        failed += bool(err)
-    control, _ = compile_one(_control, {"x_ptr": "*i32"}, {})
-    print("ok   control rejected" if control else "FAIL control compiled: the check does not see compile errors")
-    return 1 if failed or not control else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(variants(), sys.argv[1] if len(sys.argv) > 1 else ""))

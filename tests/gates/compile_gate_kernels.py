@@ -16,18 +16,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import triton
-
 from gatedmoe.gates import topk_sort, topk_sort_kernels
 from gatedmoe.gates.fused_topk_kernels import route_scan_kernel
 
-# The compile helper and the control kernel of the LoRA kernels' check.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dispatch"))
-from compile_lora_kernels import TARGET, _control, compile_one  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared compile helper
+from compile_sm90 import run  # noqa: E402
 
 
 def variants():
-    """``(name, kernel, argument types, constexprs, warps)`` over the block shapes `topk_sort._blocks`
+    """``(name, kernel, argument types, constexprs, warps, stages)`` over the block shapes `topk_sort._blocks`
     gives (E = 1, 8, 256, 4096), K in {1, 8, 16}, int32/int64 ids and three weight dtypes."""
     for E in (1, 8, 256, 4096):
         BT, BE = topk_sort._blocks(E)
@@ -35,7 +32,7 @@ def variants():
             for ids in ("*i32", "*i64"):
                 types = dict(experts_ptr=ids, hist_ptr="*i32", T="i32", E="i32")
                 consts = dict(K=K, BT=BT, BE=BE)
-                yield f"topk_hist E={E} K={K} ids={ids}", topk_sort_kernels.topk_hist_kernel, types, consts, topk_sort._WARPS
+                yield f"topk_hist E={E} K={K} ids={ids}", topk_sort_kernels.topk_hist_kernel, types, consts, topk_sort._WARPS, 1
                 for w in ("*fp32", "*bf16", "*fp16"):
                     for one in (True, False):
                         types = dict(experts_ptr=ids, weights_ptr=w, prefix_ptr="*i64" if one else "*i32",
@@ -43,26 +40,11 @@ def variants():
                                      pos_ptr="*i64", T="i32", E="i32")
                         consts = dict(K=K, BT=BT, BE=BE, ONE_PROGRAM=one)
                         name = f"topk_sort E={E} K={K} ids={ids} w={w} one={one}"
-                        yield name, topk_sort_kernels.topk_sort_kernel, types, consts, topk_sort._WARPS
+                        yield name, topk_sort_kernels.topk_sort_kernel, types, consts, topk_sort._WARPS, 1
     for CH in (1, 8, 1024):
         types = dict(hist_ptr="*i32", prefix_ptr="*i32", counts_ptr="*i64", NB="i32", E="i32")
-        yield f"route_scan CH={CH}", route_scan_kernel, types, dict(CH=CH), 4
-
-
-def main() -> int:
-    print(f"triton {triton.__version__}, target {TARGET}")
-    failed = 0
-    only = sys.argv[1] if len(sys.argv) > 1 else ""  # compile only the names containing this
-    for name, fn, types, consts, warps in variants():
-        if only not in name:
-            continue
-        err, spills = compile_one(fn, types, consts, warps=warps, stages=1)
-        print("FAIL" if err else "ok  ", f"{name:60s}", err or spills[:100])
-        failed += bool(err)
-    control, _ = compile_one(_control, {"x_ptr": "*i32"}, {})
-    print("ok   control rejected" if control else "FAIL control compiled: the check does not see compile errors")
-    return 1 if failed or not control else 0
+        yield f"route_scan CH={CH}", route_scan_kernel, types, dict(CH=CH), 4, 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(variants(), sys.argv[1] if len(sys.argv) > 1 else ""))  # [NAME_PART]: only names containing it

@@ -26,17 +26,22 @@ import torch
 from torch import Tensor
 
 from gatedmoe.gates.functional import _group_limited_select
-from gatedmoe.gates.topk_sort import sort_topk_reference
+from gatedmoe.gates.topk_sort import (
+    _MAX_E,
+    _MAX_K,
+    _SCAN_CHUNK,
+    _blocks,
+    _has_triton,
+    _pow2,
+    sort_topk_reference,
+)
 from gatedmoe.routing import Routing
 
 __all__ = ["SCORES", "fused_topk", "fused_topk_applies", "fused_topk_reference"]
 
 SCORES = ("softmax", "sigmoid")
-# One program holds BT x BE float32 scores; beyond these sizes the unfused path is used.
-_MAX_E = 4096
-_MAX_K = 16
-_TILE = 4096  # BT * BE elements per program
-_SCAN_CHUNK = 1024
+# One program holds BT x BE float32 scores; beyond the counting sort's limits (E <= _MAX_E,
+# k <= _MAX_K, shared with `topk_sort`) the unfused path is used.
 
 
 def fused_topk_applies(logits_TE: Tensor, k: int, n_group: int = 1) -> bool:
@@ -52,26 +57,12 @@ def fused_topk_applies(logits_TE: Tensor, k: int, n_group: int = 1) -> bool:
         return False
     if n_group > 1 and E & (E - 1):
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+    return _has_triton()
 
 
 def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     # Every buffer the kernels fill comes from here (tests poison it to catch unwritten entries).
     return torch.empty(*shape, device=device, dtype=dtype)
-
-
-def _blocks(T: int, E: int) -> tuple[int, int]:
-    BE = _pow2(E)
-    BT = max(1, min(64, _TILE // BE))
-    return BT, BE
 
 
 class _FusedTopK(torch.autograd.Function):
@@ -82,7 +73,7 @@ class _FusedTopK(torch.autograd.Function):
         logits = logits_TE.contiguous()
         T, E = logits.shape
         N = T * k
-        BT, BE = _blocks(T, E)
+        BT, BE = _blocks(E)
         NB = -(-T // BT)
         dev = logits.device
         probs = _empty(T, E, device=dev, dtype=torch.float32)

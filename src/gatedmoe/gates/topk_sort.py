@@ -29,7 +29,8 @@ from gatedmoe.routing import Routing
 
 __all__ = ["sort_topk", "sort_topk_applies", "sort_topk_reference"]
 
-# One program holds BT x BE int32 counts; beyond E or K the plain path is used.
+# One program holds BT x BE int32 counts; beyond E or K the plain path is used. The fused gate
+# (`fused_topk`) shares the tiles and limits.
 _MAX_E = 4096
 _MAX_K = 16
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -57,6 +58,10 @@ def sort_topk_applies(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) ->
     T, K = weights_TK.shape
     if not 1 <= K <= _MAX_K or T * K >= 2**31:
         return False
+    return _has_triton()
+
+
+def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
