@@ -1,6 +1,6 @@
 """Sparse gates (top-K softmax, top-K sigmoid): do default fits reach the truth-start fit?
 
-    python benchmarks/stats_sparse.py [--n 1000 10000] [--seeds 3] [--jobs 2] [--json out.json]
+    python benchmarks/stats_sparse.py [--n 1000 10000] [--seeds 3] [--first-seed 0] [--jobs 2] [--json out.json]
 
 For each gate, k, number of experts K, dimension d, n and seed: draw from
 ``MoETruth.well_separated(K, d, gate=..., k=...)``, fit ``MoERegressor`` with defaults, and
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--gates", nargs="+", default=["topk_softmax", "sigmoid"])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run from here (default 0)")
     p.add_argument("--slack", type=float, default=1e-5, help="allowed shortfall per sample (default 1e-5)")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--json", default=None)
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
     # Smallest n first; the JSON is rewritten as each fit ends, so a long run that is
     # stopped keeps what it measured.
     jobs = sorted(((g, k, K, d, n, s) for g, k, K, d, n, s in itertools.product(
-        args.gates, args.ks, args.experts, args.dims, args.n, range(args.seeds)) if k < K), key=lambda j: j[4])
+        args.gates, args.ks, args.experts, args.dims, args.n,
+        range(args.first_seed, args.first_seed + args.seeds)) if k < K), key=lambda j: j[4])
     print(f"machine: {machine()}; {len(jobs)} fits, {args.jobs} processes", flush=True)
     rows = []
     with ProcessPoolExecutor(args.jobs) as pool:

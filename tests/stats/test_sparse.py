@@ -10,17 +10,19 @@ from sklearn.exceptions import ConvergenceWarning
 from gatedmoe.stats import MoERegressor, MoETruth
 from gatedmoe.stats._base import em_converged
 
-CASES = [("topk_softmax", 1, 3, 1), ("topk_softmax", 2, 3, 1), ("topk_softmax", 2, 4, 10),
-         ("sigmoid", 1, 3, 1), ("sigmoid", 2, 3, 10), ("topk_softmax", 1, 2, 10)]
+# (gate, k, K, d, seed); seed 0 of top-2 sigmoid K=4 d=1 missed by 0.47 units before the
+# pinned ascent of the jump search (em.pinned_gate_ascent), which is what reaches it.
+CASES = [("topk_softmax", 1, 3, 1, 1), ("topk_softmax", 2, 3, 1, 1), ("topk_softmax", 2, 4, 10, 1),
+         ("sigmoid", 1, 3, 1, 1), ("sigmoid", 2, 3, 10, 1), ("topk_softmax", 1, 2, 10, 1), ("sigmoid", 2, 4, 1, 0)]
 
 
-@pytest.mark.parametrize("gate,k,K,d", CASES)
-def test_default_fit_reaches_the_fit_started_at_the_truth(gate, k, K, d):
-    truth = MoETruth.well_separated(K, d, random_state=1, gate=gate, k=k)
-    X, y, _ = truth.sample(1000, random_state=1001)
+@pytest.mark.parametrize("gate,k,K,d,seed", CASES)
+def test_default_fit_reaches_the_fit_started_at_the_truth(gate, k, K, d, seed):
+    truth = MoETruth.well_separated(K, d, random_state=seed, gate=gate, k=k)
+    X, y, _ = truth.sample(1000, random_state=1000 + seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        model = MoERegressor(n_experts=K, gate=gate, k=k, random_state=1).fit(X, y)
+        model = MoERegressor(n_experts=K, gate=gate, k=k, random_state=seed).fit(X, y)
         start = truth.as_estimator().set_params(warm_start=True, max_iter=500).fit(X, y)
     best_known = max(start.loglik(X, y), truth.loglik(X, y))
     assert model.loglik(X, y) >= best_known - 1e-5 * 1000, (model.loglik(X, y), best_known)

@@ -571,9 +571,11 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
 
         The hard top-K likelihood is discontinuous in the gate (`em.coordinate_gate_search`):
         EM stops at the first jump that would lower it. Rounds of a coordinate search on
-        the gate (experts fixed), each followed by hard EM from its result, until a round
-        gains less than ``tol`` per sample. Every step is monotone, so the run returned is
-        never worse than ``run``.
+        the gate (experts fixed), then (``k > 1``) L-BFGS on the gate restricted to moves
+        that keep every selection boundary in place (`em.pinned_gate_ascent`: at large n
+        the walls are so dense that no other step gets far), each round followed by hard
+        EM from its result, until a round gains less than ``tol`` per sample. Every step
+        is monotone, so the run returned is never worse than ``run``.
         """
         gate = self._gate
         if not gate.sparse or self._alpha > 0:
@@ -585,6 +587,9 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
             log_expert = self._expert_log_density(Z, y, run.params)
             W, _ = em.coordinate_gate_search(F, run.params["W"], n_free, gate, log_expert, JUMP_STEPS,
                                              l2=self._gate_l2(gate), min_gain=self.tol * n, max_sweeps=JUMP_SWEEPS)
+            if gate.k > 1:
+                # Top-1 has no smooth part (its weights are 0 or 1), so nothing to climb.
+                W, _ = em.pinned_gate_ascent(F, W, n_free, gate, log_expert, l2=self._gate_l2(gate))
             cand = self._em(data, dict(run.params, W=W), state, gate)
             gain = cand.objective - run.objective
             if gain > 0:

@@ -333,6 +333,134 @@ def observed_lbfgs_gate(
     return W_QE, q0
 
 
+def pinned_gate_ascent(
+    F_NQ: np.ndarray,
+    W_QE: np.ndarray,
+    n_free: int,
+    gate,
+    log_expert_NE: np.ndarray,
+    l2: float = 0.0,
+    n_near: int = 500,
+    margin_floor: float = 1e-4,
+    rel_tol: float = 1e-2,
+    maxiter: int = 200,
+) -> tuple[np.ndarray, float]:
+    """L-BFGS on the observed log-likelihood of a top-K gate (experts fixed, minus
+    `gate_ridge`) restricted to moves that keep its selection boundaries where they are.
+
+    The hard top-K likelihood is smooth between selection boundaries and jumps where a
+    sample crosses one. At large n the samples sit so close to every boundary (1e-5 apart
+    at n = 1e5) that almost any gradient step moves a boundary over one of them, so EM and
+    L-BFGS stop; yet the smooth part can still rise a lot along moves that leave every
+    boundary in place (issue 19, top-2 sigmoid at n = 1e5: 13-25 units below the
+    truth-started fit, with a monotone straight path to it that moved no sample across).
+    Sample n's boundary stays put to first order when its margin ``l_na - l_nc`` (the
+    ``k``-th minus the ``(k+1)``-th largest logit) does not change: ``F_n . (dW_a - dW_c) = 0``,
+    linear in the move. The ``n_near`` samples of smallest margin give these rows (less
+    those whose crossing would raise the likelihood, `_swap_gain`: no wall), each
+    weighted by ``1 / (margin + margin_floor)`` so that the sample nearest a boundary
+    defines it (a sample sitting on it is the wall the smooth part presses on); the
+    directions above ``rel_tol`` times the largest singular value are removed, and L-BFGS
+    runs in what is left (in d = 1: the pairwise slopes and intercepts may change in any
+    way that keeps each crossing point). Every value is the exact hard likelihood, so a
+    move that does cross samples is judged as it is. Never returns a worse ``W``.
+    """
+    N = F_NQ.shape[0]
+    k = gate.k
+    base_log_scores = (getattr(gate, "base", None) or gate).log_scores
+    L_NE = F_NQ @ W_QE
+    order_N2 = np.argpartition(-L_NE, (k - 1, k), axis=1)[:, k - 1 : k + 1]
+    rows = np.arange(N)
+    a_N, c_N = order_N2[:, 0], order_N2[:, 1]
+    margin_N = L_NE[rows, a_N] - L_NE[rows, c_N]
+    near = np.argsort(margin_N)[: min(n_near, N)]
+    walls = near[_swap_gain(L_NE[near], log_expert_NE[near], a_N[near], c_N[near], k, base_log_scores) <= 0]
+    # Both constraint sets, the better result: freeing the samples that would gain by
+    # crossing let a top-2 sigmoid fit (n = 1e4) climb 1.4 units further, but cost 6 units
+    # on a gate started at 3x the true logits (n = 2000), where many samples gain by crossing.
+    best = (W_QE, None)
+    for rows_M in (near, walls) if walls.size < near.size else (near,):
+        W, value = _pinned_lbfgs(F_NQ, W_QE, n_free, gate, log_expert_NE, l2, rows_M, a_N[rows_M], c_N[rows_M],
+                                 margin_N[rows_M] + margin_floor, rel_tol, maxiter)
+        if best[1] is None or value > best[1]:
+            best = (W, value)
+    return best
+
+
+def _pinned_lbfgs(F_NQ, W_QE, n_free, gate, log_expert_NE, l2, near, a_M, c_M, scale_M, rel_tol, maxiter):
+    """`pinned_gate_ascent` with the rows of samples ``near`` (kept experts ``a_M``
+    against dropped ``c_M``, rows divided by ``scale_M``) as its constraints."""
+    N, Q = F_NQ.shape
+    E = W_QE.shape[1]
+    M = near.size
+    C_MQE = np.zeros((M, Q, E))
+    C_MQE[np.arange(M), :, a_M] += F_NQ[near]
+    C_MQE[np.arange(M), :, c_M] -= F_NQ[near]
+    C_MX = C_MQE[:, :, :n_free].reshape(M, Q * n_free) / scale_M[:, None]
+    if M == 0:
+        Vt, rank = np.eye(Q * n_free), 0
+    else:
+        _, sv, Vt = np.linalg.svd(C_MX, full_matrices=True)
+        rank = int((sv > rel_tol * sv[0]).sum()) if sv[0] > 0 else 0
+    B_XR = Vt[rank:].T
+    fixed = W_QE[:, n_free:]
+
+    def unflat(theta):
+        return np.hstack([W_QE[:, :n_free] + (B_XR @ theta).reshape(Q, n_free), fixed])
+
+    def fun(theta):
+        W = unflat(theta)
+        logits_NE = F_NQ @ W
+        joint_NE = gate.log_probs(logits_NE) + log_expert_NE
+        ll_N = logsumexp_rows(joint_NE)
+        if not np.all(np.isfinite(ll_N)):
+            return np.inf, np.zeros_like(theta)
+        _, grad_NE = gate.logit_grad(logits_NE, np.exp(joint_NE - ll_N[:, None]))
+        value, grad = _ridged(-float(ll_N.sum()), -(F_NQ.T @ grad_NE[:, :n_free]), W[:, :n_free].ravel(),
+                              Q, n_free, l2, E)
+        return value, B_XR.T @ grad
+
+    theta0 = np.zeros(B_XR.shape[1])
+    q0 = -fun(theta0)[0]
+    if B_XR.shape[1] == 0:
+        return W_QE, q0
+    best = [q0, theta0]
+
+    def tracked(theta):
+        value, grad = fun(theta)
+        if -value > best[0]:
+            best[0], best[1] = -value, theta.copy()
+        return value, grad
+
+    # Tight tolerances: the valley is long and flat (tens of units over many iterations).
+    # L-BFGS stops at the first jump its line search meets, and may then report a point
+    # past it: the best point it evaluated is kept instead.
+    minimize(tracked, theta0, jac=True, method="L-BFGS-B",
+             options={"maxiter": maxiter, "ftol": 1e-15, "gtol": 1e-8, "maxcor": 30})
+    if best[0] > q0 and np.all(np.isfinite(best[1])):
+        return unflat(best[1]), float(best[0])
+    return W_QE, q0
+
+
+def _swap_gain(L_ME, log_expert_ME, a_M, c_M, k, log_scores) -> np.ndarray:
+    """Per-sample change ``[M]`` of a top-``k`` gate's log-likelihood when its selection
+    keeps expert ``c_m`` instead of ``a_m`` (the ``(k+1)``-th largest logit instead of the
+    ``k``-th: the sample crossing its selection boundary), the logits otherwise as they are."""
+    M, E = L_ME.shape
+    keep_ME = np.zeros((M, E), dtype=bool)
+    np.put_along_axis(keep_ME, np.argpartition(-L_ME, k - 1, axis=1)[:, :k], True, axis=1)
+    swap_ME = keep_ME.copy()
+    swap_ME[np.arange(M), a_M] = False
+    swap_ME[np.arange(M), c_M] = True
+    s_ME = log_scores(L_ME)
+
+    def ll(mask_ME):
+        A_ME = np.where(mask_ME, s_ME, -np.inf)
+        return logsumexp_rows(A_ME + log_expert_ME) - logsumexp_rows(A_ME)
+
+    return ll(swap_ME) - ll(keep_ME)
+
+
 def _topk_others(L_NE: np.ndarray, log_expert_NE: np.ndarray, e: int, k: int, log_scores):
     """What a top-``k`` gate's per-sample likelihood needs from the experts other than ``e``
     (see `topk_coordinate_profile`): ``(A_in, B_in, ll_out, theta)`` ``[N]`` each."""

@@ -65,8 +65,8 @@ class MoERegressor(RegressorMixin, _BaseMoE):
         Starts; the best likelihood is kept. Each start that ends with a duplicated or
         empty expert is re-seeded on the worst-explained samples (kept if better). With a
         sparse gate (``k``) every start is screened by a short run and only the best is
-        run in full, then refined by a search over the selection boundaries (see
-        docs/stats.md).
+        run in full, then refined by a search over the selection boundaries and, for
+        ``k >= 2``, an ascent that keeps them in place (see docs/stats.md).
     max_iter : int, default=100
     tol : float, default=1e-6
         Converged when the mean log-likelihood changes by less than ``tol`` and the gain
