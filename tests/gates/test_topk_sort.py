@@ -127,6 +127,7 @@ def test_applies_only_to_cuda_within_the_limits():
         assert not ts.sort_topk_applies(torch.rand(4, 17, device="cuda"), torch.zeros(4, 17, dtype=torch.long, device="cuda"), 32)
         assert not ts.sort_topk_applies(wc, e, 3)  # ids on another device
         assert not ts.sort_topk_applies(wc, ec.short(), 3)
+        assert not ts.sort_topk_applies(wc.double(), ec, 3)  # float64 weights: not compile-checked
 
 
 @pytest.mark.gpu

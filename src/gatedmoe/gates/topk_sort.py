@@ -34,6 +34,8 @@ __all__ = ["sort_topk", "sort_topk_applies", "sort_topk_reference"]
 _MAX_E = 4096
 _MAX_K = 16
 _ID_DTYPES = (torch.int32, torch.int64)
+# The weight dtypes the kernels are compile-checked for (tests/gates/compile_gate_kernels.py).
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TILE = 4096  # BT * BE elements per program
 _SCAN_CHUNK = 1024
 # Up to this many row blocks one program sorts everything: one launch instead of three, for
@@ -45,11 +47,12 @@ _WARPS = 8
 
 def sort_topk_applies(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> bool:
     """Whether `Routing.from_topk` sorts with `sort_topk`: both tensors ``[T, K]`` on the same
-    CUDA device, int32 or int64 ids, Triton importable, 1 <= E <= 4096, 1 <= K <= 16 and
-    N < 2**31; not while torch.compile traces (it compiles the plain path)."""
+    CUDA device, int32 or int64 ids, float32, bf16 or fp16 weights, Triton importable,
+    1 <= E <= 4096, 1 <= K <= 16 and N < 2**31; not while torch.compile traces (it compiles
+    the plain path)."""
     if not (weights_TK.is_cuda and experts_TK.device == weights_TK.device and weights_TK.dim() == 2):
         return False
-    if experts_TK.dtype not in _ID_DTYPES:
+    if experts_TK.dtype not in _ID_DTYPES or weights_TK.dtype not in _WEIGHT_DTYPES:
         return False
     if torch.compiler.is_compiling():  # the compiler fuses the plain path itself
         return False
