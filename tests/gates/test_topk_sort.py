@@ -161,3 +161,27 @@ def test_from_topk_on_cuda_never_syncs(T):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(w.grad.reshape(-1)[torch.argsort(experts.reshape(-1), stable=True)], g)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+@pytest.mark.parametrize("T", [8, 4096])  # one launch, three
+def test_from_topk_on_cuda_replays_in_a_graph(T):
+    """Captured once, replayed on new top-k choices written into the same inputs: the routing
+    of the new choices (a decode step captured with its routing build)."""
+    E, K = 256, 8
+    w = torch.rand(T, K, device="cuda")
+    experts = torch.randint(0, E, (T, K), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        Routing.from_topk(w, experts, E)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        r = Routing.from_topk(w, experts, E)
+    w.copy_(torch.rand(T, K, device="cuda"))
+    experts.copy_(torch.randint(0, E, (T, K), device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    _assert_same(ts.sort_topk_reference(w, experts, E), (r.token, r.expert, r.weight, r.counts))
