@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gatedmoe.dispatch.triton.reference import _expert_rows
+from gatedmoe.dispatch.triton.reference import _expert_rows, _finish_rows
 
 __all__ = ["lora_gemm", "lora_glu_fwd", "lora_wgrad"]
 
@@ -58,13 +58,7 @@ def lora_gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, n_cols:
         out = rows[s:t] @ b_EKC[e]
         if z is not None:
             out = out + z[s:t].float() @ l_ERC[e]
-        out = out * alpha
-        if scale:
-            out = out * weight[s:t].float()[:, None]
-        if scatter:
-            c.index_add_(0, token[s:t], out.to(c.dtype))
-        else:
-            c[s:t] = out.to(c.dtype)
+        _finish_rows(c, out * alpha, token, weight, s, t, scale=scale, scatter=scatter)
 
 
 def lora_wgrad(lhs: Tensor, rhs: Tensor, token: Tensor, counts: Tensor, E: int, *, gather_l: bool, gather_r: bool,

@@ -62,13 +62,19 @@ def gemm(a, b, b_strides, c, token, weight, counts, N: int, K: int, n_cols: int,
     for e, (s, t) in enumerate(_expert_rows(counts)):
         if s == t:
             continue
-        out = rows[s:t] @ b_EKC[e].float()
-        if scale:
-            out = out * weight[s:t].float()[:, None]
-        if scatter:
-            c.index_add_(0, token[s:t], out.to(c.dtype))
-        else:
-            c[s:t] = out.to(c.dtype)
+        _finish_rows(c, rows[s:t] @ b_EKC[e].float(), token, weight, s, t, scale=scale, scatter=scatter)
+
+
+def _finish_rows(c: Tensor, out: Tensor, token: Tensor, weight: Tensor, s: int, t: int, *, scale: bool,
+                 scatter: bool) -> None:
+    """The GEMMs' epilogue for rows ``s:t``: ``out`` times ``weight[n]`` with ``scale``, then
+    added into ``c[token[n]]`` with ``scatter``, else stored at ``c[n]``."""
+    if scale:
+        out = out * weight[s:t].float()[:, None]
+    if scatter:
+        c.index_add_(0, token[s:t], out.to(c.dtype))
+    else:
+        c[s:t] = out.to(c.dtype)
 
 
 def swiglu_bwd(ga, h, weight, gh, wa, gweight, N: int, H: int) -> None:
