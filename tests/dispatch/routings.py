@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gatedmoe import Routing
@@ -44,3 +45,15 @@ def run_with_grads(fn, bank, x, logits, T: int, E: int, K: int, mode: str, gy, *
     grads = {"x": x.grad, "logits": logits.grad}
     grads.update({n: p.grad for n, p in bank.named_parameters() if p.requires_grad})
     return y.detach(), grads
+
+
+def assert_second_backward_refused(dispatch, bank) -> None:
+    """``dispatch(x, routing, bank)`` frees its saved activations in the backward, so a
+    retained graph cannot be replayed: a second backward must say so (``retain_graph``)
+    rather than read freed memory."""
+    r = make_routing(9, 3, 2, "random", torch.randn(9, 3)).to(bank.w_in.device)
+    x = torch.randn(9, bank.w_in.shape[-1], device=bank.w_in.device, requires_grad=True)
+    y = dispatch(x, r, bank)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        y.sum().backward()
