@@ -100,12 +100,13 @@ class Routing:
                 f"{tuple(weights_TK.shape)} and {tuple(experts_TK.shape)}"
             )
         T, K = weights_TK.shape
-        _check_sizes(n_experts, T, probs, logits)
         if weights_TK.is_cuda and not torch.compiler.is_compiling():
             # Imported here: the gates import this module.
             from gatedmoe.gates.topk_sort import sort_topk, sort_topk_applies
 
             if sort_topk_applies(weights_TK, experts_TK, n_experts):
+                # The plain path checks these in `from_assignments`.
+                _check_sizes(n_experts, T, probs, logits)
                 token, expert, weight, counts = sort_topk(weights_TK, experts_TK, n_experts)
                 return cls(token=token, expert=expert, weight=weight, counts=counts, n_tokens=T, probs=probs,
                            logits=logits)
