@@ -42,13 +42,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--block", type=int, default=128, help="FP8Recipe block (the CUDA kernels take 128)")
+    ap.add_argument("--scaling", default="blockwise", choices=["blockwise", "rowwise"], help="FP8Recipe.scaling")
+    ap.add_argument("--grad-format", default="e4m3", choices=["e4m3", "e5m2"], help="FP8Recipe.grad_format")
     ap.add_argument("--runs", default="baseline,fp8", help="which of baseline,fp8 to train now")
     args = ap.parse_args()
     train_now = args.runs.split(",")
     if not train_now or any(r not in ("baseline", "fp8") for r in train_now):
         ap.error(f"--runs: a comma list of baseline, fp8; got {args.runs!r}")
     text = load_tinyshakespeare()
-    runs = {"baseline": TritonOptions(), "fp8": TritonOptions(fp8=FP8Recipe(block=args.block))}
+    runs = {"baseline": TritonOptions(), "fp8": TritonOptions(fp8=FP8Recipe(scaling=args.scaling, grad_format=args.grad_format, block=args.block))}
     curves, final = {}, {}
     for name, options in runs.items():
         if name not in train_now:

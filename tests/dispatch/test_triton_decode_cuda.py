@@ -23,6 +23,7 @@ pytestmark = [
 
 pytest.importorskip("triton")
 from gatedmoe.dispatch.triton import backend, triton_dispatch  # noqa: E402
+from gatedmoe.dispatch.triton.config import use_decode  # noqa: E402
 
 DECODE = TritonOptions(decode=True)
 
@@ -104,7 +105,9 @@ def test_no_host_sync(T, E, K):
             torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.parametrize("T,E,K", [(1, 64, 6), (16, 128, 8), (200, 32, 4)])
+# (200, 32, 4): 25 rows per expert, beyond the decode path: the large-batch kernels, whose
+# combine adds rows with atomics, are compared within the dtype's bound instead of bit for bit.
+@pytest.mark.parametrize("T,E,K", [(1, 64, 6), (16, 128, 8), (200, 128, 4), (200, 32, 4)])
 def test_cuda_graph_replay_equals_eager(T, E, K):
     bank = ExpertBank(E, 1024, 768).to("cuda", torch.bfloat16)
     static_x = torch.randn(T, 1024, device="cuda", dtype=torch.bfloat16)
@@ -120,7 +123,9 @@ def test_cuda_graph_replay_equals_eager(T, E, K):
         with torch.cuda.graph(graph):
             static_y = _experts_forward(static_x, static_i, static_w, bank)
         # New tokens and a new routing into the captured buffers; the replay must equal an
-        # eager call on them, bit for bit (the combine is deterministic).
+        # eager call on them, bit for bit where the decode path runs (its combine is
+        # deterministic).
+        deterministic = use_decode(T, T * K, E)
         for seed in (1, 2):
             x = torch.randn(T, 1024, device="cuda", dtype=torch.bfloat16)
             w, i = _topk(T, E, K, seed)
@@ -130,7 +135,10 @@ def test_cuda_graph_replay_equals_eager(T, E, K):
             graph.replay()
             eager = _experts_forward(x, i, w, bank)
             torch.cuda.synchronize()
-            assert torch.equal(static_y, eager)
+            if deterministic:
+                assert torch.equal(static_y, eager)
+            else:
+                assert_close("y", eager, static_y)
             assert_close("y", reference_dispatch(x, Routing.from_topk(w, i, n_experts=E), bank), static_y)
 
 

@@ -39,8 +39,15 @@ _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TILE = 4096  # BT * BE elements per program
 _SCAN_CHUNK = 1024
 # Up to this many row blocks one program sorts everything: one launch instead of three, for
-# decode batches (E=256: T <= 64). Not yet measured on a GPU.
+# decode batches (E=256: T <= 64).
 _ONE_PROGRAM_BLOCKS = 4
+# Where the kernels beat the plain path in GPU time (`benchmarks/topk_sort.py`, H200, CUDA-graph
+# replays; BENCHMARKS.md "Routing from given top-k"): with E <= 64 everywhere (E=8: 2.4-6.2x at
+# T = 1-16384); with E >= 128 (tiles of 16-32 rows by 128-256 experts) at T = 1 (1.8-2.1x) and
+# with three launches up to 512 row blocks (1.05-1.9x), but not the one program over 2-64
+# rows (0.42-0.67x: 27-71 us against 18-30) nor 1024 blocks (E=256, T=16384: 0.57x).
+_WIDE_BE = 128
+_WIDE_MAX_BLOCKS = 512
 # With 4 warps ptxas spilled registers at E=256, K=16 (tests/gates/compile_gate_kernels.py).
 _WARPS = 8
 
@@ -48,8 +55,9 @@ _WARPS = 8
 def sort_topk_applies(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> bool:
     """Whether `Routing.from_topk` sorts with `sort_topk`: both tensors ``[T, K]`` on the same
     CUDA device, int32 or int64 ids, float32, bf16 or fp16 weights, Triton importable,
-    1 <= E <= 4096, 1 <= K <= 16 and N < 2**31; not while torch.compile traces (it compiles
-    the plain path)."""
+    1 <= E <= 4096, 1 <= K <= 16 and N < 2**31, at sizes where the kernels were measured
+    faster (E < 128 always; E >= 128 at T = 1 and from 5 to 512 row blocks: T = 65-8192 at
+    E = 256, 129-16384 at E = 128); not while torch.compile traces (it compiles the plain path)."""
     if not (weights_TK.is_cuda and experts_TK.device == weights_TK.device and weights_TK.dim() == 2):
         return False
     if experts_TK.dtype not in _ID_DTYPES or weights_TK.dtype not in _WEIGHT_DTYPES:
@@ -61,7 +69,19 @@ def sort_topk_applies(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) ->
     T, K = weights_TK.shape
     if not 1 <= K <= _MAX_K or T * K >= 2**31:
         return False
-    return _has_triton()
+    return _kernels_win(T, n_experts) and _has_triton()
+
+
+def _kernels_win(T: int, E: int) -> bool:
+    """Whether the kernels were measured faster than the plain path at T tokens, E experts
+    (see `_WIDE_BE`)."""
+    BT, BE = _blocks(E)
+    NB = -(-T // BT)
+    if BE < _WIDE_BE:
+        return True
+    if NB <= _ONE_PROGRAM_BLOCKS:
+        return T == 1
+    return NB <= _WIDE_MAX_BLOCKS
 
 
 def _has_triton() -> bool:
