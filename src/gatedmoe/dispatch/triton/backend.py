@@ -73,8 +73,8 @@ def triton_dispatch(
             _warned.add("fp8-experimental")
             warnings.warn(
                 "TritonOptions(fp8=...) is experimental: on an H200 (Triton 3.6) all but one of its CUDA tests passed, "
-                "but it is no faster than bf16 (rowwise 1.04x, blockwise 0.88-0.94x) and its training quality is not "
-                "yet measured (dispatch/triton/README.md, 'FP8')",
+                "but it is no faster than bf16 (rowwise 1.04x, blockwise 0.88-0.94x) and a 2,000-step training run "
+                "ended 2-4% above its float32 baseline's validation loss (dispatch/triton/README.md, 'FP8')",
                 UserWarning,
                 stacklevel=2,
             )
