@@ -330,6 +330,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--topk", type=int)
     ap.add_argument("--expert-hidden", type=int, help="width of one expert")
     ap.add_argument("--implementations", nargs="+", default=list(HF_IMPLEMENTATIONS), help="transformers' ones to time")
+    ap.add_argument("--sonicmoe-local", action="store_true",
+                    help='run transformers\' "sonicmoe" experts implementation on the installed `sonicmoe` package '
+                         "(e.g. ../shared/peers' wheel) instead of its download from the hub")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", help="write the results as JSON to this path")
@@ -343,9 +346,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def use_local_sonicmoe() -> str:
+    """Make transformers' "sonicmoe" experts implementation call the installed `sonicmoe`
+    package. transformers loads SonicMoE from the hub through `kernels` into a module-level
+    cache and skips the download when the cache is filled, so filling it with the local
+    package's two entry points (the ones transformers reads) is the whole switch; the call
+    itself stays transformers' `sonicmoe_experts_forward`. Returns the package's version."""
+    try:
+        import sonicmoe
+        from sonicmoe.enums import ActivationType
+        from transformers.integrations import sonicmoe as hf_sonic
+    except ImportError as e:
+        raise SystemExit(f"--sonicmoe-local: {e} (install ../shared/peers' wheels, see its README)") from e
+    if not (hasattr(hf_sonic, "_SONICMOE") and hasattr(hf_sonic, "SonicMoE")):
+        raise SystemExit("--sonicmoe-local: this transformers keeps its SonicMoE kernel elsewhere "
+                         "(no transformers.integrations.sonicmoe._SONICMOE); run without the option")
+    hf_sonic._SONICMOE = hf_sonic.SonicMoE(activation_type_enum=ActivationType,
+                                           moe_general_routing_inputs=sonicmoe.moe_general_routing_inputs)
+    return getattr(sonicmoe, "__version__", "unknown")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from gatedmoe.interop.hf import patch_model
+
+    if args.sonicmoe_local:
+        print(f"transformers' sonicmoe runs the local sonicmoe {use_local_sonicmoe()}")
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
