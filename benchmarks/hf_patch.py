@@ -348,21 +348,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def use_local_sonicmoe() -> str:
     """Make transformers' "sonicmoe" experts implementation call the installed `sonicmoe`
-    package. transformers loads SonicMoE from the hub through `kernels` into a module-level
-    cache and skips the download when the cache is filled, so filling it with the local
-    package's two entry points (the ones transformers reads) is the whole switch; the call
-    itself stays transformers' `sonicmoe_experts_forward`. Returns the package's version."""
+    package. transformers loads SonicMoE from the hub through `kernels` into a cache (a
+    module global in 5.24, a `SONIC_MOE_HANDLE` object in other 5.x releases) and skips the
+    download when the cache is filled, so filling it with the local package's two entry points
+    (the ones transformers reads) is the whole switch; the call itself stays transformers'.
+    Returns the package's version."""
     try:
         import sonicmoe
         from sonicmoe.enums import ActivationType
         from transformers.integrations import sonicmoe as hf_sonic
     except ImportError as e:
         raise SystemExit(f"--sonicmoe-local: {e} (install ../shared/peers' wheels, see its README)") from e
-    if not (hasattr(hf_sonic, "_SONICMOE") and hasattr(hf_sonic, "SonicMoE")):
-        raise SystemExit("--sonicmoe-local: this transformers keeps its SonicMoE kernel elsewhere "
-                         "(no transformers.integrations.sonicmoe._SONICMOE); run without the option")
-    hf_sonic._SONICMOE = hf_sonic.SonicMoE(activation_type_enum=ActivationType,
-                                           moe_general_routing_inputs=sonicmoe.moe_general_routing_inputs)
+    if not hasattr(hf_sonic, "SonicMoE"):
+        raise SystemExit("--sonicmoe-local: this transformers has no transformers.integrations.sonicmoe.SonicMoE")
+    kernel = hf_sonic.SonicMoE(activation_type_enum=ActivationType,
+                               moe_general_routing_inputs=sonicmoe.moe_general_routing_inputs)
+    handle = getattr(hf_sonic, "SONIC_MOE_HANDLE", None)
+    if handle is not None and hasattr(handle, "_cached_sonicmoe"):
+        handle._cached_sonicmoe, handle._loaded, handle._loading_error = kernel, True, None
+    elif hasattr(hf_sonic, "_SONICMOE"):
+        hf_sonic._SONICMOE = kernel
+    else:
+        raise SystemExit("--sonicmoe-local: this transformers keeps its SonicMoE kernel somewhere unknown; "
+                         "run without the option")
     return getattr(sonicmoe, "__version__", "unknown")
 
 
