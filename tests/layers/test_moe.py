@@ -25,6 +25,30 @@ def test_layer_equals_reference_dispatch_of_its_routing_with_shared_experts():
     assert moe.shared.w_out.in_features == 16
 
 
+def test_autocast_runs_the_experts_in_its_dtype_and_keeps_float32_logits():
+    from gatedmoe.gates.router import router_logits_reference
+
+    torch.manual_seed(0)
+    moe = MoE(32, 4, 48, k=2, n_shared_experts=1, d_shared_hidden=16)
+    x = torch.randn(12, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+    routing = moe.last_routing
+    # The router multiplies x rounded to bf16, as an autocast linear would, into float32 logits.
+    assert routing.logits.dtype == torch.float32
+    assert torch.equal(routing.logits, router_logits_reference(x.detach().bfloat16(), moe.gate.weight))
+    # The experts and the shared expert run in bf16, so the output is bf16 (an autocast linear's dtype).
+    assert y.dtype == torch.bfloat16
+    xb = x.detach().bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        shared = moe.shared(x.detach())
+    expected = reference_dispatch(xb.float(), routing, moe.experts) + shared.float()
+    assert_close("y", expected, y.float(), torch.bfloat16)
+    y.float().square().sum().backward()
+    for name, p in [("x", x), *moe.named_parameters()]:
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
 def test_capacity_drops_and_gradients_flow():
     moe = MoE(8, 4, 16, k=1, capacity_factor=0.5)
     with torch.no_grad():  # send every token to expert 0

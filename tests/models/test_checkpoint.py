@@ -3,6 +3,7 @@ errors that name the file, refused conflicting flags, nothing-to-train, and a re
 that equals one run of the total length."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -86,6 +87,18 @@ def test_library_resume_refuses_another_model_or_lr(ckpt):
         train_lm(TEXT, steps=2, resume_from=ckpt, **KW)
 
 
+def test_library_precision_is_checked_and_kept_on_resume(ckpt, tmp_path):
+    with pytest.raises(ValueError, match="precision must be one of float32, bf16, got 'fp16'"):
+        train_lm(TEXT, steps=2, precision="fp16", **KW, **CFG)
+    with pytest.raises(ValueError, match=r"precision='bf16' \(checkpoint: 'float32'\)"):
+        train_lm(TEXT, steps=4, resume_from=ckpt, precision="bf16", **KW)
+    out = tmp_path / "bf16"
+    m = train_lm(TEXT, steps=2, out_dir=out, precision="bf16", **KW, **CFG)
+    assert m["schedule"]["precision"] == "bf16" and all(map(math.isfinite, m["train_loss"]))
+    resumed = train_lm(TEXT, steps=3, resume_from=out, **KW)
+    assert resumed["schedule"]["precision"] == "bf16"
+
+
 def test_cli_resume_refuses_conflicting_flags_and_says_nothing_to_train(tmp_path, capsys):
     data = tmp_path / "c.txt"
     data.write_text(TEXT)
@@ -130,3 +143,19 @@ def test_library_inverse_sqrt_resume_equals_one_run(tmp_path):
     assert two["schedule"]["schedule"] == "inverse_sqrt"
     for (name, a), b in zip(one["model"].state_dict().items(), two["model"].state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_cli_precision_trains_bf16_and_resume_keeps_it(tmp_path, capsys):
+    data = tmp_path / "c.txt"
+    data.write_text(TEXT)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--steps", "2", "--out", str(run), "--precision", "bf16", *TINY]) == 0
+    assert json.loads((run / "metrics.json").read_text())["schedule"]["precision"] == "bf16"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", str(data), "--steps", "4", "--resume", str(run), "--out", str(run),
+              "--precision", "float32", "--no-progress"])
+    assert e.value.code == 2 and "--precision float32 (checkpoint: bf16)" in capsys.readouterr().err
+    assert main(["train", "--data", str(data), "--steps", "3", "--resume", str(run), "--out", str(run),
+                 "--no-progress", "--sample", "0"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["schedule"]["precision"] == "bf16"

@@ -72,6 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=nonneg_int, default=None, help="random seed (default 0; with --resume, the checkpoint's "
                    "random states continue)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--precision", choices=["float32", "bf16"], default=None,
+                   help="float32 (default) or bf16 mixed precision (torch.autocast; float32 weights and optimizer); "
+                        "with --resume, the checkpoint's")
     p.add_argument("--eval-every", type=positive_int, default=100, help="steps between validation losses (default 100)")
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder (metrics.json, load.png, checkpoint/)")
     p.add_argument("--sample", type=nonneg_int, default=200,
@@ -140,7 +143,8 @@ def _check_resume_flags(args: argparse.Namespace, path: Path) -> dict:
         if given is not None and given != have:
             diffs.append(f"{flag} {given} (checkpoint: {have})")
     for flag, dest, key in (("--seed", "seed", "seed"), ("--lr", "lr", "lr"), ("--lr-schedule", "lr_schedule", "schedule"),
-                            ("--schedule-steps", "schedule_steps", "schedule_steps")):
+                            ("--schedule-steps", "schedule_steps", "schedule_steps"),
+                            ("--precision", "precision", "precision")):
         given = getattr(args, dest)
         if given is not None and key in info and given != info[key]:
             diffs.append(f"{flag} {given} (checkpoint: {info[key]})")
@@ -190,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         m = train_lm(text, steps=args.steps, batch_size=args.batch_size or 32, lr=args.lr, device=args.device,
                      micro_batches=args.micro_batches or info.get("micro_batches", 1),
                      eval_every=args.eval_every, out_dir=args.out, progress=not args.no_progress,
-                     resume_from=path)
+                     resume_from=path, precision=args.precision)
     else:
         prepare_out(args.out)
         m = train_lm(
@@ -199,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
             schedule=args.lr_schedule or "inverse_sqrt", schedule_steps=args.schedule_steps,
             moe=_moe_config(args, LMConfig.default_moe), n_layers=_value(args, "layers", 4),
             seq_len=_value(args, "seq_len", 128), gated_attention=bool(args.gated_attention),
+            precision=args.precision,
         )
     if m["resumed_from_step"] is not None:
         print(f"resumed from step {m['resumed_from_step']}")
@@ -225,7 +230,10 @@ def _run_eval(args: argparse.Namespace, text: str) -> int:
     except ValueError as e:
         raise UsageError(f"--eval-only {args.eval_only}: {e}") from None
     stats = RoutingStats()
-    val = evaluate_lm(model, data, args.batch_size or 32, 8, stats=stats)
+    # The precision it was trained in, unless asked otherwise.
+    state = path / "train_state.json"
+    precision = args.precision or (json.loads(state.read_text()).get("precision") if state.exists() else None)
+    val = evaluate_lm(model, data, args.batch_size or 32, 8, stats=stats, precision=precision or "float32")
     print(f"checkpoint {path} (step {meta.get('steps')}, gate {model.cfg.moe.gate})")
     print(f"validation loss {val:.4f}")
     print("\nrouting on the validation split:")
@@ -242,6 +250,8 @@ def _run_tabular(args: argparse.Namespace) -> int:
 
     if args.resume is not None or args.eval_only is not None:
         raise UsageError("--resume and --eval-only are for text models; a CSV --data trains a TabularMoE from scratch")
+    if args.precision is not None:
+        raise UsageError("--precision is for text models; a CSV --data trains a TabularMoE in float32")
     check_file(args.data, "--data")
     out = prepare_out(args.out)
     data = load_tabular(args.data, target=args.target)

@@ -53,6 +53,8 @@ class _MixedRouterMatmul(torch.autograd.Function):
 def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     """``x W^T`` as float32 ``[T, E]``: on the tensor cores for 16-bit ``x`` on CUDA (the
     weight rounded to ``x``'s dtype, float32 accumulation), else `router_logits_reference`.
+    Under ``torch.autocast`` x is first rounded to autocast's dtype (what a linear layer
+    would multiply) and the logits stay float32.
 
     Examples
     --------
@@ -60,6 +62,12 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     >>> router_logits(torch.ones(2, 3), torch.ones(4, 3)).shape
     torch.Size([2, 4])
     """
+    device_type = x_TD.device.type
+    if torch.is_autocast_enabled(device_type):
+        # An autocast linear would round the logits to 16 bits. x takes autocast's dtype, as a
+        # linear's input would, and the product runs outside autocast: float32 logits still.
+        with torch.autocast(device_type, enabled=False):
+            return router_logits(x_TD.to(torch.get_autocast_dtype(device_type)), weight_ED)
     if x_TD.is_cuda and x_TD.dtype in _TENSOR_CORE_DTYPES and x_TD.dim() == 2:
         return _MixedRouterMatmul.apply(x_TD, weight_ED)
     return router_logits_reference(x_TD, weight_ED)

@@ -415,8 +415,22 @@ class MoE(TransientState, nn.Module):
         backend = get_backend(self.backend, x_TD.device)
         return backend(x_TD, routing, self.experts, options=self.backend_options)
 
+    def _dispatch_autocast(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        """`dispatch`, under ``torch.autocast`` as an ``nn.Linear`` would run: the experts'
+        products in autocast's dtype (x cast to it; the backends cast the weights to x's
+        dtype), the backend itself outside autocast so that every op sees explicit dtypes."""
+        device_type = x_TD.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return self.dispatch(x_TD, routing)
+        with torch.autocast(device_type, enabled=False):
+            return self.dispatch(x_TD.to(torch.get_autocast_dtype(device_type)), routing)
+
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
-        """``x [..., D] -> [..., D]``; ``token_ids [...]`` for gates that route by token id."""
+        """``x [..., D] -> [..., D]``; ``token_ids [...]`` for gates that route by token id.
+
+        Under ``torch.autocast`` the router still computes float32 logits (from x rounded to
+        autocast's dtype, `gatedmoe.gates.router`) and the experts run in autocast's dtype, so
+        the output has that dtype, as an autocast ``nn.Linear``'s does."""
         self._check(x)
         _check_token_ids(token_ids, x)
         x_TD = x.reshape(-1, self.d_model)
@@ -426,7 +440,7 @@ class MoE(TransientState, nn.Module):
             routing = self.route(x_TD, token_ids, seq_len=seq_len)
             self._check_routed(x_TD, routing)
             self.last_routing = routing
-            y_TD = self.dispatch(x_TD, routing)
+            y_TD = self._dispatch_autocast(x_TD, routing)
         else:
             # What `route` does, with the losses and the device-side finiteness check queued
             # after the experts' kernels: their host work (small ops, ~0.4 ms on an H200)
@@ -435,7 +449,7 @@ class MoE(TransientState, nn.Module):
             gated = self._gate_route(x_TD, token_ids)
             routing = self._apply_capacity(gated)
             self.last_routing = routing
-            y_TD = self.dispatch(x_TD, routing)
+            y_TD = self._dispatch_autocast(x_TD, routing)
             self._check_routed(x_TD, routing)
             self._record_losses(gated, seq_len)
         if self.shared is not None:

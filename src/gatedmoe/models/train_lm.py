@@ -4,6 +4,7 @@ statistics, checkpoint (safetensors + JSON, resumable, with an integrity digest)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -22,12 +23,16 @@ from gatedmoe.models.text import CharTokenizer, TextBatches
 from gatedmoe.models.transformer import LMConfig, MoETransformerLM
 
 __all__ = ["train_lm", "evaluate_lm", "save_checkpoint", "load_checkpoint", "find_checkpoint", "lr_factor",
-           "SCHEDULES", "tensor_digest"]
+           "PRECISIONS", "SCHEDULES", "tensor_digest"]
 
 # Learning-rate schedules (`lr_factor`). "inverse_sqrt" depends on the step only, so training
 # resumed and extended gives the same model as one run of the total length; "cosine" decays
 # over a horizon fixed when the run starts.
 SCHEDULES = ("cosine", "inverse_sqrt")
+# Training precisions: "float32" everywhere, or "bf16" mixed precision (forward and losses
+# under `torch.autocast`; parameters, gradients and optimizer state stay float32). bf16 needs
+# no loss scaling, which is why fp16 is not offered.
+PRECISIONS = {"float32": None, "bf16": torch.bfloat16}
 # The key of the digest in a safetensors file's metadata.
 DIGEST_KEY = "gatedmoe.sha256"
 
@@ -102,13 +107,25 @@ def _read_json(path: Path) -> dict:
 
 
 @torch.no_grad()
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def evaluate_lm(model: MoETransformerLM, data: TextBatches, batch_size: int, n_batches: int, seed: int = 1234,
-                stats: RoutingStats | None = None) -> float:
-    """Mean validation cross-entropy over ``n_batches`` fixed random windows.
+                stats: RoutingStats | None = None, precision: str = "float32") -> float:
+    """Mean validation cross-entropy over ``n_batches`` fixed random windows, the forward in
+    ``precision`` (see `PRECISIONS`).
 
     With ``stats``, the routing of every batch is added to it, with the input characters'
     ids (so `RoutingStats.token_expert_counts` says which characters go to which expert).
     """
+    _check_precision(precision)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -116,7 +133,8 @@ def evaluate_lm(model: MoETransformerLM, data: TextBatches, batch_size: int, n_b
     total = 0.0
     for _ in range(n_batches):
         x, y = data.batch("val", batch_size, gen)
-        loss, _ = model.loss(x.to(device), y.to(device))
+        with _autocast(device, precision):
+            loss, _ = model.loss(x.to(device), y.to(device))
         total += loss.item()
         if stats is not None:
             stats.update_model(model, token_ids=x)
@@ -234,17 +252,20 @@ def _check_same_config(ckpt: LMConfig, cfg: LMConfig | None, overrides: dict[str
 
 
 def _resumed_plan(path: Path, plan: dict, schedule: str | None, schedule_steps: int | None,
-                  warmup_steps: int | None) -> dict:
-    """The checkpoint's learning rate and schedule; ValueError if the caller asks for others.
-    Checkpoints written before the schedule was stored: the caller's plan (as then)."""
+                  warmup_steps: int | None, precision: str | None) -> dict:
+    """The checkpoint's learning rate, schedule and precision; ValueError if the caller asks
+    for others. Checkpoints written before the schedule was stored: the caller's plan (as
+    then); before the precision was: float32 (the only one then)."""
     info = _read_json(path / "train_state.json") if (path / "train_state.json").exists() else {}
     if "schedule" not in info:
-        return plan
+        return {**plan, "precision": precision or "float32"}
     saved = {k: info[k] for k in ("schedule", "schedule_steps", "warmup_steps", "lr")}
-    asked = {"schedule": schedule, "schedule_steps": schedule_steps, "warmup_steps": warmup_steps, "lr": plan["lr"]}
+    saved["precision"] = info.get("precision", "float32")
+    asked = {"schedule": schedule, "schedule_steps": schedule_steps, "warmup_steps": warmup_steps, "lr": plan["lr"],
+             "precision": precision}
     diffs = [f"{k}={v!r} (checkpoint: {saved[k]!r})" for k, v in asked.items() if v is not None and v != saved[k]]
     if diffs:
-        raise ValueError(f"resuming {path}: the run continues the checkpoint's learning rate and schedule, but these "
+        raise ValueError(f"resuming {path}: the run continues the checkpoint's learning rate, schedule and precision, but these "
                          f"differ: {', '.join(diffs)}; leave them out to continue it")
     return saved
 
@@ -269,6 +290,7 @@ def train_lm(
     warmup_steps: int | None = None,
     desc: str = "train",
     on_step: Callable[[int], None] | None = None,
+    precision: str | None = None,
     **cfg_overrides: Any,
 ) -> dict[str, Any]:
     """Train a char-level `MoETransformerLM` on ``text``; return metrics.
@@ -307,6 +329,10 @@ def train_lm(
     warmup_steps : linear warm-up, default ``horizon // 20`` (cosine) or 20 (inverse_sqrt).
     on_step : called with the number of steps done after every optimizer step (progress
         reporting from worker processes).
+    precision : "float32" (default) or "bf16": mixed precision, the forward and the losses
+        (training and validation) under ``torch.autocast(dtype=torch.bfloat16)`` while
+        parameters, gradients and AdamW's state stay float32. A resumed run keeps the
+        checkpoint's.
 
     Returns
     -------
@@ -319,6 +345,8 @@ def train_lm(
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if precision is not None:
+        _check_precision(precision)
     if schedule is not None and schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     for name, v in (("schedule_steps", schedule_steps), ("warmup_steps", warmup_steps)):
@@ -342,9 +370,10 @@ def train_lm(
             raise ValueError(f"cfg.vocab_size={cfg.vocab_size} but the text has {tok.vocab_size} distinct characters")
         model = MoETransformerLM(cfg).to(device)
     data = TextBatches(tok.encode(text), cfg.seq_len)
-    plan = {"schedule": schedule or "cosine", "schedule_steps": schedule_steps or steps, "lr": lr}
+    plan = {"schedule": schedule or "cosine", "schedule_steps": schedule_steps or steps, "lr": lr,
+            "precision": precision or "float32"}
     if resume_path is not None:
-        plan = _resumed_plan(resume_path, plan, schedule, schedule_steps, warmup_steps)
+        plan = _resumed_plan(resume_path, plan, schedule, schedule_steps, warmup_steps, precision)
     plan["lr"] = plan["lr"] or 3e-3
     opt = torch.optim.AdamW(model.parameters(), lr=plan["lr"], weight_decay=0.01, betas=(0.9, 0.95))
     if warmup_steps is not None or "warmup_steps" not in plan:
@@ -371,9 +400,10 @@ def train_lm(
         step_loss = 0.0
         for _ in range(micro_batches):
             x, y = data.batch("train", batch_size, gen)
-            loss, _ = model.loss(x.to(device), y.to(device))
-            # aux_loss reads this forward's losses, so it is taken before the next forward.
-            total = loss + aux_loss(model)
+            with _autocast(torch.device(device), plan["precision"]):
+                loss, _ = model.loss(x.to(device), y.to(device))
+                # aux_loss reads this forward's losses, so it is taken before the next forward.
+                total = loss + aux_loss(model)
             (total / micro_batches if micro_batches > 1 else total).backward()
             step_loss += loss.item()
             n_tokens += x.numel()
@@ -386,13 +416,13 @@ def train_lm(
         if on_step is not None:
             on_step(step + 1)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            val = evaluate_lm(model, data, batch_size, eval_batches)
+            val = evaluate_lm(model, data, batch_size, eval_batches, precision=plan["precision"])
             val_history.append([step + 1, val])
             bar.set_postfix(loss=f"{history[-1]:.3f}", val=f"{val:.3f}")
     elapsed = time.perf_counter() - t0 + prior_seconds
     steps_done = max(steps, start)
     stats = RoutingStats()
-    final_val = evaluate_lm(model, data, batch_size, eval_batches, stats=stats)
+    final_val = evaluate_lm(model, data, batch_size, eval_batches, stats=stats, precision=plan["precision"])
     summary = stats.summary()
     total_params, active_params = model.n_params({k: v["experts_per_token"] for k, v in summary["layers"].items()})
     metrics = {
