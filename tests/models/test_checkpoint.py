@@ -159,3 +159,14 @@ def test_cli_precision_trains_bf16_and_resume_keeps_it(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--steps", "3", "--resume", str(run), "--out", str(run),
                  "--no-progress", "--sample", "0"]) == 0
     assert json.loads((run / "metrics.json").read_text())["schedule"]["precision"] == "bf16"
+
+
+def test_evaluation_builds_no_graph(ckpt):
+    from gatedmoe.models import TextBatches, evaluate_lm
+
+    model, tok, _ = load_checkpoint(ckpt)
+    seen = []
+    model.register_forward_hook(lambda mod, args, out: seen.append(torch.is_grad_enabled()))
+    for precision in ("float32", "bf16"):
+        evaluate_lm(model, TextBatches(tok.encode(TEXT), model.cfg.seq_len), 2, 1, precision=precision)
+    assert seen == [False, False]

@@ -42,7 +42,7 @@ _SCAN_CHUNK = 1024
 # decode batches (E=256: T <= 64).
 _ONE_PROGRAM_BLOCKS = 4
 # Where the kernels beat the plain path in GPU time (`benchmarks/topk_sort.py`, H200, CUDA-graph
-# replays; BENCHMARKS.md "Routing from given top-k"): with E <= 64 everywhere (E=8: 2.4-6.2x at
+# replays; BENCHMARKS.md "The expert sort of given top-k"): with E <= 64 everywhere (E=8: 2.4-6.2x at
 # T = 1-16384); with E >= 128 (tiles of 16-32 rows by 128-256 experts) at T = 1 (1.8-2.1x) and
 # with three launches up to 512 row blocks (1.05-1.9x), but not the one program over 2-64
 # rows (0.42-0.67x: 27-71 us against 18-30) nor 1024 blocks (E=256, T=16384: 0.57x).

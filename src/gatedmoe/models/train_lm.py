@@ -106,7 +106,6 @@ def _read_json(path: Path) -> dict:
     return doc
 
 
-@torch.no_grad()
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     dtype = PRECISIONS[precision]
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
@@ -117,6 +116,7 @@ def _check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
+@torch.no_grad()
 def evaluate_lm(model: MoETransformerLM, data: TextBatches, batch_size: int, n_batches: int, seed: int = 1234,
                 stats: RoutingStats | None = None, precision: str = "float32") -> float:
     """Mean validation cross-entropy over ``n_batches`` fixed random windows, the forward in
