@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-compile", choices=["none", "cudagraphs", "inductor"], default="cudagraphs",
                    help="static-cache generate() compiled with this torch.compile backend "
                         "(inductor: mode='reduce-overhead'); none: eager only")
+    p.add_argument("--gen-profile", action="store_true",
+                   help="also profile one eager generate() per model and batch (operator tables beside --out)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes on CPU (Triton interpreter): checks the script runs")
     return p.parse_args(argv)
 
@@ -432,6 +434,26 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- generate
+def profile_generate(model, ids, kw: dict, device: torch.device, out: Path, tag: str) -> None:
+    """One eager ``generate()`` under `torch.profiler` (CPU and, on CUDA, GPU activity): the
+    operators by self CPU time and by self GPU time, written beside ``out``. Where the time of a
+    host-bound decode step goes (the patched model's eager batch-16 gap)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        model.generate(ids, **kw)
+        sync(device)
+    table_rows = prof.key_averages()
+    text = [f"{tag}: {sum(e.count for e in table_rows)} operator calls",
+            table_rows.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if device.type == "cuda":
+        text.append(table_rows.table(sort_by="self_device_time_total", row_limit=20))
+    path = out.with_name(f"{out.stem}_profile_{tag}.txt")
+    path.write_text("\n".join(text))
+    print(f"  profile: {path}", flush=True)
+
+
 def run_generate(args, device: torch.device, dtype: torch.dtype) -> dict:
     import copy
 
@@ -483,6 +505,8 @@ def run_generate(args, device: torch.device, dtype: torch.dtype) -> dict:
                         out = model.generate(ids, **kw)
                         sync(device)
                         times.append(time.perf_counter() - t0)
+                    if args.gen_profile and comp == "none":
+                        profile_generate(model, ids, kw, device, Path(args.out), f"b{batch}_{name}")
                 outs[(comp, name)] = out
                 s = statistics.median(times)
                 row = {"batch": batch, "compile": comp, "model": name, "new_tokens": args.gen_tokens, "seconds": s,
