@@ -315,13 +315,17 @@ def test_fp8_dispatch_within_fp8_rounding_of_reference(T, D, H, E, K, mode, grad
         assert (fast.double() - ref.double()).norm() > 1e-3 * ref.double().norm()
 
 
-def test_layer_trains_with_fp8_and_requantises_after_a_step(monkeypatch):
+# A fused optimizer writes the parameters without bumping their version counters: the step
+# itself must retire the FP8 copies.
+@pytest.mark.parametrize("make_opt", [lambda ps: torch.optim.SGD(ps, lr=0.1),
+                                      lambda ps: torch.optim.AdamW(ps, lr=0.1, fused=True)], ids=["sgd", "adamw_fused"])
+def test_layer_trains_with_fp8_and_requantises_after_a_step(monkeypatch, make_opt):
     calls = []
     real = fp8_ops.quantize_weight
     monkeypatch.setattr(fp8_ops, "quantize_weight", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     moe = MoE(2 * BLOCK, 4, BLOCK, k=2, backend="triton", backend_options=TritonOptions(fp8=FP8Recipe(block=BLOCK)))
-    opt = torch.optim.SGD(moe.parameters(), lr=0.1)
+    opt = make_opt(moe.parameters())
     x = torch.randn(8, 2 * BLOCK)
     for step in range(2):
         for _micro in range(2):  # gradient accumulation: the same quantised weights

@@ -15,7 +15,8 @@ dropped, kernels README "FP8"). Under torch.compile the custom ops
 
 Weights are quantised once per optimizer step: the FP8 copies (and the transposed copies
 the backward reads) are kept on the parameter and rebuilt when its version counter (every
-in-place update bumps it) or its storage changes. They cost 1 byte per weight, 2 with the
+in-place update bumps it) or its storage changes, or an optimizer has stepped (fused
+optimizers do not bump version counters). They cost 1 byte per weight, 2 with the
 transposes (training).
 
 Shape legend: T tokens, D model dim, H expert hidden, E experts, N routed assignments.
@@ -63,6 +64,26 @@ __all__ = [
 ]
 
 _CACHE_ATTR = "_gatedmoe_fp8_cache"
+# Optimizer steps taken in this process, counted by a global post-step hook registered on
+# first use. A fused optimizer (`torch.optim.AdamW(fused=True)`) writes the parameters in
+# place without bumping their version counters, so the version alone would keep serving the
+# FP8 copy of the weights before the step.
+_optimizer_steps = 0
+_step_hook = None
+
+
+def _steps_taken() -> int:
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook = register_optimizer_step_post_hook(_count_step)
+    return _optimizer_steps
+
+
+def _count_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
 
 
 def _round(t: Tensor) -> bool:
@@ -155,12 +176,14 @@ class _WeightCache:
 
 def quantized_weight(w: Tensor, recipe: FP8Recipe, transpose: bool) -> QuantizedWeight:
     """``w`` quantised by ``recipe`` (with its transpose if ``transpose``), cached on ``w``
-    and rebuilt only when ``w._version`` or ``w.data_ptr()`` changes (an optimizer step).
+    and rebuilt only when ``w._version`` or ``w.data_ptr()`` changes or any
+    ``torch.optim.Optimizer`` has taken a step since (an optimizer step).
 
-    In-place updates of ``w`` itself (optimizers, ``load_state_dict``, ``with torch.no_grad():
-    w.mul_(...)``) bump its version; an update through ``w.data`` does not (``.data`` has a
-    version counter of its own), so code that writes ``w.data`` in place must not expect the
-    FP8 copy to follow it.
+    In-place updates of ``w`` itself (``load_state_dict``, ``with torch.no_grad():
+    w.mul_(...)``) bump its version, and optimizer steps are counted (fused optimizers write
+    in place without bumping it); an update through ``w.data`` outside an optimizer does
+    neither (``.data`` has a version counter of its own), so code that writes ``w.data`` in
+    place must not expect the FP8 copy to follow it.
 
     Examples
     --------
@@ -168,7 +191,7 @@ def quantized_weight(w: Tensor, recipe: FP8Recipe, transpose: bool) -> Quantized
     >>> quantized_weight(w, FP8Recipe(), True) is quantized_weight(w, FP8Recipe(), True)  # doctest: +SKIP
     True
     """
-    key = (w._version, w.data_ptr(), tuple(w.shape), w.dtype, recipe.scaling, recipe.block)
+    key = (w._version, w.data_ptr(), _steps_taken(), tuple(w.shape), w.dtype, recipe.scaling, recipe.block)
     cache = getattr(w, _CACHE_ATTR, None)
     if cache is None:
         # On the tensor the caller passes (the parameter): the cache lives and dies with it.
