@@ -147,3 +147,22 @@ def test_register_other_name_and_backend():
             kernels.register_experts_implementation("x", backend="nope")
     finally:
         ExpertsInterface._global_mapping.pop("gatedmoe_grouped", None)
+
+
+def test_autocast_runs_the_experts_as_transformers_eager_does(spy):
+    """Under autocast transformers' eager experts (linear layers) multiply in bf16; gatedmoe's
+    experts forward does too, and returns the input's dtype."""
+    ref, fast = _model("mixtral", "eager"), _model("mixtral", "gatedmoe")
+    experts_ref = next(m for m in ref.modules() if type(m).__name__.endswith("Experts"))
+    experts_fast = next(m for m in fast.modules() if type(m).__name__.endswith("Experts"))
+    torch.manual_seed(1)
+    x = torch.randn(12, ref.config.hidden_size)
+    weights, index = torch.rand(12, 2).softmax(-1), torch.randint(0, ref.config.num_local_experts, (12, 2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_y = experts_ref(x, index, weights)
+        fast_y = experts_fast(x, index, weights)
+    assert spy and fast_y.dtype == torch.float32
+    assert_close("y", ref_y.float(), fast_y, torch.bfloat16)
+    # ... and not the float32 products: the bf16 rounding shows.
+    exact = experts_ref(x, index, weights)
+    assert (fast_y - exact).abs().max() > 1e-4

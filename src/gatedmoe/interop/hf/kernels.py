@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from gatedmoe.dispatch import check_backend_name, get_backend
@@ -118,7 +119,9 @@ def gatedmoe_experts_forward(
     [T, K]) -> y_TD``, executed by gatedmoe's dispatch ``backend`` ("auto": Triton on CUDA,
     grouped GEMMs elsewhere). ``y_t = sum_j w_tj f_{i_tj}(x_t)``; the grouped backend sums
     each token's k weighted outputs in float32 and rounds once to ``x``'s dtype, as
-    transformers' ``grouped_mm`` does. Blocks gatedmoe's backends do not run (a post-expert norm,
+    transformers' ``grouped_mm`` does. Under ``torch.autocast`` the products run in
+    autocast's dtype (as transformers' eager experts, linear layers, do); the result has
+    ``x``'s dtype. Blocks gatedmoe's backends do not run (a post-expert norm,
     expert-parallel sentinels) fall back to transformers' ``grouped_mm``, logged once."""
     reason = _unsupported(self)
     if reason is not None:
@@ -133,6 +136,13 @@ def gatedmoe_experts_forward(
     # expert output promotes as transformers' does.
     routing = Routing.from_topk(top_k_weights, top_k_index, n_experts=view.n_experts)
     dispatch = get_backend(backend, hidden_states.device)
+    device_type = hidden_states.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As transformers' eager experts (linear layers) run under autocast, and as `MoE`
+        # does: the products in autocast's dtype, the backend itself outside autocast.
+        with torch.autocast(device_type, enabled=False):
+            x = hidden_states.to(torch.get_autocast_dtype(device_type))
+            return dispatch(x, routing, view).to(hidden_states.dtype)
     return dispatch(hidden_states, routing, view).to(hidden_states.dtype)
 
 
