@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gatedmoe.autocast import outside_autocast
+
 __all__ = ["router_logits", "router_logits_reference"]
 
 _TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
@@ -62,12 +64,9 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     >>> router_logits(torch.ones(2, 3), torch.ones(4, 3)).shape
     torch.Size([2, 4])
     """
-    device_type = x_TD.device.type
-    if torch.is_autocast_enabled(device_type):
-        # An autocast linear would round the logits to 16 bits. x takes autocast's dtype, as a
-        # linear's input would, and the product runs outside autocast: float32 logits still.
-        with torch.autocast(device_type, enabled=False):
-            return router_logits(x_TD.to(torch.get_autocast_dtype(device_type)), weight_ED)
+    if torch.is_autocast_enabled(x_TD.device.type):
+        # An autocast linear would round the logits to 16 bits.
+        return outside_autocast(router_logits, x_TD, weight_ED)
     if x_TD.is_cuda and x_TD.dtype in _TENSOR_CORE_DTYPES and x_TD.dim() == 2:
         return _MixedRouterMatmul.apply(x_TD, weight_ED)
     return router_logits_reference(x_TD, weight_ED)

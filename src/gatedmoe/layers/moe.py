@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from gatedmoe import gates as gate_registry
+from gatedmoe.autocast import outside_autocast
 from gatedmoe.dispatch import get_backend
 from gatedmoe.dispatch.options import TritonOptions
 from gatedmoe.experts.activations import Activation, ExpandedGatedActivation, resolve_activation
@@ -415,16 +416,6 @@ class MoE(TransientState, nn.Module):
         backend = get_backend(self.backend, x_TD.device)
         return backend(x_TD, routing, self.experts, options=self.backend_options)
 
-    def _dispatch_autocast(self, x_TD: Tensor, routing: Routing) -> Tensor:
-        """`dispatch`, under ``torch.autocast`` as an ``nn.Linear`` would run: the experts'
-        products in autocast's dtype (x cast to it; the backends cast the weights to x's
-        dtype), the backend itself outside autocast so that every op sees explicit dtypes."""
-        device_type = x_TD.device.type
-        if not torch.is_autocast_enabled(device_type):
-            return self.dispatch(x_TD, routing)
-        with torch.autocast(device_type, enabled=False):
-            return self.dispatch(x_TD.to(torch.get_autocast_dtype(device_type)), routing)
-
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """``x [..., D] -> [..., D]``; ``token_ids [...]`` for gates that route by token id.
 
@@ -440,7 +431,7 @@ class MoE(TransientState, nn.Module):
             routing = self.route(x_TD, token_ids, seq_len=seq_len)
             self._check_routed(x_TD, routing)
             self.last_routing = routing
-            y_TD = self._dispatch_autocast(x_TD, routing)
+            y_TD = outside_autocast(self.dispatch, x_TD, routing)
         else:
             # What `route` does, with the losses and the device-side finiteness check queued
             # after the experts' kernels: their host work (small ops, ~0.4 ms on an H200)
@@ -449,7 +440,7 @@ class MoE(TransientState, nn.Module):
             gated = self._gate_route(x_TD, token_ids)
             routing = self._apply_capacity(gated)
             self.last_routing = routing
-            y_TD = self._dispatch_autocast(x_TD, routing)
+            y_TD = outside_autocast(self.dispatch, x_TD, routing)
             self._check_routed(x_TD, routing)
             self._record_losses(gated, seq_len)
         if self.shared is not None:

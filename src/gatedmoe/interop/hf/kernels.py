@@ -22,9 +22,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
+from gatedmoe.autocast import outside_autocast
 from gatedmoe.dispatch import check_backend_name, get_backend
 from gatedmoe.routing import Routing
 
@@ -136,14 +136,8 @@ def gatedmoe_experts_forward(
     # expert output promotes as transformers' does.
     routing = Routing.from_topk(top_k_weights, top_k_index, n_experts=view.n_experts)
     dispatch = get_backend(backend, hidden_states.device)
-    device_type = hidden_states.device.type
-    if torch.is_autocast_enabled(device_type):
-        # As transformers' eager experts (linear layers) run under autocast, and as `MoE`
-        # does: the products in autocast's dtype, the backend itself outside autocast.
-        with torch.autocast(device_type, enabled=False):
-            x = hidden_states.to(torch.get_autocast_dtype(device_type))
-            return dispatch(x, routing, view).to(hidden_states.dtype)
-    return dispatch(hidden_states, routing, view).to(hidden_states.dtype)
+    # Under autocast as transformers' eager experts (linear layers) run, and as `MoE` does.
+    return outside_autocast(dispatch, hidden_states, routing, view).to(hidden_states.dtype)
 
 
 def register_experts_implementation(name: str = NAME, backend: str = "auto") -> str:
