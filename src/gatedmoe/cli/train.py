@@ -221,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace, text: str) -> int:
     from gatedmoe.analysis import RoutingStats
     from gatedmoe.models import TextBatches, evaluate_lm, find_checkpoint, load_checkpoint
+    from gatedmoe.models.train_lm import _read_json
 
     path = find_checkpoint(args.eval_only)
     out = prepare_out(args.out)
@@ -232,7 +233,7 @@ def _run_eval(args: argparse.Namespace, text: str) -> int:
     stats = RoutingStats()
     # The precision it was trained in, unless asked otherwise.
     state = path / "train_state.json"
-    precision = args.precision or (json.loads(state.read_text()).get("precision") if state.exists() else None)
+    precision = args.precision or (_read_json(state).get("precision") if state.exists() else None)
     val = evaluate_lm(model, data, args.batch_size or 32, 8, stats=stats, precision=precision or "float32")
     print(f"checkpoint {path} (step {meta.get('steps')}, gate {model.cfg.moe.gate})")
     print(f"validation loss {val:.4f}")

@@ -258,7 +258,7 @@ def _resumed_plan(path: Path, plan: dict, schedule: str | None, schedule_steps: 
     then); before the precision was: float32 (the only one then)."""
     info = _read_json(path / "train_state.json") if (path / "train_state.json").exists() else {}
     if "schedule" not in info:
-        return {**plan, "precision": precision or "float32"}
+        return plan
     saved = {k: info[k] for k in ("schedule", "schedule_steps", "warmup_steps", "lr")}
     saved["precision"] = info.get("precision", "float32")
     asked = {"schedule": schedule, "schedule_steps": schedule_steps, "warmup_steps": warmup_steps, "lr": plan["lr"],
