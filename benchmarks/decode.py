@@ -241,17 +241,10 @@ def batched_mm_standin(bank, x, idx, w):
 
 def graphed(fn, device: torch.device):
     """``fn`` captured in a CUDA graph (replay function), or the error text if it cannot be."""
+    from gatedmoe.bench.harness import capture_graph
+
     try:
-        s = torch.cuda.Stream(device)
-        s.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return g.replay
+        return capture_graph(fn, device)
     except Exception as err:  # capture refused (a host sync inside): reported, not timed
         torch.cuda.synchronize(device)
         return f"no graph: {type(err).__name__}: {str(err).splitlines()[0][:80]}"

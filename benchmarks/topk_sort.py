@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from gatedmoe.bench.harness import machine_info, time_samples
+from gatedmoe.bench.harness import capture_graph, machine_info, time_samples
 from gatedmoe.gates.topk_sort import sort_topk, sort_topk_applies, sort_topk_reference
 
 _SHAPES = {  # name: (E, K)
@@ -46,18 +46,6 @@ def _burst_ms(fn, burst: int, reps: int) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / burst)
     return statistics.median(times)
-
-
-def _graph_ms(fn, burst: int, reps: int) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return _burst_ms(graph.replay, burst, reps)
 
 
 def main() -> None:
@@ -95,7 +83,7 @@ def main() -> None:
                 row[f"{label}_call_ms"] = statistics.median(samples)
                 row[f"{label}_call_spread_ms"] = [samples[0], samples[-1]]
                 row[f"{label}_stream_ms"] = _burst_ms(fn, args.burst, max(3, args.reps // 5))
-                row[f"{label}_graph_ms"] = _graph_ms(fn, args.burst, max(3, args.reps // 5))
+                row[f"{label}_graph_ms"] = _burst_ms(capture_graph(fn, dev), args.burst, max(3, args.reps // 5))
             rows.append(row)
             print(f"{name:>14} {T:>6} | {row['plain_call_ms']:>10.4f} {row['sort_call_ms']:>10.4f} "
                   f"{row['plain_call_ms'] / row['sort_call_ms']:>5.2f}x | {row['plain_stream_ms']:>12.4f} "

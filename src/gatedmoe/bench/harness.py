@@ -25,6 +25,7 @@ __all__ = [
     "GPU_SHAPES",
     "balanced_routing",
     "random_routing",
+    "capture_graph",
     "time_ms",
     "time_samples",
     "dense_gemm_tflops",
@@ -158,6 +159,22 @@ def time_samples(fn: Callable[[], object], device: torch.device, warmup: int, re
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)
+
+
+def capture_graph(fn: Callable[[], object], device: torch.device, warmup: int = 2) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph, after ``warmup`` calls on a side stream (as capture
+    requires: lazy initialisation and kernel compilation stay out of the graph); returns the
+    graph's replay. Raises what the capture raises (e.g. a host synchronisation inside ``fn``)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
