@@ -34,7 +34,11 @@ from torch import Tensor
 
 from gatedmoe import MoE
 from gatedmoe.data import load_tinyshakespeare
+
+# The oracle's per-expert loops: the emulation multiplies as `fp8_reference` does.
 from gatedmoe.dispatch.triton.fp8_reference import (
+    _expert_rows,
+    _per_expert,
     dequantize_blocks,
     dequantize_rows,
     quantize_blocks,
@@ -73,22 +77,9 @@ class _Product(torch.autograd.Function):
         gq = _rows(g, ctx.fmt, ctx.block) if ctx.q_grad else g
         g_rows = _per_expert(gq, wq.transpose(1, 2), ctx.counts)
         g_w = torch.zeros_like(wq)
-        start = 0
-        for e, c in enumerate(ctx.counts):
-            if c:
-                g_w[e] = g[start:start + c].T @ rows[start:start + c]
-            start += c
+        for e, (s, t) in enumerate(_expert_rows(ctx.counts)):
+            g_w[e] = g[s:t].T @ rows[s:t]
         return g_rows, g_w, None, None, None, None, None, None
-
-
-def _per_expert(rows: Tensor, w: Tensor, counts: list[int]) -> Tensor:
-    out = rows.new_zeros(rows.shape[0], w.shape[1])
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            out[start:start + c] = rows[start:start + c] @ w[e].T
-        start += c
-    return out
 
 
 def emulated_dispatch(on: frozenset[str], fmt: str, block: int):
@@ -96,7 +87,7 @@ def emulated_dispatch(on: frozenset[str], fmt: str, block: int):
 
     def dispatch(self, x_TD: Tensor, routing) -> Tensor:
         bank = self.experts
-        counts = routing.counts.tolist()
+        counts = routing.counts
         H = bank.w_out.shape[-1]
         # x is rounded per token before the gather (the kernels quantise [T, D], not [N, D]).
         # Straight through: autograd through the float8 cast would round the gradient to
