@@ -53,22 +53,25 @@ def _scatter_block(
     ``bad_base`` for bad ids) plus its rank, the block's assignments before n with key k."""
     ii = tl.arange(0, S)
     for r in tl.static_range(0, BN, S):
-        n = start + r + ii
-        ids, key, valid, good = _keys(experts_ptr, n, N, E)
-        rank = tl.zeros([S], dtype=tl.int32)
-        # Only the tiles at or left of the diagonal hold earlier assignments: BN^2 / 2 + BN * S / 2
-        # comparisons per block. Padding past N has key E but never precedes a valid n.
-        for c in range(0, r + S, S):
-            _, key_c, _, _ = _keys(experts_ptr, start + c + ii, N, E)
-            same = (key[:, None] == key_c[None, :]) & ((c + ii)[None, :] < (r + ii)[:, None])
-            rank += tl.sum(same.to(tl.int32), axis=1)
-        slot = tl.where(good, tl.gather(base, tl.where(good, key, 0), 0), bad_base) + rank
-        slot = slot.to(tl.int64)
-        w = tl.load(weights_ptr + n, mask=valid, other=0.0)
-        tl.store(token_ptr + slot, (n.to(tl.int32) // K).to(tl.int64), mask=valid)
-        tl.store(expert_ptr + slot, ids.to(tl.int64), mask=valid)
-        tl.store(weight_ptr + slot, w, mask=valid)
-        tl.store(pos_ptr + n, slot, mask=valid)
+        # A partial block (decode: T*K of a few) skips its empty rows' tiles.
+        if start + r < N:
+            n = start + r + ii
+            ids, key, valid, good = _keys(experts_ptr, n, N, E)
+            rank = tl.zeros([S], dtype=tl.int32)
+            # Only the tiles at or left of the diagonal hold earlier assignments: BN^2 / 2 +
+            # BN * S / 2 comparisons per full block. Padding past N has key E but never
+            # precedes a valid n.
+            for c in range(0, r + S, S):
+                _, key_c, _, _ = _keys(experts_ptr, start + c + ii, N, E)
+                same = (key[:, None] == key_c[None, :]) & ((c + ii)[None, :] < (r + ii)[:, None])
+                rank += tl.sum(same.to(tl.int32), axis=1)
+            slot = tl.where(good, tl.gather(base, tl.where(good, key, 0), 0), bad_base) + rank
+            slot = slot.to(tl.int64)
+            w = tl.load(weights_ptr + n, mask=valid, other=0.0)
+            tl.store(token_ptr + slot, (n.to(tl.int32) // K).to(tl.int64), mask=valid)
+            tl.store(expert_ptr + slot, ids.to(tl.int64), mask=valid)
+            tl.store(weight_ptr + slot, w, mask=valid)
+            tl.store(pos_ptr + n, slot, mask=valid)
 
 
 @triton.jit
