@@ -24,21 +24,22 @@ from compile_sm90 import run  # noqa: E402
 
 
 def variants():
-    """``(name, kernel, argument types, constexprs, warps, stages)`` over the block shapes `topk_sort._blocks`
-    gives (E = 1, 8, 256, 4096), K in {1, 8, 16}, int32/int64 ids and three weight dtypes."""
+    """``(name, kernel, argument types, constexprs, warps, stages)`` over the blocks `topk_sort`
+    launches (E = 1, 8, 256, 4096), K in {1, 3, 8, 16}, int32/int64 ids and three weight dtypes."""
+    tiles = dict(BN=topk_sort._BN, S=topk_sort._RANK_TILE)
     for E in (1, 8, 256, 4096):
-        BT, BE = topk_sort._blocks(E)
-        for K in (1, 8, 16):
-            for ids in ("*i32", "*i64"):
-                types = dict(experts_ptr=ids, hist_ptr="*i32", T="i32", E="i32")
-                consts = dict(K=K, BT=BT, BE=BE)
-                yield f"topk_hist E={E} K={K} ids={ids}", topk_sort_kernels.topk_hist_kernel, types, consts, topk_sort._WARPS, 1
+        BE = topk_sort._pow2(E)
+        for ids in ("*i32", "*i64"):
+            types = dict(experts_ptr=ids, hist_ptr="*i32", N="i32", E="i32")
+            consts = dict(BN=topk_sort._BN, BE=BE)
+            yield f"topk_hist E={E} ids={ids}", topk_sort_kernels.topk_hist_kernel, types, consts, topk_sort._WARPS, 1
+            for K in (1, 3, 8, 16):
                 for w in ("*fp32", "*bf16", "*fp16"):
                     for one in (True, False):
                         types = dict(experts_ptr=ids, weights_ptr=w, prefix_ptr="*i64" if one else "*i32",
                                      counts_ptr="*i64", token_ptr="*i64", expert_ptr="*i64", weight_ptr=w,
-                                     pos_ptr="*i64", T="i32", E="i32")
-                        consts = dict(K=K, BT=BT, BE=BE, ONE_PROGRAM=one)
+                                     pos_ptr="*i64", N="i32", E="i32")
+                        consts = dict(K=K, **tiles, BE=BE, ONE_PROGRAM=one)
                         name = f"topk_sort E={E} K={K} ids={ids} w={w} one={one}"
                         yield name, topk_sort_kernels.topk_sort_kernel, types, consts, topk_sort._WARPS, 1
     for CH in (1, 8, 1024):

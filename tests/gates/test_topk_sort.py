@@ -30,7 +30,7 @@ def _assert_same(ref: tuple, fast: tuple) -> None:
 
 
 CASES = [
-    # T, K, E
+    # T, K, E (blocks of ts._BN = 256 assignments; one program up to ts._ONE_PROGRAM_N = 1024)
     (0, 2, 4),
     (1, 1, 1),
     (1, 3, 5),
@@ -38,19 +38,27 @@ CASES = [
     (63, 3, 4),
     (40, 4, 4),  # K = E
     (33, 6, 2),  # K > E: every row names an expert several times
-    (200, 3, 64),  # four row blocks: the last size sorted by one program
-    (300, 2, 3),  # five row blocks: histogram, scan and sort kernels
-    (150, 3, 100),  # E not a power of two, five row blocks
+    (3, 16, 4096),  # the largest E and K
+    (200, 3, 64),  # one program over three blocks; rows straddle the blocks (256 % 3 != 0)
+    (341, 3, 100),  # N = 1023, E not a power of two: one program, last block one short
+    (256, 4, 8),  # N = 1024: the most one program sorts, four full blocks
+    (205, 5, 3),  # N = 1025: histogram, scan and sort kernels; the fifth block holds one assignment
+    (300, 8, 256),  # DeepSeek-V3's E and K, ten blocks
+    (2100, 1, 1),  # E = 1, K = 1: every assignment ties
+    (1000, 2, 16),  # rows straddle no block, many ties across blocks
+    (80, 16, 4096),  # the largest E and K with three launches
 ]
 
 
 def test_cases_cover_both_launch_plans():
-    one_program = {-(-T // ts._blocks(E)[0]) <= ts._ONE_PROGRAM_BLOCKS for T, _, E in CASES}
-    assert one_program == {True, False}
+    sizes = {T * K for T, K, _ in CASES}
+    assert {ts._ONE_PROGRAM_N, ts._ONE_PROGRAM_N + 1} <= sizes
+    assert any(n % ts._BN and n > ts._BN for n in sizes)  # a partial block after full ones
 
 
 @pytest.mark.parametrize("T,K,E", CASES)
-@pytest.mark.parametrize("id_dtype,w_dtype", [(torch.int64, torch.float32), (torch.int32, torch.bfloat16)])
+@pytest.mark.parametrize("id_dtype,w_dtype", [(torch.int64, torch.float32), (torch.int32, torch.bfloat16),
+                                              (torch.int64, torch.float16)])
 def test_sort_topk_matches_the_plain_path(T, K, E, id_dtype, w_dtype):
     experts = torch.randint(0, E, (T, K), dtype=id_dtype, device=DEVICE)
     ref_w = torch.randn(T, K, device=DEVICE).to(w_dtype).requires_grad_()
@@ -64,12 +72,13 @@ def test_sort_topk_matches_the_plain_path(T, K, E, id_dtype, w_dtype):
     assert torch.equal(ref_w.grad, fast_w.grad)
 
 
-def test_all_rows_on_one_expert_and_experts_without_rows():
-    w = torch.rand(70, 2, device=DEVICE)
-    for experts in (torch.full((70, 2), 5, device=DEVICE), torch.tensor([3, 11], device=DEVICE).repeat(70, 1)):
+@pytest.mark.parametrize("T", [70, 700])  # one program, three launches
+def test_all_rows_on_one_expert_and_experts_without_rows(T):
+    w = torch.rand(T, 2, device=DEVICE)
+    for experts in (torch.full((T, 2), 5, device=DEVICE), torch.tensor([3, 11], device=DEVICE).repeat(T, 1)):
         fast = ts.sort_topk(w, experts, 16)
         _assert_same(ts.sort_topk_reference(w, experts, 16), fast)
-    assert fast[3].tolist() == [0, 0, 0, 70] + [0] * 7 + [70] + [0] * 4
+    assert fast[3].tolist() == [0, 0, 0, T] + [0] * 7 + [T] + [0] * 4
 
 
 def test_noncontiguous_inputs():
@@ -79,12 +88,13 @@ def test_noncontiguous_inputs():
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA bad ids stop the sort with a device-side assertion, sticky for the process")
-@pytest.mark.parametrize("T", [5, 150, 300])  # one block, three in one program, five
-def test_bad_ids_are_left_out_of_the_counts(T):
+@pytest.mark.parametrize("T", [5, 300, 700])  # one block, three in one program, six blocks
+@pytest.mark.parametrize("E", [3, 4])  # with E a power of two the bad bucket E lies past the histogram's bins
+def test_bad_ids_are_left_out_of_the_counts(T, E):
     """Ids outside [0, E) write nothing out of bounds: they come last, in order, with their
     own values, and `Routing.validate` reports the missing counts (on CUDA the sort also
     asserts on the device)."""
-    E, K = 3, 2
+    K = 2
     experts = torch.randint(0, E, (T, K), device=DEVICE)
     experts[1, 1], experts[T - 1, 0], experts[2, 0] = 7, -1, E
     w = torch.rand(T, K, device=DEVICE)
@@ -132,11 +142,12 @@ def test_applies_only_to_cuda_within_the_limits():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
-# (T, K, E, kernels): where the kernels were measured faster they run (`ts._kernels_win`), the
-# plain path elsewhere; the routing is the same either way.
-@pytest.mark.parametrize("T,K,E,kernels", [(1, 8, 256, True), (8, 8, 256, False), (1, 2, 8, True), (64, 2, 8, True),
-                                           (4096, 8, 256, True), (16384, 8, 256, False), (0, 4, 16, True)])
-def test_from_topk_on_cuda_takes_the_kernels_where_they_win(T, K, E, kernels, monkeypatch):
+# (T, K, E, kernels): the kernels run wherever they apply (measured faster at every size), the
+# plain path beyond their limits (E > 4096); the routing is the same either way.
+@pytest.mark.parametrize("T,K,E,kernels", [(1, 8, 256, True), (8, 8, 256, True), (1, 2, 8, True), (64, 2, 8, True),
+                                           (4096, 8, 256, True), (16384, 8, 256, True), (0, 4, 16, True),
+                                           (8, 2, 5000, False)])
+def test_from_topk_on_cuda_takes_the_kernels_where_they_apply(T, K, E, kernels, monkeypatch):
     calls = []
     real = ts.sort_topk
     monkeypatch.setattr(ts, "sort_topk", lambda *a: calls.append(1) or real(*a))
@@ -150,7 +161,7 @@ def test_from_topk_on_cuda_takes_the_kernels_where_they_win(T, K, E, kernels, mo
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
-@pytest.mark.parametrize("T", [1, 8, 4096])  # one launch, the plain path, three (E=256)
+@pytest.mark.parametrize("T", [1, 128, 129, 4096])  # one launch up to 1,024 assignments, three after (E=256)
 def test_from_topk_on_cuda_never_syncs(T):
     w = torch.rand(T, 8, device="cuda", requires_grad=True)
     experts = torch.randint(0, 256, (T, 8), device="cuda")

@@ -4,12 +4,21 @@ plain-PyTorch reference.
 `Routing.from_topk` sorts T*K (weight, expert) choices stably by expert. Its plain path is a
 chain of PyTorch kernels: a radix argsort (several launches), two gathers, a zeroed histogram
 by scatter_add and a division for the token ids, ~20 us per call at decode sizes on an H200.
-`sort_topk` is a counting sort with the same result, bit for bit:
+`sort_topk` is a counting sort with the same result, bit for bit. It works on blocks of
+``_BN`` consecutive assignments (in (token, choice) order, whatever E and K): an assignment's
+slot is its expert's base (start + earlier blocks' share, read by expert id) plus its rank
+among the block's earlier assignments to that expert ([S, S] comparisons of the block's keys;
+`gatedmoe.gates.topk_sort_kernels`), so a block's work does not grow with E beyond its
+histogram and one prefix over the experts:
 
-* up to ``_ONE_PROGRAM_BLOCKS`` row blocks (decode sizes): one launch, whose single program
-  counts all rows, prefixes the counts and scatters;
+* up to ``_ONE_PROGRAM_N`` assignments (decode sizes): one launch, whose single program
+  counts all blocks, prefixes the counts and scatters block by block;
 * more: ``topk_hist_kernel`` (per-block histograms), the fused gate's ``route_scan_kernel``
   (their exclusive prefix over the blocks and the counts) and ``topk_sort_kernel`` (scatter).
+
+Measured on an H200 (`benchmarks/topk_sort.py`, BENCHMARKS.md "The expert sort of given
+top-k"): faster than the plain path in GPU time at every size measured (E = 8-256,
+T = 1-16384: 1.17-4.0x), so `Routing.from_topk` takes it wherever it applies.
 
 Nothing is read on the host, so CUDA graphs capture it. An id outside ``[0, E)`` writes
 nothing out of bounds: it is counted in an extra bucket that sorts after every expert and is
@@ -29,35 +38,31 @@ from gatedmoe.routing import Routing
 
 __all__ = ["sort_topk", "sort_topk_applies", "sort_topk_reference"]
 
-# One program holds BT x BE int32 counts; beyond E or K the plain path is used. The fused gate
-# (`fused_topk`) shares the tiles and limits.
+# Beyond E or K the plain path is used. The fused gate (`fused_topk`) shares the limits and its
+# tiles are `_blocks`'s.
 _MAX_E = 4096
 _MAX_K = 16
 _ID_DTYPES = (torch.int32, torch.int64)
 # The weight dtypes the kernels are compile-checked for (tests/gates/compile_gate_kernels.py).
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TILE = 4096  # BT * BE elements per program
+_TILE = 4096  # BT * BE elements per program of the fused gate
 _SCAN_CHUNK = 1024
-# Up to this many row blocks one program sorts everything: one launch instead of three, for
-# decode batches (E=256: T <= 64).
-_ONE_PROGRAM_BLOCKS = 4
-# Where the kernels beat the plain path in GPU time (`benchmarks/topk_sort.py`, H200, CUDA-graph
-# replays; BENCHMARKS.md "The expert sort of given top-k"): with E <= 64 everywhere (E=8: 2.4-6.2x at
-# T = 1-16384); with E >= 128 (tiles of 16-32 rows by 128-256 experts) at T = 1 (1.8-2.1x) and
-# with three launches up to 512 row blocks (1.05-1.9x), but not the one program over 2-64
-# rows (0.42-0.67x: 27-71 us against 18-30) nor 1024 blocks (E=256, T=16384: 0.57x).
-_WIDE_BE = 128
-_WIDE_MAX_BLOCKS = 512
-# With 4 warps ptxas spilled registers at E=256, K=16 (tests/gates/compile_gate_kernels.py).
+# The sort's blocks: _BN consecutive assignments each, ranked in [_RANK_TILE, _RANK_TILE] tiles
+# (16 comparisons per thread at _WARPS = 8; not tuned further).
+_BN = 256
+_RANK_TILE = 64
+# Up to this many assignments (4 blocks) one program sorts everything: one launch instead of
+# three, for decode batches (E=256, K=8: T <= 128).
+_ONE_PROGRAM_N = 4 * _BN
+# With 4 warps ptxas spills registers at E=4096, K=16 (tests/gates/compile_gate_kernels.py).
 _WARPS = 8
 
 
 def sort_topk_applies(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> bool:
     """Whether `Routing.from_topk` sorts with `sort_topk`: both tensors ``[T, K]`` on the same
     CUDA device, int32 or int64 ids, float32, bf16 or fp16 weights, Triton importable,
-    1 <= E <= 4096, 1 <= K <= 16 and N < 2**31, at sizes where the kernels were measured
-    faster (E < 128 always; E >= 128 at T = 1 and from 5 to 512 row blocks: T = 65-8192 at
-    E = 256, 129-16384 at E = 128); not while torch.compile traces (it compiles the plain path)."""
+    1 <= E <= 4096, 1 <= K <= 16 and N < 2**31; not while torch.compile traces (it compiles
+    the plain path)."""
     if not (weights_TK.is_cuda and experts_TK.device == weights_TK.device and weights_TK.dim() == 2):
         return False
     if experts_TK.dtype not in _ID_DTYPES or weights_TK.dtype not in _WEIGHT_DTYPES:
@@ -69,19 +74,7 @@ def sort_topk_applies(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) ->
     T, K = weights_TK.shape
     if not 1 <= K <= _MAX_K or T * K >= 2**31:
         return False
-    return _kernels_win(T, n_experts) and _has_triton()
-
-
-def _kernels_win(T: int, E: int) -> bool:
-    """Whether the kernels were measured faster than the plain path at T tokens, E experts
-    (see `_WIDE_BE`)."""
-    BT, BE = _blocks(E)
-    NB = -(-T // BT)
-    if BE < _WIDE_BE:
-        return True
-    if NB <= _ONE_PROGRAM_BLOCKS:
-        return T == 1
-    return NB <= _WIDE_MAX_BLOCKS
+    return _has_triton()
 
 
 def _has_triton() -> bool:
@@ -116,27 +109,28 @@ class _SortTopK(torch.autograd.Function):
         experts = experts_TK.contiguous()
         T, K = weights.shape
         E, N, dev = n_experts, T * K, weights.device
-        BT, BE = _blocks(E)
-        NB = -(-T // BT)
+        BE = _pow2(E)
         token = _empty(N, device=dev, dtype=torch.int64)
         expert = _empty(N, device=dev, dtype=torch.int64)
         weight = _empty(N, device=dev, dtype=weights.dtype)
         pos = _empty(T, K, device=dev, dtype=torch.int64)
         # Entry E counts the bad ids; `counts` is the view of the E experts.
         counts = _empty(E + 1, device=dev, dtype=torch.int64)
-        if NB <= _ONE_PROGRAM_BLOCKS:
+        tiles = dict(K=K, BN=_BN, S=_RANK_TILE, BE=BE)
+        if N <= _ONE_PROGRAM_N:
             kn.topk_sort_kernel[(1,)](
-                experts, weights, counts, counts, token, expert, weight, pos, T, E,
-                K=K, BT=BT, BE=BE, ONE_PROGRAM=True, num_warps=_WARPS,
+                experts, weights, counts, counts, token, expert, weight, pos, N, E,
+                **tiles, ONE_PROGRAM=True, num_warps=_WARPS,
             )
         else:
+            NB = -(-N // _BN)
             hist = _empty(NB, E + 1, device=dev, dtype=torch.int32)
-            kn.topk_hist_kernel[(NB,)](experts, hist, T, E, K=K, BT=BT, BE=BE, num_warps=_WARPS)
+            kn.topk_hist_kernel[(NB,)](experts, hist, N, E, BN=_BN, BE=BE, num_warps=_WARPS)
             prefix = _empty(NB, E + 1, device=dev, dtype=torch.int32)
             route_scan_kernel[(E + 1,)](hist, prefix, counts, NB, E + 1, CH=min(_SCAN_CHUNK, _pow2(NB)), num_warps=4)
             kn.topk_sort_kernel[(NB,)](
-                experts, weights, prefix, counts, token, expert, weight, pos, T, E,
-                K=K, BT=BT, BE=BE, ONE_PROGRAM=False, num_warps=_WARPS,
+                experts, weights, prefix, counts, token, expert, weight, pos, N, E,
+                **tiles, ONE_PROGRAM=False, num_warps=_WARPS,
             )
         if dev.type == "cuda":
             # Ids outside [0, E) fail loudly, as the plain path's scatter_add does: a
