@@ -38,6 +38,7 @@ dynamic cache and with a static cache compiled (``--gen-compile``, CUDA graphs).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -430,7 +431,13 @@ def plot(rows: list[dict], path: Path) -> None:
 def profile_generate(model, ids, kw: dict, device: torch.device, out: Path, tag: str) -> None:
     """One eager ``generate()`` under `torch.profiler` (CPU and, on CUDA, GPU activity): the
     operators by self CPU time and by self GPU time, written beside ``out``. Where the time of a
-    host-bound decode step goes (the patched model's eager batch-16 gap)."""
+    host-bound decode step goes (the patched model's eager batch-16 gap). Then a timeline of a
+    4-token ``generate()`` with Python frames (`with_stack`), as a gzipped Chrome trace beside
+    ``out`` (chrome://tracing or Perfetto): the table sums operators, the timeline shows the
+    gaps between them."""
+    import gzip
+    import shutil
+
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -445,6 +452,30 @@ def profile_generate(model, ids, kw: dict, device: torch.device, out: Path, tag:
     path = out.with_name(f"{out.stem}_profile_{tag}.txt")
     path.write_text("\n".join(text))
     print(f"  profile: {path}", flush=True)
+    short = {**kw, "max_new_tokens": 4, "min_new_tokens": 4}
+    with profile(activities=activities, with_stack=True) as prof:
+        model.generate(ids, **short)
+        sync(device)
+    raw = out.with_name(f"{out.stem}_trace_{tag}.json")
+    prof.export_chrome_trace(str(raw))
+    with open(raw) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    # Host time inside each module class (nested: a layer's time includes its block's).
+    spent: dict[str, float] = collections.defaultdict(float)
+    calls: collections.Counter = collections.Counter()
+    for e in events:
+        if e["name"].startswith("nn.Module:"):
+            cls = e["name"].split(":", 1)[1].strip().rsplit("_", 1)[0]
+            spent[cls] += e["dur"]
+            calls[cls] += 1
+    lines = [f"{tag}: host time per module class in a 4-token generate() (us, nested)"]
+    lines += [f"  {cls:<40} {us:12.0f} {calls[cls]:6d} calls" for cls, us in sorted(spent.items(), key=lambda kv: -kv[1])]
+    with open(path, "a") as f:
+        f.write("\n\n" + "\n".join(lines) + "\n")
+    print(f"  trace: {raw}.gz", flush=True)
 
 
 def run_generate(args, device: torch.device, dtype: torch.dtype) -> dict:
