@@ -30,7 +30,6 @@ from gatedmoe.gates.topk_sort import (
     _MAX_E,
     _MAX_K,
     _SCAN_CHUNK,
-    _blocks,
     _has_triton,
     _pow2,
     sort_topk_reference,
@@ -40,8 +39,15 @@ from gatedmoe.routing import Routing
 __all__ = ["SCORES", "fused_topk", "fused_topk_applies", "fused_topk_reference"]
 
 SCORES = ("softmax", "sigmoid")
-# One program holds BT x BE float32 scores; beyond the counting sort's limits (E <= _MAX_E,
-# k <= _MAX_K, shared with `topk_sort`) the unfused path is used.
+# One program holds BT x BE float32 scores (rows by all experts, _TILE elements); beyond the
+# counting sort's limits (E <= _MAX_E, k <= _MAX_K, shared with `topk_sort`) the unfused path
+# is used.
+_TILE = 4096
+
+
+def _blocks(E: int) -> tuple[int, int]:
+    BE = _pow2(E)
+    return max(1, min(64, _TILE // BE)), BE
 
 
 def fused_topk_applies(logits_TE: Tensor, k: int, n_group: int = 1) -> bool:

@@ -38,14 +38,12 @@ from gatedmoe.routing import Routing
 
 __all__ = ["sort_topk", "sort_topk_applies", "sort_topk_reference"]
 
-# Beyond E or K the plain path is used. The fused gate (`fused_topk`) shares the limits and its
-# tiles are `_blocks`'s.
+# Beyond E or K the plain path is used. The fused gate (`fused_topk`) shares the limits.
 _MAX_E = 4096
 _MAX_K = 16
 _ID_DTYPES = (torch.int32, torch.int64)
 # The weight dtypes the kernels are compile-checked for (tests/gates/compile_gate_kernels.py).
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TILE = 4096  # BT * BE elements per program of the fused gate
 _SCAN_CHUNK = 1024
 # The sort's blocks: _BN consecutive assignments each, ranked in [_RANK_TILE, _RANK_TILE] tiles
 # (16 comparisons per thread at _WARPS = 8; not tuned further).
@@ -92,11 +90,6 @@ def _pow2(n: int) -> int:
 def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     # Every buffer the kernels fill comes from here (tests poison it to catch unwritten entries).
     return torch.empty(*shape, device=device, dtype=dtype)
-
-
-def _blocks(E: int) -> tuple[int, int]:
-    BE = _pow2(E)
-    return max(1, min(64, _TILE // BE)), BE
 
 
 class _SortTopK(torch.autograd.Function):
