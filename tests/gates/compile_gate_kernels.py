@@ -1,6 +1,6 @@
-"""Compile every variant of the top-k sort kernels (`gatedmoe.gates.topk_sort_kernels`, and
-the fused gate's `route_scan_kernel` as `gatedmoe.gates.topk_sort` launches it) for an sm90
-GPU without a GPU, with whatever Triton is importable, and report ptxas' register spills.
+"""Compile every variant of the top-k sort kernels (`gatedmoe.gates.topk_sort_kernels`) and of
+the fused gate's forward and backward (`gatedmoe.gates.fused_topk_kernels`) for an sm90 GPU
+without a GPU, with whatever Triton is importable, and report ptxas' register spills.
 Not a pytest module.
 
 The interpreter (TRITON_INTERPRET=1, the CPU tests) accepts code that the GPU's compiler
@@ -16,8 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gatedmoe.gates import topk_sort, topk_sort_kernels
-from gatedmoe.gates.fused_topk_kernels import route_scan_kernel
+from gatedmoe.gates import fused_topk, fused_topk_kernels, topk_sort, topk_sort_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared compile helper
 from compile_sm90 import run  # noqa: E402
@@ -44,7 +43,19 @@ def variants():
                         yield name, topk_sort_kernels.topk_sort_kernel, types, consts, topk_sort._WARPS, 1
     for CH in (1, 8, 1024):
         types = dict(hist_ptr="*i32", prefix_ptr="*i32", counts_ptr="*i64", NB="i32", E="i32")
-        yield f"route_scan CH={CH}", route_scan_kernel, types, dict(CH=CH), 4, 1
+        yield f"topk_scan CH={CH}", topk_sort_kernels.topk_scan_kernel, types, dict(CH=CH), 4, 1
+    # The fused gate's kernels over its tiles (`fused_topk._blocks`), as `fused_topk` launches them.
+    for E, k, n_group, topk_group in ((8, 2, 1, 1), (64, 6, 1, 1), (256, 8, 8, 4), (4096, 16, 1, 1)):
+        BT, BE = fused_topk._blocks(E)
+        for score in (0, 1):
+            for bias in (False, True):
+                types = dict(logits_ptr="*fp32", bias_ptr="*fp32", probs_ptr="*fp32", lse_ptr="*fp32",
+                             weights_ptr="*fp32", experts_ptr="*i32", T="i32", E="i32", scale="fp32",
+                             mask_value="fp32")
+                consts = dict(K=k, BK=topk_sort._pow2(k), BT=BT, BE=BE, SCORE=score, HAS_BIAS=bias, NORMALIZE=True,
+                              N_GROUP=n_group, TOPK_GROUP=topk_group)
+                name = f"route_fwd E={E} k={k} groups={n_group} score={score} bias={bias}"
+                yield name, fused_topk_kernels.route_fwd_kernel, types, consts, 4, 1
 
 
 if __name__ == "__main__":

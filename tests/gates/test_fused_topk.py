@@ -16,6 +16,7 @@ from gatedmoe.gates import group_limited as group_module  # noqa: E402
 from gatedmoe.gates import registry  # noqa: E402
 from gatedmoe.gates import sigmoid as sigmoid_module  # noqa: E402
 from gatedmoe.gates import topk as topk_module  # noqa: E402
+from gatedmoe.gates import topk_sort as ts  # noqa: E402
 from gatedmoe.losses import router_z_loss  # noqa: E402
 from helpers import assert_close, poisoned_empty  # noqa: E402
 
@@ -24,7 +25,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(ft, "_empty", lambda *shape, device, dtype: poisoned_empty(*shape, dtype=dtype, device=device))
+    # Both modules' buffers: the gate's own and those of the sort it hands its top-k to.
+    for module in (ft, ts):
+        monkeypatch.setattr(module, "_empty", lambda *shape, device, dtype: poisoned_empty(*shape, dtype=dtype, device=device))
 
 
 def _distinct_logits(T: int, E: int, spread: float = 6.0) -> torch.Tensor:

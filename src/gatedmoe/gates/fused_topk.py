@@ -1,17 +1,16 @@
-"""Token-choice top-k routing in three Triton kernels, and its plain-PyTorch reference.
+"""Token-choice top-k routing in Triton kernels, and its plain-PyTorch reference.
 
 The unfused route of a top-k gate is a chain of PyTorch kernels: softmax (or sigmoid), top-k,
 gather and renormalisation, a stable argsort of the T*K expert ids, gathers by that order, a
 histogram, and a logsumexp for the router z-loss (fine-grained shape T=16384 E=256 K=8 on an
-H200: ~0.96 ms, see the kernels' README). `fused_topk` computes the same `Routing` in three
-passes, each program owning whole rows of the logits:
+H200: ~0.96 ms, see the kernels' README). `fused_topk` computes the same `Routing` in two
+steps:
 
-1. ``route_fwd_kernel``: scores, lse, the (group-limited) top-k with bias selection and
-   renormalisation, and a per-block expert histogram;
-2. ``route_scan_kernel``: per expert, the exclusive prefix of its histogram over the blocks
-   and its count;
-3. ``route_sort_kernel``: a counting sort that writes the sorted token, expert and weight
-   (stable in token order, as `Routing.from_topk`'s stable argsort) and its inverse.
+1. ``route_fwd_kernel``, each program owning whole rows of the logits: scores, lse, the
+   (group-limited) top-k with bias selection and renormalisation;
+2. the counting sort of given top-k choices (`gatedmoe.gates.topk_sort`, one launch up to
+   1,024 assignments, three after), which writes the sorted token, expert and weight (stable
+   in token order, as `Routing.from_topk`'s stable argsort) and its inverse.
 
 No step reads a value on the host, so a training step stays capturable in a CUDA graph. The
 backward (``route_bwd_kernel``) is one pass over ``[T, E]``. `fused_topk_reference` is the
@@ -29,8 +28,8 @@ from gatedmoe.gates.functional import _group_limited_select
 from gatedmoe.gates.topk_sort import (
     _MAX_E,
     _MAX_K,
-    _SCAN_CHUNK,
     _has_triton,
+    _launch_sort,
     _pow2,
     sort_topk_reference,
 )
@@ -78,33 +77,24 @@ class _FusedTopK(torch.autograd.Function):
 
         logits = logits_TE.contiguous()
         T, E = logits.shape
-        N = T * k
         BT, BE = _blocks(E)
-        NB = -(-T // BT)
         dev = logits.device
         probs = _empty(T, E, device=dev, dtype=torch.float32)
         lse = _empty(T, device=dev, dtype=torch.float32)
         weights_TK = _empty(T, k, device=dev, dtype=torch.float32)
         experts_TK = _empty(T, k, device=dev, dtype=torch.int32)
-        hist = _empty(NB, E, device=dev, dtype=torch.int32)
         has_bias = bias_E is not None
         bias = bias_E.detach().float().contiguous() if has_bias else lse
         code = SCORES.index(score)
-        kn.route_fwd_kernel[(NB,)](
-            logits, bias, probs, lse, weights_TK, experts_TK, hist, T, E, float(scale), float(mask_value),
+        kn.route_fwd_kernel[(-(-T // BT),)](
+            logits, bias, probs, lse, weights_TK, experts_TK, T, E, float(scale), float(mask_value),
             K=k, BK=_pow2(k), BT=BT, BE=BE, SCORE=code, HAS_BIAS=has_bias, NORMALIZE=normalize,
             N_GROUP=n_group, TOPK_GROUP=topk_group, num_warps=4,
         )
-        prefix = _empty(NB, E, device=dev, dtype=torch.int32)
-        counts = _empty(E, device=dev, dtype=torch.int64)
-        kn.route_scan_kernel[(E,)](hist, prefix, counts, NB, E, CH=min(_SCAN_CHUNK, _pow2(NB)), num_warps=4)
-        token = _empty(N, device=dev, dtype=torch.int64)
-        expert = _empty(N, device=dev, dtype=torch.int64)
-        weight = _empty(N, device=dev, dtype=torch.float32)
-        pos = _empty(T, k, device=dev, dtype=torch.int64)
-        kn.route_sort_kernel[(NB,)](
-            experts_TK, weights_TK, prefix, counts, token, expert, weight, pos, T, E, K=k, BT=BT, BE=BE, num_warps=4
-        )
+        # Ids are always in [0, E) (the kernel clamps a NaN row's choice), so the sort's extra
+        # bucket stays empty.
+        token, expert, weight, counts, pos = _launch_sort(weights_TK, experts_TK, E)
+        counts = counts[:E]
         ctx.mark_non_differentiable(token, expert, counts)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(probs if code == 0 else logits, lse, weights_TK, experts_TK, pos)

@@ -3,8 +3,7 @@ holds the plain-PyTorch reference they are tested against).
 
 Shape legend: T tokens, E experts, K experts per token, N = T*K assignments, B row blocks
 of BT tokens. Every program owns BT whole rows of the ``[T, E]`` logits (E padded to a
-power of two BE), so scores, top-k and the per-block expert histogram need no atomics and
-come out the same on every run.
+power of two BE), so scores and top-k need no atomics and come out the same on every run.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["route_bwd_kernel", "route_fwd_kernel", "route_scan_kernel", "route_sort_kernel"]
+__all__ = ["route_bwd_kernel", "route_fwd_kernel"]
 
 SOFTMAX = tl.constexpr(0)
 SIGMOID = tl.constexpr(1)
@@ -20,17 +19,17 @@ SIGMOID = tl.constexpr(1)
 
 @triton.jit
 def route_fwd_kernel(
-    logits_ptr, bias_ptr, probs_ptr, lse_ptr, weights_ptr, experts_ptr, hist_ptr,
+    logits_ptr, bias_ptr, probs_ptr, lse_ptr, weights_ptr, experts_ptr,
     T, E, scale, mask_value,
     K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
 ):
-    """Scores, logsumexp, top-k with renormalisation, and this block's expert histogram.
+    """Scores, logsumexp, top-k with renormalisation.
 
     Writes probs ``[T, E]`` (softmax p, or the sigmoid scores over their sum), lse ``[T]``,
-    weights ``[T, K]`` float32 and experts ``[T, K]`` int32 in choice order, hist ``[B, E]``.
-    Ties go to the lowest expert id.
+    weights ``[T, K]`` float32 and experts ``[T, K]`` int32 in choice order (sorted by expert
+    afterwards by `gatedmoe.gates.topk_sort`'s kernels). Ties go to the lowest expert id.
     """
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
@@ -79,7 +78,6 @@ def route_fwd_kernel(
         sel = tl.where(keep_e != 0, sel, mask_value)
     w_tile = tl.zeros([BT, BK], dtype=tl.float32)
     e_tile = tl.zeros([BT, BK], dtype=tl.int32)
-    chosen = tl.zeros([BT, BE], dtype=tl.int32)
     kept = tl.zeros([BT], dtype=tl.float32)
     for j in tl.static_range(K):
         best = tl.max(sel, axis=1)
@@ -91,7 +89,6 @@ def route_fwd_kernel(
         kept += w
         w_tile = tl.where(kk[None, :] == j, w[:, None], w_tile)
         e_tile = tl.where(kk[None, :] == j, at[:, None], e_tile)
-        chosen += hit.to(tl.int32)
         sel = tl.where(hit, float("-inf"), sel)
     if NORMALIZE:
         w_tile = w_tile / tl.maximum(kept, 1e-20)[:, None]
@@ -100,54 +97,6 @@ def route_fwd_kernel(
     kmask = rmask[:, None] & (kk[None, :] < K)
     tl.store(weights_ptr + koffs, w_tile, mask=kmask)
     tl.store(experts_ptr + koffs, e_tile, mask=kmask)
-    hist = tl.sum(tl.where(rmask[:, None], chosen, 0), axis=0)
-    tl.store(hist_ptr + pid.to(tl.int64) * E + cols, hist, mask=cmask)
-
-
-@triton.jit
-def route_scan_kernel(hist_ptr, prefix_ptr, counts_ptr, NB, E, CH: tl.constexpr):
-    """Per expert (one program each): exclusive prefix of its histogram column over the
-    row blocks into prefix ``[B, E]``, and its total into counts ``[E]`` (int64)."""
-    e = tl.program_id(0)
-    carry = tl.zeros([], dtype=tl.int32)
-    for start in range(0, NB, CH):
-        b = start + tl.arange(0, CH)
-        bmask = b < NB
-        h = tl.load(hist_ptr + b.to(tl.int64) * E + e, mask=bmask, other=0)
-        tl.store(prefix_ptr + b.to(tl.int64) * E + e, carry + tl.cumsum(h, axis=0) - h, mask=bmask)
-        carry += tl.sum(h, axis=0)
-    tl.store(counts_ptr + e, carry.to(tl.int64))
-
-
-@triton.jit
-def route_sort_kernel(
-    experts_ptr, weights_ptr, prefix_ptr, counts_ptr, token_ptr, expert_ptr, weight_ptr, pos_ptr,
-    T, E, K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-):
-    """Counting sort by expert, stable in token order: assignment (t, j) goes to
-    ``start[e] + prefix[block, e] + (rows of this block before t that chose e)``. Writes
-    the sorted token, expert (int64) and weight ``[N]``, and pos ``[T, K]`` (its inverse)."""
-    pid = tl.program_id(0)
-    rows = pid * BT + tl.arange(0, BT)
-    cols = tl.arange(0, BE)
-    rmask = rows < T
-    cmask = cols < E
-    counts = tl.load(counts_ptr + cols, mask=cmask, other=0)
-    base = tl.cumsum(counts, axis=0) - counts + tl.load(prefix_ptr + pid.to(tl.int64) * E + cols, mask=cmask, other=0)
-    chosen = tl.zeros([BT, BE], dtype=tl.int32)
-    for j in tl.static_range(K):
-        e_j = tl.load(experts_ptr + rows.to(tl.int64) * K + j, mask=rmask, other=BE)
-        chosen += (cols[None, :] == e_j[:, None]).to(tl.int32)
-    before = tl.cumsum(chosen, axis=0) - chosen
-    slot = before + base[None, :]
-    for j in tl.static_range(K):
-        e_j = tl.load(experts_ptr + rows.to(tl.int64) * K + j, mask=rmask, other=BE)
-        w_j = tl.load(weights_ptr + rows.to(tl.int64) * K + j, mask=rmask, other=0.0)
-        pos = tl.sum(tl.where(cols[None, :] == e_j[:, None], slot, 0), axis=1).to(tl.int64)
-        tl.store(token_ptr + pos, rows.to(tl.int64), mask=rmask)
-        tl.store(expert_ptr + pos, e_j.to(tl.int64), mask=rmask)
-        tl.store(weight_ptr + pos, w_j, mask=rmask)
-        tl.store(pos_ptr + rows.to(tl.int64) * K + j, pos, mask=rmask)
 
 
 @triton.jit

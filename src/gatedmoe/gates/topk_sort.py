@@ -13,8 +13,10 @@ histogram and one prefix over the experts:
 
 * up to ``_ONE_PROGRAM_N`` assignments (decode sizes): one launch, whose single program
   counts all blocks, prefixes the counts and scatters block by block;
-* more: ``topk_hist_kernel`` (per-block histograms), the fused gate's ``route_scan_kernel``
-  (their exclusive prefix over the blocks and the counts) and ``topk_sort_kernel`` (scatter).
+* more: ``topk_hist_kernel`` (per-block histograms), ``topk_scan_kernel`` (their exclusive
+  prefix over the blocks, and the counts) and ``topk_sort_kernel`` (scatter).
+
+The fused gate (`gatedmoe.gates.fused_topk`) sorts its top-k with the same launches.
 
 Measured on an H200 (`benchmarks/topk_sort.py`, BENCHMARKS.md "The expert sort of given
 top-k"): faster than the plain path in GPU time at every size measured (E = 8-256,
@@ -92,40 +94,45 @@ def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
+def _launch_sort(weights: Tensor, experts: Tensor, E: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The counting sort's launches on contiguous ``weights, experts [T, K]``: ``(token,
+    expert, weight, counts [E + 1], pos [T, K])``, counts' entry E the bad ids (see the module
+    docstring). Also the second half of the fused gate (`fused_topk`), after its top-k."""
+    from gatedmoe.gates import topk_sort_kernels as kn
+
+    T, K = weights.shape
+    N, dev = T * K, weights.device
+    BE = _pow2(E)
+    token = _empty(N, device=dev, dtype=torch.int64)
+    expert = _empty(N, device=dev, dtype=torch.int64)
+    weight = _empty(N, device=dev, dtype=weights.dtype)
+    pos = _empty(T, K, device=dev, dtype=torch.int64)
+    counts = _empty(E + 1, device=dev, dtype=torch.int64)
+    tiles = dict(K=K, BN=_BN, S=_RANK_TILE, BE=BE)
+    if N <= _ONE_PROGRAM_N:
+        kn.topk_sort_kernel[(1,)](
+            experts, weights, counts, counts, token, expert, weight, pos, N, E,
+            **tiles, ONE_PROGRAM=True, num_warps=_WARPS,
+        )
+    else:
+        NB = -(-N // _BN)
+        hist = _empty(NB, E + 1, device=dev, dtype=torch.int32)
+        kn.topk_hist_kernel[(NB,)](experts, hist, N, E, BN=_BN, BE=BE, num_warps=_WARPS)
+        prefix = _empty(NB, E + 1, device=dev, dtype=torch.int32)
+        kn.topk_scan_kernel[(E + 1,)](hist, prefix, counts, NB, E + 1, CH=min(_SCAN_CHUNK, _pow2(NB)), num_warps=4)
+        kn.topk_sort_kernel[(NB,)](
+            experts, weights, prefix, counts, token, expert, weight, pos, N, E,
+            **tiles, ONE_PROGRAM=False, num_warps=_WARPS,
+        )
+    return token, expert, weight, counts, pos
+
+
 class _SortTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights_TK, experts_TK, n_experts):
-        from gatedmoe.gates import topk_sort_kernels as kn
-        from gatedmoe.gates.fused_topk_kernels import route_scan_kernel
-
-        weights = weights_TK.contiguous()
-        experts = experts_TK.contiguous()
-        T, K = weights.shape
-        E, N, dev = n_experts, T * K, weights.device
-        BE = _pow2(E)
-        token = _empty(N, device=dev, dtype=torch.int64)
-        expert = _empty(N, device=dev, dtype=torch.int64)
-        weight = _empty(N, device=dev, dtype=weights.dtype)
-        pos = _empty(T, K, device=dev, dtype=torch.int64)
-        # Entry E counts the bad ids; `counts` is the view of the E experts.
-        counts = _empty(E + 1, device=dev, dtype=torch.int64)
-        tiles = dict(K=K, BN=_BN, S=_RANK_TILE, BE=BE)
-        if N <= _ONE_PROGRAM_N:
-            kn.topk_sort_kernel[(1,)](
-                experts, weights, counts, counts, token, expert, weight, pos, N, E,
-                **tiles, ONE_PROGRAM=True, num_warps=_WARPS,
-            )
-        else:
-            NB = -(-N // _BN)
-            hist = _empty(NB, E + 1, device=dev, dtype=torch.int32)
-            kn.topk_hist_kernel[(NB,)](experts, hist, N, E, BN=_BN, BE=BE, num_warps=_WARPS)
-            prefix = _empty(NB, E + 1, device=dev, dtype=torch.int32)
-            route_scan_kernel[(E + 1,)](hist, prefix, counts, NB, E + 1, CH=min(_SCAN_CHUNK, _pow2(NB)), num_warps=4)
-            kn.topk_sort_kernel[(NB,)](
-                experts, weights, prefix, counts, token, expert, weight, pos, N, E,
-                **tiles, ONE_PROGRAM=False, num_warps=_WARPS,
-            )
-        if dev.type == "cuda":
+        E = n_experts
+        token, expert, weight, counts, pos = _launch_sort(weights_TK.contiguous(), experts_TK.contiguous(), E)
+        if weight.device.type == "cuda":
             # Ids outside [0, E) fail loudly, as the plain path's scatter_add does: a
             # device-side assertion, no host sync (the interpreter's tests check the bucket).
             torch._assert_async(counts[E] == 0, "experts_TK: expert ids must lie in [0, n_experts)")

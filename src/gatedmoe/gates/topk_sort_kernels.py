@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["topk_hist_kernel", "topk_sort_kernel"]
+__all__ = ["topk_hist_kernel", "topk_scan_kernel", "topk_sort_kernel"]
 
 
 @triton.jit
@@ -86,6 +86,22 @@ def topk_hist_kernel(experts_ptr, hist_ptr, N, E, BN: tl.constexpr, BE: tl.const
 
 
 @triton.jit
+def topk_scan_kernel(hist_ptr, prefix_ptr, counts_ptr, NB, E, CH: tl.constexpr):
+    """Per column (one program each; E + 1 of them, the last the bad ids): exclusive prefix of
+    its histogram column over the blocks into prefix ``[B, E]``, and its total into counts
+    ``[E]`` (int64). Here ``E`` is the histogram's width."""
+    e = tl.program_id(0)
+    carry = tl.zeros([], dtype=tl.int32)
+    for start in range(0, NB, CH):
+        b = start + tl.arange(0, CH)
+        bmask = b < NB
+        h = tl.load(hist_ptr + b.to(tl.int64) * E + e, mask=bmask, other=0)
+        tl.store(prefix_ptr + b.to(tl.int64) * E + e, carry + tl.cumsum(h, axis=0) - h, mask=bmask)
+        carry += tl.sum(h, axis=0)
+    tl.store(counts_ptr + e, carry.to(tl.int64))
+
+
+@triton.jit
 def topk_sort_kernel(
     experts_ptr, weights_ptr, prefix_ptr, counts_ptr, token_ptr, expert_ptr, weight_ptr, pos_ptr,
     N, E, K: tl.constexpr, BN: tl.constexpr, S: tl.constexpr, BE: tl.constexpr, ONE_PROGRAM: tl.constexpr,
@@ -98,7 +114,7 @@ def topk_sort_kernel(
     ``[E + 1]`` int64 itself), then scattering, adding each block's histogram to the bases
     after it; ``prefix_ptr`` is unused. Otherwise program b sorts block b from counts
     ``[E + 1]`` and prefix ``[B, E + 1]`` (the exclusive prefix of `topk_hist_kernel`'s
-    histograms over the blocks, by `route_scan_kernel`).
+    histograms over the blocks, by `topk_scan_kernel`).
     """
     cols = tl.arange(0, BE)
     cmask = cols < E
