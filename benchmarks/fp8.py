@@ -26,7 +26,8 @@ grouped GEMM wants; the bank in bf16):
 
 Variants: "bf16" (`TritonOptions()`), "fp8_block" (`FP8Recipe()`: 1x128 / 128x128 scales,
 e4m3 gradients), "fp8_block_e5m2" (e5m2 gradients), "fp8_row" (row-wise scales),
-"fp8_block_no_tma" and "fp8_block_glu_bm128" (config alternatives, as `TritonOptions.configs`),
+"fp8_block_no_tma", "fp8_block_glu_bm128", "fp8_block_pregather" and "fp8_row_pregather" (config
+alternatives, as `TritonOptions.configs`),
 "sgmm_row" (gather, our row quantisation kernel, ``torch._scaled_grouped_mm`` with fast
 accumulation, SwiGLU in torch, weighted ``index_add``; backward: the two
 data-gradient GEMMs with ``torch._scaled_grouped_mm`` on row-quantised operands, weight
@@ -60,7 +61,7 @@ from gatedmoe.dispatch import FP8Recipe, TritonOptions, get_backend  # noqa: E40
 
 FP8_SHAPES = ("mixtral", "deepseek", "finegrained")
 VARIANT_NAMES = ("bf16", "fp8_block", "fp8_block_e5m2", "fp8_row", "fp8_block_no_tma", "fp8_block_glu_bm128",
-                 "sgmm_row")
+                 "fp8_block_pregather", "fp8_row_pregather", "sgmm_row")
 U = {"e4m3": 2.0**-4, "e5m2": 2.0**-3}
 # (e4m3, gradient-format) quantisations on each quantity's path: `tests/dispatch/test_fp8.py`.
 PATHS = {"y": (4, 0), "dx": (4, 2), "dweight": (3, 1), "dW_in": (3, 1), "dW_out": (2, 0)}
@@ -228,6 +229,9 @@ def _variants(block: int, device: torch.device) -> dict:
     blockwise = fp8_kernel_configs(device, block)
     no_tma = {name: dataclasses.replace(cfg, tma=False) for name, cfg in blockwise.items()}
     glu_bm128 = {"fp8_glu_fwd": dataclasses.replace(blockwise["fp8_glu_fwd"], BM=128)}
+    pregather = {name: dataclasses.replace(cfg, pregather=True) for name, cfg in blockwise.items()}
+    pregather_row = {name: dataclasses.replace(cfg, pregather=True)
+                     for name, cfg in fp8_kernel_configs(device, block, "rowwise").items()}
     variants = {
         "bf16": (TritonOptions(), None),
         "fp8_block": (TritonOptions(fp8=FP8Recipe(block=block)), "e4m3"),
@@ -236,6 +240,11 @@ def _variants(block: int, device: torch.device) -> dict:
         # Config alternatives of the blockwise path: no TMA; the first GEMM with 128-row tiles.
         "fp8_block_no_tma": (TritonOptions(fp8=FP8Recipe(block=block), configs=no_tma), "e4m3"),
         "fp8_block_glu_bm128": (TritonOptions(fp8=FP8Recipe(block=block), configs=glu_bm128), "e4m3"),
+        # The gathered operands (x's rows forward, gy's backward) copied into expert order and
+        # read through TMA, as the bf16 path does for wide experts (config `pregather`).
+        "fp8_block_pregather": (TritonOptions(fp8=FP8Recipe(block=block), configs=pregather), "e4m3"),
+        "fp8_row_pregather": (TritonOptions(fp8=FP8Recipe(block=block, scaling="rowwise"), configs=pregather_row),
+                              "e4m3"),
         "sgmm_row": (None, "e4m3"),
     }
     assert tuple(variants) == VARIANT_NAMES

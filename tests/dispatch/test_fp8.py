@@ -276,6 +276,39 @@ def test_weights_by_pointer_loads_match_fp8_reference(scaling):
     test_fp8_kernels_match_fp8_reference(21, 2 * BLOCK, 2 * BLOCK, 4, 2, "skip_experts", scaling, "e4m3", configs)
 
 
+@pytest.mark.parametrize("scaling,grad_format", [("blockwise", "e4m3"), ("rowwise", "e5m2")])
+@pytest.mark.parametrize("mode", ["skip_experts", "one_expert"])
+def test_pregathered_rows_match_fp8_reference(scaling, grad_format, mode, monkeypatch):
+    """The gathered operands (x's rows in the first GEMM, gy's in the backward's first) copied
+    into expert order first and read through TMA (configs with ``pregather=True``): the same
+    results, and both GEMMs really take the pregathered path."""
+    taken = []
+    real = fp8_ops._pregathered
+
+    def spy(*args):
+        out = real(*args)
+        taken.append(out[2])
+        return out
+
+    monkeypatch.setattr(fp8_ops, "_pregathered", spy)
+    cfgs = fp8_kernel_configs(torch.device(DEVICE), BLOCK, scaling)
+    configs = {name: dataclasses.replace(cfg, pregather=True) for name, cfg in cfgs.items()}
+    test_fp8_kernels_match_fp8_reference(21, 2 * BLOCK, 2 * BLOCK, 4, 2, mode, scaling, grad_format, configs)
+    assert taken == [True, True], "the forward's and the backward's gathered GEMMs should read pregathered rows"
+
+
+def test_pregather_falls_back_where_tma_cannot_address_the_rows(monkeypatch):
+    """Rowwise takes any width; rows of D not a multiple of 16 bytes cannot be a TMA operand,
+    so they stay gathered by pointer loads (same results)."""
+    taken = []
+    real = fp8_ops._pregathered
+    monkeypatch.setattr(fp8_ops, "_pregathered", lambda *a: taken.append(real(*a)[2]) or real(*a))
+    cfgs = fp8_kernel_configs(torch.device(DEVICE), BLOCK, "rowwise")
+    configs = {name: dataclasses.replace(cfg, pregather=True) for name, cfg in cfgs.items()}
+    test_fp8_kernels_match_fp8_reference(21, 2 * BLOCK - 8, BLOCK, 4, 2, "random", "rowwise", "e4m3", configs)
+    assert taken == [False, False]
+
+
 def test_blockwise_config_overrides_must_step_one_block():
     bad = {"fp8_gemm": KernelConfig(16, 16, 2 * BLOCK, 4, 1)}
     with pytest.raises(ValueError, match=r"configs\['fp8_gemm'\]: each reduction step must be one scale block"):

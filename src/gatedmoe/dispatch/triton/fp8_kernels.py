@@ -162,18 +162,23 @@ def fp8_glu_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, E_POW2: tl.constexpr,
     BLOCKWISE: tl.constexpr, WB: tl.constexpr, STORE_H: tl.constexpr, QUANT_A: tl.constexpr,
     FMAX: tl.constexpr, FMAX_EXP: tl.constexpr, ROUND: tl.constexpr, W_DESC: tl.constexpr,
+    A_DESC: tl.constexpr,
 ):
     """``xq [T, D]`` FP8 with scales ``xs [T, KB]``; ``w [E, 2H, D]`` e4m3 (gate rows, then
     up rows) with scales ``ws [E, WNB, WKB]``, weight row r's scale row ``r // WB``.
     Writes h ``[N, 2H]`` (``STORE_H``) and a ``[N, H]``: with ``QUANT_A`` (blockwise, BN ==
     the block) as FP8 into ``a_ptr`` with scales ``as [N, H / BN]``, else in h's dtype.
     ``W_DESC``: ``w_ptr`` is a TMA descriptor over ``[E * 2H, D]`` (block ``[BN, BK]``); a
-    gate block running past H reads up rows, which land only in masked columns."""
+    gate block running past H reads up rows, which land only in masked columns.
+    ``A_DESC``: the rows were gathered beforehand (the config's ``pregather``): ``xq_ptr`` is
+    a TMA descriptor over ``[N, D]`` (block ``[BM, BK]``) and ``xs [N, KB]`` is in the same
+    order; rows past the expert's land in masked rows."""
     pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:
         return
-    tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    # The row of xq and xs each output row reads: its token's, or its own once pregathered.
+    tok = rows.to(tl.int64) if A_DESC else tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     cols = pid_n * BN + tl.arange(0, BN)
     col_mask = cols < H
     g_rows = cols.to(tl.int64)
@@ -185,7 +190,10 @@ def fp8_glu_fwd_kernel(
     for k0 in range(0, D, BK):
         k = k0 + ks
         k_mask = k < D
-        a = tl.load(xq_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if A_DESC:
+            a = xq_ptr.load([row0, k0])
+        else:
+            a = tl.load(xq_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if W_DESC:
             w_row0 = e * (2 * H) + pid_n * BN
             bg = w_ptr.load([w_row0, k0]).T

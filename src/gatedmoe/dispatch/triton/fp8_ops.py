@@ -230,25 +230,43 @@ def _tma_operand(t: Tensor, block: list[int], cfg: KernelConfig) -> tuple[object
     return t, False
 
 
+def _pregathered(q: Tensor, s: Tensor, token: Tensor, block: list[int], cfg: KernelConfig
+                 ) -> tuple[object, Tensor, bool]:
+    """With the config's ``pregather``, the FP8 rows ``q`` and their scales ``s`` gathered
+    into expert order (``q[token]``, ``s[token]``) and the rows as a TMA descriptor (as the
+    bf16 path's `config.PREGATHER_MIN_H`: gathered rows are pointer loads, which keep the
+    tensor cores waiting); ``(q, s, False)`` otherwise or where TMA cannot address the rows."""
+    if cfg.pregather and cfg.tma and TensorDescriptor is not None and q.shape[-1] % 16 == 0:
+        arg, desc = _tma_operand(q.index_select(0, token), block, cfg)
+        if desc:
+            return arg, s.index_select(0, token), True
+    return q, s, False
+
+
 def _launch_glu(xq, xs, token, wq: QuantizedWeight, h, a, a_s, counts, N, D, H, cfg, blockwise, store_h):
     E = wq.q.shape[0]
     MT = launchers.n_row_tiles(N, E, cfg.BM)
     w_arg, w_desc = _tma_operand(wq.q, [cfg.BN, cfg.BK], cfg)
+    x_arg, xs, x_desc = _pregathered(xq, xs, token, [cfg.BM, cfg.BK], cfg)
     fp8_glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
-        xq, xs, token, w_arg, wq.s, h, a, a_s, counts, E, MT, D, H, xs.shape[1], wq.s.shape[1], wq.s.shape[2],
+        x_arg, xs, token, w_arg, wq.s, h, a, a_s, counts, E, MT, D, H, xs.shape[1], wq.s.shape[1], wq.s.shape[2],
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.group_m, E_POW2=launchers.e_pow2(E), BLOCKWISE=blockwise, WB=wq.WB,
         STORE_H=store_h, QUANT_A=blockwise, FMAX=FP8_MAX["e4m3"], FMAX_EXP=_FMAX_EXP["e4m3"], ROUND=_round(xq),
-        W_DESC=w_desc, num_warps=cfg.warps, num_stages=cfg.stages,
+        W_DESC=w_desc, A_DESC=x_desc, num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
 def _launch_gemm(aq, a_s, b: Tensor, bs: Tensor, WB: int, c, token, weight, counts, N, K, n_cols, *, gather,
-                 scale, scatter, cfg, blockwise):
-    """``C[rows_e] = A[rows_e] @ b[e]^T`` with ``b [E, n_cols, K]`` (see `fp8_gemm_kernel`)."""
+                 scale, scatter, cfg, blockwise, a_desc=False):
+    """``C[rows_e] = A[rows_e] @ b[e]^T`` with ``b [E, n_cols, K]`` (see `fp8_gemm_kernel`);
+    ``a_desc``: ``aq`` is already a TMA descriptor (`_pregathered`)."""
     E = b.shape[0]
     MT = launchers.n_row_tiles(N, E, cfg.BM)
     b_arg, b_desc = _tma_operand(b, [cfg.BN, cfg.BK], cfg)
-    a_arg, a_desc = (aq, False) if gather else _tma_operand(aq, [cfg.BM, cfg.BK], cfg)
+    if a_desc:
+        a_arg = aq
+    else:
+        a_arg, a_desc = (aq, False) if gather else _tma_operand(aq, [cfg.BM, cfg.BK], cfg)
     fp8_gemm_kernel[(triton.cdiv(n_cols, cfg.BN) * MT,)](
         a_arg, a_s, b_arg, bs, c, token, weight, counts, E, MT, K, n_cols, a_s.shape[1], bs.shape[1], bs.shape[2],
         c.stride(0), GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, BLOCKWISE=blockwise, WB=WB, A_DESC=a_desc,
@@ -308,10 +326,12 @@ def _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH,
     w_in = quantized_weight(w_in_EHD, recipe, True)
     w_out = quantized_weight(w_out_EDH, recipe, True)
     gyq, gys = quantize_rows(gy, fmt, group)
-    # ga = gy[token] @ W_out[e]: W_out^T [E, H, D] holds the rows = output columns h.
+    # ga = gy[token] @ W_out[e]: W_out^T [E, H, D] holds the rows = output columns h. The
+    # only gathered FP8 GEMM of "fp8_gemm", so its pregather applies here alone.
     ga = launchers.alloc(N, H, device=x.device, dtype=x.dtype)
-    _launch_gemm(gyq, gys, w_out.qt, w_out.st, w_out.WB, ga, token_N, weight_N, counts_E, N, D, H, gather=True,
-                 scale=False, scatter=False, cfg=cfg, blockwise=blockwise)
+    gy_arg, gys, gy_desc = _pregathered(gyq, gys, token_N, [cfg.BM, cfg.BK], cfg)
+    _launch_gemm(gy_arg, gys, w_out.qt, w_out.st, w_out.WB, ga, token_N, weight_N, counts_E, N, D, H,
+                 gather=not gy_desc, scale=False, scatter=False, cfg=cfg, blockwise=blockwise, a_desc=gy_desc)
     del gyq, gys
     wa = ga  # written in place, as without FP8 (`ops._backward_impl`)
     if blockwise:  # dL/dh quantised in the SwiGLU backward: its chunks are the 1 x block tiles
