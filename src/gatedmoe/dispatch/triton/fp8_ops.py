@@ -233,9 +233,10 @@ def _tma_operand(t: Tensor, block: list[int], cfg: KernelConfig) -> tuple[object
 def _pregathered(q: Tensor, s: Tensor, token: Tensor, block: list[int], cfg: KernelConfig
                  ) -> tuple[object, Tensor, bool]:
     """With the config's ``pregather``, the FP8 rows ``q`` and their scales ``s`` gathered
-    into expert order (``q[token]``, ``s[token]``) and the rows as a TMA descriptor (as the
-    bf16 path's `config.PREGATHER_MIN_H`: gathered rows are pointer loads, which keep the
-    tensor cores waiting); ``(q, s, False)`` otherwise or where TMA cannot address the rows."""
+    into expert order (``q[token]``, ``s[token]``) and the rows as a TMA descriptor (Hopper's
+    TMA cannot gather; the bf16 path copies wide experts' rows likewise,
+    `config.PREGATHER_MIN_H`); ``(q, s, False)`` otherwise or where TMA cannot address the
+    rows."""
     if cfg.pregather and cfg.tma and TensorDescriptor is not None and q.shape[-1] % 16 == 0:
         arg, desc = _tma_operand(q.index_select(0, token), block, cfg)
         if desc:
