@@ -51,14 +51,14 @@ def _blocks(E: int) -> tuple[int, int]:
 
 def fused_topk_applies(logits_TE: Tensor, k: int, n_group: int = 1) -> bool:
     """Whether the gates route ``logits_TE`` with `fused_topk`: float32 logits on CUDA, with
-    Triton importable, E <= 4096, k <= 16 and, with groups, E a power of two; not while
-    torch.compile traces (it compiles the plain path)."""
+    Triton importable, E <= 4096, k <= 16, T*k < 2**31 and, with groups, E a power of two;
+    not while torch.compile traces (it compiles the plain path)."""
     if not (logits_TE.is_cuda and logits_TE.dtype == torch.float32 and logits_TE.dim() == 2):
         return False
     if torch.compiler.is_compiling():  # the compiler fuses the plain path itself
         return False
-    E = logits_TE.shape[1]
-    if E > _MAX_E or k > _MAX_K or logits_TE.shape[0] == 0:
+    T, E = logits_TE.shape
+    if E > _MAX_E or k > _MAX_K or T == 0 or T * k >= 2**31:  # the sort's int32 positions
         return False
     if n_group > 1 and E & (E - 1):
         return False
