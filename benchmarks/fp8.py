@@ -24,8 +24,8 @@ grouped GEMM wants; the bank in bf16):
   without fast accumulation);
 * CUDA time per kernel over one forward+backward of "bf16" and "fp8_block" (torch.profiler).
 
-Variants: "bf16" (`TritonOptions()`), "fp8_block" (`FP8Recipe()`: 1x128 / 128x128 scales,
-e4m3 gradients), "fp8_block_e5m2" (e5m2 gradients), "fp8_row" (row-wise scales),
+Variants: "bf16" (`TritonOptions()`), "fp8_block" (`FP8Recipe(scaling="blockwise")`: 1x128 / 128x128 scales,
+e4m3 gradients), "fp8_block_e5m2" (e5m2 gradients), "fp8_row" (row-wise scales, the default recipe),
 "fp8_block_no_tma", "fp8_block_glu_bm128", "fp8_block_pregather", "fp8_row_pregather",
 "fp8_block_gemm_bm64w4" and "fp8_row_glu_bm128" (config alternatives, as `TritonOptions.configs`),
 "sgmm_row" (gather, our row quantisation kernel, ``torch._scaled_grouped_mm`` with fast
@@ -237,20 +237,20 @@ def _variants(block: int, device: torch.device) -> dict:
     row_glu_bm128 = {"fp8_glu_fwd": dataclasses.replace(row["fp8_glu_fwd"], BM=128, BN=64)}
     variants = {
         "bf16": (TritonOptions(), None),
-        "fp8_block": (TritonOptions(fp8=FP8Recipe(block=block)), "e4m3"),
-        "fp8_block_e5m2": (TritonOptions(fp8=FP8Recipe(block=block, grad_format="e5m2")), "e5m2"),
+        "fp8_block": (TritonOptions(fp8=FP8Recipe(block=block, scaling="blockwise")), "e4m3"),
+        "fp8_block_e5m2": (TritonOptions(fp8=FP8Recipe(block=block, scaling="blockwise", grad_format="e5m2")), "e5m2"),
         "fp8_row": (TritonOptions(fp8=FP8Recipe(block=block, scaling="rowwise")), "e4m3"),
         # Config alternatives of the blockwise path: no TMA; the first GEMM with 128-row tiles.
-        "fp8_block_no_tma": (TritonOptions(fp8=FP8Recipe(block=block), configs=no_tma), "e4m3"),
-        "fp8_block_glu_bm128": (TritonOptions(fp8=FP8Recipe(block=block), configs=glu_bm128), "e4m3"),
+        "fp8_block_no_tma": (TritonOptions(fp8=FP8Recipe(block=block, scaling="blockwise"), configs=no_tma), "e4m3"),
+        "fp8_block_glu_bm128": (TritonOptions(fp8=FP8Recipe(block=block, scaling="blockwise"), configs=glu_bm128), "e4m3"),
         # The gathered operands (x's rows forward, gy's backward) copied into expert order and
         # read through TMA, as the bf16 path does for wide experts (config `pregather`).
-        "fp8_block_pregather": (TritonOptions(fp8=FP8Recipe(block=block), configs=pregather), "e4m3"),
+        "fp8_block_pregather": (TritonOptions(fp8=FP8Recipe(block=block, scaling="blockwise"), configs=pregather), "e4m3"),
         "fp8_row_pregather": (TritonOptions(fp8=FP8Recipe(block=block, scaling="rowwise"), configs=pregather_row),
                               "e4m3"),
         # The blockwise GEMMs wait for each product before scaling it (kernels README): 64-row
         # tiles on 4 warps fit two programs per SM, whose products can overlap the other's wait.
-        "fp8_block_gemm_bm64w4": (TritonOptions(fp8=FP8Recipe(block=block), configs=gemm_bm64w4), "e4m3"),
+        "fp8_block_gemm_bm64w4": (TritonOptions(fp8=FP8Recipe(block=block, scaling="blockwise"), configs=gemm_bm64w4), "e4m3"),
         # Rowwise needs no BN = block: 128-row tiles of 64 columns (gate and up) read each weight
         # tile for twice the rows of the default 64 x 128, without spilling (128 x 128 spills).
         "fp8_row_glu_bm128": (TritonOptions(fp8=FP8Recipe(block=block, scaling="rowwise"), configs=row_glu_bm128),

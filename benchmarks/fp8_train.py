@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--block", type=int, default=128, help="FP8Recipe block (the CUDA kernels take 128)")
-    ap.add_argument("--scaling", default="blockwise", choices=["blockwise", "rowwise"], help="FP8Recipe.scaling")
+    ap.add_argument("--scaling", default="rowwise", choices=["rowwise", "blockwise"], help="FP8Recipe.scaling")
     ap.add_argument("--grad-format", default="e4m3", choices=["e4m3", "e5m2"], help="FP8Recipe.grad_format")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "float32"], help="train_lm's precision (both runs)")
     ap.add_argument("--runs", default="baseline,fp8", help="which of baseline,fp8 to train now")

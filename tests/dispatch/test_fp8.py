@@ -182,7 +182,7 @@ def test_weight_quantised_once_per_step(monkeypatch):
     calls = []
     real = fp8_ops.quantize_weight
     monkeypatch.setattr(fp8_ops, "quantize_weight", lambda *a: calls.append(a[0].shape) or real(*a))
-    recipe = FP8Recipe(block=BLOCK)
+    recipe = FP8Recipe(scaling="blockwise", block=BLOCK)
     w = torch.nn.Parameter(torch.randn(2, 2 * BLOCK, BLOCK, device=DEVICE))
     first = fp8_ops.quantized_weight(w, recipe, transpose=True)
     assert fp8_ops.quantized_weight(w, recipe, transpose=True) is first
@@ -322,10 +322,11 @@ if CUDA:
     DISPATCH_CASES += [(2048, 1024, 512, 8, 2, "random", "e4m3"), (2048, 1024, 512, 8, 2, "random", "e5m2")]
 
 
+@pytest.mark.parametrize("scaling", ["rowwise", "blockwise"])
 @pytest.mark.parametrize("T,D,H,E,K,mode,grad_format", DISPATCH_CASES)
-def test_fp8_dispatch_within_fp8_rounding_of_reference(T, D, H, E, K, mode, grad_format):
+def test_fp8_dispatch_within_fp8_rounding_of_reference(T, D, H, E, K, mode, grad_format, scaling):
     bank, x, logits, gy, _ = _inputs(T, D, H, E, K, mode, DTYPE)
-    options = TritonOptions(fp8=FP8Recipe(grad_format=grad_format, block=BLOCK))
+    options = TritonOptions(fp8=FP8Recipe(scaling=scaling, grad_format=grad_format, block=BLOCK))
 
     def run(fn):
         xl = x.detach().clone().requires_grad_()
@@ -383,7 +384,9 @@ def test_grouped_backend_refuses_fp8():
 def test_blockwise_needs_widths_that_are_multiples_of_the_block():
     bank, x, _, _, routing = _inputs(5, BLOCK + 8, BLOCK, 3, 1, "random", DTYPE)
     with pytest.raises(ValueError, match=f"multiples of block={BLOCK}"):
-        triton_dispatch(x, routing, bank, options=TritonOptions(fp8=FP8Recipe(block=BLOCK)))
+        triton_dispatch(x, routing, bank, options=TritonOptions(fp8=FP8Recipe(scaling="blockwise", block=BLOCK)))
+    # The default recipe (rowwise) takes any width.
+    assert triton_dispatch(x, routing, bank, options=TritonOptions(fp8=FP8Recipe(block=BLOCK))).shape == x.shape
 
 
 def test_lora_adapters_refuse_fp8():

@@ -72,7 +72,7 @@ def test_options_and_config_import_no_triton():
 def test_fp8_recipe_defaults_and_validation():
     assert TritonOptions().fp8 is None
     recipe = FP8Recipe()
-    assert (recipe.scaling, recipe.grad_format, recipe.block) == ("blockwise", "e4m3", 128)
+    assert (recipe.scaling, recipe.grad_format, recipe.block) == ("rowwise", "e4m3", 128)
     assert TritonOptions(fp8=FP8Recipe(scaling="rowwise")) == TritonOptions(fp8=FP8Recipe(scaling="rowwise"))
     hash(TritonOptions(fp8=recipe))
     with pytest.raises(ValueError, match="scaling.*'tensorwise'.*blockwise, rowwise"):
