@@ -27,7 +27,8 @@ T >= 8). Prints the machine and a table, writes JSON (``--out``) and a plot of l
 ``generate``: ``generate()`` of a Qwen3-MoE-like causal LM with random weights at Qwen3-30B-A3B
 width (``--gen-layers`` layers), unpatched (transformers' default experts) vs patched with
 `gatedmoe.interop.hf.patch_model`, at batch 1 and 16: tokens per second, eager with the
-dynamic cache and with a static cache compiled (``--gen-compile``, CUDA graphs).
+dynamic cache and with a static cache compiled (``--gen-compile``, CUDA graphs); median of 3
+calls after a warm-up call, the two models' eager calls taking turns.
 
     python benchmarks/decode.py --out /tmp/out/decode.json                # layer mode, GPU
     python benchmarks/decode.py --mode generate --out /tmp/out/gen.json
@@ -510,36 +511,55 @@ def run_generate(args, device: torch.device, dtype: torch.dtype) -> dict:
                             generator=torch.Generator(device=device).manual_seed(batch))
         outs = {}
         for comp in compiles:
-            for name, model in (("unpatched", ref), ("patched", patched)):
-                kw = dict(max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0)
+            models = (("unpatched", ref), ("patched", patched))
+            kw = dict(max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0)
+            if comp == "none":
+                kw["disable_compile"] = True
+            else:
+                kw["cache_implementation"] = "static"
+                kw["compile_config"] = transformers.CompileConfig(
+                    backend=comp, mode="reduce-overhead" if comp == "inductor" else None)
+            reps = 1 if args.tiny else 3
+
+            def timed(model, kw=kw, ids=ids):
+                t0 = time.perf_counter()
+                out = model.generate(ids, **kw)
+                sync(device)
+                return time.perf_counter() - t0, out
+
+            warm, times = {}, {name: [] for name, _ in models}
+            with torch.no_grad():
                 if comp == "none":
-                    kw["disable_compile"] = True
+                    # Eager: both warmed up, then the timed calls take turns, so a drift of the
+                    # machine (clocks, the allocator's cache) falls on both alike.
+                    for name, model in models:
+                        warm[name] = timed(model)[0]
+                    for _ in range(reps):
+                        for name, model in models:
+                            t, outs[(comp, name)] = timed(model)
+                            times[name].append(t)
                 else:
-                    torch._dynamo.reset()  # each (model, batch) compiled afresh, never over the recompile limit
-                    kw["cache_implementation"] = "static"
-                    kw["compile_config"] = transformers.CompileConfig(
-                        backend=comp, mode="reduce-overhead" if comp == "inductor" else None)
-                with torch.no_grad():
-                    t0 = time.perf_counter()
-                    model.generate(ids, **kw)  # warm-up (and compilation)
-                    sync(device)
-                    warm_s = time.perf_counter() - t0
-                    times = []
-                    for _ in range(1 if args.tiny else 3):
-                        t0 = time.perf_counter()
-                        out = model.generate(ids, **kw)
-                        sync(device)
-                        times.append(time.perf_counter() - t0)
-                    if args.gen_profile and comp == "none":
+                    # Compiled: one model at a time (each compiled afresh after a dynamo reset,
+                    # never over the recompile limit; a reset would drop the other's graphs).
+                    for name, model in models:
+                        torch._dynamo.reset()
+                        warm[name] = timed(model)[0]
+                        for _ in range(reps):
+                            t, outs[(comp, name)] = timed(model)
+                            times[name].append(t)
+                if args.gen_profile and comp == "none":
+                    for name, model in models:
                         profile_generate(model, ids, kw, device, Path(args.out), f"b{batch}_{name}")
-                outs[(comp, name)] = out
-                s = statistics.median(times)
+            for name, _ in models:
+                s = statistics.median(times[name])
                 row = {"batch": batch, "compile": comp, "model": name, "new_tokens": args.gen_tokens, "seconds": s,
-                       "tokens_per_s": batch * args.gen_tokens / s, "first_call_s": warm_s}
+                       "seconds_each": times[name], "tokens_per_s": batch * args.gen_tokens / s,
+                       "first_call_s": warm[name]}
                 results.append(row)
                 print(f"generate batch={batch:<3} {('static+' + comp) if comp != 'none' else 'eager':<18} "
-                      f"{name:<10} {row['tokens_per_s']:9.1f} tok/s  ({s * 1e3:.0f} ms for {args.gen_tokens} tokens; "
-                      f"first call {warm_s:.1f} s)", flush=True)
+                      f"{name:<10} {row['tokens_per_s']:9.1f} tok/s  ({s * 1e3:.0f} ms for {args.gen_tokens} tokens, "
+                      f"each {', '.join(f'{t * 1e3:.0f}' for t in times[name])}; first call {warm[name]:.1f} s)",
+                      flush=True)
             same = torch.equal(outs[(comp, "unpatched")], outs[(comp, "patched")])
             print(f"  greedy tokens patched == unpatched ({comp}): {same}", flush=True)
             results.append({"batch": batch, "compile": comp, "tokens_identical": same})
