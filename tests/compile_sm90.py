@@ -39,15 +39,15 @@ def compile_one(fn, types: dict, consts: dict, warps: int = 8, stages: int = 4) 
 
     Pointer arguments are compiled as 16-byte aligned, as the JIT specialises the pointers of
     torch's allocations: without it loads lose their vector width, are not pipelined and may
-    spill, which is not the code that runs. Integer arguments stay unspecialised (the JIT
-    marks those divisible by 16), so the spills reported are those of the awkward sizes; a
-    kernel can spill here and not at E = 64 or D = 2048 (the fused gate's kernels at E = 64
-    and 128 with 4 warps, 2026-12-02)."""
+    spill, which is not the code that runs. An integer is specialised as the JIT does for a
+    value divisible by 16 when its type says so (``"i32:16"``); plain ``"i32"`` is the
+    awkward size, where a kernel can spill that does not at E = 64 or D = 2048."""
     names = [p.name for p in fn.params]
-    signature = {n: "constexpr" if n in consts else types[n] for n in names}
+    args = {n: types[n].split(":")[0] for n in names if n not in consts}
+    signature = {n: "constexpr" if n in consts else args[n] for n in names}
     constexprs = {(names.index(n),): v for n, v in consts.items()}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-               if n not in consts and types[n].startswith("*")}
+               if n not in consts and (types[n].startswith("*") or types[n].endswith(":16"))}
     try:
         ck = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
                             target=TARGET, options={"num_warps": warps, "num_stages": stages})

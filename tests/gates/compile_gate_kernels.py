@@ -47,15 +47,22 @@ def variants():
     # The fused gate's kernels over its tiles (`fused_topk._blocks`), as `fused_topk` launches them.
     for E, k, n_group, topk_group in ((8, 2, 1, 1), (64, 6, 1, 1), (256, 8, 8, 4), (4096, 16, 1, 1)):
         BT, BE = fused_topk._blocks(E)
+        e_type = "i32:16" if E % 16 == 0 else "i32"  # as the JIT specialises E
         for score in (0, 1):
             for bias in (False, True):
                 types = dict(logits_ptr="*fp32", bias_ptr="*fp32", probs_ptr="*fp32", lse_ptr="*fp32",
-                             weights_ptr="*fp32", experts_ptr="*i32", T="i32", E="i32", scale="fp32",
+                             weights_ptr="*fp32", experts_ptr="*i32", T="i32", E=e_type, scale="fp32",
                              mask_value="fp32")
                 consts = dict(K=k, BK=topk_sort._pow2(k), BT=BT, BE=BE, SCORE=score, HAS_BIAS=bias, NORMALIZE=True,
                               N_GROUP=n_group, TOPK_GROUP=topk_group)
                 name = f"route_fwd E={E} k={k} groups={n_group} score={score} bias={bias}"
                 yield name, fused_topk_kernels.route_fwd_kernel, types, consts, 4, 1
+            types = dict(saved_ptr="*fp32", lse_ptr="*fp32", weights_ptr="*fp32", experts_ptr="*i32", pos_ptr="*i64",
+                         g_weight_ptr="*fp32", g_probs_ptr="*fp32", g_lse_ptr="*fp32", g_logits_ptr="*fp32", T="i32",
+                         E=e_type, scale="fp32")
+            consts = dict(K=k, BT=BT, BE=BE, SCORE=score, NORMALIZE=True, HAS_GW=True, HAS_GP=True, HAS_GLSE=True)
+            name = f"route_bwd E={E} k={k} score={score}"
+            yield name, fused_topk_kernels.route_bwd_kernel, types, consts, 4, 1
 
 
 if __name__ == "__main__":
