@@ -72,6 +72,21 @@ def test_sort_topk_matches_the_plain_path(T, K, E, id_dtype, w_dtype):
     assert torch.equal(ref_w.grad, fast_w.grad)
 
 
+@pytest.mark.parametrize("T", [3, 300])  # one program, three launches
+def test_inference_takes_the_launches_without_autograd(T):
+    """Without gradients (a decode step) the same launches run outside the autograd Function:
+    the same routing, and no graph recorded."""
+    experts = torch.randint(0, 16, (T, 4), device=DEVICE)
+    w = torch.rand(T, 4, device=DEVICE, requires_grad=True)
+    with_grad = ts.sort_topk(w, experts, 16)
+    assert with_grad[2].grad_fn is not None
+    with torch.no_grad():
+        without = ts.sort_topk(w, experts, 16)
+    assert without[2].grad_fn is None and not without[2].requires_grad
+    _assert_same(with_grad, without)
+    _assert_same(ts.sort_topk_reference(w.detach(), experts, 16), ts.sort_topk(w.detach(), experts, 16))
+
+
 @pytest.mark.parametrize("T", [70, 700])  # one program, three launches
 def test_all_rows_on_one_expert_and_experts_without_rows(T):
     w = torch.rand(T, 2, device=DEVICE)

@@ -127,16 +127,20 @@ def _launch_sort(weights: Tensor, experts: Tensor, E: int) -> tuple[Tensor, Tens
     return token, expert, weight, counts, pos
 
 
+def _sort(weights_TK: Tensor, experts_TK: Tensor, E: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`_launch_sort` on the inputs, checked: ``(token, expert, weight, counts [E], pos)``."""
+    token, expert, weight, counts, pos = _launch_sort(weights_TK.contiguous(), experts_TK.contiguous(), E)
+    if weight.device.type == "cuda":
+        # Ids outside [0, E) fail loudly, as the plain path's scatter_add does: a
+        # device-side assertion, no host sync (the interpreter's tests check the bucket).
+        torch._assert_async(counts[E] == 0, "experts_TK: expert ids must lie in [0, n_experts)")
+    return token, expert, weight, counts[:E], pos
+
+
 class _SortTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights_TK, experts_TK, n_experts):
-        E = n_experts
-        token, expert, weight, counts, pos = _launch_sort(weights_TK.contiguous(), experts_TK.contiguous(), E)
-        if weight.device.type == "cuda":
-            # Ids outside [0, E) fail loudly, as the plain path's scatter_add does: a
-            # device-side assertion, no host sync (the interpreter's tests check the bucket).
-            torch._assert_async(counts[E] == 0, "experts_TK: expert ids must lie in [0, n_experts)")
-        counts = counts[:E]
+        token, expert, weight, counts, pos = _sort(weights_TK, experts_TK, n_experts)
         ctx.mark_non_differentiable(token, expert, counts)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(pos)
@@ -171,7 +175,8 @@ def sort_topk(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> tuple[T
     ``[N]`` in weights_TK's dtype (differentiable), counts int64 ``[E]``; bit for bit those of
     `sort_topk_reference`. Within an expert, assignments keep (token, choice) order. Ids
     outside ``[0, E)`` come last, with their own values, and are not counted (see the module
-    docstring).
+    docstring). Without gradients (weights not requiring grad, or grad mode off) the launches
+    run outside the autograd Function, which saves its host time on every decode step.
 
     Examples
     --------
@@ -182,7 +187,10 @@ def sort_topk(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> tuple[T
     ([0, 1, 1, 0], [0, 0, 1, 2], [2, 1, 1])
     """
     _check_args(weights_TK, experts_TK, n_experts)
-    return _SortTopK.apply(weights_TK, experts_TK, n_experts)
+    if weights_TK.requires_grad and torch.is_grad_enabled():
+        return _SortTopK.apply(weights_TK, experts_TK, n_experts)
+    # Inference (a decode step): the same launches without the autograd Function's host cost.
+    return _sort(weights_TK, experts_TK, n_experts)[:4]
 
 
 def sort_topk_reference(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
