@@ -57,6 +57,21 @@ def _options(opts: dict, E: int) -> dict:
     return opts
 
 
+@pytest.mark.parametrize("T,E,k,opts", [CASES[1], CASES[7], (300, 16, 4, {})])  # one sort launch, three
+def test_inference_takes_the_launches_without_autograd(T, E, k, opts):
+    """Without gradients (inference) the same kernels run outside the autograd Function: the
+    same routing bit for bit, and no graph recorded."""
+    opts = _options(opts, E)
+    logits = _distinct_logits(T, E).requires_grad_()
+    with_grad = ft.fused_topk(logits, k, **opts)
+    assert with_grad.weight.grad_fn is not None
+    with torch.no_grad():
+        without = ft.fused_topk(logits, k, **opts)
+    assert without.weight.grad_fn is None and without.probs.grad_fn is None
+    for name in ("token", "expert", "counts", "weight", "probs", "lse"):
+        assert torch.equal(getattr(with_grad, name), getattr(without, name)), name
+
+
 @pytest.mark.parametrize("T,E,k,opts", CASES)
 def test_fused_topk_matches_reference(T, E, k, opts):
     opts = _options(opts, E)

@@ -70,36 +70,45 @@ def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
+def _route(logits_TE, bias_E, k, score, normalize, scale, n_group, topk_group, mask_value):
+    """The forward's launches: ``(weight, probs, lse, token, expert, counts)`` and what the
+    backward needs, ``(saved, weights_TK, experts_TK, pos, BT, BE)``."""
+    from gatedmoe.gates import fused_topk_kernels as kn
+
+    logits = logits_TE.contiguous()
+    T, E = logits.shape
+    BT, BE = _blocks(E)
+    dev = logits.device
+    probs = _empty(T, E, device=dev, dtype=torch.float32)
+    lse = _empty(T, device=dev, dtype=torch.float32)
+    weights_TK = _empty(T, k, device=dev, dtype=torch.float32)
+    experts_TK = _empty(T, k, device=dev, dtype=torch.int32)
+    has_bias = bias_E is not None
+    bias = bias_E.detach().float().contiguous() if has_bias else lse
+    code = SCORES.index(score)
+    kn.route_fwd_kernel[(-(-T // BT),)](
+        logits, bias, probs, lse, weights_TK, experts_TK, T, E, float(scale), float(mask_value),
+        K=k, BK=_pow2(k), BT=BT, BE=BE, SCORE=code, HAS_BIAS=has_bias, NORMALIZE=normalize,
+        N_GROUP=n_group, TOPK_GROUP=topk_group, num_warps=4,
+    )
+    # Ids are always in [0, E) (the kernel clamps a NaN row's choice), so the sort's extra
+    # bucket stays empty.
+    token, expert, weight, counts, pos = _launch_sort(weights_TK, experts_TK, E)
+    outputs = (weight, probs, lse, token, expert, counts[:E])
+    return outputs, (probs if code == 0 else logits, weights_TK, experts_TK, pos, BT, BE)
+
+
 class _FusedTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TE, bias_E, k, score, normalize, scale, n_group, topk_group, mask_value):
-        from gatedmoe.gates import fused_topk_kernels as kn
-
-        logits = logits_TE.contiguous()
-        T, E = logits.shape
-        BT, BE = _blocks(E)
-        dev = logits.device
-        probs = _empty(T, E, device=dev, dtype=torch.float32)
-        lse = _empty(T, device=dev, dtype=torch.float32)
-        weights_TK = _empty(T, k, device=dev, dtype=torch.float32)
-        experts_TK = _empty(T, k, device=dev, dtype=torch.int32)
-        has_bias = bias_E is not None
-        bias = bias_E.detach().float().contiguous() if has_bias else lse
-        code = SCORES.index(score)
-        kn.route_fwd_kernel[(-(-T // BT),)](
-            logits, bias, probs, lse, weights_TK, experts_TK, T, E, float(scale), float(mask_value),
-            K=k, BK=_pow2(k), BT=BT, BE=BE, SCORE=code, HAS_BIAS=has_bias, NORMALIZE=normalize,
-            N_GROUP=n_group, TOPK_GROUP=topk_group, num_warps=4,
-        )
-        # Ids are always in [0, E) (the kernel clamps a NaN row's choice), so the sort's extra
-        # bucket stays empty.
-        token, expert, weight, counts, pos = _launch_sort(weights_TK, experts_TK, E)
-        counts = counts[:E]
+        outputs, (saved, weights_TK, experts_TK, pos, BT, BE) = _route(
+            logits_TE, bias_E, k, score, normalize, scale, n_group, topk_group, mask_value)
+        weight, probs, lse, token, expert, counts = outputs
         ctx.mark_non_differentiable(token, expert, counts)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(probs if code == 0 else logits, lse, weights_TK, experts_TK, pos)
-        ctx.meta = (k, code, normalize, float(scale), BT, BE)
-        return weight, probs, lse, token, expert, counts
+        ctx.save_for_backward(saved, lse, weights_TK, experts_TK, pos)
+        ctx.meta = (k, SCORES.index(score), normalize, float(scale), BT, BE)
+        return outputs
 
     @staticmethod
     def backward(ctx, g_weight, g_probs, g_lse, _gt, _ge, _gc):
@@ -164,10 +173,12 @@ def fused_topk(
     """
     _check_args(logits_TE, k, score, n_group, topk_group, mask_value)
     T, E = logits_TE.shape
-    weight, probs, lse, token, expert, counts = _FusedTopK.apply(
-        logits_TE.float(), bias_E, k, score, bool(normalize), float(scale), int(n_group), int(topk_group),
-        float(mask_value),
-    )
+    args = (logits_TE.float(), bias_E, k, score, bool(normalize), float(scale), int(n_group), int(topk_group),
+            float(mask_value))
+    if logits_TE.requires_grad and torch.is_grad_enabled():
+        weight, probs, lse, token, expert, counts = _FusedTopK.apply(*args)
+    else:  # inference: the same launches without the autograd Function's host cost
+        weight, probs, lse, token, expert, counts = _route(*args)[0]
     return Routing(token=token, expert=expert, weight=weight, counts=counts, n_tokens=T, probs=probs,
                    logits=logits_TE, lse=lse)
 
