@@ -48,3 +48,17 @@ def test_tensor_core_router_matches_the_reference(T, dtype):
     assert_close("x.grad", ref_x.grad, fast_x.grad, dtype)
     assert_close("w.grad", ref_w.grad, fast_w.grad, dtype)
     assert fast_w.grad.dtype == torch.float32 and fast_x.grad.dtype == dtype
+
+
+@cuda
+@pytest.mark.gpu
+def test_tensor_core_router_without_gradients_is_the_same_product():
+    """Inference skips the autograd Function: the same logits bit for bit, no graph."""
+    x = torch.randn(9, 128, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(16, 128, device="cuda", requires_grad=True)
+    with_grad = router_logits(x, w)
+    assert with_grad.grad_fn is not None
+    with torch.no_grad():
+        without = router_logits(x, w)
+    assert without.grad_fn is None and without.dtype == torch.float32
+    assert torch.equal(with_grad, without)

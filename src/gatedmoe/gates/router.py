@@ -68,5 +68,8 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
         # An autocast linear would round the logits to 16 bits.
         return outside_autocast(router_logits, x_TD, weight_ED)
     if x_TD.is_cuda and x_TD.dtype in _TENSOR_CORE_DTYPES and x_TD.dim() == 2:
-        return _MixedRouterMatmul.apply(x_TD, weight_ED)
+        if torch.is_grad_enabled() and (x_TD.requires_grad or weight_ED.requires_grad):
+            return _MixedRouterMatmul.apply(x_TD, weight_ED)
+        # Inference: the same product without the autograd Function's host cost.
+        return torch.mm(x_TD, weight_ED.to(x_TD.dtype).t(), out_dtype=torch.float32)
     return router_logits_reference(x_TD, weight_ED)
