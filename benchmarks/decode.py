@@ -438,7 +438,6 @@ def profile_generate(model, ids, kw: dict, device: torch.device, out: Path, tag:
     ``out`` (chrome://tracing or Perfetto): the table sums operators, the timeline shows the
     gaps between them."""
     import gzip
-    import shutil
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -460,11 +459,11 @@ def profile_generate(model, ids, kw: dict, device: torch.device, out: Path, tag:
         sync(device)
     raw = out.with_name(f"{out.stem}_trace_{tag}.json")
     prof.export_chrome_trace(str(raw))
-    with open(raw) as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
-    with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
+    data = raw.read_bytes()
     raw.unlink()
+    with gzip.open(f"{raw}.gz", "wb") as dst:
+        dst.write(data)
+    events = [e for e in json.loads(data)["traceEvents"] if e.get("ph") == "X"]
     # Host time inside each module class (nested: a layer's time includes its block's).
     spent: dict[str, float] = collections.defaultdict(float)
     calls: collections.Counter = collections.Counter()

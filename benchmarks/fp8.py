@@ -227,13 +227,12 @@ def _variants(block: int, device: torch.device) -> dict:
     from gatedmoe.dispatch.triton.fp8_config import fp8_kernel_configs
 
     blockwise = fp8_kernel_configs(device, block)
+    row = fp8_kernel_configs(device, block, "rowwise")
     no_tma = {name: dataclasses.replace(cfg, tma=False) for name, cfg in blockwise.items()}
     glu_bm128 = {"fp8_glu_fwd": dataclasses.replace(blockwise["fp8_glu_fwd"], BM=128)}
     pregather = {name: dataclasses.replace(cfg, pregather=True) for name, cfg in blockwise.items()}
-    pregather_row = {name: dataclasses.replace(cfg, pregather=True)
-                     for name, cfg in fp8_kernel_configs(device, block, "rowwise").items()}
+    pregather_row = {name: dataclasses.replace(cfg, pregather=True) for name, cfg in row.items()}
     gemm_bm64w4 = {"fp8_gemm": dataclasses.replace(blockwise["fp8_gemm"], BM=64, warps=4)}
-    row = fp8_kernel_configs(device, block, "rowwise")
     row_glu_bm128 = {"fp8_glu_fwd": dataclasses.replace(row["fp8_glu_fwd"], BM=128, BN=64)}
     variants = {
         "bf16": (TritonOptions(), None),
