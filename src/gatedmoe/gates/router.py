@@ -31,6 +31,11 @@ def router_logits_reference(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     return F.linear(x_TD.float(), weight_ED.float())
 
 
+def _mixed_logits(x_TD: Tensor, w_ED: Tensor) -> Tensor:
+    """``x W^T`` of 16-bit operands (w already in x's dtype), float32 accumulation and output."""
+    return torch.mm(x_TD, w_ED.t(), out_dtype=torch.float32)
+
+
 class _MixedRouterMatmul(torch.autograd.Function):
     """16-bit operands, float32 accumulation and output; gradients in the operands' dtypes."""
 
@@ -39,7 +44,7 @@ class _MixedRouterMatmul(torch.autograd.Function):
         w_ED = weight_ED.to(x_TD.dtype)
         ctx.save_for_backward(x_TD, w_ED)
         ctx.weight_dtype = weight_ED.dtype
-        return torch.mm(x_TD, w_ED.t(), out_dtype=torch.float32)
+        return _mixed_logits(x_TD, w_ED)
 
     @staticmethod
     def backward(ctx, g_TE: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -71,5 +76,5 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
         if torch.is_grad_enabled() and (x_TD.requires_grad or weight_ED.requires_grad):
             return _MixedRouterMatmul.apply(x_TD, weight_ED)
         # Inference: the same product without the autograd Function's host cost.
-        return torch.mm(x_TD, weight_ED.to(x_TD.dtype).t(), out_dtype=torch.float32)
+        return _mixed_logits(x_TD, weight_ED.to(x_TD.dtype))
     return router_logits_reference(x_TD, weight_ED)
