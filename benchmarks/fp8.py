@@ -26,8 +26,7 @@ grouped GEMM wants; the bank in bf16):
 
 Variants: "bf16" (`TritonOptions()`), "fp8_block" (`FP8Recipe(scaling="blockwise")`: 1x128 / 128x128 scales,
 e4m3 gradients), "fp8_block_e5m2" (e5m2 gradients), "fp8_row" (row-wise scales, the default recipe),
-"fp8_block_no_tma", "fp8_block_glu_bm128", "fp8_block_pregather", "fp8_row_pregather",
-"fp8_block_gemm_bm64w4" and "fp8_row_glu_bm128" (config alternatives, as `TritonOptions.configs`),
+"fp8_block_no_tma" and "fp8_block_glu_bm128" (config alternatives, as `TritonOptions.configs`),
 "sgmm_row" (gather, our row quantisation kernel, ``torch._scaled_grouped_mm`` with fast
 accumulation, SwiGLU in torch, weighted ``index_add``; backward: the two
 data-gradient GEMMs with ``torch._scaled_grouped_mm`` on row-quantised operands, weight
@@ -60,8 +59,7 @@ from gatedmoe.bench import SHAPES, BenchShape, dense_ceiling, machine_info, time
 from gatedmoe.dispatch import FP8Recipe, TritonOptions, get_backend  # noqa: E402
 
 FP8_SHAPES = ("mixtral", "deepseek", "finegrained")
-VARIANT_NAMES = ("bf16", "fp8_block", "fp8_block_e5m2", "fp8_row", "fp8_block_no_tma", "fp8_block_glu_bm128",
-                 "fp8_block_pregather", "fp8_row_pregather", "fp8_block_gemm_bm64w4", "fp8_row_glu_bm128", "sgmm_row")
+VARIANT_NAMES = ("bf16", "fp8_block", "fp8_block_e5m2", "fp8_row", "fp8_block_no_tma", "fp8_block_glu_bm128", "sgmm_row")
 U = {"e4m3": 2.0**-4, "e5m2": 2.0**-3}
 # (e4m3, gradient-format) quantisations on each quantity's path: `tests/dispatch/test_fp8.py`.
 PATHS = {"y": (4, 0), "dx": (4, 2), "dweight": (3, 1), "dW_in": (3, 1), "dW_out": (2, 0)}
@@ -227,13 +225,8 @@ def _variants(block: int, device: torch.device) -> dict:
     from gatedmoe.dispatch.triton.fp8_config import fp8_kernel_configs
 
     blockwise = fp8_kernel_configs(device, block)
-    row = fp8_kernel_configs(device, block, "rowwise")
     no_tma = {name: dataclasses.replace(cfg, tma=False) for name, cfg in blockwise.items()}
     glu_bm128 = {"fp8_glu_fwd": dataclasses.replace(blockwise["fp8_glu_fwd"], BM=128)}
-    pregather = {name: dataclasses.replace(cfg, pregather=True) for name, cfg in blockwise.items()}
-    pregather_row = {name: dataclasses.replace(cfg, pregather=True) for name, cfg in row.items()}
-    gemm_bm64w4 = {"fp8_gemm": dataclasses.replace(blockwise["fp8_gemm"], BM=64, warps=4)}
-    row_glu_bm128 = {"fp8_glu_fwd": dataclasses.replace(row["fp8_glu_fwd"], BM=128, BN=64)}
     variants = {
         "bf16": (TritonOptions(), None),
         "fp8_block": (TritonOptions(fp8=FP8Recipe(block=block, scaling="blockwise")), "e4m3"),
@@ -242,18 +235,6 @@ def _variants(block: int, device: torch.device) -> dict:
         # Config alternatives of the blockwise path: no TMA; the first GEMM with 128-row tiles.
         "fp8_block_no_tma": (TritonOptions(fp8=FP8Recipe(block=block, scaling="blockwise"), configs=no_tma), "e4m3"),
         "fp8_block_glu_bm128": (TritonOptions(fp8=FP8Recipe(block=block, scaling="blockwise"), configs=glu_bm128), "e4m3"),
-        # The gathered operands (x's rows forward, gy's backward) copied into expert order and
-        # read through TMA, as the bf16 path does for wide experts (config `pregather`).
-        "fp8_block_pregather": (TritonOptions(fp8=FP8Recipe(block=block, scaling="blockwise"), configs=pregather), "e4m3"),
-        "fp8_row_pregather": (TritonOptions(fp8=FP8Recipe(block=block, scaling="rowwise"), configs=pregather_row),
-                              "e4m3"),
-        # The blockwise GEMMs wait for each product before scaling it (kernels README): 64-row
-        # tiles on 4 warps fit two programs per SM, whose products can overlap the other's wait.
-        "fp8_block_gemm_bm64w4": (TritonOptions(fp8=FP8Recipe(block=block, scaling="blockwise"), configs=gemm_bm64w4), "e4m3"),
-        # Rowwise needs no BN = block: 128-row tiles of 64 columns (gate and up) read each weight
-        # tile for twice the rows of the default 64 x 128, without spilling (128 x 128 spills).
-        "fp8_row_glu_bm128": (TritonOptions(fp8=FP8Recipe(block=block, scaling="rowwise"), configs=row_glu_bm128),
-                              "e4m3"),
         "sgmm_row": (None, "e4m3"),
     }
     assert tuple(variants) == VARIANT_NAMES

@@ -41,7 +41,7 @@ from gatedmoe.dispatch.triton import fp8_reference
 from gatedmoe.dispatch.triton.config import KernelConfig
 from gatedmoe.dispatch.triton.fp8_config import fp8_configs_to_ints, fp8_kernel_configs
 from gatedmoe.experts import ExpertBank
-from helpers import assert_close, poisoned_empty
+from helpers import TOLERANCES, assert_close, poisoned_empty
 
 pytest.importorskip("triton")
 from gatedmoe.dispatch.triton import fp8_ops, launchers, triton_dispatch  # noqa: E402
@@ -167,6 +167,8 @@ def test_quantized_weight_matches_reference_bit_for_bit(scaling):
     recipe = FP8Recipe(scaling=scaling, block=BLOCK)
     w = torch.randn(3, 2 * BLOCK + 8, BLOCK + 24, device=DEVICE)
     w[1, :BLOCK, :BLOCK] *= 1e3
+    w[2, 5] = 0  # a zero row and a zero column: the smallest scale
+    w[2, :, 7] = 0
     block = BLOCK if scaling == "blockwise" else None
     fast = fp8_ops.quantized_weight(w, recipe, transpose=True)
     ref_q, ref_s = fp8_reference.quantize_blocks(w, "e4m3", block)
@@ -234,10 +236,42 @@ def _inputs(T, D, H, E, K, mode, dtype):
     return bank, x, logits, gy, routing
 
 
+def _exact(x, token, weight, counts, w_in, w_out, gy) -> list[torch.Tensor]:
+    """``[y, dL/dx, dL/dweight, dL/dW_in, dL/dW_out]`` without FP8, in float64: the plain loop."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, w_in, w_out)]
+    xs, H, rows, start = leaves[0][token], w_out.shape[-1], [], 0
+    for e, n in enumerate(counts.tolist()):
+        h = xs[start:start + n] @ leaves[2][e].T
+        rows.append((torch.nn.functional.silu(h[:, :H]) * h[:, H:]) @ leaves[3][e].T)
+        start += n
+    y = torch.zeros(x.shape, dtype=torch.float64).index_add(0, token, torch.cat(rows) * leaves[1][:, None])
+    return [y.detach(), *torch.autograd.grad(y, leaves, gy.double())]
+
+
+def _flip_allowance(fast_h: torch.Tensor, ref_h: torch.Tensor, fmt: str) -> float:
+    """Relative error norm that rounding flips of a 16-bit h can add after an FP8 quantisation.
+
+    Hopper's FP8 tensor cores accumulate with fewer bits than float32 between the kernels'
+    promotions (every BK products, ``max_num_imprecise_acc``), so h and ga = gy W_out, stored
+    in bf16, round differently from the float32-accumulated reference in a few percent of
+    elements (8.7% of h at T=21 D=376 H=264 on an H200; a float32 h differs from the reference
+    in its last bits only, far below any FP8 rounding step, and the kernels then agree to
+    1.5e-3). An element that differs can land on the other side of an FP8 rounding boundary
+    when a (e4m3) or dL/dh (the gradient format) is quantised, which moves it by one FP8 step,
+    2u relative; for a fraction p of flipped elements that is about 2u sqrt(p) of the norm.
+    (The flips of ga are as frequent as those of h: 5.5% in the same case.)
+    """
+    if fast_h.dtype == torch.float32:
+        return 0.0
+    p = (fast_h != ref_h).float().mean().item()
+    return 2 * U[fmt] * math.sqrt(p)
+
+
 @pytest.mark.parametrize("T,D,H,E,K,mode,scaling,grad_format", CASES)
 def test_fp8_kernels_match_fp8_reference(T, D, H, E, K, mode, scaling, grad_format, configs=None):
-    """Same quantised arithmetic: equal up to float32 summation order (and, in bf16, the
-    rounding of h, which can move a value of a across an FP8 rounding boundary). The
+    """Same quantised arithmetic: equal up to float32 summation order and, in bf16, the
+    flips that Hopper's FP8 accumulation causes in the rounding of h and ga (`_flip_allowance`),
+    and no farther from the exact (unquantised) result than the FP8 reference is. The
     weights go through TMA (the default configs, in the interpreter too)."""
     recipe = FP8Recipe(scaling=scaling, grad_format=grad_format, block=BLOCK)
     bank, x, _, gy, routing = _inputs(T, D, H, E, K, mode, DTYPE)
@@ -248,10 +282,19 @@ def test_fp8_kernels_match_fp8_reference(T, D, H, E, K, mode, scaling, grad_form
     w_in, w_out = bank.w_in.detach(), bank.w_out.detach()
     ref_y, ref_h = fp8_reference.fp8_moe_forward(x, token, weight, counts, w_in, w_out, recipe)
     ref_g = fp8_reference.fp8_moe_backward(gy, x, token, weight, counts, w_in, w_out, ref_h, recipe)
-    assert_close("y", ref_y, fast_y, DTYPE)
-    for name, ref, fast in zip(["x", "weight", "w_in", "w_out"], ref_g, fast_g, strict=True):
+    _, fast_h = fp8_ops._fp8_forward(x, token, weight, counts, w_in, w_out, True, recipe, False, configs)
+    tol = TOLERANCES[torch.bfloat16]["rel_norm"] if DTYPE == torch.bfloat16 else None
+    # Which quantisation follows a rounded h / ga on each output's path (module docstring).
+    flips = {"y": _flip_allowance(fast_h, ref_h, "e4m3"), "x": _flip_allowance(fast_h, ref_h, grad_format)}
+    exact = _exact(x, token, weight, counts, w_in, w_out, gy)
+    names = ["y", "x", "weight", "w_in", "w_out"]
+    for name, ref, fast, ex in zip(names, [ref_y, *ref_g], [fast_y, *fast_g], exact, strict=True):
         # The weight gradients come back in the parameters' float32 from the input dtype's products.
-        assert_close(f"grad {name}", ref, fast, DTYPE)
+        scale = 1.0 + flips.get(name, 0.0) / tol if tol else 1.0
+        assert_close(name if name == "y" else f"grad {name}", ref, fast, DTYPE, scale=scale)
+        fast_err = (fast.double() - ex).norm() / ex.norm()
+        ref_err = (ref.double() - ex).norm() / ex.norm()
+        assert fast_err <= 1.1 * ref_err + 1e-3, f"{name}: {fast_err:.3e} from exact, the FP8 reference {ref_err:.3e}"
 
 
 @pytest.mark.parametrize("scaling", ["blockwise", "rowwise"])
@@ -276,40 +319,9 @@ def test_weights_by_pointer_loads_match_fp8_reference(scaling):
     test_fp8_kernels_match_fp8_reference(21, 2 * BLOCK, 2 * BLOCK, 4, 2, "skip_experts", scaling, "e4m3", configs)
 
 
-@pytest.mark.parametrize("scaling,grad_format", [("blockwise", "e4m3"), ("rowwise", "e5m2")])
-@pytest.mark.parametrize("mode", ["skip_experts", "one_expert"])
-def test_pregathered_rows_match_fp8_reference(scaling, grad_format, mode, monkeypatch):
-    """The gathered operands (x's rows in the first GEMM, gy's in the backward's first) copied
-    into expert order first and read through TMA (configs with ``pregather=True``): the same
-    results, and both GEMMs really take the pregathered path."""
-    taken = []
-    real = fp8_ops._pregathered
-
-    def spy(*args):
-        out = real(*args)
-        taken.append(out[2])
-        return out
-
-    monkeypatch.setattr(fp8_ops, "_pregathered", spy)
-    cfgs = fp8_kernel_configs(torch.device(DEVICE), BLOCK, scaling)
-    configs = {name: dataclasses.replace(cfg, pregather=True) for name, cfg in cfgs.items()}
-    test_fp8_kernels_match_fp8_reference(21, 2 * BLOCK, 2 * BLOCK, 4, 2, mode, scaling, grad_format, configs)
-    assert taken == [True, True], "the forward's and the backward's gathered GEMMs should read pregathered rows"
-
-
-def test_pregather_falls_back_where_tma_cannot_address_the_rows(monkeypatch):
-    """Rowwise takes any width; rows of D not a multiple of 16 bytes cannot be a TMA operand,
-    so they stay gathered by pointer loads (same results)."""
-    taken = []
-    real = fp8_ops._pregathered
-    monkeypatch.setattr(fp8_ops, "_pregathered", lambda *a: taken.append(real(*a)[2]) or real(*a))
-    cfgs = fp8_kernel_configs(torch.device(DEVICE), BLOCK, "rowwise")
-    configs = {name: dataclasses.replace(cfg, pregather=True) for name, cfg in cfgs.items()}
-    test_fp8_kernels_match_fp8_reference(21, 2 * BLOCK - 8, BLOCK, 4, 2, "random", "rowwise", "e4m3", configs)
-    assert taken == [False, False]
-
-
-def test_blockwise_config_overrides_must_step_one_block():
+def test_fp8_config_overrides_are_checked():
+    with pytest.raises(ValueError, match=r"configs\['fp8_gemm'\]: the FP8 kernels read gathered rows directly"):
+        fp8_kernel_configs(torch.device(DEVICE), BLOCK, "rowwise", {"fp8_gemm": KernelConfig(16, 16, BLOCK, 4, 1, pregather=True)})
     bad = {"fp8_gemm": KernelConfig(16, 16, 2 * BLOCK, 4, 1)}
     with pytest.raises(ValueError, match=r"configs\['fp8_gemm'\]: each reduction step must be one scale block"):
         fp8_kernel_configs(torch.device(DEVICE), BLOCK, "blockwise", bad)

@@ -156,29 +156,79 @@ def quantize_blocks_kernel(
 
 
 @triton.jit
+def weight_amax_kernel(w_ptr, rmax_ptr, cmax_ptr, R, C, RB, CB, BR: tl.constexpr, BC: tl.constexpr):
+    """Program (e, row block, column block) of ``w [E, R, C]``: the tile's row and column
+    amaxes max-ed into ``rmax [E, R]`` and ``cmax [E, C]``, zero-initialised int32 holding
+    float32 bits (amaxes are >= 0, whose bit patterns order as their values)."""
+    pid = tl.program_id(0)
+    e = pid // (RB * CB)
+    rb = (pid // CB) % RB
+    cb = pid % CB
+    r = rb * BR + tl.arange(0, BR)
+    c = cb * BC + tl.arange(0, BC)
+    base = e.to(tl.int64) * R * C
+    mask = (r < R)[:, None] & (c < C)[None, :]
+    a = tl.abs(tl.load(w_ptr + base + r[:, None].to(tl.int64) * C + c[None, :], mask=mask, other=0.0).to(tl.float32))
+    tl.atomic_max(rmax_ptr + e * R + r, tl.max(a, axis=1).to(tl.int32, bitcast=True), mask=r < R)
+    tl.atomic_max(cmax_ptr + e * C + c, tl.max(a, axis=0).to(tl.int32, bitcast=True), mask=c < C)
+
+
+@triton.jit
+def quantize_rows_and_cols_kernel(
+    w_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, rmax_ptr, cmax_ptr, R, C, RB, CB,
+    BR: tl.constexpr, BC: tl.constexpr, FMAX: tl.constexpr, FMAX_EXP: tl.constexpr, ROUND: tl.constexpr,
+):
+    """Program (e, row block, column block) of ``w [E, R, C]``, after `weight_amax_kernel`:
+    its tile of ``q [E, R, C]`` scaled per row (``s [E, R]``) and of ``qt [E, C, R]``, the
+    transpose, scaled per row of its own (``st [E, C]``, from w's column amaxes). The
+    rowwise recipe's weight and its transpose from two reads of w, where quantising a
+    transposed copy took a copy and four more."""
+    pid = tl.program_id(0)
+    e = pid // (RB * CB)
+    rb = (pid // CB) % RB
+    cb = pid % CB
+    r = rb * BR + tl.arange(0, BR)
+    c = cb * BC + tl.arange(0, BC)
+    base = e.to(tl.int64) * R * C
+    rmask = r < R
+    cmask = c < C
+    rs, rinv = _pow2_scale(tl.load(rmax_ptr + e * R + r, mask=rmask, other=0).to(tl.float32, bitcast=True), FMAX_EXP)
+    cs, cinv = _pow2_scale(tl.load(cmax_ptr + e * C + c, mask=cmask, other=0).to(tl.float32, bitcast=True), FMAX_EXP)
+    mask = rmask[:, None] & cmask[None, :]
+    w = tl.load(w_ptr + base + r[:, None].to(tl.int64) * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    q = _to_fp8(w, rinv[:, None], FMAX, FMAX_EXP, q_ptr.dtype.element_ty, ROUND)
+    tl.store(q_ptr + base + r[:, None].to(tl.int64) * C + c[None, :], q, mask=mask)
+    # The tile read again transposed, so the store runs along qt's rows (as in
+    # `quantize_blocks_kernel`: a store through transposed pointers went wrong on the H200).
+    mask_t = cmask[:, None] & rmask[None, :]
+    wt = tl.load(w_ptr + base + r[None, :].to(tl.int64) * C + c[:, None], mask=mask_t, other=0.0).to(tl.float32)
+    qt = _to_fp8(wt, cinv[:, None], FMAX, FMAX_EXP, qt_ptr.dtype.element_ty, ROUND)
+    tl.store(qt_ptr + base + c[:, None].to(tl.int64) * R + r[None, :], qt, mask=mask_t)
+    if cb == 0:
+        tl.store(s_ptr + e * R + r, rs, mask=rmask)
+    if rb == 0:
+        tl.store(st_ptr + e * C + c, cs, mask=cmask)
+
+
+@triton.jit
 def fp8_glu_fwd_kernel(
     xq_ptr, xs_ptr, token_ptr, w_ptr, ws_ptr, h_ptr, a_ptr, as_ptr,
     counts_ptr, E, n_tiles, D, H, KB, WNB, WKB,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, E_POW2: tl.constexpr,
     BLOCKWISE: tl.constexpr, WB: tl.constexpr, STORE_H: tl.constexpr, QUANT_A: tl.constexpr,
     FMAX: tl.constexpr, FMAX_EXP: tl.constexpr, ROUND: tl.constexpr, W_DESC: tl.constexpr,
-    A_DESC: tl.constexpr,
 ):
     """``xq [T, D]`` FP8 with scales ``xs [T, KB]``; ``w [E, 2H, D]`` e4m3 (gate rows, then
     up rows) with scales ``ws [E, WNB, WKB]``, weight row r's scale row ``r // WB``.
     Writes h ``[N, 2H]`` (``STORE_H``) and a ``[N, H]``: with ``QUANT_A`` (blockwise, BN ==
     the block) as FP8 into ``a_ptr`` with scales ``as [N, H / BN]``, else in h's dtype.
     ``W_DESC``: ``w_ptr`` is a TMA descriptor over ``[E * 2H, D]`` (block ``[BN, BK]``); a
-    gate block running past H reads up rows, which land only in masked columns.
-    ``A_DESC``: the rows were gathered beforehand (the config's ``pregather``): ``xq_ptr`` is
-    a TMA descriptor over ``[N, D]`` (block ``[BM, BK]``) and ``xs [N, KB]`` is in the same
-    order; rows past the expert's land in masked rows."""
+    gate block running past H reads up rows, which land only in masked columns."""
     pid_m, pid_n = _program_tile(n_tiles, H, BN, GROUP_M)
     e, row0, rows, row_mask = _tile_rows(pid_m, counts_ptr, E, BM, E_POW2)
     if e < 0:
         return
-    # The row of xq and xs each output row reads: its token's, or its own once pregathered.
-    tok = rows.to(tl.int64) if A_DESC else tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     cols = pid_n * BN + tl.arange(0, BN)
     col_mask = cols < H
     g_rows = cols.to(tl.int64)
@@ -190,10 +240,7 @@ def fp8_glu_fwd_kernel(
     for k0 in range(0, D, BK):
         k = k0 + ks
         k_mask = k < D
-        if A_DESC:
-            a = xq_ptr.load([row0, k0])
-        else:
-            a = tl.load(xq_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        a = tl.load(xq_ptr + tok[:, None] * D + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if W_DESC:
             w_row0 = e * (2 * H) + pid_n * BN
             bg = w_ptr.load([w_row0, k0]).T

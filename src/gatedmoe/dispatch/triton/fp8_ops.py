@@ -45,7 +45,9 @@ from gatedmoe.dispatch.triton.fp8_kernels import (
     fp8_glu_fwd_kernel,
     fp8_swiglu_bwd_kernel,
     quantize_blocks_kernel,
+    quantize_rows_and_cols_kernel,
     quantize_rows_kernel,
+    weight_amax_kernel,
 )
 from gatedmoe.dispatch.triton.fp8_reference import _FMAX_EXP, FP8_DTYPES
 from gatedmoe.dispatch.triton.launchers import TensorDescriptor
@@ -137,12 +139,10 @@ def quantize_weight(w: Tensor, recipe: FP8Recipe, transpose: bool) -> QuantizedW
     or rows (rowwise; the transpose quantised per row of its own)."""
     E, R, C = w.shape
     if recipe.scaling == "rowwise":
-        q, s = quantize_rows(w.reshape(E * R, C), "e4m3", None)
-        qt = st = None
-        if transpose:
-            qt, st = quantize_rows(w.transpose(1, 2).reshape(E * C, R), "e4m3", None)
-            qt, st = qt.view(E, C, R), st.view(E, C, 1)
-        return QuantizedWeight(q.view(E, R, C), s.view(E, R, 1), qt, st, 1)
+        if not transpose:
+            q, s = quantize_rows(w.reshape(E * R, C), "e4m3", None)
+            return QuantizedWeight(q.view(E, R, C), s.view(E, R, 1), None, None, 1)
+        return _quantize_rows_and_cols(w.contiguous())
     B = recipe.block
     wc = w.contiguous()
     RB, CB = triton.cdiv(R, B), triton.cdiv(C, B)
@@ -154,6 +154,27 @@ def quantize_weight(w: Tensor, recipe: FP8Recipe, transpose: bool) -> QuantizedW
                                            num_warps=8 if w.is_cuda else 4)
     st = s.transpose(1, 2).contiguous() if transpose else None
     return QuantizedWeight(q, s, qt if transpose else None, st, B)
+
+
+def _quantize_rows_and_cols(w: Tensor) -> QuantizedWeight:
+    """The rowwise recipe's ``w [E, R, C]`` per row and its transpose per row of its own
+    (= per column of w): the row and column amaxes in one pass, both quantisations in a
+    second (`weight_amax_kernel`, `quantize_rows_and_cols_kernel`)."""
+    E, R, C = w.shape
+    q = launchers.alloc(E, R, C, device=w.device, dtype=torch.float8_e4m3fn)
+    qt = launchers.alloc(E, C, R, device=w.device, dtype=torch.float8_e4m3fn)
+    s = launchers.alloc(E, R, 1, device=w.device, dtype=torch.float32)
+    st = launchers.alloc(E, C, 1, device=w.device, dtype=torch.float32)
+    if w.numel():
+        rmax = torch.zeros(E, R, device=w.device, dtype=torch.int32)
+        cmax = torch.zeros(E, C, device=w.device, dtype=torch.int32)
+        BR = BC = 64 if w.is_cuda else 16
+        RB, CB = triton.cdiv(R, BR), triton.cdiv(C, BC)
+        weight_amax_kernel[(E * RB * CB,)](w, rmax, cmax, R, C, RB, CB, BR=BR, BC=BC, num_warps=4)
+        quantize_rows_and_cols_kernel[(E * RB * CB,)](w, q, qt, s, st, rmax, cmax, R, C, RB, CB, BR=BR, BC=BC,
+                                                      FMAX=FP8_MAX["e4m3"], FMAX_EXP=_FMAX_EXP["e4m3"],
+                                                      ROUND=_round(w), num_warps=4)
+    return QuantizedWeight(q, s, qt, st, 1)
 
 
 class _WeightCache:
@@ -230,44 +251,25 @@ def _tma_operand(t: Tensor, block: list[int], cfg: KernelConfig) -> tuple[object
     return t, False
 
 
-def _pregathered(q: Tensor, s: Tensor, token: Tensor, block: list[int], cfg: KernelConfig
-                 ) -> tuple[object, Tensor, bool]:
-    """With the config's ``pregather``, the FP8 rows ``q`` and their scales ``s`` gathered
-    into expert order (``q[token]``, ``s[token]``) and the rows as a TMA descriptor (Hopper's
-    TMA cannot gather; the bf16 path copies wide experts' rows likewise,
-    `config.PREGATHER_MIN_H`); ``(q, s, False)`` otherwise or where TMA cannot address the
-    rows."""
-    if cfg.pregather and cfg.tma and TensorDescriptor is not None and q.shape[-1] % 16 == 0:
-        arg, desc = _tma_operand(q.index_select(0, token), block, cfg)
-        if desc:
-            return arg, s.index_select(0, token), True
-    return q, s, False
-
-
 def _launch_glu(xq, xs, token, wq: QuantizedWeight, h, a, a_s, counts, N, D, H, cfg, blockwise, store_h):
     E = wq.q.shape[0]
     MT = launchers.n_row_tiles(N, E, cfg.BM)
     w_arg, w_desc = _tma_operand(wq.q, [cfg.BN, cfg.BK], cfg)
-    x_arg, xs, x_desc = _pregathered(xq, xs, token, [cfg.BM, cfg.BK], cfg)
     fp8_glu_fwd_kernel[(triton.cdiv(H, cfg.BN) * MT,)](
-        x_arg, xs, token, w_arg, wq.s, h, a, a_s, counts, E, MT, D, H, xs.shape[1], wq.s.shape[1], wq.s.shape[2],
+        xq, xs, token, w_arg, wq.s, h, a, a_s, counts, E, MT, D, H, xs.shape[1], wq.s.shape[1], wq.s.shape[2],
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.group_m, E_POW2=launchers.e_pow2(E), BLOCKWISE=blockwise, WB=wq.WB,
         STORE_H=store_h, QUANT_A=blockwise, FMAX=FP8_MAX["e4m3"], FMAX_EXP=_FMAX_EXP["e4m3"], ROUND=_round(xq),
-        W_DESC=w_desc, A_DESC=x_desc, num_warps=cfg.warps, num_stages=cfg.stages,
+        W_DESC=w_desc, num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
 def _launch_gemm(aq, a_s, b: Tensor, bs: Tensor, WB: int, c, token, weight, counts, N, K, n_cols, *, gather,
-                 scale, scatter, cfg, blockwise, a_desc=False):
-    """``C[rows_e] = A[rows_e] @ b[e]^T`` with ``b [E, n_cols, K]`` (see `fp8_gemm_kernel`);
-    ``a_desc``: ``aq`` is already a TMA descriptor (`_pregathered`)."""
+                 scale, scatter, cfg, blockwise):
+    """``C[rows_e] = A[rows_e] @ b[e]^T`` with ``b [E, n_cols, K]`` (see `fp8_gemm_kernel`)."""
     E = b.shape[0]
     MT = launchers.n_row_tiles(N, E, cfg.BM)
     b_arg, b_desc = _tma_operand(b, [cfg.BN, cfg.BK], cfg)
-    if a_desc:
-        a_arg = aq
-    else:
-        a_arg, a_desc = (aq, False) if gather else _tma_operand(aq, [cfg.BM, cfg.BK], cfg)
+    a_arg, a_desc = (aq, False) if gather else _tma_operand(aq, [cfg.BM, cfg.BK], cfg)
     fp8_gemm_kernel[(triton.cdiv(n_cols, cfg.BN) * MT,)](
         a_arg, a_s, b_arg, bs, c, token, weight, counts, E, MT, K, n_cols, a_s.shape[1], bs.shape[1], bs.shape[2],
         c.stride(0), GATHER_A=gather, SCALE=scale, SCATTER_C=scatter, BLOCKWISE=blockwise, WB=WB, A_DESC=a_desc,
@@ -327,12 +329,10 @@ def _fp8_backward(gy_TD, x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH,
     w_in = quantized_weight(w_in_EHD, recipe, True)
     w_out = quantized_weight(w_out_EDH, recipe, True)
     gyq, gys = quantize_rows(gy, fmt, group)
-    # ga = gy[token] @ W_out[e]: W_out^T [E, H, D] holds the rows = output columns h. The
-    # only gathered FP8 GEMM of "fp8_gemm", so its pregather applies here alone.
+    # ga = gy[token] @ W_out[e]: W_out^T [E, H, D] holds the rows = output columns h.
     ga = launchers.alloc(N, H, device=x.device, dtype=x.dtype)
-    gy_arg, gys, gy_desc = _pregathered(gyq, gys, token_N, [cfg.BM, cfg.BK], cfg)
-    _launch_gemm(gy_arg, gys, w_out.qt, w_out.st, w_out.WB, ga, token_N, weight_N, counts_E, N, D, H,
-                 gather=not gy_desc, scale=False, scatter=False, cfg=cfg, blockwise=blockwise, a_desc=gy_desc)
+    _launch_gemm(gyq, gys, w_out.qt, w_out.st, w_out.WB, ga, token_N, weight_N, counts_E, N, D, H, gather=True,
+                 scale=False, scatter=False, cfg=cfg, blockwise=blockwise)
     del gyq, gys
     wa = ga  # written in place, as without FP8 (`ops._backward_impl`)
     if blockwise:  # dL/dh quantised in the SwiGLU backward: its chunks are the 1 x block tiles
