@@ -72,9 +72,9 @@ def triton_dispatch(
         if x_TD.is_cuda and "fp8-experimental" not in _warned:
             _warned.add("fp8-experimental")
             warnings.warn(
-                "TritonOptions(fp8=...) is experimental: on an H200 (Triton 3.6) all but one of its CUDA tests passed, "
-                "but it is no faster than bf16 (rowwise 1.04x, blockwise 0.88-0.94x) and a 2,000-step training run "
-                "ended 2-4% above its float32 baseline's validation loss (dispatch/triton/README.md, 'FP8')",
+                "TritonOptions(fp8=...) is experimental: on an H200 (Triton 3.6) it is no faster than bf16 "
+                "(rowwise 0.92-1.06x, blockwise 0.91-0.97x, before the per-step weight quantisation), and three "
+                "2,000-step training runs per arm cannot yet tell its loss from bf16's (dispatch/triton/README.md, 'FP8')",
                 UserWarning,
                 stacklevel=2,
             )
