@@ -117,7 +117,8 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
         if self.weights_dtype == "input":
             weights_TK = weights_TK.to(x_TD.dtype)
         self.gate_losses = {}
-        return Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=logits_TE)
+        return Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=logits_TE,
+                                 trusted_ids=True)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, softmax_over={self.softmax_over!r}, weights_dtype={self.weights_dtype!r}"
@@ -152,7 +153,8 @@ class HFSigmoidTopKGate(SigmoidGate):
         scores_TE = torch.sigmoid(logits_TE)
         self.gate_losses = {}
         return Routing.from_topk(
-            weights_TK, experts_TK, self.n_experts, probs=scores_TE / scores_TE.sum(-1, keepdim=True), logits=logits_TE
+            weights_TK, experts_TK, self.n_experts, probs=scores_TE / scores_TE.sum(-1, keepdim=True), logits=logits_TE,
+            trusted_ids=True,
         )
 
 
