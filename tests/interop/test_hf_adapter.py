@@ -1,4 +1,10 @@
-"""`gatedmoe.interop.hf.adapter` without transformers: the HF gates' trusted top-k ids."""
+"""`gatedmoe.interop.hf.adapter` without transformers: the HF softmax top-k gate's fused route
+against its plain one, and the trusted ids of the HF gates.
+
+The fused kernels run in Triton's interpreter on the CPU (tests/conftest.py), forced on by
+patching `fused_topk_applies` as tests/gates/test_fused_topk.py does for the library gates.
+Sides are ``ref`` (``fused=False``: torch's ops, bit-identical to transformers) and ``fast``.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,120 @@ import torch
 
 from gatedmoe.interop.hf import adapter
 from gatedmoe.routing import Routing
+from helpers import assert_close, poisoned_empty
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def fused_on(monkeypatch):
+    """The fused path wherever the gate asks, with poisoned buffers in both kernel modules."""
+    pytest.importorskip("triton")
+    from gatedmoe.gates import fused_topk as ft
+    from gatedmoe.gates import topk_sort as ts
+
+    for module in (ft, ts):
+        monkeypatch.setattr(module, "_empty", lambda *shape, device, dtype: poisoned_empty(*shape, dtype=dtype, device=device))
+    monkeypatch.setattr(adapter, "fused_topk_applies", lambda *a, **k: True)
+
+
+def _tie_free_input(gate: adapter.HFTopKSoftmaxGate, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random tokens whose k-th and (k+1)-th probabilities differ in every row: the one case
+    where the two paths may choose differently is an exact tie (bf16 logits tie now and then),
+    which torch.topk breaks in no stated order and the kernels toward the lowest expert id."""
+    k = gate.k
+    for _ in range(100):
+        x = torch.randn(T, gate.d_model, device=DEVICE, dtype=dtype)
+        with torch.no_grad():
+            probs = torch.softmax(gate._logits_in_input_dtype(x).float(), -1)
+        top = probs.topk(min(k + 1, gate.n_experts), -1).values
+        if k == gate.n_experts or bool((top[:, k - 1] > top[:, k]).all()):
+            return x
+    raise AssertionError("no tie-free input drawn")
+
+
+CASES = [
+    # T, E, k, renormalize, bias, weights_dtype
+    (1, 4, 1, False, False, "float32"),
+    (5, 8, 2, True, False, "float32"),
+    (63, 12, 3, True, True, "input"),
+    (40, 60, 4, False, True, "input"),
+    (16, 128, 8, True, False, "input"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,E,k,renormalize,bias,weights_dtype", CASES)
+def test_softmax_gate_fused_route_is_the_plain_route(T, E, k, renormalize, bias, weights_dtype, dtype, fused_on):
+    """Same tokens, experts and counts exactly; weights in the same dtype and, like probs,
+    within float32 rounding (the kernels' softmax is not torch's bit for bit); the same logits;
+    the fused route adds ``lse``."""
+    g = adapter.HFTopKSoftmaxGate(32, E, k=k, renormalize=renormalize, bias=bias, weights_dtype=weights_dtype)
+    with torch.no_grad():
+        if bias:
+            g.bias.normal_()
+    g = g.to(device=DEVICE, dtype=dtype).eval()
+    x = _tie_free_input(g, T, dtype)
+    g.fused = False
+    ref = g(x)
+    g.fused = True
+    fast = g(x)
+    assert ref.lse is None and fast.lse is not None
+    for name in ("token", "expert", "counts"):
+        assert_close(name, getattr(ref, name), getattr(fast, name))
+    assert fast.n_tokens == ref.n_tokens == T
+    assert fast.weight.dtype == ref.weight.dtype == (dtype if weights_dtype == "input" else torch.float32)
+    assert_close("weight", ref.weight, fast.weight)
+    assert fast.probs.dtype == ref.probs.dtype == torch.float32
+    assert_close("probs", ref.probs, fast.probs)
+    assert torch.equal(ref.logits, fast.logits)
+    assert_close("lse", torch.logsumexp(ref.logits, -1), fast.lse)
+    assert fast.validate() is fast and g.gate_losses == {}
+
+
+@pytest.mark.parametrize("renormalize,bias", [(True, True), (False, False)])
+def test_softmax_gate_fused_route_has_the_plain_gradients(renormalize, bias, fused_on):
+    """Training: the gradients of input, router weight and bias through weights and probs."""
+    g = adapter.HFTopKSoftmaxGate(24, 10, k=3, renormalize=renormalize, bias=bias).to(DEVICE)
+    with torch.no_grad():
+        if bias:
+            g.bias.normal_()
+    x = _tie_free_input(g, 21, torch.float32)
+    g_w, g_p = torch.randn(21 * 3, device=DEVICE), torch.randn(21, 10, device=DEVICE)
+    grads = {}
+    for fused in (False, True):
+        g.fused = fused
+        g.zero_grad()
+        xi = x.clone().requires_grad_()
+        r = g(xi)
+        ((r.weight * g_w).sum() + (r.probs * g_p).sum()).backward()
+        grads[fused] = {"x": xi.grad, **{name: p.grad for name, p in g.named_parameters()}}
+    assert set(grads[True]) == {"x", "weight"} | ({"bias"} if bias else set())
+    for name, ref in grads[False].items():
+        assert_close(f"grad {name}", ref, grads[True][name])
+
+
+def test_softmax_gate_keeps_the_plain_route_where_the_kernels_do_not_express_it(fused_on, monkeypatch):
+    """softmax_over="topk" (selection on the logits' dtype), fused=False, and a selection-bias
+    balancer (the library gate's path) never reach the HF gate's fused call."""
+    calls = []
+    fused = adapter.fused_topk
+    monkeypatch.setattr(adapter, "fused_topk", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    x = torch.randn(7, 16, device=DEVICE)
+    adapter.HFTopKSoftmaxGate(16, 8, k=2, renormalize=True, softmax_over="topk").to(DEVICE)(x)
+    adapter.HFTopKSoftmaxGate(16, 8, k=2, renormalize=True, fused=False).to(DEVICE)(x)
+    adapter.HFTopKSoftmaxGate(16, 8, k=2, renormalize=True).attach_bias_balancer().to(DEVICE)(x)
+    assert calls == []
+    adapter.HFTopKSoftmaxGate(16, 8, k=2, renormalize=True).to(DEVICE)(x)
+    assert calls == [1]
+    with pytest.raises(TypeError, match="fused"):
+        adapter.HFTopKSoftmaxGate(16, 8, k=2, renormalize=True, fused=1)
 
 
 @pytest.mark.parametrize(
     "gate",
     [
-        lambda: adapter.HFTopKSoftmaxGate(16, 8, k=2, renormalize=True),
+        lambda: adapter.HFTopKSoftmaxGate(16, 8, k=2, renormalize=True, fused=False),
         lambda: adapter.HFTopKSoftmaxGate(16, 8, k=2, renormalize=True, softmax_over="topk", bias=True),
         lambda: adapter.HFSigmoidTopKGate(16, 8, k=2),
     ],

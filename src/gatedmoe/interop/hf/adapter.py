@@ -18,10 +18,12 @@ from torch import Tensor, nn
 
 from gatedmoe.dispatch import get_backend
 from gatedmoe.gates.base import Gate
+from gatedmoe.gates.fused_topk import fused_topk, fused_topk_applies
 from gatedmoe.gates.sigmoid import SigmoidGate
 from gatedmoe.gates.topk import TopKSoftmaxGate
 from gatedmoe.layers.moe import MoE
 from gatedmoe.routing import Routing
+from gatedmoe.validation import boolean
 
 __all__ = [
     "HFMoEBlock",
@@ -51,6 +53,16 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
     ``l = x W^T (+ b)`` are computed in the *input's* dtype, as ``F.linear(hidden_states,
     weight)`` in transformers, so in bf16 the same experts are chosen.
 
+    With ``softmax_over="all"`` on CUDA (float32 logits within `fused_topk_applies`'s limits,
+    not while torch.compile traces), softmax, top-k, renormalisation and the sort by expert run
+    in the fused kernels of `gatedmoe.gates.fused_topk`, the library gate's path (one routing
+    kernel and the counting sort instead of torch's softmax, top-k, renormalisation and
+    `Routing.from_topk`'s sort): the same experts (exact ties aside: the kernels give them to
+    the lowest expert id), weights in the same dtype; weights and ``probs`` (and ``lse``,
+    which only this path fills) agree with torch's to float32 rounding, not bit for bit, so a
+    bf16 model's outputs can differ from transformers' in the last bit. ``fused=False`` keeps
+    torch's ops on CUDA too, bit-identical to transformers there as well.
+
     Parameters
     ----------
     d_model, n_experts, k, renormalize
@@ -61,9 +73,13 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
         "all" (default): softmax of all logits in float32, then top-k (Mixtral, Qwen,
         OLMoE). "topk": top-k of the logits, then softmax of the kept ones in the logits'
         dtype (GPT-OSS's ``GptOssTopKRouter``; the same routing as "all" with renormalize).
+        "topk" always takes torch's ops: the fused kernels select on float32 softmax scores
+        and weigh in float32, not on and in the logits' dtype.
     weights_dtype : {"float32", "input"}
         Dtype the original router returns its weights in: float32 (Mixtral) or the input's
         (Qwen-MoE, OLMoE: ``.to(router_logits.dtype)``); the weights are rounded to it.
+    fused : bool
+        Route in the fused kernels where they apply (default True), see above.
 
     Examples
     --------
@@ -83,6 +99,7 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
         bias: bool = False,
         softmax_over: str = "all",
         weights_dtype: str = "float32",
+        fused: bool = True,
     ) -> None:
         super().__init__(d_model, n_experts, k=k, renormalize=renormalize)
         if softmax_over not in ("all", "topk"):
@@ -92,6 +109,7 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
         if softmax_over == "topk" and not self.renormalize:
             raise ValueError("softmax_over='topk' is the renormalised routing; pass renormalize=True")
         self.softmax_over, self.weights_dtype = softmax_over, weights_dtype
+        self.fused = boolean("fused", fused)
         self.bias = nn.Parameter(torch.zeros(n_experts)) if bias else None
 
     def _logits_in_input_dtype(self, x_TD: Tensor) -> Tensor:
@@ -106,6 +124,14 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
             return super().forward(x_TD)
         logits = self._logits_in_input_dtype(x_TD)
         logits_TE = logits.float()
+        self.gate_losses = {}
+        if self.fused and self.softmax_over == "all" and fused_topk_applies(logits_TE, self.k):
+            # The router bias is in the logits already: no selection bias.
+            routing = fused_topk(logits_TE, self.k, normalize=self.renormalize)
+            if self.weights_dtype == "input" and x_TD.dtype != routing.weight.dtype:
+                # Rounding commutes with the sort's permutation: the plain path's weights.
+                routing = dataclasses.replace(routing, weight=routing.weight.to(x_TD.dtype))
+            return routing
         probs_TE = torch.softmax(logits_TE, dim=-1)
         if self.softmax_over == "topk":
             top_TK, experts_TK = torch.topk(logits, self.k, dim=-1)
@@ -116,12 +142,12 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
                 weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
         if self.weights_dtype == "input":
             weights_TK = weights_TK.to(x_TD.dtype)
-        self.gate_losses = {}
         return Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=logits_TE,
                                  trusted_ids=True)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, softmax_over={self.softmax_over!r}, weights_dtype={self.weights_dtype!r}"
+        fused = "" if self.fused else ", fused=False"
+        return f"k={self.k}, softmax_over={self.softmax_over!r}, weights_dtype={self.weights_dtype!r}{fused}"
 
 
 class HFSigmoidTopKGate(SigmoidGate):
