@@ -1,5 +1,5 @@
 """`gatedmoe.interop.hf.adapter` without transformers: the HF softmax top-k gate's fused route
-against its plain one, and the trusted ids of the HF gates.
+against its plain one, the trusted ids of the HF gates, and the router tap's cast.
 
 The fused kernels run in Triton's interpreter on the CPU (tests/conftest.py), forced on by
 patching `fused_topk_applies` as tests/gates/test_fused_topk.py does for the library gates.
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from gatedmoe import MoE
 from gatedmoe.interop.hf import adapter
 from gatedmoe.routing import Routing
 from helpers import assert_close, poisoned_empty
@@ -140,3 +142,65 @@ def test_hf_gates_hand_their_topk_ids_as_trusted(gate, monkeypatch):
     )
     gate().to(DEVICE)(torch.randn(5, 16, device=DEVICE))
     assert seen == [True]
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the aten ops run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class _Router(torch.nn.Module):
+    """Stands in for a Hugging Face router class (the tap subclasses it)."""
+
+    def forward(self, x):  # pragma: no cover - never called, the tap replaces it
+        return x
+
+
+def _tapped_block(router_logits_dtype: str) -> adapter.HFMoEBlock:
+    moe = MoE(16, 4, 32, k=2, load_balance_weight=0.0, router_z_weight=0.0)
+    return adapter.HFMoEBlock(moe, family="test", hf_class="Test", router_tap=adapter.router_tap(_Router()),
+                              router_logits_dtype=router_logits_dtype).eval()
+
+
+@pytest.mark.parametrize("router_logits_dtype", ["input", "float32"])
+def test_router_tap_casts_only_for_an_observer(router_logits_dtype):
+    """A tap without hooks is a call nobody sees: no cast, no call. With a hook (transformers'
+    output_router_logits recorder) the hook sees the logits as before: the routing's, in the
+    input's dtype or float32."""
+    block = _tapped_block(router_logits_dtype)
+    x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    block = block.to(torch.bfloat16)
+    with torch.no_grad(), _Ops() as quiet:
+        y_quiet = block(x)
+    seen = []
+    handle = block.router_tap.register_forward_hook(lambda m, args, out: seen.append(out))
+    with torch.no_grad(), _Ops() as heard:
+        y_heard = block(x)
+    handle.remove()
+    assert torch.equal(y_quiet, y_heard)
+    (logits,) = seen
+    want = torch.float32 if router_logits_dtype == "float32" else torch.bfloat16
+    assert logits.dtype == want and torch.equal(logits, block.moe.last_routing.logits.to(want))
+    extra = len(heard.ops) - len(quiet.ops)
+    assert extra == (1 if router_logits_dtype == "input" else 0), heard.ops[-10:]
+
+
+def test_router_tap_is_called_for_global_hooks():
+    block = _tapped_block("input")
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: seen.append(out) if m is block.router_tap else None
+    )
+    try:
+        with torch.no_grad():
+            block(torch.randn(3, 16))
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], block.moe.last_routing.logits)

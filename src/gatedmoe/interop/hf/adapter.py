@@ -15,6 +15,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 from gatedmoe.dispatch import get_backend
 from gatedmoe.gates.base import Gate
@@ -616,20 +617,37 @@ class HFSharedExperts(nn.Module):
         return out if self.gate is None else torch.sigmoid(self.gate(x)) * out
 
 
+def _tap_init(self: nn.Module) -> None:
+    nn.Module.__init__(self)
+
+
+def _tap_forward(self: nn.Module, router_logits: Tensor) -> Tensor:
+    return router_logits
+
+
 @functools.cache
 def _tap_class(router_cls: type) -> type:
     """A parameter-free subclass of a Hugging Face router class whose forward returns the
     logits it is given. transformers records ``router_logits`` by hooking modules that are
     instances of the router class (``OutputRecorder``), so a tap keeps
     ``output_router_logits=True`` (and the model's auxiliary loss) working after a swap."""
+    return type(f"{router_cls.__name__}Tap", (router_cls,), {"__init__": _tap_init, "forward": _tap_forward})
 
-    def __init__(self) -> None:
-        nn.Module.__init__(self)
 
-    def forward(self, router_logits: Tensor) -> Tensor:
-        return router_logits
-
-    return type(f"{router_cls.__name__}Tap", (router_cls,), {"__init__": __init__, "forward": forward})
+def _tap_observed(tap: nn.Module) -> bool:
+    """Whether calling ``tap`` can have an effect. A `_tap_class` forward returns its input,
+    so without hooks (its own or the global module hooks: torch's own test for calling
+    ``forward`` directly) the call, and the cast of the logits for it, are skipped.
+    transformers installs its recorder hooks the first time ``output_router_logits`` is asked
+    for; until then, as in plain ``generate()``, nothing reads the tap."""
+    if type(tap).forward is not _tap_forward:
+        return True
+    m = _torch_module
+    return bool(
+        tap._forward_hooks or tap._forward_pre_hooks or tap._backward_hooks or tap._backward_pre_hooks
+        or m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+        or m._global_backward_pre_hooks
+    )
 
 
 def router_tap(router: nn.Module) -> nn.Module:
@@ -776,7 +794,7 @@ class HFMoEBlock(nn.Module):
             if self.router_tap is not None:
                 self.router_tap(logits)
             return y, logits
-        if self.router_tap is not None and routing.logits is not None:
+        if self.router_tap is not None and routing.logits is not None and _tap_observed(self.router_tap):
             logits = routing.logits if self.router_logits_dtype == "float32" else routing.logits.to(x.dtype)
             self.router_tap(logits)
         if self.returns_router_logits:
