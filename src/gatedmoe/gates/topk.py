@@ -98,7 +98,7 @@ class TopKSoftmaxGate(Gate):
 
     def forward(self, x_TD: Tensor) -> Routing:
         clean_TE = self.router_logits(x_TD)
-        self.gate_losses = {}
+        self._set_transient("gate_losses", {})
         bias_E = self.selection_bias()
         if not (self.noisy and self.training):
             if fused_topk_applies(clean_TE, self.k):

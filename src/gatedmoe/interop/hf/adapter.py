@@ -125,7 +125,7 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
             return super().forward(x_TD)
         logits = self._logits_in_input_dtype(x_TD)
         logits_TE = logits.float()
-        self.gate_losses = {}
+        self._set_transient("gate_losses", {})
         if self.fused and self.softmax_over == "all" and fused_topk_applies(logits_TE, self.k):
             # The router bias is in the logits already: no selection bias.
             routing = fused_topk(logits_TE, self.k, normalize=self.renormalize)
@@ -178,7 +178,7 @@ class HFSigmoidTopKGate(SigmoidGate):
         weights_TK = torch.sigmoid(top_TK.float()).to(logits.dtype)
         logits_TE = logits.float()
         scores_TE = torch.sigmoid(logits_TE)
-        self.gate_losses = {}
+        self._set_transient("gate_losses", {})
         return Routing.from_topk(
             weights_TK, experts_TK, self.n_experts, probs=scores_TE / scores_TE.sum(-1, keepdim=True), logits=logits_TE,
             trusted_ids=True,
