@@ -38,3 +38,25 @@ def test_layer_variants_deepcopy_after_forward():
     mt = MultiTaskMoE(8, 4, 16, n_tasks=2)
     mt(x.reshape(-1, 8))
     copy.deepcopy(mt)
+
+
+def test_per_forward_results_are_plain_attributes_eager_and_compiled():
+    """`TransientState._set_transient` bypasses nn.Module.__setattr__: the results must stay
+    plain attributes (never registered as modules, parameters or buffers), and a compiled
+    forward (one graph) must record them as an eager one does."""
+    from gatedmoe import Routing
+
+    torch.manual_seed(0)
+    moe = MoE(16, 4, 32, k=2, backend="grouped")
+    x = torch.randn(8, 16)
+    y = moe(x)
+    eager_losses = dict(moe.aux_losses)
+    for obj, name in ((moe, "last_routing"), (moe, "aux_losses"), (moe.gate, "gate_losses")):
+        assert name in obj.__dict__, name
+        assert name not in obj._modules and name not in obj._parameters and name not in obj._buffers, name
+    assert isinstance(moe.last_routing, Routing) and moe.gate.gate_losses == {}
+    moe.last_routing, moe.aux_losses = None, {}
+    torch.testing.assert_close(torch.compile(moe, backend="aot_eager", fullgraph=True)(x), y)
+    assert isinstance(moe.last_routing, Routing) and sorted(moe.aux_losses) == sorted(eager_losses)
+    for name, loss in eager_losses.items():
+        torch.testing.assert_close(moe.aux_losses[name], loss)

@@ -77,6 +77,8 @@ class Routing:
         n_experts: int,
         probs: Tensor | None = None,
         logits: Tensor | None = None,
+        *,
+        trusted_ids: bool = False,
     ) -> Routing:
         """Routing from token-choice top-k: ``weights_TK[t, j]`` for expert ``experts_TK[t, j]``.
 
@@ -90,7 +92,9 @@ class Routing:
         takes the plain path of :meth:`from_assignments` (a stable argsort), the reference.
         Expert ids out of range are a ValueError on the CPU; on CUDA neither path reads ids
         on the host, and both fail with a device-side error (the kernels' assertion, the plain
-        path's index error).
+        path's index error). ``trusted_ids=True`` is for callers whose ids lie in range by
+        construction (the gates' ``torch.topk`` over E scores): the kernels' path leaves out
+        its device-side check (two launches per call); the CPU's check stays (it is free).
         """
         _check_tensor("weights_TK", weights_TK, floating=True)
         _check_tensor("experts_TK", experts_TK, floating=False)
@@ -107,7 +111,7 @@ class Routing:
             if sort_topk_applies(weights_TK, experts_TK, n_experts):
                 # The plain path checks these in `from_assignments`.
                 _check_sizes(n_experts, T, probs, logits)
-                token, expert, weight, counts = sort_topk(weights_TK, experts_TK, n_experts)
+                token, expert, weight, counts = sort_topk(weights_TK, experts_TK, n_experts, trusted_ids=trusted_ids)
                 return cls(token=token, expert=expert, weight=weight, counts=counts, n_tokens=T, probs=probs,
                            logits=logits)
         # No token ids: assignment i belongs to token i // K (see ``_per_token``).

@@ -5,12 +5,15 @@ moves values). Ids are drawn with many ties (small E, duplicates within a row)."
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 from gatedmoe import Routing  # noqa: E402
+from gatedmoe.gates import registry  # noqa: E402
 from gatedmoe.gates import topk_sort as ts  # noqa: E402
 from helpers import poisoned_empty  # noqa: E402
 
@@ -127,6 +130,57 @@ def test_bad_ids_are_left_out_of_the_counts(T, E):
         Routing(token=token, expert=expert, weight=weight, counts=counts, n_tokens=T).validate()
 
 
+@pytest.mark.parametrize("T", [5, 700])  # one launch, three
+@pytest.mark.parametrize("grad", [False, True])
+def test_trusted_ids_skip_the_id_check_only(T, grad, monkeypatch):
+    """Ids a user hands in (the default) get the device-side range check; trusted ids (the
+    gates' own torch.topk) leave out its launches and sort the same, gradient included."""
+    checks = []
+    real = ts._assert_ids_in_range
+    monkeypatch.setattr(ts, "_assert_ids_in_range", lambda *a: checks.append(1) or real(*a))
+    w = torch.rand(T, 3, device=DEVICE, requires_grad=grad)
+    experts = torch.randint(0, 16, (T, 3), device=DEVICE)
+    checked = ts.sort_topk(w, experts, 16)
+    assert checks == [1]
+    trusted = ts.sort_topk(w, experts, 16, trusted_ids=True)
+    assert checks == [1]
+    _assert_same(checked, trusted)
+    if grad:
+        g = torch.randn(T * 3, device=DEVICE)
+        (g_checked,) = torch.autograd.grad(checked[2], w, g)
+        (g_trusted,) = torch.autograd.grad(trusted[2], w, g)
+        assert torch.equal(g_checked, g_trusted)
+
+
+def test_trusted_ids_keep_the_cpu_check_of_from_topk():
+    """On the CPU the range check reads the ids on the host anyway: bad ids are a ValueError
+    whatever the caller claims."""
+    w, experts = torch.rand(3, 2), torch.tensor([[0, 1], [2, 5], [1, 0]])
+    for trusted in (False, True):
+        with pytest.raises(ValueError, match="expert ids"):
+            Routing.from_topk(w, experts, 4, trusted_ids=trusted)
+
+
+@pytest.mark.parametrize(
+    "name,kw", [("topk_softmax", {"k": 2}), ("sigmoid", {"k": 2}), ("group_limited", {"k": 2, "n_group": 4, "topk_group": 2}),
+                ("cosine", {"k": 2})]
+)
+def test_gates_hand_their_topk_ids_as_trusted(name, kw, monkeypatch):
+    """The gates' ids come from torch.topk over E scores (their plain path; the fused one
+    sorts without the check): `Routing.from_topk` gets ``trusted_ids=True``."""
+    seen = []
+    from_topk = Routing.from_topk.__func__
+    monkeypatch.setattr(
+        Routing, "from_topk", classmethod(lambda cls, *a, **k: seen.append(k.get("trusted_ids")) or from_topk(cls, *a, **k))
+    )
+    gate = registry.get(name)(16, 8, **kw).to(DEVICE)
+    module = sys.modules[type(gate).__module__]
+    if hasattr(module, "fused_topk_applies"):  # on CUDA: the plain path
+        monkeypatch.setattr(module, "fused_topk_applies", lambda *a, **k: False)
+    gate(torch.randn(5, 16, device=DEVICE))
+    assert seen == [True]
+
+
 def test_rejects_bad_arguments():
     w, e = torch.rand(4, 2), torch.zeros(4, 2, dtype=torch.long)
     for args, match in (
@@ -165,13 +219,28 @@ def test_applies_only_to_cuda_within_the_limits():
 def test_from_topk_on_cuda_takes_the_kernels_where_they_apply(T, K, E, kernels, monkeypatch):
     calls = []
     real = ts.sort_topk
-    monkeypatch.setattr(ts, "sort_topk", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ts, "sort_topk", lambda *a, **k: calls.append(1) or real(*a, **k))
     w = torch.rand(T, K, device="cuda", requires_grad=True)
     experts = torch.randint(0, E, (T, K), device="cuda", dtype=torch.int32)
     r = Routing.from_topk(w, experts, E)
     assert bool(calls) == kernels, "Routing.from_topk took the wrong path"
     _assert_same(ts.sort_topk_reference(w, experts, E), (r.token, r.expert, r.weight, r.counts))
     r.validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+def test_from_topk_on_cuda_checks_all_but_trusted_ids(monkeypatch):
+    checks = []
+    real = ts._assert_ids_in_range
+    monkeypatch.setattr(ts, "_assert_ids_in_range", lambda *a: checks.append(1) or real(*a))
+    w, experts = torch.rand(16, 8, device="cuda"), torch.randint(0, 256, (16, 8), device="cuda")
+    checked = Routing.from_topk(w, experts, 256)
+    assert checks == [1]
+    trusted = Routing.from_topk(w, experts, 256, trusted_ids=True)
+    assert checks == [1]
+    _assert_same((checked.token, checked.expert, checked.weight, checked.counts),
+                 (trusted.token, trusted.expert, trusted.weight, trusted.counts))
 
 
 @pytest.mark.gpu

@@ -75,7 +75,8 @@ class CosineGate(Gate):
     def forward(self, x_TD: Tensor) -> Routing:
         logits_TE = self.router_logits(x_TD)
         weights_TK, experts_TK, probs_TE = topk_softmax(logits_TE, self.k, self.renormalize, self.selection_bias())
-        routing = Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=logits_TE)
+        routing = Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=logits_TE,
+                                     trusted_ids=True)
         self.update_bias_balancer(routing.counts)
         return routing
 

@@ -76,7 +76,7 @@ class DSelectKGate(Gate):
         z_TKM = F.linear(x, self.z_proj.weight.float(), self.z_proj.bias.float()).view(T, self.k, self.n_bits)
         alpha_TK = F.linear(x, self.w_proj.weight.float(), self.w_proj.bias.float())
         weights_TE, selectors_TKE = dselect_k_weights(z_TKM, alpha_TK, self.n_experts, self.gamma)
-        self.gate_losses = {}
+        self._set_transient("gate_losses", {})
         if self.training:
             if self.w_entropy:
                 entropy = -(selectors_TKE * torch.log(selectors_TKE + _EPS)).sum()

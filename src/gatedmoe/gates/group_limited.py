@@ -144,6 +144,7 @@ class GroupLimitedGate(Gate):
             self.n_experts,
             probs=scores_TE / scores_TE.sum(-1, keepdim=True),
             logits=logits_TE,
+            trusted_ids=True,
         )
         if self.balancer.update_rate > 0:
             self.update_bias_balancer(routing.counts)

@@ -76,6 +76,7 @@ class SigmoidGate(Gate):
             self.n_experts,
             probs=scores_TE / scores_TE.sum(-1, keepdim=True),
             logits=logits_TE,
+            trusted_ids=True,
         )
         self.update_bias_balancer(routing.counts)
         return routing

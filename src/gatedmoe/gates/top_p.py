@@ -78,7 +78,7 @@ class TopPGate(Gate):
         weights_TE = probs_TE * mask_TE
         if self.renormalize:
             weights_TE = weights_TE / weights_TE.sum(-1, keepdim=True)
-        self.gate_losses = {}
+        self._set_transient("gate_losses", {})
         if self.w_entropy:
             entropy_T = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1)
             # The mean of an empty batch would be NaN: its (zero) sum instead.

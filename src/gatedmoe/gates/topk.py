@@ -98,14 +98,15 @@ class TopKSoftmaxGate(Gate):
 
     def forward(self, x_TD: Tensor) -> Routing:
         clean_TE = self.router_logits(x_TD)
-        self.gate_losses = {}
+        self._set_transient("gate_losses", {})
         bias_E = self.selection_bias()
         if not (self.noisy and self.training):
             if fused_topk_applies(clean_TE, self.k):
                 routing = fused_topk(clean_TE, self.k, normalize=self.renormalize, bias_E=bias_E)
             else:
                 weights_TK, experts_TK, probs_TE = topk_softmax(clean_TE, self.k, self.renormalize, bias_E)
-                routing = Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=clean_TE)
+                routing = Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=clean_TE,
+                                             trusted_ids=True)
             self.update_bias_balancer(routing.counts)
             return routing
         noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float())) + 1e-2
@@ -117,6 +118,7 @@ class TopKSoftmaxGate(Gate):
             "importance": self.w_importance * cv_squared(gates_TE.sum(0)),
             "load": self.w_load * cv_squared(load_E),
         }
-        routing = Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=noisy_TE)
+        routing = Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=noisy_TE,
+                                     trusted_ids=True)
         self.update_bias_balancer(routing.counts)
         return routing

@@ -26,7 +26,7 @@ Nothing is read on the host, so CUDA graphs capture it. An id outside ``[0, E)``
 nothing out of bounds: it is counted in an extra bucket that sorts after every expert and is
 left out of ``counts`` (so ``counts.sum() < N``, which `Routing.validate` reports); on CUDA a
 device-side assertion on that bucket then stops the program, as the plain path's index error
-does.
+does (left out for ``trusted_ids``, the gates' own top-k, in range by construction).
 
 Shape legend: T tokens, E experts, K choices per token, N = T*K assignments.
 """
@@ -127,20 +127,31 @@ def _launch_sort(weights: Tensor, experts: Tensor, E: int) -> tuple[Tensor, Tens
     return token, expert, weight, counts, pos
 
 
-def _sort(weights_TK: Tensor, experts_TK: Tensor, E: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """`_launch_sort` on the inputs, checked: ``(token, expert, weight, counts [E], pos)``."""
-    token, expert, weight, counts, pos = _launch_sort(weights_TK.contiguous(), experts_TK.contiguous(), E)
-    if weight.device.type == "cuda":
-        # Ids outside [0, E) fail loudly, as the plain path's scatter_add does: a
-        # device-side assertion, no host sync (the interpreter's tests check the bucket).
+def _assert_ids_in_range(counts: Tensor, E: int) -> None:
+    """Ids outside [0, E) fail loudly, as the plain path's scatter_add does: a device-side
+    assertion on the bad-id bucket ``counts[E]``, no host sync. CUDA only (the interpreter's
+    tests read the bucket instead)."""
+    if counts.device.type == "cuda":
         torch._assert_async(counts[E] == 0, "experts_TK: expert ids must lie in [0, n_experts)")
+
+
+def _sort(
+    weights_TK: Tensor, experts_TK: Tensor, E: int, trusted_ids: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`_launch_sort` on the inputs, checked unless ``trusted_ids``: ``(token, expert, weight,
+    counts [E], pos)``."""
+    token, expert, weight, counts, pos = _launch_sort(weights_TK.contiguous(), experts_TK.contiguous(), E)
+    # Trusted ids (a torch.topk over E scores) are in range by construction: the check's two
+    # launches (a comparison and the assertion) are left out of every routing of the gates.
+    if not trusted_ids:
+        _assert_ids_in_range(counts, E)
     return token, expert, weight, counts[:E], pos
 
 
 class _SortTopK(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weights_TK, experts_TK, n_experts):
-        token, expert, weight, counts, pos = _sort(weights_TK, experts_TK, n_experts)
+    def forward(ctx, weights_TK, experts_TK, n_experts, trusted_ids):
+        token, expert, weight, counts, pos = _sort(weights_TK, experts_TK, n_experts, trusted_ids)
         ctx.mark_non_differentiable(token, expert, counts)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(pos)
@@ -149,10 +160,10 @@ class _SortTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _g_token, _g_expert, g_weight, _g_counts):
         if g_weight is None:
-            return None, None, None
+            return None, None, None, None
         (pos,) = ctx.saved_tensors
         # The sort is a permutation: each choice's gradient is its sorted slot's.
-        return g_weight.index_select(0, pos.reshape(-1)).reshape(pos.shape), None, None
+        return g_weight.index_select(0, pos.reshape(-1)).reshape(pos.shape), None, None, None
 
 
 def _check_args(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> None:
@@ -166,7 +177,9 @@ def _check_args(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> None:
         raise ValueError(f"K must lie in [1, {_MAX_K}], got {weights_TK.shape[1]}")
 
 
-def sort_topk(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def sort_topk(
+    weights_TK: Tensor, experts_TK: Tensor, n_experts: int, *, trusted_ids: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sort the choices ``weights_TK [T, K]`` (float, may require grad) for experts
     ``experts_TK [T, K]`` (int32 or int64) by expert, by the Triton kernels (CUDA, or Triton's
     interpreter on the CPU with ``TRITON_INTERPRET=1``).
@@ -175,8 +188,12 @@ def sort_topk(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> tuple[T
     ``[N]`` in weights_TK's dtype (differentiable), counts int64 ``[E]``; bit for bit those of
     `sort_topk_reference`. Within an expert, assignments keep (token, choice) order. Ids
     outside ``[0, E)`` come last, with their own values, and are not counted (see the module
-    docstring). Without gradients (weights not requiring grad, or grad mode off) the launches
-    run outside the autograd Function, which saves its host time on every decode step.
+    docstring); on CUDA they then stop the program with a device-side assertion, unless
+    ``trusted_ids`` (default False): the caller's ids lie in ``[0, E)`` by construction (a
+    ``torch.topk`` over E scores, as the gates' own), and the check's two launches are left
+    out. Ids a user hands in keep the check. Without gradients (weights not requiring grad,
+    or grad mode off) the launches run outside the autograd Function, which saves its host
+    time on every decode step.
 
     Examples
     --------
@@ -188,9 +205,9 @@ def sort_topk(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> tuple[T
     """
     _check_args(weights_TK, experts_TK, n_experts)
     if weights_TK.requires_grad and torch.is_grad_enabled():
-        return _SortTopK.apply(weights_TK, experts_TK, n_experts)
+        return _SortTopK.apply(weights_TK, experts_TK, n_experts, bool(trusted_ids))
     # Inference (a decode step): the same launches without the autograd Function's host cost.
-    return _sort(weights_TK, experts_TK, n_experts)[:4]
+    return _sort(weights_TK, experts_TK, n_experts, bool(trusted_ids))[:4]
 
 
 def sort_topk_reference(weights_TK: Tensor, experts_TK: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

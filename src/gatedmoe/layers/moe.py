@@ -401,7 +401,7 @@ class MoE(TransientState, nn.Module):
         if self.router_z_weight and gated.logits is not None:
             losses["router_z"] = self.router_z_weight * router_z_loss(gated)
         losses.update(self.gate.gate_losses)
-        self.aux_losses = losses
+        self._set_transient("aux_losses", losses)
 
     def _apply_capacity(self, gated: Routing) -> Routing:
         if self.capacity_factor is None:
@@ -430,7 +430,7 @@ class MoE(TransientState, nn.Module):
         if type(self).route is not MoE.route:  # a subclass's own route seam: called as is
             routing = self.route(x_TD, token_ids, seq_len=seq_len)
             self._check_routed(x_TD, routing)
-            self.last_routing = routing
+            self._set_transient("last_routing", routing)
             y_TD = outside_autocast(self.dispatch, x_TD, routing)
         else:
             # What `route` does, with the losses and the device-side finiteness check queued
@@ -439,7 +439,7 @@ class MoE(TransientState, nn.Module):
             # Same results: both only read the routing, and the check never waits for the GPU.
             gated = self._gate_route(x_TD, token_ids)
             routing = self._apply_capacity(gated)
-            self.last_routing = routing
+            self._set_transient("last_routing", routing)
             y_TD = outside_autocast(self.dispatch, x_TD, routing)
             self._check_routed(x_TD, routing)
             self._record_losses(gated, seq_len)

@@ -15,13 +15,16 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 from gatedmoe.dispatch import get_backend
 from gatedmoe.gates.base import Gate
+from gatedmoe.gates.fused_topk import fused_topk, fused_topk_applies
 from gatedmoe.gates.sigmoid import SigmoidGate
 from gatedmoe.gates.topk import TopKSoftmaxGate
 from gatedmoe.layers.moe import MoE
 from gatedmoe.routing import Routing
+from gatedmoe.validation import boolean
 
 __all__ = [
     "HFMoEBlock",
@@ -51,6 +54,16 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
     ``l = x W^T (+ b)`` are computed in the *input's* dtype, as ``F.linear(hidden_states,
     weight)`` in transformers, so in bf16 the same experts are chosen.
 
+    With ``softmax_over="all"`` on CUDA (float32 logits within `fused_topk_applies`'s limits,
+    not while torch.compile traces), softmax, top-k, renormalisation and the sort by expert run
+    in the fused kernels of `gatedmoe.gates.fused_topk`, the library gate's path (one routing
+    kernel and the counting sort instead of torch's softmax, top-k, renormalisation and
+    `Routing.from_topk`'s sort): the same experts (exact ties aside: the kernels give them to
+    the lowest expert id), weights in the same dtype; weights and ``probs`` (and ``lse``,
+    which only this path fills) agree with torch's to float32 rounding, not bit for bit, so a
+    bf16 model's outputs can differ from transformers' in the last bit. ``fused=False`` keeps
+    torch's ops on CUDA too, bit-identical to transformers there as well.
+
     Parameters
     ----------
     d_model, n_experts, k, renormalize
@@ -61,9 +74,13 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
         "all" (default): softmax of all logits in float32, then top-k (Mixtral, Qwen,
         OLMoE). "topk": top-k of the logits, then softmax of the kept ones in the logits'
         dtype (GPT-OSS's ``GptOssTopKRouter``; the same routing as "all" with renormalize).
+        "topk" always takes torch's ops: the fused kernels select on float32 softmax scores
+        and weigh in float32, not on and in the logits' dtype.
     weights_dtype : {"float32", "input"}
         Dtype the original router returns its weights in: float32 (Mixtral) or the input's
         (Qwen-MoE, OLMoE: ``.to(router_logits.dtype)``); the weights are rounded to it.
+    fused : bool
+        Route in the fused kernels where they apply (default True), see above.
 
     Examples
     --------
@@ -83,6 +100,7 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
         bias: bool = False,
         softmax_over: str = "all",
         weights_dtype: str = "float32",
+        fused: bool = True,
     ) -> None:
         super().__init__(d_model, n_experts, k=k, renormalize=renormalize)
         if softmax_over not in ("all", "topk"):
@@ -92,6 +110,7 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
         if softmax_over == "topk" and not self.renormalize:
             raise ValueError("softmax_over='topk' is the renormalised routing; pass renormalize=True")
         self.softmax_over, self.weights_dtype = softmax_over, weights_dtype
+        self.fused = boolean("fused", fused)
         self.bias = nn.Parameter(torch.zeros(n_experts)) if bias else None
 
     def _logits_in_input_dtype(self, x_TD: Tensor) -> Tensor:
@@ -106,6 +125,14 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
             return super().forward(x_TD)
         logits = self._logits_in_input_dtype(x_TD)
         logits_TE = logits.float()
+        self._set_transient("gate_losses", {})
+        if self.fused and self.softmax_over == "all" and fused_topk_applies(logits_TE, self.k):
+            # The router bias is in the logits already: no selection bias.
+            routing = fused_topk(logits_TE, self.k, normalize=self.renormalize)
+            if self.weights_dtype == "input" and x_TD.dtype != routing.weight.dtype:
+                # Rounding commutes with the sort's permutation: the plain path's weights.
+                routing = dataclasses.replace(routing, weight=routing.weight.to(x_TD.dtype))
+            return routing
         probs_TE = torch.softmax(logits_TE, dim=-1)
         if self.softmax_over == "topk":
             top_TK, experts_TK = torch.topk(logits, self.k, dim=-1)
@@ -116,11 +143,12 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
                 weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
         if self.weights_dtype == "input":
             weights_TK = weights_TK.to(x_TD.dtype)
-        self.gate_losses = {}
-        return Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=logits_TE)
+        return Routing.from_topk(weights_TK, experts_TK, self.n_experts, probs=probs_TE, logits=logits_TE,
+                                 trusted_ids=True)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, softmax_over={self.softmax_over!r}, weights_dtype={self.weights_dtype!r}"
+        fused = "" if self.fused else ", fused=False"
+        return f"k={self.k}, softmax_over={self.softmax_over!r}, weights_dtype={self.weights_dtype!r}{fused}"
 
 
 class HFSigmoidTopKGate(SigmoidGate):
@@ -150,9 +178,10 @@ class HFSigmoidTopKGate(SigmoidGate):
         weights_TK = torch.sigmoid(top_TK.float()).to(logits.dtype)
         logits_TE = logits.float()
         scores_TE = torch.sigmoid(logits_TE)
-        self.gate_losses = {}
+        self._set_transient("gate_losses", {})
         return Routing.from_topk(
-            weights_TK, experts_TK, self.n_experts, probs=scores_TE / scores_TE.sum(-1, keepdim=True), logits=logits_TE
+            weights_TK, experts_TK, self.n_experts, probs=scores_TE / scores_TE.sum(-1, keepdim=True), logits=logits_TE,
+            trusted_ids=True,
         )
 
 
@@ -588,20 +617,37 @@ class HFSharedExperts(nn.Module):
         return out if self.gate is None else torch.sigmoid(self.gate(x)) * out
 
 
+def _tap_init(self: nn.Module) -> None:
+    nn.Module.__init__(self)
+
+
+def _tap_forward(self: nn.Module, router_logits: Tensor) -> Tensor:
+    return router_logits
+
+
 @functools.cache
 def _tap_class(router_cls: type) -> type:
     """A parameter-free subclass of a Hugging Face router class whose forward returns the
     logits it is given. transformers records ``router_logits`` by hooking modules that are
     instances of the router class (``OutputRecorder``), so a tap keeps
     ``output_router_logits=True`` (and the model's auxiliary loss) working after a swap."""
+    return type(f"{router_cls.__name__}Tap", (router_cls,), {"__init__": _tap_init, "forward": _tap_forward})
 
-    def __init__(self) -> None:
-        nn.Module.__init__(self)
 
-    def forward(self, router_logits: Tensor) -> Tensor:
-        return router_logits
-
-    return type(f"{router_cls.__name__}Tap", (router_cls,), {"__init__": __init__, "forward": forward})
+def _tap_observed(tap: nn.Module) -> bool:
+    """Whether calling ``tap`` can have an effect. A `_tap_class` forward returns its input,
+    so without hooks (its own or the global module hooks: torch's own test for calling
+    ``forward`` directly) the call, and the cast of the logits for it, are skipped.
+    transformers installs its recorder hooks the first time ``output_router_logits`` is asked
+    for; until then, as in plain ``generate()``, nothing reads the tap."""
+    if type(tap).forward is not _tap_forward:
+        return True
+    m = _torch_module
+    return bool(
+        tap._forward_hooks or tap._forward_pre_hooks or tap._backward_hooks or tap._backward_pre_hooks
+        or m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+        or m._global_backward_pre_hooks
+    )
 
 
 def router_tap(router: nn.Module) -> nn.Module:
@@ -748,7 +794,7 @@ class HFMoEBlock(nn.Module):
             if self.router_tap is not None:
                 self.router_tap(logits)
             return y, logits
-        if self.router_tap is not None and routing.logits is not None:
+        if self.router_tap is not None and routing.logits is not None and _tap_observed(self.router_tap):
             logits = routing.logits if self.router_logits_dtype == "float32" else routing.logits.to(x.dtype)
             self.router_tap(logits)
         if self.returns_router_logits:
