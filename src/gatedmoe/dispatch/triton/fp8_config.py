@@ -62,9 +62,9 @@ def fp8_kernel_configs(device: torch.device, block: int, scaling: str = "blockwi
     Raises
     ------
     ValueError
-        An override with ``pregather=True``, or a blockwise override whose ``BK`` (or, for "fp8_glu_fwd", ``BN``) is not ``block``:
-        each step of the reduction is one scale block, and the first GEMM's epilogue
-        quantises one whole ``1 x block`` tile of a.
+        An override with ``pregather=True``, or a blockwise override whose ``BK`` (or, for
+        "fp8_glu_fwd", ``BN``) is not ``block``: each step of the reduction is one scale
+        block, and the first GEMM's epilogue quantises one whole ``1 x block`` tile of a.
 
     Examples
     --------
