@@ -16,6 +16,9 @@ compilation outlast a 10-minute call; QUACK_CACHE_DIR keeps both)::
     export QUACK_CACHE_DIR=/tmp/qc QUACK_CACHE_AUTOTUNING=1 QUACK_COMPILE_WORKERS=16
     PYTHONPATH=src:/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages \\
         python3 benchmarks/layer_peers.py --shapes fine256 --out $OUT/layer_peers.json
+
+`benchmarks/gpu_peers.sh` does all of it in one device call and hands the cache back in $OUT
+(qc.tgz) for the next call to carry in, until SonicMoE's compile for the shapes is done.
 """
 
 from __future__ import annotations
