@@ -315,6 +315,15 @@ def test_unpatch_after_a_patched_forward_keeps_router_logits(family):
     assert_close("loss", want.loss, got.loss)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_softmax_gates_route_in_torch_ops_on_the_grouped_backend(family):
+    """The grouped backend is the bit-exact path: its gate keeps torch's softmax and top-k;
+    other backends take the fused kernels where they apply (CUDA)."""
+    assert from_hf(_block(family), backend="grouped").moe.gate.fused is False
+    assert from_hf(_block(family)).moe.gate.fused is True
+    assert from_hf(_block(family), backend="triton").moe.gate.fused is True
+
+
 def test_from_hf_rejects_unsupported_blocks():
     with pytest.raises(TypeError, match="MixtralSparseMoeBlock"):
         from_hf(torch.nn.Linear(4, 4))

@@ -313,10 +313,12 @@ def _topk_gate(config: MoEConfig, router: nn.Module, *, softmax_over: str = "all
     # The dtype the router returns its weights in: float32 for Mixtral, the logits' dtype
     # for the Qwen and OLMoE routers (``.to(router_logits.dtype)``) and GPT-OSS's.
     weights_dtype = "float32" if type(router).__name__ == "MixtralTopKRouter" else "input"
+    # The grouped backend is the path that reproduces transformers bit for bit: its gate keeps
+    # torch's ops too; the others route in the fused kernels on CUDA (`HFTopKSoftmaxGate`).
     return _built(
         lambda: HFTopKSoftmaxGate(
             config.d_model, config.n_experts, k=config.k, bias=bool(bias), softmax_over=softmax_over,
-            weights_dtype=weights_dtype, **config.gate_kwargs,
+            weights_dtype=weights_dtype, fused=config.backend != "grouped", **config.gate_kwargs,
         ),
         weight=router.weight,
         **bias,
