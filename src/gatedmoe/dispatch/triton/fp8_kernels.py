@@ -125,41 +125,9 @@ def quantize_rows_kernel(
 
 
 @triton.jit
-def quantize_blocks_kernel(
-    w_ptr, q_ptr, qt_ptr, s_ptr, R, C, RB, CB,
-    B: tl.constexpr, FMAX: tl.constexpr, FMAX_EXP: tl.constexpr, WRITE_T: tl.constexpr, ROUND: tl.constexpr,
-):
-    """Program (e, row block, column block) of ``w [E, R, C]``: ``s[e, rb, cb]``, its block
-    of ``q [E, R, C]`` and, with ``WRITE_T``, of ``qt [E, C, R]`` (the transpose)."""
-    pid = tl.program_id(0)
-    e = pid // (RB * CB)
-    rb = (pid // CB) % RB
-    cb = pid % CB
-    r = rb * B + tl.arange(0, B)
-    c = cb * B + tl.arange(0, B)
-    mask = (r < R)[:, None] & (c < C)[None, :]
-    base = e.to(tl.int64) * R * C
-    w = tl.load(w_ptr + base + r[:, None].to(tl.int64) * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    scale, inv = _pow2_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), FMAX_EXP)
-    q = _to_fp8(w, inv, FMAX, FMAX_EXP, q_ptr.dtype.element_ty, ROUND)
-    tl.store(q_ptr + base + r[:, None].to(tl.int64) * C + c[None, :], q, mask=mask)
-    if WRITE_T:
-        # The block read again transposed and rounded with the same scale (the same bytes,
-        # rounding is elementwise), so the store runs along qt's rows. Storing q through
-        # transposed pointers wrote every fourth row of qt wrong on the H200 (Triton 3.6, the
-        # one-byte elements; README, 'FP8'), and the data-gradient GEMMs read qt.
-        mask_t = (c < C)[:, None] & (r < R)[None, :]
-        wt = tl.load(w_ptr + base + r[None, :].to(tl.int64) * C + c[:, None], mask=mask_t, other=0.0).to(tl.float32)
-        qt = _to_fp8(wt, inv, FMAX, FMAX_EXP, qt_ptr.dtype.element_ty, ROUND)
-        tl.store(qt_ptr + base + c[:, None].to(tl.int64) * R + r[None, :], qt, mask=mask_t)
-    tl.store(s_ptr + pid, scale)
-
-
-@triton.jit
-def weight_amax_kernel(w_ptr, rmax_ptr, cmax_ptr, R, C, RB, CB, BR: tl.constexpr, BC: tl.constexpr):
-    """Program (e, row block, column block) of ``w [E, R, C]``: the tile's row and column
-    amaxes max-ed into ``rmax [E, R]`` and ``cmax [E, C]``, zero-initialised int32 holding
-    float32 bits (amaxes are >= 0, whose bit patterns order as their values)."""
+def _weight_tile(w_ptr, R, C, RB, CB, BR: tl.constexpr, BC: tl.constexpr):
+    """The tile of ``w [E, R, C]`` a program over (e, row block, column block) owns:
+    ``(e, rb, cb, r, c, base, w [BR, BC] float32)``, zeros past the edges."""
     pid = tl.program_id(0)
     e = pid // (RB * CB)
     rb = (pid // CB) % RB
@@ -168,7 +136,48 @@ def weight_amax_kernel(w_ptr, rmax_ptr, cmax_ptr, R, C, RB, CB, BR: tl.constexpr
     c = cb * BC + tl.arange(0, BC)
     base = e.to(tl.int64) * R * C
     mask = (r < R)[:, None] & (c < C)[None, :]
-    a = tl.abs(tl.load(w_ptr + base + r[:, None].to(tl.int64) * C + c[None, :], mask=mask, other=0.0).to(tl.float32))
+    w = tl.load(w_ptr + base + r[:, None].to(tl.int64) * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    return e, rb, cb, r, c, base, w
+
+
+@triton.jit
+def _store_transposed(w_ptr, qt_ptr, base, r, c, R, C, inv, FMAX: tl.constexpr, FMAX_EXP: tl.constexpr,
+                      ROUND: tl.constexpr):
+    """The tile ``w[e, r, c]`` read again transposed, rounded with ``inv`` (a scalar, or one
+    per column c as ``[BC, 1]``) and stored into ``qt [E, C, R]`` along qt's rows. Storing the
+    rounded tile through transposed pointers wrote every fourth row of qt wrong on the H200
+    (Triton 3.6, the one-byte elements; README, 'FP8'), and the data-gradient GEMMs read qt;
+    rounding is elementwise, so these are the same bytes."""
+    mask_t = (c < C)[:, None] & (r < R)[None, :]
+    wt = tl.load(w_ptr + base + r[None, :].to(tl.int64) * C + c[:, None], mask=mask_t, other=0.0).to(tl.float32)
+    qt = _to_fp8(wt, inv, FMAX, FMAX_EXP, qt_ptr.dtype.element_ty, ROUND)
+    tl.store(qt_ptr + base + c[:, None].to(tl.int64) * R + r[None, :], qt, mask=mask_t)
+
+
+@triton.jit
+def quantize_blocks_kernel(
+    w_ptr, q_ptr, qt_ptr, s_ptr, R, C, RB, CB,
+    B: tl.constexpr, FMAX: tl.constexpr, FMAX_EXP: tl.constexpr, WRITE_T: tl.constexpr, ROUND: tl.constexpr,
+):
+    """Program (e, row block, column block) of ``w [E, R, C]``: ``s[e, rb, cb]``, its block
+    of ``q [E, R, C]`` and, with ``WRITE_T``, of ``qt [E, C, R]`` (the transpose)."""
+    e, rb, cb, r, c, base, w = _weight_tile(w_ptr, R, C, RB, CB, B, B)
+    scale, inv = _pow2_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), FMAX_EXP)
+    q = _to_fp8(w, inv, FMAX, FMAX_EXP, q_ptr.dtype.element_ty, ROUND)
+    mask = (r < R)[:, None] & (c < C)[None, :]
+    tl.store(q_ptr + base + r[:, None].to(tl.int64) * C + c[None, :], q, mask=mask)
+    if WRITE_T:
+        _store_transposed(w_ptr, qt_ptr, base, r, c, R, C, inv, FMAX, FMAX_EXP, ROUND)
+    tl.store(s_ptr + tl.program_id(0), scale)
+
+
+@triton.jit
+def weight_amax_kernel(w_ptr, rmax_ptr, cmax_ptr, R, C, RB, CB, BR: tl.constexpr, BC: tl.constexpr):
+    """Program (e, row block, column block) of ``w [E, R, C]``: the tile's row and column
+    amaxes max-ed into ``rmax [E, R]`` and ``cmax [E, C]``, zero-initialised int32 holding
+    float32 bits (amaxes are >= 0, whose bit patterns order as their values)."""
+    e, rb, cb, r, c, base, w = _weight_tile(w_ptr, R, C, RB, CB, BR, BC)
+    a = tl.abs(w)
     tl.atomic_max(rmax_ptr + e * R + r, tl.max(a, axis=1).to(tl.int32, bitcast=True), mask=r < R)
     tl.atomic_max(cmax_ptr + e * C + c, tl.max(a, axis=0).to(tl.int32, bitcast=True), mask=c < C)
 
@@ -183,27 +192,14 @@ def quantize_rows_and_cols_kernel(
     transpose, scaled per row of its own (``st [E, C]``, from w's column amaxes). The
     rowwise recipe's weight and its transpose from two reads of w, where quantising a
     transposed copy took a copy and four more."""
-    pid = tl.program_id(0)
-    e = pid // (RB * CB)
-    rb = (pid // CB) % RB
-    cb = pid % CB
-    r = rb * BR + tl.arange(0, BR)
-    c = cb * BC + tl.arange(0, BC)
-    base = e.to(tl.int64) * R * C
+    e, rb, cb, r, c, base, w = _weight_tile(w_ptr, R, C, RB, CB, BR, BC)
     rmask = r < R
     cmask = c < C
     rs, rinv = _pow2_scale(tl.load(rmax_ptr + e * R + r, mask=rmask, other=0).to(tl.float32, bitcast=True), FMAX_EXP)
     cs, cinv = _pow2_scale(tl.load(cmax_ptr + e * C + c, mask=cmask, other=0).to(tl.float32, bitcast=True), FMAX_EXP)
-    mask = rmask[:, None] & cmask[None, :]
-    w = tl.load(w_ptr + base + r[:, None].to(tl.int64) * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
     q = _to_fp8(w, rinv[:, None], FMAX, FMAX_EXP, q_ptr.dtype.element_ty, ROUND)
-    tl.store(q_ptr + base + r[:, None].to(tl.int64) * C + c[None, :], q, mask=mask)
-    # The tile read again transposed, so the store runs along qt's rows (as in
-    # `quantize_blocks_kernel`: a store through transposed pointers went wrong on the H200).
-    mask_t = cmask[:, None] & rmask[None, :]
-    wt = tl.load(w_ptr + base + r[None, :].to(tl.int64) * C + c[:, None], mask=mask_t, other=0.0).to(tl.float32)
-    qt = _to_fp8(wt, cinv[:, None], FMAX, FMAX_EXP, qt_ptr.dtype.element_ty, ROUND)
-    tl.store(qt_ptr + base + c[:, None].to(tl.int64) * R + r[None, :], qt, mask=mask_t)
+    tl.store(q_ptr + base + r[:, None].to(tl.int64) * C + c[None, :], q, mask=rmask[:, None] & cmask[None, :])
+    _store_transposed(w_ptr, qt_ptr, base, r, c, R, C, cinv[:, None], FMAX, FMAX_EXP, ROUND)
     if cb == 0:
         tl.store(s_ptr + e * R + r, rs, mask=rmask)
     if rb == 0:
