@@ -50,13 +50,13 @@ class FP8Recipe:
         product of each ``block``-deep slice of the reduction scaled and added in float32
         (which also keeps Hopper's reduced-precision FP8 accumulation to ``block`` products);
         D and H multiples of ``block``. Rowwise is the default because its GEMMs measured
-        faster (H200, forward+backward: 0.92-1.06x of bf16 against blockwise's 0.91-0.97x, the
+        faster (H200, forward+backward: 0.95-1.06x of bf16 against blockwise's 0.91-0.95x, the
         same run), as accurate (the same errors, also with 1000x outlier channels: the scales
         are powers of two and FP8 is floating point, so a value within 2^14 of its scale's amax
         keeps the format's precision either way), and its 2,000-step training run ended closer
         to the baseline (+2.0% against +2.9%, one seed each; BENCHMARKS.md "FP8"). Its weight
         quantisation, once per optimizer step, cost 7x blockwise's until rewritten (two passes
-        over each weight now; kernels README, "FP8").
+        over each weight now: 1.6x blockwise's; kernels README, "FP8").
     grad_format : {"e4m3", "e5m2"}
         FP8 format of the gradient operand of the backward's data-gradient GEMMs: e4m3 (3
         mantissa bits, range 448) or e5m2 (2 mantissa bits, range 57344). With power-of-two
