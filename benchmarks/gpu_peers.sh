@@ -7,6 +7,7 @@
 #   SHAPES=fine256 OUT=$OUT bash benchmarks/gpu_peers.sh  # carry [".peers"]; repeat after
 #   cp <files_at>/qc.tgz .peers/qc.tgz                    # until the table prints
 # WHAT=layer (default): the whole layer against SonicMoE's (`layer_peers.py`, issue 17).
+# WHAT=experts: the peers' experts-given-top-k benchmark (`.peers/bench_experts.py`, IMPLS, one shape).
 # WHAT=hf: the training step of a Hugging Face model through transformers' own "sonicmoe"
 # experts implementation beside grouped_mm and gatedmoe (`hf_patch.py`, issue 18; FAMILIES).
 set -uo pipefail
@@ -20,7 +21,10 @@ if [ ! -d /tmp/site/sonicmoe ]; then  # as .peers/run.sh installs it
 fi
 [ -f .peers/qc.tgz ] && tar xzf .peers/qc.tgz -C "$QUACK_CACHE_DIR" && echo "compile cache restored: $(du -sh "$QUACK_CACHE_DIR" | cut -f1)"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-if [ "${WHAT:-layer}" = hf ]; then
+if [ "${WHAT:-layer}" = experts ]; then  # the peers' experts-given-top-k benchmark, one shape
+  OUT=$OUT/experts SHAPES=${SHAPES:-fine256} IMPLS=${IMPLS:-gm_triton,scattermoe,sonicmoe} timeout "${LIMIT:-500}" \
+    python3 .peers/bench_experts.py 2>&1 | tee "$OUT/experts.txt" | grep -E " ms |FAILED|ceiling"
+elif [ "${WHAT:-layer}" = hf ]; then
   timeout "${LIMIT:-500}" python3 benchmarks/hf_patch.py --preset gpu --modes train --repeats 10 --warmup 3 \
     --implementations grouped_mm sonicmoe --sonicmoe-local --families ${FAMILIES:-qwen3_moe} \
     --out "$OUT/hf_train.json" 2>&1 | tee "$OUT/hf_train.txt" | grep -v "^ *$" | tail -20
