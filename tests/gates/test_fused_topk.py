@@ -223,3 +223,24 @@ def test_gates_route_the_same_through_the_fused_kernels(gate, kw, module, monkey
         assert_close(name, ref.routed.__getattribute__(name), fast.__getattribute__(name))
     assert_close("weight", ref.weight, fast.weight)
     assert_close("probs", ref.probs, fast.probs)
+
+
+def test_group_limited_gate_with_fused_false_keeps_torch_ops(monkeypatch):
+    """``fused=False`` (the HF converter's choice on the bit-exact grouped backend) never enters
+    the kernels, even where they would apply; a gate unpickled from before the option existed
+    (no ``fused`` in its ``__dict__``) routes as it did then, in the kernels."""
+    g = registry.get("group_limited")(16, 16, k=3, n_group=4, topk_group=2, fused=False).to(DEVICE).eval()
+    monkeypatch.setattr(group_module, "fused_topk_applies", lambda *a, **k: True)
+
+    def refuse(*a, **k):
+        raise AssertionError("the fused kernels ran")
+
+    monkeypatch.setattr(group_module, "fused_topk", refuse)
+    x = torch.randn(30, 16, device=DEVICE)
+    assert g(x).lse is None and "fused=False" in repr(g)
+    del g.__dict__["fused"]  # as unpickled from a gate saved before the option
+    assert g.fused is True
+    with pytest.raises(AssertionError, match="fused kernels ran"):
+        g(x)
+    with pytest.raises(TypeError, match="fused"):
+        registry.get("group_limited")(16, 16, k=3, fused=1)

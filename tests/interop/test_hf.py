@@ -315,10 +315,10 @@ def test_unpatch_after_a_patched_forward_keeps_router_logits(family):
     assert_close("loss", want.loss, got.loss)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_softmax_gates_route_in_torch_ops_on_the_grouped_backend(family):
-    """The grouped backend is the bit-exact path: its gate keeps torch's softmax and top-k;
-    other backends take the fused kernels where they apply (CUDA)."""
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_gates_route_in_torch_ops_on_the_grouped_backend(family):
+    """The grouped backend is the bit-exact path: its gate keeps torch's softmax (sigmoid) and
+    top-k; other backends take the fused kernels where they apply (CUDA)."""
     assert from_hf(_block(family), backend="grouped").moe.gate.fused is False
     assert from_hf(_block(family)).moe.gate.fused is True
     assert from_hf(_block(family), backend="triton").moe.gate.fused is True

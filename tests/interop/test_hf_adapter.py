@@ -204,3 +204,29 @@ def test_router_tap_is_called_for_global_hooks():
     finally:
         handle.remove()
     assert len(seen) == 1 and torch.equal(seen[0], block.moe.last_routing.logits)
+
+
+def test_router_tap_is_called_when_its_forward_is_replaced_on_the_instance():
+    """transformers' `model_addition_debugger_context` and accelerate's hooks wrap a module by
+    assigning ``module.forward`` on the instance, without hooks: the tap still runs for them."""
+    block = _tapped_block("input")
+    seen = []
+    inner = block.router_tap.forward
+    block.router_tap.forward = lambda logits: seen.append(logits) or inner(logits)
+    with torch.no_grad():
+        block(torch.randn(3, 16))
+    assert len(seen) == 1 and torch.equal(seen[0], block.moe.last_routing.logits)
+
+
+def test_softmax_gate_unpickled_from_before_the_fused_option_routes_in_torch_ops(fused_on, monkeypatch):
+    """A gate saved before ``fused`` existed has no such attribute: it routes as it did then
+    (torch's ops) and prints."""
+    g = adapter.HFTopKSoftmaxGate(16, 8, k=2, renormalize=True).to(DEVICE).eval()
+    del g.__dict__["fused"]
+
+    def refuse(*a, **k):
+        raise AssertionError("the fused kernels ran")
+
+    monkeypatch.setattr(adapter, "fused_topk", refuse)
+    assert g.fused is False and "fused=False" in repr(g)
+    assert g(torch.randn(5, 16, device=DEVICE)).lse is None

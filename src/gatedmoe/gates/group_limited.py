@@ -36,7 +36,8 @@ class GroupLimitedGate(Gate):
     ``Routing.probs`` holds ``s / sum_j s_j`` so the usual balance losses apply. On CUDA
     the route runs in the fused kernels of `gatedmoe.gates.fused_topk` (the normaliser there
     is ``max(sum, 1e-20)``, equal to ``sum + 1e-20`` in float32 unless the kept scores sum
-    below 1e-13).
+    below 1e-13; the weights agree with torch's ops to float32 rounding, not bit for bit),
+    unless ``fused=False``.
     Sparse; selection not differentiable (weights are); balancing by the bias (updated
     when ``bias_update_rate > 0``, Wang et al. 2024), optionally auxiliary losses too.
 
@@ -60,6 +61,9 @@ class GroupLimitedGate(Gate):
     bias_update_rate : float
         Step of the sign update of the selection bias (default 0: the bias is kept fixed,
         e.g. as loaded from a checkpoint).
+    fused : bool
+        Route in the fused kernels where they apply (default True); False keeps torch's ops,
+        bit-identical to Hugging Face's router (`patch_model(..., backend="grouped")`).
 
     The bias lives in ``balancer.bias`` (also readable as ``e_score_correction_bias``).
 
@@ -72,6 +76,8 @@ class GroupLimitedGate(Gate):
     """
 
     token_choice = True
+    # A gate pickled before ``fused`` existed routes as it did then.
+    fused: bool = True
 
     def __init__(
         self,
@@ -85,9 +91,11 @@ class GroupLimitedGate(Gate):
         routed_scaling_factor: float = 1.0,
         mask_value: float = float("-inf"),
         bias_update_rate: float = 0.0,
+        fused: bool = True,
     ) -> None:
         super().__init__(d_model, n_experts)
         self.k = check_k(k, n_experts)
+        self.fused = boolean("fused", fused)
         for name, v in (("n_group", n_group), ("topk_group", topk_group)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -119,7 +127,7 @@ class GroupLimitedGate(Gate):
 
     def forward(self, x_TD: Tensor) -> Routing:
         logits_TE = self.router_logits(x_TD)
-        if fused_topk_applies(logits_TE, self.k, self.n_group):
+        if self.fused and fused_topk_applies(logits_TE, self.k, self.n_group):
             routing = fused_topk(
                 logits_TE, self.k, score="sigmoid", normalize=self.normalize, bias_E=self.balancer.bias,
                 scale=self.routed_scaling_factor, n_group=self.n_group, topk_group=self.topk_group,
@@ -154,5 +162,5 @@ class GroupLimitedGate(Gate):
         return (
             f"k={self.k}, n_group={self.n_group}, topk_group={self.topk_group}, "
             f"normalize={self.normalize}, routed_scaling_factor={self.routed_scaling_factor}, "
-            f"mask_value={self.mask_value}"
+            f"mask_value={self.mask_value}" + ("" if self.fused else ", fused=False")
         )

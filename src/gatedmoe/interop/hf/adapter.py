@@ -90,6 +90,9 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
     10
     """
 
+    # A gate pickled before ``fused`` existed routes as it did then: in torch's ops.
+    fused: bool = False
+
     def __init__(
         self,
         d_model: int,
@@ -638,9 +641,13 @@ def _tap_observed(tap: nn.Module) -> bool:
     """Whether calling ``tap`` can have an effect. A `_tap_class` forward returns its input,
     so without hooks (its own or the global module hooks: torch's own test for calling
     ``forward`` directly) the call, and the cast of the logits for it, are skipped.
-    transformers installs its recorder hooks the first time ``output_router_logits`` is asked
-    for; until then, as in plain ``generate()``, nothing reads the tap."""
-    if type(tap).forward is not _tap_forward:
+    transformers installs its recorder hooks, on every recordable module at once, the first
+    time any recorded output (``output_router_logits``, but also ``output_hidden_states`` or
+    ``output_attentions``) is asked for, and leaves them: until then, as in plain
+    ``generate()``, nothing reads the tap; after, every call runs it."""
+    if type(tap).forward is not _tap_forward or "forward" in tap.__dict__:
+        # A subclass, or a forward replaced on the instance (transformers'
+        # `model_addition_debugger_context`, accelerate's hooks): the call is observed.
         return True
     m = _torch_module
     return bool(

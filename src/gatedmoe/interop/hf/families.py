@@ -436,7 +436,9 @@ def _deepseek_v3_config(block: nn.Module) -> MoEConfig:
 def _deepseek_v3_parts(block: nn.Module, config: MoEConfig) -> tuple[MoE, dict[str, Any]]:
     router = block.gate
     gate = _built(
-        lambda: GroupLimitedGate(config.d_model, config.n_experts, k=config.k, **config.gate_kwargs),
+        lambda: GroupLimitedGate(
+            config.d_model, config.n_experts, k=config.k, fused=config.backend != "grouped", **config.gate_kwargs
+        ),
         weight=router.weight,
         **{"balancer.bias": router.e_score_correction_bias},
     )
