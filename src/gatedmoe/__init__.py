@@ -47,7 +47,17 @@ if TYPE_CHECKING:
     from gatedmoe.routing import Routing as Routing
 
 
+# Subpackages reachable as attributes after a bare ``import gatedmoe`` (``gatedmoe.gates.names()``),
+# imported on first access like the names above.
+_SUBPACKAGES = frozenset({
+    "analysis", "arena", "autocast", "bench", "cli", "data", "dispatch", "experts", "gates", "interop", "layers",
+    "losses", "models", "parallel", "replay", "routing", "stats", "transient", "validation",
+})
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"gatedmoe.{name}")  # the import binds it in this module
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'gatedmoe' has no attribute {name!r}")
@@ -57,4 +67,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+    return sorted({*globals(), *_LAZY, *_SUBPACKAGES})

@@ -12,10 +12,13 @@ def format_rows(rows: list[dict]) -> str:
     head = f"{'shape':<40} {'backend':<16} {'pass':<8} {'ms':>9} {'tokens/s':>11} {'TFLOP/s':>8} {'of ceil':>8} {'+mem GB':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
+        mem = r["extra_mem_gb"]  # measured on CUDA only (NaN elsewhere)
         lines.append(
             f"{r['shape']:<40} {r['backend']:<16} {r['pass']:<8} {r['ms']:9.3f} {r['tokens_per_s']:11.0f} "
-            f"{r['tflops']:8.2f} {100 * r['fraction_of_ceiling']:7.1f}% {r['extra_mem_gb']:8.2f}"
+            f"{r['tflops']:8.2f} {100 * r['fraction_of_ceiling']:7.1f}% {'-' if mem != mem else f'{mem:.2f}':>8}"
         )
+    if any(r["extra_mem_gb"] != r["extra_mem_gb"] for r in rows):
+        lines.append("+mem GB: peak memory above the inputs, measured on CUDA only ('-')")
     return "\n".join(lines)
 
 

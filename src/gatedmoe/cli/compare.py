@@ -4,9 +4,9 @@ bundled digits by default: TabularMoE with GG MoE's Gumbel-softmax gate against 
 equal parameter count), then writes a leaderboard (results.json, results.csv), figures
 (PNG) and a self-contained report.html.
 
-The default run (both tasks, 5 gates on text, two runs at a time) took 2 min 05 s on the
-project's 2-core machine (205 s of CPU time, no other jobs; 2 min 31 s with other jobs
-sharing the cores). One progress bar counts the training steps of all text runs.
+The default run (both tasks, 5 gates on text, two runs at a time) takes about 2 minutes on
+the project's 2-core machine (1 min 52 s and 2 min 03 s in two runs, 189 s of CPU time
+each). One progress bar counts the training steps of all text runs.
 
 One seed per gate (the default) gives an order, not a ranking: the report says so. With
 --seeds N the report ranks the gates and marks the gaps smaller than the seed-to-seed

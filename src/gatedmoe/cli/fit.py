@@ -21,15 +21,17 @@ def register(subparsers) -> None:
     p.add_argument("data", help="CSV file with a header row")
     p.add_argument("--target", required=True, help="name of the response column")
     p.add_argument("--experts", type=positive_int, default=3, help="number of experts (default 3)")
-    add_estimator_options(p)
+    add_estimator_options(p, classify=True)
     p.add_argument("--classify", action="store_true", help="categorical target: MoEClassifier")
     p.add_argument("--l2", type=nonneg_float, default=None,
                    help="with --classify: ridge on the coefficients (default 1, as LogisticRegression's C=1; 0: plain MLE)")
     p.set_defaults(func=run)
 
 
-def add_estimator_options(p) -> None:
-    """The estimator options shared by `gatedmoe fit` and `gatedmoe simulate`."""
+def add_estimator_options(p, classify: bool = False) -> None:
+    """The estimator options shared by `gatedmoe fit` and `gatedmoe simulate`; ``classify``:
+    the command has ``--classify`` (the help then gives the classifier's defaults too)."""
+    cls_init, cls_iter = (", 1 for --classify", ", 300 for --classify") if classify else ("", "")
     p.add_argument("--gate", default="softmax",
                    help="gate: softmax, topk_softmax (needs --k), temperature_softmax, sigmoid, modified_softmax")
     p.add_argument("--k", type=positive_int, default=None,
@@ -38,9 +40,9 @@ def add_estimator_options(p) -> None:
     p.add_argument("--penalty", choices=["none", "l1"], default="none", help="l1: Lasso MoE (with --alpha)")
     p.add_argument("--alpha", type=nonneg_float, default=0.0, help="L1 strength, per-sample scale (default 0)")
     p.add_argument("--n-init", type=positive_int, default=None,
-                   help="starts (default: the estimator's, 3 for regression, 1 for --classify)")
+                   help=f"starts (default: the estimator's, 3 for regression{cls_init})")
     p.add_argument("--max-iter", type=positive_int, default=None,
-                   help="iterations per start (default: the estimator's, 100 for regression, 300 for --classify)")
+                   help=f"iterations per start (default: the estimator's, 100 for regression{cls_iter})")
     p.add_argument("--tol", type=nonneg_float, default=1e-6, help="convergence tolerance on the mean log-likelihood")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 

@@ -76,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="float32 (default) or bf16 mixed precision (torch.autocast; float32 weights and optimizer); "
                         "with --resume, the checkpoint's")
     p.add_argument("--eval-every", type=positive_int, default=100, help="steps between validation losses (default 100)")
-    p.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder (metrics.json, load.png, checkpoint/)")
+    p.add_argument("--out", type=Path, default=Path("runs/train"),
+                   help="output folder (metrics.json, load.png, and for text checkpoint/; a CSV run writes no model file)")
     p.add_argument("--sample", type=nonneg_int, default=200,
                    help="characters to sample from the trained model (0: none)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -270,5 +271,5 @@ def _run_tabular(args: argparse.Namespace) -> int:
     m["routing_stats"].plot(out / "load.png", title=f"Expert load, gate={model.moe.config.gate}")
     metrics = {k: v for k, v in m.items() if k != "routing_stats"}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(f"\nwrote {out}/metrics.json, {out}/load.png")
+    print(f"\nwrote {out}/metrics.json, {out}/load.png (no model file: TabularMoE runs are not checkpointed)")
     return 0

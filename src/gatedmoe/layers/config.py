@@ -52,7 +52,9 @@ class MoEConfig:
     gate : str
         Registered gate name (see ``gatedmoe.gates.names()``), default "topk_softmax".
     k : int
-        Experts per token for gates that take k (default 2); dense gates ignore it.
+        Experts per token for the top-k gates (``Gate.uses_k``; default 2). The other gates
+        ignore it: the dense ones, those that choose their own number per token, and
+        ``modified_softmax``, dense unless given its optional top-k as ``gate_kwargs={"k": ...}``.
     activation : str
         Expert activation (default "swiglu"; see ``gatedmoe.experts.activation_names()``).
     bias : bool
