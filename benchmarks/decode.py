@@ -77,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-layers", type=int, default=8)
     p.add_argument("--gen-tokens", type=int, default=64, help="new tokens per generate() call")
     p.add_argument("--gen-batches", nargs="*", type=int, default=[1, 16])
+    p.add_argument("--gen-reps", type=int, default=3, help="timed generate() calls per model (default 3)")
     p.add_argument("--gen-compile", choices=["none", "cudagraphs", "inductor"], default="cudagraphs",
                    help="static-cache generate() compiled with this torch.compile backend "
                         "(inductor: mode='reduce-overhead'); none: eager only")
@@ -84,7 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also profile one eager generate() per model and batch: operator tables, a 4-token Chrome "
                         "trace and host time per module class, beside --out")
     p.add_argument("--tiny", action="store_true", help="tiny sizes on CPU (Triton interpreter): checks the script runs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.gen_reps < 1:
+        p.error(f"--gen-reps must be at least 1, got {args.gen_reps}")
+    return args
 
 
 def setup_tiny() -> None:
@@ -518,7 +522,7 @@ def run_generate(args, device: torch.device, dtype: torch.dtype) -> dict:
                 kw["cache_implementation"] = "static"
                 kw["compile_config"] = transformers.CompileConfig(
                     backend=comp, mode="reduce-overhead" if comp == "inductor" else None)
-            reps = 1 if args.tiny else 3
+            reps = 1 if args.tiny else args.gen_reps
 
             def timed(model, kw=kw, ids=ids):
                 t0 = time.perf_counter()
@@ -559,6 +563,15 @@ def run_generate(args, device: torch.device, dtype: torch.dtype) -> dict:
                       f"{name:<10} {row['tokens_per_s']:9.1f} tok/s  ({s * 1e3:.0f} ms for {args.gen_tokens} tokens, "
                       f"each {', '.join(f'{t * 1e3:.0f}' for t in times[name])}; first call {warm[name]:.1f} s)",
                       flush=True)
+            # Eager calls take turns, so the ratio within each round is paired: a drift of the
+            # host between rounds cancels in it.
+            paired = [u / p for u, p in zip(times["unpatched"], times["patched"], strict=True)]
+            print(f"  patched / unpatched speed, median of the {len(paired)} rounds' ratios: "
+                  f"{statistics.median(paired):.3f} [{min(paired):.3f}-{max(paired):.3f}]"
+                  + (" (eager calls alternate)" if comp == "none" else " (compiled: one model after the other)"),
+                  flush=True)
+            results.append({"batch": batch, "compile": comp, "paired_speed_ratio": statistics.median(paired),
+                            "paired_speed_ratios": paired})
             same = torch.equal(outs[(comp, "unpatched")], outs[(comp, "patched")])
             print(f"  greedy tokens patched == unpatched ({comp}): {same}", flush=True)
             results.append({"batch": batch, "compile": comp, "tokens_identical": same})
