@@ -39,5 +39,7 @@ def test_unknown_attributes_raise_attribute_error():
 
 
 def test_python_dash_m_gatedmoe_is_the_command():
-    out = _fresh("import runpy, sys; sys.argv = ['gatedmoe', '--help']\ntry:\n    runpy.run_module('gatedmoe', run_name='__main__')\nexcept SystemExit as e:\n    print('exit', e.code)")
-    assert "compare" in out and "simulate" in out and out.strip().endswith("exit 0"), out
+    env = {**os.environ, "PYTHONPATH": SRC}
+    out = subprocess.run([sys.executable, "-m", "gatedmoe", "--help"], capture_output=True, text=True, check=True,
+                         env=env).stdout
+    assert "compare" in out and "simulate" in out, out

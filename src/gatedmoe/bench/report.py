@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 __all__ = ["format_rows", "format_ep_report"]
@@ -15,9 +16,9 @@ def format_rows(rows: list[dict]) -> str:
         mem = r["extra_mem_gb"]  # measured on CUDA only (NaN elsewhere)
         lines.append(
             f"{r['shape']:<40} {r['backend']:<16} {r['pass']:<8} {r['ms']:9.3f} {r['tokens_per_s']:11.0f} "
-            f"{r['tflops']:8.2f} {100 * r['fraction_of_ceiling']:7.1f}% {'-' if mem != mem else f'{mem:.2f}':>8}"
+            f"{r['tflops']:8.2f} {100 * r['fraction_of_ceiling']:7.1f}% {'-' if math.isnan(mem) else f'{mem:.2f}':>8}"
         )
-    if any(r["extra_mem_gb"] != r["extra_mem_gb"] for r in rows):
+    if any(math.isnan(r["extra_mem_gb"]) for r in rows):
         lines.append("+mem GB: peak memory above the inputs, measured on CUDA only ('-')")
     return "\n".join(lines)
 
