@@ -73,8 +73,8 @@ def triton_dispatch(
             _warned.add("fp8-experimental")
             warnings.warn(
                 "TritonOptions(fp8=...) is experimental: on an H200 (Triton 3.6) it is no faster than bf16 "
-                "(rowwise 0.95-1.06x, blockwise 0.91-0.95x, before the per-step weight quantisation), and three "
-                "2,000-step training runs per arm cannot yet tell its loss from bf16's (dispatch/triton/README.md, 'FP8')",
+                "(rowwise 0.95-1.06x, blockwise 0.91-0.95x, before the per-step weight quantisation), and seven "
+                "2,000-step training runs per arm cannot tell its loss from bf16's (dispatch/triton/README.md, 'FP8')",
                 UserWarning,
                 stacklevel=2,
             )

@@ -58,8 +58,8 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
     not while torch.compile traces), softmax, top-k, renormalisation and the sort by expert run
     in the fused kernels of `gatedmoe.gates.fused_topk`, the library gate's path (one routing
     kernel and the counting sort instead of torch's softmax, top-k, renormalisation and
-    `Routing.from_topk`'s sort): the same experts (exact ties aside: the kernels give them to
-    the lowest expert id), weights in the same dtype; weights and ``probs`` (and ``lse``,
+    `Routing.from_topk`'s sort): the same experts, exact ties included (the kernels give a
+    tie to the lowest expert id, as CUDA's `torch.topk` does), weights in the same dtype; weights and ``probs`` (and ``lse``,
     which only this path fills) agree with torch's to float32 rounding, not bit for bit, so a
     bf16 model's outputs can differ from transformers' in the last bit. ``fused=False`` keeps
     torch's ops on CUDA too, bit-identical to transformers there as well.
