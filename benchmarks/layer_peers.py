@@ -1,6 +1,7 @@
 """The whole MoE layer, router included, against SonicMoE's layer in one process: bf16 SwiGLU,
 forward (no grad) and forward+backward, per shape; gatedmoe with gate="topk_softmax",
-"sigmoid" (bias balancing) and "group_limited" (8 groups, 4 kept, bias balancing), backend
+"sigmoid" (bias balancing) and "group_limited" (8 groups, 4 kept, bias balancing; E/2 groups of
+two, half kept, below 16 experts), backend
 triton. Each layer computes what it computes by default (gatedmoe: router on the tensor
 cores with float32 logits, load-balance and z losses, the input check; SonicMoE: its router
 and its switch loss).
@@ -48,7 +49,9 @@ def build(impl: str, T: int, d: int, h: int, E: int, k: int) -> tuple[torch.nn.M
     gate = GATES[impl]
     kw: dict = {} if gate == "topk_softmax" else {"bias_update_rate": 1e-3}
     if gate == "group_limited":
-        kw["gate_kwargs"] = {"n_group": 8, "topk_group": 4}
+        # DeepSeek-V3's 8 groups, 4 kept; with fewer than 16 experts (Mixtral's 8), groups of two
+        n_group = 8 if E >= 16 else E // 2
+        kw["gate_kwargs"] = {"n_group": n_group, "topk_group": max(1, n_group // 2)}
     m = MoE(d, E, h, k=k, gate=gate, activation="swiglu", backend="triton", **kw).cuda().to(torch.bfloat16)
     return m, m
 
