@@ -9,6 +9,7 @@ from gatedmoe.models import (
     MoETransformerLM,
     TextBatches,
     load_checkpoint,
+    save_checkpoint,
     train_lm,
 )
 
@@ -200,6 +201,24 @@ def test_from_dict_reads_old_flat_and_new_nested_dicts():
     with_options = cfg.replace(moe=cfg.moe.replace(backend="triton", backend_options=TritonOptions(fp32_scatter=True)))
     assert LMConfig.from_dict(json.loads(json.dumps(with_options.to_dict()))) == with_options
 
+
+
+def test_checkpoint_keeps_every_backend_option(tmp_path):
+    """FP8 recipes and kernel configs are dataclasses inside the options: written as plain
+    JSON and rebuilt on load (a checkpoint of an FP8 run used to fail to load: 'fp8 must be
+    an FP8Recipe or None, got dict'; one with kernel configs failed to save)."""
+    from gatedmoe import FP8Recipe, MoEConfig, TritonOptions
+    from gatedmoe.dispatch.triton.config import KernelConfig
+
+    options = TritonOptions(fp32_scatter=True, decode=False, fp8=FP8Recipe(scaling="blockwise", grad_format="e5m2"),
+                            configs={"glu_fwd": KernelConfig(64, 64, 32, 4, 2), "fp8_gemm": KernelConfig(128, 64, 64, 8, 3)})
+    cfg = LMConfig(vocab_size=10, d_model=16, n_layers=1, n_heads=2)
+    cfg = cfg.replace(moe=cfg.moe.replace(backend="triton", backend_options=options))
+    save_checkpoint(tmp_path, MoETransformerLM(cfg), CharTokenizer(list("abcdefghij")))
+    loaded, _, _ = load_checkpoint(tmp_path)
+    assert loaded.cfg == cfg and loaded.cfg.moe.backend_options == options
+    assert TritonOptions.from_dict(json.loads(json.dumps(options.to_dict()))) == options
+    assert MoEConfig.from_dict(cfg.moe.to_dict()) == MoEConfig.from_dict(cfg.moe.to_dict(plain=True)) == cfg.moe
 
 def test_old_format_checkpoint_loads_and_resumes(tmp_path):
     text = "the quick brown fox jumps over the lazy dog. " * 40

@@ -131,10 +131,10 @@ def _check_resume_flags(args: argparse.Namespace, path: Path) -> dict:
     """Refuse model flags that disagree with the checkpoint in ``path`` (one message listing
     all); return its train_state.json."""
     from gatedmoe.models import LMConfig
-    from gatedmoe.models.train_lm import _read_json
+    from gatedmoe.models.checkpoint_io import read_json
 
-    cfg = LMConfig.from_dict(_read_json(path / "model.json")["config"])
-    info = _read_json(path / "train_state.json") if (path / "train_state.json").exists() else {}
+    cfg = LMConfig.from_dict(read_json(path / "model.json")["config"])
+    info = read_json(path / "train_state.json") if (path / "train_state.json").exists() else {}
     diffs = []
     for flag, dest, _, where in MODEL_FLAGS:
         given = getattr(args, dest)
@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace, text: str) -> int:
     from gatedmoe.analysis import RoutingStats
     from gatedmoe.models import TextBatches, evaluate_lm, find_checkpoint, load_checkpoint
-    from gatedmoe.models.train_lm import _read_json
+    from gatedmoe.models.checkpoint_io import read_json
 
     path = find_checkpoint(args.eval_only)
     out = prepare_out(args.out)
@@ -234,7 +234,7 @@ def _run_eval(args: argparse.Namespace, text: str) -> int:
     stats = RoutingStats()
     # The precision it was trained in, unless asked otherwise.
     state = path / "train_state.json"
-    precision = args.precision or (_read_json(state).get("precision") if state.exists() else None)
+    precision = args.precision or (read_json(state).get("precision") if state.exists() else None)
     val = evaluate_lm(model, data, args.batch_size or 32, 8, stats=stats, precision=precision or "float32")
     print(f"checkpoint {path} (step {meta.get('steps')}, gate {model.cfg.moe.gate})")
     print(f"validation loss {val:.4f}")

@@ -6,6 +6,7 @@ Importing this module never imports Triton.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -198,3 +199,24 @@ class TritonOptions:
             if not isinstance(cfg, KernelConfig):
                 raise TypeError(f"configs[{name!r}] must be a KernelConfig, got {type(cfg).__name__}")
         object.__setattr__(self, "configs", _FrozenConfigs(self.configs) if self.configs else None)
+
+    def to_dict(self) -> dict:
+        """JSON-able: ``configs`` as ``{name: {field: value}}``, ``fp8`` as its fields; read
+        back by `from_dict` (checkpoints store options this way)."""
+        return {
+            "fp32_scatter": self.fp32_scatter,
+            "configs": None if self.configs is None else {n: dataclasses.asdict(c) for n, c in self.configs.items()},
+            "decode": self.decode,
+            "fp8": None if self.fp8 is None else dataclasses.asdict(self.fp8),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> TritonOptions:
+        """Inverse of `to_dict` (validated like a new instance); `KernelConfig` and
+        `FP8Recipe` values are taken as they are too."""
+        d = dict(d)
+        if isinstance(d.get("configs"), Mapping):
+            d["configs"] = {n: c if isinstance(c, KernelConfig) else KernelConfig(**c) for n, c in d["configs"].items()}
+        if isinstance(d.get("fp8"), Mapping):
+            d["fp8"] = FP8Recipe(**d["fp8"])
+        return cls(**d)

@@ -183,8 +183,20 @@ class MoEConfig:
         """A copy with ``changes`` applied (validated like a new config)."""
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as a plain dict (``gate_kwargs`` copied; ``backend_options`` as is)."""
+    def to_dict(self, plain: bool = False) -> dict[str, Any]:
+        """The settings as a dict (``gate_kwargs`` copied). ``backend_options`` as is, or with
+        ``plain=True`` as `TritonOptions.to_dict` writes it, so that the dict is JSON-able
+        wherever the gate's keyword arguments are (checkpoints); `from_dict` reads both."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["gate_kwargs"] = dict(self.gate_kwargs)
+        if plain and self.backend_options is not None:
+            d["backend_options"] = self.backend_options.to_dict()
         return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MoEConfig:
+        """Inverse of `to_dict` (either form); validated like a new config."""
+        d = dict(d)
+        if isinstance(d.get("backend_options"), Mapping):
+            d["backend_options"] = TritonOptions.from_dict(d["backend_options"])
+        return cls(**d)

@@ -5,11 +5,9 @@ statistics, checkpoint (safetensors + JSON, resumable, with an integrity digest)
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from tqdm.auto import tqdm
 
 from gatedmoe.analysis import RoutingStats
 from gatedmoe.layers.moe import aux_loss, balance_step
+from gatedmoe.models.checkpoint_io import load_tensors, read_json, save_tensors, tensor_digest
 from gatedmoe.models.text import CharTokenizer, TextBatches
 from gatedmoe.models.transformer import LMConfig, MoETransformerLM
 
@@ -33,8 +32,6 @@ SCHEDULES = ("cosine", "inverse_sqrt")
 # under `torch.autocast`; parameters, gradients and optimizer state stay float32). bf16 needs
 # no loss scaling, which is why fp16 is not offered.
 PRECISIONS = {"float32": None, "bf16": torch.bfloat16}
-# The key of the digest in a safetensors file's metadata.
-DIGEST_KEY = "gatedmoe.sha256"
 
 
 def lr_factor(step: int, schedule: str, horizon: int, warmup: int) -> float:
@@ -52,58 +49,6 @@ def lr_factor(step: int, schedule: str, horizon: int, warmup: int) -> float:
     if schedule == "inverse_sqrt":
         return min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
     return min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, horizon) / horizon)))
-
-
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: what a
-    checkpoint's safetensors metadata stores and `load_checkpoint` verifies."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata={DIGEST_KEY: tensor_digest(tensors)})
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a file `_save_tensors` wrote, verified against its digest; ValueError
-    naming the file when it is missing, truncated, not safetensors or altered."""
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: the checkpoint is incomplete")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(f"{path} cannot be read as safetensors (truncated or corrupted?): {e}") from None
-    want = meta.get(DIGEST_KEY)
-    if want is None:
-        warnings.warn(f"{path} has no integrity digest (written before gatedmoe stored one); loaded unverified",
-                      stacklevel=3)
-    elif tensor_digest(tensors) != want:
-        raise ValueError(f"{path} is corrupted: its tensors do not match the SHA-256 digest stored when it was written")
-    return tensors
-
-
-def _read_json(path: Path) -> dict:
-    """A checkpoint's JSON file; ValueError naming it when missing or malformed."""
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: the checkpoint is incomplete")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON (truncated or corrupted?): {e}") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return doc
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -160,7 +105,7 @@ def save_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _save_tensors(state, path / "model.safetensors")
+    save_tensors(state, path / "model.safetensors")
     meta = {"config": model.cfg.to_dict(), "chars": tokenizer.chars, **(extra or {})}
     (path / "model.json").write_text(json.dumps(meta, indent=1))
     if train_state is not None:
@@ -169,7 +114,7 @@ def save_checkpoint(
         for i, per_param in opt["state"].items():
             for key, v in per_param.items():
                 tensors[f"optimizer.{i}.{key}"] = v.detach().contiguous().cpu()
-        _save_tensors(tensors, path / "train_state.safetensors")
+        save_tensors(tensors, path / "train_state.safetensors")
         info = {
             **train_state["info"],
             "optimizer_param_groups": opt["param_groups"],
@@ -182,8 +127,8 @@ def _load_train_state(path: Path, optimizer: torch.optim.Optimizer, scheduler: A
     """Restore what `save_checkpoint` wrote with ``train_state``; return its ``info``."""
     if not (path / "train_state.json").exists():
         raise ValueError(f"{path} has no train_state.json; it cannot be resumed (only evaluated)")
-    info = _read_json(path / "train_state.json")
-    tensors = _load_tensors(path / "train_state.safetensors")
+    info = read_json(path / "train_state.json")
+    tensors = load_tensors(path / "train_state.safetensors")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, v in tensors.items():
         if name.startswith("optimizer."):
@@ -219,7 +164,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MoETransform
     the file; a missing, truncated, malformed or altered file raises ValueError naming it.
     """
     path = Path(path)
-    meta = _read_json(path / "model.json")
+    meta = read_json(path / "model.json")
     try:
         cfg = LMConfig.from_dict(meta["config"])
         tok = CharTokenizer(meta["chars"])
@@ -227,7 +172,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MoETransform
         raise ValueError(f"{path / 'model.json'} does not describe a model: {e!r}") from None
     model = MoETransformerLM(cfg)
     try:
-        model.load_state_dict(_load_tensors(path / "model.safetensors"))
+        model.load_state_dict(load_tensors(path / "model.safetensors"))
     except RuntimeError as e:
         raise ValueError(f"{path / 'model.safetensors'} does not fit the model of {path / 'model.json'}: {e}") from None
     return model.to(device), tok, meta
@@ -256,7 +201,7 @@ def _resumed_plan(path: Path, plan: dict, schedule: str | None, schedule_steps: 
     """The checkpoint's learning rate, schedule and precision; ValueError if the caller asks
     for others. Checkpoints written before the schedule was stored: the caller's plan (as
     then); before the precision was: float32 (the only one then)."""
-    info = _read_json(path / "train_state.json") if (path / "train_state.json").exists() else {}
+    info = read_json(path / "train_state.json") if (path / "train_state.json").exists() else {}
     if "schedule" not in info:
         return plan
     saved = {k: info[k] for k in ("schedule", "schedule_steps", "warmup_steps", "lr")}

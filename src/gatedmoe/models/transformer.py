@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gatedmoe.dispatch.options import TritonOptions
 from gatedmoe.layers.config import MoEConfig
 from gatedmoe.layers.moe import MoE
 from gatedmoe.models.params import count_params
@@ -121,7 +120,9 @@ class LMConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able nested dict (``moe`` as a dict, its ``backend_options`` too), read by `from_dict`."""
-        return asdict(self)
+        d = asdict(self)
+        d["moe"] = self.moe.to_dict(plain=True)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LMConfig:
@@ -130,10 +131,7 @@ class LMConfig:
         d = dict(d)
         moe = d.pop("moe", None)
         if isinstance(moe, Mapping):
-            moe = dict(moe)
-            if isinstance(moe.get("backend_options"), Mapping):
-                moe["backend_options"] = TritonOptions(**moe["backend_options"])
-            moe = MoEConfig(**moe)
+            moe = MoEConfig.from_dict(moe)
         return cls(**d, moe=moe)
 
 

@@ -1,0 +1,71 @@
+"""Checkpoint files, shared by the text and tabular models: tensors in safetensors with a
+SHA-256 digest of their contents in the file's metadata (verified on load), settings in JSON.
+Loading never executes code (nothing is pickled)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["DIGEST_KEY", "tensor_digest", "save_tensors", "load_tensors", "read_json"]
+
+# The key of the digest in a safetensors file's metadata.
+DIGEST_KEY = "gatedmoe.sha256"
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: what a
+    checkpoint's safetensors metadata stores and `load_tensors` verifies."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write ``tensors`` (contiguous, on the CPU) to ``path`` as safetensors, with their
+    `tensor_digest` in the metadata."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={DIGEST_KEY: tensor_digest(tensors)})
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a file `save_tensors` wrote, verified against its digest; ValueError
+    naming the file when it is missing, truncated, not safetensors or altered."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path} cannot be read as safetensors (truncated or corrupted?): {e}") from None
+    want = meta.get(DIGEST_KEY)
+    if want is None:
+        warnings.warn(f"{path} has no integrity digest (written before gatedmoe stored one); loaded unverified",
+                      stacklevel=3)
+    elif tensor_digest(tensors) != want:
+        raise ValueError(f"{path} is corrupted: its tensors do not match the SHA-256 digest stored when it was written")
+    return tensors
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file; ValueError naming it when missing or malformed."""
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON (truncated or corrupted?): {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return doc
