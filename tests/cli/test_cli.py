@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -123,6 +124,33 @@ def test_train_csv_trains_tabular_moe(tmp_path, capsys):
     assert rc == 0
     assert "accuracy" in capsys.readouterr().out
     assert (tmp_path / "tab" / "metrics.json").exists() and (tmp_path / "tab" / "load.png").stat().st_size > 1000
+    # The model it wrote predicts the rows again: one output row per input row, probabilities
+    # that sum to 1, and the accuracy over the whole file printed since it has the target.
+    rc = main(["predict", str(tmp_path / "tab"), str(csv_path), "--out", str(tmp_path / "p.csv")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "60 rows, classification of 'label'" in out and "accuracy" in out
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == "prediction,p(x),p(y)" and len(lines) == 61
+    for line in lines[1:]:
+        label, *probs = line.split(",")
+        assert label in ("x", "y") and abs(sum(map(float, probs)) - 1) < 1e-5
+        assert label == ("x", "y")[max(range(2), key=lambda i: float(probs[i]))]
+
+
+def test_predict_regression_without_target_column(tmp_path, capsys):
+    csv_path = tmp_path / "r.csv"
+    csv_path.write_text("u,v,y\n" + "".join(f"{i % 9},{i % 4},{10 * (i % 9) + 3.5}\n" for i in range(80)))
+    assert main(["train", "--data", str(csv_path), "--steps", "5", "--experts", "4", "--no-progress",
+                 "--out", str(tmp_path / "run")]) == 0
+    new = tmp_path / "new.csv"
+    new.write_text("v,u\n1,2\n3,8\n")
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "run" / "model"), str(new), "--out", str(tmp_path / "p.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "2 rows, regression of 'y'" in out and "RMSE" not in out
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == "prediction" and len(lines) == 3 and all(math.isfinite(float(v)) for v in lines[1:])
 
 
 def test_bench_layer_tiny_cpu(tmp_path):

@@ -94,6 +94,29 @@ def test_train_bad_data(case, needles, files, capsys):
     _fails(["train", "--data", path, "--out", files["tmp"] / "o", "--no-progress"], capsys, *needles)
 
 
+def test_predict_bad_input(files, capsys):
+    """A missing model or data file, a text model, an output path that is a folder, an unknown
+    label: one line each, naming what is wrong."""
+    tmp = files["tmp"]
+    good = tmp / "good.csv"
+    good.write_text("a,color,y\n" + "".join(f"{i % 5},{'red' if i % 3 else 'blue'},{i % 2}\n" for i in range(40)))
+    assert main(["train", "--data", str(good), "--steps", "2", "--experts", "2", "--no-progress",
+                 "--out", str(tmp / "run")]) == 0
+    capsys.readouterr()
+    _fails(["predict", tmp / "none", good], capsys, "no model")
+    _fails(["predict", tmp / "run", tmp / "none.csv"], capsys, "data", "does not exist")
+    _fails(["predict", tmp / "run", good, "--out", tmp], capsys, "--out", "is a folder")
+    _fails(["predict", tmp / "run", good, "--out", good], capsys, "--out", "is the input file")
+    purple = tmp / "purple.csv"
+    purple.write_text("a,color\n1,red\n2,purple\n")
+    _fails(["predict", tmp / "run", purple, "--out", tmp / "p.csv"], capsys, "purple.csv, line 3", "'color'", "'purple'")
+    from gatedmoe.models import CharTokenizer, LMConfig, MoETransformerLM, save_checkpoint
+
+    lm = tmp / "lm"
+    save_checkpoint(lm, MoETransformerLM(LMConfig(vocab_size=4, d_model=8, n_layers=1, n_heads=2)), CharTokenizer(list("abcd")))
+    _fails(["predict", lm, good], capsys, "text model", "--eval-only")
+
+
 def test_train_resume_and_eval_only_missing_checkpoint(files, capsys):
     _fails(["train", "--resume", files["tmp"] / "none", "--out", files["tmp"] / "o"], capsys, "no checkpoint")
     _fails(["train", "--eval-only", files["tmp"] / "none", "--out", files["tmp"] / "o"], capsys, "no checkpoint")

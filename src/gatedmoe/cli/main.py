@@ -19,7 +19,7 @@ from gatedmoe.cli._common import Parser, UsageError, print_error
 __all__ = ["main", "build_parser"]
 
 # Subcommand modules, in the order `gatedmoe --help` lists them.
-SUBCOMMANDS = ["compare", "train", "bench", "simulate", "fit"]
+SUBCOMMANDS = ["compare", "train", "predict", "bench", "simulate", "fit"]
 
 
 def build_parser() -> Parser:

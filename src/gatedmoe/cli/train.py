@@ -1,12 +1,14 @@
 """`gatedmoe train`: train the char-level MoE transformer LM (default: tiny Shakespeare,
 shipped with the package; `--data` a UTF-8 text file), with a progress bar, validation loss
-and routing statistics. `--data table.csv` trains a TabularMoE on a table instead.
+and routing statistics. `--data table.csv` trains a TabularMoE on a table instead (its model
+goes to `--out`/model/, for `gatedmoe predict`).
 `--resume DIR` continues a run from its checkpoint (model, optimizer, schedule, random
 states) up to `--steps` in total; `--eval-only DIR` evaluates a checkpoint."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -77,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with --resume, the checkpoint's")
     p.add_argument("--eval-every", type=positive_int, default=100, help="steps between validation losses (default 100)")
     p.add_argument("--out", type=Path, default=Path("runs/train"),
-                   help="output folder (metrics.json, load.png, and for text checkpoint/; a CSV run writes no model file)")
+                   help="output folder (metrics.json, load.png, and the model: checkpoint/ for text, model/ for a CSV)")
     p.add_argument("--sample", type=nonneg_int, default=200,
                    help="characters to sample from the trained model (0: none)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -248,7 +250,7 @@ def _run_eval(args: argparse.Namespace, text: str) -> int:
 
 def _run_tabular(args: argparse.Namespace) -> int:
     from gatedmoe.data import load_tabular
-    from gatedmoe.models import TabularMoE, train_tabular
+    from gatedmoe.models import TabularMoE, save_tabular_model, train_tabular
 
     if args.resume is not None or args.eval_only is not None:
         raise UsageError("--resume and --eval-only are for text models; a CSV --data trains a TabularMoE from scratch")
@@ -260,6 +262,7 @@ def _run_tabular(args: argparse.Namespace) -> int:
     model = TabularMoE(data.X.shape[1], data.n_outputs, moe=_moe_config(args, TabularMoE.default_moe))
     print(f"{data.name}: {data.task}, {len(data.y)} rows, {data.X.shape[1]} features, target {data.target!r}")
     seed = _value(args, "seed", 0)
+    prep = data.preprocessing(seed=seed)  # what data.split(seed=seed) does to the rows
     m = train_tabular(model, data.split(seed=seed), data.task, steps=args.steps, batch_size=args.batch_size or 64,
                       lr=_value(args, "lr", 3e-3), seed=seed, eval_every=args.eval_every,
                       progress=not args.no_progress)
@@ -271,5 +274,11 @@ def _run_tabular(args: argparse.Namespace) -> int:
     m["routing_stats"].plot(out / "load.png", title=f"Expert load, gate={model.moe.config.gate}")
     metrics = {k: v for k, v in m.items() if k != "routing_stats"}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(f"\nwrote {out}/metrics.json, {out}/load.png (no model file: TabularMoE runs are not checkpointed)")
+    if data.task == "regression":
+        prep = dataclasses.replace(prep, target_mean=m["target_mean"], target_std=m["target_std"])
+    summary = {k: metrics[k] for k in ("steps", "seed", "final_val_loss", "val_accuracy", "val_rmse", "val_r2")
+               if k in metrics}
+    save_tabular_model(out / "model", model, prep, extra={"data": str(args.data), "metrics": summary})
+    print(f"\nwrote {out}/metrics.json, {out}/load.png and the model, {out}/model/ "
+          f"(predict new rows: gatedmoe predict {out} rows.csv)")
     return 0

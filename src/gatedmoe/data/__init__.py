@@ -6,9 +6,14 @@ from __future__ import annotations
 import gzip
 from importlib import resources
 
-from gatedmoe.data.tabular import SKLEARN_DATASETS, TabularDataset, load_tabular
+from gatedmoe.data.tabular import (
+    SKLEARN_DATASETS,
+    TabularDataset,
+    TabularPreprocessing,
+    load_tabular,
+)
 
-__all__ = ["load_tinyshakespeare", "load_tabular", "TabularDataset", "SKLEARN_DATASETS"]
+__all__ = ["load_tinyshakespeare", "load_tabular", "TabularDataset", "TabularPreprocessing", "SKLEARN_DATASETS"]
 
 
 def load_tinyshakespeare() -> str:

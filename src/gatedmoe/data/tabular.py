@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+import dataclasses
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TabularDataset", "load_tabular", "SKLEARN_DATASETS"]
+__all__ = ["TabularDataset", "TabularPreprocessing", "load_tabular", "read_csv_rows", "SKLEARN_DATASETS"]
 
 # scikit-learn datasets shipped inside the package, and their task.
 SKLEARN_DATASETS = {
@@ -39,6 +41,10 @@ class TabularDataset:
     target : str
         Name of the target column.
     name : str
+    categories : dict of str to list of str
+        For each categorical CSV column, its labels in code order (code i is label i).
+    fill : dict of str to float
+        For each numeric CSV column, the value of its empty cells (the column's mean).
     """
 
     X: np.ndarray
@@ -48,6 +54,8 @@ class TabularDataset:
     feature_names: list[str]
     target: str
     name: str
+    categories: dict[str, list[str]] = field(default_factory=dict)
+    fill: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_outputs(self) -> int:
@@ -56,7 +64,25 @@ class TabularDataset:
 
     def split(self, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Shuffled ``(X_train, y_train, X_val, y_val)``; features standardized with the
-        training split's mean and standard deviation."""
+        training split's mean and standard deviation (`preprocessing` records them)."""
+        tr, va = self._split_rows(val_fraction, seed)
+        mean, std = _standardization(self.X[tr])
+        X = ((self.X - mean) / std).astype(np.float32)
+        return X[tr], self.y[tr], X[va], self.y[va]
+
+    def preprocessing(self, val_fraction: float = 0.2, seed: int = 0) -> TabularPreprocessing:
+        """What `split` with these arguments does to a row, as a `TabularPreprocessing` that
+        applies it to new CSV rows (categorical codes, fill values, the training split's
+        standardization); the target's scaling is left at identity (see there)."""
+        tr, _ = self._split_rows(val_fraction, seed)
+        mean, std = _standardization(self.X[tr])
+        return TabularPreprocessing(
+            feature_names=list(self.feature_names), categories={k: list(v) for k, v in self.categories.items()},
+            fill=dict(self.fill), mean=[float(v) for v in mean], std=[float(v) for v in std], task=self.task,
+            target=self.target, classes=list(self.classes),
+        )
+
+    def _split_rows(self, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         n = len(self.y)
@@ -64,12 +90,121 @@ class TabularDataset:
         if n - n_val < 2:
             raise ValueError(f"dataset {self.name!r} has too few rows ({n}) to split")
         perm = np.random.default_rng(seed).permutation(n)
-        tr, va = perm[n_val:], perm[:n_val]
-        mean = self.X[tr].mean(0)
-        std = self.X[tr].std(0)
-        std = np.where(std > 0, std, 1.0)
-        X = ((self.X - mean) / std).astype(np.float32)
-        return X[tr], self.y[tr], X[va], self.y[va]
+        return perm[n_val:], perm[:n_val]
+
+
+@dataclass(frozen=True)
+class TabularPreprocessing:
+    """How a CSV row becomes a model's input and a model's output a prediction, as fitted on
+    a training split (`TabularDataset.preprocessing`): what a tabular checkpoint keeps, so
+    that new rows get exactly what the training rows got.
+
+    Attributes
+    ----------
+    feature_names : list of str
+        The feature columns, in the model's input order.
+    categories : dict of str to list of str
+        Categorical columns: the labels in code order.
+    fill : dict of str to float
+        Numeric columns: the value of an empty cell (the training file's column mean).
+    mean, std : list of float
+        Standardization of each feature (the training split's).
+    task : "classification" or "regression"
+    target : str
+        The target column's name.
+    classes : list of str
+        Class labels in the order of the model's outputs (classification).
+    target_mean, target_std : float
+        Regression: the model predicts ``(y - target_mean) / target_std`` (`train_tabular`
+        standardizes the target so; its metrics give both). Identity by default.
+    """
+
+    feature_names: list[str]
+    categories: dict[str, list[str]]
+    fill: dict[str, float]
+    mean: list[float]
+    std: list[float]
+    task: str
+    target: str
+    classes: list[str]
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        n = len(self.feature_names)
+        if self.task not in ("classification", "regression"):
+            raise ValueError(f"task must be 'classification' or 'regression', got {self.task!r}")
+        if len(self.mean) != n or len(self.std) != n:
+            raise ValueError(f"mean and std need one value per feature ({n}), got {len(self.mean)} and {len(self.std)}")
+        stray = sorted((set(self.categories) | set(self.fill)) - set(self.feature_names))
+        if stray:
+            raise ValueError(f"categories / fill name columns that are not features: {', '.join(stray)}")
+        if self.task == "classification" and len(self.classes) < 2:
+            raise ValueError(f"a classification target needs at least two classes, got {self.classes!r}")
+        if not (math.isfinite(self.target_std) and self.target_std > 0 and math.isfinite(self.target_mean)):
+            raise ValueError(f"target_std must be finite and > 0 and target_mean finite, got "
+                             f"{self.target_mean!r}, {self.target_std!r}")
+
+    @property
+    def n_outputs(self) -> int:
+        """Classes for classification, 1 for regression."""
+        return len(self.classes) if self.task == "classification" else 1
+
+    def to_dict(self) -> dict:
+        """JSON-able; read back by `from_dict`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TabularPreprocessing:
+        """Inverse of `to_dict`, validated."""
+        return cls(**d)
+
+    def transform_csv(self, path: str | Path) -> tuple[np.ndarray, list[str] | None]:
+        """``(X, target)``: the features of every data row of the CSV file at ``path`` as the
+        model takes them (``[n, F]`` float32: codes, fills, standardization), and the target
+        column's cells if the file has that column (else None). Columns are found by name,
+        in any order; other columns are ignored. ValueError naming the file, line and column
+        for a missing feature column, a label the training data did not have, or a cell
+        that is not a number in a numeric column."""
+        path = Path(path)
+        header, numbered = read_csv_rows(path)
+        missing = [f for f in self.feature_names if f not in header]
+        if missing:
+            raise ValueError(f"{path} lacks the feature column(s) {', '.join(map(repr, missing))} the model was "
+                             f"trained on; it has: {', '.join(header)}")
+        at = {h: j for j, h in enumerate(header)}
+        X = np.empty((len(numbered), len(self.feature_names)))
+        for c, name in enumerate(self.feature_names):
+            j, labels = at[name], self.categories.get(name)
+            index = None if labels is None else {lab: i for i, lab in enumerate(labels)}
+            for i, (line, row) in enumerate(numbered):
+                cell = row[j].strip()
+                if index is not None:
+                    if cell not in index:
+                        raise ValueError(f"{path}, line {line}, column {name!r}: label {cell!r} was not in the training "
+                                         f"data (known: {', '.join(map(repr, labels))})")
+                    X[i, c] = index[cell]
+                elif cell == "" or cell.lower() in ("na", "nan"):
+                    if name not in self.fill:
+                        raise ValueError(f"{path}, line {line}, column {name!r}: empty cell, and no fill value was "
+                                         "recorded for this column")
+                    X[i, c] = self.fill[name]
+                else:
+                    try:
+                        X[i, c] = float(cell)
+                    except ValueError:
+                        raise ValueError(f"{path}, line {line}, column {name!r}: {cell!r} is not a number") from None
+        # As `split`: float32 features, float32 arithmetic (mean and std are float32 values).
+        X = ((X.astype(np.float32) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32))
+        target = [row[at[self.target]].strip() for _, row in numbered] if self.target in at else None
+        return X, target
+
+
+def _standardization(X_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard deviation of the training rows (1 where constant), in
+    their dtype: `split` and `TabularPreprocessing.transform_csv` do the same float32 arithmetic."""
+    std = X_train.std(0)
+    return X_train.mean(0), np.where(std > 0, std, 1.0).astype(X_train.dtype)
 
 
 def load_tabular(name_or_path: str | Path, target: str | None = None) -> TabularDataset:
@@ -126,7 +261,12 @@ def _as_float(values: list[str]) -> np.ndarray | None:
     return out
 
 
-def _load_csv(path: Path, target: str | None) -> TabularDataset:
+def read_csv_rows(path: str | Path, min_rows: int = 1) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header (cells stripped) and the non-blank data rows of a UTF-8 CSV file, each
+    with its line number as an editor shows it (the header is line 1). ValueError naming
+    the file (and the line) when it cannot be read, a row's cell count differs from the
+    header's, or it has fewer than ``min_rows`` data rows."""
+    path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -134,14 +274,21 @@ def _load_csv(path: Path, target: str | None) -> TabularDataset:
         raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
         raise ValueError(f"{path} is not a readable CSV file: {e}") from None
-    if len(rows) < 3:
-        raise ValueError(f"{path} needs a header row and at least two data rows")
+    if not rows:
+        raise ValueError(f"{path} is empty: it needs a header row and data rows")
     header = [h.strip() for h in rows[0]]
-    # Line numbers as an editor shows them (the header is line 1).
     numbered = [(i + 2, r) for i, r in enumerate(rows[1:]) if any(c.strip() for c in r)]
     for line, r in numbered:
         if len(r) != len(header):
             raise ValueError(f"{path}, line {line}: {len(r)} cells, but the header has {len(header)}")
+    if len(numbered) < min_rows:
+        raise ValueError(f"{path} needs a header row and at least {min_rows} data row{'s' * (min_rows > 1)}, "
+                         f"has {len(numbered)}")
+    return header, numbered
+
+
+def _load_csv(path: Path, target: str | None) -> TabularDataset:
+    header, numbered = read_csv_rows(path, min_rows=2)
     body = [r for _, r in numbered]
     if len(header) < 2:
         raise ValueError(f"{path} needs at least one feature column and a target column")
@@ -149,7 +296,7 @@ def _load_csv(path: Path, target: str | None) -> TabularDataset:
     if target not in header:
         raise ValueError(f"target column {target!r} is not in {path}; columns: {', '.join(header)}")
     columns = {h: [r[j] for r in body] for j, h in enumerate(header)}
-    features, cols = [], []
+    features, cols, categories, fill = [], [], {}, {}
     for h in header:
         if h == target:
             continue
@@ -159,10 +306,12 @@ def _load_csv(path: Path, target: str | None) -> TabularDataset:
             labels = sorted(set(v.strip() for v in columns[h]))
             index = {lab: i for i, lab in enumerate(labels)}
             col = np.array([index[v.strip()] for v in columns[h]], dtype=np.float64)
+            categories[h] = labels
         elif np.isnan(col).all():
             raise ValueError(f"{path}: column {h!r} has no values")
         else:
-            col = np.where(np.isnan(col), np.nanmean(col), col)
+            fill[h] = float(np.nanmean(col))
+            col = np.where(np.isnan(col), fill[h], col)
         features.append(h)
         cols.append(col)
     raw = columns[target]
@@ -178,4 +327,4 @@ def _load_csv(path: Path, target: str | None) -> TabularDataset:
         if len(classes) < 2:
             raise ValueError(f"{path}: target column {target!r} has a single class")
     X = np.stack(cols, 1).astype(np.float32)
-    return TabularDataset(X, y, task, classes, features, target, path.stem)
+    return TabularDataset(X, y, task, classes, features, target, path.stem, categories, fill)

@@ -3,6 +3,7 @@ baseline, and their training loops."""
 
 from gatedmoe.models.params import count_params
 from gatedmoe.models.tabular import FeatureEmbedding, TabularMLP, TabularMoE
+from gatedmoe.models.tabular_io import load_tabular_model, predict_tabular, save_tabular_model
 from gatedmoe.models.text import CharTokenizer, TextBatches
 from gatedmoe.models.train_lm import (
     evaluate_lm,
@@ -29,5 +30,8 @@ __all__ = [
     "FeatureEmbedding",
     "train_tabular",
     "evaluate_tabular",
+    "save_tabular_model",
+    "load_tabular_model",
+    "predict_tabular",
     "count_params",
 ]

@@ -75,7 +75,9 @@ def train_tabular(
     Returns
     -------
     dict with ``train_loss`` (per step), ``val_loss`` (list of ``[step, loss]``),
-    ``final_val_loss``, ``val_accuracy`` (classification) or ``val_rmse`` and ``val_r2``,
+    ``final_val_loss``, ``val_accuracy`` (classification) or ``val_rmse``, ``val_r2``,
+    ``target_mean`` and ``target_std`` (regression: the model predicts ``(y - target_mean) /
+    target_std``),
     ``rows_per_s``, ``params``, ``active_params``, ``routing`` (empty without MoE) and
     ``routing_stats`` (a `RoutingStats`, or None).
     """
@@ -147,4 +149,7 @@ def train_tabular(
     for key in ("accuracy", "rmse", "r2"):
         if key in final:
             metrics[f"val_{key}"] = final[key]
+    if task == "regression":
+        # The model predicts the standardized target: what a prediction is mapped back with.
+        metrics["target_mean"], metrics["target_std"] = mean, std
     return metrics
