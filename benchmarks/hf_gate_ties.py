@@ -7,7 +7,9 @@ bit-identical to transformers). CUDA only.
 Prints, per (E, k): the fraction of tokens whose k-th and (k+1)-th probabilities are equal and
 the fraction whose expert set differs between the two routes; then what both routes do with
 NaN inputs (every assignment still counted once). Result on an H200:
-`benchmarks/results_hf_gate_ties_h200.txt` (BENCHMARKS.md, "Hugging Face models").
+`benchmarks/results_hf_gate_ties_h200.txt` (BENCHMARKS.md, "Hugging Face models"), written by
+this script's first version, which printed no machine line and the NaN lines as
+``counts.sum S N N``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("hf_gate_ties.py needs CUDA (the fused route runs only there)")
     torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     # (E, k, weights dtype, d): Mixtral's, Qwen3-MoE's and OLMoE's gate shapes
     for E, k, weights_dtype, d in ((8, 2, "float32", 4096), (64, 8, "input", 2048), (128, 8, "input", 2048)):
         g = HFTopKSoftmaxGate(d, E, k=k, renormalize=True, weights_dtype=weights_dtype).cuda().bfloat16().eval()
@@ -38,7 +41,7 @@ def main() -> None:
             fast = g(x)
             g.fused = False
             plain = g(x)
-            top = torch.softmax(g._logits_in_input_dtype(x).float(), -1).topk(k + 1, -1).values
+            top = torch.softmax(g.router_logits(x), -1).topk(k + 1, -1).values
         tie = (top[:, k - 1] == top[:, k]).float().mean().item()
         differ = (expert_sets(fast, E) != expert_sets(plain, E)).any(-1).float().mean().item()
         print(f"E={E} k={k} bf16: tie rate {tie:.4f}, tokens whose expert set differs fused vs fused=False: {differ:.4f}")

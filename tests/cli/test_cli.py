@@ -141,7 +141,7 @@ def test_train_csv_trains_tabular_moe(tmp_path, capsys):
 def test_predict_regression_without_target_column(tmp_path, capsys):
     csv_path = tmp_path / "r.csv"
     csv_path.write_text("u,v,y\n" + "".join(f"{i % 9},{i % 4},{10 * (i % 9) + 3.5}\n" for i in range(80)))
-    assert main(["train", "--data", str(csv_path), "--steps", "5", "--experts", "4", "--no-progress",
+    assert main(["train", "--data", str(csv_path), "--steps", "30", "--experts", "4", "--no-progress",
                  "--out", str(tmp_path / "run")]) == 0
     new = tmp_path / "new.csv"
     new.write_text("v,u\n1,2\n3,8\n")
@@ -151,6 +151,10 @@ def test_predict_regression_without_target_column(tmp_path, capsys):
     assert "2 rows, regression of 'y'" in out and "RMSE" not in out
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0] == "prediction" and len(lines) == 3 and all(math.isfinite(float(v)) for v in lines[1:])
+    # In the target's units, not the standardized ones the model works in (standard deviation
+    # 26): within one deviation of y = 10 u + 3.5 at u = 2 and 8 (23.5, 83.5), far from
+    # standardized values near 0.
+    assert all(abs(float(v) - want) < 26 for v, want in zip(lines[1:], (23.5, 83.5), strict=True)), lines
 
 
 def test_bench_layer_tiny_cpu(tmp_path):

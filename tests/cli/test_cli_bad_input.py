@@ -103,7 +103,7 @@ def test_predict_bad_input(files, capsys):
     assert main(["train", "--data", str(good), "--steps", "2", "--experts", "2", "--no-progress",
                  "--out", str(tmp / "run")]) == 0
     capsys.readouterr()
-    _fails(["predict", tmp / "none", good], capsys, "no model")
+    _fails(["predict", tmp / "none", good], capsys, "no checkpoint")
     _fails(["predict", tmp / "run", tmp / "none.csv"], capsys, "data", "does not exist")
     _fails(["predict", tmp / "run", good, "--out", tmp], capsys, "--out", "is a folder")
     _fails(["predict", tmp / "run", good, "--out", good], capsys, "--out", "is the input file")

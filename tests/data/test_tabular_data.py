@@ -39,3 +39,41 @@ def test_bad_datasets(tmp_path):
     p.write_text("a,b\n1,2\n3,4\n")
     with pytest.raises(ValueError, match="target column 'c'"):
         load_tabular(p, target="c")
+
+
+def test_csv_numeric_class_labels_are_numbers(tmp_path):
+    """"1" and "1.0" are one class (a spreadsheet may write either): classes are the integers."""
+    p = tmp_path / "t.csv"
+    p.write_text("x,y\n" + "".join(f"{i},{('1', '1.0', '0', '0.0', ' 2')[i % 5]}\n" for i in range(20)))
+    ds = load_tabular(p)
+    assert ds.task == "classification" and ds.classes == ["0", "1", "2"]
+    assert list(ds.y[:5]) == [1, 1, 0, 0, 2]
+    prep = ds.preprocessing()
+    assert prep.class_labels(["1.0", "0", " 2 ", "NA", ""]) == ["1", "0", "2", None, None]
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("x,y\n1,2.5\n2,NA\n3,4.5\n4,na\n", ["target column 'y'", "empty cells (or NA)", "line(s) 3, 5"]),
+    ("x,y\n1,2.5\n2,inf\n3,4.5\n", ["line 3", "target column 'y'", "not a finite number"]),
+    ("x,z,y\n1,2,3\ninf,2,3\n3,4,5\n", ["line 3", "column 'x'", "'inf' is not a finite number"]),
+    ("a,a,y\n1,2,3\n2,3,4\n", ["'a' more than once"]),
+    ("y,a,y\n1,2,3\n2,3,4\n", ["'y' more than once"]),
+])
+def test_csv_refuses_missing_targets_infinities_and_repeated_columns(tmp_path, text, needles):
+    p = tmp_path / "t.csv"
+    p.write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_tabular(p)
+    for needle in needles:
+        assert needle in str(e.value), str(e.value)
+
+
+def test_csv_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_bytes(("\ufeffa,b,y\n" + "".join(f"{i},{i % 3},{'xz'[i % 2]}\n" for i in range(6))).encode("utf-8"))
+    ds = load_tabular(p)
+    assert ds.feature_names == ["a", "b"]
+    new = tmp_path / "new.csv"
+    new.write_text("b,a\n5,6\n")
+    X, target = ds.preprocessing().transform_csv(new)
+    assert X.shape == (1, 2) and target is None

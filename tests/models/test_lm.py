@@ -202,7 +202,6 @@ def test_from_dict_reads_old_flat_and_new_nested_dicts():
     assert LMConfig.from_dict(json.loads(json.dumps(with_options.to_dict()))) == with_options
 
 
-
 def test_checkpoint_keeps_every_backend_option(tmp_path):
     """FP8 recipes and kernel configs are dataclasses inside the options: written as plain
     JSON and rebuilt on load (a checkpoint of an FP8 run used to fail to load: 'fp8 must be
@@ -219,6 +218,7 @@ def test_checkpoint_keeps_every_backend_option(tmp_path):
     assert loaded.cfg == cfg and loaded.cfg.moe.backend_options == options
     assert TritonOptions.from_dict(json.loads(json.dumps(options.to_dict()))) == options
     assert MoEConfig.from_dict(cfg.moe.to_dict()) == MoEConfig.from_dict(cfg.moe.to_dict(plain=True)) == cfg.moe
+
 
 def test_old_format_checkpoint_loads_and_resumes(tmp_path):
     text = "the quick brown fox jumps over the lazy dog. " * 40

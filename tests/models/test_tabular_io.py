@@ -144,7 +144,7 @@ def test_load_refuses_text_checkpoints_and_altered_files(tmp_path):
                     CharTokenizer(list("abcd")))
     with pytest.raises(ValueError, match="text model"):
         load_tabular_model(tmp_path / "lm")
-    with pytest.raises(ValueError, match="no model"):
+    with pytest.raises(ValueError, match="no checkpoint"):
         load_tabular_model(tmp_path / "none")
     _, model, _, prep = _trained(_classification_csv(tmp_path / "t.csv"), steps=2)
     save_tabular_model(tmp_path / "run" / "model", model, prep)

@@ -60,15 +60,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _score(prep, target: list[str], predictions: list) -> str:
-    """Accuracy or RMSE against the file's target column (rows with an empty target left out)."""
-    pairs = [(t, p) for t, p in zip(target, predictions, strict=True) if t != ""]
-    if not pairs:
-        return f"the target column {prep.target!r} is empty: no score"
+    """Accuracy or RMSE against the file's target column (rows with a missing target left out)."""
     if prep.task == "classification":
+        pairs = [(t, p) for t, p in zip(prep.class_labels(target), predictions, strict=True) if t is not None]
+        if not pairs:
+            return f"the target column {prep.target!r} is empty: no score"
         right = sum(t == p for t, p in pairs)
         return f"accuracy {right / len(pairs):.4f} on the {len(pairs)} rows with a target"
     try:
-        err = [(float(t) - p) ** 2 for t, p in pairs]
+        values = [(t - p) ** 2 for t, p in zip(prep.target_values(target), predictions, strict=True) if t is not None]
     except ValueError:
         return f"the target column {prep.target!r} is not numeric: no score"
-    return f"RMSE {math.sqrt(sum(err) / len(err)):.4g} on the {len(pairs)} rows with a target"
+    if not values:
+        return f"the target column {prep.target!r} is empty: no score"
+    return f"RMSE {math.sqrt(sum(values) / len(values)):.4g} on the {len(values)} rows with a target"

@@ -8,7 +8,6 @@ states) up to `--steps` in total; `--eval-only DIR` evaluates a checkpoint."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -262,7 +261,7 @@ def _run_tabular(args: argparse.Namespace) -> int:
     model = TabularMoE(data.X.shape[1], data.n_outputs, moe=_moe_config(args, TabularMoE.default_moe))
     print(f"{data.name}: {data.task}, {len(data.y)} rows, {data.X.shape[1]} features, target {data.target!r}")
     seed = _value(args, "seed", 0)
-    prep = data.preprocessing(seed=seed)  # what data.split(seed=seed) does to the rows
+    prep = data.preprocessing(seed=seed)  # what data.split(seed=seed) and train_tabular do to the rows
     m = train_tabular(model, data.split(seed=seed), data.task, steps=args.steps, batch_size=args.batch_size or 64,
                       lr=_value(args, "lr", 3e-3), seed=seed, eval_every=args.eval_every,
                       progress=not args.no_progress)
@@ -274,8 +273,6 @@ def _run_tabular(args: argparse.Namespace) -> int:
     m["routing_stats"].plot(out / "load.png", title=f"Expert load, gate={model.moe.config.gate}")
     metrics = {k: v for k, v in m.items() if k != "routing_stats"}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    if data.task == "regression":
-        prep = dataclasses.replace(prep, target_mean=m["target_mean"], target_std=m["target_std"])
     summary = {k: metrics[k] for k in ("steps", "seed", "final_val_loss", "val_accuracy", "val_rmse", "val_r2")
                if k in metrics}
     save_tabular_model(out / "model", model, prep, extra={"data": str(args.data), "metrics": summary})

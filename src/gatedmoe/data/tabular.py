@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TabularDataset", "TabularPreprocessing", "load_tabular", "read_csv_rows", "SKLEARN_DATASETS"]
+__all__ = ["TabularDataset", "TabularPreprocessing", "load_tabular", "read_csv_rows", "target_standardization",
+           "SKLEARN_DATASETS"]
 
 # scikit-learn datasets shipped inside the package, and their task.
 SKLEARN_DATASETS = {
@@ -71,15 +71,16 @@ class TabularDataset:
         return X[tr], self.y[tr], X[va], self.y[va]
 
     def preprocessing(self, val_fraction: float = 0.2, seed: int = 0) -> TabularPreprocessing:
-        """What `split` with these arguments does to a row, as a `TabularPreprocessing` that
-        applies it to new CSV rows (categorical codes, fill values, the training split's
-        standardization); the target's scaling is left at identity (see there)."""
+        """What `split` with these arguments does to a row, and what `train_tabular` does to
+        the target of its training rows, as a `TabularPreprocessing` that applies both to
+        new CSV rows (categorical codes, fill values, the training split's standardization)."""
         tr, _ = self._split_rows(val_fraction, seed)
         mean, std = _standardization(self.X[tr])
+        y_mean, y_std = target_standardization(self.y[tr]) if self.task == "regression" else (0.0, 1.0)
         return TabularPreprocessing(
             feature_names=list(self.feature_names), categories={k: list(v) for k, v in self.categories.items()},
             fill=dict(self.fill), mean=[float(v) for v in mean], std=[float(v) for v in std], task=self.task,
-            target=self.target, classes=list(self.classes),
+            target=self.target, classes=list(self.classes), target_mean=y_mean, target_std=y_std,
         )
 
     def _split_rows(self, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +117,20 @@ class TabularPreprocessing:
         Class labels in the order of the model's outputs (classification).
     target_mean, target_std : float
         Regression: the model predicts ``(y - target_mean) / target_std`` (`train_tabular`
-        standardizes the target so; its metrics give both). Identity by default.
+        standardizes the target so, with `target_standardization`). 0 and 1 for classification.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (folder / "t.csv").write_text("size,color,y\\n1,red,a\\n2,blue,b\\n,red,a\\n4,blue,b\\n5,red,a\\n")
+    >>> prep = load_tabular(folder / "t.csv").preprocessing(seed=0)
+    >>> prep.categories, prep.fill, prep.classes
+    ({'color': ['blue', 'red']}, {'size': 3.0}, ['a', 'b'])
+    >>> _ = (folder / "new.csv").write_text("color,size\\nred,\\n")
+    >>> X, target = prep.transform_csv(folder / "new.csv")
+    >>> X.shape, target
+    ((1, 2), None)
     """
 
     feature_names: list[str]
@@ -150,9 +164,24 @@ class TabularPreprocessing:
         """Classes for classification, 1 for regression."""
         return len(self.classes) if self.task == "classification" else 1
 
+    def class_labels(self, cells: list[str]) -> list[str | None]:
+        """Target cells as the training run labelled them (a numeric target's "1.0" is class
+        "1"); None for a missing cell. Classification only."""
+        if self.task != "classification":
+            raise ValueError("class_labels is for a classification target")
+        numeric = all(_is_int_text(c) for c in self.classes)
+        return [None if _is_missing(c) else _class_label(c, numeric) for c in cells]
+
+    def target_values(self, cells: list[str]) -> list[float | None]:
+        """Target cells as numbers; None for a missing cell. Regression only; ValueError for
+        a cell that is not a number."""
+        if self.task != "regression":
+            raise ValueError("target_values is for a regression target")
+        return [None if _is_missing(c) else float(c) for c in cells]
+
     def to_dict(self) -> dict:
         """JSON-able; read back by `from_dict`."""
-        return dataclasses.asdict(self)
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> TabularPreprocessing:
@@ -184,7 +213,7 @@ class TabularPreprocessing:
                         raise ValueError(f"{path}, line {line}, column {name!r}: label {cell!r} was not in the training "
                                          f"data (known: {', '.join(map(repr, labels))})")
                     X[i, c] = index[cell]
-                elif cell == "" or cell.lower() in ("na", "nan"):
+                elif _is_missing(cell):
                     if name not in self.fill:
                         raise ValueError(f"{path}, line {line}, column {name!r}: empty cell, and no fill value was "
                                          "recorded for this column")
@@ -194,10 +223,18 @@ class TabularPreprocessing:
                         X[i, c] = float(cell)
                     except ValueError:
                         raise ValueError(f"{path}, line {line}, column {name!r}: {cell!r} is not a number") from None
+                    if not math.isfinite(X[i, c]):
+                        raise ValueError(f"{path}, line {line}, column {name!r}: {cell!r} is not a finite number")
         # As `split`: float32 features, float32 arithmetic (mean and std are float32 values).
         X = ((X.astype(np.float32) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32))
         target = [row[at[self.target]].strip() for _, row in numbered] if self.target in at else None
         return X, target
+
+
+def target_standardization(y_train: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation (1 where constant) of a regression target's training
+    values: `train_tabular` fits ``(y - mean) / std``, `TabularPreprocessing` maps back."""
+    return float(np.mean(y_train)), float(np.std(y_train)) or 1.0
 
 
 def _standardization(X_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -246,12 +283,20 @@ def load_tabular(name_or_path: str | Path, target: str | None = None) -> Tabular
     return _load_csv(path, target)
 
 
+# Cells that mean "no value" (after stripping; case ignored).
+_MISSING = ("", "na", "nan")
+
+
+def _is_missing(cell: str) -> bool:
+    return cell.strip().lower() in _MISSING
+
+
 def _as_float(values: list[str]) -> np.ndarray | None:
-    """Column as float64 (empty cells NaN), or None if some cell is not a number."""
+    """Column as float64 (missing cells NaN; infinities as they are), or None if some cell
+    is not a number."""
     out = np.empty(len(values))
     for i, v in enumerate(values):
-        v = v.strip()
-        if v == "" or v.lower() in ("na", "nan"):
+        if _is_missing(v):
             out[i] = np.nan
             continue
         try:
@@ -261,14 +306,42 @@ def _as_float(values: list[str]) -> np.ndarray | None:
     return out
 
 
+def _is_int_text(label: str) -> bool:
+    return label.lstrip("-").isdigit()
+
+
+def _class_label(cell: str, numeric: bool) -> str:
+    """A target cell as a class label: stripped text, or for a numeric target the integer it
+    holds ("1", "1.0" and " 1" are one class, "1")."""
+    cell = cell.strip()
+    if numeric:
+        try:
+            v = float(cell)
+        except ValueError:
+            return cell
+        if math.isfinite(v) and v == round(v):
+            return str(int(v))
+    return cell
+
+
 def read_csv_rows(path: str | Path, min_rows: int = 1) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header (cells stripped) and the non-blank data rows of a UTF-8 CSV file, each
     with its line number as an editor shows it (the header is line 1). ValueError naming
     the file (and the line) when it cannot be read, a row's cell count differs from the
-    header's, or it has fewer than ``min_rows`` data rows."""
+    header's, it names a column twice, or it has fewer than ``min_rows`` data rows.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "t.csv"
+    >>> _ = path.write_text("a, b\\n1,2\\n\\n3,4\\n")
+    >>> read_csv_rows(path)
+    (['a', 'b'], [(2, ['1', '2']), (4, ['3', '4'])])
+    """
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name.
+        with path.open(newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -277,6 +350,9 @@ def read_csv_rows(path: str | Path, min_rows: int = 1) -> tuple[list[str], list[
     if not rows:
         raise ValueError(f"{path} is empty: it needs a header row and data rows")
     header = [h.strip() for h in rows[0]]
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise ValueError(f"{path}: the header names column(s) {', '.join(map(repr, repeated))} more than once")
     numbered = [(i + 2, r) for i, r in enumerate(rows[1:]) if any(c.strip() for c in r)]
     for line, r in numbered:
         if len(r) != len(header):
@@ -309,21 +385,30 @@ def _load_csv(path: Path, target: str | None) -> TabularDataset:
             categories[h] = labels
         elif np.isnan(col).all():
             raise ValueError(f"{path}: column {h!r} has no values")
+        elif np.isinf(col).any():
+            i = int(np.isinf(col).argmax())
+            raise ValueError(f"{path}, line {numbered[i][0]}, column {h!r}: {columns[h][i].strip()!r} is not a finite number")
         else:
             fill[h] = float(np.nanmean(col))
             col = np.where(np.isnan(col), fill[h], col)
         features.append(h)
         cols.append(col)
     raw = columns[target]
-    if any(v.strip() == "" for v in raw):
-        raise ValueError(f"{path}: target column {target!r} has empty cells")
+    missing = [line for (line, _), v in zip(numbered, raw, strict=True) if _is_missing(v)]
+    if missing:
+        raise ValueError(f"{path}: target column {target!r} has empty cells (or NA) on line(s) "
+                         f"{', '.join(map(str, missing[:5]))}{' ...' if len(missing) > 5 else ''}")
     num = _as_float(raw)
+    if num is not None and not np.isfinite(num).all():
+        line = numbered[int((~np.isfinite(num)).argmax())][0]
+        raise ValueError(f"{path}, line {line}: target column {target!r} holds a value that is not a finite number")
     if num is not None and not (len(np.unique(num)) <= _MAX_CLASSES and np.all(num == np.round(num))):
         y, task, classes = num.astype(np.float32), "regression", []
     else:
-        labels = sorted(set(v.strip() for v in raw), key=lambda v: (float(v), v) if num is not None else (0.0, v))
+        cells = [_class_label(v, numeric=num is not None) for v in raw]
+        labels = sorted(set(cells), key=lambda v: (float(v), v) if num is not None else (0.0, v))
         index = {lab: i for i, lab in enumerate(labels)}
-        y, task, classes = np.array([index[v.strip()] for v in raw], dtype=np.int64), "classification", labels
+        y, task, classes = np.array([index[c] for c in cells], dtype=np.int64), "classification", labels
         if len(classes) < 2:
             raise ValueError(f"{path}: target column {target!r} has a single class")
     X = np.stack(cols, 1).astype(np.float32)

@@ -202,7 +202,16 @@ class TritonOptions:
 
     def to_dict(self) -> dict:
         """JSON-able: ``configs`` as ``{name: {field: value}}``, ``fp8`` as its fields; read
-        back by `from_dict` (checkpoints store options this way)."""
+        back by `from_dict` (checkpoints store options this way).
+
+        Examples
+        --------
+        >>> o = TritonOptions(decode=False, fp8=FP8Recipe(scaling="blockwise"))
+        >>> o.to_dict()["fp8"]
+        {'scaling': 'blockwise', 'grad_format': 'e4m3', 'block': 128}
+        >>> TritonOptions.from_dict(o.to_dict()) == o
+        True
+        """
         return {
             "fp32_scatter": self.fp32_scatter,
             "configs": None if self.configs is None else {n: dataclasses.asdict(c) for n, c in self.configs.items()},

@@ -195,7 +195,14 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MoEConfig:
-        """Inverse of `to_dict` (either form); validated like a new config."""
+        """Inverse of `to_dict` (either form); validated like a new config.
+
+        Examples
+        --------
+        >>> cfg = MoEConfig(d_model=8, n_experts=4, d_hidden=16, backend_options=TritonOptions(decode=False))
+        >>> MoEConfig.from_dict(cfg.to_dict(plain=True)) == MoEConfig.from_dict(cfg.to_dict()) == cfg
+        True
+        """
         d = dict(d)
         if isinstance(d.get("backend_options"), Mapping):
             d["backend_options"] = TritonOptions.from_dict(d["backend_options"])

@@ -10,8 +10,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
-__all__ = ["DIGEST_KEY", "tensor_digest", "save_tensors", "load_tensors", "read_json"]
+__all__ = ["DIGEST_KEY", "tensor_digest", "save_tensors", "load_tensors", "read_json", "find_model_dir",
+           "save_weights", "load_weights"]
 
 # The key of the digest in a safetensors file's metadata.
 DIGEST_KEY = "gatedmoe.sha256"
@@ -69,3 +71,37 @@ def read_json(path: Path) -> dict:
     if not isinstance(doc, dict):
         raise ValueError(f"{path} does not hold a JSON object")
     return doc
+
+
+def find_model_dir(path: str | Path, subfolder: str) -> Path:
+    """The checkpoint folder in ``path``: ``path`` itself if it holds ``model.json``, else
+    ``path/subfolder`` (where a training run's output folder keeps it). ValueError if
+    neither does."""
+    path = Path(path)
+    for cand in (path, path / subfolder):
+        if (cand / "model.json").is_file():
+            return cand
+    raise ValueError(f"no checkpoint (model.json) in {path} or {path / subfolder}")
+
+
+def save_weights(model: nn.Module, folder: Path) -> None:
+    """``model``'s state dict as ``folder/model.safetensors`` (`save_tensors`).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> save_weights(nn.Linear(3, 2), folder)
+    >>> sorted(load_tensors(folder / "model.safetensors"))
+    ['bias', 'weight']
+    """
+    save_tensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+
+
+def load_weights(model: nn.Module, folder: Path) -> None:
+    """Load ``folder/model.safetensors`` into ``model`` (built from ``folder/model.json``);
+    ValueError naming both files when the tensors do not fit the model."""
+    try:
+        model.load_state_dict(load_tensors(folder / "model.safetensors"))
+    except RuntimeError as e:
+        raise ValueError(f"{folder / 'model.safetensors'} does not fit the model of {folder / 'model.json'}: {e}") from None

@@ -17,7 +17,7 @@ import torch
 
 from gatedmoe.data.tabular import TabularPreprocessing
 from gatedmoe.layers.config import MoEConfig
-from gatedmoe.models.checkpoint_io import load_tensors, read_json, save_tensors
+from gatedmoe.models.checkpoint_io import find_model_dir, load_weights, read_json, save_weights
 from gatedmoe.models.tabular import TabularMoE
 
 __all__ = ["KIND", "save_tabular_model", "load_tabular_model", "find_tabular_model", "predict_tabular"]
@@ -39,7 +39,7 @@ def save_tabular_model(path: str | Path, model: TabularMoE, preprocessing: Tabul
                          f"preprocessing {len(preprocessing.feature_names)} to {preprocessing.n_outputs}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_tensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    save_weights(model, path)
     settings = {"n_features": model.n_features, "n_outputs": model.n_outputs, "d_embed": model.embed.weight.shape[1],
                 "dropout": model.dropout.p, "moe": model.moe.config.to_dict(plain=True)}
     meta = {"kind": KIND, "model": settings, "preprocessing": preprocessing.to_dict(), **(extra or {})}
@@ -50,11 +50,7 @@ def find_tabular_model(path: str | Path) -> Path:
     """The checkpoint folder in ``path``: ``path`` itself if it holds ``model.json``, else
     ``path/model`` (a ``gatedmoe train --data table.csv`` output folder). ValueError if
     neither does."""
-    path = Path(path)
-    for cand in (path, path / "model"):
-        if (cand / "model.json").is_file():
-            return cand
-    raise ValueError(f"no model (model.json) in {path} or {path / 'model'}")
+    return find_model_dir(path, "model")
 
 
 def load_tabular_model(path: str | Path) -> tuple[TabularMoE, TabularPreprocessing, dict[str, Any]]:
@@ -63,7 +59,7 @@ def load_tabular_model(path: str | Path) -> tuple[TabularMoE, TabularPreprocessi
     path = find_tabular_model(path)
     meta = read_json(path / "model.json")
     if meta.get("kind") != KIND:
-        what = "a text model's (predict with gatedmoe train --eval-only)" if "chars" in meta else "not a tabular model's"
+        what = "a text model's (evaluate it with gatedmoe train --eval-only)" if "chars" in meta else "not a tabular model's"
         raise ValueError(f"{path / 'model.json'} is {what}")
     try:
         s = meta["model"]
@@ -72,10 +68,7 @@ def load_tabular_model(path: str | Path) -> tuple[TabularMoE, TabularPreprocessi
         prep = TabularPreprocessing.from_dict(meta["preprocessing"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path / 'model.json'} does not describe a tabular model: {e!r}") from None
-    try:
-        model.load_state_dict(load_tensors(path / "model.safetensors"))
-    except RuntimeError as e:
-        raise ValueError(f"{path / 'model.safetensors'} does not fit the model of {path / 'model.json'}: {e}") from None
+    load_weights(model, path)
     return model.eval(), prep, meta
 
 
@@ -86,12 +79,33 @@ def predict_tabular(model: TabularMoE, preprocessing: TabularPreprocessing, X: n
     in eval mode, ``batch_size`` rows at a time.
 
     Returns ``{"prediction": list}``: class labels (classification) or values in the
-    target's units (regression); classification adds ``"probabilities"``, ``[n, classes]``.
+    target's units (regression); classification adds ``"probabilities"``, ``[n, classes]``
+    (float32, rows summing to 1).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from gatedmoe.data import load_tabular
+    >>> from gatedmoe.models import train_tabular
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> rows = "".join(f"{i % 7},{'red' if i % 3 else 'blue'},{'yes' if i % 7 > 3 else 'no'}\\n" for i in range(60))
+    >>> _ = (folder / "t.csv").write_text("a,color,label\\n" + rows)
+    >>> data = load_tabular(folder / "t.csv")
+    >>> model = TabularMoE(data.X.shape[1], data.n_outputs)
+    >>> _ = train_tabular(model, data.split(seed=0), data.task, steps=5, progress=False)
+    >>> save_tabular_model(folder / "model", model, data.preprocessing(seed=0))
+    >>> model, prep, _ = load_tabular_model(folder / "model")
+    >>> _ = (folder / "new.csv").write_text("color,a\\nblue,6\\nred,\\n")
+    >>> X, _ = prep.transform_csv(folder / "new.csv")
+    >>> out = predict_tabular(model, prep, X)
+    >>> len(out["prediction"]), out["probabilities"].shape
+    (2, (2, 2))
     """
+    X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2 or X.shape[1] != model.n_features:
         raise ValueError(f"X must have shape [n, {model.n_features}], got {tuple(X.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -17,7 +17,15 @@ from tqdm.auto import tqdm
 
 from gatedmoe.analysis import RoutingStats
 from gatedmoe.layers.moe import aux_loss, balance_step
-from gatedmoe.models.checkpoint_io import load_tensors, read_json, save_tensors, tensor_digest
+from gatedmoe.models.checkpoint_io import (
+    find_model_dir,
+    load_tensors,
+    load_weights,
+    read_json,
+    save_tensors,
+    save_weights,
+    tensor_digest,
+)
 from gatedmoe.models.text import CharTokenizer, TextBatches
 from gatedmoe.models.transformer import LMConfig, MoETransformerLM
 
@@ -104,8 +112,7 @@ def save_checkpoint(
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_tensors(state, path / "model.safetensors")
+    save_weights(model, path)
     meta = {"config": model.cfg.to_dict(), "chars": tokenizer.chars, **(extra or {})}
     (path / "model.json").write_text(json.dumps(meta, indent=1))
     if train_state is not None:
@@ -148,11 +155,7 @@ def _load_train_state(path: Path, optimizer: torch.optim.Optimizer, scheduler: A
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder in ``path``: ``path`` itself if it holds ``model.json``, else
     ``path/checkpoint`` (a `train_lm` output folder). ValueError if neither does."""
-    path = Path(path)
-    for cand in (path, path / "checkpoint"):
-        if (cand / "model.json").exists():
-            return cand
-    raise ValueError(f"no checkpoint (model.json) in {path} or {path / 'checkpoint'}")
+    return find_model_dir(path, "checkpoint")
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MoETransformerLM, CharTokenizer, dict]:
@@ -171,10 +174,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MoETransform
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path / 'model.json'} does not describe a model: {e!r}") from None
     model = MoETransformerLM(cfg)
-    try:
-        model.load_state_dict(load_tensors(path / "model.safetensors"))
-    except RuntimeError as e:
-        raise ValueError(f"{path / 'model.safetensors'} does not fit the model of {path / 'model.json'}: {e}") from None
+    load_weights(model, path)
     return model.to(device), tok, meta
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gatedmoe.analysis import RoutingStats
+from gatedmoe.data.tabular import target_standardization
 from gatedmoe.layers.moe import MoE, aux_loss, balance_step
 
 __all__ = ["train_tabular", "evaluate_tabular"]
@@ -95,7 +96,7 @@ def train_tabular(
         yt, yv = torch.as_tensor(y_tr, dtype=torch.long), torch.as_tensor(y_va, dtype=torch.long)
         y_scale = 1.0
     else:
-        mean, std = float(np.mean(y_tr)), float(np.std(y_tr)) or 1.0
+        mean, std = target_standardization(y_tr)
         yt = torch.as_tensor((y_tr - mean) / std, dtype=torch.float32)
         yv = torch.as_tensor((y_va - mean) / std, dtype=torch.float32)
         y_scale = std
