@@ -115,6 +115,11 @@ def test_predict_bad_input(files, capsys):
     lm = tmp / "lm"
     save_checkpoint(lm, MoETransformerLM(LMConfig(vocab_size=4, d_model=8, n_layers=1, n_heads=2)), CharTokenizer(list("abcd")))
     _fails(["predict", lm, good], capsys, "text model", "--eval-only")
+    (tmp / "lmrun").mkdir()
+    lm.rename(tmp / "lmrun" / "checkpoint")
+    _fails(["predict", tmp / "lmrun", good], capsys, "text model's run", "--eval-only")
+    _fails(["train", "--eval-only", tmp / "run", "--out", tmp / "o"], capsys, "TabularMoE's", "gatedmoe predict")
+    _fails(["train", "--resume", tmp / "run", "--out", tmp / "o"], capsys, "TabularMoE's", "gatedmoe predict")
 
 
 def test_train_resume_and_eval_only_missing_checkpoint(files, capsys):

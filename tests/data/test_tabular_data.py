@@ -77,3 +77,20 @@ def test_csv_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
     new.write_text("b,a\n5,6\n")
     X, target = ds.preprocessing().transform_csv(new)
     assert X.shape == (1, 2) and target is None
+
+
+def test_csv_warns_when_a_few_words_make_numbers_categorical(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("income,y\n" + "".join(f"{'unknown' if i == 7 else 1000 + i},{i % 2}\n" for i in range(40)))
+    with pytest.warns(UserWarning, match=r"'income' is taken as categorical .* 'unknown' on line 9"):
+        ds = load_tabular(p)
+    assert "income" in ds.categories
+    q = tmp_path / "q.csv"
+    q.write_text("income,y\n" + "".join(f"{'N/A' if i == 7 else 1000 + i},{i % 2}\n" for i in range(40)))
+    assert load_tabular(q).categories == {}  # N/A is a missing value: the column stays numeric
+
+
+def test_csv_large_integer_labels_stay_distinct(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("x,y\n" + "".join(f"{i},{9007199254740992 + i % 2}\n" for i in range(10)))
+    assert load_tabular(p).classes == ["9007199254740992", "9007199254740993"]

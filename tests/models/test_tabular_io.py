@@ -157,3 +157,40 @@ def test_load_refuses_text_checkpoints_and_altered_files(tmp_path):
         load_tabular_model(tmp_path / "run")
     with pytest.raises(ValueError, match="features"):
         save_tabular_model(tmp_path / "x", TabularMoE(5, 2), prep)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda p: p.__setitem__("std", [0.0] * len(p["std"])),
+    lambda p: p.__setitem__("mean", [None] * len(p["mean"])),
+    lambda p: p.__setitem__("mean", "abc"),
+    lambda p: p.__setitem__("classes", ["no", "yes", "maybe"]),
+    lambda p: p.__setitem__("task", "regression"),
+    lambda p: p.__setitem__("classes", "ny"),
+    lambda p: p.__setitem__("target", None),
+    lambda p: p.__setitem__("categories", ["color"]),
+    lambda p: p.__setitem__("fill", {"a": "x"}),
+])
+def test_load_refuses_a_hand_edited_preprocessing(tmp_path, edit):
+    """Every field is checked on load: a wrong type or size ends in one ValueError naming the
+    file, never in NaN or misaligned predictions."""
+    _, model, _, prep = _trained(_classification_csv(tmp_path / "t.csv"), steps=2)
+    save_tabular_model(tmp_path / "m", model, prep)
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    edit(meta["preprocessing"])
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="model.json does not describe a tabular model"):
+        load_tabular_model(tmp_path / "m")
+
+
+def test_batch_dependent_routing_warns_and_nan_cells_are_filled(tmp_path):
+    path = _classification_csv(tmp_path / "t.csv")
+    data = load_tabular(path)
+    model = TabularMoE(data.X.shape[1], data.n_outputs, d_model=16, n_experts=4, d_hidden=16, gate="expert_choice")
+    prep = data.preprocessing()
+    X, _ = prep.transform_csv(path)
+    with pytest.warns(UserWarning, match="depends on which rows share a batch"):
+        predict_tabular(model, prep, X)
+    new = tmp_path / "new.csv"
+    new.write_text("a,color,b\n-nan,red,nan\n,red,\n")
+    X, _ = prep.transform_csv(new)
+    assert np.array_equal(X[0], X[1])  # NaN written out is a missing value, as in training

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from gatedmoe.cli._common import (
@@ -259,7 +260,8 @@ def _run_tabular(args: argparse.Namespace) -> int:
     out = prepare_out(args.out)
     data = load_tabular(args.data, target=args.target)
     model = TabularMoE(data.X.shape[1], data.n_outputs, moe=_moe_config(args, TabularMoE.default_moe))
-    print(f"{data.name}: {data.task}, {len(data.y)} rows, {data.X.shape[1]} features, target {data.target!r}")
+    print(f"{data.name}: {data.task}, {len(data.y)} rows, {data.X.shape[1]} features, target {data.target!r}"
+          + (f"; categorical: {', '.join(data.categories)}" if data.categories else ""))
     seed = _value(args, "seed", 0)
     prep = data.preprocessing(seed=seed)  # what data.split(seed=seed) and train_tabular do to the rows
     m = train_tabular(model, data.split(seed=seed), data.task, steps=args.steps, batch_size=args.batch_size or 64,
@@ -273,8 +275,9 @@ def _run_tabular(args: argparse.Namespace) -> int:
     m["routing_stats"].plot(out / "load.png", title=f"Expert load, gate={model.moe.config.gate}")
     metrics = {k: v for k, v in m.items() if k != "routing_stats"}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    summary = {k: metrics[k] for k in ("steps", "seed", "final_val_loss", "val_accuracy", "val_rmse", "val_r2")
-               if k in metrics}
+    # JSON has no NaN (R^2 of a constant target): null, so that every JSON reader takes the file.
+    summary = {k: metrics[k] if math.isfinite(metrics[k]) else None
+               for k in ("steps", "seed", "final_val_loss", "val_accuracy", "val_rmse", "val_r2") if k in metrics}
     save_tabular_model(out / "model", model, prep, extra={"data": str(args.data), "metrics": summary})
     print(f"\nwrote {out}/metrics.json, {out}/load.png and the model, {out}/model/ "
           f"(predict new rows: gatedmoe predict {out} rows.csv)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -145,6 +146,27 @@ class TabularPreprocessing:
     target_std: float = 1.0
 
     def __post_init__(self) -> None:
+        def strings(v) -> bool:
+            return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+        def numbers(v) -> bool:
+            return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                               and math.isfinite(x) for x in v)
+
+        if not strings(self.feature_names) or len(set(self.feature_names)) != len(self.feature_names):
+            raise TypeError(f"feature_names must be a list of distinct str, got {self.feature_names!r}")
+        if not strings(self.classes) or len(set(self.classes)) != len(self.classes):
+            raise TypeError(f"classes must be a list of distinct str, got {self.classes!r}")
+        if not isinstance(self.target, str):
+            raise TypeError(f"target must be a str, got {self.target!r}")
+        if not (isinstance(self.categories, dict) and all(strings(v) for v in self.categories.values())):
+            raise TypeError(f"categories must map column names to lists of str, got {self.categories!r}")
+        if not (isinstance(self.fill, dict) and numbers(list(self.fill.values()))):
+            raise TypeError(f"fill must map column names to finite numbers, got {self.fill!r}")
+        if not (numbers(self.mean) and numbers(self.std) and all(v > 0 for v in self.std)):
+            raise ValueError("mean and std must be lists of finite numbers, std > 0")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (self.target_mean, self.target_std)):
+            raise TypeError(f"target_mean and target_std must be numbers, got {self.target_mean!r}, {self.target_std!r}")
         n = len(self.feature_names)
         if self.task not in ("classification", "regression"):
             raise ValueError(f"task must be 'classification' or 'regression', got {self.task!r}")
@@ -155,6 +177,8 @@ class TabularPreprocessing:
             raise ValueError(f"categories / fill name columns that are not features: {', '.join(stray)}")
         if self.task == "classification" and len(self.classes) < 2:
             raise ValueError(f"a classification target needs at least two classes, got {self.classes!r}")
+        if self.task == "regression" and self.classes:
+            raise ValueError(f"a regression target has no classes, got {self.classes!r}")
         if not (math.isfinite(self.target_std) and self.target_std > 0 and math.isfinite(self.target_mean)):
             raise ValueError(f"target_std must be finite and > 0 and target_mean finite, got "
                              f"{self.target_mean!r}, {self.target_std!r}")
@@ -166,7 +190,14 @@ class TabularPreprocessing:
 
     def class_labels(self, cells: list[str]) -> list[str | None]:
         """Target cells as the training run labelled them (a numeric target's "1.0" is class
-        "1"); None for a missing cell. Classification only."""
+        "1"); None for a missing cell. Classification only.
+
+        Examples
+        --------
+        >>> prep = TabularPreprocessing(["x"], {}, {"x": 0.0}, [0.0], [1.0], "classification", "y", ["0", "1"])
+        >>> prep.class_labels(["1.0", " 0", "NA"])
+        ['1', '0', None]
+        """
         if self.task != "classification":
             raise ValueError("class_labels is for a classification target")
         numeric = all(_is_int_text(c) for c in self.classes)
@@ -174,7 +205,14 @@ class TabularPreprocessing:
 
     def target_values(self, cells: list[str]) -> list[float | None]:
         """Target cells as numbers; None for a missing cell. Regression only; ValueError for
-        a cell that is not a number."""
+        a cell that is not a number.
+
+        Examples
+        --------
+        >>> prep = TabularPreprocessing(["x"], {}, {"x": 0.0}, [0.0], [1.0], "regression", "y", [])
+        >>> prep.target_values(["2.5", ""])
+        [2.5, None]
+        """
         if self.task != "regression":
             raise ValueError("target_values is for a regression target")
         return [None if _is_missing(c) else float(c) for c in cells]
@@ -210,30 +248,46 @@ class TabularPreprocessing:
                 cell = row[j].strip()
                 if index is not None:
                     if cell not in index:
+                        known = ", ".join(map(repr, labels[:10])) + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
                         raise ValueError(f"{path}, line {line}, column {name!r}: label {cell!r} was not in the training "
-                                         f"data (known: {', '.join(map(repr, labels))})")
+                                         f"data (known: {known})")
                     X[i, c] = index[cell]
-                elif _is_missing(cell):
-                    if name not in self.fill:
-                        raise ValueError(f"{path}, line {line}, column {name!r}: empty cell, and no fill value was "
-                                         "recorded for this column")
-                    X[i, c] = self.fill[name]
                 else:
-                    try:
-                        X[i, c] = float(cell)
-                    except ValueError:
-                        raise ValueError(f"{path}, line {line}, column {name!r}: {cell!r} is not a number") from None
-                    if not math.isfinite(X[i, c]):
-                        raise ValueError(f"{path}, line {line}, column {name!r}: {cell!r} is not a finite number")
+                    value = math.nan if _is_missing(cell) else _number(cell, path, line, name)
+                    if math.isnan(value):  # as the training loader: a missing value, the column's fill
+                        if name not in self.fill:
+                            raise ValueError(f"{path}, line {line}, column {name!r}: empty cell, and no fill value "
+                                             "was recorded for this column")
+                        value = self.fill[name]
+                    X[i, c] = value
         # As `split`: float32 features, float32 arithmetic (mean and std are float32 values).
         X = ((X.astype(np.float32) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32))
         target = [row[at[self.target]].strip() for _, row in numbered] if self.target in at else None
         return X, target
 
 
+def _number(cell: str, path: Path, line: int, column: str) -> float:
+    """A numeric feature's cell (NaN allowed: the caller fills it); ValueError naming the
+    file, line and column for a word or an infinity."""
+    try:
+        value = float(cell)
+    except ValueError:
+        raise ValueError(f"{path}, line {line}, column {column!r}: {cell!r} is not a number (the column was "
+                         "numeric in the training data)") from None
+    if math.isinf(value):
+        raise ValueError(f"{path}, line {line}, column {column!r}: {cell!r} is not a finite number")
+    return value
+
+
 def target_standardization(y_train: np.ndarray) -> tuple[float, float]:
     """Mean and standard deviation (1 where constant) of a regression target's training
-    values: `train_tabular` fits ``(y - mean) / std``, `TabularPreprocessing` maps back."""
+    values: `train_tabular` fits ``(y - mean) / std``, `TabularPreprocessing` maps back.
+
+    Examples
+    --------
+    >>> target_standardization(np.array([1.0, 3.0])), target_standardization(np.array([2.0, 2.0]))
+    ((2.0, 1.0), (2.0, 1.0))
+    """
     return float(np.mean(y_train)), float(np.std(y_train)) or 1.0
 
 
@@ -283,8 +337,8 @@ def load_tabular(name_or_path: str | Path, target: str | None = None) -> Tabular
     return _load_csv(path, target)
 
 
-# Cells that mean "no value" (after stripping; case ignored).
-_MISSING = ("", "na", "nan")
+# Cells that mean "no value" (after stripping; case ignored): pandas' default NA words.
+_MISSING = ("", "na", "nan", "-nan", "n/a", "null", "none", "<na>", "#n/a")
 
 
 def _is_missing(cell: str) -> bool:
@@ -306,6 +360,25 @@ def _as_float(values: list[str]) -> np.ndarray | None:
     return out
 
 
+def _warn_if_mostly_numbers(path: Path, column: str, cells: list[str], numbered: list) -> None:
+    """A column of numbers with a few words is more likely numbers with missing-value markers
+    than categories: say which cell made it categorical (a new row's number then cannot be
+    predicted: it is not one of the labels)."""
+    words = [i for i, v in enumerate(cells) if not _is_missing(v) and _maybe_float(v) is None]
+    if words and len(words) <= 0.1 * len(cells):
+        i = words[0]
+        warnings.warn(f"{path}: column {column!r} is taken as categorical because of {len(words)} cell(s) that are "
+                      f"not numbers, the first {cells[i].strip()!r} on line {numbered[i][0]}; if they mean a missing "
+                      "value, leave them empty (or NA) and the column is numeric", stacklevel=4)
+
+
+def _maybe_float(cell: str) -> float | None:
+    try:
+        return float(cell)
+    except ValueError:
+        return None
+
+
 def _is_int_text(label: str) -> bool:
     return label.lstrip("-").isdigit()
 
@@ -314,6 +387,8 @@ def _class_label(cell: str, numeric: bool) -> str:
     """A target cell as a class label: stripped text, or for a numeric target the integer it
     holds ("1", "1.0" and " 1" are one class, "1")."""
     cell = cell.strip()
+    if numeric and _is_int_text(cell.lstrip("+")):
+        return str(int(cell))  # exact, however large
     if numeric:
         try:
             v = float(cell)
@@ -379,6 +454,7 @@ def _load_csv(path: Path, target: str | None) -> TabularDataset:
         col = _as_float(columns[h])
         if col is None:
             # Categorical column: integer codes in sorted order of the labels.
+            _warn_if_mostly_numbers(path, h, columns[h], numbered)
             labels = sorted(set(v.strip() for v in columns[h]))
             index = {lab: i for i, lab in enumerate(labels)}
             col = np.array([index[v.strip()] for v in columns[h]], dtype=np.float64)

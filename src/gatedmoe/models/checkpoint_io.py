@@ -21,7 +21,14 @@ DIGEST_KEY = "gatedmoe.sha256"
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: what a
-    checkpoint's safetensors metadata stores and `load_tensors` verifies."""
+    checkpoint's safetensors metadata stores and `load_tensors` verifies.
+
+    Examples
+    --------
+    >>> a = tensor_digest({"w": torch.zeros(2)})
+    >>> len(a), a == tensor_digest({"w": torch.zeros(2)}), a == tensor_digest({"w": torch.ones(2)})
+    (64, True, False)
+    """
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
@@ -61,7 +68,17 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_json(path: Path) -> dict:
-    """A checkpoint's JSON file; ValueError naming it when missing or malformed."""
+    """A checkpoint's JSON file; ValueError naming it when missing or malformed.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "model.json"
+    >>> _ = path.write_text('{"kind": "x"')
+    >>> read_json(path)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: ...model.json is not valid JSON (truncated or corrupted?): ...
+    """
     if not path.is_file():
         raise ValueError(f"{path} is missing: the checkpoint is incomplete")
     try:
@@ -76,7 +93,17 @@ def read_json(path: Path) -> dict:
 def find_model_dir(path: str | Path, subfolder: str) -> Path:
     """The checkpoint folder in ``path``: ``path`` itself if it holds ``model.json``, else
     ``path/subfolder`` (where a training run's output folder keeps it). ValueError if
-    neither does."""
+    neither does.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> run = Path(tempfile.mkdtemp())
+    >>> (run / "checkpoint").mkdir()
+    >>> _ = (run / "checkpoint" / "model.json").write_text("{}")
+    >>> find_model_dir(run, "checkpoint") == run / "checkpoint"
+    True
+    """
     path = Path(path)
     for cand in (path, path / subfolder):
         if (cand / "model.json").is_file():
@@ -100,7 +127,18 @@ def save_weights(model: nn.Module, folder: Path) -> None:
 
 def load_weights(model: nn.Module, folder: Path) -> None:
     """Load ``folder/model.safetensors`` into ``model`` (built from ``folder/model.json``);
-    ValueError naming both files when the tensors do not fit the model."""
+    ValueError naming both files when the tensors do not fit the model.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> save_weights(nn.Linear(3, 2), folder)
+    >>> load_weights(nn.Linear(3, 2), folder)
+    >>> load_weights(nn.Linear(4, 2), folder)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: ...model.safetensors does not fit the model of ...model.json: ...
+    """
     try:
         model.load_state_dict(load_tensors(folder / "model.safetensors"))
     except RuntimeError as e:

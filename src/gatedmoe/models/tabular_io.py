@@ -9,6 +9,7 @@ no code.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from gatedmoe.layers.config import MoEConfig
 from gatedmoe.models.checkpoint_io import find_model_dir, load_weights, read_json, save_weights
 from gatedmoe.models.tabular import TabularMoE
 
-__all__ = ["KIND", "save_tabular_model", "load_tabular_model", "find_tabular_model", "predict_tabular"]
+__all__ = ["KIND", "save_tabular_model", "load_tabular_model", "find_tabular_model", "predict_tabular", "batch_dependent"]
 
 # ``model.json``'s "kind": tells a tabular checkpoint from a text one (which has none).
 KIND = "tabular_moe"
@@ -37,6 +38,9 @@ def save_tabular_model(path: str | Path, model: TabularMoE, preprocessing: Tabul
     if (model.n_features, model.n_outputs) != (len(preprocessing.feature_names), preprocessing.n_outputs):
         raise ValueError(f"the model takes {model.n_features} features to {model.n_outputs} outputs, the "
                          f"preprocessing {len(preprocessing.feature_names)} to {preprocessing.n_outputs}")
+    reserved = {"kind", "model", "preprocessing"} & set(extra or {})
+    if reserved:
+        raise ValueError(f"extra may not set {', '.join(sorted(reserved))}: the checkpoint's own entries")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_weights(model, path)
@@ -56,6 +60,8 @@ def find_tabular_model(path: str | Path) -> Path:
 def load_tabular_model(path: str | Path) -> tuple[TabularMoE, TabularPreprocessing, dict[str, Any]]:
     """Inverse of `save_tabular_model`: ``(model in eval mode, preprocessing, model.json)``.
     ValueError naming the file when it is missing, malformed, altered, or a text model's."""
+    if not (Path(path) / "model.json").is_file() and (Path(path) / "checkpoint" / "model.json").is_file():
+        raise ValueError(f"{path} is a text model's run (its checkpoint/); evaluate it with gatedmoe train --eval-only")
     path = find_tabular_model(path)
     meta = read_json(path / "model.json")
     if meta.get("kind") != KIND:
@@ -66,10 +72,26 @@ def load_tabular_model(path: str | Path) -> tuple[TabularMoE, TabularPreprocessi
         model = TabularMoE(s["n_features"], s["n_outputs"], d_embed=s["d_embed"], dropout=s["dropout"],
                            moe=MoEConfig.from_dict(s["moe"]))
         prep = TabularPreprocessing.from_dict(meta["preprocessing"])
-    except (KeyError, TypeError, ValueError) as e:
+        if (model.n_features, model.n_outputs) != (len(prep.feature_names), prep.n_outputs):
+            raise ValueError(f"the model takes {model.n_features} features to {model.n_outputs} outputs, the "
+                             f"preprocessing {len(prep.feature_names)} to {prep.n_outputs}")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path / 'model.json'} does not describe a tabular model: {e!r}") from None
     load_weights(model, path)
     return model.eval(), prep, meta
+
+
+def batch_dependent(config: MoEConfig) -> bool:
+    """Whether a layer of ``config`` routes a row by the other rows of its batch: expert
+    choice (each expert picks its rows from the batch), or a capacity that drops assignments
+    past each expert's share of the batch.
+
+    Examples
+    --------
+    >>> batch_dependent(TabularMoE.default_moe), batch_dependent(TabularMoE.default_moe.replace(gate="expert_choice"))
+    (False, True)
+    """
+    return config.gate == "expert_choice" or config.capacity_factor is not None
 
 
 @torch.no_grad()
@@ -101,6 +123,10 @@ def predict_tabular(model: TabularMoE, preprocessing: TabularPreprocessing, X: n
     >>> len(out["prediction"]), out["probabilities"].shape
     (2, (2, 2))
     """
+    if batch_dependent(model.moe.config):
+        warnings.warn(f"the model's routing (gate={model.moe.config.gate!r}, capacity_factor="
+                      f"{model.moe.config.capacity_factor}) depends on which rows share a batch: a row's prediction "
+                      f"changes with batch_size ({batch_size}) and its neighbours", stacklevel=2)
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2 or X.shape[1] != model.n_features:
         raise ValueError(f"X must have shape [n, {model.n_features}], got {tuple(X.shape)}")

@@ -154,8 +154,25 @@ def _load_train_state(path: Path, optimizer: torch.optim.Optimizer, scheduler: A
 
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder in ``path``: ``path`` itself if it holds ``model.json``, else
-    ``path/checkpoint`` (a `train_lm` output folder). ValueError if neither does."""
-    return find_model_dir(path, "checkpoint")
+    ``path/checkpoint`` (a `train_lm` output folder). ValueError if neither does, or if it
+    is a tabular model's (`gatedmoe.models.tabular_io`)."""
+    try:
+        found = find_model_dir(path, "checkpoint")
+    except ValueError:
+        if (Path(path) / "model" / "model.json").is_file():  # a tabular run's folder: say so
+            _text_model_json(Path(path) / "model")
+        raise
+    _text_model_json(found)
+    return found
+
+
+def _text_model_json(path: Path) -> dict:
+    """``path/model.json``; ValueError if it is a tabular model's (`models.tabular_io`)."""
+    meta = read_json(path / "model.json")
+    if meta.get("kind") == "tabular_moe":
+        raise ValueError(f"{path / 'model.json'} is a TabularMoE's, not a text model's; predict with it: "
+                         f"gatedmoe predict {path} rows.csv")
+    return meta
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MoETransformerLM, CharTokenizer, dict]:
@@ -167,7 +184,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MoETransform
     the file; a missing, truncated, malformed or altered file raises ValueError naming it.
     """
     path = Path(path)
-    meta = read_json(path / "model.json")
+    meta = _text_model_json(path)
     try:
         cfg = LMConfig.from_dict(meta["config"])
         tok = CharTokenizer(meta["chars"])
