@@ -30,14 +30,13 @@ KIND = "tabular_moe"
 def save_tabular_model(path: str | Path, model: TabularMoE, preprocessing: TabularPreprocessing,
                        extra: dict[str, Any] | None = None) -> None:
     """Write ``model.safetensors`` and ``model.json`` under ``path`` (created if needed).
-    ``extra``: JSON-able entries added to ``model.json`` (a run's metrics, say)."""
+    ``extra``: JSON-able entries added to ``model.json`` (a run's metrics, say). Example:
+    `predict_tabular`'s, which saves, loads and predicts."""
     if not isinstance(model, TabularMoE):
         raise TypeError(f"model must be a TabularMoE, got {type(model).__name__}")
     if not isinstance(preprocessing, TabularPreprocessing):
         raise TypeError(f"preprocessing must be a TabularPreprocessing, got {type(preprocessing).__name__}")
-    if (model.n_features, model.n_outputs) != (len(preprocessing.feature_names), preprocessing.n_outputs):
-        raise ValueError(f"the model takes {model.n_features} features to {model.n_outputs} outputs, the "
-                         f"preprocessing {len(preprocessing.feature_names)} to {preprocessing.n_outputs}")
+    _check_fits(model, preprocessing)
     reserved = {"kind", "model", "preprocessing"} & set(extra or {})
     if reserved:
         raise ValueError(f"extra may not set {', '.join(sorted(reserved))}: the checkpoint's own entries")
@@ -50,6 +49,12 @@ def save_tabular_model(path: str | Path, model: TabularMoE, preprocessing: Tabul
     (path / "model.json").write_text(json.dumps(meta, indent=1))
 
 
+def _check_fits(model: TabularMoE, prep: TabularPreprocessing) -> None:
+    if (model.n_features, model.n_outputs) != (len(prep.feature_names), prep.n_outputs):
+        raise ValueError(f"the model takes {model.n_features} features to {model.n_outputs} outputs, the "
+                         f"preprocessing {len(prep.feature_names)} to {prep.n_outputs}")
+
+
 def find_tabular_model(path: str | Path) -> Path:
     """The checkpoint folder in ``path``: ``path`` itself if it holds ``model.json``, else
     ``path/model`` (a ``gatedmoe train --data table.csv`` output folder). ValueError if
@@ -59,7 +64,8 @@ def find_tabular_model(path: str | Path) -> Path:
 
 def load_tabular_model(path: str | Path) -> tuple[TabularMoE, TabularPreprocessing, dict[str, Any]]:
     """Inverse of `save_tabular_model`: ``(model in eval mode, preprocessing, model.json)``.
-    ValueError naming the file when it is missing, malformed, altered, or a text model's."""
+    ValueError naming the file when it is missing, malformed, altered, or a text model's.
+    Example: `predict_tabular`'s."""
     if not (Path(path) / "model.json").is_file() and (Path(path) / "checkpoint" / "model.json").is_file():
         raise ValueError(f"{path} is a text model's run (its checkpoint/); evaluate it with gatedmoe train --eval-only")
     path = find_tabular_model(path)
@@ -72,9 +78,7 @@ def load_tabular_model(path: str | Path) -> tuple[TabularMoE, TabularPreprocessi
         model = TabularMoE(s["n_features"], s["n_outputs"], d_embed=s["d_embed"], dropout=s["dropout"],
                            moe=MoEConfig.from_dict(s["moe"]))
         prep = TabularPreprocessing.from_dict(meta["preprocessing"])
-        if (model.n_features, model.n_outputs) != (len(prep.feature_names), prep.n_outputs):
-            raise ValueError(f"the model takes {model.n_features} features to {model.n_outputs} outputs, the "
-                             f"preprocessing {len(prep.feature_names)} to {prep.n_outputs}")
+        _check_fits(model, prep)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path / 'model.json'} does not describe a tabular model: {e!r}") from None
     load_weights(model, path)
