@@ -11,7 +11,7 @@
 # WHAT=hf: the training step of a Hugging Face model through transformers' own "sonicmoe"
 # experts implementation beside grouped_mm and gatedmoe (`hf_patch.py`, issue 18; FAMILIES).
 set -uo pipefail
-export PYTHONPATH=$PWD/src:/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src:$PWD/.peers:/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages PYTHONUNBUFFERED=1
 export QUACK_CACHE_DIR=/tmp/qc QUACK_CACHE_AUTOTUNING=1 QUACK_COMPILE_WORKERS=16
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/site "$QUACK_CACHE_DIR"

@@ -1,10 +1,11 @@
 """The whole MoE layer, router included, against SonicMoE's layer in one process: bf16 SwiGLU,
-forward (no grad) and forward+backward, per shape; gatedmoe with gate="topk_softmax",
-"sigmoid" (bias balancing) and "group_limited" (8 groups, 4 kept, bias balancing; E/2 groups of
-two, half kept, below 16 experts), backend
-triton. Each layer computes what it computes by default (gatedmoe: router on the tensor
-cores with float32 logits, load-balance and z losses, the input check; SonicMoE: its router
-and its switch loss).
+forward (no grad) and forward+backward, per shape; gatedmoe with gate="topk_softmax", "sigmoid"
+(bias balancing) and "group_limited" (8 groups, 4 kept, bias balancing; E/2 groups of two, half
+kept, below 16 experts), backend triton; gatedmoe's grouped backend ("gm_grouped": topk_softmax
+over `torch._grouped_mm`); ScatterMoE's experts behind a top-k softmax router ("scattermoe").
+Each layer computes what it computes by default (gatedmoe: router on the tensor cores with
+float32 logits, load-balance and z losses, the input check; SonicMoE: its router and its switch
+loss; ScatterMoE: no auxiliary loss).
 
 Every implementation is built and compiled first; then ``--rounds`` rounds time each in turn
 (median of ``--reps`` steps per round, CUDA events, a sync after each step as the peers'
@@ -12,10 +13,10 @@ scripts do). The table gives the median over rounds with [min-max].
 
 On the GPU machine, SonicMoE installed as `../shared/peers/run.sh` installs it (under
 /tmp/site) and its compile cache kept between calls (its per-shape autotuning and CuTe
-compilation outlast a 10-minute call; QUACK_CACHE_DIR keeps both)::
+compilation outlast a 10-minute call; QUACK_CACHE_DIR keeps both), ScatterMoE from `.peers`::
 
     export QUACK_CACHE_DIR=/tmp/qc QUACK_CACHE_AUTOTUNING=1 QUACK_COMPILE_WORKERS=16
-    PYTHONPATH=src:/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages \\
+    PYTHONPATH=src:.peers:/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages \\
         python3 benchmarks/layer_peers.py --shapes fine256 --out $OUT/layer_peers.json
 
 `benchmarks/gpu_peers.sh` does all of it in one device call and hands the cache back in $OUT
@@ -46,6 +47,22 @@ def build(impl: str, T: int, d: int, h: int, E: int, k: int) -> tuple[torch.nn.M
 
         m = SonicMoE(E, k, d, h, ActivationType.SWIGLU, add_bias=False, std=0.02).cuda().to(torch.bfloat16)
         return m, lambda x: m(x)[0]
+    if impl == "scattermoe":
+        # ScatterMoE ships experts only: its GLU MLP behind the router every top-k softmax layer
+        # has (bf16 linear, float32 softmax, top-k, renormalised), as transformers' Mixtral.
+        from scattermoe.mlp import GLUMLP
+
+        m = torch.nn.ModuleDict({"router": torch.nn.Linear(d, E, bias=False),
+                                 "experts": GLUMLP(d, h, E, k, activation=torch.nn.SiLU())}).cuda().to(torch.bfloat16)
+
+        def scatter(x: torch.Tensor) -> torch.Tensor:
+            w, idx = torch.softmax(m["router"](x).float(), -1).topk(k, -1)
+            return m["experts"](x, (w / w.sum(-1, keepdim=True)).to(x.dtype), idx)
+
+        return m, scatter
+    if impl == "gm_grouped":  # our plain torch._grouped_mm backend, same layer otherwise
+        m = MoE(d, E, h, k=k, gate="topk_softmax", activation="swiglu", backend="grouped").cuda().to(torch.bfloat16)
+        return m, m
     gate = GATES[impl]
     kw: dict = {} if gate == "topk_softmax" else {"bias_update_rate": 1e-3}
     if gate == "group_limited":
@@ -65,7 +82,7 @@ def dense_ceiling(dev: torch.device) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="fine256")
-    ap.add_argument("--impls", default="sonicmoe," + ",".join(GATES))
+    ap.add_argument("--impls", default="sonicmoe,scattermoe,gm_grouped," + ",".join(GATES))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="layer_peers.json")
