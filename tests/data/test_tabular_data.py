@@ -50,6 +50,8 @@ def test_csv_numeric_class_labels_are_numbers(tmp_path):
     assert list(ds.y[:5]) == [1, 1, 0, 0, 2]
     prep = ds.preprocessing()
     assert prep.class_labels(["1.0", "0", " 2 ", "NA", ""]) == ["1", "0", "2", None, None]
+    # Cells int() cannot read stay text (a wrong label, scored as such), never an exception.
+    assert prep.class_labels(["--5", "\u00b2", "+2"]) == ["--5", "\u00b2", "2"]
 
 
 @pytest.mark.parametrize("text,needles", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -380,14 +381,16 @@ def _maybe_float(cell: str) -> float | None:
 
 
 def _is_int_text(label: str) -> bool:
-    return label.lstrip("-").isdigit()
+    """An optionally signed run of ASCII digits: exactly what `int` reads (str.isdigit also
+    takes "--5" once stripped, and digits such as "²" that `int` refuses)."""
+    return re.fullmatch(r"[+-]?[0-9]+", label) is not None
 
 
 def _class_label(cell: str, numeric: bool) -> str:
     """A target cell as a class label: stripped text, or for a numeric target the integer it
     holds ("1", "1.0" and " 1" are one class, "1")."""
     cell = cell.strip()
-    if numeric and _is_int_text(cell.lstrip("+")):
+    if numeric and _is_int_text(cell):
         return str(int(cell))  # exact, however large
     if numeric:
         try:

@@ -59,9 +59,10 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
     in the fused kernels of `gatedmoe.gates.fused_topk`, the library gate's path (one routing
     kernel and the counting sort instead of torch's softmax, top-k, renormalisation and
     `Routing.from_topk`'s sort): the same experts, exact ties included (the kernels give a
-    tie to the lowest expert id, as CUDA's `torch.topk` does), weights in the same dtype; weights and ``probs`` (and ``lse``,
-    which only this path fills) agree with torch's to float32 rounding, not bit for bit, so a
-    bf16 model's outputs can differ from transformers' in the last bit. ``fused=False`` keeps
+    tie to the lowest expert id, as CUDA's `torch.topk` does), weights in the same dtype;
+    weights and ``probs`` (and ``lse``, which only this path fills) agree with torch's to
+    float32 rounding, not bit for bit, so a bf16 model's outputs can differ from
+    transformers' in the last bit. ``fused=False`` keeps
     torch's ops on CUDA too, bit-identical to transformers there as well.
 
     Parameters
