@@ -6,10 +6,13 @@ Qwen3-30B-A3B (d=2048 h=768 E=128 k=8), GPT-OSS-20B (d=2880 h=2880 E=32 k=4) and
 (d=7168 h=2048 E=256 k=8). Each implementation takes ``(x [T, d], top_k_index [T, k],
 top_k_weights [T, k])`` and returns ``y [T, d]`` (sorting by expert included):
 
+* ``auto``          gatedmoe's triton backend as it chooses by size (`config.use_decode`): what
+  a patched model's decode step runs
 * ``decode``        gatedmoe's triton backend, decode path (``TritonOptions(decode=True)``)
 * ``decode-kernels`` the same given the `Routing` (its sort by expert done beforehand, as the
   layer's gate does): the decode kernels alone
-* ``triton-large``  gatedmoe's triton backend, large-batch kernels (``TritonOptions(decode=False)``)
+* ``triton-large``  gatedmoe's triton backend, large-batch kernels (``TritonOptions(decode=False)``;
+  inference: 64-row tiles up to 32 rows per expert, `config.FEW_ROWS_CONFIGS_BF16`)
 * ``hf-grouped_mm`` / ``hf-batched_mm``  transformers' experts implementations
   (`transformers.integrations.moe`); where transformers is missing, stand-ins labelled
   ``grouped_mm*`` (``torch._grouped_mm`` after a sort) and ``batched_mm*`` (``torch.bmm`` over
@@ -196,7 +199,8 @@ def implementations(bank, T: int, k: int, device: torch.device, routing) -> dict
         return fn
 
     decode = TritonOptions(decode=True)
-    impls = {"decode": ours(decode), "decode-kernels": lambda x, idx, w: triton(x, routing, bank, options=decode),
+    # "auto": the path the backend chooses by size (`config.use_decode`), with its configs.
+    impls = {"auto": ours(TritonOptions()), "decode": ours(decode), "decode-kernels": lambda x, idx, w: triton(x, routing, bank, options=decode),
              "triton-large": ours(TritonOptions(decode=False))}
     experts = HFExperts(bank)
     gathered_bytes = T * k * 3 * d * h * bank.w_in.element_size()

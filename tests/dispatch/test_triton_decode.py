@@ -209,10 +209,30 @@ def test_decode_configs_override_through_options(BM):
 
 # ------------------------------------------------------------------------------ choice
 def test_use_decode_is_a_size_rule():
-    assert config.use_decode(1, 8, 128) and config.use_decode(256, 2048, 256)
-    assert not config.use_decode(config.DECODE_MAX_TOKENS + 1, config.DECODE_MAX_TOKENS + 1, 1024)
+    qwen3 = (2048, 768)  # D, H
+    assert config.use_decode(1, 8, 128, *qwen3) and config.use_decode(256, 2048, 256, *qwen3)
+    assert not config.use_decode(config.DECODE_MAX_TOKENS + 1, config.DECODE_MAX_TOKENS + 1, 1024, *qwen3)
     # Many rows per expert (large-batch kernels' regime), and no tokens at all.
-    assert not config.use_decode(256, 512, 4) and not config.use_decode(0, 0, 8)
+    assert not config.use_decode(256, 512, 4, *qwen3) and not config.use_decode(0, 0, 8, *qwen3)
+    # Wide experts: the large-batch kernels even at one row per expert (DeepSeek-V3, Mixtral).
+    cut = config.DECODE_MAX_EXPERT_ELEMENTS
+    assert not config.use_decode(1, 8, 256, 7168, 2048) and not config.use_decode(1, 2, 8, 4096, 14336)
+    assert config.use_decode(1, 8, 64, 1, cut - 1) and not config.use_decode(1, 8, 64, 1, cut)
+
+
+def test_few_rows_per_expert_take_64_row_tiles_for_inference_only():
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16  # a pure function of sizes: no GPU needed
+    few = config.kernel_configs(bf16, cuda, 768, rows_per_expert=config.FEW_ROWS_MAX_ROWS_PER_EXPERT)
+    assert {k: few[k] for k in config.FEW_ROWS_CONFIGS_BF16} == dict(config.FEW_ROWS_CONFIGS_BF16)
+    assert few["glu_bwd"] == config.kernel_configs(bf16, cuda, 768)["glu_bwd"]  # backward kernels untouched
+    many = config.kernel_configs(bf16, cuda, 768, rows_per_expert=config.FEW_ROWS_MAX_ROWS_PER_EXPERT + 1)
+    assert many == config.kernel_configs(bf16, cuda, 768)  # the training tables (None: keeps h)
+    assert many["glu_fwd"].BM == 128
+    # Overrides still win; float32 and the interpreter keep their one config.
+    mine = config.KernelConfig(32, 32, 32, 4, 2)
+    assert config.kernel_configs(bf16, cuda, 768, {"glu_fwd": mine}, rows_per_expert=1)["glu_fwd"] == mine
+    assert config.kernel_configs(torch.float32, cuda, 768, rows_per_expert=1)["glu_fwd"] == config.CONFIG_FP32
+    assert config.kernel_configs(bf16, torch.device("cpu"), 768, rows_per_expert=1)["glu_fwd"] == config.CONFIG_INTERPRETER
 
 
 @pytest.mark.parametrize("BM", [16, 32, 64])

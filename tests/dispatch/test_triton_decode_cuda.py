@@ -66,6 +66,29 @@ def test_decode_path_matches_reference(T, D, H, E, K, mode, dtype):
     assert_close("y", ref_y, fast_y, dtype)
 
 
+# The large-batch kernels at these sizes without gradients: their forward products take the
+# 64-row tiles of `config.FEW_ROWS_CONFIGS_BF16` up to 32 rows per expert (every case but the
+# last), the training tables above.
+@pytest.mark.parametrize("T,D,H,E,K,mode", CASES)
+def test_large_path_inference_matches_reference(T, D, H, E, K, mode):
+    bank, x, routing = _problem(T, D, H, E, K, mode, torch.bfloat16)
+    with torch.no_grad():
+        assert_close("y", reference_dispatch(x, routing, bank),
+                     triton_dispatch(x, routing, bank, options=TritonOptions(decode=False)), torch.bfloat16)
+
+
+def test_wide_experts_take_the_large_path(monkeypatch):
+    # D x H at the cut (`config.DECODE_MAX_EXPERT_ELEMENTS`): the large-batch kernels even at
+    # one row per expert.
+    seen = []
+    decode = backend.moe_glu_decode
+    monkeypatch.setattr(backend, "moe_glu_decode", lambda *a: seen.append(a) or decode(*a))
+    bank, x, routing = _problem(4, 4096, 3072, 8, 2, "random", torch.bfloat16)
+    with torch.no_grad():
+        assert_close("y", reference_dispatch(x, routing, bank), triton_dispatch(x, routing, bank), torch.bfloat16)
+    assert seen == []
+
+
 def test_automatic_choice_takes_the_decode_path(monkeypatch):
     seen = []
     decode = backend.moe_glu_decode
@@ -125,7 +148,7 @@ def test_cuda_graph_replay_equals_eager(T, E, K):
         # New tokens and a new routing into the captured buffers; the replay must equal an
         # eager call on them, bit for bit where the decode path runs (its combine is
         # deterministic).
-        deterministic = use_decode(T, T * K, E)
+        deterministic = use_decode(T, T * K, E, 1024, 768)
         for seed in (1, 2):
             x = torch.randn(T, 1024, device="cuda", dtype=torch.bfloat16)
             w, i = _topk(T, E, K, seed)

@@ -33,7 +33,7 @@ def _assert_same(ref: tuple, fast: tuple) -> None:
 
 
 CASES = [
-    # T, K, E (blocks of ts._BN = 256 assignments; one program up to ts._ONE_PROGRAM_N = 1024)
+    # T, K, E (blocks of ts._BN = 256 assignments; one program up to ts._ONE_PROGRAM_N = 256, one block)
     (0, 2, 4),
     (1, 1, 1),
     (1, 3, 5),
@@ -42,10 +42,11 @@ CASES = [
     (40, 4, 4),  # K = E
     (33, 6, 2),  # K > E: every row names an expert several times
     (3, 16, 4096),  # the largest E and K
-    (200, 3, 64),  # one program over three blocks; rows straddle the blocks (256 % 3 != 0)
-    (341, 3, 100),  # N = 1023, E not a power of two: one program, last block one short
-    (256, 4, 8),  # N = 1024: the most one program sorts, four full blocks
-    (205, 5, 3),  # N = 1025: histogram, scan and sort kernels; the fifth block holds one assignment
+    (85, 3, 100),  # N = 255, E not a power of two: one program, its block one short
+    (64, 4, 8),  # N = 256: the most one program sorts, one full block
+    (257, 1, 5),  # N = 257: histogram, scan and sort kernels; the second block holds one assignment
+    (200, 3, 64),  # three blocks; rows straddle the blocks (256 % 3 != 0)
+    (205, 5, 3),  # N = 1025: the fifth block holds one assignment
     (300, 8, 256),  # DeepSeek-V3's E and K, ten blocks
     (2100, 1, 1),  # E = 1, K = 1: every assignment ties
     (1000, 2, 16),  # rows straddle no block, many ties across blocks
@@ -245,7 +246,7 @@ def test_from_topk_on_cuda_checks_all_but_trusted_ids(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
-@pytest.mark.parametrize("T", [1, 128, 129, 4096])  # one launch up to 1,024 assignments, three after (E=256)
+@pytest.mark.parametrize("T", [1, 32, 33, 4096])  # one launch up to 256 assignments, three after (K=8)
 def test_from_topk_on_cuda_never_syncs(T):
     w = torch.rand(T, 8, device="cuda", requires_grad=True)
     experts = torch.randint(0, 256, (T, 8), device="cuda")

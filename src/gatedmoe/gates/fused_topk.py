@@ -9,7 +9,7 @@ steps:
 1. ``route_fwd_kernel``, each program owning whole rows of the logits: scores, lse, the
    (group-limited) top-k with bias selection and renormalisation;
 2. the counting sort of given top-k choices (`gatedmoe.gates.topk_sort`, one launch up to
-   1,024 assignments, three after), which writes the sorted token, expert and weight (stable
+   256 assignments, three after), which writes the sorted token, expert and weight (stable
    in token order, as `Routing.from_topk`'s stable argsort) and its inverse.
 
 No step reads a value on the host, so a training step stays capturable in a CUDA graph. The

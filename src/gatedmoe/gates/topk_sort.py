@@ -11,8 +11,7 @@ among the block's earlier assignments to that expert ([S, S] comparisons of the 
 `gatedmoe.gates.topk_sort_kernels`), so a block's work does not grow with E beyond its
 histogram and one prefix over the experts:
 
-* up to ``_ONE_PROGRAM_N`` assignments (decode sizes): one launch, whose single program
-  counts all blocks, prefixes the counts and scatters block by block;
+* one block (at most ``_BN`` assignments, decode sizes): one launch, one program;
 * more: ``topk_hist_kernel`` (per-block histograms), ``topk_scan_kernel`` (their exclusive
   prefix over the blocks, and the counts) and ``topk_sort_kernel`` (scatter).
 
@@ -51,9 +50,11 @@ _SCAN_CHUNK = 1024
 # (16 comparisons per thread at _WARPS = 8; not tuned further).
 _BN = 256
 _RANK_TILE = 64
-# Up to this many assignments (4 blocks) one program sorts everything: one launch instead of
-# three, for decode batches (E=256, K=8: T <= 128).
-_ONE_PROGRAM_N = 4 * _BN
+# Up to one block one program sorts everything: one launch instead of three (decode batches;
+# E=256, K=8: T <= 32). One program walking 2-4 blocks was slower than the three launches in GPU
+# time, measured on an H200 (CUDA-graph replays, 2026-12-02; kernels README, "Given top-k"):
+# 512 assignments 30.4-31.7 vs 23.3-23.5 us, 1,024 (GPT-OSS-20B T=256) 52.7 vs 25.4 us.
+_ONE_PROGRAM_N = _BN
 # With 4 warps ptxas spills registers at E=4096, K=16 (tests/gates/compile_gate_kernels.py).
 _WARPS = 8
 

@@ -110,31 +110,22 @@ def topk_sort_kernel(
     a stable argsort of them. Writes the sorted token, expert (int64) and weight ``[N]``, and
     pos ``[N]`` (its inverse).
 
-    ONE_PROGRAM: one program walks all blocks twice, first counting (it writes counts
-    ``[E + 1]`` int64 itself), then scattering, adding each block's histogram to the bases
-    after it; ``prefix_ptr`` is unused. Otherwise program b sorts block b from counts
+    ONE_PROGRAM: N <= BN, one program sorts the single block (it writes counts ``[E + 1]``
+    int64 itself; ``prefix_ptr`` is unused). Otherwise program b sorts block b from counts
     ``[E + 1]`` and prefix ``[B, E + 1]`` (the exclusive prefix of `topk_hist_kernel`'s
     histograms over the blocks, by `topk_scan_kernel`).
     """
     cols = tl.arange(0, BE)
     cmask = cols < E
     if ONE_PROGRAM:
-        counts = tl.zeros([BE], dtype=tl.int32)
-        n_bad = tl.zeros([], dtype=tl.int32)
-        for start in range(0, N, BN):
-            hist, bad = _block_hist(experts_ptr, start, N, E, BN, BE)
-            counts += hist
-            n_bad += bad
+        # N <= BN: the whole sort is one block (decode sizes).
+        counts, n_bad = _block_hist(experts_ptr, 0, N, E, BN, BE)
         tl.store(counts_ptr + cols, counts.to(tl.int64), mask=cmask)
         tl.store(counts_ptr + E, n_bad.to(tl.int64))
         base = tl.cumsum(counts, axis=0) - counts
         bad_base = tl.sum(counts, axis=0)
-        for start in range(0, N, BN):
-            _scatter_block(experts_ptr, weights_ptr, token_ptr, expert_ptr, weight_ptr, pos_ptr, start, N, E,
-                           base, bad_base, K, BN, S)
-            hist, bad = _block_hist(experts_ptr, start, N, E, BN, BE)
-            base += hist
-            bad_base += bad
+        _scatter_block(experts_ptr, weights_ptr, token_ptr, expert_ptr, weight_ptr, pos_ptr, 0, N, E,
+                       base, bad_base, K, BN, S)
     else:
         pid = tl.program_id(0)
         counts = tl.load(counts_ptr + cols, mask=cmask, other=0).to(tl.int32)

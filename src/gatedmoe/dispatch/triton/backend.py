@@ -48,7 +48,7 @@ def triton_dispatch(
 
     Calls that need no gradient and are small (`config.use_decode`: at most
     `config.DECODE_MAX_TOKENS` tokens, at most `config.DECODE_MAX_ROWS_PER_EXPERT` rows per
-    routed expert) run the decode path (`ops.moe_glu_decode`), unless ``options.decode`` says
+    routed expert, experts narrower than `config.DECODE_MAX_EXPERT_ELEMENTS`) run the decode path (`ops.moe_glu_decode`), unless ``options.decode`` says
     otherwise; the others run `ops.moe_glu`. Unmerged LoRA adapters of the bank
     (`ExpertBank.add_lora`) run fused into the kernels (`lora_ops.moe_glu_lora`, any size).
     With ``options.fp8`` the expert GEMMs run in FP8 (`fp8_ops.moe_glu_fp8`); a call the
@@ -96,14 +96,14 @@ def triton_dispatch(
                             need_h, options)
     # Without autograd (inference) the first GEMM's output need not be kept for backward.
     need_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, routing.weight, w_in, w_out))
-    if not need_h and _decode(x_TD.shape[0], routing.token.numel(), routing.counts.numel(), options):
+    if not need_h and _decode(x_TD.shape[0], routing.token.numel(), routing.counts.numel(), *w_out.shape[1:], options):
         return moe_glu_decode(x_TD, routing.token, routing.weight, routing.counts, w_in, w_out, options)
     y, _ = moe_glu(x_TD, routing.token, routing.weight, routing.counts, w_in, w_out, need_h, options)
     return y
 
 
-def _decode(T: int, N: int, E: int, options: TritonOptions | None) -> bool:
+def _decode(T: int, N: int, E: int, D: int, H: int, options: TritonOptions | None) -> bool:
     """Whether an inference call takes the decode path: ``options.decode`` if set, else by
     size (`config.use_decode`; sizes only, so a captured step always takes the same path)."""
     choice = options.decode if options is not None else None
-    return use_decode(T, N, E) if choice is None else choice
+    return use_decode(T, N, E, D, H) if choice is None else choice

@@ -30,9 +30,12 @@ __all__ = [
     "DECODE_BK",
     "DECODE_COMBINE_BLOCK",
     "DECODE_MAX_PROGRAM_BYTES",
+    "DECODE_MAX_EXPERT_ELEMENTS",
     "DECODE_MAX_ROWS_PER_EXPERT",
     "DECODE_MAX_TOKENS",
     "DECODE_MIN_PROGRAMS",
+    "FEW_ROWS_CONFIGS_BF16",
+    "FEW_ROWS_MAX_ROWS_PER_EXPERT",
     "KERNELS",
     "KernelConfig",
     "PER_EXPERT_MAX_E",
@@ -97,6 +100,19 @@ CONFIGS_BF16: Mapping[str, KernelConfig] = MappingProxyType({
     "gemm_bwd": KernelConfig(128, 256, 64, 8, 4),
     "wgrad": KernelConfig(128, 128, 64, 4, 4),
 })
+# The two forward products of an inference call with few rows per routed expert (the large-batch
+# kernels past the decode path's range, e.g. T = 64-256 tokens at decode time): 64-row tiles
+# instead of 128, so a tile of an expert's 16-32 rows computes half the padding. Measured on an
+# H200 (Triton 3.6, 2026-12-02, layer forward as CUDA-graph replays from given top-k, nine model
+# shapes; BENCHMARKS.md "Decode"): at 16-32 rows per expert 5-10% faster on every shape (Qwen3-30B
+# T=256 365 -> 342 us, GPT-OSS-20B T=256 472 -> 435, Qwen3-235B T=256 1219 -> 1173), at 64 rows
+# slower (Mixtral T=256 767 -> 799, Mixtral-8x22B 1272 -> 1355). Calls that keep h for backward
+# keep `CONFIGS_BF16` (not measured with these).
+FEW_ROWS_MAX_ROWS_PER_EXPERT = 32
+FEW_ROWS_CONFIGS_BF16: Mapping[str, KernelConfig] = MappingProxyType({
+    "glu_fwd": KernelConfig(64, 128, 64, 4, 4),
+    "gemm_fwd": KernelConfig(64, 256, 64, 4, 4),
+})
 # float32 on CUDA: one config for every kernel; not tuned (float32 is the test dtype, the
 # speed paths are bf16).
 CONFIG_FP32 = KernelConfig(64, 64, 32, 4, 2)
@@ -123,11 +139,14 @@ PER_EXPERT_MAX_E = 16  # one launch per expert: keep the host's share small
 
 
 def kernel_configs(
-    dtype: torch.dtype, device: torch.device, H: int, overrides: Mapping[str, KernelConfig] | None = None
+    dtype: torch.dtype, device: torch.device, H: int, overrides: Mapping[str, KernelConfig] | None = None,
+    rows_per_expert: float | None = None,
 ) -> dict[str, KernelConfig]:
     """The config of each large-batch kernel of `KERNELS` for inputs of ``dtype`` on ``device`` with
     expert width ``H``: the measured tables and rules above, then ``overrides`` (kernel name
-    -> config, used as given, with no rule applied to them).
+    -> config, used as given, with no rule applied to them). ``rows_per_expert``: the mean rows
+    per routed expert of an inference call (None for calls that keep h for backward); at most
+    `FEW_ROWS_MAX_ROWS_PER_EXPERT` the forward products take `FEW_ROWS_CONFIGS_BF16`.
 
     Examples
     --------
@@ -135,14 +154,15 @@ def kernel_configs(
     >>> kernel_configs(torch.float32, torch.device("cpu"), 64)["wgrad"]
     KernelConfig(BM=16, BN=16, BK=16, warps=4, stages=1, group_m=8, tma=True, pregather=False)
     """
-    cfgs = dict(_rule_configs(dtype, device.type, H))
+    few_rows = rows_per_expert is not None and rows_per_expert <= FEW_ROWS_MAX_ROWS_PER_EXPERT
+    cfgs = dict(_rule_configs(dtype, device.type, H, few_rows))
     if overrides:
         cfgs.update({name: cfg for name, cfg in overrides.items() if name in _LARGE_KERNELS})
     return cfgs
 
 
 @functools.lru_cache(maxsize=64)
-def _rule_configs(dtype: torch.dtype, device_type: str, H: int) -> Mapping[str, KernelConfig]:
+def _rule_configs(dtype: torch.dtype, device_type: str, H: int, few_rows: bool = False) -> Mapping[str, KernelConfig]:
     # Cached: two calls per training step, and the dataclass copies cost host time that
     # delays the first launch.
     if device_type != "cuda":
@@ -157,6 +177,8 @@ def _rule_configs(dtype: torch.dtype, device_type: str, H: int) -> Mapping[str, 
             cfgs["glu_fwd"] = replace(cfgs["glu_fwd"], pregather=False, group_m=8)
         if H < PREGATHER_MIN_H["glu_bwd"]:
             cfgs["glu_bwd"] = replace(cfgs["glu_bwd"], pregather=False)
+        if few_rows:
+            cfgs.update(FEW_ROWS_CONFIGS_BF16)
     return MappingProxyType(cfgs)
 
 
@@ -176,6 +198,15 @@ DECODE_MAX_TOKENS = 256
 # shapes; at 8, GPT-OSS-20B T=64 0.43 vs 0.49 ms (decode ahead) but DeepSeek-V3 T=256 6.33 vs
 # 5.89 ms (behind); at 16 behind (Mixtral T=64 0.85 vs 0.76 ms) or level (Qwen3-30B T=256).
 DECODE_MAX_ROWS_PER_EXPERT = 8
+# ... and only for experts of fewer than this many elements per matrix (D x H). Wider experts
+# are read faster by the large-batch kernels with 64-row tiles (`FEW_ROWS_CONFIGS_BF16`: weight
+# tiles through TMA) even at 1-8 rows per expert. Measured on an H200 (as above, nine shapes,
+# 2026-12-02; BENCHMARKS.md "Decode"): the large path ahead for DeepSeek-V3 (7168 x 2048 = 14.7M;
+# T=8 1309 vs 1372 us, T=64 4530 vs 5018, T=256 5284 vs 6012), Mixtral (58.7M; T=8 612 vs 636) and
+# Mixtral-8x22B (100.7M; T=1 332 vs 360, T=8 1020 vs 1161); the decode kernels ahead at T >= 8
+# for Qwen2-57B (3584 x 2560 = 9.2M; T=8 562 vs 582), GPT-OSS-20B (8.3M), Qwen3-235B (6.3M) and
+# every narrower shape. The cut lies between 9.2M and 14.7M.
+DECODE_MAX_EXPERT_ELEMENTS = 12 << 20
 # Column blocks are narrowed (64 -> 32 -> 16 columns) until a product has at least this many
 # programs (so that T=1, one row tile per routed expert, still fills 132 SMs several times
 # over) and each program streams at most `DECODE_MAX_PROGRAM_BYTES` of weights (short programs:
@@ -195,18 +226,23 @@ DECODE_BK = 128
 DECODE_COMBINE_BLOCK = (512, 256, 8)
 
 
-def use_decode(T: int, N: int, E: int) -> bool:
+def use_decode(T: int, N: int, E: int, D: int, H: int) -> bool:
     """Whether the automatic choice (``TritonOptions(decode=None)``) takes the decode path
-    for an inference call of ``T`` tokens, ``N`` routed assignments and ``E`` experts: at most
-    `DECODE_MAX_TOKENS` tokens and at most `DECODE_MAX_ROWS_PER_EXPERT` rows per routed
-    expert. Sizes only (no data), so a captured decode step always takes the same path.
+    for an inference call of ``T`` tokens, ``N`` routed assignments and ``E`` experts of
+    ``D x H`` matrices: at most `DECODE_MAX_TOKENS` tokens, at most
+    `DECODE_MAX_ROWS_PER_EXPERT` rows per routed expert and experts narrower than
+    `DECODE_MAX_EXPERT_ELEMENTS`. Sizes only (no data), so a captured decode step always takes
+    the same path.
 
     Examples
     --------
-    >>> use_decode(1, 8, 128), use_decode(256, 512, 8), use_decode(4096, 32768, 128)
-    (True, False, False)
+    >>> use_decode(1, 8, 128, 2048, 768), use_decode(256, 512, 8, 2048, 768)  # Qwen3-30B-A3B
+    (True, False)
+    >>> use_decode(1, 8, 256, 7168, 2048)  # DeepSeek-V3: wide experts, the large-batch kernels
+    False
     """
-    return 0 < T <= DECODE_MAX_TOKENS and N <= DECODE_MAX_ROWS_PER_EXPERT * min(N, E)
+    return (0 < T <= DECODE_MAX_TOKENS and N <= DECODE_MAX_ROWS_PER_EXPERT * min(N, E)
+            and D * H < DECODE_MAX_EXPERT_ELEMENTS)
 
 
 def decode_row_tiles(N: int, E: int, BM: int) -> int:

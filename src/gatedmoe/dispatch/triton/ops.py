@@ -33,12 +33,14 @@ from gatedmoe.dispatch.triton.config import KernelConfig
 __all__ = ["moe_glu", "moe_glu_backward", "moe_glu_decode", "moe_glu_decode_forward", "moe_glu_forward"]
 
 
-def _problem(x: Tensor, token_N: Tensor, w_out_EDH: Tensor, configs: Sequence[int] | None):
-    """Sizes and kernel configs shared by forward and backward."""
+def _problem(x: Tensor, token_N: Tensor, w_out_EDH: Tensor, configs: Sequence[int] | None, inference: bool = False):
+    """Sizes and kernel configs shared by forward and backward; ``inference``: a forward that
+    keeps no h (its products' tiles follow the rows per expert, `config.kernel_configs`)."""
     T, D = x.shape
     N = token_N.numel()
-    H = w_out_EDH.shape[-1]
-    return T, D, N, H, config.kernel_configs(x.dtype, x.device, H, config.configs_from_ints(configs))
+    E, _, H = w_out_EDH.shape
+    rows = N / max(1, min(N, E)) if inference else None
+    return T, D, N, H, config.kernel_configs(x.dtype, x.device, H, config.configs_from_ints(configs), rows)
 
 
 def _pregather(cfg: KernelConfig, rows: Tensor) -> bool:
@@ -62,7 +64,7 @@ def moe_glu_forward(
 
 def _forward_impl(x_TD, token_N, weight_N, counts_E, w_in_EHD, w_out_EDH, need_h, fp32_scatter, configs):
     x = x_TD.contiguous()
-    T, D, N, H, cfgs = _problem(x, token_N, w_out_EDH, configs)
+    T, D, N, H, cfgs = _problem(x, token_N, w_out_EDH, configs, inference=not need_h)
     h = launchers.alloc(N if need_h else 0, 2 * H, device=x.device, dtype=x.dtype)
     a = launchers.alloc(N, H, device=x.device, dtype=x.dtype)
     if N == 0:
