@@ -214,10 +214,16 @@ def test_use_decode_is_a_size_rule():
     assert not config.use_decode(config.DECODE_MAX_TOKENS + 1, config.DECODE_MAX_TOKENS + 1, 1024, *qwen3)
     # Many rows per expert (large-batch kernels' regime), and no tokens at all.
     assert not config.use_decode(256, 512, 4, *qwen3) and not config.use_decode(0, 0, 8, *qwen3)
-    # Wide experts: the large-batch kernels even at one row per expert (DeepSeek-V3, Mixtral).
+    # Wide experts: the large-batch kernels even at one row per expert (DeepSeek-V3 T=8, Mixtral
+    # T=1), unless those would run too few programs (DeepSeek-V3 T=1: 8 experts x 16 columns).
     cut = config.DECODE_MAX_EXPERT_ELEMENTS
-    assert not config.use_decode(1, 8, 256, 7168, 2048) and not config.use_decode(1, 2, 8, 4096, 14336)
+    assert not config.use_decode(8, 64, 256, 7168, 2048) and not config.use_decode(1, 2, 8, 4096, 14336)
+    assert config.use_decode(1, 8, 256, 7168, 2048)
     assert config.use_decode(1, 8, 64, 1, cut - 1) and not config.use_decode(1, 8, 64, 1, cut)
+    bn = config.FEW_ROWS_CONFIGS_BF16["glu_fwd"].BN
+    few = config.DECODE_WIDE_MIN_LARGE_PROGRAMS
+    assert config.use_decode(1, 1, 8, cut // (few - 1) // bn + 1, (few - 1) * bn)
+    assert not config.use_decode(1, 1, 8, cut // few // bn + 1, few * bn)
 
 
 def test_few_rows_per_expert_take_64_row_tiles_for_inference_only():

@@ -78,12 +78,12 @@ def test_large_path_inference_matches_reference(T, D, H, E, K, mode):
 
 
 def test_wide_experts_take_the_large_path(monkeypatch):
-    # D x H at the cut (`config.DECODE_MAX_EXPERT_ELEMENTS`): the large-batch kernels even at
-    # one row per expert.
+    # D x H at the cut (`config.DECODE_MAX_EXPERT_ELEMENTS`) and 16 experts x 24 column blocks
+    # (`config.DECODE_WIDE_MIN_LARGE_PROGRAMS`): the large-batch kernels at one row per expert.
     seen = []
     decode = backend.moe_glu_decode
     monkeypatch.setattr(backend, "moe_glu_decode", lambda *a: seen.append(a) or decode(*a))
-    bank, x, routing = _problem(4, 4096, 3072, 8, 2, "random", torch.bfloat16)
+    bank, x, routing = _problem(8, 4096, 3072, 16, 2, "random", torch.bfloat16)
     with torch.no_grad():
         assert_close("y", reference_dispatch(x, routing, bank), triton_dispatch(x, routing, bank), torch.bfloat16)
     assert seen == []

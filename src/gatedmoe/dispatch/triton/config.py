@@ -34,6 +34,7 @@ __all__ = [
     "DECODE_MAX_ROWS_PER_EXPERT",
     "DECODE_MAX_TOKENS",
     "DECODE_MIN_PROGRAMS",
+    "DECODE_WIDE_MIN_LARGE_PROGRAMS",
     "FEW_ROWS_CONFIGS_BF16",
     "FEW_ROWS_MAX_ROWS_PER_EXPERT",
     "KERNELS",
@@ -198,15 +199,21 @@ DECODE_MAX_TOKENS = 256
 # shapes; at 8, GPT-OSS-20B T=64 0.43 vs 0.49 ms (decode ahead) but DeepSeek-V3 T=256 6.33 vs
 # 5.89 ms (behind); at 16 behind (Mixtral T=64 0.85 vs 0.76 ms) or level (Qwen3-30B T=256).
 DECODE_MAX_ROWS_PER_EXPERT = 8
-# ... and only for experts of fewer than this many elements per matrix (D x H). Wider experts
-# are read faster by the large-batch kernels with 64-row tiles (`FEW_ROWS_CONFIGS_BF16`: weight
-# tiles through TMA) even at 1-8 rows per expert. Measured on an H200 (as above, nine shapes,
-# 2026-12-02; BENCHMARKS.md "Decode"): the large path ahead for DeepSeek-V3 (7168 x 2048 = 14.7M;
-# T=8 1309 vs 1372 us, T=64 4530 vs 5018, T=256 5284 vs 6012), Mixtral (58.7M; T=8 612 vs 636) and
-# Mixtral-8x22B (100.7M; T=1 332 vs 360, T=8 1020 vs 1161); the decode kernels ahead at T >= 8
-# for Qwen2-57B (3584 x 2560 = 9.2M; T=8 562 vs 582), GPT-OSS-20B (8.3M), Qwen3-235B (6.3M) and
-# every narrower shape. The cut lies between 9.2M and 14.7M.
+# ... and, for experts of at least `DECODE_MAX_EXPERT_ELEMENTS` elements per matrix (D x H),
+# only where the large-batch kernels would leave the SMs idle: their first product has fewer
+# than `DECODE_WIDE_MIN_LARGE_PROGRAMS` programs (at most min(N, E) experts x H / 128 columns).
+# Otherwise wide experts are read faster by the large-batch kernels with 64-row tiles
+# (`FEW_ROWS_CONFIGS_BF16`: weight tiles through TMA) even at 1-8 rows per expert. Measured on an
+# H200 (layer forward from given top-k as CUDA-graph replays, nine shapes, 2026-12-02;
+# BENCHMARKS.md "Decode"): the large path ahead for DeepSeek-V3 (7168 x 2048 = 14.7M; T=8 1307
+# vs 1359 us, T=64 4532 vs 5218, T=256 5326 vs 6215), Mixtral (58.7M; T=1 226 vs 235, T=8 619 vs
+# 634) and Mixtral-8x22B (100.7M; T=1 332 vs 360, T=8 1020 vs 1161), but behind at DeepSeek-V3
+# T=1 (8 experts x 16 column blocks = 128 programs: 252 vs 231 us; Mixtral T=1 has 224); the
+# decode kernels ahead at T >= 8 for Qwen2-57B (3584 x 2560 = 9.2M; T=8 562 vs 582 us),
+# GPT-OSS-20B (8.3M), Qwen3-235B (6.3M) and every narrower shape. The size cut lies between
+# 9.2M and 14.7M elements, the program cut between 128 and 224.
 DECODE_MAX_EXPERT_ELEMENTS = 12 << 20
+DECODE_WIDE_MIN_LARGE_PROGRAMS = 192
 # Column blocks are narrowed (64 -> 32 -> 16 columns) until a product has at least this many
 # programs (so that T=1, one row tile per routed expert, still fills 132 SMs several times
 # over) and each program streams at most `DECODE_MAX_PROGRAM_BYTES` of weights (short programs:
@@ -229,20 +236,25 @@ DECODE_COMBINE_BLOCK = (512, 256, 8)
 def use_decode(T: int, N: int, E: int, D: int, H: int) -> bool:
     """Whether the automatic choice (``TritonOptions(decode=None)``) takes the decode path
     for an inference call of ``T`` tokens, ``N`` routed assignments and ``E`` experts of
-    ``D x H`` matrices: at most `DECODE_MAX_TOKENS` tokens, at most
-    `DECODE_MAX_ROWS_PER_EXPERT` rows per routed expert and experts narrower than
-    `DECODE_MAX_EXPERT_ELEMENTS`. Sizes only (no data), so a captured decode step always takes
-    the same path.
+    ``D x H`` matrices: at most `DECODE_MAX_TOKENS` tokens and at most
+    `DECODE_MAX_ROWS_PER_EXPERT` rows per routed expert; for experts of at least
+    `DECODE_MAX_EXPERT_ELEMENTS` elements, only while the large-batch kernels' first product
+    would have fewer than `DECODE_WIDE_MIN_LARGE_PROGRAMS` programs. Sizes only (no data), so
+    a captured decode step always takes the same path.
 
     Examples
     --------
     >>> use_decode(1, 8, 128, 2048, 768), use_decode(256, 512, 8, 2048, 768)  # Qwen3-30B-A3B
     (True, False)
-    >>> use_decode(1, 8, 256, 7168, 2048)  # DeepSeek-V3: wide experts, the large-batch kernels
-    False
+    >>> use_decode(1, 8, 256, 7168, 2048), use_decode(8, 64, 256, 7168, 2048)  # DeepSeek-V3
+    (True, False)
     """
-    return (0 < T <= DECODE_MAX_TOKENS and N <= DECODE_MAX_ROWS_PER_EXPERT * min(N, E)
-            and D * H < DECODE_MAX_EXPERT_ELEMENTS)
+    if not (0 < T <= DECODE_MAX_TOKENS and N <= DECODE_MAX_ROWS_PER_EXPERT * min(N, E)):
+        return False
+    if D * H < DECODE_MAX_EXPERT_ELEMENTS:
+        return True
+    large_programs = min(N, E) * -(-H // FEW_ROWS_CONFIGS_BF16["glu_fwd"].BN)
+    return large_programs < DECODE_WIDE_MIN_LARGE_PROGRAMS
 
 
 def decode_row_tiles(N: int, E: int, BM: int) -> int:
