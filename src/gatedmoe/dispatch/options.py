@@ -145,8 +145,9 @@ class TritonOptions:
     decode : bool or None
         The decode path (`gatedmoe.dispatch.triton.ops.moe_glu_decode`: kernels for a few
         rows per expert, inference only). None (default): chosen by size for calls that need
-        no gradient (`gatedmoe.dispatch.triton.config.use_decode`: at most 256 tokens and few
-        rows per routed expert); True: every call that needs no gradient; False: never. Calls
+        no gradient (`gatedmoe.dispatch.triton.config.use_decode`: at most 256 tokens, few
+        rows per routed expert, experts narrow enough that the large-batch kernels do not read
+        them faster); True: every call that needs no gradient; False: never. Calls
         that need gradients always run the large-batch kernels.
     fp8 : FP8Recipe or None
         Run the expert GEMMs in FP8 with this recipe (`FP8Recipe`: scaling, gradient
