@@ -241,6 +241,24 @@ def test_few_rows_per_expert_take_64_row_tiles_for_inference_only():
     assert config.kernel_configs(bf16, torch.device("cpu"), 768, rows_per_expert=1)["glu_fwd"] == config.CONFIG_INTERPRETER
 
 
+def test_large_path_forward_passes_rows_per_expert_only_without_h(monkeypatch):
+    # The few-rows configs reach inference calls only: the forward asks for configs with the
+    # mean rows per routed expert when it keeps no h, without them when backward needs h.
+    seen = []
+    kernel_configs = config.kernel_configs
+    monkeypatch.setattr(ops.config, "kernel_configs", lambda *a: seen.append(a[4:]) or kernel_configs(*a))
+    bank, x, routing = _bank_and_inputs(6, 24, 40, 5, 2, "random", torch.float32)
+    options = TritonOptions(decode=False)
+    with torch.no_grad():
+        y = triton_dispatch(x, routing, bank, options=options)
+    assert_close("y", reference_dispatch(x, routing, bank), y)
+    assert seen == [(12 / 5,)]
+    seen.clear()
+    x.requires_grad_(True)
+    triton_dispatch(x, routing, bank, options=options).sum().backward()
+    assert seen and all(extra == (None,) for extra in seen)  # forward and backward: training configs
+
+
 @pytest.mark.parametrize("BM", [16, 32, 64])
 @pytest.mark.parametrize("N,E", [(1, 8), (8, 256), (63, 4), (200, 16), (512, 8)])
 def test_decode_row_tiles_bound_every_routing(N, E, BM):

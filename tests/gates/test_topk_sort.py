@@ -107,7 +107,7 @@ def test_noncontiguous_inputs():
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA bad ids stop the sort with a device-side assertion, sticky for the process")
-@pytest.mark.parametrize("T", [5, 300, 700])  # one block, three in one program, six blocks
+@pytest.mark.parametrize("T", [5, 300, 700])  # one block (one program), three blocks, six blocks
 @pytest.mark.parametrize("E", [3, 4])  # with E a power of two the bad bucket E lies past the histogram's bins
 def test_bad_ids_are_left_out_of_the_counts(T, E):
     """Ids outside [0, E) write nothing out of bounds: they come last, in order, with their

@@ -53,7 +53,8 @@ _RANK_TILE = 64
 # Up to one block one program sorts everything: one launch instead of three (decode batches;
 # E=256, K=8: T <= 32). One program walking 2-4 blocks was slower than the three launches in GPU
 # time, measured on an H200 (CUDA-graph replays, 2026-12-02; kernels README, "Given top-k"):
-# 512 assignments 30.4-31.7 vs 23.3-23.5 us, 1,024 (GPT-OSS-20B T=256) 52.7 vs 25.4 us.
+# 512 assignments 30.4-31.7 vs 22.8-23.5 us, 1,024 (GPT-OSS-20B T=256) 52.7 vs 25.4 us.
+# The kernel's one-program branch sorts a single block: never more than _BN.
 _ONE_PROGRAM_N = _BN
 # With 4 warps ptxas spills registers at E=4096, K=16 (tests/gates/compile_gate_kernels.py).
 _WARPS = 8

@@ -48,7 +48,8 @@ def triton_dispatch(
 
     Calls that need no gradient and are small (`config.use_decode`: at most
     `config.DECODE_MAX_TOKENS` tokens, at most `config.DECODE_MAX_ROWS_PER_EXPERT` rows per
-    routed expert, experts narrower than `config.DECODE_MAX_EXPERT_ELEMENTS`) run the decode path (`ops.moe_glu_decode`), unless ``options.decode`` says
+    routed expert, experts narrower than `config.DECODE_MAX_EXPERT_ELEMENTS` or too few hit for
+    the large-batch kernels to fill the GPU) run the decode path (`ops.moe_glu_decode`), unless ``options.decode`` says
     otherwise; the others run `ops.moe_glu`. Unmerged LoRA adapters of the bank
     (`ExpertBank.add_lora`) run fused into the kernels (`lora_ops.moe_glu_lora`, any size).
     With ``options.fp8`` the expert GEMMs run in FP8 (`fp8_ops.moe_glu_fp8`); a call the

@@ -105,7 +105,7 @@ CONFIGS_BF16: Mapping[str, KernelConfig] = MappingProxyType({
 # kernels past the decode path's range, e.g. T = 64-256 tokens at decode time): 64-row tiles
 # instead of 128, so a tile of an expert's 16-32 rows computes half the padding. Measured on an
 # H200 (Triton 3.6, 2026-12-02, layer forward as CUDA-graph replays from given top-k, nine model
-# shapes; BENCHMARKS.md "Decode"): at 16-32 rows per expert 5-10% faster on every shape (Qwen3-30B
+# shapes; BENCHMARKS.md "Decode"): at 16-32 rows per expert 4-8% faster on every shape (Qwen3-30B
 # T=256 365 -> 342 us, GPT-OSS-20B T=256 472 -> 435, Qwen3-235B T=256 1219 -> 1173), at 64 rows
 # slower (Mixtral T=256 767 -> 799, Mixtral-8x22B 1272 -> 1355). Calls that keep h for backward
 # keep `CONFIGS_BF16` (not measured with these).
@@ -195,9 +195,10 @@ DECODE_MAX_TOKENS = 256
 # it each expert's weights are reused by enough rows that the large-batch kernels (tensor-core
 # tiles of 128 rows, TMA) win.
 # Measured on an H200 (torch 2.11, Triton 3.6; `benchmarks/decode.py`, layer forward as a CUDA
-# graph, BENCHMARKS.md "Decode"): the decode kernels win at up to 4 rows per expert on all four
-# shapes; at 8, GPT-OSS-20B T=64 0.43 vs 0.49 ms (decode ahead) but DeepSeek-V3 T=256 6.33 vs
-# 5.89 ms (behind); at 16 behind (Mixtral T=64 0.85 vs 0.76 ms) or level (Qwen3-30B T=256).
+# graph, 2026-12-02, BENCHMARKS.md "Decode"): for narrow experts (below) the decode kernels win
+# at up to 8 rows per expert at T >= 8 (GPT-OSS-20B T=64, 8 rows: 414 vs 427 us; Qwen3-30B T=64,
+# 4 rows: 313 vs 327); at 16 and more the large-batch kernels win on every shape (Mixtral T=64
+# 703 vs 839 us, Qwen3-30B T=256 348 vs 380, GPT-OSS-20B T=256 437 vs 563).
 DECODE_MAX_ROWS_PER_EXPERT = 8
 # ... and, for experts of at least `DECODE_MAX_EXPERT_ELEMENTS` elements per matrix (D x H),
 # only where the large-batch kernels would leave the SMs idle: their first product has fewer
@@ -206,7 +207,7 @@ DECODE_MAX_ROWS_PER_EXPERT = 8
 # (`FEW_ROWS_CONFIGS_BF16`: weight tiles through TMA) even at 1-8 rows per expert. Measured on an
 # H200 (layer forward from given top-k as CUDA-graph replays, nine shapes, 2026-12-02;
 # BENCHMARKS.md "Decode"): the large path ahead for DeepSeek-V3 (7168 x 2048 = 14.7M; T=8 1307
-# vs 1359 us, T=64 4532 vs 5218, T=256 5326 vs 6215), Mixtral (58.7M; T=1 226 vs 235, T=8 619 vs
+# vs 1359 us, T=64 4528 vs 5218, T=256 5329 vs 6215), Mixtral (58.7M; T=1 226 vs 235, T=8 613 vs
 # 634) and Mixtral-8x22B (100.7M; T=1 332 vs 360, T=8 1020 vs 1161), but behind at DeepSeek-V3
 # T=1 (8 experts x 16 column blocks = 128 programs: 252 vs 231 us; Mixtral T=1 has 224); the
 # decode kernels ahead at T >= 8 for Qwen2-57B (3584 x 2560 = 9.2M; T=8 562 vs 582 us),
