@@ -122,6 +122,31 @@ def test_preprocessing_round_trips_through_json_and_refuses_inconsistent_fields(
         dataclasses.replace(prep, target_std=0.0)
 
 
+@pytest.mark.parametrize("name,cells,takes", [
+    ("a", ["1", " 2.5 ", "-3e2", "1_0", "+7", "0.1"], True),  # what float() reads, spaces included
+    ("a", ["1", "", "NA", " nan", "null", "N/A", "-nan"], True),  # missing-value words: the fill
+    ("color", ["red", " blue ", "green", "red"], True),
+    ("a", ["1", "two"], False),  # a word: the cell-by-cell path names it
+    ("a", ["1", "inf"], False),
+    ("color", ["red", "purple"], False),
+])
+def test_fast_columns_equal_the_cell_by_cell_reference(tmp_path, name, cells, takes):
+    from gatedmoe.data.tabular import _fast_column
+
+    prep = load_tabular(_classification_csv(tmp_path / "t.csv")).preprocessing()
+    fast = _fast_column(cells, prep.categories.get(name), prep.fill.get(name))
+    numbered = [(i + 2, []) for i in range(len(cells))]
+    if not takes:
+        assert fast is None
+        with pytest.raises(ValueError, match="line 3"):
+            prep._column_cell_by_cell(cells, numbered, name, tmp_path / "x.csv")
+        return
+    assert np.array_equal(fast, prep._column_cell_by_cell(cells, numbered, name, tmp_path / "x.csv"))
+    # A missing value with no fill recorded: the reference's error, not a silent NaN.
+    if name == "a" and "" in cells:
+        assert _fast_column(cells, None, None) is None
+
+
 @pytest.mark.parametrize("text,needles", [
     ("a,b,label\n1,red,yes\n", ["lacks the feature column", "'color'"]),
     ("a,color,b\n1,red,2\n2,purple,3\n", ["line 3", "'color'", "'purple'", "not in the training data"]),

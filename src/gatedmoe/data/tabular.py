@@ -243,28 +243,64 @@ class TabularPreprocessing:
         at = {h: j for j, h in enumerate(header)}
         X = np.empty((len(numbered), len(self.feature_names)))
         for c, name in enumerate(self.feature_names):
-            j, labels = at[name], self.categories.get(name)
-            index = None if labels is None else {lab: i for i, lab in enumerate(labels)}
-            for i, (line, row) in enumerate(numbered):
-                cell = row[j].strip()
-                if index is not None:
-                    if cell not in index:
-                        known = ", ".join(map(repr, labels[:10])) + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
-                        raise ValueError(f"{path}, line {line}, column {name!r}: label {cell!r} was not in the training "
-                                         f"data (known: {known})")
-                    X[i, c] = index[cell]
-                else:
-                    value = math.nan if _is_missing(cell) else _number(cell, path, line, name)
-                    if math.isnan(value):  # as the training loader: a missing value, the column's fill
-                        if name not in self.fill:
-                            raise ValueError(f"{path}, line {line}, column {name!r}: empty cell, and no fill value "
-                                             "was recorded for this column")
-                        value = self.fill[name]
-                    X[i, c] = value
+            cells = [row[at[name]] for _, row in numbered]
+            fast = _fast_column(cells, self.categories.get(name), self.fill.get(name))
+            X[:, c] = fast if fast is not None else self._column_cell_by_cell(cells, numbered, name, path)
         # As `split`: float32 features, float32 arithmetic (mean and std are float32 values).
         X = ((X.astype(np.float32) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32))
         target = [row[at[self.target]].strip() for _, row in numbered] if self.target in at else None
         return X, target
+
+    def _column_cell_by_cell(self, cells: list[str], numbered: list, name: str, path: Path) -> np.ndarray:
+        """One feature column, cell by cell: the reference for `_fast_column`, and the path
+        that names the file, line and column of a cell it cannot take."""
+        labels = self.categories.get(name)
+        index = None if labels is None else {lab: i for i, lab in enumerate(labels)}
+        out = np.empty(len(cells))
+        for i, (cell, (line, _)) in enumerate(zip(cells, numbered, strict=True)):
+            cell = cell.strip()
+            if index is not None:
+                if cell not in index:
+                    known = ", ".join(map(repr, labels[:10])) + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
+                    raise ValueError(f"{path}, line {line}, column {name!r}: label {cell!r} was not in the training "
+                                     f"data (known: {known})")
+                out[i] = index[cell]
+                continue
+            value = math.nan if _is_missing(cell) else _number(cell, path, line, name)
+            if math.isnan(value):  # as the training loader: a missing value, the column's fill
+                if name not in self.fill:
+                    raise ValueError(f"{path}, line {line}, column {name!r}: empty cell, and no fill value "
+                                     "was recorded for this column")
+                value = self.fill[name]
+            out[i] = value
+        return out
+
+
+def _fast_column(cells: list[str], labels: list[str] | None, fill: float | None) -> np.ndarray | None:
+    """A feature column as `TabularPreprocessing._column_cell_by_cell` gives it, without its
+    per-cell branches (200k rows x 19 columns on the 2-core machine: 0.6 s against 1.6 s; reading
+    the file, 1.7 s, is then most of `transform_csv`), or None where some cell
+    needs it (an unknown label, a word, an infinity, a missing value with no fill): it then
+    names the cell."""
+    n = len(cells)
+    try:
+        if labels is not None:
+            index = {lab: i for i, lab in enumerate(labels)}
+            return np.fromiter((index[c.strip()] for c in cells), np.float64, n)
+        try:
+            col = np.fromiter(map(float, cells), np.float64, n)  # float() strips as the loop does
+        except ValueError:  # missing-value words ("", "NA", ...): NaN, then the fill
+            col = np.fromiter((math.nan if _is_missing(c) else float(c) for c in cells), np.float64, n)
+    except (KeyError, ValueError):
+        return None
+    if np.isinf(col).any():
+        return None
+    nan = np.isnan(col)
+    if nan.any():
+        if fill is None:
+            return None
+        col[nan] = fill
+    return col
 
 
 def _number(cell: str, path: Path, line: int, column: str) -> float:
