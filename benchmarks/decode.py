@@ -408,6 +408,8 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Latency against T per shape: one colour per implementation, solid as a CUDA-graph replay
+    (the table's cells), dashed eager; the bandwidth floor in black."""
     try:
         import matplotlib
 
@@ -417,21 +419,26 @@ def plot(rows: list[dict], path: Path) -> None:
         print("matplotlib not installed: no plot")
         return
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
+    bases = list(dict.fromkeys(r["impl"].removesuffix("+graph") for r in rows))
+    colour = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(bases)}
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4.2), squeeze=False)
     for ax, shape in zip(axes[0], shapes, strict=True):
         mine = [r for r in rows if r["shape"] == shape]
         Ts = sorted({r["T"] for r in mine})
         floor = {r["T"]: r["floor_ms"] for r in mine}
-        ax.plot(Ts, [floor[T] * 1e3 for T in Ts], "k--", label="bandwidth floor")
+        ax.plot(Ts, [floor[T] * 1e3 for T in Ts], "k-", lw=2.5, alpha=0.6, label="bandwidth floor")
         for impl in dict.fromkeys(r["impl"] for r in mine):
             pts = sorted((r["T"], r["median_ms"] * 1e3) for r in mine if r["impl"] == impl and "median_ms" in r)
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
+                graph = impl.endswith("+graph")
+                ax.plot(*zip(*pts, strict=True), marker="o" if graph else ".", ls="-" if graph else "--",
+                        color=colour[impl.removesuffix("+graph")], alpha=1.0 if graph else 0.5,
+                        label=impl.removesuffix("+graph") if graph else None)
         ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="latency (us)", title=shape)
         ax.set_xticks(Ts, [str(T) for T in Ts])
         ax.minorticks_off()
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7, title="solid: CUDA graph\ndashed: eager", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
