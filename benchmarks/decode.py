@@ -36,6 +36,9 @@ calls after a warm-up call, the two models' eager calls taking turns.
     python benchmarks/decode.py --out /tmp/out/decode.json                # layer mode, GPU
     python benchmarks/decode.py --mode generate --out /tmp/out/gen.json
     python benchmarks/decode.py --mode all --sweep --out /tmp/out/decode.json
+    # the decode-or-large choice: five more models, the large kernels' forward row tiles
+    python benchmarks/decode.py --sweep-large --shapes mixtral qwen3-30b-a3b gpt-oss-20b deepseek-v3 \
+        qwen3-235b-a22b deepseek-moe-16b olmoe-1b-7b mixtral-8x22b qwen2-57b-a14b --out /tmp/out/choice.json
     python benchmarks/decode.py --tiny --mode all --out /tmp/decode_tiny.json   # CPU check, tiny sizes
 """
 
@@ -59,6 +62,15 @@ SHAPES = {
     "gpt-oss-20b": (2880, 2880, 32, 4),
     "deepseek-v3": (7168, 2048, 256, 8),
 }
+# More models for the choice between the decode and the large-batch kernels (`--shapes`;
+# `config.use_decode`'s cuts were measured on all nine).
+EXTRA_SHAPES = {
+    "qwen3-235b-a22b": (4096, 1536, 128, 8),
+    "deepseek-moe-16b": (2048, 1408, 64, 6),
+    "olmoe-1b-7b": (2048, 1024, 64, 8),
+    "mixtral-8x22b": (6144, 16384, 8, 2),
+    "qwen2-57b-a14b": (3584, 2560, 64, 8),
+}
 TOKENS = (1, 8, 64, 256)
 TINY_SHAPES = {"tiny-a": (32, 48, 8, 2), "tiny-b": (48, 40, 16, 4)}
 TINY_TOKENS = (1, 3, 8)
@@ -70,11 +82,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=["layer", "generate", "all"], default="layer")
     p.add_argument("--out", default="decode.json", help="JSON results; the plot goes beside it")
-    p.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES)}")
+    p.add_argument("--shapes", nargs="*", default=None,
+                   help=f"default {list(SHAPES)}; also {list(EXTRA_SHAPES)}")
     p.add_argument("--tokens", nargs="*", type=int, default=None, help=f"default {TOKENS}")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replays")
+    p.add_argument("--sweep-large", action="store_true",
+                   help="also time the large-batch kernels' forward row tiles (128, 64, 32) per cell, routing given")
     p.add_argument("--sweep", action="store_true",
                    help="also time other decode kernel configs (every T of --tokens) and print the fastest")
     p.add_argument("--gen-layers", type=int, default=8)
@@ -318,6 +333,8 @@ def run_layer(args, device: torch.device, dtype: torch.dtype, shapes: dict, toke
                         del replay
                 if args.sweep:
                     sweeps += sweep_decode(bank, routing, x, ref, device, name, T)
+                if args.sweep_large:
+                    sweeps += sweep_large(bank, routing, x, ref, device, name, T)
             print_rows([r for r in rows if r["shape"] == name and r["T"] == T])
         del bank
         torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -372,6 +389,47 @@ def sweep_decode(bank, routing, x, ref, device, name, T) -> list[dict]:
                   f"{(default[kernel].BN, default[kernel].BK, default[kernel].stages)} "
                   f"{base['median_ms'] * 1e3 if base else float('nan'):.1f} us", flush=True)
         out += timed
+    return out
+
+
+def sweep_large(bank, routing, x, ref, device, name, T) -> list[dict]:
+    """Time the large-batch kernels' two forward products with 128-row tiles (the training
+    tables, `config.CONFIGS_BF16` with its rules), 64-row tiles (`config.FEW_ROWS_CONFIGS_BF16`,
+    what inference takes up to 32 rows per expert), 64 rows with half the columns, and 32 rows,
+    passed as `TritonOptions(configs=...)`, the routing given, as CUDA-graph replays."""
+    from gatedmoe.dispatch import TritonOptions, get_backend
+    from gatedmoe.dispatch.triton.config import FEW_ROWS_CONFIGS_BF16, KernelConfig, kernel_configs
+
+    triton = get_backend("triton", device)
+    train = kernel_configs(x.dtype, device, bank.d_hidden)
+    variants = {
+        "bm128": {k: train[k] for k in ("glu_fwd", "gemm_fwd")},
+        "bm64": dict(FEW_ROWS_CONFIGS_BF16),
+        "bm64_narrow": {"glu_fwd": KernelConfig(64, 64, 64, 4, 4), "gemm_fwd": KernelConfig(64, 128, 64, 4, 4)},
+        "bm32": {"glu_fwd": KernelConfig(32, 64, 64, 4, 4), "gemm_fwd": KernelConfig(32, 128, 64, 4, 4)},
+    }
+    if device.type != "cuda":
+        variants = {"interpreter": {}}
+    out = []
+    for variant, cfgs in variants.items():
+        opts = TritonOptions(decode=False, configs=cfgs or None)
+        call = lambda opts=opts: triton(x, routing, bank, options=opts)  # noqa: E731
+        try:
+            err = rel_err(ref, call())
+        except Exception as exc:  # e.g. out of shared memory: skipped, reported
+            print(f"  sweep-large {name} T={T} {variant}: {type(exc).__name__}", flush=True)
+            continue
+        if not err < 2e-2:
+            print(f"  sweep-large {name} T={T} {variant}: WRONG ({err:.1e})", flush=True)
+            continue
+        fn = graphed(call, device) if device.type == "cuda" else call
+        if isinstance(fn, str):
+            continue
+        r = {"shape": name, "T": T, "kernel": "large_forward", "variant": variant,
+             "rows_per_expert": routing.token.numel() / max(1, int((routing.counts > 0).sum())),
+             **summarize(time_cold(fn, device, 3, 20))}
+        out.append(r)
+        print(f"  sweep-large {name} T={T} {variant}: {r['median_ms'] * 1e3:.1f} us", flush=True)
     return out
 
 
@@ -607,7 +665,11 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {}
     if args.mode in ("layer", "all"):
-        shapes = TINY_SHAPES if args.tiny else {n: SHAPES[n] for n in (args.shapes or SHAPES)}
+        known = {**SHAPES, **EXTRA_SHAPES}
+        unknown = [n for n in args.shapes or () if n not in known]
+        if unknown:
+            raise SystemExit(f"--shapes: unknown {unknown}; known: {list(known)}")
+        shapes = TINY_SHAPES if args.tiny else {n: known[n] for n in (args.shapes or SHAPES)}
         tokens = args.tokens or (TINY_TOKENS if args.tiny else TOKENS)
         if args.tiny:
             args.warmup, args.reps = 1, 3
