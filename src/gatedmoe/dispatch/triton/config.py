@@ -212,7 +212,8 @@ DECODE_MAX_ROWS_PER_EXPERT = 8
 # T=1 (8 experts x 16 column blocks = 128 programs: 252 vs 231 us; Mixtral T=1 has 224); the
 # decode kernels ahead at T >= 8 for Qwen2-57B (3584 x 2560 = 9.2M; T=8 562 vs 582 us),
 # GPT-OSS-20B (8.3M), Qwen3-235B (6.3M) and every narrower shape. The size cut lies between
-# 9.2M and 14.7M elements, the program cut between 128 and 224.
+# 9.2M and 14.7M elements, the program cut between 128 and 224. Measured in bf16; float32 inputs
+# (the untuned test dtype) follow the same cuts.
 DECODE_MAX_EXPERT_ELEMENTS = 12 << 20
 DECODE_WIDE_MIN_LARGE_PROGRAMS = 192
 # Column blocks are narrowed (64 -> 32 -> 16 columns) until a product has at least this many
