@@ -119,6 +119,7 @@ BAD_PARAMS = [
     ("n_experts", 0), ("n_experts", -1), ("n_experts", 2.5), ("n_experts", True), ("n_experts", "3"),
     ("n_init", 0), ("max_iter", 0), ("tol", -1.0), ("tol", float("nan")), ("alpha", -0.1),
     ("alpha", float("nan")), ("l2", -1.0), ("l2", float("nan")), ("l2", True), ("penalty", "l2"),
+    ("l2", float("inf")), ("tol", float("inf")), ("temperature", float("inf")),
     ("init", "kmeans++"), ("gate", "softplus"), ("k", 0), ("temperature", 0.0), ("init_subsample", 3),
 ]
 
@@ -132,6 +133,23 @@ def test_bad_parameter_raises_value_error_naming_it(Estimator, name, value):
         params["gate"] = "topk_softmax"
     with pytest.raises(ValueError, match=name):
         Estimator(**params).fit(X, y)
+
+
+@pytest.mark.parametrize("Estimator", ESTIMATORS)
+@pytest.mark.parametrize("alpha", [float("inf"), float("nan")])
+def test_infinite_l1_strength_raises_value_error_naming_alpha(Estimator, alpha):
+    # Review: alpha=inf with penalty="l1" was accepted and gave a model of NaNs.
+    X, y = small_data(60, classify=Estimator is MoEClassifier)
+    with pytest.raises(ValueError, match="alpha"):
+        Estimator(penalty="l1", alpha=alpha).fit(X, y)
+
+
+@pytest.mark.parametrize("Estimator", ESTIMATORS)
+def test_alpha_without_the_l1_penalty_is_refused(Estimator):
+    # Review: alpha=0.5 without penalty="l1" was silently ignored (an unpenalised fit).
+    X, y = small_data(60, classify=Estimator is MoEClassifier)
+    with pytest.raises(ValueError, match=r"alpha=0\.5 is used only with penalty='l1'"):
+        Estimator(alpha=0.5).fit(X, y)
 
 
 @FAST

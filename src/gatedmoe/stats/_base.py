@@ -176,10 +176,11 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
 
     # ----------------------------------------------------------------- validation
     def _check_nonnegative(self, name):
-        """ValueError unless the parameter ``name`` is a real number >= 0 (not a bool, not NaN)."""
+        """ValueError unless the parameter ``name`` is a finite real number >= 0 (not a
+        bool, NaN or infinity: an infinite penalty or tolerance gave NaN models)."""
         v = getattr(self, name)
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0:
-            raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (v >= 0 and np.isfinite(v)):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
 
     def _check_params(self):
         def integer(name, low):
@@ -196,6 +197,9 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         if self.penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
         self._check_nonnegative("alpha")
+        if self.alpha != 0 and self.penalty != "l1":
+            # Ignoring it silently would fit an unpenalised model the user did not ask for.
+            raise ValueError(f"alpha={self.alpha!r} is used only with penalty='l1', got penalty={self.penalty!r}")
         self._check_nonnegative("tol")
         if self.init not in self._INITS:
             raise ValueError(f"init must be one of {self._INITS}, got {self.init!r}")

@@ -50,7 +50,8 @@ class MoERegressor(RegressorMixin, _BaseMoE):
         Staedler et al. 2010 so the objective stays bounded; intercepts unpenalised), for
         p >> n.
     alpha : float, default=0.0
-        Strength of the L1 penalty, on the per-sample log-likelihood scale.
+        Strength of the L1 penalty, on the per-sample log-likelihood scale; finite. Only
+        with ``penalty="l1"`` (any other non-zero value is a ``ValueError``).
     l2 : float, default=0.1
         Ridge on the gate's coefficients (not its intercepts; the experts are not
         penalised), on the total log-likelihood scale and the standardised features:
