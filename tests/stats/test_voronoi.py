@@ -64,3 +64,22 @@ def test_unknown_rbar_needs_an_explicit_exponent(truth):
     with pytest.raises(ValueError, match="rbar"):
         voronoi_loss(fit, truth)
     assert np.isfinite(voronoi_loss(fit, truth, rbar=lambda m: 2 * m).d2)
+
+
+def test_unfitted_regressor_raises_not_fitted_error(truth):
+    # Review: an unfitted MoERegressor gave AttributeError 'gate_coef_'.
+    from sklearn.exceptions import NotFittedError
+
+    from gatedmoe.stats import MoERegressor
+
+    with pytest.raises(NotFittedError):
+        voronoi_loss(MoERegressor(), truth)
+
+
+def test_classifier_or_other_object_raises_type_error_naming_the_argument(truth):
+    from gatedmoe.stats import MoEClassifier
+
+    with pytest.raises(TypeError, match="fitted must be .*MoEClassifier"):
+        voronoi_loss(MoEClassifier(), truth)
+    with pytest.raises(TypeError, match="truth must be .*without"):
+        voronoi_loss(truth, object())

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment, minimize
+from sklearn.base import BaseEstimator, is_classifier
+from sklearn.utils.validation import check_is_fitted
 
 __all__ = ["voronoi_loss", "VoronoiLoss", "RBAR"]
 
@@ -43,6 +45,23 @@ class VoronoiLoss:
     d2: float
     matched: float | None
     cells: tuple
+
+
+ATOM_ATTRIBUTES = ("gate_coef_", "gate_intercept_", "expert_coef_", "expert_intercept_", "noise_variance_")
+
+
+def _check_model(m, name):
+    """TypeError unless ``m`` is a Gaussian MoE (a `MoETruth` or a `MoERegressor`);
+    sklearn's NotFittedError for an unfitted estimator."""
+    # The losses are defined for Gaussian experts only; a classifier has no noise variance.
+    if isinstance(m, BaseEstimator):
+        if is_classifier(m):
+            raise TypeError(f"{name} must be a fitted MoERegressor or a MoETruth, got the classifier {type(m).__name__}")
+        check_is_fitted(m, "expert_coef_")
+    missing = [a for a in ATOM_ATTRIBUTES if not hasattr(m, a)]
+    if missing:
+        raise TypeError(f"{name} must be a fitted MoERegressor or a MoETruth, got {type(m).__name__} "
+                        f"without {', '.join(missing)}")
 
 
 def _atoms(m):
@@ -86,6 +105,8 @@ def voronoi_loss(fitted, truth, rbar=None) -> VoronoiLoss:
     ----------
     fitted, truth : objects with ``gate_coef_``, ``gate_intercept_``, ``expert_coef_``,
         ``expert_intercept_``, ``noise_variance_`` (a fitted `MoERegressor` or a `MoETruth`).
+        An unfitted estimator raises sklearn's ``NotFittedError``; a classifier, or an
+        object without these attributes, a ``TypeError``.
     rbar : callable ``m -> r`` or None
         Exponent for cells of ``m`` atoms; default `RBAR` (a ``ValueError`` for ``m > 3``).
 
@@ -96,6 +117,8 @@ def voronoi_loss(fitted, truth, rbar=None) -> VoronoiLoss:
     >>> voronoi_loss(t, t).d1 < 1e-6
     True
     """
+    _check_model(fitted, "fitted")
+    _check_model(truth, "truth")
     F, T = _atoms(fitted), _atoms(truth)
     if F[0].shape[1] != T[0].shape[1]:
         raise ValueError(f"fitted has {F[0].shape[1]} features but truth has {T[0].shape[1]}")
