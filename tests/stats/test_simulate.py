@@ -121,3 +121,17 @@ def test_fit_and_simulate_commands_take_k_and_refuse_topk_without_it(tmp_path, c
     bad = parser().parse_args(["simulate", "--gate", "topk_softmax"])
     with pytest.raises(SystemExit, match="needs --k"):
         bad.func(bad)
+
+
+@pytest.mark.parametrize("candidates", [[1.5, 2.9], [True, 2], [0, 1], []])
+def test_select_n_experts_refuses_non_integer_candidates(candidates):
+    # Review: [1.5, 2.9] was silently truncated to {1, 2}.
+    X, y, _ = MoETruth.well_separated(2, 1).sample(100, random_state=0)
+    with pytest.raises(ValueError, match="n_experts_range"):
+        select_n_experts(X, y, candidates)
+
+
+def test_select_n_experts_takes_numpy_integers():
+    X, y, _ = MoETruth.well_separated(2, 1).sample(300, random_state=0)
+    assert select_n_experts(X, y, np.array([1, 2])).n_experts == 2
+

@@ -31,8 +31,10 @@ class Selection:
 def select_n_experts(X, y, n_experts_range=range(1, 6), criterion="bic", estimator=None) -> Selection:
     """Fit one model per number of experts and keep the lowest ``criterion``.
 
-    ``estimator`` (default ``MoERegressor()``) is cloned with each ``n_experts``; pass a
-    `MoEClassifier` or set gate / penalty / random_state on it.
+    ``n_experts_range`` holds the candidate numbers, integers >= 1 (anything else, a
+    float or a bool included, is a ``ValueError``). ``estimator`` (default
+    ``MoERegressor()``) is cloned with each ``n_experts``; pass a `MoEClassifier` or set
+    gate / penalty / random_state on it.
 
     Examples
     --------
@@ -43,9 +45,11 @@ def select_n_experts(X, y, n_experts_range=range(1, 6), criterion="bic", estimat
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    candidates = sorted({int(k) for k in n_experts_range})
-    if not candidates or candidates[0] < 1:
-        raise ValueError(f"n_experts_range must hold integers >= 1, got {list(n_experts_range)}")
+    given = list(n_experts_range)
+    # int() would truncate 1.5 to 1 and take True for 1: refuse rather than guess.
+    if not given or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in given):
+        raise ValueError(f"n_experts_range must hold integers >= 1, got {given}")
+    candidates = sorted({int(k) for k in given})
     base = estimator if estimator is not None else MoERegressor(random_state=0)
     scores, models = {}, {}
     for k in candidates:
