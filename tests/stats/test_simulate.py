@@ -135,3 +135,15 @@ def test_select_n_experts_takes_numpy_integers():
     X, y, _ = MoETruth.well_separated(2, 1).sample(300, random_state=0)
     assert select_n_experts(X, y, np.array([1, 2])).n_experts == 2
 
+
+def test_simulate_beyond_known_rbar_asks_for_it_before_any_fit():
+    # Review: 5 experts on a 2-expert truth reported every fit failed (slope nan): each
+    # voronoi_loss raised "rbar(4) is not known" and simulate counted that as a failed fit.
+    truth = MoETruth.well_separated(2, 1)
+    with pytest.raises(ValueError, match=r"n_experts=5 .* pass rbar="):
+        simulate(truth, n_grid=[300, 1000], n_experts=5, n_reps=1, progress=False)
+    res = simulate(truth, n_grid=[300, 1000], n_experts=5, n_reps=1, progress=False, rbar=lambda m: 2 * m,
+                   max_iter=300)
+    # Every fit's loss is computed (a 5-expert fit may still fail by not converging).
+    assert res.loss_name == "D2"
+    assert all(np.isfinite(r["d2"]) for r in res.rows)

@@ -18,7 +18,7 @@ from sklearn.utils import check_random_state
 
 from gatedmoe.stats.regressor import MoERegressor
 from gatedmoe.stats.truth import MoETruth
-from gatedmoe.stats.voronoi import voronoi_loss
+from gatedmoe.stats.voronoi import RBAR, voronoi_loss
 
 __all__ = ["simulate", "SimulationResult", "REFERENCE_SLOPE"]
 
@@ -79,6 +79,7 @@ def simulate(
     random_state=0,
     progress: bool = True,
     failure_slack: float = 1e-4,
+    rbar=None,
     **fit_params,
 ) -> SimulationResult:
     """Fit `MoERegressor` to samples of ``truth`` for each n in ``n_grid``, ``n_reps`` times.
@@ -93,6 +94,11 @@ def simulate(
     failure_slack : float
         A fit *failed* if it raised, did not converge, or its mean log-likelihood is below
         the truth's by more than this (the MLE can never be below the truth's likelihood).
+    rbar : callable ``m -> r`` or None
+        Passed to `voronoi_loss`: the exponent of ``D2`` for a Voronoi cell of ``m`` fitted
+        experts. Needed when ``n_experts`` exceeds the truth's by more than 2 (a cell may
+        then hold more experts than `gatedmoe.stats.voronoi.RBAR` knows; a ``ValueError``
+        before any fit otherwise).
     **fit_params : passed to `MoERegressor`.
 
     Examples
@@ -105,6 +111,14 @@ def simulate(
     n_experts = n_experts or truth.n_experts
     if n_experts < truth.n_experts:
         raise ValueError(f"n_experts={n_experts} is below the truth's {truth.n_experts}: the losses need k >= k*")
+    most_in_a_cell = n_experts - truth.n_experts + 1
+    if rbar is None and most_in_a_cell not in RBAR:
+        # Checked here: inside the loop voronoi_loss's error would only mark every fit failed.
+        raise ValueError(
+            f"n_experts={n_experts} over a {truth.n_experts}-expert truth can put {most_in_a_cell} fitted experts "
+            f"in one Voronoi cell, and rbar({most_in_a_cell}) is not known in closed form: pass rbar= "
+            f"(an exponent for cells of m > {max(RBAR)} experts)"
+        )
     if n_reps < 1:
         raise ValueError(f"n_reps must be >= 1, got {n_reps}")
     n_grid = sorted(int(n) for n in n_grid)
@@ -127,7 +141,7 @@ def simulate(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 model = MoERegressor(n_experts=n_experts, random_state=rng.randint(2**31 - 1), **params).fit(X, y)
-            loss = voronoi_loss(model, truth)
+            loss = voronoi_loss(model, truth, rbar=rbar)
             gap = (model.loglik(X, y) - truth.loglik(X, y)) / n
             row.update(loss=loss.d1 if loss_name == "D1" else loss.d2, d1=loss.d1, d2=loss.d2,
                        matched=loss.matched, converged=model.converged_, n_iter=model.n_iter_, loglik_gap=gap,
