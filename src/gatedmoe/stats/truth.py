@@ -17,7 +17,8 @@ class MoETruth:
     """True parameters of ``p(y|x) = sum_e g_e(x) N(y; a_e . x + b_e, sigma_e^2)``.
 
     Arrays: ``gate_coef`` / ``expert_coef`` ``[E, P]``, ``gate_intercept`` /
-    ``expert_intercept`` / ``noise_variance`` ``[E]``; covariates are drawn
+    ``expert_intercept`` / ``noise_variance`` ``[E]``, all finite (else ``ValueError``
+    naming the field), ``noise_variance > 0``; covariates are drawn
     ``x ~ N(0, I_P)``. The same attribute names as a fitted `MoERegressor`, so either can
     be passed to `voronoi_loss`.
 
@@ -44,6 +45,10 @@ class MoETruth:
                             ("noise_variance", (E,))]:
             if np.shape(getattr(self, name)) != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {np.shape(getattr(self, name))}")
+        for name in ("gate_coef", "gate_intercept", "expert_coef", "expert_intercept", "noise_variance"):
+            # NaN or inf would only surface later, as NaN samples and likelihoods.
+            if not np.all(np.isfinite(np.asarray(getattr(self, name), dtype=float))):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}")
         if np.any(np.asarray(self.noise_variance) <= 0):
             raise ValueError("noise_variance must be > 0")
         gate = make_gate(self.gate, E, self.k, self.temperature, warn=True, stacklevel=3)
