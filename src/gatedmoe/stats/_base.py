@@ -198,8 +198,12 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
             raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
         self._check_nonnegative("alpha")
         if self.alpha != 0 and self.penalty != "l1":
-            # Ignoring it silently would fit an unpenalised model the user did not ask for.
-            raise ValueError(f"alpha={self.alpha!r} is used only with penalty='l1', got penalty={self.penalty!r}")
+            # Ignored silently, it would fit an unpenalised model the user did not ask for. A
+            # warning, not an error: scikit-learn's check_regressors_train sets alpha=0.01 on
+            # any regressor that has an alpha and expects the default fit to work.
+            # stacklevel: _fit_em_single_thread, _fit_em, fit, then the caller of fit.
+            warnings.warn(f"alpha={self.alpha!r} is used only with penalty='l1' and is ignored with "
+                          f"penalty={self.penalty!r}", UserWarning, stacklevel=5)
         self._check_nonnegative("tol")
         if self.init not in self._INITS:
             raise ValueError(f"init must be one of {self._INITS}, got {self.init!r}")

@@ -51,7 +51,7 @@ class MoERegressor(RegressorMixin, _BaseMoE):
         p >> n.
     alpha : float, default=0.0
         Strength of the L1 penalty, on the per-sample log-likelihood scale; finite. Only
-        with ``penalty="l1"`` (any other non-zero value is a ``ValueError``).
+        with ``penalty="l1"`` (a non-zero value without it warns and is ignored).
     l2 : float, default=0.1
         Ridge on the gate's coefficients (not its intercepts; the experts are not
         penalised), on the total log-likelihood scale and the standardised features:
