@@ -322,12 +322,6 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         W[:, : gate.n_free(self.n_experts)] = True
         return {"W": W}
 
-    def _qn_units(self, params):
-        """``{key: array broadcasting to the block}``: the natural unit of each parameter at
-        ``params``, by which L-BFGS divides it (its curvature is then of order 1); 1 by
-        default."""
-        return {}
-
     def _lower_bounds(self, params):
         """``{key: lower bound}`` for L-BFGS (e.g. a variance floor); none by default."""
         return {}
@@ -474,17 +468,13 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
 
         masks = self._free_blocks(params, gate)
         keys = sorted(masks)
-        # L-BFGS moves theta = parameter / unit (`_qn_units`): a diagonal preconditioner.
-        units = self._qn_units(params)
-        unit = np.concatenate([np.broadcast_to(units.get(k, 1.0), params[k].shape)[masks[k]] for k in keys])
 
         def unflat(theta):
             out, i = dict(params), 0
-            x = theta * unit
             for k in keys:
                 block = params[k].copy()
                 m = int(masks[k].sum())
-                block[masks[k]] = x[i : i + m]
+                block[masks[k]] = theta[i : i + m]
                 out[k] = block
                 i += m
             return out
@@ -493,15 +483,14 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
             value, grads = self._objective_grad(data, unflat(theta), gate)
             if not np.isfinite(value):
                 return np.inf, np.zeros_like(theta)
-            return -value, -np.concatenate([grads[k][masks[k]] for k in keys]) * unit
+            return -value, -np.concatenate([grads[k][masks[k]] for k in keys])
 
         history = []
-        theta0 = np.concatenate([params[k][masks[k]] for k in keys]) / unit
+        theta0 = np.concatenate([params[k][masks[k]] for k in keys])
         lower = self._lower_bounds(params)
         bounds = None
         if lower:
             low = np.concatenate([np.broadcast_to(lower.get(k, -np.inf), params[k].shape)[masks[k]] for k in keys])
-            low = low / unit
             bounds = [(lo if np.isfinite(lo) else None, None) for lo in low]
             theta0 = np.maximum(theta0, low)
         res = minimize(fun, theta0, jac=True, method="L-BFGS-B", bounds=bounds,

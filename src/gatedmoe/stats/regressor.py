@@ -87,10 +87,7 @@ class MoERegressor(RegressorMixin, _BaseMoE):
     ``fit`` standardises the features internally (the penalties, k-means and the Newton
     steps see standardised coefficients, so features in any units fit alike) and reports
     every coefficient on the original scale; not for ``gate="modified_softmax"``, whose
-    ``tanh(x)`` depends on the scale of ``x``. It standardises ``y`` too (the variance
-    floor and the stopping rules are then relative): the fit is equivariant in the units
-    of ``y``, and every attribute, ``lower_bound_`` and ``log_likelihood_history_``
-    included, is reported in ``y``'s own units.
+    ``tanh(x)`` depends on the scale of ``x``.
 
     Attributes
     ----------
@@ -144,48 +141,15 @@ class MoERegressor(RegressorMixin, _BaseMoE):
         X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
         self._check_nonnegative("l2")
-        # EM and L-BFGS run on a standardised response: L-BFGS's gradient bound and the
-        # variance floor are absolute numbers, so on y in raw units the fit depended on
-        # them (y * 1e-2 stopped short; y * 1e-7 ended on an absolute floor of 1e-12).
-        # `_rescale` maps every parameter back, and the log-likelihoods shift by
-        # -log(scale) below.
-        self._y_shift = float(y.mean())
-        scale = float(y.std())
-        # A constant response has no spread: its magnitude sets the units instead.
-        self._y_scale = scale if scale > 1e-12 * abs(self._y_shift) else (abs(self._y_shift) or 1.0)
-        # Relative only: 1e-6 of the response's variance (in standardised units).
-        self._var_floor = 1e-6
-        self._fit_em(X, (y - self._y_shift) / self._y_scale)
-        log_scale = np.log(self._y_scale)
-        self.lower_bound_ -= log_scale
-        self.log_likelihood_history_ = self.log_likelihood_history_ - log_scale
-        return self
+        self._var_floor = 1e-6 * float(np.var(y)) + 1e-12
+        return self._fit_em(X, y)
 
     def _gate_ridge(self):
         return float(self.l2)
 
-    def _rescale(self, params, to_original):
-        """As `_BaseMoE._rescale`, and between the standardised response
-        ``(y - shift) / scale`` and ``y``: the experts' means ``scale * m + shift``, their
-        variances ``scale^2 * var``. The gate does not see ``y``."""
-        if not to_original:
-            params = super()._rescale(params, to_original=False)
-        A, var = params["A"].copy(), params["var"].copy()
-        if to_original:
-            A *= self._y_scale
-            A[-1] += self._y_shift
-            var *= self._y_scale**2
-        else:
-            A[-1] -= self._y_shift
-            A /= self._y_scale
-            var /= self._y_scale**2
-        params = dict(params, A=A, var=var)
-        return super()._rescale(params, to_original=True) if to_original else params
-
     # Tighter than the classifier's 1e-4: on an extra expert (d1k2 truth, 2 + 1 experts)
     # 1e-4 stopped 0.03 units short of the optimum EM reaches after 3000 iterations;
-    # 1e-5 reaches it, 1e-6 gains nothing more (measured on y in its own units, before
-    # `_qn_units`; with them the same fit takes 75 iterations in all).
+    # 1e-5 reaches it (85 L-BFGS iterations), 1e-6 gains nothing more.
     _QN_GTOL = 1e-5
 
     def _quasi_newton(self, gate):
@@ -200,15 +164,6 @@ class MoERegressor(RegressorMixin, _BaseMoE):
     def _free_blocks(self, params, gate):
         return {**super()._free_blocks(params, gate), "A": np.ones(params["A"].shape, dtype=bool),
                 "var": np.ones(params["var"].shape, dtype=bool)}
-
-    def _qn_units(self, params):
-        # The log-likelihood's curvature is about w_e / var_e in expert e's coefficients
-        # and w_e / (2 var_e^2) in its variance: far from the gate's (order 1) when the
-        # noise is small against y's spread, and L-BFGS crawled (a redundant expert: 125
-        # iterations on standardised y instead of 85 on y in its units). Measured in the
-        # expert's own noise units they are all of order 1.
-        var = params["var"]
-        return {"A": np.sqrt(var)[None, :], "var": var}
 
     def _lower_bounds(self, params):
         return {"var": self._var_floor}
