@@ -256,3 +256,15 @@ def test_row_blocked_e_step_gives_the_unblocked_fit(monkeypatch, gate, k):
                  "log_likelihood_history_"]:
         np.testing.assert_array_equal(getattr(blocked, name), getattr(whole, name), err_msg=name)
     assert blocked.n_iter_ == whole.n_iter_ and blocked.converged_ == whole.converged_
+
+
+def test_noise_variance_of_a_tiny_response_is_not_held_at_an_absolute_floor():
+    # Review: the floor was 1e-6 var(y) + 1e-12, so y in units of 1e-7 (noise variance
+    # ~1e-15) ended with every expert's variance at 1e-12 and a poor fit, reported converged.
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(500, 2))
+    y = np.where(X[:, 0] > 0, 2 * X[:, 1], -1 + X[:, 1]) + 0.3 * rng.normal(size=500)
+    ref = MoERegressor(n_experts=2, random_state=0).fit(X, y)
+    tiny = MoERegressor(n_experts=2, random_state=0).fit(X, y * 1e-7)
+    np.testing.assert_allclose(np.sort(tiny.noise_variance_) / 1e-14, np.sort(ref.noise_variance_), rtol=0.05)
+    assert tiny.score(X, y * 1e-7) == pytest.approx(ref.score(X, y), abs=0.01)

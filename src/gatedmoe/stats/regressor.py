@@ -141,7 +141,9 @@ class MoERegressor(RegressorMixin, _BaseMoE):
         X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
         self._check_nonnegative("l2")
-        self._var_floor = 1e-6 * float(np.var(y)) + 1e-12
+        # Relative only: an absolute term (it was + 1e-12) held the noise variance of a response
+        # in units of ~1e-7 at that term. The tiny positive value keeps a constant y's floor > 0.
+        self._var_floor = max(1e-6 * float(np.var(y)), np.finfo(np.float64).tiny)
         return self._fit_em(X, y)
 
     def _gate_ridge(self):
