@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gatedmoe import gates as gate_registry
@@ -34,7 +35,18 @@ __all__ = ["MoE", "MoEConfig", "SharedExperts", "GatedSharedExperts", "aux_loss"
 
 class SharedExperts(nn.Module):
     """Experts every token goes through (DeepSeekMoE): one dense feed-forward block of
-    hidden width ``n_shared * d_hidden``, which equals n_shared separate experts summed."""
+    hidden width ``n_shared * d_hidden``, which equals n_shared separate experts summed.
+
+    ``x [..., D] -> [..., D]`` computed in ``x.dtype``, as the routed experts are: the
+    weights are cast to it (gradients reach them in their own dtype), so a bfloat16,
+    float16 or float64 input to a float32 layer gives an output of the input's dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> SharedExperts(8, 16)(torch.randn(3, 8, dtype=torch.bfloat16)).dtype
+    torch.bfloat16
+    """
 
     def __init__(
         self, d_model: int, d_hidden: int, activation: str | Activation | ExpandedGatedActivation = "swiglu", bias: bool = False
@@ -49,7 +61,17 @@ class SharedExperts(nn.Module):
         self.w_out = nn.Linear(d_hidden, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_out(self.act(self.w_in(x)))
+        """``x [..., D] -> [..., D]`` in ``x.dtype``."""
+        h = _linear_in_dtype(self.w_in, x)
+        return _linear_in_dtype(self.w_out, self.act(h))
+
+
+def _linear_in_dtype(linear: nn.Linear, x: Tensor) -> Tensor:
+    """``linear(x)`` with its weight and bias cast to ``x.dtype``: the routed experts
+    compute in the input's dtype (`gatedmoe.dispatch`), and a plain ``nn.Linear`` call
+    would fail on a non-float32 input with a float32 layer."""
+    bias = None if linear.bias is None else linear.bias.to(x.dtype)
+    return F.linear(x, linear.weight.to(x.dtype), bias)
 
 
 class GatedSharedExperts(nn.Module):
@@ -82,7 +104,8 @@ class GatedSharedExperts(nn.Module):
         return self.expert.act
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.gate(x)) * self.expert(x)
+        """``x [..., D] -> [..., D]`` in ``x.dtype`` (see `SharedExperts`)."""
+        return torch.sigmoid(_linear_in_dtype(self.gate, x)) * self.expert(x)
 
 
 class MoE(TransientState, nn.Module):
