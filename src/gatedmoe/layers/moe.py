@@ -434,8 +434,11 @@ class MoE(TransientState, nn.Module):
     def dispatch(self, x_TD: Tensor, routing: Routing) -> Tensor:
         """Run the routed experts on ``x_TD [T, D]`` as ``routing`` says; ``[T, D]``.
 
-        Combines with the routing weights; the shared experts are not included.
+        Combines with the routing weights; the shared experts are not included. ``x_TD``
+        must be a floating-point tensor ``[routing.n_tokens, d_model]`` and ``routing`` a
+        `Routing` (TypeError/ValueError naming the argument; shapes only, no device sync).
         """
+        _check_dispatch_args(x_TD, routing, self.d_model, type(self).__name__)
         backend = get_backend(self.backend, x_TD.device)
         return backend(x_TD, routing, self.experts, options=self.backend_options)
 
@@ -484,6 +487,20 @@ def _check_token_ids(token_ids: Tensor | None, x: Tensor) -> None:
         raise TypeError(f"token_ids must be an integer tensor, got dtype {token_ids.dtype}")
     if tuple(token_ids.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"token_ids must have shape x.shape[:-1]={tuple(x.shape[:-1])}, got {tuple(token_ids.shape)}")
+
+
+def _check_dispatch_args(x_TD: object, routing: object, d_model: int, owner: str) -> None:
+    """The `MoE.dispatch` seam's arguments: ``routing`` a `Routing` and ``x_TD`` a float
+    tensor ``[T, d_model]`` with T its ``n_tokens``. Shapes only: a row count that differs
+    would silently give zero rows (more rows) or an IndexError deep in a backend (fewer)."""
+    if not isinstance(routing, Routing):
+        raise TypeError(f"{owner}.dispatch: routing must be a gatedmoe.Routing, got {type(routing).__name__}")
+    check_input(x_TD, d_model, f"{owner}.dispatch", ndims=(2,), shape_text="[T, d_model]", name="x_TD")
+    if x_TD.shape[0] != routing.n_tokens:
+        raise ValueError(
+            f"{owner}.dispatch: x_TD has {x_TD.shape[0]} rows but routing has n_tokens={routing.n_tokens}; "
+            "pass the rows the routing was computed from"
+        )
 
 
 def _check_gate_part(config: MoEConfig, gate: Gate) -> None:
