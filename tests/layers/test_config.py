@@ -99,6 +99,19 @@ def test_config_is_frozen_and_owns_its_gate_kwargs():
     assert hash(cfg) == hash(cfg.replace())
 
 
+def test_a_built_gate_with_another_k_is_refused_as_another_bias_update_rate_is():
+    from gatedmoe.gates import TopKSoftmaxGate
+
+    # It used to give config.k = 3 silently.
+    with pytest.raises(ValueError, match=r"k=1 differs from the built gate's k=3"):
+        MoE(16, 4, 32, gate=TopKSoftmaxGate(16, 4, k=3), k=1)
+    with pytest.raises(ValueError, match="bias_update_rate=0.5 differs"):
+        MoE(16, 4, 32, gate=TopKSoftmaxGate(16, 4, k=3).attach_bias_balancer(0.1), bias_update_rate=0.5)
+    # The gate's own k, or the default, reads k off the gate.
+    assert MoE(16, 4, 32, gate=TopKSoftmaxGate(16, 4, k=3), k=3).config.k == 3
+    assert MoE(16, 4, 32, gate=TopKSoftmaxGate(16, 4, k=3)).config.k == 3
+
+
 def test_from_config_rebuilds_the_same_layer():
     torch.manual_seed(0)
     moe = MoE(8, 4, 16, k=1, n_shared_experts=1, capacity_factor=2.0, gate="sigmoid", bias_update_rate=1e-2)

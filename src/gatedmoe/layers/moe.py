@@ -123,8 +123,9 @@ class MoE(TransientState, nn.Module):
     gate : str or Gate
         A registered gate name (``gatedmoe.gates.names()``, default "topk_softmax") or a
         built `gatedmoe.gates.Gate` with the layer's ``d_model`` and ``n_experts``, used as
-        it is: ``k`` and ``bias_update_rate`` are read off it, ``gate_kwargs`` are recorded in
-        the config as the description of how it was built.
+        it is: ``k`` and ``bias_update_rate`` are read off it (a non-default value that
+        differs from the gate's is a ValueError), ``gate_kwargs`` are recorded in the config
+        as the description of how it was built.
     activation : str or Activation
         Expert activation name (default "swiglu"; ``gatedmoe.experts.activation_names()``)
         or a built activation.
@@ -215,6 +216,10 @@ class MoE(TransientState, nn.Module):
         act_part = None if isinstance(activation, str) else activation
         if gate_part is not None:
             gate = getattr(gate_part, "registry_name", type(gate_part).__name__)
+            # A k other than the default that the built gate contradicts is refused, as a
+            # conflicting bias_update_rate is (the default cannot be told from a k=2 given).
+            if hasattr(gate_part, "k") and k not in (2, gate_part.k):
+                raise ValueError(f"k={k} differs from the built gate's k={gate_part.k}")
             k = getattr(gate_part, "k", k)
             balancer = getattr(gate_part, "balancer", None)
             if balancer is not None and bias_update_rate == 0.0:
