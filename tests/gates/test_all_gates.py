@@ -121,3 +121,18 @@ def test_bias_balancing_refused_elsewhere(name):
 def test_bias_update_rate_negative():
     with pytest.raises(ValueError, match="bias_update_rate"):
         _layer("topk_softmax", bias_update_rate=-1.0)
+
+
+@pytest.mark.parametrize("name", ["topk_softmax", "sigmoid", "group_limited"])
+def test_single_expert_weight_is_not_normalised_so_the_router_learns(name):
+    # Normalising one kept weight fixes it at 1 (times the scale): the router would get no
+    # gradient from the task loss. So the default skips it at k = 1, as topk_softmax does.
+    torch.manual_seed(0)
+    moe = MoE(D, E, H, gate=name, k=1, load_balance_weight=0, router_z_weight=0, backend="grouped")
+    flag = "renormalize" if name == "topk_softmax" else "normalize"
+    assert getattr(moe.gate, flag) is False
+    assert getattr(gates.get(name)(D, E, k=2), flag) is True
+    assert getattr(gates.get(name)(D, E, k=1, **{flag: True}), flag) is True  # explicit: as given
+    moe(torch.randn(16, D)).square().mean().backward()
+    assert not torch.allclose(moe.last_routing.weight, torch.ones(()))
+    assert moe.gate.weight.grad.abs().max() > 1e-4

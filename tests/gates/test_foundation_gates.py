@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gatedmoe import gates
+from gatedmoe import MoE, aux_loss, gates
 from gatedmoe.gates.topk import cv_squared, noisy_topk_load
 
 
@@ -113,6 +113,50 @@ def test_noisy_topk_load_matches_brute_force():
             thr = torch.sort(others, descending=True).values[k - 1]
             expected[i] += 0.5 * (1 + math.erf(((clean[t, i] - thr) / std[t, i]).item() / math.sqrt(2)))
     torch.testing.assert_close(noisy_topk_load(clean, noisy, std, k), expected)
+
+
+def _noisy_topk_load_formula(clean, noisy, std, k):
+    # The estimator as written before k == E was special-cased (the oracle for k < E).
+    E = noisy.shape[-1]
+    top_vals = torch.topk(noisy, min(k + 1, E), dim=-1).values
+    kth = top_vals[:, k - 1 : k]
+    kplus1 = top_vals[:, k : k + 1] if k < E else torch.full_like(kth, -float("inf"))
+    threshold = torch.where(noisy >= kth, kplus1, kth)
+    return torch.distributions.Normal(0.0, 1.0).cdf((clean - threshold) / std).sum(0)
+
+
+def _load_inputs(T, E, seed):
+    torch.manual_seed(seed)
+    clean = torch.randn(T, E, dtype=torch.float64, requires_grad=True)
+    std = (torch.rand(T, E, dtype=torch.float64) + 0.5).requires_grad_()
+    noisy = clean + torch.randn(T, E, dtype=torch.float64) * std
+    return clean, noisy, std
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_noisy_topk_load_below_n_experts_unchanged(k):
+    clean, noisy, std = _load_inputs(7, 4, seed=k)
+    ref_load, fast_load = _noisy_topk_load_formula(clean, noisy, std, k), noisy_topk_load(clean, noisy, std, k)
+    assert torch.equal(ref_load, fast_load)
+    g = torch.randn(4, dtype=torch.float64)
+    ref_grads = torch.autograd.grad((ref_load * g).sum(), [clean, std], retain_graph=True)
+    fast_grads = torch.autograd.grad((fast_load * g).sum(), [clean, std])
+    for ref, fast in zip(ref_grads, fast_grads, strict=True):
+        assert torch.equal(ref, fast)
+
+
+def test_noisy_topk_load_with_k_equal_n_experts_is_one_per_token_with_zero_gradients():
+    # Every expert is always chosen: P(x, i) = 1. The -inf threshold used to give NaN gradients.
+    clean, noisy, std = _load_inputs(7, 4, seed=0)
+    load = noisy_topk_load(clean, noisy, std, k=4)
+    assert torch.equal(load, torch.full((4,), 7.0, dtype=torch.float64))
+    grads = torch.autograd.grad(load.sum(), [clean, std])
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    # In the layer: the noise weight's gradient (through the load loss and the weights) is finite.
+    moe = MoE(16, 4, 32, k=4, gate_kwargs={"noisy": True}, backend="grouped")
+    (moe(torch.randn(8, 16)).square().mean() + aux_loss(moe)).backward()
+    for name, p in moe.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
 
 
 def test_cv_squared():

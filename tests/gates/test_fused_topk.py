@@ -198,6 +198,9 @@ def test_fused_topk_at_fine_grained_size_on_cuda(score):
         ("topk_softmax", {"k": 3}, topk_module),
         ("topk_softmax", {"k": 1}, topk_module),
         ("sigmoid", {"k": 2, "scale": 2.5, "normalize": False}, sigmoid_module),
+        # k = 1: both paths skip the normalisation by default (the gate's effective flag).
+        ("sigmoid", {"k": 1, "scale": 2.5}, sigmoid_module),
+        ("group_limited", {"k": 1, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5}, group_module),
         ("group_limited", {"k": 3, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5}, group_module),
         # Every kept score negative and k = the 8 masked experts: mask_value=0 picks exactly those.
         ("group_limited", {"k": 8, "n_group": 4, "topk_group": 2, "mask_value": 0.0}, group_module),

@@ -46,6 +46,41 @@ def test_bad_values_name_the_argument(field, value):
         MoEConfig(**kw)
 
 
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"gate": "bogus"}, "unknown gate 'bogus'; known gates: .*sigmoid"),
+        ({"k": 0}, r"k must satisfy 1 <= k <= n_experts=4, got k=0"),
+        ({"k": 5}, r"k must satisfy 1 <= k <= n_experts=4, got k=5"),
+        ({"gate": "softmax", "bias_update_rate": 0.1}, "SoftmaxGate is not a token-choice gate"),
+    ],
+    ids=["gate", "k0", "k5", "bias-on-dense"],
+)
+def test_config_refuses_what_building_the_layer_refuses(settings, match):
+    # The same message from the config as from the layer, which used to be the first to see it.
+    kw = {"d_model": 8, "n_experts": 4, "d_hidden": 16, **settings}
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(**kw)
+    with pytest.raises(ValueError, match=match):
+        MoE(8, 4, 16, **settings)
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(d_model=8, n_experts=4, d_hidden=16).replace(**settings)
+
+
+def test_config_takes_the_name_of_a_built_gate_outside_the_registry():
+    # A config may describe a built gate (the Hugging Face adapters', a user's Gate class):
+    # it is built with MoE.from_config(config, gate=...), so its name is not refused.
+    from gatedmoe.gates import SoftmaxGate
+
+    class MyGate(SoftmaxGate):
+        registry_name = "my_gate"
+
+    cfg = MoEConfig(d_model=8, n_experts=4, d_hidden=16, gate="my_gate")
+    assert MoE.from_config(cfg, gate=MyGate(8, 4)).config == cfg
+    # A dense gate ignores k, so k > n_experts is the layer's business only for top-k gates.
+    assert MoEConfig(d_model=8, n_experts=4, d_hidden=16, gate="softmax", k=9).k == 9
+
+
 def test_backend_options_need_a_backend_that_takes_them():
     with pytest.raises(ValueError, match="backend_options"):
         MoEConfig(d_model=8, n_experts=4, d_hidden=16, backend="grouped", backend_options=TritonOptions())
@@ -62,6 +97,19 @@ def test_config_is_frozen_and_owns_its_gate_kwargs():
         cfg.k = 3
     assert cfg.replace(k=3).k == 3 and cfg.k == 2
     assert hash(cfg) == hash(cfg.replace())
+
+
+def test_a_built_gate_with_another_k_is_refused_as_another_bias_update_rate_is():
+    from gatedmoe.gates import TopKSoftmaxGate
+
+    # It used to give config.k = 3 silently.
+    with pytest.raises(ValueError, match=r"k=1 differs from the built gate's k=3"):
+        MoE(16, 4, 32, gate=TopKSoftmaxGate(16, 4, k=3), k=1)
+    with pytest.raises(ValueError, match="bias_update_rate=0.5 differs"):
+        MoE(16, 4, 32, gate=TopKSoftmaxGate(16, 4, k=3).attach_bias_balancer(0.1), bias_update_rate=0.5)
+    # The gate's own k, or the default, reads k off the gate.
+    assert MoE(16, 4, 32, gate=TopKSoftmaxGate(16, 4, k=3), k=3).config.k == 3
+    assert MoE(16, 4, 32, gate=TopKSoftmaxGate(16, 4, k=3)).config.k == 3
 
 
 def test_from_config_rebuilds_the_same_layer():

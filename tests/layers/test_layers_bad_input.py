@@ -18,7 +18,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gatedmoe import MoE, MoEConfig, SharedExperts, aux_loss
-from gatedmoe.layers import DeepMoE, MixtureOfDepths, MultiHeadMoE, MultiTaskMoE, SoftMoE
+from gatedmoe.layers import (
+    DeepMoE,
+    InputScaledMoE,
+    MixtureOfDepths,
+    MultiHeadMoE,
+    MultiTaskMoE,
+    SoftMoE,
+    ZeroComputeMoE,
+)
 from gatedmoe.layers.moe import GatedSharedExperts
 
 D = 8
@@ -154,6 +162,33 @@ def test_mixture_of_depths_refuses_a_block_of_another_dtype_clearly():
 def test_bad_token_ids(name, token_ids, exc, match):
     with pytest.raises(exc, match=match):
         _build(name, gate="hash", gate_kwargs={"vocab_size": 10})(torch.randn(2, 3, D), token_ids=token_ids)
+
+
+def _dispatch_layer(variant: str):
+    if variant == "ZeroComputeMoE":
+        return ZeroComputeMoE(D, 4, 16, n_zero_experts=1, backend="grouped")
+    return {"MoE": MoE, "InputScaledMoE": InputScaledMoE}[variant](D, 4, 16, backend="grouped")
+
+
+@pytest.mark.parametrize("variant", ["MoE", "ZeroComputeMoE", "InputScaledMoE"])
+@pytest.mark.parametrize(
+    "x_TD, routing, exc, match",
+    [
+        (torch.randn(8, D), "routing", ValueError, "x_TD has 8 rows but routing has n_tokens=6"),  # was zero rows
+        (torch.randn(4, D), "routing", ValueError, "x_TD has 4 rows but routing has n_tokens=6"),  # was an IndexError
+        (torch.randn(6, D), None, TypeError, "routing must be a gatedmoe.Routing, got NoneType"),  # was AttributeError
+        (torch.randn(6, D + 1), "routing", ValueError, r"x_TD must have shape \[T, d_model=8\]"),
+        (torch.randn(2, 3, D), "routing", ValueError, r"x_TD must have shape \[T, d_model=8\]"),
+        (torch.ones(6, D, dtype=torch.long), "routing", TypeError, "x_TD must be a floating-point tensor"),
+    ],
+    ids=["more-rows", "fewer-rows", "routing-None", "width", "rank", "dtype"],
+)
+def test_dispatch_seam_checks_x_TD_against_the_routing(variant, x_TD, routing, exc, match):
+    layer = _dispatch_layer(variant)
+    routed = layer.route(torch.randn(6, D))
+    layer.dispatch(torch.randn(6, D), routed)
+    with pytest.raises(exc, match=match):
+        layer.dispatch(x_TD, routed if routing == "routing" else routing)
 
 
 # ------------------------------------------------------------------ constructor arguments

@@ -91,6 +91,37 @@ def test_backward_reaches_every_parameter(gate):
         assert p.grad is not None, name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("gated", [False, True])
+def test_shared_experts_compute_in_the_input_dtype(dtype, gated):
+    # A float32 layer takes any float input (the routed experts cast their weights to it);
+    # the shared experts used to fail with "expected m1 and m2 to have the same dtype".
+    import copy
+
+    from gatedmoe.layers.moe import GatedSharedExperts
+
+    torch.manual_seed(0)
+    shared = GatedSharedExperts(16, 24, bias=True, gate_bias=True) if gated else None
+    moe = MoE(16, 4, 24, k=2, n_shared_experts=1, shared=shared, backend="grouped")
+    x = torch.randn(2, 5, 16, dtype=dtype)
+    y = moe(x)
+    assert y.dtype == dtype
+    ref_shared = copy.deepcopy(moe.shared).double()
+    ref_x, fast_x = x.double().clone().requires_grad_(), x.clone().requires_grad_()
+    ref_y, fast_y = ref_shared(ref_x), moe.shared(fast_x)
+    assert fast_y.dtype == dtype
+    assert_close("shared", ref_y, fast_y)
+    g = torch.randn(ref_y.shape, dtype=torch.float64)
+    (ref_y * g).sum().backward()
+    (fast_y * g.to(dtype)).sum().backward()
+    assert_close("x.grad", ref_x.grad, fast_x.grad)
+    # Gradients reach the float32 parameters in their own dtype (float64 ones rounded to it).
+    grad_dtype = torch.float32 if dtype == torch.float64 else dtype
+    for (name, ref_p), fast_p in zip(ref_shared.named_parameters(), moe.shared.parameters(), strict=True):
+        assert fast_p.grad is not None and fast_p.grad.dtype == torch.float32, name
+        assert_close(name, ref_p.grad, fast_p.grad, dtype=grad_dtype)
+
+
 def test_bfloat16_layer_runs():
     moe = MoE(16, 4, 32).bfloat16()
     y = moe(torch.randn(9, 16, dtype=torch.bfloat16))

@@ -49,8 +49,11 @@ class GroupLimitedGate(Gate):
         Experts per token (HF ``num_experts_per_tok``), ``k <= topk_group * E / n_group``.
     n_group, topk_group : int
         Number of groups and groups kept per token (default 1 and 1: plain sigmoid top-k).
-    normalize : bool
-        HF ``norm_topk_prob`` (default True).
+    normalize : bool, optional
+        HF ``norm_topk_prob``. Default (None): True for k > 1, False for k = 1, as
+        `TopKSoftmaxGate`'s ``renormalize`` (normalising a single expert would fix its
+        weight at ``routed_scaling_factor`` and cut the router's gradient from the task
+        loss); an explicit value is used as given (the HF converter passes the model's).
     routed_scaling_factor : float
         Multiplies the kept weights (default 1.0; DeepSeek-V3 uses 2.5).
     mask_value : float
@@ -87,7 +90,7 @@ class GroupLimitedGate(Gate):
         k: int = 2,
         n_group: int = 1,
         topk_group: int = 1,
-        normalize: bool = True,
+        normalize: bool | None = None,
         routed_scaling_factor: float = 1.0,
         mask_value: float = float("-inf"),
         bias_update_rate: float = 0.0,
@@ -111,7 +114,8 @@ class GroupLimitedGate(Gate):
                 f"{topk_group * (n_experts // n_group)}"
             )
         self.n_group, self.topk_group = n_group, topk_group
-        self.normalize = boolean("normalize", normalize)
+        # The effective flag, read by the plain and the fused path alike.
+        self.normalize = (k > 1) if normalize is None else boolean("normalize", normalize)
         self.routed_scaling_factor = real_in("routed_scaling_factor", routed_scaling_factor, 0.0, lo_open=True)
         self.mask_value = check_mask_value(mask_value)
         bias_update_rate = real_in("bias_update_rate", bias_update_rate, 0.0)

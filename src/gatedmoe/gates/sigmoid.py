@@ -22,6 +22,9 @@ class SigmoidGate(Gate):
 
     Formula: ``s_e = sigmoid(u . e_e)``; select the top k of ``s_e + b_e``; weight
     ``g_e = scale * s_e / sum_{j kept} s_j`` (``normalize=True``) or ``scale * s_e``.
+    Default ``normalize`` is True for k > 1 and False for k = 1, as `TopKSoftmaxGate`'s
+    ``renormalize`` (normalising a single expert would fix its weight at ``scale`` and cut
+    the router's gradient from the task loss); an explicit value is used as given.
     With ``bias_update_rate > 0`` the selection bias b is updated after each training
     forward by ``b_e <- b_e + u * sign(mean(c) - c_e)`` (see `BiasBalancer`).
     ``Routing.probs`` holds ``s / sum_j s_j`` so the usual balance losses apply. On CUDA
@@ -46,13 +49,14 @@ class SigmoidGate(Gate):
         n_experts: int,
         *,
         k: int = 2,
-        normalize: bool = True,
+        normalize: bool | None = None,
         scale: float = 1.0,
         bias_update_rate: float = 0.0,
     ) -> None:
         super().__init__(d_model, n_experts)
         self.k = check_k(k, n_experts)
-        self.normalize = boolean("normalize", normalize)
+        # The effective flag, read by the plain and the fused path alike.
+        self.normalize = (k > 1) if normalize is None else boolean("normalize", normalize)
         self.scale = real_in("scale", scale, 0.0, lo_open=True)
         bias_update_rate = real_in("bias_update_rate", bias_update_rate, 0.0)
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))

@@ -31,6 +31,8 @@ def noisy_topk_load(clean_TE: Tensor, noisy_TE: Tensor, noise_std_TE: Tensor, k:
     that expert i stays in the top k under a fresh draw of its own noise, all other noisy
     scores held fixed. The threshold is the k-th largest noisy score among the others: the
     (k+1)-th largest of H when i is in the top k, else the k-th. ``Load_i = sum_x P(x, i)``.
+    With ``k == E`` there is no (k+1)-th score: every expert is always chosen, so
+    ``P(x, i) = 1`` exactly, with zero gradient.
     """
     E = noisy_TE.shape[-1]
     top_vals = torch.topk(noisy_TE, min(k + 1, E), dim=-1).values
@@ -38,8 +40,14 @@ def noisy_topk_load(clean_TE: Tensor, noisy_TE: Tensor, noise_std_TE: Tensor, k:
     kplus1 = top_vals[:, k : k + 1] if k < E else torch.full_like(kth, -float("inf"))
     in_top = noisy_TE >= kth
     threshold = torch.where(in_top, kplus1, kth)
+    # A threshold of -inf (k == E) means always chosen. Phi(+inf) is 1, but its backward
+    # is Phi'(inf) * d(inf) = 0 * inf = NaN, so such entries take a finite stand-in
+    # threshold and the value 1 is put in by the where, whose backward sends them zeros.
+    unbeatable = threshold == -float("inf")
+    threshold = threshold.masked_fill(unbeatable, 0.0)
     normal = torch.distributions.Normal(0.0, 1.0)
-    return normal.cdf((clean_TE - threshold) / noise_std_TE).sum(0)
+    p_TE = normal.cdf((clean_TE - threshold) / noise_std_TE)
+    return torch.where(unbeatable, torch.ones_like(p_TE), p_TE).sum(0)
 
 
 @register("topk_softmax")

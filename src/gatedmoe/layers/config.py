@@ -37,6 +37,44 @@ def _finite_nonneg(name: str, v: object) -> None:
         raise ValueError(f"{name} must be a finite float >= 0, got {v!r}")
 
 
+def _described_gate_names() -> set[str]:
+    """Names a config may record for a built gate (`gatedmoe.MoE` records its
+    ``registry_name``, else its class name): those of every defined `Gate` subclass."""
+    from gatedmoe.gates.base import Gate
+
+    names, todo = set(), [Gate]
+    while todo:
+        cls = todo.pop()
+        names.add(getattr(cls, "registry_name", cls.__name__))
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def _check_gate_settings(gate: str, k: int, n_experts: int, bias_update_rate: float) -> None:
+    """What building the layer would refuse about the gate, refused by the config with the
+    same messages: an unknown gate name, a k out of range for a top-k gate, bias balancing
+    on a gate that is not token choice. A name that only describes a built gate (a `Gate`
+    subclass outside the registry, e.g. the Hugging Face adapters') passes: such a config
+    is built with ``MoE.from_config(config, gate=...)``."""
+    # Imported here: the gates import `gatedmoe.routing` and friends, not this module, but
+    # keep this module import-light.
+    from gatedmoe.gates import registry
+    from gatedmoe.gates.base import check_k
+
+    if gate not in registry.names():
+        if gate in _described_gate_names():
+            return
+        registry.get(gate)  # ValueError listing the known gates
+    cls = registry.get(gate)
+    if cls.uses_k:
+        check_k(k, n_experts)
+    if bias_update_rate > 0 and not cls.token_choice:
+        raise ValueError(
+            f"gate {cls.__name__} is not a token-choice gate; bias balancing "
+            "needs a gate whose tokens select experts from a score"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class MoEConfig:
     """Settings of a sparse MoE layer (`gatedmoe.MoE`); frozen, keyword-only.
@@ -149,6 +187,8 @@ class MoEConfig:
             raise TypeError(f"activation must be an activation name (str), got {type(self.activation).__name__}")
         if isinstance(self.k, bool) or not isinstance(self.k, int):
             raise TypeError(f"k must be an int, got {type(self.k).__name__}")
+        if self.k < 1:
+            raise ValueError(f"k must satisfy 1 <= k <= n_experts={self.n_experts}, got k={self.k}")
         _bool("bias", self.bias)
         _bool("check_inputs", self.check_inputs)
         if isinstance(self.n_shared_experts, bool) or not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
@@ -169,6 +209,7 @@ class MoEConfig:
         _finite_nonneg("load_balance_weight", self.load_balance_weight)
         _finite_nonneg("router_z_weight", self.router_z_weight)
         _finite_nonneg("bias_update_rate", self.bias_update_rate)
+        _check_gate_settings(self.gate, self.k, self.n_experts, self.bias_update_rate)
         for name, known in (
             ("load_balance_scope", LOAD_BALANCE_SCOPES), ("load_balance_count", COUNTS), ("bias_update_every", BALANCE_EVERY)
         ):

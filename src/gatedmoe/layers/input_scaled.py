@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gatedmoe.dispatch import get_backend
-from gatedmoe.layers.moe import MoE
+from gatedmoe.layers.moe import MoE, _check_dispatch_args
 from gatedmoe.routing import Routing
 
 __all__ = ["InputScaledMoE"]
@@ -39,6 +39,7 @@ class InputScaledMoE(MoE):
     """
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        _check_dispatch_args(x_TD, routing, self.d_model, type(self).__name__)
         dtype = x_TD.dtype
         xs_ND = x_TD.index_select(0, routing.token) * routing.weight.to(dtype).unsqueeze(-1)
         # One row per assignment, weight 1: the backend runs f_e(g x) and combines nothing.

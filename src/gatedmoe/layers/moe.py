@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gatedmoe import gates as gate_registry
@@ -34,7 +35,18 @@ __all__ = ["MoE", "MoEConfig", "SharedExperts", "GatedSharedExperts", "aux_loss"
 
 class SharedExperts(nn.Module):
     """Experts every token goes through (DeepSeekMoE): one dense feed-forward block of
-    hidden width ``n_shared * d_hidden``, which equals n_shared separate experts summed."""
+    hidden width ``n_shared * d_hidden``, which equals n_shared separate experts summed.
+
+    ``x [..., D] -> [..., D]`` computed in ``x.dtype``, as the routed experts are: the
+    weights are cast to it (gradients reach them in their own dtype), so a bfloat16,
+    float16 or float64 input to a float32 layer gives an output of the input's dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> SharedExperts(8, 16)(torch.randn(3, 8, dtype=torch.bfloat16)).dtype
+    torch.bfloat16
+    """
 
     def __init__(
         self, d_model: int, d_hidden: int, activation: str | Activation | ExpandedGatedActivation = "swiglu", bias: bool = False
@@ -49,7 +61,17 @@ class SharedExperts(nn.Module):
         self.w_out = nn.Linear(d_hidden, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_out(self.act(self.w_in(x)))
+        """``x [..., D] -> [..., D]`` in ``x.dtype``."""
+        h = _linear_in_dtype(self.w_in, x)
+        return _linear_in_dtype(self.w_out, self.act(h))
+
+
+def _linear_in_dtype(linear: nn.Linear, x: Tensor) -> Tensor:
+    """``linear(x)`` with its weight and bias cast to ``x.dtype``: the routed experts
+    compute in the input's dtype (`gatedmoe.dispatch`), and a plain ``nn.Linear`` call
+    would fail on a non-float32 input with a float32 layer."""
+    bias = None if linear.bias is None else linear.bias.to(x.dtype)
+    return F.linear(x, linear.weight.to(x.dtype), bias)
 
 
 class GatedSharedExperts(nn.Module):
@@ -82,7 +104,8 @@ class GatedSharedExperts(nn.Module):
         return self.expert.act
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.gate(x)) * self.expert(x)
+        """``x [..., D] -> [..., D]`` in ``x.dtype`` (see `SharedExperts`)."""
+        return torch.sigmoid(_linear_in_dtype(self.gate, x)) * self.expert(x)
 
 
 class MoE(TransientState, nn.Module):
@@ -100,8 +123,9 @@ class MoE(TransientState, nn.Module):
     gate : str or Gate
         A registered gate name (``gatedmoe.gates.names()``, default "topk_softmax") or a
         built `gatedmoe.gates.Gate` with the layer's ``d_model`` and ``n_experts``, used as
-        it is: ``k`` and ``bias_update_rate`` are read off it, ``gate_kwargs`` are recorded in
-        the config as the description of how it was built.
+        it is: ``k`` and ``bias_update_rate`` are read off it (a non-default value that
+        differs from the gate's is a ValueError), ``gate_kwargs`` are recorded in the config
+        as the description of how it was built.
     activation : str or Activation
         Expert activation name (default "swiglu"; ``gatedmoe.experts.activation_names()``)
         or a built activation.
@@ -192,6 +216,10 @@ class MoE(TransientState, nn.Module):
         act_part = None if isinstance(activation, str) else activation
         if gate_part is not None:
             gate = getattr(gate_part, "registry_name", type(gate_part).__name__)
+            # A k other than the default that the built gate contradicts is refused, as a
+            # conflicting bias_update_rate is (the default cannot be told from a k=2 given).
+            if hasattr(gate_part, "k") and k not in (2, gate_part.k):
+                raise ValueError(f"k={k} differs from the built gate's k={gate_part.k}")
             k = getattr(gate_part, "k", k)
             balancer = getattr(gate_part, "balancer", None)
             if balancer is not None and bias_update_rate == 0.0:
@@ -411,8 +439,11 @@ class MoE(TransientState, nn.Module):
     def dispatch(self, x_TD: Tensor, routing: Routing) -> Tensor:
         """Run the routed experts on ``x_TD [T, D]`` as ``routing`` says; ``[T, D]``.
 
-        Combines with the routing weights; the shared experts are not included.
+        Combines with the routing weights; the shared experts are not included. ``x_TD``
+        must be a floating-point tensor ``[routing.n_tokens, d_model]`` and ``routing`` a
+        `Routing` (TypeError/ValueError naming the argument; shapes only, no device sync).
         """
+        _check_dispatch_args(x_TD, routing, self.d_model, type(self).__name__)
         backend = get_backend(self.backend, x_TD.device)
         return backend(x_TD, routing, self.experts, options=self.backend_options)
 
@@ -461,6 +492,20 @@ def _check_token_ids(token_ids: Tensor | None, x: Tensor) -> None:
         raise TypeError(f"token_ids must be an integer tensor, got dtype {token_ids.dtype}")
     if tuple(token_ids.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"token_ids must have shape x.shape[:-1]={tuple(x.shape[:-1])}, got {tuple(token_ids.shape)}")
+
+
+def _check_dispatch_args(x_TD: object, routing: object, d_model: int, owner: str) -> None:
+    """The `MoE.dispatch` seam's arguments: ``routing`` a `Routing` and ``x_TD`` a float
+    tensor ``[T, d_model]`` with T its ``n_tokens``. Shapes only: a row count that differs
+    would silently give zero rows (more rows) or an IndexError deep in a backend (fewer)."""
+    if not isinstance(routing, Routing):
+        raise TypeError(f"{owner}.dispatch: routing must be a gatedmoe.Routing, got {type(routing).__name__}")
+    check_input(x_TD, d_model, f"{owner}.dispatch", ndims=(2,), shape_text="[T, d_model]", name="x_TD")
+    if x_TD.shape[0] != routing.n_tokens:
+        raise ValueError(
+            f"{owner}.dispatch: x_TD has {x_TD.shape[0]} rows but routing has n_tokens={routing.n_tokens}; "
+            "pass the rows the routing was computed from"
+        )
 
 
 def _check_gate_part(config: MoEConfig, gate: Gate) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from gatedmoe.dispatch import get_backend
 from gatedmoe.layers.config import MoEConfig
-from gatedmoe.layers.moe import MoE
+from gatedmoe.layers.moe import MoE, _check_dispatch_args
 from gatedmoe.routing import Routing
 
 __all__ = ["ZeroComputeMoE"]
@@ -58,6 +58,7 @@ class ZeroComputeMoE(MoE):
         return config.n_experts - self.n_zero_experts, config.d_model
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        _check_dispatch_args(x_TD, routing, self.d_model, type(self).__name__)
         E_f = self.experts.n_experts
         # Sorted by expert: the bank's assignments come first, the identity experts' after.
         n_f = int(routing.counts[:E_f].sum())
