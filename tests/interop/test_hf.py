@@ -7,6 +7,7 @@ named ``ref_*`` (the Hugging Face block) and ``fast_*`` (gatedmoe's `HFMoEBlock`
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -356,3 +357,13 @@ def test_deepseek_v3_test_data_exercises_the_group_mask_rule():
     installed = fast.moe.gate(x).combine_matrix()
     fast.moe.gate.mask_value = 0.0 if fast.moe.gate.mask_value else float("-inf")
     assert not torch.equal(installed, fast.moe.gate(x).combine_matrix())
+
+
+def test_patch_model_twice_is_a_quiet_no_op():
+    model = _model("mixtral").eval()
+    patch_model(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = patch_model(model)
+    assert report == [] and report.skipped == []
+    assert [type(model.model.layers[i].mlp) for i in (0, 1)] == [HFMoEBlock, HFMoEBlock]

@@ -256,7 +256,8 @@ def patch_model(model: nn.Module, *, backend: str = "auto", check_inputs: bool =
     Optimizers built before the call still hold the old blocks' parameters: build them after.
 
     Warns (UserWarning) naming every MoE block it leaves as it is (an unsupported class, or
-    a setting gatedmoe does not express), and when it converts nothing.
+    a setting gatedmoe does not express), and when it converts nothing. Blocks patched
+    by an earlier call are left as they are, without a warning: patching twice is a no-op.
 
     Returns
     -------
@@ -272,12 +273,16 @@ def patch_model(model: nn.Module, *, backend: str = "auto", check_inputs: bool =
     """
     check_backend_name(backend)
     report = PatchReport()
+    # Blocks converted by an earlier call: left as they are, and nothing inside them (their
+    # gatedmoe `MoE` holds ``experts`` too) is reported as an unconverted MoE block.
+    patched = [n for n, m in model.named_modules() if isinstance(m, HFMoEBlock)]
     for name, module in list(model.named_modules()):
-        if any(name.startswith(s.name + ".") for s in report) or any(name.startswith(s[0] + ".") for s in report.skipped):
+        done = [*patched, *(s.name for s in report), *(s[0] for s in report.skipped)]
+        if any(name == d or name.startswith(d + ".") for d in done):
             continue
         cls = type(module).__name__
         if cls not in FAMILIES:
-            if _looks_like_moe_block(module) and not isinstance(module, HFMoEBlock):
+            if _looks_like_moe_block(module):
                 report.skipped.append((name, cls, "no gatedmoe converter for this class"))
             continue
         if not name:
@@ -294,7 +299,9 @@ def patch_model(model: nn.Module, *, backend: str = "auto", check_inputs: bool =
     if report.skipped:
         listed = "; ".join(f"{n} ({c}: {why})" for n, c, why in report.skipped)
         warnings.warn(f"patch_model: left {len(report.skipped)} MoE blocks as they were: {listed}", stacklevel=2)
-    if not report:
+    if patched:
+        log.info("patch_model: %d MoE blocks were already patched: %s", len(patched), ", ".join(patched))
+    if not report and not patched:
         warnings.warn(
             f"patch_model: converted no MoE block of {type(model).__name__} "
             f"(supported: {', '.join(supported_blocks())})",
