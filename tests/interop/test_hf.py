@@ -367,3 +367,12 @@ def test_patch_model_twice_is_a_quiet_no_op():
         report = patch_model(model)
     assert report == [] and report.skipped == []
     assert [type(model.model.layers[i].mlp) for i in (0, 1)] == [HFMoEBlock, HFMoEBlock]
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_the_device():
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(_config("mixtral"))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp: gate\.weight is on the meta device"):
+        patch_model(model)
+    with pytest.raises(ValueError, match="MixtralSparseMoeBlock.*meta device"):
+        from_hf(model.model.layers[0].mlp)

@@ -83,10 +83,22 @@ def from_hf(block: nn.Module, *, backend: str = "auto", check_inputs: bool = Tru
     if not isinstance(block, nn.Module):
         raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
     check_backend_name(backend)
+    _check_not_meta(block, f"from_hf({type(block).__name__})")
     adapter = family_of(block).read(block, backend, bool(check_inputs))
     adapter.register_state_dict_post_hook(_hf_layout_state_dict)
     adapter.register_load_state_dict_pre_hook(_load_hf_layout)
     return adapter
+
+
+def _check_not_meta(block: nn.Module, what: str) -> None:
+    """ValueError if ``block`` holds a tensor on the meta device: conversion copies weights,
+    and a meta tensor has none (a model built under ``torch.device("meta")``)."""
+    for name, t in [*block.named_parameters(), *block.named_buffers()]:
+        if t.is_meta:
+            raise ValueError(
+                f"{what}: {name} is on the meta device (no weights to copy); load or materialize "
+                "the model (from_pretrained, to_empty + load_state_dict) before converting it"
+            )
 
 
 def to_hf(moe: HFMoEBlock | MoE, like: nn.Module | None = None) -> nn.Module:
@@ -287,6 +299,8 @@ def patch_model(model: nn.Module, *, backend: str = "auto", check_inputs: bool =
             continue
         if not name:
             raise ValueError("patch_model: model is itself an MoE block; use from_hf(model)")
+        # Raised, not skipped: no block of a meta-device model can be converted.
+        _check_not_meta(module, f"patch_model: {name}")
         try:
             new = from_hf(module, backend=backend, check_inputs=check_inputs)
         except (TypeError, ValueError) as err:
