@@ -166,3 +166,13 @@ def test_autocast_runs_the_experts_as_transformers_eager_does(spy):
     # ... and not the float32 products: the bf16 rounding shows.
     exact = experts_ref(x, index, weights)
     assert (fast_y - exact).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ["eager", "grouped_mm", "batched_mm", "", 3])
+def test_register_refuses_transformers_own_names_and_non_strings(name):
+    from transformers.integrations.moe import ExpertsInterface
+
+    before = dict(ExpertsInterface._global_mapping)
+    with pytest.raises(ValueError, match="name"):
+        kernels.register_experts_implementation(name)
+    assert ExpertsInterface._global_mapping == before

@@ -143,7 +143,9 @@ def gatedmoe_experts_forward(
 def register_experts_implementation(name: str = NAME, backend: str = "auto") -> str:
     """Register gatedmoe's experts forward with transformers under ``name`` (default
     "gatedmoe"), running dispatch ``backend`` ("auto", "grouped", "triton"). Idempotent;
-    returns ``name``.
+    returns ``name``. ValueError for a name that is not a non-empty string or that is one of
+    transformers' own implementations ("eager", "grouped_mm", ...): the registry is
+    process-wide, so that would change (or, for "eager", silently not change) every model.
 
     Examples
     --------
@@ -154,10 +156,18 @@ def register_experts_implementation(name: str = NAME, backend: str = "auto") -> 
     check_backend_name(backend)
     from transformers.integrations.moe import ExpertsInterface
 
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    taken = getattr(ExpertsInterface, "_global_mapping", {}).get(name)
+    if name == "eager" or (taken is not None and not getattr(taken, "_gatedmoe", False)):
+        raise ValueError(f"name {name!r} is one of transformers' own experts implementations; choose another name")
+
     def forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         return gatedmoe_experts_forward(self, hidden_states, top_k_index, top_k_weights, backend=backend)
 
     forward.__name__ = forward.__qualname__ = f"gatedmoe_experts_forward_{backend}"
+    # Marks gatedmoe's registrations, which a later call may replace.
+    forward._gatedmoe = True
     ExpertsInterface.register(name, forward)
     return name
 
