@@ -376,3 +376,19 @@ def test_a_model_on_the_meta_device_is_refused_naming_the_device():
         patch_model(model)
     with pytest.raises(ValueError, match="MixtralSparseMoeBlock.*meta device"):
         from_hf(model.model.layers[0].mlp)
+
+
+@pytest.mark.parametrize("bad", ["no", None, 0])
+def test_check_inputs_must_be_a_bool(bad):
+    model = _model("mixtral")
+    with pytest.raises(ValueError, match=f"check_inputs must be True or False, got {bad!r}"):
+        patch_model(model, check_inputs=bad)
+    with pytest.raises(ValueError, match="check_inputs"):
+        from_hf(model.model.layers[0].mlp, check_inputs=bad)
+    assert not any(isinstance(m, HFMoEBlock) for m in model.modules())
+
+
+@pytest.mark.parametrize("fn", [patch_model, unpatch_model])
+def test_model_must_be_a_module(fn):
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+        fn("mixtral")

@@ -83,11 +83,23 @@ def from_hf(block: nn.Module, *, backend: str = "auto", check_inputs: bool = Tru
     if not isinstance(block, nn.Module):
         raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
     check_backend_name(backend)
+    _check_bool("check_inputs", check_inputs)
     _check_not_meta(block, f"from_hf({type(block).__name__})")
-    adapter = family_of(block).read(block, backend, bool(check_inputs))
+    adapter = family_of(block).read(block, backend, check_inputs)
     adapter.register_state_dict_post_hook(_hf_layout_state_dict)
     adapter.register_load_state_dict_pre_hook(_load_hf_layout)
     return adapter
+
+
+def _check_bool(name: str, value: object) -> None:
+    # bool("no") is True: a string or None would silently mean something.
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_module(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
 
 
 def _check_not_meta(block: nn.Module, what: str) -> None:
@@ -283,7 +295,9 @@ def patch_model(model: nn.Module, *, backend: str = "auto", check_inputs: bool =
     >>> swaps[0]  # doctest: +SKIP
     Swap(name='model.layers.0.mlp', hf_class='MixtralSparseMoeBlock', family='mixtral', n_experts=8, k=2)
     """
+    _check_module(model)
     check_backend_name(backend)
+    _check_bool("check_inputs", check_inputs)
     report = PatchReport()
     # Blocks converted by an earlier call: left as they are, and nothing inside them (their
     # gatedmoe `MoE` holds ``experts`` too) is reported as an unconverted MoE block.
@@ -329,6 +343,7 @@ def unpatch_model(model: nn.Module) -> list[Swap]:
 
     If transformers already hooked the model for output recording, the rebuilt blocks are
     hooked too (``output_router_logits=True`` keeps working)."""
+    _check_module(model)
     swaps: list[Swap] = []
     for name, module in list(model.named_modules()):
         if isinstance(module, HFMoEBlock):
