@@ -175,6 +175,8 @@ BENCH_CASES = [
     ("backend_unknown", ["--device", "cpu", "--tokens", "8", "--backend", "magic"], ["unknown backend"]),
     ("gpu_shape_on_cpu", ["--device", "cpu", "--shape", "gpu"], ["--shape gpu", "GPU preset"]),
     ("gpu_preset_on_cpu", ["--device", "cpu", "--shape", "mixtral"], ["--shape mixtral", "GPU preset"]),
+    ("memory_fraction_negative", ["--device", "cpu", "--max-memory-fraction", "-1"], ["argument --max-memory-fraction", "> 0"]),
+    ("memory_fraction_nan", ["--device", "cpu", "--max-memory-fraction", "nan"], ["argument --max-memory-fraction", "> 0"]),
     ("too_big_for_memory", ["--device", "cpu", "--tokens", "100000000", "--d-hidden", "100000"], ["GiB", "free"]),
 ]
 
@@ -210,6 +212,7 @@ FIT_CASES = [
     ("tol_negative", lambda f: [f["short"], "--target", "y", "--tol", "-1"], ["--tol"]),
     ("max_iter_0", lambda f: [f["short"], "--target", "y", "--max-iter", "0"], ["--max-iter"]),
     ("topk_without_k", lambda f: [f["words"], "--target", "y", "--gate", "topk_softmax"], ["--gate topk_softmax"]),
+    ("seed_negative", lambda f: [f["words"], "--target", "y", "--seed", "-1"], ["--seed", ">= 0"]),
 ]
 
 
@@ -224,6 +227,7 @@ SIMULATE_CASES = [
     ("reps_0", ["--reps", "0"], ["--reps"]),
     ("experts_0", ["--experts", "0"], ["--experts"]),
     ("topk_without_k", ["--gate", "topk_softmax"], ["--gate topk_softmax"]),
+    ("seed_negative", ["--seed", "-1"], ["--seed", ">= 0"]),
 ]
 
 

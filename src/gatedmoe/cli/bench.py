@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gatedmoe.cli._common import UsageError, check_device, nonneg_int, positive_int
+from gatedmoe.cli._common import UsageError, check_device, nonneg_int, positive_float, positive_int
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="default bf16 on CUDA, fp32 on CPU (CPU bf16 GEMMs are emulated and slow)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--max-memory-fraction", type=float, default=0.8,
+    p.add_argument("--max-memory-fraction", type=positive_float, default=0.8,
                    help="refuse a shape whose estimated peak memory exceeds this fraction of the free memory of the "
                         "device (default 0.8; the estimate is printed)")
     p.add_argument("--backend", default="all", help="comma-separated: reference, bare_grouped_mm, grouped, triton; or 'all'")

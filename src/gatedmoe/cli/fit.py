@@ -8,7 +8,14 @@ import re
 
 import numpy as np
 
-from gatedmoe.cli._common import UsageError, check_file, nonneg_float, positive_float, positive_int
+from gatedmoe.cli._common import (
+    UsageError,
+    check_file,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
 
 
 def register(subparsers) -> None:
@@ -44,7 +51,7 @@ def add_estimator_options(p, classify: bool = False) -> None:
     p.add_argument("--max-iter", type=positive_int, default=None,
                    help=f"iterations per start (default: the estimator's, 100 for regression{cls_iter})")
     p.add_argument("--tol", type=nonneg_float, default=1e-6, help="convergence tolerance on the mean log-likelihood")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
 
 
 def estimator_params(args: argparse.Namespace, n_experts: int) -> dict:
