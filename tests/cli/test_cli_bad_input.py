@@ -250,3 +250,41 @@ def test_gzip_is_not_text(files, capsys):
     path = files["tmp"] / "corpus.txt.gz"
     path.write_bytes(gzip.compress(b"to be or not to be " * 50))
     _fails(["train", "--data", path, "--out", files["tmp"] / "o"], capsys, "--data", "not UTF-8")
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--seq-len", "7"], "--seq-len"),
+    (["--layers", "3"], "--layers"),
+    (["--sample", "5"], "--sample"),
+    (["--micro-batches", "2"], "--micro-batches"),
+    (["--lr-schedule", "cosine"], "--lr-schedule"),
+    (["--gated-attention"], "--gated-attention"),
+    (["--precision", "bf16"], "--precision"),
+])
+def test_train_csv_refuses_text_model_flags(flags, needle, files, capsys, monkeypatch):
+    """A CSV --data trains a TabularMoE, which has no layers, context, sampling or schedule: a
+    text-model flag given with it is refused, not silently ignored."""
+    import gatedmoe.models as models
+
+    monkeypatch.setattr(models, "train_tabular", lambda *a, **k: pytest.fail("trained, ignoring " + needle))
+    _fails(["train", "--data", files["words"], "--out", files["tmp"] / "o", "--no-progress", *flags], capsys,
+           needle, "CSV")
+
+
+def test_train_text_refuses_target(files, capsys, monkeypatch):
+    import gatedmoe.models as models
+
+    monkeypatch.setattr(models, "train_lm", lambda *a, **k: pytest.fail("trained, ignoring --target"))
+    text = files["tmp"] / "text.txt"
+    text.write_text("to be or not to be " * 20)
+    _fails(["train", "--data", text, "--target", "y", "--out", files["tmp"] / "o"], capsys, "--target", "CSV")
+    _fails(["train", "--target", "y", "--out", files["tmp"] / "o"], capsys, "--target", "CSV")
+
+
+def test_train_csv_refuses_a_gpu_device(files, capsys, monkeypatch):
+    """train_tabular trains on the CPU: a CSV run with --device cuda would quietly not use the GPU."""
+    import gatedmoe.cli.train as train
+
+    monkeypatch.setattr(train, "check_device", lambda spec, flag="--device": torch.device(spec))
+    _fails(["train", "--data", files["words"], "--device", "cuda", "--out", files["tmp"] / "o"], capsys,
+           "--device cuda", "cpu")

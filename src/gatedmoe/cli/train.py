@@ -38,6 +38,19 @@ MODEL_FLAGS = [
     ("--gated-attention", "gated_attention", False, "gated_attention"),
 ]
 
+# Flags of the text model and its training only (flag, argparse dest): a CSV --data trains a
+# TabularMoE, which has none of these, so a CSV run refuses them rather than ignoring them.
+TEXT_ONLY_FLAGS = [
+    ("--layers", "layers"),
+    ("--seq-len", "seq_len"),
+    ("--micro-batches", "micro_batches"),
+    ("--lr-schedule", "lr_schedule"),
+    ("--schedule-steps", "schedule_steps"),
+    ("--gated-attention", "gated_attention"),
+    ("--precision", "precision"),
+    ("--sample", "sample"),
+]
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gatedmoe.gates import names
@@ -80,8 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=positive_int, default=100, help="steps between validation losses (default 100)")
     p.add_argument("--out", type=Path, default=Path("runs/train"),
                    help="output folder (metrics.json, load.png, and the model: checkpoint/ for text, model/ for a CSV)")
-    p.add_argument("--sample", type=nonneg_int, default=200,
-                   help="characters to sample from the trained model (0: none)")
+    p.add_argument("--sample", type=nonneg_int, default=None,
+                   help="characters to sample from the trained model (default 200; 0: none)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--data", type=Path, default=None,
                    help="UTF-8 text file to train on (default: tiny Shakespeare), or a .csv table (TabularMoE)")
@@ -164,10 +177,11 @@ def _check_resume_flags(args: argparse.Namespace, path: Path) -> dict:
 def _sample(model, tok, args: argparse.Namespace) -> None:
     import torch
 
-    if not args.sample:
+    n = _value(args, "sample", 200)
+    if not n:
         return
     start = tok.encode(tok.chars[0] if "\n" not in tok.stoi else "\n").view(1, 1).to(args.device)
-    out = model.eval().generate(start, args.sample, temperature=0.8,
+    out = model.eval().generate(start, n, temperature=0.8,
                                 generator=torch.Generator().manual_seed(_value(args, "seed", 0)))
     print("\nsample:\n" + tok.decode(out[0].tolist()))
 
@@ -180,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
         gates.get(args.gate)
     if args.data is not None and args.data.suffix.lower() == ".csv":
         return _run_tabular(args)
+    if args.target is not None:
+        raise UsageError(f"--target names the target column of a CSV --data; {args.data or 'tiny Shakespeare'} "
+                         "is text (a language model has no target column)")
     if args.lr_schedule != "cosine" and args.schedule_steps is not None and args.resume is None:
         raise UsageError("--schedule-steps sets the horizon of --lr-schedule cosine; add --lr-schedule cosine")
     text = _load_text(args)
@@ -254,8 +271,12 @@ def _run_tabular(args: argparse.Namespace) -> int:
 
     if args.resume is not None or args.eval_only is not None:
         raise UsageError("--resume and --eval-only are for text models; a CSV --data trains a TabularMoE from scratch")
-    if args.precision is not None:
-        raise UsageError("--precision is for text models; a CSV --data trains a TabularMoE in float32")
+    given = [flag for flag, dest in TEXT_ONLY_FLAGS if getattr(args, dest) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: for text models only; a CSV --data trains a TabularMoE (in float32, "
+                         "no layers, context or sampling), so leave them out")
+    if check_device(args.device).type != "cpu":
+        raise UsageError(f"--device {args.device}: a CSV --data trains a TabularMoE on cpu; leave --device out")
     check_file(args.data, "--data")
     out = prepare_out(args.out)
     data = load_tabular(args.data, target=args.target)
