@@ -288,3 +288,20 @@ def test_train_csv_refuses_a_gpu_device(files, capsys, monkeypatch):
     monkeypatch.setattr(train, "check_device", lambda spec, flag="--device": torch.device(spec))
     _fails(["train", "--data", files["words"], "--device", "cuda", "--out", files["tmp"] / "o"], capsys,
            "--device cuda", "cpu")
+
+
+@pytest.mark.parametrize("case,flags,needles", [
+    ("target_with_builtin", ["--task", "tabular", "--dataset", "wine", "--target", "y"], ["--target", "CSV"]),
+    ("target_with_text_only", ["--task", "text", "--target", "y"], ["--target", "CSV"]),
+    ("unknown_dataset", ["--task", "tabular", "--dataset", "bogus"], ["--dataset", "bogus", "digits"]),
+    ("empty_text", ["--task", "text", "--text", "{empty}"], ["--text", "empty.csv", "at least 100 characters"]),
+    ("tiny_text", ["--task", "text", "--text", "{tiny}"], ["--text", "tiny.txt", "at least 100 characters"]),
+    ("latin_text", ["--task", "text", "--text", "{latin}"], ["--text", "not UTF-8"]),
+])
+def test_compare_refuses_bad_data_before_training(case, flags, needles, files, capsys, monkeypatch):
+    import gatedmoe.arena as arena
+
+    monkeypatch.setattr(arena, "run_text_arena", lambda *a, **k: pytest.fail("trained before checking the data"))
+    monkeypatch.setattr(arena, "run_tabular_arena", lambda *a, **k: pytest.fail("trained before checking the data"))
+    flags = [str(files[f[1:-1]]) if f.startswith("{") else f for f in flags]
+    _fails(["compare", "--out", files["tmp"] / "o", "--no-progress", "--steps", "2", *flags], capsys, *needles)

@@ -20,6 +20,7 @@ from gatedmoe.cli._common import (
     positive_float,
     positive_int,
     prepare_out,
+    read_text,
 )
 
 # Flags that set the model; on --resume the model comes from the checkpoint, so a flag given
@@ -116,15 +117,7 @@ def _load_text(args: argparse.Namespace) -> str:
 
     if args.data is None:
         return load_tinyshakespeare()
-    check_file(args.data, "--data")
-    try:
-        text = args.data.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"--data {args.data} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if len(set(text)) < 2 or len(text) < 100:
-        raise UsageError(f"--data {args.data} has {len(text)} characters ({len(set(text))} distinct); "
-                         "a language model needs at least 100 characters and 2 distinct ones")
-    return text
+    return read_text(args.data, "--data")
 
 
 def _value(args: argparse.Namespace, dest: str, default):
