@@ -177,6 +177,8 @@ BENCH_CASES = [
     ("gpu_preset_on_cpu", ["--device", "cpu", "--shape", "mixtral"], ["--shape mixtral", "GPU preset"]),
     ("memory_fraction_negative", ["--device", "cpu", "--max-memory-fraction", "-1"], ["argument --max-memory-fraction", "> 0"]),
     ("memory_fraction_nan", ["--device", "cpu", "--max-memory-fraction", "nan"], ["argument --max-memory-fraction", "> 0"]),
+    ("layer_reference", ["--device", "cpu", "--tokens", "8", "--layer", "--backend", "reference"],
+     ["--layer", "reference"]),
     ("too_big_for_memory", ["--device", "cpu", "--tokens", "100000000", "--d-hidden", "100000"], ["GiB", "free"]),
 ]
 
@@ -187,6 +189,17 @@ def test_bench_refuses_before_allocating(flags, needles, capsys, monkeypatch):
 
     monkeypatch.setattr(bench, "dense_ceiling", lambda *a, **k: pytest.fail("measured before checking"))
     _fails(["bench", *flags], capsys, *needles)
+
+
+def test_bench_triton_on_cpu(capsys, monkeypatch):
+    """Without CUDA (nor the interpreter) the triton backend falls back to grouped: refused, rather
+    than rows that time grouped under triton's name."""
+    import gatedmoe.bench as bench
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(bench, "dense_ceiling", lambda *a, **k: pytest.fail("measured before checking"))
+    _fails(["bench", "--device", "cpu", "--tokens", "8", "--backend", "grouped,triton"], capsys,
+           "--backend triton", "CUDA")
 
 
 def test_bench_json_unwritable(files, capsys):

@@ -107,6 +107,14 @@ def run(args: argparse.Namespace) -> int:
     for b in backends:
         if b not in known:
             raise UsageError(f"unknown backend {b!r}; known: {', '.join(known)}")
+    # On a CPU the triton backend falls back to grouped: its rows would time grouped under triton's name.
+    if "triton" in backends and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError(f"--backend triton needs a CUDA device (this run is on {device.type}; on a CPU it would time "
+                         "the grouped fallback under triton's name); set TRITON_INTERPRET=1 for the slow interpreter")
+    dispatch_only = [b for b in backends if b in ("reference", "bare_grouped_mm")]
+    if args.layer and args.backend != "all" and dispatch_only:
+        raise UsageError(f"--layer times the MoE layer, whose backends are {', '.join(dispatch)}; "
+                         f"{', '.join(dispatch_only)} time dispatch alone (leave out --layer)")
     reps = args.reps or (20 if device.type == "cuda" else 5)
     info = machine_info(device, options)
     print("machine:", ", ".join(f"{k}={v}" for k, v in info.items()))
@@ -114,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"dense {args.dtype} GEMM ceiling: {ceiling:.2f} TFLOP/s")
     rows = []
     if args.layer:
-        backends = [b for b in backends if b not in ("reference", "bare_grouped_mm")] or ["grouped"]
+        backends = [b for b in backends if b not in ("reference", "bare_grouped_mm")]
     for s in shapes:
         if args.layer:
             rows += bench_layer(s, backends=backends, dtype=dtype, device=device, reps=reps, ceiling=ceiling,
