@@ -21,7 +21,17 @@ __all__ = [
     "prepare_out",
     "check_file",
     "read_text",
+    "examples",
+    "HELP_FORMAT",
 ]
+
+# Every subcommand's --help: the description and the examples as written (line breaks kept).
+HELP_FORMAT = argparse.RawDescriptionHelpFormatter
+
+
+def examples(*commands: str) -> str:
+    """The ``--help`` epilog of a subcommand: ``commands`` (``"gatedmoe ...  # why"``), one a line."""
+    return "examples:\n" + "\n".join(f"  {c}" for c in commands)
 
 
 class UsageError(SystemExit):

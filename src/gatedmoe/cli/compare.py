@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 
 from gatedmoe.cli._common import (
+    HELP_FORMAT,
     UsageError,
     check_device,
     check_file,
+    examples,
     positive_float,
     positive_int,
     prepare_out,
@@ -35,7 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     from gatedmoe.data import SKLEARN_DATASETS
 
     p = sub.add_parser("compare", help="train and compare gates (the gate arena): leaderboard, plots, HTML report",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=HELP_FORMAT, epilog=examples(
+                           "gatedmoe compare                      # both tasks, the default gates, runs/compare/",
+                           "gatedmoe compare --task text --gates topk_softmax,sigmoid --steps 100 --out runs/cmp",
+                           "gatedmoe compare --task tabular --dataset table.csv --target label --seeds 3",
+                       ))
     p.add_argument("--task", choices=["text", "tabular", "both"], default="both",
                    help="text (char-level LM), tabular, or both (default)")
     p.add_argument("--gates", default=None,
@@ -54,8 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--micro-batches", type=positive_int, default=1,
                    help="text task: gradient accumulation, forwards of --batch-size sequences per optimizer step; "
                         ">1 also reports the max load violation per micro-batch (default 1)")
-    p.add_argument("--lr", type=positive_float, default=3e-3)
-    p.add_argument("--eval-every", type=positive_int, default=50, help="steps between validation points of the loss curves")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--eval-every", type=positive_int, default=50,
+                   help="steps between validation points of the loss curves (default 50)")
     p.add_argument("--eval-batches", type=positive_int, default=16, help="validation batches per text evaluation (default 16)")
     p.add_argument("--layers", type=positive_int, default=None, help="text model: transformer blocks (default 2)")
     p.add_argument("--d-model", type=positive_int, default=None, help="text model width (default 128)")

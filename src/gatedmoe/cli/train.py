@@ -13,9 +13,11 @@ import math
 from pathlib import Path
 
 from gatedmoe.cli._common import (
+    HELP_FORMAT,
     UsageError,
     check_device,
     check_file,
+    examples,
     nonneg_int,
     positive_float,
     positive_int,
@@ -56,8 +58,13 @@ TEXT_ONLY_FLAGS = [
 def register(sub: argparse._SubParsersAction) -> None:
     from gatedmoe.gates import names
 
-    p = sub.add_parser("train", help="train a small MoE language model", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("train", help="train a small MoE language model (or, on a CSV, a TabularMoE)",
+                       description=__doc__, formatter_class=HELP_FORMAT, epilog=examples(
+                           "gatedmoe train --steps 50 --out runs/tiny        # a short run on tiny Shakespeare",
+                           "gatedmoe train --resume runs/tiny --steps 100 --out runs/tiny   # 50 steps more",
+                           "gatedmoe train --eval-only runs/tiny --out runs/tiny-eval",
+                           "gatedmoe train --data table.csv --target label --out runs/table  # then gatedmoe predict",
+                       ))
     p.add_argument("--steps", type=positive_int, default=400,
                    help="optimizer steps in total (default 400, a few minutes on 2 CPU cores); with --resume, the total "
                         "to reach")
@@ -83,8 +90,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the checkpoint's schedule")
     p.add_argument("--schedule-steps", type=positive_int, default=None,
                    help="horizon of the cosine schedule (default --steps of the first run)")
-    p.add_argument("--capacity-factor", type=positive_float, default=None)
-    p.add_argument("--shared-experts", type=nonneg_int, default=None)
+    p.add_argument("--capacity-factor", type=positive_float, default=None,
+                   help="each expert keeps at most capacity-factor x its even share of the assignments and drops "
+                        "the rest (Switch Transformers; default: none dropped)")
+    p.add_argument("--shared-experts", type=nonneg_int, default=None,
+                   help="experts every token also goes through (DeepSeekMoE; default 0)")
     p.add_argument("--seed", type=nonneg_int, default=None, help="random seed (default 0; with --resume, the checkpoint's "
                    "random states continue)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -93,7 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with --resume, the checkpoint's")
     p.add_argument("--eval-every", type=positive_int, default=100, help="steps between validation losses (default 100)")
     p.add_argument("--out", type=Path, default=Path("runs/train"),
-                   help="output folder (metrics.json, load.png, and the model: checkpoint/ for text, model/ for a CSV)")
+                   help="output folder (default runs/train): metrics.json, load.png, and the model: checkpoint/ "
+                        "for text, model/ for a CSV")
     p.add_argument("--sample", type=nonneg_int, default=None,
                    help="characters to sample from the trained model (default 200; 0: none)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
