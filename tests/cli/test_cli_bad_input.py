@@ -175,6 +175,10 @@ BENCH_CASES = [
     ("backend_unknown", ["--device", "cpu", "--tokens", "8", "--backend", "magic"], ["unknown backend"]),
     ("gpu_shape_on_cpu", ["--device", "cpu", "--shape", "gpu"], ["--shape gpu", "GPU preset"]),
     ("gpu_preset_on_cpu", ["--device", "cpu", "--shape", "mixtral"], ["--shape mixtral", "GPU preset"]),
+    ("memory_fraction_negative", ["--device", "cpu", "--max-memory-fraction", "-1"], ["argument --max-memory-fraction", "> 0"]),
+    ("memory_fraction_nan", ["--device", "cpu", "--max-memory-fraction", "nan"], ["argument --max-memory-fraction", "> 0"]),
+    ("layer_reference", ["--device", "cpu", "--tokens", "8", "--layer", "--backend", "reference"],
+     ["--layer", "reference"]),
     ("too_big_for_memory", ["--device", "cpu", "--tokens", "100000000", "--d-hidden", "100000"], ["GiB", "free"]),
 ]
 
@@ -185,6 +189,17 @@ def test_bench_refuses_before_allocating(flags, needles, capsys, monkeypatch):
 
     monkeypatch.setattr(bench, "dense_ceiling", lambda *a, **k: pytest.fail("measured before checking"))
     _fails(["bench", *flags], capsys, *needles)
+
+
+def test_bench_triton_on_cpu(capsys, monkeypatch):
+    """Without CUDA (nor the interpreter) the triton backend falls back to grouped: refused, rather
+    than rows that time grouped under triton's name."""
+    import gatedmoe.bench as bench
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(bench, "dense_ceiling", lambda *a, **k: pytest.fail("measured before checking"))
+    _fails(["bench", "--device", "cpu", "--tokens", "8", "--backend", "grouped,triton"], capsys,
+           "--backend triton", "CUDA")
 
 
 def test_bench_json_unwritable(files, capsys):
@@ -210,6 +225,7 @@ FIT_CASES = [
     ("tol_negative", lambda f: [f["short"], "--target", "y", "--tol", "-1"], ["--tol"]),
     ("max_iter_0", lambda f: [f["short"], "--target", "y", "--max-iter", "0"], ["--max-iter"]),
     ("topk_without_k", lambda f: [f["words"], "--target", "y", "--gate", "topk_softmax"], ["--gate topk_softmax"]),
+    ("seed_negative", lambda f: [f["words"], "--target", "y", "--seed", "-1"], ["--seed", ">= 0"]),
 ]
 
 
@@ -224,6 +240,7 @@ SIMULATE_CASES = [
     ("reps_0", ["--reps", "0"], ["--reps"]),
     ("experts_0", ["--experts", "0"], ["--experts"]),
     ("topk_without_k", ["--gate", "topk_softmax"], ["--gate topk_softmax"]),
+    ("seed_negative", ["--seed", "-1"], ["--seed", ">= 0"]),
 ]
 
 
@@ -246,3 +263,58 @@ def test_gzip_is_not_text(files, capsys):
     path = files["tmp"] / "corpus.txt.gz"
     path.write_bytes(gzip.compress(b"to be or not to be " * 50))
     _fails(["train", "--data", path, "--out", files["tmp"] / "o"], capsys, "--data", "not UTF-8")
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--seq-len", "7"], "--seq-len"),
+    (["--layers", "3"], "--layers"),
+    (["--sample", "5"], "--sample"),
+    (["--micro-batches", "2"], "--micro-batches"),
+    (["--lr-schedule", "cosine"], "--lr-schedule"),
+    (["--gated-attention"], "--gated-attention"),
+    (["--precision", "bf16"], "--precision"),
+])
+def test_train_csv_refuses_text_model_flags(flags, needle, files, capsys, monkeypatch):
+    """A CSV --data trains a TabularMoE, which has no layers, context, sampling or schedule: a
+    text-model flag given with it is refused, not silently ignored."""
+    import gatedmoe.models as models
+
+    monkeypatch.setattr(models, "train_tabular", lambda *a, **k: pytest.fail("trained, ignoring " + needle))
+    _fails(["train", "--data", files["words"], "--out", files["tmp"] / "o", "--no-progress", *flags], capsys,
+           needle, "CSV")
+
+
+def test_train_text_refuses_target(files, capsys, monkeypatch):
+    import gatedmoe.models as models
+
+    monkeypatch.setattr(models, "train_lm", lambda *a, **k: pytest.fail("trained, ignoring --target"))
+    text = files["tmp"] / "text.txt"
+    text.write_text("to be or not to be " * 20)
+    _fails(["train", "--data", text, "--target", "y", "--out", files["tmp"] / "o"], capsys, "--target", "CSV")
+    _fails(["train", "--target", "y", "--out", files["tmp"] / "o"], capsys, "--target", "CSV")
+
+
+def test_train_csv_refuses_a_gpu_device(files, capsys, monkeypatch):
+    """train_tabular trains on the CPU: a CSV run with --device cuda would quietly not use the GPU."""
+    import gatedmoe.cli.train as train
+
+    monkeypatch.setattr(train, "check_device", lambda spec, flag="--device": torch.device(spec))
+    _fails(["train", "--data", files["words"], "--device", "cuda", "--out", files["tmp"] / "o"], capsys,
+           "--device cuda", "cpu")
+
+
+@pytest.mark.parametrize("case,flags,needles", [
+    ("target_with_builtin", ["--task", "tabular", "--dataset", "wine", "--target", "y"], ["--target", "CSV"]),
+    ("target_with_text_only", ["--task", "text", "--target", "y"], ["--target", "CSV"]),
+    ("unknown_dataset", ["--task", "tabular", "--dataset", "bogus"], ["--dataset", "bogus", "digits"]),
+    ("empty_text", ["--task", "text", "--text", "{empty}"], ["--text", "empty.csv", "at least 100 characters"]),
+    ("tiny_text", ["--task", "text", "--text", "{tiny}"], ["--text", "tiny.txt", "at least 100 characters"]),
+    ("latin_text", ["--task", "text", "--text", "{latin}"], ["--text", "not UTF-8"]),
+])
+def test_compare_refuses_bad_data_before_training(case, flags, needles, files, capsys, monkeypatch):
+    import gatedmoe.arena as arena
+
+    monkeypatch.setattr(arena, "run_text_arena", lambda *a, **k: pytest.fail("trained before checking the data"))
+    monkeypatch.setattr(arena, "run_tabular_arena", lambda *a, **k: pytest.fail("trained before checking the data"))
+    flags = [str(files[f[1:-1]]) if f.startswith("{") else f for f in flags]
+    _fails(["compare", "--out", files["tmp"] / "o", "--no-progress", "--steps", "2", *flags], capsys, *needles)

@@ -20,7 +20,18 @@ __all__ = [
     "check_device",
     "prepare_out",
     "check_file",
+    "read_text",
+    "examples",
+    "HELP_FORMAT",
 ]
+
+# Every subcommand's --help: the description and the examples as written (line breaks kept).
+HELP_FORMAT = argparse.RawDescriptionHelpFormatter
+
+
+def examples(*commands: str) -> str:
+    """The ``--help`` epilog of a subcommand: ``commands`` (``"gatedmoe ...  # why"``), one a line."""
+    return "examples:\n" + "\n".join(f"  {c}" for c in commands)
 
 
 class UsageError(SystemExit):
@@ -128,6 +139,21 @@ def check_file(path: str | Path, flag: str) -> Path:
     if not os.access(path, os.R_OK):
         raise UsageError(f"{flag} {path} cannot be read (permission denied)")
     return path
+
+
+def read_text(path: str | Path, flag: str) -> str:
+    """The UTF-8 text of ``path`` for a character-level language model, or a `UsageError`
+    naming ``flag``: a missing file, a folder, bytes that are not UTF-8, or a text too short
+    to train on (under 100 characters, or fewer than 2 distinct ones)."""
+    path = check_file(path, flag)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{flag} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if len(set(text)) < 2 or len(text) < 100:
+        raise UsageError(f"{flag} {path} has {len(text)} characters ({len(set(text))} distinct); "
+                         "a language model needs at least 100 characters and 2 distinct ones")
+    return text
 
 
 def print_error(prog: str, message: str) -> None:

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import torch
 
-from gatedmoe.cli._common import UsageError, check_device, nonneg_int, positive_int
+from gatedmoe.cli._common import (
+    HELP_FORMAT,
+    UsageError,
+    check_device,
+    examples,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -19,7 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``bench`` subcommand to ``sub``."""
     from gatedmoe.bench import SHAPES
 
-    p = sub.add_parser("bench", help="benchmark MoE dispatch backends", description=__doc__)
+    p = sub.add_parser("bench", help="benchmark MoE dispatch backends", description=__doc__, formatter_class=HELP_FORMAT,
+                       epilog=examples(
+                           "gatedmoe bench --device cpu --tokens 256          # a quick look on a CPU",
+                           "gatedmoe bench --shape gpu --backend triton --reps 20",
+                           "gatedmoe bench --layer --backend grouped",
+                           "gatedmoe bench --ep 2 --device cpu --tokens 256   # expert parallelism, 2 ranks",
+                       ))
     p.add_argument("--shape", default=None, help=f"preset: {', '.join(SHAPES)}, or 'gpu' for the four GPU presets "
                    "(default: 'cpu' on CPU, 'gpu' on CUDA)")
     p.add_argument("--tokens", type=positive_int, help="T (overrides the preset)")
@@ -30,20 +44,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="default bf16 on CUDA, fp32 on CPU (CPU bf16 GEMMs are emulated and slow)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--max-memory-fraction", type=float, default=0.8,
+    p.add_argument("--max-memory-fraction", type=positive_float, default=0.8,
                    help="refuse a shape whose estimated peak memory exceeds this fraction of the free memory of the "
                         "device (default 0.8; the estimate is printed)")
-    p.add_argument("--backend", default="all", help="comma-separated: reference, bare_grouped_mm, grouped, triton; or 'all'")
+    p.add_argument("--backend", default="all", help="comma-separated: reference, bare_grouped_mm, grouped, triton; or 'all' (default: all that this "
+                        "device runs)")
     p.add_argument("--routing", choices=["balanced", "random"], default="balanced",
-                   help="forced-balanced (kernel timing independent of a router) or a random router")
-    p.add_argument("--reps", type=positive_int, default=None, help="timed repetitions (median reported)")
+                   help="forced-balanced (default; kernel timing independent of a router) or a random router")
+    p.add_argument("--reps", type=positive_int, default=None, help="timed repetitions, median reported (default 20 on CUDA, 5 on CPU)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     p.add_argument("--ep", type=nonneg_int, default=0, metavar="N",
                    help="expert parallelism: spawn N ranks (gloo on CPU, NCCL on CUDA), time an ExpertParallelMoE "
                         "forward+backward, report tokens/s per rank, all-to-all share and load imbalance "
                         "(--tokens is per rank; default 2048 on CPU); under torchrun, runs on its ranks")
-    p.add_argument("--steps", type=positive_int, default=10, help="timed steps with --ep")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps with --ep (default 10)")
     p.add_argument("--fp32-matmul", choices=["highest", "high", "medium"], default=None,
                    help="torch.set_float32_matmul_precision for the run: the routers compute in float32, and "
                         "'high' lets those GEMMs use TF32 tensor cores (matters with --layer)")
@@ -107,6 +122,14 @@ def run(args: argparse.Namespace) -> int:
     for b in backends:
         if b not in known:
             raise UsageError(f"unknown backend {b!r}; known: {', '.join(known)}")
+    # On a CPU the triton backend falls back to grouped: its rows would time grouped under triton's name.
+    if "triton" in backends and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError(f"--backend triton needs a CUDA device (this run is on {device.type}; on a CPU it would time "
+                         "the grouped fallback under triton's name); set TRITON_INTERPRET=1 for the slow interpreter")
+    dispatch_only = [b for b in backends if b in ("reference", "bare_grouped_mm")]
+    if args.layer and args.backend != "all" and dispatch_only:
+        raise UsageError(f"--layer times the MoE layer, whose backends are {', '.join(dispatch)}; "
+                         f"{', '.join(dispatch_only)} time dispatch alone (leave out --layer)")
     reps = args.reps or (20 if device.type == "cuda" else 5)
     info = machine_info(device, options)
     print("machine:", ", ".join(f"{k}={v}" for k, v in info.items()))
@@ -114,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"dense {args.dtype} GEMM ceiling: {ceiling:.2f} TFLOP/s")
     rows = []
     if args.layer:
-        backends = [b for b in backends if b not in ("reference", "bare_grouped_mm")] or ["grouped"]
+        backends = [b for b in backends if b not in ("reference", "bare_grouped_mm")]
     for s in shapes:
         if args.layer:
             rows += bench_layer(s, backends=backends, dtype=dtype, device=device, reps=reps, ceiling=ceiling,

@@ -20,12 +20,15 @@ import time
 from pathlib import Path
 
 from gatedmoe.cli._common import (
+    HELP_FORMAT,
     UsageError,
     check_device,
     check_file,
+    examples,
     positive_float,
     positive_int,
     prepare_out,
+    read_text,
 )
 
 
@@ -34,7 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     from gatedmoe.data import SKLEARN_DATASETS
 
     p = sub.add_parser("compare", help="train and compare gates (the gate arena): leaderboard, plots, HTML report",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=HELP_FORMAT, epilog=examples(
+                           "gatedmoe compare                      # both tasks, the default gates, runs/compare/",
+                           "gatedmoe compare --task text --gates topk_softmax,sigmoid --steps 100 --out runs/cmp",
+                           "gatedmoe compare --task tabular --dataset table.csv --target label --seeds 3",
+                       ))
     p.add_argument("--task", choices=["text", "tabular", "both"], default="both",
                    help="text (char-level LM), tabular, or both (default)")
     p.add_argument("--gates", default=None,
@@ -53,8 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--micro-batches", type=positive_int, default=1,
                    help="text task: gradient accumulation, forwards of --batch-size sequences per optimizer step; "
                         ">1 also reports the max load violation per micro-batch (default 1)")
-    p.add_argument("--lr", type=positive_float, default=3e-3)
-    p.add_argument("--eval-every", type=positive_int, default=50, help="steps between validation points of the loss curves")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--eval-every", type=positive_int, default=50,
+                   help="steps between validation points of the loss curves (default 50)")
     p.add_argument("--eval-batches", type=positive_int, default=16, help="validation batches per text evaluation (default 16)")
     p.add_argument("--layers", type=positive_int, default=None, help="text model: transformer blocks (default 2)")
     p.add_argument("--d-model", type=positive_int, default=None, help="text model width (default 128)")
@@ -105,27 +113,33 @@ def run(args: argparse.Namespace) -> int:
         run_text_arena,
         write_outputs,
     )
-    from gatedmoe.data import load_tabular, load_tinyshakespeare
+    from gatedmoe.data import SKLEARN_DATASETS, load_tabular, load_tinyshakespeare
 
     check_device(args.device)
     gate_names = _gate_list(args.gates)
+    text = None
     if args.task in ("text", "both") and args.text is not None:
-        check_file(args.text, "--text")
-    if args.task in ("tabular", "both") and args.dataset.lower().endswith(".csv"):
-        check_file(args.dataset, "--dataset")
+        text = read_text(args.text, "--text")
+    csv_dataset = args.dataset.lower().endswith(".csv")
+    if args.task in ("tabular", "both"):
+        if csv_dataset:
+            check_file(args.dataset, "--dataset")
+        elif args.dataset not in SKLEARN_DATASETS:
+            raise UsageError(f"--dataset {args.dataset!r} is neither a built-in table ({', '.join(SKLEARN_DATASETS)}) "
+                             "nor a PATH.csv")
+    if args.target is not None and (args.task == "text" or not csv_dataset):
+        raise UsageError(f"--target names the target column of a CSV --dataset; "
+                         f"{'--task text has no table' if args.task == 'text' else f'{args.dataset} has its own target'}")
     prepare_out(args.out)
     torch.set_num_threads(args.threads)
     progress = not args.no_progress
     t0 = time.perf_counter()
     results = []
     if args.task in ("text", "both"):
-        if args.text is None:
+        if text is None:
             text, name = load_tinyshakespeare(), "tiny Shakespeare"
         else:
-            try:
-                text, name = args.text.read_text(encoding="utf-8"), args.text.name
-            except UnicodeDecodeError as e:
-                raise UsageError(f"--text {args.text} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            name = args.text.name
         model = {k: v for k, v in (("n_layers", args.layers), ("seq_len", args.seq_len)) if v is not None}
         moe = TEXT_MOE.replace(**{k: v for k, v in (("d_model", args.d_model), ("n_experts", args.experts))
                                   if v is not None})

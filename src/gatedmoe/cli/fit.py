@@ -5,18 +5,34 @@ from __future__ import annotations
 import argparse
 import csv
 import re
+import textwrap
 
 import numpy as np
 
-from gatedmoe.cli._common import UsageError, check_file, nonneg_float, positive_float, positive_int
+from gatedmoe.cli._common import (
+    HELP_FORMAT,
+    UsageError,
+    check_file,
+    examples,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "fit",
         help="fit MoERegressor / MoEClassifier to a CSV file; print the model and BIC",
-        description="Fit a gated mixture of linear experts by EM to the numeric columns of a CSV "
-        "file with a header row; every column but --target is a feature.",
+        formatter_class=HELP_FORMAT,
+        epilog=examples(
+            "gatedmoe fit data.csv --target y --experts 3",
+            "gatedmoe fit data.csv --target label --classify --experts 2",
+        ),
+        description=textwrap.fill("Fit a gated mixture of linear experts by EM to the numeric columns of a CSV "
+        "file with a header row; every column but --target is a feature. Prints the fitted gate and experts, "
+        "the log-likelihood, BIC and AIC."),
     )
     p.add_argument("data", help="CSV file with a header row")
     p.add_argument("--target", required=True, help="name of the response column")
@@ -33,18 +49,19 @@ def add_estimator_options(p, classify: bool = False) -> None:
     the command has ``--classify`` (the help then gives the classifier's defaults too)."""
     cls_init, cls_iter = (", 1 for --classify", ", 300 for --classify") if classify else ("", "")
     p.add_argument("--gate", default="softmax",
-                   help="gate: softmax, topk_softmax (needs --k), temperature_softmax, sigmoid, modified_softmax")
+                   help="gate (default softmax): softmax, topk_softmax (needs --k), temperature_softmax, sigmoid, "
+                        "modified_softmax")
     p.add_argument("--k", type=positive_int, default=None,
                    help="experts kept per input by topk_softmax (required) or sigmoid (default: all)")
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="fixed temperature of temperature_softmax")
-    p.add_argument("--penalty", choices=["none", "l1"], default="none", help="l1: Lasso MoE (with --alpha)")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="fixed temperature of temperature_softmax (default 1)")
+    p.add_argument("--penalty", choices=["none", "l1"], default="none", help="l1: Lasso MoE (with --alpha; default none)")
     p.add_argument("--alpha", type=nonneg_float, default=0.0, help="L1 strength, per-sample scale (default 0)")
     p.add_argument("--n-init", type=positive_int, default=None,
                    help=f"starts (default: the estimator's, 3 for regression{cls_init})")
     p.add_argument("--max-iter", type=positive_int, default=None,
                    help=f"iterations per start (default: the estimator's, 100 for regression{cls_iter})")
-    p.add_argument("--tol", type=nonneg_float, default=1e-6, help="convergence tolerance on the mean log-likelihood")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--tol", type=nonneg_float, default=1e-6, help="convergence tolerance on the mean log-likelihood (default 1e-6)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
 
 
 def estimator_params(args: argparse.Namespace, n_experts: int) -> dict:

@@ -5,19 +5,25 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import textwrap
 from pathlib import Path
 
-from gatedmoe.cli._common import UsageError, check_file, positive_int
+from gatedmoe.cli._common import HELP_FORMAT, UsageError, check_file, examples, positive_int
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "predict",
         help="predict new CSV rows with a model that 'gatedmoe train --data table.csv' wrote",
-        description="Apply a trained TabularMoE to the rows of a CSV file: the feature columns are found by "
+        formatter_class=HELP_FORMAT,
+        epilog=examples(
+            "gatedmoe train --data table.csv --target label --out runs/table",
+            "gatedmoe predict runs/table new_rows.csv --out predictions.csv",
+        ),
+        description=textwrap.fill("Apply a trained TabularMoE to the rows of a CSV file: the feature columns are found by "
         "name and preprocessed as the training rows were (category codes, fill values, standardization). "
         "Writes one row per input row: the prediction, and for classification each class's probability. "
-        "If the file has the target column, prints the accuracy (classification) or RMSE (regression).",
+        "If the file has the target column, prints the accuracy (classification) or RMSE (regression)."),
     )
     p.add_argument("model", help="the training run's --out folder, or its model/ folder")
     p.add_argument("data", help="CSV file with a header row (the target column may be absent)")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 
 import numpy as np
 
-from gatedmoe.cli._common import UsageError, positive_int, prepare_out
+from gatedmoe.cli._common import HELP_FORMAT, UsageError, examples, positive_int, prepare_out
 from gatedmoe.cli.fit import add_estimator_options, estimator_params
 
 
@@ -15,15 +16,20 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "simulate",
         help="fit MoERegressor to samples of a known MoE over a grid of n; loss vs n, slope",
-        description="Draw from a well-separated true Gaussian MoE, fit by EM over a log grid of n "
+        formatter_class=HELP_FORMAT,
+        epilog=examples(
+            "gatedmoe simulate --experts 3 --reps 10 --out runs/sim",
+            "gatedmoe simulate --n-min 100 --n-max 1000 --n-points 3 --reps 2   # a quick look",
+        ),
+        description=textwrap.fill("Draw from a well-separated true Gaussian MoE, fit by EM over a log grid of n "
         "with replications, and report the Voronoi loss vs n, its log-log slope (theory: -1/2) "
-        "and the fraction of failed fits. Writes simulate.csv and simulate.png.",
+        "and the fraction of failed fits. Writes simulate.csv and simulate.png."),
     )
     p.add_argument("--experts", type=positive_int, default=3, help="experts of the true model (default 3)")
     p.add_argument("--fit-experts", type=positive_int, default=None, help="experts to fit (default: as many as the truth)")
     p.add_argument("--features", type=positive_int, default=1, help="covariate dimension (default 1)")
-    p.add_argument("--n-min", type=int, default=100)
-    p.add_argument("--n-max", type=int, default=100000)
+    p.add_argument("--n-min", type=int, default=100, help="smallest sample size of the grid (default 100)")
+    p.add_argument("--n-max", type=int, default=100000, help="largest sample size of the grid (default 100000)")
     p.add_argument("--n-points", type=positive_int, default=7, help="sizes on a log grid (default 7)")
     p.add_argument("--reps", type=positive_int, default=10, help="replications per n (default 10)")
     # Gate options apply to the truth and the fit alike; the rest to the fit.

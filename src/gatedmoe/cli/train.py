@@ -13,13 +13,16 @@ import math
 from pathlib import Path
 
 from gatedmoe.cli._common import (
+    HELP_FORMAT,
     UsageError,
     check_device,
     check_file,
+    examples,
     nonneg_int,
     positive_float,
     positive_int,
     prepare_out,
+    read_text,
 )
 
 # Flags that set the model; on --resume the model comes from the checkpoint, so a flag given
@@ -38,12 +41,30 @@ MODEL_FLAGS = [
     ("--gated-attention", "gated_attention", False, "gated_attention"),
 ]
 
+# Flags of the text model and its training only (flag, argparse dest): a CSV --data trains a
+# TabularMoE, which has none of these, so a CSV run refuses them rather than ignoring them.
+TEXT_ONLY_FLAGS = [
+    ("--layers", "layers"),
+    ("--seq-len", "seq_len"),
+    ("--micro-batches", "micro_batches"),
+    ("--lr-schedule", "lr_schedule"),
+    ("--schedule-steps", "schedule_steps"),
+    ("--gated-attention", "gated_attention"),
+    ("--precision", "precision"),
+    ("--sample", "sample"),
+]
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from gatedmoe.gates import names
 
-    p = sub.add_parser("train", help="train a small MoE language model", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("train", help="train a small MoE language model (or, on a CSV, a TabularMoE)",
+                       description=__doc__, formatter_class=HELP_FORMAT, epilog=examples(
+                           "gatedmoe train --steps 50 --out runs/tiny        # a short run on tiny Shakespeare",
+                           "gatedmoe train --resume runs/tiny --steps 100 --out runs/tiny   # 50 steps more",
+                           "gatedmoe train --eval-only runs/tiny --out runs/tiny-eval",
+                           "gatedmoe train --data table.csv --target label --out runs/table  # then gatedmoe predict",
+                       ))
     p.add_argument("--steps", type=positive_int, default=400,
                    help="optimizer steps in total (default 400, a few minutes on 2 CPU cores); with --resume, the total "
                         "to reach")
@@ -69,8 +90,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the checkpoint's schedule")
     p.add_argument("--schedule-steps", type=positive_int, default=None,
                    help="horizon of the cosine schedule (default --steps of the first run)")
-    p.add_argument("--capacity-factor", type=positive_float, default=None)
-    p.add_argument("--shared-experts", type=nonneg_int, default=None)
+    p.add_argument("--capacity-factor", type=positive_float, default=None,
+                   help="each expert keeps at most capacity-factor x its even share of the assignments and drops "
+                        "the rest (Switch Transformers; default: none dropped)")
+    p.add_argument("--shared-experts", type=nonneg_int, default=None,
+                   help="experts every token also goes through (DeepSeekMoE; default 0)")
     p.add_argument("--seed", type=nonneg_int, default=None, help="random seed (default 0; with --resume, the checkpoint's "
                    "random states continue)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -79,9 +103,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with --resume, the checkpoint's")
     p.add_argument("--eval-every", type=positive_int, default=100, help="steps between validation losses (default 100)")
     p.add_argument("--out", type=Path, default=Path("runs/train"),
-                   help="output folder (metrics.json, load.png, and the model: checkpoint/ for text, model/ for a CSV)")
-    p.add_argument("--sample", type=nonneg_int, default=200,
-                   help="characters to sample from the trained model (0: none)")
+                   help="output folder (default runs/train): metrics.json, load.png, and the model: checkpoint/ "
+                        "for text, model/ for a CSV")
+    p.add_argument("--sample", type=nonneg_int, default=None,
+                   help="characters to sample from the trained model (default 200; 0: none)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--data", type=Path, default=None,
                    help="UTF-8 text file to train on (default: tiny Shakespeare), or a .csv table (TabularMoE)")
@@ -103,15 +128,7 @@ def _load_text(args: argparse.Namespace) -> str:
 
     if args.data is None:
         return load_tinyshakespeare()
-    check_file(args.data, "--data")
-    try:
-        text = args.data.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"--data {args.data} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if len(set(text)) < 2 or len(text) < 100:
-        raise UsageError(f"--data {args.data} has {len(text)} characters ({len(set(text))} distinct); "
-                         "a language model needs at least 100 characters and 2 distinct ones")
-    return text
+    return read_text(args.data, "--data")
 
 
 def _value(args: argparse.Namespace, dest: str, default):
@@ -164,10 +181,11 @@ def _check_resume_flags(args: argparse.Namespace, path: Path) -> dict:
 def _sample(model, tok, args: argparse.Namespace) -> None:
     import torch
 
-    if not args.sample:
+    n = _value(args, "sample", 200)
+    if not n:
         return
     start = tok.encode(tok.chars[0] if "\n" not in tok.stoi else "\n").view(1, 1).to(args.device)
-    out = model.eval().generate(start, args.sample, temperature=0.8,
+    out = model.eval().generate(start, n, temperature=0.8,
                                 generator=torch.Generator().manual_seed(_value(args, "seed", 0)))
     print("\nsample:\n" + tok.decode(out[0].tolist()))
 
@@ -180,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
         gates.get(args.gate)
     if args.data is not None and args.data.suffix.lower() == ".csv":
         return _run_tabular(args)
+    if args.target is not None:
+        raise UsageError(f"--target names the target column of a CSV --data; {args.data or 'tiny Shakespeare'} "
+                         "is text (a language model has no target column)")
     if args.lr_schedule != "cosine" and args.schedule_steps is not None and args.resume is None:
         raise UsageError("--schedule-steps sets the horizon of --lr-schedule cosine; add --lr-schedule cosine")
     text = _load_text(args)
@@ -254,8 +275,12 @@ def _run_tabular(args: argparse.Namespace) -> int:
 
     if args.resume is not None or args.eval_only is not None:
         raise UsageError("--resume and --eval-only are for text models; a CSV --data trains a TabularMoE from scratch")
-    if args.precision is not None:
-        raise UsageError("--precision is for text models; a CSV --data trains a TabularMoE in float32")
+    given = [flag for flag, dest in TEXT_ONLY_FLAGS if getattr(args, dest) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: for text models only; a CSV --data trains a TabularMoE (in float32, "
+                         "no layers, context or sampling), so leave them out")
+    if check_device(args.device).type != "cpu":
+        raise UsageError(f"--device {args.device}: a CSV --data trains a TabularMoE on cpu; leave --device out")
     check_file(args.data, "--data")
     out = prepare_out(args.out)
     data = load_tabular(args.data, target=args.target)

@@ -62,10 +62,14 @@ class SimulationResult:
             ax.plot(ns, means[0] * (ns / ns[0]) ** self.reference_slope, ":", color="k",
                     label=f"reference slope {self.reference_slope}")
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        if ok:
+            ax.set_yscale("log")
+            ax.legend()
+        else:
+            # No loss to draw (matplotlib cannot log-scale an empty axis): the figure says why.
+            ax.text(0.5, 0.5, "every fit failed", transform=ax.transAxes, ha="center", va="center")
         ax.set_xlabel("n")
         ax.set_ylabel(f"Voronoi loss {self.loss_name}")
-        ax.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
