@@ -115,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
     shapes = [replace(s, **overrides) for s in shapes]
     _check_memory(shapes, dtype, device, args.layer, args.max_memory_fraction)
     dispatch = [b for b in backend_names() if b != "auto"]
-    known = ["reference", "bare_grouped_mm", *dispatch]
+    # Backends of the dispatch benchmark alone (no MoE layer runs on them).
+    dispatch_only = ("reference", "bare_grouped_mm")
+    known = [*dispatch_only, *dispatch]
     # Triton kernels only run compiled on CUDA (on CPU only in the slow interpreter).
     usable = [b for b in known if not (b == "triton" and device.type != "cuda")]
     backends = usable if args.backend == "all" else [b.strip() for b in args.backend.split(",")]
@@ -126,10 +128,10 @@ def run(args: argparse.Namespace) -> int:
     if "triton" in backends and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UsageError(f"--backend triton needs a CUDA device (this run is on {device.type}; on a CPU it would time "
                          "the grouped fallback under triton's name); set TRITON_INTERPRET=1 for the slow interpreter")
-    dispatch_only = [b for b in backends if b in ("reference", "bare_grouped_mm")]
-    if args.layer and args.backend != "all" and dispatch_only:
+    asked_dispatch_only = [b for b in backends if b in dispatch_only]
+    if args.layer and args.backend != "all" and asked_dispatch_only:
         raise UsageError(f"--layer times the MoE layer, whose backends are {', '.join(dispatch)}; "
-                         f"{', '.join(dispatch_only)} time dispatch alone (leave out --layer)")
+                         f"{', '.join(asked_dispatch_only)} time dispatch alone (leave out --layer)")
     reps = args.reps or (20 if device.type == "cuda" else 5)
     info = machine_info(device, options)
     print("machine:", ", ".join(f"{k}={v}" for k, v in info.items()))
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"dense {args.dtype} GEMM ceiling: {ceiling:.2f} TFLOP/s")
     rows = []
     if args.layer:
-        backends = [b for b in backends if b not in ("reference", "bare_grouped_mm")]
+        backends = [b for b in backends if b not in dispatch_only]
     for s in shapes:
         if args.layer:
             rows += bench_layer(s, backends=backends, dtype=dtype, device=device, reps=reps, ceiling=ceiling,
