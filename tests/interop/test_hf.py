@@ -7,6 +7,7 @@ named ``ref_*`` (the Hugging Face block) and ``fast_*`` (gatedmoe's `HFMoEBlock`
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -233,6 +234,26 @@ def test_patch_model_same_logits_loss_gradients_and_router_logits(family):
     assert [s.name for s in back] == [s.name for s in swaps]
     want, got = ref.state_dict(), fast.state_dict()
     assert list(want) == list(got) and all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_torch_save_of_a_whole_patched_model_loads_a_working_model(family):
+    # The router tap's class is made at run time; pickle used to fail to find it by name.
+    model = _model(family).eval()
+    patch_model(model)
+    ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(3))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        want = model(ids, output_router_logits=True)
+        got = back(ids, output_router_logits=True)
+    assert torch.equal(want.logits, got.logits)
+    # The taps are still instances of the router class, so transformers records their logits.
+    assert len(got.router_logits) == len(want.router_logits) == len(FAMILIES[family][3])
+    for a, b in zip(want.router_logits, got.router_logits, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_patch_model_after_a_recorded_forward_still_records_router_logits():
