@@ -60,6 +60,10 @@ TRAIN_CASES = [
     ("device_banana", ["--device", "banana"], ["--device", "banana"]),
     ("sample_negative", ["--sample", "-1"], ["--sample"]),
     ("schedule_steps_without_cosine", ["--schedule-steps", "5"], ["--schedule-steps", "cosine"]),
+    # Flags the library would refuse naming its own arguments (k, n_experts, d_model, n_heads).
+    ("k_above_experts", ["--k", "9", "--experts", "4"], ["--k 9", "--experts 4"]),
+    ("k_above_default_experts", ["--k", "9"], ["--k 9", "--experts 8 (the default)"]),
+    ("d_model_not_a_multiple_of_the_heads", ["--d-model", "30"], ["--d-model 30", "4 attention heads"]),
 ]
 
 
@@ -139,6 +143,8 @@ COMPARE_CASES = [
     ("gates_empty", ["--gates", ","], ["--gates is empty"]),
     ("gates_unknown", ["--gates", "topk_softmax,bogus"], ["unknown gate"]),
     ("task_unknown", ["--task", "images"], ["--task"]),
+    ("d_model_not_a_multiple_of_the_heads", ["--task", "text", "--d-model", "30"], ["--d-model 30", "attention heads"]),
+    ("experts_below_the_presets_k", ["--task", "tabular", "--experts", "1"], ["--experts 1", "experts per token"]),
 ]
 
 
@@ -180,6 +186,9 @@ BENCH_CASES = [
     ("layer_reference", ["--device", "cpu", "--tokens", "8", "--layer", "--backend", "reference"],
      ["--layer", "reference"]),
     ("too_big_for_memory", ["--device", "cpu", "--tokens", "100000000", "--d-hidden", "100000"], ["GiB", "free"]),
+    ("k_above_experts", ["--device", "cpu", "--tokens", "8", "--experts", "4", "--k", "9"], ["--k 9", "--experts 4"]),
+    ("k_above_the_shapes_experts", ["--device", "cpu", "--tokens", "8", "--k", "9"], ["--k 9", "--experts 8 (of --shape cpu)"]),
+    ("ep_does_not_divide_experts", ["--device", "cpu", "--ep", "3"], ["--experts 8", "--ep 3"]),
 ]
 
 
@@ -226,6 +235,8 @@ FIT_CASES = [
     ("max_iter_0", lambda f: [f["short"], "--target", "y", "--max-iter", "0"], ["--max-iter"]),
     ("topk_without_k", lambda f: [f["words"], "--target", "y", "--gate", "topk_softmax"], ["--gate topk_softmax"]),
     ("seed_negative", lambda f: [f["words"], "--target", "y", "--seed", "-1"], ["--seed", ">= 0"]),
+    ("k_above_experts", lambda f: [f["words"], "--target", "y", "--experts", "3", "--gate", "topk_softmax", "--k", "5"],
+     ["--k", "--experts 3"]),
 ]
 
 
@@ -241,6 +252,10 @@ SIMULATE_CASES = [
     ("experts_0", ["--experts", "0"], ["--experts"]),
     ("topk_without_k", ["--gate", "topk_softmax"], ["--gate topk_softmax"]),
     ("seed_negative", ["--seed", "-1"], ["--seed", ">= 0"]),
+    ("fit_experts_below_experts", ["--experts", "3", "--fit-experts", "2"], ["--fit-experts 2", "--experts 3"]),
+    ("fit_experts_far_above_experts", ["--experts", "3", "--fit-experts", "9"], ["--fit-experts 9", "--experts 3"]),
+    ("n_min_below_fit_experts", ["--experts", "3", "--n-min", "2"], ["--n-min 2", "3 experts"]),
+    ("k_above_experts", ["--experts", "3", "--gate", "topk_softmax", "--k", "4"], ["--k", "--experts 3"]),
 ]
 
 

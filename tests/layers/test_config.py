@@ -53,8 +53,9 @@ def test_bad_values_name_the_argument(field, value):
         ({"k": 0}, r"k must satisfy 1 <= k <= n_experts=4, got k=0"),
         ({"k": 5}, r"k must satisfy 1 <= k <= n_experts=4, got k=5"),
         ({"gate": "softmax", "bias_update_rate": 0.1}, "SoftmaxGate is not a token-choice gate"),
+        ({"activation": "swigl"}, "unknown activation 'swigl'; known activations: .*swiglu"),
     ],
-    ids=["gate", "k0", "k5", "bias-on-dense"],
+    ids=["gate", "k0", "k5", "bias-on-dense", "activation"],
 )
 def test_config_refuses_what_building_the_layer_refuses(settings, match):
     # The same message from the config as from the layer, which used to be the first to see it.
@@ -79,6 +80,20 @@ def test_config_takes_the_name_of_a_built_gate_outside_the_registry():
     assert MoE.from_config(cfg, gate=MyGate(8, 4)).config == cfg
     # A dense gate ignores k, so k > n_experts is the layer's business only for top-k gates.
     assert MoEConfig(d_model=8, n_experts=4, d_hidden=16, gate="softmax", k=9).k == 9
+
+
+def test_config_records_the_name_of_a_built_activation_outside_the_registry():
+    # A user's Activation may carry any name: the layer built with it records that name,
+    # which describes it (the config alone cannot rebuild it, as for a built gate).
+    from gatedmoe.experts import Activation
+
+    act = Activation("my_tanh", torch.tanh, glu=False)
+    moe = MoE(8, 4, 16, activation=act)
+    assert moe.config.activation == "my_tanh" and moe.experts.act is act
+    assert MoE.from_config(moe.config, experts=moe.experts).config == moe.config
+    moe(torch.randn(5, 8))
+    with pytest.raises(ValueError, match="unknown activation 'my_tanh'"):
+        MoEConfig(d_model=8, n_experts=4, d_hidden=16, activation="my_tanh")
 
 
 def test_backend_options_need_a_backend_that_takes_them():

@@ -17,6 +17,8 @@ __all__ = [
     "nonneg_int",
     "positive_float",
     "nonneg_float",
+    "check_k",
+    "check_heads",
     "check_device",
     "prepare_out",
     "check_file",
@@ -89,6 +91,22 @@ positive_int = _int_at_least(1, ">= 1")
 nonneg_int = _int_at_least(0, ">= 0")
 positive_float = _float_check(strict=True)
 nonneg_float = _float_check(strict=False)
+
+
+def check_k(k: int, experts: int, source: str = "") -> None:
+    """Refuse ``--k`` above the number of experts (`UsageError` naming both flags), before any
+    work: the library's own message names its arguments, ``k`` and ``n_experts``. ``source``
+    says where ``experts`` comes from when ``--experts`` was not given (e.g. "default")."""
+    if k > experts:
+        where = f" ({source})" if source else ""
+        raise UsageError(f"--k {k} (experts per input) is more than --experts {experts}{where}; use --k <= {experts}")
+
+
+def check_heads(d_model: int, n_heads: int, flag: str = "--d-model") -> None:
+    """Refuse a model width the attention heads do not divide (`UsageError` naming ``flag``),
+    before any work: the library's message names ``d_model`` and ``n_heads``, not a flag."""
+    if d_model % n_heads:
+        raise UsageError(f"{flag} {d_model} must be a multiple of the {n_heads} attention heads")
 
 
 def check_device(spec: str, flag: str = "--device"):

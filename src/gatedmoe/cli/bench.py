@@ -14,6 +14,7 @@ from gatedmoe.cli._common import (
     HELP_FORMAT,
     UsageError,
     check_device,
+    check_k,
     examples,
     nonneg_int,
     positive_float,
@@ -113,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("tokens", args.tokens), ("d_model", args.d_model), ("d_hidden", args.d_hidden),
                                    ("n_experts", args.experts), ("k", args.k)) if v is not None}
     shapes = [replace(s, **overrides) for s in shapes]
+    for s in shapes:
+        check_k(s.k, s.n_experts, "" if args.experts is not None else f"of --shape {shape_name}")
     _check_memory(shapes, dtype, device, args.layer, args.max_memory_fraction)
     dispatch = [b for b in backend_names() if b != "auto"]
     # Backends of the dispatch benchmark alone (no MoE layer runs on them).
@@ -200,13 +203,20 @@ def _run_ep(args: argparse.Namespace, device: torch.device) -> int:
         raise UsageError(f"--ep must be >= 1, got {args.ep}")
     if args.shape is not None and args.shape not in SHAPES:
         raise UsageError(f"--ep: unknown --shape {args.shape!r}; known: {', '.join(SHAPES)}")
-    preset = SHAPES[args.shape] if args.shape in SHAPES else SHAPES["deepseek" if device.type == "cuda" else "cpu"]
+    shape_name = args.shape or ("deepseek" if device.type == "cuda" else "cpu")
+    preset = SHAPES[shape_name]
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     kwargs = dict(
         tokens_per_rank=args.tokens or preset.tokens, d_model=args.d_model or preset.d_model,
         d_hidden=args.d_hidden or preset.d_hidden, n_experts=args.experts or preset.n_experts, k=args.k or preset.k,
         dtype=DTYPES[dtype], steps=args.steps,
     )
+    experts_from = "" if args.experts else f"of --shape {shape_name}"
+    check_k(kwargs["k"], kwargs["n_experts"], experts_from)
+    if not under_torchrun() and kwargs["n_experts"] % args.ep:
+        where = f" ({experts_from})" if experts_from else ""
+        raise UsageError(f"--experts {kwargs['n_experts']}{where} must be divisible by --ep {args.ep}: "
+                         "each rank holds the same number of experts")
     if under_torchrun():
         # Every rank runs the benchmark, on the world torchrun made (--ep is not used); rank 0 reports.
         r = run_ep_bench_torchrun(device.type, **kwargs)

@@ -24,6 +24,7 @@ from gatedmoe.cli._common import (
     UsageError,
     check_device,
     check_file,
+    check_heads,
     examples,
     positive_float,
     positive_int,
@@ -101,6 +102,20 @@ def _gate_list(spec: str | None) -> list[str] | None:
     return names
 
 
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """Model flags the arena's models cannot take, refused naming the flags before any work
+    (the library's messages name d_model, n_heads, k and n_experts)."""
+    from gatedmoe.arena import TABULAR_MOE, TEXT_MODEL, TEXT_MOE
+
+    tasks = {"text": TEXT_MOE, "tabular": TABULAR_MOE}
+    for task, moe in tasks.items():
+        if args.task in (task, "both") and args.experts is not None and args.experts < moe.k:
+            raise UsageError(f"--experts {args.experts} is fewer than the {moe.k} experts per token of the {task} "
+                             f"task's MoE layers; use --experts >= {moe.k}")
+    if args.task in ("text", "both") and args.d_model is not None:
+        check_heads(args.d_model, TEXT_MODEL["n_heads"])
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -130,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     if args.target is not None and (args.task == "text" or not csv_dataset):
         raise UsageError(f"--target names the target column of a CSV --dataset; "
                          f"{'--task text has no table' if args.task == 'text' else f'{args.dataset} has its own target'}")
+    _check_model_flags(args)
     prepare_out(args.out)
     torch.set_num_threads(args.threads)
     progress = not args.no_progress

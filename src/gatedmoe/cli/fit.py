@@ -73,7 +73,8 @@ def estimator_params(args: argparse.Namespace, n_experts: int) -> dict:
         make_gate(args.gate, n_experts, args.k, args.temperature)
     except ValueError as err:
         # Name the command-line options, not the estimator's arguments.
-        msg = re.sub(r"(?<![-\w'])(k|temperature)(?=[ =])", r"--\1", str(err))
+        msg = re.sub(r"(?<![-\w'])n_experts=(\d+)", r"--experts \1", str(err))
+        msg = re.sub(r"(?<![-\w'])(k|temperature)(?=[ =])", r"--\1", msg)
         raise UsageError(f"--gate {args.gate}: {msg}") from None
     penalty = None if args.penalty == "none" else args.penalty
     if penalty is None and args.alpha:

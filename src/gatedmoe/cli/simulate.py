@@ -26,7 +26,7 @@ def register(subparsers) -> None:
         "and the fraction of failed fits. Writes simulate.csv and simulate.png."),
     )
     p.add_argument("--experts", type=positive_int, default=3, help="experts of the true model (default 3)")
-    p.add_argument("--fit-experts", type=positive_int, default=None, help="experts to fit (default: as many as the truth)")
+    p.add_argument("--fit-experts", type=positive_int, default=None, help="experts to fit, from --experts to --experts + 2 (default: as many as the truth)")
     p.add_argument("--features", type=positive_int, default=1, help="covariate dimension (default 1)")
     p.add_argument("--n-min", type=int, default=100, help="smallest sample size of the grid (default 100)")
     p.add_argument("--n-max", type=int, default=100000, help="largest sample size of the grid (default 100000)")
@@ -41,11 +41,21 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gatedmoe.stats import MoETruth, simulate
+    from gatedmoe.stats.voronoi import RBAR
 
     if args.n_min < 2 or args.n_max < args.n_min or args.n_points < 1:
         raise UsageError(f"need 2 <= --n-min <= --n-max and --n-points >= 1, got {args.n_min}, {args.n_max}, {args.n_points}")
-    prepare_out(args.out)
     fit_experts = args.fit_experts or args.experts
+    # What `simulate` refuses, refused naming the flags (its messages name n_experts and rbar=).
+    if fit_experts < args.experts:
+        raise UsageError(f"--fit-experts {fit_experts} is fewer than --experts {args.experts}: the losses compare "
+                         "every true expert with fitted ones")
+    if fit_experts - args.experts + 1 not in RBAR:
+        raise UsageError(f"--fit-experts {fit_experts} is more than --experts {args.experts} + {max(RBAR) - 1}: the "
+                         f"loss of a true expert fitted by more than {max(RBAR)} experts is not known in closed form")
+    if args.n_min < fit_experts:
+        raise UsageError(f"--n-min {args.n_min} is fewer than the {fit_experts} experts to fit")
+    prepare_out(args.out)
     params = estimator_params(args, min(fit_experts, args.experts))
     truth = MoETruth.well_separated(args.experts, args.features, random_state=args.seed, gate=args.gate, k=args.k,
                                     temperature=args.temperature)

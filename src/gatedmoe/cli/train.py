@@ -17,6 +17,8 @@ from gatedmoe.cli._common import (
     UsageError,
     check_device,
     check_file,
+    check_heads,
+    check_k,
     examples,
     nonneg_int,
     positive_float,
@@ -146,6 +148,20 @@ def _moe_config(args: argparse.Namespace, base):
     return base.replace(**changes)
 
 
+def _check_model_flags(args: argparse.Namespace, text: bool) -> None:
+    """Model flags of a new run that contradict each other, refused naming the flags before
+    any work. ``text``: the language model, whose width the attention heads must divide."""
+    import inspect
+
+    from gatedmoe import gates
+    from gatedmoe.models import LMConfig
+
+    if gates.get(_value(args, "gate", "topk_softmax")).uses_k:
+        check_k(_value(args, "k", 2), _value(args, "experts", 8), "" if args.experts is not None else "the default")
+    if text and args.d_model is not None:
+        check_heads(args.d_model, inspect.signature(LMConfig).parameters["n_heads"].default)
+
+
 def _check_resume_flags(args: argparse.Namespace, path: Path) -> dict:
     """Refuse model flags that disagree with the checkpoint in ``path`` (one message listing
     all); return its train_state.json."""
@@ -196,7 +212,11 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     if args.gate is not None:
         gates.get(args.gate)
-    if args.data is not None and args.data.suffix.lower() == ".csv":
+    csv_data = args.data is not None and args.data.suffix.lower() == ".csv"
+    if args.resume is None and args.eval_only is None:
+        # A checkpoint's model is checked against the flags given by _check_resume_flags.
+        _check_model_flags(args, text=not csv_data)
+    if csv_data:
         return _run_tabular(args)
     if args.target is not None:
         raise UsageError(f"--target names the target column of a CSV --data; {args.data or 'tiny Shakespeare'} "

@@ -75,6 +75,17 @@ def _check_gate_settings(gate: str, k: int, n_experts: int, bias_update_rate: fl
         )
 
 
+def _check_activation(activation: str) -> None:
+    """An unknown activation name, refused by the config with the message building the
+    layer would give (listing the known names). A built activation outside the registry
+    (a user's `Activation` may carry any name) is recorded by `MoEConfig._describing`."""
+    # Imported here: the activations import torch; keep this module import-light.
+    from gatedmoe.experts.activations import activation_names, get_activation
+
+    if activation not in activation_names():
+        get_activation(activation)  # ValueError listing the known activations
+
+
 @dataclass(frozen=True, kw_only=True)
 class MoEConfig:
     """Settings of a sparse MoE layer (`gatedmoe.MoE`); frozen, keyword-only.
@@ -94,7 +105,9 @@ class MoEConfig:
         ignore it: the dense ones, those that choose their own number per token, and
         ``modified_softmax``, dense unless given its optional top-k as ``gate_kwargs={"k": ...}``.
     activation : str
-        Expert activation (default "swiglu"; see ``gatedmoe.experts.activation_names()``).
+        Expert activation (default "swiglu"; see ``gatedmoe.experts.activation_names()``;
+        another name is a ValueError listing them). A layer built with an activation
+        outside the registry records that activation's name (see `gatedmoe.MoE`).
     bias : bool
         Expert biases (default False).
     n_shared_experts : int
@@ -185,6 +198,7 @@ class MoEConfig:
             raise TypeError(f"gate must be a gate name (str), got {type(self.gate).__name__}")
         if not isinstance(self.activation, str):
             raise TypeError(f"activation must be an activation name (str), got {type(self.activation).__name__}")
+        _check_activation(self.activation)
         if isinstance(self.k, bool) or not isinstance(self.k, int):
             raise TypeError(f"k must be an int, got {type(self.k).__name__}")
         if self.k < 1:
@@ -219,6 +233,16 @@ class MoEConfig:
             raise TypeError(f"gate_kwargs must be a mapping, got {type(self.gate_kwargs).__name__}")
         # A private copy, so a caller's later edits to its dict cannot change a frozen config.
         object.__setattr__(self, "gate_kwargs", dict(self.gate_kwargs))
+
+    @classmethod
+    def _describing(cls, activation: str, **settings: Any) -> MoEConfig:
+        """The config of a layer built with an activation outside the registry: ``settings``
+        checked as usual, ``activation`` the built activation's name, which no registry lists
+        (so a `replace` or `from_dict` of this config refuses it: only the built activation
+        gives it a meaning, through ``MoE.from_config(config, experts=...)``)."""
+        config = cls(**settings)
+        object.__setattr__(config, "activation", activation)
+        return config
 
     def replace(self, **changes: Any) -> MoEConfig:
         """A copy with ``changes`` applied (validated like a new config)."""

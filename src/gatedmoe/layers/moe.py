@@ -16,7 +16,12 @@ from gatedmoe import gates as gate_registry
 from gatedmoe.autocast import outside_autocast
 from gatedmoe.dispatch import get_backend
 from gatedmoe.dispatch.options import TritonOptions
-from gatedmoe.experts.activations import Activation, ExpandedGatedActivation, resolve_activation
+from gatedmoe.experts.activations import (
+    Activation,
+    ExpandedGatedActivation,
+    activation_names,
+    resolve_activation,
+)
 from gatedmoe.experts.bank import ExpertBank
 from gatedmoe.gates.base import Gate
 from gatedmoe.layers.config import MoEConfig
@@ -128,7 +133,9 @@ class MoE(TransientState, nn.Module):
         as the description of how it was built.
     activation : str or Activation
         Expert activation name (default "swiglu"; ``gatedmoe.experts.activation_names()``)
-        or a built activation.
+        or a built activation. The config records a built one's name, even one outside the
+        registry (a user's `Activation`): ``from_config(config, experts=...)`` rebuilds
+        such a layer from its expert bank.
     experts : ExpertBank, optional
         A built expert bank to use instead of a fresh one (must match d_model, n_experts,
         d_hidden, activation and bias).
@@ -226,10 +233,8 @@ class MoE(TransientState, nn.Module):
                 bias_update_rate = balancer.update_rate
         elif not isinstance(gate, str):
             raise TypeError(f"gate must be a gate name or a gatedmoe.gates.Gate, got {type(gate).__name__}")
-        if act_part is not None:
-            activation = resolve_activation(act_part).name
-        config = MoEConfig(
-            d_model=d_model, n_experts=n_experts, d_hidden=d_hidden, gate=gate, k=k, activation=activation,
+        settings = dict(
+            d_model=d_model, n_experts=n_experts, d_hidden=d_hidden, gate=gate, k=k,
             bias=bias, n_shared_experts=n_shared_experts, d_shared_hidden=d_shared_hidden,
             capacity_factor=capacity_factor, capacity_priority=capacity_priority, backend=backend,
             backend_options=backend_options, load_balance_weight=load_balance_weight,
@@ -237,6 +242,13 @@ class MoE(TransientState, nn.Module):
             bias_update_rate=bias_update_rate, load_balance_scope=load_balance_scope,
             load_balance_count=load_balance_count, bias_update_every=bias_update_every,
         )
+        if act_part is not None:
+            activation = resolve_activation(act_part).name
+        if act_part is not None and activation not in activation_names():
+            # A user's activation may carry any name; the config records it as a description.
+            config = MoEConfig._describing(activation, **settings)
+        else:
+            config = MoEConfig(activation=activation, **settings)
         self._build(config, gate_part, act_part, experts, shared)
 
     @classmethod
@@ -261,6 +273,9 @@ class MoE(TransientState, nn.Module):
         if gate is not None:
             _check_gate_part(config, gate)
             settings["gate"] = gate
+        if experts is not None and config.activation not in activation_names() and experts.act.name == config.activation:
+            # A config describing a built activation outside the registry: the bank's is it.
+            settings["activation"] = experts.act
         return cls(d_model, n_experts, d_hidden, **settings, experts=experts, shared=shared, **kwargs)
 
     def _build(

@@ -261,8 +261,10 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
 
     # ----------------------------------------------------------------- gate pieces
     def _fitted_gate(self) -> StatsGate:
-        """The gate of the fitted model (no deprecation warning: fit gave it)."""
-        return make_gate(self.gate, self.n_experts, self.k, self.temperature)
+        """The gate of the fitted model (no deprecation warning: fit gave it), over the
+        fitted ``n_experts_``: ``n_experts`` describes the next fit, and `set_params` may
+        have changed it since."""
+        return make_gate(self.gate, self.n_experts_, self.k, self.temperature)
 
     def _gate_design(self, X, gate=None):
         return (gate or getattr(self, "_gate", None) or self._fitted_gate()).design(X)
@@ -725,6 +727,9 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
                 stacklevel=3,
             )
         self._set_fitted(best.params)
+        # Everything read after fit (predict, bic, sample) counts experts with this, not
+        # with n_experts, which `set_params` may change without a refit.
+        self.n_experts_ = self.n_experts
         if self._gate.k == 1:
             # Top-1: g is the indicator of the largest logit, unchanged when W is scaled by
             # any c > 0 (the continuation would otherwise leave an arbitrary, large scale).
@@ -774,7 +779,7 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         if y is None:
             return self._gate_proba(X)
         y = self._encode_y_predict(y, X.shape[0])
-        R, _ = em.e_step(np.zeros((X.shape[0], self.n_experts)), self._log_joint(X, y))
+        R, _ = em.e_step(np.zeros((X.shape[0], self.n_experts_)), self._log_joint(X, y))
         return R
 
     def loglik(self, X, y):
@@ -788,7 +793,7 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
     def n_parameters(self):
         """Free parameters counted by `bic`/`aic` (non-zero coefficients under ``penalty="l1"``)."""
         check_is_fitted(self)
-        W = self._gate_W()[:, : self._fitted_gate().n_free(self.n_experts)]
+        W = self._gate_W()[:, : self._fitted_gate().n_free(self.n_experts_)]
         n_gate = int(np.count_nonzero(W[:-1])) + W.shape[1] if self.penalty == "l1" else W.size
         return n_gate + self._n_expert_parameters()
 
@@ -804,4 +809,4 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
     def _sample_experts(self, X, rng):
         g = self._gate_proba(X)
         u = rng.random_sample((X.shape[0], 1))
-        return np.minimum((g.cumsum(axis=1) < u).sum(axis=1), self.n_experts - 1)
+        return np.minimum((g.cumsum(axis=1) < u).sum(axis=1), self.n_experts_ - 1)

@@ -71,6 +71,8 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
     Attributes
     ----------
     classes_ : ndarray (n_classes,)
+    n_experts_ : int
+        As in `MoERegressor`.
     gate_coef_ : ndarray (n_experts, n_features); gate_intercept_ : ndarray (n_experts,)
     expert_coef_ : ndarray (n_experts, n_classes, n_features)
     expert_intercept_ : ndarray (n_experts, n_classes)
@@ -258,8 +260,8 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
 
     def _n_expert_parameters(self):
         if self.penalty == "l1":
-            return int(np.count_nonzero(self.expert_coef_[:, :-1])) + self.n_experts * (self.classes_.size - 1)
-        return self.n_experts * (self.expert_coef_.shape[2] + 1) * (self.classes_.size - 1)
+            return int(np.count_nonzero(self.expert_coef_[:, :-1])) + self.n_experts_ * (self.classes_.size - 1)
+        return self.n_experts_ * (self.expert_coef_.shape[2] + 1) * (self.classes_.size - 1)
 
     # ----------------------------------------------------------------- prediction
     def _expert_proba(self, X):

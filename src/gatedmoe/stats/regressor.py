@@ -91,6 +91,9 @@ class MoERegressor(RegressorMixin, _BaseMoE):
 
     Attributes
     ----------
+    n_experts_ : int
+        The number of experts fitted; read after fit in place of ``n_experts``, which
+        `set_params` may have changed since.
     gate_coef_ : ndarray (n_experts, n_features); gate_intercept_ : ndarray (n_experts,)
         The last expert's softmax-family gate parameters are 0 (identifiability).
     expert_coef_ : ndarray (n_experts, n_features); expert_intercept_ : ndarray (n_experts,)
@@ -248,8 +251,8 @@ class MoERegressor(RegressorMixin, _BaseMoE):
 
     def _n_expert_parameters(self):
         if self.penalty == "l1":
-            return int(np.count_nonzero(self.expert_coef_)) + 2 * self.n_experts
-        return self.expert_coef_.size + 2 * self.n_experts
+            return int(np.count_nonzero(self.expert_coef_)) + 2 * self.n_experts_
+        return self.expert_coef_.size + 2 * self.n_experts_
 
     # ----------------------------------------------------------------- prediction
     def predict(self, X):

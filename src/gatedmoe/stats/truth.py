@@ -107,7 +107,7 @@ class MoETruth:
         est.gate_coef_, est.gate_intercept_ = self.gate_coef_.copy(), self.gate_intercept_.copy()
         est.expert_coef_, est.expert_intercept_ = self.expert_coef_.copy(), self.expert_intercept_.copy()
         est.noise_variance_ = self.noise_variance_.copy()
-        est.n_features_in_ = self.n_features
+        est.n_features_in_, est.n_experts_ = self.n_features, self.n_experts
         return est
 
     def sample(self, n_samples: int, random_state=None):

@@ -629,13 +629,26 @@ def _tap_forward(self: nn.Module, router_logits: Tensor) -> Tensor:
     return router_logits
 
 
+def _tap_reduce(self: nn.Module) -> tuple:
+    # The tap class is made at run time, so pickle cannot find it by name: a pickled tap
+    # (torch.save of a whole patched model, copy.deepcopy) is rebuilt from the router class,
+    # which it can find, then given its state as any module is.
+    return _new_tap, (type(self).__bases__[0],), self.__getstate__()
+
+
+def _new_tap(router_cls: type) -> nn.Module:
+    return _tap_class(router_cls)()
+
+
 @functools.cache
 def _tap_class(router_cls: type) -> type:
     """A parameter-free subclass of a Hugging Face router class whose forward returns the
     logits it is given. transformers records ``router_logits`` by hooking modules that are
     instances of the router class (``OutputRecorder``), so a tap keeps
     ``output_router_logits=True`` (and the model's auxiliary loss) working after a swap."""
-    return type(f"{router_cls.__name__}Tap", (router_cls,), {"__init__": _tap_init, "forward": _tap_forward})
+    return type(
+        f"{router_cls.__name__}Tap", (router_cls,), {"__init__": _tap_init, "forward": _tap_forward, "__reduce__": _tap_reduce}
+    )
 
 
 def _tap_observed(tap: nn.Module) -> bool:

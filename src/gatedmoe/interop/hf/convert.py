@@ -41,6 +41,7 @@ from gatedmoe.dispatch import check_backend_name
 from gatedmoe.interop.hf.adapter import HFMoEBlock
 from gatedmoe.interop.hf.families import FAMILIES, family_of, meta_copy
 from gatedmoe.layers.moe import MoE
+from gatedmoe.validation import boolean
 
 __all__ = ["from_hf", "to_hf", "patch_model", "unpatch_model", "supported_blocks", "Swap", "PatchReport"]
 
@@ -83,18 +84,12 @@ def from_hf(block: nn.Module, *, backend: str = "auto", check_inputs: bool = Tru
     if not isinstance(block, nn.Module):
         raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
     check_backend_name(backend)
-    _check_bool("check_inputs", check_inputs)
+    boolean("check_inputs", check_inputs)
     _check_not_meta(block, f"from_hf({type(block).__name__})")
     adapter = family_of(block).read(block, backend, check_inputs)
     adapter.register_state_dict_post_hook(_hf_layout_state_dict)
     adapter.register_load_state_dict_pre_hook(_load_hf_layout)
     return adapter
-
-
-def _check_bool(name: str, value: object) -> None:
-    # bool("no") is True: a string or None would silently mean something.
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_module(model: object) -> None:
@@ -297,7 +292,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto", check_inputs: bool =
     """
     _check_module(model)
     check_backend_name(backend)
-    _check_bool("check_inputs", check_inputs)
+    boolean("check_inputs", check_inputs)
     report = PatchReport()
     # Blocks converted by an earlier call: left as they are, and nothing inside them (their
     # gatedmoe `MoE` holds ``experts`` too) is reported as an unconverted MoE block.
