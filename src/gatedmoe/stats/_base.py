@@ -18,7 +18,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import ThreadpoolController
 
 from gatedmoe.stats import em
-from gatedmoe.stats.gating import StatsGate, make_gate
+from gatedmoe.stats.gating import make_gate
 
 INITS = ("kmeans", "random")
 # Continuation for sparse gates: widths of the smoothed top-K mask (in logit units) and
@@ -260,14 +260,8 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         """Free expert parameters counted by `bic` / `aic`."""
 
     # ----------------------------------------------------------------- gate pieces
-    def _fitted_gate(self) -> StatsGate:
-        """The gate of the fitted model (no deprecation warning: fit gave it), over the
-        fitted ``n_experts_``: ``n_experts`` describes the next fit, and `set_params` may
-        have changed it since."""
-        return make_gate(self.gate, self.n_experts_, self.k, self.temperature)
-
     def _gate_design(self, X, gate=None):
-        return (gate or getattr(self, "_gate", None) or self._fitted_gate()).design(X)
+        return (gate or getattr(self, "_gate", None) or self.gate_).design(X)
 
     def _gate_mstep(self, gate, F, R, W, state, n_steps=1, log_expert=None):
         n_free = gate.n_free(self.n_experts)
@@ -727,9 +721,11 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
                 stacklevel=3,
             )
         self._set_fitted(best.params)
-        # Everything read after fit (predict, bic, sample) counts experts with this, not
-        # with n_experts, which `set_params` may change without a refit.
-        self.n_experts_ = self.n_experts
+        # Everything read after fit (predict, loglik, bic, sample) reads the settings fitted
+        # with: the number of experts, the gate (its name, k and temperature) and the penalty.
+        # Never the hyper-parameters, which describe the next fit: `set_params` may have
+        # changed them without a refit.
+        self.n_experts_, self.gate_, self.penalty_ = self.n_experts, self._gate, self.penalty
         if self._gate.k == 1:
             # Top-1: g is the indicator of the largest logit, unchanged when W is scaled by
             # any c > 0 (the continuation would otherwise leave an arbitrary, large scale).
@@ -757,7 +753,7 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         return np.vstack([self.gate_coef_.T, self.gate_intercept_[None, :]])
 
     def _gate_proba(self, X):
-        gate = self._fitted_gate()
+        gate = self.gate_
         return gate.probs(gate.design(X) @ self._gate_W())
 
     def _validated(self, X):
@@ -768,7 +764,7 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
     def _log_joint(self, X, y):
         """``log g_e(x) + log p_e(y|x)`` ``[N, E]`` on validated inputs."""
         params = self._params_from_fitted()
-        gate = self._fitted_gate()
+        gate = self.gate_
         logg = gate.log_probs(gate.design(X) @ params["W"])
         return logg + self._expert_log_density(em.add_intercept(X), y, params)
 
@@ -793,8 +789,8 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
     def n_parameters(self):
         """Free parameters counted by `bic`/`aic` (non-zero coefficients under ``penalty="l1"``)."""
         check_is_fitted(self)
-        W = self._gate_W()[:, : self._fitted_gate().n_free(self.n_experts_)]
-        n_gate = int(np.count_nonzero(W[:-1])) + W.shape[1] if self.penalty == "l1" else W.size
+        W = self._gate_W()[:, : self.gate_.n_free(self.n_experts_)]
+        n_gate = int(np.count_nonzero(W[:-1])) + W.shape[1] if self.penalty_ == "l1" else W.size
         return n_gate + self._n_expert_parameters()
 
     def bic(self, X, y):

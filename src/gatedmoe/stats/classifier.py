@@ -71,8 +71,7 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
     Attributes
     ----------
     classes_ : ndarray (n_classes,)
-    n_experts_ : int
-        As in `MoERegressor`.
+    n_experts_, gate_, penalty_ : as in `MoERegressor`.
     gate_coef_ : ndarray (n_experts, n_features); gate_intercept_ : ndarray (n_experts,)
     expert_coef_ : ndarray (n_experts, n_classes, n_features)
     expert_intercept_ : ndarray (n_experts, n_classes)
@@ -259,7 +258,7 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
         return {"W": self._gate_W(), "V": V}
 
     def _n_expert_parameters(self):
-        if self.penalty == "l1":
+        if self.penalty_ == "l1":
             return int(np.count_nonzero(self.expert_coef_[:, :-1])) + self.n_experts_ * (self.classes_.size - 1)
         return self.n_experts_ * (self.expert_coef_.shape[2] + 1) * (self.classes_.size - 1)
 

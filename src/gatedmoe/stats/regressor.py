@@ -94,6 +94,11 @@ class MoERegressor(RegressorMixin, _BaseMoE):
     n_experts_ : int
         The number of experts fitted; read after fit in place of ``n_experts``, which
         `set_params` may have changed since.
+    gate_ : StatsGate
+        The gate fitted (`gatedmoe.stats.gating`: its name, ``k`` and ``temperature``);
+        read after fit in place of ``gate``, ``k`` and ``temperature``.
+    penalty_ : {None, "l1"}
+        The penalty fitted; `bic` / `aic` read it in place of ``penalty``.
     gate_coef_ : ndarray (n_experts, n_features); gate_intercept_ : ndarray (n_experts,)
         The last expert's softmax-family gate parameters are 0 (identifiability).
     expert_coef_ : ndarray (n_experts, n_features); expert_intercept_ : ndarray (n_experts,)
@@ -250,7 +255,7 @@ class MoERegressor(RegressorMixin, _BaseMoE):
         }
 
     def _n_expert_parameters(self):
-        if self.penalty == "l1":
+        if self.penalty_ == "l1":
             return int(np.count_nonzero(self.expert_coef_)) + 2 * self.n_experts_
         return self.expert_coef_.size + 2 * self.n_experts_
 

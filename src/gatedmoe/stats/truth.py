@@ -108,6 +108,7 @@ class MoETruth:
         est.expert_coef_, est.expert_intercept_ = self.expert_coef_.copy(), self.expert_intercept_.copy()
         est.noise_variance_ = self.noise_variance_.copy()
         est.n_features_in_, est.n_experts_ = self.n_features, self.n_experts
+        est.gate_, est.penalty_ = make_gate(self.gate, self.n_experts, self.k, self.temperature), None
         return est
 
     def sample(self, n_samples: int, random_state=None):
