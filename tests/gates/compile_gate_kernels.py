@@ -37,12 +37,12 @@ def variants():
                     for one in (True, False):
                         types = dict(experts_ptr=ids, weights_ptr=w, prefix_ptr="*i64" if one else "*i32",
                                      counts_ptr="*i64", token_ptr="*i64", expert_ptr="*i64", weight_ptr=w,
-                                     pos_ptr="*i64", N="i32", E="i32")
+                                     pos_ptr="*i64", ok_ptr="*i32", N="i32", E="i32")
                         consts = dict(K=K, **tiles, BE=BE, ONE_PROGRAM=one)
                         name = f"topk_sort E={E} K={K} ids={ids} w={w} one={one}"
                         yield name, topk_sort_kernels.topk_sort_kernel, types, consts, topk_sort._WARPS, 1
     for CH in (1, 8, 1024):
-        types = dict(hist_ptr="*i32", prefix_ptr="*i32", counts_ptr="*i64", NB="i32", E="i32")
+        types = dict(hist_ptr="*i32", prefix_ptr="*i32", counts_ptr="*i64", ok_ptr="*i32", NB="i32", E="i32")
         yield f"topk_scan CH={CH}", topk_sort_kernels.topk_scan_kernel, types, dict(CH=CH), 4, 1
     # The fused gate's kernels over its tiles (`fused_topk._blocks`), as `fused_topk` launches them.
     for E, k, n_group, topk_group in ((8, 2, 1, 1), (64, 6, 1, 1), (256, 8, 8, 4), (4096, 16, 1, 1)):

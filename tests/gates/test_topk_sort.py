@@ -131,6 +131,18 @@ def test_bad_ids_are_left_out_of_the_counts(T, E):
         Routing(token=token, expert=expert, weight=weight, counts=counts, n_tokens=T).validate()
 
 
+@pytest.mark.parametrize("T", [5, 300])  # one program, three launches
+@pytest.mark.parametrize("bad", [False, True])
+def test_ok_flag_says_whether_every_id_is_in_range(T, bad):
+    """The flag the id check asserts on: 1 with every id in [0, E), 0 with one outside (the
+    sort's own launches, no assertion, so also on CUDA)."""
+    experts = torch.randint(0, 6, (T, 2), device=DEVICE)
+    if bad:
+        experts[T // 2, 1] = 6
+    *_, counts, _, ok = ts._launch_sort(torch.rand(T, 2, device=DEVICE), experts, 6)
+    assert ok.tolist() == [0 if bad else 1] and counts[6].item() == int(bad)
+
+
 @pytest.mark.parametrize("T", [5, 700])  # one launch, three
 @pytest.mark.parametrize("grad", [False, True])
 def test_trusted_ids_skip_the_id_check_only(T, grad, monkeypatch):

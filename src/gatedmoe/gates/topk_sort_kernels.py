@@ -86,10 +86,11 @@ def topk_hist_kernel(experts_ptr, hist_ptr, N, E, BN: tl.constexpr, BE: tl.const
 
 
 @triton.jit
-def topk_scan_kernel(hist_ptr, prefix_ptr, counts_ptr, NB, E, CH: tl.constexpr):
+def topk_scan_kernel(hist_ptr, prefix_ptr, counts_ptr, ok_ptr, NB, E, CH: tl.constexpr):
     """Per column (one program each; E + 1 of them, the last the bad ids): exclusive prefix of
     its histogram column over the blocks into prefix ``[B, E]``, and its total into counts
-    ``[E]`` (int64). Here ``E`` is the histogram's width."""
+    ``[E]`` (int64). Here ``E`` is the histogram's width. The last program also writes
+    ``ok[0]``: 1 if there is no bad id, else 0."""
     e = tl.program_id(0)
     carry = tl.zeros([], dtype=tl.int32)
     for start in range(0, NB, CH):
@@ -99,11 +100,13 @@ def topk_scan_kernel(hist_ptr, prefix_ptr, counts_ptr, NB, E, CH: tl.constexpr):
         tl.store(prefix_ptr + b.to(tl.int64) * E + e, carry + tl.cumsum(h, axis=0) - h, mask=bmask)
         carry += tl.sum(h, axis=0)
     tl.store(counts_ptr + e, carry.to(tl.int64))
+    if e == E - 1:
+        tl.store(ok_ptr, (carry == 0).to(tl.int32))
 
 
 @triton.jit
 def topk_sort_kernel(
-    experts_ptr, weights_ptr, prefix_ptr, counts_ptr, token_ptr, expert_ptr, weight_ptr, pos_ptr,
+    experts_ptr, weights_ptr, prefix_ptr, counts_ptr, token_ptr, expert_ptr, weight_ptr, pos_ptr, ok_ptr,
     N, E, K: tl.constexpr, BN: tl.constexpr, S: tl.constexpr, BE: tl.constexpr, ONE_PROGRAM: tl.constexpr,
 ):
     """Counting sort by expert of the flattened ids ``[N]``, stable in (token, choice) order, as
@@ -111,7 +114,7 @@ def topk_sort_kernel(
     pos ``[N]`` (its inverse).
 
     ONE_PROGRAM: N <= BN, one program sorts the single block (it writes counts ``[E + 1]``
-    int64 itself; ``prefix_ptr`` is unused). Otherwise program b sorts block b from counts
+    int64 and ``ok[0]``, 1 if no id is bad, itself; ``prefix_ptr`` is unused). Otherwise program b sorts block b from counts
     ``[E + 1]`` and prefix ``[B, E + 1]`` (the exclusive prefix of `topk_hist_kernel`'s
     histograms over the blocks, by `topk_scan_kernel`).
     """
@@ -122,6 +125,7 @@ def topk_sort_kernel(
         counts, n_bad = _block_hist(experts_ptr, 0, N, E, BN, BE)
         tl.store(counts_ptr + cols, counts.to(tl.int64), mask=cmask)
         tl.store(counts_ptr + E, n_bad.to(tl.int64))
+        tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
         base = tl.cumsum(counts, axis=0) - counts
         bad_base = tl.sum(counts, axis=0)
         _scatter_block(experts_ptr, weights_ptr, token_ptr, expert_ptr, weight_ptr, pos_ptr, 0, N, E,
