@@ -27,7 +27,8 @@ def make_routing(T: int, E: int, K: int, mode: str, logits_TE: torch.Tensor) -> 
         experts = torch.arange(E).expand(T, E).clone()
     else:
         raise ValueError(mode)
-    weights = probs.gather(-1, experts.to(probs.device))
+    experts = experts.to(probs.device)
+    weights = probs.gather(-1, experts)
     return Routing.from_topk(weights, experts, E, probs=probs, logits=logits_TE).validate()
 
 
