@@ -147,8 +147,8 @@ def _sort(
     """`_launch_sort` on the inputs, checked unless ``trusted_ids``: ``(token, expert, weight,
     counts [E], pos)``."""
     token, expert, weight, counts, pos, ok = _launch_sort(weights_TK.contiguous(), experts_TK.contiguous(), E)
-    # Trusted ids (a torch.topk over E scores) are in range by construction: the check's two
-    # launches (a comparison and the assertion) are left out of every routing of the gates.
+    # Trusted ids (a torch.topk over E scores) are in range by construction: the check's
+    # launch (the assertion) is left out of every routing of the gates.
     if not trusted_ids:
         _assert_ids_in_range(ok)
     return token, expert, weight, counts[:E], pos
@@ -196,7 +196,7 @@ def sort_topk(
     outside ``[0, E)`` come last, with their own values, and are not counted (see the module
     docstring); on CUDA they then stop the program with a device-side assertion, unless
     ``trusted_ids`` (default False): the caller's ids lie in ``[0, E)`` by construction (a
-    ``torch.topk`` over E scores, as the gates' own), and the check's two launches are left
+    ``torch.topk`` over E scores, as the gates' own), and the check's launch is left
     out. Ids a user hands in keep the check. Without gradients (weights not requiring grad,
     or grad mode off) the launches run outside the autograd Function, which saves its host
     time on every decode step.
