@@ -143,8 +143,8 @@ def time_cold(fn, device: torch.device, warmup: int, reps: int, hide_launch: boo
     the host has queued the replay when the interval starts and the interval is the GPU's time
     for the layer. In a captured decode step the layers follow each other on a busy GPU and the
     graph's launch is paid once per step, not per layer; with an idle GPU the interval would
-    also hold the host's submission of the graph (4-18 us, measured with the profiler on an
-    H200 against the kernels' own durations)."""
+    also hold the host's submission of the graph (1-5 us at most cells on an H200, more when
+    the host is slow)."""
     from gatedmoe.bench import time_samples
 
     if device.type != "cuda":
@@ -344,7 +344,7 @@ def run_layer(args, device: torch.device, dtype: torch.dtype, shapes: dict, toke
                             rows.append({**grow, "note": replay})
                         else:
                             launched = statistics.median(time_cold(replay, device, args.warmup, args.reps))
-                            rows.append({**grow, **summarize(time_cold(replay, device, args.warmup, args.reps, True)),
+                            rows.append({**grow, **summarize(time_cold(replay, device, args.warmup, args.reps, hide_launch=True)),
                                          "median_ms_with_launch": launched})
                         del replay
                 if args.sweep:
@@ -394,7 +394,7 @@ def sweep_decode(bank, routing, x, ref, device, name, T) -> list[dict]:
             r = {"shape": name, "T": T, "kernel": kernel, "BM": default[kernel].BM, "BN": BN, "BK": BK,
                  "stages": stages, "default": (BN, BK, stages) == (default[kernel].BN, default[kernel].BK,
                                                                     default[kernel].stages),
-                 **summarize(time_cold(fn, device, 3, 20, device.type == "cuda"))}
+                 **summarize(time_cold(fn, device, 3, 20, hide_launch=True))}
             timed.append(r)
         if timed:
             best = min(timed, key=lambda r: r["median_ms"])
@@ -443,7 +443,7 @@ def sweep_large(bank, routing, x, ref, device, name, T) -> list[dict]:
             continue
         r = {"shape": name, "T": T, "kernel": "large_forward", "variant": variant,
              "rows_per_expert": routing.token.numel() / max(1, int((routing.counts > 0).sum())),
-             **summarize(time_cold(fn, device, 3, 20, device.type == "cuda"))}
+             **summarize(time_cold(fn, device, 3, 20, hide_launch=True))}
         out.append(r)
         print(f"  sweep-large {name} T={T} {variant}: {r['median_ms'] * 1e3:.1f} us", flush=True)
     return out

@@ -94,7 +94,7 @@ class Routing:
         on the host, and both fail with a device-side error (the kernels' assertion, the plain
         path's index error). ``trusted_ids=True`` is for callers whose ids lie in range by
         construction (the gates' ``torch.topk`` over E scores): the kernels' path leaves out
-        its device-side check (two launches per call); the CPU's check stays (it is free).
+        its device-side check (one launch per call); the CPU's check stays (it is free).
         """
         _check_tensor("weights_TK", weights_TK, floating=True)
         _check_tensor("experts_TK", experts_TK, floating=False)

@@ -93,7 +93,7 @@ def _route(logits_TE, bias_E, k, score, normalize, scale, n_group, topk_group, m
     )
     # Ids are always in [0, E) (the kernel clamps a NaN row's choice), so the sort's extra
     # bucket stays empty.
-    token, expert, weight, counts, pos, _ = _launch_sort(weights_TK, experts_TK, E)  # ids from its own top-k
+    token, expert, weight, counts, pos, _ = _launch_sort(weights_TK, experts_TK, E)
     outputs = (weight, probs, lse, token, expert, counts[:E])
     return outputs, (probs if code == 0 else logits, weights_TK, experts_TK, pos, BT, BE)
 

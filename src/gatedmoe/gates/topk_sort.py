@@ -24,7 +24,7 @@ T = 1-16384: 1.17-4.0x), so `Routing.from_topk` takes it wherever it applies.
 Nothing is read on the host, so CUDA graphs capture it. An id outside ``[0, E)`` writes
 nothing out of bounds: it is counted in an extra bucket that sorts after every expert and is
 left out of ``counts`` (so ``counts.sum() < N``, which `Routing.validate` reports); on CUDA a
-device-side assertion on that bucket then stops the program, as the plain path's index error
+device-side assertion on a flag the kernels set from that bucket then stops the program, as the plain path's index error
 does (left out for ``trusted_ids``, the gates' own top-k, in range by construction).
 
 Shape legend: T tokens, E experts, K choices per token, N = T*K assignments.

@@ -105,7 +105,7 @@ CONFIGS_BF16: Mapping[str, KernelConfig] = MappingProxyType({
 # kernels past the decode path's range, e.g. T = 64-256 tokens at decode time): 64-row tiles
 # instead of 128, so a tile of an expert's 16-32 rows computes half the padding. Measured on an
 # H200 (Triton 3.6, 2026-12-02, layer forward as CUDA-graph replays from given top-k, nine model
-# shapes; BENCHMARKS.md "Decode"): at 16-32 rows per expert 4-8% faster on every shape (Qwen3-30B
+# shapes; `benchmarks/results_decode_configs_h200.json`): at 16-32 rows per expert 4-8% faster on every shape (Qwen3-30B
 # T=256 365 -> 342 us, GPT-OSS-20B T=256 472 -> 435, Qwen3-235B T=256 1219 -> 1173), at 64 rows
 # slower (Mixtral T=256 767 -> 799, Mixtral-8x22B 1272 -> 1355). Calls that keep h for backward
 # keep `CONFIGS_BF16` (not measured with these).
@@ -195,22 +195,24 @@ DECODE_MAX_TOKENS = 256
 # it each expert's weights are reused by enough rows that the large-batch kernels (tensor-core
 # tiles of 128 rows, TMA) win.
 # Measured on an H200 (torch 2.11, Triton 3.6; `benchmarks/decode.py`, layer forward as a CUDA
-# graph, 2026-12-02, BENCHMARKS.md "Decode"): for narrow experts (below) the decode kernels win
-# at up to 8 rows per expert at T >= 8 (GPT-OSS-20B T=64, 8 rows: 414 vs 427 us; Qwen3-30B T=64,
-# 4 rows: 313 vs 327); at 16 and more the large-batch kernels win on every shape (Mixtral T=64
-# 703 vs 839 us, Qwen3-30B T=256 348 vs 380, GPT-OSS-20B T=256 437 vs 563).
+# graph, 2026-12-02, BENCHMARKS.md "Decode", `benchmarks/results_decode_h200_d.json`): for narrow
+# experts (below) the decode kernels win at up to 8 rows per expert at T >= 8 (GPT-OSS-20B T=64,
+# 8 rows: 404 vs 417 us; Qwen3-30B T=64, 4 rows: 309 vs 324); at 16 and more the large-batch
+# kernels win on every shape (Mixtral T=64 695 vs 835 us, Qwen3-30B T=256 338 vs 368,
+# GPT-OSS-20B T=256 429 vs 567).
 DECODE_MAX_ROWS_PER_EXPERT = 8
 # ... and, for experts of at least `DECODE_MAX_EXPERT_ELEMENTS` elements per matrix (D x H),
 # only where the large-batch kernels would leave the SMs idle: their first product has fewer
 # than `DECODE_WIDE_MIN_LARGE_PROGRAMS` programs (at most min(N, E) experts x H / 128 columns).
 # Otherwise wide experts are read faster by the large-batch kernels with 64-row tiles
 # (`FEW_ROWS_CONFIGS_BF16`: weight tiles through TMA) even at 1-8 rows per expert. Measured on an
-# H200 (layer forward from given top-k as CUDA-graph replays, nine shapes, 2026-12-02;
-# BENCHMARKS.md "Decode"): the large path ahead for DeepSeek-V3 (7168 x 2048 = 14.7M; T=8 1307
-# vs 1359 us, T=64 4528 vs 5218, T=256 5329 vs 6215), Mixtral (58.7M; T=1 226 vs 235, T=8 613 vs
-# 634) and Mixtral-8x22B (100.7M; T=1 332 vs 360, T=8 1020 vs 1161), but behind at DeepSeek-V3
-# T=1 (8 experts x 16 column blocks = 128 programs: 252 vs 231 us; Mixtral T=1 has 224); the
-# decode kernels ahead at T >= 8 for Qwen2-57B (3584 x 2560 = 9.2M; T=8 562 vs 582 us),
+# H200 (layer forward from given top-k as CUDA-graph replays, 2026-12-02; BENCHMARKS.md "Decode",
+# `benchmarks/results_decode_h200_d.json`, and for the five more shapes
+# `benchmarks/results_decode_configs_h200.json`): the large path ahead for DeepSeek-V3 (7168 x
+# 2048 = 14.7M; T=8 1300 vs 1360 us, T=64 4526 vs 5084, T=256 5289 vs 6681), Mixtral (58.7M; T=1
+# 222 vs 234, T=8 608 vs 629) and Mixtral-8x22B (100.7M; T=1 332 vs 360, T=8 1020 vs 1161), but
+# behind at DeepSeek-V3 T=1 (8 experts x 16 column blocks = 128 programs: 247 vs 228 us; Mixtral
+# T=1 has 224); the decode kernels ahead at T >= 8 for Qwen2-57B (3584 x 2560 = 9.2M; T=8 562 vs 582 us),
 # GPT-OSS-20B (8.3M), Qwen3-235B (6.3M) and every narrower shape. The size cut lies between
 # 9.2M and 14.7M elements, the program cut between 128 and 224. Measured in bf16; float32 inputs
 # (the untuned test dtype) follow the same cuts.
