@@ -96,6 +96,22 @@ def test_fit_command_classifies_string_labels(tmp_path, capsys):
         numeric.func(numeric)
 
 
+def test_fit_command_counts_iterations_without_calling_l_bfgs_ones_em(tmp_path, capsys):
+    """A default MoEClassifier fits by L-BFGS from the start (0 EM iterations): the printed
+    count is ``n_iter_`` and is not called EM iterations."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 2))
+    y = (X[:, 0] + 0.5 * rng.normal(size=300) > 0).astype(int)
+    path = tmp_path / "labels.csv"
+    np.savetxt(path, np.column_stack([X, y]), delimiter=",", header="a,b,label", comments="", fmt="%.17g")
+    args = parser().parse_args(["fit", str(path), "--target", "label", "--experts", "2", "--classify"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    ref = MoEClassifier(n_experts=2, random_state=0).fit(X, y.astype(str))
+    assert f"converged={ref.converged_} after {ref.n_iter_} iterations" in out, out
+    assert "EM iterations" not in out
+
+
 def test_fit_and_simulate_commands_take_k_and_refuse_topk_without_it(tmp_path, capsys):
     X, y, _ = MoETruth.well_separated(3, 1, gate="topk_softmax", k=1).sample(600, random_state=0)
     path = tmp_path / "data.csv"

@@ -141,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
     n = X.shape[0]
     k = "" if args.k is None else f", k={args.k}"
     print(f"{type(model).__name__}: {args.experts} experts, gate={args.gate}{k}, n={n}, features={', '.join(names)}")
-    print(f"converged={model.converged_} after {model.n_iter_} EM iterations")
+    # n_iter_ counts EM iterations and the L-BFGS ones that finish a crawling fit (all of a
+    # default MoEClassifier fit): "EM iterations" would misreport those.
+    print(f"converged={model.converged_} after {model.n_iter_} iterations")
     for e in range(args.experts):
         gate = ", ".join(f"{c:+.4g}" for c in model.gate_coef_[e])
         print(f"expert {e}: gate coef [{gate}] intercept {model.gate_intercept_[e]:+.4g}")

@@ -104,8 +104,9 @@ class MoERegressor(RegressorMixin, _BaseMoE):
     expert_coef_ : ndarray (n_experts, n_features); expert_intercept_ : ndarray (n_experts,)
     noise_variance_ : ndarray (n_experts,)
     converged_, n_iter_, lower_bound_ : as in `sklearn.mixture.GaussianMixture`;
-        ``lower_bound_`` is the best (penalised) mean log-likelihood, ``n_iter_`` the EM
-        iterations of the chosen run on all data (after a subsampled start: the refinement).
+        ``lower_bound_`` is the best (penalised) mean log-likelihood, ``n_iter_`` the
+        iterations of the chosen run on all data (after a subsampled start: the refinement):
+        EM's, plus L-BFGS's when it finishes a fit EM has not converged after 30.
     log_likelihood_history_ : ndarray (n_iter_ + 1,), the chosen run's objective per iteration.
 
     Examples
