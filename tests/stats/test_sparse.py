@@ -8,7 +8,7 @@ import pytest
 from sklearn.exceptions import ConvergenceWarning
 
 from gatedmoe.stats import MoERegressor, MoETruth
-from gatedmoe.stats._base import em_converged
+from gatedmoe.stats._base import _stall, em_converged, em_gain_left
 
 # (gate, k, K, d, seed); seed 0 of top-2 sigmoid K=4 d=1 missed by 0.47 units before the
 # pinned ascent of the jump search (em.pinned_gate_ascent), which is what reaches it.
@@ -43,3 +43,24 @@ def test_convergence_is_not_declared_on_a_plateau():
     # A fixed point converges at once; a single step of unknown rate does not.
     assert em_converged([-1.0, -1.0], tol=1e-6)
     assert not em_converged([-1.0, -1.0 + 5e-7], tol=1e-6)
+
+
+def test_gain_left_is_aitkens_extrapolation():
+    # Geometric steps d * a^t: the remaining sum after step t is d a^t * a / (1 - a).
+    d, a = 1e-4, 0.9
+    hist = list(np.cumsum([d * a**t for t in range(30)]))
+    assert em_gain_left(hist) == pytest.approx(d * a**29 * a / (1 - a), rel=1e-6)
+    assert em_gain_left(hist[:2]) is None
+    assert em_gain_left([0.0, 1.0, 1.5]) == pytest.approx(0.5)  # a = 1/2: one more step's worth
+    assert em_gain_left([0.0, 1.0, 0.5]) == 0.0  # falling: nothing left to gain
+    assert em_gain_left([0.0, 1.0, 3.0]) == float("inf")  # steps growing
+
+
+def test_the_warning_says_why_a_small_last_step_is_not_convergence():
+    crawl = list(np.cumsum([1e-6 * 0.99**t for t in range(50)]) - 10.0)
+    text = _stall(crawl, tol=1e-5)
+    assert "below tol=1e-05" in text and "Aitken" in text
+    left = float(text.split("puts ")[1].split(" more")[0])
+    assert left == pytest.approx(em_gain_left(crawl), rel=1e-2) and left > 1e-5
+    assert "above tol" in _stall([0.0, 1.0], tol=1e-6)
+    assert "not shrinking" in _stall([0.0, 1e-7, 3e-7], tol=1e-6)

@@ -80,11 +80,10 @@ def em_converged(history, tol: float) -> bool:
     """Whether EM has converged, from its objective ``history`` (one value per iteration).
 
     The last change must be below ``tol``, and so must the gain still to come as Aitken's
-    extrapolation of the (linearly converging) sequence predicts it:
-    ``l_inf - l_t = d_t a / (1 - a)`` with ``a = d_t / d_{t-1}`` (Boehning, Dietz, Schaub,
-    Schlattmann & Lindsay 1994; McNicholas et al. 2010). EM crawling along a plateau has
-    ``a`` near 1: small steps, a large predicted gain, so it is not declared converged
-    there. A change below ``tol / 1000`` (EM at a fixed point) converges at once.
+    extrapolation of the (linearly converging) sequence predicts it (`em_gain_left`). EM
+    crawling along a plateau has a rate near 1: small steps, a large predicted gain, so it is
+    not declared converged there. A change below ``tol / 1000`` (EM at a fixed point)
+    converges at once.
     """
     if len(history) < 2:
         return False
@@ -95,13 +94,37 @@ def em_converged(history, tol: float) -> bool:
         return True
     if len(history) < 3:
         return False
-    d0 = history[-2] - history[-3]
+    left = em_gain_left(history)
+    return left is not None and left < tol
+
+
+def _stall(history, tol: float) -> str:
+    """Why a run that stopped at max_iter is not converged, for the warning."""
+    d1 = abs(history[-1] - history[-2]) if len(history) >= 2 else float("nan")
+    if not d1 < tol:
+        return f"last change in mean log-likelihood {d1:.3g}, above tol={tol}"
+    left = em_gain_left(history)
+    if left is None or left == float("inf"):
+        return f"last change in mean log-likelihood {d1:.3g}, below tol={tol}, but its steps are not shrinking"
+    return (f"last change in mean log-likelihood {d1:.3g}, below tol={tol}, but Aitken's extrapolation "
+            f"of the slowing steps puts {left:.3g} more still to come")
+
+
+def em_gain_left(history) -> float | None:
+    """The gain in the objective still to come, by Aitken's extrapolation of the last three
+    values of ``history``: ``l_inf - l_t = d_t a / (1 - a)`` with ``a = d_t / d_{t-1}``
+    (Boehning, Dietz, Schaub, Schlattmann & Lindsay 1994; McNicholas et al. 2010); 0.0 where
+    the sequence stopped rising, inf where it is not slowing down, None with fewer than
+    three values."""
+    if len(history) < 3:
+        return None
+    d1, d0 = history[-1] - history[-2], history[-2] - history[-3]
     if d0 <= 0 or d1 < 0:
-        return True
+        return 0.0
     rate = d1 / d0
     if rate >= 1:
-        return False
-    return d1 * rate / (1.0 - rate) < tol
+        return float("inf")
+    return d1 * rate / (1.0 - rate)
 
 
 def kmeans_labels(X_NP: np.ndarray, n_clusters: int, rng: np.random.RandomState, n_iter: int = 30) -> np.ndarray:
@@ -712,9 +735,7 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
             best = self._jump_search(data, best, state)
         if not best.converged:
             warnings.warn(
-                f"EM did not converge in max_iter={self.max_iter} iterations (last change in mean "
-                f"log-likelihood {abs(best.history[-1] - best.history[-2]):.3g}, tol={self.tol}; the "
-                "likelihood was still rising). "
+                f"EM did not converge in max_iter={self.max_iter} iterations ({_stall(best.history, self.tol)}). "
                 "Increase max_iter, loosen tol, standardise the features, or try fewer experts "
                 "(a separable gate or a redundant expert makes EM crawl).",
                 ConvergenceWarning,
