@@ -49,13 +49,19 @@ def variants():
         BT, BE = fused_topk._blocks(E)
         e_type = "i32:16" if E % 16 == 0 else "i32"  # as the JIT specialises E
         for score in (0, 1):
-            for bias in (False, True):
+            for bias, sort, w in ((False, False, "*fp32"), (True, False, "*fp32"), (False, True, "*fp32"),
+                                  (True, True, "*bf16")):
+                # Without SORT its six pointers are lse's (float32), as `fused_topk._route` passes them.
+                s = ("*i64", "*i64", "*i64", w, "*i64", "*i32") if sort else ("*fp32",) * 6
                 types = dict(logits_ptr="*fp32", bias_ptr="*fp32", probs_ptr="*fp32", lse_ptr="*fp32",
-                             weights_ptr="*fp32", experts_ptr="*i32", T="i32", E=e_type, scale="fp32",
-                             mask_value="fp32")
+                             weights_ptr="*fp32", experts_ptr="*i32",
+                             **dict(zip(("counts_ptr", "token_ptr", "sorted_expert_ptr", "sorted_weight_ptr", "pos_ptr",
+                                         "ok_ptr"), s, strict=True)),
+                             T="i32", E=e_type, scale="fp32", mask_value="fp32")
                 consts = dict(K=k, BK=topk_sort._pow2(k), BT=BT, BE=BE, SCORE=score, HAS_BIAS=bias, NORMALIZE=True,
-                              N_GROUP=n_group, TOPK_GROUP=topk_group)
-                name = f"route_fwd E={E} k={k} groups={n_group} score={score} bias={bias}"
+                              N_GROUP=n_group, TOPK_GROUP=topk_group, SORT=sort, SORT_BN=topk_sort._ONE_PROGRAM_N,
+                              SORT_S=topk_sort._RANK_TILE)
+                name = f"route_fwd E={E} k={k} groups={n_group} score={score} bias={bias} sort={sort} w={w}"
                 yield name, fused_topk_kernels.route_fwd_kernel, types, consts, 4, 1
             types = dict(saved_ptr="*fp32", lse_ptr="*fp32", weights_ptr="*fp32", experts_ptr="*i32", pos_ptr="*i64",
                          g_weight_ptr="*fp32", g_probs_ptr="*fp32", g_lse_ptr="*fp32", g_logits_ptr="*fp32", T="i32",

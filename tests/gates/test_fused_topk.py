@@ -72,6 +72,49 @@ def test_inference_takes_the_launches_without_autograd(T, E, k, opts):
         assert torch.equal(getattr(with_grad, name), getattr(without, name)), name
 
 
+@pytest.mark.parametrize("T,E,k,opts", [CASES[1], CASES[2], (70, 40, 6, {}), (300, 16, 4, {})])
+def test_decode_sizes_route_and_sort_in_one_launch(T, E, k, opts, monkeypatch):
+    """Where one program routes every token and the sort is one block (T <= BT, T*k <= 256),
+    the routing kernel sorts too: one launch, the same routing as the two-launch path."""
+    BT, _ = ft._blocks(E)
+    one = T <= BT and T * k <= ts._ONE_PROGRAM_N
+    sorts = []
+    monkeypatch.setattr(ft, "_launch_sort", lambda *a: sorts.append(1) or ts._launch_sort(*a))
+    opts = _options(opts, E)
+    logits = _distinct_logits(T, E)
+    fast = ft.fused_topk(logits, k, **opts)
+    assert len(sorts) == (0 if one else 1)
+    ref = ft.fused_topk_reference(logits, k, **opts)
+    for name in ("token", "expert", "counts", "weight", "probs", "lse"):
+        assert_close(name, getattr(ref, name), getattr(fast, name))
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("T,E,k", [(5, 8, 2), (300, 16, 4)])  # sorted in the routing kernel, by the sort's
+def test_weights_are_rounded_to_weight_dtype_as_stored(T, E, k, weight_dtype):
+    """The float32 weights rounded once to ``weight_dtype``: those of the float32 route cast,
+    bit for bit (rounding commutes with the sort's permutation), with gradients."""
+    logits = _distinct_logits(T, E).requires_grad_()
+    f32 = ft.fused_topk(logits, k)
+    low = ft.fused_topk(logits, k, weight_dtype=weight_dtype)
+    assert low.weight.dtype == weight_dtype
+    cast = f32.weight.detach().to(weight_dtype)
+    if DEVICE == "cuda":
+        assert torch.equal(low.weight, cast)
+    else:  # Triton's interpreter truncates a float32 -> bf16 narrowing: within one unit of its last place
+        ulp = torch.finfo(weight_dtype).eps * cast.abs().double()
+        assert ((low.weight.double() - cast.double()).abs() <= ulp).all()
+    for name in ("token", "expert", "counts", "probs", "lse"):
+        assert torch.equal(getattr(low, name), getattr(f32, name)), name
+    ref = ft.fused_topk_reference(logits, k, weight_dtype=weight_dtype)
+    assert ref.weight.dtype == weight_dtype
+    g = torch.randn(T * k, device=DEVICE, dtype=weight_dtype)
+    (low.weight * g).sum().backward()
+    g_fast, logits.grad = logits.grad, None
+    (f32.weight * g.float()).sum().backward()
+    assert_close("grad logits", logits.grad, g_fast)
+
+
 @pytest.mark.parametrize("T,E,k,opts", CASES)
 def test_fused_topk_matches_reference(T, E, k, opts):
     opts = _options(opts, E)
@@ -153,7 +196,8 @@ def test_fused_topk_lse_feeds_the_router_z_loss():
 
 
 @pytest.mark.parametrize(
-    "kw", [{"k": 0}, {"k": 9}, {"score": "tanh"}, {"n_group": 3}, {"n_group": 4, "topk_group": 5}, {"mask_value": 1.0}]
+    "kw", [{"k": 0}, {"k": 9}, {"score": "tanh"}, {"n_group": 3}, {"n_group": 4, "topk_group": 5}, {"mask_value": 1.0},
+           {"weight_dtype": torch.int32}]
 )
 def test_fused_topk_rejects_bad_arguments(kw):
     args = {"k": 2, **kw}

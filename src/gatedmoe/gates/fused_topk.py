@@ -28,9 +28,12 @@ from gatedmoe.gates.functional import _group_limited_select
 from gatedmoe.gates.topk_sort import (
     _MAX_E,
     _MAX_K,
+    _ONE_PROGRAM_N,
+    _RANK_TILE,
     _has_triton,
     _launch_sort,
     _pow2,
+    _sort_buffers,
     sort_topk_reference,
 )
 from gatedmoe.routing import Routing
@@ -70,7 +73,7 @@ def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
-def _route(logits_TE, bias_E, k, score, normalize, scale, n_group, topk_group, mask_value):
+def _route(logits_TE, bias_E, k, score, normalize, scale, n_group, topk_group, mask_value, weight_dtype):
     """The forward's launches: ``(weight, probs, lse, token, expert, counts)`` and what the
     backward needs, ``(saved, weights_TK, experts_TK, pos, BT, BE)``."""
     from gatedmoe.gates import fused_topk_kernels as kn
@@ -86,23 +89,31 @@ def _route(logits_TE, bias_E, k, score, normalize, scale, n_group, topk_group, m
     has_bias = bias_E is not None
     bias = bias_E.detach().float().contiguous() if has_bias else lse
     code = SCORES.index(score)
+    # Decode sizes (one program holds every token, the sort one block): the routing program
+    # sorts too, one launch instead of two (host time, in eager decoding, mostly).
+    sort_here = T <= BT and T * k <= _ONE_PROGRAM_N
+    sorted_ = _sort_buffers(T, k, E, dev, weight_dtype) if sort_here else (lse,) * 6
+    token, expert, weight, counts, pos, ok = sorted_
     kn.route_fwd_kernel[(-(-T // BT),)](
-        logits, bias, probs, lse, weights_TK, experts_TK, T, E, float(scale), float(mask_value),
+        logits, bias, probs, lse, weights_TK, experts_TK, counts, token, expert, weight, pos, ok,
+        T, E, float(scale), float(mask_value),
         K=k, BK=_pow2(k), BT=BT, BE=BE, SCORE=code, HAS_BIAS=has_bias, NORMALIZE=normalize,
-        N_GROUP=n_group, TOPK_GROUP=topk_group, num_warps=4,
+        N_GROUP=n_group, TOPK_GROUP=topk_group, SORT=sort_here, SORT_BN=_ONE_PROGRAM_N, SORT_S=_RANK_TILE,
+        num_warps=4,
     )
-    # Ids are always in [0, E) (the kernel clamps a NaN row's choice), so the sort's extra
-    # bucket stays empty.
-    token, expert, weight, counts, pos, _ = _launch_sort(weights_TK, experts_TK, E)
+    if not sort_here:
+        # Ids are always in [0, E) (the kernel clamps a NaN row's choice), so the sort's extra
+        # bucket stays empty.
+        token, expert, weight, counts, pos, _ = _launch_sort(weights_TK, experts_TK, E, weight_dtype)
     outputs = (weight, probs, lse, token, expert, counts[:E])
     return outputs, (probs if code == 0 else logits, weights_TK, experts_TK, pos, BT, BE)
 
 
 class _FusedTopK(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_TE, bias_E, k, score, normalize, scale, n_group, topk_group, mask_value):
+    def forward(ctx, logits_TE, bias_E, k, score, normalize, scale, n_group, topk_group, mask_value, weight_dtype):
         outputs, (saved, weights_TK, experts_TK, pos, BT, BE) = _route(
-            logits_TE, bias_E, k, score, normalize, scale, n_group, topk_group, mask_value)
+            logits_TE, bias_E, k, score, normalize, scale, n_group, topk_group, mask_value, weight_dtype)
         weight, probs, lse, token, expert, counts = outputs
         ctx.mark_non_differentiable(token, expert, counts)
         ctx.set_materialize_grads(False)
@@ -118,7 +129,7 @@ class _FusedTopK(torch.autograd.Function):
         k, code, normalize, scale, BT, BE = ctx.meta
         T, E = saved.shape
         if g_weight is None and g_probs is None and g_lse is None:
-            return (None,) * 9
+            return (None,) * 10
         g_logits = _empty(T, E, device=saved.device, dtype=torch.float32)
         dummy = lse
         kn.route_bwd_kernel[(-(-T // BT),)](
@@ -130,10 +141,13 @@ class _FusedTopK(torch.autograd.Function):
             K=k, BT=BT, BE=BE, SCORE=code, NORMALIZE=normalize,
             HAS_GW=g_weight is not None, HAS_GP=g_probs is not None, HAS_GLSE=g_lse is not None, num_warps=4,
         )
-        return g_logits, None, None, None, None, None, None, None, None
+        return g_logits, None, None, None, None, None, None, None, None, None
 
 
-def _check_args(logits_TE, k, score, n_group, topk_group, mask_value) -> None:
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_args(logits_TE, k, score, n_group, topk_group, mask_value, weight_dtype) -> None:
     if not isinstance(logits_TE, Tensor) or logits_TE.dim() != 2 or not logits_TE.is_floating_point():
         raise ValueError("logits_TE must be a floating-point tensor [T, E]")
     E = logits_TE.shape[1]
@@ -145,6 +159,8 @@ def _check_args(logits_TE, k, score, n_group, topk_group, mask_value) -> None:
         raise ValueError(f"n_group={n_group}, topk_group={topk_group} and k={k} do not fit E={E} experts")
     if mask_value not in (0.0, float("-inf")):
         raise ValueError(f"mask_value must be 0.0 or -inf, got {mask_value}")
+    if weight_dtype not in _WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {_WEIGHT_DTYPES}, got {weight_dtype!r}")
 
 
 def fused_topk(
@@ -158,6 +174,7 @@ def fused_topk(
     n_group: int = 1,
     topk_group: int = 1,
     mask_value: float = float("-inf"),
+    weight_dtype: torch.dtype = torch.float32,
 ) -> Routing:
     """Top-k routing of float32 ``logits_TE [T, E]`` by the Triton kernels (CUDA, or Triton's
     interpreter on the CPU with ``TRITON_INTERPRET=1``); the `Routing` of
@@ -169,12 +186,14 @@ def fused_topk(
     (`group_limited_topk`, other experts scored ``mask_value``); the kept scores are divided by
     their sum when ``normalize`` and multiplied by ``scale``. ``Routing.lse`` holds
     ``logsumexp(l)`` for the router z-loss. Ties go to the lowest expert id (the reference's
-    `torch.topk` leaves their order unspecified).
+    `torch.topk` leaves their order unspecified). ``weight_dtype``: the dtype of
+    ``Routing.weight`` (a floating dtype; default float32), the float32 weights rounded once as
+    they are stored (a router that returns its weights in the input's dtype).
     """
-    _check_args(logits_TE, k, score, n_group, topk_group, mask_value)
+    _check_args(logits_TE, k, score, n_group, topk_group, mask_value, weight_dtype)
     T, E = logits_TE.shape
     args = (logits_TE.float(), bias_E, k, score, bool(normalize), float(scale), int(n_group), int(topk_group),
-            float(mask_value))
+            float(mask_value), weight_dtype)
     if logits_TE.requires_grad and torch.is_grad_enabled():
         weight, probs, lse, token, expert, counts = _FusedTopK.apply(*args)
     else:  # inference: the same launches without the autograd Function's host cost
@@ -194,11 +213,12 @@ def fused_topk_reference(
     n_group: int = 1,
     topk_group: int = 1,
     mask_value: float = float("-inf"),
+    weight_dtype: torch.dtype = torch.float32,
 ) -> Routing:
     """`fused_topk` in plain PyTorch (float32): scores, top-k by `torch.topk`, a stable
     argsort by expert (`gatedmoe.gates.topk_sort.sort_topk_reference`, the plain path of
-    `Routing.from_topk`) and ``torch.logsumexp``."""
-    _check_args(logits_TE, k, score, n_group, topk_group, mask_value)
+    `Routing.from_topk`) and ``torch.logsumexp``; the weights rounded to ``weight_dtype`` last."""
+    _check_args(logits_TE, k, score, n_group, topk_group, mask_value, weight_dtype)
     logits = logits_TE.float()
     s_TE = torch.softmax(logits, -1) if score == "softmax" else torch.sigmoid(logits)
     with torch.no_grad():
@@ -213,5 +233,5 @@ def fused_topk_reference(
     probs = s_TE if score == "softmax" else s_TE / s_TE.sum(-1, keepdim=True)
     # The plain stable argsort, even on CUDA (where `Routing.from_topk` takes `sort_topk`).
     token, expert, weight, counts = sort_topk_reference(weights_TK * scale, experts_TK, logits.shape[1])
-    return Routing(token=token, expert=expert, weight=weight, counts=counts, n_tokens=logits.shape[0],
+    return Routing(token=token, expert=expert, weight=weight.to(weight_dtype), counts=counts, n_tokens=logits.shape[0],
                    probs=probs, logits=logits_TE, lse=torch.logsumexp(logits, -1))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from gatedmoe.gates.topk_sort_kernels import sort_one_block
+
 __all__ = ["route_bwd_kernel", "route_fwd_kernel"]
 
 SOFTMAX = tl.constexpr(0)
@@ -20,16 +22,22 @@ SIGMOID = tl.constexpr(1)
 @triton.jit
 def route_fwd_kernel(
     logits_ptr, bias_ptr, probs_ptr, lse_ptr, weights_ptr, experts_ptr,
+    counts_ptr, token_ptr, sorted_expert_ptr, sorted_weight_ptr, pos_ptr, ok_ptr,
     T, E, scale, mask_value,
     K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    SORT: tl.constexpr, SORT_BN: tl.constexpr, SORT_S: tl.constexpr,
 ):
     """Scores, logsumexp, top-k with renormalisation.
 
     Writes probs ``[T, E]`` (softmax p, or the sigmoid scores over their sum), lse ``[T]``,
-    weights ``[T, K]`` float32 and experts ``[T, K]`` int32 in choice order (sorted by expert
-    afterwards by `gatedmoe.gates.topk_sort`'s kernels). Ties go to the lowest expert id.
+    weights ``[T, K]`` float32 and experts ``[T, K]`` int32 in choice order, sorted by expert
+    afterwards by `gatedmoe.gates.topk_sort`'s kernels. Ties go to the lowest expert id.
+
+    SORT (one program, T <= BT and T*K <= SORT_BN): the same program then sorts them itself
+    (`topk_sort_kernels.sort_one_block`: counts, ok, the sorted token, expert, weight and
+    pos); otherwise those six pointers are unused.
     """
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
@@ -97,6 +105,12 @@ def route_fwd_kernel(
     kmask = rmask[:, None] & (kk[None, :] < K)
     tl.store(weights_ptr + koffs, w_tile, mask=kmask)
     tl.store(experts_ptr + koffs, e_tile, mask=kmask)
+    if SORT:
+        # The sort reads the choices back in another order than its threads wrote them: the
+        # barrier makes every thread's stores visible to the whole program first.
+        tl.debug_barrier()
+        sort_one_block(experts_ptr, weights_ptr, counts_ptr, token_ptr, sorted_expert_ptr, sorted_weight_ptr,
+                       pos_ptr, ok_ptr, T * K, E, K, SORT_BN, SORT_S, BE)
 
 
 @triton.jit

@@ -96,23 +96,30 @@ def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
-def _launch_sort(weights: Tensor, experts: Tensor, E: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _sort_buffers(T: int, K: int, E: int, device: torch.device, weight_dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """The sort's outputs, unwritten: ``(token, expert, weight [N], counts [E + 1], pos [T, K],
+    ok [1])``."""
+    N = T * K
+    return (_empty(N, device=device, dtype=torch.int64), _empty(N, device=device, dtype=torch.int64),
+            _empty(N, device=device, dtype=weight_dtype), _empty(E + 1, device=device, dtype=torch.int64),
+            _empty(T, K, device=device, dtype=torch.int64), _empty(1, device=device, dtype=torch.int32))
+
+
+def _launch_sort(
+    weights: Tensor, experts: Tensor, E: int, weight_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The counting sort's launches on contiguous ``weights, experts [T, K]``: ``(token,
     expert, weight, counts [E + 1], pos [T, K], ok [1])``, counts' entry E the bad ids (see the
     module docstring), ok int32 1 where there are none (what the id check asserts on, so the
-    check is one launch). Also the second half of the fused gate (`fused_topk`), after its
-    top-k."""
+    check is one launch). The sorted weights in ``weight_dtype`` (default: the weights'),
+    rounded as they are stored. Also the second half of the fused gate (`fused_topk`), after
+    its top-k, where one program does not route every token itself."""
     from gatedmoe.gates import topk_sort_kernels as kn
 
     T, K = weights.shape
     N, dev = T * K, weights.device
     BE = _pow2(E)
-    token = _empty(N, device=dev, dtype=torch.int64)
-    expert = _empty(N, device=dev, dtype=torch.int64)
-    weight = _empty(N, device=dev, dtype=weights.dtype)
-    pos = _empty(T, K, device=dev, dtype=torch.int64)
-    counts = _empty(E + 1, device=dev, dtype=torch.int64)
-    ok = _empty(1, device=dev, dtype=torch.int32)
+    token, expert, weight, counts, pos, ok = _sort_buffers(T, K, E, dev, weight_dtype or weights.dtype)
     tiles = dict(K=K, BN=_BN, S=_RANK_TILE, BE=BE)
     if N <= _ONE_PROGRAM_N:
         kn.topk_sort_kernel[(1,)](

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["topk_hist_kernel", "topk_scan_kernel", "topk_sort_kernel"]
+__all__ = ["sort_one_block", "topk_hist_kernel", "topk_scan_kernel", "topk_sort_kernel"]
 
 
 @triton.jit
@@ -70,7 +70,9 @@ def _scatter_block(
             w = tl.load(weights_ptr + n, mask=valid, other=0.0)
             tl.store(token_ptr + slot, (n.to(tl.int32) // K).to(tl.int64), mask=valid)
             tl.store(expert_ptr + slot, ids.to(tl.int64), mask=valid)
-            tl.store(weight_ptr + slot, w, mask=valid)
+            # Rounded to the sorted weights' dtype (to nearest even on the GPU; Triton's CPU
+            # interpreter truncates a narrowing to bf16).
+            tl.store(weight_ptr + slot, w.to(weight_ptr.dtype.element_ty), mask=valid)
             tl.store(pos_ptr + n, slot, mask=valid)
 
 
@@ -118,19 +120,13 @@ def topk_sort_kernel(
     ``[E + 1]`` and prefix ``[B, E + 1]`` (the exclusive prefix of `topk_hist_kernel`'s
     histograms over the blocks, by `topk_scan_kernel`).
     """
-    cols = tl.arange(0, BE)
-    cmask = cols < E
     if ONE_PROGRAM:
         # N <= BN: the whole sort is one block (decode sizes).
-        counts, n_bad = _block_hist(experts_ptr, 0, N, E, BN, BE)
-        tl.store(counts_ptr + cols, counts.to(tl.int64), mask=cmask)
-        tl.store(counts_ptr + E, n_bad.to(tl.int64))
-        tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
-        base = tl.cumsum(counts, axis=0) - counts
-        bad_base = tl.sum(counts, axis=0)
-        _scatter_block(experts_ptr, weights_ptr, token_ptr, expert_ptr, weight_ptr, pos_ptr, 0, N, E,
-                       base, bad_base, K, BN, S)
+        sort_one_block(experts_ptr, weights_ptr, counts_ptr, token_ptr, expert_ptr, weight_ptr, pos_ptr, ok_ptr,
+                       N, E, K, BN, S, BE)
     else:
+        cols = tl.arange(0, BE)
+        cmask = cols < E
         pid = tl.program_id(0)
         counts = tl.load(counts_ptr + cols, mask=cmask, other=0).to(tl.int32)
         prefix_row = prefix_ptr + pid.to(tl.int64) * (E + 1)
@@ -138,3 +134,24 @@ def topk_sort_kernel(
         bad_base = tl.sum(counts, axis=0) + tl.load(prefix_row + E)
         _scatter_block(experts_ptr, weights_ptr, token_ptr, expert_ptr, weight_ptr, pos_ptr, pid.to(tl.int64) * BN,
                        N, E, base, bad_base, K, BN, S)
+
+
+@triton.jit
+def sort_one_block(
+    experts_ptr, weights_ptr, counts_ptr, token_ptr, expert_ptr, weight_ptr, pos_ptr, ok_ptr, N, E,
+    K: tl.constexpr, BN: tl.constexpr, S: tl.constexpr, BE: tl.constexpr,
+):
+    """The whole counting sort in the calling program, for N <= BN: counts ``[E + 1]`` int64
+    (entry E the bad ids), ``ok[0]`` (1 if no id is bad), and the sorted token, expert, weight
+    and pos as `topk_sort_kernel` writes them. Also run at the end of the fused gate's
+    `route_fwd_kernel` when one program routes every token (its launch saved at decode sizes)."""
+    cols = tl.arange(0, BE)
+    cmask = cols < E
+    counts, n_bad = _block_hist(experts_ptr, 0, N, E, BN, BE)
+    tl.store(counts_ptr + cols, counts.to(tl.int64), mask=cmask)
+    tl.store(counts_ptr + E, n_bad.to(tl.int64))
+    tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
+    base = tl.cumsum(counts, axis=0) - counts
+    bad_base = tl.sum(counts, axis=0)
+    _scatter_block(experts_ptr, weights_ptr, token_ptr, expert_ptr, weight_ptr, pos_ptr, 0, N, E,
+                   base, bad_base, K, BN, S)

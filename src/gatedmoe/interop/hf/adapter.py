@@ -132,11 +132,10 @@ class HFTopKSoftmaxGate(TopKSoftmaxGate):
         self._set_transient("gate_losses", {})
         if self.fused and self.softmax_over == "all" and fused_topk_applies(logits_TE, self.k):
             # The router bias is in the logits already: no selection bias.
-            routing = fused_topk(logits_TE, self.k, normalize=self.renormalize)
-            if self.weights_dtype == "input" and x_TD.dtype != routing.weight.dtype:
-                # Rounding commutes with the sort's permutation: the plain path's weights.
-                routing = dataclasses.replace(routing, weight=routing.weight.to(x_TD.dtype))
-            return routing
+            # Rounded as the kernels store them (rounding commutes with the sort's
+            # permutation): the plain path's weights, without a cast's launch.
+            weight_dtype = x_TD.dtype if self.weights_dtype == "input" else torch.float32
+            return fused_topk(logits_TE, self.k, normalize=self.renormalize, weight_dtype=weight_dtype)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         if self.softmax_over == "topk":
             top_TK, experts_TK = torch.topk(logits, self.k, dim=-1)
