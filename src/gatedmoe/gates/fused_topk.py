@@ -10,7 +10,9 @@ steps:
    (group-limited) top-k with bias selection and renormalisation;
 2. the counting sort of given top-k choices (`gatedmoe.gates.topk_sort`, one launch up to
    256 assignments, three after), which writes the sorted token, expert and weight (stable
-   in token order, as `Routing.from_topk`'s stable argsort) and its inverse.
+   in token order, as `Routing.from_topk`'s stable argsort) and its inverse. Where one
+   program routes every token and the sort is one block (decode sizes: T <= BT, T*K <=
+   256), the routing kernel runs the sort itself (one launch instead of two).
 
 No step reads a value on the host, so a training step stays capturable in a CUDA graph. The
 backward (``route_bwd_kernel``) is one pass over ``[T, E]``. `fused_topk_reference` is the
