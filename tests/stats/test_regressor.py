@@ -94,7 +94,7 @@ def test_identical_start_is_reseeded_not_reported_converged(truth):
     model._check_params()
     from gatedmoe.stats import em
 
-    data = (model._gate_design(X), em.add_intercept(X), y)
+    data = (model._gate.design(X), em.add_intercept(X), y)
     model._var_floor = 1e-9
     state = model._new_state()
     R = np.full((1500, 3), 1 / 3)

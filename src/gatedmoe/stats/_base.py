@@ -283,9 +283,6 @@ class _BaseMoE(BaseEstimator, metaclass=ABCMeta):
         """Free expert parameters counted by `bic` / `aic`."""
 
     # ----------------------------------------------------------------- gate pieces
-    def _gate_design(self, X, gate=None):
-        return (gate or getattr(self, "_gate", None) or self.gate_).design(X)
-
     def _gate_mstep(self, gate, F, R, W, state, n_steps=1, log_expert=None):
         n_free = gate.n_free(self.n_experts)
         if n_free == 0:
