@@ -72,12 +72,15 @@ def test_inference_takes_the_launches_without_autograd(T, E, k, opts):
         assert torch.equal(getattr(with_grad, name), getattr(without, name)), name
 
 
-@pytest.mark.parametrize("T,E,k,opts", [CASES[1], CASES[2], (70, 40, 6, {}), (300, 16, 4, {})])
-def test_decode_sizes_route_and_sort_in_one_launch(T, E, k, opts, monkeypatch):
+@pytest.mark.parametrize("T,E,k,opts,one", [
+    (5, 8, 2, {}, True),
+    (63, 12, 3, {"normalize": False}, True),  # 189 assignments, 64 rows a program
+    (70, 40, 6, {}, False),  # two routing programs
+    (50, 16, 8, {}, False),  # one routing program, but 400 assignments: the sort's three launches
+])
+def test_decode_sizes_route_and_sort_in_one_launch(T, E, k, opts, one, monkeypatch):
     """Where one program routes every token and the sort is one block (T <= BT, T*k <= 256),
     the routing kernel sorts too: one launch, the same routing as the two-launch path."""
-    BT, _ = ft._blocks(E)
-    one = T <= BT and T * k <= ts._ONE_PROGRAM_N
     sorts = []
     monkeypatch.setattr(ft, "_launch_sort", lambda *a: sorts.append(1) or ts._launch_sort(*a))
     opts = _options(opts, E)
