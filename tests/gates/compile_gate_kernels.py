@@ -50,7 +50,7 @@ def variants():
         e_type = "i32:16" if E % 16 == 0 else "i32"  # as the JIT specialises E
         for score in (0, 1):
             for bias, sort, w in ((False, False, "*fp32"), (True, False, "*fp32"), (False, True, "*fp32"),
-                                  (True, True, "*bf16")):
+                                  (True, True, "*bf16"), (False, True, "*fp16"), (False, True, "*fp64")):
                 # Without SORT its six pointers are lse's (float32), as `fused_topk._route` passes them.
                 s = ("*i64", "*i64", "*i64", w, "*i64", "*i32") if sort else ("*fp32",) * 6
                 types = dict(logits_ptr="*fp32", bias_ptr="*fp32", probs_ptr="*fp32", lse_ptr="*fp32",

@@ -38,6 +38,7 @@ from gatedmoe.gates.topk_sort import (
     _sort_buffers,
     sort_topk_reference,
 )
+from gatedmoe.gates.topk_sort import _WEIGHT_DTYPES as _SORT_WEIGHT_DTYPES
 from gatedmoe.routing import Routing
 
 __all__ = ["SCORES", "fused_topk", "fused_topk_applies", "fused_topk_reference"]
@@ -146,7 +147,9 @@ class _FusedTopK(torch.autograd.Function):
         return g_logits, None, None, None, None, None, None, None, None, None
 
 
-_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The sort's weight dtypes, and float64: the routing kernel's float32 weights are stored cast
+# to any of them (a float64 model's router weighs in float64).
+_OUT_WEIGHT_DTYPES = (*_SORT_WEIGHT_DTYPES, torch.float64)
 
 
 def _check_args(logits_TE, k, score, n_group, topk_group, mask_value, weight_dtype) -> None:
@@ -161,8 +164,8 @@ def _check_args(logits_TE, k, score, n_group, topk_group, mask_value, weight_dty
         raise ValueError(f"n_group={n_group}, topk_group={topk_group} and k={k} do not fit E={E} experts")
     if mask_value not in (0.0, float("-inf")):
         raise ValueError(f"mask_value must be 0.0 or -inf, got {mask_value}")
-    if weight_dtype not in _WEIGHT_DTYPES:
-        raise ValueError(f"weight_dtype must be one of {_WEIGHT_DTYPES}, got {weight_dtype!r}")
+    if weight_dtype not in _OUT_WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {_OUT_WEIGHT_DTYPES}, got {weight_dtype!r}")
 
 
 def fused_topk(
